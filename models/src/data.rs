@@ -565,6 +565,19 @@ mod tests {
     }
 
     #[test]
+    fn numeric_table_reads_features_and_reports_bad_cells() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("phq.csv");
+        std::fs::write(&path, "q1,q2,severity\n1,2,mild\n3,x,severe\n2,2,mild\n").expect("write");
+        let err = read_table(&path, "severity", &ReadOptions::default()).expect_err("refused");
+        assert_eq!(err.to_string(), format!("{}:3: column \"q2\" is not a finite number", path.display()));
+        let t = read_table(&path, "severity", &ReadOptions { skip_invalid: true, ..Default::default() }).expect("skip");
+        assert_eq!(t.columns, vec!["q1", "q2"]);
+        assert_eq!(t.rows, vec![vec![1.0, 2.0], vec![2.0, 2.0]]);
+        assert_eq!(t.skipped.len(), 1);
+    }
+
+    #[test]
     fn debug_hides_text() {
         let e = Example { text: "private words".into(), label: "a".into() };
         assert_eq!(format!("{e:?}"), "Example { text: <13 chars>, label: \"a\" }");
