@@ -312,18 +312,8 @@ pub fn read_csv(reader: impl Read, path: &Path, opts: &ReadOptions) -> Result<Re
     let text_col = opts.text_column.as_deref().unwrap_or("text");
     let label_col = opts.label_column.as_deref().unwrap_or("label");
     let mut rdr = csv::ReaderBuilder::new().flexible(true).from_reader(reader);
-    let headers = rdr
-        .byte_headers()
-        .map_err(|e| DataError::Line(LineError { path: path.to_owned(), line: 1, problem: csv_problem(&e) }))?
-        .clone();
-    let find = |name: &str| {
-        headers.iter().position(|h| h == name.as_bytes()).ok_or_else(|| DataError::MissingColumn {
-            path: path.to_owned(),
-            column: name.to_owned(),
-            available: headers.iter().map(|h| String::from_utf8_lossy(h).into_owned()).collect::<Vec<_>>().join(", "),
-        })
-    };
-    let (ti, li) = (find(text_col)?, find(label_col)?);
+    let headers = csv_headers(&mut rdr, path)?;
+    let (ti, li) = (find_column(&headers, text_col, path)?, find_column(&headers, label_col, path)?);
     let mut c = Collector { path, opts, report: ReadReport::default() };
     let mut record = csv::ByteRecord::new();
     loop {
@@ -377,7 +367,7 @@ pub fn write_jsonl(path: &Path, examples: &[Example]) -> Result<(), DataError> {
 }
 
 /// A numeric table (questionnaire item scores) with one label column.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Table {
     pub columns: Vec<String>,
     pub rows: Vec<Vec<f32>>,
@@ -386,20 +376,39 @@ pub struct Table {
     pub skipped: Vec<LineError>,
 }
 
+impl fmt::Debug for Table {
+    // Rows are local records: show only the shape.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Table")
+            .field("columns", &self.columns)
+            .field("rows", &self.rows.len())
+            .field("skipped", &self.skipped.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// The header row's column names (invalid UTF-8 shown lossily).
+fn csv_headers<R: Read>(rdr: &mut csv::Reader<R>, path: &Path) -> Result<Vec<String>, DataError> {
+    let headers = rdr
+        .byte_headers()
+        .map_err(|e| DataError::Line(LineError { path: path.to_owned(), line: 1, problem: csv_problem(&e) }))?;
+    Ok(headers.iter().map(|h| String::from_utf8_lossy(h).into_owned()).collect())
+}
+
+fn find_column(headers: &[String], name: &str, path: &Path) -> Result<usize, DataError> {
+    headers.iter().position(|h| h == name).ok_or_else(|| DataError::MissingColumn {
+        path: path.to_owned(),
+        column: name.to_owned(),
+        available: headers.join(", "),
+    })
+}
+
 /// Reads a CSV of numeric feature columns plus a label column; every other column is a feature.
 pub fn read_table(path: &Path, label_column: &str, opts: &ReadOptions) -> Result<Table, DataError> {
     let mut rdr = csv::ReaderBuilder::new().from_reader(open(path)?);
-    let headers = rdr
-        .headers()
-        .map_err(|e| DataError::Line(LineError { path: path.to_owned(), line: 1, problem: csv_problem(&e) }))?
-        .clone();
-    let li = headers.iter().position(|h| h == label_column).ok_or_else(|| DataError::MissingColumn {
-        path: path.to_owned(),
-        column: label_column.to_owned(),
-        available: headers.iter().collect::<Vec<_>>().join(", "),
-    })?;
-    let columns: Vec<String> =
-        headers.iter().enumerate().filter(|(i, _)| *i != li).map(|(_, h)| h.to_owned()).collect();
+    let headers = csv_headers(&mut rdr, path)?;
+    let li = find_column(&headers, label_column, path)?;
+    let columns: Vec<String> = headers.iter().enumerate().filter(|(i, _)| *i != li).map(|(_, h)| h.clone()).collect();
     let mut table = Table { columns, rows: Vec::new(), labels: Vec::new(), skipped: Vec::new() };
     for result in rdr.records() {
         let rec = result.map_err(|e| {
@@ -416,7 +425,7 @@ pub fn read_table(path: &Path, label_column: &str, opts: &ReadOptions) -> Result
             match v.trim().parse::<f32>() {
                 Ok(x) if x.is_finite() => row.push(x),
                 _ => {
-                    problem = Some(Problem::BadNumber { column: headers[i].to_owned() });
+                    problem = Some(Problem::BadNumber { column: headers[i].clone() });
                     break;
                 }
             }

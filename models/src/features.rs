@@ -51,10 +51,17 @@ impl FeatureConfig {
 }
 
 /// A document's features: sorted unique bucket ids and their weights (unit L2 norm).
-#[derive(Debug, Clone, PartialEq, Default)]
+/// `Debug` shows only the feature count: features are derived from a record.
+#[derive(Clone, PartialEq, Default)]
 pub struct SparseDoc {
     pub ids: Vec<u32>,
     pub weights: Vec<f32>,
+}
+
+impl std::fmt::Debug for SparseDoc {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "SparseDoc {{ {} features }}", self.ids.len())
+    }
 }
 
 const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
@@ -90,19 +97,20 @@ pub fn featurize(text: &str, cfg: &FeatureConfig) -> SparseDoc {
 
     let [clo, chi] = cfg.char_ngrams;
     if chi > 0 {
-        let mut buf = Vec::new();
+        let tag = fnv1a(FNV_OFFSET, b"c");
+        let mut chars = Vec::new();
         for w in &words {
             // fastText-style boundary markers: "<word>".
-            let chars: Vec<char> = std::iter::once('<').chain(w.chars()).chain(std::iter::once('>')).collect();
+            chars.clear();
+            chars.extend(std::iter::once('<').chain(w.chars()).chain(std::iter::once('>')));
             for n in usize::from(clo)..=usize::from(chi) {
                 if n > chars.len() {
                     break;
                 }
                 for win in chars.windows(n) {
-                    buf.clear();
-                    buf.extend(win.iter().copied());
-                    let s: String = buf.iter().collect();
-                    hashes.push((fnv1a(fnv1a(FNV_OFFSET, b"c"), s.as_bytes()) & mask) as u32);
+                    // FNV-1a over the window's UTF-8 bytes, without building a string.
+                    let h = win.iter().fold(tag, |h, c| fnv1a(h, c.encode_utf8(&mut [0; 4]).as_bytes()));
+                    hashes.push((h & mask) as u32);
                 }
             }
         }
@@ -145,6 +153,20 @@ mod tests {
         let cfg = FeatureConfig { buckets: 1024, word_ngrams: [1, 1], char_ngrams: [0, 0], max_chars: 100 };
         let doc = featurize("I feel low", &cfg);
         assert_eq!(doc.ids, vec![246, 300, 781]);
+    }
+
+    #[test]
+    fn char_ngrams_hash_the_tagged_utf8_of_the_window() {
+        let cfg = FeatureConfig { buckets: 1 << 20, word_ngrams: [0, 0], char_ngrams: [3, 3], max_chars: 100 };
+        let expected: Vec<u32> = {
+            let mut ids: Vec<u32> = ["<우울", "우울>"]
+                .iter()
+                .map(|g| (fnv1a(fnv1a(FNV_OFFSET, b"c"), g.as_bytes()) & ((1 << 20) - 1)) as u32)
+                .collect();
+            ids.sort_unstable();
+            ids
+        };
+        assert_eq!(featurize("우울", &cfg).ids, expected);
     }
 
     #[test]

@@ -75,36 +75,34 @@ impl ModelSpec {
     }
 
     pub fn layout(&self) -> Layout {
-        match self {
-            ModelSpec::TextClassifier { .. } => self.text_arch().0.layout(),
-            ModelSpec::TabularMlp { .. } => <Mlp as nn::Network>::layout_of(&self.tabular_arch()),
+        match self.arch() {
+            Arch::Text(a) => a.layout(),
+            Arch::Tabular(a) => <Mlp as nn::Network>::layout_of(&a),
         }
     }
 
-    fn text_arch(&self) -> (TextArch, FeatureConfig) {
+    /// The network architecture this spec describes.
+    fn arch(&self) -> Arch {
         match self {
-            ModelSpec::TextClassifier { config, labels } => (
-                TextArch {
-                    buckets: config.features.buckets as usize,
-                    embed_dim: config.embed_dim,
-                    hidden: config.hidden,
-                    n_labels: labels.len(),
-                },
-                config.features.clone(),
-            ),
-            // Callers match on the kind first.
-            ModelSpec::TabularMlp { .. } => {
-                (TextArch { buckets: 0, embed_dim: 0, hidden: 0, n_labels: 0 }, FeatureConfig::default())
-            }
-        }
-    }
-
-    fn tabular_arch(&self) -> MlpArch {
-        match self {
+            ModelSpec::TextClassifier { config, labels } => Arch::Text(TextArch {
+                buckets: config.features.buckets as usize,
+                embed_dim: config.embed_dim,
+                hidden: config.hidden,
+                n_labels: labels.len(),
+            }),
             ModelSpec::TabularMlp { columns, hidden, labels, .. } => {
-                MlpArch { n_in: columns.len(), hidden: *hidden, n_labels: labels.len() }
+                Arch::Tabular(MlpArch { n_in: columns.len(), hidden: *hidden, n_labels: labels.len() })
             }
-            ModelSpec::TextClassifier { .. } => MlpArch { n_in: 0, hidden: 0, n_labels: 0 },
+        }
+    }
+
+    /// Pairs the architecture with prepared data of the same kind.
+    fn with_data<'a>(&self, data: &'a Prepared) -> Result<ArchData<'a>, ModelError> {
+        match (self.arch(), data) {
+            (Arch::Text(a), Prepared::Text(d)) => Ok(ArchData::Text(a, d)),
+            (Arch::Tabular(a), Prepared::Tabular(d)) => Ok(ArchData::Tabular(a, d)),
+            (_, Prepared::Text(_)) => Err(ModelError::WrongKind { expected: "text-classifier", actual: self.kind() }),
+            (_, Prepared::Tabular(_)) => Err(ModelError::WrongKind { expected: "tabular-mlp", actual: self.kind() }),
         }
     }
 
@@ -116,16 +114,27 @@ impl ModelSpec {
                 if config.embed_dim == 0 || config.hidden == 0 {
                     return Err(ModelError::Config("embed_dim and hidden must be positive".into()));
                 }
-                Ok(self.text_arch().0.init(seed))
             }
-            ModelSpec::TabularMlp { hidden, .. } => {
-                if *hidden == 0 {
-                    return Err(ModelError::Config("hidden must be positive".into()));
-                }
-                Ok(nn::init_params::<Mlp>(&self.tabular_arch(), seed))
+            ModelSpec::TabularMlp { hidden, .. } if *hidden == 0 => {
+                return Err(ModelError::Config("hidden must be positive".into()));
             }
+            ModelSpec::TabularMlp { .. } => {}
         }
+        Ok(match self.arch() {
+            Arch::Text(a) => a.init(seed),
+            Arch::Tabular(a) => nn::init_params::<Mlp>(&a, seed),
+        })
     }
+}
+
+enum Arch {
+    Text(TextArch),
+    Tabular(MlpArch),
+}
+
+enum ArchData<'a> {
+    Text(TextArch, &'a TextData),
+    Tabular(MlpArch, &'a TabularData),
 }
 
 /// A model's inputs, featurised for its kind.
@@ -229,23 +238,23 @@ impl ModelSpec {
         progress: &mut dyn nn::Progress,
     ) -> Result<(FlatParams, TrainReport), ModelError> {
         cfg.validate().map_err(ModelError::Config)?;
-        Ok(match data {
-            Prepared::Text(d) => text::train(&self.text_arch().0, start, d, cfg, progress)?,
-            Prepared::Tabular(d) => nn::train::<Mlp>(&self.tabular_arch(), start, d, cfg, progress)?,
+        Ok(match self.with_data(data)? {
+            ArchData::Text(a, d) => text::train(&a, start, d, cfg, progress)?,
+            ArchData::Tabular(a, d) => nn::train::<Mlp>(&a, start, d, cfg, progress)?,
         })
     }
 
     pub fn evaluate(&self, params: &FlatParams, data: &Prepared) -> Result<crate::metrics::Confusion, ModelError> {
-        Ok(match data {
-            Prepared::Text(d) => text::evaluate(&self.text_arch().0, params, d)?,
-            Prepared::Tabular(d) => nn::evaluate::<Mlp>(&self.tabular_arch(), params, d)?,
+        Ok(match self.with_data(data)? {
+            ArchData::Text(a, d) => text::evaluate(&a, params, d)?,
+            ArchData::Tabular(a, d) => nn::evaluate::<Mlp>(&a, params, d)?,
         })
     }
 
     pub fn predict_proba(&self, params: &FlatParams, data: &Prepared) -> Result<Vec<Vec<f32>>, ModelError> {
-        Ok(match data {
-            Prepared::Text(d) => text::predict_proba(&self.text_arch().0, params, d)?,
-            Prepared::Tabular(d) => nn::predict_proba::<Mlp>(&self.tabular_arch(), params, d)?,
+        Ok(match self.with_data(data)? {
+            ArchData::Text(a, d) => text::predict_proba(&a, params, d)?,
+            ArchData::Tabular(a, d) => nn::predict_proba::<Mlp>(&a, params, d)?,
         })
     }
 
@@ -303,7 +312,7 @@ mod tests {
     fn flatten_unflatten_round_trip() {
         let spec = tiny_spec();
         let p = spec.init(3).expect("init");
-        let arch = spec.text_arch().0;
+        let Arch::Text(arch) = spec.arch() else { unreachable!("text spec") };
         let (emb, head) = arch.split(&p).expect("split");
         let net: Mlp = nn::from_flat(&arch.head(), &head, &burn::tensor::Device::flex()).expect("load");
         assert_eq!(arch.join(emb, &nn::to_flat(&net, &arch.head())), p);
@@ -347,6 +356,38 @@ mod tests {
         let before = spec.evaluate(&start, &data).expect("eval").metrics().accuracy;
         let after = spec.evaluate(&a, &data).expect("eval").metrics().accuracy;
         assert!(after > 0.95 && after > before, "before {before}, after {after}");
+    }
+
+    #[test]
+    fn predictions_are_distributions_that_agree_with_evaluation() {
+        let spec = tiny_spec();
+        let examples = tiny_examples();
+        let data = spec.prepare_text(&examples).expect("prep");
+        let cfg =
+            TrainConfig { learning_rate: 0.02, epochs: 3, batch_size: 16, dropout: 0.0, ..TrainConfig::default() };
+        let (p, _) = spec.train(&spec.init(1).expect("init"), &data, &cfg, &mut ()).expect("train");
+        let texts: Vec<String> = examples.iter().map(|e| e.text.clone()).collect();
+        let probs = spec.predict_proba(&p, &spec.prepare_unlabelled(&texts).expect("prep")).expect("predict");
+        assert_eq!(probs.len(), examples.len());
+        let mut correct = 0;
+        for (row, e) in probs.iter().zip(&examples) {
+            assert!((row.iter().sum::<f32>() - 1.0).abs() < 1e-4);
+            let best = row.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map(|(i, _)| i);
+            correct += usize::from(best == spec.labels().index(&e.label));
+        }
+        let acc = spec.evaluate(&p, &data).expect("eval").metrics().accuracy;
+        assert!((correct as f64 / examples.len() as f64 - acc).abs() < 1e-9);
+    }
+
+    #[test]
+    fn data_of_another_kind_is_refused() {
+        let labels = LabelSet::new(vec!["a".into(), "b".into()]).expect("labels");
+        let table =
+            Table { columns: vec!["q1".into()], rows: vec![vec![1.0]], labels: vec!["a".into()], skipped: Vec::new() };
+        let tabular = ModelSpec::fit_tabular(&table, &[0], labels, 4);
+        let text_data = tiny_spec().prepare_text(&tiny_examples()).expect("prep");
+        let err = tabular.evaluate(&tabular.init(1).expect("init"), &text_data).expect_err("refused");
+        assert_eq!(err.to_string(), "this is a tabular-mlp model, expected text-classifier");
     }
 
     fn distance(a: &FlatParams, b: &FlatParams) -> f32 {

@@ -22,6 +22,15 @@ pub enum Optimizer {
     Adam,
 }
 
+impl std::fmt::Display for Optimizer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Optimizer::Sgd => "sgd",
+            Optimizer::Adam => "adam",
+        })
+    }
+}
+
 /// Local training hyper-parameters.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -352,10 +361,17 @@ pub struct Mlp {
 
 /// Dense input rows (for the questionnaire model: standardised with the scaler stored
 /// in the model spec).
-#[derive(Debug, Clone, Default)]
+#[derive(Clone, Default)]
 pub struct TabularData {
     pub rows: Vec<Vec<f32>>,
     pub labels: Vec<usize>,
+}
+
+impl std::fmt::Debug for TabularData {
+    // Rows are local records: show only their shape.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "TabularData {{ {} rows × {} columns }}", self.rows.len(), self.rows.first().map_or(0, Vec::len))
+    }
 }
 
 impl Examples for TabularData {

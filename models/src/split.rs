@@ -2,14 +2,15 @@
 //! from a Dirichlet(α) over labels (Hsu et al. 2019). α → ∞ approaches an IID split;
 //! α = 0.5 gives each site a few dominant labels, as real institutions have.
 
+use rand::SeedableRng;
 use rand::seq::SliceRandom;
-use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha20Rng;
 use rand_distr::{Distribution, Gamma};
 
 /// Splits indices `0..labels.len()` into (train, test), stratified by label: each label
-/// contributes `round(n_label × test_fraction)` examples to the test set (at least one
-/// when the label has two or more examples and the fraction is positive).
+/// contributes `round(n_label × test_fraction)` examples to the test set, at least one
+/// when the label has two or more examples and the fraction is positive, and always
+/// leaves at least one in the training set.
 pub fn stratified_split(labels: &[usize], test_fraction: f64, seed: u64) -> (Vec<usize>, Vec<usize>) {
     let mut rng = ChaCha20Rng::seed_from_u64(seed);
     let n_labels = labels.iter().copied().max().map_or(0, |m| m + 1);
@@ -21,10 +22,10 @@ pub fn stratified_split(labels: &[usize], test_fraction: f64, seed: u64) -> (Vec
     for mut idx in by_label {
         idx.shuffle(&mut rng);
         let mut k = (idx.len() as f64 * test_fraction).round() as usize;
-        if k == 0 && test_fraction > 0.0 && idx.len() >= 2 {
+        if k == 0 && test_fraction > 0.0 {
             k = 1;
         }
-        let k = k.min(idx.len().saturating_sub(1).max(usize::from(idx.len() == 1 && test_fraction >= 1.0)));
+        let k = k.min(idx.len().saturating_sub(1));
         test.extend_from_slice(&idx[..k]);
         train.extend_from_slice(&idx[k..]);
     }
@@ -73,11 +74,9 @@ pub fn dirichlet_shards(
     for idx in &mut by_label {
         idx.shuffle(&mut rng);
     }
-    // Dirichlet with one site is degenerate; handle it directly.
+    // Dirichlet with one site is degenerate: everything goes to it.
     if sites == 1 {
-        let mut all: Vec<usize> = (0..labels.len()).collect();
-        all.sort_unstable();
-        return Ok(vec![all]);
+        return Ok(vec![(0..labels.len()).collect()]);
     }
     // Dirichlet(α·1) as normalised Gamma(α, 1) draws.
     let gamma = Gamma::new(alpha, 1.0).map_err(|_| SplitError::BadAlpha(alpha))?;
@@ -106,8 +105,7 @@ pub fn dirichlet_shards(
             }
             return Ok(shards);
         }
-        // Consume one value so a retry never repeats the same draw sequence by accident.
-        let _: u64 = rng.random();
+        // A retry continues the same stream, so it draws new proportions.
     }
     Err(SplitError::TooFewExamples { examples: labels.len(), sites, min: min_per_site })
 }

@@ -83,10 +83,17 @@ impl TextArch {
 const EMB_INIT: f32 = 0.05;
 
 /// Featurised documents with their label indices.
-#[derive(Debug, Clone, Default)]
+#[derive(Clone, Default)]
 pub struct TextData {
     pub docs: Vec<SparseDoc>,
     pub labels: Vec<usize>,
+}
+
+impl std::fmt::Debug for TextData {
+    // Features and labels are derived from local records: show only the count.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "TextData {{ {} documents }}", self.docs.len())
+    }
 }
 
 /// Weighted row sums of `emb` (`[buckets, dim]`) for `rows` of `docs`: `[rows, dim]`.

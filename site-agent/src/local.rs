@@ -1,27 +1,48 @@
 //! Local, network-free work: data checks, the non-IID split, and `train-local`.
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
+use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 
 use maeum_models::data::{self, Example, LabelSet, ReadOptions, ReadReport};
+use maeum_models::features::FeatureConfig;
 use maeum_models::metrics::Metrics;
 use maeum_models::model::{ModelSpec, TextClassifierConfig};
 use maeum_models::nn::{Optimizer, Progress, TrainConfig};
 use maeum_models::split;
 
 /// Where local data comes from and how to read it.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Args)]
 pub struct Input {
-    /// `None`: the public demo corpus (see [`default_corpus`]).
+    /// Data file: JSONL ({"text": ..., "label": ...} per line) or CSV with a header.
+    /// Default: the public Reddit Mental Health Dataset at data/rmhd.jsonl, fetched with
+    /// scripts/fetch_rmhd.py when missing (run from the repository root).
+    #[arg(long, value_name = "FILE")]
     pub data: Option<PathBuf>,
+    /// CSV only: the column holding the text.
+    #[arg(long, default_value = "text")]
     pub text_column: String,
+    /// CSV only: the column holding the label.
+    #[arg(long, default_value = "label")]
     pub label_column: String,
+    /// Skip invalid lines (reported with counts) instead of stopping at the first one.
+    #[arg(long)]
     pub skip_invalid: bool,
+    /// Comma-separated label set; lines with other labels are invalid. Default: the labels found.
+    #[arg(long, value_delimiter = ',')]
     pub labels: Option<Vec<String>>,
+}
+
+/// A validated data file.
+#[derive(Debug)]
+pub struct Loaded {
+    pub path: PathBuf,
+    pub report: ReadReport,
+    pub labels: LabelSet,
 }
 
 /// The public demo corpus, `data/rmhd.jsonl` under the current folder, fetched with
@@ -48,17 +69,12 @@ pub fn default_corpus() -> Result<PathBuf> {
 }
 
 impl Input {
-    /// The data file: `--data`, or the demo corpus.
-    pub fn path(&self) -> Result<PathBuf> {
-        match &self.data {
-            Some(p) => Ok(p.clone()),
-            None => default_corpus(),
-        }
-    }
-
-    /// Reads and validates the file; reports skipped lines on stderr.
-    pub fn read(&self, quiet: bool) -> Result<(ReadReport, LabelSet)> {
-        let path = self.path()?;
+    /// Reads and validates `--data` (or the demo corpus); reports skipped lines on stderr.
+    pub fn read(&self, quiet: bool) -> Result<Loaded> {
+        let path = match &self.data {
+            Some(p) => p.clone(),
+            None => default_corpus()?,
+        };
         let wanted = match &self.labels {
             Some(l) => Some(LabelSet::new(l.clone()).map_err(anyhow::Error::msg).context("--labels")?),
             None => None,
@@ -86,7 +102,7 @@ impl Input {
                 .map_err(anyhow::Error::msg)
                 .with_context(|| format!("{}: label set", path.display()))?,
         };
-        Ok((report, labels))
+        Ok(Loaded { path, report, labels })
     }
 }
 
@@ -100,11 +116,11 @@ fn histogram(examples: &[Example]) -> BTreeMap<String, usize> {
 
 /// `maeum-site data check`.
 pub fn check(input: Input, json: bool) -> Result<()> {
-    let (report, labels) = input.read(json)?;
+    let Loaded { path, report, labels } = input.read(json)?;
     let h = histogram(&report.examples);
     if json {
         let out = serde_json::json!({
-            "file": input.data.clone().unwrap_or_else(|| "data/rmhd.jsonl".into()),
+            "file": path,
             "valid": report.examples.len(),
             "skipped": report.skipped.len(),
             "skipped_by_kind": report.skipped_by_kind(),
@@ -115,7 +131,7 @@ pub fn check(input: Input, json: bool) -> Result<()> {
     } else {
         println!(
             "{}: {} valid records, {} skipped, {} labels",
-            input.path()?.display(),
+            path.display(),
             report.examples.len(),
             report.skipped.len(),
             labels.len()
@@ -127,14 +143,28 @@ pub fn check(input: Input, json: bool) -> Result<()> {
     Ok(())
 }
 
-#[derive(Debug, Clone)]
+/// `maeum-site data split`.
+#[derive(Debug, Clone, Args)]
 pub struct SplitArgs {
+    #[command(flatten)]
     pub input: Input,
+    /// Number of sites.
+    #[arg(long, default_value_t = 7)]
     pub sites: usize,
+    /// Dirichlet concentration over labels: small = skewed (non-IID), large ≈ IID.
+    #[arg(long, default_value_t = 0.5)]
     pub alpha: f64,
+    /// Seed of the split.
+    #[arg(long, default_value_t = 7)]
     pub seed: u64,
+    /// Fraction of each site's data held out as its test split.
+    #[arg(long, default_value_t = 0.2)]
     pub test_fraction: f64,
+    /// Output folder: site-1/{train,test}.jsonl, site-2/..., plus split.json.
+    #[arg(long, value_name = "DIR")]
     pub out: PathBuf,
+    /// Print one JSON object instead of a table.
+    #[arg(long)]
     pub json: bool,
 }
 
@@ -148,7 +178,7 @@ pub struct SiteShard {
 }
 
 /// Splits `examples` into `sites` shards with their own train/test files under `out`.
-pub fn write_split(examples: &[Example], labels: &LabelSet, a: &SplitArgs) -> Result<Vec<SiteShard>> {
+pub fn write_split(source: &Path, examples: &[Example], labels: &LabelSet, a: &SplitArgs) -> Result<Vec<SiteShard>> {
     if !(0.0..1.0).contains(&a.test_fraction) {
         bail!("--test-fraction must be in [0, 1), got {}", a.test_fraction);
     }
@@ -173,7 +203,7 @@ pub fn write_split(examples: &[Example], labels: &LabelSet, a: &SplitArgs) -> Re
         out.push(SiteShard { site, train: train.len(), test: test.len(), histogram: histogram(&all) });
     }
     let manifest = serde_json::json!({
-        "source": a.input.data.clone().unwrap_or_else(|| "data/rmhd.jsonl".into()), "sites": a.sites, "alpha": a.alpha, "seed": a.seed,
+        "source": source, "sites": a.sites, "alpha": a.alpha, "seed": a.seed,
         "test_fraction": a.test_fraction, "labels": labels.names(), "shards": out,
     });
     maeum_models::write_atomic(&a.out.join("split.json"), serde_json::to_string_pretty(&manifest)?.as_bytes())
@@ -183,8 +213,8 @@ pub fn write_split(examples: &[Example], labels: &LabelSet, a: &SplitArgs) -> Re
 
 /// `maeum-site data split`.
 pub fn split(a: SplitArgs) -> Result<()> {
-    let (report, labels) = a.input.read(a.json)?;
-    let shards = write_split(&report.examples, &labels, &a)?;
+    let Loaded { path, report, labels } = a.input.read(a.json)?;
+    let shards = write_split(&path, &report.examples, &labels, &a)?;
     if a.json {
         println!("{}", serde_json::json!({ "out": a.out, "labels": labels.names(), "shards": shards }));
         return Ok(());
@@ -217,23 +247,82 @@ pub fn split(a: SplitArgs) -> Result<()> {
     Ok(())
 }
 
-#[derive(Debug, Clone)]
+/// `maeum-site train-local`. Defaults come from `TextClassifierConfig` and `TrainConfig`.
+#[derive(Debug, Clone, Args)]
 pub struct TrainLocalArgs {
+    #[command(flatten)]
     pub input: Input,
+    /// Fraction of each label held out for evaluation (stratified).
+    #[arg(long, default_value_t = 0.2)]
     pub test_fraction: f64,
+    /// Seed for the split, the initial weights, the batch order and dropout.
+    #[arg(long, default_value_t = TrainConfig::default().seed)]
     pub seed: u64,
-    pub epochs: Option<usize>,
-    pub learning_rate: Option<f64>,
-    pub batch_size: Option<usize>,
-    pub dropout: Option<f64>,
-    pub optimizer: Option<String>,
-    pub buckets: Option<u32>,
-    pub word_ngrams: Option<[u8; 2]>,
-    pub char_ngrams: Option<[u8; 2]>,
-    pub embed_dim: Option<usize>,
-    pub hidden: Option<usize>,
+    /// Training epochs.
+    #[arg(long, default_value_t = TrainConfig::default().epochs)]
+    pub epochs: usize,
+    /// Learning rate.
+    #[arg(long, default_value_t = TrainConfig::default().learning_rate)]
+    pub learning_rate: f64,
+    /// Minibatch size.
+    #[arg(long, default_value_t = TrainConfig::default().batch_size)]
+    pub batch_size: usize,
+    /// Input-feature dropout probability during training, a regulariser.
+    #[arg(long, default_value_t = TrainConfig::default().dropout)]
+    pub dropout: f64,
+    /// Optimiser: adam or sgd.
+    #[arg(long, value_parser = parse_optimizer, default_value_t = TrainConfig::default().optimizer)]
+    pub optimizer: Optimizer,
+    /// Hash buckets of the n-gram featuriser (a power of two).
+    #[arg(long, default_value_t = FeatureConfig::default().buckets)]
+    pub buckets: u32,
+    /// Word n-gram orders LO,HI; 0,0 disables word features.
+    #[arg(long, value_parser = parse_range, default_value_t = Orders(FeatureConfig::default().word_ngrams))]
+    pub word_ngrams: Orders,
+    /// Character n-gram orders LO,HI within words; 0,0 disables them.
+    #[arg(long, value_parser = parse_range, default_value_t = Orders(FeatureConfig::default().char_ngrams))]
+    pub char_ngrams: Orders,
+    /// Embedding dimension.
+    #[arg(long, default_value_t = TextClassifierConfig::default().embed_dim)]
+    pub embed_dim: usize,
+    /// Hidden-layer width.
+    #[arg(long, default_value_t = TextClassifierConfig::default().hidden)]
+    pub hidden: usize,
+    /// Folder for the trained model (model.safetensors, model.json).
+    #[arg(long, default_value = "maeum-local-model")]
     pub out: PathBuf,
+    /// Print one JSON object with the metrics instead of a report.
+    #[arg(long)]
     pub json: bool,
+}
+
+fn parse_optimizer(s: &str) -> Result<Optimizer, String> {
+    match s {
+        "adam" => Ok(Optimizer::Adam),
+        "sgd" => Ok(Optimizer::Sgd),
+        _ => Err(format!("expected adam or sgd, got {s:?}")),
+    }
+}
+
+/// n-gram orders `[lo, hi]`, written `LO,HI`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Orders(pub [u8; 2]);
+
+impl std::fmt::Display for Orders {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{},{}", self.0[0], self.0[1])
+    }
+}
+
+/// `LO,HI` (or a single `N` for `N,N`).
+fn parse_range(s: &str) -> Result<Orders, String> {
+    let parts: Vec<&str> = s.split(',').map(str::trim).collect();
+    let num = |p: &str| p.parse::<u8>().map_err(|_| format!("{p:?} is not a number from 0 to 255"));
+    match parts.as_slice() {
+        [n] => Ok(Orders([num(n)?, num(n)?])),
+        [lo, hi] => Ok(Orders([num(lo)?, num(hi)?])),
+        _ => Err(format!("expected LO,HI, got {s:?}")),
+    }
 }
 
 /// The `--json` result of `train-local`.
@@ -273,45 +362,32 @@ pub fn train_local(a: TrainLocalArgs) -> Result<()> {
     if !(a.test_fraction > 0.0 && a.test_fraction < 1.0) {
         bail!("--test-fraction must be in (0, 1), got {}", a.test_fraction);
     }
-    let (report, labels) = a.input.read(a.json)?;
-    let mut config = TextClassifierConfig::default();
-    if let Some(b) = a.buckets {
-        config.features.buckets = b;
-    }
-    if let Some(w) = a.word_ngrams {
-        config.features.word_ngrams = w;
-    }
-    if let Some(c) = a.char_ngrams {
-        config.features.char_ngrams = c;
-    }
+    let Loaded { path, report, labels } = a.input.read(a.json)?;
+    let config = TextClassifierConfig {
+        features: FeatureConfig {
+            buckets: a.buckets,
+            word_ngrams: a.word_ngrams.0,
+            char_ngrams: a.char_ngrams.0,
+            ..FeatureConfig::default()
+        },
+        embed_dim: a.embed_dim,
+        hidden: a.hidden,
+    };
     config.features.validate().map_err(anyhow::Error::msg).context("featuriser settings")?;
-    if let Some(d) = a.embed_dim {
-        config.embed_dim = d;
-    }
-    if let Some(h) = a.hidden {
-        config.hidden = h;
-    }
-    let mut train_cfg = TrainConfig { seed: a.seed, ..TrainConfig::default() };
-    if let Some(e) = a.epochs {
-        train_cfg.epochs = e;
-    }
-    if let Some(lr) = a.learning_rate {
-        train_cfg.learning_rate = lr;
-    }
-    if let Some(b) = a.batch_size {
-        train_cfg.batch_size = b;
-    }
-    if let Some(d) = a.dropout {
-        train_cfg.dropout = d;
-    }
-    if let Some(o) = &a.optimizer {
-        train_cfg.optimizer = if o == "sgd" { Optimizer::Sgd } else { Optimizer::Adam };
-    }
+    let train_cfg = TrainConfig {
+        optimizer: a.optimizer,
+        learning_rate: a.learning_rate,
+        epochs: a.epochs,
+        batch_size: a.batch_size,
+        seed: a.seed,
+        prox_mu: 0.0,
+        dropout: a.dropout,
+    };
     let spec = ModelSpec::TextClassifier { config, labels: labels.clone() };
     let idx: Vec<usize> = report.examples.iter().filter_map(|e| labels.index(&e.label)).collect();
     let (train_rows, test_rows) = split::stratified_split(&idx, a.test_fraction, a.seed);
     if train_rows.is_empty() || test_rows.is_empty() {
-        bail!("{}: too few records to split ({} valid)", a.input.path()?.display(), report.examples.len());
+        bail!("{}: too few records to split ({} valid)", path.display(), report.examples.len());
     }
     let pick = |rows: &[usize]| rows.iter().map(|&r| report.examples[r].clone()).collect::<Vec<_>>();
     let train = spec.prepare_text(&pick(&train_rows))?;

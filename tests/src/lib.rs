@@ -21,7 +21,16 @@ pub fn bin(name: &str) -> PathBuf {
     BUILD.call_once(|| {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let mut cmd = Command::new(cargo);
-        cmd.current_dir(root()).args(["build", "--bins", "-p", "maeum-site", "-p", "maeum-coordinator"]);
+        cmd.current_dir(root()).args([
+            "build",
+            "--bins",
+            "-p",
+            "maeum-site",
+            "-p",
+            "maeum-coordinator",
+            "-p",
+            "maeum-e2e",
+        ]);
         if dir.file_name().is_some_and(|n| n == "release") {
             cmd.arg("--release");
         }
