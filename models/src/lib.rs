@@ -16,19 +16,57 @@ pub mod text;
 use std::io::Write;
 use std::path::Path;
 
-/// Writes `bytes` to `path` atomically: a temp file in the same folder, fsync, rename.
+/// Writes `bytes` to `path` atomically: a temp file in the same folder, fsync, rename,
+/// fsync of the folder.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    write_file(path, bytes, false)
+}
+
+/// [`write_atomic`]; with `private` (keys and other secrets) the file is created with
+/// mode 0600 on Unix, so the secret is never readable by others, not even briefly.
+pub fn write_file(path: &Path, bytes: &[u8], private: bool) -> std::io::Result<()> {
     let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let tmp = dir.join(format!(".{name}.tmp{}", std::process::id()));
     let result = (|| {
-        let mut f = std::fs::File::create(&tmp)?;
+        let mut options = std::fs::OpenOptions::new();
+        options.write(true).create(true).truncate(true);
+        #[cfg(unix)]
+        if private {
+            use std::os::unix::fs::OpenOptionsExt;
+            options.mode(0o600);
+        }
+        #[cfg(not(unix))]
+        let _ = private;
+        let mut f = options.open(&tmp)?;
         f.write_all(bytes)?;
         f.sync_all()?;
-        std::fs::rename(&tmp, path)
+        std::fs::rename(&tmp, path)?;
+        // Make the rename itself durable (a crash after this returns keeps the file).
+        std::fs::File::open(dir)?.sync_all()
     })();
     if result.is_err() {
         let _ = std::fs::remove_file(&tmp);
     }
     result
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn private_files_are_created_owner_only() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (public, secret) = (dir.path().join("a.pem"), dir.path().join("a.key"));
+        super::write_file(&public, b"cert", false).expect("write");
+        super::write_file(&secret, b"key", true).expect("write");
+        assert_eq!(std::fs::read(&secret).expect("read"), b"key");
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = |p: &std::path::Path| std::fs::metadata(p).expect("meta").permissions().mode() & 0o777;
+            assert_eq!(mode(&secret), 0o600);
+            assert_ne!(mode(&public) & 0o044, 0, "public files keep the umask's read bits");
+        }
+        assert_eq!(std::fs::read_dir(dir.path()).expect("dir").count(), 2, "no temp files left");
+    }
 }
