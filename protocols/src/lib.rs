@@ -1,5 +1,21 @@
-//! Maeum protocols: wire format, secure aggregation, audit log, identities.
+//! Maeum protocols: the wire format, identities and mTLS, and the job contract that
+//! sites and the coordinator share; (with their issues) secure aggregation and the
+//! audit log.
 //!
-//! Sans-IO by design: no sockets, clocks or ambient randomness in here. The modules
-//! arrive with the federation, secure-aggregation and audit-log issues.
+//! - `wire`: generated gRPC code (`wire::pb`) and the domain types it converts to.
+//! - `identity`: the consortium PKI (CA, site requests, identities in SAN URIs).
+//! - `tls`: rustls configurations, revocation, and the accept loop that turns verified
+//!   certificates into peer identities for the gRPC services (the one IO-facing module).
+//! - `job` and `strategy`: the job file (TOML) a lead submits and sites check before
+//!   joining, with its aggregation-strategy table.
+//! - `runtime`: log setup and the shutdown signal for the binaries.
+//!
+//! The protocol cores are sans-IO: no sockets, clocks or ambient randomness.
 #![forbid(unsafe_code)]
+
+pub mod identity;
+pub mod job;
+pub mod runtime;
+pub mod strategy;
+pub mod tls;
+pub mod wire;

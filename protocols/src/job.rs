@@ -1,0 +1,678 @@
+//! Training jobs as the consortium lead writes them: a TOML file (`docs/jobs.md` is the
+//! reference), parsed and validated into a [`JobSpec`].
+//!
+//! A minimal job is `name`, `labels` and `rounds`; every other key has a default. Every
+//! table refuses unknown keys, so a typo is an error naming the key, not a silently
+//! ignored setting. After parsing, the strategy's defaults for its kind are written out
+//! (see [`StrategySpec::with_defaults`]), so the stored job and its wire form
+//! ([`JobSpec::to_json`]) record every value the federation uses.
+
+use maeum_models::data::LabelSet;
+use maeum_models::features::FeatureConfig;
+use maeum_models::model::{ModelError, ModelSpec, TextClassifierConfig};
+use maeum_models::nn::{Optimizer, TrainConfig};
+use maeum_models::params::FlatParams;
+use serde::{Deserialize, Serialize};
+
+use crate::strategy::{StrategyError, StrategySpec};
+
+/// Most rounds a job may ask for.
+pub const MAX_ROUNDS: u32 = 10_000;
+/// Most labels a job may have.
+pub const MAX_LABELS: usize = 1000;
+/// Longest deadline, in seconds (7 days): larger values are almost surely a unit mistake.
+pub const MAX_DEADLINE_SECS: u64 = 7 * 24 * 60 * 60;
+/// Most parameters a federated model may have (2²⁸: 1 GiB of f32 per copy; the
+/// coordinator holds several copies).
+pub const MAX_PARAMS: u64 = 1 << 28;
+/// Longest job name.
+pub const MAX_NAME_LEN: usize = 63;
+
+/// A training job.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobSpec {
+    /// `[a-z0-9-]`, 1–63 characters, not starting with `-`.
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    /// The label set; the order is the model's class index order.
+    pub labels: Vec<String>,
+    /// Number of federated rounds (1–10,000).
+    pub rounds: u32,
+    /// A round needs at least this many site updates (default 3).
+    #[serde(default = "default_min_sites")]
+    pub min_sites: u32,
+    /// The initial model and every site's per-round training seed derive from it (default 7).
+    #[serde(default = "default_seed")]
+    pub seed: u64,
+    #[serde(default)]
+    pub model: ModelTable,
+    #[serde(default)]
+    pub train: TrainTable,
+    #[serde(default)]
+    pub strategy: StrategySpec,
+    #[serde(default)]
+    pub deadlines: Deadlines,
+}
+
+fn default_min_sites() -> u32 {
+    3
+}
+
+fn default_seed() -> u64 {
+    7
+}
+
+/// Model kinds a job file may name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ModelKind {
+    #[default]
+    TextClassifier,
+    /// Recognised, but refused by validation: not yet supported for federated jobs.
+    TabularMlp,
+}
+
+impl ModelKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ModelKind::TextClassifier => "text-classifier",
+            ModelKind::TabularMlp => "tabular-mlp",
+        }
+    }
+}
+
+/// The `[model]` table: the architecture and featuriser. Defaults are those of
+/// [`TextClassifierConfig`] and [`FeatureConfig`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ModelTable {
+    pub kind: ModelKind,
+    /// Hash buckets of the featuriser (a power of two ≥ 16).
+    pub buckets: u32,
+    /// Word n-gram orders `[lo, hi]` (`[0, 0]` = none).
+    pub word_ngrams: [u8; 2],
+    /// Character n-gram orders `[lo, hi]` (`[0, 0]` = none).
+    pub char_ngrams: [u8; 2],
+    /// Characters of a document used.
+    pub max_chars: u32,
+    pub embed_dim: usize,
+    pub hidden: usize,
+}
+
+impl Default for ModelTable {
+    fn default() -> Self {
+        let TextClassifierConfig { features, embed_dim, hidden } = TextClassifierConfig::default();
+        let FeatureConfig { buckets, word_ngrams, char_ngrams, max_chars } = features;
+        Self { kind: ModelKind::TextClassifier, buckets, word_ngrams, char_ngrams, max_chars, embed_dim, hidden }
+    }
+}
+
+impl ModelTable {
+    fn features(&self) -> FeatureConfig {
+        FeatureConfig {
+            buckets: self.buckets,
+            word_ngrams: self.word_ngrams,
+            char_ngrams: self.char_ngrams,
+            max_chars: self.max_chars,
+        }
+    }
+}
+
+/// The `[train]` table: each site's local training in every round. Defaults are those
+/// of [`TrainConfig`], except one epoch per round.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrainTable {
+    pub epochs: u32,
+    pub optimizer: Optimizer,
+    pub learning_rate: f64,
+    pub batch_size: u32,
+    pub dropout: f64,
+}
+
+impl Default for TrainTable {
+    fn default() -> Self {
+        let t = TrainConfig::default();
+        Self {
+            epochs: 1,
+            optimizer: t.optimizer,
+            learning_rate: t.learning_rate,
+            // The models default is 32; saturating keeps this panic-free.
+            batch_size: u32::try_from(t.batch_size).unwrap_or(u32::MAX),
+            dropout: t.dropout,
+        }
+    }
+}
+
+/// The `[deadlines]` table, in seconds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Deadlines {
+    /// Sites must accept the job within this, counted from when `min_sites` are online.
+    pub join: u64,
+    /// Per round: download, evaluate, train and upload. Later sites are stragglers,
+    /// left out of that round.
+    pub train: u64,
+    /// The final federated evaluation stage.
+    pub evaluate: u64,
+}
+
+impl Default for Deadlines {
+    fn default() -> Self {
+        Self { join: 120, train: 600, evaluate: 300 }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum JobError {
+    /// The text is not a job: bad TOML/JSON, a wrong type, an unknown or missing key.
+    #[error("{origin}{}: {message}", location(*.line, *.column))]
+    Parse { origin: String, line: Option<usize>, column: Option<usize>, message: String },
+    /// A value is out of range; `key` is its path, e.g. `[strategy] tau`.
+    #[error("{origin}: {key} {problem}")]
+    Invalid { origin: String, key: String, problem: String },
+    /// The job is valid but its model cannot be built (a bug in one of the two checks).
+    #[error("job {name:?}: {error}")]
+    Model { name: String, error: ModelError },
+}
+
+fn location(line: Option<usize>, column: Option<usize>) -> String {
+    match (line, column) {
+        (Some(l), Some(c)) => format!(":{l}:{c}"),
+        (Some(l), None) => format!(":{l}"),
+        _ => String::new(),
+    }
+}
+
+/// A validation failure before it learns where the job came from.
+struct Invalid {
+    key: String,
+    problem: String,
+}
+
+impl Invalid {
+    fn new(key: impl Into<String>, problem: impl Into<String>) -> Self {
+        Self { key: key.into(), problem: problem.into() }
+    }
+
+    fn at(self, origin: &str) -> JobError {
+        JobError::Invalid { origin: origin.to_owned(), key: self.key, problem: self.problem }
+    }
+}
+
+impl JobSpec {
+    /// Parses and validates a job file. `source_name` (usually the path) starts every
+    /// error; parse errors carry the line and column.
+    pub fn from_toml(source_name: &str, text: &str) -> Result<JobSpec, JobError> {
+        let spec: JobSpec = toml::from_str(text).map_err(|e| {
+            let (line, column) = match e.span() {
+                Some(span) => line_column(text, span.start),
+                None => (None, None),
+            };
+            JobError::Parse { origin: source_name.to_owned(), line, column, message: e.message().trim().to_owned() }
+        })?;
+        spec.resolved(source_name)
+    }
+
+    /// Parses and validates the wire form written by [`JobSpec::to_json`].
+    pub fn from_json(s: &str) -> Result<JobSpec, JobError> {
+        const ORIGIN: &str = "job JSON";
+        let spec: JobSpec = serde_json::from_str(s).map_err(|e| JobError::Parse {
+            origin: ORIGIN.into(),
+            line: Some(e.line()),
+            column: Some(e.column()),
+            message: e.to_string(),
+        })?;
+        spec.resolved(ORIGIN)
+    }
+
+    /// The canonical wire form: `serde_json` of the struct (field order as declared, no
+    /// whitespace). Sites refuse unknown keys, so a newer job format is refused by an
+    /// older site rather than half-understood.
+    pub fn to_json(&self) -> String {
+        // INVARIANT: the struct has only string keys and plain values; serde_json cannot fail.
+        serde_json::to_string(self).expect("JobSpec serialises to JSON")
+    }
+
+    fn resolved(mut self, origin: &str) -> Result<JobSpec, JobError> {
+        self.strategy = self.strategy.with_defaults();
+        self.check().map_err(|e| e.at(origin))?;
+        Ok(self)
+    }
+
+    /// Checks every value's range (see `docs/jobs.md`); errors name the key.
+    pub fn validate(&self) -> Result<(), JobError> {
+        self.check().map_err(|e| e.at(&format!("job {:?}", self.name)))
+    }
+
+    fn check(&self) -> Result<(), Invalid> {
+        let name_ok = (1..=MAX_NAME_LEN).contains(&self.name.len())
+            && !self.name.starts_with('-')
+            && self.name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+        if !name_ok {
+            return Err(Invalid::new(
+                "name",
+                format!(
+                    "must be 1–{MAX_NAME_LEN} characters of a-z, 0-9 and '-', not starting with '-', got {:?}",
+                    self.name
+                ),
+            ));
+        }
+        self.check_labels()?;
+        if !(1..=MAX_ROUNDS).contains(&self.rounds) {
+            return Err(Invalid::new("rounds", format!("must be in 1..={MAX_ROUNDS}, got {}", self.rounds)));
+        }
+        if self.min_sites == 0 {
+            return Err(Invalid::new("min_sites", "must be at least 1, got 0"));
+        }
+        self.check_model()?;
+
+        let t = &self.train;
+        if t.epochs == 0 {
+            return Err(Invalid::new("[train] epochs", "must be at least 1, got 0"));
+        }
+        if !(t.learning_rate.is_finite() && t.learning_rate > 0.0) {
+            return Err(Invalid::new("[train] learning_rate", format!("must be > 0, got {}", t.learning_rate)));
+        }
+        if t.batch_size == 0 {
+            return Err(Invalid::new("[train] batch_size", "must be at least 1, got 0"));
+        }
+        if !(0.0..1.0).contains(&t.dropout) {
+            return Err(Invalid::new("[train] dropout", format!("must be in [0, 1), got {}", t.dropout)));
+        }
+
+        self.strategy.validate().map_err(|e| match e {
+            StrategyError::InvalidSpec { key, problem } => Invalid::new(format!("[strategy] {key}"), problem),
+            other => Invalid::new("[strategy]", other.to_string()),
+        })?;
+
+        let d = &self.deadlines;
+        for (key, secs) in [("join", d.join), ("train", d.train), ("evaluate", d.evaluate)] {
+            if !(1..=MAX_DEADLINE_SECS).contains(&secs) {
+                return Err(Invalid::new(
+                    format!("[deadlines] {key}"),
+                    format!("must be 1..={MAX_DEADLINE_SECS} seconds, got {secs}"),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn check_labels(&self) -> Result<(), Invalid> {
+        let n = self.labels.len();
+        if !(2..=MAX_LABELS).contains(&n) {
+            return Err(Invalid::new("labels", format!("must have 2 to {MAX_LABELS} entries, got {n}")));
+        }
+        let mut seen = std::collections::HashMap::new();
+        for (i, label) in self.labels.iter().enumerate() {
+            if label.trim().is_empty() {
+                return Err(Invalid::new(format!("labels[{i}]"), "is empty"));
+            }
+            if label.trim() != label {
+                // Data readers trim labels, so this one could never match a record.
+                return Err(Invalid::new(
+                    format!("labels[{i}]"),
+                    format!("{label:?} has leading or trailing whitespace"),
+                ));
+            }
+            if let Some(first) = seen.insert(label.as_str(), i) {
+                return Err(Invalid::new(format!("labels[{i}]"), format!("{label:?} repeats labels[{first}]")));
+            }
+        }
+        Ok(())
+    }
+
+    fn check_model(&self) -> Result<(), Invalid> {
+        let m = &self.model;
+        if m.kind != ModelKind::TextClassifier {
+            return Err(Invalid::new(
+                "[model] kind",
+                format!("{:?} is not yet supported for federated jobs (use \"text-classifier\")", m.kind.as_str()),
+            ));
+        }
+        // FeatureConfig's messages start with the key name.
+        m.features().validate().map_err(|problem| Invalid::new("[model]", problem))?;
+        for (key, value) in [("embed_dim", m.embed_dim), ("hidden", m.hidden)] {
+            if value == 0 {
+                return Err(Invalid::new(format!("[model] {key}"), "must be at least 1, got 0"));
+            }
+        }
+        // Embedding, hidden and output layers with biases, in u128 so nothing overflows.
+        let (b, e, h, l) = (m.buckets as u128, m.embed_dim as u128, m.hidden as u128, self.labels.len() as u128);
+        let params = b * e + e * h + h + h * l + l;
+        if params > u128::from(MAX_PARAMS) {
+            return Err(Invalid::new(
+                "[model]",
+                format!(
+                    "buckets = {}, embed_dim = {}, hidden = {} make {params} parameters, more than the limit of {MAX_PARAMS}",
+                    m.buckets, m.embed_dim, m.hidden
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The model this job trains (validates the job first).
+    pub fn model_spec(&self) -> Result<ModelSpec, JobError> {
+        self.validate()?;
+        let labels = LabelSet::new(self.labels.clone())
+            .map_err(|problem| Invalid::new("labels", problem).at(&format!("job {:?}", self.name)))?;
+        let config = TextClassifierConfig {
+            features: self.model.features(),
+            embed_dim: self.model.embed_dim,
+            hidden: self.model.hidden,
+        };
+        Ok(ModelSpec::TextClassifier { config, labels })
+    }
+
+    /// The initial global model: [`JobSpec::model_spec`] initialised with `seed`, so a
+    /// local run with the same seed starts from the same parameters.
+    pub fn initial_params(&self) -> Result<FlatParams, JobError> {
+        self.model_spec()?.init(self.seed).map_err(|error| JobError::Model { name: self.name.clone(), error })
+    }
+
+    /// Local training config for `round` at a site. The seed is derived from the job's
+    /// seed, the round and `site_salt` (a value stable for the site, chosen by the
+    /// caller, e.g. from its identity), so every site and round draws differently and a
+    /// rerun draws the same. `prox_mu` is set for `fedprox`, 0 otherwise.
+    pub fn train_config(&self, round: u32, site_salt: u64) -> TrainConfig {
+        let t = &self.train;
+        TrainConfig {
+            optimizer: t.optimizer,
+            learning_rate: t.learning_rate,
+            epochs: t.epochs as usize,
+            batch_size: t.batch_size as usize,
+            seed: derive_seed(b"train", self.seed, round, site_salt),
+            prox_mu: self.strategy.prox_mu(),
+            dropout: t.dropout,
+        }
+    }
+}
+
+/// A seed for `purpose`: the first 8 bytes (little-endian) of SHA-256 over
+/// `"maeum/job-seed/v1\0"`, `purpose`, `"\0"`, then `seed`, `round` and `salt` in
+/// little-endian. Fixed and documented, so every build derives the same seeds.
+fn derive_seed(purpose: &[u8], seed: u64, round: u32, salt: u64) -> u64 {
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    for part in [
+        b"maeum/job-seed/v1\0".as_slice(),
+        purpose,
+        b"\0",
+        &seed.to_le_bytes(),
+        &round.to_le_bytes(),
+        &salt.to_le_bytes(),
+    ] {
+        ctx.update(part);
+    }
+    let digest = ctx.finish();
+    let mut first = [0; 8];
+    first.copy_from_slice(&digest.as_ref()[..8]);
+    u64::from_le_bytes(first)
+}
+
+/// 1-based line and column (in characters) of byte offset `at` in `text`.
+fn line_column(text: &str, at: usize) -> (Option<usize>, Option<usize>) {
+    let Some(before) = text.get(..at) else {
+        return (None, None);
+    };
+    let line = before.matches('\n').count() + 1;
+    let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    (Some(line), Some(column))
+}
+
+/// Lowercase hex SHA-256 of `bytes`: the hash of a job file as submitted, for the audit log.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    ring::digest::digest(&ring::digest::SHA256, bytes).as_ref().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::strategy::StrategyKind;
+
+    /// A job file: `extra` plus whichever of `name`, `labels`, `rounds` it does not set.
+    /// Top-level keys in `extra` must come before its first table.
+    fn job(extra: &str) -> String {
+        let mut out = String::new();
+        for (key, line) in
+            [("name", "name = \"t\"\n"), ("labels", "labels = [\"a\", \"b\"]\n"), ("rounds", "rounds = 5\n")]
+        {
+            if !extra.lines().any(|l| l.starts_with(&format!("{key} ="))) {
+                out.push_str(line);
+            }
+        }
+        out.push_str(extra);
+        out
+    }
+
+    /// Parses `job(extra)` and compares the error message (`None` = valid).
+    fn check(extra: &str, expected: Option<&str>) {
+        let got = JobSpec::from_toml("job.toml", &job(extra)).err().map(|e| e.to_string());
+        assert_eq!(got.as_deref(), expected, "job:\n{}", job(extra));
+    }
+
+    #[test]
+    fn minimal_job_gets_defaults() {
+        let spec =
+            JobSpec::from_toml("job.toml", "name = \"t\"\nlabels = [\"a\", \"b\"]\nrounds = 5\n").expect("valid");
+        let expected = JobSpec {
+            name: "t".into(),
+            description: None,
+            labels: vec!["a".into(), "b".into()],
+            rounds: 5,
+            min_sites: 3,
+            seed: 7,
+            model: ModelTable {
+                kind: ModelKind::TextClassifier,
+                buckets: 65536,
+                word_ngrams: [1, 2],
+                char_ngrams: [3, 5],
+                max_chars: 4000,
+                embed_dim: 64,
+                hidden: 128,
+            },
+            train: TrainTable {
+                epochs: 1,
+                optimizer: Optimizer::Adam,
+                learning_rate: 0.002,
+                batch_size: 32,
+                dropout: 0.5,
+            },
+            strategy: StrategySpec { server_learning_rate: Some(1.0), ..Default::default() },
+            deadlines: Deadlines { join: 120, train: 600, evaluate: 300 },
+        };
+        assert_eq!(spec, expected);
+    }
+
+    #[test]
+    fn adaptive_strategy_defaults_are_written_out() {
+        let spec = JobSpec::from_toml("job.toml", &job("[strategy]\nkind = \"fedyogi\"\n")).expect("valid");
+        assert_eq!(
+            spec.strategy,
+            StrategySpec {
+                kind: StrategyKind::FedYogi,
+                prox_mu: None,
+                server_learning_rate: Some(0.01),
+                beta1: Some(0.9),
+                beta2: Some(0.99),
+                tau: Some(0.001),
+            }
+        );
+    }
+
+    #[test]
+    fn valid_variations() {
+        check("description = \"x\"\nmin_sites = 1\nseed = 0\n", None);
+        check("[train]\noptimizer = \"sgd\"\nlearning_rate = 1\ndropout = 0\n", None);
+        check("[strategy]\nkind = \"fedavg\"\nserver_learning_rate = 0.5\n", None);
+        check("[strategy]\nkind = \"fedprox\"\nprox_mu = 0.01\n", None);
+        check("[strategy]\nkind = \"fedadam\"\nserver_learning_rate = 0.1\nbeta1 = 0\ntau = 1e-9\n", None);
+        check("[model]\nbuckets = 16\nembed_dim = 1\nhidden = 1\nchar_ngrams = [0, 0]\n", None);
+        check("name = \"a\"\nrounds = 10000\n[deadlines]\njoin = 1\ntrain = 604800\n", None);
+    }
+
+    #[test]
+    fn validation_errors_name_the_key() {
+        let cases: &[(&str, &str)] = &[
+            ("name = \"\"\n", "name must be 1–63 characters of a-z, 0-9 and '-', not starting with '-', got \"\""),
+            (
+                "name = \"Triage\"\n",
+                "name must be 1–63 characters of a-z, 0-9 and '-', not starting with '-', got \"Triage\"",
+            ),
+            ("name = \"-x\"\n", "name must be 1–63 characters of a-z, 0-9 and '-', not starting with '-', got \"-x\""),
+            ("labels = [\"a\"]\n", "labels must have 2 to 1000 entries, got 1"),
+            ("labels = [\"a\", \" \"]\n", "labels[1] is empty"),
+            ("labels = [\"a\", \"b \"]\n", "labels[1] \"b \" has leading or trailing whitespace"),
+            ("labels = [\"a\", \"b\", \"a\"]\n", "labels[2] \"a\" repeats labels[0]"),
+            ("rounds = 0\n", "rounds must be in 1..=10000, got 0"),
+            ("rounds = 10001\n", "rounds must be in 1..=10000, got 10001"),
+            ("min_sites = 0\n", "min_sites must be at least 1, got 0"),
+            (
+                "[model]\nkind = \"tabular-mlp\"\n",
+                "[model] kind \"tabular-mlp\" is not yet supported for federated jobs (use \"text-classifier\")",
+            ),
+            ("[model]\nbuckets = 100\n", "[model] buckets must be a power of two ≥ 16, got 100"),
+            ("[model]\nbuckets = 0\n", "[model] buckets must be a power of two ≥ 16, got 0"),
+            (
+                "[model]\nword_ngrams = [2, 1]\n",
+                "[model] word_ngrams must be [lo, hi] with 1 ≤ lo ≤ hi ≤ 8 or [0, 0], got [2, 1]",
+            ),
+            (
+                "[model]\nword_ngrams = [0, 0]\nchar_ngrams = [0, 0]\n",
+                "[model] at least one of word_ngrams and char_ngrams must be enabled",
+            ),
+            ("[model]\nmax_chars = 0\n", "[model] max_chars must be positive"),
+            ("[model]\nembed_dim = 0\n", "[model] embed_dim must be at least 1, got 0"),
+            ("[model]\nhidden = 0\n", "[model] hidden must be at least 1, got 0"),
+            (
+                "[model]\nbuckets = 1048576\nembed_dim = 1024\n",
+                "[model] buckets = 1048576, embed_dim = 1024, hidden = 128 make 1073873282 parameters, more than the limit of 268435456",
+            ),
+            ("[train]\nepochs = 0\n", "[train] epochs must be at least 1, got 0"),
+            ("[train]\nlearning_rate = 0\n", "[train] learning_rate must be > 0, got 0"),
+            ("[train]\nlearning_rate = -0.1\n", "[train] learning_rate must be > 0, got -0.1"),
+            ("[train]\nlearning_rate = inf\n", "[train] learning_rate must be > 0, got inf"),
+            ("[train]\nlearning_rate = nan\n", "[train] learning_rate must be > 0, got NaN"),
+            ("[train]\nbatch_size = 0\n", "[train] batch_size must be at least 1, got 0"),
+            ("[train]\ndropout = 1.0\n", "[train] dropout must be in [0, 1), got 1"),
+            ("[train]\ndropout = -0.5\n", "[train] dropout must be in [0, 1), got -0.5"),
+            ("[strategy]\nserver_learning_rate = -1\n", "[strategy] server_learning_rate must be > 0, got -1"),
+            ("[strategy]\nkind = \"fedprox\"\n", "[strategy] prox_mu is required for kind \"fedprox\" (try 0.01)"),
+            ("[strategy]\nkind = \"fedprox\"\nprox_mu = -1\n", "[strategy] prox_mu must be > 0, got -1"),
+            ("[strategy]\nprox_mu = 0.1\n", "[strategy] prox_mu applies only to kind \"fedprox\", not \"fedavg\""),
+            (
+                "[strategy]\ntau = 0.1\n",
+                "[strategy] tau applies only to kinds \"fedadam\" and \"fedyogi\", not \"fedavg\"",
+            ),
+            ("[strategy]\nkind = \"fedadam\"\nbeta1 = 1\n", "[strategy] beta1 must be in [0, 1), got 1"),
+            ("[strategy]\nkind = \"fedyogi\"\nbeta2 = -0.1\n", "[strategy] beta2 must be in [0, 1), got -0.1"),
+            ("[strategy]\nkind = \"fedyogi\"\ntau = 0\n", "[strategy] tau must be > 0, got 0"),
+            ("[deadlines]\njoin = 0\n", "[deadlines] join must be 1..=604800 seconds, got 0"),
+            ("[deadlines]\ntrain = 604801\n", "[deadlines] train must be 1..=604800 seconds, got 604801"),
+            ("[deadlines]\nevaluate = 0\n", "[deadlines] evaluate must be 1..=604800 seconds, got 0"),
+        ];
+        for (extra, message) in cases {
+            check(extra, Some(&format!("job.toml: {message}")));
+        }
+    }
+
+    #[test]
+    fn parse_errors_name_the_key_and_line() {
+        let cases: &[(&str, &str)] = &[
+            ("[strategy]\nprox_muu = 0.1\n", "job.toml:5:1: unknown field `prox_muu`, expected one of"),
+            ("epoch = 3\n", "job.toml:4:1: unknown field `epoch`, expected one of"),
+            ("[train]\nepochs = 1\nbatchsize = 3\n", "job.toml:6:1: unknown field `batchsize`"),
+            ("[strategy]\nkind = \"fedavgg\"\n", "job.toml:5:8: unknown variant `fedavgg`, expected one of `fedavg`"),
+            ("[train]\noptimizer = \"adamw\"\n", "job.toml:5:13: unknown variant `adamw`, expected `sgd` or `adam`"),
+            (
+                "[model]\nkind = \"cnn\"\n",
+                "job.toml:5:8: unknown variant `cnn`, expected `text-classifier` or `tabular-mlp`",
+            ),
+            ("rounds = \"5\"\n", "job.toml:3:10: invalid type: string \"5\", expected u32"),
+            ("rounds = -1\n", "job.toml:3:10: invalid value: integer `-1`, expected u32"),
+            ("[train\n", "job.toml:4:7: "),
+        ];
+        for (extra, want) in cases {
+            let err = JobSpec::from_toml("job.toml", &job(extra)).expect_err(want).to_string();
+            assert!(err.starts_with(want), "{err:?} does not start with {want:?}");
+        }
+        let err = JobSpec::from_toml("job.toml", "name = \"t\"\nrounds = 1\n").expect_err("no labels").to_string();
+        assert!(err.contains("missing field `labels`"), "{err}");
+    }
+
+    #[test]
+    fn json_round_trip_and_validation() {
+        let spec =
+            JobSpec::from_toml("job.toml", &job("[strategy]\nkind = \"fedprox\"\nprox_mu = 0.01\n")).expect("valid");
+        let json = spec.to_json();
+        assert_eq!(JobSpec::from_json(&json).expect("round trip"), spec);
+        assert_eq!(JobSpec::from_json(&json).expect("round trip").to_json(), json, "canonical");
+        let err = JobSpec::from_json(&json.replace("\"rounds\":5", "\"rounds\":0")).expect_err("invalid").to_string();
+        assert_eq!(err, "job JSON: rounds must be in 1..=10000, got 0");
+        let err = JobSpec::from_json(&json.replace("\"rounds\":5", "\"rounds\":5,\"extra\":1")).expect_err("unknown");
+        assert!(err.to_string().starts_with("job JSON:1:"), "{err}");
+        assert!(err.to_string().contains("unknown field `extra`"), "{err}");
+    }
+
+    #[test]
+    fn validate_names_the_job() {
+        let mut spec = JobSpec::from_toml("job.toml", &job("")).expect("valid");
+        spec.train.dropout = 1.5;
+        assert_eq!(
+            spec.validate().expect_err("invalid").to_string(),
+            "job \"t\": [train] dropout must be in [0, 1), got 1.5"
+        );
+        assert!(spec.model_spec().is_err(), "model_spec validates");
+    }
+
+    #[test]
+    fn model_spec_and_initial_params() {
+        let spec =
+            JobSpec::from_toml("job.toml", &job("[model]\nbuckets = 64\nembed_dim = 4\nhidden = 3\n")).expect("valid");
+        let model = spec.model_spec().expect("model");
+        let ModelSpec::TextClassifier { config, labels } = &model else { panic!("text classifier expected") };
+        assert_eq!(config.features.buckets, 64);
+        assert_eq!((config.embed_dim, config.hidden), (4, 3));
+        assert_eq!(labels.names(), ["a", "b"]);
+        let params = spec.initial_params().expect("init");
+        assert_eq!(params.values().len(), 64 * 4 + 4 * 3 + 3 + 3 * 2 + 2);
+        assert_eq!(params, model.init(7).expect("init"), "the initial model uses the job seed");
+    }
+
+    #[test]
+    fn train_config_seeds_differ_per_round_and_site() {
+        let spec =
+            JobSpec::from_toml("job.toml", &job("[strategy]\nkind = \"fedprox\"\nprox_mu = 0.05\n")).expect("valid");
+        let mut seeds = std::collections::BTreeSet::new();
+        for round in 0..4 {
+            for site in [1, 2, 3] {
+                assert!(seeds.insert(spec.train_config(round, site).seed), "round {round} site {site}");
+            }
+        }
+        assert_eq!(spec.train_config(2, 3), spec.train_config(2, 3), "deterministic");
+        let mut reseeded = spec.clone();
+        reseeded.seed = 8;
+        assert_ne!(reseeded.train_config(0, 1).seed, spec.train_config(0, 1).seed);
+        let c = spec.train_config(0, 1);
+        assert_eq!((c.epochs, c.batch_size, c.prox_mu, c.optimizer), (1, 32, 0.05, Optimizer::Adam));
+        c.validate().expect("a valid job gives a valid train config");
+        let avg = JobSpec::from_toml("job.toml", &job("")).expect("valid");
+        assert_eq!(avg.train_config(0, 1).prox_mu, 0.0);
+    }
+
+    #[test]
+    fn sha256_hex_known_answer() {
+        assert_eq!(sha256_hex(b"abc"), "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
+    }
+
+    #[test]
+    fn example_job_file_parses() {
+        let text = include_str!("../../deploy/examples/job.toml");
+        let spec = JobSpec::from_toml("deploy/examples/job.toml", text).expect("the example is valid");
+        assert_eq!(spec.labels.len(), 27);
+        assert_eq!(spec.model_spec().expect("model").labels().len(), 27);
+    }
+}
