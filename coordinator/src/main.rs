@@ -1,23 +1,276 @@
 //! `maeum-coordinator`: the consortium lead's server and operator CLI.
 //!
-//! The federation runtime (enrolment, mTLS gRPC server, rounds, the demo) is being
-//! built under the issue "Federation over mTLS"; until it lands this binary only
-//! reports its version, so that packaging and CI already cover it.
+//! Exit codes: 0 success; 1 error (the message says what and where); 2 usage error
+//! (from clap).
 #![forbid(unsafe_code)]
 
-use clap::Parser;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
 
-/// Maeum coordinator (run by the consortium lead). The federation server is not
-/// available in this build yet.
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand};
+use tokio_stream::StreamExt;
+
+use maeum_coordinator::{client, demo, home, server};
+use maeum_protocols::wire::pb;
+
+/// Maeum coordinator, run by the consortium lead: creates the consortium, approves
+/// sites, serves the federation and drives training jobs.
 #[derive(Debug, Parser)]
-#[command(name = "maeum-coordinator", version, about)]
-struct Cli {}
+#[command(name = "maeum-coordinator", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
 
-fn main() {
-    let _ = Cli::parse();
-    eprintln!(
-        "maeum-coordinator {}: the federation server is not in this build yet; see docs/ROADMAP.md",
-        env!("CARGO_PKG_VERSION")
-    );
-    std::process::exit(1);
+#[derive(Debug, Args)]
+struct HomeArg {
+    /// The coordinator's home directory (keys, state, model blobs).
+    #[arg(long, value_name = "DIR", env = "MAEUM_COORDINATOR_HOME")]
+    home: PathBuf,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Create a consortium: CA, the coordinator's TLS identity, the Ed25519 signing key
+    /// and an operator certificate, in a new home directory.
+    Init {
+        #[command(flatten)]
+        home: HomeArg,
+        /// Consortium name ([a-z0-9-]).
+        #[arg(long)]
+        name: String,
+        /// HOST:PORT that sites and operators will dial; HOST goes into the server certificate.
+        #[arg(long)]
+        address: String,
+        /// Print one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run the coordinator: gRPC over mTLS for sites and operators, and the rounds.
+    Serve {
+        #[command(flatten)]
+        home: HomeArg,
+        /// Address to listen on (default: 0.0.0.0 and the port of the consortium address).
+        #[arg(long)]
+        listen: Option<SocketAddr>,
+        /// Seconds without a heartbeat after which a site counts as offline.
+        #[arg(long, default_value_t = 10)]
+        heartbeat_timeout: u64,
+    },
+    /// Approve, list and revoke sites.
+    #[command(subcommand)]
+    Sites(SitesCommand),
+    /// Submit, watch and abort training jobs.
+    #[command(subcommand)]
+    Jobs(JobsCommand),
+    /// Run a whole local federation: consortium, sites as separate processes over mTLS,
+    /// a training job, and a comparison with centralized and local-only training.
+    Demo(demo::DemoArgs),
+}
+
+#[derive(Debug, Subcommand)]
+enum SitesCommand {
+    /// Sign a site's certificate request (from `maeum-site init`) into an enrolment
+    /// bundle for `maeum-site enroll`. Works offline: needs only the CA key in HOME.
+    Approve {
+        #[command(flatten)]
+        home: HomeArg,
+        /// The site's request file (request.csr.pem).
+        request: PathBuf,
+        /// Refuse unless the request is for this site id.
+        #[arg(long)]
+        site_id: Option<String>,
+        /// Where to write the bundle (default: bundle-SITE.json in the current directory).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Print one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List sites: online, last seen, rounds contributed.
+    List {
+        #[command(flatten)]
+        home: HomeArg,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke a site now: its open connections are cut and new handshakes refused.
+    Revoke {
+        #[command(flatten)]
+        home: HomeArg,
+        /// The site id.
+        site_id: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum JobsCommand {
+    /// Submit a job file (TOML; see docs/jobs.md).
+    Submit {
+        #[command(flatten)]
+        home: HomeArg,
+        /// The job file.
+        file: PathBuf,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List jobs.
+    List {
+        #[command(flatten)]
+        home: HomeArg,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show a job's progress and per-round metrics.
+    Status {
+        #[command(flatten)]
+        home: HomeArg,
+        /// The job id (from `jobs submit` or `jobs list`).
+        job_id: String,
+        /// Follow the job live until it ends.
+        #[arg(long)]
+        watch: bool,
+        /// Print JSON (with --watch: one object per change).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Abort a job.
+    Abort {
+        #[command(flatten)]
+        home: HomeArg,
+        /// The job id.
+        job_id: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn print_json(v: &impl serde::Serialize) -> Result<()> {
+    println!("{}", serde_json::to_string(v)?);
+    Ok(())
+}
+
+async fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Init { home, name, address, json } => {
+            let r = home::init(&home.home, &name, &address)?;
+            if json {
+                return print_json(&r);
+            }
+            println!("consortium {} created in {}", r.consortium, r.home.display());
+            println!("  address           {}", r.address);
+            println!("  CA fingerprint    {}", r.ca_fingerprint);
+            println!("  signing key       {}", r.signing_public_key);
+            println!("next: `maeum-coordinator serve --home {}`", r.home.display());
+        }
+        Command::Serve { home, listen, heartbeat_timeout } => {
+            let settings = server::Settings { heartbeat_timeout: Duration::from_secs(heartbeat_timeout.max(1)) };
+            maeum_coordinator::serve(&home.home, listen, settings, maeum_protocols::runtime::shutdown_signal()).await?;
+        }
+        Command::Sites(SitesCommand::Approve { home, request, site_id, out, json }) => {
+            let csr = std::fs::read_to_string(&request).with_context(|| format!("reading {}", request.display()))?;
+            let bundle = home::approve(&home::Home::new(&home.home), &csr, site_id.as_deref())?;
+            let out = out.unwrap_or_else(|| PathBuf::from(format!("bundle-{}.json", bundle.site_id)));
+            home::write_file(&out, serde_json::to_string_pretty(&bundle)?.as_bytes(), false)?;
+            if json {
+                return print_json(&serde_json::json!({"site_id": bundle.site_id, "bundle": out}));
+            }
+            println!("approved site {}; give {} to its admin for `maeum-site enroll`", bundle.site_id, out.display());
+        }
+        Command::Sites(SitesCommand::List { home, json }) => {
+            let sites = client::connect(&home.home).await?.list_sites(pb::ListSitesRequest {}).await?.into_inner();
+            if json {
+                return print_json(&sites.sites.iter().map(client::site_json).collect::<Vec<_>>());
+            }
+            client::print_sites(&sites.sites);
+        }
+        Command::Sites(SitesCommand::Revoke { home, site_id, json }) => {
+            let s = client::connect(&home.home).await?.revoke_site(pb::SiteRef { site_id }).await?.into_inner();
+            if json {
+                return print_json(&client::site_json(&s));
+            }
+            println!("site {} revoked", s.site_id);
+        }
+        Command::Jobs(JobsCommand::Submit { home, file, json }) => {
+            let toml = std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
+            let source_name = file.display().to_string();
+            let j = client::connect(&home.home).await?.submit_job(pb::SubmitJobRequest { toml, source_name }).await?;
+            let j = j.into_inner();
+            if json {
+                return print_json(&client::job_json(&j));
+            }
+            println!("submitted job {}", j.job_id);
+        }
+        Command::Jobs(JobsCommand::List { home, json }) => {
+            let jobs = client::connect(&home.home).await?.list_jobs(pb::ListJobsRequest {}).await?.into_inner();
+            if json {
+                return print_json(&jobs.jobs.iter().map(client::job_json).collect::<Vec<_>>());
+            }
+            for j in &jobs.jobs {
+                println!("{:<32} {:<10} round {}/{}", j.job_id, j.state, j.completed_rounds, j.rounds);
+            }
+        }
+        Command::Jobs(JobsCommand::Status { home, job_id, watch, json }) => {
+            let mut c = client::connect(&home.home).await?;
+            if !watch {
+                let j = c.get_job(pb::JobRef { job_id }).await?.into_inner();
+                if json {
+                    return print_json(&client::job_json(&j));
+                }
+                client::print_job(&j);
+                return Ok(());
+            }
+            let mut stream = c.watch_job(pb::JobRef { job_id }).await?.into_inner();
+            while let Some(j) = stream.next().await {
+                let j = j?;
+                if json {
+                    print_json(&client::job_json(&j))?;
+                } else {
+                    client::print_job(&j);
+                }
+            }
+        }
+        Command::Jobs(JobsCommand::Abort { home, job_id, json }) => {
+            let j = client::connect(&home.home).await?.abort_job(pb::JobRef { job_id }).await?.into_inner();
+            if json {
+                return print_json(&client::job_json(&j));
+            }
+            println!("job {} aborted", j.job_id);
+        }
+        Command::Demo(a) => demo::run(a).await?,
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let daemon = matches!(cli.command, Command::Serve { .. });
+    maeum_protocols::runtime::init_tracing(if daemon { "info" } else { "warn" });
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: starting the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            match e.downcast_ref::<tonic::Status>() {
+                Some(s) => eprintln!("error: the coordinator refused: {} ({:?})", s.message(), s.code()),
+                None => eprintln!("error: {e:#}"),
+            }
+            ExitCode::from(1)
+        }
+    }
 }

@@ -482,6 +482,24 @@ pub fn key_matches_cert(key: &SecretPem, cert_der: &[u8]) -> Result<bool, Identi
     Ok(parse_cert(cert_der)?.public_key().subject_public_key.data.as_ref() == pair.public_key_raw())
 }
 
+/// An enrolment bundle (`bundle-SITE.json`): what `maeum-coordinator sites approve`
+/// gives a site so it can reach and trust the coordinator. Public material only.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct Bundle {
+    /// File format version (1).
+    pub format: u32,
+    pub consortium: String,
+    pub site_id: String,
+    /// `HOST:PORT` the site dials.
+    pub coordinator_address: String,
+    /// The name the coordinator's certificate is verified against.
+    pub coordinator_name: String,
+    pub ca_pem: String,
+    pub cert_pem: String,
+    /// Ed25519 key (hex) that signs releases and audit checkpoints.
+    pub signing_public_key: String,
+}
+
 /// Every certificate in a PEM document, in order; an error if there is none.
 pub fn pem_to_der(pem: &str) -> Result<Vec<CertificateDer<'static>>, IdentityError> {
     let certs = CertificateDer::pem_slice_iter(pem.as_bytes())

@@ -31,6 +31,18 @@ pub fn bin(name: &str) -> PathBuf {
             "-p",
             "maeum-e2e",
         ]);
+        // The test harness exports the e2e package's CARGO_* variables; ring's build
+        // script reruns when CARGO_MANIFEST_DIR changes, so clear them for the nested build.
+        for (key, _) in std::env::vars_os() {
+            let key = key.to_string_lossy();
+            if key.starts_with("CARGO_PKG_")
+                || key.starts_with("CARGO_MANIFEST_")
+                || key.starts_with("CARGO_BIN_")
+                || matches!(&*key, "CARGO_CRATE_NAME" | "CARGO_PRIMARY_PACKAGE" | "CARGO_TARGET_TMPDIR")
+            {
+                cmd.env_remove(&*key);
+            }
+        }
         if dir.file_name().is_some_and(|n| n == "release") {
             cmd.arg("--release");
         }
@@ -71,3 +83,262 @@ pub fn run_ok(cmd: &mut Command) -> Output {
     );
     out
 }
+
+/// `maeum-site init` for `id` in `home`, with a shard's train/test files.
+pub fn init_site(home: &Path, id: &str, shard: &Path) {
+    run_ok(
+        Command::new(bin("maeum-site"))
+            .args(["init", "--site-id", id, "--home"])
+            .arg(home)
+            .arg("--train")
+            .arg(shard.join("train.jsonl"))
+            .arg("--test")
+            .arg(shard.join("test.jsonl")),
+    );
+}
+
+/// A federation on loopback for one test: a consortium in a temp dir, sites with
+/// non-IID shards of the real corpus, and the real binaries as child processes (killed
+/// when the fixture drops).
+#[derive(Debug)]
+pub struct Federation {
+    pub dir: tempfile::TempDir,
+    pub address: String,
+    pub labels: Vec<String>,
+    coordinator: Option<std::process::Child>,
+    sites: std::collections::BTreeMap<String, std::process::Child>,
+    pub heartbeat_timeout: u64,
+    _serial: std::sync::MutexGuard<'static, ()>,
+}
+
+/// Federations in one test binary run one at a time: two cores cannot host several
+/// without starving heartbeats.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+impl Federation {
+    /// Provisions a consortium and `n` enrolled sites (`site-1` …) with the CLIs.
+    pub fn new(n: usize) -> Self {
+        let serial = SERIAL.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let dir = tempfile::tempdir().expect("tempdir");
+        let port = std::net::TcpListener::bind("127.0.0.1:0").expect("free port").local_addr().expect("addr").port();
+        let address = format!("127.0.0.1:{port}");
+        let mut fed = Self {
+            dir,
+            address: address.clone(),
+            labels: Vec::new(),
+            coordinator: None,
+            sites: Default::default(),
+            heartbeat_timeout: 4,
+            _serial: serial,
+        };
+        run_ok(
+            Command::new(bin("maeum-coordinator"))
+                .args(["init", "--name", "test", "--address", &address, "--home"])
+                .arg(fed.coordinator_home()),
+        );
+        let split = fed.dir.path().join("data");
+        run_ok(
+            Command::new(bin("maeum-site"))
+                .args(["data", "split", "--sites", &n.to_string(), "--alpha", "0.5", "--seed", "7", "--data"])
+                .arg(rmhd())
+                .arg("--out")
+                .arg(&split),
+        );
+        let manifest: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(split.join("split.json")).expect("split.json"))
+                .expect("split.json parses");
+        fed.labels = manifest["labels"]
+            .as_array()
+            .expect("labels")
+            .iter()
+            .map(|l| l.as_str().unwrap_or("").to_string())
+            .collect();
+        for i in 1..=n {
+            fed.enrol(&format!("site-{i}"), &split.join(format!("site-{i}")));
+        }
+        fed
+    }
+
+    pub fn coordinator_home(&self) -> PathBuf {
+        self.dir.path().join("coordinator")
+    }
+
+    pub fn site_home(&self, id: &str) -> PathBuf {
+        self.dir.path().join(id)
+    }
+
+    /// `maeum-site init` → `maeum-coordinator sites approve` → `maeum-site enroll`.
+    pub fn enrol(&self, id: &str, shard: &Path) {
+        let home = self.site_home(id);
+        init_site(&home, id, shard);
+        let bundle = home.join("bundle.json");
+        run_ok(
+            Command::new(bin("maeum-coordinator"))
+                .args(["sites", "approve", "--site-id", id, "--home"])
+                .arg(self.coordinator_home())
+                .arg(home.join("request.csr.pem"))
+                .arg("--out")
+                .arg(&bundle),
+        );
+        run_ok(Command::new(bin("maeum-site")).args(["enroll", "--home"]).arg(&home).arg(&bundle));
+    }
+
+    fn log(&self, name: &str) -> std::fs::File {
+        std::fs::File::options()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join(format!("{name}.log")))
+            .expect("log file")
+    }
+
+    /// What a process wrote to stderr so far.
+    pub fn log_text(&self, name: &str) -> String {
+        std::fs::read_to_string(self.dir.path().join(format!("{name}.log"))).unwrap_or_default()
+    }
+
+    pub fn start_coordinator(&mut self) {
+        let child = Command::new(bin("maeum-coordinator"))
+            .args(["serve", "--listen", &self.address, "--heartbeat-timeout", &self.heartbeat_timeout.to_string()])
+            .arg("--home")
+            .arg(self.coordinator_home())
+            .env("MAEUM_LOG", "info")
+            .stdout(std::process::Stdio::null())
+            .stderr(self.log("coordinator"))
+            .spawn()
+            .expect("starting the coordinator");
+        self.coordinator = Some(child);
+        // Ready when the control service answers.
+        for _ in 0..100 {
+            if self.cli(&["jobs", "list", "--json"]).status.success() {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        panic!("the coordinator did not come up:\n{}", self.log_text("coordinator"));
+    }
+
+    pub fn kill_coordinator(&mut self) {
+        if let Some(mut c) = self.coordinator.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn start_site(&mut self, id: &str) {
+        let child = Command::new(bin("maeum-site"))
+            .args(["run", "--home"])
+            .arg(self.site_home(id))
+            .env("MAEUM_LOG", "info")
+            .stdout(std::process::Stdio::null())
+            .stderr(self.log(id))
+            .spawn()
+            .expect("starting a site");
+        self.sites.insert(id.to_string(), child);
+    }
+
+    /// SIGKILL, as a crash would.
+    pub fn kill_site(&mut self, id: &str) {
+        if let Some(mut c) = self.sites.remove(id) {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Runs `maeum-coordinator ARGS --home COORD` (operator commands).
+    pub fn cli(&self, args: &[&str]) -> Output {
+        Command::new(bin("maeum-coordinator"))
+            .args(args)
+            .arg("--home")
+            .arg(self.coordinator_home())
+            .output()
+            .expect("running maeum-coordinator")
+    }
+
+    pub fn cli_json(&self, args: &[&str]) -> serde_json::Value {
+        let mut args = args.to_vec();
+        args.push("--json");
+        let out = self.cli(&args);
+        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{args:?}: not JSON ({e})"))
+    }
+
+    /// Writes a job file with this federation's labels and `extra` TOML, submits it, and
+    /// returns the job id.
+    pub fn submit(&self, name: &str, rounds: u32, min_sites: usize, extra: &str) -> String {
+        let labels: Vec<String> = self.labels.iter().map(|l| format!("{l:?}")).collect();
+        let toml = format!(
+            "name = {name:?}\nlabels = [{}]\nrounds = {rounds}\nmin_sites = {min_sites}\n{extra}\n",
+            labels.join(", ")
+        );
+        let path = self.dir.path().join(format!("{name}.toml"));
+        std::fs::write(&path, toml).expect("job file");
+        let v = self.cli_json(&["jobs", "submit", path.to_str().unwrap_or_default()]);
+        v["job_id"].as_str().expect("job_id").to_string()
+    }
+
+    pub fn job(&self, id: &str) -> serde_json::Value {
+        self.cli_json(&["jobs", "status", id])
+    }
+
+    /// Polls until the job leaves pending/running; panics after `timeout`.
+    pub fn wait_job(&self, id: &str, timeout: std::time::Duration) -> serde_json::Value {
+        let until = std::time::Instant::now() + timeout;
+        loop {
+            let out = self.cli(&["jobs", "status", id, "--json"]);
+            if out.status.success() {
+                let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+                if !matches!(v["state"].as_str(), Some("pending" | "running")) {
+                    return v;
+                }
+            }
+            assert!(
+                std::time::Instant::now() < until,
+                "job {id} did not finish in {timeout:?}\n--- coordinator log\n{}",
+                self.log_text("coordinator")
+            );
+            std::thread::sleep(std::time::Duration::from_millis(300));
+        }
+    }
+
+    /// Polls until `cond` holds on the job's status; panics after `timeout`.
+    pub fn wait_for(
+        &self,
+        id: &str,
+        timeout: std::time::Duration,
+        cond: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        let until = std::time::Instant::now() + timeout;
+        loop {
+            let out = self.cli(&["jobs", "status", id, "--json"]);
+            if out.status.success() {
+                let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+                if cond(&v) {
+                    return v;
+                }
+            }
+            assert!(std::time::Instant::now() < until, "condition on job {id} not met in {timeout:?}");
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    }
+
+    /// The site daemon's status.json.
+    pub fn site_status(&self, id: &str) -> serde_json::Value {
+        std::fs::read_to_string(self.site_home(id).join("status.json"))
+            .ok()
+            .and_then(|s| serde_json::from_str(&s).ok())
+            .unwrap_or(serde_json::Value::Null)
+    }
+}
+
+impl Drop for Federation {
+    fn drop(&mut self) {
+        self.kill_coordinator();
+        let ids: Vec<String> = self.sites.keys().cloned().collect();
+        for id in ids {
+            self.kill_site(&id);
+        }
+    }
+}
+
+/// A small, fast text-classifier job section for tests.
+pub const SMALL_MODEL: &str = "[model]\nkind = \"text-classifier\"\nbuckets = 4096\nembed_dim = 16\nhidden = 32\n";

@@ -1,0 +1,49 @@
+//! Content-addressed blob store: `DIR/<sha256 hex>`, written atomically and fsynced
+//! before its digest is recorded anywhere.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+
+use maeum_protocols::wire::Digest;
+
+#[derive(Debug, Clone)]
+pub struct Blobs {
+    dir: PathBuf,
+}
+
+impl Blobs {
+    pub fn open(dir: &Path) -> Result<Self> {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        Ok(Self { dir: dir.to_owned() })
+    }
+
+    pub fn path(&self, digest: &Digest) -> PathBuf {
+        self.dir.join(digest.hex())
+    }
+
+    pub fn contains(&self, digest: &Digest) -> bool {
+        self.path(digest).is_file()
+    }
+
+    /// Stores `bytes`; returns their digest. Idempotent.
+    pub fn put(&self, bytes: &[u8]) -> Result<Digest> {
+        let digest = Digest::of(bytes);
+        let path = self.path(&digest);
+        if !path.is_file() {
+            maeum_models::write_atomic(&path, bytes).with_context(|| format!("writing blob {}", path.display()))?;
+        }
+        Ok(digest)
+    }
+
+    pub fn get(&self, digest: &Digest) -> Result<Vec<u8>> {
+        let path = self.path(digest);
+        let bytes = std::fs::read(&path).with_context(|| format!("reading blob {}", path.display()))?;
+        anyhow::ensure!(
+            Digest::of(&bytes) == *digest,
+            "blob {} is corrupt: its content does not match its name",
+            path.display()
+        );
+        Ok(bytes)
+    }
+}

@@ -1,0 +1,156 @@
+//! The operator CLI's side of the control service: `jobs …` and `sites …` commands,
+//! with human output by default and `--json` for scripts.
+
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use tonic::transport::{Channel, Endpoint};
+
+use maeum_models::metrics::Confusion;
+use maeum_protocols::tls;
+use maeum_protocols::wire::pb::{self, control_client::ControlClient};
+
+use crate::home::Home;
+
+/// Connects to the coordinator named in HOME/consortium.json with the operator
+/// certificate in HOME.
+pub async fn connect(home: &Path) -> Result<ControlClient<Channel>> {
+    let home = Home::new(home);
+    let consortium = home.consortium()?;
+    let tls = tls::client_tls(&home.read("ca.pem")?, &home.identity("operator")?, consortium.host());
+    let channel = Endpoint::from_shared(format!("https://{}", consortium.address))?
+        .tls_config(tls)?
+        .connect_timeout(Duration::from_secs(5))
+        .connect()
+        .await
+        .with_context(|| format!("connecting to the coordinator at {}", consortium.address))?;
+    Ok(ControlClient::new(channel).max_decoding_message_size(64 << 20))
+}
+
+/// Accuracy and macro-F1 of a reported confusion matrix.
+pub fn scores(c: &pb::Confusion) -> Option<(f64, f64)> {
+    let n = c.n_labels as usize;
+    if n == 0 || c.counts.len() != n * n {
+        return None;
+    }
+    let conf = Confusion { counts: c.counts.chunks(n).map(<[u64]>::to_vec).collect() };
+    let m = conf.metrics();
+    Some((m.accuracy, m.macro_f1))
+}
+
+/// One line per round for humans.
+pub fn print_job(j: &pb::JobInfo) {
+    println!(
+        "{}  {}  round {}/{}{}",
+        j.job_id,
+        j.state,
+        j.completed_rounds,
+        j.rounds,
+        if j.activity.is_empty() { String::new() } else { format!("  ({})", j.activity) }
+    );
+    if !j.decisions.is_empty() {
+        let refused: Vec<String> =
+            j.decisions.iter().filter(|d| !d.accept).map(|d| format!("{} ({})", d.site_id, d.reason)).collect();
+        println!(
+            "  sites: {} accepted{}",
+            j.decisions.iter().filter(|d| d.accept).count(),
+            if refused.is_empty() { String::new() } else { format!(", refused: {}", refused.join("; ")) }
+        );
+    }
+    if let Some((a, f)) = j.initial_evaluation.as_ref().and_then(scores) {
+        println!("  round  0  accuracy {a:.4}  macro-F1 {f:.4}  (initial model)");
+    }
+    for r in &j.history {
+        let eval = r
+            .evaluation
+            .as_ref()
+            .and_then(scores)
+            .map_or("evaluation pending".to_string(), |(a, f)| format!("accuracy {a:.4}  macro-F1 {f:.4}"));
+        println!(
+            "  round {:>2}  {eval}  sites {}{}",
+            r.round,
+            r.contributors.len(),
+            if r.dropped.is_empty() { String::new() } else { format!("  dropped {}", r.dropped.join(",")) }
+        );
+    }
+    if let Some(c) = j.history.last().and_then(|r| r.evaluation.as_ref()) {
+        let parts: Vec<String> = recall(c, &j.labels)
+            .into_iter()
+            .map(|(l, r)| format!("{l} {}", r.as_f64().map_or("-".into(), |r| format!("{r:.2}"))))
+            .collect();
+        println!("  per-class recall (final model): {}", parts.join(", "));
+    }
+    if !j.error.is_empty() {
+        println!("  error: {}", j.error);
+    }
+}
+
+/// Per-class recall of a reported confusion matrix, keyed by label.
+pub fn recall(c: &pb::Confusion, labels: &[String]) -> serde_json::Map<String, serde_json::Value> {
+    let n = c.n_labels as usize;
+    let mut out = serde_json::Map::new();
+    if n == 0 || c.counts.len() != n * n || labels.len() != n {
+        return out;
+    }
+    for (i, row) in c.counts.chunks(n).enumerate() {
+        let total: u64 = row.iter().sum();
+        let r = if total == 0 { serde_json::Value::Null } else { (row[i] as f64 / total as f64).into() };
+        out.insert(labels[i].clone(), r);
+    }
+    out
+}
+
+pub fn job_json(j: &pb::JobInfo) -> serde_json::Value {
+    let score = |c: &Option<pb::Confusion>| {
+        c.as_ref().and_then(|c| {
+            scores(c).map(|(a, f)| {
+                serde_json::json!({"accuracy": a, "macro_f1": f, "per_class_recall": recall(c, &j.labels), "examples": c.counts.iter().sum::<u64>()})
+            })
+        })
+    };
+    serde_json::json!({
+        "job_id": j.job_id, "name": j.name, "state": j.state, "rounds": j.rounds,
+        "completed_rounds": j.completed_rounds, "activity": j.activity, "error": j.error,
+        "spec_sha256": j.spec_sha256, "labels": j.labels, "secure_aggregation": j.secure_aggregation,
+        "decisions": j.decisions.iter().map(|d| serde_json::json!({"site": d.site_id, "accept": d.accept, "reason": d.reason})).collect::<Vec<_>>(),
+        "initial_evaluation": score(&j.initial_evaluation),
+        "history": j.history.iter().map(|r| serde_json::json!({
+            "round": r.round, "model": r.model.as_ref().map(|m| &m.digest), "contributors": r.contributors,
+            "dropped": r.dropped, "total_weight": r.total_weight, "attempts": r.attempts,
+            "evaluation": score(&r.evaluation),
+        })).collect::<Vec<_>>(),
+    })
+}
+
+pub fn site_json(s: &pb::SiteInfo) -> serde_json::Value {
+    serde_json::json!({
+        "site_id": s.site_id, "online": s.online, "revoked": s.revoked, "stage": s.stage,
+        "last_seen_ms": s.last_seen_ms, "rounds_contributed": s.rounds_contributed,
+        "cert_fingerprint": s.cert_fingerprint, "cert_not_after_ms": s.cert_not_after_ms,
+    })
+}
+
+pub fn print_sites(sites: &[pb::SiteInfo]) {
+    println!("{:<24} {:<8} {:<10} {:>7}  last seen", "site", "online", "stage", "rounds");
+    for s in sites {
+        let seen = if s.last_seen_ms == 0 {
+            "never".to_string()
+        } else {
+            format!("{}s ago", (crate::home::now_ms() - s.last_seen_ms).max(0) / 1000)
+        };
+        println!(
+            "{:<24} {:<8} {:<10} {:>7}  {seen}",
+            s.site_id,
+            if s.revoked {
+                "REVOKED"
+            } else if s.online {
+                "yes"
+            } else {
+                "no"
+            },
+            if s.stage.is_empty() { "-" } else { &s.stage },
+            s.rounds_contributed
+        );
+    }
+}

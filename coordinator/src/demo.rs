@@ -1,0 +1,447 @@
+//! `maeum-coordinator demo`: a whole federation on one machine, for evaluation.
+//!
+//! Provisions a consortium in a work dir, splits the data non-IID across N sites, starts
+//! the coordinator and each site agent as separate OS processes talking mTLS over
+//! loopback, runs a training job, then compares the federated model with centralized
+//! training on the union of the sites' training data and with each site training alone.
+//! All three are evaluated on the union of the sites' held-out splits.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::Serialize;
+use tokio_stream::StreamExt;
+
+use maeum_models::data::{self, Example, LabelSet, ReadOptions};
+use maeum_models::metrics::Confusion;
+use maeum_models::model::{ModelSpec, TextClassifierConfig};
+use maeum_models::nn::TrainConfig;
+use maeum_protocols::wire::pb;
+
+use crate::{client, home};
+
+/// Defaults chosen with `cargo bench -p maeum-models --bench fedsim` (docs/benchmarks.md).
+pub const DEFAULT_ROUNDS: u32 = 10;
+pub const DEFAULT_LOCAL_EPOCHS: usize = 2;
+/// Site learning rate (Adam) for the demo's job.
+pub const DEFAULT_SITE_LR: f64 = 0.005;
+
+#[derive(Debug, Clone, Args)]
+pub struct DemoArgs {
+    /// Number of sites (separate site-agent processes).
+    #[arg(long, default_value_t = 7)]
+    pub sites: usize,
+    /// Training rounds.
+    #[arg(long, default_value_t = DEFAULT_ROUNDS)]
+    pub rounds: u32,
+    /// Local epochs per round at each site.
+    #[arg(long, default_value_t = DEFAULT_LOCAL_EPOCHS)]
+    pub local_epochs: usize,
+    /// Dirichlet α of the non-IID label split (smaller = more skewed sites).
+    #[arg(long, default_value_t = 0.5)]
+    pub alpha: f64,
+    /// Text/label JSONL or CSV to federate. Default: the public Reddit Mental Health
+    /// Dataset at data/rmhd.jsonl, fetched when missing (run from the repository root).
+    #[arg(long, value_name = "FILE")]
+    pub data: Option<PathBuf>,
+    /// Where to put the consortium, the sites, logs and results (default: work/demo-TIME).
+    #[arg(long, value_name = "DIR")]
+    pub work_dir: Option<PathBuf>,
+    /// Seed for the split, the model and training.
+    #[arg(long, default_value_t = 7)]
+    pub seed: u64,
+    /// Skip the centralized and local-only baselines.
+    #[arg(long)]
+    pub no_baselines: bool,
+    /// End with one JSON object on stdout (progress still goes to stderr).
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Child processes that are stopped (SIGTERM, then SIGKILL) when dropped.
+struct Fleet {
+    children: Vec<(String, Child)>,
+}
+
+impl Fleet {
+    fn stop(&mut self) {
+        for (_, c) in &self.children {
+            let _ = Command::new("kill").arg("-TERM").arg(c.id().to_string()).status();
+        }
+        let until = Instant::now() + Duration::from_secs(10);
+        for (_, c) in &mut self.children {
+            while Instant::now() < until && matches!(c.try_wait(), Ok(None)) {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        self.children.clear();
+    }
+
+    fn check_alive(&mut self) -> Result<()> {
+        for (name, c) in &mut self.children {
+            if let Some(status) = c.try_wait()? {
+                bail!("{name} exited early ({status}); see its log in the work dir's logs/");
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Fleet {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// The `maeum-site` binary next to this one. Under `cargo run` (which sets `CARGO`), it
+/// is built first with the same profile, so the README's one command is enough.
+fn site_binary() -> Result<PathBuf> {
+    let name = "maeum-site";
+    let exe = std::env::current_exe().context("locating this executable")?;
+    if let (Ok(cargo), Ok(_)) = (std::env::var("CARGO"), std::env::var("CARGO_MANIFEST_DIR")) {
+        eprintln!("building {name} (cargo build -p {name})");
+        let mut build = Command::new(cargo);
+        build.args(["build", "--quiet", "-p", name, "-p", "maeum-coordinator"]);
+        // `cargo run` exports the package's CARGO_* variables; some build scripts (ring)
+        // rerun when CARGO_MANIFEST_DIR changes, which would rebuild half the tree.
+        for (key, _) in std::env::vars_os() {
+            let key = key.to_string_lossy();
+            if key.starts_with("CARGO_PKG_")
+                || key.starts_with("CARGO_MANIFEST_")
+                || matches!(&*key, "CARGO_CRATE_NAME" | "CARGO_BIN_NAME" | "CARGO_PRIMARY_PACKAGE")
+            {
+                build.env_remove(&*key);
+            }
+        }
+        if exe.parent().and_then(Path::file_name).is_some_and(|d| d == "release") {
+            build.arg("--release");
+        }
+        let status = build.status().context("running cargo build")?;
+        if !status.success() {
+            bail!("cargo build -p {name} failed ({status})");
+        }
+    }
+    let path = exe.with_file_name(name);
+    if !path.exists() {
+        bail!("{} not found next to {} (build it with `cargo build -p maeum-site`)", path.display(), exe.display());
+    }
+    Ok(path)
+}
+
+fn run_quiet(cmd: &mut Command, what: &str) -> Result<()> {
+    let out = cmd.output().with_context(|| format!("running {what}"))?;
+    if !out.status.success() {
+        bail!("{what} failed ({}): {}", out.status, String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(())
+}
+
+fn spawn(cmd: &mut Command, log: &Path, name: &str) -> Result<Child> {
+    let file = std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
+    cmd.stdout(Stdio::null())
+        .stderr(file)
+        .env("MAEUM_LOG", std::env::var("MAEUM_LOG").unwrap_or_else(|_| "info".into()))
+        .spawn()
+        .with_context(|| format!("starting {name}"))
+}
+
+#[derive(Debug, Serialize)]
+struct Score {
+    accuracy: f64,
+    macro_f1: f64,
+}
+
+fn score(c: &Confusion) -> Score {
+    let m = c.metrics();
+    Score { accuracy: m.accuracy, macro_f1: m.macro_f1 }
+}
+
+fn read(path: &Path) -> Result<Vec<Example>> {
+    Ok(data::read_examples(path, &ReadOptions::default())?.examples)
+}
+
+fn job_toml(labels: &[String], a: &DemoArgs) -> String {
+    let labels: Vec<String> = labels.iter().map(|l| format!("{l:?}")).collect();
+    format!(
+        r#"# Written by `maeum-coordinator demo`. See docs/jobs.md.
+name = "demo"
+description = "counseling triage text classifier, {sites} sites, Dirichlet alpha {alpha}"
+labels = [{labels}]
+rounds = {rounds}
+min_sites = {min_sites}
+seed = {seed}
+
+[model]
+kind = "text-classifier"
+
+[train]
+epochs = {epochs}
+learning_rate = {lr}
+
+[strategy]
+kind = "fedavg"
+
+[deadlines]
+join = 60
+train = 600
+evaluate = 300
+"#,
+        sites = a.sites,
+        alpha = a.alpha,
+        labels = labels.join(", "),
+        rounds = a.rounds,
+        min_sites = a.sites.div_ceil(2).max(1),
+        seed = a.seed,
+        epochs = a.local_epochs,
+        lr = DEFAULT_SITE_LR,
+    )
+}
+
+pub async fn run(a: DemoArgs) -> Result<()> {
+    if a.sites == 0 || a.rounds == 0 {
+        bail!("--sites and --rounds must be at least 1");
+    }
+    let started = Instant::now();
+    // Resolve our own path first: a rebuild replaces the file, and /proc/self/exe then
+    // names a deleted inode.
+    let coord_bin = std::env::current_exe()?.with_file_name("maeum-coordinator");
+    let site_bin = site_binary()?;
+    let work = match &a.work_dir {
+        Some(w) => w.clone(),
+        None => PathBuf::from(format!("work/demo-{}", home::now_ms() / 1000)),
+    };
+    if work.exists() && std::fs::read_dir(&work)?.next().is_some() {
+        bail!("{} is not empty; pick another --work-dir", work.display());
+    }
+    std::fs::create_dir_all(work.join("logs"))?;
+    let work = std::path::absolute(&work)?;
+    let say = |s: String| eprintln!("{s}");
+
+    // 1. Data: the non-IID split, by the site agent's own `data split`.
+    let split_dir = work.join("data");
+    let mut split = Command::new(&site_bin);
+    split.args(["data", "split", "--json", "--sites", &a.sites.to_string(), "--alpha", &a.alpha.to_string()]);
+    split.args(["--seed", &a.seed.to_string(), "--out"]).arg(&split_dir);
+    if let Some(d) = &a.data {
+        split.arg("--data").arg(d);
+    }
+    run_quiet(&mut split, "maeum-site data split")?;
+    let manifest: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(split_dir.join("split.json"))?)?;
+    let labels: Vec<String> = serde_json::from_value(manifest["labels"].clone()).context("split.json labels")?;
+    say(format!("split the data over {} sites (Dirichlet α = {}) in {}", a.sites, a.alpha, split_dir.display()));
+
+    // 2. Consortium and enrolment.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let address = format!("127.0.0.1:{port}");
+    let coord_home = work.join("coordinator");
+    home::init(&coord_home, "demo", &address)?;
+    let h = home::Home::new(&coord_home);
+    let sites: Vec<String> = (1..=a.sites).map(|i| format!("site-{i}")).collect();
+    for s in &sites {
+        let site_home = work.join(s);
+        let shard = split_dir.join(s);
+        let mut init = Command::new(&site_bin);
+        init.args(["init", "--site-id", s, "--home"]).arg(&site_home);
+        init.arg("--train").arg(shard.join("train.jsonl")).arg("--test").arg(shard.join("test.jsonl"));
+        run_quiet(&mut init, "maeum-site init")?;
+        // Seven trainers share two cores here: one thread each avoids oversubscription.
+        let cfg = site_home.join("site.toml");
+        let text = std::fs::read_to_string(&cfg)?.replace("threads = 0", "threads = 1");
+        std::fs::write(&cfg, text)?;
+        let csr = std::fs::read_to_string(site_home.join("request.csr.pem"))?;
+        let bundle = home::approve(&h, &csr, Some(s))?;
+        let bundle_path = site_home.join("bundle.json");
+        home::write_file(&bundle_path, serde_json::to_string_pretty(&bundle)?.as_bytes(), false)?;
+        let mut enroll = Command::new(&site_bin);
+        enroll.args(["enroll", "--home"]).arg(&site_home).arg(&bundle_path);
+        run_quiet(&mut enroll, "maeum-site enroll")?;
+    }
+    say(format!("consortium `demo` at {address}: CA, coordinator, {} enrolled sites", a.sites));
+
+    // 3. Processes.
+    let mut fleet = Fleet { children: Vec::new() };
+    let mut serve = Command::new(&coord_bin);
+    serve.args(["serve", "--home"]).arg(&coord_home).args(["--listen", &address]);
+    fleet.children.push(("coordinator".into(), spawn(&mut serve, &work.join("logs/coordinator.log"), "coordinator")?));
+    for s in &sites {
+        let mut run = Command::new(&site_bin);
+        run.args(["run", "--home"]).arg(work.join(s));
+        fleet.children.push((s.clone(), spawn(&mut run, &work.join(format!("logs/{s}.log")), s)?));
+    }
+    let job_path = work.join("job.toml");
+    std::fs::write(&job_path, job_toml(&labels, &a))?;
+    let mut control = None;
+    for _ in 0..100 {
+        fleet.check_alive()?;
+        if let Ok(c) = client::connect(&coord_home).await {
+            control = Some(c);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let mut control = control.context("the coordinator did not come up; see logs/coordinator.log")?;
+    let job = control
+        .submit_job(pb::SubmitJobRequest { toml: std::fs::read_to_string(&job_path)?, source_name: "job.toml".into() })
+        .await?
+        .into_inner();
+    say(format!(
+        "submitted job {} ({} rounds); site and coordinator logs in {}/logs",
+        job.job_id,
+        a.rounds,
+        work.display()
+    ));
+
+    // 4. Watch.
+    let bar = ProgressBar::new(u64::from(a.rounds));
+    bar.set_style(
+        ProgressStyle::with_template("{elapsed_precise} [{bar:30}] round {pos}/{len} {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    let mut stream = control.watch_job(pb::JobRef { job_id: job.job_id.clone() }).await?.into_inner();
+    let mut last: Option<pb::JobInfo> = None;
+    let mut printed = 0usize;
+    let fed_started = Instant::now();
+    loop {
+        let next = tokio::time::timeout(Duration::from_secs(2), stream.next()).await;
+        fleet.check_alive()?;
+        let info = match next {
+            Err(_) => continue,
+            Ok(None) => break,
+            Ok(Some(i)) => i?,
+        };
+        bar.set_position(u64::from(info.completed_rounds));
+        bar.set_message(info.activity.clone());
+        while printed < info.history.len() {
+            let Some((acc, f1)) = info.history[printed].evaluation.as_ref().and_then(client::scores) else { break };
+            let line = format!(
+                "round {:>2}: accuracy {acc:.4}  macro-F1 {f1:.4}  ({} sites)",
+                info.history[printed].round,
+                info.history[printed].contributors.len()
+            );
+            if bar.is_hidden() {
+                eprintln!("{line}")
+            } else {
+                bar.println(line)
+            }
+            printed += 1;
+        }
+        last = Some(info);
+    }
+    bar.finish_and_clear();
+    let fed_seconds = fed_started.elapsed().as_secs_f64();
+    let info = last.context("no job status received")?;
+    if info.state != "completed" {
+        bail!("job {} ended {}: {}", info.job_id, info.state, info.error);
+    }
+    fleet.stop();
+    let final_eval = info.history.last().and_then(|r| r.evaluation.clone()).context("no final evaluation")?;
+    let n = final_eval.n_labels as usize;
+    let fed = score(&Confusion { counts: final_eval.counts.chunks(n).map(<[u64]>::to_vec).collect() });
+    let per_round: Vec<serde_json::Value> = info
+        .history
+        .iter()
+        .filter_map(|r| {
+            r.evaluation.as_ref().and_then(client::scores).map(|(acc, f1)| {
+                serde_json::json!({"round": r.round, "accuracy": acc, "macro_f1": f1, "sites": r.contributors.len()})
+            })
+        })
+        .collect();
+
+    // 5. Baselines on the same split, the same model, evaluated on the same union test set.
+    let (centralized, local) = if a.no_baselines {
+        (None, None)
+    } else {
+        say("training the baselines: centralized on the union of the sites' data, then each site alone".into());
+        let (dir, sites2, labels2) = (split_dir.clone(), sites.clone(), labels.clone());
+        let (c, l) = tokio::task::spawn_blocking(move || baselines(&dir, &sites2, labels2)).await??;
+        (Some(c), Some(l))
+    };
+
+    let total_seconds = started.elapsed().as_secs_f64();
+    let local_mean = local.as_ref().map(|l: &Vec<Score>| {
+        let n = l.len().max(1) as f64;
+        (l.iter().map(|s| s.accuracy).sum::<f64>() / n, l.iter().map(|s| s.macro_f1).sum::<f64>() / n)
+    });
+    let summary = serde_json::json!({
+        "sites": a.sites,
+        "rounds": a.rounds,
+        "local_epochs": a.local_epochs,
+        "alpha": a.alpha,
+        "secure_aggregation": info.secure_aggregation,
+        "job_id": info.job_id,
+        "federated": { "accuracy": fed.accuracy, "macro_f1": fed.macro_f1, "per_round": per_round, "seconds": fed_seconds },
+        "centralized": centralized.as_ref().map(|c| serde_json::json!({"accuracy": c.accuracy, "macro_f1": c.macro_f1})),
+        "local_only": local.as_ref().map(|l| serde_json::json!({
+            "mean_accuracy": local_mean.map(|m| m.0), "mean_macro_f1": local_mean.map(|m| m.1),
+            "per_site": l.iter().zip(&sites).map(|(s, id)| serde_json::json!({"site": id, "accuracy": s.accuracy, "macro_f1": s.macro_f1})).collect::<Vec<_>>(),
+        })),
+        "work_dir": work,
+        "seconds": total_seconds,
+    });
+    std::fs::write(work.join("summary.json"), serde_json::to_string_pretty(&summary)?)?;
+    if a.json {
+        println!("{summary}");
+        return Ok(());
+    }
+    println!();
+    println!("{:<8} {:>9} {:>9} {:>6}", "round", "accuracy", "macro-F1", "sites");
+    for r in &per_round {
+        println!(
+            "{:<8} {:>9.4} {:>9.4} {:>6}",
+            r["round"],
+            r["accuracy"].as_f64().unwrap_or(f64::NAN),
+            r["macro_f1"].as_f64().unwrap_or(f64::NAN),
+            r["sites"]
+        );
+    }
+    println!();
+    println!(
+        "federated job {} — {} sites, {} rounds, secure aggregation: {}",
+        info.job_id,
+        a.sites,
+        a.rounds,
+        if info.secure_aggregation { "on" } else { "off (plaintext sum)" }
+    );
+    println!("{:<28} {:>9} {:>9}", "", "accuracy", "macro-F1");
+    println!("{:<28} {:>9.4} {:>9.4}", "federated", fed.accuracy, fed.macro_f1);
+    if let Some(c) = &centralized {
+        println!("{:<28} {:>9.4} {:>9.4}", "centralized (pooled data)", c.accuracy, c.macro_f1);
+    }
+    if let Some((acc, f1)) = local_mean {
+        println!("{:<28} {:>9.4} {:>9.4}", "local-only (mean of sites)", acc, f1);
+    }
+    println!(
+        "took {total_seconds:.0} s (federation {fed_seconds:.0} s); state, logs and summary.json in {}",
+        work.display()
+    );
+    Ok(())
+}
+
+fn baselines(dir: &Path, sites: &[String], labels: Vec<String>) -> Result<(Score, Vec<Score>)> {
+    let labels = LabelSet::new(labels).map_err(anyhow::Error::msg)?;
+    let spec = ModelSpec::TextClassifier { config: TextClassifierConfig::default(), labels };
+    let mut trains = Vec::new();
+    let mut test = Vec::new();
+    for s in sites {
+        trains.push(read(&dir.join(s).join("train.jsonl"))?);
+        test.extend(read(&dir.join(s).join("test.jsonl"))?);
+    }
+    let test = spec.prepare_text(&test)?;
+    let cfg = TrainConfig::default();
+    let fit = |examples: &[Example]| -> Result<Score> {
+        let data = spec.prepare_text(examples)?;
+        let (params, _) = spec.train(&spec.init(cfg.seed)?, &data, &cfg, &mut ())?;
+        Ok(score(&spec.evaluate(&params, &test)?))
+    };
+    let pooled: Vec<Example> = trains.iter().flatten().cloned().collect();
+    let centralized = fit(&pooled)?;
+    let local = trains.iter().map(|t| fit(t)).collect::<Result<Vec<_>>>()?;
+    Ok((centralized, local))
+}

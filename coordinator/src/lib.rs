@@ -1,0 +1,62 @@
+//! Maeum coordinator library: the glue the `maeum-coordinator` binary runs.
+//!
+//! `home` (consortium files and enrolment), `store` (sled state), `blobs` (content-
+//! addressed models), `server` (gRPC fleet and control services), `rounds` (the round
+//! orchestrator), `strategy` (server-side aggregation), `client` (the operator CLI),
+//! `demo` (the one-command local federation).
+#![forbid(unsafe_code)]
+
+pub mod blobs;
+pub mod client;
+pub mod demo;
+pub mod home;
+pub mod rounds;
+pub mod server;
+pub mod store;
+pub mod strategy;
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use tracing::info;
+
+use maeum_protocols::tls;
+use maeum_protocols::wire::pb;
+
+/// `maeum-coordinator serve`: the fleet and control services on one mTLS listener, and
+/// the round orchestrator. Returns when `shutdown` resolves.
+pub async fn serve(
+    home: &Path,
+    listen: Option<SocketAddr>,
+    settings: server::Settings,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<()> {
+    let home = home::Home::new(home);
+    let consortium = home.consortium()?;
+    let listen = match listen {
+        Some(a) => a,
+        None => {
+            let port = consortium.address.rsplit_once(':').and_then(|(_, p)| p.parse::<u16>().ok()).unwrap_or(7443);
+            SocketAddr::from(([0, 0, 0, 0], port))
+        }
+    };
+    let coord = server::Coord::open(home.clone(), settings)?;
+    let config = tls::server_config(&home.read("ca.pem")?, &home.identity("server")?, coord.revocations.clone())
+        .context("building the TLS configuration")?;
+    let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("listening on {listen}"))?;
+    info!(%listen, consortium = %consortium.name, "coordinator listening");
+    let incoming = tls::incoming(listener, config, coord.revocations.clone());
+    let orchestrator = tokio::spawn(rounds::orchestrate(coord.clone()));
+    let result = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(20)))
+        .add_service(pb::fleet_server::FleetServer::new(server::Fleet(coord.clone())))
+        .add_service(pb::control_server::ControlServer::new(server::Control(coord.clone())))
+        .serve_with_incoming_shutdown(incoming, shutdown)
+        .await
+        .context("serving");
+    orchestrator.abort();
+    info!("coordinator stopped");
+    result
+}

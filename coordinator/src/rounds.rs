@@ -1,0 +1,386 @@
+//! Round orchestration: drives one job at a time through join → rounds → final
+//! evaluation, committing each round to sled before the next starts.
+//!
+//! Crash safety: everything a round needs to resume is committed at the end of the
+//! previous round (model blob and server-optimiser state fsynced, then the job record
+//! flushed). A coordinator killed mid-round restarts that round with a new attempt
+//! number, so an update computed for the interrupted attempt is refused, and no model
+//! version is produced twice or lost.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use tracing::{Instrument, info, info_span, warn};
+
+use maeum_models::model::ModelSpec;
+use maeum_models::params::FlatParams;
+use maeum_protocols::wire::{Digest, ModelRef};
+
+use crate::home::now_ms;
+use crate::server::{Coord, RoundState, Stage, lock};
+use crate::store::{JobRecord, JobState, RoundRecord, VersionRecord};
+use crate::strategy::ServerOptimizer;
+
+const TICK: Duration = Duration::from_millis(250);
+
+/// Runs forever: picks the oldest active job and drives it.
+pub async fn orchestrate(c: Arc<Coord>) {
+    loop {
+        let next = match c.store.jobs() {
+            Ok(jobs) => jobs.into_iter().find(|j| j.state.is_active()),
+            Err(e) => {
+                warn!(error = %format!("{e:#}"), "reading jobs");
+                None
+            }
+        };
+        let Some(job) = next else {
+            *lock(&c.current_job) = None;
+            let mut rx = c.changed.subscribe();
+            let _ = tokio::time::timeout(Duration::from_secs(5), rx.changed()).await;
+            continue;
+        };
+        let id = job.id.clone();
+        *lock(&c.current_job) = Some(id.clone());
+        set_activity(&c, String::new());
+        let span = info_span!("job", id = %id);
+        let result = drive(&c, &id).instrument(span).await;
+        *lock(&c.round) = None;
+        *lock(&c.current_job) = None;
+        if let Err(e) = result {
+            warn!(job = %id, error = %format!("{e:#}"), "job failed");
+            let error = format!("{e:#}");
+            let _ = c.store.update_job(&id, |j| {
+                if j.state.is_active() {
+                    j.state = JobState::Failed;
+                    j.error = error;
+                }
+                Ok(())
+            });
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        c.notify();
+    }
+}
+
+fn set_activity(c: &Coord, text: String) {
+    let mut a = lock(&c.activity);
+    if *a != text {
+        *a = text;
+        drop(a);
+        c.notify();
+    }
+}
+
+fn load(c: &Coord, id: &str) -> Result<JobRecord> {
+    c.store.job(id)?.with_context(|| format!("job {id} vanished"))
+}
+
+/// `Ok(None)` when the job was aborted meanwhile.
+fn reload_active(c: &Coord, id: &str) -> Result<Option<JobRecord>> {
+    let j = load(c, id)?;
+    Ok(j.state.is_active().then_some(j))
+}
+
+fn save_model(c: &Coord, spec: &ModelSpec, params: &FlatParams, job: &str, round: u32) -> Result<VersionRecord> {
+    let tmp = c.home.uploads().join(format!(".model-{job}-{round}.safetensors"));
+    let meta = [("maeum.job".to_string(), job.to_string()), ("maeum.round".to_string(), round.to_string())];
+    spec.save(&tmp, params, meta.into_iter().collect()).context("writing the new model version")?;
+    let bytes = std::fs::read(&tmp).with_context(|| format!("reading {}", tmp.display()))?;
+    let _ = std::fs::remove_file(&tmp);
+    let digest = c.blobs.put(&bytes)?;
+    Ok(VersionRecord {
+        digest: digest.hex(),
+        size: bytes.len() as u64,
+        layout_digest: spec.layout().digest().to_string(),
+    })
+}
+
+fn model_ref(v: &VersionRecord) -> Result<ModelRef> {
+    Ok(ModelRef {
+        digest: Digest::parse("digest", &v.digest)?,
+        size: v.size,
+        layout_digest: Digest::parse("layout_digest", &v.layout_digest)?,
+    })
+}
+
+async fn drive(c: &Arc<Coord>, id: &str) -> Result<()> {
+    let mut job = load(c, id)?;
+    let spec = job.spec.model_spec()?;
+    if job.initial.is_none() {
+        let params = spec.init(job.spec.seed)?;
+        let initial = save_model(c, &spec, &params, id, 0)?;
+        job = c
+            .store
+            .update_job(id, |j| {
+                j.initial = Some(initial);
+                Ok(())
+            })?
+            .0;
+        info!(job = %id, "initial model stored");
+    }
+    if job.state == JobState::Pending {
+        if !join(c, id).await? {
+            return Ok(());
+        }
+        job = c
+            .store
+            .update_job(id, |j| {
+                if j.state == JobState::Pending {
+                    j.state = JobState::Running;
+                }
+                Ok(())
+            })?
+            .0;
+        if !job.state.is_active() {
+            return Ok(());
+        }
+    }
+    while job.completed_rounds() < job.spec.rounds {
+        let round = job.completed_rounds() + 1;
+        let Some(next) = run_round(c, id, round, &spec).instrument(info_span!("round", n = round)).await? else {
+            return Ok(());
+        };
+        job = next;
+    }
+    if final_evaluation(c, id).await?.is_none() {
+        return Ok(());
+    }
+    c.store.update_job(id, |j| {
+        if j.state.is_active() {
+            j.state = JobState::Completed;
+        }
+        Ok(())
+    })?;
+    set_activity(c, "completed".into());
+    info!(job = %id, "job completed");
+    Ok(())
+}
+
+/// Offers the job until at least `min_sites` accepted and either every online site has
+/// decided or the join deadline passed. Returns false if the job was aborted.
+async fn join(c: &Coord, id: &str) -> Result<bool> {
+    let started = tokio::time::Instant::now();
+    loop {
+        let Some(job) = reload_active(c, id)? else { return Ok(false) };
+        let accepted = job.accepted().count();
+        let online = c.online_sites();
+        let undecided = online.iter().filter(|s| !job.decisions.contains_key(*s)).count();
+        let min = job.spec.min_sites as usize;
+        set_activity(c, format!("joining: {accepted} of {min} required sites accepted, {undecided} online undecided"));
+        let deadline = Duration::from_secs(job.spec.deadlines.join);
+        if accepted >= min && (undecided == 0 || started.elapsed() >= deadline) {
+            return Ok(true);
+        }
+        tokio::time::sleep(TICK).await;
+    }
+}
+
+async fn run_round(c: &Coord, id: &str, round: u32, spec: &ModelSpec) -> Result<Option<JobRecord>> {
+    loop {
+        let Some(job) = reload_active(c, id)? else { return Ok(None) };
+        let min = job.spec.min_sites as usize;
+        let online = c.online_sites();
+        let eligible: Vec<&String> = job.accepted().filter(|s| !c.revocations.is_revoked(s)).collect();
+        let selected: BTreeSet<String> =
+            eligible.iter().filter(|s| online.contains(**s)).map(|s| (*s).clone()).collect();
+        // Just after a (re)start, give accepted sites one heartbeat timeout to reconnect
+        // rather than starting the round without them.
+        let settling = c.started.elapsed() < c.settings.heartbeat_timeout && selected.len() < eligible.len();
+        if selected.len() < min || settling {
+            set_activity(c, format!("round {round}: waiting for sites ({} of {min} online)", selected.len()));
+            tokio::time::sleep(TICK).await;
+            continue;
+        }
+        let (job, attempt) = start_attempt(c, id)?;
+        let base = job.latest().cloned().context("job has no model")?;
+        let deadline_ms = now_ms() + job.spec.deadlines.train as i64 * 1000;
+        let mut state = RoundState::new(&job, round, attempt, Stage::Train, model_ref(&base)?, deadline_ms);
+        state.selected = selected.clone();
+        info!(round, attempt, sites = selected.len(), "round started");
+        clear_uploads(c);
+        *lock(&c.round) = Some(state);
+        c.notify();
+        if !wait_stage(c, id, round, deadline_ms).await? {
+            *lock(&c.round) = None;
+            return Ok(None);
+        }
+        let Some(state) = lock(&c.round).take() else { return Ok(None) };
+        clear_uploads(c);
+        if state.done.len() < min {
+            warn!(round, attempt, updates = state.done.len(), min, "too few updates; retrying the round");
+            set_activity(c, format!("round {round}: only {} updates (< {min}); retrying", state.done.len()));
+            continue;
+        }
+        let committed = commit_round(c, id, spec, &base, state).await?;
+        return Ok(Some(committed));
+    }
+}
+
+/// Waits until every selected site delivered or dropped, or the deadline passed.
+/// Returns false if the job was aborted.
+async fn wait_stage(c: &Coord, id: &str, round: u32, deadline_ms: i64) -> Result<bool> {
+    loop {
+        if reload_active(c, id)?.is_none() {
+            return Ok(false);
+        }
+        let (waiting, done, total, stage) = {
+            let mut guard = lock(&c.round);
+            let Some(r) = guard.as_mut() else { return Ok(false) };
+            for s in r.waiting() {
+                if !c.is_online(&s) || c.revocations.is_revoked(&s) {
+                    warn!(round, site = %s, "site went offline; dropped from the round");
+                    r.dropped.insert(s);
+                }
+            }
+            let finished = if r.stage == Stage::Train { r.done.len() } else { r.evaluated.len() };
+            (r.waiting(), finished, r.selected.len(), r.stage)
+        };
+        let what = if stage == Stage::Train { "updates" } else { "evaluations" };
+        set_activity(c, format!("round {round}: {done}/{total} {what}"));
+        if waiting.is_empty() {
+            return Ok(true);
+        }
+        if now_ms() >= deadline_ms {
+            let mut guard = lock(&c.round);
+            if let Some(r) = guard.as_mut() {
+                for s in r.waiting() {
+                    warn!(round, site = %s, "straggler missed the deadline; excluded from the round");
+                    r.dropped.insert(s);
+                }
+            }
+            return Ok(true);
+        }
+        let mut rx = c.changed.subscribe();
+        let _ = tokio::time::timeout(TICK, rx.changed()).await;
+    }
+}
+
+/// Durably numbers a new attempt (of a round or of the final evaluation).
+fn start_attempt(c: &Coord, id: &str) -> Result<(JobRecord, u32)> {
+    c.store.update_job(id, |j| {
+        j.attempts_started += 1;
+        Ok(j.attempts_started)
+    })
+}
+
+fn clear_uploads(c: &Coord) {
+    if let Ok(dir) = std::fs::read_dir(c.home.uploads()) {
+        for e in dir.flatten() {
+            if e.file_name().to_string_lossy().ends_with(".part") {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
+}
+
+async fn commit_round(
+    c: &Coord,
+    id: &str,
+    spec: &ModelSpec,
+    base: &VersionRecord,
+    state: RoundState,
+) -> Result<JobRecord> {
+    let job = load(c, id)?;
+    let (_, params, _) = ModelSpec::load(&c.blobs.path(&Digest::parse("digest", &base.digest)?))
+        .context("loading the round's base model")?;
+    let n = params.values().len();
+    let mut optimizer = match job.history.last().filter(|h| !h.optimizer_state.is_empty()) {
+        Some(h) => {
+            let bytes = c.blobs.get(&Digest::parse("optimizer_state", &h.optimizer_state)?)?;
+            ServerOptimizer::from_state(&job.spec.strategy, n, &bytes)?
+        }
+        None => ServerOptimizer::new(&job.spec.strategy, n),
+    };
+    let w = state.total_weight as f64;
+    let mean: Vec<f32> = state.sum.iter().map(|s| (s / w) as f32).collect();
+    let mut values = params.into_values();
+    optimizer.apply(&mut values, &mean)?;
+    let params = FlatParams::new(spec.layout(), values)?;
+    let model = save_model(c, spec, &params, id, state.round)?;
+    let state_bytes = optimizer.state_bytes();
+    let optimizer_state = if state_bytes.is_empty() { String::new() } else { c.blobs.put(&state_bytes)?.hex() };
+    // The evaluation collected in this round is of the base model (the previous version).
+    let evaluation = (!state.evaluated.is_empty()).then(|| state.evaluation.clone());
+    let (job, ()) = c.store.update_job(id, |job| {
+        anyhow::ensure!(
+            job.completed_rounds() + 1 == state.round,
+            "round {} committed twice (history has {} rounds)",
+            state.round,
+            job.completed_rounds()
+        );
+        match job.history.last_mut() {
+            Some(prev) => {
+                prev.evaluation = evaluation;
+                prev.evaluated_by = state.evaluated.iter().cloned().collect();
+            }
+            None => job.initial_evaluation = evaluation,
+        }
+        let attempts = job.attempts_started - job.history.iter().map(|h| h.attempts).sum::<u32>();
+        job.history.push(RoundRecord {
+            round: state.round,
+            model,
+            optimizer_state,
+            contributors: state.done.iter().cloned().collect(),
+            dropped: state.dropped.iter().cloned().collect(),
+            total_weight: state.total_weight,
+            completed_ms: now_ms(),
+            attempts,
+            evaluation: None,
+            evaluated_by: Vec::new(),
+        });
+        Ok(())
+    })?;
+    for s in &state.done {
+        if let Some(mut rec) = c.store.site(s)? {
+            rec.rounds_contributed += 1;
+            c.store.put_site(&rec, false)?;
+        }
+    }
+    info!(round = state.round, contributors = state.done.len(), dropped = state.dropped.len(), "round committed");
+    c.notify();
+    Ok(job)
+}
+
+async fn final_evaluation(c: &Coord, id: &str) -> Result<Option<JobRecord>> {
+    loop {
+        let Some(job) = reload_active(c, id)? else { return Ok(None) };
+        let Some(last) = job.history.last() else { return Ok(Some(job)) };
+        if last.evaluation.is_some() {
+            return Ok(Some(job));
+        }
+        let accepted: BTreeSet<String> = job.accepted().cloned().collect();
+        let online = c.online_sites();
+        let selected: BTreeSet<String> = accepted.intersection(&online).cloned().collect();
+        if selected.is_empty() {
+            set_activity(c, "final evaluation: waiting for sites".into());
+            tokio::time::sleep(TICK).await;
+            continue;
+        }
+        let (job, attempt) = start_attempt(c, id)?;
+        let round = job.completed_rounds();
+        let deadline_ms = now_ms() + job.spec.deadlines.evaluate as i64 * 1000;
+        let model = model_ref(&job.history[job.history.len() - 1].model)?;
+        let mut state = RoundState::new(&job, round, attempt, Stage::Evaluate, model, deadline_ms);
+        state.selected = selected;
+        *lock(&c.round) = Some(state);
+        c.notify();
+        if !wait_stage(c, id, round, deadline_ms).await? {
+            *lock(&c.round) = None;
+            return Ok(None);
+        }
+        let Some(state) = lock(&c.round).take() else { return Ok(None) };
+        if state.evaluated.is_empty() {
+            continue;
+        }
+        let (job, ()) = c.store.update_job(id, |job| {
+            if let Some(last) = job.history.last_mut() {
+                last.evaluation = Some(state.evaluation);
+                last.evaluated_by = state.evaluated.into_iter().collect();
+            }
+            Ok(())
+        })?;
+        return Ok(Some(job));
+    }
+}

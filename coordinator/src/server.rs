@@ -1,0 +1,839 @@
+//! The gRPC services: `Fleet` (sites) and `Control` (operators), over one mTLS listener.
+//!
+//! Identity comes only from the verified client certificate (`PeerInfo`, attached by
+//! `maeum_protocols::tls::incoming`): a site can act only as itself, and only operator
+//! certificates reach the control service. Every handler re-checks revocation, so a
+//! revoked site's open HTTP/2 connection gains nothing from having been accepted.
+
+use std::collections::{BTreeSet, HashMap};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use tokio::sync::watch;
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status, Streaming};
+use tracing::{info, warn};
+
+use maeum_protocols::identity::Role;
+use maeum_protocols::job::JobSpec;
+use maeum_protocols::tls::{PeerInfo, Revocations};
+use maeum_protocols::wire::{
+    self, CHUNK_SIZE, ConfusionCounts, Digest, EvaluateTask, Hasher, ModelRef, TrainTask, UploadHeader, Work, pb,
+};
+
+use crate::blobs::Blobs;
+use crate::home::{Home, now_ms};
+use crate::store::{Decision, JobRecord, JobState, SiteRecord, Store, VersionRecord};
+
+/// Tunables of a running coordinator.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// A site with no heartbeat for this long is offline (and dropped from a round).
+    pub heartbeat_timeout: Duration,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self { heartbeat_timeout: Duration::from_secs(10) }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Live {
+    last_seen: Instant,
+    /// When `last_seen_ms` was last written to the store.
+    persisted: Instant,
+    status: pb::SiteStatus,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    Train,
+    Evaluate,
+}
+
+/// The round in progress. Memory is O(model): one running sum, whatever the number of
+/// sites; updates are staged on disk while they arrive and folded when complete.
+#[derive(Debug)]
+pub struct RoundState {
+    pub job_id: String,
+    pub round: u32,
+    pub attempt: u32,
+    pub stage: Stage,
+    pub model: ModelRef,
+    pub deadline_ms: i64,
+    pub selected: BTreeSet<String>,
+    pub done: BTreeSet<String>,
+    pub dropped: BTreeSet<String>,
+    pub num_params: u64,
+    pub sum: Vec<f64>,
+    pub total_weight: u64,
+    pub n_labels: usize,
+    pub evaluation: Vec<Vec<u64>>,
+    pub evaluated: BTreeSet<String>,
+    uploads: HashMap<String, (String, UploadHeader)>,
+}
+
+impl RoundState {
+    pub fn new(job: &JobRecord, round: u32, attempt: u32, stage: Stage, model: ModelRef, deadline_ms: i64) -> Self {
+        let n_labels = job.spec.labels.len();
+        let num_params = job.spec.model_spec().map(|s| s.layout().numel() as u64).unwrap_or(0);
+        Self {
+            job_id: job.id.clone(),
+            round,
+            attempt,
+            stage,
+            model,
+            deadline_ms,
+            selected: BTreeSet::new(),
+            done: BTreeSet::new(),
+            dropped: BTreeSet::new(),
+            num_params,
+            sum: if stage == Stage::Train { vec![0.0; num_params as usize] } else { Vec::new() },
+            total_weight: 0,
+            n_labels,
+            evaluation: vec![vec![0; n_labels]; n_labels],
+            evaluated: BTreeSet::new(),
+            uploads: HashMap::new(),
+        }
+    }
+
+    /// Sites still expected to deliver in this stage.
+    pub fn waiting(&self) -> BTreeSet<String> {
+        let finished: &BTreeSet<String> = if self.stage == Stage::Train { &self.done } else { &self.evaluated };
+        self.selected.iter().filter(|s| !finished.contains(*s) && !self.dropped.contains(*s)).cloned().collect()
+    }
+}
+
+/// Shared coordinator state.
+#[derive(Debug)]
+pub struct Coord {
+    pub home: Home,
+    pub store: Store,
+    pub blobs: Blobs,
+    pub revocations: Revocations,
+    pub settings: Settings,
+    live: Mutex<HashMap<String, Live>>,
+    pub round: Mutex<Option<RoundState>>,
+    /// The job the orchestrator is driving (offers go out for it).
+    pub current_job: Mutex<Option<String>>,
+    /// What the current job is doing, for `jobs status`.
+    pub activity: Mutex<String>,
+    /// Bumped on every change that pollers or watchers may care about.
+    pub changed: watch::Sender<u64>,
+    /// When this coordinator process started (sites get a grace period to reconnect).
+    pub started: Instant,
+}
+
+/// Locks a mutex, recovering the data if a panicking thread poisoned it (the state is
+/// plain data and every writer leaves it consistent between statements).
+pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn internal(e: anyhow::Error) -> Status {
+    // Detail goes to the log under this coordinator's control; the peer sees a summary.
+    warn!(error = %format!("{e:#}"), "internal error");
+    Status::internal("internal error at the coordinator (see its log)")
+}
+
+impl Coord {
+    pub fn open(home: Home, settings: Settings) -> anyhow::Result<Arc<Self>> {
+        let store = Store::open(&home.state())?;
+        let blobs = Blobs::open(&home.blobs())?;
+        std::fs::create_dir_all(home.uploads())?;
+        let revoked = store.sites()?.into_iter().filter(|s| s.revoked).map(|s| s.id);
+        Ok(Arc::new(Self {
+            revocations: Revocations::new(revoked),
+            home,
+            store,
+            blobs,
+            settings,
+            live: Mutex::new(HashMap::new()),
+            round: Mutex::new(None),
+            current_job: Mutex::new(None),
+            activity: Mutex::new(String::new()),
+            changed: watch::channel(0).0,
+            started: Instant::now(),
+        }))
+    }
+
+    pub fn notify(&self) {
+        self.changed.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    pub fn is_online(&self, site: &str) -> bool {
+        lock(&self.live).get(site).is_some_and(|l| l.last_seen.elapsed() < self.settings.heartbeat_timeout)
+    }
+
+    pub fn online_sites(&self) -> BTreeSet<String> {
+        let t = self.settings.heartbeat_timeout;
+        lock(&self.live).iter().filter(|(_, l)| l.last_seen.elapsed() < t).map(|(s, _)| s.clone()).collect()
+    }
+
+    fn peer<T>(req: &Request<T>) -> Result<PeerInfo, Status> {
+        req.extensions()
+            .get::<PeerInfo>()
+            .cloned()
+            .ok_or_else(|| Status::unauthenticated("no verified client certificate on this connection"))
+    }
+
+    /// The calling site, after revocation checks; records that it was seen.
+    fn site<T>(&self, req: &Request<T>, status: Option<&pb::SiteStatus>) -> Result<String, Status> {
+        let peer = Self::peer(req)?;
+        if peer.peer.role != Role::Site {
+            return Err(Status::permission_denied(format!("{} may not use the fleet service", peer.peer)));
+        }
+        let id = peer.peer.name.clone();
+        if self.revocations.is_revoked(&id) {
+            warn!(site = %id, remote = %peer.remote, "refused a call from a revoked site");
+            return Err(Status::permission_denied(format!("certificate for site/{id} is revoked")));
+        }
+        let now = Instant::now();
+        let mut live = lock(&self.live);
+        let first = !live.contains_key(&id);
+        let entry = live.entry(id.clone()).or_insert_with(|| Live {
+            last_seen: now,
+            persisted: now,
+            status: Default::default(),
+        });
+        let persist = first || entry.persisted.elapsed() > Duration::from_secs(5);
+        entry.last_seen = now;
+        if persist {
+            entry.persisted = now;
+        }
+        if let Some(s) = status {
+            entry.status = s.clone();
+        }
+        drop(live);
+        if persist {
+            let mut rec = self.store.site(&id).map_err(internal)?.unwrap_or_else(|| SiteRecord {
+                id: id.clone(),
+                first_seen_ms: now_ms(),
+                ..Default::default()
+            });
+            rec.last_seen_ms = now_ms();
+            rec.cert_fingerprint = peer.fingerprint.clone();
+            rec.cert_not_after_ms = peer.not_after * 1000;
+            self.store.put_site(&rec, first).map_err(internal)?;
+            if first {
+                info!(site = %id, remote = %peer.remote, "site connected");
+                self.notify();
+            }
+        }
+        Ok(id)
+    }
+
+    fn operator<T>(&self, req: &Request<T>) -> Result<String, Status> {
+        let peer = Self::peer(req)?;
+        if peer.peer.role != Role::Operator {
+            return Err(Status::permission_denied(format!("{} may not use the control service", peer.peer)));
+        }
+        Ok(peer.peer.name)
+    }
+
+    /// Work for `site` right now, if any.
+    fn work_for(&self, site: &str) -> Result<Option<Work>, Status> {
+        let current = lock(&self.current_job).clone();
+        if let Some(job_id) = current {
+            let job = self.store.job(&job_id).map_err(internal)?;
+            if let Some(job) = job.filter(|j| j.state.is_active() && !j.decisions.contains_key(site)) {
+                return Ok(Some(Work::Offer {
+                    job_id: job.id.clone(),
+                    spec_json: job.spec.to_json(),
+                    spec_sha256: Digest::parse("spec_sha256", &job.spec_sha256).map_err(Status::from)?,
+                }));
+            }
+        }
+        let round = lock(&self.round);
+        let Some(r) = round.as_ref() else { return Ok(None) };
+        if !r.selected.contains(site) || r.dropped.contains(site) {
+            return Ok(None);
+        }
+        Ok(match r.stage {
+            Stage::Train if !r.done.contains(site) => Some(Work::Train(TrainTask {
+                job_id: r.job_id.clone(),
+                round: r.round,
+                attempt: r.attempt,
+                model: r.model.clone(),
+                deadline_ms: r.deadline_ms,
+                evaluate_first: !r.evaluated.contains(site),
+            })),
+            Stage::Evaluate if !r.evaluated.contains(site) => Some(Work::Evaluate(EvaluateTask {
+                job_id: r.job_id.clone(),
+                round: r.round,
+                attempt: r.attempt,
+                model: r.model.clone(),
+                deadline_ms: r.deadline_ms,
+            })),
+            _ => None,
+        })
+    }
+
+    fn upload_path(&self, upload_id: &str) -> std::path::PathBuf {
+        self.home.uploads().join(format!("{upload_id}.part"))
+    }
+
+    /// Checks an update's header against the round in progress.
+    fn admit_upload(&self, site: &str, h: &UploadHeader) -> Result<(String, u64), Status> {
+        let mut round = lock(&self.round);
+        let r = round
+            .as_mut()
+            .filter(|r| r.job_id == h.job_id && r.stage == Stage::Train)
+            .ok_or_else(|| Status::failed_precondition(format!("job {} is not collecting updates now", h.job_id)))?;
+        if h.round != r.round || h.attempt != r.attempt {
+            return Err(Status::failed_precondition(format!(
+                "stale update: it is for round {} attempt {}, the job is at round {} attempt {}",
+                h.round, h.attempt, r.round, r.attempt
+            )));
+        }
+        if !r.selected.contains(site) || r.dropped.contains(site) {
+            return Err(Status::failed_precondition(format!("site/{site} is not a participant of this round")));
+        }
+        if r.done.contains(site) {
+            return Err(Status::already_exists(format!("site/{site} already delivered its update for this round")));
+        }
+        if h.base_digest != r.model.digest {
+            return Err(Status::invalid_argument(format!(
+                "update computed against model {}, but round {} distributed {}",
+                h.base_digest, r.round, r.model.digest
+            )));
+        }
+        if h.layout_digest != r.model.layout_digest || h.num_params != r.num_params {
+            return Err(Status::invalid_argument(format!(
+                "update layout {} with {} parameters does not match the job's model layout {} with {} parameters",
+                h.layout_digest, h.num_params, r.model.layout_digest, r.num_params
+            )));
+        }
+        let upload_id = format!("{}-r{}-a{}-{}", h.job_id, h.round, h.attempt, site);
+        let path = self.upload_path(&upload_id);
+        let same = r.uploads.get(&upload_id).is_some_and(|(_, old)| old == h);
+        let confirmed = if same { std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0) } else { 0 };
+        if !same {
+            std::fs::File::create(&path).map_err(|e| internal(anyhow::anyhow!("creating {}: {e}", path.display())))?;
+        }
+        r.uploads.insert(upload_id.clone(), (site.to_string(), h.clone()));
+        Ok((upload_id, confirmed))
+    }
+
+    /// Folds a complete, verified update into the running sum.
+    fn fold(&self, site: &str, upload_id: &str) -> Result<(), Status> {
+        let path = self.upload_path(upload_id);
+        let mut round = lock(&self.round);
+        let r =
+            round.as_mut().ok_or_else(|| Status::failed_precondition("the round ended before the update completed"))?;
+        let (_, h) = r
+            .uploads
+            .get(upload_id)
+            .cloned()
+            .ok_or_else(|| Status::failed_precondition("the round ended before the update completed"))?;
+        if r.done.contains(site) || r.dropped.contains(site) || h.round != r.round || h.attempt != r.attempt {
+            return Err(Status::failed_precondition("the update is no longer wanted (site dropped or round over)"));
+        }
+        let io = |e: std::io::Error| internal(anyhow::anyhow!("reading staged update {}: {e}", path.display()));
+        let mut file = std::fs::File::open(&path).map_err(io)?;
+        // First pass: the digest, and every value finite. Nothing is added to the sum
+        // unless the whole update is sound, so a bad update cannot leave a partial fold.
+        let mut hasher = Hasher::default();
+        let mut buf = vec![0u8; CHUNK_SIZE];
+        let mut index = 0u64;
+        let mut bad_value = None;
+        loop {
+            let n = read_full(&mut file, &mut buf).map_err(io)?;
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buf[..n]);
+            if bad_value.is_none()
+                && let Some(k) = buf[..n - n % 4]
+                    .chunks_exact(4)
+                    .position(|w| !f32::from_le_bytes([w[0], w[1], w[2], w[3]]).is_finite())
+            {
+                bad_value = Some(index + k as u64);
+            }
+            index += (n / 4) as u64;
+        }
+        let refuse = |r: &mut RoundState, status: Status| {
+            let _ = std::fs::remove_file(&path);
+            r.uploads.remove(upload_id);
+            Err(status)
+        };
+        if hasher.finish() != h.sha256 {
+            return refuse(
+                r,
+                Status::data_loss("the update's bytes do not match its announced SHA-256; upload it again"),
+            );
+        }
+        if let Some(i) = bad_value {
+            warn!(site, upload_id, index = i, "update refused: non-finite parameter delta");
+            return refuse(r, Status::invalid_argument(format!("update value {i} is not a finite number")));
+        }
+        file.seek(SeekFrom::Start(0)).map_err(io)?;
+        let w = h.weight as f64;
+        let mut reader = std::io::BufReader::with_capacity(CHUNK_SIZE, file);
+        let mut word = [0u8; 4];
+        for (i, acc) in r.sum.iter_mut().enumerate() {
+            reader.read_exact(&mut word).map_err(|e| {
+                // The file was checked above; only a concurrent change can get here.
+                internal(anyhow::anyhow!("staged update {upload_id} changed while folding at {i}: {e}"))
+            })?;
+            *acc += w * f64::from(f32::from_le_bytes(word));
+        }
+        r.total_weight += h.weight;
+        r.done.insert(site.to_string());
+        r.uploads.remove(upload_id);
+        drop(round);
+        let _ = std::fs::remove_file(&path);
+        info!(site, upload_id, "update folded into the round's sum");
+        self.notify();
+        Ok(())
+    }
+}
+
+/// The fleet service.
+#[derive(Debug, Clone)]
+pub struct Fleet(pub Arc<Coord>);
+
+type ChunkStream = Pin<Box<dyn Stream<Item = Result<pb::Chunk, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl pb::fleet_server::Fleet for Fleet {
+    async fn heartbeat(&self, req: Request<pb::SiteStatus>) -> Result<Response<pb::HeartbeatReply>, Status> {
+        let status = req.get_ref().clone();
+        self.0.site(&req, Some(&status))?;
+        Ok(Response::new(pb::HeartbeatReply { server_time_ms: now_ms() }))
+    }
+
+    async fn poll(&self, req: Request<pb::PollRequest>) -> Result<Response<pb::Work>, Status> {
+        let c = &self.0;
+        let site = c.site(&req, req.get_ref().status.as_ref())?;
+        let wait = Duration::from_millis(u64::from(req.get_ref().wait_ms.min(30_000)));
+        let deadline = tokio::time::Instant::now() + wait;
+        let mut rx = c.changed.subscribe();
+        loop {
+            rx.borrow_and_update();
+            if c.revocations.is_revoked(&site) {
+                return Err(Status::permission_denied(format!("certificate for site/{site} is revoked")));
+            }
+            if let Some(w) = c.work_for(&site)? {
+                return Ok(Response::new((&w).into()));
+            }
+            tokio::select! {
+                r = rx.changed() => if r.is_err() { break },
+                () = tokio::time::sleep_until(deadline) => break,
+            }
+            c.site(&req, None)?;
+        }
+        Ok(Response::new((&Work::Idle { retry_after_ms: 0 }).into()))
+    }
+
+    async fn decide_job(&self, req: Request<pb::JobDecision>) -> Result<Response<pb::Ack>, Status> {
+        let c = &self.0;
+        let site = c.site(&req, None)?;
+        let d = req.into_inner();
+        let reason: String = d.reason.chars().take(500).collect();
+        let current = lock(&c.current_job).clone();
+        if current.as_deref() != Some(d.job_id.as_str()) {
+            return Err(Status::failed_precondition(format!("job {} is not offered now", d.job_id)));
+        }
+        let decided = c
+            .store
+            .update_job(&d.job_id, |job| {
+                anyhow::ensure!(job.state.is_active(), "job {} is {}", job.id, job.state.as_str());
+                if let Some(prev) = job.decisions.get(&site) {
+                    // A retried call is fine; changing one's mind is not.
+                    anyhow::ensure!(prev.accept == d.accept, "site/{site} already decided on job {}", job.id);
+                    return Ok(false);
+                }
+                job.decisions.insert(
+                    site.clone(),
+                    Decision {
+                        accept: d.accept,
+                        reason: reason.clone(),
+                        train_examples: d.train_examples,
+                        at_ms: now_ms(),
+                    },
+                );
+                Ok(true)
+            })
+            .map_err(|e| Status::failed_precondition(format!("{e:#}")))?
+            .1;
+        if decided {
+            info!(job = %d.job_id, site, accept = d.accept, reason = %reason, "site decided on the job");
+        }
+        c.notify();
+        Ok(Response::new(pb::Ack {}))
+    }
+
+    type DownloadStream = ChunkStream;
+
+    async fn download(&self, req: Request<pb::DownloadRequest>) -> Result<Response<ChunkStream>, Status> {
+        let c = self.0.clone();
+        let site = c.site(&req, None)?;
+        let r = req.into_inner();
+        let digest = Digest::parse("digest", &r.digest)?;
+        if !c.blobs.contains(&digest) {
+            return Err(Status::not_found(format!("no model {digest}")));
+        }
+        let path = c.blobs.path(&digest);
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        let mut offset = r.offset;
+        tokio::task::spawn_blocking(move || {
+            let send_err = |e: String| {
+                let _ = tx.blocking_send(Err(Status::internal(e)));
+            };
+            let mut file = match std::fs::File::open(&path) {
+                Ok(f) => f,
+                Err(e) => return send_err(format!("opening model: {e}")),
+            };
+            if let Err(e) = file.seek(SeekFrom::Start(offset)) {
+                return send_err(format!("seeking model: {e}"));
+            }
+            loop {
+                if c.revocations.is_revoked(&site) {
+                    let _ = tx.blocking_send(Err(Status::permission_denied("site revoked")));
+                    return;
+                }
+                let mut buf = vec![0u8; CHUNK_SIZE];
+                let n = match read_full(&mut file, &mut buf) {
+                    Ok(n) => n,
+                    Err(e) => return send_err(format!("reading model: {e}")),
+                };
+                if n == 0 {
+                    return;
+                }
+                buf.truncate(n);
+                if tx.blocking_send(Ok(wire::chunk(offset, buf))).is_err() {
+                    return;
+                }
+                offset += n as u64;
+            }
+        });
+        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+    }
+
+    async fn begin_upload(&self, req: Request<pb::UploadHeader>) -> Result<Response<pb::UploadState>, Status> {
+        let c = &self.0;
+        let site = c.site(&req, None)?;
+        let h = UploadHeader::try_from(req.into_inner())?;
+        let (upload_id, confirmed) = c.admit_upload(&site, &h).inspect_err(|e| {
+            warn!(site, job = %h.job_id, round = h.round, attempt = h.attempt, reason = %e.message(), "update refused");
+        })?;
+        Ok(Response::new(pb::UploadState { upload_id, confirmed, complete: false }))
+    }
+
+    async fn upload(&self, req: Request<Streaming<pb::UploadChunk>>) -> Result<Response<pb::UploadState>, Status> {
+        let c = self.0.clone();
+        let site = c.site(&req, None)?;
+        let mut stream = req.into_inner();
+        let mut file: Option<(String, std::fs::File, u64, u64)> = None;
+        while let Some(chunk) = stream.message().await? {
+            if c.revocations.is_revoked(&site) {
+                return Err(Status::permission_denied(format!("certificate for site/{site} is revoked")));
+            }
+            if file.is_none() {
+                let header = lock(&c.round).as_ref().and_then(|r| r.uploads.get(&chunk.upload_id).cloned());
+                let (owner, h) = header.ok_or_else(|| {
+                    Status::failed_precondition("unknown or expired upload id; call BeginUpload again")
+                })?;
+                if owner != site {
+                    return Err(Status::permission_denied("this upload belongs to another site"));
+                }
+                let path = c.upload_path(&chunk.upload_id);
+                let f = std::fs::OpenOptions::new()
+                    .append(true)
+                    .open(&path)
+                    .map_err(|e| internal(anyhow::anyhow!("opening {}: {e}", path.display())))?;
+                let len = f.metadata().map_err(|e| internal(e.into()))?.len();
+                file = Some((chunk.upload_id.clone(), f, len, h.payload_len()));
+            }
+            let Some((id, f, len, total)) = file.as_mut() else { break };
+            if chunk.upload_id != *id {
+                return Err(Status::invalid_argument("one upload per stream"));
+            }
+            wire::check_chunk(*len, *total, chunk.offset, &chunk.data, &chunk.sha256)?;
+            f.write_all(&chunk.data).map_err(|e| internal(anyhow::anyhow!("staging update {id}: {e}")))?;
+            *len += chunk.data.len() as u64;
+        }
+        let Some((id, f, len, total)) = file else {
+            return Err(Status::invalid_argument("empty upload stream"));
+        };
+        f.sync_data().map_err(|e| internal(anyhow::anyhow!("staging update {id}: {e}")))?;
+        drop(f);
+        let complete = len == total;
+        if complete {
+            let c2 = c.clone();
+            let (site2, id2) = (site.clone(), id.clone());
+            tokio::task::spawn_blocking(move || c2.fold(&site2, &id2))
+                .await
+                .map_err(|e| internal(anyhow::anyhow!("fold task: {e}")))??;
+        }
+        Ok(Response::new(pb::UploadState { upload_id: id, confirmed: len, complete }))
+    }
+
+    async fn report_evaluation(&self, req: Request<pb::EvaluationReport>) -> Result<Response<pb::Ack>, Status> {
+        let c = &self.0;
+        let site = c.site(&req, None)?;
+        let r = req.into_inner();
+        let digest = Digest::parse("model_digest", &r.model_digest)?;
+        let counts = ConfusionCounts::try_from(r.confusion.ok_or(wire::WireError::Missing { field: "confusion" })?)?;
+        let mut round = lock(&c.round);
+        let state = round
+            .as_mut()
+            .filter(|s| s.job_id == r.job_id && s.round == r.round && s.attempt == r.attempt)
+            .ok_or_else(|| Status::failed_precondition("stale evaluation: not for the round in progress"))?;
+        if digest != state.model.digest {
+            return Err(Status::invalid_argument("evaluation of a model this round did not distribute"));
+        }
+        if counts.n_labels as usize != state.n_labels {
+            return Err(Status::invalid_argument(format!(
+                "confusion over {} labels, the job has {}",
+                counts.n_labels, state.n_labels
+            )));
+        }
+        if !state.selected.contains(&site) {
+            return Err(Status::failed_precondition(format!("site/{site} is not a participant of this round")));
+        }
+        if !state.evaluated.insert(site.clone()) {
+            return Err(Status::already_exists("evaluation already reported"));
+        }
+        for (acc, row) in state.evaluation.iter_mut().zip(counts.rows()) {
+            acc.iter_mut().zip(row).for_each(|(a, b)| *a += b);
+        }
+        drop(round);
+        c.notify();
+        Ok(Response::new(pb::Ack {}))
+    }
+}
+
+fn read_full(file: &mut std::fs::File, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match file.read(&mut buf[n..])? {
+            0 => break,
+            k => n += k,
+        }
+    }
+    Ok(n)
+}
+
+/// The control service (operator CLI).
+#[derive(Debug, Clone)]
+pub struct Control(pub Arc<Coord>);
+
+type JobStream = Pin<Box<dyn Stream<Item = Result<pb::JobInfo, Status>> + Send>>;
+
+impl Coord {
+    pub fn job_info(&self, j: &JobRecord) -> pb::JobInfo {
+        let current = lock(&self.current_job).as_deref() == Some(j.id.as_str());
+        let confusion = |rows: &Option<Vec<Vec<u64>>>| rows.as_ref().map(|r| (&ConfusionCounts::from_rows(r)).into());
+        pb::JobInfo {
+            job_id: j.id.clone(),
+            name: j.spec.name.clone(),
+            state: j.state.as_str().into(),
+            rounds: j.spec.rounds,
+            completed_rounds: j.completed_rounds(),
+            activity: if current { lock(&self.activity).clone() } else { String::new() },
+            history: j
+                .history
+                .iter()
+                .map(|h| pb::RoundInfo {
+                    round: h.round,
+                    model: Some(version_ref(&h.model)),
+                    contributors: h.contributors.clone(),
+                    dropped: h.dropped.clone(),
+                    total_weight: h.total_weight,
+                    completed_ms: h.completed_ms,
+                    evaluation: confusion(&h.evaluation),
+                    attempts: h.attempts,
+                })
+                .collect(),
+            decisions: j
+                .decisions
+                .iter()
+                .map(|(s, d)| pb::SiteDecision { site_id: s.clone(), accept: d.accept, reason: d.reason.clone() })
+                .collect(),
+            labels: j.spec.labels.clone(),
+            spec_sha256: j.spec_sha256.clone(),
+            submitted_ms: j.submitted_ms,
+            error: j.error.clone(),
+            initial_evaluation: confusion(&j.initial_evaluation),
+            secure_aggregation: false,
+        }
+    }
+
+    fn site_infos(&self) -> anyhow::Result<Vec<pb::SiteInfo>> {
+        let mut records: HashMap<String, SiteRecord> =
+            self.store.sites()?.into_iter().map(|s| (s.id.clone(), s)).collect();
+        // Approved but never connected sites are listed too.
+        if let Ok(dir) = std::fs::read_dir(self.home.sites()) {
+            for e in dir.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if let Some(id) = name.strip_suffix(".pem") {
+                    records.entry(id.to_string()).or_insert_with(|| SiteRecord { id: id.into(), ..Default::default() });
+                }
+            }
+        }
+        let live = lock(&self.live).clone();
+        let mut out: Vec<pb::SiteInfo> = records
+            .into_values()
+            .map(|s| {
+                let l = live.get(&s.id);
+                pb::SiteInfo {
+                    online: l.is_some_and(|l| l.last_seen.elapsed() < self.settings.heartbeat_timeout) && !s.revoked,
+                    stage: l.map(|l| l.status.stage.clone()).unwrap_or_default(),
+                    site_id: s.id,
+                    last_seen_ms: s.last_seen_ms,
+                    rounds_contributed: s.rounds_contributed,
+                    revoked: s.revoked,
+                    cert_fingerprint: s.cert_fingerprint,
+                    cert_not_after_ms: s.cert_not_after_ms,
+                    first_seen_ms: s.first_seen_ms,
+                }
+            })
+            .collect();
+        out.sort_by(|a, b| a.site_id.cmp(&b.site_id));
+        Ok(out)
+    }
+}
+
+pub fn version_ref(v: &VersionRecord) -> pb::ModelRef {
+    pb::ModelRef { digest: v.digest.clone(), size: v.size, layout_digest: v.layout_digest.clone() }
+}
+
+#[tonic::async_trait]
+impl pb::control_server::Control for Control {
+    async fn submit_job(&self, req: Request<pb::SubmitJobRequest>) -> Result<Response<pb::JobInfo>, Status> {
+        let c = &self.0;
+        let operator = c.operator(&req)?;
+        let r = req.into_inner();
+        let source = if r.source_name.is_empty() { "job.toml".to_string() } else { r.source_name };
+        let spec = JobSpec::from_toml(&source, &r.toml).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let n = c.store.next("job").map_err(internal)?;
+        let job = JobRecord {
+            id: format!("{}-{n}", spec.name),
+            spec_sha256: maeum_protocols::job::sha256_hex(r.toml.as_bytes()),
+            spec,
+            toml: r.toml,
+            state: JobState::Pending,
+            submitted_ms: now_ms(),
+            initial: None,
+            initial_evaluation: None,
+            decisions: Default::default(),
+            history: Vec::new(),
+            attempts_started: 0,
+            error: String::new(),
+        };
+        c.store.put_job(&job).map_err(internal)?;
+        info!(job = %job.id, operator, sha256 = %job.spec_sha256, "job submitted");
+        c.notify();
+        Ok(Response::new(c.job_info(&job)))
+    }
+
+    async fn list_jobs(&self, req: Request<pb::ListJobsRequest>) -> Result<Response<pb::JobList>, Status> {
+        let c = &self.0;
+        c.operator(&req)?;
+        let jobs = c.store.jobs().map_err(internal)?;
+        Ok(Response::new(pb::JobList { jobs: jobs.iter().map(|j| c.job_info(j)).collect() }))
+    }
+
+    async fn get_job(&self, req: Request<pb::JobRef>) -> Result<Response<pb::JobInfo>, Status> {
+        let c = &self.0;
+        c.operator(&req)?;
+        let id = &req.get_ref().job_id;
+        let job = c.store.job(id).map_err(internal)?.ok_or_else(|| Status::not_found(format!("no job {id}")))?;
+        Ok(Response::new(c.job_info(&job)))
+    }
+
+    type WatchJobStream = JobStream;
+
+    async fn watch_job(&self, req: Request<pb::JobRef>) -> Result<Response<JobStream>, Status> {
+        let c = self.0.clone();
+        c.operator(&req)?;
+        let id = req.into_inner().job_id;
+        if c.store.job(&id).map_err(internal)?.is_none() {
+            return Err(Status::not_found(format!("no job {id}")));
+        }
+        let (tx, rx) = tokio::sync::mpsc::channel(8);
+        let mut changed = c.changed.subscribe();
+        tokio::spawn(async move {
+            let mut last: Option<pb::JobInfo> = None;
+            loop {
+                let info = match c.store.job(&id) {
+                    Ok(Some(j)) => c.job_info(&j),
+                    Ok(None) => return,
+                    Err(e) => {
+                        let _ = tx.send(Err(internal(e))).await;
+                        return;
+                    }
+                };
+                let ended = !matches!(info.state.as_str(), "pending" | "running");
+                if last.as_ref() != Some(&info) {
+                    if tx.send(Ok(info.clone())).await.is_err() {
+                        return;
+                    }
+                    last = Some(info);
+                }
+                if ended {
+                    return;
+                }
+                tokio::select! {
+                    r = changed.changed() => if r.is_err() { return },
+                    () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        });
+        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+    }
+
+    async fn abort_job(&self, req: Request<pb::JobRef>) -> Result<Response<pb::JobInfo>, Status> {
+        let c = &self.0;
+        let operator = c.operator(&req)?;
+        let id = &req.get_ref().job_id;
+        if c.store.job(id).map_err(internal)?.is_none() {
+            return Err(Status::not_found(format!("no job {id}")));
+        }
+        let (job, ()) = c
+            .store
+            .update_job(id, |job| {
+                anyhow::ensure!(job.state.is_active(), "job {id} is already {}", job.state.as_str());
+                job.state = JobState::Aborted;
+                job.error = format!("aborted by operator/{operator}");
+                Ok(())
+            })
+            .map_err(|e| Status::failed_precondition(format!("{e:#}")))?;
+        info!(job = %id, operator, "job aborted");
+        c.notify();
+        Ok(Response::new(c.job_info(&job)))
+    }
+
+    async fn list_sites(&self, req: Request<pb::ListSitesRequest>) -> Result<Response<pb::SiteList>, Status> {
+        let c = &self.0;
+        c.operator(&req)?;
+        Ok(Response::new(pb::SiteList { sites: c.site_infos().map_err(internal)? }))
+    }
+
+    async fn revoke_site(&self, req: Request<pb::SiteRef>) -> Result<Response<pb::SiteInfo>, Status> {
+        let c = &self.0;
+        let operator = c.operator(&req)?;
+        let id = req.into_inner().site_id;
+        maeum_protocols::identity::validate_name(&id).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let known = c.store.site(&id).map_err(internal)?;
+        if known.is_none() && !c.home.sites().join(format!("{id}.pem")).exists() {
+            return Err(Status::not_found(format!("no site {id} was ever approved")));
+        }
+        let mut rec = known.unwrap_or_else(|| SiteRecord { id: id.clone(), ..Default::default() });
+        rec.revoked = true;
+        rec.revoked_ms = now_ms();
+        c.store.put_site(&rec, true).map_err(internal)?;
+        c.revocations.revoke(&id);
+        lock(&c.live).remove(&id);
+        warn!(site = %id, operator, "site revoked: open connections cut, new handshakes refused");
+        c.notify();
+        let info = c.site_infos().map_err(internal)?.into_iter().find(|s| s.site_id == id).unwrap_or_default();
+        Ok(Response::new(info))
+    }
+}

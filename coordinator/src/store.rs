@@ -1,0 +1,199 @@
+//! The coordinator's durable state in sled: sites, jobs with their round history, and
+//! counters. One small interface so every commit point is explicit: each `put_*` is
+//! followed by `flush()` before the caller acts on it (sled otherwise persists in the
+//! background, and the kill -9 tests rely on these commit points).
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+
+use maeum_protocols::job::JobSpec;
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct SiteRecord {
+    pub id: String,
+    pub first_seen_ms: i64,
+    pub last_seen_ms: i64,
+    pub rounds_contributed: u32,
+    pub revoked: bool,
+    pub revoked_ms: i64,
+    pub cert_fingerprint: String,
+    pub cert_not_after_ms: i64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum JobState {
+    Pending,
+    Running,
+    Completed,
+    Aborted,
+    Failed,
+}
+
+impl JobState {
+    pub fn is_active(self) -> bool {
+        matches!(self, JobState::Pending | JobState::Running)
+    }
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobState::Pending => "pending",
+            JobState::Running => "running",
+            JobState::Completed => "completed",
+            JobState::Aborted => "aborted",
+            JobState::Failed => "failed",
+        }
+    }
+}
+
+/// A content-addressed model version.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VersionRecord {
+    pub digest: String,
+    pub size: u64,
+    pub layout_digest: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Decision {
+    pub accept: bool,
+    pub reason: String,
+    pub train_examples: u64,
+    pub at_ms: i64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RoundRecord {
+    pub round: u32,
+    pub model: VersionRecord,
+    /// Server-optimiser state after this round (blob digest; empty when stateless).
+    pub optimizer_state: String,
+    pub contributors: Vec<String>,
+    pub dropped: Vec<String>,
+    pub total_weight: u64,
+    pub completed_ms: i64,
+    pub attempts: u32,
+    /// Federated evaluation of this round's model: confusion rows (filled in later).
+    pub evaluation: Option<Vec<Vec<u64>>>,
+    pub evaluated_by: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct JobRecord {
+    pub id: String,
+    pub spec: JobSpec,
+    pub toml: String,
+    pub spec_sha256: String,
+    pub state: JobState,
+    pub submitted_ms: i64,
+    pub initial: Option<VersionRecord>,
+    pub initial_evaluation: Option<Vec<Vec<u64>>>,
+    pub decisions: BTreeMap<String, Decision>,
+    pub history: Vec<RoundRecord>,
+    /// Round attempts started so far, across restarts: an update names its attempt, so
+    /// one computed before a crash can never be folded into a later attempt.
+    pub attempts_started: u32,
+    pub error: String,
+}
+
+impl JobRecord {
+    pub fn completed_rounds(&self) -> u32 {
+        self.history.len() as u32
+    }
+    pub fn latest(&self) -> Option<&VersionRecord> {
+        self.history.last().map(|r| &r.model).or(self.initial.as_ref())
+    }
+    pub fn accepted(&self) -> impl Iterator<Item = &String> {
+        self.decisions.iter().filter(|(_, d)| d.accept).map(|(s, _)| s)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Store {
+    /// Serialises read-modify-write of job records (orchestrator vs. RPC handlers).
+    write: std::sync::Arc<std::sync::Mutex<()>>,
+    db: sled::Db,
+    sites: sled::Tree,
+    jobs: sled::Tree,
+    meta: sled::Tree,
+}
+
+fn decode<T: for<'de> Deserialize<'de>>(what: &str, bytes: &[u8]) -> Result<T> {
+    serde_json::from_slice(bytes).with_context(|| format!("decoding stored {what}"))
+}
+
+impl Store {
+    pub fn open(dir: &Path) -> Result<Self> {
+        let db = sled::open(dir).with_context(|| {
+            format!("opening the state database {} (is another coordinator running on this home?)", dir.display())
+        })?;
+        Ok(Self {
+            write: Default::default(),
+            sites: db.open_tree("sites")?,
+            jobs: db.open_tree("jobs")?,
+            meta: db.open_tree("meta")?,
+            db,
+        })
+    }
+
+    fn flush(&self) -> Result<()> {
+        self.db.flush().context("flushing the state database")?;
+        Ok(())
+    }
+
+    pub fn site(&self, id: &str) -> Result<Option<SiteRecord>> {
+        self.sites.get(id)?.map(|v| decode("site", &v)).transpose()
+    }
+
+    pub fn sites(&self) -> Result<Vec<SiteRecord>> {
+        self.sites.iter().values().map(|v| decode("site", &v?)).collect()
+    }
+
+    /// Writes a site record; `durable` flushes (revocations, contributions).
+    pub fn put_site(&self, s: &SiteRecord, durable: bool) -> Result<()> {
+        self.sites.insert(s.id.as_bytes(), serde_json::to_vec(s)?)?;
+        if durable {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    pub fn job(&self, id: &str) -> Result<Option<JobRecord>> {
+        self.jobs.get(id)?.map(|v| decode("job", &v)).transpose()
+    }
+
+    pub fn jobs(&self) -> Result<Vec<JobRecord>> {
+        let mut jobs: Vec<JobRecord> = self.jobs.iter().values().map(|v| decode("job", &v?)).collect::<Result<_>>()?;
+        jobs.sort_by_key(|j| (j.submitted_ms, j.id.clone()));
+        Ok(jobs)
+    }
+
+    /// Commits a job record durably.
+    pub fn put_job(&self, j: &JobRecord) -> Result<()> {
+        self.jobs.insert(j.id.as_bytes(), serde_json::to_vec(j)?)?;
+        self.flush()
+    }
+
+    /// Reads, modifies and durably writes one job record, atomically with respect to
+    /// every other `update_job` (so an abort or a site's decision is never overwritten
+    /// by a stale copy). `f` may refuse the change by returning an error.
+    pub fn update_job<T>(&self, id: &str, f: impl FnOnce(&mut JobRecord) -> Result<T>) -> Result<(JobRecord, T)> {
+        let _guard = self.write.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut job = self.job(id)?.with_context(|| format!("no job {id}"))?;
+        let out = f(&mut job)?;
+        self.put_job(&job)?;
+        Ok((job, out))
+    }
+
+    /// Next value of a named durable counter (job numbers).
+    pub fn next(&self, counter: &str) -> Result<u64> {
+        let v = self.meta.update_and_fetch(counter, |old| {
+            let n = old.and_then(|b| <[u8; 8]>::try_from(b).ok()).map_or(0, u64::from_be_bytes);
+            Some((n + 1).to_be_bytes().to_vec())
+        })?;
+        self.flush()?;
+        Ok(v.and_then(|b| <[u8; 8]>::try_from(b.as_ref()).ok()).map_or(1, u64::from_be_bytes))
+    }
+}

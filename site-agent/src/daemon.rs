@@ -1,0 +1,584 @@
+//! `maeum-site run`: the site daemon. It dials out to the coordinator (never listens),
+//! pulls work, trains on local records, and uploads only the model update.
+//!
+//! Resilience: connection failures back off exponentially with full jitter, forever.
+//! Model downloads resume from the bytes already on disk; an update is written to disk
+//! before it is uploaded, so after a crash (even kill -9) the daemon resumes the upload
+//! of the same bytes from the last chunk the coordinator confirmed.
+
+use std::collections::HashMap;
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use rand::Rng;
+use tokio_stream::StreamExt;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Status as RpcStatus};
+use tracing::{debug, info, warn};
+
+use maeum_models::data::{self, Example, ReadOptions};
+use maeum_models::model::{ModelSpec, Prepared};
+use maeum_models::params::FlatParams;
+use maeum_protocols::job::JobSpec;
+use maeum_protocols::tls;
+use maeum_protocols::wire::{
+    self, CHUNK_SIZE, ConfusionCounts, Digest, EvaluateTask, Hasher, ModelRef, TrainTask, UploadHeader, Work, pb,
+};
+
+use crate::enrol::{Home, SiteConfig, Status};
+
+type Client = pb::fleet_client::FleetClient<Channel>;
+
+/// The site's records, read and validated once at start-up.
+#[derive(Debug)]
+pub struct LocalData {
+    pub train: Vec<Example>,
+    pub test: Vec<Example>,
+}
+
+impl LocalData {
+    pub fn load(cfg: &SiteConfig) -> Result<Self> {
+        let opts = ReadOptions {
+            text_column: Some(cfg.data.text_column.clone()),
+            label_column: Some(cfg.data.label_column.clone()),
+            ..Default::default()
+        };
+        let read = |p: &Option<PathBuf>, what: &str| -> Result<Vec<Example>> {
+            let p = p.as_ref().with_context(|| format!("site.toml: [data] {what} is not set"))?;
+            Ok(data::read_examples(p, &opts)?.examples)
+        };
+        let train = read(&cfg.data.train, "train")?;
+        let test = read(&cfg.data.test, "test")?;
+        if train.is_empty() {
+            bail!("site.toml: [data] train holds no records");
+        }
+        Ok(Self { train, test })
+    }
+
+    /// Why this site cannot serve a job, if it cannot.
+    pub fn refusal(&self, job: &JobSpec) -> Option<String> {
+        let mut unknown: HashMap<&str, usize> = HashMap::new();
+        for e in self.train.iter().chain(&self.test) {
+            if !job.labels.contains(&e.label) {
+                *unknown.entry(e.label.as_str()).or_default() += 1;
+            }
+        }
+        if !unknown.is_empty() {
+            let mut names: Vec<&str> = unknown.keys().copied().collect();
+            names.sort_unstable();
+            let n: usize = unknown.values().sum();
+            return Some(format!(
+                "local data has {} label(s) outside the job's label set ({n} records): {}",
+                names.len(),
+                names.join(", ")
+            ));
+        }
+        if let Err(e) = job.model_spec() {
+            return Some(format!("this site cannot build the job's model: {e}"));
+        }
+        None
+    }
+}
+
+struct Prepared2 {
+    train: Prepared,
+    test: Prepared,
+}
+
+/// Shared between the work loop and the heartbeat task.
+struct Agent {
+    home: Home,
+    site_id: String,
+    status: Mutex<Status>,
+    data: LocalData,
+    prepared: Mutex<HashMap<String, Arc<Prepared2>>>,
+}
+
+impl Agent {
+    fn set(&self, f: impl FnOnce(&mut Status)) {
+        let mut s = self.status.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let before = s.clone();
+        f(&mut s);
+        if *s != before {
+            s.updated_ms = crate::now_ms();
+            if let Err(e) = s.save(&self.home) {
+                warn!(error = %format!("{e:#}"), "writing status.json");
+            }
+        }
+    }
+
+    fn wire_status(&self) -> pb::SiteStatus {
+        let s = self.status.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        pb::SiteStatus {
+            agent_version: env!("CARGO_PKG_VERSION").into(),
+            stage: s.stage.clone(),
+            job_id: s.job_id.clone(),
+            round: s.round,
+        }
+    }
+
+    fn job(&self, job_id: &str) -> Result<JobSpec> {
+        let text = self.home.read(&format!("jobs/{job_id}.json")).context("the job's spec (accepted earlier)")?;
+        Ok(JobSpec::from_json(&text)?)
+    }
+
+    fn prepared(&self, job_id: &str, spec: &ModelSpec) -> Result<Arc<Prepared2>> {
+        if let Some(p) = self.prepared.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get(job_id) {
+            return Ok(p.clone());
+        }
+        let p = Arc::new(Prepared2 {
+            train: spec.prepare_text(&self.data.train)?,
+            test: spec.prepare_text(&self.data.test)?,
+        });
+        self.prepared.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(job_id.into(), p.clone());
+        Ok(p)
+    }
+}
+
+/// Exponential backoff with jitter: a delay drawn from [cap/4, cap], the cap doubling
+/// from 0.5 s to 30 s.
+struct Backoff(u32);
+
+impl Backoff {
+    fn next(&mut self) -> Duration {
+        let cap = 500u64.saturating_mul(1 << self.0.min(6)).min(30_000);
+        self.0 += 1;
+        Duration::from_millis(rand::rng().random_range(cap / 4..=cap))
+    }
+}
+
+/// A status for humans, with the transport's cause chain (a TLS alert from the
+/// coordinator means it refused this site's certificate).
+fn describe(e: &RpcStatus) -> String {
+    let mut causes = Vec::new();
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        causes.push(s.to_string());
+        source = s.source();
+    }
+    let chain = if causes.is_empty() { String::new() } else { format!(" ({})", causes.join(": ")) };
+    let msg = e.message();
+    if causes.iter().any(|c| c.contains("fatal alert")) {
+        return format!(
+            "the coordinator refused this site's certificate (revoked, expired or from another consortium){chain}"
+        );
+    }
+    // TCP connected but the peer hung up in or right after the TLS handshake: that is how
+    // a coordinator refuses a certificate under TLS 1.3 (the reason is in its log).
+    let hung_up = ["close_notify", "connection reset", "connection closed"];
+    if causes.iter().any(|c| hung_up.iter().any(|h| c.contains(h))) {
+        return format!(
+            "the coordinator closed the connection{chain}; if this persists, this site's certificate may be \
+             revoked, expired or from another consortium (the coordinator's log names the reason)"
+        );
+    }
+    match e.code() {
+        Code::Unavailable => format!("coordinator unreachable: {msg}{chain}"),
+        Code::PermissionDenied => format!("coordinator refused this site: {msg}"),
+        _ => format!("{:?}: {msg}{chain}", e.code()),
+    }
+}
+
+fn is_refusal(e: &RpcStatus) -> bool {
+    e.code() == Code::PermissionDenied || describe(e).starts_with("the coordinator refused")
+}
+
+pub async fn connect(home: &Home) -> Result<Client> {
+    let enrolment = home.enrolment()?;
+    let tls = tls::client_tls(&home.read("ca.pem")?, &home.identity()?, &enrolment.coordinator_name);
+    let channel = Endpoint::from_shared(format!("https://{}", enrolment.coordinator_address))?
+        .tls_config(tls)?
+        .connect_timeout(Duration::from_secs(5))
+        .http2_keep_alive_interval(Duration::from_secs(10))
+        .keep_alive_while_idle(true)
+        .connect_lazy();
+    Ok(pb::fleet_client::FleetClient::new(channel).max_decoding_message_size(4 * CHUNK_SIZE))
+}
+
+/// Runs the daemon until `shutdown` resolves.
+pub async fn run(dir: &Path, shutdown: impl std::future::Future<Output = ()>) -> Result<()> {
+    let home = Home::new(dir);
+    let site_id = home.site_id()?;
+    let enrolment = home.enrolment()?;
+    let cfg = home.config()?;
+    let data = LocalData::load(&cfg)?;
+    if cfg.limits.threads > 0 {
+        let _ = rayon::ThreadPoolBuilder::new().num_threads(cfg.limits.threads).build_global();
+    }
+    for d in ["jobs", "models", "work"] {
+        std::fs::create_dir_all(home.path(d)).with_context(|| format!("creating {}", home.path(d).display()))?;
+    }
+    info!(site = %site_id, coordinator = %enrolment.coordinator_address, train = data.train.len(), test = data.test.len(), "site agent starting");
+    let client = connect(&home).await?;
+    let agent = Arc::new(Agent {
+        status: Mutex::new(Status {
+            site_id: site_id.clone(),
+            pid: std::process::id(),
+            connection: "connecting".into(),
+            ..Default::default()
+        }),
+        home,
+        site_id,
+        data,
+        prepared: Mutex::new(HashMap::new()),
+    });
+    agent.set(|s| s.stage = "idle".into());
+    let heartbeat = tokio::spawn(heartbeats(agent.clone(), client.clone()));
+    tokio::select! {
+        () = work_loop(agent.clone(), client) => {},
+        () = shutdown => info!("shutting down"),
+    }
+    heartbeat.abort();
+    agent.set(|s| {
+        s.connection = "stopped".into();
+        s.stage = "stopped".into();
+    });
+    Ok(())
+}
+
+async fn heartbeats(agent: Arc<Agent>, mut client: Client) {
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        match client.heartbeat(agent.wire_status()).await {
+            Ok(_) => agent.set(|s| {
+                s.connection = "connected".into();
+                s.last_error.clear();
+            }),
+            Err(e) => debug!(error = %describe(&e), "heartbeat failed"),
+        }
+    }
+}
+
+async fn work_loop(agent: Arc<Agent>, mut client: Client) {
+    let mut backoff = Backoff(0);
+    let mut last_logged = String::new();
+    loop {
+        let req = pb::PollRequest { status: Some(agent.wire_status()), wait_ms: 10_000 };
+        let work = match client.poll(req).await {
+            Ok(w) => Work::try_from(w.into_inner()),
+            Err(e) => {
+                let refused = is_refusal(&e);
+                let what = describe(&e);
+                // Log each new kind of failure once, not every retry.
+                if what != last_logged {
+                    warn!(error = %what, "cannot reach the coordinator; retrying with backoff");
+                    last_logged.clone_from(&what);
+                }
+                agent.set(|s| {
+                    s.connection = if refused { "refused".into() } else { "retrying".into() };
+                    s.last_error = what;
+                });
+                tokio::time::sleep(backoff.next()).await;
+                continue;
+            }
+        };
+        if backoff.0 > 0 {
+            info!("connected to the coordinator");
+        }
+        last_logged.clear();
+        backoff = Backoff(0);
+        agent.set(|s| {
+            s.connection = "connected".into();
+            s.last_error.clear();
+        });
+        let result = match work {
+            Ok(Work::Idle { retry_after_ms }) => {
+                tokio::time::sleep(Duration::from_millis(u64::from(retry_after_ms))).await;
+                Ok(())
+            }
+            Ok(Work::Offer { job_id, spec_json, spec_sha256 }) => {
+                decide(&agent, &mut client, job_id, spec_json, spec_sha256).await
+            }
+            Ok(Work::Train(t)) => train(&agent, &mut client, t).await,
+            Ok(Work::Evaluate(t)) => evaluate(&agent, &mut client, t).await,
+            Err(e) => Err(anyhow::anyhow!("malformed work from the coordinator: {e}")),
+        };
+        agent.set(|s| s.stage = "idle".into());
+        if let Err(e) = result {
+            warn!(error = %format!("{e:#}"), "work item failed; will ask again");
+            tokio::time::sleep(backoff.next()).await;
+        }
+    }
+}
+
+async fn decide(agent: &Agent, client: &mut Client, job_id: String, spec_json: String, _sha: Digest) -> Result<()> {
+    let (accept, reason) = match JobSpec::from_json(&spec_json) {
+        Ok(spec) => match agent.data.refusal(&spec) {
+            Some(reason) => (false, reason),
+            None => {
+                let p = agent.home.path(&format!("jobs/{job_id}.json"));
+                maeum_models::write_atomic(&p, spec_json.as_bytes())
+                    .with_context(|| format!("writing {}", p.display()))?;
+                (true, String::new())
+            }
+        },
+        Err(e) => (false, format!("the job's specification is not valid here: {e}")),
+    };
+    if accept {
+        info!(job = %job_id, "accepted the job");
+    } else {
+        warn!(job = %job_id, reason = %reason, "refused the job");
+    }
+    let decision = pb::JobDecision { job_id, accept, reason, train_examples: agent.data.train.len() as u64 };
+    client.decide_job(decision).await?;
+    Ok(())
+}
+
+/// Downloads (or resumes downloading) a model into HOME/models and verifies its digest.
+async fn download(agent: &Agent, client: &mut Client, model: &ModelRef) -> Result<PathBuf> {
+    let dir = agent.home.path("models");
+    let path = dir.join(format!("{}.safetensors", model.digest));
+    if path.exists() {
+        return Ok(path);
+    }
+    let part = dir.join(format!("{}.part", model.digest));
+    agent.set(|s| s.stage = "downloading".into());
+    for _ in 0..5 {
+        let mut file = std::fs::OpenOptions::new().create(true).append(true).open(&part)?;
+        let mut offset = file.metadata()?.len();
+        if offset > model.size {
+            file.set_len(0)?;
+            offset = 0;
+        }
+        if offset < model.size {
+            let mut stream =
+                client.download(pb::DownloadRequest { digest: model.digest.hex(), offset }).await?.into_inner();
+            let result: Result<()> = async {
+                while let Some(c) = stream.next().await {
+                    let c = c?;
+                    wire::check_chunk(offset, model.size, c.offset, &c.data, &c.sha256)?;
+                    file.write_all(&c.data)?;
+                    offset += c.data.len() as u64;
+                }
+                Ok(())
+            }
+            .await;
+            file.sync_data()?;
+            if let Err(e) = result {
+                warn!(error = %format!("{e:#}"), offset, "model download interrupted; resuming");
+                continue;
+            }
+        }
+        let mut hasher = Hasher::default();
+        let mut f = std::fs::File::open(&part)?;
+        let mut buf = vec![0u8; CHUNK_SIZE];
+        loop {
+            let n = f.read(&mut buf)?;
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buf[..n]);
+        }
+        if hasher.finish() != model.digest {
+            let _ = std::fs::remove_file(&part);
+            bail!("downloaded model does not match its digest {}; discarded", model.digest);
+        }
+        std::fs::rename(&part, &path)?;
+        info!(model = %model.digest, bytes = model.size, "model downloaded and verified");
+        return Ok(path);
+    }
+    bail!("model download kept failing")
+}
+
+/// Loads a downloaded model and checks it is the job's model.
+fn load_model(path: &Path, job: &JobSpec, model: &ModelRef) -> Result<(ModelSpec, FlatParams)> {
+    let (spec, params, _) = ModelSpec::load(path)?;
+    let expected = job.model_spec()?;
+    if spec != expected {
+        bail!("model {} is not the job's model (architecture or labels differ)", model.digest);
+    }
+    if Digest(spec.layout().digest().0) != model.layout_digest {
+        bail!("model {} layout does not match the announced layout", model.digest);
+    }
+    Ok((spec, params))
+}
+
+/// Which round attempt and model an evaluation belongs to.
+struct EvalOf<'a> {
+    job_id: &'a str,
+    round: u32,
+    attempt: u32,
+    model: &'a ModelRef,
+}
+
+async fn report_eval(
+    agent: &Agent,
+    client: &mut Client,
+    of: EvalOf<'_>,
+    spec: &ModelSpec,
+    params: FlatParams,
+    data: Arc<Prepared2>,
+) -> Result<()> {
+    agent.set(|s| s.stage = "evaluating".into());
+    let spec2 = spec.clone();
+    let confusion = tokio::task::spawn_blocking(move || spec2.evaluate(&params, &data.test)).await??;
+    let counts = ConfusionCounts::from_rows(&confusion.counts);
+    let report = pb::EvaluationReport {
+        job_id: of.job_id.into(),
+        round: of.round,
+        attempt: of.attempt,
+        model_digest: of.model.digest.hex(),
+        confusion: Some((&counts).into()),
+    };
+    match client.report_evaluation(report).await {
+        Ok(_) => Ok(()),
+        Err(e) if e.code() == Code::AlreadyExists => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+async fn evaluate(agent: &Agent, client: &mut Client, t: EvaluateTask) -> Result<()> {
+    agent.set(|s| {
+        s.job_id = t.job_id.clone();
+        s.round = t.round;
+    });
+    let job = agent.job(&t.job_id)?;
+    let path = download(agent, client, &t.model).await?;
+    let (spec, params) = load_model(&path, &job, &t.model)?;
+    let data = agent.prepared(&t.job_id, &spec)?;
+    let of = EvalOf { job_id: &t.job_id, round: t.round, attempt: t.attempt, model: &t.model };
+    report_eval(agent, client, of, &spec, params, data).await?;
+    agent.set(|s| s.last_model = t.model.digest.hex());
+    info!(job = %t.job_id, round = t.round, "final evaluation reported");
+    Ok(())
+}
+
+fn site_salt(site_id: &str) -> u64 {
+    site_id.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3))
+}
+
+async fn train(agent: &Agent, client: &mut Client, t: TrainTask) -> Result<()> {
+    agent.set(|s| {
+        s.job_id = t.job_id.clone();
+        s.round = t.round;
+    });
+    let job = agent.job(&t.job_id)?;
+    let path = download(agent, client, &t.model).await?;
+    let (spec, global) = load_model(&path, &job, &t.model)?;
+    let data = agent.prepared(&t.job_id, &spec)?;
+    if t.evaluate_first {
+        let of = EvalOf { job_id: &t.job_id, round: t.round, attempt: t.attempt, model: &t.model };
+        report_eval(agent, client, of, &spec, global.clone(), data.clone()).await?;
+    }
+    let name = format!("{}-r{}-a{}", t.job_id, t.round, t.attempt);
+    // Updates of earlier attempts can never be accepted again.
+    if let Ok(dir) = std::fs::read_dir(agent.home.path("work")) {
+        for e in dir.flatten() {
+            if !e.file_name().to_string_lossy().starts_with(&format!("{name}.")) {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
+    let update_path = agent.home.path(&format!("work/{name}.update"));
+    let header_path = agent.home.path(&format!("work/{name}.json"));
+    let header: UploadHeader = match std::fs::read_to_string(&header_path).ok().and_then(|s| stored_header(&s)) {
+        Some(h) if update_path.exists() => {
+            info!(job = %t.job_id, round = t.round, "resuming the upload of an update computed before a restart");
+            h
+        }
+        _ => {
+            agent.set(|s| s.stage = "training".into());
+            let cfg = job.train_config(t.round, site_salt(&agent.site_id));
+            let (spec2, data2, start) = (spec.clone(), data.clone(), global.clone());
+            let started = std::time::Instant::now();
+            let (local, report) =
+                tokio::task::spawn_blocking(move || spec2.train(&start, &data2.train, &cfg, &mut ())).await??;
+            info!(job = %t.job_id, round = t.round, examples = report.examples_seen, seconds = started.elapsed().as_secs_f32(), "local training done");
+            let mut bytes = Vec::with_capacity(local.values().len() * 4);
+            for (l, g) in local.values().iter().zip(global.values()) {
+                bytes.extend_from_slice(&(l - g).to_le_bytes());
+            }
+            let h = UploadHeader {
+                job_id: t.job_id.clone(),
+                round: t.round,
+                attempt: t.attempt,
+                base_digest: t.model.digest,
+                layout_digest: t.model.layout_digest,
+                num_params: local.values().len() as u64,
+                weight: agent.data.train.len() as u64,
+                sha256: Digest::of(&bytes),
+            };
+            maeum_models::write_atomic(&update_path, &bytes)?;
+            let stored = serde_json::json!({
+                "job_id": h.job_id, "round": h.round, "attempt": h.attempt, "base_digest": h.base_digest.hex(),
+                "layout_digest": h.layout_digest.hex(), "num_params": h.num_params, "weight": h.weight,
+                "sha256": h.sha256.hex(),
+            });
+            maeum_models::write_atomic(&header_path, stored.to_string().as_bytes())?;
+            h
+        }
+    };
+    agent.set(|s| s.stage = "uploading".into());
+    let result = upload(client, &header, &update_path).await;
+    if result.is_ok()
+        || matches!(&result, Err(e) if e.downcast_ref::<RpcStatus>().is_some_and(|s| matches!(s.code(), Code::FailedPrecondition | Code::AlreadyExists)))
+    {
+        let _ = std::fs::remove_file(&update_path);
+        let _ = std::fs::remove_file(&header_path);
+    }
+    result?;
+    agent.set(|s| s.last_model = t.model.digest.hex());
+    info!(job = %t.job_id, round = t.round, "update delivered");
+    Ok(())
+}
+
+fn stored_header(json: &str) -> Option<UploadHeader> {
+    let pb: pb::UploadHeader = serde_json::from_str::<serde_json::Value>(json).ok().and_then(|v| {
+        Some(pb::UploadHeader {
+            job_id: v.get("job_id")?.as_str()?.into(),
+            round: v.get("round")?.as_u64()? as u32,
+            attempt: v.get("attempt")?.as_u64()? as u32,
+            base_digest: v.get("base_digest")?.as_str()?.into(),
+            layout_digest: v.get("layout_digest")?.as_str()?.into(),
+            num_params: v.get("num_params")?.as_u64()?,
+            weight: v.get("weight")?.as_u64()?,
+            sha256: v.get("sha256")?.as_str()?.into(),
+        })
+    })?;
+    UploadHeader::try_from(pb).ok()
+}
+
+/// Uploads an update file, resuming from what the coordinator already holds.
+pub async fn upload(client: &mut Client, header: &UploadHeader, path: &Path) -> Result<()> {
+    let mut last_err = None;
+    for _ in 0..5 {
+        let state = client.begin_upload(pb::UploadHeader::from(header)).await?.into_inner();
+        let mut offset = state.confirmed;
+        let mut file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+        file.seek(SeekFrom::Start(offset))?;
+        let total = header.payload_len();
+        let upload_id = state.upload_id.clone();
+        let (tx, rx) = tokio::sync::mpsc::channel::<pb::UploadChunk>(4);
+        let reader = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+            while offset < total {
+                let n = (total - offset).min(CHUNK_SIZE as u64) as usize;
+                let mut buf = vec![0u8; n];
+                file.read_exact(&mut buf)?;
+                let c = wire::chunk(offset, buf);
+                let msg =
+                    pb::UploadChunk { upload_id: upload_id.clone(), offset: c.offset, data: c.data, sha256: c.sha256 };
+                if tx.blocking_send(msg).is_err() {
+                    break;
+                }
+                offset += n as u64;
+            }
+            Ok(())
+        });
+        let result = client.upload(tokio_stream::wrappers::ReceiverStream::new(rx)).await;
+        reader.await??;
+        match result {
+            Ok(s) if s.get_ref().complete => return Ok(()),
+            Ok(s) => last_err = Some(anyhow::anyhow!("upload stopped at {} of {total} bytes", s.get_ref().confirmed)),
+            Err(e) if matches!(e.code(), Code::Unavailable | Code::Unknown | Code::Cancelled | Code::DataLoss) => {
+                warn!(error = %describe(&e), "upload interrupted; resuming");
+                last_err = Some(e.into());
+            }
+            Err(e) => return Err(e.into()),
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    Err(last_err.unwrap_or_else(|| anyhow::anyhow!("upload failed")))
+}

@@ -1,0 +1,265 @@
+//! The site's home directory: identity, enrolment, configuration and status.
+//!
+//! ```text
+//! HOME/site.json            the site id (public)
+//! HOME/site.key             the site's private TLS key (0600; never leaves the site)
+//! HOME/request.csr.pem      the certificate request for the consortium lead
+//! HOME/site.toml            configuration: local data, limits (edit freely)
+//! HOME/enrolment.json       from the lead's bundle: consortium, coordinator, public keys
+//! HOME/site.pem, ca.pem     the site certificate and the consortium CA
+//! HOME/status.json          written by the daemon: connection, stage, job, round
+//! HOME/jobs/ID.json         specs of jobs this site accepted
+//! HOME/models/DIGEST        verified model versions (partial downloads end in .part)
+//! HOME/work/                updates waiting to be uploaded
+//! ```
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use serde::{Deserialize, Serialize};
+
+use maeum_protocols::identity::{self, Bundle, CertifiedKey, PeerId, SecretPem};
+
+/// HOME/site.toml.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SiteConfig {
+    pub data: DataConfig,
+    #[serde(default)]
+    pub limits: Limits,
+}
+
+/// Where the site's records are. They are read locally and never sent anywhere.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataConfig {
+    /// Training records (JSONL or CSV).
+    pub train: Option<PathBuf>,
+    /// Held-out records for federated evaluation (JSONL or CSV).
+    pub test: Option<PathBuf>,
+    #[serde(default = "text")]
+    pub text_column: String,
+    #[serde(default = "label")]
+    pub label_column: String,
+}
+
+fn text() -> String {
+    "text".into()
+}
+fn label() -> String {
+    "label".into()
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Limits {
+    /// Worker threads for training (0 = one per core).
+    #[serde(default)]
+    pub threads: usize,
+}
+
+/// HOME/enrolment.json: the bundle without the certificates (kept as PEM files).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Enrolment {
+    pub consortium: String,
+    pub site_id: String,
+    pub coordinator_address: String,
+    pub coordinator_name: String,
+    pub signing_public_key: String,
+    pub enrolled_ms: i64,
+}
+
+#[derive(Debug, Clone)]
+pub struct Home {
+    pub dir: PathBuf,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct SiteFile {
+    site_id: String,
+}
+
+impl Home {
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        Self { dir: dir.into() }
+    }
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+
+    pub fn read(&self, name: &str) -> Result<String> {
+        let p = self.path(name);
+        std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))
+    }
+
+    pub fn site_id(&self) -> Result<String> {
+        let f: SiteFile =
+            serde_json::from_str(&self.read("site.json").context("is this a site home? run `maeum-site init`")?)
+                .context("parsing site.json")?;
+        Ok(f.site_id)
+    }
+
+    pub fn config(&self) -> Result<SiteConfig> {
+        let p = self.path("site.toml");
+        let text = std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?;
+        toml::from_str(&text).with_context(|| format!("{}: invalid configuration", p.display()))
+    }
+
+    pub fn enrolment(&self) -> Result<Enrolment> {
+        let text =
+            self.read("enrolment.json").context("this site is not enrolled yet (run `maeum-site enroll BUNDLE`)")?;
+        serde_json::from_str(&text).context("parsing enrolment.json")
+    }
+
+    pub fn identity(&self) -> Result<CertifiedKey> {
+        Ok(CertifiedKey { cert_pem: self.read("site.pem")?, key: SecretPem::new(self.read("site.key")?) })
+    }
+}
+
+fn write(path: &Path, bytes: &[u8], private: bool) -> Result<()> {
+    maeum_models::write_file(path, bytes, private).with_context(|| format!("writing {}", path.display()))
+}
+
+/// `maeum-site init`: a new site key, its certificate request and a configuration.
+pub fn init(dir: &Path, site_id: &str, train: Option<PathBuf>, test: Option<PathBuf>) -> Result<PathBuf> {
+    identity::validate_name(site_id).with_context(|| format!("--site-id {site_id:?}"))?;
+    if dir.join("site.json").exists() {
+        bail!("{} already holds a site (site.json exists); refusing to replace its key", dir.display());
+    }
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let (key, csr) = identity::site_request(site_id).context("generating the site key")?;
+    let home = Home::new(dir);
+    let abs = |p: Option<PathBuf>| p.map(|p| std::path::absolute(&p).unwrap_or(p));
+    let config = SiteConfig {
+        data: DataConfig { train: abs(train), test: abs(test), text_column: text(), label_column: label() },
+        limits: Limits::default(),
+    };
+    write(&home.path("site.key"), key.expose().as_bytes(), true)?;
+    write(&home.path("request.csr.pem"), csr.as_bytes(), false)?;
+    write(&home.path("site.toml"), toml::to_string_pretty(&config)?.as_bytes(), false)?;
+    write(
+        &home.path("site.json"),
+        serde_json::to_string_pretty(&SiteFile { site_id: site_id.into() })?.as_bytes(),
+        false,
+    )?;
+    Ok(home.path("request.csr.pem"))
+}
+
+/// `maeum-site enroll`: installs the lead's bundle after checking it is for this site
+/// and that its certificate matches this site's private key.
+pub fn enroll(dir: &Path, bundle_path: &Path) -> Result<Enrolment> {
+    let home = Home::new(dir);
+    let site_id = home.site_id()?;
+    let text = std::fs::read_to_string(bundle_path).with_context(|| format!("reading {}", bundle_path.display()))?;
+    let b: Bundle =
+        serde_json::from_str(&text).with_context(|| format!("{}: not an enrolment bundle", bundle_path.display()))?;
+    if b.format != 1 {
+        bail!("{}: bundle format {} is not supported (expected 1)", bundle_path.display(), b.format);
+    }
+    if b.site_id != site_id {
+        bail!("{}: the bundle is for site {}, this home is site {site_id}", bundle_path.display(), b.site_id);
+    }
+    let ders = identity::pem_to_der(&b.cert_pem)?;
+    let leaf = ders.first().context("the bundle holds no certificate")?;
+    let peer = PeerId::from_cert_der(leaf.as_ref())?;
+    if peer != PeerId::site(&site_id)? {
+        bail!("{}: the certificate names {peer}, not site/{site_id}", bundle_path.display());
+    }
+    let key = SecretPem::new(home.read("site.key")?);
+    if !identity::key_matches_cert(&key, leaf.as_ref())? {
+        bail!(
+            "{}: the certificate was not issued for this site's key (was the request regenerated?)",
+            bundle_path.display()
+        );
+    }
+    let enrolment = Enrolment {
+        consortium: b.consortium,
+        site_id,
+        coordinator_address: b.coordinator_address,
+        coordinator_name: b.coordinator_name,
+        signing_public_key: b.signing_public_key,
+        enrolled_ms: crate::now_ms(),
+    };
+    write(&home.path("site.pem"), b.cert_pem.as_bytes(), false)?;
+    write(&home.path("ca.pem"), b.ca_pem.as_bytes(), false)?;
+    write(&home.path("enrolment.json"), serde_json::to_string_pretty(&enrolment)?.as_bytes(), false)?;
+    Ok(enrolment)
+}
+
+/// HOME/status.json, written by the daemon at every change (read by `maeum-site status`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct Status {
+    pub site_id: String,
+    pub pid: u32,
+    /// "connecting", "connected", "retrying", "refused", "stopped".
+    pub connection: String,
+    pub last_error: String,
+    pub stage: String,
+    pub job_id: String,
+    pub round: u32,
+    pub last_model: String,
+    pub updated_ms: i64,
+}
+
+impl Status {
+    pub fn save(&self, home: &Home) -> Result<()> {
+        write(&home.path("status.json"), serde_json::to_string_pretty(self)?.as_bytes(), false)
+    }
+    pub fn load(home: &Home) -> Result<Option<Status>> {
+        let p = home.path("status.json");
+        if !p.exists() {
+            return Ok(None);
+        }
+        Ok(Some(serde_json::from_str(&home.read("status.json")?).context("parsing status.json")?))
+    }
+}
+
+/// `maeum-site status`.
+pub fn status(dir: &Path, json: bool) -> Result<()> {
+    let home = Home::new(dir);
+    let site_id = home.site_id()?;
+    let enrolment = home.enrolment().ok();
+    let not_after = home
+        .read("site.pem")
+        .ok()
+        .and_then(|pem| identity::pem_to_der(&pem).ok())
+        .and_then(|d| d.first().and_then(|c| identity::not_after_unix(c.as_ref()).ok()));
+    let status = Status::load(&home)?;
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "site_id": site_id, "enrolled": enrolment.is_some(), "enrolment": enrolment,
+                "certificate_not_after": not_after, "status": status,
+            })
+        );
+        return Ok(());
+    }
+    println!("site        {site_id}");
+    match &enrolment {
+        Some(e) => println!("enrolled    consortium {} via {}", e.consortium, e.coordinator_address),
+        None => println!("enrolled    no (run `maeum-site enroll BUNDLE`)"),
+    }
+    if let Some(t) = not_after {
+        println!("certificate valid for {} more days", (t - crate::now_ms() / 1000) / 86_400);
+    }
+    match status {
+        Some(s) => {
+            println!(
+                "connection  {}{}",
+                s.connection,
+                if s.last_error.is_empty() { String::new() } else { format!(" ({})", s.last_error) }
+            );
+            println!("stage       {}", if s.stage.is_empty() { "-" } else { &s.stage });
+            if !s.job_id.is_empty() {
+                println!("job         {} round {}", s.job_id, s.round);
+            }
+            if !s.last_model.is_empty() {
+                println!("last model  {}", s.last_model);
+            }
+            println!("updated     {}s ago (pid {})", (crate::now_ms() - s.updated_ms).max(0) / 1000, s.pid);
+        }
+        None => println!("daemon      never ran (start it with `maeum-site run --home {}`)", dir.display()),
+    }
+    Ok(())
+}

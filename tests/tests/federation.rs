@@ -1,0 +1,241 @@
+//! The federation runtime end to end: the real `maeum-coordinator` and `maeum-site`
+//! binaries as separate processes, mTLS over loopback, the real corpus.
+
+use std::time::Duration;
+
+use std::process::Command;
+
+use maeum_e2e::{Federation, SMALL_MODEL, bin, init_site, run_ok};
+
+const MIN: Duration = Duration::from_secs(60);
+
+fn rounds(job: &serde_json::Value) -> &Vec<serde_json::Value> {
+    job["history"].as_array().expect("history")
+}
+
+fn strs(v: &serde_json::Value) -> Vec<String> {
+    v.as_array().map(|a| a.iter().filter_map(|s| s.as_str().map(String::from)).collect()).unwrap_or_default()
+}
+
+#[test]
+fn enrolled_sites_complete_a_job_with_federated_evaluation() {
+    let mut fed = Federation::new(3);
+    fed.start_coordinator();
+    for s in ["site-1", "site-2", "site-3"] {
+        fed.start_site(s);
+    }
+    let id = fed.submit("three-sites", 3, 3, &format!("{SMALL_MODEL}[train]\nepochs = 2\n"));
+    let job = fed.wait_job(&id, 3 * MIN);
+    assert_eq!(job["state"], "completed", "{job:#}");
+    let history = rounds(&job);
+    assert_eq!(history.len(), 3);
+    for (i, r) in history.iter().enumerate() {
+        assert_eq!(r["round"], i as u64 + 1);
+        assert_eq!(strs(&r["contributors"]), ["site-1", "site-2", "site-3"]);
+        assert!(r["evaluation"]["accuracy"].as_f64().is_some(), "round {} has no federated evaluation", i + 1);
+    }
+    let first = job["initial_evaluation"]["accuracy"].as_f64().expect("initial evaluation");
+    let last = history[2]["evaluation"]["accuracy"].as_f64().expect("final evaluation");
+    assert!(last > first + 0.1, "training did not improve the model: {first} → {last}");
+    // Distinct model versions, one per round.
+    let mut models: Vec<&str> = history.iter().filter_map(|r| r["model"].as_str()).collect();
+    models.dedup();
+    assert_eq!(models.len(), 3);
+
+    let sites = fed.cli_json(&["sites", "list"]);
+    for s in sites.as_array().expect("sites") {
+        assert_eq!(s["rounds_contributed"], 3, "{s}");
+        assert_eq!(s["online"], true, "{s}");
+    }
+    let status = fed.site_status("site-1");
+    assert_eq!(status["connection"], "connected", "{status}");
+    assert_eq!(status["job_id"], id.as_str());
+}
+
+#[test]
+fn a_site_with_data_outside_the_label_set_refuses_with_its_reason() {
+    let mut fed = Federation::new(2);
+    fed.start_coordinator();
+    fed.start_site("site-1");
+    fed.start_site("site-2");
+    // A job whose label set leaves out one label every shard holds records of.
+    let mut labels = fed.labels.clone();
+    labels.truncate(20);
+    let toml = format!(
+        "name = \"narrow\"\nlabels = [{}]\nrounds = 1\nmin_sites = 1\n{SMALL_MODEL}\n[deadlines]\njoin = 5\n",
+        labels.iter().map(|l| format!("{l:?}")).collect::<Vec<_>>().join(", ")
+    );
+    let path = fed.dir.path().join("narrow.toml");
+    std::fs::write(&path, toml).expect("job file");
+    let v = fed.cli_json(&["jobs", "submit", path.to_str().expect("utf-8")]);
+    let id = v["job_id"].as_str().expect("id").to_string();
+    let job = fed.wait_for(&id, MIN, |j| j["decisions"].as_array().is_some_and(|d| d.len() == 2));
+    for d in job["decisions"].as_array().expect("decisions") {
+        assert_eq!(d["accept"], false, "{d}");
+        assert!(d["reason"].as_str().unwrap_or("").contains("outside the job's label set"), "{d}");
+    }
+    let out = fed.cli(&["jobs", "abort", &id]);
+    assert!(out.status.success());
+}
+
+#[test]
+fn a_revoked_site_is_cut_off_and_refused() {
+    let mut fed = Federation::new(2);
+    fed.start_coordinator();
+    fed.start_site("site-1");
+    fed.start_site("site-2");
+    let online = |fed: &Federation, id: &str| {
+        fed.cli_json(&["sites", "list"])
+            .as_array()
+            .expect("sites")
+            .iter()
+            .any(|s| s["site_id"] == id && s["online"] == true)
+    };
+    let until = std::time::Instant::now() + MIN;
+    while !(online(&fed, "site-1") && online(&fed, "site-2")) {
+        assert!(std::time::Instant::now() < until, "sites did not come online");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let v = fed.cli_json(&["sites", "revoke", "site-2"]);
+    assert_eq!(v["revoked"], true);
+    // The site's connection is cut and its reconnections are refused at the TLS layer.
+    let until = std::time::Instant::now() + MIN;
+    loop {
+        let status = fed.site_status("site-2");
+        let log = fed.log_text("coordinator");
+        if status["connection"] != "connected" && log.contains("refused TLS handshake") && log.contains("revoked") {
+            break;
+        }
+        assert!(std::time::Instant::now() < until, "site-2 still connected: {status}\n{log}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(online(&fed, "site-1"));
+    assert!(!online(&fed, "site-2"));
+    // A revoked site stays revoked across a restart.
+    fed.kill_coordinator();
+    fed.start_coordinator();
+    let sites = fed.cli_json(&["sites", "list"]);
+    assert!(sites.as_array().expect("sites").iter().any(|s| s["site_id"] == "site-2" && s["revoked"] == true));
+}
+
+#[test]
+fn a_certificate_from_another_consortium_is_refused() {
+    let mut fed = Federation::new(1);
+    fed.start_coordinator();
+    // A second consortium approves a site; the site then dials our coordinator, trusting
+    // our CA, so the only thing wrong is its own certificate.
+    let other = fed.dir.path().join("other");
+    run_ok(
+        Command::new(bin("maeum-coordinator"))
+            .args(["init", "--name", "other", "--address", "127.0.0.1:1", "--home"])
+            .arg(&other),
+    );
+    let home = fed.dir.path().join("intruder");
+    let shard = fed.dir.path().join("data/site-1");
+    init_site(&home, "site-1", &shard);
+    let bundle = home.join("bundle.json");
+    run_ok(
+        Command::new(bin("maeum-coordinator"))
+            .args(["sites", "approve", "--home"])
+            .arg(&other)
+            .arg(home.join("request.csr.pem"))
+            .arg("--out")
+            .arg(&bundle),
+    );
+    let mut b: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&bundle).expect("bundle")).expect("json");
+    b["coordinator_address"] = fed.address.clone().into();
+    b["ca_pem"] = std::fs::read_to_string(fed.coordinator_home().join("ca.pem")).expect("ca").into();
+    std::fs::write(&bundle, b.to_string()).expect("write");
+    run_ok(Command::new(bin("maeum-site")).args(["enroll", "--home"]).arg(&home).arg(&bundle));
+    let log = std::fs::File::create(fed.dir.path().join("intruder.log")).expect("log");
+    let mut child = Command::new(bin("maeum-site"))
+        .args(["run", "--home"])
+        .arg(&home)
+        .env("MAEUM_LOG", "info")
+        .stderr(log)
+        .spawn()
+        .expect("spawn");
+    let until = std::time::Instant::now() + MIN;
+    loop {
+        let log = fed.log_text("coordinator");
+        if log.contains("refused TLS handshake") && !fed.log_text("intruder").is_empty() {
+            break;
+        }
+        assert!(std::time::Instant::now() < until, "no refusal logged:\n{log}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    let _ = child.kill();
+    let _ = child.wait();
+    let status: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(home.join("status.json")).unwrap_or_default())
+            .unwrap_or_default();
+    assert_ne!(status["connection"], "connected", "{status}");
+    assert!(fed.log_text("intruder").contains("cannot reach the coordinator"), "{}", fed.log_text("intruder"));
+    let sites = fed.cli_json(&["sites", "list"]);
+    assert!(sites.as_array().expect("sites").iter().all(|s| s["online"] == false), "{sites}");
+}
+
+#[test]
+fn a_site_killed_mid_round_is_excluded_and_the_round_completes() {
+    let mut fed = Federation::new(4);
+    fed.start_coordinator();
+    for s in ["site-1", "site-2", "site-3", "site-4"] {
+        fed.start_site(s);
+    }
+    // The default-size model and 3 local epochs keep site-4 busy long enough to catch it.
+    let id = fed.submit("kill-a-site", 4, 3, "[train]\nepochs = 3\n");
+    let until = std::time::Instant::now() + 2 * MIN;
+    loop {
+        let s = fed.site_status("site-4");
+        if s["stage"] == "training" {
+            break;
+        }
+        assert!(std::time::Instant::now() < until, "site-4 never started training: {s}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    fed.kill_site("site-4");
+    // The round completes without it; then the restarted site rejoins the job.
+    fed.wait_for(&id, 2 * MIN, |j| j["completed_rounds"].as_u64().is_some_and(|n| n >= 1));
+    fed.start_site("site-4");
+    let job = fed.wait_job(&id, 4 * MIN);
+    assert_eq!(job["state"], "completed", "{job:#}");
+    let history = rounds(&job);
+    assert_eq!(history.len(), 4);
+    assert_eq!(strs(&history[0]["dropped"]), ["site-4"], "{:#}", history[0]);
+    assert_eq!(strs(&history[0]["contributors"]), ["site-1", "site-2", "site-3"]);
+    assert!(fed.log_text("coordinator").contains("dropped from the round"));
+    assert!(
+        strs(&history[3]["contributors"]).contains(&"site-4".to_string()),
+        "the restarted site did not rejoin: {:#}",
+        history[3]
+    );
+}
+
+#[test]
+fn a_coordinator_killed_mid_job_resumes_without_duplicating_a_version() {
+    let mut fed = Federation::new(3);
+    fed.start_coordinator();
+    for s in ["site-1", "site-2", "site-3"] {
+        fed.start_site(s);
+    }
+    let id = fed.submit("crash", 5, 3, &format!("{SMALL_MODEL}[train]\nepochs = 2\n"));
+    fed.wait_for(&id, 2 * MIN, |j| j["completed_rounds"].as_u64().is_some_and(|n| n >= 2));
+    fed.kill_coordinator();
+    fed.start_coordinator();
+    let job = fed.wait_job(&id, 3 * MIN);
+    assert_eq!(job["state"], "completed", "{job:#}");
+    let history = rounds(&job);
+    let numbers: Vec<u64> = history.iter().filter_map(|r| r["round"].as_u64()).collect();
+    assert_eq!(numbers, [1, 2, 3, 4, 5]);
+    let mut models: Vec<&str> = history.iter().filter_map(|r| r["model"].as_str()).collect();
+    models.sort_unstable();
+    models.dedup();
+    assert_eq!(models.len(), 5, "a model version was produced twice");
+    for m in models {
+        assert!(fed.coordinator_home().join("blobs").join(m).exists(), "blob {m} missing");
+    }
+    // Every round after the restart still had all three sites.
+    assert!(history.iter().all(|r| strs(&r["contributors"]).len() == 3), "{history:#?}");
+}

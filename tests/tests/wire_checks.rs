@@ -1,0 +1,183 @@
+//! The coordinator's checks on what a site sends, exercised by a hand-driven site: one
+//! enrolled identity speaks the fleet protocol directly, so the test can send what a
+//! well-behaved agent never would.
+
+use std::time::Duration;
+
+use tonic::Code;
+use tonic::transport::{Channel, Endpoint};
+
+use maeum_e2e::{Federation, SMALL_MODEL};
+use maeum_protocols::identity::{CertifiedKey, SecretPem};
+use maeum_protocols::job::JobSpec;
+use maeum_protocols::tls;
+use maeum_protocols::wire::{self, Digest, TrainTask, UploadHeader, Work, pb};
+
+type Client = pb::fleet_client::FleetClient<Channel>;
+
+async fn connect(fed: &Federation, site: &str) -> Client {
+    let home = fed.site_home(site);
+    let read = |f: &str| std::fs::read_to_string(home.join(f)).expect(f);
+    let me = CertifiedKey { cert_pem: read("site.pem"), key: SecretPem::new(read("site.key")) };
+    let channel = Endpoint::from_shared(format!("https://{}", fed.address))
+        .expect("uri")
+        .tls_config(tls::client_tls(&read("ca.pem"), &me, "127.0.0.1"))
+        .expect("tls")
+        .connect()
+        .await
+        .expect("connect");
+    pb::fleet_client::FleetClient::new(channel)
+}
+
+/// Polls (heartbeating meanwhile) until `pick` accepts a work item.
+async fn poll_until<T>(c: &mut Client, mut pick: impl FnMut(Work) -> Option<T>) -> T {
+    let until = tokio::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        assert!(tokio::time::Instant::now() < until, "no matching work");
+        let w = c.poll(pb::PollRequest { status: None, wait_ms: 1000 }).await.expect("poll").into_inner();
+        if let Some(t) = pick(Work::try_from(w).expect("well-formed work")) {
+            return t;
+        }
+    }
+}
+
+fn header(t: &TrainTask, num_params: u64, payload: &[u8]) -> UploadHeader {
+    UploadHeader {
+        job_id: t.job_id.clone(),
+        round: t.round,
+        attempt: t.attempt,
+        base_digest: t.model.digest,
+        layout_digest: t.model.layout_digest,
+        num_params,
+        weight: 10,
+        sha256: Digest::of(payload),
+    }
+}
+
+/// How a test upload misbehaves.
+#[derive(Clone, Copy, PartialEq)]
+enum Mode {
+    Good,
+    CorruptChunk,
+    /// Stop after two 64 KiB chunks, as a dropped connection would.
+    StopEarly,
+}
+
+async fn upload(
+    c: &mut Client,
+    h: &UploadHeader,
+    payload: &[u8],
+    mode: Mode,
+) -> Result<pb::UploadState, tonic::Status> {
+    let state = c.begin_upload(pb::UploadHeader::from(h)).await?.into_inner();
+    let mut chunks = Vec::new();
+    let mut offset = state.confirmed as usize;
+    let size = if mode == Mode::StopEarly { 64 << 10 } else { wire::CHUNK_SIZE };
+    while offset < payload.len() && !(mode == Mode::StopEarly && chunks.len() == 2) {
+        let end = (offset + size).min(payload.len());
+        let c = wire::chunk(offset as u64, payload[offset..end].to_vec());
+        let sha256 = if mode == Mode::CorruptChunk { Digest::of(b"not this").hex() } else { c.sha256 };
+        chunks.push(pb::UploadChunk { upload_id: state.upload_id.clone(), offset: c.offset, data: c.data, sha256 });
+        offset = end;
+    }
+    Ok(c.upload(tokio_stream::iter(chunks)).await?.into_inner())
+}
+
+#[test]
+fn updates_with_a_wrong_layout_a_replayed_round_or_a_corrupt_chunk_are_rejected() {
+    let mut fed = Federation::new(3);
+    fed.start_coordinator();
+    fed.start_site("site-1");
+    fed.start_site("site-2");
+    let id = fed.submit("checks", 2, 3, SMALL_MODEL);
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    rt.block_on(async {
+        let mut c = connect(&fed, "site-3").await;
+        let mut hb = c.clone();
+        let beat = tokio::spawn(async move {
+            loop {
+                let _ = hb.heartbeat(pb::SiteStatus::default()).await;
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        });
+        let spec = poll_until(&mut c, |w| match w {
+            Work::Offer { job_id, spec_json, .. } if job_id == id => Some(spec_json),
+            _ => None,
+        })
+        .await;
+        let n = JobSpec::from_json(&spec).expect("spec").model_spec().expect("model").layout().numel() as u64;
+        c.decide_job(pb::JobDecision { job_id: id.clone(), accept: true, reason: String::new(), train_examples: 10 })
+            .await
+            .expect("decide");
+        let round1 = poll_until(&mut c, |w| match w {
+            Work::Train(t) if t.round == 1 => Some(t),
+            _ => None,
+        })
+        .await;
+        let zeros = vec![0u8; n as usize * 4];
+
+        let mut wrong = header(&round1, n, &zeros);
+        wrong.layout_digest = Digest::of(b"some other model");
+        let e = c.begin_upload(pb::UploadHeader::from(&wrong)).await.expect_err("wrong layout must be refused");
+        assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+        assert!(e.message().contains("does not match the job's model layout"), "{}", e.message());
+
+        let short = header(&round1, n - 1, &zeros[4..]);
+        let e = c.begin_upload(pb::UploadHeader::from(&short)).await.expect_err("wrong size must be refused");
+        assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+
+        let good = header(&round1, n, &zeros);
+        let e = upload(&mut c, &good, &zeros, Mode::CorruptChunk).await.expect_err("corrupt chunk must be refused");
+        assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+        assert!(e.message().contains("SHA-256"), "{}", e.message());
+
+        // An interrupted upload resumes from the last confirmed chunk.
+        let part = upload(&mut c, &good, &zeros, Mode::StopEarly).await.expect("first part");
+        assert!(!part.complete);
+        assert_eq!(part.confirmed, 2 * 65536);
+        let again = c.begin_upload(pb::UploadHeader::from(&good)).await.expect("resume").into_inner();
+        assert_eq!(again.confirmed, 2 * 65536, "the coordinator kept the confirmed bytes");
+        let done = upload(&mut c, &good, &zeros, Mode::Good).await.expect("valid update");
+        assert!(done.complete);
+        let e = c.begin_upload(pb::UploadHeader::from(&good)).await.expect_err("second update must be refused");
+        assert_eq!(e.code(), Code::AlreadyExists, "{e:?}");
+
+        let round2 = poll_until(&mut c, |w| match w {
+            Work::Train(t) if t.round == 2 => Some(t),
+            _ => None,
+        })
+        .await;
+        let e = c.begin_upload(pb::UploadHeader::from(&good)).await.expect_err("replayed round must be refused");
+        assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+        assert!(e.message().contains("stale update"), "{}", e.message());
+        let fresh = header(&round2, n, &zeros);
+        let mut nan = zeros.clone();
+        nan[40..44].copy_from_slice(&f32::NAN.to_le_bytes());
+        let e = upload(&mut c, &header(&round2, n, &nan), &nan, Mode::Good).await.expect_err("NaN must be refused");
+        assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+        assert!(e.message().contains("value 10 is not a finite number"), "{}", e.message());
+        assert!(upload(&mut c, &fresh, &zeros, Mode::Good).await.expect("round 2 update").complete);
+        beat.abort();
+    });
+    let job = fed.wait_job(&id, Duration::from_secs(180));
+    assert_eq!(job["state"], "completed", "{job:#}");
+    let log = fed.log_text("coordinator");
+    assert!(log.contains("update refused"), "refusals are logged");
+}
+
+#[test]
+fn a_200_mb_model_moves_between_coordinator_and_sites() {
+    let mut fed = Federation::new(2);
+    fed.start_coordinator();
+    fed.start_site("site-1");
+    fed.start_site("site-2");
+    // 2^20 buckets × 48 dimensions ≈ 50.3 M parameters ≈ 201 MB per transfer.
+    let model = "[model]\nkind = \"text-classifier\"\nbuckets = 1048576\nembed_dim = 48\nhidden = 16\n";
+    let id = fed.submit("large", 1, 2, model);
+    let job = fed.wait_job(&id, Duration::from_secs(300));
+    assert_eq!(job["state"], "completed", "{job:#}\n{}", fed.log_text("coordinator"));
+    let digest = job["history"][0]["model"].as_str().expect("model");
+    let size = std::fs::metadata(fed.coordinator_home().join("blobs").join(digest)).expect("blob").len();
+    assert!(size > 200_000_000, "model is only {size} bytes");
+    assert_eq!(job["history"][0]["contributors"].as_array().map(Vec::len), Some(2));
+}
