@@ -47,3 +47,22 @@ impl Blobs {
         Ok(bytes)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn blobs_are_named_by_content_and_checked_on_read() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let b = Blobs::open(dir.path()).expect("open");
+        let d = b.put(b"model bytes").expect("put");
+        assert_eq!(d, Digest::of(b"model bytes"));
+        assert_eq!(b.put(b"model bytes").expect("idempotent"), d);
+        assert_eq!(b.get(&d).expect("get"), b"model bytes");
+        std::fs::write(b.path(&d), b"tampered").expect("tamper");
+        let e = b.get(&d).expect_err("corruption is detected");
+        assert!(e.to_string().contains("corrupt"), "{e}");
+        assert!(!b.contains(&Digest::of(b"other")));
+    }
+}

@@ -197,3 +197,79 @@ impl Store {
         Ok(v.and_then(|b| <[u8; 8]>::try_from(b.as_ref()).ok()).map_or(1, u64::from_be_bytes))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn job(id: &str) -> JobRecord {
+        let toml = "name = \"t\"\nlabels = [\"a\", \"b\"]\nrounds = 2\n";
+        JobRecord {
+            id: id.into(),
+            spec: JobSpec::from_toml("t.toml", toml).expect("spec"),
+            toml: toml.into(),
+            spec_sha256: String::new(),
+            state: JobState::Pending,
+            submitted_ms: 1,
+            initial: None,
+            initial_evaluation: None,
+            decisions: BTreeMap::new(),
+            history: Vec::new(),
+            attempts_started: 0,
+            error: String::new(),
+        }
+    }
+
+    #[test]
+    fn records_survive_reopening() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let s = Store::open(dir.path()).expect("open");
+            s.put_job(&job("t-1")).expect("put");
+            s.put_site(&SiteRecord { id: "a".into(), revoked: true, ..Default::default() }, true).expect("site");
+            assert_eq!(s.next("job").expect("next"), 1);
+            assert_eq!(s.next("job").expect("next"), 2);
+        }
+        let s = Store::open(dir.path()).expect("reopen");
+        assert_eq!(s.job("t-1").expect("job").map(|j| j.state), Some(JobState::Pending));
+        assert!(s.site("a").expect("site").is_some_and(|r| r.revoked));
+        assert_eq!(s.next("job").expect("next"), 3, "counters never repeat");
+    }
+
+    #[test]
+    fn update_job_never_loses_a_concurrent_change() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let s = Store::open(dir.path()).expect("open");
+        s.put_job(&job("t-1")).expect("put");
+        let threads: Vec<_> = (0..8)
+            .map(|_| {
+                let s = s.clone();
+                std::thread::spawn(move || {
+                    for _ in 0..25 {
+                        s.update_job("t-1", |j| {
+                            j.attempts_started += 1;
+                            Ok(())
+                        })
+                        .expect("update");
+                    }
+                })
+            })
+            .collect();
+        threads.into_iter().for_each(|t| t.join().expect("thread"));
+        assert_eq!(s.job("t-1").expect("job").map(|j| j.attempts_started), Some(200));
+    }
+
+    #[test]
+    fn a_refused_update_writes_nothing() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let s = Store::open(dir.path()).expect("open");
+        s.put_job(&job("t-1")).expect("put");
+        let r: Result<(JobRecord, ())> = s.update_job("t-1", |j| {
+            j.state = JobState::Aborted;
+            anyhow::bail!("no")
+        });
+        assert!(r.is_err());
+        assert_eq!(s.job("t-1").expect("job").map(|j| j.state), Some(JobState::Pending));
+        assert!(s.update_job("missing", |_| Ok(())).is_err(), "an unknown job is an error");
+    }
+}

@@ -502,12 +502,7 @@ async fn train(agent: &Agent, client: &mut Client, t: TrainTask) -> Result<()> {
                 sha256: Digest::of(&bytes),
             };
             maeum_models::write_atomic(&update_path, &bytes)?;
-            let stored = serde_json::json!({
-                "job_id": h.job_id, "round": h.round, "attempt": h.attempt, "base_digest": h.base_digest.hex(),
-                "layout_digest": h.layout_digest.hex(), "num_params": h.num_params, "weight": h.weight,
-                "sha256": h.sha256.hex(),
-            });
-            maeum_models::write_atomic(&header_path, stored.to_string().as_bytes())?;
+            maeum_models::write_atomic(&header_path, header_json(&h).as_bytes())?;
             h
         }
     };
@@ -523,6 +518,16 @@ async fn train(agent: &Agent, client: &mut Client, t: TrainTask) -> Result<()> {
     agent.set(|s| s.last_model = t.model.digest.hex());
     info!(job = %t.job_id, round = t.round, "update delivered");
     Ok(())
+}
+
+/// The on-disk form of an update's header (HOME/work/NAME.json).
+fn header_json(h: &UploadHeader) -> String {
+    serde_json::json!({
+        "job_id": h.job_id, "round": h.round, "attempt": h.attempt, "base_digest": h.base_digest.hex(),
+        "layout_digest": h.layout_digest.hex(), "num_params": h.num_params, "weight": h.weight,
+        "sha256": h.sha256.hex(),
+    })
+    .to_string()
 }
 
 fn stored_header(json: &str) -> Option<UploadHeader> {
@@ -581,4 +586,56 @@ pub async fn upload(client: &mut Client, header: &UploadHeader, path: &Path) -> 
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     Err(last_err.unwrap_or_else(|| anyhow::anyhow!("upload failed")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ex(label: &str) -> Example {
+        Example { text: "some words".into(), label: label.into() }
+    }
+
+    fn job(labels: &[&str]) -> JobSpec {
+        let labels: Vec<String> = labels.iter().map(|l| format!("{l:?}")).collect();
+        let toml = format!("name = \"t\"\nlabels = [{}]\nrounds = 1\n", labels.join(", "));
+        JobSpec::from_toml("t.toml", &toml).expect("job")
+    }
+
+    #[test]
+    fn a_job_is_refused_when_local_labels_fall_outside_its_label_set() {
+        let data = LocalData { train: vec![ex("a"), ex("b"), ex("zz")], test: vec![ex("zz"), ex("yy")] };
+        assert_eq!(data.refusal(&job(&["a", "b", "yy", "zz"])), None);
+        let reason = data.refusal(&job(&["a", "b"])).expect("refused");
+        assert_eq!(reason, "local data has 2 label(s) outside the job's label set (3 records): yy, zz");
+    }
+
+    #[test]
+    fn backoff_grows_to_its_cap_with_jitter() {
+        let mut b = Backoff(0);
+        let first = b.next();
+        assert!(first >= Duration::from_millis(125) && first <= Duration::from_millis(500), "{first:?}");
+        for _ in 0..20 {
+            let d = b.next();
+            assert!(d <= Duration::from_secs(30), "{d:?}");
+        }
+        assert!(b.next() >= Duration::from_millis(7_500));
+    }
+
+    #[test]
+    fn a_stored_upload_header_round_trips_and_junk_is_ignored() {
+        let h = UploadHeader {
+            job_id: "j-1".into(),
+            round: 2,
+            attempt: 3,
+            base_digest: Digest::of(b"a"),
+            layout_digest: Digest::of(b"b"),
+            num_params: 10,
+            weight: 4,
+            sha256: Digest::of(b"c"),
+        };
+        assert_eq!(stored_header(&header_json(&h)), Some(h));
+        assert_eq!(stored_header("{\"job_id\": 1}"), None);
+        assert_eq!(stored_header("not json"), None);
+    }
 }
