@@ -28,14 +28,15 @@ pub async fn connect(home: &Path) -> Result<ControlClient<Channel>> {
     Ok(ControlClient::new(channel).max_decoding_message_size(64 << 20))
 }
 
+/// A reported confusion matrix as `models`' type; `None` if its dimensions are wrong.
+pub fn confusion(c: &pb::Confusion) -> Option<Confusion> {
+    let n = c.n_labels as usize;
+    (n > 0 && c.counts.len() == n * n).then(|| Confusion { counts: c.counts.chunks(n).map(<[u64]>::to_vec).collect() })
+}
+
 /// Accuracy and macro-F1 of a reported confusion matrix.
 pub fn scores(c: &pb::Confusion) -> Option<(f64, f64)> {
-    let n = c.n_labels as usize;
-    if n == 0 || c.counts.len() != n * n {
-        return None;
-    }
-    let conf = Confusion { counts: c.counts.chunks(n).map(<[u64]>::to_vec).collect() };
-    let m = conf.metrics();
+    let m = confusion(c)?.metrics();
     Some((m.accuracy, m.macro_f1))
 }
 
@@ -88,13 +89,11 @@ pub fn print_job(j: &pb::JobInfo) {
 
 /// Per-class recall of a reported confusion matrix, keyed by label.
 pub fn recall(c: &pb::Confusion, labels: &[String]) -> serde_json::Map<String, serde_json::Value> {
-    let n = c.n_labels as usize;
     let mut out = serde_json::Map::new();
-    if n == 0 || c.counts.len() != n * n || labels.len() != n {
-        return out;
-    }
-    for (i, row) in c.counts.chunks(n).enumerate() {
+    let Some(conf) = confusion(c).filter(|m| m.counts.len() == labels.len()) else { return out };
+    for (i, row) in conf.counts.iter().enumerate() {
         let total: u64 = row.iter().sum();
+        // A class with no held-out examples has no recall (null), not a recall of 0.
         let r = if total == 0 { serde_json::Value::Null } else { (row[i] as f64 / total as f64).into() };
         out.insert(labels[i].clone(), r);
     }

@@ -342,8 +342,7 @@ pub async fn run(a: DemoArgs) -> Result<()> {
     }
     fleet.stop();
     let final_eval = info.history.last().and_then(|r| r.evaluation.clone()).context("no final evaluation")?;
-    let n = final_eval.n_labels as usize;
-    let fed = score(&Confusion { counts: final_eval.counts.chunks(n).map(<[u64]>::to_vec).collect() });
+    let fed = score(&client::confusion(&final_eval).context("malformed final evaluation")?);
     let per_round: Vec<serde_json::Value> = info
         .history
         .iter()

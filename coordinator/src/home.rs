@@ -21,6 +21,7 @@ use ring::signature::KeyPair;
 use serde::{Deserialize, Serialize};
 
 use maeum_protocols::identity::{self, Bundle, Ca, CertifiedKey, SecretPem};
+pub use maeum_protocols::runtime::now_ms;
 
 /// Certificates issued by `init` and `sites approve` are valid this long.
 pub const CERT_DAYS: u32 = 397;
@@ -185,8 +186,4 @@ pub fn approve(home: &Home, csr_pem: &str, expected: Option<&str>) -> Result<Bun
 
 pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-pub fn now_ms() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
 }

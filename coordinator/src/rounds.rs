@@ -109,7 +109,7 @@ async fn drive(c: &Arc<Coord>, id: &str) -> Result<()> {
     let mut job = load(c, id)?;
     let spec = job.spec.model_spec()?;
     if job.initial.is_none() {
-        let params = spec.init(job.spec.seed)?;
+        let params = job.spec.initial_params()?;
         let initial = save_model(c, &spec, &params, id, 0)?;
         job = c
             .store

@@ -423,7 +423,7 @@ fn line_column(text: &str, at: usize) -> (Option<usize>, Option<usize>) {
     (Some(line), Some(column))
 }
 
-/// Lowercase hex SHA-256 of `bytes`: the hash of a job file as submitted, for the audit log.
+/// Lowercase hex SHA-256 of `bytes`: the hash of a job file as submitted (kept with the job).
 pub fn sha256_hex(bytes: &[u8]) -> String {
     ring::digest::digest(&ring::digest::SHA256, bytes).as_ref().iter().map(|b| format!("{b:02x}")).collect()
 }

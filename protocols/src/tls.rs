@@ -713,11 +713,4 @@ mod tests {
             ),
         );
     }
-
-    #[test]
-    fn client_tls_builds() {
-        let pki = Pki::new();
-        let operator = pki.ca.issue_operator("alice", DAYS).unwrap();
-        let _config = client_tls(pki.ca.cert_pem(), &operator, "localhost");
-    }
 }

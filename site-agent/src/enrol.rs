@@ -9,8 +9,8 @@
 //! HOME/site.pem, ca.pem     the site certificate and the consortium CA
 //! HOME/status.json          written by the daemon: connection, stage, job, round
 //! HOME/jobs/ID.json         specs of jobs this site accepted
-//! HOME/models/DIGEST        verified model versions (partial downloads end in .part)
-//! HOME/work/                updates waiting to be uploaded
+//! HOME/models/DIGEST.safetensors  verified model versions (DIGEST.part while downloading)
+//! HOME/work/JOB-rR-aA.update     an update waiting to be uploaded, with its header in .json
 //! ```
 
 use std::path::{Path, PathBuf};
