@@ -6,6 +6,7 @@
 //! `demo` (the one-command local federation).
 #![forbid(unsafe_code)]
 
+pub mod audit;
 pub mod blobs;
 pub mod client;
 pub mod demo;

@@ -8,11 +8,14 @@
 //!   certificates into peer identities for the gRPC services (the one IO-facing module).
 //! - `job` and `strategy`: the job file (TOML) a lead submits and sites check before
 //!   joining, with its aggregation-strategy table.
+//! - `audit`: the transparency log (RFC 9162 Merkle tree, entries, signed checkpoints,
+//!   witnesses, the export file `maeum-audit` verifies).
 //! - `runtime`: log setup and the shutdown signal for the binaries.
 //!
 //! The protocol cores are sans-IO: no sockets, clocks or ambient randomness.
 #![forbid(unsafe_code)]
 
+pub mod audit;
 pub mod identity;
 pub mod job;
 pub mod runtime;

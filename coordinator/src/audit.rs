@@ -1,0 +1,381 @@
+//! The coordinator's transparency log, persisted in sled, append-only.
+//!
+//! ```text
+//! audit_entries      seq (u64 BE) -> canonical entry bytes
+//! audit_leaves       seq (u64 BE) -> leaf hash (32 bytes)
+//! audit_checkpoints  size (u64 BE) -> ExportedCheckpoint JSON (root, signature, cosignatures)
+//! ```
+//!
+//! Commit points: [`AuditLog::append`] writes an entry and its leaf in one sled
+//! transaction and flushes before returning its seq, so a committed entry survives
+//! kill -9 whole or not at all; [`AuditLog::checkpoint`] flushes the signed checkpoint
+//! before it becomes the latest. The tree (every complete subtree hash, 64 bytes per
+//! entry) is rebuilt in memory at open, in O(n), so checkpoints and proofs never
+//! rehash the log. The protocol logic (checkpoint records, proofs) is
+//! [`maeum_protocols::audit::Log`]; this file only stores it.
+
+use std::sync::Mutex;
+
+use anyhow::{Context, Result, anyhow, bail};
+use sled::Transactional;
+
+use maeum_protocols::audit::checkpoint::{self, log_key_pair, verify_cosignature, witness_key};
+use maeum_protocols::audit::export::{EXPORT_FORMAT, Export, ExportedCheckpoint, ExportedCosignature, WitnessCert};
+use maeum_protocols::audit::{Entry, Event, Hash, Log, SignedCheckpoint, hex};
+use maeum_protocols::identity;
+
+/// The append-only audit log of one coordinator.
+pub struct AuditLog {
+    db: sled::Db,
+    entries: sled::Tree,
+    leaves: sled::Tree,
+    checkpoints: sled::Tree,
+    key: ring::signature::Ed25519KeyPair,
+    /// Serialises appends and checkpoints; holds the in-memory tree.
+    log: Mutex<Log>,
+}
+
+impl std::fmt::Debug for AuditLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuditLog").field("key", &"***").finish_non_exhaustive()
+    }
+}
+
+fn seq_key(n: u64) -> [u8; 8] {
+    n.to_be_bytes()
+}
+
+impl AuditLog {
+    /// Opens (or creates) the log named `origin` in `db`, signing with the Ed25519
+    /// PKCS#8 key `signing_key_pkcs8` (the home's `signing.key`). Reloads the leaves,
+    /// checks they are numbered 0..n and that the latest checkpoint matches them.
+    pub fn open(db: &sled::Db, origin: String, signing_key_pkcs8: &[u8]) -> Result<AuditLog> {
+        let key = log_key_pair(signing_key_pkcs8).context("loading the audit log signing key")?;
+        let entries = db.open_tree("audit_entries").context("opening audit_entries")?;
+        let leaves = db.open_tree("audit_leaves").context("opening audit_leaves")?;
+        let checkpoints = db.open_tree("audit_checkpoints").context("opening audit_checkpoints")?;
+        let mut hashes: Vec<Hash> = Vec::with_capacity(leaves.len());
+        for (i, item) in leaves.iter().enumerate() {
+            let (k, v) = item.context("reading audit_leaves")?;
+            if k.as_ref() != seq_key(i as u64) {
+                bail!("audit log is corrupt: leaf {i} is missing");
+            }
+            hashes.push(v.as_ref().try_into().map_err(|_| anyhow!("audit log is corrupt: leaf {i} is not 32 bytes"))?);
+        }
+        if entries.len() != hashes.len() {
+            bail!("audit log is corrupt: {} entries but {} leaves", entries.len(), hashes.len());
+        }
+        let latest = match checkpoints.last().context("reading audit_checkpoints")? {
+            None => None,
+            Some((_, v)) => {
+                let stored: ExportedCheckpoint =
+                    serde_json::from_slice(&v).context("decoding the latest checkpoint")?;
+                Some(stored.to_signed(&origin)?.0)
+            }
+        };
+        if let Some(cp) = &latest {
+            cp.verify(&checkpoint::log_public_key(&key))
+                .context("the latest stored checkpoint is not signed by this signing key")?;
+        }
+        let log = Log::restore(origin, &hashes, latest).context("reloading the audit log")?;
+        Ok(AuditLog { db: db.clone(), entries, leaves, checkpoints, key, log: Mutex::new(log) })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Log> {
+        self.log.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The log's public key (hex), as in `signing.pub`.
+    pub fn public_key(&self) -> String {
+        hex(&checkpoint::log_public_key(&self.key))
+    }
+
+    /// The log's origin.
+    pub fn origin(&self) -> String {
+        self.lock().origin().to_owned()
+    }
+
+    /// The number of entries.
+    pub fn size(&self) -> u64 {
+        self.lock().size()
+    }
+
+    /// Appends `event` at `time_ms`, durably, and returns its seq. (If a checkpoint was
+    /// signed since the last entry, its record is appended first.)
+    pub fn append(&self, time_ms: i64, event: Event) -> Result<u64> {
+        let mut log = self.lock();
+        let new = log.next_entries(time_ms, event);
+        (&self.entries, &self.leaves)
+            .transaction(|(entries, leaves)| {
+                for entry in &new {
+                    entries.insert(&seq_key(entry.seq), entry.encode())?;
+                    leaves.insert(&seq_key(entry.seq), &entry.leaf_hash())?;
+                }
+                Ok(())
+            })
+            .map_err(|e: sled::transaction::TransactionError<()>| anyhow!("writing an audit entry: {e:?}"))?;
+        self.db.flush().context("flushing the audit log")?;
+        log.apply(&new)?;
+        // INVARIANT: next_entries always returns the event as its last entry.
+        Ok(new.last().map_or(0, |e| e.seq))
+    }
+
+    /// Signs a checkpoint of the current size (or returns the latest if nothing was
+    /// appended since), stores it durably, and returns it. Errors on an empty log.
+    pub fn checkpoint(&self) -> Result<SignedCheckpoint> {
+        let mut log = self.lock();
+        let signed = log.sign_checkpoint(&self.key)?;
+        if log.latest() == Some(&signed) {
+            return Ok(signed);
+        }
+        let stored = serde_json::to_vec(&ExportedCheckpoint::new(&signed, &[]))?;
+        self.checkpoints.insert(seq_key(signed.checkpoint.size), stored).context("storing a checkpoint")?;
+        self.db.flush().context("flushing the audit log")?;
+        log.set_latest(signed.clone())?;
+        Ok(signed)
+    }
+
+    /// The latest checkpoint, if any.
+    pub fn latest(&self) -> Option<SignedCheckpoint> {
+        self.lock().latest().cloned()
+    }
+
+    /// Every stored checkpoint with its cosignatures, by size.
+    pub fn checkpoints(&self) -> Result<Vec<ExportedCheckpoint>> {
+        self.checkpoints
+            .iter()
+            .values()
+            .map(|v| serde_json::from_slice(&v.context("reading audit_checkpoints")?).context("decoding a checkpoint"))
+            .collect()
+    }
+
+    /// The entry `seq`.
+    pub fn entry(&self, seq: u64) -> Result<Entry> {
+        let bytes = self.entries.get(seq_key(seq))?.with_context(|| format!("no audit entry {seq}"))?;
+        Ok(Entry::decode(&bytes)?)
+    }
+
+    /// Records `site`'s cosignature on the checkpoint of `size`, after checking it: the
+    /// site's certificate `cert_pem` must chain to `ca_pem`, name the site, be valid at
+    /// the time of the checkpoint's last entry, and the signature must verify. A second
+    /// cosignature by the same site replaces the first.
+    pub fn add_cosignature(&self, size: u64, site: &str, signature: &[u8], ca_pem: &str, cert_pem: &str) -> Result<()> {
+        let guard = self.lock();
+        let stored = self.checkpoints.get(seq_key(size))?.with_context(|| format!("no checkpoint of size {size}"))?;
+        let mut cp: ExportedCheckpoint = serde_json::from_slice(&stored).context("decoding a checkpoint")?;
+        let (signed, _) = cp.to_signed(guard.origin())?;
+        let at = self.entry(size - 1)?.time_ms;
+        let ca = identity::pem_to_der(ca_pem)?.remove(0);
+        let cert = identity::pem_to_der(cert_pem)?.remove(0);
+        let bits = witness_key(&ca, &cert, site, at).map_err(|e| anyhow!("cosignature of site {site}: {e}"))?;
+        verify_cosignature(&signed.checkpoint, &bits, signature)
+            .map_err(|e| anyhow!("cosignature of site {site} on checkpoint {size}: {e}"))?;
+        cp.cosignatures.retain(|c| c.site != site);
+        cp.cosignatures
+            .push(ExportedCosignature { site: site.to_owned(), signature: maeum_protocols::audit::base64(signature) });
+        cp.cosignatures.sort_by(|a, b| a.site.cmp(&b.site));
+        self.checkpoints.insert(seq_key(size), serde_json::to_vec(&cp)?)?;
+        self.db.flush().context("flushing the audit log")?;
+        Ok(())
+    }
+
+    /// The consistency proof from the tree of `old` entries to that of `new`.
+    pub fn consistency_proof(&self, old: u64, new: u64) -> Result<Vec<Hash>> {
+        Ok(self.lock().consistency_proof(old, new)?)
+    }
+
+    /// The inclusion proof of entry `seq` in the tree of `size` entries.
+    pub fn inclusion_proof(&self, seq: u64, size: u64) -> Result<Vec<Hash>> {
+        Ok(self.lock().inclusion_proof(seq, size)?)
+    }
+
+    /// The export file: every entry, a checkpoint covering all of them (signed now if
+    /// needed), every checkpoint's cosignatures, the CA, and the certificates in
+    /// `witnesses` that the log announced (`site_approved`). The export is verified
+    /// before it is returned, so the coordinator never hands out one that fails.
+    pub fn export(&self, ca_pem: &str, witnesses: &[WitnessCert]) -> Result<Vec<u8>> {
+        if self.size() == 0 {
+            bail!("the audit log is empty");
+        }
+        self.checkpoint()?;
+        let log = self.lock();
+        let n = log.size();
+        let mut entries = Vec::with_capacity(n as usize);
+        let mut announced = std::collections::BTreeSet::new();
+        for (i, item) in self.entries.range(..seq_key(n)).enumerate() {
+            let (_, bytes) = item.context("reading audit_entries")?;
+            let entry = Entry::decode(&bytes).with_context(|| format!("audit entry {i}"))?;
+            if let Event::SiteApproved { site, cert_fingerprint, .. } = &entry.event {
+                announced.insert((site.clone(), cert_fingerprint.clone()));
+            }
+            entries.push(entry);
+        }
+        let canonical = |pem: &str| -> Result<(String, String)> {
+            let der = identity::pem_to_der(pem)?.remove(0);
+            Ok((checkpoint::canonical_pem(&der), identity::fingerprint(&der)))
+        };
+        let mut certs = Vec::new();
+        for w in witnesses {
+            let (cert_pem, print) =
+                canonical(&w.cert_pem).with_context(|| format!("certificate of site {}", w.site))?;
+            if announced.contains(&(w.site.clone(), print)) {
+                certs.push(WitnessCert { site: w.site.clone(), cert_pem });
+            }
+        }
+        certs.sort_by(|a, b| (&a.site, &a.cert_pem).cmp(&(&b.site, &b.cert_pem)));
+        certs.dedup();
+        let export = Export {
+            format: EXPORT_FORMAT.into(),
+            origin: log.origin().to_owned(),
+            log_public_key: self.public_key(),
+            ca_cert_pem: canonical(ca_pem).context("the CA certificate")?.0,
+            witnesses: certs,
+            entries,
+            checkpoints: self.checkpoints()?,
+        };
+        drop(log);
+        let bytes = export.encode();
+        maeum_protocols::audit::export::verify(&bytes, None).context("the export does not verify")?;
+        Ok(bytes)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use maeum_protocols::audit::Witness;
+    use maeum_protocols::audit::export::verify;
+    use maeum_protocols::identity::{Ca, site_request};
+    use ring::rand::SystemRandom;
+
+    struct Setup {
+        dir: tempfile::TempDir,
+        pkcs8: Vec<u8>,
+        ca: Ca,
+    }
+
+    fn setup() -> Setup {
+        let pkcs8 = ring::signature::Ed25519KeyPair::generate_pkcs8(&SystemRandom::new()).expect("key");
+        Setup {
+            dir: tempfile::tempdir().expect("tempdir"),
+            pkcs8: pkcs8.as_ref().to_vec(),
+            ca: Ca::generate("heart", 30).expect("ca"),
+        }
+    }
+
+    fn open(s: &Setup) -> (sled::Db, AuditLog) {
+        let db = sled::open(s.dir.path()).expect("db");
+        let log = AuditLog::open(&db, "maeum/heart".into(), &s.pkcs8).expect("open");
+        (db, log)
+    }
+
+    fn now() -> i64 {
+        maeum_protocols::runtime::now_ms()
+    }
+
+    fn init(s: &Setup, log: &AuditLog) {
+        let ca = identity::pem_to_der(s.ca.cert_pem()).expect("ca").remove(0);
+        let event = Event::ConsortiumInit {
+            consortium: "heart".into(),
+            ca_fingerprint: identity::fingerprint(&ca),
+            log_key: log.public_key(),
+        };
+        assert_eq!(log.append(now(), event).expect("append"), 0);
+    }
+
+    fn finished(n: u32) -> Event {
+        Event::JobFinished { job_id: format!("j-{n}"), state: "completed".into() }
+    }
+
+    #[test]
+    fn entries_and_checkpoints_survive_reopening() {
+        let s = setup();
+        let (root, cp) = {
+            let (_db, log) = open(&s);
+            init(&s, &log);
+            for n in 0..10 {
+                log.append(now(), finished(n)).expect("append");
+            }
+            let cp = log.checkpoint().expect("checkpoint");
+            assert_eq!(cp.checkpoint.size, 11);
+            assert_eq!(log.checkpoint().expect("again"), cp, "nothing new: the same checkpoint");
+            (cp.checkpoint.root, cp)
+        };
+        let (_db, log) = open(&s);
+        assert_eq!(log.size(), 11);
+        assert_eq!(log.latest(), Some(cp.clone()));
+        assert_eq!(log.lock().tree().root(), root);
+        // The first append after reopening records the checkpoint, as it would have.
+        assert_eq!(log.append(now(), finished(10)).expect("append"), 12);
+        assert_eq!(log.entry(11).expect("entry").event.kind(), "checkpoint");
+        let cp2 = log.checkpoint().expect("checkpoint");
+        let proof = log.consistency_proof(11, 13).expect("proof");
+        maeum_protocols::audit::merkle::verify_consistency(11, 13, &root, &cp2.checkpoint.root, &proof)
+            .expect("consistent");
+        let inclusion = log.inclusion_proof(3, 13).expect("inclusion");
+        let leaf = log.entry(3).expect("entry").leaf_hash();
+        maeum_protocols::audit::merkle::verify_inclusion(&leaf, 3, 13, &inclusion, &cp2.checkpoint.root)
+            .expect("included");
+        assert!(
+            AuditLog::open(&sled::open(tempfile::tempdir().expect("dir").path()).expect("db"), "x".into(), b"no")
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn a_checkpoint_signed_by_another_key_is_refused_at_open() {
+        let s = setup();
+        {
+            let (_db, log) = open(&s);
+            init(&s, &log);
+            log.checkpoint().expect("checkpoint");
+        }
+        let db = sled::open(s.dir.path()).expect("db");
+        let other = ring::signature::Ed25519KeyPair::generate_pkcs8(&SystemRandom::new()).expect("key");
+        let e = AuditLog::open(&db, "maeum/heart".into(), other.as_ref()).expect_err("other key");
+        assert!(format!("{e:#}").contains("not signed by this signing key"), "{e:#}");
+    }
+
+    #[test]
+    fn export_with_cosignatures_verifies() {
+        let s = setup();
+        let (_db, log) = open(&s);
+        init(&s, &log);
+        let (site_key, csr) = site_request("a").expect("csr");
+        let (_, cert) = s.ca.sign_site_request(&csr, Some("a"), 30).expect("cert");
+        let der = identity::pem_to_der(&cert).expect("der").remove(0);
+        log.append(
+            now(),
+            Event::SiteApproved {
+                site: "a".into(),
+                cert_fingerprint: identity::fingerprint(&der),
+                not_after_ms: identity::not_after_unix(&der).expect("not after") * 1000,
+            },
+        )
+        .expect("append");
+        let mut witness =
+            Witness::new("maeum/heart".into(), maeum_protocols::audit::unhex32(&log.public_key()).expect("key"), None)
+                .expect("witness");
+        for round in 0..3 {
+            log.append(now(), finished(round)).expect("append");
+            let cp = log.checkpoint().expect("checkpoint");
+            let proof = log.consistency_proof(witness.known_size(), cp.checkpoint.size).expect("proof");
+            let sig =
+                witness.observe(&cp, &proof).expect("observe").cosign(&site_key, &SystemRandom::new()).expect("sign");
+            log.add_cosignature(cp.checkpoint.size, "a", &sig, s.ca.cert_pem(), &cert).expect("cosignature");
+            assert!(log.add_cosignature(cp.checkpoint.size, "a", &sig[1..], s.ca.cert_pem(), &cert).is_err());
+        }
+        log.append(now(), finished(9)).expect("uncovered entry");
+        let other = s.ca.issue_operator("not-a-site", 30).expect("other");
+        let witnesses = [
+            WitnessCert { site: "a".into(), cert_pem: cert.clone() },
+            WitnessCert { site: "z".into(), cert_pem: other.cert_pem },
+        ];
+        let bytes = log.export(s.ca.cert_pem(), &witnesses).expect("export");
+        let report = verify(&bytes, None).expect("verifies");
+        assert_eq!(report.checkpoints, 4, "export signs a checkpoint covering the last entry");
+        assert_eq!(report.cosignatures, 3);
+        assert_eq!(report.witnesses, ["a"], "unannounced certificates are left out");
+        assert_eq!(report.entries, log.size());
+    }
+}

@@ -1,0 +1,349 @@
+//! `maeum-audit`: verifies a Maeum audit log export offline, shows its timeline, and
+//! makes and checks inclusion and consistency proofs. Needs nothing but the files.
+//!
+//! Exit codes: 0 the check holds; 1 it does not, including a file that does not parse
+//! (the message names the first failed check, entry or checkpoint); 2 the command could
+//! not run (bad arguments, a file that cannot be read or is of the wrong kind).
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+
+use maeum_protocols::audit::export::{
+    self, CHECKPOINT_FORMAT, CheckpointFile, EXPORT_FORMAT, INCLUSION_FORMAT, InclusionProof, Verified,
+};
+use maeum_protocols::audit::{AuditError, Entry, Event, hex, rfc3339, unhex32};
+
+/// Verify and inspect a Maeum transparency audit log, offline.
+#[derive(Debug, Parser)]
+#[command(name = "maeum-audit", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Verify an export: entries, tree, every checkpoint signature, consistency and cosignature.
+    Verify {
+        /// The export file (`maeum-coordinator audit export --out FILE`).
+        file: PathBuf,
+        /// The log key you trust: 64 hex digits, or a file holding them (e.g. signing.pub).
+        #[arg(long)]
+        trust: Option<String>,
+        /// Print the summary as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show the log as a timeline, one line per entry (verifies it first).
+    Show {
+        /// The export file.
+        file: PathBuf,
+        /// Only entries about this job.
+        #[arg(long)]
+        job: Option<String>,
+        /// Only entries that name this site.
+        #[arg(long)]
+        site: Option<String>,
+        /// Only entries of this kind (e.g. round_started; see `--kind help`).
+        #[arg(long)]
+        kind: Option<String>,
+        /// Print the entries as JSON lines (their canonical encoding).
+        #[arg(long)]
+        json: bool,
+        /// The log key you trust (as for `verify`).
+        #[arg(long)]
+        trust: Option<String>,
+    },
+    /// Print an inclusion proof of one entry against a signed checkpoint (JSON).
+    Prove {
+        /// The export file.
+        file: PathBuf,
+        /// The entry's seq.
+        #[arg(long)]
+        entry: u64,
+        /// The checkpoint's tree size (default: the latest checkpoint).
+        #[arg(long)]
+        size: Option<u64>,
+    },
+    /// Check an inclusion proof made by `prove`.
+    VerifyInclusion {
+        /// The proof file.
+        proof: PathBuf,
+        /// The log key you trust (as for `verify`).
+        #[arg(long)]
+        trust: Option<String>,
+    },
+    /// Print the latest checkpoint of an export, to keep and compare later (JSON).
+    Checkpoint {
+        /// The export file.
+        file: PathBuf,
+    },
+    /// Does NEW extend OLD? OLD: an export or a checkpoint file; NEW: an export.
+    Consistency {
+        /// What you saw before.
+        old: PathBuf,
+        /// What you are shown now.
+        new: PathBuf,
+        /// The log key you trust (as for `verify`).
+        #[arg(long)]
+        trust: Option<String>,
+    },
+}
+
+/// Why a command did not succeed: the check failed (1) or it could not run (2).
+enum Failure {
+    Check(AuditError),
+    Run(anyhow::Error),
+}
+
+impl From<anyhow::Error> for Failure {
+    fn from(e: anyhow::Error) -> Failure {
+        Failure::Run(e)
+    }
+}
+
+impl From<AuditError> for Failure {
+    fn from(e: AuditError) -> Failure {
+        Failure::Check(e)
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli.command) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Failure::Check(e)) => {
+            eprintln!("FAILED: {e}");
+            ExitCode::from(1)
+        }
+        Err(Failure::Run(e)) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn read(path: &Path) -> Result<Vec<u8>> {
+    std::fs::read(path).with_context(|| format!("reading {}", path.display()))
+}
+
+/// `--trust`: 64 hex digits, or a file that holds them.
+fn trust_key(arg: Option<&str>) -> Result<Option<[u8; 32]>> {
+    let Some(arg) = arg else { return Ok(None) };
+    let text = if arg.len() == 64 && arg.bytes().all(|b| b.is_ascii_hexdigit()) {
+        arg.to_owned()
+    } else {
+        std::fs::read_to_string(arg)
+            .with_context(|| format!("--trust {arg:?} is not 64 hex digits or a readable file"))?
+    };
+    let key = unhex32(text.trim().to_ascii_lowercase().as_str()).context("--trust: expected 64 hex digits")?;
+    Ok(Some(key))
+}
+
+fn verified(path: &Path, trust: Option<&[u8; 32]>) -> Result<Verified, Failure> {
+    let bytes = read(path)?;
+    Ok(export::verify_full(&bytes, trust)?)
+}
+
+fn format_of(bytes: &[u8]) -> Option<String> {
+    let value: serde_json::Value = serde_json::from_slice(bytes).ok()?;
+    value.get("format")?.as_str().map(str::to_owned)
+}
+
+fn print_json<T: serde::Serialize>(value: &T) -> Result<()> {
+    println!("{}", serde_json::to_string_pretty(value).context("encoding JSON")?);
+    Ok(())
+}
+
+fn run(command: Command) -> Result<(), Failure> {
+    match command {
+        Command::Verify { file, trust, json } => {
+            let trust = trust_key(trust.as_deref())?;
+            let v = verified(&file, trust.as_ref())?;
+            let r = &v.report;
+            if json {
+                print_json(r)?;
+            } else {
+                println!("OK: {} verifies", file.display());
+                println!("  log         {} (consortium {})", r.origin, r.consortium);
+                let trusted = if trust.is_some() { "matches --trust" } else { "not pinned: pass --trust" };
+                println!("  log key     {} ({trusted})", r.log_public_key);
+                println!("  entries     {} ({} .. {})", r.entries, rfc3339(r.first_time_ms), rfc3339(r.last_time_ms));
+                println!("  root        {}", r.root);
+                println!("  checkpoints {}, {} cosignatures", r.checkpoints, r.cosignatures);
+                println!("  witnesses   {}", list(&r.witnesses));
+                println!("  latest checkpoint cosigned by {}", list(&r.latest_witnesses));
+            }
+            Ok(())
+        }
+        Command::Show { file, job, site, kind, json, trust } => {
+            if let Some(kind) = &kind
+                && !Event::KINDS.contains(&kind.as_str())
+            {
+                return Err(anyhow::anyhow!("--kind {kind:?} is not one of {}", Event::KINDS.join(", ")).into());
+            }
+            let trust = trust_key(trust.as_deref())?;
+            let v = verified(&file, trust.as_ref())?;
+            let selected = v.export.entries.iter().filter(|e| {
+                job.as_deref().is_none_or(|j| e.event.job() == Some(j))
+                    && site.as_deref().is_none_or(|s| e.event.involves_site(s))
+                    && kind.as_deref().is_none_or(|k| e.event.kind() == k)
+            });
+            for entry in selected {
+                if json {
+                    println!("{}", String::from_utf8_lossy(&entry.encode()));
+                } else {
+                    println!("{}", line(entry));
+                }
+            }
+            Ok(())
+        }
+        Command::Prove { file, entry, size } => {
+            let v = verified(&file, None)?;
+            if entry >= v.report.entries {
+                return Err(
+                    AuditError::Range(format!("no entry {entry}: the log has {} entries", v.report.entries)).into()
+                );
+            }
+            let proof = v.inclusion_proof(entry, size)?;
+            println!("{}", String::from_utf8_lossy(&proof.encode()));
+            Ok(())
+        }
+        Command::VerifyInclusion { proof, trust } => {
+            let trust = trust_key(trust.as_deref())?;
+            let bytes = read(&proof)?;
+            if format_of(&bytes).as_deref() != Some(INCLUSION_FORMAT) {
+                return Err(
+                    anyhow::anyhow!("{} is not an inclusion proof ({INCLUSION_FORMAT})", proof.display()).into()
+                );
+            }
+            let p = InclusionProof::decode(&bytes)?;
+            export::verify_inclusion_proof(&p, trust.as_ref())?;
+            println!(
+                "OK: entry {} is in log {} at tree size {} (root {})",
+                p.entry.seq, p.origin, p.tree_size, p.checkpoint.root
+            );
+            println!("  {}", line(&p.entry));
+            if trust.is_none() {
+                println!("  log key {} was not pinned: pass --trust to check it is the consortium's", p.log_public_key);
+            }
+            Ok(())
+        }
+        Command::Checkpoint { file } => {
+            let v = verified(&file, None)?;
+            let cp = CheckpointFile::latest_of(&v).ok_or_else(|| AuditError::Range("no checkpoint".into()))?;
+            println!("{}", String::from_utf8_lossy(&cp.encode()));
+            Ok(())
+        }
+        Command::Consistency { old, new, trust } => {
+            let trust = trust_key(trust.as_deref())?;
+            let old_bytes = read(&old)?;
+            let old_cp = match format_of(&old_bytes).as_deref() {
+                Some(EXPORT_FORMAT) => {
+                    let v = verified(&old, trust.as_ref())?;
+                    CheckpointFile::latest_of(&v).ok_or_else(|| AuditError::Range("OLD has no checkpoint".into()))?
+                }
+                Some(CHECKPOINT_FORMAT) => {
+                    let cp = CheckpointFile::decode(&old_bytes)?;
+                    if let Some(t) = &trust
+                        && hex(t) != cp.log_public_key
+                    {
+                        return Err(AuditError::LogKey {
+                            found: cp.log_public_key,
+                            reason: format!("is not the trusted key {}", hex(t)),
+                        }
+                        .into());
+                    }
+                    cp
+                }
+                _ => return Err(anyhow::anyhow!("{}: not an export or a checkpoint file", old.display()).into()),
+            };
+            let new_bytes = read(&new)?;
+            if format_of(&new_bytes).as_deref() != Some(EXPORT_FORMAT) {
+                bail_run(format!(
+                    "{}: NEW must be an export file (its entries are needed to compute the consistency proof)",
+                    new.display()
+                ))?;
+            }
+            let new_v = verified(&new, trust.as_ref())?;
+            let r = export::check_extends(&old_cp, &new_v)?;
+            println!("OK: {} (size {}) extends {} (size {})", new.display(), r.new_size, old.display(), r.old_size);
+            println!("  old root {}", r.old_root);
+            println!("  new root {}", r.new_root);
+            println!("  consistency proof: {} hashes", r.proof.len());
+            for h in &r.proof {
+                println!("    {h}");
+            }
+            Ok(())
+        }
+    }
+}
+
+fn bail_run(message: String) -> Result<()> {
+    bail!(message)
+}
+
+fn list(items: &[String]) -> String {
+    if items.is_empty() { "none".to_owned() } else { items.join(",") }
+}
+
+fn yes(b: bool) -> &'static str {
+    if b { "yes" } else { "no" }
+}
+
+/// One timeline line: `#12 2026-11-28T03:12:01Z round_started job=j-1 round=2 …`.
+fn line(entry: &Entry) -> String {
+    let detail = match &entry.event {
+        Event::ConsortiumInit { consortium, ca_fingerprint, log_key } => {
+            format!("consortium={consortium} ca={} log_key={log_key}", short(ca_fingerprint))
+        }
+        Event::SiteApproved { site, cert_fingerprint, not_after_ms } => {
+            format!("site={site} cert={} not_after={}", short(cert_fingerprint), rfc3339(*not_after_ms))
+        }
+        Event::SiteRevoked { site, reason } => format!("site={site} reason={reason:?}"),
+        Event::JobSubmitted { job_id, name, spec_sha256, operator } => {
+            format!("job={job_id} name={name:?} spec={} operator={operator}", short(spec_sha256))
+        }
+        Event::JobDecision { job_id, site, accepted, reason } => {
+            format!("job={job_id} site={site} accepted={} reason={reason:?}", yes(*accepted))
+        }
+        Event::RoundStarted { job_id, round, attempt, sites, secure_aggregation } => format!(
+            "job={job_id} round={round} attempt={attempt} sites={} secure_aggregation={}",
+            list(sites),
+            yes(*secure_aggregation)
+        ),
+        Event::RoundSecagg { job_id, round, attempt, survivors, dropped } => format!(
+            "job={job_id} round={round} attempt={attempt} survivors={} dropped={}",
+            list(survivors),
+            list(dropped)
+        ),
+        Event::RoundFailed { job_id, round, attempt, reason } => {
+            format!("job={job_id} round={round} attempt={attempt} reason={reason:?}")
+        }
+        Event::RoundCommitted { job_id, round, aggregate_sha256, model, contributors } => format!(
+            "job={job_id} round={round} aggregate={} model={} contributors={}",
+            short(aggregate_sha256),
+            short(model),
+            list(contributors)
+        ),
+        Event::ModelRelease { job_id, round, version_sha256, card_sha256 } => {
+            format!("job={job_id} round={round} version={version_sha256} card={}", short(card_sha256))
+        }
+        Event::ReleasePromoted { version_sha256, operator } => format!("version={version_sha256} operator={operator}"),
+        Event::OperatorCommand { operator, command, result } => {
+            format!("operator={operator} command={command:?} result={result:?}")
+        }
+        Event::JobFinished { job_id, state } => format!("job={job_id} state={state}"),
+        Event::Checkpoint { size, root } => format!("size={size} root={}", short(root)),
+        other => format!("{other:?}"),
+    };
+    format!("#{} {} {} {detail}", entry.seq, rfc3339(entry.time_ms), entry.event.kind())
+}
+
+/// The first 16 hex digits of a digest, for reading (the JSON output has all 64).
+fn short(digest: &str) -> String {
+    digest.get(..16).map_or_else(|| digest.to_owned(), |s| format!("{s}…"))
+}
