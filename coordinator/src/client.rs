@@ -117,6 +117,8 @@ pub fn job_json(j: &pb::JobInfo) -> serde_json::Value {
         "history": j.history.iter().map(|r| serde_json::json!({
             "round": r.round, "model": r.model.as_ref().map(|m| &m.digest), "contributors": r.contributors,
             "dropped": r.dropped, "total_weight": r.total_weight, "attempts": r.attempts,
+            "secure_aggregation": r.secure_aggregation, "secagg_threshold": r.secagg_threshold,
+            "aggregate_sha256": r.aggregate_sha256,
             "evaluation": score(&r.evaluation),
         })).collect::<Vec<_>>(),
     })

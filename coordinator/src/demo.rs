@@ -60,6 +60,10 @@ pub struct DemoArgs {
     /// End with one JSON object on stdout (progress still goes to stderr).
     #[arg(long)]
     pub json: bool,
+    /// Aggregate in plaintext instead of with secure aggregation (the coordinator then
+    /// sees every site's update). Only for comparing accuracy and speed.
+    #[arg(long)]
+    pub insecure_plaintext_aggregation: bool,
 }
 
 /// Child processes that are stopped (SIGTERM, then SIGKILL) when dropped.
@@ -191,6 +195,10 @@ kind = "fedavg"
 join = 60
 train = 600
 evaluate = 300
+secagg = 60
+
+[secure_aggregation]
+insecure_plaintext_aggregation_for_debugging = {plaintext}
 "#,
         sites = a.sites,
         alpha = a.alpha,
@@ -200,6 +208,7 @@ evaluate = 300
         seed = a.seed,
         epochs = a.local_epochs,
         lr = DEFAULT_SITE_LR,
+        plaintext = a.insecure_plaintext_aggregation,
     )
 }
 

@@ -2,8 +2,9 @@
 //!
 //! `home` (consortium files and enrolment), `store` (sled state), `blobs` (content-
 //! addressed models), `server` (gRPC fleet and control services), `rounds` (the round
-//! orchestrator), `strategy` (server-side aggregation), `client` (the operator CLI),
-//! `demo` (the one-command local federation).
+//! orchestrator), `secagg` (one secure-aggregation session), `strategy` (server-side
+//! aggregation), `audit` (the sled-backed transparency log), `client` (the operator
+//! CLI), `demo` (the one-command local federation).
 #![forbid(unsafe_code)]
 
 pub mod audit;
@@ -12,6 +13,7 @@ pub mod client;
 pub mod demo;
 pub mod home;
 pub mod rounds;
+pub mod secagg;
 pub mod server;
 pub mod store;
 pub mod strategy;

@@ -19,6 +19,7 @@ use maeum_models::params::FlatParams;
 use maeum_protocols::wire::{Digest, ModelRef};
 
 use crate::home::now_ms;
+use crate::secagg::{SaStage, SecAggRound};
 use crate::server::{Coord, RoundState, Stage, lock};
 use crate::store::{JobRecord, JobState, RoundRecord, VersionRecord};
 use crate::strategy::ServerOptimizer;
@@ -193,16 +194,53 @@ async fn run_round(c: &Coord, id: &str, round: u32, spec: &ModelSpec) -> Result<
             tokio::time::sleep(TICK).await;
             continue;
         }
+        let secure = job.spec.secure_aggregation.enabled();
+        let num_params = spec.layout().numel() as u64;
+        if secure && let Err(why) = job.spec.secure_aggregation.session_params(selected.len(), num_params) {
+            set_activity(c, format!("round {round}: waiting for sites: {why}"));
+            tokio::time::sleep(TICK).await;
+            continue;
+        }
         let (job, attempt) = start_attempt(c, id)?;
         let base = job.latest().cloned().context("job has no model")?;
         let deadline_ms = now_ms() + job.spec.deadlines.train as i64 * 1000;
         let mut state = RoundState::new(&job, round, attempt, Stage::Train, model_ref(&base)?, deadline_ms);
         state.selected = selected.clone();
-        info!(round, attempt, sites = selected.len(), "round started");
+        if secure {
+            let sa = new_session(c, &job, round, attempt, &selected, num_params)?;
+            info!(
+                round,
+                attempt,
+                sites = selected.len(),
+                threshold = sa.session.params.threshold,
+                degree = sa.session.params.degree,
+                "round started with secure aggregation"
+            );
+            state.secagg = Some(sa);
+        } else {
+            warn!(round, attempt, sites = selected.len(), "round started WITHOUT secure aggregation (debugging job)");
+        }
         clear_uploads(c);
         *lock(&c.round) = Some(state);
         c.notify();
-        if !wait_stage(c, id, round, deadline_ms).await? {
+        let finished = if secure {
+            match drive_secagg(c, id, round).await? {
+                SecAggEnd::Aborted => false,
+                SecAggEnd::Failed(why) => {
+                    *lock(&c.round) = None;
+                    clear_uploads(c);
+                    warn!(round, attempt, reason = %why, "secure aggregation failed; retrying the round with a new session");
+                    set_activity(c, format!("round {round}: attempt {attempt} failed ({why}); retrying"));
+                    c.notify();
+                    tokio::time::sleep(TICK).await;
+                    continue;
+                }
+                SecAggEnd::Done => true,
+            }
+        } else {
+            wait_stage(c, id, round, deadline_ms).await?
+        };
+        if !finished {
             *lock(&c.round) = None;
             return Ok(None);
         }
@@ -257,6 +295,177 @@ async fn wait_stage(c: &Coord, id: &str, round: u32, deadline_ms: i64) -> Result
     }
 }
 
+/// A new secure-aggregation session for the selected sites: indices in site-id order,
+/// each with the certificate the site was approved with, and a fresh public graph seed.
+fn new_session(
+    c: &Coord,
+    job: &JobRecord,
+    round: u32,
+    attempt: u32,
+    selected: &BTreeSet<String>,
+    num_params: u64,
+) -> Result<SecAggRound> {
+    use maeum_protocols::wire::secagg::{Member, SessionInfo};
+    use ring::rand::SecureRandom;
+    let params = job.spec.secure_aggregation.session_params(selected.len(), num_params).map_err(anyhow::Error::msg)?;
+    let mut members = Vec::new();
+    for (i, site) in selected.iter().enumerate() {
+        let path = c.home.sites().join(format!("{site}.pem"));
+        let pem = std::fs::read_to_string(&path)
+            .with_context(|| format!("reading the approved certificate of site/{site} ({})", path.display()))?;
+        let der = maeum_protocols::identity::pem_to_der(&pem)?
+            .into_iter()
+            .next()
+            .with_context(|| format!("{} holds no certificate", path.display()))?;
+        members.push(Member { index: (i + 1) as u16, site_id: site.clone(), certificate_der: der.to_vec() });
+    }
+    let mut graph_seed = [0u8; 32];
+    ring::rand::SystemRandom::new().fill(&mut graph_seed).map_err(|_| anyhow::anyhow!("system RNG failed"))?;
+    let info = SessionInfo { consortium: c.home.consortium()?.name, params, graph_seed, members };
+    let ca = c.home.read("ca.pem")?;
+    let session = info.to_session(&job.id, round, attempt, |m| -> Result<Vec<u8>> {
+        let peer = maeum_protocols::identity::PeerId::site(&m.site_id)?;
+        Ok(maeum_protocols::identity::verify_peer_cert(&ca, &m.certificate_der, &peer)?)
+    })?;
+    SecAggRound::new(session, info).map_err(|e| anyhow::anyhow!("{e}"))
+}
+
+enum SecAggEnd {
+    Done,
+    Aborted,
+    Failed(String),
+}
+
+/// Drives the session of the round in progress through its stages. On `Done` the
+/// round state holds the unmasked sum, the total weight and the contributors.
+async fn drive_secagg(c: &Coord, id: &str, round: u32) -> Result<SecAggEnd> {
+    let stage_secs = load(c, id)?.spec.deadlines.secagg as i64;
+    {
+        let mut guard = lock(&c.round);
+        if let Some(sa) = guard.as_mut().and_then(|r| r.secagg.as_mut()) {
+            sa.stage_deadline_ms = now_ms() + stage_secs * 1000;
+        }
+    }
+    loop {
+        if reload_active(c, id)?.is_none() {
+            return Ok(SecAggEnd::Aborted);
+        }
+        let (close, status, unmask) = {
+            let mut guard = lock(&c.round);
+            let Some(r) = guard.as_mut() else { return Ok(SecAggEnd::Aborted) };
+            let done = r.done.clone();
+            let train_deadline = r.deadline_ms;
+            let Some(sa) = r.secagg.as_ref() else { return Ok(SecAggEnd::Failed("no session".into())) };
+            let expected = sa.expected(&done);
+            let mut newly_dropped = Vec::new();
+            for s in &expected {
+                if !r.dropped.contains(s) && (!c.is_online(s) || c.revocations.is_revoked(s)) {
+                    newly_dropped.push(s.clone());
+                }
+            }
+            let stage = sa.stage;
+            let spoken = sa.spoken(&done);
+            let deadline = if stage == SaStage::Masked { train_deadline } else { sa.stage_deadline_ms };
+            for s in newly_dropped {
+                warn!(round, site = %s, stage = stage.name(), "site went offline; dropped from the round");
+                r.dropped.insert(s);
+            }
+            let waiting: Vec<&String> =
+                expected.iter().filter(|s| !r.dropped.contains(*s) && !spoken.contains(*s)).collect();
+            let late = now_ms() >= deadline;
+            if late {
+                for s in &waiting {
+                    warn!(round, site = %s, stage = stage.name(), "site missed the stage deadline; dropped from the round");
+                }
+                let w: Vec<String> = waiting.iter().map(|s| (*s).clone()).collect();
+                r.dropped.extend(w);
+            }
+            let status = format!(
+                "round {round}: secure aggregation, {}: {}/{} sites",
+                stage.name(),
+                spoken.len(),
+                expected.len() + if stage == SaStage::Masked { spoken.len() } else { 0 }
+            );
+            (waiting.is_empty() || late, status, stage == SaStage::Unmask)
+        };
+        set_activity(c, status);
+        if !close {
+            let mut rx = c.changed.subscribe();
+            let _ = tokio::time::timeout(TICK, rx.changed()).await;
+            continue;
+        }
+        if unmask {
+            return finish_secagg(c, round).await;
+        }
+        let closed = {
+            let mut guard = lock(&c.round);
+            let Some(sa) = guard.as_mut().and_then(|r| r.secagg.as_mut()) else { return Ok(SecAggEnd::Aborted) };
+            let from = sa.stage;
+            match sa.close_stage(now_ms() + stage_secs * 1000) {
+                Ok(()) => Ok(from),
+                Err(e) => {
+                    let why = e.to_string();
+                    sa.failed = Some(why.clone());
+                    Err(why)
+                }
+            }
+        };
+        c.notify();
+        match closed {
+            Ok(from) => info!(round, stage = from.name(), "secure-aggregation stage closed"),
+            Err(why) => {
+                // Give waiting sites a moment to hear that the attempt failed.
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                return Ok(SecAggEnd::Failed(why));
+            }
+        }
+    }
+}
+
+/// Unmasks the sum (outside the round lock) and records the result in the round.
+async fn finish_secagg(c: &Coord, round: u32) -> Result<SecAggEnd> {
+    let server = {
+        let mut guard = lock(&c.round);
+        let Some(sa) = guard.as_mut().and_then(|r| r.secagg.as_mut()) else { return Ok(SecAggEnd::Aborted) };
+        sa.take_server()
+    };
+    c.notify();
+    let Some(server) = server else { return Ok(SecAggEnd::Failed("session already finished".into())) };
+    let started = std::time::Instant::now();
+    let outcome = tokio::task::spawn_blocking(move || server.finish()).await?;
+    let mut guard = lock(&c.round);
+    let Some(r) = guard.as_mut() else { return Ok(SecAggEnd::Aborted) };
+    let Some(sa) = r.secagg.as_mut() else { return Ok(SecAggEnd::Aborted) };
+    let outcome = match outcome {
+        Ok(o) => o,
+        Err(e) => {
+            let why = e.to_string();
+            sa.failed = Some(why.clone());
+            return Ok(SecAggEnd::Failed(why));
+        }
+    };
+    let (sum, total_weight) = sa.decode(&outcome);
+    let survivors = sa.names(&outcome.survivors);
+    let dropped = sa.names(&outcome.dropped);
+    let mut bytes = Vec::with_capacity(outcome.sum.len() * 4);
+    for w in &outcome.sum {
+        bytes.extend_from_slice(&w.to_le_bytes());
+    }
+    info!(
+        round,
+        survivors = survivors.len(),
+        dropped = dropped.len(),
+        unmask_ms = started.elapsed().as_millis() as u64,
+        "secure aggregation finished"
+    );
+    r.sum = sum;
+    r.total_weight = total_weight;
+    r.done = survivors.into_iter().collect();
+    r.dropped = dropped.into_iter().collect();
+    r.aggregate = Some(bytes);
+    Ok(SecAggEnd::Done)
+}
+
 /// Durably numbers a new attempt (of a round or of the final evaluation).
 fn start_attempt(c: &Coord, id: &str) -> Result<(JobRecord, u32)> {
     c.store.update_job(id, |j| {
@@ -293,6 +502,11 @@ async fn commit_round(
         }
         None => ServerOptimizer::new(&job.spec.strategy, n),
     };
+    let aggregate_sha256 = match &state.aggregate {
+        Some(bytes) => c.blobs.put(bytes)?.hex(),
+        None => String::new(),
+    };
+    anyhow::ensure!(state.total_weight > 0, "round {}: the aggregate weight is 0", state.round);
     let w = state.total_weight as f64;
     let mean: Vec<f32> = state.sum.iter().map(|s| (s / w) as f32).collect();
     let mut values = params.into_values();
@@ -329,6 +543,9 @@ async fn commit_round(
             attempts,
             evaluation: None,
             evaluated_by: Vec::new(),
+            secure_aggregation: state.secagg.is_some(),
+            secagg_threshold: state.secagg.as_ref().map(|s| s.session.params.threshold).unwrap_or(0),
+            aggregate_sha256: aggregate_sha256.clone(),
         });
         Ok(())
     })?;

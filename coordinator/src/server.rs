@@ -25,6 +25,7 @@ use maeum_protocols::wire::{
 
 use crate::blobs::Blobs;
 use crate::home::{Home, now_ms};
+use crate::secagg::SecAggRound;
 use crate::store::{Decision, JobRecord, JobState, SiteRecord, Store, VersionRecord};
 
 /// Tunables of a running coordinator.
@@ -74,6 +75,11 @@ pub struct RoundState {
     pub evaluation: Vec<Vec<u64>>,
     pub evaluated: BTreeSet<String>,
     uploads: HashMap<String, (String, UploadHeader)>,
+    /// The secure-aggregation session of a training stage (None: plaintext debugging
+    /// job, or an evaluation stage).
+    pub secagg: Option<SecAggRound>,
+    /// The unmasked u32 aggregate once secure aggregation finished (little-endian).
+    pub aggregate: Option<Vec<u8>>,
 }
 
 impl RoundState {
@@ -91,12 +97,20 @@ impl RoundState {
             done: BTreeSet::new(),
             dropped: BTreeSet::new(),
             num_params,
-            sum: if stage == Stage::Train { vec![0.0; num_params as usize] } else { Vec::new() },
+            // With secure aggregation the running sum is the masked u32 sum inside the
+            // session; this f64 sum is filled from the unmasked result.
+            sum: if stage == Stage::Train && !job.spec.secure_aggregation.enabled() {
+                vec![0.0; num_params as usize]
+            } else {
+                Vec::new()
+            },
             total_weight: 0,
             n_labels,
             evaluation: vec![vec![0; n_labels]; n_labels],
             evaluated: BTreeSet::new(),
             uploads: HashMap::new(),
+            secagg: None,
+            aggregate: None,
         }
     }
 
@@ -260,6 +274,7 @@ impl Coord {
                 model: r.model.clone(),
                 deadline_ms: r.deadline_ms,
                 evaluate_first: !r.evaluated.contains(site),
+                secagg: r.secagg.as_ref().map(|s| s.info.clone()),
             })),
             Stage::Evaluate if !r.evaluated.contains(site) => Some(Work::Evaluate(EvaluateTask {
                 job_id: r.job_id.clone(),
@@ -300,6 +315,18 @@ impl Coord {
                 "update computed against model {}, but round {} distributed {}",
                 h.base_digest, r.round, r.model.digest
             )));
+        }
+        match (&r.secagg, h.masked) {
+            (Some(sa), true) => sa.may_upload(site)?,
+            (None, false) => {}
+            (Some(_), false) => {
+                return Err(Status::failed_precondition(
+                    "this round uses secure aggregation: a plaintext update is refused",
+                ));
+            }
+            (None, true) => {
+                return Err(Status::failed_precondition("this round does not use secure aggregation"));
+            }
         }
         if h.layout_digest != r.model.layout_digest || h.num_params != r.num_params {
             return Err(Status::invalid_argument(format!(
@@ -347,6 +374,7 @@ impl Coord {
             }
             hasher.update(&buf[..n]);
             if bad_value.is_none()
+                && !h.masked
                 && let Some(k) = buf[..n - n % 4]
                     .chunks_exact(4)
                     .position(|w| !f32::from_le_bytes([w[0], w[1], w[2], w[3]]).is_finite())
@@ -371,6 +399,9 @@ impl Coord {
             return refuse(r, Status::invalid_argument(format!("update value {i} is not a finite number")));
         }
         file.seek(SeekFrom::Start(0)).map_err(io)?;
+        if h.masked {
+            return self.fold_masked(r, site, upload_id, &path, file, &h);
+        }
         let w = h.weight as f64;
         let mut reader = std::io::BufReader::with_capacity(CHUNK_SIZE, file);
         let mut word = [0u8; 4];
@@ -387,6 +418,43 @@ impl Coord {
         drop(round);
         let _ = std::fs::remove_file(&path);
         info!(site, upload_id, "update folded into the round's sum");
+        self.notify();
+        Ok(())
+    }
+}
+
+impl Coord {
+    /// Folds a verified masked input into the session's running u32 sum, chunk by
+    /// chunk (memory O(chunk) beyond the sum).
+    fn fold_masked(
+        &self,
+        r: &mut RoundState,
+        site: &str,
+        upload_id: &str,
+        path: &std::path::Path,
+        file: std::fs::File,
+        h: &UploadHeader,
+    ) -> Result<(), Status> {
+        let sa = r.secagg.as_mut().ok_or_else(|| Status::failed_precondition("this round has no session"))?;
+        let mut reader = std::io::BufReader::with_capacity(CHUNK_SIZE, file);
+        let mut bytes = vec![0u8; CHUNK_SIZE];
+        let mut words: Vec<u32> = Vec::with_capacity(CHUNK_SIZE / 4);
+        let mut left = h.payload_len();
+        while left > 0 {
+            let n = left.min(CHUNK_SIZE as u64) as usize;
+            reader
+                .read_exact(&mut bytes[..n])
+                .map_err(|e| internal(anyhow::anyhow!("staged masked input {upload_id} changed while folding: {e}")))?;
+            words.clear();
+            words.extend(bytes[..n].chunks_exact(4).map(|w| u32::from_le_bytes([w[0], w[1], w[2], w[3]])));
+            sa.fold(site, &words)?;
+            left -= n as u64;
+        }
+        sa.finish_input(site)?;
+        r.done.insert(site.to_string());
+        r.uploads.remove(upload_id);
+        let _ = std::fs::remove_file(path);
+        info!(site, upload_id, "masked input folded into the session's sum");
         self.notify();
         Ok(())
     }
@@ -606,6 +674,57 @@ impl pb::fleet_server::Fleet for Fleet {
         c.notify();
         Ok(Response::new(pb::Ack {}))
     }
+
+    async fn sec_agg(&self, req: Request<pb::SecAggRequest>) -> Result<Response<pb::SecAggReply>, Status> {
+        let c = &self.0;
+        let site = c.site(&req, None)?;
+        let r = wire::secagg::Request::try_from(req.into_inner())?;
+        let with_session = |f: &mut dyn FnMut(&mut RoundState) -> Result<Option<wire::secagg::Reply>, Status>| {
+            let mut round = lock(&c.round);
+            let state = round
+                .as_mut()
+                .filter(|s| {
+                    s.job_id == r.job_id && s.round == r.round && s.attempt == r.attempt && s.stage == Stage::Train
+                })
+                .ok_or_else(|| {
+                    Status::failed_precondition(format!(
+                        "stale secure-aggregation message: job {} round {} attempt {} is not in progress",
+                        r.job_id, r.round, r.attempt
+                    ))
+                })?;
+            if state.dropped.contains(&site) {
+                return Err(Status::failed_precondition(format!("site/{site} was dropped from this round")));
+            }
+            f(state)
+        };
+        with_session(&mut |state| {
+            let done = state.done.clone();
+            let sa = state
+                .secagg
+                .as_mut()
+                .ok_or_else(|| Status::failed_precondition("this round does not use secure aggregation"))?;
+            sa.submit(&site, r.message.clone(), &done)?;
+            Ok(None)
+        })?;
+        c.notify();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        let mut rx = c.changed.subscribe();
+        loop {
+            rx.borrow_and_update();
+            let reply = with_session(&mut |state| {
+                let sa = state.secagg.as_mut().ok_or_else(|| Status::failed_precondition("no session"))?;
+                sa.reply(&site, &r.message)
+            })?;
+            if let Some(reply) = reply {
+                return Ok(Response::new((&reply).into()));
+            }
+            tokio::select! {
+                r = rx.changed() => if r.is_err() { break },
+                () = tokio::time::sleep_until(deadline) => break,
+            }
+        }
+        Ok(Response::new((&wire::secagg::Reply::Pending { retry_after_ms: 0 }).into()))
+    }
 }
 
 fn read_full(file: &mut std::fs::File, buf: &mut [u8]) -> std::io::Result<usize> {
@@ -648,6 +767,9 @@ impl Coord {
                     completed_ms: h.completed_ms,
                     evaluation: confusion(&h.evaluation),
                     attempts: h.attempts,
+                    secure_aggregation: h.secure_aggregation,
+                    secagg_threshold: u32::from(h.secagg_threshold),
+                    aggregate_sha256: h.aggregate_sha256.clone(),
                 })
                 .collect(),
             decisions: j
@@ -660,7 +782,7 @@ impl Coord {
             submitted_ms: j.submitted_ms,
             error: j.error.clone(),
             initial_evaluation: confusion(&j.initial_evaluation),
-            secure_aggregation: false,
+            secure_aggregation: j.spec.secure_aggregation.enabled(),
         }
     }
 

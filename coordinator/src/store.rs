@@ -78,6 +78,17 @@ pub struct RoundRecord {
     /// Federated evaluation of this round's model: confusion rows (filled in later).
     pub evaluation: Option<Vec<Vec<u64>>>,
     pub evaluated_by: Vec<String>,
+    /// Whether the update came from secure aggregation (false only for a job with
+    /// the plaintext debugging switch).
+    #[serde(default)]
+    pub secure_aggregation: bool,
+    /// The secure-aggregation threshold of the session that produced this round.
+    #[serde(default)]
+    pub secagg_threshold: u16,
+    /// Blob digest of the unmasked aggregate (the u32 sum of the survivors' quantised
+    /// `[w·Δ, w]`, little-endian): all the coordinator learns about the updates.
+    #[serde(default)]
+    pub aggregate_sha256: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -133,6 +133,14 @@ pub enum IdentityError {
         /// What needed the randomness.
         what: &'static str,
     },
+    /// A certificate does not chain to the consortium CA, or has expired.
+    #[error("certificate of {who} is not valid under the consortium CA: {reason}")]
+    Untrusted {
+        /// Whose certificate.
+        who: String,
+        /// What webpki reported.
+        reason: String,
+    },
 }
 
 /// The kind of party a certificate belongs to.
@@ -482,6 +490,34 @@ pub fn key_matches_cert(key: &SecretPem, cert_der: &[u8]) -> Result<bool, Identi
     Ok(parse_cert(cert_der)?.public_key().subject_public_key.data.as_ref() == pair.public_key_raw())
 }
 
+/// Checks that `cert_der` is a currently valid client certificate issued by the CA in
+/// `ca_pem` and that it names `expected` (a site checks the certificates the
+/// coordinator relays for a secure-aggregation session this way, so the coordinator
+/// cannot invent participants). Returns the certificate's public key bits.
+pub fn verify_peer_cert(ca_pem: &str, cert_der: &[u8], expected: &PeerId) -> Result<Vec<u8>, IdentityError> {
+    use rustls::server::WebPkiClientVerifier;
+    let untrusted = |reason: String| IdentityError::Untrusted { who: expected.to_string(), reason };
+    let mut roots = rustls::RootCertStore::empty();
+    for ca in pem_to_der(ca_pem)? {
+        roots.add(ca).map_err(|e| untrusted(format!("CA certificate: {e}")))?;
+    }
+    let verifier = WebPkiClientVerifier::builder_with_provider(
+        std::sync::Arc::new(roots),
+        std::sync::Arc::new(rustls::crypto::ring::default_provider()),
+    )
+    .build()
+    .map_err(|e| untrusted(e.to_string()))?;
+    let leaf = CertificateDer::from(cert_der.to_vec());
+    verifier
+        .verify_client_cert(&leaf, &[], rustls::pki_types::UnixTime::now())
+        .map_err(|e| untrusted(e.to_string()))?;
+    let found = PeerId::from_cert_der(cert_der)?;
+    if &found != expected {
+        return Err(untrusted(format!("it names {found}")));
+    }
+    Ok(parse_cert(cert_der)?.public_key().subject_public_key.data.to_vec())
+}
+
 /// An enrolment bundle (`bundle-SITE.json`): what `maeum-coordinator sites approve`
 /// gives a site so it can reach and trust the coordinator. Public material only.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -612,6 +648,20 @@ mod tests {
         .build()
         .unwrap();
         verifier.verify_client_cert(&der(leaf_pem), &[], UnixTime::now()).is_ok()
+    }
+
+    #[test]
+    fn verify_peer_cert_checks_chain_and_name() {
+        let ca = Ca::generate("heart", DAYS).unwrap();
+        let other = Ca::generate("heart", DAYS).unwrap();
+        let pem = site_cert(&ca, "s1");
+        let leaf = der(&pem);
+        let key = verify_peer_cert(ca.cert_pem(), &leaf, &PeerId::site("s1").unwrap()).unwrap();
+        assert_eq!(key.len(), 65, "an uncompressed P-256 point");
+        let e = verify_peer_cert(ca.cert_pem(), &leaf, &PeerId::site("s2").unwrap()).unwrap_err();
+        assert!(e.to_string().contains("it names site/s1"), "{e}");
+        let e = verify_peer_cert(other.cert_pem(), &leaf, &PeerId::site("s1").unwrap()).unwrap_err();
+        assert!(e.to_string().starts_with("certificate of site/s1 is not valid under the consortium CA"), "{e}");
     }
 
     #[test]

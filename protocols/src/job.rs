@@ -54,6 +54,8 @@ pub struct JobSpec {
     pub strategy: StrategySpec,
     #[serde(default)]
     pub deadlines: Deadlines,
+    #[serde(default)]
+    pub secure_aggregation: SecAggTable,
 }
 
 fn default_min_sites() -> u32 {
@@ -146,6 +148,103 @@ impl Default for TrainTable {
     }
 }
 
+/// The `[secure_aggregation]` table (`docs/protocols/secagg.md` explains each
+/// trade-off). Secure aggregation is always on unless the loudly named debugging
+/// switch is set.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SecAggTable {
+    /// Sites needed at every stage and shares needed to unmask; 0 = the smallest t
+    /// above 2/3 of the round's sites (or of a neighbourhood, with `neighbours`).
+    pub threshold: u16,
+    /// 0 = every pair of sites masks (SecAgg); an even k = each site masks with k
+    /// neighbours of a random k-regular graph (SecAgg+), for large federations.
+    pub neighbours: u16,
+    /// Each coordinate of a site's update is clipped to [-clip, clip].
+    pub clip: f32,
+    /// A site's weight (training records) is capped at this.
+    pub max_weight: u32,
+    /// Plaintext aggregation: the coordinator sees every site's update. For debugging
+    /// only; recorded in the job and shown by `jobs status`.
+    pub insecure_plaintext_aggregation_for_debugging: bool,
+}
+
+impl Default for SecAggTable {
+    fn default() -> Self {
+        Self {
+            threshold: 0,
+            neighbours: 0,
+            clip: 1.0,
+            max_weight: 100_000,
+            insecure_plaintext_aggregation_for_debugging: false,
+        }
+    }
+}
+
+/// Largest `max_weight`: 255 sites × 2^24 stays below 2^32.
+pub const MAX_SECAGG_WEIGHT: u32 = 1 << 24;
+
+impl SecAggTable {
+    pub fn enabled(&self) -> bool {
+        !self.insecure_plaintext_aggregation_for_debugging
+    }
+
+    /// The session parameters for a round with `n` sites and models of `num_params`
+    /// parameters; the coordinator proposes them and every site recomputes them, so a
+    /// coordinator cannot quietly lower the threshold. `Err` says why `n` sites cannot
+    /// run a session (e.g. fewer than the threshold).
+    pub fn session_params(&self, n: usize, num_params: u64) -> Result<crate::secagg::SessionParams, String> {
+        use crate::secagg::SessionParams;
+        let k = usize::from(self.neighbours);
+        // A graph with k ≥ n-1 is the complete graph.
+        let degree = if k == 0 || k + 1 >= n { 0 } else { self.neighbours };
+        let group = if degree == 0 { n } else { k + 1 };
+        let threshold = if self.threshold == 0 { SessionParams::default_threshold(group) } else { self.threshold };
+        if usize::from(threshold) > group {
+            return Err(format!("threshold {threshold} needs at least {threshold} sites, only {n} are taking part"));
+        }
+        Ok(SessionParams {
+            threshold,
+            degree,
+            vector_len: num_params + 1,
+            clip: self.clip,
+            max_weight: self.max_weight,
+        })
+    }
+
+    fn check(&self) -> Result<(), Invalid> {
+        let key = |k: &str| format!("[secure_aggregation] {k}");
+        if usize::from(self.threshold) > crate::secagg::params::MAX_PARTIES {
+            return Err(Invalid::new(key("threshold"), format!("must be at most 255, got {}", self.threshold)));
+        }
+        if self.threshold == 1 {
+            return Err(Invalid::new(key("threshold"), "must be 0 (automatic) or at least 2, got 1"));
+        }
+        if !self.neighbours.is_multiple_of(2) || usize::from(self.neighbours) >= crate::secagg::params::MAX_PARTIES {
+            return Err(Invalid::new(
+                key("neighbours"),
+                format!("must be 0 or an even number below 255, got {}", self.neighbours),
+            ));
+        }
+        if self.threshold != 0 && self.neighbours != 0 && self.threshold > self.neighbours + 1 {
+            return Err(Invalid::new(
+                key("threshold"),
+                format!("{} exceeds a neighbourhood ({} neighbours + the site)", self.threshold, self.neighbours),
+            ));
+        }
+        if !(self.clip.is_finite() && self.clip > 0.0 && self.clip <= 1e6) {
+            return Err(Invalid::new(key("clip"), format!("must be in (0, 1e6], got {}", self.clip)));
+        }
+        if !(1..=MAX_SECAGG_WEIGHT).contains(&self.max_weight) {
+            return Err(Invalid::new(
+                key("max_weight"),
+                format!("must be in 1..={MAX_SECAGG_WEIGHT}, got {}", self.max_weight),
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// The `[deadlines]` table, in seconds.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -157,11 +256,14 @@ pub struct Deadlines {
     pub train: u64,
     /// The final federated evaluation stage.
     pub evaluate: u64,
+    /// Each short secure-aggregation stage (advertise keys, share keys, consistency
+    /// check, unmask). Sites that miss it drop out of the round.
+    pub secagg: u64,
 }
 
 impl Default for Deadlines {
     fn default() -> Self {
-        Self { join: 120, train: 600, evaluate: 300 }
+        Self { join: 120, train: 600, evaluate: 300, secagg: 60 }
     }
 }
 
@@ -289,8 +391,10 @@ impl JobSpec {
             other => Invalid::new("[strategy]", other.to_string()),
         })?;
 
+        self.secure_aggregation.check()?;
+
         let d = &self.deadlines;
-        for (key, secs) in [("join", d.join), ("train", d.train), ("evaluate", d.evaluate)] {
+        for (key, secs) in [("join", d.join), ("train", d.train), ("evaluate", d.evaluate), ("secagg", d.secagg)] {
             if !(1..=MAX_DEADLINE_SECS).contains(&secs) {
                 return Err(Invalid::new(
                     format!("[deadlines] {key}"),
@@ -482,9 +586,65 @@ mod tests {
                 dropout: 0.5,
             },
             strategy: StrategySpec { server_learning_rate: Some(1.0), ..Default::default() },
-            deadlines: Deadlines { join: 120, train: 600, evaluate: 300 },
+            deadlines: Deadlines { join: 120, train: 600, evaluate: 300, secagg: 60 },
+            secure_aggregation: SecAggTable {
+                threshold: 0,
+                neighbours: 0,
+                clip: 1.0,
+                max_weight: 100_000,
+                insecure_plaintext_aggregation_for_debugging: false,
+            },
         };
         assert_eq!(spec, expected);
+        assert!(spec.secure_aggregation.enabled(), "secure aggregation is the default");
+    }
+
+    #[test]
+    fn secure_aggregation_table_is_checked() {
+        check(
+            "[secure_aggregation]\nthreshold = 1\n",
+            Some("job.toml: [secure_aggregation] threshold must be 0 (automatic) or at least 2, got 1"),
+        );
+        check(
+            "[secure_aggregation]\nneighbours = 3\n",
+            Some("job.toml: [secure_aggregation] neighbours must be 0 or an even number below 255, got 3"),
+        );
+        check(
+            "[secure_aggregation]\nneighbours = 4\nthreshold = 6\n",
+            Some("job.toml: [secure_aggregation] threshold 6 exceeds a neighbourhood (4 neighbours + the site)"),
+        );
+        check(
+            "[secure_aggregation]\nclip = 0.0\n",
+            Some("job.toml: [secure_aggregation] clip must be in (0, 1e6], got 0"),
+        );
+        check(
+            "[secure_aggregation]\nmax_weight = 0\n",
+            Some("job.toml: [secure_aggregation] max_weight must be in 1..=16777216, got 0"),
+        );
+        check(
+            "[secure_aggregation]\nplaintext = true\n",
+            Some(
+                "job.toml:5:1: unknown field `plaintext`, expected one of `threshold`, `neighbours`, `clip`, `max_weight`, `insecure_plaintext_aggregation_for_debugging`",
+            ),
+        );
+        check("[secure_aggregation]\ninsecure_plaintext_aggregation_for_debugging = true\n", None);
+    }
+
+    #[test]
+    fn session_params_follow_the_table() {
+        let t = SecAggTable::default();
+        let p = t.session_params(7, 100).expect("7 sites");
+        assert_eq!((p.threshold, p.degree, p.vector_len), (5, 0, 101));
+        assert_eq!(t.session_params(3, 1).expect("3 sites").threshold, 3);
+        let plus = SecAggTable { neighbours: 4, ..SecAggTable::default() };
+        let p = plus.session_params(20, 1).expect("20 sites");
+        assert_eq!((p.threshold, p.degree), (4, 4), "a neighbourhood of 5 needs 4");
+        assert_eq!(plus.session_params(5, 1).expect("5 sites").degree, 0, "k ≥ n-1 is every pair");
+        let high = SecAggTable { threshold: 6, ..SecAggTable::default() };
+        assert_eq!(
+            high.session_params(5, 1).expect_err("too few"),
+            "threshold 6 needs at least 6 sites, only 5 are taking part"
+        );
     }
 
     #[test]

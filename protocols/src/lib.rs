@@ -1,6 +1,5 @@
-//! Maeum protocols: the wire format, identities and mTLS, and the job contract that
-//! sites and the coordinator share; (with their issues) secure aggregation and the
-//! audit log.
+//! Maeum protocols: the wire format, identities and mTLS, the job contract that sites
+//! and the coordinator share, secure aggregation and the audit log.
 //!
 //! - `wire`: generated gRPC code (`wire::pb`) and the domain types it converts to.
 //! - `identity`: the consortium PKI (CA, site requests, identities in SAN URIs).
@@ -8,6 +7,8 @@
 //!   certificates into peer identities for the gRPC services (the one IO-facing module).
 //! - `job` and `strategy`: the job file (TOML) a lead submits and sites check before
 //!   joining, with its aggregation-strategy table.
+//! - `secagg`: secure aggregation (Bonawitz et al. 2017, optional SecAgg+ graph): the
+//!   five-stage client and server state machines and their primitives.
 //! - `audit`: the transparency log (RFC 9162 Merkle tree, entries, signed checkpoints,
 //!   witnesses, the export file `maeum-audit` verifies).
 //! - `runtime`: log setup and the shutdown signal for the binaries.
@@ -19,6 +20,7 @@ pub mod audit;
 pub mod identity;
 pub mod job;
 pub mod runtime;
+pub mod secagg;
 pub mod strategy;
 pub mod tls;
 pub mod wire;

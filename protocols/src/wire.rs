@@ -9,6 +9,8 @@ use std::fmt;
 
 use ring::digest::{SHA256, digest};
 
+pub mod secagg;
+
 /// Generated code for package `maeum.v1` (`proto/maeum/v1/*.proto`).
 #[allow(clippy::all, missing_debug_implementations, missing_docs)]
 pub mod pb {
@@ -185,7 +187,7 @@ impl From<&ConfusionCounts> for pb::Confusion {
 }
 
 /// A round's training assignment for one site.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct TrainTask {
     pub job_id: String,
     pub round: u32,
@@ -193,6 +195,9 @@ pub struct TrainTask {
     pub model: ModelRef,
     pub deadline_ms: i64,
     pub evaluate_first: bool,
+    /// The secure-aggregation session; `None` only for a job that set
+    /// `insecure_plaintext_aggregation_for_debugging`.
+    pub secagg: Option<secagg::SessionInfo>,
 }
 
 /// A final evaluation assignment.
@@ -206,7 +211,7 @@ pub struct EvaluateTask {
 }
 
 /// What [`pb::fleet_client::FleetClient::poll`] hands a site.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum Work {
     Idle { retry_after_ms: u32 },
     Offer { job_id: String, spec_json: String, spec_sha256: Digest },
@@ -214,7 +219,7 @@ pub enum Work {
     Evaluate(EvaluateTask),
 }
 
-fn job_id(field: &'static str, id: String) -> Result<String, WireError> {
+pub(crate) fn job_id(field: &'static str, id: String) -> Result<String, WireError> {
     let ok = !id.is_empty()
         && id.len() <= 64
         && id.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
@@ -239,6 +244,7 @@ impl TryFrom<pb::Work> for Work {
                 model: t.model.ok_or(WireError::Missing { field: "train.model" })?.try_into()?,
                 deadline_ms: t.deadline_ms,
                 evaluate_first: t.evaluate_first,
+                secagg: t.secagg.map(secagg::SessionInfo::try_from).transpose()?,
             }),
             Kind::Evaluate(t) => Work::Evaluate(EvaluateTask {
                 job_id: job_id("evaluate.job_id", t.job_id)?,
@@ -268,6 +274,7 @@ impl From<&Work> for pb::Work {
                 model: Some((&t.model).into()),
                 deadline_ms: t.deadline_ms,
                 evaluate_first: t.evaluate_first,
+                secagg: t.secagg.as_ref().map(Into::into),
             }),
             Work::Evaluate(t) => Kind::Evaluate(pb::EvaluateTask {
                 job_id: t.job_id.clone(),
@@ -290,14 +297,23 @@ pub struct UploadHeader {
     pub base_digest: Digest,
     pub layout_digest: Digest,
     pub num_params: u64,
+    /// The aggregation weight of a plaintext update; 0 for a masked input.
     pub weight: u64,
     pub sha256: Digest,
+    /// A secure-aggregation masked input (`num_params + 1` u32 words) rather than a
+    /// plaintext update (`num_params` f32 values).
+    pub masked: bool,
 }
 
 impl UploadHeader {
-    /// Payload bytes: `num_params` little-endian f32.
+    /// Words in the payload: the parameters, plus the weight word of a masked input.
+    pub fn words(&self) -> u64 {
+        self.num_params + u64::from(self.masked)
+    }
+
+    /// Payload bytes: four per word (little-endian f32 or u32).
     pub fn payload_len(&self) -> u64 {
-        self.num_params * 4
+        self.words() * 4
     }
 }
 
@@ -307,7 +323,10 @@ impl TryFrom<pb::UploadHeader> for UploadHeader {
         if h.num_params == 0 || h.num_params > MAX_PARAMS {
             return Err(invalid("upload.num_params", format!("must be in 1..={MAX_PARAMS}, got {}", h.num_params)));
         }
-        if h.weight == 0 {
+        if h.masked && h.weight != 0 {
+            return Err(invalid("upload.weight", "must be 0 for a masked input (the weight is inside, masked)"));
+        }
+        if !h.masked && h.weight == 0 {
             return Err(invalid("upload.weight", "must be positive"));
         }
         Ok(Self {
@@ -319,6 +338,7 @@ impl TryFrom<pb::UploadHeader> for UploadHeader {
             num_params: h.num_params,
             weight: h.weight,
             sha256: Digest::parse("upload.sha256", &h.sha256)?,
+            masked: h.masked,
         })
     }
 }
@@ -334,6 +354,7 @@ impl From<&UploadHeader> for pb::UploadHeader {
             num_params: h.num_params,
             weight: h.weight,
             sha256: h.sha256.hex(),
+            masked: h.masked,
         }
     }
 }
@@ -396,6 +417,7 @@ mod tests {
                 model: model(),
                 deadline_ms: 99,
                 evaluate_first: true,
+                secagg: None,
             }),
             Work::Evaluate(EvaluateTask { job_id: "j".into(), round: 4, attempt: 0, model: model(), deadline_ms: 1 }),
         ];
@@ -418,6 +440,7 @@ mod tests {
             model: model(),
             deadline_ms: 0,
             evaluate_first: false,
+            secagg: None,
         }));
         if let Some(pb::work::Kind::Train(t)) = &mut t.kind {
             t.job_id = "../etc".into();
@@ -436,8 +459,16 @@ mod tests {
             num_params: 10,
             weight: 3,
             sha256: Digest::of(b"c"),
+            masked: false,
         };
         assert_eq!(UploadHeader::try_from(pb::UploadHeader::from(&h)), Ok(h.clone()));
+        assert_eq!(h.payload_len(), 40);
+        let masked = UploadHeader { weight: 0, masked: true, ..h.clone() };
+        assert_eq!(UploadHeader::try_from(pb::UploadHeader::from(&masked)), Ok(masked.clone()));
+        assert_eq!(masked.payload_len(), 44, "a masked input carries the weight word");
+        let mut bad = pb::UploadHeader::from(&masked);
+        bad.weight = 5;
+        assert!(UploadHeader::try_from(bad).expect_err("weight").to_string().contains("must be 0 for a masked input"));
         let mut bad = pb::UploadHeader::from(&h);
         bad.num_params = MAX_PARAMS + 1;
         assert!(UploadHeader::try_from(bad).is_err());

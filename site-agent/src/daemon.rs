@@ -30,7 +30,7 @@ use maeum_protocols::wire::{
 
 use crate::enrol::{Home, SiteConfig, Status};
 
-type Client = pb::fleet_client::FleetClient<Channel>;
+pub(crate) type Client = pb::fleet_client::FleetClient<Channel>;
 
 /// The site's records, read and validated once at start-up.
 #[derive(Debug)]
@@ -89,16 +89,16 @@ struct Prepared2 {
 }
 
 /// Shared between the work loop and the heartbeat task.
-struct Agent {
-    home: Home,
-    site_id: String,
+pub(crate) struct Agent {
+    pub(crate) home: Home,
+    pub(crate) site_id: String,
     status: Mutex<Status>,
     data: LocalData,
     prepared: Mutex<HashMap<String, Arc<Prepared2>>>,
 }
 
 impl Agent {
-    fn set(&self, f: impl FnOnce(&mut Status)) {
+    pub(crate) fn set(&self, f: impl FnOnce(&mut Status)) {
         let mut s = self.status.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let before = s.clone();
         f(&mut s);
@@ -152,7 +152,7 @@ impl Backoff {
 
 /// A status for humans, with the transport's cause chain (a TLS alert from the
 /// coordinator means it refused this site's certificate).
-fn describe(e: &RpcStatus) -> String {
+pub(crate) fn describe(e: &RpcStatus) -> String {
     let mut causes = Vec::new();
     let mut source = std::error::Error::source(e);
     while let Some(s) = source {
@@ -456,22 +456,21 @@ async fn train(agent: &Agent, client: &mut Client, t: TrainTask) -> Result<()> {
         s.round = t.round;
     });
     let job = agent.job(&t.job_id)?;
-    let path = download(agent, client, &t.model).await?;
-    let (spec, global) = load_model(&path, &job, &t.model)?;
-    let data = agent.prepared(&t.job_id, &spec)?;
-    if t.evaluate_first {
-        let of = EvalOf { job_id: &t.job_id, round: t.round, attempt: t.attempt, model: &t.model };
-        report_eval(agent, client, of, &spec, global.clone(), data.clone()).await?;
-    }
-    let name = format!("{}-r{}-a{}", t.job_id, t.round, t.attempt);
-    // Updates of earlier attempts can never be accepted again.
-    if let Ok(dir) = std::fs::read_dir(agent.home.path("work")) {
-        for e in dir.flatten() {
-            if !e.file_name().to_string_lossy().starts_with(&format!("{name}.")) {
-                let _ = std::fs::remove_file(e.path());
-            }
+    match (t.secagg.clone(), job.secure_aggregation.enabled()) {
+        (Some(info), true) => return crate::secure::train(agent, client, t, job, info).await,
+        (None, true) => bail!(
+            "the coordinator asked for a plaintext update, but job {} requires secure aggregation; refusing",
+            t.job_id
+        ),
+        (Some(_), false) => bail!(
+            "the coordinator proposed secure aggregation for job {}, whose file turns it off; refusing the mismatch",
+            t.job_id
+        ),
+        (None, false) => {
+            warn!(job = %t.job_id, "this job sends plaintext updates (insecure_plaintext_aggregation_for_debugging)")
         }
     }
+    let name = format!("{}-r{}-a{}", t.job_id, t.round, t.attempt);
     let update_path = agent.home.path(&format!("work/{name}.update"));
     let header_path = agent.home.path(&format!("work/{name}.json"));
     let header: UploadHeader = match std::fs::read_to_string(&header_path).ok().and_then(|s| stored_header(&s)) {
@@ -480,16 +479,10 @@ async fn train(agent: &Agent, client: &mut Client, t: TrainTask) -> Result<()> {
             h
         }
         _ => {
-            agent.set(|s| s.stage = "training".into());
-            let cfg = job.train_config(t.round, site_salt(&agent.site_id));
-            let (spec2, data2, start) = (spec.clone(), data.clone(), global.clone());
-            let started = std::time::Instant::now();
-            let (local, report) =
-                tokio::task::spawn_blocking(move || spec2.train(&start, &data2.train, &cfg, &mut ())).await??;
-            info!(job = %t.job_id, round = t.round, examples = report.examples_seen, seconds = started.elapsed().as_secs_f32(), "local training done");
-            let mut bytes = Vec::with_capacity(local.values().len() * 4);
-            for (l, g) in local.values().iter().zip(global.values()) {
-                bytes.extend_from_slice(&(l - g).to_le_bytes());
+            let (delta, examples) = local_update(agent, client, &t, &job).await?;
+            let mut bytes = Vec::with_capacity(delta.len() * 4);
+            for d in &delta {
+                bytes.extend_from_slice(&d.to_le_bytes());
             }
             let h = UploadHeader {
                 job_id: t.job_id.clone(),
@@ -497,9 +490,10 @@ async fn train(agent: &Agent, client: &mut Client, t: TrainTask) -> Result<()> {
                 attempt: t.attempt,
                 base_digest: t.model.digest,
                 layout_digest: t.model.layout_digest,
-                num_params: local.values().len() as u64,
-                weight: agent.data.train.len() as u64,
+                num_params: delta.len() as u64,
+                weight: examples,
                 sha256: Digest::of(&bytes),
+                masked: false,
             };
             maeum_models::write_atomic(&update_path, &bytes)?;
             maeum_models::write_atomic(&header_path, header_json(&h).as_bytes())?;
@@ -518,6 +512,40 @@ async fn train(agent: &Agent, client: &mut Client, t: TrainTask) -> Result<()> {
     agent.set(|s| s.last_model = t.model.digest.hex());
     info!(job = %t.job_id, round = t.round, "update delivered");
     Ok(())
+}
+
+/// Downloads the round's model, evaluates it first if asked, and trains on the local
+/// records: the update Δ = local − global, and the number of training records.
+pub(crate) async fn local_update(
+    agent: &Agent,
+    client: &mut Client,
+    t: &TrainTask,
+    job: &JobSpec,
+) -> Result<(Vec<f32>, u64)> {
+    let path = download(agent, client, &t.model).await?;
+    let (spec, global) = load_model(&path, job, &t.model)?;
+    let data = agent.prepared(&t.job_id, &spec)?;
+    if t.evaluate_first {
+        let of = EvalOf { job_id: &t.job_id, round: t.round, attempt: t.attempt, model: &t.model };
+        report_eval(agent, client, of, &spec, global.clone(), data.clone()).await?;
+    }
+    let name = format!("{}-r{}-a{}", t.job_id, t.round, t.attempt);
+    // Files of earlier attempts can never be accepted again.
+    if let Ok(dir) = std::fs::read_dir(agent.home.path("work")) {
+        for e in dir.flatten() {
+            if !e.file_name().to_string_lossy().starts_with(&format!("{name}.")) {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
+    agent.set(|s| s.stage = "training".into());
+    let cfg = job.train_config(t.round, site_salt(&agent.site_id));
+    let start = global.clone();
+    let started = std::time::Instant::now();
+    let (local, report) = tokio::task::spawn_blocking(move || spec.train(&start, &data.train, &cfg, &mut ())).await??;
+    info!(job = %t.job_id, round = t.round, examples = report.examples_seen, seconds = started.elapsed().as_secs_f32(), "local training done");
+    let delta = local.values().iter().zip(global.values()).map(|(l, g)| l - g).collect();
+    Ok((delta, agent.data.train.len() as u64))
 }
 
 /// The on-disk form of an update's header (HOME/work/NAME.json).
@@ -541,6 +569,7 @@ fn stored_header(json: &str) -> Option<UploadHeader> {
             num_params: v.get("num_params")?.as_u64()?,
             weight: v.get("weight")?.as_u64()?,
             sha256: v.get("sha256")?.as_str()?.into(),
+            masked: false,
         })
     })?;
     UploadHeader::try_from(pb).ok()
@@ -633,6 +662,7 @@ mod tests {
             num_params: 10,
             weight: 4,
             sha256: Digest::of(b"c"),
+            masked: false,
         };
         assert_eq!(stored_header(&header_json(&h)), Some(h));
         assert_eq!(stored_header("{\"job_id\": 1}"), None);

@@ -4,5 +4,6 @@
 pub mod daemon;
 pub mod enrol;
 pub mod local;
+pub mod secure;
 
 pub use maeum_protocols::runtime::now_ms;

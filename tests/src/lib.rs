@@ -225,10 +225,16 @@ impl Federation {
     }
 
     pub fn start_site(&mut self, id: &str) {
+        self.start_site_with(id, &[]);
+    }
+
+    /// Starts a site with extra environment variables (test hooks).
+    pub fn start_site_with(&mut self, id: &str, env: &[(&str, &str)]) {
         let child = Command::new(bin("maeum-site"))
             .args(["run", "--home"])
             .arg(self.site_home(id))
             .env("MAEUM_LOG", "info")
+            .envs(env.iter().copied())
             .stdout(std::process::Stdio::null())
             .stderr(self.log(id))
             .spawn()

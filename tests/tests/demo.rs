@@ -22,7 +22,7 @@ fn the_demo_runs_a_federation_and_reports_the_comparison() {
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object on stdout");
     assert_eq!(v["sites"], 3);
     assert_eq!(v["rounds"], 3);
-    assert_eq!(v["secure_aggregation"], false);
+    assert_eq!(v["secure_aggregation"], true, "the demo runs secure aggregation");
     let fed = v["federated"]["accuracy"].as_f64().expect("federated.accuracy");
     let central = v["centralized"]["accuracy"].as_f64().expect("centralized.accuracy");
     let local = v["local_only"]["mean_accuracy"].as_f64().expect("local_only.mean_accuracy");

@@ -51,6 +51,7 @@ fn header(t: &TrainTask, num_params: u64, payload: &[u8]) -> UploadHeader {
         num_params,
         weight: 10,
         sha256: Digest::of(payload),
+        masked: false,
     }
 }
 
@@ -89,7 +90,14 @@ fn updates_with_a_wrong_layout_a_replayed_round_or_a_corrupt_chunk_are_rejected(
     fed.start_coordinator();
     fed.start_site("site-1");
     fed.start_site("site-2");
-    let id = fed.submit("checks", 2, 3, SMALL_MODEL);
+    // This test speaks the plaintext update path by hand, so the job turns secure
+    // aggregation off (masked inputs are covered by tests/tests/secagg.rs).
+    let id = fed.submit(
+        "checks",
+        2,
+        3,
+        &format!("{SMALL_MODEL}\n[secure_aggregation]\ninsecure_plaintext_aggregation_for_debugging = true\n"),
+    );
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     rt.block_on(async {
         let mut c = connect(&fed, "site-3").await;

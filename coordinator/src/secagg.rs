@@ -1,0 +1,302 @@
+//! The coordinator's side of secure aggregation for one round attempt: it owns the
+//! sans-IO [`Server`], relays stage messages, and closes each stage when every
+//! expected site has spoken, dropped out, or missed the stage deadline.
+//!
+//! Handlers call [`SecAggRound::submit`] under the round lock and then wait (without
+//! the lock) for [`SecAggRound::reply`] to have an answer; the orchestrator calls
+//! [`SecAggRound::close_stage`]. A failed stage fails the attempt, and the round is
+//! retried with a new session (fresh keys and seeds).
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use tonic::Status;
+use tracing::warn;
+
+use maeum_protocols::secagg::quant::Quantiser;
+use maeum_protocols::secagg::sign::SessionVerifier;
+use maeum_protocols::secagg::{KeyRoster, Outcome, SecAggError, Server, Session, SurvivorProof, SurvivorSet};
+use maeum_protocols::wire::secagg::{Reply, SessionInfo, StageMessage};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum SaStage {
+    Advertise,
+    Share,
+    Masked,
+    Consistency,
+    Unmask,
+    Finished,
+}
+
+impl SaStage {
+    pub fn name(self) -> &'static str {
+        match self {
+            SaStage::Advertise => "advertise keys",
+            SaStage::Share => "share keys",
+            SaStage::Masked => "masked input",
+            SaStage::Consistency => "consistency check",
+            SaStage::Unmask => "unmask",
+            SaStage::Finished => "finished",
+        }
+    }
+}
+
+/// One session's state at the coordinator.
+#[derive(Debug)]
+pub struct SecAggRound {
+    pub session: Session,
+    pub info: SessionInfo,
+    pub quantiser: Quantiser,
+    /// Site id → party index, and back.
+    pub index: BTreeMap<String, u16>,
+    pub site: BTreeMap<u16, String>,
+    pub stage: SaStage,
+    /// Unix ms at which the current short stage closes regardless (the masked-input
+    /// stage uses the round's training deadline).
+    pub stage_deadline_ms: i64,
+    /// Why the attempt failed, once it has.
+    pub failed: Option<String>,
+    server: Option<Server>,
+    verifier: SessionVerifier,
+    /// Parties whose message was accepted, per stage.
+    accepted: BTreeMap<SaStage, BTreeSet<u16>>,
+    roster: Option<KeyRoster>,
+    survivors: Option<SurvivorSet>,
+    proof: Option<SurvivorProof>,
+}
+
+fn refused(site: &str, e: &SecAggError) -> Status {
+    warn!(site, check = e.check.id(), culprit = ?e.culprit, error = %e, "secure-aggregation message refused");
+    Status::invalid_argument(format!("secure aggregation: {e}"))
+}
+
+impl SecAggRound {
+    pub fn new(session: Session, info: SessionInfo) -> Result<Self, SecAggError> {
+        let quantiser = Quantiser::new(session.n(), session.params.clip, session.params.max_weight)?;
+        let verifier = SessionVerifier::new(&session);
+        let index = session.participants.iter().map(|p| (p.site_id.clone(), p.index)).collect();
+        let site = session.participants.iter().map(|p| (p.index, p.site_id.clone())).collect();
+        let server = Server::new(session.clone())?;
+        Ok(Self {
+            session,
+            info,
+            quantiser,
+            index,
+            site,
+            stage: SaStage::Advertise,
+            stage_deadline_ms: 0,
+            failed: None,
+            server: Some(server),
+            verifier,
+            accepted: BTreeMap::new(),
+            roster: None,
+            survivors: None,
+            proof: None,
+        })
+    }
+
+    fn server(&mut self) -> Result<&mut Server, Status> {
+        self.server.as_mut().ok_or_else(|| Status::failed_precondition("secure aggregation already finished"))
+    }
+
+    fn stage_of(msg: &StageMessage) -> SaStage {
+        match msg {
+            StageMessage::Advertise(_) => SaStage::Advertise,
+            StageMessage::ShareKeys(_) => SaStage::Share,
+            StageMessage::AwaitSurvivors { .. } => SaStage::Masked,
+            StageMessage::SurvivorSignature(_) => SaStage::Consistency,
+            StageMessage::Unmask(_) => SaStage::Unmask,
+        }
+    }
+
+    /// Accepts `site`'s message (`done` = sites whose masked input is folded).
+    pub fn submit(&mut self, site: &str, msg: StageMessage, done: &BTreeSet<String>) -> Result<(), Status> {
+        if let Some(why) = &self.failed {
+            return Err(Status::aborted(format!("this round attempt failed: {why}")));
+        }
+        let me = *self
+            .index
+            .get(site)
+            .ok_or_else(|| Status::permission_denied(format!("site/{site} is not a party to this session")))?;
+        if msg.index() != me {
+            return Err(Status::permission_denied(format!(
+                "site/{site} is party {me} of this session and cannot speak for party {}",
+                msg.index()
+            )));
+        }
+        let wanted = Self::stage_of(&msg);
+        if wanted == SaStage::Masked {
+            return if done.contains(site) {
+                Ok(())
+            } else {
+                Err(Status::failed_precondition("no complete masked input from this site in this round"))
+            };
+        }
+        if self.accepted.get(&wanted).is_some_and(|a| a.contains(&me)) {
+            // A resend after a lost reply: the first copy stands (the server refuses a
+            // differing copy while the stage is open; afterwards nothing can change).
+            if self.stage == wanted {
+                self.deliver(site, msg)?;
+            }
+            return Ok(());
+        }
+        if self.stage != wanted {
+            return Err(Status::failed_precondition(format!(
+                "the {} stage is not open (the session is at {})",
+                wanted.name(),
+                self.stage.name()
+            )));
+        }
+        self.deliver(site, msg)?;
+        self.accepted.entry(wanted).or_default().insert(me);
+        Ok(())
+    }
+
+    fn deliver(&mut self, site: &str, msg: StageMessage) -> Result<(), Status> {
+        let verifier = &self.verifier;
+        let server = self.server.as_mut().ok_or_else(|| Status::failed_precondition("session finished"))?;
+        match msg {
+            StageMessage::Advertise(m) => server.receive_advertise(m, verifier),
+            StageMessage::ShareKeys(m) => server.receive_shares(m),
+            StageMessage::SurvivorSignature(m) => server.receive_survivor_signature(m, verifier),
+            StageMessage::Unmask(m) => server.receive_unmask(m),
+            StageMessage::AwaitSurvivors { .. } => Ok(()),
+        }
+        .map_err(|e| refused(site, &e))
+    }
+
+    /// The answer to `site`'s message of `msg`'s stage, once that stage has closed.
+    pub fn reply(&mut self, site: &str, msg: &StageMessage) -> Result<Option<Reply>, Status> {
+        if let Some(why) = &self.failed {
+            return Err(Status::aborted(format!("this round attempt failed: {why}")));
+        }
+        let wanted = Self::stage_of(msg);
+        if self.stage <= wanted {
+            return Ok(None);
+        }
+        let me = self.index.get(site).copied().unwrap_or(0);
+        Ok(Some(match wanted {
+            SaStage::Advertise => Reply::Roster(self.roster.clone().ok_or_else(|| Status::internal("no roster"))?),
+            SaStage::Share => {
+                let shares = self.server()?.shares_for(me).map_err(|e| refused(site, &e))?;
+                Reply::Shares(shares)
+            }
+            SaStage::Masked => {
+                Reply::Survivors(self.survivors.clone().ok_or_else(|| Status::internal("no survivor set"))?)
+            }
+            SaStage::Consistency => Reply::Proof(self.proof.clone().ok_or_else(|| Status::internal("no proof"))?),
+            SaStage::Unmask | SaStage::Finished => Reply::Done,
+        }))
+    }
+
+    /// The parties expected to speak in the current stage.
+    pub fn expected(&self, done: &BTreeSet<String>) -> BTreeSet<String> {
+        let of = |set: &[u16]| set.iter().filter_map(|i| self.site.get(i).cloned()).collect::<BTreeSet<_>>();
+        match self.stage {
+            SaStage::Advertise => self.index.keys().cloned().collect(),
+            SaStage::Share => self
+                .roster
+                .as_ref()
+                .map(|r| of(&r.keys.iter().map(|k| k.index).collect::<Vec<_>>()))
+                .unwrap_or_default(),
+            SaStage::Masked => self
+                .accepted
+                .get(&SaStage::Share)
+                .map(|s| of(&s.iter().copied().collect::<Vec<_>>()))
+                .unwrap_or_default(),
+            SaStage::Consistency => self.survivors.as_ref().map(|s| of(&s.survivors)).unwrap_or_default(),
+            SaStage::Unmask => self
+                .proof
+                .as_ref()
+                .map(|p| of(&p.signatures.iter().map(|s| s.index).collect::<Vec<_>>()))
+                .unwrap_or_default(),
+            SaStage::Finished => BTreeSet::new(),
+        }
+        .into_iter()
+        .filter(|s| self.stage != SaStage::Masked || !done.contains(s))
+        .collect()
+    }
+
+    /// Sites that have spoken in the current stage.
+    pub fn spoken(&self, done: &BTreeSet<String>) -> BTreeSet<String> {
+        if self.stage == SaStage::Masked {
+            return done.iter().filter(|s| self.index.contains_key(*s)).cloned().collect();
+        }
+        self.accepted
+            .get(&self.stage)
+            .map(|s| s.iter().filter_map(|i| self.site.get(i).cloned()).collect())
+            .unwrap_or_default()
+    }
+
+    /// Closes the current stage (not the last: see [`SecAggRound::take_server`]).
+    pub fn close_stage(&mut self, next_deadline_ms: i64) -> Result<(), SecAggError> {
+        let server = match self.server.as_mut() {
+            Some(s) => s,
+            None => return Ok(()),
+        };
+        match self.stage {
+            SaStage::Advertise => self.roster = Some(server.close_advertise()?),
+            SaStage::Share => server.close_shares()?,
+            SaStage::Masked => self.survivors = Some(server.close_masked()?),
+            SaStage::Consistency => self.proof = Some(server.close_consistency()?),
+            SaStage::Unmask | SaStage::Finished => return Ok(()),
+        }
+        self.stage = match self.stage {
+            SaStage::Advertise => SaStage::Share,
+            SaStage::Share => SaStage::Masked,
+            SaStage::Masked => SaStage::Consistency,
+            _ => SaStage::Unmask,
+        };
+        self.stage_deadline_ms = next_deadline_ms;
+        Ok(())
+    }
+
+    /// Ends the unmask stage: the server, to finish outside the round lock.
+    pub fn take_server(&mut self) -> Option<Server> {
+        self.stage = SaStage::Finished;
+        self.server.take()
+    }
+
+    /// Folds `words` of `site`'s masked input into the running sum.
+    pub fn fold(&mut self, site: &str, words: &[u32]) -> Result<(), Status> {
+        let me = self.index.get(site).copied().unwrap_or(0);
+        let server = self.server()?;
+        server.fold_masked(me, words).map_err(|e| refused(site, &e))
+    }
+
+    pub fn finish_input(&mut self, site: &str) -> Result<(), Status> {
+        let me = self.index.get(site).copied().unwrap_or(0);
+        let server = self.server()?;
+        server.finish_masked(me).map_err(|e| refused(site, &e))
+    }
+
+    pub fn is_party(&self, site: &str) -> bool {
+        self.index.contains_key(site)
+    }
+
+    /// Whether `site` may upload a masked input now (it is in U2).
+    pub fn may_upload(&self, site: &str) -> Result<(), Status> {
+        if self.stage != SaStage::Masked {
+            return Err(Status::failed_precondition(format!(
+                "masked inputs are not collected now (the session is at {})",
+                self.stage.name()
+            )));
+        }
+        let me = self.index.get(site).copied().unwrap_or(0);
+        if !self.accepted.get(&SaStage::Share).is_some_and(|s| s.contains(&me)) {
+            return Err(Status::failed_precondition(format!("site/{site} did not share keys in this session")));
+        }
+        Ok(())
+    }
+
+    /// Decodes an outcome into Σ w·Δ (f64) and Σ w.
+    pub fn decode(&self, outcome: &Outcome) -> (Vec<f64>, u64) {
+        let n = outcome.sum.len().saturating_sub(1);
+        let mut sum = vec![0.0; n];
+        self.quantiser.decode(&outcome.sum[..n], &mut sum);
+        (sum, u64::from(outcome.sum.get(n).copied().unwrap_or(0)))
+    }
+
+    pub fn names(&self, parties: &[u16]) -> Vec<String> {
+        parties.iter().filter_map(|i| self.site.get(i).cloned()).collect()
+    }
+}

@@ -1,0 +1,200 @@
+//! Secure aggregation end to end: real processes, mTLS, the real corpus.
+//!
+//! Sites keep their own quantised input (MAEUM_SITE_DEBUG_KEEP_PLAIN_INPUT, on their
+//! own disk) so the test can check that the coordinator's unmasked aggregate is exactly
+//! the plain sum over the round's survivors, and that no site's input appears anywhere
+//! in what the coordinator stores.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use maeum_e2e::{Federation, SMALL_MODEL};
+
+const MIN: Duration = Duration::from_secs(60);
+const KEEP: (&str, &str) = ("MAEUM_SITE_DEBUG_KEEP_PLAIN_INPUT", "1");
+
+fn strs(v: &serde_json::Value) -> Vec<String> {
+    v.as_array().map(|a| a.iter().filter_map(|s| s.as_str().map(String::from)).collect()).unwrap_or_default()
+}
+
+fn words(path: &Path) -> Vec<u32> {
+    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    bytes.chunks_exact(4).map(|w| u32::from_le_bytes([w[0], w[1], w[2], w[3]])).collect()
+}
+
+/// The plain input `site` kept for `job` round `round` (the last attempt it took part in).
+fn plain_input(fed: &Federation, site: &str, job: &str, round: u64) -> PathBuf {
+    let dir = fed.site_home(site).join("debug");
+    let prefix = format!("{job}-r{round}-a");
+    let mut found: Vec<(u64, PathBuf)> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let attempt = name.strip_prefix(&prefix)?.strip_suffix(".plain-input")?.parse().ok()?;
+            Some((attempt, e.path()))
+        })
+        .collect();
+    found.sort();
+    found.pop().unwrap_or_else(|| panic!("{site} kept no input for {job} round {round}")).1
+}
+
+/// Checks every round: the aggregate blob equals the wrapping sum of the contributors'
+/// plain inputs.
+fn check_exact_sums(fed: &Federation, job: &serde_json::Value) {
+    let id = job["job_id"].as_str().expect("id");
+    for r in job["history"].as_array().expect("history") {
+        let round = r["round"].as_u64().expect("round");
+        assert_eq!(r["secure_aggregation"], true, "{r:#}");
+        let digest = r["aggregate_sha256"].as_str().expect("aggregate");
+        let aggregate = words(&fed.coordinator_home().join("blobs").join(digest));
+        let mut sum = vec![0u32; aggregate.len()];
+        for site in strs(&r["contributors"]) {
+            let input = words(&plain_input(fed, &site, id, round));
+            assert_eq!(input.len(), sum.len(), "{site} round {round}");
+            sum.iter_mut().zip(&input).for_each(|(s, x)| *s = s.wrapping_add(*x));
+        }
+        assert!(sum == aggregate, "round {round}: the unmasked aggregate is not the survivors' plain sum");
+        assert_eq!(
+            u64::from(*aggregate.last().expect("weight word")),
+            r["total_weight"].as_u64().expect("weight"),
+            "the last word is the summed weight"
+        );
+    }
+}
+
+fn files_under(dir: &Path, out: &mut Vec<PathBuf>) {
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = e.path();
+        if p.is_dir() { files_under(&p, out) } else { out.push(p) }
+    }
+}
+
+/// No 32-byte window of any site's plain input (taken where the input is busy) occurs
+/// in any file the coordinator keeps, its logs included.
+fn check_inputs_not_stored(fed: &Federation, job: &serde_json::Value) {
+    let id = job["job_id"].as_str().expect("id");
+    let mut stored = Vec::new();
+    files_under(&fed.coordinator_home(), &mut stored);
+    stored.push(fed.dir.path().join("coordinator.log"));
+    let haystacks: Vec<Vec<u8>> = stored.iter().filter_map(|p| std::fs::read(p).ok()).collect();
+    let mut probes = 0;
+    for r in job["history"].as_array().expect("history") {
+        let round = r["round"].as_u64().expect("round");
+        for site in strs(&r["contributors"]) {
+            let bytes = std::fs::read(plain_input(fed, &site, id, round)).expect("input");
+            // Windows whose words are mostly non-zero (sparse updates have long runs of 0).
+            for start in (0..bytes.len().saturating_sub(32)).step_by(4096) {
+                let w = &bytes[start..start + 32];
+                if w.chunks_exact(4).filter(|c| c.iter().any(|b| *b != 0)).count() < 6 {
+                    continue;
+                }
+                probes += 1;
+                for (h, p) in haystacks.iter().zip(&stored) {
+                    assert!(!h.windows(32).any(|x| x == w), "{site}'s round-{round} input occurs in {}", p.display());
+                }
+                if probes % 8 == 0 {
+                    break;
+                }
+            }
+        }
+    }
+    assert!(probes > 0, "no busy window to probe");
+}
+
+fn wait_online(fed: &Federation, n: usize) {
+    let until = Instant::now() + MIN;
+    loop {
+        let sites = fed.cli_json(&["sites", "list"]);
+        if sites.as_array().is_some_and(|a| a.iter().filter(|s| s["online"] == true).count() >= n) {
+            return;
+        }
+        assert!(Instant::now() < until, "sites did not come online: {sites:#}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn wait_log(fed: &Federation, name: &str, needle: &str, count: usize, timeout: Duration) {
+    let until = Instant::now() + timeout;
+    while fed.log_text(name).matches(needle).count() < count {
+        assert!(Instant::now() < until, "{name} never logged {needle:?} ×{count}:\n{}", fed.log_text(name));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// One site is SIGKILLed in each of the five stages, one stage per round; with 5 sites
+/// and the default threshold 4 every round still completes with the exact sum over its
+/// survivors.
+#[test]
+fn sites_killed_in_each_stage_leave_the_exact_survivor_sum() {
+    let mut fed = Federation::new(5);
+    fed.start_coordinator();
+    let plan = ["advertise", "share", "masked-input", "consistency", "unmask"];
+    for (i, stage) in plan.iter().enumerate() {
+        let site = format!("site-{}", i + 1);
+        let stall = format!("{stage}@{}", i + 1);
+        fed.start_site_with(&site, &[KEEP, ("MAEUM_SITE_TEST_STALL_AT", &stall)]);
+    }
+    wait_online(&fed, 5);
+    let id = fed.submit("secagg-kills", 5, 3, &format!("{SMALL_MODEL}[deadlines]\nsecagg = 30\n"));
+    for (i, stage) in plan.iter().enumerate() {
+        let site = format!("site-{}", i + 1);
+        wait_log(&fed, &site, "test hook: stalling", 1, 3 * MIN);
+        fed.kill_site(&site);
+        // Back once the coordinator has noticed the silence and dropped it.
+        wait_log(&fed, "coordinator", "dropped from the round", i + 1, MIN);
+        fed.start_site_with(&site, &[KEEP]);
+        let round = (i + 1) as u64;
+        fed.wait_for(&id, 2 * MIN, |j| j["completed_rounds"].as_u64().is_some_and(|n| n >= round));
+        eprintln!("round {round}: {site} killed in the {stage} stage");
+    }
+    let job = fed.wait_job(&id, 3 * MIN);
+    assert_eq!(job["state"], "completed", "{job:#}");
+    assert_eq!(job["secure_aggregation"], true);
+    let history = job["history"].as_array().expect("history");
+    assert_eq!(history.len(), 5);
+    // Killed before its masked input was complete: left out of the sum. Killed after:
+    // its input is in the sum, and the others' shares unmask it.
+    // (A site killed in round r may still be restarting when round r+1 selects its
+    // sites, so later rounds can have 4 parties; the threshold follows.)
+    for (i, r) in history.iter().enumerate() {
+        let site = format!("site-{}", i + 1);
+        let contributors = strs(&r["contributors"]);
+        let dropped = strs(&r["dropped"]);
+        let n = contributors.len() + dropped.len();
+        if i < 3 {
+            assert!(dropped.contains(&site) && !contributors.contains(&site), "round {}: {r:#}", i + 1);
+        } else {
+            assert!(contributors.contains(&site), "round {}: {r:#}", i + 1);
+        }
+        assert_eq!(r["secagg_threshold"].as_u64(), Some((2 * n as u64) / 3 + 1), "round {}: {r:#}", i + 1);
+    }
+    assert_eq!(strs(&history[0]["contributors"]).len(), 4, "all five took part in round 1");
+    check_exact_sums(&fed, &job);
+    check_inputs_not_stored(&fed, &job);
+}
+
+/// Below the threshold the attempt fails cleanly (SA-05) and the round is retried with a
+/// new session once enough sites are back.
+#[test]
+fn below_the_threshold_the_round_is_retried_with_a_new_session() {
+    let mut fed = Federation::new(3);
+    fed.start_coordinator();
+    fed.start_site_with("site-1", &[KEEP]);
+    fed.start_site_with("site-2", &[KEEP]);
+    fed.start_site_with("site-3", &[KEEP, ("MAEUM_SITE_TEST_STALL_AT", "masked-input@1")]);
+    wait_online(&fed, 3);
+    let id = fed.submit("secagg-threshold", 2, 3, &format!("{SMALL_MODEL}[deadlines]\nsecagg = 30\n"));
+    wait_log(&fed, "site-3", "test hook: stalling", 1, 3 * MIN);
+    fed.kill_site("site-3");
+    wait_log(&fed, "coordinator", "SA-05", 1, MIN);
+    fed.start_site_with("site-3", &[KEEP]);
+    let job = fed.wait_job(&id, 3 * MIN);
+    assert_eq!(job["state"], "completed", "{job:#}");
+    let first = &job["history"][0];
+    assert!(first["attempts"].as_u64().is_some_and(|a| a >= 2), "{first:#}");
+    assert_eq!(strs(&first["contributors"]).len(), 3, "{first:#}");
+    let log = fed.log_text("coordinator");
+    assert!(log.contains("retrying the round with a new session"), "{log}");
+    check_exact_sums(&fed, &job);
+}
