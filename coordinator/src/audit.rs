@@ -149,6 +149,18 @@ impl AuditLog {
             .collect()
     }
 
+    /// Every (site, certificate fingerprint) the log records as approved.
+    pub fn approved(&self) -> Result<std::collections::BTreeSet<(String, String)>> {
+        let mut out = std::collections::BTreeSet::new();
+        for item in self.entries.iter().values() {
+            let entry = Entry::decode(&item.context("reading audit_entries")?)?;
+            if let Event::SiteApproved { site, cert_fingerprint, .. } = entry.event {
+                out.insert((site, cert_fingerprint));
+            }
+        }
+        Ok(out)
+    }
+
     /// The entry `seq`.
     pub fn entry(&self, seq: u64) -> Result<Entry> {
         let bytes = self.entries.get(seq_key(seq))?.with_context(|| format!("no audit entry {seq}"))?;

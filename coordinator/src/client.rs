@@ -124,6 +124,16 @@ pub fn job_json(j: &pb::JobInfo) -> serde_json::Value {
     })
 }
 
+/// The audit export from the running coordinator at `home`.
+pub async fn export_audit(home: &std::path::Path) -> anyhow::Result<Vec<u8>> {
+    let mut stream = connect(home).await?.export_audit(pb::ExportAuditRequest {}).await?.into_inner();
+    let mut bytes = Vec::new();
+    while let Some(piece) = stream.message().await? {
+        bytes.extend_from_slice(&piece.data);
+    }
+    Ok(bytes)
+}
+
 pub fn site_json(s: &pb::SiteInfo) -> serde_json::Value {
     serde_json::json!({
         "site_id": s.site_id, "online": s.online, "revoked": s.revoked, "stage": s.stage,

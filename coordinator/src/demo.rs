@@ -349,6 +349,32 @@ pub async fn run(a: DemoArgs) -> Result<()> {
     if info.state != "completed" {
         bail!("job {} ended {}: {}", info.job_id, info.state, info.error);
     }
+    // The audit log's export, checked the way an auditor would: against the log key
+    // from signing.pub. The orchestrator appends `job_finished` just after the job
+    // completes, so wait for it (a few hundred milliseconds at most).
+    let trust = maeum_protocols::audit::unhex32(std::fs::read_to_string(coord_home.join("signing.pub"))?.trim())
+        .map_err(|e| anyhow::anyhow!("signing.pub: {e}"))?;
+    let audit_path = work.join("audit.json");
+    let mut audit = None;
+    for _ in 0..50 {
+        let bytes = client::export_audit(&coord_home).await?;
+        let report = maeum_protocols::audit::export::verify(&bytes, Some(&trust))
+            .map_err(|e| anyhow::anyhow!("the coordinator's audit export does not verify: {e}"))?;
+        let finished = String::from_utf8_lossy(&bytes).contains("\"kind\":\"job_finished\"");
+        audit = Some((bytes, report));
+        if finished {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (audit_bytes, audit_report) = audit.context("no audit export")?;
+    std::fs::write(&audit_path, &audit_bytes)?;
+    say(format!(
+        "audit log: {} entries, {} checkpoints, verified; {} (maeum-audit verify / show)",
+        audit_report.entries,
+        audit_report.checkpoints,
+        audit_path.display()
+    ));
     fleet.stop();
     let final_eval = info.history.last().and_then(|r| r.evaluation.clone()).context("no final evaluation")?;
     let fed = score(&client::confusion(&final_eval).context("malformed final evaluation")?);
@@ -384,6 +410,7 @@ pub async fn run(a: DemoArgs) -> Result<()> {
         "alpha": a.alpha,
         "secure_aggregation": info.secure_aggregation,
         "job_id": info.job_id,
+        "audit": { "file": audit_path, "entries": audit_report.entries, "checkpoints": audit_report.checkpoints },
         "federated": { "accuracy": fed.accuracy, "macro_f1": fed.macro_f1, "per_round": per_round, "seconds": fed_seconds },
         "centralized": centralized.as_ref().map(|c| serde_json::json!({"accuracy": c.accuracy, "macro_f1": c.macro_f1})),
         "local_only": local.as_ref().map(|l| serde_json::json!({

@@ -66,6 +66,9 @@ enum Command {
     /// Submit, watch and abort training jobs.
     #[command(subcommand)]
     Jobs(JobsCommand),
+    /// The transparency audit log.
+    #[command(subcommand)]
+    Audit(AuditCommand),
     /// Run a whole local federation: consortium, sites as separate processes over mTLS,
     /// a training job, and a comparison with centralized and local-only training.
     Demo(demo::DemoArgs),
@@ -107,6 +110,19 @@ enum SitesCommand {
         /// Print JSON.
         #[arg(long)]
         json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum AuditCommand {
+    /// Write the whole log, its checkpoints and cosignatures, and the certificates an
+    /// auditor needs, as one file for `maeum-audit verify`.
+    Export {
+        #[command(flatten)]
+        home: HomeArg,
+        /// The file to write.
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
     },
 }
 
@@ -246,6 +262,16 @@ async fn run(cli: Cli) -> Result<()> {
                 return print_json(&client::job_json(&j));
             }
             println!("job {} aborted", j.job_id);
+        }
+        Command::Audit(AuditCommand::Export { home, out }) => {
+            let bytes = client::export_audit(&home.home).await?;
+            std::fs::write(&out, &bytes).with_context(|| format!("writing {}", out.display()))?;
+            println!(
+                "wrote {} ({} bytes); check it with: maeum-audit verify {}",
+                out.display(),
+                bytes.len(),
+                out.display()
+            );
         }
         Command::Demo(a) => demo::run(a).await?,
     }

@@ -18,6 +18,8 @@ use maeum_models::model::ModelSpec;
 use maeum_models::params::FlatParams;
 use maeum_protocols::wire::{Digest, ModelRef};
 
+use maeum_protocols::audit::Event;
+
 use crate::home::now_ms;
 use crate::secagg::{SaStage, SecAggRound};
 use crate::server::{Coord, RoundState, Stage, lock};
@@ -60,6 +62,13 @@ pub async fn orchestrate(c: Arc<Coord>) {
                 Ok(())
             });
             tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        // The job's end goes to the audit log, with a checkpoint over everything so far.
+        let state = c.store.job(&id).ok().flatten().map(|j| j.state.as_str().to_string()).unwrap_or_default();
+        if let Err(e) =
+            c.record(Event::JobFinished { job_id: id.clone(), state }).and_then(|()| c.audit.checkpoint().map(|_| ()))
+        {
+            warn!(job = %id, error = %format!("{e:#}"), "writing the audit log");
         }
         c.notify();
     }
@@ -220,6 +229,13 @@ async fn run_round(c: &Coord, id: &str, round: u32, spec: &ModelSpec) -> Result<
         } else {
             warn!(round, attempt, sites = selected.len(), "round started WITHOUT secure aggregation (debugging job)");
         }
+        c.record(Event::RoundStarted {
+            job_id: id.to_string(),
+            round,
+            attempt,
+            sites: selected.iter().cloned().collect(),
+            secure_aggregation: secure,
+        })?;
         clear_uploads(c);
         *lock(&c.round) = Some(state);
         c.notify();
@@ -228,6 +244,7 @@ async fn run_round(c: &Coord, id: &str, round: u32, spec: &ModelSpec) -> Result<
                 SecAggEnd::Aborted => false,
                 SecAggEnd::Failed(why) => {
                     *lock(&c.round) = None;
+                    c.record(Event::RoundFailed { job_id: id.to_string(), round, attempt, reason: why.clone() })?;
                     clear_uploads(c);
                     warn!(round, attempt, reason = %why, "secure aggregation failed; retrying the round with a new session");
                     set_activity(c, format!("round {round}: attempt {attempt} failed ({why}); retrying"));
@@ -247,6 +264,12 @@ async fn run_round(c: &Coord, id: &str, round: u32, spec: &ModelSpec) -> Result<
         let Some(state) = lock(&c.round).take() else { return Ok(None) };
         clear_uploads(c);
         if state.done.len() < min {
+            c.record(Event::RoundFailed {
+                job_id: id.to_string(),
+                round,
+                attempt,
+                reason: format!("only {} updates, min_sites is {min}", state.done.len()),
+            })?;
             warn!(round, attempt, updates = state.done.len(), min, "too few updates; retrying the round");
             set_activity(c, format!("round {round}: only {} updates (< {min}); retrying", state.done.len()));
             continue;
@@ -458,11 +481,20 @@ async fn finish_secagg(c: &Coord, round: u32) -> Result<SecAggEnd> {
         unmask_ms = started.elapsed().as_millis() as u64,
         "secure aggregation finished"
     );
+    let event = Event::RoundSecagg {
+        job_id: r.job_id.clone(),
+        round: r.round,
+        attempt: r.attempt,
+        survivors: survivors.clone(),
+        dropped: dropped.clone(),
+    };
     r.sum = sum;
     r.total_weight = total_weight;
     r.done = survivors.into_iter().collect();
     r.dropped = dropped.into_iter().collect();
     r.aggregate = Some(bytes);
+    drop(guard);
+    c.record(event)?;
     Ok(SecAggEnd::Done)
 }
 
@@ -555,6 +587,14 @@ async fn commit_round(
             c.store.put_site(&rec, false)?;
         }
     }
+    c.record(Event::RoundCommitted {
+        job_id: id.to_string(),
+        round: state.round,
+        aggregate_sha256,
+        model: job.history.last().map(|h| h.model.digest.clone()).unwrap_or_default(),
+        contributors: state.done.iter().cloned().collect(),
+    })?;
+    c.audit.checkpoint()?;
     info!(round = state.round, contributors = state.done.len(), dropped = state.dropped.len(), "round committed");
     c.notify();
     Ok(job)

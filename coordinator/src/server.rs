@@ -11,6 +11,7 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use anyhow::Context;
 use tokio::sync::watch;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status, Streaming};
@@ -23,10 +24,12 @@ use maeum_protocols::wire::{
     self, CHUNK_SIZE, ConfusionCounts, Digest, EvaluateTask, Hasher, ModelRef, TrainTask, UploadHeader, Work, pb,
 };
 
+use crate::audit::AuditLog;
 use crate::blobs::Blobs;
 use crate::home::{Home, now_ms};
 use crate::secagg::SecAggRound;
 use crate::store::{Decision, JobRecord, JobState, SiteRecord, Store, VersionRecord};
+use maeum_protocols::audit::Event;
 
 /// Tunables of a running coordinator.
 #[derive(Debug, Clone)]
@@ -127,6 +130,8 @@ pub struct Coord {
     pub home: Home,
     pub store: Store,
     pub blobs: Blobs,
+    /// The transparency log (`docs/protocols/audit-log.md`).
+    pub audit: AuditLog,
     pub revocations: Revocations,
     pub settings: Settings,
     live: Mutex<HashMap<String, Live>>,
@@ -159,8 +164,23 @@ impl Coord {
         let blobs = Blobs::open(&home.blobs())?;
         std::fs::create_dir_all(home.uploads())?;
         let revoked = store.sites()?.into_iter().filter(|s| s.revoked).map(|s| s.id);
-        Ok(Arc::new(Self {
+        let consortium = home.consortium()?.name;
+        let key = std::fs::read(home.path("signing.key")).context("reading signing.key")?;
+        let audit = AuditLog::open(store.db(), format!("maeum/{consortium}"), &key)?;
+        if audit.size() == 0 {
+            let ca = maeum_protocols::identity::pem_to_der(&home.read("ca.pem")?)?.remove(0);
+            audit.append(
+                now_ms(),
+                Event::ConsortiumInit {
+                    consortium,
+                    ca_fingerprint: maeum_protocols::identity::fingerprint(&ca),
+                    log_key: audit.public_key(),
+                },
+            )?;
+        }
+        let coord = Self {
             revocations: Revocations::new(revoked),
+            audit,
             home,
             store,
             blobs,
@@ -171,7 +191,40 @@ impl Coord {
             activity: Mutex::new(String::new()),
             changed: watch::channel(0).0,
             started: Instant::now(),
-        }))
+        };
+        coord.sync_approvals()?;
+        coord.audit.checkpoint()?;
+        Ok(Arc::new(coord))
+    }
+
+    /// Appends `event` to the audit log (flushed before this returns).
+    pub fn record(&self, event: Event) -> anyhow::Result<()> {
+        self.audit.append(now_ms(), event).map(|_| ())
+    }
+
+    /// Logs every approved site certificate (HOME/sites/ID.pem, written by the offline
+    /// `sites approve`) that the log does not hold yet. Runs at start and whenever a
+    /// site connects for the first time in this process.
+    pub fn sync_approvals(&self) -> anyhow::Result<()> {
+        let logged = self.audit.approved()?;
+        let Ok(dir) = std::fs::read_dir(self.home.sites()) else { return Ok(()) };
+        let mut found = Vec::new();
+        for e in dir.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let Some(site) = name.strip_suffix(".pem") else { continue };
+            let pem = std::fs::read_to_string(e.path())?;
+            let Some(der) = maeum_protocols::identity::pem_to_der(&pem)?.into_iter().next() else { continue };
+            let fingerprint = maeum_protocols::identity::fingerprint(&der);
+            if !logged.contains(&(site.to_string(), fingerprint.clone())) {
+                let not_after_ms = maeum_protocols::identity::not_after_unix(&der)? * 1000;
+                found.push((site.to_string(), fingerprint, not_after_ms));
+            }
+        }
+        found.sort();
+        for (site, cert_fingerprint, not_after_ms) in found {
+            self.record(Event::SiteApproved { site, cert_fingerprint, not_after_ms })?;
+        }
+        Ok(())
     }
 
     pub fn notify(&self) {
@@ -233,6 +286,7 @@ impl Coord {
             rec.cert_not_after_ms = peer.not_after * 1000;
             self.store.put_site(&rec, first).map_err(internal)?;
             if first {
+                self.sync_approvals().map_err(internal)?;
                 info!(site = %id, remote = %peer.remote, "site connected");
                 self.notify();
             }
@@ -529,6 +583,13 @@ impl pb::fleet_server::Fleet for Fleet {
             .map_err(|e| Status::failed_precondition(format!("{e:#}")))?
             .1;
         if decided {
+            c.record(Event::JobDecision {
+                job_id: d.job_id.clone(),
+                site: site.clone(),
+                accepted: d.accept,
+                reason: reason.clone(),
+            })
+            .map_err(internal)?;
             info!(job = %d.job_id, site, accept = d.accept, reason = %reason, "site decided on the job");
         }
         c.notify();
@@ -849,6 +910,13 @@ impl pb::control_server::Control for Control {
             error: String::new(),
         };
         c.store.put_job(&job).map_err(internal)?;
+        c.record(Event::JobSubmitted {
+            job_id: job.id.clone(),
+            name: job.spec.name.clone(),
+            spec_sha256: job.spec_sha256.clone(),
+            operator: operator.clone(),
+        })
+        .map_err(internal)?;
         info!(job = %job.id, operator, sha256 = %job.spec_sha256, "job submitted");
         c.notify();
         Ok(Response::new(c.job_info(&job)))
@@ -927,6 +995,12 @@ impl pb::control_server::Control for Control {
                 Ok(())
             })
             .map_err(|e| Status::failed_precondition(format!("{e:#}")))?;
+        c.record(Event::OperatorCommand {
+            operator: operator.clone(),
+            command: format!("jobs abort {id}"),
+            result: "aborted".into(),
+        })
+        .map_err(internal)?;
         info!(job = %id, operator, "job aborted");
         c.notify();
         Ok(Response::new(c.job_info(&job)))
@@ -936,6 +1010,40 @@ impl pb::control_server::Control for Control {
         let c = &self.0;
         c.operator(&req)?;
         Ok(Response::new(pb::SiteList { sites: c.site_infos().map_err(internal)? }))
+    }
+
+    type ExportAuditStream = Pin<Box<dyn Stream<Item = Result<pb::AuditExportPiece, Status>> + Send>>;
+
+    async fn export_audit(
+        &self,
+        req: Request<pb::ExportAuditRequest>,
+    ) -> Result<Response<Self::ExportAuditStream>, Status> {
+        let c = self.0.clone();
+        let operator = c.operator(&req)?;
+        let bytes = tokio::task::spawn_blocking(move || -> anyhow::Result<Vec<u8>> {
+            c.record(Event::OperatorCommand {
+                operator,
+                command: "audit export".into(),
+                result: format!("exported {} entries", c.audit.size() + 1),
+            })?;
+            let mut witnesses = Vec::new();
+            if let Ok(dir) = std::fs::read_dir(c.home.sites()) {
+                for e in dir.flatten() {
+                    let name = e.file_name().to_string_lossy().into_owned();
+                    if let Some(site) = name.strip_suffix(".pem") {
+                        let cert_pem = std::fs::read_to_string(e.path())?;
+                        witnesses.push(maeum_protocols::audit::export::WitnessCert { site: site.into(), cert_pem });
+                    }
+                }
+            }
+            c.audit.export(&c.home.read("ca.pem")?, &witnesses)
+        })
+        .await
+        .map_err(|e| internal(e.into()))?
+        .map_err(internal)?;
+        let pieces: Vec<Result<pb::AuditExportPiece, Status>> =
+            bytes.chunks(CHUNK_SIZE).map(|d| Ok(pb::AuditExportPiece { data: d.to_vec() })).collect();
+        Ok(Response::new(Box::pin(tokio_stream::iter(pieces))))
     }
 
     async fn revoke_site(&self, req: Request<pb::SiteRef>) -> Result<Response<pb::SiteInfo>, Status> {
@@ -953,6 +1061,9 @@ impl pb::control_server::Control for Control {
         c.store.put_site(&rec, true).map_err(internal)?;
         c.revocations.revoke(&id);
         lock(&c.live).remove(&id);
+        c.record(Event::SiteRevoked { site: id.clone(), reason: format!("revoked by operator/{operator}") })
+            .and_then(|()| c.audit.checkpoint().map(|_| ()))
+            .map_err(internal)?;
         warn!(site = %id, operator, "site revoked: open connections cut, new handshakes refused");
         c.notify();
         let info = c.site_infos().map_err(internal)?.into_iter().find(|s| s.site_id == id).unwrap_or_default();

@@ -136,6 +136,11 @@ fn decode<T: for<'de> Deserialize<'de>>(what: &str, bytes: &[u8]) -> Result<T> {
 }
 
 impl Store {
+    /// The database, for the audit log's own trees.
+    pub fn db(&self) -> &sled::Db {
+        &self.db
+    }
+
     pub fn open(dir: &Path) -> Result<Self> {
         let db = sled::open(dir).with_context(|| {
             format!("opening the state database {} (is another coordinator running on this home?)", dir.display())

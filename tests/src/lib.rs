@@ -30,6 +30,8 @@ pub fn bin(name: &str) -> PathBuf {
             "maeum-coordinator",
             "-p",
             "maeum-e2e",
+            "-p",
+            "maeum-protocols",
         ]);
         // The test harness exports the e2e package's CARGO_* variables; ring's build
         // script reruns when CARGO_MANIFEST_DIR changes, so clear them for the nested build.

@@ -30,9 +30,37 @@ fn the_demo_runs_a_federation_and_reports_the_comparison() {
     assert_eq!(v["federated"]["per_round"].as_array().map(Vec::len), Some(3));
     assert!(fed > local, "federated {fed} should beat local-only {local} (centralized {central})");
     assert_eq!(v["work_dir"].as_str().map(std::path::PathBuf::from), Some(work.clone()));
-    for f in
-        ["summary.json", "job.toml", "logs/coordinator.log", "logs/site-3.log", "coordinator/state", "site-1/site.pem"]
-    {
+    for f in [
+        "summary.json",
+        "job.toml",
+        "logs/coordinator.log",
+        "logs/site-3.log",
+        "coordinator/state",
+        "site-1/site.pem",
+        "audit.json",
+    ] {
         assert!(work.join(f).exists(), "{f} missing from the work dir");
     }
+
+    // The audit export verifies offline against the log key, and tells the job's story.
+    let audit = work.join("audit.json");
+    let trust = work.join("coordinator/signing.pub");
+    let out = run_ok(Command::new(bin("maeum-audit")).arg("verify").arg(&audit).arg("--trust").arg(&trust));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("OK"), "{}", String::from_utf8_lossy(&out.stdout));
+    let story =
+        String::from_utf8_lossy(&run_ok(Command::new(bin("maeum-audit")).arg("show").arg(&audit)).stdout).into_owned();
+    for kind in [
+        "consortium_init",
+        "site_approved",
+        "job_submitted",
+        "job_decision",
+        "round_started",
+        "round_secagg",
+        "round_committed",
+        "job_finished",
+    ] {
+        assert!(story.contains(kind), "{kind} missing from the demo's audit story:\n{story}");
+    }
+    assert_eq!(story.matches("round_committed").count(), 3, "{story}");
+    assert!(v["audit"]["entries"].as_u64().is_some_and(|n| n > 10), "{}", v["audit"]);
 }
