@@ -50,6 +50,15 @@ pub fn print_job(j: &pb::JobInfo) {
         j.rounds,
         if j.activity.is_empty() { String::new() } else { format!("  ({})", j.activity) }
     );
+    if j.secure_aggregation {
+        let t = j.history.last().map(|r| r.secagg_threshold).unwrap_or(0);
+        let threshold = if t > 0 { format!(" (threshold {t} in the latest round)") } else { String::new() };
+        println!("  secure aggregation: on{threshold}");
+    } else {
+        println!(
+            "  secure aggregation: OFF (insecure_plaintext_aggregation_for_debugging: the coordinator sees every update)"
+        );
+    }
     if !j.decisions.is_empty() {
         let refused: Vec<String> =
             j.decisions.iter().filter(|d| !d.accept).map(|d| format!("{} ({})", d.site_id, d.reason)).collect();
