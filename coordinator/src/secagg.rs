@@ -269,10 +269,6 @@ impl SecAggRound {
         server.finish_masked(me).map_err(|e| refused(site, &e))
     }
 
-    pub fn is_party(&self, site: &str) -> bool {
-        self.index.contains_key(site)
-    }
-
     /// Whether `site` may upload a masked input now (it is in U2).
     pub fn may_upload(&self, site: &str) -> Result<(), Status> {
         if self.stage != SaStage::Masked {

@@ -200,6 +200,24 @@ pub struct TrainTask {
     pub secagg: Option<secagg::SessionInfo>,
 }
 
+impl TrainTask {
+    /// The header of this task's update: a plaintext update of `num_params` values with
+    /// `weight`, or a masked input (`weight` 0, the weight travels inside).
+    pub fn upload_header(&self, num_params: u64, weight: u64, sha256: Digest, masked: bool) -> UploadHeader {
+        UploadHeader {
+            job_id: self.job_id.clone(),
+            round: self.round,
+            attempt: self.attempt,
+            base_digest: self.model.digest,
+            layout_digest: self.model.layout_digest,
+            num_params,
+            weight,
+            sha256,
+            masked,
+        }
+    }
+}
+
 /// A final evaluation assignment.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EvaluateTask {

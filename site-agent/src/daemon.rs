@@ -2,9 +2,11 @@
 //! pulls work, trains on local records, and uploads only the model update.
 //!
 //! Resilience: connection failures back off exponentially with full jitter, forever.
-//! Model downloads resume from the bytes already on disk; an update is written to disk
-//! before it is uploaded, so after a crash (even kill -9) the daemon resumes the upload
-//! of the same bytes from the last chunk the coordinator confirmed.
+//! Model downloads resume from the bytes already on disk. A plaintext update (debugging
+//! jobs only) is written to disk before it is uploaded, so after a crash (even kill -9)
+//! the daemon resumes the upload of the same bytes; a secure-aggregation round cannot
+//! be resumed by a restarted process (its secrets were in memory), so the site sits out
+//! that attempt and joins the next (see `secure`).
 
 use std::collections::HashMap;
 use std::io::{Read, Seek, SeekFrom, Write};
@@ -484,17 +486,7 @@ async fn train(agent: &Agent, client: &mut Client, t: TrainTask) -> Result<()> {
             for d in &delta {
                 bytes.extend_from_slice(&d.to_le_bytes());
             }
-            let h = UploadHeader {
-                job_id: t.job_id.clone(),
-                round: t.round,
-                attempt: t.attempt,
-                base_digest: t.model.digest,
-                layout_digest: t.model.layout_digest,
-                num_params: delta.len() as u64,
-                weight: examples,
-                sha256: Digest::of(&bytes),
-                masked: false,
-            };
+            let h = t.upload_header(delta.len() as u64, examples, Digest::of(&bytes), false);
             maeum_models::write_atomic(&update_path, &bytes)?;
             maeum_models::write_atomic(&header_path, header_json(&h).as_bytes())?;
             h

@@ -8,7 +8,12 @@
 //! The session's secrets live only in memory (`secagg::Client` wipes them on drop): a
 //! site that restarts mid-round does not rejoin that attempt, and the coordinator
 //! retries the round with a new session if too few remain. The masked input is written
-//! to HOME/work before upload only so that an interrupted stream resumes.
+//! to HOME/work before upload only so that an interrupted stream (not process) resumes.
+//!
+//! Two switches exist for tests and debugging only: `MAEUM_SITE_TEST_STALL_AT` (hang at
+//! a stage, see `stall_hook`) and `MAEUM_SITE_DEBUG_KEEP_PLAIN_INPUT=1` (keep this site's
+//! own quantised input in HOME/debug, mode 0600, so a test can
+//! compare the coordinator's sum with the plain sum).
 
 use std::io::Write;
 use std::time::Duration;
@@ -26,7 +31,7 @@ use maeum_protocols::secagg::quant::Quantiser;
 use maeum_protocols::secagg::sign::{EcdsaSigner, SessionVerifier};
 use maeum_protocols::secagg::{self, Session};
 use maeum_protocols::wire::secagg::{Reply, Request, SessionInfo, StageMessage};
-use maeum_protocols::wire::{Digest, Hasher, TrainTask, UploadHeader, pb};
+use maeum_protocols::wire::{Digest, Hasher, TrainTask, pb};
 
 use crate::daemon::{Agent, Client, describe, local_update, upload};
 
@@ -197,8 +202,20 @@ pub(crate) async fn train(
             let mut out = std::io::BufWriter::new(
                 std::fs::File::create(&path).with_context(|| format!("creating {}", path.display()))?,
             );
-            let mut plain =
-                if keep_plain { Some(std::io::BufWriter::new(std::fs::File::create(&plain_path)?)) } else { None };
+            let mut plain = if keep_plain {
+                {
+                    use std::os::unix::fs::OpenOptionsExt;
+                    let f = std::fs::OpenOptions::new()
+                        .write(true)
+                        .create(true)
+                        .truncate(true)
+                        .mode(0o600)
+                        .open(&plain_path)?;
+                    Some(std::io::BufWriter::new(f))
+                }
+            } else {
+                None
+            };
             let mut hasher = Hasher::default();
             let mut words = vec![0u32; CHUNK_WORDS];
             let mut bytes = Vec::with_capacity(CHUNK_WORDS * 4);
@@ -243,17 +260,7 @@ pub(crate) async fn train(
     if clipped > 0 {
         warn!(job = %t.job_id, round = t.round, clipped, clip = params.clip, "update coordinates clipped before masking");
     }
-    let header = UploadHeader {
-        job_id: t.job_id.clone(),
-        round: t.round,
-        attempt: t.attempt,
-        base_digest: t.model.digest,
-        layout_digest: t.model.layout_digest,
-        num_params,
-        weight: 0,
-        sha256,
-        masked: true,
-    };
+    let header = t.upload_header(num_params, 0, sha256, true);
     agent.set(|s| s.stage = "uploading".into());
     let result = upload(client, &header, &masked_path).await;
     let _ = std::fs::remove_file(&masked_path);

@@ -42,17 +42,7 @@ async fn poll_until<T>(c: &mut Client, mut pick: impl FnMut(Work) -> Option<T>) 
 }
 
 fn header(t: &TrainTask, num_params: u64, payload: &[u8]) -> UploadHeader {
-    UploadHeader {
-        job_id: t.job_id.clone(),
-        round: t.round,
-        attempt: t.attempt,
-        base_digest: t.model.digest,
-        layout_digest: t.model.layout_digest,
-        num_params,
-        weight: 10,
-        sha256: Digest::of(payload),
-        masked: false,
-    }
+    t.upload_header(num_params, 10, Digest::of(payload), false)
 }
 
 /// How a test upload misbehaves.
