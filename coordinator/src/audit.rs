@@ -23,6 +23,7 @@ use maeum_protocols::audit::checkpoint::{self, log_key_pair, verify_cosignature,
 use maeum_protocols::audit::export::{EXPORT_FORMAT, Export, ExportedCheckpoint, ExportedCosignature, WitnessCert};
 use maeum_protocols::audit::{Entry, Event, Hash, Log, SignedCheckpoint, hex};
 use maeum_protocols::identity;
+use maeum_protocols::wire::audit::ProvenEntry;
 
 /// The append-only audit log of one coordinator.
 pub struct AuditLog {
@@ -189,6 +190,83 @@ impl AuditLog {
         self.checkpoints.insert(seq_key(size), serde_json::to_vec(&cp)?)?;
         self.db.flush().context("flushing the audit log")?;
         Ok(())
+    }
+
+    /// The stored checkpoint of `size`, if one was signed at that size.
+    pub fn checkpoint_at(&self, size: u64) -> Result<Option<ExportedCheckpoint>> {
+        self.checkpoints
+            .get(seq_key(size))?
+            .map(|v| serde_json::from_slice(&v).context("decoding a checkpoint"))
+            .transpose()
+    }
+
+    /// The stored checkpoints of size at least `from`, the newest `limit` of them.
+    pub fn since(&self, from: u64, limit: usize) -> Result<Vec<ExportedCheckpoint>> {
+        let mut out = Vec::new();
+        for v in self.checkpoints.range(seq_key(from)..).values().rev().take(limit) {
+            out.push(
+                serde_json::from_slice(&v.context("reading audit_checkpoints")?).context("decoding a checkpoint")?,
+            );
+        }
+        out.reverse();
+        Ok(out)
+    }
+
+    /// The entries before `size`, from seq `after`, that name `site` or bring one of
+    /// `models` into being, each with its inclusion proof in the tree of `size`
+    /// entries; at most `limit`, and the seq to continue from if there are more.
+    pub fn prove_for(
+        &self,
+        site: &str,
+        models: &[String],
+        size: u64,
+        after: u64,
+        limit: usize,
+    ) -> Result<(Vec<ProvenEntry>, Option<u64>)> {
+        if size == 0 || size > self.size() {
+            bail!("no tree of size {size} (the log has {} entries)", self.size());
+        }
+        let mut out = Vec::new();
+        for item in self.entries.range(seq_key(after)..seq_key(size)) {
+            let (_, bytes) = item.context("reading audit_entries")?;
+            let entry = Entry::decode(&bytes)?;
+            let wanted =
+                entry.event.involves_site(site) || entry.event.model().is_some_and(|m| models.iter().any(|x| x == m));
+            if !wanted {
+                continue;
+            }
+            if out.len() == limit {
+                return Ok((out, Some(entry.seq)));
+            }
+            let proof = self.inclusion_proof(entry.seq, size)?;
+            out.push(ProvenEntry { seq: entry.seq, entry, proof });
+        }
+        Ok((out, None))
+    }
+
+    /// FAULT INJECTION for the end-to-end test of fork detection (enabled only by
+    /// `MAEUM_COORDINATOR_TEST_FORK_VIEW`): a checkpoint of the latest size whose last
+    /// entry differs from the real one, validly signed, with the consistency proof from
+    /// `known` in that forked tree. This is what a dishonest operator would show one
+    /// site; the witnesses must catch it.
+    pub fn forked_view(&self, known: u64) -> Result<(SignedCheckpoint, Vec<Hash>)> {
+        let guard = self.lock();
+        let n = guard.latest().context("no checkpoint yet")?.checkpoint.size;
+        let mut hashes = Vec::with_capacity(n as usize);
+        for v in self.leaves.range(..seq_key(n - 1)).values() {
+            hashes.push(v?.as_ref().try_into().map_err(|_| anyhow!("a leaf is not 32 bytes"))?);
+        }
+        let mut fork = Log::restore(guard.origin().to_owned(), &hashes, None)?;
+        drop(guard);
+        let event = Event::OperatorCommand {
+            operator: "nobody".into(),
+            command: "forked view".into(),
+            result: "shown to one site only".into(),
+        };
+        fork.append(maeum_protocols::runtime::now_ms(), event);
+        let signed = fork.sign_checkpoint(&self.key)?;
+        let proof = if known > 0 && known < n { fork.consistency_proof(known, n)? } else { Vec::new() };
+        Ok((signed, proof))
     }
 
     /// The consistency proof from the tree of `old` entries to that of `new`.

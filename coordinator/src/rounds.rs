@@ -134,6 +134,14 @@ async fn drive(c: &Arc<Coord>, id: &str) -> Result<()> {
         if !join(c, id).await? {
             return Ok(());
         }
+        // Logged before the state changes: a crash in between logs the start twice,
+        // never not at all.
+        let joined = load(c, id)?;
+        c.record(Event::JobStarted {
+            job_id: id.to_string(),
+            initial_model: joined.initial.as_ref().map(|v| v.digest.clone()).unwrap_or_default(),
+            sites: joined.accepted().cloned().collect(),
+        })?;
         job = c
             .store
             .update_job(id, |j| {

@@ -525,7 +525,8 @@ impl pb::fleet_server::Fleet for Fleet {
     async fn heartbeat(&self, req: Request<pb::SiteStatus>) -> Result<Response<pb::HeartbeatReply>, Status> {
         let status = req.get_ref().clone();
         self.0.site(&req, Some(&status))?;
-        Ok(Response::new(pb::HeartbeatReply { server_time_ms: now_ms() }))
+        let audit_size = self.0.audit.latest().map_or(0, |c| c.checkpoint.size);
+        Ok(Response::new(pb::HeartbeatReply { server_time_ms: now_ms(), audit_size }))
     }
 
     async fn poll(&self, req: Request<pb::PollRequest>) -> Result<Response<pb::Work>, Status> {
@@ -785,6 +786,117 @@ impl pb::fleet_server::Fleet for Fleet {
             }
         }
         Ok(Response::new((&wire::secagg::Reply::Pending { retry_after_ms: 0 }).into()))
+    }
+
+    async fn audit_checkpoint(
+        &self,
+        req: Request<pb::AuditCheckpointRequest>,
+    ) -> Result<Response<pb::AuditCheckpointReply>, Status> {
+        let c = self.0.clone();
+        let site = c.site(&req, None)?;
+        let known = req.into_inner().known_size;
+        let reply = tokio::task::spawn_blocking(move || c.witness_view(&site, known))
+            .await
+            .map_err(|e| internal(e.into()))??;
+        Ok(Response::new(reply))
+    }
+
+    async fn audit_cosign(&self, req: Request<pb::AuditCosignRequest>) -> Result<Response<pb::Ack>, Status> {
+        let c = self.0.clone();
+        let site = c.site(&req, None)?;
+        let r = req.into_inner();
+        let root = wire::audit::cosign_request(&r)?;
+        tokio::task::spawn_blocking(move || -> Result<(), Status> {
+            let stored = c
+                .audit
+                .checkpoint_at(r.size)
+                .map_err(internal)?
+                .ok_or_else(|| Status::not_found(format!("no checkpoint of size {}", r.size)))?;
+            if stored.root != maeum_protocols::audit::hex(&root) {
+                warn!(site = %site, size = r.size, "a site cosigned a root this log never signed at that size");
+                return Err(Status::failed_precondition(format!(
+                    "checkpoint {} of this log has root {}, not the one site/{site} cosigned",
+                    r.size, stored.root
+                )));
+            }
+            let cert = c.home.read(&format!("sites/{site}.pem")).map_err(internal)?;
+            c.audit
+                .add_cosignature(r.size, &site, &r.signature, &c.home.read("ca.pem").map_err(internal)?, &cert)
+                .map_err(|e| Status::invalid_argument(format!("{e:#}")))
+        })
+        .await
+        .map_err(|e| internal(e.into()))??;
+        Ok(Response::new(pb::Ack {}))
+    }
+
+    async fn audit_prove(&self, req: Request<pb::AuditProveRequest>) -> Result<Response<pb::AuditProveReply>, Status> {
+        let c = self.0.clone();
+        let site = c.site(&req, None)?;
+        let r = req.into_inner();
+        if r.models.len() > 4096 || r.models.iter().any(|m| Digest::parse("models", m).is_err()) {
+            return Err(Status::invalid_argument("models: at most 4096 hex SHA-256 digests"));
+        }
+        if r.size == 0 || r.size > c.audit.size() {
+            return Err(Status::invalid_argument(format!("size {}: the log has {} entries", r.size, c.audit.size())));
+        }
+        let reply = tokio::task::spawn_blocking(move || -> anyhow::Result<pb::AuditProveReply> {
+            let (entries, next) = c.audit.prove_for(&site, &r.models, r.size, r.after, wire::audit::MAX_PROVEN)?;
+            Ok(pb::AuditProveReply {
+                entries: entries.iter().map(wire::audit::ProvenEntry::to_pb).collect(),
+                more: next.is_some(),
+                next: next.unwrap_or(0),
+            })
+        })
+        .await
+        .map_err(|e| internal(e.into()))?
+        .map_err(internal)?;
+        Ok(Response::new(reply))
+    }
+}
+
+impl Coord {
+    /// What a witness that knew the checkpoint of size `known` is shown: the latest
+    /// checkpoint, the consistency proof to it, and the checkpoints since `known` with
+    /// their cosignatures and the cosigners' certificates.
+    fn witness_view(&self, site: &str, known: u64) -> Result<pb::AuditCheckpointReply, Status> {
+        let latest = self.audit.latest().ok_or_else(|| Status::unavailable("the audit log has no checkpoint yet"))?;
+        let size = latest.checkpoint.size;
+        if known > size {
+            return Err(Status::failed_precondition(format!(
+                "site/{site} witnessed a checkpoint of size {known}, but this log's latest is of size {size}"
+            )));
+        }
+        let origin = self.audit.origin();
+        let certs = |cosignatures: Vec<maeum_protocols::audit::Cosignature>| {
+            cosignatures
+                .into_iter()
+                .filter_map(|c| Some((self.home.read(&format!("sites/{}.pem", c.site)).ok()?, c)))
+                .map(|(pem, c)| (c, pem))
+                .collect::<Vec<_>>()
+        };
+        let head =
+            |stored: &maeum_protocols::audit::export::ExportedCheckpoint| -> Result<wire::audit::TreeHead, Status> {
+                let (signed, cosignatures) = stored.to_signed(&origin).map_err(|e| internal(e.into()))?;
+                Ok(wire::audit::TreeHead { signed, cosignatures: certs(cosignatures) })
+            };
+        let since = self
+            .audit
+            .since(known, wire::audit::MAX_SINCE)
+            .map_err(internal)?
+            .iter()
+            .map(head)
+            .collect::<Result<Vec<_>, _>>()?;
+        let fork_for = std::env::var("MAEUM_COORDINATOR_TEST_FORK_VIEW").unwrap_or_default();
+        let (signed, consistency) = if !fork_for.is_empty() && fork_for == site && known < size {
+            warn!(site = %site, "FAULT INJECTION: showing this site a forked view of the audit log");
+            self.audit.forked_view(known).map_err(internal)?
+        } else {
+            let proof =
+                if known == 0 { Vec::new() } else { self.audit.consistency_proof(known, size).map_err(internal)? };
+            (latest, proof)
+        };
+        let latest = wire::audit::TreeHead { signed, cosignatures: Vec::new() };
+        Ok(wire::audit::CheckpointReply { latest, consistency, since }.to_pb(&origin))
     }
 }
 

@@ -11,6 +11,7 @@
 use std::collections::HashMap;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -97,9 +98,29 @@ pub(crate) struct Agent {
     status: Mutex<Status>,
     data: LocalData,
     prepared: Mutex<HashMap<String, Arc<Prepared2>>>,
+    /// The size of the latest audit checkpoint this site witnessed.
+    witnessed: AtomicU64,
+    /// A witnessing exchange is in flight.
+    witnessing: AtomicBool,
 }
 
 impl Agent {
+    /// Appends to the journal that `maeum-site audit prove` checks against the log.
+    pub(crate) fn note(&self, record: crate::witness::Record) {
+        if let Err(e) = crate::witness::journal(&self.home, &record) {
+            warn!(error = %format!("{e:#}"), "writing the audit journal");
+        }
+    }
+
+    fn note_model(&self, job_id: &str, round: u32, model: &ModelRef) {
+        self.note(crate::witness::Record::Model {
+            job_id: job_id.into(),
+            round,
+            digest: model.digest.hex(),
+            time_ms: crate::now_ms(),
+        });
+    }
+
     pub(crate) fn set(&self, f: impl FnOnce(&mut Status)) {
         let mut s = self.status.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let before = s.clone();
@@ -210,7 +231,7 @@ pub async fn run(dir: &Path, shutdown: impl std::future::Future<Output = ()>) ->
     if cfg.limits.threads > 0 {
         let _ = rayon::ThreadPoolBuilder::new().num_threads(cfg.limits.threads).build_global();
     }
-    for d in ["jobs", "models", "work"] {
+    for d in ["jobs", "models", "work", "audit"] {
         std::fs::create_dir_all(home.path(d)).with_context(|| format!("creating {}", home.path(d).display()))?;
     }
     info!(site = %site_id, coordinator = %enrolment.coordinator_address, train = data.train.len(), test = data.test.len(), "site agent starting");
@@ -226,7 +247,11 @@ pub async fn run(dir: &Path, shutdown: impl std::future::Future<Output = ()>) ->
         site_id,
         data,
         prepared: Mutex::new(HashMap::new()),
+        witnessed: AtomicU64::new(0),
+        witnessing: AtomicBool::new(false),
     });
+    agent.witnessed.store(crate::witness::witnessed_size(&agent.home), Ordering::SeqCst);
+    agent.set(|s| s.audit = audit_summary(&agent.home, agent.witnessed.load(Ordering::SeqCst)));
     agent.set(|s| s.stage = "idle".into());
     let heartbeat = tokio::spawn(heartbeats(agent.clone(), client.clone()));
     tokio::select! {
@@ -245,12 +270,48 @@ async fn heartbeats(agent: Arc<Agent>, mut client: Client) {
     loop {
         tokio::time::sleep(Duration::from_secs(1)).await;
         match client.heartbeat(agent.wire_status()).await {
-            Ok(_) => agent.set(|s| {
-                s.connection = "connected".into();
-                s.last_error.clear();
-            }),
+            Ok(reply) => {
+                agent.set(|s| {
+                    s.connection = "connected".into();
+                    s.last_error.clear();
+                });
+                let announced = reply.get_ref().audit_size;
+                if announced > agent.witnessed.load(Ordering::SeqCst) && !agent.witnessing.swap(true, Ordering::SeqCst)
+                {
+                    tokio::spawn(witness(agent.clone(), client.clone()));
+                }
+            }
             Err(e) => debug!(error = %describe(&e), "heartbeat failed"),
         }
+    }
+}
+
+/// One witnessing exchange (see `crate::witness`); failures are logged and retried at
+/// the next heartbeat that announces a newer checkpoint, except after a fork.
+async fn witness(agent: Arc<Agent>, mut client: Client) {
+    match crate::witness::witness_once(&agent.home, &mut client).await {
+        Ok(crate::witness::Witnessed::Cosigned { size, .. } | crate::witness::Witnessed::UpToDate { size }) => {
+            agent.witnessed.store(size, Ordering::SeqCst);
+        }
+        Err(e) => {
+            if crate::witness::fork_evidence(&agent.home).is_some() {
+                // Never again: the heartbeat stops asking.
+                agent.witnessed.store(u64::MAX, Ordering::SeqCst);
+            } else {
+                warn!(error = %format!("{e:#}"), "witnessing the audit log failed; will retry");
+                tokio::time::sleep(Duration::from_secs(5)).await;
+            }
+        }
+    }
+    agent.set(|s| s.audit = audit_summary(&agent.home, agent.witnessed.load(Ordering::SeqCst)));
+    agent.witnessing.store(false, Ordering::SeqCst);
+}
+
+fn audit_summary(home: &Home, size: u64) -> String {
+    match crate::witness::fork_evidence(home) {
+        Some(why) => format!("FORK DETECTED, not witnessing: {why}"),
+        None if size == 0 => "no checkpoint witnessed yet".into(),
+        None => format!("witnessed checkpoint of size {size}"),
     }
 }
 
@@ -324,8 +385,10 @@ async fn decide(agent: &Agent, client: &mut Client, job_id: String, spec_json: S
     } else {
         warn!(job = %job_id, reason = %reason, "refused the job");
     }
-    let decision = pb::JobDecision { job_id, accept, reason, train_examples: agent.data.train.len() as u64 };
+    let decision =
+        pb::JobDecision { job_id: job_id.clone(), accept, reason, train_examples: agent.data.train.len() as u64 };
     client.decide_job(decision).await?;
+    agent.note(crate::witness::Record::Decision { job_id, accepted: accept, time_ms: crate::now_ms() });
     Ok(())
 }
 
@@ -440,6 +503,7 @@ async fn evaluate(agent: &Agent, client: &mut Client, t: EvaluateTask) -> Result
     let job = agent.job(&t.job_id)?;
     let path = download(agent, client, &t.model).await?;
     let (spec, params) = load_model(&path, &job, &t.model)?;
+    agent.note_model(&t.job_id, t.round, &t.model);
     let data = agent.prepared(&t.job_id, &spec)?;
     let of = EvalOf { job_id: &t.job_id, round: t.round, attempt: t.attempt, model: &t.model };
     report_eval(agent, client, of, &spec, params, data).await?;
@@ -501,6 +565,13 @@ async fn train(agent: &Agent, client: &mut Client, t: TrainTask) -> Result<()> {
         let _ = std::fs::remove_file(&header_path);
     }
     result?;
+    agent.note(crate::witness::Record::Contribution {
+        job_id: t.job_id.clone(),
+        round: t.round,
+        attempt: t.attempt,
+        secure: false,
+        time_ms: crate::now_ms(),
+    });
     agent.set(|s| s.last_model = t.model.digest.hex());
     info!(job = %t.job_id, round = t.round, "update delivered");
     Ok(())
@@ -516,6 +587,7 @@ pub(crate) async fn local_update(
 ) -> Result<(Vec<f32>, u64)> {
     let path = download(agent, client, &t.model).await?;
     let (spec, global) = load_model(&path, job, &t.model)?;
+    agent.note_model(&t.job_id, t.round, &t.model);
     let data = agent.prepared(&t.job_id, &spec)?;
     if t.evaluate_first {
         let of = EvalOf { job_id: &t.job_id, round: t.round, attempt: t.attempt, model: &t.model };

@@ -11,6 +11,7 @@
 //! HOME/jobs/ID.json         specs of jobs this site accepted
 //! HOME/models/DIGEST.safetensors  verified model versions (DIGEST.part while downloading)
 //! HOME/work/JOB-rR-aA.update     an update waiting to be uploaded, with its header in .json
+//! HOME/audit/                     the witnessed audit checkpoint and the journal (`witness`)
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -198,6 +199,9 @@ pub struct Status {
     pub job_id: String,
     pub round: u32,
     pub last_model: String,
+    /// The audit log as this site witnesses it (or the fork it caught).
+    #[serde(default)]
+    pub audit: String,
     pub updated_ms: i64,
 }
 
@@ -256,6 +260,9 @@ pub fn status(dir: &Path, json: bool) -> Result<()> {
             }
             if !s.last_model.is_empty() {
                 println!("last model  {}", s.last_model);
+            }
+            if !s.audit.is_empty() {
+                println!("audit log   {}", s.audit);
             }
             println!("updated     {}s ago (pid {})", (crate::now_ms() - s.updated_ms).max(0) / 1000, s.pid);
         }

@@ -5,5 +5,6 @@ pub mod daemon;
 pub mod enrol;
 pub mod local;
 pub mod secure;
+pub mod witness;
 
 pub use maeum_protocols::runtime::now_ms;

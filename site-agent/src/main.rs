@@ -9,8 +9,8 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use maeum_site::enrol;
 use maeum_site::local::{self, Input, SplitArgs, TrainLocalArgs};
+use maeum_site::{enrol, witness};
 
 /// Maeum site agent: trains the consortium's model on this institution's data, which
 /// never leaves the site.
@@ -67,6 +67,40 @@ enum Command {
     /// Inspect and prepare local data files.
     #[command(subcommand)]
     Data(DataCommand),
+    /// This site as a witness of the consortium's audit log.
+    #[command(subcommand)]
+    Audit(AuditCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum AuditCommand {
+    /// The latest checkpoint this site verified and cosigned; fails if the coordinator
+    /// was caught showing this site a forked log.
+    Status {
+        /// The site's home directory.
+        #[arg(long, value_name = "DIR", env = "MAEUM_SITE_HOME")]
+        home: PathBuf,
+        /// Print one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Prove that this site's decisions, contributions and the models it used are in
+    /// the log: fetches inclusion proofs from the coordinator and verifies them against
+    /// the checkpoint this site witnessed. Fails if anything is missing.
+    Prove {
+        /// The site's home directory.
+        #[arg(long, value_name = "DIR", env = "MAEUM_SITE_HOME")]
+        home: PathBuf,
+        /// Print one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print the witnessed checkpoint file (for `maeum-audit consistency FILE EXPORT`).
+    Checkpoint {
+        /// The site's home directory.
+        #[arg(long, value_name = "DIR", env = "MAEUM_SITE_HOME")]
+        home: PathBuf,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -100,6 +134,11 @@ fn main() -> ExitCode {
         Command::TrainLocal(a) => local::train_local(a),
         Command::Data(DataCommand::Check { input, json }) => local::check(input, json),
         Command::Data(DataCommand::Split(a)) => local::split(a),
+        Command::Audit(AuditCommand::Status { home, json }) => witness::status(&home, json),
+        Command::Audit(AuditCommand::Prove { home, json }) => prove(home, json),
+        Command::Audit(AuditCommand::Checkpoint { home }) => witness::witnessed(&enrol::Home::new(&home))
+            .and_then(|f| f.ok_or_else(|| anyhow::anyhow!("this site has not witnessed a checkpoint yet")))
+            .map(|f| println!("{}", String::from_utf8_lossy(&f.encode()))),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -112,6 +151,12 @@ fn main() -> ExitCode {
             }
         }
     }
+}
+
+fn prove(home: PathBuf, json: bool) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let report = runtime.block_on(witness::prove(&enrol::Home::new(&home)))?;
+    witness::print_prove(&report, json)
 }
 
 fn run_daemon(home: PathBuf) -> anyhow::Result<()> {

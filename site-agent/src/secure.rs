@@ -265,6 +265,13 @@ pub(crate) async fn train(
     let result = upload(client, &header, &masked_path).await;
     let _ = std::fs::remove_file(&masked_path);
     result.context("uploading the masked input")?;
+    agent.note(crate::witness::Record::Contribution {
+        job_id: t.job_id.clone(),
+        round: t.round,
+        attempt: t.attempt,
+        secure: true,
+        time_ms: crate::now_ms(),
+    });
     info!(job = %t.job_id, round = t.round, "masked input delivered");
 
     agent.set(|s| s.stage = "secagg: consistency check".into());

@@ -199,11 +199,17 @@ impl Federation {
     }
 
     pub fn start_coordinator(&mut self) {
+        self.start_coordinator_with(&[]);
+    }
+
+    /// Starts the coordinator with extra environment variables (fault injection).
+    pub fn start_coordinator_with(&mut self, env: &[(&str, &str)]) {
         let child = Command::new(bin("maeum-coordinator"))
             .args(["serve", "--listen", &self.address, "--heartbeat-timeout", &self.heartbeat_timeout.to_string()])
             .arg("--home")
             .arg(self.coordinator_home())
             .env("MAEUM_LOG", "info")
+            .envs(env.iter().copied())
             .stdout(std::process::Stdio::null())
             .stderr(self.log("coordinator"))
             .spawn()

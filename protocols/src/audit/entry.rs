@@ -91,6 +91,16 @@ pub enum Event {
         /// The site's reason.
         reason: String,
     },
+    /// A job started: enough sites accepted, and this is the model its first round
+    /// trains (so every model of the job traces back to a logged digest).
+    JobStarted {
+        /// The job id.
+        job_id: String,
+        /// SHA-256 (hex) of the initial model blob.
+        initial_model: String,
+        /// The sites that accepted.
+        sites: Vec<String>,
+    },
     /// A round attempt started with these sites.
     RoundStarted {
         /// The job id.
@@ -194,6 +204,7 @@ impl Event {
             Event::SiteRevoked { .. } => "site_revoked",
             Event::JobSubmitted { .. } => "job_submitted",
             Event::JobDecision { .. } => "job_decision",
+            Event::JobStarted { .. } => "job_started",
             Event::RoundStarted { .. } => "round_started",
             Event::RoundSecagg { .. } => "round_secagg",
             Event::RoundFailed { .. } => "round_failed",
@@ -207,12 +218,13 @@ impl Event {
     }
 
     /// Every `kind` tag, for command-line filters.
-    pub const KINDS: [&'static str; 14] = [
+    pub const KINDS: [&'static str; 15] = [
         "consortium_init",
         "site_approved",
         "site_revoked",
         "job_submitted",
         "job_decision",
+        "job_started",
         "round_started",
         "round_secagg",
         "round_failed",
@@ -229,6 +241,7 @@ impl Event {
         match self {
             Event::JobSubmitted { job_id, .. }
             | Event::JobDecision { job_id, .. }
+            | Event::JobStarted { job_id, .. }
             | Event::RoundStarted { job_id, .. }
             | Event::RoundSecagg { job_id, .. }
             | Event::RoundFailed { job_id, .. }
@@ -247,10 +260,21 @@ impl Event {
             Event::SiteApproved { site: s, .. }
             | Event::SiteRevoked { site: s, .. }
             | Event::JobDecision { site: s, .. } => s == site,
-            Event::RoundStarted { sites, .. } => any(sites),
+            Event::JobStarted { sites, .. } | Event::RoundStarted { sites, .. } => any(sites),
             Event::RoundSecagg { survivors, dropped, .. } => any(survivors) || any(dropped),
             Event::RoundCommitted { contributors, .. } => any(contributors),
             _ => false,
+        }
+    }
+
+    /// The model blob (SHA-256, hex) this event brings into being, if any: a job's
+    /// initial model, a round's result, a release.
+    pub fn model(&self) -> Option<&str> {
+        match self {
+            Event::JobStarted { initial_model: m, .. }
+            | Event::RoundCommitted { model: m, .. }
+            | Event::ModelRelease { version_sha256: m, .. } => Some(m),
+            _ => None,
         }
     }
 }
@@ -384,6 +408,22 @@ mod tests {
                     r#""root":"0000000000000000000000000000000000000000000000000000000000000000"}}"#
                 ),
                 "c9bfa60b8cc51b2a03498c22a1657919250d9325a7241769176080d1cfc5ba73",
+            ),
+            (
+                entry(
+                    4,
+                    Event::JobStarted {
+                        job_id: "j-1".into(),
+                        initial_model: "ef".repeat(32),
+                        sites: vec!["a".into(), "b".into()],
+                    },
+                ),
+                concat!(
+                    r#"{"v":1,"seq":4,"time_ms":1764299521004,"event":{"kind":"job_started","job_id":"j-1","#,
+                    r#""initial_model":"efefefefefefefefefefefefefefefefefefefefefefefefefefefefefefefef","#,
+                    r#""sites":["a","b"]}}"#
+                ),
+                "e682895630845c661bb541502632fba7550598d5a643b9011217515c10bb9b02",
             ),
         ];
         let vectors: Vec<serde_json::Value> = serde_json::from_str(VECTORS).unwrap();

@@ -320,6 +320,9 @@ fn line(entry: &Entry) -> String {
             list(survivors),
             list(dropped)
         ),
+        Event::JobStarted { job_id, initial_model, sites } => {
+            format!("job={job_id} initial_model={} sites={}", short(initial_model), list(sites))
+        }
         Event::RoundFailed { job_id, round, attempt, reason } => {
             format!("job={job_id} round={round} attempt={attempt} reason={reason:?}")
         }

@@ -1,0 +1,503 @@
+//! The site as a witness of the coordinator's audit log, and the site's own journal.
+//!
+//! ```text
+//! HOME/audit/checkpoint.json      the latest checkpoint this site verified and cosigned
+//!                                 (maeum-audit-checkpoint/v1: give it to an auditor)
+//! HOME/audit/witnessed.jsonl      one line per checkpoint witnessed: size, root, when,
+//!                                 and which other sites had cosigned it by then
+//! HOME/audit/fork-evidence.json   only if the coordinator was caught showing this site
+//!                                 a log that contradicts a checkpoint it signed; names
+//!                                 the two signed checkpoints, kept beside it as
+//!                                 fork-{witnessed,conflicting}.checkpoint.json
+//! HOME/audit/journal.jsonl        what this site did: decisions, contributions, models
+//! ```
+//!
+//! When the coordinator's heartbeat reply announces a checkpoint larger than the one
+//! witnessed, the daemon fetches it with the consistency proof from the witnessed size
+//! and every stored checkpoint since (with the cosignatures other sites made), checks
+//! them with [`maeum_protocols::audit::Witness`], stores the new checkpoint, and only
+//! then cosigns it. The views of the witnesses meet in those stored checkpoints: a
+//! coordinator that signed two roots for one size is caught by the site that sees both
+//! (AUD-16), and this site then refuses to witness again and keeps the two signed
+//! checkpoints as evidence. `maeum-site audit prove` checks the site's journal against
+//! the log with inclusion proofs to the checkpoint it witnessed.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::Path;
+
+use anyhow::{Context, Result, anyhow, bail};
+use serde::{Deserialize, Serialize};
+use tracing::{error, info, warn};
+
+use maeum_protocols::audit::checkpoint::{single_cert, verify_cosignature, witness_key};
+use maeum_protocols::audit::export::{CHECKPOINT_FORMAT, CheckpointFile, ExportedCheckpoint};
+use maeum_protocols::audit::merkle::verify_inclusion;
+use maeum_protocols::audit::{AuditError, Cosignature, Event, SignedCheckpoint, Witness, hex, rfc3339, unhex32};
+use maeum_protocols::wire::audit::{CheckpointReply, ProvenEntry};
+use maeum_protocols::wire::pb;
+
+use crate::daemon::{Client, connect, describe};
+use crate::enrol::Home;
+
+const CHECKPOINT: &str = "audit/checkpoint.json";
+const WITNESSED: &str = "audit/witnessed.jsonl";
+const EVIDENCE: &str = "audit/fork-evidence.json";
+const EVIDENCE_WITNESSED: &str = "audit/fork-witnessed.checkpoint.json";
+const EVIDENCE_CONFLICTING: &str = "audit/fork-conflicting.checkpoint.json";
+const JOURNAL: &str = "audit/journal.jsonl";
+
+/// A line of HOME/audit/journal.jsonl: something this site did that the log must show.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Record {
+    /// The site accepted or refused a job.
+    Decision { job_id: String, accepted: bool, time_ms: i64 },
+    /// The site delivered its (masked, or for debugging jobs plain) update.
+    Contribution { job_id: String, round: u32, attempt: u32, secure: bool, time_ms: i64 },
+    /// The site downloaded, verified and used a model.
+    Model { job_id: String, round: u32, digest: String, time_ms: i64 },
+}
+
+fn append_line(home: &Home, name: &str, line: &str) -> Result<()> {
+    let path = home.path(name);
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    f.write_all(format!("{line}\n").as_bytes())
+        .and_then(|()| f.sync_data())
+        .with_context(|| format!("appending to {}", path.display()))
+}
+
+/// Appends `record` to the journal (durably). The journal is what `audit prove` checks.
+pub fn journal(home: &Home, record: &Record) -> Result<()> {
+    // INVARIANT: a Record is strings, integers and booleans, which always serialise.
+    append_line(home, JOURNAL, &serde_json::to_string(record).expect("a record serialises"))
+}
+
+fn read_journal(home: &Home) -> Result<Vec<Record>> {
+    let Ok(text) = std::fs::read_to_string(home.path(JOURNAL)) else { return Ok(Vec::new()) };
+    text.lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .map(|(i, l)| serde_json::from_str(l).with_context(|| format!("{JOURNAL} line {}", i + 1)))
+        .collect()
+}
+
+/// The log's identity as this site learnt it at enrolment.
+fn log_identity(home: &Home) -> Result<(String, [u8; 32])> {
+    let e = home.enrolment()?;
+    let key = unhex32(&e.signing_public_key).context("enrolment.json: signing_public_key")?;
+    Ok((format!("maeum/{}", e.consortium), key))
+}
+
+/// The latest witnessed checkpoint, checked again under the enrolment's log key.
+pub fn witnessed(home: &Home) -> Result<Option<CheckpointFile>> {
+    let path = home.path(CHECKPOINT);
+    let Ok(bytes) = std::fs::read(&path) else { return Ok(None) };
+    let file = CheckpointFile::decode(&bytes).with_context(|| format!("reading {}", path.display()))?;
+    let (origin, key) = log_identity(home)?;
+    if file.origin != origin || file.log_public_key != hex(&key) {
+        bail!("{} is of log {} (key {}), not this consortium's", path.display(), file.origin, file.log_public_key);
+    }
+    file.checkpoint.to_signed(&origin)?.0.verify(&key).with_context(|| format!("{}", path.display()))?;
+    Ok(Some(file))
+}
+
+/// The size of the latest witnessed checkpoint (0 if none or unreadable).
+pub fn witnessed_size(home: &Home) -> u64 {
+    witnessed(home).ok().flatten().map_or(0, |f| f.checkpoint.size)
+}
+
+/// Why this site no longer witnesses, if the coordinator was caught forking.
+pub fn fork_evidence(home: &Home) -> Option<String> {
+    let text = std::fs::read_to_string(home.path(EVIDENCE)).ok()?;
+    let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+    Some(v.get("error").and_then(|e| e.as_str()).unwrap_or("fork evidence present").to_owned())
+}
+
+fn checkpoint_file(
+    origin: &str,
+    key: &[u8; 32],
+    signed: &SignedCheckpoint,
+    cosignatures: &[Cosignature],
+) -> CheckpointFile {
+    CheckpointFile {
+        format: CHECKPOINT_FORMAT.into(),
+        origin: origin.to_owned(),
+        log_public_key: hex(key),
+        checkpoint: ExportedCheckpoint::new(signed, cosignatures),
+    }
+}
+
+/// Keeps what proves the coordinator signed two contradicting views (two canonical
+/// checkpoint files an auditor can check with `maeum-audit consistency`), and stops
+/// witnessing.
+fn keep_evidence(
+    home: &Home,
+    origin: &str,
+    key: &[u8; 32],
+    error: &AuditError,
+    a: &SignedCheckpoint,
+    b: &SignedCheckpoint,
+) {
+    let write = |name: &str, bytes: &[u8]| {
+        let path = home.path(name);
+        if let Err(e) = maeum_models::write_atomic(&path, bytes) {
+            error!(error = %e, path = %path.display(), "could not write the fork evidence");
+        }
+    };
+    write(EVIDENCE_WITNESSED, &checkpoint_file(origin, key, a, &[]).encode());
+    write(EVIDENCE_CONFLICTING, &checkpoint_file(origin, key, b, &[]).encode());
+    let doc = serde_json::json!({
+        "detected": rfc3339(crate::now_ms()),
+        "error": error.to_string(),
+        "witnessed": EVIDENCE_WITNESSED,
+        "conflicting": EVIDENCE_CONFLICTING,
+    });
+    write(EVIDENCE, format!("{doc:#}\n").as_bytes());
+    error!(error = %error, evidence = %home.path(EVIDENCE).display(), "THE COORDINATOR SHOWED THIS SITE TWO DIFFERENT AUDIT LOGS; this site stops witnessing — tell the consortium's auditors");
+}
+
+/// The result of one witnessing exchange.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Witnessed {
+    /// A new checkpoint was verified, stored and cosigned.
+    Cosigned { size: u64, also_by: Vec<String> },
+    /// Nothing newer than what this site witnessed.
+    UpToDate { size: u64 },
+}
+
+/// Fetches the latest checkpoint, verifies it and every checkpoint since the last one
+/// witnessed, stores it, and cosigns it.
+pub async fn witness_once(home: &Home, client: &mut Client) -> Result<Witnessed> {
+    if let Some(why) = fork_evidence(home) {
+        bail!("not witnessing: {why} (see {})", home.path(EVIDENCE).display());
+    }
+    let (origin, key) = log_identity(home)?;
+    let previous = witnessed(home)?;
+    let known = previous.as_ref().map_or(0, |f| f.checkpoint.size);
+    let prev_signed = previous.as_ref().map(|f| f.checkpoint.to_signed(&origin)).transpose()?.map(|(s, _)| s);
+    let mut witness = Witness::new(origin.clone(), key, prev_signed.clone())?;
+    let reply = client
+        .audit_checkpoint(pb::AuditCheckpointRequest { known_size: known })
+        .await
+        .map_err(|e| anyhow!("fetching the audit checkpoint: {}", describe(&e)))?
+        .into_inner();
+    let reply = CheckpointReply::from_pb(&origin, reply).context("the coordinator's checkpoint reply")?;
+    let new = &reply.latest.signed;
+    let token = match witness.observe(new, &reply.consistency) {
+        Ok(t) => t,
+        Err(e) => {
+            if let (
+                AuditError::Fork { .. } | AuditError::Inconsistent { .. } | AuditError::Rollback { .. },
+                Some(old),
+            ) = (&e, &prev_signed)
+            {
+                keep_evidence(home, &origin, &key, &e, old, new);
+            }
+            return Err(anyhow!(e).context("the coordinator's new checkpoint"));
+        }
+    };
+    if new.checkpoint.size == known {
+        return Ok(Witnessed::UpToDate { size: known });
+    }
+    // The views meet: every checkpoint the coordinator stored since `known` must be
+    // signed by the log and agree with what this site witnessed at that size.
+    let mine: BTreeMap<u64, &SignedCheckpoint> =
+        prev_signed.iter().chain(std::iter::once(new)).map(|c| (c.checkpoint.size, c)).collect();
+    let ca = single_cert(&home.read("ca.pem")?).map_err(|e| anyhow!("ca.pem: {e}"))?;
+    let site_id = home.site_id()?;
+    let mut also_by = Vec::new();
+    for head in &reply.since {
+        head.signed.verify(&key).context("a stored checkpoint the coordinator returned")?;
+        if let Some(seen) = mine.get(&head.signed.checkpoint.size)
+            && seen.checkpoint.root != head.signed.checkpoint.root
+        {
+            {
+                let e = AuditError::Fork {
+                    size: seen.checkpoint.size,
+                    known: hex(&seen.checkpoint.root[..8]),
+                    new: hex(&head.signed.checkpoint.root[..8]),
+                };
+                keep_evidence(home, &origin, &key, &e, seen, &head.signed);
+                return Err(anyhow!(e).context("comparing with the checkpoints other witnesses saw"));
+            }
+        }
+        if head.signed.checkpoint.size != new.checkpoint.size {
+            continue;
+        }
+        for (c, cert_pem) in &head.cosignatures {
+            if c.site == site_id {
+                continue;
+            }
+            let valid = single_cert(cert_pem)
+                .and_then(|cert| witness_key(&ca, &cert, &c.site, crate::now_ms()))
+                .and_then(|bits| verify_cosignature(&new.checkpoint, &bits, &c.signature));
+            match valid {
+                Ok(()) => also_by.push(c.site.clone()),
+                Err(e) => {
+                    warn!(site = %c.site, size = new.checkpoint.size, error = %e, "a cosignature relayed by the coordinator does not verify")
+                }
+            }
+        }
+    }
+    // Stored before signing: after a crash this site never signs another root of a
+    // size it has witnessed.
+    let identity = home.identity()?;
+    let signature = token.cosign(&identity.key, &ring::rand::SystemRandom::new())?;
+    let own = Cosignature { site: site_id.clone(), signature: signature.clone() };
+    let file = checkpoint_file(&origin, &key, new, &[own]);
+    maeum_models::write_atomic(&home.path(CHECKPOINT), &file.encode()).context("storing the witnessed checkpoint")?;
+    let line = serde_json::json!({
+        "size": new.checkpoint.size, "root": hex(&new.checkpoint.root),
+        "witnessed": rfc3339(crate::now_ms()), "also_cosigned_by": also_by,
+    });
+    append_line(home, WITNESSED, &line.to_string())?;
+    client
+        .audit_cosign(pb::AuditCosignRequest {
+            size: new.checkpoint.size,
+            root: new.checkpoint.root.to_vec(),
+            signature,
+        })
+        .await
+        .map_err(|e| anyhow!("sending the cosignature: {}", describe(&e)))?;
+    info!(size = new.checkpoint.size, also_cosigned_by = also_by.len(), "audit checkpoint verified and cosigned");
+    Ok(Witnessed::Cosigned { size: new.checkpoint.size, also_by })
+}
+
+/// One journal record checked against the log.
+#[derive(Debug, Clone, Serialize)]
+pub struct Proven {
+    pub record: Record,
+    /// The entry that shows it, if any.
+    pub entry: Option<u64>,
+    /// What the log says about it.
+    pub finding: String,
+}
+
+/// `maeum-site audit prove`'s result.
+#[derive(Debug, Clone, Serialize)]
+pub struct ProveReport {
+    pub checkpoint_size: u64,
+    pub checkpoint_root: String,
+    pub entries_naming_this_site: usize,
+    pub records: Vec<Proven>,
+    /// Entries that say this site contributed where its journal has no record.
+    pub unrecorded_claims: Vec<String>,
+}
+
+impl ProveReport {
+    pub fn missing(&self) -> usize {
+        self.records.iter().filter(|r| r.entry.is_none()).count()
+    }
+}
+
+/// Fetches the entries that name this site or its models with inclusion proofs against
+/// the checkpoint it witnessed, verifies every proof, and matches them with the journal.
+pub async fn prove(home: &Home) -> Result<ProveReport> {
+    let file = witnessed(home)?.context("this site has not witnessed a checkpoint yet (run the daemon first)")?;
+    let (origin, _) = log_identity(home)?;
+    let (signed, _) = file.checkpoint.to_signed(&origin)?;
+    let (size, root) = (signed.checkpoint.size, signed.checkpoint.root);
+    let site = home.site_id()?;
+    let records = read_journal(home)?;
+    let mut models: Vec<String> = records
+        .iter()
+        .filter_map(|r| if let Record::Model { digest, .. } = r { Some(digest.clone()) } else { None })
+        .collect();
+    models.sort();
+    models.dedup();
+    let mut client = connect(home).await?;
+    let mut entries = Vec::new();
+    let mut after = 0;
+    loop {
+        let reply = client
+            .audit_prove(pb::AuditProveRequest { size, models: models.clone(), after })
+            .await
+            .map_err(|e| anyhow!("asking the coordinator for proofs: {}", describe(&e)))?
+            .into_inner();
+        for e in reply.entries {
+            let proven = ProvenEntry::from_pb(e).context("an entry from the coordinator")?;
+            if proven.seq < after || proven.seq >= size {
+                bail!("the coordinator returned entry {} outside {after}..{size}", proven.seq);
+            }
+            verify_inclusion(&proven.entry.leaf_hash(), proven.seq, size, &proven.proof, &root).map_err(|e| {
+                anyhow!(
+                    "entry {}: its inclusion proof does not verify against the checkpoint this site witnessed \
+                     (size {size}): the coordinator's log is not the one it showed this site ({e})",
+                    proven.seq
+                )
+            })?;
+            after = proven.seq + 1;
+            entries.push(proven.entry);
+        }
+        if !reply.more {
+            break;
+        }
+        if reply.next < after {
+            bail!("the coordinator's paging went backwards");
+        }
+        after = reply.next;
+    }
+    let names_me = |e: &Event| e.involves_site(&site);
+    let find = |f: &dyn Fn(&Event) -> Option<String>| entries.iter().find_map(|e| f(&e.event).map(|s| (e.seq, s)));
+    let mut out = Vec::new();
+    for record in records.iter().filter(|r| !matches!(r, Record::Model { .. })).chain(
+        // Each model once.
+        records.iter().filter(|r| matches!(r, Record::Model { .. })).fold(Vec::<&Record>::new(), |mut acc, r| {
+            if !acc
+                .iter()
+                .any(|a| matches!((a, r), (Record::Model { digest: x, .. }, Record::Model { digest: y, .. }) if x == y))
+            {
+                acc.push(r);
+            }
+            acc
+        }),
+    ) {
+        let found = match record {
+            Record::Decision { job_id, accepted, .. } => find(&|e| match e {
+                Event::JobDecision { job_id: j, site: s, accepted: a, .. }
+                    if j == job_id && *s == site && a == accepted =>
+                {
+                    Some(format!("job_decision {}", if *a { "accepted" } else { "refused" }))
+                }
+                _ => None,
+            }),
+            Record::Contribution { job_id, round, attempt, .. } => find(&|e| match e {
+                Event::RoundSecagg { job_id: j, round: r, attempt: a, survivors, .. }
+                    if j == job_id && r == round && a == attempt && survivors.contains(&site) =>
+                {
+                    Some("round_secagg: summed among the survivors".into())
+                }
+                Event::RoundSecagg { job_id: j, round: r, attempt: a, dropped, .. }
+                    if j == job_id && r == round && a == attempt && dropped.contains(&site) =>
+                {
+                    Some("round_secagg: this site counted as dropped; its input was not used".into())
+                }
+                Event::RoundFailed { job_id: j, round: r, attempt: a, .. }
+                    if j == job_id && r == round && a == attempt =>
+                {
+                    Some("round_failed: the attempt failed; no update of it was applied".into())
+                }
+                Event::RoundCommitted { job_id: j, round: r, contributors, .. }
+                    if j == job_id && r == round && contributors.contains(&site) =>
+                {
+                    Some("round_committed: in the applied aggregate".into())
+                }
+                _ => None,
+            }),
+            Record::Model { digest, .. } => {
+                find(&|e| (e.model() == Some(digest.as_str())).then(|| format!("{} (the model's origin)", e.kind())))
+            }
+        };
+        out.push(Proven {
+            record: record.clone(),
+            entry: found.as_ref().map(|(seq, _)| *seq),
+            finding: found.map_or_else(|| "NOT IN THE LOG".into(), |(_, s)| s),
+        });
+    }
+    let mut unrecorded = Vec::new();
+    for e in &entries {
+        if let Event::RoundCommitted { job_id, round, contributors, .. } = &e.event {
+            let recorded = records
+                .iter()
+                .any(|r| matches!(r, Record::Contribution { job_id: j, round: n, .. } if j == job_id && n == round));
+            if contributors.contains(&site) && !recorded {
+                unrecorded
+                    .push(format!("entry {}: job {job_id} round {round} lists this site as a contributor", e.seq));
+            }
+        }
+    }
+    Ok(ProveReport {
+        checkpoint_size: size,
+        checkpoint_root: hex(&root),
+        entries_naming_this_site: entries.iter().filter(|e| names_me(&e.event)).count(),
+        records: out,
+        unrecorded_claims: unrecorded,
+    })
+}
+
+/// `maeum-site audit status`: what this site witnessed. Errors if it caught a fork.
+pub fn status(dir: &Path, json: bool) -> Result<()> {
+    let home = Home::new(dir);
+    let latest = witnessed(&home)?;
+    let count = std::fs::read_to_string(home.path(WITNESSED)).map_or(0, |t| t.lines().count());
+    let last_line: Option<serde_json::Value> = std::fs::read_to_string(home.path(WITNESSED))
+        .ok()
+        .and_then(|t| t.lines().last().and_then(|l| serde_json::from_str(l).ok()));
+    let fork = fork_evidence(&home);
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "witnessed": latest.as_ref().map(|f| serde_json::json!({"size": f.checkpoint.size, "root": f.checkpoint.root})),
+                "checkpoints_witnessed": count, "last": last_line, "fork": fork,
+            })
+        );
+    } else {
+        match &latest {
+            Some(f) => println!("witnessed   checkpoint of size {} (root {})", f.checkpoint.size, f.checkpoint.root),
+            None => println!("witnessed   nothing yet (the daemon witnesses each new checkpoint)"),
+        }
+        println!("history     {count} checkpoints verified and cosigned ({})", home.path(WITNESSED).display());
+        if let Some(also) = last_line.as_ref().and_then(|l| l.get("also_cosigned_by")).and_then(|a| a.as_array()) {
+            let names: Vec<&str> = also.iter().filter_map(|s| s.as_str()).collect();
+            println!(
+                "cosigned    when witnessed, also by: {}",
+                if names.is_empty() { "no other site yet".to_owned() } else { names.join(", ") }
+            );
+        }
+        if let Some(why) = &fork {
+            println!("FORK        {why}");
+            println!("            evidence: {}", home.path(EVIDENCE).display());
+        }
+    }
+    if let Some(why) = fork {
+        bail!("the coordinator showed this site a forked audit log: {why}");
+    }
+    Ok(())
+}
+
+/// Prints a prove report; errors if a record is missing from the log.
+pub fn print_prove(report: &ProveReport, json: bool) -> Result<()> {
+    if json {
+        println!("{}", serde_json::to_string(report)?);
+    } else {
+        println!(
+            "checked against the checkpoint this site witnessed: size {} root {}",
+            report.checkpoint_size, report.checkpoint_root
+        );
+        println!("{} log entries name this site; every inclusion proof verified", report.entries_naming_this_site);
+        for p in &report.records {
+            let what = match &p.record {
+                Record::Decision { job_id, accepted, .. } => {
+                    format!("{} job {job_id}", if *accepted { "accepted" } else { "refused" })
+                }
+                Record::Contribution { job_id, round, attempt, secure, .. } => format!(
+                    "{} update for job {job_id} round {round} attempt {attempt}",
+                    if *secure { "masked" } else { "plain" }
+                ),
+                Record::Model { digest, .. } => format!("used model {}", &digest[..digest.len().min(16)]),
+            };
+            let at = p.entry.map_or_else(|| "      ".into(), |n| format!("#{n:<5}"));
+            println!("  {at} {what}: {}", p.finding);
+        }
+        for c in &report.unrecorded_claims {
+            println!("  UNRECORDED {c}, but this site's journal has no such contribution");
+        }
+    }
+    let missing = report.missing();
+    if missing > 0 || !report.unrecorded_claims.is_empty() {
+        bail!(
+            "{missing} of this site's records are not in the log and {} log claims are not in its journal",
+            report.unrecorded_claims.len()
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,189 @@
+//! The audit log end to end: sites witness (verify and cosign) every checkpoint of a
+//! real job, prove their own part with inclusion proofs, and catch a coordinator that
+//! shows one of them a forked log; the export of the real job survives no tampering.
+
+use std::path::Path;
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use maeum_e2e::{Federation, SMALL_MODEL, bin, run_ok};
+use maeum_protocols::audit::export::{Export, verify};
+use maeum_protocols::audit::unhex32;
+
+#[path = "../../protocols/tests/tamper/mod.rs"]
+mod tamper;
+
+const MIN: Duration = Duration::from_secs(60);
+
+fn site(fed: &Federation, id: &str, args: &[&str]) -> Output {
+    Command::new(bin("maeum-site"))
+        .args(args)
+        .arg("--home")
+        .arg(fed.site_home(id))
+        .output()
+        .expect("running maeum-site")
+}
+
+fn audit_status(fed: &Federation, id: &str) -> serde_json::Value {
+    let out = site(fed, id, &["audit", "status", "--json"]);
+    serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null)
+}
+
+fn witnessed(fed: &Federation, id: &str) -> u64 {
+    audit_status(fed, id)["witnessed"]["size"].as_u64().unwrap_or(0)
+}
+
+/// Waits until every site has witnessed a checkpoint of at least `size`.
+fn wait_witnessed(fed: &Federation, sites: &[&str], size: u64) {
+    let until = Instant::now() + MIN;
+    while sites.iter().any(|s| witnessed(fed, s) < size) {
+        assert!(
+            Instant::now() < until,
+            "sites did not witness size {size}: {:?}\n--- coordinator log\n{}",
+            sites.iter().map(|s| (s, witnessed(fed, s))).collect::<Vec<_>>(),
+            fed.log_text("coordinator")
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn export(fed: &Federation, to: &Path) -> Export {
+    let out = fed.cli(&["audit", "export", "--out", to.to_str().unwrap_or_default()]);
+    assert!(out.status.success(), "export: {}", String::from_utf8_lossy(&out.stderr));
+    Export::decode(&std::fs::read(to).expect("export file")).expect("export decodes")
+}
+
+fn log_key(fed: &Federation) -> [u8; 32] {
+    let text = std::fs::read_to_string(fed.coordinator_home().join("signing.pub")).expect("signing.pub");
+    unhex32(text.trim()).expect("signing.pub is hex")
+}
+
+#[test]
+fn sites_witness_a_real_job_and_prove_their_part_and_its_export_resists_tampering() {
+    let sites = ["site-1", "site-2", "site-3"];
+    let mut fed = Federation::new(3);
+    fed.start_coordinator();
+    for s in sites {
+        fed.start_site(s);
+    }
+    let id = fed.submit("witnessed", 2, 3, &format!("{SMALL_MODEL}[train]\nepochs = 1\n"));
+    let job = fed.wait_job(&id, 3 * MIN);
+    assert_eq!(job["state"], "completed", "{job:#}");
+
+    // The checkpoint signed when the job finished is witnessed by every site.
+    let first = export(&fed, &fed.dir.path().join("first.json"));
+    let finished = first
+        .entries
+        .iter()
+        .rev()
+        .find(|e| e.event.kind() == "job_finished")
+        .map(|e| e.seq + 1)
+        .expect("job_finished entry");
+    wait_witnessed(&fed, &sites, finished);
+    // The export signs one more checkpoint; wait for it to be cosigned too, then export
+    // the final file.
+    wait_witnessed(&fed, &sites, first.checkpoints.last().expect("checkpoint").size);
+    let path = fed.dir.path().join("audit.json");
+    let exported = export(&fed, &path);
+    let key = log_key(&fed);
+    let report = verify(&exported.encode(), Some(&key)).expect("the export verifies");
+    assert_eq!(report.witnesses, sites);
+    let cosigned_by_all = exported.checkpoints.iter().filter(|c| c.cosignatures.len() == 3).count();
+    assert!(cosigned_by_all >= 2, "checkpoints cosigned by all three sites: {cosigned_by_all}\n{report:?}");
+    println!(
+        "real job export: {} bytes, {} entries, {} checkpoints, {} cosignatures",
+        exported.encode().len(),
+        report.entries,
+        report.checkpoints,
+        report.cosignatures
+    );
+
+    for s in sites {
+        // Every site's witnessed checkpoint is one the final export extends.
+        let cp = fed.dir.path().join(format!("{s}-checkpoint.json"));
+        std::fs::write(&cp, run_ok(&mut site_cmd(&fed, s, &["audit", "checkpoint"])).stdout).expect("write");
+        run_ok(Command::new(bin("maeum-audit")).arg("consistency").arg(&cp).arg(&path));
+        // And its decisions, contributions and models are in the log, proven.
+        let out = site(&fed, s, &["audit", "prove", "--json"]);
+        assert!(out.status.success(), "{s} prove: {}", String::from_utf8_lossy(&out.stderr));
+        let proof: serde_json::Value = serde_json::from_slice(&out.stdout).expect("prove json");
+        let records = proof["records"].as_array().expect("records");
+        let count = |kind: &str| records.iter().filter(|r| r["record"]["kind"] == kind).count();
+        assert_eq!(count("decision"), 1, "{proof:#}");
+        assert_eq!(count("contribution"), 2, "one masked update per round: {proof:#}");
+        // The initial model and round 1's result were trained on; the final model was evaluated.
+        assert_eq!(count("model"), 3, "{proof:#}");
+        assert!(records.iter().all(|r| r["entry"].is_u64()), "{proof:#}");
+        assert!(proof["unrecorded_claims"].as_array().is_some_and(Vec::is_empty));
+        let human = run_ok(&mut site_cmd(&fed, s, &["audit", "status"]));
+        assert!(String::from_utf8_lossy(&human.stdout).contains("witnessed   checkpoint of size"));
+    }
+
+    // The exhaustive tamper test on this real job's export.
+    let kinds = tamper::exhaustive(&exported, &key);
+    let tried: usize = kinds.iter().map(|k| k.1).sum();
+    println!("real job export: {tried} tamperings tried, all detected");
+}
+
+fn site_cmd(fed: &Federation, id: &str, args: &[&str]) -> Command {
+    let mut c = Command::new(bin("maeum-site"));
+    c.args(args).arg("--home").arg(fed.site_home(id));
+    c
+}
+
+#[test]
+fn a_forked_view_shown_to_one_site_is_caught_by_its_witness() {
+    let mut fed = Federation::new(3);
+    // The coordinator shows site-3 a log whose last entry differs from everyone else's,
+    // at the same size, validly signed: a dishonest operator's forked view.
+    fed.start_coordinator_with(&[("MAEUM_COORDINATOR_TEST_FORK_VIEW", "site-3")]);
+    for s in ["site-1", "site-2", "site-3"] {
+        fed.start_site(s);
+    }
+    wait_witnessed(&fed, &["site-1", "site-2"], 1);
+    let until = Instant::now() + MIN;
+    let status = loop {
+        let out = site(&fed, "site-3", &["audit", "status", "--json"]);
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        if v["fork"].is_string() {
+            assert!(!out.status.success(), "audit status exits non-zero after a fork");
+            break v;
+        }
+        assert!(Instant::now() < until, "site-3 did not catch the fork:\n{}", fed.log_text("site-3"));
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let why = status["fork"].as_str().unwrap_or_default();
+    assert!(why.starts_with("AUD-16 FORK: two checkpoints of size"), "{why}");
+    assert!(fed.log_text("site-3").contains("TWO DIFFERENT AUDIT LOGS"), "the site's log says so");
+    let daemon = fed.site_status("site-3");
+    assert!(daemon["audit"].as_str().unwrap_or_default().starts_with("FORK DETECTED"), "{daemon}");
+
+    // The evidence: two checkpoints of one size, both signed by the log key. An auditor
+    // checks it against the coordinator's export: the forked one does not extend it.
+    let evidence: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fed.site_home("site-3").join("audit/fork-evidence.json")).expect("evidence"),
+    )
+    .expect("evidence is JSON");
+    assert_eq!(evidence["error"].as_str(), Some(why));
+    let path = fed.dir.path().join("audit.json");
+    export(&fed, &path);
+    let mut outcomes = Vec::new();
+    for which in ["witnessed", "conflicting"] {
+        let cp = fed.site_home("site-3").join(evidence[which].as_str().expect("file name"));
+        let out = Command::new(bin("maeum-audit")).arg("consistency").arg(&cp).arg(&path).output().expect("run");
+        outcomes.push((out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned()));
+    }
+    assert!(
+        outcomes.iter().filter(|(ok, _)| *ok).count() == 1,
+        "exactly one of the two checkpoints is the real log: {outcomes:?}"
+    );
+    assert!(outcomes.iter().any(|(ok, err)| !ok && err.contains("AUD-16")), "{outcomes:?}");
+
+    // Sites that saw the real log are unaffected, and site-3 witnesses no more.
+    for s in ["site-1", "site-2"] {
+        assert!(site(&fed, s, &["audit", "status"]).status.success());
+    }
+    let frozen = std::fs::read(fed.site_home("site-3").join("audit/witnessed.jsonl")).unwrap_or_default();
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(std::fs::read(fed.site_home("site-3").join("audit/witnessed.jsonl")).unwrap_or_default(), frozen);
+}
