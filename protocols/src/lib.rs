@@ -12,6 +12,8 @@
 //! - `audit`: the transparency log (RFC 9162 Merkle tree, entries, signed checkpoints,
 //!   witnesses, the export file `maeum-audit` verifies).
 //! - `runtime`: log setup and the shutdown signal for the binaries.
+//! - `ops`: the daemons' metrics registry and their plaintext ops endpoint (`/metrics`,
+//!   `/healthz`, `/readyz`, gRPC health) for Prometheus and Kubernetes probes.
 //!
 //! The protocol cores are sans-IO: no sockets, clocks or ambient randomness.
 #![forbid(unsafe_code)]
@@ -19,6 +21,7 @@
 pub mod audit;
 pub mod identity;
 pub mod job;
+pub mod ops;
 pub mod runtime;
 pub mod secagg;
 pub mod strategy;
