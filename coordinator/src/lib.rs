@@ -11,7 +11,9 @@ pub mod audit;
 pub mod blobs;
 pub mod client;
 pub mod demo;
+pub mod doctor;
 pub mod home;
+pub mod metrics;
 pub mod rounds;
 pub mod secagg;
 pub mod server;
@@ -33,6 +35,7 @@ use maeum_protocols::wire::pb;
 pub async fn serve(
     home: &Path,
     listen: Option<SocketAddr>,
+    ops_listen: Option<SocketAddr>,
     settings: server::Settings,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
@@ -51,15 +54,46 @@ pub async fn serve(
     let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("listening on {listen}"))?;
     info!(%listen, consortium = %consortium.name, "coordinator listening");
     let incoming = tls::incoming(listener, config, coord.revocations.clone());
+    // One signal stops both listeners: the ops endpoint turns NOT_SERVING at once, the
+    // gRPC server stops accepting and lets calls in flight finish.
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopped = move || {
+        let mut rx = stop_rx.clone();
+        async move {
+            let _ = rx.wait_for(|s| *s).await;
+        }
+    };
+    if let Some(addr) = ops_listen {
+        maeum_protocols::ops::serve(addr, coord.metrics.ops.clone(), stopped()).await?;
+    }
     let orchestrator = tokio::spawn(rounds::orchestrate(coord.clone()));
+    coord.metrics.audit_entries.set(i64::try_from(coord.audit.size()).unwrap_or(i64::MAX));
+    coord.metrics.ops.set_ready(true);
+    let metrics = coord.metrics.clone();
+    let count_status = tower::util::MapResponseLayer::new(move |response: tonic::codegen::http::Response<_>| {
+        metrics.count_status(response.headers());
+        response
+    });
+    tokio::spawn(async move {
+        shutdown.await;
+        info!("stop requested: no new calls; finishing the ones in flight");
+        let _ = stop_tx.send(true);
+    });
     let result = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(20)))
+        .layer(count_status)
         .add_service(pb::fleet_server::FleetServer::new(server::Fleet(coord.clone())))
         .add_service(pb::control_server::ControlServer::new(server::Control(coord.clone())))
-        .serve_with_incoming_shutdown(incoming, shutdown)
+        .serve_with_incoming_shutdown(incoming, stopped())
         .await
         .context("serving");
+    coord.metrics.ops.set_ready(false);
     orchestrator.abort();
+    // Whatever the rounds left unsigned gets a checkpoint, and everything reaches disk.
+    if coord.audit.size() > 0 {
+        coord.audit.checkpoint().context("signing the final audit checkpoint")?;
+    }
+    coord.store.db().flush().context("flushing the state")?;
     info!("coordinator stopped");
     result
 }

@@ -59,6 +59,19 @@ enum Command {
         /// Seconds without a heartbeat after which a site counts as offline.
         #[arg(long, default_value_t = 10)]
         heartbeat_timeout: u64,
+        /// Also serve plaintext `/metrics`, `/healthz`, `/readyz` and gRPC health on
+        /// this address (a private network or loopback; see deploy/README.md).
+        #[arg(long, value_name = "ADDR", env = "MAEUM_OPS_LISTEN")]
+        ops_listen: Option<SocketAddr>,
+    },
+    /// Check this home offline (keys, certificates and their expiry, writable state,
+    /// disk space, approved sites) and say what to fix. Exit 1 if a check fails.
+    Doctor {
+        #[command(flatten)]
+        home: HomeArg,
+        /// Print one JSON object.
+        #[arg(long)]
+        json: bool,
     },
     /// Approve, list and revoke sites.
     #[command(subcommand)]
@@ -189,10 +202,12 @@ async fn run(cli: Cli) -> Result<()> {
             println!("  signing key       {}", r.signing_public_key);
             println!("next: `maeum-coordinator serve --home {}`", r.home.display());
         }
-        Command::Serve { home, listen, heartbeat_timeout } => {
+        Command::Serve { home, listen, heartbeat_timeout, ops_listen } => {
             let settings = server::Settings { heartbeat_timeout: Duration::from_secs(heartbeat_timeout.max(1)) };
-            maeum_coordinator::serve(&home.home, listen, settings, maeum_protocols::runtime::shutdown_signal()).await?;
+            let stop = maeum_protocols::runtime::shutdown_signal();
+            maeum_coordinator::serve(&home.home, listen, ops_listen, settings, stop).await?;
         }
+        Command::Doctor { home, json } => maeum_coordinator::doctor::run(&home.home, json)?,
         Command::Sites(SitesCommand::Approve { home, request, site_id, out, json }) => {
             let csr = std::fs::read_to_string(&request).with_context(|| format!("reading {}", request.display()))?;
             let bundle = home::approve(&home::Home::new(&home.home), &csr, site_id.as_deref())?;

@@ -247,12 +247,14 @@ async fn run_round(c: &Coord, id: &str, round: u32, spec: &ModelSpec) -> Result<
         clear_uploads(c);
         *lock(&c.round) = Some(state);
         c.notify();
+        let train_started = std::time::Instant::now();
         let finished = if secure {
             match drive_secagg(c, id, round).await? {
                 SecAggEnd::Aborted => false,
                 SecAggEnd::Failed(why) => {
                     *lock(&c.round) = None;
                     c.record(Event::RoundFailed { job_id: id.to_string(), round, attempt, reason: why.clone() })?;
+                    c.metrics.rounds.inc("failed");
                     clear_uploads(c);
                     warn!(round, attempt, reason = %why, "secure aggregation failed; retrying the round with a new session");
                     set_activity(c, format!("round {round}: attempt {attempt} failed ({why}); retrying"));
@@ -270,8 +272,10 @@ async fn run_round(c: &Coord, id: &str, round: u32, spec: &ModelSpec) -> Result<
             return Ok(None);
         }
         let Some(state) = lock(&c.round).take() else { return Ok(None) };
+        c.metrics.stage("train", train_started.elapsed());
         clear_uploads(c);
         if state.done.len() < min {
+            c.metrics.rounds.inc("failed");
             c.record(Event::RoundFailed {
                 job_id: id.to_string(),
                 round,
@@ -282,7 +286,10 @@ async fn run_round(c: &Coord, id: &str, round: u32, spec: &ModelSpec) -> Result<
             set_activity(c, format!("round {round}: only {} updates (< {min}); retrying", state.done.len()));
             continue;
         }
+        let commit_started = std::time::Instant::now();
         let committed = commit_round(c, id, spec, &base, state).await?;
+        c.metrics.stage("commit", commit_started.elapsed());
+        c.metrics.rounds.inc("committed");
         return Ok(Some(committed));
     }
 }
@@ -496,6 +503,7 @@ async fn finish_secagg(c: &Coord, round: u32) -> Result<SecAggEnd> {
         survivors: survivors.clone(),
         dropped: dropped.clone(),
     };
+    c.metrics.secagg_dropouts.inc_by(dropped.len() as u64);
     r.sum = sum;
     r.total_weight = total_weight;
     r.done = survivors.into_iter().collect();
@@ -631,10 +639,12 @@ async fn final_evaluation(c: &Coord, id: &str) -> Result<Option<JobRecord>> {
         state.selected = selected;
         *lock(&c.round) = Some(state);
         c.notify();
+        let started = std::time::Instant::now();
         if !wait_stage(c, id, round, deadline_ms).await? {
             *lock(&c.round) = None;
             return Ok(None);
         }
+        c.metrics.stage("evaluate", started.elapsed());
         let Some(state) = lock(&c.round).take() else { return Ok(None) };
         if state.evaluated.is_empty() {
             continue;

@@ -132,6 +132,8 @@ pub struct Coord {
     pub blobs: Blobs,
     /// The transparency log (`docs/protocols/audit-log.md`).
     pub audit: AuditLog,
+    /// What the ops endpoint serves.
+    pub metrics: crate::metrics::CoordMetrics,
     pub revocations: Revocations,
     pub settings: Settings,
     live: Mutex<HashMap<String, Live>>,
@@ -179,6 +181,7 @@ impl Coord {
             )?;
         }
         let coord = Self {
+            metrics: crate::metrics::CoordMetrics::new(),
             revocations: Revocations::new(revoked),
             audit,
             home,
@@ -199,7 +202,9 @@ impl Coord {
 
     /// Appends `event` to the audit log (flushed before this returns).
     pub fn record(&self, event: Event) -> anyhow::Result<()> {
-        self.audit.append(now_ms(), event).map(|_| ())
+        let seq = self.audit.append(now_ms(), event)?;
+        self.metrics.audit_entries.set(i64::try_from(seq + 1).unwrap_or(i64::MAX));
+        Ok(())
     }
 
     /// Logs every approved site certificate (HOME/sites/ID.pem, written by the offline
@@ -256,6 +261,7 @@ impl Coord {
         let id = peer.peer.name.clone();
         if self.revocations.is_revoked(&id) {
             warn!(site = %id, remote = %peer.remote, "refused a call from a revoked site");
+            self.metrics.verification_failures.inc("revoked_site");
             return Err(Status::permission_denied(format!("certificate for site/{id} is revoked")));
         }
         let now = Instant::now();
@@ -526,6 +532,7 @@ impl pb::fleet_server::Fleet for Fleet {
         let status = req.get_ref().clone();
         self.0.site(&req, Some(&status))?;
         let audit_size = self.0.audit.latest().map_or(0, |c| c.checkpoint.size);
+        self.0.metrics.sites_online.set(self.0.online_sites().len() as i64);
         Ok(Response::new(pb::HeartbeatReply { server_time_ms: now_ms(), audit_size }))
     }
 
@@ -638,6 +645,7 @@ impl pb::fleet_server::Fleet for Fleet {
                 if tx.blocking_send(Ok(wire::chunk(offset, buf))).is_err() {
                     return;
                 }
+                c.metrics.bytes_sent.inc_by(n as u64);
                 offset += n as u64;
             }
         });
@@ -685,6 +693,7 @@ impl pb::fleet_server::Fleet for Fleet {
             }
             wire::check_chunk(*len, *total, chunk.offset, &chunk.data, &chunk.sha256)?;
             f.write_all(&chunk.data).map_err(|e| internal(anyhow::anyhow!("staging update {id}: {e}")))?;
+            c.metrics.bytes_received.inc_by(chunk.data.len() as u64);
             *len += chunk.data.len() as u64;
         }
         let Some((id, f, len, total)) = file else {
@@ -814,6 +823,7 @@ impl pb::fleet_server::Fleet for Fleet {
                 .ok_or_else(|| Status::not_found(format!("no checkpoint of size {}", r.size)))?;
             if stored.root != maeum_protocols::audit::hex(&root) {
                 warn!(site = %site, size = r.size, "a site cosigned a root this log never signed at that size");
+                c.metrics.verification_failures.inc("audit_root");
                 return Err(Status::failed_precondition(format!(
                     "checkpoint {} of this log has root {}, not the one site/{site} cosigned",
                     r.size, stored.root
@@ -822,7 +832,10 @@ impl pb::fleet_server::Fleet for Fleet {
             let cert = c.home.read(&format!("sites/{site}.pem")).map_err(internal)?;
             c.audit
                 .add_cosignature(r.size, &site, &r.signature, &c.home.read("ca.pem").map_err(internal)?, &cert)
-                .map_err(|e| Status::invalid_argument(format!("{e:#}")))
+                .map_err(|e| {
+                    c.metrics.verification_failures.inc("cosignature");
+                    Status::invalid_argument(format!("{e:#}"))
+                })
         })
         .await
         .map_err(|e| internal(e.into()))??;

@@ -12,6 +12,7 @@
 //! - `audit`: the transparency log (RFC 9162 Merkle tree, entries, signed checkpoints,
 //!   witnesses, the export file `maeum-audit` verifies).
 //! - `runtime`: log setup and the shutdown signal for the binaries.
+//! - `doctor`: the checks `maeum-coordinator doctor` and `maeum-site doctor` report.
 //! - `ops`: the daemons' metrics registry and their plaintext ops endpoint (`/metrics`,
 //!   `/healthz`, `/readyz`, gRPC health) for Prometheus and Kubernetes probes.
 //!
@@ -19,6 +20,7 @@
 #![forbid(unsafe_code)]
 
 pub mod audit;
+pub mod doctor;
 pub mod identity;
 pub mod job;
 pub mod ops;

@@ -102,6 +102,8 @@ pub(crate) struct Agent {
     witnessed: AtomicU64,
     /// A witnessing exchange is in flight.
     witnessing: AtomicBool,
+    /// What the ops endpoint serves.
+    pub(crate) metrics: crate::metrics::SiteMetrics,
 }
 
 impl Agent {
@@ -110,6 +112,15 @@ impl Agent {
         if let Err(e) = crate::witness::journal(&self.home, &record) {
             warn!(error = %format!("{e:#}"), "writing the audit journal");
         }
+    }
+
+    /// [`upload`], timed and counted.
+    pub(crate) async fn upload(&self, client: &mut Client, header: &UploadHeader, path: &Path) -> Result<()> {
+        let started = std::time::Instant::now();
+        upload(client, header, path).await?;
+        self.metrics.stage("upload", started.elapsed());
+        self.metrics.bytes_sent.inc_by(header.payload_len());
+        Ok(())
     }
 
     fn note_model(&self, job_id: &str, round: u32, model: &ModelRef) {
@@ -221,8 +232,12 @@ pub async fn connect(home: &Home) -> Result<Client> {
     Ok(pb::fleet_client::FleetClient::new(channel).max_decoding_message_size(4 * CHUNK_SIZE))
 }
 
-/// Runs the daemon until `shutdown` resolves.
-pub async fn run(dir: &Path, shutdown: impl std::future::Future<Output = ()>) -> Result<()> {
+/// Runs the daemon until `shutdown` resolves; serves metrics and health on `ops_listen`.
+pub async fn run(
+    dir: &Path,
+    ops_listen: Option<std::net::SocketAddr>,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<()> {
     let home = Home::new(dir);
     let site_id = home.site_id()?;
     let enrolment = home.enrolment()?;
@@ -249,7 +264,16 @@ pub async fn run(dir: &Path, shutdown: impl std::future::Future<Output = ()>) ->
         prepared: Mutex::new(HashMap::new()),
         witnessed: AtomicU64::new(0),
         witnessing: AtomicBool::new(false),
+        metrics: crate::metrics::SiteMetrics::new(),
     });
+    let (stop_ops, ops_stopped) = tokio::sync::oneshot::channel::<()>();
+    if let Some(addr) = ops_listen {
+        maeum_protocols::ops::serve(addr, agent.metrics.ops.clone(), async {
+            let _ = ops_stopped.await;
+        })
+        .await?;
+    }
+    agent.metrics.ops.set_ready(true);
     agent.witnessed.store(crate::witness::witnessed_size(&agent.home), Ordering::SeqCst);
     agent.set(|s| s.audit = audit_summary(&agent.home, agent.witnessed.load(Ordering::SeqCst)));
     agent.set(|s| s.stage = "idle".into());
@@ -259,6 +283,8 @@ pub async fn run(dir: &Path, shutdown: impl std::future::Future<Output = ()>) ->
         () = shutdown => info!("shutting down"),
     }
     heartbeat.abort();
+    agent.metrics.ops.set_ready(false);
+    let _ = stop_ops.send(());
     agent.set(|s| {
         s.connection = "stopped".into();
         s.stage = "stopped".into();
@@ -275,13 +301,17 @@ async fn heartbeats(agent: Arc<Agent>, mut client: Client) {
                     s.connection = "connected".into();
                     s.last_error.clear();
                 });
+                agent.metrics.connected.set(1);
                 let announced = reply.get_ref().audit_size;
                 if announced > agent.witnessed.load(Ordering::SeqCst) && !agent.witnessing.swap(true, Ordering::SeqCst)
                 {
                     tokio::spawn(witness(agent.clone(), client.clone()));
                 }
             }
-            Err(e) => debug!(error = %describe(&e), "heartbeat failed"),
+            Err(e) => {
+                agent.metrics.connected.set(0);
+                debug!(error = %describe(&e), "heartbeat failed");
+            }
         }
     }
 }
@@ -290,11 +320,15 @@ async fn heartbeats(agent: Arc<Agent>, mut client: Client) {
 /// the next heartbeat that announces a newer checkpoint, except after a fork.
 async fn witness(agent: Arc<Agent>, mut client: Client) {
     match crate::witness::witness_once(&agent.home, &mut client).await {
-        Ok(crate::witness::Witnessed::Cosigned { size, .. } | crate::witness::Witnessed::UpToDate { size }) => {
+        Ok(crate::witness::Witnessed::Cosigned { size, .. }) => {
+            agent.metrics.checkpoints_witnessed.inc();
             agent.witnessed.store(size, Ordering::SeqCst);
         }
+        Ok(crate::witness::Witnessed::UpToDate { size }) => agent.witnessed.store(size, Ordering::SeqCst),
         Err(e) => {
+            agent.metrics.verification_failures.inc("audit");
             if crate::witness::fork_evidence(&agent.home).is_some() {
+                agent.metrics.verification_failures.inc("fork");
                 // Never again: the heartbeat stops asking.
                 agent.witnessed.store(u64::MAX, Ordering::SeqCst);
             } else {
@@ -330,6 +364,7 @@ async fn work_loop(agent: Arc<Agent>, mut client: Client) {
                     warn!(error = %what, "cannot reach the coordinator; retrying with backoff");
                     last_logged.clone_from(&what);
                 }
+                agent.metrics.errors.inc("connection");
                 agent.set(|s| {
                     s.connection = if refused { "refused".into() } else { "retrying".into() };
                     s.last_error = what;
@@ -355,12 +390,22 @@ async fn work_loop(agent: Arc<Agent>, mut client: Client) {
             Ok(Work::Offer { job_id, spec_json, spec_sha256 }) => {
                 decide(&agent, &mut client, job_id, spec_json, spec_sha256).await
             }
-            Ok(Work::Train(t)) => train(&agent, &mut client, t).await,
-            Ok(Work::Evaluate(t)) => evaluate(&agent, &mut client, t).await,
+            Ok(Work::Train(t)) => {
+                let result = train(&agent, &mut client, t).await;
+                agent.metrics.rounds.inc(if result.is_ok() { "delivered" } else { "failed" });
+                result
+            }
+            Ok(Work::Evaluate(t)) => {
+                let started = std::time::Instant::now();
+                let result = evaluate(&agent, &mut client, t).await;
+                agent.metrics.stage("evaluate", started.elapsed());
+                result
+            }
             Err(e) => Err(anyhow::anyhow!("malformed work from the coordinator: {e}")),
         };
         agent.set(|s| s.stage = "idle".into());
         if let Err(e) = result {
+            agent.metrics.errors.inc("work_item");
             warn!(error = %format!("{e:#}"), "work item failed; will ask again");
             tokio::time::sleep(backoff.next()).await;
         }
@@ -401,6 +446,7 @@ async fn download(agent: &Agent, client: &mut Client, model: &ModelRef) -> Resul
     }
     let part = dir.join(format!("{}.part", model.digest));
     agent.set(|s| s.stage = "downloading".into());
+    let started = std::time::Instant::now();
     for _ in 0..5 {
         let mut file = std::fs::OpenOptions::new().create(true).append(true).open(&part)?;
         let mut offset = file.metadata()?.len();
@@ -416,6 +462,7 @@ async fn download(agent: &Agent, client: &mut Client, model: &ModelRef) -> Resul
                     let c = c?;
                     wire::check_chunk(offset, model.size, c.offset, &c.data, &c.sha256)?;
                     file.write_all(&c.data)?;
+                    agent.metrics.bytes_received.inc_by(c.data.len() as u64);
                     offset += c.data.len() as u64;
                 }
                 Ok(())
@@ -438,10 +485,12 @@ async fn download(agent: &Agent, client: &mut Client, model: &ModelRef) -> Resul
             hasher.update(&buf[..n]);
         }
         if hasher.finish() != model.digest {
+            agent.metrics.verification_failures.inc("model_digest");
             let _ = std::fs::remove_file(&part);
             bail!("downloaded model does not match its digest {}; discarded", model.digest);
         }
         std::fs::rename(&part, &path)?;
+        agent.metrics.stage("download", started.elapsed());
         info!(model = %model.digest, bytes = model.size, "model downloaded and verified");
         return Ok(path);
     }
@@ -557,7 +606,7 @@ async fn train(agent: &Agent, client: &mut Client, t: TrainTask) -> Result<()> {
         }
     };
     agent.set(|s| s.stage = "uploading".into());
-    let result = upload(client, &header, &update_path).await;
+    let result = agent.upload(client, &header, &update_path).await;
     if result.is_ok()
         || matches!(&result, Err(e) if e.downcast_ref::<RpcStatus>().is_some_and(|s| matches!(s.code(), Code::FailedPrecondition | Code::AlreadyExists)))
     {
@@ -607,6 +656,7 @@ pub(crate) async fn local_update(
     let start = global.clone();
     let started = std::time::Instant::now();
     let (local, report) = tokio::task::spawn_blocking(move || spec.train(&start, &data.train, &cfg, &mut ())).await??;
+    agent.metrics.stage("train", started.elapsed());
     info!(job = %t.job_id, round = t.round, examples = report.examples_seen, seconds = started.elapsed().as_secs_f32(), "local training done");
     let delta = local.values().iter().zip(global.values()).map(|(l, g)| l - g).collect();
     Ok((delta, agent.data.train.len() as u64))

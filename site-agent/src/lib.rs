@@ -2,8 +2,10 @@
 #![forbid(unsafe_code)]
 
 pub mod daemon;
+pub mod doctor;
 pub mod enrol;
 pub mod local;
+pub mod metrics;
 pub mod secure;
 pub mod witness;
 

@@ -52,6 +52,21 @@ enum Command {
         /// The site's home directory.
         #[arg(long, value_name = "DIR", env = "MAEUM_SITE_HOME")]
         home: PathBuf,
+        /// Also serve plaintext `/metrics`, `/healthz`, `/readyz` and gRPC health on
+        /// this address (loopback or the site's private network; nothing is pushed).
+        #[arg(long, value_name = "ADDR", env = "MAEUM_OPS_LISTEN")]
+        ops_listen: Option<std::net::SocketAddr>,
+    },
+    /// Check this home (enrolment, certificates and their expiry, local data, audit
+    /// state, disk space) and whether the coordinator answers; say what to fix. Exit 1
+    /// if a check fails (an unreachable coordinator is only a warning).
+    Doctor {
+        /// The site's home directory.
+        #[arg(long, value_name = "DIR", env = "MAEUM_SITE_HOME")]
+        home: PathBuf,
+        /// Print one JSON object.
+        #[arg(long)]
+        json: bool,
     },
     /// Show enrolment, connection, current job and round, and the last model.
     Status {
@@ -129,7 +144,12 @@ fn main() -> ExitCode {
         Command::Enroll { home, bundle } => enrol::enroll(&home, &bundle).map(|e| {
             println!("enrolled in consortium {} (coordinator {})", e.consortium, e.coordinator_address);
         }),
-        Command::Run { home } => run_daemon(home),
+        Command::Run { home, ops_listen } => run_daemon(home, ops_listen),
+        Command::Doctor { home, json } => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(anyhow::Error::from)
+            .and_then(|rt| rt.block_on(maeum_site::doctor::run(&home, json))),
         Command::Status { home, json } => enrol::status(&home, json),
         Command::TrainLocal(a) => local::train_local(a),
         Command::Data(DataCommand::Check { input, json }) => local::check(input, json),
@@ -159,7 +179,7 @@ fn prove(home: PathBuf, json: bool) -> anyhow::Result<()> {
     witness::print_prove(&report, json)
 }
 
-fn run_daemon(home: PathBuf) -> anyhow::Result<()> {
+fn run_daemon(home: PathBuf, ops_listen: Option<std::net::SocketAddr>) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-    runtime.block_on(maeum_site::daemon::run(&home, maeum_protocols::runtime::shutdown_signal()))
+    runtime.block_on(maeum_site::daemon::run(&home, ops_listen, maeum_protocols::runtime::shutdown_signal()))
 }

@@ -33,7 +33,7 @@ use maeum_protocols::secagg::{self, Session};
 use maeum_protocols::wire::secagg::{Reply, Request, SessionInfo, StageMessage};
 use maeum_protocols::wire::{Digest, Hasher, TrainTask, pb};
 
-use crate::daemon::{Agent, Client, describe, local_update, upload};
+use crate::daemon::{Agent, Client, describe, local_update};
 
 /// Words quantised and masked at a time.
 const CHUNK_WORDS: usize = 1 << 18;
@@ -262,7 +262,7 @@ pub(crate) async fn train(
     }
     let header = t.upload_header(num_params, 0, sha256, true);
     agent.set(|s| s.stage = "uploading".into());
-    let result = upload(client, &header, &masked_path).await;
+    let result = agent.upload(client, &header, &masked_path).await;
     let _ = std::fs::remove_file(&masked_path);
     result.context("uploading the masked input")?;
     agent.note(crate::witness::Record::Contribution {

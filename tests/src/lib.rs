@@ -225,6 +225,22 @@ impl Federation {
         panic!("the coordinator did not come up:\n{}", self.log_text("coordinator"));
     }
 
+    /// SIGTERM, as systemd or Kubernetes stop it; waits for the exit (at most `limit`).
+    pub fn terminate_coordinator(&mut self, limit: std::time::Duration) -> Option<std::process::ExitStatus> {
+        let mut child = self.coordinator.take()?;
+        run_ok(Command::new("kill").args(["-TERM", &child.id().to_string()]));
+        let until = std::time::Instant::now() + limit;
+        while std::time::Instant::now() < until {
+            if let Ok(Some(status)) = child.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        None
+    }
+
     pub fn kill_coordinator(&mut self) {
         if let Some(mut c) = self.coordinator.take() {
             let _ = c.kill();

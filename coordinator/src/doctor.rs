@@ -1,0 +1,163 @@
+//! `maeum-coordinator doctor`: checks a coordinator home before (or while) it serves,
+//! offline, and says what to fix. Exit 0 when `serve` would start; 1 when a check fails.
+//! Safe to run beside a running coordinator: it opens no database and binds no port.
+
+use std::path::Path;
+
+use anyhow::{Context, Result, anyhow};
+use ring::signature::KeyPair;
+
+use maeum_protocols::doctor::Checks;
+use maeum_protocols::identity::{self, PeerId};
+
+use crate::home::{Home, hex, now_ms};
+
+/// Runs every check on the home `dir` and prints them.
+pub fn run(dir: &Path, json: bool) -> Result<()> {
+    let checks = check(dir);
+    checks.finish(json)
+}
+
+/// The checks, for the CLI and the tests.
+pub fn check(dir: &Path) -> Checks {
+    let home = Home::new(dir);
+    let mut c = Checks::default();
+    let now = now_ms() / 1000;
+    if !dir.is_dir() {
+        c.fail(
+            "home",
+            format!("{} is not a directory", dir.display()),
+            "run `maeum-coordinator init --home DIR` first",
+        );
+        return c;
+    }
+    c.ok("home", dir.display().to_string());
+    let consortium = c.require(
+        "consortium",
+        home.consortium().map(|k| format!("{} at {}", k.name, k.address)),
+        "restore consortium.json from your backup of the home",
+    );
+    c.certificate(
+        "CA certificate",
+        &home.path("ca.pem"),
+        now,
+        90,
+        "plan the move to a new consortium CA before it expires",
+    );
+    let renew = "server certificates cannot be renewed in place yet (docs/guides/consortium-lead.md, Current limits)";
+    if let Some(der) = c.certificate("server certificate", &home.path("server.pem"), now, 30, renew) {
+        let key = home.read("server.key").map(identity::SecretPem::new);
+        let names = consortium
+            .as_ref()
+            .and_then(|_| home.consortium().ok())
+            .map(|k| PeerId::coordinator(&k.name))
+            .transpose()
+            .ok()
+            .flatten();
+        match key.and_then(|k| Ok(identity::key_matches_cert(&k, &der)?)) {
+            Ok(true) => c.ok("server key", "server.key matches server.pem"),
+            Ok(false) => c.fail("server key", "server.key does not match server.pem", renew),
+            Err(e) => c.fail("server key", format!("{e:#}"), "restore server.key from your backup"),
+        }
+        match (names, PeerId::from_cert_der(&der)) {
+            (Some(want), Ok(found)) if want == found => c.ok("server identity", found.to_string()),
+            (Some(want), Ok(found)) => {
+                c.fail("server identity", format!("server.pem names {found}, not {want}"), renew)
+            }
+            (_, Err(e)) => c.fail("server identity", e.to_string(), renew),
+            (None, Ok(found)) => c.warn("server identity", format!("{found} (consortium unknown)"), ""),
+        }
+    }
+    let signing = home.signing_key().and_then(|k| {
+        let public = hex(k.public_key().as_ref());
+        let published = home.read("signing.pub")?;
+        if published.trim() == public {
+            Ok(format!("Ed25519 key {}… (matches signing.pub)", &public[..16]))
+        } else {
+            Err(anyhow!("signing.pub does not hold signing.key's public key"))
+        }
+    });
+    c.require("signing key", signing, "restore signing.key and signing.pub from your backup (sites trust this key)");
+    c.writable("state", &home.state());
+    c.writable("model blobs", &home.blobs());
+    c.writable("uploads", &home.uploads());
+    c.disk_space("disk space", dir, 2048, 256);
+    match sites(&home, now) {
+        Ok(list) if list.is_empty() => {
+            c.warn("sites", "no site approved yet", "approve sites with `maeum-coordinator sites approve REQUEST`")
+        }
+        Ok(list) => {
+            for (site, level) in list {
+                match level {
+                    Ok(days) if days < 30 => c.warn(
+                        &format!("site {site}"),
+                        format!("certificate expires in {days} days"),
+                        "have the site make a new request and approve it again",
+                    ),
+                    Ok(days) => c.ok(&format!("site {site}"), format!("certificate valid for {days} more days")),
+                    Err(e) => c.fail(&format!("site {site}"), e, "approve the site again"),
+                }
+            }
+        }
+        Err(e) => c.fail("sites", format!("{e:#}"), "check HOME/sites is readable"),
+    }
+    c
+}
+
+/// Each approved site's certificate: days left, or what is wrong with it.
+fn sites(home: &Home, now: i64) -> Result<Vec<(String, Result<i64, String>)>> {
+    let Ok(dir) = std::fs::read_dir(home.sites()) else { return Ok(Vec::new()) };
+    let ca = home.read("ca.pem")?;
+    let mut out = Vec::new();
+    for e in dir {
+        let e = e.context("reading HOME/sites")?;
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(site) = name.strip_suffix(".pem") else { continue };
+        let result = std::fs::read_to_string(e.path())
+            .map_err(|e| e.to_string())
+            .and_then(|pem| identity::pem_to_der(&pem).map_err(|e| e.to_string()))
+            .and_then(|der| {
+                let der = der.first().ok_or("no certificate")?.to_vec();
+                let t = identity::not_after_unix(&der).map_err(|e| e.to_string())?;
+                if t <= now {
+                    return Err(format!("certificate expired {} days ago", (now - t) / 86_400));
+                }
+                let id = PeerId::site(site).map_err(|e| e.to_string())?;
+                identity::verify_peer_cert(&ca, &der, &id).map_err(|e| e.to_string())?;
+                Ok((t - now) / 86_400)
+            });
+        out.push((site.to_owned(), result));
+    }
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use maeum_protocols::doctor::Level;
+
+    fn level(c: &Checks, name: &str) -> Level {
+        c.checks.iter().find(|x| x.name == name).unwrap_or_else(|| panic!("no check {name}")).level
+    }
+
+    #[test]
+    fn a_fresh_home_passes_and_damage_is_named() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let home = dir.path().join("coord");
+        crate::home::init(&home, "heart", "127.0.0.1:7443").expect("init");
+        let c = check(&home);
+        assert_eq!(c.failures(), 0, "{:#?}", c.checks);
+        assert_eq!(level(&c, "sites"), Level::Warn, "no site approved yet");
+        // A signing.pub that does not match, and a server key from elsewhere.
+        std::fs::write(home.join("signing.pub"), "00".repeat(32)).expect("write");
+        let (other, _) = identity::site_request("x").expect("key");
+        std::fs::write(home.join("server.key"), other.expose()).expect("write");
+        let c = check(&home);
+        assert_eq!(level(&c, "signing key"), Level::Fail);
+        assert_eq!(level(&c, "server key"), Level::Fail);
+        assert!(c.checks.iter().all(|x| !x.detail.contains("PRIVATE KEY")), "no key material in messages");
+        let c = check(&dir.path().join("missing"));
+        assert_eq!(level(&c, "home"), Level::Fail);
+    }
+}

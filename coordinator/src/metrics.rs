@@ -1,0 +1,103 @@
+//! The coordinator's Prometheus metrics, served on the ops endpoint
+//! (`maeum_protocols::ops`, `serve --ops-listen ADDR`). Names carry the prefix
+//! `maeum_coordinator_`; label values are fixed strings chosen here, never peer input.
+
+use std::time::Duration;
+
+use maeum_protocols::ops::{LabelledCounter, LabelledHistogram, Metrics};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+
+/// Stage durations span a second to an hour.
+const STAGE_BUCKETS: [f64; 10] = [0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 180.0, 600.0, 1800.0];
+
+/// Handles to every coordinator metric (cheap to clone).
+#[derive(Debug, Clone)]
+pub struct CoordMetrics {
+    /// The registry and the readiness flag.
+    pub ops: Metrics,
+    /// Round attempts by outcome: `committed`, `failed`.
+    pub rounds: LabelledCounter,
+    /// Seconds per round stage: `train` (selection to the last update, secure
+    /// aggregation included), `commit` (aggregate, step, store), `evaluate` (final).
+    pub stage_seconds: LabelledHistogram,
+    /// Update payload bytes received from sites.
+    pub bytes_received: Counter,
+    /// Model bytes sent to sites.
+    pub bytes_sent: Counter,
+    /// Sites whose heartbeat is recent.
+    pub sites_online: Gauge,
+    /// Sites dropped from secure-aggregation sessions.
+    pub secagg_dropouts: Counter,
+    /// Refused peer input by kind: `revoked_site`, `cosignature`, `audit_root`.
+    pub verification_failures: LabelledCounter,
+    /// gRPC calls that ended in an error, by status code (`invalid_argument`, …).
+    pub errors: LabelledCounter,
+    /// Entries in the audit log.
+    pub audit_entries: Gauge,
+}
+
+impl Default for CoordMetrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl CoordMetrics {
+    pub fn new() -> Self {
+        let ops = Metrics::new("maeum_coordinator");
+        CoordMetrics {
+            rounds: ops.counter_vec("rounds", "Round attempts by outcome", "outcome"),
+            stage_seconds: ops.histogram_vec("stage_seconds", "Seconds per round stage", "stage", &STAGE_BUCKETS),
+            bytes_received: ops.counter("received_bytes", "Update payload bytes received from sites"),
+            bytes_sent: ops.counter("sent_bytes", "Model bytes sent to sites"),
+            sites_online: ops.gauge("sites_online", "Sites with a recent heartbeat"),
+            secagg_dropouts: ops.counter("secagg_dropouts", "Sites dropped from secure-aggregation sessions"),
+            verification_failures: ops.counter_vec("verification_failures", "Refused peer input by kind", "kind"),
+            errors: ops.counter_vec("errors", "gRPC calls that ended in an error, by status code", "code"),
+            audit_entries: ops.gauge("audit_entries", "Entries in the audit log"),
+            ops,
+        }
+    }
+
+    /// Records how long a stage took.
+    pub fn stage(&self, stage: &str, took: Duration) {
+        self.stage_seconds.observe(stage, took.as_secs_f64());
+    }
+
+    /// Counts a gRPC response's status from its headers (an error answer is
+    /// trailers-only, so its `grpc-status` is a header; a success has none there).
+    pub fn count_status(&self, headers: &tonic::codegen::http::HeaderMap) {
+        let Some(code) = headers.get("grpc-status").and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<i32>().ok())
+        else {
+            return;
+        };
+        let code = tonic::Code::from_i32(code);
+        if code != tonic::Code::Ok {
+            self.errors.inc(code_name(code));
+        }
+    }
+}
+
+fn code_name(code: tonic::Code) -> &'static str {
+    use tonic::Code::*;
+    match code {
+        Ok => "ok",
+        Cancelled => "cancelled",
+        Unknown => "unknown",
+        InvalidArgument => "invalid_argument",
+        DeadlineExceeded => "deadline_exceeded",
+        NotFound => "not_found",
+        AlreadyExists => "already_exists",
+        PermissionDenied => "permission_denied",
+        ResourceExhausted => "resource_exhausted",
+        FailedPrecondition => "failed_precondition",
+        Aborted => "aborted",
+        OutOfRange => "out_of_range",
+        Unimplemented => "unimplemented",
+        Internal => "internal",
+        Unavailable => "unavailable",
+        DataLoss => "data_loss",
+        Unauthenticated => "unauthenticated",
+    }
+}

@@ -1,0 +1,90 @@
+//! `maeum-site doctor`: checks a site home (enrolment, certificates and their expiry,
+//! local data, the audit state, writable directories, disk space) offline, then tries
+//! the coordinator. Exit 0 when `run` would start; 1 when a check fails. An unreachable
+//! coordinator is a warning: the daemon keeps retrying, so it is no reason not to start.
+
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::Result;
+
+use maeum_protocols::doctor::Checks;
+use maeum_protocols::identity::{self, PeerId};
+use maeum_protocols::wire::pb;
+
+use crate::daemon::{LocalData, connect, describe};
+use crate::enrol::Home;
+
+/// Runs every check on the home `dir` and prints them.
+pub async fn run(dir: &Path, json: bool) -> Result<()> {
+    check(dir).await.finish(json)
+}
+
+/// The checks, for the CLI and the tests.
+pub async fn check(dir: &Path) -> Checks {
+    let home = Home::new(dir);
+    let mut c = Checks::default();
+    let now = crate::now_ms() / 1000;
+    let Some(site) = c.require("site", home.site_id(), "run `maeum-site init --home DIR --site-id ID` first") else {
+        return c;
+    };
+    let Some(enrolment) = c.require(
+        "enrolment",
+        home.enrolment().map(|e| format!("consortium {} via {}", e.consortium, e.coordinator_address)),
+        "install the bundle from the consortium lead: `maeum-site enroll BUNDLE`",
+    ) else {
+        return c;
+    };
+    let _ = enrolment;
+    c.certificate("CA certificate", &home.path("ca.pem"), now, 90, "ask the consortium lead about the CA's renewal");
+    let renew = "make a new request (`maeum-site init` in a new home) and have the lead approve it";
+    if let Some(der) = c.certificate("site certificate", &home.path("site.pem"), now, 30, renew) {
+        let key = home.read("site.key").map(identity::SecretPem::new);
+        match key.and_then(|k| Ok(identity::key_matches_cert(&k, &der)?)) {
+            Ok(true) => c.ok("site key", "site.key matches site.pem"),
+            Ok(false) => c.fail("site key", "site.key does not match site.pem", renew),
+            Err(e) => c.fail("site key", format!("{e:#}"), "restore site.key from your backup"),
+        }
+        let trusted = PeerId::site(&site)
+            .map_err(anyhow::Error::from)
+            .and_then(|id| Ok(identity::verify_peer_cert(&home.read("ca.pem")?, &der, &id)?));
+        match trusted {
+            Ok(_) => c.ok("site identity", format!("site/{site}, issued by the consortium CA")),
+            Err(e) => c.fail("site identity", format!("{e:#}"), renew),
+        }
+    }
+    match home.config().and_then(|cfg| LocalData::load(&cfg)) {
+        Ok(d) => c.ok("local data", format!("{} training and {} held-out records", d.train.len(), d.test.len())),
+        Err(e) => c.fail("local data", format!("{e:#}"), "fix HOME/site.toml [data] or the file it names"),
+    }
+    match (crate::witness::fork_evidence(&home), crate::witness::witnessed(&home)) {
+        (Some(why), _) => c.fail("audit log", why, "send HOME/audit/fork-* to the consortium's auditors"),
+        (None, Ok(Some(f))) => c.ok("audit log", format!("witnessed a checkpoint of size {}", f.checkpoint.size)),
+        (None, Ok(None)) => c.ok("audit log", "no checkpoint witnessed yet"),
+        (None, Err(e)) => c.fail("audit log", format!("{e:#}"), "restore HOME/audit from your backup"),
+    }
+    for d in ["models", "work", "audit"] {
+        c.writable(d, &home.path(d));
+    }
+    c.disk_space("disk space", dir, 1024, 128);
+    let reach = async {
+        let mut client = connect(&home).await?;
+        let req = pb::SiteStatus {
+            agent_version: env!("CARGO_PKG_VERSION").into(),
+            stage: "doctor".into(),
+            ..Default::default()
+        };
+        client.heartbeat(req).await.map_err(|e| anyhow::anyhow!(describe(&e)))?;
+        anyhow::Ok(())
+    };
+    match tokio::time::timeout(Duration::from_secs(8), reach).await {
+        Ok(Ok(())) => c.ok("coordinator", "reachable; it accepted this site's certificate"),
+        Ok(Err(e)) => c.warn(
+            "coordinator",
+            format!("{e:#}"),
+            "check the network path (this site dials out) and that the coordinator runs; the daemon retries",
+        ),
+        Err(_) => c.warn("coordinator", "no answer within 8 s", "check firewalls on the way to the coordinator"),
+    }
+    c
+}

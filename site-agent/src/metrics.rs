@@ -1,0 +1,67 @@
+//! The site agent's Prometheus metrics, served on the ops endpoint
+//! (`maeum_protocols::ops`, `run --ops-listen ADDR`). Names carry the prefix
+//! `maeum_site_`; label values are fixed strings chosen here. Nothing is pushed
+//! anywhere: the endpoint only answers whoever scrapes it on the site's own network.
+
+use std::time::Duration;
+
+use maeum_protocols::ops::{LabelledCounter, LabelledHistogram, Metrics};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+
+const STAGE_BUCKETS: [f64; 10] = [0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 180.0, 600.0];
+
+/// Handles to every site metric (cheap to clone).
+#[derive(Debug, Clone)]
+pub struct SiteMetrics {
+    /// The registry and the readiness flag.
+    pub ops: Metrics,
+    /// Training rounds this site took part in, by outcome: `delivered`, `failed`.
+    pub rounds: LabelledCounter,
+    /// Seconds per stage: `download`, `train`, `upload`, `evaluate`.
+    pub stage_seconds: LabelledHistogram,
+    /// Update bytes sent to the coordinator.
+    pub bytes_sent: Counter,
+    /// Model bytes received from the coordinator.
+    pub bytes_received: Counter,
+    /// 1 while the coordinator answers heartbeats.
+    pub connected: Gauge,
+    /// Audit checkpoints verified and cosigned.
+    pub checkpoints_witnessed: Counter,
+    /// Refused input from the coordinator by kind: `model_digest`, `audit`, `fork`.
+    pub verification_failures: LabelledCounter,
+    /// Failures by kind: `connection`, `work_item`.
+    pub errors: LabelledCounter,
+}
+
+impl Default for SiteMetrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl SiteMetrics {
+    pub fn new() -> Self {
+        let ops = Metrics::new("maeum_site");
+        SiteMetrics {
+            rounds: ops.counter_vec("rounds", "Training rounds taken part in, by outcome", "outcome"),
+            stage_seconds: ops.histogram_vec("stage_seconds", "Seconds per stage", "stage", &STAGE_BUCKETS),
+            bytes_sent: ops.counter("sent_bytes", "Update bytes sent to the coordinator"),
+            bytes_received: ops.counter("received_bytes", "Model bytes received from the coordinator"),
+            connected: ops.gauge("connected", "1 while the coordinator answers heartbeats"),
+            checkpoints_witnessed: ops.counter("checkpoints_witnessed", "Audit checkpoints verified and cosigned"),
+            verification_failures: ops.counter_vec(
+                "verification_failures",
+                "Refused input from the coordinator by kind",
+                "kind",
+            ),
+            errors: ops.counter_vec("errors", "Failures by kind", "kind"),
+            ops,
+        }
+    }
+
+    /// Records how long a stage took.
+    pub fn stage(&self, stage: &str, took: Duration) {
+        self.stage_seconds.observe(stage, took.as_secs_f64());
+    }
+}

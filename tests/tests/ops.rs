@@ -1,0 +1,120 @@
+//! Operations end to end: the ops endpoints of a running coordinator and sites during a
+//! real job (Prometheus metrics whose round counters move, health and readiness), the
+//! doctors, and a graceful stop on SIGTERM.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::process::Command;
+use std::time::Duration;
+
+use maeum_e2e::{Federation, SMALL_MODEL, bin};
+
+const MIN: Duration = Duration::from_secs(60);
+
+fn free_port() -> String {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("port");
+    l.local_addr().expect("addr").to_string()
+}
+
+/// GET over plain HTTP/1.0: (status, body).
+fn get(addr: &str, path: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).unwrap_or_else(|e| panic!("{addr}: {e}"));
+    s.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").expect("write");
+    let mut text = String::new();
+    s.read_to_string(&mut text).expect("read");
+    let status = text.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    (status, body)
+}
+
+/// The value of one series in OpenMetrics text (0 when absent).
+fn value(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series).and_then(|rest| rest.strip_prefix(' ')))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+fn scrape(addr: &str) -> String {
+    let (status, body) = get(addr, "/metrics");
+    assert_eq!(status, 200, "{body}");
+    assert!(body.trim_end().ends_with("# EOF"), "OpenMetrics text ends with # EOF");
+    body
+}
+
+#[test]
+fn metrics_move_during_a_job_doctors_pass_and_sigterm_stops_cleanly() {
+    let sites = ["site-1", "site-2"];
+    let mut fed = Federation::new(2);
+    let coord_ops = free_port();
+    fed.start_coordinator_with(&[("MAEUM_OPS_LISTEN", coord_ops.as_str())]);
+    let site_ops: Vec<String> = sites.iter().map(|_| free_port()).collect();
+    for (s, addr) in sites.iter().zip(&site_ops) {
+        fed.start_site_with(s, &[("MAEUM_OPS_LISTEN", addr.as_str())]);
+    }
+    assert_eq!(get(&coord_ops, "/healthz"), (200, "ok\n".into()));
+    assert_eq!(get(&coord_ops, "/readyz").0, 200);
+    let committed = "maeum_coordinator_rounds_total{outcome=\"committed\"}";
+    assert_eq!(value(&scrape(&coord_ops), committed), 0.0);
+
+    let id = fed.submit("watched", 2, 2, &format!("{SMALL_MODEL}[train]\nepochs = 1\n"));
+    // Mid-job: the first round's commit shows before the job ends.
+    fed.wait_for(&id, 3 * MIN, |j| j["history"].as_array().is_some_and(|h| !h.is_empty()));
+    let mid = scrape(&coord_ops);
+    assert!(value(&mid, committed) >= 1.0, "{mid}");
+    let job = fed.wait_job(&id, 3 * MIN);
+    assert_eq!(job["state"], "completed", "{job:#}");
+
+    let text = scrape(&coord_ops);
+    assert_eq!(value(&text, committed), 2.0, "{text}");
+    assert_eq!(value(&text, "maeum_coordinator_stage_seconds_count{stage=\"train\"}"), 2.0, "{text}");
+    assert_eq!(value(&text, "maeum_coordinator_stage_seconds_count{stage=\"evaluate\"}"), 1.0, "{text}");
+    assert_eq!(value(&text, "maeum_coordinator_sites_online"), 2.0, "{text}");
+    assert!(value(&text, "maeum_coordinator_received_bytes_total") > 0.0, "{text}");
+    assert!(value(&text, "maeum_coordinator_sent_bytes_total") > 0.0, "{text}");
+    assert!(value(&text, "maeum_coordinator_audit_entries") > 10.0, "{text}");
+    for addr in &site_ops {
+        let text = scrape(addr);
+        assert_eq!(value(&text, "maeum_site_rounds_total{outcome=\"delivered\"}"), 2.0, "{text}");
+        assert_eq!(value(&text, "maeum_site_connected"), 1.0, "{text}");
+        assert!(value(&text, "maeum_site_sent_bytes_total") > 0.0, "{text}");
+        assert!(value(&text, "maeum_site_received_bytes_total") > 0.0, "{text}");
+        assert!(value(&text, "maeum_site_stage_seconds_count{stage=\"train\"}") >= 2.0, "{text}");
+        assert!(value(&text, "maeum_site_checkpoints_witnessed_total") >= 1.0, "{text}");
+        assert_eq!(get(addr, "/readyz").0, 200);
+    }
+
+    // The doctors: a healthy home passes, a broken one names the problem.
+    let out = fed.cli(&["doctor"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+    let doctor = |id: &str| {
+        Command::new(bin("maeum-site"))
+            .args(["doctor", "--json", "--home"])
+            .arg(fed.site_home(id))
+            .output()
+            .expect("doctor")
+    };
+    let out = doctor("site-1");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    let level = |r: &serde_json::Value, name: &str| {
+        r["checks"].as_array().and_then(|c| c.iter().find(|x| x["name"] == name)).map(|x| x["level"].clone())
+    };
+    assert_eq!(level(&report, "coordinator"), Some("ok".into()), "{report:#}");
+    let toml = fed.site_home("site-2").join("site.toml");
+    let text = std::fs::read_to_string(&toml).expect("site.toml");
+    std::fs::write(&toml, text.replace("train.jsonl", "missing.jsonl")).expect("write");
+    let out = doctor("site-2");
+    assert!(!out.status.success());
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(level(&report, "local data"), Some("fail".into()), "{report:#}");
+
+    // SIGTERM: the coordinator stops accepting work, finishes what is in flight, signs a
+    // last checkpoint, flushes, and exits 0 within the units' stop timeout.
+    let status = fed.terminate_coordinator(Duration::from_secs(60)).expect("the coordinator stopped in time");
+    assert!(status.success(), "exit status {status}");
+    let log = fed.log_text("coordinator");
+    assert!(log.contains("coordinator stopped"), "{log}");
+    assert!(TcpStream::connect(&coord_ops).is_err(), "the ops endpoint closed");
+}
