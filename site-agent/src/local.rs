@@ -229,19 +229,19 @@ pub fn split(a: SplitArgs) -> Result<()> {
     );
     print!("{:<24}", "label");
     for s in &shards {
-        print!("{:>8}", s.site);
+        print!("{:>10}", s.site);
     }
     println!();
     for l in labels.names() {
         print!("{l:<24}");
         for s in &shards {
-            print!("{:>8}", s.histogram.get(l).copied().unwrap_or(0));
+            print!("{:>10}", s.histogram.get(l).copied().unwrap_or(0));
         }
         println!();
     }
     print!("{:<24}", "train / test");
     for s in &shards {
-        print!("{:>8}", format!("{}/{}", s.train, s.test));
+        print!("{:>10}", format!("{}/{}", s.train, s.test));
     }
     println!();
     Ok(())
