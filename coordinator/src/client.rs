@@ -128,7 +128,7 @@ pub fn job_json(j: &pb::JobInfo) -> serde_json::Value {
             "dropped": r.dropped, "total_weight": r.total_weight, "attempts": r.attempts,
             "secure_aggregation": r.secure_aggregation, "secagg_threshold": r.secagg_threshold,
             "aggregate_sha256": r.aggregate_sha256,
-            "evaluation": score(&r.evaluation),
+            "evaluation": score(&r.evaluation), "evaluated_by": r.evaluated_by,
         })).collect::<Vec<_>>(),
     })
 }

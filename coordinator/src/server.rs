@@ -956,6 +956,7 @@ impl Coord {
                     secure_aggregation: h.secure_aggregation,
                     secagg_threshold: u32::from(h.secagg_threshold),
                     aggregate_sha256: h.aggregate_sha256.clone(),
+                    evaluated_by: h.evaluated_by.clone(),
                 })
                 .collect(),
             decisions: j

@@ -6,6 +6,7 @@ pub mod doctor;
 pub mod enrol;
 pub mod local;
 pub mod metrics;
+pub mod predict;
 pub mod secure;
 pub mod witness;
 

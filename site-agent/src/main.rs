@@ -77,6 +77,9 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Classify text locally with a model this site holds (no coordinator needed): one
+    /// `--text`, or a JSONL `--file` streamed (scored when records carry labels).
+    Predict(maeum_site::predict::PredictArgs),
     /// Validate local data, train the text classifier on it alone, and evaluate it.
     TrainLocal(TrainLocalArgs),
     /// Inspect and prepare local data files.
@@ -152,6 +155,7 @@ fn main() -> ExitCode {
             .and_then(|rt| rt.block_on(maeum_site::doctor::run(&home, json))),
         Command::Status { home, json } => enrol::status(&home, json),
         Command::TrainLocal(a) => local::train_local(a),
+        Command::Predict(a) => maeum_site::predict::run(a),
         Command::Data(DataCommand::Check { input, json }) => local::check(input, json),
         Command::Data(DataCommand::Split(a)) => local::split(a),
         Command::Audit(AuditCommand::Status { home, json }) => witness::status(&home, json),

@@ -1,6 +1,6 @@
 //! Operations end to end: the ops endpoints of a running coordinator and sites during a
 //! real job (Prometheus metrics whose round counters move, health and readiness), the
-//! doctors, and a graceful stop on SIGTERM.
+//! doctors, a graceful stop on SIGTERM, and on-premises inference afterwards.
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -117,4 +117,30 @@ fn metrics_move_during_a_job_doctors_pass_and_sigterm_stops_cleanly() {
     let log = fed.log_text("coordinator");
     assert!(log.contains("coordinator stopped"), "{log}");
     assert!(TcpStream::connect(&coord_ops).is_err(), "the ops endpoint closed");
+
+    // With the coordinator gone, each site classifies its own test split with the final
+    // model, and together they reproduce the federated accuracy reported for it.
+    let last = job["history"].as_array().and_then(|h| h.last()).expect("rounds");
+    let model = last["model"].as_str().expect("model digest");
+    let (mut correct, mut labelled) = (0u64, 0u64);
+    for s in last["evaluated_by"].as_array().expect("evaluated_by") {
+        let s = s.as_str().expect("site");
+        let test = fed.dir.path().join("data").join(s).join("test.jsonl");
+        let out = Command::new(bin("maeum-site"))
+            .args(["predict", "--json", "--model", model, "--home"])
+            .arg(fed.site_home(s))
+            .arg("--file")
+            .arg(&test)
+            .output()
+            .expect("predict");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let summary: serde_json::Value = serde_json::from_str(text.lines().last().expect("summary")).expect("json");
+        correct += summary["summary"]["correct"].as_u64().expect("correct");
+        labelled += summary["summary"]["labelled"].as_u64().expect("labelled");
+        assert_eq!(text.lines().count() as u64, summary["summary"]["inputs"].as_u64().expect("inputs") + 1);
+    }
+    let reported = last["evaluation"]["accuracy"].as_f64().expect("accuracy");
+    let reproduced = correct as f64 / labelled as f64;
+    assert!((reported - reproduced).abs() < 1e-9, "reported {reported}, predict gives {reproduced}");
 }

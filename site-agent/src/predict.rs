@@ -1,0 +1,331 @@
+//! `maeum-site predict`: runs a model this site holds on local text, with no
+//! coordinator and no network. The model is a blob in `HOME/models`, checked against its
+//! SHA-256 (its file name) before use; by default the last model the daemon used.
+//!
+//! `--file` streams a JSONL file in batches (constant memory in the file's size): each
+//! line is an object with a text field (`--text-column`, default `text`) and, if it has
+//! a label field (`--label-column`), the prediction is scored against it, so the metrics
+//! a site reported for a model can be reproduced from its own test split.
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+
+use maeum_models::data::{DataError, LineError, Problem};
+use maeum_models::model::ModelSpec;
+use maeum_models::params::FlatParams;
+use maeum_protocols::wire::{CHUNK_SIZE, Hasher};
+
+use crate::enrol::{Home, Status};
+
+/// `maeum-site predict` arguments.
+#[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("input").required(true).args(["text", "file"])))]
+pub struct PredictArgs {
+    /// The site's home directory.
+    #[arg(long, value_name = "DIR", env = "MAEUM_SITE_HOME")]
+    pub home: PathBuf,
+    /// The model: a digest (or a unique prefix of one) of a model in HOME/models.
+    /// Default: the last model the daemon used.
+    #[arg(long, value_name = "DIGEST")]
+    pub model: Option<String>,
+    /// One text to classify.
+    #[arg(long)]
+    pub text: Option<String>,
+    /// A JSONL file of records to classify, streamed.
+    #[arg(long, value_name = "IN.jsonl")]
+    pub file: Option<PathBuf>,
+    /// The text field of each record.
+    #[arg(long, default_value = "text")]
+    pub text_column: String,
+    /// The label field, if records carry one: predictions are then scored.
+    #[arg(long, default_value = "label")]
+    pub label_column: String,
+    /// Records per batch.
+    #[arg(long, default_value_t = 1024)]
+    pub batch: usize,
+    /// One JSON object per input (and a summary object at the end of a file).
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// A model loaded for inference.
+#[derive(Debug)]
+pub struct Loaded {
+    pub digest: String,
+    pub spec: ModelSpec,
+    pub params: FlatParams,
+}
+
+/// Finds `wanted` (a digest or unique prefix; default the last model used) in
+/// HOME/models, checks its SHA-256 and loads it.
+pub fn load(home: &Home, wanted: Option<&str>) -> Result<Loaded> {
+    let dir = home.path("models");
+    let wanted = match wanted {
+        Some(w) => w.to_ascii_lowercase(),
+        None => Status::load(home)?
+            .map(|s| s.last_model)
+            .filter(|m| !m.is_empty())
+            .context("this site has used no model yet; pass --model DIGEST (see HOME/models)")?,
+    };
+    let mut found: Vec<String> = std::fs::read_dir(&dir)
+        .with_context(|| format!("reading {}", dir.display()))?
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.strip_suffix(".safetensors").map(str::to_owned))
+        .filter(|d| d.starts_with(&wanted))
+        .collect();
+    found.sort();
+    let digest = match found.as_slice() {
+        [one] => one.clone(),
+        [] => bail!("no model {wanted} in {}", dir.display()),
+        many => bail!("--model {wanted} matches {} models; give more digits", many.len()),
+    };
+    let path = dir.join(format!("{digest}.safetensors"));
+    let mut hasher = Hasher::default();
+    let mut file = std::fs::File::open(&path).with_context(|| format!("opening {}", path.display()))?;
+    let mut buf = vec![0u8; CHUNK_SIZE];
+    loop {
+        let n = std::io::Read::read(&mut file, &mut buf).with_context(|| format!("reading {}", path.display()))?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    if hasher.finish().hex() != digest {
+        bail!("{} does not match its digest: the file was altered or damaged; refusing to use it", path.display());
+    }
+    let (spec, params, _) = ModelSpec::load(&path).with_context(|| format!("loading {}", path.display()))?;
+    Ok(Loaded { digest, spec, params })
+}
+
+/// One input's result.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Prediction {
+    pub label: String,
+    pub probabilities: Vec<f32>,
+}
+
+impl Loaded {
+    /// Classifies a batch of texts.
+    pub fn predict(&self, texts: &[String]) -> Result<Vec<Prediction>> {
+        let data = self.spec.prepare_unlabelled(texts)?;
+        let probs = self.spec.predict_proba(&self.params, &data)?;
+        let names = self.spec.labels().names();
+        Ok(probs
+            .into_iter()
+            .map(|p| {
+                let best = p.iter().enumerate().fold(0, |b, (i, v)| if *v > p[b] { i } else { b });
+                Prediction { label: names[best].clone(), probabilities: p }
+            })
+            .collect())
+    }
+
+    fn json(&self, p: &Prediction, line: Option<u64>, truth: Option<&str>) -> serde_json::Value {
+        let names = self.spec.labels().names();
+        let probs: serde_json::Map<String, serde_json::Value> =
+            names.iter().zip(&p.probabilities).map(|(n, v)| (n.clone(), serde_json::json!(v))).collect();
+        let mut v = serde_json::json!({"label": p.label, "probabilities": probs});
+        if let Some(l) = line {
+            v["line"] = l.into();
+        }
+        if let Some(t) = truth {
+            v["truth"] = t.into();
+        }
+        v
+    }
+
+    fn human(&self, p: &Prediction) -> String {
+        let names = self.spec.labels().names();
+        let mut order: Vec<usize> = (0..p.probabilities.len()).collect();
+        order.sort_by(|a, b| p.probabilities[*b].total_cmp(&p.probabilities[*a]));
+        let top: Vec<String> =
+            order.iter().take(3).map(|i| format!("{} {:.3}", names[*i], p.probabilities[*i])).collect();
+        format!("{}\t{}", p.label, top.join(", "))
+    }
+}
+
+/// What a file run counted.
+#[derive(Debug, Default, Clone, Copy, PartialEq)]
+pub struct Summary {
+    pub inputs: u64,
+    pub labelled: u64,
+    pub correct: u64,
+    pub seconds: f64,
+}
+
+/// `maeum-site predict`.
+pub fn run(a: PredictArgs) -> Result<()> {
+    let home = Home::new(&a.home);
+    let model = load(&home, a.model.as_deref())?;
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::new(stdout.lock());
+    if let Some(text) = &a.text {
+        let p = model.predict(std::slice::from_ref(text))?.remove(0);
+        if a.json {
+            writeln!(out, "{}", model.json(&p, None, None))?;
+        } else {
+            writeln!(out, "{}", model.human(&p))?;
+        }
+        return Ok(out.flush()?);
+    }
+    let Some(path) = &a.file else { bail!("give --text or --file") };
+    let s = predict_file(&model, path, &a, &mut out)?;
+    out.flush()?;
+    let rate = s.inputs as f64 / s.seconds.max(1e-9);
+    let accuracy = (s.labelled > 0).then(|| s.correct as f64 / s.labelled as f64);
+    if a.json {
+        let summary = serde_json::json!({
+            "summary": {"model": model.digest, "inputs": s.inputs, "seconds": s.seconds, "per_second": rate,
+                        "labelled": s.labelled, "correct": s.correct, "accuracy": accuracy}
+        });
+        writeln!(out, "{summary}")?;
+    } else {
+        eprintln!("{} inputs in {:.2} s ({rate:.0}/s) with model {}", s.inputs, s.seconds, &model.digest[..16]);
+        if let Some(acc) = accuracy {
+            eprintln!("accuracy on the {} labelled inputs: {acc:.4}", s.labelled);
+        }
+    }
+    Ok(out.flush()?)
+}
+
+fn line_error(path: &Path, line: u64, problem: Problem) -> anyhow::Error {
+    DataError::Line(LineError { path: path.to_owned(), line, problem }).into()
+}
+
+/// Streams `path` through the model in batches, writing one result per record.
+pub fn predict_file(model: &Loaded, path: &Path, a: &PredictArgs, out: &mut impl Write) -> Result<Summary> {
+    let file = std::fs::File::open(path).map_err(|source| DataError::Io { path: path.to_owned(), source })?;
+    let reader = BufReader::new(file);
+    let started = Instant::now();
+    let mut s = Summary::default();
+    let mut texts = Vec::with_capacity(a.batch);
+    let mut meta: Vec<(u64, Option<String>)> = Vec::with_capacity(a.batch);
+    let mut flush = |texts: &mut Vec<String>, meta: &mut Vec<(u64, Option<String>)>, s: &mut Summary| -> Result<()> {
+        if texts.is_empty() {
+            return Ok(());
+        }
+        for (p, (line, truth)) in model.predict(texts)?.iter().zip(meta.iter()) {
+            s.inputs += 1;
+            if let Some(t) = truth {
+                s.labelled += 1;
+                s.correct += u64::from(*t == p.label);
+            }
+            if a.json {
+                writeln!(out, "{}", model.json(p, Some(*line), truth.as_deref()))?;
+            } else {
+                writeln!(out, "{line}\t{}", model.human(p))?;
+            }
+        }
+        texts.clear();
+        meta.clear();
+        Ok(())
+    };
+    for (i, line) in reader.split(b'\n').enumerate() {
+        let n = i as u64 + 1;
+        let bytes = line.map_err(|source| DataError::Io { path: path.to_owned(), source })?;
+        let text = std::str::from_utf8(&bytes).map_err(|_| line_error(path, n, Problem::InvalidUtf8))?;
+        if text.trim().is_empty() {
+            continue;
+        }
+        let v: serde_json::Value =
+            serde_json::from_str(text).map_err(|e| line_error(path, n, Problem::BadJson(e.to_string())))?;
+        let body = v
+            .get(&a.text_column)
+            .and_then(|t| t.as_str())
+            .ok_or_else(|| line_error(path, n, Problem::MissingField(a.text_column.clone())))?;
+        let truth = v.get(&a.label_column).and_then(|l| l.as_str()).map(str::to_owned);
+        texts.push(body.to_owned());
+        meta.push((n, truth));
+        if texts.len() >= a.batch.max(1) {
+            flush(&mut texts, &mut meta, &mut s)?;
+        }
+    }
+    flush(&mut texts, &mut meta, &mut s)?;
+    s.seconds = started.elapsed().as_secs_f64();
+    Ok(s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use maeum_models::data::Example;
+
+    fn setup() -> (tempfile::TempDir, Home, String, ModelSpec) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let home = Home::new(dir.path());
+        std::fs::create_dir_all(home.path("models")).expect("models");
+        let job = maeum_protocols::job::JobSpec::from_toml(
+            "job.toml",
+            "name = \"t\"\nlabels = [\"calm\", \"crisis\"]\nrounds = 1\n[model]\nkind = \"text-classifier\"\nbuckets = 64\nembed_dim = 4\nhidden = 4\n",
+        )
+        .expect("job");
+        let spec = job.model_spec().expect("spec");
+        let params = job.initial_params().expect("params");
+        let tmp = home.path("models/tmp.safetensors");
+        spec.save(&tmp, &params, Default::default()).expect("save");
+        let bytes = std::fs::read(&tmp).expect("read");
+        let digest = maeum_protocols::wire::Digest::of(&bytes).hex();
+        std::fs::rename(&tmp, home.path(&format!("models/{digest}.safetensors"))).expect("rename");
+        (dir, home, digest, spec)
+    }
+
+    fn args(home: &Home, file: &Path) -> PredictArgs {
+        PredictArgs {
+            home: home.dir.clone(),
+            model: None,
+            text: None,
+            file: Some(file.to_owned()),
+            text_column: "text".into(),
+            label_column: "label".into(),
+            batch: 2,
+            json: true,
+        }
+    }
+
+    #[test]
+    fn a_file_is_streamed_scored_and_matches_evaluate() {
+        let (dir, home, digest, spec) = setup();
+        let model = load(&home, Some(&digest[..8])).expect("load by prefix");
+        let records = [("I feel fine today", "calm"), ("I want to end it all", "crisis"), ("ok", "calm")];
+        let file = dir.path().join("in.jsonl");
+        let lines: Vec<String> =
+            records.iter().map(|(t, l)| serde_json::json!({"text": t, "label": l}).to_string()).collect();
+        std::fs::write(&file, format!("{}\n\n", lines.join("\n"))).expect("write");
+        let mut out = Vec::new();
+        let s = predict_file(&model, &file, &args(&home, &file), &mut out).expect("predict");
+        assert_eq!((s.inputs, s.labelled), (3, 3));
+        let examples: Vec<Example> =
+            records.iter().map(|(t, l)| Example { text: (*t).into(), label: (*l).into() }).collect();
+        let confusion = spec.evaluate(&model.params, &spec.prepare_text(&examples).expect("prep")).expect("eval");
+        let correct: u64 = (0..2).map(|i| confusion.counts[i][i]).sum();
+        assert_eq!(s.correct, correct, "predict scores exactly as federated evaluation counts");
+        let first: serde_json::Value =
+            serde_json::from_slice(out.split(|b| *b == b'\n').next().expect("line")).expect("json");
+        assert_eq!(first["line"], 1);
+        let sum: f64 = first["probabilities"].as_object().expect("probs").values().filter_map(|v| v.as_f64()).sum();
+        assert!((sum - 1.0).abs() < 1e-4, "{first}");
+    }
+
+    #[test]
+    fn bad_input_names_file_and_line_and_a_tampered_model_is_refused() {
+        let (dir, home, digest, _) = setup();
+        let model = load(&home, Some(&digest)).expect("load");
+        let file = dir.path().join("bad.jsonl");
+        std::fs::write(&file, "{\"text\": \"fine\"}\n{\"body\": \"no text field\"}\n").expect("write");
+        let e = predict_file(&model, &file, &args(&home, &file), &mut Vec::new()).expect_err("bad line");
+        assert!(e.downcast_ref::<DataError>().is_some(), "exit code 3");
+        assert!(e.to_string().ends_with("bad.jsonl:2: missing field \"text\""), "{e}");
+        assert!(load(&home, Some("ffff")).expect_err("unknown").to_string().contains("no model ffff"));
+        assert!(load(&home, None).expect_err("no model used yet").to_string().contains("no model yet"));
+        let path = home.path(&format!("models/{digest}.safetensors"));
+        let mut bytes = std::fs::read(&path).expect("read");
+        let last = bytes.len() - 1;
+        bytes[last] ^= 1;
+        std::fs::write(&path, bytes).expect("write");
+        let e = load(&home, Some(&digest)).expect_err("tampered");
+        assert!(e.to_string().contains("does not match its digest"), "{e}");
+    }
+}
