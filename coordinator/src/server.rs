@@ -252,8 +252,8 @@ impl Coord {
             .ok_or_else(|| Status::unauthenticated("no verified client certificate on this connection"))
     }
 
-    /// The calling site, after revocation checks; records that it was seen.
-    fn site<T>(&self, req: &Request<T>, status: Option<&pb::SiteStatus>) -> Result<String, Status> {
+    /// The calling site and its certificate, after the role and revocation checks.
+    fn identify<T>(&self, req: &Request<T>) -> Result<(String, PeerInfo), Status> {
         let peer = Self::peer(req)?;
         if peer.peer.role != Role::Site {
             return Err(Status::permission_denied(format!("{} may not use the fleet service", peer.peer)));
@@ -264,6 +264,12 @@ impl Coord {
             self.metrics.verification_failures.inc("revoked_site");
             return Err(Status::permission_denied(format!("certificate for site/{id} is revoked")));
         }
+        Ok((id, peer))
+    }
+
+    /// The calling site, after revocation checks; records that it was seen.
+    fn site<T>(&self, req: &Request<T>, status: Option<&pb::SiteStatus>) -> Result<String, Status> {
+        let (id, peer) = self.identify(req)?;
         let now = Instant::now();
         let mut live = lock(&self.live);
         let first = !live.contains_key(&id);
@@ -530,7 +536,13 @@ type ChunkStream = Pin<Box<dyn Stream<Item = Result<pb::Chunk, Status>> + Send>>
 impl pb::fleet_server::Fleet for Fleet {
     async fn heartbeat(&self, req: Request<pb::SiteStatus>) -> Result<Response<pb::HeartbeatReply>, Status> {
         let status = req.get_ref().clone();
-        self.0.site(&req, Some(&status))?;
+        if status.stage == wire::PROBE_STAGE {
+            // `maeum-site doctor`: check the certificate, but do not count the site as
+            // online (no daemon is behind this call).
+            self.0.identify(&req)?;
+        } else {
+            self.0.site(&req, Some(&status))?;
+        }
         let audit_size = self.0.audit.latest().map_or(0, |c| c.checkpoint.size);
         self.0.metrics.sites_online.set(self.0.online_sites().len() as i64);
         Ok(Response::new(pb::HeartbeatReply { server_time_ms: now_ms(), audit_size }))

@@ -22,6 +22,10 @@ pub mod pb {
 /// moves as a stream of chunks.
 pub const CHUNK_SIZE: usize = 1 << 20;
 
+/// The `SiteStatus.stage` of a connectivity probe (`maeum-site doctor`): the
+/// coordinator checks the certificate and answers, but does not count the site online.
+pub const PROBE_STAGE: &str = "doctor";
+
 /// Largest parameter vector a job may exchange (2^31 f32 = 8 GiB).
 pub const MAX_PARAMS: u64 = 1 << 31;
 

@@ -71,7 +71,7 @@ pub async fn check(dir: &Path) -> Checks {
         let mut client = connect(&home).await?;
         let req = pb::SiteStatus {
             agent_version: env!("CARGO_PKG_VERSION").into(),
-            stage: "doctor".into(),
+            stage: maeum_protocols::wire::PROBE_STAGE.into(),
             ..Default::default()
         };
         client.heartbeat(req).await.map_err(|e| anyhow::anyhow!(describe(&e)))?;

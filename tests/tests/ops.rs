@@ -88,14 +88,14 @@ fn metrics_move_during_a_job_doctors_pass_and_sigterm_stops_cleanly() {
     // The doctors: a healthy home passes, a broken one names the problem.
     let out = fed.cli(&["doctor"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
-    let doctor = |id: &str| {
+    let doctor = |fed: &Federation, id: &str| {
         Command::new(bin("maeum-site"))
             .args(["doctor", "--json", "--home"])
             .arg(fed.site_home(id))
             .output()
             .expect("doctor")
     };
-    let out = doctor("site-1");
+    let out = doctor(&fed, "site-1");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
     let level = |r: &serde_json::Value, name: &str| {
@@ -105,10 +105,24 @@ fn metrics_move_during_a_job_doctors_pass_and_sigterm_stops_cleanly() {
     let toml = fed.site_home("site-2").join("site.toml");
     let text = std::fs::read_to_string(&toml).expect("site.toml");
     std::fs::write(&toml, text.replace("train.jsonl", "missing.jsonl")).expect("write");
-    let out = doctor("site-2");
+    let out = doctor(&fed, "site-2");
     assert!(!out.status.success());
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
     assert_eq!(level(&report, "local data"), Some("fail".into()), "{report:#}");
+    // The doctor's probe reaches the coordinator but does not make a stopped site count
+    // as online (it could be selected for a round otherwise).
+    fed.kill_site("site-2");
+    std::thread::sleep(Duration::from_secs(fed.heartbeat_timeout + 1));
+    let report: serde_json::Value = serde_json::from_slice(&doctor(&fed, "site-2").stdout).expect("json");
+    assert_eq!(level(&report, "coordinator"), Some("ok".into()), "{report:#}");
+    let online = |id: &str| {
+        fed.cli_json(&["sites", "list"])
+            .as_array()
+            .and_then(|a| a.iter().find(|s| s["site_id"] == id))
+            .map(|s| s["online"].clone())
+    };
+    assert_eq!(online("site-2"), Some(false.into()));
+    assert_eq!(online("site-1"), Some(true.into()));
 
     // SIGTERM: the coordinator stops accepting work, finishes what is in flight, signs a
     // last checkpoint, flushes, and exits 0 within the units' stop timeout.
