@@ -32,9 +32,11 @@ pub fn check(dir: &Path) -> Checks {
         return c;
     }
     c.ok("home", dir.display().to_string());
-    let consortium = c.require(
+    let consortium = home.consortium();
+    let expected = consortium.as_ref().ok().map(|k| PeerId::coordinator(&k.name));
+    c.require(
         "consortium",
-        home.consortium().map(|k| format!("{} at {}", k.name, k.address)),
+        consortium.map(|k| format!("{} at {}", k.name, k.address)),
         "restore consortium.json from your backup of the home",
     );
     c.certificate(
@@ -47,13 +49,7 @@ pub fn check(dir: &Path) -> Checks {
     let renew = "server certificates cannot be renewed in place yet (docs/guides/consortium-lead.md, Current limits)";
     if let Some(der) = c.certificate("server certificate", &home.path("server.pem"), now, 30, renew) {
         let key = home.read("server.key").map(identity::SecretPem::new);
-        let names = consortium
-            .as_ref()
-            .and_then(|_| home.consortium().ok())
-            .map(|k| PeerId::coordinator(&k.name))
-            .transpose()
-            .ok()
-            .flatten();
+        let names = expected.transpose().ok().flatten();
         match key.and_then(|k| Ok(identity::key_matches_cert(&k, &der)?)) {
             Ok(true) => c.ok("server key", "server.key matches server.pem"),
             Ok(false) => c.fail("server key", "server.key does not match server.pem", renew),

@@ -895,8 +895,10 @@ impl Coord {
         let certs = |cosignatures: Vec<maeum_protocols::audit::Cosignature>| {
             cosignatures
                 .into_iter()
-                .filter_map(|c| Some((self.home.read(&format!("sites/{}.pem", c.site)).ok()?, c)))
-                .map(|(pem, c)| (c, pem))
+                .filter_map(|c| {
+                    let pem = self.home.read(&format!("sites/{}.pem", c.site)).ok()?;
+                    Some((c, pem))
+                })
                 .collect::<Vec<_>>()
         };
         let head =

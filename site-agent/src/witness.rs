@@ -348,18 +348,13 @@ pub async fn prove(home: &Home) -> Result<ProveReport> {
     let names_me = |e: &Event| e.involves_site(&site);
     let find = |f: &dyn Fn(&Event) -> Option<String>| entries.iter().find_map(|e| f(&e.event).map(|s| (e.seq, s)));
     let mut out = Vec::new();
-    for record in records.iter().filter(|r| !matches!(r, Record::Model { .. })).chain(
-        // Each model once.
-        records.iter().filter(|r| matches!(r, Record::Model { .. })).fold(Vec::<&Record>::new(), |mut acc, r| {
-            if !acc
-                .iter()
-                .any(|a| matches!((a, r), (Record::Model { digest: x, .. }, Record::Model { digest: y, .. }) if x == y))
-            {
-                acc.push(r);
-            }
-            acc
-        }),
-    ) {
+    // Decisions and contributions in journal order, then each model once.
+    let mut seen_models = std::collections::HashSet::new();
+    let (models_used, actions): (Vec<&Record>, Vec<&Record>) =
+        records.iter().partition(|r| matches!(r, Record::Model { .. }));
+    let models_used =
+        models_used.into_iter().filter(|r| matches!(r, Record::Model { digest, .. } if seen_models.insert(digest)));
+    for record in actions.into_iter().chain(models_used) {
         let found = match record {
             Record::Decision { job_id, accepted, .. } => find(&|e| match e {
                 Event::JobDecision { job_id: j, site: s, accepted: a, .. }
