@@ -120,6 +120,7 @@ impl Agent {
         upload(client, header, path).await?;
         self.metrics.stage("upload", started.elapsed());
         self.metrics.bytes_sent.inc_by(header.payload_len());
+        self.metrics.rounds.inc("delivered");
         Ok(())
     }
 
@@ -390,11 +391,7 @@ async fn work_loop(agent: Arc<Agent>, mut client: Client) {
             Ok(Work::Offer { job_id, spec_json, spec_sha256 }) => {
                 decide(&agent, &mut client, job_id, spec_json, spec_sha256).await
             }
-            Ok(Work::Train(t)) => {
-                let result = train(&agent, &mut client, t).await;
-                agent.metrics.rounds.inc(if result.is_ok() { "delivered" } else { "failed" });
-                result
-            }
+            Ok(Work::Train(t)) => train(&agent, &mut client, t).await,
             Ok(Work::Evaluate(t)) => {
                 let started = std::time::Instant::now();
                 let result = evaluate(&agent, &mut client, t).await;

@@ -16,7 +16,8 @@ const STAGE_BUCKETS: [f64; 10] = [0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 180
 pub struct SiteMetrics {
     /// The registry and the readiness flag.
     pub ops: Metrics,
-    /// Training rounds this site took part in, by outcome: `delivered`, `failed`.
+    /// Updates delivered (one per round attempt this site trained for), as
+    /// `outcome="delivered"`; a work item that fails counts in `errors{kind="work_item"}`.
     pub rounds: LabelledCounter,
     /// Seconds per stage: `download`, `train`, `upload`, `evaluate`.
     pub stage_seconds: LabelledHistogram,
@@ -44,7 +45,7 @@ impl SiteMetrics {
     pub fn new() -> Self {
         let ops = Metrics::new("maeum_site");
         SiteMetrics {
-            rounds: ops.counter_vec("rounds", "Training rounds taken part in, by outcome", "outcome"),
+            rounds: ops.counter_vec("rounds", "Updates delivered, one per round attempt trained for", "outcome"),
             stage_seconds: ops.histogram_vec("stage_seconds", "Seconds per stage", "stage", &STAGE_BUCKETS),
             bytes_sent: ops.counter("sent_bytes", "Update bytes sent to the coordinator"),
             bytes_received: ops.counter("received_bytes", "Model bytes received from the coordinator"),
