@@ -164,7 +164,8 @@ impl FlatParams {
             .map(|(n, b, shape)| TensorView::new(Dtype::F32, shape.clone(), b).map(|v| (n.clone(), v)))
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| e.to_string())?;
-        safetensors::serialize(views, Some(meta)).map_err(|e| e.to_string())
+        let bytes = safetensors::serialize(views, Some(meta)).map_err(|e| e.to_string())?;
+        canonical_header(bytes)
     }
 
     /// Writes a safetensors file atomically (temp file, fsync, rename).
@@ -211,6 +212,29 @@ impl FlatParams {
     }
 }
 
+/// Rewrites a safetensors header with its keys in sorted order, so the same
+/// parameters and metadata always give the same bytes, hence the same digest.
+/// `safetensors::serialize` keeps the metadata in a `HashMap`, whose order changes
+/// from run to run; the tensor offsets and the data are untouched.
+fn canonical_header(bytes: Vec<u8>) -> Result<Vec<u8>, String> {
+    use std::collections::BTreeMap;
+    let len = bytes.get(..8).map(|b| u64::from_le_bytes(b.try_into().unwrap_or_default()) as usize);
+    let end = len.and_then(|n| n.checked_add(8)).filter(|&e| e <= bytes.len()).ok_or("truncated header")?;
+    let mut header: BTreeMap<String, serde_json::Value> =
+        serde_json::from_slice(&bytes[8..end]).map_err(|e| e.to_string())?;
+    if let Some(meta) = header.remove("__metadata__") {
+        let sorted: BTreeMap<String, String> = serde_json::from_value(meta).map_err(|e| e.to_string())?;
+        header.insert("__metadata__".into(), serde_json::to_value(sorted).map_err(|e| e.to_string())?);
+    }
+    let mut json = serde_json::to_vec(&header).map_err(|e| e.to_string())?;
+    json.resize(json.len().next_multiple_of(8), b' ');
+    let mut out = Vec::with_capacity(8 + json.len() + bytes.len() - end);
+    out.extend_from_slice(&(json.len() as u64).to_le_bytes());
+    out.extend_from_slice(&json);
+    out.extend_from_slice(&bytes[end..]);
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -232,6 +256,21 @@ mod tests {
         let mut renamed = layout();
         renamed.tensors[1].name = "a.b".into();
         assert_ne!(renamed.digest(), d);
+    }
+
+    #[test]
+    fn the_same_parameters_and_metadata_always_give_the_same_bytes() {
+        let p = FlatParams::new(layout(), (0..9).map(|i| i as f32 / 7.0).collect()).expect("valid");
+        let meta = || -> HashMap<String, String> { (0..12).map(|i| (format!("key{i}"), format!("v{i}"))).collect() };
+        let first = p.to_safetensors(meta()).expect("serialise");
+        for _ in 0..8 {
+            assert_eq!(p.to_safetensors(meta()).expect("serialise"), first, "each HashMap iterates differently");
+        }
+        assert_eq!(u64::from_le_bytes(first[..8].try_into().expect("8 bytes")) % 8, 0, "the header stays aligned");
+        let (back, read) = FlatParams::from_safetensors(&first, Path::new("m"), &layout()).expect("reads back");
+        assert_eq!(back.values(), p.values());
+        assert_eq!(read.get("key11").map(String::as_str), Some("v11"));
+        assert_eq!(read.get("maeum.layout_digest"), Some(&layout().digest().to_string()));
     }
 
     #[test]
