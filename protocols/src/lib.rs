@@ -13,6 +13,8 @@
 //!   witnesses, the export file `maeum-audit` verifies).
 //! - `runtime`: log setup and the shutdown signal for the binaries.
 //! - `doctor`: the checks `maeum-coordinator doctor` and `maeum-site doctor` report.
+//! - `release`: signed model releases (manifest, model card) and the checks a site
+//!   runs before it installs one.
 //! - `ops`: the daemons' metrics registry and their plaintext ops endpoint (`/metrics`,
 //!   `/healthz`, `/readyz`, gRPC health) for Prometheus and Kubernetes probes.
 //!
@@ -24,6 +26,7 @@ pub mod doctor;
 pub mod identity;
 pub mod job;
 pub mod ops;
+pub mod release;
 pub mod runtime;
 pub mod secagg;
 pub mod strategy;

@@ -10,6 +10,7 @@ use std::fmt;
 use ring::digest::{SHA256, digest};
 
 pub mod audit;
+pub mod release;
 pub mod secagg;
 
 /// Generated code for package `maeum.v1` (`proto/maeum/v1/*.proto`).

@@ -169,6 +169,18 @@ pub enum Event {
         /// Who promoted it.
         operator: String,
     },
+    /// A site verified and installed a release, or refused it (and kept the model it
+    /// had in service).
+    ReleaseInstall {
+        /// The site id.
+        site: String,
+        /// SHA-256 (hex) of the release's model.
+        version_sha256: String,
+        /// Whether the site installed it.
+        installed: bool,
+        /// Why the site refused it (empty when installed).
+        reason: String,
+    },
     /// An operator command and its result.
     OperatorCommand {
         /// Who ran it.
@@ -211,6 +223,7 @@ impl Event {
             Event::RoundCommitted { .. } => "round_committed",
             Event::ModelRelease { .. } => "model_release",
             Event::ReleasePromoted { .. } => "release_promoted",
+            Event::ReleaseInstall { .. } => "release_install",
             Event::OperatorCommand { .. } => "operator_command",
             Event::JobFinished { .. } => "job_finished",
             Event::Checkpoint { .. } => "checkpoint",
@@ -218,7 +231,7 @@ impl Event {
     }
 
     /// Every `kind` tag, for command-line filters.
-    pub const KINDS: [&'static str; 15] = [
+    pub const KINDS: [&'static str; 16] = [
         "consortium_init",
         "site_approved",
         "site_revoked",
@@ -231,6 +244,7 @@ impl Event {
         "round_committed",
         "model_release",
         "release_promoted",
+        "release_install",
         "operator_command",
         "job_finished",
         "checkpoint",
@@ -259,7 +273,8 @@ impl Event {
         match self {
             Event::SiteApproved { site: s, .. }
             | Event::SiteRevoked { site: s, .. }
-            | Event::JobDecision { site: s, .. } => s == site,
+            | Event::JobDecision { site: s, .. }
+            | Event::ReleaseInstall { site: s, .. } => s == site,
             Event::JobStarted { sites, .. } | Event::RoundStarted { sites, .. } => any(sites),
             Event::RoundSecagg { survivors, dropped, .. } => any(survivors) || any(dropped),
             Event::RoundCommitted { contributors, .. } => any(contributors),
@@ -424,6 +439,23 @@ mod tests {
                     r#""sites":["a","b"]}}"#
                 ),
                 "e682895630845c661bb541502632fba7550598d5a643b9011217515c10bb9b02",
+            ),
+            (
+                entry(
+                    5,
+                    Event::ReleaseInstall {
+                        site: "b".into(),
+                        version_sha256: "ab".repeat(32),
+                        installed: false,
+                        reason: "the release signature does not verify".into(),
+                    },
+                ),
+                concat!(
+                    r#"{"v":1,"seq":5,"time_ms":1764299521005,"event":{"kind":"release_install","site":"b","#,
+                    r#""version_sha256":"abababababababababababababababababababababababababababababababab","#,
+                    r#""installed":false,"reason":"the release signature does not verify"}}"#
+                ),
+                "e91ff2066c894e96d722356a7d74aeab7f4c3fc7a371077f7350066c0bfd92a4",
             ),
         ];
         let vectors: Vec<serde_json::Value> = serde_json::from_str(VECTORS).unwrap();

@@ -336,6 +336,13 @@ fn line(entry: &Entry) -> String {
             format!("job={job_id} round={round} version={version_sha256} card={}", short(card_sha256))
         }
         Event::ReleasePromoted { version_sha256, operator } => format!("version={version_sha256} operator={operator}"),
+        Event::ReleaseInstall { site, version_sha256, installed, reason } => {
+            if *installed {
+                format!("site={site} version={version_sha256} installed")
+            } else {
+                format!("site={site} version={version_sha256} REFUSED: {reason}")
+            }
+        }
         Event::OperatorCommand { operator, command, result } => {
             format!("operator={operator} command={command:?} result={result:?}")
         }

@@ -1,0 +1,480 @@
+//! Signed model releases: the manifest the coordinator signs, the model card it
+//! commits to, and the checks a site runs before it installs a release.
+//!
+//! A release is three things bound together:
+//!
+//! - the **model blob** (safetensors), named by its SHA-256;
+//! - the **model card** (JSON, [`ModelCard`]), named by the SHA-256 of its exact bytes;
+//! - the **manifest** ([`Manifest`]): consortium, version number, the two digests and
+//!   the model's size and layout digest, signed with the coordinator's Ed25519 key
+//!   (the key that signs audit checkpoints, which every site received at enrolment)
+//!   under the domain-separation prefix [`RELEASE_DOMAIN`], so a checkpoint signature
+//!   can never pass for a release signature or the other way round.
+//!
+//! The audit log's `model_release` entry names the same two digests. A site installs a
+//! release only if the signature verifies ([`Manifest::verify`]), the card's bytes
+//! hash to the signed card digest and say what the manifest says ([`check_card`]), the
+//! blob hashes to the signed model digest, and a `model_release` entry naming both
+//! digests ([`is_release_entry`]) is included in a checkpoint the site witnessed.
+//! Sans-IO: the caller hashes the blob and fetches the proofs.
+
+use ring::signature::{ED25519, Ed25519KeyPair, UnparsedPublicKey};
+use serde::{Deserialize, Serialize};
+
+use crate::audit::Event;
+use crate::wire::Digest;
+
+/// Prefix of every signed release manifest.
+pub const RELEASE_DOMAIN: &[u8] = b"maeum/release/v1\n";
+/// `format` of a model card this code writes and reads.
+pub const CARD_FORMAT: &str = "maeum-model-card/v1";
+/// Largest model card a site accepts (bytes).
+pub const MAX_CARD_BYTES: usize = 4 << 20;
+
+/// Why a release was refused. Messages name what failed, never key material.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ReleaseError {
+    #[error("the release signature does not verify under the consortium's signing key (from enrolment)")]
+    Signature,
+    #[error("the model card does not match the signed card digest (got {got}, signed {signed})")]
+    CardDigest { got: String, signed: String },
+    #[error("the model card is malformed: {0}")]
+    CardMalformed(String),
+    #[error("the model card disagrees with the signed manifest: {0}")]
+    CardMismatch(String),
+    #[error("the model blob does not match the signed model digest (got {got}, signed {signed})")]
+    BlobDigest { got: String, signed: String },
+    #[error("the release is not in the audit log: {0}")]
+    NotLogged(String),
+}
+
+/// What the coordinator signs for a release, in this field order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Manifest {
+    /// The consortium name.
+    pub consortium: String,
+    /// The release number, from 1.
+    pub version: u32,
+    /// SHA-256 (hex) of the model blob.
+    pub model_sha256: String,
+    /// The blob's size in bytes.
+    pub model_size: u64,
+    /// SHA-256 (hex) of the parameter layout.
+    pub layout_digest: String,
+    /// SHA-256 (hex) of the model card's bytes.
+    pub card_sha256: String,
+}
+
+impl Manifest {
+    /// The bytes the signature covers: [`RELEASE_DOMAIN`] then the manifest as JSON.
+    pub fn signed_bytes(&self) -> Vec<u8> {
+        let mut out = RELEASE_DOMAIN.to_vec();
+        // INVARIANT: strings and integers always serialise.
+        out.extend(serde_json::to_vec(self).expect("a manifest serialises"));
+        out
+    }
+
+    /// Signs the manifest (the coordinator).
+    pub fn sign(&self, key: &Ed25519KeyPair) -> Vec<u8> {
+        key.sign(&self.signed_bytes()).as_ref().to_vec()
+    }
+
+    /// Checks `signature` under the consortium's Ed25519 public key.
+    pub fn verify(&self, public_key: &[u8; 32], signature: &[u8]) -> Result<(), ReleaseError> {
+        UnparsedPublicKey::new(&ED25519, public_key)
+            .verify(&self.signed_bytes(), signature)
+            .map_err(|_| ReleaseError::Signature)
+    }
+
+    /// Checks a blob's digest against the signed one.
+    pub fn check_blob(&self, got: &Digest) -> Result<(), ReleaseError> {
+        if got.hex() != self.model_sha256 {
+            return Err(ReleaseError::BlobDigest { got: got.hex(), signed: self.model_sha256.clone() });
+        }
+        Ok(())
+    }
+}
+
+/// Metrics of one model on the sites' held-out splits (summed confusion counts).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CardEvaluation {
+    /// Held-out examples behind the numbers.
+    pub examples: u64,
+    /// Sites whose counts are in the sum.
+    pub evaluated_by: u32,
+    pub accuracy: f64,
+    pub macro_f1: f64,
+    /// Recall per class, crisis classes first (see [`is_crisis_label`]), then in label
+    /// order; `null` for a class with no held-out examples.
+    pub recall: Vec<ClassRecall>,
+    /// `confusion[true][predicted]`, in label order.
+    pub confusion: Vec<Vec<u64>>,
+}
+
+/// One class's recall.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ClassRecall {
+    pub label: String,
+    pub recall: Option<f64>,
+    /// Whether this is a crisis class.
+    pub crisis: bool,
+}
+
+/// One federated round behind a release.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CardRound {
+    pub round: u32,
+    /// Sites whose updates are in the round's aggregate.
+    pub contributors: u32,
+    /// Sites that dropped out of the secure-aggregation session.
+    pub dropped: u32,
+    /// Sum of the contributors' training examples.
+    pub total_weight: u64,
+    pub secure_aggregation: bool,
+    pub secagg_threshold: u32,
+    /// SHA-256 (hex) of the unmasked aggregate (as in the audit log).
+    pub aggregate_sha256: String,
+    /// SHA-256 (hex) of the model this round produced.
+    pub model_sha256: String,
+    /// Federated evaluation of that model, if it ran.
+    pub evaluation: Option<CardEvaluation>,
+}
+
+/// What the model is.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CardModel {
+    pub sha256: String,
+    pub size: u64,
+    pub layout_digest: String,
+    /// e.g. `text-classifier`.
+    pub kind: String,
+    pub parameters: u64,
+    pub labels: Vec<String>,
+}
+
+/// Where the model comes from.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CardJob {
+    pub id: String,
+    pub name: String,
+    /// SHA-256 (hex) of the job file as submitted (as in the audit log).
+    pub spec_sha256: String,
+    pub rounds: u32,
+    /// The job's full configuration (model, training, strategy, deadlines, secure
+    /// aggregation), as the coordinator's canonical job JSON.
+    pub config: serde_json::Value,
+}
+
+/// The secure-aggregation parameters the job ran with.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CardSecAgg {
+    pub enabled: bool,
+    /// Threshold t as configured (0: the default rule, see docs/jobs.md); each
+    /// round's actual threshold is in [`CardRound::secagg_threshold`].
+    pub threshold: u32,
+    /// 0: every pair masks; k: SecAgg+ neighbour degree.
+    pub neighbours: u32,
+    /// Each coordinate of an update is clipped to [-clip, clip] before quantisation.
+    pub clip: f32,
+    /// A site's weight (training records) is capped at this.
+    pub max_weight: u32,
+}
+
+/// A model card: everything a site, a lead or an auditor needs to know about a
+/// released model. The coordinator writes it once; its bytes are what is signed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelCard {
+    /// [`CARD_FORMAT`].
+    pub format: String,
+    pub consortium: String,
+    pub version: u32,
+    /// The release that was current when this one was made (what it supersedes).
+    pub parent_version: Option<u32>,
+    pub model: CardModel,
+    pub job: CardJob,
+    /// The round whose model this is.
+    pub round: u32,
+    /// Milliseconds since the Unix epoch (the coordinator's clock).
+    pub released_ms: i64,
+    pub secure_aggregation: CardSecAgg,
+    /// Federated evaluation of the job's initial model.
+    pub initial_evaluation: Option<CardEvaluation>,
+    /// Every round of the job up to `round`.
+    pub rounds: Vec<CardRound>,
+    /// Federated evaluation of the released model.
+    pub evaluation: Option<CardEvaluation>,
+}
+
+impl ModelCard {
+    /// The card's bytes (pretty JSON: people read it too).
+    pub fn encode(&self) -> Vec<u8> {
+        // INVARIANT: plain data, finite floats (metrics of counts) serialise.
+        serde_json::to_vec_pretty(self).expect("a model card serialises")
+    }
+
+    /// Parses card bytes (size-limited).
+    pub fn decode(bytes: &[u8]) -> Result<ModelCard, ReleaseError> {
+        if bytes.len() > MAX_CARD_BYTES {
+            return Err(ReleaseError::CardMalformed(format!("{} bytes, limit {MAX_CARD_BYTES}", bytes.len())));
+        }
+        let card: ModelCard = serde_json::from_slice(bytes).map_err(|e| ReleaseError::CardMalformed(e.to_string()))?;
+        if card.format != CARD_FORMAT {
+            return Err(ReleaseError::CardMalformed(format!("format {:?}, expected {CARD_FORMAT:?}", card.format)));
+        }
+        Ok(card)
+    }
+}
+
+/// Checks card bytes against a manifest: digest, then that the card describes the
+/// signed release (consortium, version, model digest, size, layout).
+pub fn check_card(manifest: &Manifest, card_bytes: &[u8]) -> Result<ModelCard, ReleaseError> {
+    let got = Digest::of(card_bytes).hex();
+    if got != manifest.card_sha256 {
+        return Err(ReleaseError::CardDigest { got, signed: manifest.card_sha256.clone() });
+    }
+    let card = ModelCard::decode(card_bytes)?;
+    let mismatch = |what: &str, card: String, signed: String| {
+        Err(ReleaseError::CardMismatch(format!("{what}: card says {card}, manifest says {signed}")))
+    };
+    if card.consortium != manifest.consortium {
+        return mismatch("consortium", card.consortium, manifest.consortium.clone());
+    }
+    if card.version != manifest.version {
+        return mismatch("version", card.version.to_string(), manifest.version.to_string());
+    }
+    if card.model.sha256 != manifest.model_sha256 {
+        return mismatch("model digest", card.model.sha256, manifest.model_sha256.clone());
+    }
+    if card.model.size != manifest.model_size {
+        return mismatch("model size", card.model.size.to_string(), manifest.model_size.to_string());
+    }
+    if card.model.layout_digest != manifest.layout_digest {
+        return mismatch("layout digest", card.model.layout_digest, manifest.layout_digest.clone());
+    }
+    Ok(card)
+}
+
+/// How people name a release on the command line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Selector {
+    /// `3` or `v3`.
+    Version(u32),
+    /// At least 8 hex digits of the model digest, lower-cased.
+    DigestPrefix(String),
+}
+
+impl Selector {
+    /// `v3`, a number of up to 7 digits, or 8+ hex digits of a model digest. A digest
+    /// prefix can be all decimal digits, so 8 or more digits always mean a digest.
+    pub fn parse(text: &str) -> Result<Selector, String> {
+        let s = text.trim().to_ascii_lowercase();
+        let digits = |t: &str| !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit());
+        let number = match s.strip_prefix('v') {
+            Some(n) if digits(n) => Some(n),
+            _ if digits(&s) && s.len() < 8 => Some(s.as_str()),
+            _ => None,
+        };
+        if let Some(n) = number {
+            return n.parse().map(Selector::Version).map_err(|_| format!("{text:?}: release number too large"));
+        }
+        if s.len() >= 8 && s.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Ok(Selector::DigestPrefix(s));
+        }
+        Err(format!("{text:?} is neither a release number (3 or v3) nor 8+ hex digits of a model digest"))
+    }
+}
+
+/// Whether a log event is the `model_release` entry of this manifest.
+pub fn is_release_entry(event: &Event, manifest: &Manifest) -> bool {
+    matches!(event, Event::ModelRelease { version_sha256, card_sha256, .. }
+        if *version_sha256 == manifest.model_sha256 && *card_sha256 == manifest.card_sha256)
+}
+
+/// Whether a label names a crisis class (suicidality, self-harm, acute crisis): these
+/// come first in a card's recall table, the number a clinical reviewer looks at first.
+pub fn is_crisis_label(label: &str) -> bool {
+    let l = label.to_ascii_lowercase();
+    ["crisis", "suicid", "self-harm", "selfharm", "self_harm"].iter().any(|k| l.contains(k))
+}
+
+/// Metrics of a confusion matrix (`rows[true][predicted]`) in card form, computed
+/// as everywhere else in Maeum ([`maeum_models::metrics::Confusion::metrics`]: macro-F1
+/// over the classes present in the truth).
+pub fn evaluation(labels: &[String], rows: &[Vec<u64>], evaluated_by: u32) -> CardEvaluation {
+    let m = maeum_models::metrics::Confusion { counts: rows.to_vec() }.metrics();
+    let mut recall: Vec<ClassRecall> = labels
+        .iter()
+        .enumerate()
+        .map(|(i, label)| {
+            let support: u64 = rows.get(i).map_or(0, |r| r.iter().sum());
+            ClassRecall {
+                label: label.clone(),
+                recall: (support > 0).then(|| m.per_class_recall.get(i).copied().unwrap_or(0.0)),
+                crisis: is_crisis_label(label),
+            }
+        })
+        .collect();
+    // Crisis classes first, each group in label order (a stable sort).
+    recall.sort_by_key(|c| !c.crisis);
+    CardEvaluation {
+        examples: m.n,
+        evaluated_by,
+        accuracy: m.accuracy,
+        macro_f1: m.macro_f1,
+        recall,
+        confusion: rows.to_vec(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key() -> Ed25519KeyPair {
+        Ed25519KeyPair::from_seed_unchecked(&[7u8; 32]).expect("key")
+    }
+
+    fn public(k: &Ed25519KeyPair) -> [u8; 32] {
+        use ring::signature::KeyPair;
+        let mut out = [0u8; 32];
+        out.copy_from_slice(k.public_key().as_ref());
+        out
+    }
+
+    fn card() -> ModelCard {
+        let labels = vec!["calm".to_string(), "suicidewatch".to_string()];
+        ModelCard {
+            format: CARD_FORMAT.into(),
+            consortium: "c".into(),
+            version: 2,
+            parent_version: Some(1),
+            model: CardModel {
+                sha256: "ab".repeat(32),
+                size: 10,
+                layout_digest: "cd".repeat(32),
+                kind: "text-classifier".into(),
+                parameters: 3,
+                labels: labels.clone(),
+            },
+            job: CardJob {
+                id: "j-1".into(),
+                name: "j".into(),
+                spec_sha256: "ef".repeat(32),
+                rounds: 1,
+                config: serde_json::json!({"rounds": 1}),
+            },
+            round: 1,
+            released_ms: 1,
+            secure_aggregation: CardSecAgg { enabled: true, threshold: 0, neighbours: 0, clip: 5.0, max_weight: 100 },
+            initial_evaluation: None,
+            rounds: Vec::new(),
+            evaluation: Some(evaluation(&labels, &[vec![8, 2], vec![1, 3]], 2)),
+        }
+    }
+
+    fn manifest(card: &[u8]) -> Manifest {
+        Manifest {
+            consortium: "c".into(),
+            version: 2,
+            model_sha256: "ab".repeat(32),
+            model_size: 10,
+            layout_digest: "cd".repeat(32),
+            card_sha256: Digest::of(card).hex(),
+        }
+    }
+
+    #[test]
+    fn selectors_tell_release_numbers_from_digest_prefixes() {
+        assert_eq!(Selector::parse("3"), Ok(Selector::Version(3)));
+        assert_eq!(Selector::parse(" V12 "), Ok(Selector::Version(12)));
+        assert_eq!(Selector::parse("v95148370"), Ok(Selector::Version(95_148_370)));
+        // An all-digit digest prefix is a digest, not release 95,148,370.
+        assert_eq!(Selector::parse("95148370"), Ok(Selector::DigestPrefix("95148370".into())));
+        assert_eq!(Selector::parse("ABCDEF0123"), Ok(Selector::DigestPrefix("abcdef0123".into())));
+        for bad in ["", "v", "abc", "v3x", "ghijklmno", "v99999999999"] {
+            assert!(Selector::parse(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn a_signed_release_verifies_and_any_change_is_refused() {
+        let k = key();
+        let bytes = card().encode();
+        let m = manifest(&bytes);
+        let sig = m.sign(&k);
+        m.verify(&public(&k), &sig).expect("verifies");
+        check_card(&m, &bytes).expect("card matches");
+
+        let mut bad = sig.clone();
+        bad[5] ^= 1;
+        assert_eq!(m.verify(&public(&k), &bad), Err(ReleaseError::Signature));
+        let mut other = m.clone();
+        other.version = 3;
+        assert_eq!(other.verify(&public(&k), &sig), Err(ReleaseError::Signature));
+        // A checkpoint-style signature over the bare JSON (no domain) does not pass.
+        let bare = k.sign(&serde_json::to_vec(&m).expect("json"));
+        assert_eq!(m.verify(&public(&k), bare.as_ref()), Err(ReleaseError::Signature));
+
+        let mut tampered = bytes.clone();
+        let at = tampered.len() / 2;
+        tampered[at] ^= 0x20;
+        assert!(matches!(check_card(&m, &tampered), Err(ReleaseError::CardDigest { .. })));
+    }
+
+    #[test]
+    fn a_card_that_describes_another_release_is_refused_even_if_its_digest_is_signed() {
+        let mut c = card();
+        c.model.sha256 = "00".repeat(32);
+        let bytes = c.encode();
+        let m = manifest(&bytes);
+        let err = check_card(&m, &bytes).expect_err("mismatch");
+        assert!(err.to_string().contains("model digest"), "{err}");
+    }
+
+    #[test]
+    fn the_blob_and_the_log_entry_must_name_the_signed_digests() {
+        let bytes = card().encode();
+        let m = manifest(&bytes);
+        assert!(m.check_blob(&Digest::of(b"x")).is_err());
+        let entry = Event::ModelRelease {
+            job_id: "j-1".into(),
+            round: 1,
+            version_sha256: m.model_sha256.clone(),
+            card_sha256: m.card_sha256.clone(),
+        };
+        assert!(is_release_entry(&entry, &m));
+        let other = Event::ModelRelease {
+            job_id: "j-1".into(),
+            round: 1,
+            version_sha256: m.model_sha256.clone(),
+            card_sha256: "0".repeat(64),
+        };
+        assert!(!is_release_entry(&other, &m));
+    }
+
+    #[test]
+    fn card_metrics_put_the_crisis_class_first() {
+        let labels = vec!["anxiety".to_string(), "depression".to_string(), "suicidewatch".to_string()];
+        let e = evaluation(&labels, &[vec![5, 0, 0], vec![1, 3, 0], vec![0, 2, 2]], 3);
+        assert_eq!(e.recall[0].label, "suicidewatch");
+        assert!(e.recall[0].crisis);
+        assert_eq!(e.recall[0].recall, Some(0.5));
+        assert_eq!(e.recall[1].label, "anxiety");
+        assert_eq!(e.examples, 13);
+        assert!((e.accuracy - 10.0 / 13.0).abs() < 1e-12);
+        let empty = evaluation(&labels, &[vec![0, 0, 0], vec![0, 0, 0], vec![0, 0, 0]], 0);
+        assert_eq!(empty.recall[0].recall, None);
+    }
+
+    #[test]
+    fn a_card_round_trips_and_junk_is_refused() {
+        let bytes = card().encode();
+        assert_eq!(ModelCard::decode(&bytes).expect("decodes"), card());
+        assert!(matches!(ModelCard::decode(b"{"), Err(ReleaseError::CardMalformed(_))));
+        let mut c = card();
+        c.format = "other".into();
+        assert!(ModelCard::decode(&c.encode()).is_err());
+    }
+}

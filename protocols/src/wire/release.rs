@@ -1,0 +1,117 @@
+//! Conversions for signed model releases (see [`crate::release`]).
+
+use super::{Digest, ModelRef, WireError, invalid, pb};
+use crate::release::{MAX_CARD_BYTES, Manifest};
+
+/// A release as it travels: the signed manifest, its signature, the card's bytes and
+/// where the log records it. Parsing checks shapes only; [`crate::release`] checks
+/// the signature, the card and the blob.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReleaseMsg {
+    pub manifest: Manifest,
+    pub signature: Vec<u8>,
+    pub card: Vec<u8>,
+    pub audit_seq: u64,
+}
+
+impl ReleaseMsg {
+    /// The model as a download reference.
+    pub fn model(&self) -> Result<ModelRef, WireError> {
+        Ok(ModelRef {
+            digest: Digest::parse("release.model.digest", &self.manifest.model_sha256)?,
+            size: self.manifest.model_size,
+            layout_digest: Digest::parse("release.model.layout_digest", &self.manifest.layout_digest)?,
+        })
+    }
+
+    pub fn to_pb(&self) -> pb::Release {
+        let m = &self.manifest;
+        pb::Release {
+            consortium: m.consortium.clone(),
+            version: m.version,
+            model: Some(pb::ModelRef {
+                digest: m.model_sha256.clone(),
+                size: m.model_size,
+                layout_digest: m.layout_digest.clone(),
+            }),
+            card_sha256: m.card_sha256.clone(),
+            signature: self.signature.clone(),
+            card: self.card.clone(),
+            audit_seq: self.audit_seq,
+        }
+    }
+
+    pub fn from_pb(r: pb::Release) -> Result<ReleaseMsg, WireError> {
+        let model: ModelRef = r.model.ok_or(WireError::Missing { field: "release.model" })?.try_into()?;
+        if r.version == 0 {
+            return Err(invalid("release.version", "must be at least 1"));
+        }
+        if r.consortium.is_empty() || r.consortium.len() > 63 {
+            return Err(invalid("release.consortium", "must be 1 to 63 characters"));
+        }
+        let card_sha256 = Digest::parse("release.card_sha256", &r.card_sha256)?;
+        if r.signature.len() != 64 {
+            return Err(invalid("release.signature", format!("expected 64 bytes, got {}", r.signature.len())));
+        }
+        if r.card.is_empty() || r.card.len() > MAX_CARD_BYTES {
+            return Err(invalid("release.card", format!("{} bytes; expected 1 to {MAX_CARD_BYTES}", r.card.len())));
+        }
+        if model.size == 0 || model.size > super::MAX_PARAMS * 4 + (64 << 20) {
+            return Err(invalid("release.model.size", format!("{} bytes is not a model size", model.size)));
+        }
+        Ok(ReleaseMsg {
+            manifest: Manifest {
+                consortium: r.consortium,
+                version: r.version,
+                model_sha256: model.digest.hex(),
+                model_size: model.size,
+                layout_digest: model.layout_digest.hex(),
+                card_sha256: card_sha256.hex(),
+            },
+            signature: r.signature,
+            card: r.card,
+            audit_seq: r.audit_seq,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn msg() -> ReleaseMsg {
+        ReleaseMsg {
+            manifest: Manifest {
+                consortium: "c".into(),
+                version: 1,
+                model_sha256: "ab".repeat(32),
+                model_size: 100,
+                layout_digest: "cd".repeat(32),
+                card_sha256: "ef".repeat(32),
+            },
+            signature: vec![1; 64],
+            card: b"{}".to_vec(),
+            audit_seq: 9,
+        }
+    }
+
+    #[test]
+    fn a_release_round_trips_and_malformed_ones_are_refused() {
+        assert_eq!(ReleaseMsg::from_pb(msg().to_pb()), Ok(msg()));
+        let mut p = msg().to_pb();
+        p.signature.pop();
+        assert!(ReleaseMsg::from_pb(p).expect_err("refused").to_string().contains("release.signature"));
+        let mut p = msg().to_pb();
+        p.model = None;
+        assert_eq!(ReleaseMsg::from_pb(p), Err(WireError::Missing { field: "release.model" }));
+        let mut p = msg().to_pb();
+        p.card = vec![b' '; MAX_CARD_BYTES + 1];
+        assert!(ReleaseMsg::from_pb(p).expect_err("refused").to_string().contains("release.card"));
+        let mut p = msg().to_pb();
+        p.card_sha256 = "zz".into();
+        assert!(ReleaseMsg::from_pb(p).is_err());
+        let mut p = msg().to_pb();
+        p.version = 0;
+        assert!(ReleaseMsg::from_pb(p).is_err());
+    }
+}
