@@ -170,6 +170,41 @@ fn read(path: &Path) -> Result<Vec<Example>> {
     Ok(data::read_examples(path, &ReadOptions::default())?.examples)
 }
 
+/// Promotes the release of `job_id` and waits until `sites` sites report it installed;
+/// returns (version, model digest, sites installed).
+async fn promote_and_install(
+    control: &mut pb::control_client::ControlClient<tonic::transport::Channel>,
+    job_id: &str,
+    sites: usize,
+    fleet: &mut Fleet,
+) -> Result<(u32, String, usize)> {
+    let list = control.list_releases(pb::ListReleasesRequest {}).await?.into_inner();
+    let info = list
+        .releases
+        .iter()
+        .find(|r| r.job_id == job_id)
+        .with_context(|| format!("job {job_id} completed but made no release"))?;
+    let version = info.release.as_ref().map_or(0, |r| r.version);
+    control.promote_release(pb::ReleaseSelector { version: version.to_string() }).await?;
+    let deadline = Instant::now() + Duration::from_secs(180);
+    loop {
+        fleet.check_alive()?;
+        let info = control.get_release_info(pb::ReleaseSelector { version: version.to_string() }).await?.into_inner();
+        if let Some(r) = info.installs.iter().find(|i| !i.installed) {
+            bail!("site {} refused release v{version}: {}", r.site_id, r.reason);
+        }
+        let installed = info.installs.iter().filter(|i| i.installed).count();
+        if installed >= sites {
+            let model = info.release.and_then(|r| r.model).map(|m| m.digest).unwrap_or_default();
+            return Ok((version, model, installed));
+        }
+        if Instant::now() > deadline {
+            bail!("release v{version}: only {installed} of {sites} sites installed it within 180 s; see the site logs");
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
 fn job_toml(labels: &[String], a: &DemoArgs) -> String {
     let labels: Vec<String> = labels.iter().map(|l| format!("{l:?}")).collect();
     format!(
@@ -349,6 +384,16 @@ pub async fn run(a: DemoArgs) -> Result<()> {
     if info.state != "completed" {
         bail!("job {} ended {}: {}", info.job_id, info.state, info.error);
     }
+    // The job's final model is a signed release: promote it, as the lead would, and
+    // wait until every site has verified and installed it.
+    let release = promote_and_install(&mut control, &info.job_id, a.sites, &mut fleet).await?;
+    say(format!(
+        "release v{} (model {}) signed, logged and promoted; verified and installed at {}/{} sites",
+        release.0,
+        &release.1[..12],
+        release.2,
+        a.sites
+    ));
     // The audit log's export, checked the way an auditor would: against the log key
     // from signing.pub. The orchestrator appends `job_finished` just after the job
     // completes, so wait for it (a few hundred milliseconds at most).
@@ -411,6 +456,7 @@ pub async fn run(a: DemoArgs) -> Result<()> {
         "secure_aggregation": info.secure_aggregation,
         "job_id": info.job_id,
         "audit": { "file": audit_path, "entries": audit_report.entries, "checkpoints": audit_report.checkpoints },
+        "release": { "version": release.0, "model": release.1, "installed_at_sites": release.2 },
         "federated": { "accuracy": fed.accuracy, "macro_f1": fed.macro_f1, "per_round": per_round, "seconds": fed_seconds },
         "centralized": centralized.as_ref().map(|c| serde_json::json!({"accuracy": c.accuracy, "macro_f1": c.macro_f1})),
         "local_only": local.as_ref().map(|l| serde_json::json!({

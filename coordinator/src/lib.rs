@@ -3,8 +3,9 @@
 //! `home` (consortium files and enrolment), `store` (sled state), `blobs` (content-
 //! addressed models), `server` (gRPC fleet and control services), `rounds` (the round
 //! orchestrator), `secagg` (one secure-aggregation session), `strategy` (server-side
-//! aggregation), `audit` (the sled-backed transparency log), `client` (the operator
-//! CLI), `demo` (the one-command local federation).
+//! aggregation), `audit` (the sled-backed transparency log), `registry` (signed model
+//! releases and promotions), `client` (the operator CLI), `demo` (the one-command local
+//! federation).
 #![forbid(unsafe_code)]
 
 pub mod audit;
@@ -14,6 +15,8 @@ pub mod demo;
 pub mod doctor;
 pub mod home;
 pub mod metrics;
+pub mod models;
+pub mod registry;
 pub mod rounds;
 pub mod secagg;
 pub mod server;

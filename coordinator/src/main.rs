@@ -13,7 +13,7 @@ use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use tokio_stream::StreamExt;
 
-use maeum_coordinator::{client, demo, home, server};
+use maeum_coordinator::{client, demo, home, models, server};
 use maeum_protocols::wire::pb;
 
 /// Maeum coordinator, run by the consortium lead: creates the consortium, approves
@@ -82,6 +82,9 @@ enum Command {
     /// The transparency audit log.
     #[command(subcommand)]
     Audit(AuditCommand),
+    /// Signed model releases: list, show, promote, roll back, export.
+    #[command(subcommand)]
+    Models(ModelsCommand),
     /// Run a whole local federation: consortium, sites as separate processes over mTLS,
     /// a training job, and a comparison with centralized and local-only training.
     Demo(demo::DemoArgs),
@@ -136,6 +139,62 @@ enum AuditCommand {
         /// The file to write.
         #[arg(long, value_name = "FILE")]
         out: PathBuf,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ModelsCommand {
+    /// List releases: version, model, origin, federated metrics, site installs; `*`
+    /// marks the current one.
+    List {
+        #[command(flatten)]
+        home: HomeArg,
+        /// Print one JSON object (releases and the promotion history).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show a release: its model card, audit-log entry and what each site reported.
+    Show {
+        #[command(flatten)]
+        home: HomeArg,
+        /// The release: 3, v3, or 8+ hex digits of its model digest.
+        version: String,
+        /// Print one JSON object (with the full model card).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Make a release the consortium's current one (logged); sites verify and install
+    /// it next.
+    Promote {
+        #[command(flatten)]
+        home: HomeArg,
+        /// The release: 3, v3, or 8+ hex digits of its model digest.
+        version: String,
+        /// Print one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Make the release that was current before the current one current again (logged).
+    Rollback {
+        #[command(flatten)]
+        home: HomeArg,
+        /// Print one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Verify a release and write its model (safetensors), model card (JSON as signed,
+    /// and Markdown), release manifest with signature, and a training-curve chart (SVG).
+    Export {
+        #[command(flatten)]
+        home: HomeArg,
+        /// The release: 3, v3, or 8+ hex digits of its model digest.
+        version: String,
+        /// The directory to write into (created if missing).
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+        /// Print one JSON object.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -287,6 +346,17 @@ async fn run(cli: Cli) -> Result<()> {
                 bytes.len(),
                 out.display()
             );
+        }
+        Command::Models(ModelsCommand::List { home, json }) => models::list(&home.home, json).await?,
+        Command::Models(ModelsCommand::Show { home, version, json }) => {
+            models::show(&home.home, &version, json).await?
+        }
+        Command::Models(ModelsCommand::Promote { home, version, json }) => {
+            models::promote(&home.home, &version, json).await?;
+        }
+        Command::Models(ModelsCommand::Rollback { home, json }) => models::rollback(&home.home, json).await?,
+        Command::Models(ModelsCommand::Export { home, version, out, json }) => {
+            models::export(&home.home, &version, &out, json).await?;
         }
         Command::Demo(a) => demo::run(a).await?,
     }

@@ -35,6 +35,10 @@ pub struct CoordMetrics {
     pub errors: LabelledCounter,
     /// Entries in the audit log.
     pub audit_entries: Gauge,
+    /// Model releases made (signed and logged).
+    pub releases: Counter,
+    /// Release installs sites refused (a failed signature, digest or log check).
+    pub release_refusals: Counter,
 }
 
 impl Default for CoordMetrics {
@@ -56,6 +60,8 @@ impl CoordMetrics {
             verification_failures: ops.counter_vec("verification_failures", "Refused peer input by kind", "kind"),
             errors: ops.counter_vec("errors", "gRPC calls that ended in an error, by status code", "code"),
             audit_entries: ops.gauge("audit_entries", "Entries in the audit log"),
+            releases: ops.counter("releases", "Model releases signed and logged"),
+            release_refusals: ops.counter("release_refusals", "Release installs refused by sites"),
             ops,
         }
     }

@@ -165,6 +165,15 @@ async fn drive(c: &Arc<Coord>, id: &str) -> Result<()> {
     if final_evaluation(c, id).await?.is_none() {
         return Ok(());
     }
+    // The final model becomes a signed, logged release (idempotent after a restart);
+    // an operator promotes it to make sites install it.
+    let done = load(c, id)?;
+    let (c2, last) = (c.clone(), done.completed_rounds());
+    let release = tokio::task::spawn_blocking(move || crate::registry::release(&c2, &done, last))
+        .await
+        .context("releasing the final model")??;
+    c.metrics.releases.inc();
+    info!(job = %id, version = release.version, model = %release.model.digest, "final model released (signed and logged); `models promote` makes sites install it");
     c.store.update_job(id, |j| {
         if j.state.is_active() {
             j.state = JobState::Completed;

@@ -132,6 +132,10 @@ pub struct Coord {
     pub blobs: Blobs,
     /// The transparency log (`docs/protocols/audit-log.md`).
     pub audit: AuditLog,
+    /// Signed model releases (`crate::registry`).
+    pub registry: crate::registry::Registry,
+    /// The current release as heartbeats announce it (kept in step with the registry).
+    current_release: Mutex<Option<pb::ReleaseRef>>,
     /// What the ops endpoint serves.
     pub metrics: crate::metrics::CoordMetrics,
     pub revocations: Revocations,
@@ -180,7 +184,15 @@ impl Coord {
                 },
             )?;
         }
+        let registry = crate::registry::Registry::open(store.db())?;
+        let current_release = registry.current()?.map(|(r, promotion)| pb::ReleaseRef {
+            version: r.version,
+            model_digest: r.model.digest,
+            promotion,
+        });
         let coord = Self {
+            registry,
+            current_release: Mutex::new(current_release),
             metrics: crate::metrics::CoordMetrics::new(),
             revocations: Revocations::new(revoked),
             audit,
@@ -202,8 +214,25 @@ impl Coord {
 
     /// Appends `event` to the audit log (flushed before this returns).
     pub fn record(&self, event: Event) -> anyhow::Result<()> {
+        self.record_seq(event).map(|_| ())
+    }
+
+    /// [`Coord::record`], returning the entry's seq.
+    pub fn record_seq(&self, event: Event) -> anyhow::Result<u64> {
         let seq = self.audit.append(now_ms(), event)?;
         self.metrics.audit_entries.set(i64::try_from(seq + 1).unwrap_or(i64::MAX));
+        Ok(seq)
+    }
+
+    /// Re-reads the current release after a promote or rollback; heartbeats announce it.
+    pub fn refresh_current_release(&self) -> anyhow::Result<()> {
+        let current = self.registry.current()?.map(|(r, promotion)| pb::ReleaseRef {
+            version: r.version,
+            model_digest: r.model.digest,
+            promotion,
+        });
+        *lock(&self.current_release) = current;
+        self.notify();
         Ok(())
     }
 
@@ -545,7 +574,8 @@ impl pb::fleet_server::Fleet for Fleet {
         }
         let audit_size = self.0.audit.latest().map_or(0, |c| c.checkpoint.size);
         self.0.metrics.sites_online.set(self.0.online_sites().len() as i64);
-        Ok(Response::new(pb::HeartbeatReply { server_time_ms: now_ms(), audit_size }))
+        let current_release = lock(&self.0.current_release).clone();
+        Ok(Response::new(pb::HeartbeatReply { server_time_ms: now_ms(), audit_size, current_release }))
     }
 
     async fn poll(&self, req: Request<pb::PollRequest>) -> Result<Response<pb::Work>, Status> {
@@ -627,6 +657,11 @@ impl pb::fleet_server::Fleet for Fleet {
             return Err(Status::not_found(format!("no model {digest}")));
         }
         let path = c.blobs.path(&digest);
+        let tamper_blob = test_tamper() == "blob"
+            && lock(&c.current_release).as_ref().is_some_and(|cur| cur.model_digest == digest.hex());
+        if tamper_blob {
+            warn!(site = %site, "FAULT INJECTION: serving an altered copy of the current release's model");
+        }
         let (tx, rx) = tokio::sync::mpsc::channel(4);
         let mut offset = r.offset;
         tokio::task::spawn_blocking(move || {
@@ -654,6 +689,11 @@ impl pb::fleet_server::Fleet for Fleet {
                     return;
                 }
                 buf.truncate(n);
+                if tamper_blob && offset == 0 {
+                    // Past the safetensors header: the file still parses, the digest differs.
+                    let at = buf.len() - 1;
+                    buf[at] ^= 0x01;
+                }
                 if tx.blocking_send(Ok(wire::chunk(offset, buf))).is_err() {
                     return;
                 }
@@ -877,6 +917,68 @@ impl pb::fleet_server::Fleet for Fleet {
         .map_err(internal)?;
         Ok(Response::new(reply))
     }
+
+    async fn get_release(&self, req: Request<pb::GetReleaseRequest>) -> Result<Response<pb::Release>, Status> {
+        let c = &self.0;
+        let site = c.site(&req, None)?;
+        let version = req.get_ref().version;
+        let r = c
+            .registry
+            .get(version)
+            .map_err(internal)?
+            .ok_or_else(|| Status::not_found(format!("no release v{version}")))?;
+        let consortium = c.home.consortium().map_err(internal)?.name;
+        let mut msg = r.message(&consortium).map_err(internal)?;
+        let mode = test_tamper();
+        if !mode.is_empty() && mode != "blob" {
+            warn!(site = %site, mode = %mode, version, "FAULT INJECTION: serving a tampered release");
+            tamper_release(&mut msg, &mode, &c.home).map_err(internal)?;
+        }
+        Ok(Response::new(msg.to_pb()))
+    }
+
+    async fn report_release(&self, req: Request<pb::ReleaseReport>) -> Result<Response<pb::Ack>, Status> {
+        let c = self.0.clone();
+        let site = c.site(&req, None)?;
+        let r = req.into_inner();
+        let reason: String = r.reason.chars().take(500).collect();
+        let Some(release) = c.registry.get(r.version).map_err(internal)? else {
+            return Err(Status::not_found(format!("no release v{}", r.version)));
+        };
+        if release.model.digest != r.model_digest {
+            return Err(Status::invalid_argument(format!(
+                "release v{} is model {}, not {}",
+                r.version, release.model.digest, r.model_digest
+            )));
+        }
+        let install = crate::registry::InstallRecord {
+            installed: r.installed,
+            reason: if r.installed { String::new() } else { reason.clone() },
+            promotion: r.promotion,
+            at_ms: now_ms(),
+        };
+        let previous = release.installs.get(&site).cloned();
+        c.registry.record_install(r.version, &site, install).map_err(internal)?;
+        // One entry per change of outcome (a retry of the same report logs nothing).
+        let same = previous.is_some_and(|p| p.installed == r.installed && p.reason == reason);
+        if !same {
+            c.record(Event::ReleaseInstall {
+                site: site.clone(),
+                version_sha256: release.model.digest.clone(),
+                installed: r.installed,
+                reason: if r.installed { String::new() } else { reason.clone() },
+            })
+            .map_err(internal)?;
+        }
+        if r.installed {
+            info!(site = %site, version = r.version, "site installed the release");
+        } else {
+            c.metrics.release_refusals.inc();
+            warn!(site = %site, version = r.version, reason = %reason, "site REFUSED the release");
+        }
+        c.notify();
+        Ok(Response::new(pb::Ack {}))
+    }
 }
 
 impl Coord {
@@ -925,6 +1027,36 @@ impl Coord {
         let latest = wire::audit::TreeHead { signed, cosignatures: Vec::new() };
         Ok(wire::audit::CheckpointReply { latest, consistency, since }.to_pb(&origin))
     }
+}
+
+/// Test-only fault injection for the release checks (tests/tests/releases.rs): when
+/// `MAEUM_COORDINATOR_TEST_TAMPER_RELEASE_FILE` names a file, its content selects what
+/// this coordinator falsifies: `blob` (the current release's model bytes), `card` (a
+/// byte of the model card), `signature` (a bit of the signature) or `unlogged` (a
+/// different card, properly signed, that the audit log does not record). Unset in
+/// production, it costs one environment lookup.
+fn test_tamper() -> String {
+    let Ok(path) = std::env::var("MAEUM_COORDINATOR_TEST_TAMPER_RELEASE_FILE") else { return String::new() };
+    std::fs::read_to_string(path).map(|s| s.trim().to_string()).unwrap_or_default()
+}
+
+fn tamper_release(msg: &mut wire::release::ReleaseMsg, mode: &str, home: &Home) -> anyhow::Result<()> {
+    match mode {
+        "card" => {
+            let at = msg.card.len() / 2;
+            msg.card[at] ^= 0x01;
+        }
+        "signature" => msg.signature[0] ^= 0x01,
+        "unlogged" => {
+            let mut card = maeum_protocols::release::ModelCard::decode(&msg.card)?;
+            card.released_ms += 1;
+            msg.card = card.encode();
+            msg.manifest.card_sha256 = Digest::of(&msg.card).hex();
+            msg.signature = msg.manifest.sign(&home.signing_key()?);
+        }
+        other => anyhow::bail!("unknown tamper mode {other:?}"),
+    }
+    Ok(())
 }
 
 fn read_full(file: &mut std::fs::File, buf: &mut [u8]) -> std::io::Result<usize> {
@@ -985,6 +1117,27 @@ impl Coord {
             initial_evaluation: confusion(&j.initial_evaluation),
             secure_aggregation: j.spec.secure_aggregation.enabled(),
         }
+    }
+
+    fn release_info(&self, r: &crate::registry::ReleaseRecord, current: u32) -> Result<pb::ReleaseInfo, Status> {
+        let consortium = self.home.consortium().map_err(internal)?.name;
+        Ok(pb::ReleaseInfo {
+            release: Some(r.message(&consortium).map_err(internal)?.to_pb()),
+            current: r.version == current,
+            job_id: r.job_id.clone(),
+            round: r.round,
+            released_ms: r.released_ms,
+            installs: r
+                .installs
+                .iter()
+                .map(|(site, i)| pb::ReleaseInstall {
+                    site_id: site.clone(),
+                    installed: i.installed,
+                    reason: i.reason.clone(),
+                    at_ms: i.at_ms,
+                })
+                .collect(),
+        })
     }
 
     fn site_infos(&self) -> anyhow::Result<Vec<pb::SiteInfo>> {
@@ -1181,6 +1334,82 @@ impl pb::control_server::Control for Control {
         .await
         .map_err(|e| internal(e.into()))?
         .map_err(internal)?;
+        let pieces: Vec<Result<pb::AuditExportPiece, Status>> =
+            bytes.chunks(CHUNK_SIZE).map(|d| Ok(pb::AuditExportPiece { data: d.to_vec() })).collect();
+        Ok(Response::new(Box::pin(tokio_stream::iter(pieces))))
+    }
+
+    async fn list_releases(&self, req: Request<pb::ListReleasesRequest>) -> Result<Response<pb::ReleaseList>, Status> {
+        let c = &self.0;
+        c.operator(&req)?;
+        let current = c.registry.current().map_err(internal)?.map_or(0, |(r, _)| r.version);
+        let releases = c.registry.releases().map_err(internal)?;
+        Ok(Response::new(pb::ReleaseList {
+            releases: releases.iter().map(|r| c.release_info(r, current)).collect::<Result<_, _>>()?,
+            current,
+            promotions: c
+                .registry
+                .promotions()
+                .map_err(internal)?
+                .into_iter()
+                .map(|p| pb::Promotion {
+                    id: p.id,
+                    version: p.version,
+                    action: p.action,
+                    operator: p.operator,
+                    at_ms: p.at_ms,
+                })
+                .collect(),
+        }))
+    }
+
+    async fn get_release_info(&self, req: Request<pb::ReleaseSelector>) -> Result<Response<pb::ReleaseInfo>, Status> {
+        let c = &self.0;
+        c.operator(&req)?;
+        let r = c.registry.find(&req.get_ref().version).map_err(|e| Status::not_found(format!("{e:#}")))?;
+        let current = c.registry.current().map_err(internal)?.map_or(0, |(r, _)| r.version);
+        Ok(Response::new(c.release_info(&r, current)?))
+    }
+
+    async fn promote_release(&self, req: Request<pb::ReleaseSelector>) -> Result<Response<pb::ReleaseInfo>, Status> {
+        let c = self.0.clone();
+        let operator = c.operator(&req)?;
+        let selector = req.into_inner().version;
+        c.registry.find(&selector).map_err(|e| Status::not_found(format!("{e:#}")))?;
+        let c2 = c.clone();
+        let (r, p) = tokio::task::spawn_blocking(move || crate::registry::promote(&c2, &selector, &operator))
+            .await
+            .map_err(|e| internal(e.into()))?
+            .map_err(internal)?;
+        c.refresh_current_release().map_err(internal)?;
+        info!(version = r.version, operator = %p.operator, promotion = p.id, "release promoted; sites install it next");
+        Ok(Response::new(c.release_info(&r, r.version)?))
+    }
+
+    async fn rollback_release(&self, req: Request<pb::RollbackRequest>) -> Result<Response<pb::ReleaseInfo>, Status> {
+        let c = self.0.clone();
+        let operator = c.operator(&req)?;
+        let c2 = c.clone();
+        let (r, p) = tokio::task::spawn_blocking(move || crate::registry::rollback(&c2, &operator))
+            .await
+            .map_err(|e| internal(e.into()))?
+            .map_err(|e| Status::failed_precondition(format!("{e:#}")))?;
+        c.refresh_current_release().map_err(internal)?;
+        warn!(version = r.version, operator = %p.operator, promotion = p.id, "rolled back; sites return to this release");
+        Ok(Response::new(c.release_info(&r, r.version)?))
+    }
+
+    type ExportModelStream = Pin<Box<dyn Stream<Item = Result<pb::AuditExportPiece, Status>> + Send>>;
+
+    async fn export_model(
+        &self,
+        req: Request<pb::ReleaseSelector>,
+    ) -> Result<Response<Self::ExportModelStream>, Status> {
+        let c = self.0.clone();
+        c.operator(&req)?;
+        let r = c.registry.find(&req.get_ref().version).map_err(|e| Status::not_found(format!("{e:#}")))?;
+        let digest = Digest::parse("digest", &r.model.digest).map_err(|e| internal(e.into()))?;
+        let bytes = c.blobs.get(&digest).map_err(internal)?;
         let pieces: Vec<Result<pb::AuditExportPiece, Status>> =
             bytes.chunks(CHUNK_SIZE).map(|d| Ok(pb::AuditExportPiece { data: d.to_vec() })).collect();
         Ok(Response::new(Box::pin(tokio_stream::iter(pieces))))

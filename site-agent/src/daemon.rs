@@ -101,7 +101,11 @@ pub(crate) struct Agent {
     /// The size of the latest audit checkpoint this site witnessed.
     witnessed: AtomicU64,
     /// A witnessing exchange is in flight.
-    witnessing: AtomicBool,
+    pub(crate) witnessing: AtomicBool,
+    /// A release install is in flight (`crate::releases`).
+    pub(crate) installing: AtomicBool,
+    /// The (version, promotion) of the current release this site last acted on.
+    pub(crate) release_handled: Mutex<Option<(u32, u64)>>,
     /// What the ops endpoint serves.
     pub(crate) metrics: crate::metrics::SiteMetrics,
 }
@@ -265,6 +269,8 @@ pub async fn run(
         prepared: Mutex::new(HashMap::new()),
         witnessed: AtomicU64::new(0),
         witnessing: AtomicBool::new(false),
+        installing: AtomicBool::new(false),
+        release_handled: Mutex::new(None),
         metrics: crate::metrics::SiteMetrics::new(),
     });
     let (stop_ops, ops_stopped) = tokio::sync::oneshot::channel::<()>();
@@ -308,6 +314,12 @@ async fn heartbeats(agent: Arc<Agent>, mut client: Client) {
                 {
                     tokio::spawn(witness(agent.clone(), client.clone()));
                 }
+                if let Some(cur) = reply.into_inner().current_release
+                    && crate::releases::wanted(&agent, &cur)
+                    && !agent.installing.swap(true, Ordering::SeqCst)
+                {
+                    tokio::spawn(crate::releases::follow(agent.clone(), client.clone(), cur));
+                }
             }
             Err(e) => {
                 agent.metrics.connected.set(0);
@@ -319,7 +331,7 @@ async fn heartbeats(agent: Arc<Agent>, mut client: Client) {
 
 /// One witnessing exchange (see `crate::witness`); failures are logged and retried at
 /// the next heartbeat that announces a newer checkpoint, except after a fork.
-async fn witness(agent: Arc<Agent>, mut client: Client) {
+pub(crate) async fn witness(agent: Arc<Agent>, mut client: Client) {
     match crate::witness::witness_once(&agent.home, &mut client).await {
         Ok(crate::witness::Witnessed::Cosigned { size, .. }) => {
             agent.metrics.checkpoints_witnessed.inc();
@@ -434,8 +446,23 @@ async fn decide(agent: &Agent, client: &mut Client, job_id: String, spec_json: S
     Ok(())
 }
 
+/// A downloaded blob did not hash to the digest it was asked for (it was discarded).
+#[derive(Debug)]
+pub(crate) struct DigestMismatch {
+    pub want: String,
+    pub got: String,
+}
+
+impl std::fmt::Display for DigestMismatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "downloaded model does not match its digest {}; discarded", self.want)
+    }
+}
+
+impl std::error::Error for DigestMismatch {}
+
 /// Downloads (or resumes downloading) a model into HOME/models and verifies its digest.
-async fn download(agent: &Agent, client: &mut Client, model: &ModelRef) -> Result<PathBuf> {
+pub(crate) async fn download(agent: &Agent, client: &mut Client, model: &ModelRef) -> Result<PathBuf> {
     let dir = agent.home.path("models");
     let path = dir.join(format!("{}.safetensors", model.digest));
     if path.exists() {
@@ -481,10 +508,11 @@ async fn download(agent: &Agent, client: &mut Client, model: &ModelRef) -> Resul
             }
             hasher.update(&buf[..n]);
         }
-        if hasher.finish() != model.digest {
+        let got = hasher.finish();
+        if got != model.digest {
             agent.metrics.verification_failures.inc("model_digest");
             let _ = std::fs::remove_file(&part);
-            bail!("downloaded model does not match its digest {}; discarded", model.digest);
+            return Err(DigestMismatch { want: model.digest.hex(), got: got.hex() }.into());
         }
         std::fs::rename(&part, &path)?;
         agent.metrics.stage("download", started.elapsed());
@@ -527,6 +555,17 @@ async fn report_eval(
     let spec2 = spec.clone();
     let confusion = tokio::task::spawn_blocking(move || spec2.evaluate(&params, &data.test)).await??;
     let counts = ConfusionCounts::from_rows(&confusion.counts);
+    let note = crate::releases::Reported {
+        time_ms: crate::now_ms(),
+        job_id: of.job_id.into(),
+        round: of.round,
+        attempt: of.attempt,
+        model: of.model.digest.hex(),
+        confusion: confusion.counts.clone(),
+    };
+    if let Err(e) = crate::releases::note_evaluation(&agent.home, &note) {
+        warn!(error = %format!("{e:#}"), "writing evaluations.jsonl");
+    }
     let report = pb::EvaluationReport {
         job_id: of.job_id.into(),
         round: of.round,

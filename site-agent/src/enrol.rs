@@ -202,6 +202,9 @@ pub struct Status {
     /// The audit log as this site witnesses it (or the fork it caught).
     #[serde(default)]
     pub audit: String,
+    /// The release in service (`vN (digest)`), empty before the first install.
+    #[serde(default)]
+    pub release: String,
     pub updated_ms: i64,
 }
 
@@ -263,6 +266,9 @@ pub fn status(dir: &Path, json: bool) -> Result<()> {
             }
             if !s.audit.is_empty() {
                 println!("audit log   {}", s.audit);
+            }
+            if !s.release.is_empty() {
+                println!("release     {} in service (`maeum-site models list`)", s.release);
             }
             println!("updated     {}s ago (pid {})", (crate::now_ms() - s.updated_ms).max(0) / 1000, s.pid);
         }

@@ -10,7 +10,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 use maeum_site::local::{self, Input, SplitArgs, TrainLocalArgs};
-use maeum_site::{enrol, witness};
+use maeum_site::{enrol, releases, witness};
 
 /// Maeum site agent: trains the consortium's model on this institution's data, which
 /// never leaves the site.
@@ -88,6 +88,45 @@ enum Command {
     /// This site as a witness of the consortium's audit log.
     #[command(subcommand)]
     Audit(AuditCommand),
+    /// Signed model releases installed here: list, show, re-verify offline.
+    #[command(subcommand)]
+    Models(ModelsCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum ModelsCommand {
+    /// Installed releases (`*` = in service), refusals with their reasons, and local
+    /// fine-tuned models.
+    List {
+        /// The site's home directory.
+        #[arg(long, value_name = "DIR", env = "MAEUM_SITE_HOME")]
+        home: PathBuf,
+        /// Print one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
+    /// A release's model card, audit-log entry, and the metrics this site reported for it.
+    Show {
+        /// The site's home directory.
+        #[arg(long, value_name = "DIR", env = "MAEUM_SITE_HOME")]
+        home: PathBuf,
+        /// The release (3, v3 or a model-digest prefix); default: the one in service.
+        version: Option<String>,
+        /// Print one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Re-verify every installed release offline: signature under the consortium key,
+    /// card and model digests, model layout, and the log entry's inclusion proof against
+    /// a checkpoint this site witnessed. Exit 1 if any fails.
+    Verify {
+        /// The site's home directory.
+        #[arg(long, value_name = "DIR", env = "MAEUM_SITE_HOME")]
+        home: PathBuf,
+        /// Print one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -158,6 +197,9 @@ fn main() -> ExitCode {
         Command::Predict(a) => maeum_site::predict::run(a),
         Command::Data(DataCommand::Check { input, json }) => local::check(input, json),
         Command::Data(DataCommand::Split(a)) => local::split(a),
+        Command::Models(ModelsCommand::List { home, json }) => releases::list(&home, json),
+        Command::Models(ModelsCommand::Show { home, version, json }) => releases::show(&home, version.as_deref(), json),
+        Command::Models(ModelsCommand::Verify { home, json }) => releases::verify(&home, json),
         Command::Audit(AuditCommand::Status { home, json }) => witness::status(&home, json),
         Command::Audit(AuditCommand::Prove { home, json }) => prove(home, json),
         Command::Audit(AuditCommand::Checkpoint { home }) => witness::witnessed(&enrol::Home::new(&home))

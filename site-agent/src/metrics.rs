@@ -29,8 +29,11 @@ pub struct SiteMetrics {
     pub connected: Gauge,
     /// Audit checkpoints verified and cosigned.
     pub checkpoints_witnessed: Counter,
-    /// Refused input from the coordinator by kind: `model_digest`, `audit`, `fork`.
+    /// Refused input from the coordinator by kind: `model_digest`, `audit`, `fork`,
+    /// `release` (a release that failed a check and was not installed).
     pub verification_failures: LabelledCounter,
+    /// Releases verified and put in service.
+    pub releases_installed: Counter,
     /// Failures by kind: `connection`, `work_item`.
     pub errors: LabelledCounter,
 }
@@ -57,6 +60,7 @@ impl SiteMetrics {
                 "kind",
             ),
             errors: ops.counter_vec("errors", "Failures by kind", "kind"),
+            releases_installed: ops.counter("releases_installed", "Releases verified and put in service"),
             ops,
         }
     }

@@ -1,6 +1,7 @@
 //! `maeum-site predict`: runs a model this site holds on local text, with no
-//! coordinator and no network. The model is a blob in `HOME/models`, checked against its
-//! SHA-256 (its file name) before use; by default the last model the daemon used.
+//! coordinator and no network. By default the release in service (`crate::releases`),
+//! re-verified offline before use; or any release, model blob (`HOME/models`) or
+//! fine-tuned local model (`HOME/local-models`), each checked against its SHA-256.
 //!
 //! `--file` streams a JSONL file in batches (constant memory in the file's size): each
 //! line is an object with a text field (`--text-column`, default `text`) and, if it has
@@ -11,13 +12,13 @@ use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, anyhow, bail};
 use clap::Args;
 
 use maeum_models::data::{DataError, LineError, Problem};
 use maeum_models::model::ModelSpec;
 use maeum_models::params::FlatParams;
-use maeum_protocols::wire::{CHUNK_SIZE, Hasher};
+use maeum_protocols::release::Selector;
 
 use crate::enrol::{Home, Status};
 
@@ -28,9 +29,10 @@ pub struct PredictArgs {
     /// The site's home directory.
     #[arg(long, value_name = "DIR", env = "MAEUM_SITE_HOME")]
     pub home: PathBuf,
-    /// The model: a digest (or a unique prefix of one) of a model in HOME/models.
-    /// Default: the last model the daemon used.
-    #[arg(long, value_name = "DIGEST")]
+    /// The model: a release (`3` or `v3`), or a digest (or unique prefix) of a model in
+    /// HOME/models or HOME/local-models. Default: the release in service (else the last
+    /// model the daemon used).
+    #[arg(long, value_name = "VERSION|DIGEST")]
     pub model: Option<String>,
     /// One text to classify.
     #[arg(long)]
@@ -60,42 +62,51 @@ pub struct Loaded {
     pub params: FlatParams,
 }
 
-/// Finds `wanted` (a digest or unique prefix; default the last model used) in
-/// HOME/models, checks its SHA-256 and loads it.
+/// Finds `wanted` in HOME and loads it after checking it: a release number (`3` or
+/// `v3`) or a digest (or unique prefix) of a model in HOME/models or a fine-tuned model
+/// in HOME/local-models; by default the release in service, else the last model the
+/// daemon used. Every file is checked against its SHA-256 first, and a release is
+/// re-verified (signature, card, log inclusion) before it is used.
 pub fn load(home: &Home, wanted: Option<&str>) -> Result<Loaded> {
-    let dir = home.path("models");
     let wanted = match wanted {
-        Some(w) => w.to_ascii_lowercase(),
-        None => Status::load(home)?
-            .map(|s| s.last_model)
-            .filter(|m| !m.is_empty())
-            .context("this site has used no model yet; pass --model DIGEST (see HOME/models)")?,
+        Some(w) => match Selector::parse(w).map_err(|e| anyhow!("--model: {e}"))? {
+            Selector::Version(_) => crate::releases::find(home, w)?.manifest.model_sha256,
+            Selector::DigestPrefix(p) => p,
+        },
+        None => match crate::releases::current(home)? {
+            Some(c) => crate::releases::find(home, &c.version.to_string())?.manifest.model_sha256,
+            None => Status::load(home)?
+                .map(|s| s.last_model)
+                .filter(|m| !m.is_empty())
+                .context("this site has no release in service and has used no model yet; pass --model DIGEST")?,
+        },
     };
-    let mut found: Vec<String> = std::fs::read_dir(&dir)
-        .with_context(|| format!("reading {}", dir.display()))?
-        .flatten()
-        .filter_map(|e| e.file_name().to_str()?.strip_suffix(".safetensors").map(str::to_owned))
-        .filter(|d| d.starts_with(&wanted))
-        .collect();
+    let mut found: Vec<(String, PathBuf)> = Vec::new();
+    for dir in ["models", "local-models"] {
+        let Ok(rd) = std::fs::read_dir(home.path(dir)) else { continue };
+        for e in rd.flatten() {
+            if let Some(d) = e.file_name().to_str().and_then(|n| n.strip_suffix(".safetensors"))
+                && d.starts_with(&wanted)
+            {
+                found.push((d.to_owned(), e.path()));
+            }
+        }
+    }
     found.sort();
-    let digest = match found.as_slice() {
+    found.dedup_by(|a, b| a.0 == b.0);
+    let (digest, path) = match found.as_slice() {
         [one] => one.clone(),
-        [] => bail!("no model {wanted} in {}", dir.display()),
+        [] => {
+            bail!("no model {wanted} in {} or {}", home.path("models").display(), home.path("local-models").display())
+        }
         many => bail!("--model {wanted} matches {} models; give more digits", many.len()),
     };
-    let path = dir.join(format!("{digest}.safetensors"));
-    let mut hasher = Hasher::default();
-    let mut file = std::fs::File::open(&path).with_context(|| format!("opening {}", path.display()))?;
-    let mut buf = vec![0u8; CHUNK_SIZE];
-    loop {
-        let n = std::io::Read::read(&mut file, &mut buf).with_context(|| format!("reading {}", path.display()))?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buf[..n]);
-    }
-    if hasher.finish().hex() != digest {
+    if crate::releases::hash_file(&path)?.hex() != digest {
         bail!("{} does not match its digest: the file was altered or damaged; refusing to use it", path.display());
+    }
+    if let Some(r) = crate::releases::installed(home)?.into_iter().find(|r| r.manifest.model_sha256 == digest) {
+        crate::releases::verify_installed(home, &r)
+            .with_context(|| format!("release v{} no longer verifies; refusing to use it", r.manifest.version))?;
     }
     let (spec, params, _) = ModelSpec::load(&path).with_context(|| format!("loading {}", path.display()))?;
     Ok(Loaded { digest, spec, params })
@@ -148,12 +159,15 @@ impl Loaded {
 }
 
 /// What a file run counted.
-#[derive(Debug, Default, Clone, Copy, PartialEq)]
+#[derive(Debug, Default, Clone, PartialEq)]
 pub struct Summary {
     pub inputs: u64,
     pub labelled: u64,
     pub correct: u64,
     pub seconds: f64,
+    /// `confusion[true][predicted]` over the labelled inputs whose label the model
+    /// knows (the counts federated evaluation reports).
+    pub confusion: Vec<Vec<u64>>,
 }
 
 /// `maeum-site predict`.
@@ -176,16 +190,19 @@ pub fn run(a: PredictArgs) -> Result<()> {
     out.flush()?;
     let rate = s.inputs as f64 / s.seconds.max(1e-9);
     let accuracy = (s.labelled > 0).then(|| s.correct as f64 / s.labelled as f64);
+    let m = maeum_models::metrics::Confusion { counts: s.confusion.clone() }.metrics();
+    let macro_f1 = (s.labelled > 0).then_some(m.macro_f1);
     if a.json {
         let summary = serde_json::json!({
             "summary": {"model": model.digest, "inputs": s.inputs, "seconds": s.seconds, "per_second": rate,
-                        "labelled": s.labelled, "correct": s.correct, "accuracy": accuracy}
+                        "labelled": s.labelled, "correct": s.correct, "accuracy": accuracy,
+                        "macro_f1": macro_f1, "confusion": (s.labelled > 0).then_some(&s.confusion)}
         });
         writeln!(out, "{summary}")?;
     } else {
         eprintln!("{} inputs in {:.2} s ({rate:.0}/s) with model {}", s.inputs, s.seconds, &model.digest[..16]);
-        if let Some(acc) = accuracy {
-            eprintln!("accuracy on the {} labelled inputs: {acc:.4}", s.labelled);
+        if let (Some(acc), Some(f1)) = (accuracy, macro_f1) {
+            eprintln!("on the {} labelled inputs: accuracy {acc:.4}, macro-F1 {f1:.4}", s.labelled);
         }
     }
     Ok(out.flush()?)
@@ -200,7 +217,9 @@ pub fn predict_file(model: &Loaded, path: &Path, a: &PredictArgs, out: &mut impl
     let file = std::fs::File::open(path).map_err(|source| DataError::Io { path: path.to_owned(), source })?;
     let reader = BufReader::new(file);
     let started = Instant::now();
-    let mut s = Summary::default();
+    let n = model.spec.labels().names().len();
+    let mut s = Summary { confusion: vec![vec![0; n]; n], ..Summary::default() };
+    let labels = model.spec.labels().clone();
     let mut texts = Vec::with_capacity(a.batch);
     let mut meta: Vec<(u64, Option<String>)> = Vec::with_capacity(a.batch);
     let mut flush = |texts: &mut Vec<String>, meta: &mut Vec<(u64, Option<String>)>, s: &mut Summary| -> Result<()> {
@@ -212,6 +231,9 @@ pub fn predict_file(model: &Loaded, path: &Path, a: &PredictArgs, out: &mut impl
             if let Some(t) = truth {
                 s.labelled += 1;
                 s.correct += u64::from(*t == p.label);
+                if let (Some(ti), Some(pi)) = (labels.index(t), labels.index(&p.label)) {
+                    s.confusion[ti][pi] += 1;
+                }
             }
             if a.json {
                 writeln!(out, "{}", model.json(p, Some(*line), truth.as_deref()))?;
@@ -249,11 +271,20 @@ pub fn predict_file(model: &Loaded, path: &Path, a: &PredictArgs, out: &mut impl
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use maeum_models::data::Example;
 
-    fn setup() -> (tempfile::TempDir, Home, String, ModelSpec) {
+    /// A HOME holding one untrained model (labels calm, crisis) under its digest.
+    pub(crate) struct ModelHome {
+        pub dir: tempfile::TempDir,
+        pub home: Home,
+        pub digest: String,
+        pub spec: ModelSpec,
+        pub params: FlatParams,
+    }
+
+    pub(crate) fn model_home() -> ModelHome {
         let dir = tempfile::tempdir().expect("tempdir");
         let home = Home::new(dir.path());
         std::fs::create_dir_all(home.path("models")).expect("models");
@@ -269,7 +300,7 @@ mod tests {
         let bytes = std::fs::read(&tmp).expect("read");
         let digest = maeum_protocols::wire::Digest::of(&bytes).hex();
         std::fs::rename(&tmp, home.path(&format!("models/{digest}.safetensors"))).expect("rename");
-        (dir, home, digest, spec)
+        ModelHome { dir, home, digest, spec, params }
     }
 
     fn args(home: &Home, file: &Path) -> PredictArgs {
@@ -287,7 +318,7 @@ mod tests {
 
     #[test]
     fn a_file_is_streamed_scored_and_matches_evaluate() {
-        let (dir, home, digest, spec) = setup();
+        let ModelHome { dir, home, digest, spec, .. } = model_home();
         let model = load(&home, Some(&digest[..8])).expect("load by prefix");
         let records = [("I feel fine today", "calm"), ("I want to end it all", "crisis"), ("ok", "calm")];
         let file = dir.path().join("in.jsonl");
@@ -302,6 +333,7 @@ mod tests {
         let confusion = spec.evaluate(&model.params, &spec.prepare_text(&examples).expect("prep")).expect("eval");
         let correct: u64 = (0..2).map(|i| confusion.counts[i][i]).sum();
         assert_eq!(s.correct, correct, "predict scores exactly as federated evaluation counts");
+        assert_eq!(s.confusion, confusion.counts, "and its confusion matrix is the reported one");
         let first: serde_json::Value =
             serde_json::from_slice(out.split(|b| *b == b'\n').next().expect("line")).expect("json");
         assert_eq!(first["line"], 1);
@@ -311,14 +343,14 @@ mod tests {
 
     #[test]
     fn bad_input_names_file_and_line_and_a_tampered_model_is_refused() {
-        let (dir, home, digest, _) = setup();
+        let ModelHome { dir, home, digest, .. } = model_home();
         let model = load(&home, Some(&digest)).expect("load");
         let file = dir.path().join("bad.jsonl");
         std::fs::write(&file, "{\"text\": \"fine\"}\n{\"body\": \"no text field\"}\n").expect("write");
         let e = predict_file(&model, &file, &args(&home, &file), &mut Vec::new()).expect_err("bad line");
         assert!(e.downcast_ref::<DataError>().is_some(), "exit code 3");
         assert!(e.to_string().ends_with("bad.jsonl:2: missing field \"text\""), "{e}");
-        assert!(load(&home, Some("ffff")).expect_err("unknown").to_string().contains("no model ffff"));
+        assert!(load(&home, Some("ffffffff")).expect_err("unknown").to_string().contains("no model ffffffff"));
         assert!(load(&home, None).expect_err("no model used yet").to_string().contains("no model yet"));
         let path = home.path(&format!("models/{digest}.safetensors"));
         let mut bytes = std::fs::read(&path).expect("read");

@@ -59,7 +59,7 @@ pub enum Record {
     Model { job_id: String, round: u32, digest: String, time_ms: i64 },
 }
 
-fn append_line(home: &Home, name: &str, line: &str) -> Result<()> {
+pub(crate) fn append_line(home: &Home, name: &str, line: &str) -> Result<()> {
     let path = home.path(name);
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -112,6 +112,23 @@ pub fn witnessed(home: &Home) -> Result<Option<CheckpointFile>> {
 /// The size of the latest witnessed checkpoint (0 if none or unreadable).
 pub fn witnessed_size(home: &Home) -> u64 {
     witnessed(home).ok().flatten().map_or(0, |f| f.checkpoint.size)
+}
+
+/// Every checkpoint this site verified and cosigned, as (size, root hex), from
+/// HOME/audit/witnessed.jsonl.
+pub fn witnessed_roots(home: &Home) -> Result<std::collections::HashSet<(u64, String)>> {
+    let Ok(text) = std::fs::read_to_string(home.path(WITNESSED)) else { return Ok(Default::default()) };
+    text.lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .map(|(i, l)| {
+            let v: serde_json::Value =
+                serde_json::from_str(l).with_context(|| format!("{WITNESSED} line {}", i + 1))?;
+            let size = v["size"].as_u64().with_context(|| format!("{WITNESSED} line {}: size", i + 1))?;
+            let root = v["root"].as_str().with_context(|| format!("{WITNESSED} line {}: root", i + 1))?;
+            Ok((size, root.to_owned()))
+        })
+        .collect()
 }
 
 /// Why this site no longer witnesses, if the coordinator was caught forking.
@@ -298,6 +315,49 @@ impl ProveReport {
     }
 }
 
+/// The entries that name this site or one of `models`, each with its inclusion proof
+/// against the checkpoint `(size, root)` verified here; any proof that fails is an
+/// error (the coordinator's log is not the one it showed this site).
+pub async fn fetch_proven(
+    client: &mut Client,
+    size: u64,
+    root: &maeum_protocols::audit::merkle::Hash,
+    models: Vec<String>,
+) -> Result<Vec<ProvenEntry>> {
+    let mut entries = Vec::new();
+    let mut after = 0;
+    loop {
+        let reply = client
+            .audit_prove(pb::AuditProveRequest { size, models: models.clone(), after })
+            .await
+            .map_err(|e| anyhow!("asking the coordinator for proofs: {}", describe(&e)))?
+            .into_inner();
+        for e in reply.entries {
+            let proven = ProvenEntry::from_pb(e).context("an entry from the coordinator")?;
+            if proven.seq < after || proven.seq >= size {
+                bail!("the coordinator returned entry {} outside {after}..{size}", proven.seq);
+            }
+            verify_inclusion(&proven.entry.leaf_hash(), proven.seq, size, &proven.proof, root).map_err(|e| {
+                anyhow!(
+                    "entry {}: its inclusion proof does not verify against the checkpoint this site witnessed \
+                     (size {size}): the coordinator's log is not the one it showed this site ({e})",
+                    proven.seq
+                )
+            })?;
+            after = proven.seq + 1;
+            entries.push(proven);
+        }
+        if !reply.more {
+            break;
+        }
+        if reply.next < after {
+            bail!("the coordinator's paging went backwards");
+        }
+        after = reply.next;
+    }
+    Ok(entries)
+}
+
 /// Fetches the entries that name this site or its models with inclusion proofs against
 /// the checkpoint it witnessed, verifies every proof, and matches them with the journal.
 pub async fn prove(home: &Home) -> Result<ProveReport> {
@@ -314,37 +374,7 @@ pub async fn prove(home: &Home) -> Result<ProveReport> {
     models.sort();
     models.dedup();
     let mut client = connect(home).await?;
-    let mut entries = Vec::new();
-    let mut after = 0;
-    loop {
-        let reply = client
-            .audit_prove(pb::AuditProveRequest { size, models: models.clone(), after })
-            .await
-            .map_err(|e| anyhow!("asking the coordinator for proofs: {}", describe(&e)))?
-            .into_inner();
-        for e in reply.entries {
-            let proven = ProvenEntry::from_pb(e).context("an entry from the coordinator")?;
-            if proven.seq < after || proven.seq >= size {
-                bail!("the coordinator returned entry {} outside {after}..{size}", proven.seq);
-            }
-            verify_inclusion(&proven.entry.leaf_hash(), proven.seq, size, &proven.proof, &root).map_err(|e| {
-                anyhow!(
-                    "entry {}: its inclusion proof does not verify against the checkpoint this site witnessed \
-                     (size {size}): the coordinator's log is not the one it showed this site ({e})",
-                    proven.seq
-                )
-            })?;
-            after = proven.seq + 1;
-            entries.push(proven.entry);
-        }
-        if !reply.more {
-            break;
-        }
-        if reply.next < after {
-            bail!("the coordinator's paging went backwards");
-        }
-        after = reply.next;
-    }
+    let entries: Vec<_> = fetch_proven(&mut client, size, &root, models).await?.into_iter().map(|p| p.entry).collect();
     let names_me = |e: &Event| e.involves_site(&site);
     let find = |f: &dyn Fn(&Event) -> Option<String>| entries.iter().find_map(|e| f(&e.event).map(|s| (e.seq, s)));
     let mut out = Vec::new();

@@ -1,0 +1,544 @@
+//! `maeum-coordinator models …`: the operator's view of the model registry (list,
+//! show, promote, rollback) and `models export`, which writes a release for people and
+//! other tools:
+//!
+//! ```text
+//! OUT/model-vN.safetensors   the model (its SHA-256 is the release's model digest)
+//! OUT/card-vN.json           the model card, byte for byte as signed
+//! OUT/card-vN.md             the same card for people
+//! OUT/release-vN.json        manifest, signature, signing key, audit-log entry seq
+//! OUT/curve-vN.svg           accuracy and macro-F1 per round
+//! ```
+//!
+//! Export verifies the signature (HOME/signing.pub), the card digest and the model
+//! digest before it writes anything, so what lands in OUT is what the consortium
+//! signed.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use serde::Serialize;
+
+use maeum_protocols::audit::{rfc3339, unhex32};
+use maeum_protocols::release::{CardEvaluation, ModelCard, check_card};
+use maeum_protocols::wire::Digest;
+use maeum_protocols::wire::pb;
+use maeum_protocols::wire::release::ReleaseMsg;
+
+use crate::client::connect;
+use crate::home::{Home, write_file};
+
+/// A release as the CLI shows it.
+#[derive(Debug, Serialize)]
+pub struct ReleaseView {
+    pub version: u32,
+    pub current: bool,
+    pub model_sha256: String,
+    pub model_size: u64,
+    pub card_sha256: String,
+    pub job_id: String,
+    pub round: u32,
+    pub released: String,
+    pub audit_seq: u64,
+    pub accuracy: Option<f64>,
+    pub macro_f1: Option<f64>,
+    pub installs: Vec<InstallView>,
+    pub card: Option<ModelCard>,
+}
+
+/// What a site reported.
+#[derive(Debug, Serialize)]
+pub struct InstallView {
+    pub site: String,
+    pub installed: bool,
+    pub reason: String,
+    pub at: String,
+}
+
+fn view(info: &pb::ReleaseInfo, with_card: bool) -> Result<ReleaseView> {
+    let r = ReleaseMsg::from_pb(info.release.clone().context("the coordinator sent a release without its body")?)?;
+    let card = ModelCard::decode(&r.card).ok();
+    let eval = card.as_ref().and_then(|c| c.evaluation.as_ref());
+    Ok(ReleaseView {
+        version: r.manifest.version,
+        current: info.current,
+        model_sha256: r.manifest.model_sha256.clone(),
+        model_size: r.manifest.model_size,
+        card_sha256: r.manifest.card_sha256.clone(),
+        job_id: info.job_id.clone(),
+        round: info.round,
+        released: rfc3339(info.released_ms),
+        audit_seq: r.audit_seq,
+        accuracy: eval.map(|e| e.accuracy),
+        macro_f1: eval.map(|e| e.macro_f1),
+        installs: info
+            .installs
+            .iter()
+            .map(|i| InstallView {
+                site: i.site_id.clone(),
+                installed: i.installed,
+                reason: i.reason.clone(),
+                at: rfc3339(i.at_ms),
+            })
+            .collect(),
+        card: if with_card { card } else { None },
+    })
+}
+
+fn score(v: Option<f64>) -> String {
+    v.map_or("-".into(), |v| format!("{v:.4}"))
+}
+
+/// `models list`.
+pub async fn list(home: &Path, json: bool) -> Result<()> {
+    let list = connect(home).await?.list_releases(pb::ListReleasesRequest {}).await?.into_inner();
+    let views: Vec<ReleaseView> = list.releases.iter().map(|r| view(r, false)).collect::<Result<_>>()?;
+    if json {
+        let promotions: Vec<serde_json::Value> = list
+            .promotions
+            .iter()
+            .map(|p| {
+                serde_json::json!({"id": p.id, "version": p.version, "action": p.action,
+                    "operator": p.operator, "at": rfc3339(p.at_ms)})
+            })
+            .collect();
+        println!(
+            "{}",
+            serde_json::json!({"current": (list.current > 0).then_some(list.current), "releases": views, "promotions": promotions})
+        );
+        return Ok(());
+    }
+    if views.is_empty() {
+        println!("no releases yet: a job releases its final model when it completes");
+        return Ok(());
+    }
+    println!(
+        "{:<3} {:<5} {:<14} {:<24} {:>5} {:>8} {:>8}  installed",
+        "", "ver", "model", "job", "round", "accuracy", "macro-F1"
+    );
+    for v in &views {
+        let ok = v.installs.iter().filter(|i| i.installed).count();
+        let refused = v.installs.iter().filter(|i| !i.installed).count();
+        println!(
+            "{:<3} v{:<4} {:<14} {:<24} {:>5} {:>8} {:>8}  {ok} site(s){}",
+            if v.current { "*" } else { "" },
+            v.version,
+            &v.model_sha256[..12.min(v.model_sha256.len())],
+            v.job_id,
+            v.round,
+            score(v.accuracy),
+            score(v.macro_f1),
+            if refused > 0 { format!(", {refused} REFUSED") } else { String::new() }
+        );
+    }
+    match list.current {
+        0 => println!("no release is current yet: `maeum-coordinator models promote VERSION`"),
+        n => println!("* current: v{n} (sites install it and keep it in service)"),
+    }
+    Ok(())
+}
+
+/// `models show VERSION`.
+pub async fn show(home: &Path, version: &str, json: bool) -> Result<()> {
+    let info =
+        connect(home).await?.get_release_info(pb::ReleaseSelector { version: version.into() }).await?.into_inner();
+    let v = view(&info, true)?;
+    if json {
+        println!("{}", serde_json::to_string(&v)?);
+        return Ok(());
+    }
+    println!("release v{}{}", v.version, if v.current { " (current)" } else { "" });
+    println!("  model      {} ({} bytes)", v.model_sha256, v.model_size);
+    println!("  card       {}", v.card_sha256);
+    println!("  from       job {} round {}", v.job_id, v.round);
+    println!("  released   {}   audit-log entry #{} (model_release)", v.released, v.audit_seq);
+    if let Some(card) = &v.card {
+        if let Some(p) = card.parent_version {
+            println!("  parent     v{p}");
+        }
+        print_eval("evaluation", card.evaluation.as_ref());
+    }
+    if v.installs.is_empty() {
+        println!("  sites      none has reported on this release yet");
+    }
+    for i in &v.installs {
+        if i.installed {
+            println!("  site {:<16} installed and verified ({})", i.site, i.at);
+        } else {
+            println!("  site {:<16} REFUSED ({}): {}", i.site, i.at, i.reason);
+        }
+    }
+    Ok(())
+}
+
+fn print_eval(what: &str, e: Option<&CardEvaluation>) {
+    let Some(e) = e else {
+        println!("  {what} none recorded");
+        return;
+    };
+    println!(
+        "  {what} accuracy {:.4}  macro-F1 {:.4}  ({} held-out examples at {} sites)",
+        e.accuracy, e.macro_f1, e.examples, e.evaluated_by
+    );
+    let parts: Vec<String> = e
+        .recall
+        .iter()
+        .map(|c| format!("{}{} {}", c.label, if c.crisis { " (crisis)" } else { "" }, score(c.recall)))
+        .collect();
+    println!("  recall     {}", parts.join(", "));
+}
+
+/// `models promote VERSION`.
+pub async fn promote(home: &Path, version: &str, json: bool) -> Result<()> {
+    let info = connect(home).await?.promote_release(pb::ReleaseSelector { version: version.into() }).await?;
+    let v = view(&info.into_inner(), false)?;
+    if json {
+        println!("{}", serde_json::to_string(&v)?);
+    } else {
+        println!("v{} is now the current release; sites verify and install it next", v.version);
+    }
+    Ok(())
+}
+
+/// `models rollback`.
+pub async fn rollback(home: &Path, json: bool) -> Result<()> {
+    let info = connect(home).await?.rollback_release(pb::RollbackRequest {}).await?;
+    let v = view(&info.into_inner(), false)?;
+    if json {
+        println!("{}", serde_json::to_string(&v)?);
+    } else {
+        println!("rolled back: v{} is the current release again; sites return to it next", v.version);
+    }
+    Ok(())
+}
+
+/// What `models export` wrote.
+#[derive(Debug, Serialize)]
+pub struct Exported {
+    pub version: u32,
+    pub files: Vec<PathBuf>,
+}
+
+/// `models export VERSION --out DIR`.
+pub async fn export(home: &Path, version: &str, out: &Path, json: bool) -> Result<()> {
+    let mut client = connect(home).await?;
+    let info = client.get_release_info(pb::ReleaseSelector { version: version.into() }).await?.into_inner();
+    let r = ReleaseMsg::from_pb(info.release.clone().context("the coordinator sent a release without its body")?)?;
+    let mut stream = client.export_model(pb::ReleaseSelector { version: version.into() }).await?.into_inner();
+    let mut blob = Vec::new();
+    while let Some(piece) = stream.message().await? {
+        blob.extend_from_slice(&piece.data);
+    }
+    let key_hex = Home::new(home).read("signing.pub")?;
+    let key = unhex32(key_hex.trim()).context("HOME/signing.pub")?;
+    r.manifest.verify(&key, &r.signature).context("checking the release before export")?;
+    let card = check_card(&r.manifest, &r.card).context("checking the release before export")?;
+    r.manifest.check_blob(&Digest::of(&blob)).context("checking the release before export")?;
+
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let n = r.manifest.version;
+    let path = |name: String| out.join(name);
+    let files = vec![
+        (path(format!("model-v{n}.safetensors")), blob),
+        (path(format!("card-v{n}.json")), r.card.clone()),
+        (path(format!("card-v{n}.md")), card_markdown(&card, &r).into_bytes()),
+        (path(format!("release-v{n}.json")), release_json(&r, key_hex.trim())?),
+        (path(format!("curve-v{n}.svg")), curve_svg(&card).into_bytes()),
+    ];
+    for (p, bytes) in &files {
+        write_file(p, bytes, false)?;
+    }
+    let report = Exported { version: n, files: files.into_iter().map(|(p, _)| p).collect() };
+    if json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        println!("release v{n} verified (signature, card digest, model digest) and exported:");
+        for f in &report.files {
+            println!("  {}", f.display());
+        }
+    }
+    Ok(())
+}
+
+fn release_json(r: &ReleaseMsg, key_hex: &str) -> Result<Vec<u8>> {
+    let sig: String = r.signature.iter().map(|b| format!("{b:02x}")).collect();
+    let v = serde_json::json!({
+        "format": "maeum-release/v1",
+        "manifest": r.manifest,
+        "signed_bytes": "\"maeum/release/v1\\n\" followed by the manifest as compact JSON, fields in this order",
+        "signature_ed25519": sig,
+        "signing_public_key": key_hex,
+        "audit_log_entry": {"seq": r.audit_seq, "kind": "model_release"},
+    });
+    Ok(serde_json::to_vec_pretty(&v)?)
+}
+
+/// The card for people (Markdown).
+pub fn card_markdown(card: &ModelCard, r: &ReleaseMsg) -> String {
+    let mut md = String::new();
+    let m = &card.model;
+    let _ = writeln!(md, "# Model card: {} release v{}\n", card.consortium, card.version);
+    let _ = writeln!(md, "| | |\n|---|---|");
+    let _ = writeln!(
+        md,
+        "| Version | v{}{} |",
+        card.version,
+        card.parent_version.map_or(String::new(), |p| format!(" (supersedes v{p})"))
+    );
+    let _ = writeln!(md, "| Model | `{}` ({} bytes, safetensors) |", m.sha256, m.size);
+    let _ =
+        writeln!(md, "| Architecture | {} with {} parameters; layout `{}` |", m.kind, m.parameters, m.layout_digest);
+    let _ = writeln!(md, "| Labels | {} |", m.labels.join(", "));
+    let _ = writeln!(
+        md,
+        "| Origin | job `{}` ({}), round {} of {} |",
+        card.job.id, card.job.name, card.round, card.job.rounds
+    );
+    let _ = writeln!(md, "| Job file SHA-256 | `{}` |", card.job.spec_sha256);
+    let _ = writeln!(md, "| Released | {} |", rfc3339(card.released_ms));
+    let _ = writeln!(md, "| Audit log | entry #{} (`model_release`, names the model and card digests) |", r.audit_seq);
+    let _ = writeln!(md, "| Card SHA-256 | `{}` (signed with the consortium key) |", r.manifest.card_sha256);
+    let sa = &card.secure_aggregation;
+    let _ = writeln!(
+        md,
+        "| Secure aggregation | {} (threshold {}, neighbours {}, clip {}, max weight {}) |\n",
+        if sa.enabled { "on" } else { "OFF (debugging job)" },
+        if sa.threshold == 0 { "default rule".to_string() } else { sa.threshold.to_string() },
+        if sa.neighbours == 0 { "all pairs".to_string() } else { sa.neighbours.to_string() },
+        sa.clip,
+        sa.max_weight
+    );
+    let _ = writeln!(md, "## Federated evaluation of this model\n");
+    match &card.evaluation {
+        Some(e) => {
+            let _ = writeln!(
+                md,
+                "Held-out splits at {} sites, {} examples: accuracy **{:.4}**, macro-F1 **{:.4}**.\n",
+                e.evaluated_by, e.examples, e.accuracy, e.macro_f1
+            );
+            let _ = writeln!(md, "| Class | Recall | |\n|---|---:|---|");
+            for c in &e.recall {
+                let _ = writeln!(
+                    md,
+                    "| {} | {} | {} |",
+                    c.label,
+                    score(c.recall),
+                    if c.crisis { "crisis class" } else { "" }
+                );
+            }
+        }
+        None => {
+            let _ = writeln!(md, "No federated evaluation was recorded for this model.");
+        }
+    }
+    let _ = writeln!(md, "\n## Rounds\n\n![accuracy and macro-F1 per round](curve-v{}.svg)\n", card.version);
+    let _ = writeln!(
+        md,
+        "| Round | Sites | Dropped | Examples | Secure agg. (t) | Accuracy | Macro-F1 |\n|---:|---:|---:|---:|---|---:|---:|"
+    );
+    if let Some(e) = &card.initial_evaluation {
+        let _ = writeln!(md, "| 0 (initial) | | | | | {:.4} | {:.4} |", e.accuracy, e.macro_f1);
+    }
+    for rd in &card.rounds {
+        let e = rd.evaluation.as_ref();
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} | {} | {} | {} | {} |",
+            rd.round,
+            rd.contributors,
+            rd.dropped,
+            rd.total_weight,
+            if rd.secure_aggregation { format!("yes ({})", rd.secagg_threshold) } else { "no".into() },
+            score(e.map(|e| e.accuracy)),
+            score(e.map(|e| e.macro_f1))
+        );
+    }
+    let _ = writeln!(
+        md,
+        "\n## Training configuration\n\n```json\n{}\n```",
+        serde_json::to_string_pretty(&card.job.config).unwrap_or_default()
+    );
+    let _ = writeln!(
+        md,
+        "\n## Use and limits\n\nA screening aid for trained staff, not a diagnosis. Check the recall of the crisis \
+         class above before use, and check the model on your own held-out records with \
+         `maeum-site predict --file` (it reproduces a site's reported metrics). Sites install this model \
+         only after verifying the signature, both digests and the audit-log entry."
+    );
+    md
+}
+
+/// Accuracy and macro-F1 per round as an SVG line chart (round 0 = the initial model).
+pub fn curve_svg(card: &ModelCard) -> String {
+    let mut points: Vec<(u32, f64, f64)> = Vec::new();
+    if let Some(e) = &card.initial_evaluation {
+        points.push((0, e.accuracy, e.macro_f1));
+    }
+    for r in &card.rounds {
+        if let Some(e) = &r.evaluation {
+            points.push((r.round, e.accuracy, e.macro_f1));
+        }
+    }
+    let (w, h, left, right, top, bottom) = (640.0, 360.0, 56.0, 24.0, 40.0, 48.0);
+    let (pw, ph) = (w - left - right, h - top - bottom);
+    let max_round = points.iter().map(|p| p.0).max().unwrap_or(1).max(1);
+    let x = |r: u32| left + pw * f64::from(r) / f64::from(max_round);
+    let y = |v: f64| top + ph * (1.0 - v.clamp(0.0, 1.0));
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" viewBox="0 0 {w} {h}" font-family="sans-serif" font-size="12">"#
+    );
+    let _ = writeln!(s, r#"<rect width="100%" height="100%" fill="white"/>"#);
+    let _ = writeln!(
+        s,
+        r#"<text x="{left}" y="22" font-size="14">{} v{}: federated evaluation per round</text>"#,
+        xml(&card.consortium),
+        card.version
+    );
+    for i in 0..=5 {
+        let v = f64::from(i) / 5.0;
+        let _ = writeln!(
+            s,
+            r##"<line x1="{left}" y1="{y:.1}" x2="{x2}" y2="{y:.1}" stroke="#ddd"/><text x="{tx}" y="{ty:.1}" text-anchor="end">{v:.1}</text>"##,
+            y = y(v),
+            x2 = left + pw,
+            tx = left - 6.0,
+            ty = y(v) + 4.0
+        );
+    }
+    let step = (max_round / 10).max(1);
+    for r in (0..=max_round).step_by(step as usize) {
+        let _ = writeln!(s, r#"<text x="{:.1}" y="{:.1}" text-anchor="middle">{r}</text>"#, x(r), top + ph + 18.0);
+    }
+    let _ = writeln!(s, r#"<text x="{:.1}" y="{:.1}" text-anchor="middle">round</text>"#, left + pw / 2.0, h - 8.0);
+    for (name, colour, pick) in [("accuracy", "#1f77b4", 0usize), ("macro-F1", "#d62728", 1)] {
+        let value = |p: &(u32, f64, f64)| if pick == 0 { p.1 } else { p.2 };
+        let line: Vec<String> = points.iter().map(|p| format!("{:.1},{:.1}", x(p.0), y(value(p)))).collect();
+        if !line.is_empty() {
+            let _ = writeln!(
+                s,
+                r#"<polyline fill="none" stroke="{colour}" stroke-width="2" points="{}"/>"#,
+                line.join(" ")
+            );
+        }
+        for p in &points {
+            let _ = writeln!(
+                s,
+                r#"<circle cx="{:.1}" cy="{:.1}" r="3" fill="{colour}"><title>round {} {name} {:.4}</title></circle>"#,
+                x(p.0),
+                y(value(p)),
+                p.0,
+                value(p)
+            );
+        }
+        let ly = if pick == 0 { top + 14.0 } else { top + 30.0 };
+        let _ = writeln!(
+            s,
+            r#"<line x1="{lx}" y1="{ly}" x2="{lx2}" y2="{ly}" stroke="{colour}" stroke-width="2"/><text x="{tx}" y="{ty}">{name}</text>"#,
+            lx = left + pw - 110.0,
+            lx2 = left + pw - 90.0,
+            tx = left + pw - 84.0,
+            ty = ly + 4.0
+        );
+    }
+    if points.is_empty() {
+        let _ = writeln!(
+            s,
+            r#"<text x="{:.1}" y="{:.1}" text-anchor="middle">no evaluation recorded</text>"#,
+            left + pw / 2.0,
+            top + ph / 2.0
+        );
+    }
+    s.push_str("</svg>\n");
+    s
+}
+
+fn xml(s: &str) -> String {
+    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use maeum_protocols::release::{CARD_FORMAT, CardJob, CardModel, CardRound, CardSecAgg, Manifest, evaluation};
+
+    fn card() -> ModelCard {
+        let labels = vec!["anxiety".to_string(), "suicidewatch".to_string()];
+        let e = |a: u64| Some(evaluation(&labels, &[vec![a, 10 - a], vec![2, 8]], 3));
+        ModelCard {
+            format: CARD_FORMAT.into(),
+            consortium: "heart<&>".into(),
+            version: 2,
+            parent_version: Some(1),
+            model: CardModel {
+                sha256: "ab".repeat(32),
+                size: 10,
+                layout_digest: "cd".repeat(32),
+                kind: "text-classifier".into(),
+                parameters: 3,
+                labels: labels.clone(),
+            },
+            job: CardJob {
+                id: "j-1".into(),
+                name: "j".into(),
+                spec_sha256: "ef".repeat(32),
+                rounds: 2,
+                config: serde_json::json!({"rounds": 2}),
+            },
+            round: 2,
+            released_ms: 0,
+            secure_aggregation: CardSecAgg { enabled: true, threshold: 0, neighbours: 0, clip: 1.0, max_weight: 9 },
+            initial_evaluation: e(3),
+            rounds: (1..=2)
+                .map(|r| CardRound {
+                    round: r,
+                    contributors: 3,
+                    dropped: 0,
+                    total_weight: 100,
+                    secure_aggregation: true,
+                    secagg_threshold: 3,
+                    aggregate_sha256: "00".repeat(32),
+                    model_sha256: "11".repeat(32),
+                    evaluation: e(5 + r as u64),
+                })
+                .collect(),
+            evaluation: e(7),
+        }
+    }
+
+    #[test]
+    fn the_markdown_card_and_the_curve_show_every_round_and_the_crisis_class_first() {
+        let c = card();
+        let r = ReleaseMsg {
+            manifest: Manifest {
+                consortium: "c".into(),
+                version: 2,
+                model_sha256: c.model.sha256.clone(),
+                model_size: 10,
+                layout_digest: c.model.layout_digest.clone(),
+                card_sha256: "99".repeat(32),
+            },
+            signature: vec![0; 64],
+            card: Vec::new(),
+            audit_seq: 41,
+        };
+        let md = card_markdown(&c, &r);
+        assert!(md.contains("entry #41"), "{md}");
+        assert!(md.contains("(supersedes v1)"));
+        let crisis = md.find("| suicidewatch |").expect("crisis row");
+        let other = md.find("| anxiety |").expect("other row");
+        assert!(crisis < other, "crisis class first");
+        assert!(md.contains("| 0 (initial) |") && md.contains("| 2 | 3 | 0 | 100 | yes (3) |"));
+        let svg = curve_svg(&c);
+        assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
+        // Three points per series (round 0, 1, 2), two series.
+        assert_eq!(svg.matches("<circle").count(), 6);
+        assert!(svg.contains("heart&lt;&amp;&gt;"), "names are escaped");
+        let mut empty = c.clone();
+        empty.rounds.clear();
+        empty.initial_evaluation = None;
+        assert!(curve_svg(&empty).contains("no evaluation recorded"));
+    }
+}

@@ -1,0 +1,437 @@
+//! The model registry: signed releases, which one is current, and what every site
+//! reported when it tried to install one.
+//!
+//! A completed job releases its final model: the coordinator writes the model card
+//! ([`ModelCard`]), signs the manifest with the consortium's Ed25519 key, appends a
+//! `model_release` entry to the audit log, and stores the release here (sled trees
+//! `releases` and `promotions`, in the coordinator's state database; the blob stays
+//! in `HOME/blobs`). Nothing is current until an operator promotes a release; the
+//! heartbeat tells every site which release is current, and sites install it after
+//! verifying it (`docs/protocols/releases.md`). Promotions and rollbacks form a stack:
+//! a promote pushes, a rollback pops back to the release that was current before.
+
+use std::collections::BTreeMap;
+
+use anyhow::{Context, Result, anyhow, bail};
+use serde::{Deserialize, Serialize};
+
+use maeum_protocols::audit::{Event, unhex};
+use maeum_protocols::release::{
+    CARD_FORMAT, CardJob, CardModel, CardRound, CardSecAgg, Manifest, ModelCard, Selector, evaluation,
+};
+use maeum_protocols::wire::Digest;
+use maeum_protocols::wire::release::ReleaseMsg;
+
+use crate::home::{hex, now_ms};
+use crate::server::Coord;
+use crate::store::{JobRecord, VersionRecord};
+
+/// What a site last reported for a release.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InstallRecord {
+    pub installed: bool,
+    pub reason: String,
+    /// The promotion the site acted on.
+    pub promotion: u64,
+    pub at_ms: i64,
+}
+
+/// One release.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ReleaseRecord {
+    pub version: u32,
+    pub job_id: String,
+    pub round: u32,
+    pub model: VersionRecord,
+    /// The card's exact bytes (UTF-8 JSON): what `card_sha256` names.
+    pub card: String,
+    pub card_sha256: String,
+    /// Ed25519 signature of the manifest, hex.
+    pub signature: String,
+    /// The `model_release` entry's seq.
+    pub audit_seq: u64,
+    pub released_ms: i64,
+    pub installs: BTreeMap<String, InstallRecord>,
+}
+
+impl ReleaseRecord {
+    pub fn manifest(&self, consortium: &str) -> Manifest {
+        Manifest {
+            consortium: consortium.into(),
+            version: self.version,
+            model_sha256: self.model.digest.clone(),
+            model_size: self.model.size,
+            layout_digest: self.model.layout_digest.clone(),
+            card_sha256: self.card_sha256.clone(),
+        }
+    }
+
+    /// The release as sites receive it.
+    pub fn message(&self, consortium: &str) -> Result<ReleaseMsg> {
+        Ok(ReleaseMsg {
+            manifest: self.manifest(consortium),
+            signature: unhex(&self.signature).context("stored release signature")?,
+            card: self.card.clone().into_bytes(),
+            audit_seq: self.audit_seq,
+        })
+    }
+}
+
+/// A promotion or rollback.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PromotionRecord {
+    pub id: u64,
+    pub version: u32,
+    /// `promote` or `rollback`.
+    pub action: String,
+    pub operator: String,
+    pub at_ms: i64,
+}
+
+/// The registry's sled trees.
+#[derive(Debug)]
+pub struct Registry {
+    releases: sled::Tree,
+    promotions: sled::Tree,
+    /// Serialises read-modify-write (release creation, promotions, install reports).
+    write: std::sync::Mutex<()>,
+}
+
+fn decode<T: for<'de> Deserialize<'de>>(what: &str, bytes: &[u8]) -> Result<T> {
+    serde_json::from_slice(bytes).with_context(|| format!("decoding stored {what}"))
+}
+
+impl Registry {
+    pub fn open(db: &sled::Db) -> Result<Registry> {
+        Ok(Registry {
+            releases: db.open_tree("releases").context("opening the releases tree")?,
+            promotions: db.open_tree("promotions").context("opening the promotions tree")?,
+            write: std::sync::Mutex::new(()),
+        })
+    }
+
+    fn guard(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.write.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn flush(&self) -> Result<()> {
+        self.releases.flush().context("flushing the registry")?;
+        self.promotions.flush().context("flushing the registry")?;
+        Ok(())
+    }
+
+    /// Every release, oldest first.
+    pub fn releases(&self) -> Result<Vec<ReleaseRecord>> {
+        self.releases.iter().values().map(|v| decode("release", &v.context("reading the registry")?)).collect()
+    }
+
+    pub fn get(&self, version: u32) -> Result<Option<ReleaseRecord>> {
+        self.releases
+            .get(version.to_be_bytes())
+            .context("reading the registry")?
+            .map(|v| decode("release", &v))
+            .transpose()
+    }
+
+    fn put(&self, r: &ReleaseRecord) -> Result<()> {
+        // INVARIANT: plain data always serialises.
+        self.releases
+            .insert(r.version.to_be_bytes(), serde_json::to_vec(r).expect("a release serialises"))
+            .context("writing the registry")?;
+        Ok(())
+    }
+
+    /// A release by `3`, `v3`, or a unique prefix (at least 8 hex digits) of its model
+    /// digest.
+    pub fn find(&self, selector: &str) -> Result<ReleaseRecord> {
+        let prefix = match Selector::parse(selector).map_err(|e| anyhow!(e))? {
+            Selector::Version(n) => {
+                return self.get(n)?.with_context(|| format!("no release v{n} (see `models list`)"));
+            }
+            Selector::DigestPrefix(p) => p,
+        };
+        let found: Vec<ReleaseRecord> =
+            self.releases()?.into_iter().filter(|r| r.model.digest.starts_with(&prefix)).collect();
+        match found.len() {
+            1 => Ok(found.into_iter().next().expect("one")),
+            0 => bail!("no release has a model digest starting {prefix}"),
+            n => bail!("{n} releases have a model digest starting {prefix}; give more digits"),
+        }
+    }
+
+    pub fn promotions(&self) -> Result<Vec<PromotionRecord>> {
+        self.promotions.iter().values().map(|v| decode("promotion", &v.context("reading the registry")?)).collect()
+    }
+
+    /// The stack of current releases (promote pushes, rollback pops); the last is
+    /// current.
+    fn stack(&self) -> Result<Vec<u32>> {
+        let mut stack = Vec::new();
+        for p in self.promotions()? {
+            match p.action.as_str() {
+                "rollback" => {
+                    stack.pop();
+                }
+                _ => stack.push(p.version),
+            }
+        }
+        Ok(stack)
+    }
+
+    /// The current release and the promotion that made it current.
+    pub fn current(&self) -> Result<Option<(ReleaseRecord, u64)>> {
+        let Some(version) = self.stack()?.last().copied() else { return Ok(None) };
+        let id = self.promotions.last().context("reading the registry")?.map_or(0, |(k, _)| key_u64(&k));
+        Ok(self.get(version)?.map(|r| (r, id)))
+    }
+
+    fn push(&self, version: u32, action: &str, operator: &str) -> Result<PromotionRecord> {
+        let id = self.promotions.last().context("reading the registry")?.map_or(0, |(k, _)| key_u64(&k)) + 1;
+        let p = PromotionRecord { id, version, action: action.into(), operator: operator.into(), at_ms: now_ms() };
+        // INVARIANT: plain data always serialises.
+        self.promotions
+            .insert(id.to_be_bytes(), serde_json::to_vec(&p).expect("a promotion serialises"))
+            .context("writing the registry")?;
+        self.flush()?;
+        Ok(p)
+    }
+
+    /// Records what a site reported.
+    pub fn record_install(&self, version: u32, site: &str, install: InstallRecord) -> Result<bool> {
+        let _g = self.guard();
+        let Some(mut r) = self.get(version)? else { return Ok(false) };
+        let changed = r.installs.get(site) != Some(&install);
+        r.installs.insert(site.into(), install);
+        self.put(&r)?;
+        self.flush()?;
+        Ok(changed)
+    }
+}
+
+fn key_u64(k: &[u8]) -> u64 {
+    let mut b = [0u8; 8];
+    if k.len() == 8 {
+        b.copy_from_slice(k);
+    }
+    u64::from_be_bytes(b)
+}
+
+/// The model card of `job`'s model of `round`.
+pub fn card(consortium: &str, version: u32, parent: Option<u32>, job: &JobRecord, round: u32) -> Result<ModelCard> {
+    let labels = &job.spec.labels;
+    let rec = job
+        .history
+        .iter()
+        .find(|r| r.round == round)
+        .with_context(|| format!("job {} has no round {round}", job.id))?;
+    let spec = job.spec.model_spec()?;
+    let eval = |rows: &Option<Vec<Vec<u64>>>, by: usize| {
+        rows.as_ref().map(|rows| evaluation(labels, rows, u32::try_from(by).unwrap_or(u32::MAX)))
+    };
+    let n = |v: usize| u32::try_from(v).unwrap_or(u32::MAX);
+    let sa = &job.spec.secure_aggregation;
+    Ok(ModelCard {
+        format: CARD_FORMAT.into(),
+        consortium: consortium.into(),
+        version,
+        parent_version: parent,
+        model: CardModel {
+            sha256: rec.model.digest.clone(),
+            size: rec.model.size,
+            layout_digest: rec.model.layout_digest.clone(),
+            kind: job.spec.model.kind.as_str().into(),
+            parameters: spec.layout().numel() as u64,
+            labels: labels.clone(),
+        },
+        job: CardJob {
+            id: job.id.clone(),
+            name: job.spec.name.clone(),
+            spec_sha256: job.spec_sha256.clone(),
+            rounds: job.spec.rounds,
+            config: serde_json::from_str(&job.spec.to_json()).context("the job's canonical JSON")?,
+        },
+        round,
+        released_ms: now_ms(),
+        secure_aggregation: CardSecAgg {
+            enabled: sa.enabled(),
+            threshold: u32::from(sa.threshold),
+            neighbours: u32::from(sa.neighbours),
+            clip: sa.clip,
+            max_weight: sa.max_weight,
+        },
+        // The initial evaluation's sites are those of round 1's evaluate-first pass.
+        initial_evaluation: eval(&job.initial_evaluation, job.history.first().map_or(0, |r| r.contributors.len())),
+        rounds: job
+            .history
+            .iter()
+            .filter(|r| r.round <= round)
+            .map(|r| CardRound {
+                round: r.round,
+                contributors: n(r.contributors.len()),
+                dropped: n(r.dropped.len()),
+                total_weight: r.total_weight,
+                secure_aggregation: r.secure_aggregation,
+                secagg_threshold: u32::from(r.secagg_threshold),
+                aggregate_sha256: r.aggregate_sha256.clone(),
+                model_sha256: r.model.digest.clone(),
+                evaluation: eval(&r.evaluation, r.evaluated_by.len()),
+            })
+            .collect(),
+        evaluation: eval(&rec.evaluation, rec.evaluated_by.len()),
+    })
+}
+
+/// Releases the model of `job`'s round `round` (idempotent per model: a model already
+/// released returns that release). Signs it, logs it, stores it.
+pub fn release(c: &Coord, job: &JobRecord, round: u32) -> Result<ReleaseRecord> {
+    let reg = &c.registry;
+    let _g = reg.guard();
+    let rec = job
+        .history
+        .iter()
+        .find(|r| r.round == round)
+        .with_context(|| format!("job {} has no round {round}", job.id))?;
+    if let Some(existing) = reg.releases()?.into_iter().find(|r| r.model.digest == rec.model.digest) {
+        return Ok(existing);
+    }
+    let consortium = c.home.consortium()?.name;
+    let version = reg.releases()?.last().map_or(1, |r| r.version + 1);
+    let parent = reg.current()?.map(|(r, _)| r.version);
+    let card = card(&consortium, version, parent, job, round)?;
+    let bytes = card.encode();
+    let card_sha256 = Digest::of(&bytes).hex();
+    let mut release = ReleaseRecord {
+        version,
+        job_id: job.id.clone(),
+        round,
+        model: rec.model.clone(),
+        card: String::from_utf8(bytes).context("the card is UTF-8 JSON")?,
+        card_sha256: card_sha256.clone(),
+        signature: String::new(),
+        audit_seq: 0,
+        released_ms: card.released_ms,
+        installs: BTreeMap::new(),
+    };
+    let manifest = release.manifest(&consortium);
+    release.signature = hex(&manifest.sign(&c.home.signing_key()?));
+    // Logged first: a crash before the store logs the release twice, never not at all.
+    release.audit_seq = c.record_seq(Event::ModelRelease {
+        job_id: job.id.clone(),
+        round,
+        version_sha256: rec.model.digest.clone(),
+        card_sha256,
+    })?;
+    reg.put(&release)?;
+    reg.flush()?;
+    Ok(release)
+}
+
+/// Makes `selector` current (logged).
+pub fn promote(c: &Coord, selector: &str, operator: &str) -> Result<(ReleaseRecord, PromotionRecord)> {
+    let reg = &c.registry;
+    let _g = reg.guard();
+    let r = reg.find(selector)?;
+    c.record(Event::ReleasePromoted { version_sha256: r.model.digest.clone(), operator: operator.into() })?;
+    c.record(Event::OperatorCommand {
+        operator: operator.into(),
+        command: format!("models promote v{}", r.version),
+        result: format!("v{} is current", r.version),
+    })?;
+    let p = reg.push(r.version, "promote", operator)?;
+    c.audit.checkpoint()?;
+    Ok((r, p))
+}
+
+/// Makes the release that was current before the current one current again (logged).
+pub fn rollback(c: &Coord, operator: &str) -> Result<(ReleaseRecord, PromotionRecord)> {
+    let reg = &c.registry;
+    let _g = reg.guard();
+    let stack = reg.stack()?;
+    let [.., before, now] = stack.as_slice() else {
+        bail!("nothing to roll back to: {} release(s) promoted so far", stack.len());
+    };
+    let r = reg.get(*before)?.with_context(|| format!("release v{before} vanished"))?;
+    c.record(Event::ReleasePromoted { version_sha256: r.model.digest.clone(), operator: operator.into() })?;
+    c.record(Event::OperatorCommand {
+        operator: operator.into(),
+        command: "models rollback".into(),
+        result: format!("v{now} withdrawn; v{} is current again", r.version),
+    })?;
+    let p = reg.push(r.version, "rollback", operator)?;
+    c.audit.checkpoint()?;
+    Ok((r, p))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(version: u32, digest: &str) -> ReleaseRecord {
+        ReleaseRecord {
+            version,
+            job_id: "j-1".into(),
+            round: 1,
+            model: VersionRecord { digest: digest.into(), size: 1, layout_digest: "00".repeat(32) },
+            card: "{}".into(),
+            card_sha256: "11".repeat(32),
+            signature: "22".repeat(64),
+            audit_seq: 3,
+            released_ms: 0,
+            installs: BTreeMap::new(),
+        }
+    }
+
+    fn registry() -> (tempfile::TempDir, Registry) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let db = sled::open(dir.path()).expect("sled");
+        let reg = Registry::open(&db).expect("registry");
+        (dir, reg)
+    }
+
+    #[test]
+    fn releases_are_found_by_number_or_digest_prefix() {
+        let (_d, reg) = registry();
+        reg.put(&record(1, &"ab".repeat(32))).expect("put");
+        reg.put(&record(2, &format!("abcd{}", "00".repeat(30)))).expect("put");
+        assert_eq!(reg.find("2").expect("by number").version, 2);
+        assert_eq!(reg.find("v1").expect("by v-number").version, 1);
+        assert_eq!(reg.find("ABABABAB").expect("by prefix").version, 1);
+        let e = reg.find("v9").expect_err("missing");
+        assert!(e.to_string().contains("no release v9"), "{e}");
+        let e = reg.find("abcd").expect_err("too short");
+        assert!(e.to_string().contains("8+ hex digits"), "{e}");
+    }
+
+    #[test]
+    fn promotions_form_a_stack_that_rollback_pops() {
+        let (_d, reg) = registry();
+        for v in 1..=3 {
+            reg.put(&record(v, &format!("{v:02}").repeat(32))).expect("put");
+        }
+        assert!(reg.current().expect("current").is_none(), "nothing is current before a promotion");
+        reg.push(1, "promote", "lead").expect("push");
+        reg.push(2, "promote", "lead").expect("push");
+        reg.push(3, "promote", "lead").expect("push");
+        assert_eq!(reg.current().expect("current").map(|(r, p)| (r.version, p)), Some((3, 3)));
+        // A rollback pops to what was current before; a second one pops again.
+        reg.push(2, "rollback", "lead").expect("push");
+        assert_eq!(reg.stack().expect("stack"), vec![1, 2]);
+        assert_eq!(reg.current().expect("current").map(|(r, p)| (r.version, p)), Some((2, 4)));
+        reg.push(1, "rollback", "lead").expect("push");
+        assert_eq!(reg.stack().expect("stack"), vec![1]);
+        assert_eq!(reg.promotions().expect("history").len(), 5);
+    }
+
+    #[test]
+    fn install_reports_are_kept_per_site() {
+        let (_d, reg) = registry();
+        reg.put(&record(1, &"ab".repeat(32))).expect("put");
+        let refused = InstallRecord { installed: false, reason: "bad signature".into(), promotion: 1, at_ms: 5 };
+        assert!(reg.record_install(1, "site-a", refused.clone()).expect("record"));
+        assert!(!reg.record_install(1, "site-a", refused).expect("same again"));
+        let ok = InstallRecord { installed: true, reason: String::new(), promotion: 2, at_ms: 6 };
+        assert!(reg.record_install(1, "site-a", ok.clone()).expect("record"));
+        assert_eq!(reg.get(1).expect("get").expect("release").installs.get("site-a"), Some(&ok));
+        assert!(!reg.record_install(7, "site-a", ok).expect("unknown release"));
+    }
+}

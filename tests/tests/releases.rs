@@ -1,0 +1,267 @@
+//! Signed model releases end to end, with the real binaries over mTLS on the real data:
+//! a completed job is released (signed, logged); promote makes every site verify and
+//! install it; a tampered blob, a tampered card, a wrong signature and a release
+//! missing from the audit log are each refused with a clear reason while the previous
+//! release keeps serving; rollback returns the sites to the previous release; every
+//! promotion, rollback, install and refusal is in the audit log; `maeum-site predict`
+//! works with the coordinator stopped and reproduces the metrics the site reported.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use maeum_e2e::{Federation, SMALL_MODEL, bin, run_ok};
+
+const SITES: [&str; 3] = ["site-1", "site-2", "site-3"];
+const MIN: Duration = Duration::from_secs(60);
+
+fn site(fed: &Federation, id: &str, args: &[&str]) -> Output {
+    Command::new(bin("maeum-site"))
+        .args(args)
+        .arg("--home")
+        .arg(fed.site_home(id))
+        .output()
+        .expect("running maeum-site")
+}
+
+fn site_json(fed: &Federation, id: &str, args: &[&str]) -> serde_json::Value {
+    let mut args = args.to_vec();
+    args.push("--json");
+    let out = site(fed, id, &args);
+    assert!(out.status.success(), "{id} {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{id} {args:?}: not JSON ({e})"))
+}
+
+/// The site's test split (from its site.toml).
+fn test_split(fed: &Federation, id: &str) -> PathBuf {
+    let text = std::fs::read_to_string(fed.site_home(id).join("site.toml")).expect("site.toml");
+    let line = text.lines().find_map(|l| l.strip_prefix("test = ")).expect("[data] test in site.toml");
+    PathBuf::from(serde_json::from_str::<String>(line).expect("a quoted path"))
+}
+
+/// `predict --file FILE --json`'s summary line.
+fn predict_summary(fed: &Federation, id: &str, file: &Path, model: Option<&str>) -> serde_json::Value {
+    let mut args = vec!["predict", "--json", "--file", file.to_str().unwrap_or_default()];
+    if let Some(m) = model {
+        args.extend(["--model", m]);
+    }
+    let out = site(fed, id, &args);
+    assert!(out.status.success(), "{id} predict: {}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout);
+    let last = text.lines().last().expect("a summary line");
+    serde_json::from_str::<serde_json::Value>(last).expect("json")["summary"].clone()
+}
+
+/// What each site last reported for `version` at the coordinator.
+fn installs(fed: &Federation, version: &str) -> serde_json::Value {
+    fed.cli_json(&["models", "show", version])["installs"].clone()
+}
+
+/// Waits until every site's report for `version` satisfies `ok`.
+fn wait_installs(fed: &Federation, version: &str, what: &str, ok: impl Fn(&serde_json::Value) -> bool) {
+    let until = Instant::now() + MIN;
+    loop {
+        let v = installs(fed, version);
+        let done = SITES.iter().all(|s| v.as_array().and_then(|a| a.iter().find(|i| i["site"] == *s)).is_some_and(&ok));
+        if done {
+            return;
+        }
+        assert!(
+            Instant::now() < until,
+            "sites did not report {what} for {version}: {v:#}\n--- coordinator log\n{}\n--- site-1 log\n{}",
+            fed.log_text("coordinator"),
+            fed.log_text("site-1")
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// The version each site has in service (from `models list`).
+fn serving(fed: &Federation) -> Vec<u64> {
+    SITES.iter().map(|s| site_json(fed, s, &["models", "list"])["current"].as_u64().unwrap_or(0)).collect()
+}
+
+/// Waits until every site serves `version`.
+fn wait_serving(fed: &Federation, version: u64) {
+    let until = Instant::now() + MIN;
+    while serving(fed).iter().any(|v| *v != version) {
+        assert!(Instant::now() < until, "sites serve {:?}, expected v{version}", serving(fed));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn promote(fed: &Federation, version: &str) {
+    let v = fed.cli_json(&["models", "promote", version]);
+    assert_eq!(v["current"], true, "{v:#}");
+}
+
+fn model_of(fed: &Federation, version: &str) -> String {
+    fed.cli_json(&["models", "show", version])["model_sha256"].as_str().expect("model").to_string()
+}
+
+#[test]
+fn sites_install_only_verified_releases_and_keep_the_previous_one_in_service() {
+    let mut fed = Federation::new(3);
+    let tamper = fed.dir.path().join("tamper-mode");
+    std::fs::write(&tamper, "").expect("tamper file");
+    let tamper_env = tamper.to_str().expect("utf-8 path").to_string();
+    fed.start_coordinator_with(&[("MAEUM_COORDINATOR_TEST_TAMPER_RELEASE_FILE", &tamper_env)]);
+    for s in SITES {
+        fed.start_site(s);
+    }
+    let job_toml = format!("{SMALL_MODEL}[train]\nepochs = 1\n");
+
+    // A completed job makes a signed, logged release; nothing is current until promoted.
+    let first = fed.submit("first", 2, 3, &job_toml);
+    assert_eq!(fed.wait_job(&first, 3 * MIN)["state"], "completed");
+    let list = fed.cli_json(&["models", "list"]);
+    assert_eq!(list["releases"].as_array().map(Vec::len), Some(1), "{list:#}");
+    assert!(list["current"].is_null(), "{list:#}");
+    let v1 = model_of(&fed, "v1");
+    promote(&fed, "v1");
+    wait_installs(&fed, "v1", "installed", |i| i["installed"] == true);
+    wait_serving(&fed, 1);
+
+    for s in SITES {
+        // Re-verified offline: signature, digests, layout, log inclusion.
+        let verify = site_json(&fed, s, &["models", "verify"]);
+        assert_eq!(verify["failed"], 0, "{s}: {verify:#}");
+        // Predictions on the site's own test split reproduce what it reported for v1.
+        let reported = site_json(&fed, s, &["models", "show", "v1"]);
+        let mine = &reported["reported_by_this_site"];
+        let summary = predict_summary(&fed, s, &test_split(&fed, s), None);
+        assert_eq!(summary["model"], v1.as_str(), "the release in service is used by default");
+        assert_eq!(summary["confusion"], mine["confusion"], "{s}: predict reproduces the reported counts");
+        assert_eq!(summary["accuracy"], mine["accuracy"], "{s}");
+        assert_eq!(summary["macro_f1"], mine["macro_f1"], "{s}");
+    }
+
+    // A second job: v2, not current until promoted.
+    let second = fed.submit("second", 1, 3, &job_toml);
+    assert_eq!(fed.wait_job(&second, 3 * MIN)["state"], "completed");
+    let v2 = model_of(&fed, "v2");
+    assert_eq!(fed.cli_json(&["models", "list"])["current"], 1);
+
+    // Each kind of tampering is refused with its reason; v1 keeps serving.
+    let cases = [
+        ("blob", "model blob does not match the signed model digest"),
+        ("card", "model card does not match the signed card digest"),
+        ("signature", "signature does not verify"),
+        ("unlogged", "not in the audit log"),
+    ];
+    for (mode, expected) in cases {
+        std::fs::write(&tamper, mode).expect("tamper mode");
+        for s in SITES {
+            // The sites evaluated v2 in the job and hold its blob; a site that did not
+            // (one that joined later) downloads it, and that is where the blob is forged.
+            let _ = std::fs::remove_file(fed.site_home(s).join(format!("models/{v2}.safetensors")));
+        }
+        promote(&fed, "v2");
+        wait_installs(&fed, "v2", mode, |i| {
+            i["installed"] == false && i["reason"].as_str().is_some_and(|r| r.contains(expected))
+        });
+        assert_eq!(serving(&fed), vec![1, 1, 1], "{mode}: the previous release stays in service");
+        for s in SITES {
+            let list = site_json(&fed, s, &["models", "list"]);
+            let refusals = list["refusals"].as_array().expect("refusals");
+            assert!(refusals.iter().any(|r| r["reason"].as_str().is_some_and(|r| r.contains(expected))), "{list:#}");
+            let summary = predict_summary(&fed, s, &test_split(&fed, s), None);
+            assert_eq!(summary["model"], v1.as_str(), "{s} {mode}: predict still uses v1");
+        }
+        let out = fed.cli(&["models", "rollback"]);
+        assert!(out.status.success(), "rollback: {}", String::from_utf8_lossy(&out.stderr));
+        assert_eq!(fed.cli_json(&["models", "list"])["current"], 1);
+    }
+
+    // Untampered, v2 installs; a rollback returns every site to v1.
+    std::fs::write(&tamper, "").expect("tamper mode");
+    promote(&fed, "v2");
+    wait_installs(&fed, "v2", "installed", |i| i["installed"] == true);
+    wait_serving(&fed, 2);
+    assert_eq!(predict_summary(&fed, "site-1", &test_split(&fed, "site-1"), None)["model"], v2.as_str());
+    let out = fed.cli(&["models", "rollback"]);
+    assert!(out.status.success(), "rollback: {}", String::from_utf8_lossy(&out.stderr));
+    wait_serving(&fed, 1);
+    // Nothing left to roll back to.
+    let out = fed.cli(&["models", "rollback"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("nothing to roll back to"));
+
+    // The audit log holds every release, promotion, rollback, install and refusal.
+    let audit = fed.dir.path().join("audit.json");
+    run_ok(
+        Command::new(bin("maeum-coordinator"))
+            .args(["audit", "export", "--home"])
+            .arg(fed.coordinator_home())
+            .arg("--out")
+            .arg(&audit),
+    );
+    run_ok(Command::new(bin("maeum-audit")).arg("verify").arg(&audit));
+    let export =
+        maeum_protocols::audit::export::Export::decode(&std::fs::read(&audit).expect("export")).expect("decodes");
+    let count = |kind: &str| export.entries.iter().filter(|e| e.event.kind() == kind).count();
+    assert_eq!(count("model_release"), 2);
+    // v1; v2 four times refused and rolled back; v2; rollback.
+    assert_eq!(count("release_promoted"), 1 + 4 * 2 + 1 + 1);
+    let refusals = export
+        .entries
+        .iter()
+        .filter(|e| matches!(&e.event, maeum_protocols::audit::Event::ReleaseInstall { installed: false, .. }))
+        .count();
+    assert_eq!(refusals, 4 * SITES.len(), "one refusal entry per site and tampering");
+
+    // Export v2: verified files for people and tools.
+    let out_dir = fed.dir.path().join("export");
+    let exported = fed.cli_json(&["models", "export", "v2", "--out", out_dir.to_str().unwrap_or_default()]);
+    assert_eq!(exported["files"].as_array().map(Vec::len), Some(5), "{exported:#}");
+    let card = check_export(&fed, &out_dir, 2);
+    assert_eq!(card.model.sha256, v2);
+    assert_eq!(card.parent_version, Some(1));
+    assert_eq!(card.rounds.len(), 1);
+    let svg = std::fs::read_to_string(out_dir.join("curve-v2.svg")).expect("svg");
+    assert!(svg.contains("<polyline"), "the curve has lines");
+    let md = std::fs::read_to_string(out_dir.join("card-v2.md")).expect("markdown");
+    assert!(md.contains(&v2) && md.contains("| Class | Recall |"), "{md}");
+
+    // With the coordinator stopped, the site still predicts with its verified release.
+    fed.kill_coordinator();
+    let out = site(&fed, "site-1", &["predict", "--text", "I can't see a way out anymore"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(!String::from_utf8_lossy(&out.stdout).trim().is_empty());
+    let summary = predict_summary(&fed, "site-2", &test_split(&fed, "site-2"), Some("v1"));
+    assert_eq!(summary["model"], v1.as_str());
+
+    // A model file altered on the site's disk is refused at use, and by `models verify`.
+    let blob = fed.site_home("site-3").join(format!("models/{v1}.safetensors"));
+    let mut bytes = std::fs::read(&blob).expect("blob");
+    let at = bytes.len() - 1;
+    bytes[at] ^= 1;
+    std::fs::write(&blob, bytes).expect("write");
+    let out = site(&fed, "site-3", &["models", "verify"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("FAILED"), "{}", String::from_utf8_lossy(&out.stdout));
+    let out = site(&fed, "site-3", &["predict", "--text", "hello"]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("does not match its digest"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Checks an export the way anyone holding the consortium key can: the signature over
+/// the manifest, the card's and the model's digests.
+fn check_export(fed: &Federation, dir: &Path, version: u32) -> maeum_protocols::release::ModelCard {
+    use maeum_protocols::release::{Manifest, check_card};
+    let read = |name: String| std::fs::read(dir.join(&name)).unwrap_or_else(|e| panic!("{name}: {e}"));
+    let release: serde_json::Value = serde_json::from_slice(&read(format!("release-v{version}.json"))).expect("json");
+    let manifest: Manifest = serde_json::from_value(release["manifest"].clone()).expect("manifest");
+    let sig = maeum_protocols::audit::unhex(release["signature_ed25519"].as_str().expect("signature")).expect("hex");
+    let key = std::fs::read_to_string(fed.coordinator_home().join("signing.pub")).expect("signing.pub");
+    assert_eq!(release["signing_public_key"], key.trim());
+    manifest.verify(&maeum_protocols::audit::unhex32(key.trim()).expect("key"), &sig).expect("signature");
+    let card = check_card(&manifest, &read(format!("card-v{version}.json"))).expect("card");
+    let model = maeum_protocols::wire::Digest::of(&read(format!("model-v{version}.safetensors")));
+    manifest.check_blob(&model).expect("model digest");
+    card
+}
