@@ -348,6 +348,7 @@ mod tests {
             seed: 1,
             prox_mu: 0.0,
             dropout: 0.0,
+            head_only: false,
         };
         let start = spec.init(1).expect("init");
         let (a, _) = spec.train(&start, &data, &cfg, &mut ()).expect("train");
@@ -407,11 +408,52 @@ mod tests {
             seed: 1,
             prox_mu: 0.0,
             dropout: 0.0,
+            head_only: false,
         };
         let prox = TrainConfig { prox_mu: 1.0, ..plain.clone() };
         let (a, _) = spec.train(&start, &data, &plain, &mut ()).expect("train");
         let (b, _) = spec.train(&start, &data, &prox, &mut ()).expect("train");
         assert!(distance(&b, &start) < distance(&a, &start), "{} vs {}", distance(&b, &start), distance(&a, &start));
+    }
+
+    /// The tensors whose bits `train` changed, from the same start and data.
+    fn changed(spec: &ModelSpec, data: &Prepared, head_only: bool) -> Vec<String> {
+        let start = spec.init(1).expect("init");
+        let cfg = TrainConfig { learning_rate: 0.02, epochs: 2, batch_size: 16, head_only, ..TrainConfig::default() };
+        let (end, _) = spec.train(&start, data, &cfg, &mut ()).expect("train");
+        let differs = |a: &[f32], b: &[f32]| a.iter().zip(b).any(|(x, y)| x.to_bits() != y.to_bits());
+        start
+            .tensors()
+            .zip(end.tensors())
+            .filter(|((_, a), (_, b))| differs(a, b))
+            .map(|((t, _), _)| t.name.clone())
+            .collect()
+    }
+
+    #[test]
+    fn head_only_trains_the_output_layer_and_leaves_the_rest_bit_identical() {
+        let text = tiny_spec();
+        let text_data = text.prepare_text(&tiny_examples()).expect("prep");
+        let mut table = Table {
+            columns: vec!["q1".into(), "q2".into()],
+            rows: Vec::new(),
+            labels: Vec::new(),
+            skipped: Vec::new(),
+        };
+        for i in 0..40 {
+            table.rows.push(vec![(i % 4) as f32, (i % 3) as f32]);
+            table.labels.push(if i % 4 >= 2 { "high".into() } else { "low".into() });
+        }
+        let rows: Vec<usize> = (0..40).collect();
+        let labels = LabelSet::new(vec!["low".into(), "high".into()]).expect("labels");
+        let tabular = ModelSpec::fit_tabular(&table, &rows, labels, 4);
+        let tabular_data = tabular.prepare_table(&table, &rows).expect("prep");
+        let (head, all) =
+            (["output.weight", "output.bias"], ["hidden.weight", "hidden.bias", "output.weight", "output.bias"]);
+        assert_eq!(changed(&text, &text_data, true), head);
+        assert_eq!(changed(&text, &text_data, false), [&["embedding.weight"][..], &all].concat());
+        assert_eq!(changed(&tabular, &tabular_data, true), head);
+        assert_eq!(changed(&tabular, &tabular_data, false), all);
     }
 
     #[test]

@@ -46,6 +46,10 @@ pub struct TrainConfig {
     /// Input-feature dropout probability (text classifier), a regulariser.
     #[serde(default)]
     pub dropout: f64,
+    /// Train only the output layer: every other parameter (embedding, hidden layer)
+    /// requires no gradient and stays bit-identical to `start` (personalisation).
+    #[serde(default)]
+    pub head_only: bool,
 }
 
 impl Default for TrainConfig {
@@ -58,6 +62,7 @@ impl Default for TrainConfig {
             seed: 7,
             prox_mu: 0.0,
             dropout: 0.5,
+            head_only: false,
         }
     }
 }
@@ -104,6 +109,9 @@ pub trait Network: Module + Clone + Sized {
     fn init_tensor(spec: &TensorSpec, rng: &mut ChaCha20Rng) -> Vec<f32>;
     fn n_labels(&self) -> usize;
     fn logits(&self, batch: &<Self::Data as Examples>::Batch) -> Tensor<2>;
+    /// This network with every parameter except the output layer's marked as requiring
+    /// no gradient (burn's `no_grad`), so the optimiser never updates them.
+    fn output_only(self) -> Self;
 }
 
 /// Seeded initial parameters of `arch`.
@@ -259,7 +267,8 @@ pub(crate) fn optimizer(cfg: &TrainConfig) -> burn::optim::ModuleOptimizer {
 }
 
 /// Trains from `start` on `data` and returns the new parameters. With `prox_mu > 0`
-/// the proximal term is taken around `start` (the global model, in FedProx).
+/// the proximal term is taken around `start` (the global model, in FedProx); with
+/// `head_only` only the output layer is trained.
 pub fn train<N: Network>(
     arch: &N::Arch,
     start: &FlatParams,
@@ -270,6 +279,9 @@ pub fn train<N: Network>(
     let device = Device::flex().autodiff();
     let t0 = std::time::Instant::now();
     let mut net: N = from_flat(arch, start, &device)?;
+    if cfg.head_only {
+        net = net.output_only();
+    }
     let objective = Objective::new(cfg, start, &device);
     let mut optim = optimizer(cfg);
     let mut rng = ChaCha20Rng::seed_from_u64(cfg.seed);
@@ -424,5 +436,9 @@ impl Network for Mlp {
     fn logits(&self, x: &Tensor<2>) -> Tensor<2> {
         let h = relu(x.clone().matmul(self.hidden_w.val()) + self.hidden_b.val().unsqueeze_dim(0));
         h.matmul(self.output_w.val()) + self.output_b.val().unsqueeze_dim(0)
+    }
+
+    fn output_only(self) -> Self {
+        Self { hidden_w: self.hidden_w.no_grad(), hidden_b: self.hidden_b.no_grad(), ..self }
     }
 }

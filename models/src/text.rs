@@ -9,7 +9,9 @@
 //! `EmbeddingBag(sparse=True)` + `SparseAdam` do. The dense head (hidden and output
 //! layers), the loss and its gradient to the bag are burn autodiff with burn's
 //! optimisers. With FedProx (μ > 0) every row is updated at every step, because the
-//! proximal gradient μ(w − w_global) is dense.
+//! proximal gradient μ(w − w_global) is dense. With `head_only` the embedding table and
+//! the hidden layer are frozen: the bag needs no gradient, the table is not stepped, and
+//! the hidden layer's parameters require no gradient (`Network::output_only`).
 
 use burn::optim::GradientsParams;
 use burn::tensor::{Device, Tensor, TensorData};
@@ -241,6 +243,9 @@ pub fn train(
     let (mut emb, head_params) = a.split(start)?;
     let global_emb = if cfg.prox_mu > 0.0 { emb.clone() } else { Vec::new() };
     let mut head: Mlp = nn::from_flat(&a.head(), &head_params, &device)?;
+    if cfg.head_only {
+        head = head.output_only();
+    }
     let objective = Objective::new(cfg, &head_params, &device);
     let mut optim = nn::optimizer(cfg);
     let mut emb_optim = EmbeddingOptim::new(cfg.optimizer, a);
@@ -265,17 +270,20 @@ pub fn train(
                 TensorData::new(bags(&emb, a.embed_dim, docs, &local_rows), [n, a.embed_dim]),
                 &device,
             )
-            .require_grad();
+            .set_require_grad(!cfg.head_only);
             let labels: Vec<usize> = rows.iter().map(|&r| data.labels[r]).collect();
             let loss = objective.loss(&head, head.logits(&bag), &labels);
             last_loss = loss.clone().into_scalar::<f32>();
             let mut grads = loss.backward();
-            let g_bag = bag.grad_remove(&mut grads).map(to_vec).unwrap_or_else(|| vec![0.0; n * a.embed_dim]);
+            let g_bag = bag.grad_remove(&mut grads).map(to_vec);
             let head_grads = GradientsParams::from_grads(grads, &head);
             head = optim.step(cfg.learning_rate, head, head_grads);
-            emb_optim.accumulate(a.embed_dim, docs, &local_rows, &g_bag);
-            let prox = (cfg.prox_mu > 0.0).then_some((cfg.prox_mu as f32, global_emb.as_slice()));
-            emb_optim.step(&mut emb, a.embed_dim, lr, prox);
+            if !cfg.head_only {
+                let g_bag = g_bag.unwrap_or_else(|| vec![0.0; n * a.embed_dim]);
+                emb_optim.accumulate(a.embed_dim, docs, &local_rows, &g_bag);
+                let prox = (cfg.prox_mu > 0.0).then_some((cfg.prox_mu as f32, global_emb.as_slice()));
+                emb_optim.step(&mut emb, a.embed_dim, lr, prox);
+            }
             steps += 1;
             seen += n as u64;
             progress.step(epoch, last_loss);

@@ -492,6 +492,7 @@ impl JobSpec {
             seed: derive_seed(b"train", self.seed, round, site_salt),
             prox_mu: self.strategy.prox_mu(),
             dropout: t.dropout,
+            head_only: false,
         }
     }
 }

@@ -4,6 +4,7 @@
 pub mod daemon;
 pub mod doctor;
 pub mod enrol;
+pub mod finetune;
 pub mod local;
 pub mod metrics;
 pub mod predict;

@@ -345,7 +345,20 @@ pub struct TrainLocalReport {
     pub model: PathBuf,
 }
 
-struct Bar(ProgressBar);
+/// A training progress bar on stderr (hidden for `--json`).
+pub(crate) struct Bar(pub(crate) ProgressBar);
+
+impl Bar {
+    pub(crate) fn training(hidden: bool) -> Self {
+        let bar = if hidden { ProgressBar::hidden() } else { ProgressBar::new(0) };
+        bar.set_style(
+            ProgressStyle::with_template("{spinner} training [{bar:30}] {pos}/{len} steps {msg} ({eta})")
+                .unwrap_or_else(|_| ProgressStyle::default_bar())
+                .progress_chars("=> "),
+        );
+        Self(bar)
+    }
+}
 
 impl Progress for Bar {
     fn start(&mut self, total: u64) {
@@ -382,6 +395,7 @@ pub fn train_local(a: TrainLocalArgs) -> Result<()> {
         seed: a.seed,
         prox_mu: 0.0,
         dropout: a.dropout,
+        head_only: false,
     };
     let spec = ModelSpec::TextClassifier { config, labels: labels.clone() };
     let idx: Vec<usize> = report.examples.iter().filter_map(|e| labels.index(&e.label)).collect();
@@ -394,13 +408,7 @@ pub fn train_local(a: TrainLocalArgs) -> Result<()> {
     let test = spec.prepare_text(&pick(&test_rows))?;
     let start = spec.init(a.seed)?;
 
-    let bar = if a.json { ProgressBar::hidden() } else { ProgressBar::new(0) };
-    bar.set_style(
-        ProgressStyle::with_template("{spinner} training [{bar:30}] {pos}/{len} steps {msg} ({eta})")
-            .unwrap_or_else(|_| ProgressStyle::default_bar())
-            .progress_chars("=> "),
-    );
-    let mut progress = Bar(bar);
+    let mut progress = Bar::training(a.json);
     let (params, tr) = spec.train(&start, &train, &train_cfg, &mut progress)?;
     progress.0.finish_and_clear();
     let confusion = spec.evaluate(&params, &test)?;

@@ -80,6 +80,10 @@ enum Command {
     /// Classify text locally with a model this site holds (no coordinator needed): one
     /// `--text`, or a JSONL `--file` streamed (scored when records carry labels).
     Predict(maeum_site::predict::PredictArgs),
+    /// Personalise: fine-tune a model this site holds on the site's own data (a few
+    /// local epochs, optionally only the output layer), keep it in HOME/local-models and
+    /// compare both on the local test split. The local model is never uploaded.
+    Finetune(maeum_site::finetune::FinetuneArgs),
     /// Validate local data, train the text classifier on it alone, and evaluate it.
     TrainLocal(TrainLocalArgs),
     /// Inspect and prepare local data files.
@@ -195,6 +199,7 @@ fn main() -> ExitCode {
         Command::Status { home, json } => enrol::status(&home, json),
         Command::TrainLocal(a) => local::train_local(a),
         Command::Predict(a) => maeum_site::predict::run(a),
+        Command::Finetune(a) => maeum_site::finetune::run(a),
         Command::Data(DataCommand::Check { input, json }) => local::check(input, json),
         Command::Data(DataCommand::Split(a)) => local::split(a),
         Command::Models(ModelsCommand::List { home, json }) => releases::list(&home, json),
