@@ -4,7 +4,8 @@
 //! missing from the audit log are each refused with a clear reason while the previous
 //! release keeps serving; rollback returns the sites to the previous release; every
 //! promotion, rollback, install and refusal is in the audit log; `maeum-site predict`
-//! works with the coordinator stopped and reproduces the metrics the site reported.
+//! works with the coordinator stopped and reproduces the metrics the site reported;
+//! `maeum-site finetune` keeps a local model beside the release.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -135,6 +136,20 @@ fn sites_install_only_verified_releases_and_keep_the_previous_one_in_service() {
         assert_eq!(summary["accuracy"], mine["accuracy"], "{s}");
         assert_eq!(summary["macro_f1"], mine["macro_f1"], "{s}");
     }
+
+    // Personalisation: a local model beside the release, compared on the local test
+    // split; the release stays in service and the local model is usable by digest.
+    let tuned = site_json(&fed, "site-1", &["finetune", "--epochs", "1"]);
+    assert_eq!(tuned["base_model"], v1.as_str(), "{tuned:#}");
+    let local = tuned["model"].as_str().expect("local model digest").to_string();
+    assert_ne!(local, v1);
+    let base_reported = &site_json(&fed, "site-1", &["models", "show", "v1"])["reported_by_this_site"];
+    assert_eq!(tuned["base"]["confusion"], base_reported["confusion"], "the base is scored on the same split");
+    let summary = predict_summary(&fed, "site-1", &test_split(&fed, "site-1"), Some(&local[..12]));
+    assert_eq!(summary["confusion"], tuned["finetuned"]["confusion"], "predict agrees with finetune's report");
+    assert_eq!(serving(&fed)[0], 1, "finetune leaves the release in service");
+    let list = site_json(&fed, "site-1", &["models", "list"]);
+    assert_eq!(list["local_models"], serde_json::json!([local]), "{list:#}");
 
     // A second job: v2, not current until promoted.
     let second = fed.submit("second", 1, 3, &job_toml);
