@@ -941,7 +941,8 @@ impl pb::fleet_server::Fleet for Fleet {
         let c = self.0.clone();
         let site = c.site(&req, None)?;
         let r = req.into_inner();
-        let reason: String = r.reason.chars().take(500).collect();
+        // A refusal's reason, bounded; an install carries none.
+        let reason: String = if r.installed { String::new() } else { r.reason.chars().take(500).collect() };
         let Some(release) = c.registry.get(r.version).map_err(internal)? else {
             return Err(Status::not_found(format!("no release v{}", r.version)));
         };
@@ -953,7 +954,7 @@ impl pb::fleet_server::Fleet for Fleet {
         }
         let install = crate::registry::InstallRecord {
             installed: r.installed,
-            reason: if r.installed { String::new() } else { reason.clone() },
+            reason: reason.clone(),
             promotion: r.promotion,
             at_ms: now_ms(),
         };
@@ -966,7 +967,7 @@ impl pb::fleet_server::Fleet for Fleet {
                 site: site.clone(),
                 version_sha256: release.model.digest.clone(),
                 installed: r.installed,
-                reason: if r.installed { String::new() } else { reason.clone() },
+                reason: reason.clone(),
             })
             .map_err(internal)?;
         }

@@ -396,9 +396,13 @@ async fn prove_release(
         let origin = format!("maeum/{}", m.consortium);
         let (signed, _) = file.checkpoint.to_signed(&origin).map_err(|e| Failure::Transient(e.into()))?;
         let (size, root) = (signed.checkpoint.size, signed.checkpoint.root);
-        let proven = crate::witness::fetch_proven(client, size, &root, vec![m.model_sha256.clone()])
-            .await
-            .map_err(|e| refused(format!("{e:#}")))?;
+        let proven =
+            crate::witness::fetch_proven(client, size, &root, vec![m.model_sha256.clone()]).await.map_err(|e| {
+                match e.downcast_ref::<crate::witness::Unreachable>() {
+                    Some(_) => Failure::Transient(e),
+                    None => refused(format!("{e:#}")),
+                }
+            })?;
         if let Some(p) = proven.into_iter().find(|p| is_release_entry(&p.entry.event, m)) {
             return Ok((p.entry, p.proof, size, root));
         }

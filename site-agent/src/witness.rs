@@ -315,6 +315,19 @@ impl ProveReport {
     }
 }
 
+/// The coordinator could not be asked (network, or it is down): unlike a proof that
+/// does not verify, worth trying again.
+#[derive(Debug)]
+pub struct Unreachable(pub String);
+
+impl std::fmt::Display for Unreachable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Unreachable {}
+
 /// The entries that name this site or one of `models`, each with its inclusion proof
 /// against the checkpoint `(size, root)` verified here; any proof that fails is an
 /// error (the coordinator's log is not the one it showed this site).
@@ -330,7 +343,9 @@ pub async fn fetch_proven(
         let reply = client
             .audit_prove(pb::AuditProveRequest { size, models: models.clone(), after })
             .await
-            .map_err(|e| anyhow!("asking the coordinator for proofs: {}", describe(&e)))?
+            .map_err(|e| {
+                anyhow::Error::new(Unreachable(format!("asking the coordinator for proofs: {}", describe(&e))))
+            })?
             .into_inner();
         for e in reply.entries {
             let proven = ProvenEntry::from_pb(e).context("an entry from the coordinator")?;
