@@ -80,9 +80,12 @@ fn sites_witness_a_real_job_and_prove_their_part_and_its_export_resists_tamperin
         .map(|e| e.seq + 1)
         .expect("job_finished entry");
     wait_witnessed(&fed, &sites, finished);
-    // The export signs one more checkpoint; wait for it to be cosigned too, then export
-    // the final file.
+    // Each export signs one more checkpoint; wait for two of them to be cosigned by
+    // every site (whether the sites also cosigned checkpoints during the job depends on
+    // timing), then export the final file.
     wait_witnessed(&fed, &sites, first.checkpoints.last().expect("checkpoint").size);
+    let second = export(&fed, &fed.dir.path().join("second.json"));
+    wait_witnessed(&fed, &sites, second.checkpoints.last().expect("checkpoint").size);
     let path = fed.dir.path().join("audit.json");
     let exported = export(&fed, &path);
     let key = log_key(&fed);
