@@ -341,9 +341,10 @@ async fn run(cli: Cli) -> Result<()> {
             let bytes = client::export_audit(&home.home).await?;
             std::fs::write(&out, &bytes).with_context(|| format!("writing {}", out.display()))?;
             println!(
-                "wrote {} ({} bytes); check it with: maeum-audit verify {}",
+                "wrote {} ({} bytes); check it with: maeum-audit verify --trust {} {}",
                 out.display(),
                 bytes.len(),
+                home.home.join("signing.pub").display(),
                 out.display()
             );
         }

@@ -350,10 +350,18 @@ fn csv_problem(e: &csv::Error) -> Problem {
     }
 }
 
-/// Writes examples as JSONL (used by the split command).
+/// Writes examples as JSONL (used by the split command), owner-readable only (0600).
 pub fn write_jsonl(path: &Path, examples: &[Example]) -> Result<(), DataError> {
     let io = |source| DataError::Io { path: path.to_owned(), source };
-    let file = std::fs::File::create(path).map_err(io)?;
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    // Records are people's words: readable by the owner only (as the fetched corpus).
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let file = options.open(path).map_err(io)?;
+    // `mode` applies only to a new file; an older one is tightened too.
+    #[cfg(unix)]
+    file.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o600)).map_err(io)?;
     let mut w = std::io::BufWriter::new(file);
     for e in examples {
         // INVARIANT: serialising two strings cannot fail.
@@ -533,6 +541,22 @@ mod tests {
         let lines: Vec<u64> = r.skipped.iter().map(|e| e.line).collect();
         assert_eq!(lines, vec![2, 3, 4]);
         assert_eq!(r.skipped_by_kind().get("bad_json"), Some(&1));
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn written_records_are_readable_by_the_owner_only() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("train.jsonl");
+        std::fs::write(&path, "old").expect("an older, world-readable file");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+        let e = Example { text: "a".into(), label: "calm".into() };
+        write_jsonl(&path, &[e]).expect("write");
+        assert_eq!(std::fs::metadata(&path).expect("stat").permissions().mode() & 0o777, 0o600);
+        write_jsonl(&dir.path().join("new.jsonl"), &[]).expect("write");
+        let mode = std::fs::metadata(dir.path().join("new.jsonl")).expect("stat").permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
     }
 
     #[test]

@@ -89,7 +89,8 @@ impl Checks {
                 }
             }
             let warnings = self.checks.iter().filter(|c| c.level == Level::Warn).count();
-            println!("{} checks: {} failed, {warnings} warnings", self.checks.len(), self.failures());
+            let plural = if warnings == 1 { "warning" } else { "warnings" };
+            println!("{} checks: {} failed, {warnings} {plural}", self.checks.len(), self.failures());
         }
         match self.failures() {
             0 => Ok(()),
