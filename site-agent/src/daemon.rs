@@ -198,8 +198,11 @@ pub(crate) fn describe(e: &RpcStatus) -> String {
         causes.push(s.to_string());
         source = s.source();
     }
-    let chain = if causes.is_empty() { String::new() } else { format!(" ({})", causes.join(": ")) };
     let msg = e.message();
+    // hyper and tonic repeat a cause at several levels ("tcp connect error" three times).
+    causes.dedup();
+    causes.retain(|c| c != msg);
+    let chain = if causes.is_empty() { String::new() } else { format!(" ({})", causes.join(": ")) };
     if causes.iter().any(|c| c.contains("fatal alert")) {
         return format!(
             "the coordinator refused this site's certificate (revoked, expired or from another consortium){chain}"
@@ -300,10 +303,13 @@ pub async fn run(
 }
 
 async fn heartbeats(agent: Arc<Agent>, mut client: Client) {
+    const EVERY: Duration = Duration::from_secs(1);
+    let (mut pause, mut backoff) = (EVERY, Backoff(0));
     loop {
-        tokio::time::sleep(Duration::from_secs(1)).await;
+        tokio::time::sleep(pause).await;
         match client.heartbeat(agent.wire_status()).await {
             Ok(reply) => {
+                (pause, backoff) = (EVERY, Backoff(0));
                 agent.set(|s| {
                     s.connection = "connected".into();
                     s.last_error.clear();
@@ -323,7 +329,15 @@ async fn heartbeats(agent: Arc<Agent>, mut client: Client) {
             }
             Err(e) => {
                 agent.metrics.connected.set(0);
-                debug!(error = %describe(&e), "heartbeat failed");
+                let why = describe(&e);
+                // A coordinator that is down costs nothing to ask every second; one that
+                // refuses this site (revoked, say) must not see a TLS handshake a second.
+                pause = if is_refusal(&e) || why.starts_with("the coordinator closed the connection") {
+                    backoff.next().max(EVERY)
+                } else {
+                    EVERY
+                };
+                debug!(error = %why, retry_in_ms = pause.as_millis() as u64, "heartbeat failed");
             }
         }
     }

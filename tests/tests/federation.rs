@@ -111,6 +111,19 @@ fn a_revoked_site_is_cut_off_and_refused() {
     }
     assert!(online(&fed, "site-1"));
     assert!(!online(&fed, "site-2"));
+    // The revoked site backs off: it does not keep handshaking every second (it did, from
+    // its heartbeat loop, before). Counted from 10 s after the refusal, over 20 s.
+    let refusals = |fed: &Federation| {
+        fed.log_text("coordinator")
+            .lines()
+            .filter(|l| l.contains("refused TLS handshake") && l.contains("site-2"))
+            .count()
+    };
+    std::thread::sleep(Duration::from_secs(10));
+    let before = refusals(&fed);
+    std::thread::sleep(Duration::from_secs(20));
+    let tries = refusals(&fed) - before;
+    assert!(tries <= 8, "site-2 handshook {tries} times in 20 s after its revocation");
     // A revoked site stays revoked across a restart.
     fed.kill_coordinator();
     fed.start_coordinator();
