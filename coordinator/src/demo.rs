@@ -109,7 +109,9 @@ fn site_binary() -> Result<PathBuf> {
     let name = "maeum-site";
     let exe = std::env::current_exe().context("locating this executable")?;
     if let (Ok(cargo), Ok(_)) = (std::env::var("CARGO"), std::env::var("CARGO_MANIFEST_DIR")) {
-        eprintln!("building {name} (cargo build -p {name})");
+        let release = exe.parent().and_then(Path::file_name).is_some_and(|d| d == "release");
+        let profile = if release { " --release" } else { "" };
+        eprintln!("building {name} (cargo build{profile} -p {name})");
         let mut build = Command::new(cargo);
         build.args(["build", "--quiet", "-p", name, "-p", "maeum-coordinator"]);
         // `cargo run` exports the package's CARGO_* variables; some build scripts (ring)
@@ -123,7 +125,7 @@ fn site_binary() -> Result<PathBuf> {
                 build.env_remove(&*key);
             }
         }
-        if exe.parent().and_then(Path::file_name).is_some_and(|d| d == "release") {
+        if release {
             build.arg("--release");
         }
         let status = build.status().context("running cargo build")?;
