@@ -21,7 +21,7 @@ use anyhow::{Context, Result};
 use serde::Serialize;
 
 use maeum_protocols::audit::{rfc3339, unhex32};
-use maeum_protocols::release::{CardEvaluation, ModelCard, check_card};
+use maeum_protocols::release::{CardEvaluation, ModelCard, ReleaseFile, check_card};
 use maeum_protocols::wire::Digest;
 use maeum_protocols::wire::pb;
 use maeum_protocols::wire::release::ReleaseMsg;
@@ -243,7 +243,10 @@ pub async fn export(home: &Path, version: &str, out: &Path, json: bool) -> Resul
         (path(format!("model-v{n}.safetensors")), blob),
         (path(format!("card-v{n}.json")), r.card.clone()),
         (path(format!("card-v{n}.md")), card_markdown(&card, &r).into_bytes()),
-        (path(format!("release-v{n}.json")), release_json(&r, key_hex.trim())?),
+        (
+            path(format!("release-v{n}.json")),
+            ReleaseFile::new(r.manifest.clone(), &r.signature, &key, r.audit_seq).encode(),
+        ),
         (path(format!("curve-v{n}.svg")), curve_svg(&card).into_bytes()),
     ];
     for (p, bytes) in &files {
@@ -259,19 +262,6 @@ pub async fn export(home: &Path, version: &str, out: &Path, json: bool) -> Resul
         }
     }
     Ok(())
-}
-
-fn release_json(r: &ReleaseMsg, key_hex: &str) -> Result<Vec<u8>> {
-    let sig: String = r.signature.iter().map(|b| format!("{b:02x}")).collect();
-    let v = serde_json::json!({
-        "format": "maeum-release/v1",
-        "manifest": r.manifest,
-        "signed_bytes": "\"maeum/release/v1\\n\" followed by the manifest as compact JSON, fields in this order",
-        "signature_ed25519": sig,
-        "signing_public_key": key_hex,
-        "audit_log_entry": {"seq": r.audit_seq, "kind": "model_release"},
-    });
-    Ok(serde_json::to_vec_pretty(&v)?)
 }
 
 /// The card for people (Markdown).

@@ -21,7 +21,8 @@
 use ring::signature::{ED25519, Ed25519KeyPair, UnparsedPublicKey};
 use serde::{Deserialize, Serialize};
 
-use crate::audit::Event;
+use crate::audit::export::Verified;
+use crate::audit::{Event, hex, unhex};
 use crate::wire::Digest;
 
 /// Prefix of every signed release manifest.
@@ -30,6 +31,10 @@ pub const RELEASE_DOMAIN: &[u8] = b"maeum/release/v1\n";
 pub const CARD_FORMAT: &str = "maeum-model-card/v1";
 /// Largest model card a site accepts (bytes).
 pub const MAX_CARD_BYTES: usize = 4 << 20;
+/// `format` of the release file (`release-vN.json`) that `models export` writes.
+pub const RELEASE_FILE_FORMAT: &str = "maeum-release/v1";
+/// Largest release file read (bytes); a real one is about 1 KiB.
+pub const MAX_RELEASE_FILE_BYTES: usize = 64 << 10;
 
 /// Why a release was refused. Messages name what failed, never key material.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -47,6 +52,29 @@ pub enum ReleaseError {
     BlobDigest { got: String, signed: String },
     #[error("the release is not in the audit log: {0}")]
     NotLogged(String),
+    #[error("the release file is malformed: {0}")]
+    Malformed(String),
+    #[error("the release is of consortium {release:?}, the log's consortium is {expected:?}")]
+    Consortium { release: String, expected: String },
+    #[error("the model does not match its signed layout and card: {0}")]
+    Layout(String),
+}
+
+impl ReleaseError {
+    /// The check that failed, as numbered in `docs/protocols/releases.md` (REL-1 …
+    /// REL-9), so that a site's refusal and an auditor's failure name the same rule.
+    pub fn code(&self) -> &'static str {
+        match self {
+            ReleaseError::Malformed(_) | ReleaseError::CardMalformed(_) => "REL-1",
+            ReleaseError::Consortium { .. } => "REL-3",
+            ReleaseError::Signature => "REL-4",
+            ReleaseError::CardDigest { .. } => "REL-5",
+            ReleaseError::CardMismatch(_) => "REL-6",
+            ReleaseError::BlobDigest { .. } => "REL-7",
+            ReleaseError::Layout(_) => "REL-8",
+            ReleaseError::NotLogged(_) => "REL-9",
+        }
+    }
 }
 
 /// What the coordinator signs for a release, in this field order.
@@ -216,15 +244,27 @@ impl ModelCard {
 
     /// Parses card bytes (size-limited).
     pub fn decode(bytes: &[u8]) -> Result<ModelCard, ReleaseError> {
-        if bytes.len() > MAX_CARD_BYTES {
-            return Err(ReleaseError::CardMalformed(format!("{} bytes, limit {MAX_CARD_BYTES}", bytes.len())));
-        }
-        let card: ModelCard = serde_json::from_slice(bytes).map_err(|e| ReleaseError::CardMalformed(e.to_string()))?;
-        if card.format != CARD_FORMAT {
-            return Err(ReleaseError::CardMalformed(format!("format {:?}, expected {CARD_FORMAT:?}", card.format)));
-        }
-        Ok(card)
+        decode_json(bytes, MAX_CARD_BYTES, CARD_FORMAT, |c: &ModelCard| &c.format, ReleaseError::CardMalformed)
     }
+}
+
+/// Parses JSON of at most `limit` bytes whose `format` (read by `format_of`) is
+/// `expected`; `malformed` makes the error.
+fn decode_json<T: serde::de::DeserializeOwned>(
+    bytes: &[u8],
+    limit: usize,
+    expected: &str,
+    format_of: impl Fn(&T) -> &str,
+    malformed: fn(String) -> ReleaseError,
+) -> Result<T, ReleaseError> {
+    if bytes.len() > limit {
+        return Err(malformed(format!("{} bytes, limit {limit}", bytes.len())));
+    }
+    let value: T = serde_json::from_slice(bytes).map_err(|e| malformed(e.to_string()))?;
+    if format_of(&value) != expected {
+        return Err(malformed(format!("format {:?}, expected {expected:?}", format_of(&value))));
+    }
+    Ok(value)
 }
 
 /// Checks card bytes against a manifest: digest, then that the card describes the
@@ -290,6 +330,274 @@ impl Selector {
 pub fn is_release_entry(event: &Event, manifest: &Manifest) -> bool {
     matches!(event, Event::ModelRelease { version_sha256, card_sha256, .. }
         if *version_sha256 == manifest.model_sha256 && *card_sha256 == manifest.card_sha256)
+}
+
+/// The audit-log entry a release file points at.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogEntryRef {
+    /// The entry's seq.
+    pub seq: u64,
+    /// Always `model_release`.
+    pub kind: String,
+}
+
+/// `release-vN.json`, written by `maeum-coordinator models export` beside the model
+/// and the card: the signed manifest, the signature and where the log records it,
+/// for people and for `maeum-audit release`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReleaseFile {
+    /// [`RELEASE_FILE_FORMAT`].
+    pub format: String,
+    /// What is signed.
+    pub manifest: Manifest,
+    /// What the signature covers, in words ([`ReleaseFile::SIGNED_BYTES`]).
+    pub signed_bytes: String,
+    /// The Ed25519 signature, hex.
+    pub signature_ed25519: String,
+    /// The consortium's signing key (also the audit log's key), hex.
+    pub signing_public_key: String,
+    /// The `model_release` entry of this release.
+    pub audit_log_entry: LogEntryRef,
+}
+
+impl ReleaseFile {
+    /// The value of [`ReleaseFile::signed_bytes`].
+    pub const SIGNED_BYTES: &str =
+        "\"maeum/release/v1\\n\" followed by the manifest as compact JSON, fields in this order";
+
+    pub fn new(manifest: Manifest, signature: &[u8], signing_public_key: &[u8; 32], audit_seq: u64) -> ReleaseFile {
+        ReleaseFile {
+            format: RELEASE_FILE_FORMAT.into(),
+            manifest,
+            signed_bytes: Self::SIGNED_BYTES.into(),
+            signature_ed25519: hex(signature),
+            signing_public_key: hex(signing_public_key),
+            audit_log_entry: LogEntryRef { seq: audit_seq, kind: "model_release".into() },
+        }
+    }
+
+    /// Pretty JSON (people read it).
+    pub fn encode(&self) -> Vec<u8> {
+        // INVARIANT: strings and integers always serialise.
+        serde_json::to_vec_pretty(self).expect("a release file serialises")
+    }
+
+    /// Parses a release file (size-limited, format checked).
+    pub fn decode(bytes: &[u8]) -> Result<ReleaseFile, ReleaseError> {
+        decode_json(
+            bytes,
+            MAX_RELEASE_FILE_BYTES,
+            RELEASE_FILE_FORMAT,
+            |f: &ReleaseFile| &f.format,
+            ReleaseError::Malformed,
+        )
+    }
+
+    /// The signature's bytes.
+    pub fn signature(&self) -> Result<Vec<u8>, ReleaseError> {
+        let sig = unhex(&self.signature_ed25519)
+            .map_err(|_| ReleaseError::Malformed("signature_ed25519 is not hex".into()))?;
+        if sig.len() != 64 {
+            return Err(ReleaseError::Malformed(format!("signature_ed25519 has {} bytes, expected 64", sig.len())));
+        }
+        Ok(sig)
+    }
+}
+
+/// The model file of an exported release, as the caller read it.
+#[derive(Debug, Clone)]
+pub struct ModelFile {
+    /// SHA-256 of the file's bytes.
+    pub sha256: Digest,
+    /// The layout digest and labels of the model the file loads as, or why it does not
+    /// load.
+    pub loaded: Result<(String, Vec<String>), String>,
+}
+
+/// Where the log records a release, and the first checkpoint that commits to it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct LoggedAt {
+    pub seq: u64,
+    pub time_ms: i64,
+    /// Size of the first signed checkpoint whose tree holds the entry.
+    pub checkpoint_size: u64,
+    /// The sites that cosigned that checkpoint.
+    pub cosigned_by: Vec<String>,
+    /// Size of the export's latest checkpoint (it extends the first one).
+    pub latest_checkpoint_size: u64,
+    /// The sites that cosigned the latest checkpoint.
+    pub latest_cosigned_by: Vec<String>,
+}
+
+/// One promotion (or rollback) of the release, as logged.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Promotion {
+    pub seq: u64,
+    pub time_ms: i64,
+    pub operator: String,
+}
+
+/// A site's last recorded refusal of the release.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Refusal {
+    pub site: String,
+    pub seq: u64,
+    pub reason: String,
+}
+
+/// What [`audit_release`] found: the release checks out, and what the log says
+/// happened to it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ReleaseAudit {
+    pub consortium: String,
+    pub version: u32,
+    pub model_sha256: String,
+    pub model_size: u64,
+    pub layout_digest: String,
+    pub card_sha256: String,
+    /// The key the signature verified under (the log's key).
+    pub signing_public_key: String,
+    pub job_id: String,
+    pub job_name: String,
+    pub round: u32,
+    pub rounds: u32,
+    pub labels: Vec<String>,
+    /// The card's federated evaluation of the released model.
+    pub evaluation: Option<CardEvaluation>,
+    pub logged: LoggedAt,
+    /// Every promotion or rollback that made it current, in log order.
+    pub promotions: Vec<Promotion>,
+    /// Whether it is the current release at the end of the log (the last promotion).
+    pub current: bool,
+    /// Sites whose last report on this release is an install.
+    pub installed_by: Vec<String>,
+    /// Sites whose last report on this release is a refusal.
+    pub refused_by: Vec<Refusal>,
+}
+
+/// An auditor's check of an exported release against a verified audit-log export:
+/// REL-1 (the file), REL-3 (the log's consortium), REL-4 (the signature under the log
+/// key), REL-5/REL-6 (the card), REL-7 (the model's digest), REL-8 (its layout and
+/// labels), REL-9 (a `model_release` entry naming both digests, with the card's job
+/// and round, is in the log, which the verified export's last checkpoint covers).
+/// The first failed check is the error.
+pub fn audit_release(
+    file: &ReleaseFile,
+    card_bytes: &[u8],
+    model: &ModelFile,
+    log: &Verified,
+) -> Result<ReleaseAudit, ReleaseError> {
+    let m = &file.manifest;
+    let signature = file.signature()?;
+    let log_key = hex(&log.log_key);
+    if m.consortium != log.report.consortium {
+        return Err(ReleaseError::Consortium {
+            release: m.consortium.clone(),
+            expected: log.report.consortium.clone(),
+        });
+    }
+    m.verify(&log.log_key, &signature)?;
+    if file.signing_public_key != log_key {
+        return Err(ReleaseError::Malformed(format!(
+            "it names signing key {}, but the signature is by the log's key {log_key}",
+            file.signing_public_key
+        )));
+    }
+    let card = check_card(m, card_bytes)?;
+    m.check_blob(&model.sha256)?;
+    let (layout, labels) = model.loaded.clone().map_err(ReleaseError::Layout)?;
+    if layout != m.layout_digest {
+        return Err(ReleaseError::Layout(format!("its layout is {layout}, the signed layout is {}", m.layout_digest)));
+    }
+    if labels != card.model.labels {
+        return Err(ReleaseError::Layout(format!("its labels are {labels:?}, the card's are {:?}", card.model.labels)));
+    }
+
+    let entries = &log.export.entries;
+    let Some(entry) = entries.iter().find(|e| is_release_entry(&e.event, m)) else {
+        let releases = entries.iter().filter(|e| matches!(e.event, Event::ModelRelease { .. })).count();
+        return Err(ReleaseError::NotLogged(format!(
+            "none of the log's {releases} model_release entries names model {} and card {}",
+            m.model_sha256, m.card_sha256
+        )));
+    };
+    if let Event::ModelRelease { job_id, round, .. } = &entry.event
+        && (*job_id != card.job.id || *round != card.round)
+    {
+        return Err(ReleaseError::CardMismatch(format!(
+            "the log's model_release entry #{} says job {job_id} round {round}, the card says job {} round {}",
+            entry.seq, card.job.id, card.round
+        )));
+    }
+    if file.audit_log_entry.seq != entry.seq {
+        return Err(ReleaseError::Malformed(format!(
+            "it points at audit-log entry #{}, but this release's model_release entry is #{}",
+            file.audit_log_entry.seq, entry.seq
+        )));
+    }
+    // A verified export's last checkpoint covers every entry (AUD-11).
+    let checkpoint = log
+        .export
+        .checkpoints
+        .iter()
+        .find(|c| c.size > entry.seq)
+        .ok_or_else(|| ReleaseError::NotLogged(format!("entry #{} is in no signed checkpoint", entry.seq)))?;
+    let latest = log.export.checkpoints.last().unwrap_or(checkpoint);
+    let sites = |c: &crate::audit::export::ExportedCheckpoint| c.cosignatures.iter().map(|c| c.site.clone()).collect();
+
+    let mut promotions = Vec::new();
+    let mut current = None;
+    let mut reports: std::collections::BTreeMap<&str, (bool, u64, &str)> = std::collections::BTreeMap::new();
+    for e in entries {
+        match &e.event {
+            Event::ReleasePromoted { version_sha256, operator } => {
+                current = Some(version_sha256);
+                if *version_sha256 == m.model_sha256 {
+                    promotions.push(Promotion { seq: e.seq, time_ms: e.time_ms, operator: operator.clone() });
+                }
+            }
+            Event::ReleaseInstall { site, version_sha256, installed, reason } if *version_sha256 == m.model_sha256 => {
+                reports.insert(site, (*installed, e.seq, reason));
+            }
+            _ => {}
+        }
+    }
+    let installed_by = reports.iter().filter(|(_, r)| r.0).map(|(s, _)| (*s).to_owned()).collect();
+    let refused_by = reports
+        .iter()
+        .filter(|(_, r)| !r.0)
+        .map(|(s, r)| Refusal { site: (*s).to_owned(), seq: r.1, reason: r.2.to_owned() })
+        .collect();
+
+    Ok(ReleaseAudit {
+        consortium: m.consortium.clone(),
+        version: m.version,
+        model_sha256: m.model_sha256.clone(),
+        model_size: m.model_size,
+        layout_digest: m.layout_digest.clone(),
+        card_sha256: m.card_sha256.clone(),
+        signing_public_key: log_key,
+        job_id: card.job.id.clone(),
+        job_name: card.job.name.clone(),
+        round: card.round,
+        rounds: card.job.rounds,
+        labels: card.model.labels.clone(),
+        evaluation: card.evaluation.clone(),
+        logged: LoggedAt {
+            seq: entry.seq,
+            time_ms: entry.time_ms,
+            checkpoint_size: checkpoint.size,
+            cosigned_by: sites(checkpoint),
+            latest_checkpoint_size: latest.size,
+            latest_cosigned_by: sites(latest),
+        },
+        promotions,
+        current: current == Some(&m.model_sha256),
+        installed_by,
+        refused_by,
+    })
 }
 
 /// Whether a label names a crisis class (suicidality, self-harm, acute crisis): these

@@ -127,6 +127,20 @@ impl Hasher {
         out.copy_from_slice(self.0.finish().as_ref());
         Digest(out)
     }
+
+    /// SHA-256 of a file, read in [`CHUNK_SIZE`] pieces (memory bounded, any size).
+    pub fn file(path: &std::path::Path) -> std::io::Result<Digest> {
+        let mut hasher = Hasher::default();
+        let mut file = std::fs::File::open(path)?;
+        let mut buf = vec![0u8; CHUNK_SIZE];
+        loop {
+            let n = std::io::Read::read(&mut file, &mut buf)?;
+            if n == 0 {
+                return Ok(hasher.finish());
+            }
+            hasher.update(&buf[..n]);
+        }
+    }
 }
 
 /// A content-addressed model blob.

@@ -36,7 +36,7 @@ use maeum_protocols::audit::merkle::verify_inclusion;
 use maeum_protocols::audit::{Entry, hex, rfc3339, unhex, unhex32};
 use maeum_protocols::release::{Manifest, ModelCard, ReleaseError, Selector, check_card, is_release_entry};
 use maeum_protocols::wire::release::ReleaseMsg;
-use maeum_protocols::wire::{CHUNK_SIZE, Digest, Hasher, pb};
+use maeum_protocols::wire::{Digest, Hasher, pb};
 
 use crate::daemon::{Agent, Client, DigestMismatch, describe};
 use crate::enrol::Home;
@@ -179,16 +179,7 @@ pub fn model_path(home: &Home, digest: &str) -> PathBuf {
 
 /// SHA-256 of a file, streamed.
 pub fn hash_file(path: &Path) -> Result<Digest> {
-    let mut hasher = Hasher::default();
-    let mut file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
-    let mut buf = vec![0u8; CHUNK_SIZE];
-    loop {
-        let n = std::io::Read::read(&mut file, &mut buf).with_context(|| format!("reading {}", path.display()))?;
-        if n == 0 {
-            return Ok(hasher.finish());
-        }
-        hasher.update(&buf[..n]);
-    }
+    Hasher::file(path).with_context(|| format!("reading {}", path.display()))
 }
 
 fn signing_key(home: &Home) -> Result<[u8; 32]> {

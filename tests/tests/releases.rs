@@ -229,7 +229,29 @@ fn sites_install_only_verified_releases_and_keep_the_previous_one_in_service() {
     let out_dir = fed.dir.path().join("export");
     let exported = fed.cli_json(&["models", "export", "v2", "--out", out_dir.to_str().unwrap_or_default()]);
     assert_eq!(exported["files"].as_array().map(Vec::len), Some(5), "{exported:#}");
-    let card = check_export(&fed, &out_dir, 2);
+    let (card, report) = check_export(&fed, &out_dir, &audit, 2);
+    assert_eq!(report["version"], 2);
+    assert_eq!(report["installed_by"], serde_json::json!(SITES), "{report:#}");
+    assert_eq!(report["refused_by"], serde_json::json!([]), "the last report of every site is its install");
+    assert_eq!(report["current"], false, "rolled back to v1");
+    assert_eq!(report["promotions"].as_array().map(Vec::len), Some(5), "four refused promotions and one install");
+    // A card altered after export is caught offline too.
+    let card_path = out_dir.join("card-v2.json");
+    let original = std::fs::read(&card_path).expect("card");
+    std::fs::write(
+        &card_path,
+        String::from_utf8_lossy(&original).replacen("\"round\": 1", "\"round\": 2", 1).as_bytes(),
+    )
+    .expect("write");
+    let out =
+        Command::new(bin("maeum-audit")).arg("release").arg(&out_dir).arg("--log").arg(&audit).output().expect("runs");
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).starts_with("FAILED: REL-5"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::write(&card_path, original).expect("restore");
     assert_eq!(card.model.sha256, v2);
     assert_eq!(card.parent_version, Some(1));
     assert_eq!(card.rounds.len(), 1);
@@ -264,19 +286,27 @@ fn sites_install_only_verified_releases_and_keep_the_previous_one_in_service() {
     );
 }
 
-/// Checks an export the way anyone holding the consortium key can: the signature over
-/// the manifest, the card's and the model's digests.
-fn check_export(fed: &Federation, dir: &Path, version: u32) -> maeum_protocols::release::ModelCard {
-    use maeum_protocols::release::{Manifest, check_card};
-    let read = |name: String| std::fs::read(dir.join(&name)).unwrap_or_else(|e| panic!("{name}: {e}"));
-    let release: serde_json::Value = serde_json::from_slice(&read(format!("release-v{version}.json"))).expect("json");
-    let manifest: Manifest = serde_json::from_value(release["manifest"].clone()).expect("manifest");
-    let sig = maeum_protocols::audit::unhex(release["signature_ed25519"].as_str().expect("signature")).expect("hex");
-    let key = std::fs::read_to_string(fed.coordinator_home().join("signing.pub")).expect("signing.pub");
-    assert_eq!(release["signing_public_key"], key.trim());
-    manifest.verify(&maeum_protocols::audit::unhex32(key.trim()).expect("key"), &sig).expect("signature");
-    let card = check_card(&manifest, &read(format!("card-v{version}.json"))).expect("card");
-    let model = maeum_protocols::wire::Digest::of(&read(format!("model-v{version}.safetensors")));
-    manifest.check_blob(&model).expect("model digest");
-    card
+/// Checks an export the way an auditor does, with `maeum-audit release` against the
+/// audit-log export and the consortium key: signature, card, model (digest, layout,
+/// labels) and its `model_release` entry. Returns the card and the JSON report.
+fn check_export(
+    fed: &Federation,
+    dir: &Path,
+    audit: &Path,
+    version: u32,
+) -> (maeum_protocols::release::ModelCard, serde_json::Value) {
+    let out = Command::new(bin("maeum-audit"))
+        .arg("release")
+        .arg(dir)
+        .arg("--log")
+        .arg(audit)
+        .arg("--trust")
+        .arg(fed.coordinator_home().join("signing.pub"))
+        .arg("--json")
+        .output()
+        .expect("maeum-audit runs");
+    assert!(out.status.success(), "maeum-audit release: {}", String::from_utf8_lossy(&out.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON report");
+    let card = std::fs::read(dir.join(format!("card-v{version}.json"))).expect("card");
+    (maeum_protocols::release::ModelCard::decode(&card).expect("card"), report)
 }

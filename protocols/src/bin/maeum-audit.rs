@@ -1,5 +1,6 @@
 //! `maeum-audit`: verifies a Maeum audit log export offline, shows its timeline, and
-//! makes and checks inclusion and consistency proofs. Needs nothing but the files.
+//! makes and checks inclusion and consistency proofs, and checks exported model releases
+//! against the log. Needs nothing but the files.
 //!
 //! Exit codes: 0 the check holds; 1 it does not, including a file that does not parse
 //! (the message names the first failed check, entry or checkpoint); 2 the command could
@@ -11,10 +12,15 @@ use std::process::ExitCode;
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 
+use maeum_models::model::ModelSpec;
 use maeum_protocols::audit::export::{
     self, CHECKPOINT_FORMAT, CheckpointFile, EXPORT_FORMAT, INCLUSION_FORMAT, InclusionProof, Verified,
 };
 use maeum_protocols::audit::{AuditError, Entry, Event, hex, rfc3339, unhex32};
+use maeum_protocols::release::{
+    MAX_RELEASE_FILE_BYTES, ModelFile, ReleaseAudit, ReleaseError, ReleaseFile, audit_release,
+};
+use maeum_protocols::wire::Hasher;
 
 /// Verify and inspect a Maeum transparency audit log, offline.
 #[derive(Debug, Parser)]
@@ -81,6 +87,24 @@ enum Command {
         /// The export file.
         file: PathBuf,
     },
+    /// Check an exported release (`maeum-coordinator models export`) against the log:
+    /// signature, card, model file, and its `model_release` entry; then say who
+    /// promoted it and which sites installed or refused it.
+    Release {
+        /// The folder `models export` wrote, or the release-vN.json in it (the card
+        /// and the model are read beside it: card-vN.json, model-vN.safetensors).
+        release: PathBuf,
+        /// The audit-log export the release must be in (`audit export`, after the
+        /// release).
+        #[arg(long)]
+        log: PathBuf,
+        /// The log key you trust (as for `verify`): the release must be signed by it.
+        #[arg(long)]
+        trust: Option<String>,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Does NEW extend OLD? OLD: an export or a checkpoint file; NEW: an export.
     Consistency {
         /// What you saw before.
@@ -95,7 +119,8 @@ enum Command {
 
 /// Why a command did not succeed: the check failed (1) or it could not run (2).
 enum Failure {
-    Check(AuditError),
+    /// What failed, starting with its rule (AUD-nn or REL-n).
+    Check(String),
     Run(anyhow::Error),
 }
 
@@ -107,7 +132,13 @@ impl From<anyhow::Error> for Failure {
 
 impl From<AuditError> for Failure {
     fn from(e: AuditError) -> Failure {
-        Failure::Check(e)
+        Failure::Check(e.to_string())
+    }
+}
+
+impl From<ReleaseError> for Failure {
+    fn from(e: ReleaseError) -> Failure {
+        Failure::Check(format!("{}: {e}", e.code()))
     }
 }
 
@@ -238,6 +269,40 @@ fn run(command: Command) -> Result<(), Failure> {
             println!("{}", String::from_utf8_lossy(&cp.encode()));
             Ok(())
         }
+        Command::Release { release, log, trust, json } => {
+            let trust = trust_key(trust.as_deref())?;
+            let (file_path, dir) = release_file(&release)?;
+            let bytes = read(&file_path)?;
+            if bytes.len() > MAX_RELEASE_FILE_BYTES {
+                return Err(ReleaseError::Malformed(format!(
+                    "{} is {} bytes, more than a release file ({MAX_RELEASE_FILE_BYTES})",
+                    file_path.display(),
+                    bytes.len()
+                ))
+                .into());
+            }
+            let file = ReleaseFile::decode(&bytes)?;
+            let n = file.manifest.version;
+            let card = read(&dir.join(format!("card-v{n}.json")))?;
+            let model_path = dir.join(format!("model-v{n}.safetensors"));
+            let sha256 = Hasher::file(&model_path).with_context(|| format!("reading {}", model_path.display()))?;
+            // Load (parse) the model only once it is known to be the signed one.
+            let loaded = if sha256.hex() == file.manifest.model_sha256 {
+                ModelSpec::load(&model_path)
+                    .map(|(spec, _, _)| (spec.layout().digest().to_string(), spec.labels().names().to_vec()))
+                    .map_err(|e| format!("it does not load: {e}"))
+            } else {
+                Err("not loaded: its digest is not the signed one".into())
+            };
+            let v = verified(&log, trust.as_ref())?;
+            let audit = audit_release(&file, &card, &ModelFile { sha256, loaded }, &v)?;
+            if json {
+                print_json(&audit)?;
+            } else {
+                print_release(&audit, &log, trust.is_some());
+            }
+            Ok(())
+        }
         Command::Consistency { old, new, trust } => {
             let trust = trust_key(trust.as_deref())?;
             let old_bytes = read(&old)?;
@@ -278,6 +343,95 @@ fn run(command: Command) -> Result<(), Failure> {
                 println!("    {h}");
             }
             Ok(())
+        }
+    }
+}
+
+/// `release`: a folder holding one release-vN.json, or the file itself; and its folder.
+fn release_file(path: &Path) -> Result<(PathBuf, PathBuf)> {
+    if !path.is_dir() {
+        let dir = path.parent().map_or_else(|| PathBuf::from("."), Path::to_path_buf);
+        return Ok((path.to_path_buf(), if dir.as_os_str().is_empty() { PathBuf::from(".") } else { dir }));
+    }
+    let mut found: Vec<PathBuf> = std::fs::read_dir(path)
+        .with_context(|| format!("reading {}", path.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("release-v") && n.ends_with(".json"))
+        })
+        .collect();
+    found.sort();
+    match found.len() {
+        1 => Ok((found.remove(0), path.to_path_buf())),
+        0 => bail!(
+            "{} holds no release-vN.json (write one with `maeum-coordinator models export VERSION --out DIR`)",
+            path.display()
+        ),
+        _ => bail!(
+            "{} holds several releases ({}): name the release-vN.json to check",
+            path.display(),
+            found.iter().filter_map(|p| p.file_name()?.to_str()).collect::<Vec<_>>().join(", ")
+        ),
+    }
+}
+
+fn print_release(a: &ReleaseAudit, log: &Path, pinned: bool) {
+    println!("OK: release v{} of consortium {} verifies against {}", a.version, a.consortium, log.display());
+    let trusted = if pinned { "matches --trust" } else { "not pinned: pass --trust" };
+    println!("  signature   Ed25519 by the log key {} ({trusted})", a.signing_public_key);
+    println!("  model       {} ({} bytes, layout {})", a.model_sha256, a.model_size, short(&a.layout_digest));
+    println!(
+        "  card        {} (job {} \"{}\", round {} of {})",
+        a.card_sha256, a.job_id, a.job_name, a.round, a.rounds
+    );
+    match &a.evaluation {
+        Some(e) => {
+            let crisis: Vec<String> = e
+                .recall
+                .iter()
+                .filter(|c| c.crisis)
+                .map(|c| format!("{} recall {}", c.label, c.recall.map_or("n/a".into(), |r| format!("{r:.4}"))))
+                .collect();
+            println!(
+                "  evaluation  accuracy {:.4}, macro-F1 {:.4} on {} held-out examples at {} sites{}",
+                e.accuracy,
+                e.macro_f1,
+                e.examples,
+                e.evaluated_by,
+                if crisis.is_empty() { String::new() } else { format!("; {}", crisis.join(", ")) }
+            );
+        }
+        None => println!("  evaluation  none on the card"),
+    }
+    let l = &a.logged;
+    println!(
+        "  logged      entry #{} model_release {}, in checkpoint {} (cosigned by {})",
+        l.seq,
+        rfc3339(l.time_ms),
+        l.checkpoint_size,
+        list(&l.cosigned_by)
+    );
+    if l.latest_checkpoint_size != l.checkpoint_size {
+        println!(
+            "              latest checkpoint {} extends it (cosigned by {})",
+            l.latest_checkpoint_size,
+            list(&l.latest_cosigned_by)
+        );
+    }
+    if a.promotions.is_empty() {
+        println!("  promoted    never");
+    } else {
+        let p: Vec<String> =
+            a.promotions.iter().map(|p| format!("#{} {} by {}", p.seq, rfc3339(p.time_ms), p.operator)).collect();
+        println!("  promoted    {}", p.join("; "));
+    }
+    println!("  current     {}", if a.current { "yes (the last promotion in the log)" } else { "no" });
+    println!("  installed   {}", list(&a.installed_by));
+    if a.refused_by.is_empty() {
+        println!("  refused     none");
+    } else {
+        for r in &a.refused_by {
+            println!("  refused     {} (#{}): {}", r.site, r.seq, r.reason);
         }
     }
 }
