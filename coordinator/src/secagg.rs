@@ -14,7 +14,9 @@ use tracing::warn;
 
 use maeum_protocols::secagg::quant::Quantiser;
 use maeum_protocols::secagg::sign::SessionVerifier;
-use maeum_protocols::secagg::{KeyRoster, Outcome, SecAggError, Server, Session, SurvivorProof, SurvivorSet};
+use maeum_protocols::secagg::{
+    AdvertiseKeys, KeyRoster, Outcome, SecAggError, Server, Session, SurvivorProof, SurvivorSet,
+};
 use maeum_protocols::wire::secagg::{Reply, SessionInfo, StageMessage};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -59,6 +61,8 @@ pub struct SecAggRound {
     verifier: SessionVerifier,
     /// Parties whose message was accepted, per stage.
     accepted: BTreeMap<SaStage, BTreeSet<u16>>,
+    /// The keys each party advertised (to recognise a party that restarted).
+    advertised: BTreeMap<u16, AdvertiseKeys>,
     roster: Option<KeyRoster>,
     survivors: Option<SurvivorSet>,
     proof: Option<SurvivorProof>,
@@ -88,6 +92,7 @@ impl SecAggRound {
             server: Some(server),
             verifier,
             accepted: BTreeMap::new(),
+            advertised: BTreeMap::new(),
             roster: None,
             survivors: None,
             proof: None,
@@ -146,9 +151,22 @@ impl SecAggRound {
                 self.stage.name()
             )));
         }
+        if let StageMessage::Advertise(keys) = &msg {
+            self.advertised.insert(me, keys.clone());
+        }
         self.deliver(site, msg)?;
         self.accepted.entry(wanted).or_default().insert(me);
         Ok(())
+    }
+
+    /// Whether `msg` advertises keys other than those `site` already advertised in this
+    /// session: the site restarted and lost the session's secrets (they live only in
+    /// its memory), so it can no longer take part; the others may already hold its old
+    /// keys. The caller drops it from the attempt at once rather than waiting for the
+    /// stage deadline (the round goes on without it, or is retried if too few remain).
+    pub fn rejoined(&self, site: &str, msg: &StageMessage) -> bool {
+        let StageMessage::Advertise(keys) = msg else { return false };
+        self.index.get(site).and_then(|me| self.advertised.get(me)).is_some_and(|first| first != keys)
     }
 
     fn deliver(&mut self, site: &str, msg: StageMessage) -> Result<(), Status> {

@@ -826,6 +826,21 @@ impl pb::fleet_server::Fleet for Fleet {
                 .secagg
                 .as_mut()
                 .ok_or_else(|| Status::failed_precondition("this round does not use secure aggregation"))?;
+            if sa.rejoined(&site, &r.message) {
+                warn!(
+                    site = %site,
+                    round = r.round,
+                    attempt = r.attempt,
+                    "site advertised new secure-aggregation keys for a session it had joined (it restarted); \
+                     dropped from this attempt"
+                );
+                state.dropped.insert(site.clone());
+                return Err(Status::failed_precondition(format!(
+                    "site/{site} restarted and lost its keys for this secure-aggregation session (round {} attempt \
+                     {}); it is dropped from this attempt and takes part again from the next one",
+                    r.round, r.attempt
+                )));
+            }
             sa.submit(&site, r.message.clone(), &done)?;
             Ok(None)
         })?;

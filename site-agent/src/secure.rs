@@ -6,8 +6,10 @@
 //! masked input (4 bytes per parameter) → sign the survivor set → reveal shares.
 //!
 //! The session's secrets live only in memory (`secagg::Client` wipes them on drop): a
-//! site that restarts mid-round does not rejoin that attempt, and the coordinator
-//! retries the round with a new session if too few remain. The masked input is written
+//! site that restarts mid-round does not rejoin that attempt. When it advertises new
+//! keys the coordinator drops it from the attempt at once (it answers
+//! FailedPrecondition "… restarted and lost its keys …"), and the round goes on
+//! without it or is retried with a new session if too few remain. The masked input is written
 //! to HOME/work before upload only so that an interrupted stream (not process) resumes.
 //!
 //! Two switches exist for tests and debugging only: `MAEUM_SITE_TEST_STALL_AT` (hang at

@@ -198,3 +198,33 @@ fn below_the_threshold_the_round_is_retried_with_a_new_session() {
     assert!(log.contains("retrying the round with a new session"), "{log}");
     check_exact_sums(&fed, &job);
 }
+
+/// A site that restarts in the middle of a round, before the coordinator notices it was
+/// gone, comes back without the session's keys (they live only in memory) and
+/// advertises new ones: it is dropped from that attempt at once and the round is
+/// retried with a new session, instead of stalling until the 10-minute training
+/// deadline. (The heartbeat timeout is long here so that only this path can end the
+/// stall.)
+#[test]
+fn a_site_restarted_mid_round_is_dropped_at_once_and_the_round_retried() {
+    let mut fed = Federation::new(3);
+    fed.heartbeat_timeout = 120;
+    fed.start_coordinator();
+    fed.start_site_with("site-1", &[KEEP]);
+    fed.start_site_with("site-2", &[KEEP]);
+    fed.start_site_with("site-3", &[KEEP, ("MAEUM_SITE_TEST_STALL_AT", "masked-input@1")]);
+    wait_online(&fed, 3);
+    // Default deadlines: the masked-input stage waits up to the 600 s training deadline.
+    let id = fed.submit("secagg-restart", 1, 3, SMALL_MODEL);
+    wait_log(&fed, "site-3", "test hook: stalling", 1, 3 * MIN);
+    fed.kill_site("site-3");
+    fed.start_site_with("site-3", &[KEEP]);
+    wait_log(&fed, "coordinator", "for a session it had joined (it restarted)", 1, MIN);
+    let job = fed.wait_job(&id, 2 * MIN);
+    assert_eq!(job["state"], "completed", "{job:#}");
+    let first = &job["history"][0];
+    assert!(first["attempts"].as_u64().is_some_and(|a| a >= 2), "{first:#}");
+    assert_eq!(strs(&first["contributors"]).len(), 3, "all three in the retried attempt: {first:#}");
+    assert!(fed.log_text("site-3").contains("lost its keys"), "the site is told why");
+    check_exact_sums(&fed, &job);
+}
