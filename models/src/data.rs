@@ -127,12 +127,10 @@ impl fmt::Display for LineError {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum DataError {
-    #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    /// The I/O error is in the message and deliberately not a `source`, so `{:#}`
+    /// chains do not print it twice.
+    #[error("{path}: {error}")]
+    Io { path: PathBuf, error: std::io::Error },
     #[error("{0}")]
     Line(LineError),
     #[error("{path}: CSV header has no column {column:?} (columns: {available})")]
@@ -201,7 +199,7 @@ pub fn read_examples(path: &Path, opts: &ReadOptions) -> Result<ReadReport, Data
 }
 
 fn open(path: &Path) -> Result<std::fs::File, DataError> {
-    std::fs::File::open(path).map_err(|source| DataError::Io { path: path.to_owned(), source })
+    std::fs::File::open(path).map_err(|source| DataError::Io { path: path.to_owned(), error: source })
 }
 
 /// Validates one record and either keeps it, records the skip, or fails.
@@ -272,7 +270,9 @@ pub fn read_jsonl(reader: impl Read, path: &Path, opts: &ReadOptions) -> Result<
     let mut line = 0u64;
     loop {
         buf.clear();
-        let n = reader.read_until(b'\n', &mut buf).map_err(|source| DataError::Io { path: path.to_owned(), source })?;
+        let n = reader
+            .read_until(b'\n', &mut buf)
+            .map_err(|source| DataError::Io { path: path.to_owned(), error: source })?;
         if n == 0 {
             break;
         }
@@ -352,7 +352,7 @@ fn csv_problem(e: &csv::Error) -> Problem {
 
 /// Writes examples as JSONL (used by the split command), owner-readable only (0600).
 pub fn write_jsonl(path: &Path, examples: &[Example]) -> Result<(), DataError> {
-    let io = |source| DataError::Io { path: path.to_owned(), source };
+    let io = |source| DataError::Io { path: path.to_owned(), error: source };
     let mut options = std::fs::OpenOptions::new();
     options.write(true).create(true).truncate(true);
     // Records are people's words: readable by the owner only (as the fetched corpus).

@@ -273,7 +273,7 @@ impl ModelSpec {
     /// Loads a model file written by [`ModelSpec::save`].
     pub fn load(path: &Path) -> Result<(ModelSpec, FlatParams, HashMap<String, String>), ModelError> {
         let spec_err = |detail: String| ModelError::Spec { path: path.display().to_string(), detail };
-        let bytes = std::fs::read(path).map_err(|source| ParamsError::Io { path: path.to_owned(), source })?;
+        let bytes = std::fs::read(path).map_err(|source| ParamsError::Io { path: path.to_owned(), error: source })?;
         let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| spec_err(e.to_string()))?;
         let meta = meta.metadata().clone().unwrap_or_default();
         let json = meta.get("maeum.model").ok_or_else(|| spec_err("no maeum.model entry in the header".into()))?;

@@ -77,8 +77,10 @@ pub enum ParamsError {
     LayoutMismatch { expected: LayoutDigest, expected_numel: usize, actual: LayoutDigest, actual_numel: usize },
     #[error("vector has {actual} values but layout {layout} needs {expected}")]
     WrongLength { layout: LayoutDigest, expected: usize, actual: usize },
-    #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    /// The I/O error is in the message and deliberately not a `source` (a field named
+    /// `source` would be), so `{:#}` chains do not print it twice.
+    #[error("{path}: {error}")]
+    Io { path: PathBuf, error: std::io::Error },
     #[error("{path}: not a valid safetensors file: {detail}")]
     Format { path: PathBuf, detail: String },
     #[error("{path}: tensor {name:?}: {detail}")]
@@ -172,13 +174,13 @@ impl FlatParams {
     pub fn save_safetensors(&self, path: &Path, metadata: HashMap<String, String>) -> Result<(), ParamsError> {
         let bytes =
             self.to_safetensors(metadata).map_err(|detail| ParamsError::Format { path: path.to_owned(), detail })?;
-        crate::write_atomic(path, &bytes).map_err(|source| ParamsError::Io { path: path.to_owned(), source })
+        crate::write_atomic(path, &bytes).map_err(|source| ParamsError::Io { path: path.to_owned(), error: source })
     }
 
     /// Reads a safetensors file and checks every tensor of `layout` is there with the
     /// right dtype and shape. Returns the vector and the file's metadata.
     pub fn load_safetensors(path: &Path, layout: &Layout) -> Result<(Self, HashMap<String, String>), ParamsError> {
-        let bytes = std::fs::read(path).map_err(|source| ParamsError::Io { path: path.to_owned(), source })?;
+        let bytes = std::fs::read(path).map_err(|source| ParamsError::Io { path: path.to_owned(), error: source })?;
         Self::from_safetensors(&bytes, path, layout)
     }
 

@@ -214,7 +214,7 @@ fn line_error(path: &Path, line: u64, problem: Problem) -> anyhow::Error {
 
 /// Streams `path` through the model in batches, writing one result per record.
 pub fn predict_file(model: &Loaded, path: &Path, a: &PredictArgs, out: &mut impl Write) -> Result<Summary> {
-    let file = std::fs::File::open(path).map_err(|source| DataError::Io { path: path.to_owned(), source })?;
+    let file = std::fs::File::open(path).map_err(|source| DataError::Io { path: path.to_owned(), error: source })?;
     let reader = BufReader::new(file);
     let started = Instant::now();
     let n = model.spec.labels().names().len();
@@ -247,7 +247,7 @@ pub fn predict_file(model: &Loaded, path: &Path, a: &PredictArgs, out: &mut impl
     };
     for (i, line) in reader.split(b'\n').enumerate() {
         let n = i as u64 + 1;
-        let bytes = line.map_err(|source| DataError::Io { path: path.to_owned(), source })?;
+        let bytes = line.map_err(|source| DataError::Io { path: path.to_owned(), error: source })?;
         let text = std::str::from_utf8(&bytes).map_err(|_| line_error(path, n, Problem::InvalidUtf8))?;
         if text.trim().is_empty() {
             continue;
