@@ -365,6 +365,7 @@ async fn run(cli: Cli) -> Result<()> {
 }
 
 fn main() -> ExitCode {
+    maeum_protocols::runtime::exit_quietly_on_closed_stdout();
     let cli = Cli::parse();
     let daemon = matches!(cli.command, Command::Serve { .. });
     maeum_protocols::runtime::init_tracing(if daemon { "info" } else { "warn" });

@@ -41,3 +41,21 @@ pub async fn shutdown_signal() {
 pub fn now_ms() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
 }
+
+/// Makes a closed stdout (`maeum-coordinator jobs list | head -1`) end the process
+/// quietly with status 141, as a Unix tool killed by SIGPIPE does, instead of a panic
+/// report. Rust ignores SIGPIPE, so writing to a closed pipe fails with EPIPE and
+/// `println!` panics with "failed printing to stdout"; this hook recognises only that
+/// panic and leaves every other to the default hook. Call it first thing in `main`.
+pub fn exit_quietly_on_closed_stdout() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let payload = info.payload();
+        let message =
+            payload.downcast_ref::<String>().map(String::as_str).or_else(|| payload.downcast_ref::<&str>().copied());
+        if message.is_some_and(|m| m.starts_with("failed printing to stdout") && m.contains("Broken pipe")) {
+            std::process::exit(141);
+        }
+        default(info);
+    }));
+}

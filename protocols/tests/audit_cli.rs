@@ -293,3 +293,23 @@ fn an_auditor_checks_an_exported_release_against_the_log() {
     assert_eq!(code, 2);
     assert!(err.contains("holds no release-vN.json"), "{err}");
 }
+
+/// `maeum-audit show audit.json | head -1`: a reader that stops early ends the tool
+/// quietly with status 141 (as SIGPIPE would), not with a panic report.
+#[test]
+fn a_closed_stdout_ends_the_tool_quietly() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("audit.json");
+    std::fs::write(&file, realistic().export().encode()).unwrap();
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let out = Command::new(env!("CARGO_BIN_EXE_maeum-audit"))
+        .args(["show", path(&file)])
+        .stdout(writer)
+        .stderr(std::process::Stdio::piped())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(141), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+}

@@ -180,6 +180,7 @@ enum DataCommand {
 }
 
 fn main() -> ExitCode {
+    maeum_protocols::runtime::exit_quietly_on_closed_stdout();
     let cli = Cli::parse();
     maeum_protocols::runtime::init_tracing(if matches!(cli.command, Command::Run { .. }) { "info" } else { "warn" });
     let result = match cli.command {

@@ -143,6 +143,7 @@ impl From<ReleaseError> for Failure {
 }
 
 fn main() -> ExitCode {
+    maeum_protocols::runtime::exit_quietly_on_closed_stdout();
     let cli = Cli::parse();
     match run(cli.command) {
         Ok(()) => ExitCode::SUCCESS,
