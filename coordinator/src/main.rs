@@ -136,7 +136,8 @@ enum AuditCommand {
     Export {
         #[command(flatten)]
         home: HomeArg,
-        /// The file to write.
+        /// The file to write; `-` writes the export to standard output (e.g. out of a
+        /// container with `kubectl exec … --out - > audit.json`).
         #[arg(long, value_name = "FILE")]
         out: PathBuf,
     },
@@ -339,13 +340,21 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Command::Audit(AuditCommand::Export { home, out }) => {
             let bytes = client::export_audit(&home.home).await?;
-            std::fs::write(&out, &bytes).with_context(|| format!("writing {}", out.display()))?;
-            println!(
+            // The note goes to stderr so that stdout carries only the export when it is
+            // the destination (`-` or /dev/stdout).
+            if out.as_os_str() == "-" {
+                use std::io::Write as _;
+                let mut stdout = std::io::stdout().lock();
+                stdout.write_all(&bytes).and_then(|()| stdout.flush()).context("writing the export to stdout")?;
+            } else {
+                std::fs::write(&out, &bytes).with_context(|| format!("writing {}", out.display()))?;
+            }
+            eprintln!(
                 "wrote {} ({} bytes); check it with: maeum-audit verify --trust {} {}",
-                out.display(),
+                if out.as_os_str() == "-" { "the export to stdout".into() } else { out.display().to_string() },
                 bytes.len(),
                 home.home.join("signing.pub").display(),
-                out.display()
+                if out.as_os_str() == "-" { "FILE".into() } else { out.display().to_string() }
             );
         }
         Command::Models(ModelsCommand::List { home, json }) => models::list(&home.home, json).await?,
