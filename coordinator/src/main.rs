@@ -342,19 +342,19 @@ async fn run(cli: Cli) -> Result<()> {
             let bytes = client::export_audit(&home.home).await?;
             // The note goes to stderr so that stdout carries only the export when it is
             // the destination (`-` or /dev/stdout).
-            if out.as_os_str() == "-" {
+            let (written, check) = if out.as_os_str() == "-" {
                 use std::io::Write as _;
                 let mut stdout = std::io::stdout().lock();
                 stdout.write_all(&bytes).and_then(|()| stdout.flush()).context("writing the export to stdout")?;
+                ("the export to stdout".to_string(), "FILE".to_string())
             } else {
                 std::fs::write(&out, &bytes).with_context(|| format!("writing {}", out.display()))?;
-            }
+                (out.display().to_string(), out.display().to_string())
+            };
             eprintln!(
-                "wrote {} ({} bytes); check it with: maeum-audit verify --trust {} {}",
-                if out.as_os_str() == "-" { "the export to stdout".into() } else { out.display().to_string() },
+                "wrote {written} ({} bytes); check it with: maeum-audit verify --trust {} {check}",
                 bytes.len(),
                 home.home.join("signing.pub").display(),
-                if out.as_os_str() == "-" { "FILE".into() } else { out.display().to_string() }
             );
         }
         Command::Models(ModelsCommand::List { home, json }) => models::list(&home.home, json).await?,

@@ -151,10 +151,15 @@ impl SecAggRound {
                 self.stage.name()
             )));
         }
-        if let StageMessage::Advertise(keys) = &msg {
-            self.advertised.insert(me, keys.clone());
-        }
+        let keys = match &msg {
+            StageMessage::Advertise(keys) => Some(keys.clone()),
+            _ => None,
+        };
         self.deliver(site, msg)?;
+        // Only accepted keys count: a refused advertisement may be followed by a good one.
+        if let Some(keys) = keys {
+            self.advertised.insert(me, keys);
+        }
         self.accepted.entry(wanted).or_default().insert(me);
         Ok(())
     }

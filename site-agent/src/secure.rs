@@ -9,8 +9,9 @@
 //! site that restarts mid-round does not rejoin that attempt. When it advertises new
 //! keys the coordinator drops it from the attempt at once (it answers
 //! FailedPrecondition "… restarted and lost its keys …"), and the round goes on
-//! without it or is retried with a new session if too few remain. The masked input is written
-//! to HOME/work before upload only so that an interrupted stream (not process) resumes.
+//! without it or is retried with a new session if too few remain. The masked input is
+//! written to HOME/work before upload only so that an interrupted stream (not process)
+//! resumes.
 //!
 //! Two switches exist for tests and debugging only: `MAEUM_SITE_TEST_STALL_AT` (hang at
 //! a stage, see `stall_hook`) and `MAEUM_SITE_DEBUG_KEEP_PLAIN_INPUT=1` (keep this site's

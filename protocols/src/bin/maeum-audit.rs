@@ -17,9 +17,7 @@ use maeum_protocols::audit::export::{
     self, CHECKPOINT_FORMAT, CheckpointFile, EXPORT_FORMAT, INCLUSION_FORMAT, InclusionProof, Verified,
 };
 use maeum_protocols::audit::{AuditError, Entry, Event, hex, rfc3339, unhex32};
-use maeum_protocols::release::{
-    MAX_RELEASE_FILE_BYTES, ModelFile, ReleaseAudit, ReleaseError, ReleaseFile, audit_release,
-};
+use maeum_protocols::release::{ModelFile, ReleaseAudit, ReleaseError, ReleaseFile, audit_release};
 use maeum_protocols::wire::Hasher;
 
 /// Verify and inspect a Maeum transparency audit log, offline.
@@ -273,16 +271,7 @@ fn run(command: Command) -> Result<(), Failure> {
         Command::Release { release, log, trust, json } => {
             let trust = trust_key(trust.as_deref())?;
             let (file_path, dir) = release_file(&release)?;
-            let bytes = read(&file_path)?;
-            if bytes.len() > MAX_RELEASE_FILE_BYTES {
-                return Err(ReleaseError::Malformed(format!(
-                    "{} is {} bytes, more than a release file ({MAX_RELEASE_FILE_BYTES})",
-                    file_path.display(),
-                    bytes.len()
-                ))
-                .into());
-            }
-            let file = ReleaseFile::decode(&bytes)?;
+            let file = ReleaseFile::decode(&read(&file_path)?)?;
             let n = file.manifest.version;
             let card = read(&dir.join(format!("card-v{n}.json")))?;
             let model_path = dir.join(format!("model-v{n}.safetensors"));
@@ -351,8 +340,8 @@ fn run(command: Command) -> Result<(), Failure> {
 /// `release`: a folder holding one release-vN.json, or the file itself; and its folder.
 fn release_file(path: &Path) -> Result<(PathBuf, PathBuf)> {
     if !path.is_dir() {
-        let dir = path.parent().map_or_else(|| PathBuf::from("."), Path::to_path_buf);
-        return Ok((path.to_path_buf(), if dir.as_os_str().is_empty() { PathBuf::from(".") } else { dir }));
+        let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        return Ok((path.to_path_buf(), dir.to_path_buf()));
     }
     let mut found: Vec<PathBuf> = std::fs::read_dir(path)
         .with_context(|| format!("reading {}", path.display()))?
