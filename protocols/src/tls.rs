@@ -739,6 +739,33 @@ mod tests {
         assert_eq!(live_connections(&revocations), 0);
     }
 
+    #[tokio::test]
+    async fn revoking_one_certificate_cuts_it_and_keeps_the_sites_new_key() {
+        let pki = Pki::new();
+        let revocations = Revocations::default();
+        let (addr, conns) = pki.serve(&revocations).await;
+        let mut conns = pin!(conns);
+        let (old, new) = (pki.site("a"), pki.site("a"));
+        let (mut client_old, mut server_old) = established(&pki, addr, &mut conns, &old).await;
+        let (_client_new, _server_new) = established(&pki, addr, &mut conns, &new).await;
+        let print = fingerprint(&pem_to_der(&old.cert_pem).unwrap().remove(0));
+        revocations.revoke_certificate("a", &print);
+        assert!(revocations.is_certificate_revoked(&print) && !revocations.is_revoked("a"));
+        let mut byte = [0u8];
+        let error = server_old.read(&mut byte).await.unwrap_err();
+        assert_eq!(error.kind(), io::ErrorKind::ConnectionAborted);
+        drop(server_old);
+        let client_read = tokio::time::timeout(Duration::from_secs(2), client_old.read(&mut byte)).await.unwrap();
+        assert!(matches!(client_read, Err(_) | Ok(0)), "{client_read:?}");
+        assert_eq!(live_connections(&revocations), 1, "the new key's connection stays");
+        assert_refused(&pki, addr, &mut conns, &old).await;
+        established(&pki, addr, &mut conns, &new).await;
+        assert_eq!(
+            TlsError::Replaced { peer: PeerId::site("a").unwrap(), fingerprint: print.clone() }.to_string(),
+            format!("certificate {print} of site/a was replaced by a new key and is revoked")
+        );
+    }
+
     #[test]
     fn verifier_names_the_reason_for_a_refusal() {
         let pki = Pki::new();

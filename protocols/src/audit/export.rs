@@ -948,7 +948,7 @@ pub(crate) mod tests {
         assert_eq!(check("k2", 6), Ok(()));
         assert_eq!(check("k2", 10), Err("was replaced at entry 9, before this checkpoint".into()));
         assert_eq!(check("k1", 10), Ok(()), "brought back by the second replacement");
-        assert_eq!(check("k3", 10), Err("not announced for this site".into()));
+        assert_eq!(check("k3", 10), Err("is not announced for this site".into()));
         assert!(h.check("b", "k1", 2).is_err());
         assert_eq!(h.announced_at("a", "k2"), Some(15));
         assert_eq!(h.current("a"), ["k1"]);
