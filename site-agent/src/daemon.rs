@@ -207,6 +207,15 @@ pub(crate) fn describe(e: &RpcStatus) -> String {
     causes.dedup();
     causes.retain(|c| c != msg);
     let chain = if causes.is_empty() { String::new() } else { format!(" ({})", causes.join(": ")) };
+    // Something answered on that port, but not with TLS: an HTTP server such as the
+    // coordinator's ops endpoint, or another service.
+    let not_tls = ["InvalidContentType", "corrupt message", "not a TLS", "InvalidMessage"];
+    if causes.iter().any(|c| not_tls.iter().any(|n| c.contains(n))) {
+        return format!(
+            "the peer does not speak TLS: this address is not the coordinator's site port (the ops port or \
+             another service?){chain}"
+        );
+    }
     if causes.iter().any(|c| c.contains("fatal alert")) {
         return format!(
             "the coordinator refused this site's certificate (revoked, expired or from another consortium){chain}"
@@ -219,15 +228,6 @@ pub(crate) fn describe(e: &RpcStatus) -> String {
         return format!(
             "the coordinator closed the connection{chain}; if this persists, this site's certificate may be \
              revoked, expired or from another consortium (the coordinator's log names the reason)"
-        );
-    }
-    // Something answered on that port, but not with TLS: an HTTP server such as the
-    // coordinator's ops endpoint, or another service.
-    let not_tls = ["InvalidContentType", "corrupt message", "not a TLS", "InvalidMessage"];
-    if causes.iter().any(|c| not_tls.iter().any(|n| c.contains(n))) {
-        return format!(
-            "the peer does not speak TLS: this address is not the coordinator's site port (the ops port or \
-             another service?){chain}"
         );
     }
     match e.code() {
@@ -298,7 +298,13 @@ pub async fn run(
             round: previous.round,
             last_model: previous.last_model,
             release: previous.release,
-            contact_ms: previous.contact_ms,
+            // A daemon killed while connected last heard from the coordinator about
+            // when it last wrote status.json.
+            contact_ms: if previous.connection == "connected" {
+                previous.updated_ms.max(previous.contact_ms)
+            } else {
+                previous.contact_ms
+            },
             ..Default::default()
         }),
         home,
