@@ -4,6 +4,9 @@
 //! audit_entries      seq (u64 BE) -> canonical entry bytes
 //! audit_leaves       seq (u64 BE) -> leaf hash (32 bytes)
 //! audit_checkpoints  size (u64 BE) -> ExportedCheckpoint JSON (root, signature, cosignatures)
+//! audit_site_certs   fingerprint -> WitnessCert JSON: every site certificate seen (files in
+//!                    HOME/sites, connections), so the export holds a site's certificates over
+//!                    time even where a file was overwritten
 //! ```
 //!
 //! Commit points: [`AuditLog::append`] writes an entry and its leaf in one sled
@@ -20,7 +23,9 @@ use anyhow::{Context, Result, anyhow, bail};
 use sled::Transactional;
 
 use maeum_protocols::audit::checkpoint::{self, log_key_pair, verify_cosignature, witness_key};
-use maeum_protocols::audit::export::{EXPORT_FORMAT, Export, ExportedCheckpoint, ExportedCosignature, WitnessCert};
+use maeum_protocols::audit::export::{
+    EXPORT_FORMAT, Export, ExportedCheckpoint, ExportedCosignature, SiteCertificates, WitnessCert,
+};
 use maeum_protocols::audit::{Entry, Event, Hash, Log, SignedCheckpoint, hex};
 use maeum_protocols::identity;
 use maeum_protocols::wire::audit::ProvenEntry;
@@ -31,6 +36,7 @@ pub struct AuditLog {
     entries: sled::Tree,
     leaves: sled::Tree,
     checkpoints: sled::Tree,
+    site_certs: sled::Tree,
     key: ring::signature::Ed25519KeyPair,
     /// Serialises appends and checkpoints; holds the in-memory tree.
     log: Mutex<Log>,
@@ -55,6 +61,7 @@ impl AuditLog {
         let entries = db.open_tree("audit_entries").context("opening audit_entries")?;
         let leaves = db.open_tree("audit_leaves").context("opening audit_leaves")?;
         let checkpoints = db.open_tree("audit_checkpoints").context("opening audit_checkpoints")?;
+        let site_certs = db.open_tree("audit_site_certs").context("opening audit_site_certs")?;
         let mut hashes: Vec<Hash> = Vec::with_capacity(leaves.len());
         for (i, item) in leaves.iter().enumerate() {
             let (k, v) = item.context("reading audit_leaves")?;
@@ -79,7 +86,7 @@ impl AuditLog {
                 .context("the latest stored checkpoint is not signed by this signing key")?;
         }
         let log = Log::restore(origin, &hashes, latest).context("reloading the audit log")?;
-        Ok(AuditLog { db: db.clone(), entries, leaves, checkpoints, key, log: Mutex::new(log) })
+        Ok(AuditLog { db: db.clone(), entries, leaves, checkpoints, site_certs, key, log: Mutex::new(log) })
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Log> {
@@ -150,16 +157,36 @@ impl AuditLog {
             .collect()
     }
 
-    /// Every (site, certificate fingerprint) the log records as approved.
-    pub fn approved(&self) -> Result<std::collections::BTreeSet<(String, String)>> {
-        let mut out = std::collections::BTreeSet::new();
+    /// The history of every site's certificates in the log (approvals, replacements).
+    pub fn site_certificates(&self) -> Result<SiteCertificates> {
+        let mut out = SiteCertificates::default();
         for item in self.entries.iter().values() {
-            let entry = Entry::decode(&item.context("reading audit_entries")?)?;
-            if let Event::SiteApproved { site, cert_fingerprint, .. } = entry.event {
-                out.insert((site, cert_fingerprint));
-            }
+            out.add(&Entry::decode(&item.context("reading audit_entries")?)?);
         }
         Ok(out)
+    }
+
+    /// Keeps `site`'s certificate (PEM) for the export, if not kept yet.
+    pub fn remember_certificate(&self, site: &str, cert_pem: &str) -> Result<()> {
+        let der = identity::pem_to_der(cert_pem)?.into_iter().next().context("no certificate in the PEM")?;
+        let print = identity::fingerprint(&der);
+        if self.site_certs.contains_key(print.as_bytes())? {
+            return Ok(());
+        }
+        let cert = WitnessCert { site: site.to_owned(), cert_pem: checkpoint::canonical_pem(&der) };
+        self.site_certs.insert(print.as_bytes(), serde_json::to_vec(&cert)?).context("storing a site certificate")?;
+        Ok(())
+    }
+
+    /// Every site certificate kept by [`AuditLog::remember_certificate`].
+    pub fn remembered_certificates(&self) -> Result<Vec<WitnessCert>> {
+        self.site_certs
+            .iter()
+            .values()
+            .map(|v| {
+                serde_json::from_slice(&v.context("reading audit_site_certs")?).context("decoding a site certificate")
+            })
+            .collect()
     }
 
     /// The entry `seq`.
@@ -170,7 +197,9 @@ impl AuditLog {
 
     /// Records `site`'s cosignature on the checkpoint of `size`, after checking it: the
     /// site's certificate `cert_pem` must chain to `ca_pem`, name the site, be valid at
-    /// the time of the checkpoint's last entry, and the signature must verify. A second
+    /// the time of the checkpoint's last entry, be the site's certificate at that point of
+    /// the log (not replaced before it, see `SiteCertificates::check`), and the signature
+    /// must verify: the export's AUD-14, checked before anything is stored. A second
     /// cosignature by the same site replaces the first.
     pub fn add_cosignature(&self, size: u64, site: &str, signature: &[u8], ca_pem: &str, cert_pem: &str) -> Result<()> {
         let guard = self.lock();
@@ -180,6 +209,9 @@ impl AuditLog {
         let at = self.entry(size - 1)?.time_ms;
         let ca = identity::pem_to_der(ca_pem)?.remove(0);
         let cert = identity::pem_to_der(cert_pem)?.remove(0);
+        self.site_certificates()?
+            .check(site, &identity::fingerprint(&cert), size)
+            .map_err(|e| anyhow!("cosignature of site {site} on checkpoint {size}: {e}"))?;
         let bits = witness_key(&ca, &cert, site, at).map_err(|e| anyhow!("cosignature of site {site}: {e}"))?;
         verify_cosignature(&signed.checkpoint, &bits, signature)
             .map_err(|e| anyhow!("cosignature of site {site} on checkpoint {size}: {e}"))?;
@@ -281,7 +313,8 @@ impl AuditLog {
 
     /// The export file: every entry, a checkpoint covering all of them (signed now if
     /// needed), every checkpoint's cosignatures, the CA, and the certificates in
-    /// `witnesses` that the log announced (`site_approved`). The export is verified
+    /// `witnesses` or remembered here that the log announced (`site_approved`,
+    /// `site_key_replaced`). The export is verified
     /// before it is returned, so the coordinator never hands out one that fails.
     pub fn export(&self, ca_pem: &str, witnesses: &[WitnessCert]) -> Result<Vec<u8>> {
         if self.size() == 0 {
@@ -291,13 +324,11 @@ impl AuditLog {
         let log = self.lock();
         let n = log.size();
         let mut entries = Vec::with_capacity(n as usize);
-        let mut announced = std::collections::BTreeSet::new();
+        let mut history = SiteCertificates::default();
         for (i, item) in self.entries.range(..seq_key(n)).enumerate() {
             let (_, bytes) = item.context("reading audit_entries")?;
             let entry = Entry::decode(&bytes).with_context(|| format!("audit entry {i}"))?;
-            if let Event::SiteApproved { site, cert_fingerprint, .. } = &entry.event {
-                announced.insert((site.clone(), cert_fingerprint.clone()));
-            }
+            history.add(&entry);
             entries.push(entry);
         }
         let canonical = |pem: &str| -> Result<(String, String)> {
@@ -305,10 +336,10 @@ impl AuditLog {
             Ok((checkpoint::canonical_pem(&der), identity::fingerprint(&der)))
         };
         let mut certs = Vec::new();
-        for w in witnesses {
+        for w in witnesses.iter().chain(&self.remembered_certificates()?) {
             let (cert_pem, print) =
                 canonical(&w.cert_pem).with_context(|| format!("certificate of site {}", w.site))?;
-            if announced.contains(&(w.site.clone(), print)) {
+            if history.announced_at(&w.site, &print).is_some() {
                 certs.push(WitnessCert { site: w.site.clone(), cert_pem });
             }
         }

@@ -7,7 +7,11 @@
 //! HOME/operator.pem, .key  the operator CLI's identity
 //! HOME/signing.key         Ed25519 PKCS#8: signs releases and audit checkpoints
 //! HOME/signing.pub         its public key (hex), also in every enrolment bundle
-//! HOME/sites/ID.pem        certificates issued to sites (a record of approvals)
+//! HOME/sites/ID.pem        the certificate of each approved site (its current key)
+//! HOME/sites/replaced/ID.FINGERPRINT.pem  certificates replaced by `sites approve
+//!                          --replace` (revoked; kept for the audit export)
+//! HOME/sites/ID.replace.json  the latest key replacement of site ID (who, old, new),
+//!                          for the coordinator to log as `site_key_replaced`
 //! HOME/state/              sled database (sites, jobs, rounds, metrics)
 //! HOME/blobs/SHA256        content-addressed model blobs
 //! HOME/uploads/            partial updates being received
@@ -27,6 +31,9 @@ pub use maeum_protocols::runtime::now_ms;
 pub const CERT_DAYS: u32 = 397;
 /// The consortium CA is valid this long.
 pub const CA_DAYS: u32 = 3650;
+/// Approving a site's request again renews its certificate only this close to expiry
+/// (`maeum-site doctor` warns from then on); earlier it is the same approval again.
+pub const RENEW_DAYS: i64 = 30;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Consortium {
@@ -164,15 +171,123 @@ pub fn init(dir: &Path, name: &str, address: &str) -> Result<InitReport> {
     })
 }
 
-/// `maeum-coordinator sites approve`: signs a site's request into a bundle.
+/// What `sites approve` did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Approval {
+    /// The site id was new: its certificate is issued.
+    New,
+    /// The site was approved with this request's key before: nothing changed, and the
+    /// bundle holds the certificate issued then.
+    AlreadyApproved,
+    /// The same key, with a certificate that expires within [`RENEW_DAYS`]: a new
+    /// certificate for it (the old one stays valid until it expires).
+    Renewed,
+    /// `--replace`: the site had another key; its certificate (this fingerprint) is
+    /// replaced, revoked and logged as `site_key_replaced` by the coordinator.
+    Replaced { old_fingerprint: String },
+}
+
+/// HOME/sites/ID.replace.json: the latest key replacement of a site, for the coordinator
+/// to log (`sites approve` works offline, so it cannot write the audit log itself).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Replacement {
+    pub old_cert_fingerprint: String,
+    pub new_cert_fingerprint: String,
+    /// The operator identity of this home (`operator.pem`), who approved it.
+    pub operator: String,
+    pub time_ms: i64,
+}
+
+impl Home {
+    /// HOME/sites/replaced: certificates replaced by `sites approve --replace`.
+    pub fn replaced_sites(&self) -> PathBuf {
+        self.sites().join("replaced")
+    }
+
+    /// The latest replacement note of `site`, if any.
+    pub fn replacement(&self, site: &str) -> Result<Option<Replacement>> {
+        let p = self.sites().join(format!("{site}.replace.json"));
+        match std::fs::read_to_string(&p) {
+            Ok(text) => Ok(Some(serde_json::from_str(&text).with_context(|| format!("parsing {}", p.display()))?)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e).with_context(|| format!("reading {}", p.display())),
+        }
+    }
+
+    /// The name in this home's operator certificate (`lead` unless renamed).
+    pub fn operator_name(&self) -> Result<String> {
+        let der = identity::pem_to_der(&self.read("operator.pem")?)?;
+        let cert = der.first().context("operator.pem holds no certificate")?;
+        Ok(identity::PeerId::from_cert_der(cert).context("operator.pem")?.name)
+    }
+}
+
+fn first_der(pem: &str, what: &str) -> Result<Vec<u8>> {
+    let der = identity::pem_to_der(pem).with_context(|| what.to_string())?;
+    Ok(der.first().with_context(|| format!("{what} holds no certificate"))?.to_vec())
+}
+
+/// `maeum-coordinator sites approve` without `--replace`.
 pub fn approve(home: &Home, csr_pem: &str, expected: Option<&str>) -> Result<Bundle> {
+    approve_with(home, csr_pem, expected, false).map(|(bundle, _)| bundle)
+}
+
+/// `maeum-coordinator sites approve`: signs a site's request into a bundle. A request
+/// for a site id that is already approved is the same approval again when it carries
+/// the same key (nothing is written but the bundle), and is refused when it carries
+/// another key unless `replace` is set; replacing moves the old certificate to
+/// HOME/sites/replaced and leaves a note for the coordinator, which revokes the old
+/// certificate and logs `site_key_replaced` as soon as it sees the change.
+pub fn approve_with(home: &Home, csr_pem: &str, expected: Option<&str>, replace: bool) -> Result<(Bundle, Approval)> {
     let consortium = home.consortium()?;
     let ca = home.ca()?;
-    let (peer, cert_pem) = ca.sign_site_request(csr_pem, expected, CERT_DAYS).context("signing the site's request")?;
+    let (peer, new_pem) = ca.sign_site_request(csr_pem, expected, CERT_DAYS).context("signing the site's request")?;
     let record = home.sites().join(format!("{}.pem", peer.name));
     std::fs::create_dir_all(home.sites()).with_context(|| format!("creating {}", home.sites().display()))?;
-    write_file(&record, cert_pem.as_bytes(), false)?;
-    Ok(Bundle {
+    let existing = match std::fs::read_to_string(&record) {
+        Ok(pem) => Some(pem),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => return Err(e).with_context(|| format!("reading {}", record.display())),
+    };
+    let (cert_pem, approval) = match existing {
+        None => (new_pem, Approval::New),
+        Some(old_pem) => {
+            let old = first_der(&old_pem, &record.display().to_string())?;
+            let new = first_der(&new_pem, "the new certificate")?;
+            let old_fingerprint = identity::fingerprint(&old);
+            let days_left = (identity::not_after_unix(&old)? - now_ms() / 1000) / 86_400;
+            if identity::same_public_key(&old, &new)? {
+                if days_left < RENEW_DAYS { (new_pem, Approval::Renewed) } else { (old_pem, Approval::AlreadyApproved) }
+            } else if !replace {
+                bail!(
+                    "site {} is already approved with another key (certificate {}…, {}), and this request \
+                     carries a different key. If the site really has a new key (a reinstalled host, a lost or \
+                     compromised key), rerun with --replace: the old certificate is revoked and the change \
+                     is logged as site_key_replaced. Otherwise check where this request came from",
+                    peer.name,
+                    &old_fingerprint[..16],
+                    record.display()
+                );
+            } else {
+                let archive = home.replaced_sites();
+                std::fs::create_dir_all(&archive).with_context(|| format!("creating {}", archive.display()))?;
+                write_file(&archive.join(format!("{}.{old_fingerprint}.pem", peer.name)), old_pem.as_bytes(), false)?;
+                let note = Replacement {
+                    old_cert_fingerprint: old_fingerprint.clone(),
+                    new_cert_fingerprint: identity::fingerprint(&new),
+                    operator: home.operator_name()?,
+                    time_ms: now_ms(),
+                };
+                let note_path = home.sites().join(format!("{}.replace.json", peer.name));
+                write_file(&note_path, serde_json::to_string_pretty(&note)?.as_bytes(), false)?;
+                (new_pem, Approval::Replaced { old_fingerprint })
+            }
+        }
+    };
+    if approval != Approval::AlreadyApproved {
+        write_file(&record, cert_pem.as_bytes(), false)?;
+    }
+    let bundle = Bundle {
         format: 1,
         consortium: consortium.name.clone(),
         site_id: peer.name,
@@ -181,7 +296,8 @@ pub fn approve(home: &Home, csr_pem: &str, expected: Option<&str>) -> Result<Bun
         ca_pem: ca.cert_pem().to_string(),
         cert_pem,
         signing_public_key: home.read("signing.pub")?.trim().to_string(),
-    })
+    };
+    Ok((bundle, approval))
 }
 
 pub fn hex(bytes: &[u8]) -> String {

@@ -70,6 +70,22 @@ pub async fn serve(
         maeum_protocols::ops::serve(addr, coord.metrics.ops.clone(), stopped()).await?;
     }
     let orchestrator = tokio::spawn(rounds::orchestrate(coord.clone()));
+    // `sites approve` works offline on HOME/sites; a key replaced there is revoked and
+    // logged within a second, without a restart.
+    let watcher = {
+        let coord = coord.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                let c = coord.clone();
+                match tokio::task::spawn_blocking(move || c.sync_if_changed()).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => tracing::warn!(error = %format!("{e:#}"), "syncing HOME/sites"),
+                    Err(e) => tracing::warn!(error = %e, "syncing HOME/sites"),
+                }
+            }
+        })
+    };
     coord.metrics.audit_entries.set(i64::try_from(coord.audit.size()).unwrap_or(i64::MAX));
     coord.metrics.ops.set_ready(true);
     let metrics = coord.metrics.clone();
@@ -92,6 +108,7 @@ pub async fn serve(
         .context("serving");
     coord.metrics.ops.set_ready(false);
     orchestrator.abort();
+    watcher.abort();
     // Whatever the rounds left unsigned gets a checkpoint, and everything reaches disk.
     if coord.audit.size() > 0 {
         coord.audit.checkpoint().context("signing the final audit checkpoint")?;

@@ -94,6 +94,8 @@ enum Command {
 enum SitesCommand {
     /// Sign a site's certificate request (from `maeum-site init`) into an enrolment
     /// bundle for `maeum-site enroll`. Works offline: needs only the CA key in HOME.
+    /// Approving the same request again only rewrites the bundle; a request with
+    /// another key for an approved site id is refused without `--replace`.
     Approve {
         #[command(flatten)]
         home: HomeArg,
@@ -105,6 +107,11 @@ enum SitesCommand {
         /// Where to write the bundle (default: bundle-SITE.json in the current directory).
         #[arg(long)]
         out: Option<PathBuf>,
+        /// The site id is approved with another key, and this request is its new key:
+        /// the old certificate is revoked (a running coordinator cuts it within a
+        /// second) and the change is logged as `site_key_replaced`.
+        #[arg(long)]
+        replace: bool,
         /// Print one JSON object.
         #[arg(long)]
         json: bool,
@@ -268,15 +275,42 @@ async fn run(cli: Cli) -> Result<()> {
             maeum_coordinator::serve(&home.home, listen, ops_listen, settings, stop).await?;
         }
         Command::Doctor { home, json } => maeum_coordinator::doctor::run(&home.home, json)?,
-        Command::Sites(SitesCommand::Approve { home, request, site_id, out, json }) => {
+        Command::Sites(SitesCommand::Approve { home, request, site_id, out, replace, json }) => {
             let csr = std::fs::read_to_string(&request).with_context(|| format!("reading {}", request.display()))?;
-            let bundle = home::approve(&home::Home::new(&home.home), &csr, site_id.as_deref())?;
+            let (bundle, approval) =
+                home::approve_with(&home::Home::new(&home.home), &csr, site_id.as_deref(), replace)?;
             let out = out.unwrap_or_else(|| PathBuf::from(format!("bundle-{}.json", bundle.site_id)));
             home::write_file(&out, serde_json::to_string_pretty(&bundle)?.as_bytes(), false)?;
+            let (outcome, replaced) = match &approval {
+                home::Approval::New => ("approved", None),
+                home::Approval::AlreadyApproved => ("already_approved", None),
+                home::Approval::Renewed => ("renewed", None),
+                home::Approval::Replaced { old_fingerprint } => ("replaced", Some(old_fingerprint.as_str())),
+            };
             if json {
-                return print_json(&serde_json::json!({"site_id": bundle.site_id, "bundle": out}));
+                return print_json(&serde_json::json!({
+                    "site_id": bundle.site_id, "bundle": out, "outcome": outcome, "replaced_cert_fingerprint": replaced,
+                }));
             }
-            println!("approved site {}; give {} to its admin for `maeum-site enroll`", bundle.site_id, out.display());
+            let (site, out) = (&bundle.site_id, out.display());
+            match replaced {
+                None if outcome == "approved" => {
+                    println!("approved site {site}; give {out} to its admin for `maeum-site enroll`");
+                }
+                None if outcome == "renewed" => println!(
+                    "renewed the certificate of site {site} (it expired within {} days); give {out} to its admin for \
+                     `maeum-site enroll`",
+                    home::RENEW_DAYS
+                ),
+                None => println!(
+                    "site {site} is already approved with this key; nothing changed (bundle rewritten to {out})"
+                ),
+                Some(old) => println!(
+                    "replaced the key of site {site}: certificate {}… is revoked as soon as the coordinator sees the \
+                     change (logged as site_key_replaced); give {out} to its admin for `maeum-site enroll`",
+                    old.get(..16).unwrap_or(old)
+                ),
+            }
         }
         Command::Sites(SitesCommand::List { home, json }) => {
             let sites = client::connect(&home.home).await?.list_sites(pb::ListSitesRequest {}).await?.into_inner();

@@ -150,6 +150,9 @@ pub struct Coord {
     pub changed: watch::Sender<u64>,
     /// When this coordinator process started (sites get a grace period to reconnect).
     pub started: Instant,
+    /// What HOME/sites looked like at the last [`Coord::sync_approvals`] (names, sizes,
+    /// modification times); held while syncing, so that two syncs never log twice.
+    sites_seen: Mutex<Vec<(String, u64, Option<std::time::SystemTime>)>>,
 }
 
 /// Locks a mutex, recovering the data if a panicking thread poisoned it (the state is
@@ -206,7 +209,11 @@ impl Coord {
             activity: Mutex::new(String::new()),
             changed: watch::channel(0).0,
             started: Instant::now(),
+            sites_seen: Mutex::new(Vec::new()),
         };
+        for (site, print) in coord.audit.site_certificates()?.replaced() {
+            coord.revocations.revoke_certificate(site, print);
+        }
         coord.sync_approvals()?;
         coord.audit.checkpoint()?;
         Ok(Arc::new(coord))
@@ -237,10 +244,16 @@ impl Coord {
     }
 
     /// Logs every approved site certificate (HOME/sites/ID.pem, written by the offline
-    /// `sites approve`) that the log does not hold yet. Runs at start and whenever a
-    /// site connects for the first time in this process.
+    /// `sites approve`) that the log does not hold yet: a new site as `site_approved`, a
+    /// new key approved with `--replace` (HOME/sites/ID.replace.json names it) as
+    /// `site_key_replaced` for each certificate it replaces, which are revoked at once
+    /// (open connections cut) with every certificate in HOME/sites/replaced. Runs at
+    /// start, whenever a site connects for the first time in this process, and when
+    /// HOME/sites changes ([`Coord::sync_if_changed`]).
     pub fn sync_approvals(&self) -> anyhow::Result<()> {
-        let logged = self.audit.approved()?;
+        let mut seen = lock(&self.sites_seen);
+        *seen = self.sites_listing();
+        let history = self.audit.site_certificates()?;
         let Ok(dir) = std::fs::read_dir(self.home.sites()) else { return Ok(()) };
         let mut found = Vec::new();
         for e in dir.flatten() {
@@ -248,17 +261,95 @@ impl Coord {
             let Some(site) = name.strip_suffix(".pem") else { continue };
             let pem = std::fs::read_to_string(e.path())?;
             let Some(der) = maeum_protocols::identity::pem_to_der(&pem)?.into_iter().next() else { continue };
+            self.audit.remember_certificate(site, &pem)?;
             let fingerprint = maeum_protocols::identity::fingerprint(&der);
-            if !logged.contains(&(site.to_string(), fingerprint.clone())) {
-                let not_after_ms = maeum_protocols::identity::not_after_unix(&der)? * 1000;
-                found.push((site.to_string(), fingerprint, not_after_ms));
+            let current = history.current(site);
+            if current.contains(&fingerprint.as_str()) {
+                continue;
+            }
+            let not_after_ms = maeum_protocols::identity::not_after_unix(&der)? * 1000;
+            let note = self.home.replacement(site)?.filter(|n| n.new_cert_fingerprint == fingerprint);
+            let event = match note {
+                Some(note) if !current.is_empty() => {
+                    let replaced = current.iter().map(|old| Event::SiteKeyReplaced {
+                        site: site.to_string(),
+                        old_cert_fingerprint: (*old).to_string(),
+                        new_cert_fingerprint: fingerprint.clone(),
+                        not_after_ms,
+                        operator: note.operator.clone(),
+                    });
+                    replaced.collect()
+                }
+                _ => {
+                    if !current.is_empty() {
+                        warn!(
+                            site,
+                            "HOME/sites/{site}.pem holds a new certificate that was not approved with `sites \
+                             approve --replace` (a renewal, or a second key approved by an older version); the \
+                             earlier certificate stays valid until it expires or is replaced"
+                        );
+                    }
+                    vec![Event::SiteApproved { site: site.to_string(), cert_fingerprint: fingerprint, not_after_ms }]
+                }
+            };
+            found.push((site.to_string(), event));
+        }
+        found.sort_by(|a, b| a.0.cmp(&b.0));
+        let mut replaced = false;
+        for (site, events) in found {
+            for event in events {
+                if let Event::SiteKeyReplaced { old_cert_fingerprint, .. } = &event {
+                    warn!(site = %site, old = %old_cert_fingerprint, "site key replaced: the old certificate is revoked");
+                    self.revocations.revoke_certificate(&site, old_cert_fingerprint);
+                    replaced = true;
+                }
+                self.record(event)?;
             }
         }
-        found.sort();
-        for (site, cert_fingerprint, not_after_ms) in found {
-            self.record(Event::SiteApproved { site, cert_fingerprint, not_after_ms })?;
+        if let Ok(dir) = std::fs::read_dir(self.home.replaced_sites()) {
+            for e in dir.flatten() {
+                // SITE.FINGERPRINT.pem as `sites approve --replace` names them; any
+                // SITE.*.pem a lead copies here counts the same (by its content).
+                let name = e.file_name().to_string_lossy().into_owned();
+                let Some((site, _)) = name.strip_suffix(".pem").and_then(|n| n.split_once('.')) else { continue };
+                let pem = std::fs::read_to_string(e.path())?;
+                let Some(der) = maeum_protocols::identity::pem_to_der(&pem)?.into_iter().next() else { continue };
+                self.revocations.revoke_certificate(site, &maeum_protocols::identity::fingerprint(&der));
+                self.audit.remember_certificate(site, &pem)?;
+            }
+        }
+        if replaced {
+            // Sign now, so that the new key has a checkpoint after its entry to cosign.
+            self.audit.checkpoint()?;
+            self.notify();
         }
         Ok(())
+    }
+
+    /// Names, sizes and modification times in HOME/sites (not recursive).
+    fn sites_listing(&self) -> Vec<(String, u64, Option<std::time::SystemTime>)> {
+        let mut out: Vec<_> = std::fs::read_dir(self.home.sites())
+            .map(|dir| {
+                dir.flatten()
+                    .filter_map(|e| {
+                        let meta = e.metadata().ok()?;
+                        Some((e.file_name().to_string_lossy().into_owned(), meta.len(), meta.modified().ok()))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        out.sort();
+        out
+    }
+
+    /// [`Coord::sync_approvals`] if HOME/sites changed since the last sync (a cheap
+    /// directory listing; `serve` calls it every second, so a `sites approve --replace`
+    /// takes effect without a restart).
+    pub fn sync_if_changed(&self) -> anyhow::Result<()> {
+        if *lock(&self.sites_seen) == self.sites_listing() {
+            return Ok(());
+        }
+        self.sync_approvals()
     }
 
     pub fn notify(&self) {
@@ -323,6 +414,11 @@ impl Coord {
                 ..Default::default()
             });
             rec.last_seen_ms = now_ms();
+            if rec.cert_fingerprint != peer.fingerprint || first {
+                // Kept for the audit export: its cosignatures are checked against it.
+                let pem = maeum_protocols::audit::checkpoint::canonical_pem(&peer.certificate);
+                self.audit.remember_certificate(&id, &pem).map_err(internal)?;
+            }
             rec.cert_fingerprint = peer.fingerprint.clone();
             rec.cert_not_after_ms = peer.not_after * 1000;
             self.store.put_site(&rec, first).map_err(internal)?;
@@ -880,6 +976,10 @@ impl pb::fleet_server::Fleet for Fleet {
     async fn audit_cosign(&self, req: Request<pb::AuditCosignRequest>) -> Result<Response<pb::Ack>, Status> {
         let c = self.0.clone();
         let site = c.site(&req, None)?;
+        // Checked against the certificate this connection presented (a site may have had
+        // several keys over time; HOME/sites/ID.pem is only the latest).
+        let cert = Coord::peer(&req)?.certificate;
+        let cert = maeum_protocols::audit::checkpoint::canonical_pem(&cert);
         let r = req.into_inner();
         let root = wire::audit::cosign_request(&r)?;
         tokio::task::spawn_blocking(move || -> Result<(), Status> {
@@ -896,7 +996,6 @@ impl pb::fleet_server::Fleet for Fleet {
                     r.size, stored.root
                 )));
             }
-            let cert = c.home.read(&format!("sites/{site}.pem")).map_err(internal)?;
             c.audit
                 .add_cosignature(r.size, &site, &r.signature, &c.home.read("ca.pem").map_err(internal)?, &cert)
                 .map_err(|e| {
@@ -1335,11 +1434,16 @@ impl pb::control_server::Control for Control {
                 command: "audit export".into(),
                 result: format!("exported {} entries", c.audit.size() + 1),
             })?;
+            // Every certificate of every site: HOME/sites (current), HOME/sites/replaced
+            // (earlier keys), and those the log's store remembers (export adds them).
             let mut witnesses = Vec::new();
-            if let Ok(dir) = std::fs::read_dir(c.home.sites()) {
+            for (dir, replaced) in [(c.home.sites(), false), (c.home.replaced_sites(), true)] {
+                let Ok(dir) = std::fs::read_dir(dir) else { continue };
                 for e in dir.flatten() {
                     let name = e.file_name().to_string_lossy().into_owned();
-                    if let Some(site) = name.strip_suffix(".pem") {
+                    let site =
+                        name.strip_suffix(".pem").map(|n| if replaced { n.split('.').next().unwrap_or(n) } else { n });
+                    if let Some(site) = site.filter(|s| !s.is_empty()) {
                         let cert_pem = std::fs::read_to_string(e.path())?;
                         witnesses.push(maeum_protocols::audit::export::WitnessCert { site: site.into(), cert_pem });
                     }

@@ -87,11 +87,19 @@ pub enum Problem {
     InvalidUtf8,
     BadJson(String),
     MissingField(String),
+    /// A key that is neither `text` nor `label` stands where a required one is missing
+    /// (a misspelling such as `lable`).
+    UnknownField {
+        unknown: String,
+        missing: String,
+    },
     EmptyText,
     EmptyLabel,
     UnknownLabel(String),
     BadCsv(String),
-    BadNumber { column: String },
+    BadNumber {
+        column: String,
+    },
 }
 
 impl fmt::Display for Problem {
@@ -100,6 +108,9 @@ impl fmt::Display for Problem {
             Problem::InvalidUtf8 => write!(f, "invalid UTF-8"),
             Problem::BadJson(e) => write!(f, "bad JSON: {e}"),
             Problem::MissingField(name) => write!(f, "missing field {name:?}"),
+            Problem::UnknownField { unknown, missing } => {
+                write!(f, "unknown field {unknown:?}, expected \"text\" and \"label\" (missing field {missing:?})")
+            }
             Problem::EmptyText => write!(f, "empty text"),
             Problem::EmptyLabel => write!(f, "empty label"),
             Problem::UnknownLabel(l) => write!(f, "label {l:?} is not in the job's label set"),
@@ -171,6 +182,7 @@ impl ReadReport {
                 Problem::InvalidUtf8 => "invalid_utf8",
                 Problem::BadJson(_) => "bad_json",
                 Problem::MissingField(_) => "missing_field",
+                Problem::UnknownField { .. } => "unknown_field",
                 Problem::EmptyText => "empty_text",
                 Problem::EmptyLabel => "empty_label",
                 Problem::UnknownLabel(_) => "unknown_label",
@@ -246,10 +258,22 @@ impl Collector<'_> {
     }
 }
 
-#[derive(Deserialize)]
-struct JsonRecord {
-    text: Option<serde_json::Value>,
-    label: Option<serde_json::Value>,
+type JsonRecord = serde_json::Map<String, serde_json::Value>;
+
+/// `text` and `label` of one record; a missing one is blamed on an unknown key, if the
+/// record has one (field names are the file's schema, never record content).
+fn json_example(mut r: JsonRecord) -> Result<Example, Problem> {
+    let (text, label) = (r.remove("text"), r.remove("label"));
+    let missing = match (&text, &label) {
+        (None, _) => Some("text"),
+        (_, None) => Some("label"),
+        _ => None,
+    };
+    if let (Some(missing), Some(unknown)) = (missing, r.keys().next()) {
+        return Err(Problem::UnknownField { unknown: unknown.clone(), missing: missing.into() });
+    }
+    let text = json_string(text, "text")?;
+    Ok(Example { text, label: json_string(label, "label")? })
 }
 
 fn json_string(v: Option<serde_json::Value>, field: &str) -> Result<String, Problem> {
@@ -280,11 +304,14 @@ pub fn read_jsonl(reader: impl Read, path: &Path, opts: &ReadOptions) -> Result<
         let record = match std::str::from_utf8(&buf) {
             Err(_) => Err(Problem::InvalidUtf8),
             Ok(s) if s.trim().is_empty() => continue,
-            Ok(s) => match serde_json::from_str::<JsonRecord>(s.trim_start_matches('\u{feff}')) {
+            // Without its line ending, a line cut off mid-string ends at its real last
+            // column (with it, serde_json reports column 0 of the next line).
+            Ok(s) => match serde_json::from_str::<JsonRecord>(
+                s.trim_end_matches(['\n', '\r']).trim_start_matches('\u{feff}'),
+            ) {
                 // serde_json's message names the column, never the content.
                 Err(e) => Err(Problem::BadJson(format!("{} at column {}", e.classify_kind(), e.column()))),
-                Ok(r) => json_string(r.text, "text")
-                    .and_then(|text| Ok(Example { text, label: json_string(r.label, "label")? })),
+                Ok(r) => json_example(r),
             },
         };
         c.push(line, record)?;
@@ -498,6 +525,33 @@ mod tests {
     #[test]
     fn missing_field() {
         check_err(b"{\"text\":\"hi\"}\n", "sites/a.jsonl:1: missing field \"label\"");
+    }
+
+    #[test]
+    fn a_line_cut_off_mid_string_reports_its_last_column() {
+        check_err(
+            b"{\"text\":\"a\",\"label\":\"a\"}\n{\"text\":\"I feel\r\n",
+            "sites/a.jsonl:2: bad JSON: unexpected end of line at column 15",
+        );
+        check_err(b"{\"text\":\"I feel", "sites/a.jsonl:1: bad JSON: unexpected end of line at column 15");
+    }
+
+    #[test]
+    fn a_misspelled_key_is_named_as_unknown() {
+        check_err(
+            b"{\"text\":\"hi\",\"lable\":\"a\"}\n",
+            "sites/a.jsonl:1: unknown field \"lable\", expected \"text\" and \"label\" (missing field \"label\")",
+        );
+        check_err(
+            b"{\"txt\":\"hi\",\"label\":\"a\"}\n",
+            "sites/a.jsonl:1: unknown field \"txt\", expected \"text\" and \"label\" (missing field \"text\")",
+        );
+        // Extra keys beside both fields stay allowed (exported datasets carry ids).
+        let r = jsonl(
+            b"{\"id\":7,\"text\":\"hi\",\"label\":\"a\"}\n{\"text\":\"x\",\"label\":\"b\"}\n",
+            &ReadOptions::default(),
+        );
+        assert_eq!(r.expect("extra keys").examples.len(), 2);
     }
 
     #[test]

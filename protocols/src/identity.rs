@@ -483,6 +483,12 @@ pub fn not_after_unix(cert_der: &[u8]) -> Result<i64, IdentityError> {
     Ok(parse_cert(cert_der)?.validity().not_after.timestamp())
 }
 
+/// Whether two DER certificates certify the same public key (`sites approve` tells a
+/// repeated request from a new key for the same site this way).
+pub fn same_public_key(a_der: &[u8], b_der: &[u8]) -> Result<bool, IdentityError> {
+    Ok(parse_cert(a_der)?.public_key().raw == parse_cert(b_der)?.public_key().raw)
+}
+
 /// Whether `cert_der` certifies the public half of `key` (a site checks its enrolment
 /// bundle against the key it generated before installing it).
 pub fn key_matches_cert(key: &SecretPem, cert_der: &[u8]) -> Result<bool, IdentityError> {

@@ -13,7 +13,8 @@
 //!
 //! Revocation also reaches connections that are already open: [`Revocations::revoke`]
 //! cuts every live connection of the site, even an idle one that would otherwise stay up
-//! for as long as HTTP/2 keeps it alive.
+//! for as long as HTTP/2 keeps it alive. [`Revocations::revoke_certificate`] does the
+//! same for one certificate of a site (its key was replaced), leaving the others.
 //!
 //! Clients verify the coordinator by host name or IP address like any TLS client, but
 //! against the consortium CA only. The CA gives server authentication only to the
@@ -84,6 +85,14 @@ pub enum TlsError {
     /// A client certificate belongs to a revoked site.
     #[error("certificate for {0} is revoked")]
     Revoked(PeerId),
+    /// This certificate of a site was revoked when the site's key was replaced.
+    #[error("certificate {fingerprint} of {peer} was replaced by a new key and is revoked")]
+    Replaced {
+        /// The site.
+        peer: PeerId,
+        /// The revoked certificate's SHA-256, hex.
+        fingerprint: String,
+    },
     /// The TLS handshake failed (including every refusal by the verifier).
     #[error("TLS handshake failed: {0}")]
     Handshake(io::Error),
@@ -101,8 +110,11 @@ pub struct Revocations {
 #[derive(Debug, Default)]
 struct Registry {
     revoked: HashSet<String>,
-    /// Live connections by site id, then by connection number.
-    live: HashMap<String, HashMap<u64, Arc<Cut>>>,
+    /// Fingerprints of single revoked certificates (replaced keys).
+    revoked_certs: HashSet<String>,
+    /// Live connections by site id, then by connection number, with the certificate's
+    /// fingerprint.
+    live: HashMap<String, HashMap<u64, (String, Arc<Cut>)>>,
     next_connection: u64,
 }
 
@@ -118,6 +130,32 @@ impl Revocations {
         self.lock().revoked.contains(id)
     }
 
+    /// Whether the certificate with SHA-256 `fingerprint` (hex) is revoked on its own.
+    pub fn is_certificate_revoked(&self, fingerprint: &str) -> bool {
+        self.lock().revoked_certs.contains(fingerprint)
+    }
+
+    /// Revokes one certificate of site `id` (its key was replaced): new handshakes with
+    /// it are refused and the site's open connections that use it are cut; the site's
+    /// other certificates keep working.
+    pub fn revoke_certificate(&self, id: &str, fingerprint: &str) {
+        let cuts: Vec<Arc<Cut>> = {
+            let mut registry = self.lock();
+            if !registry.revoked_certs.insert(fingerprint.to_owned()) {
+                return;
+            }
+            registry
+                .live
+                .get(id)
+                .map(|conns| conns.values().filter(|(f, _)| f == fingerprint).map(|(_, c)| Arc::clone(c)).collect())
+                .unwrap_or_default()
+        };
+        tracing::info!(site = id, open_connections = cuts.len(), "site certificate revoked");
+        for cut in cuts {
+            cut.trigger();
+        }
+    }
+
     /// Marks `id` revoked: new handshakes with that identity are refused, and every open
     /// connection whose peer is `id` is cut (its next read fails) within milliseconds,
     /// even if idle.
@@ -125,7 +163,7 @@ impl Revocations {
         let cuts: Vec<Arc<Cut>> = {
             let mut registry = self.lock();
             registry.revoked.insert(id.to_owned());
-            registry.live.get(id).map(|conns| conns.values().cloned().collect()).unwrap_or_default()
+            registry.live.get(id).map(|conns| conns.values().map(|(_, c)| Arc::clone(c)).collect()).unwrap_or_default()
         };
         tracing::info!(site = id, open_connections = cuts.len(), "site revoked");
         for cut in cuts {
@@ -133,17 +171,18 @@ impl Revocations {
         }
     }
 
-    /// Registers a live connection of site `id`, unless the site has been revoked since
-    /// its handshake was verified.
-    fn register(&self, id: &str) -> Option<Registration> {
+    /// Registers a live connection of site `id` with the certificate `fingerprint`,
+    /// unless the site or that certificate has been revoked since its handshake was
+    /// verified.
+    fn register(&self, id: &str, fingerprint: &str) -> Option<Registration> {
         let mut registry = self.lock();
-        if registry.revoked.contains(id) {
+        if registry.revoked.contains(id) || registry.revoked_certs.contains(fingerprint) {
             return None;
         }
         let number = registry.next_connection;
         registry.next_connection += 1;
         let cut = Arc::new(Cut::default());
-        registry.live.entry(id.to_owned()).or_default().insert(number, Arc::clone(&cut));
+        registry.live.entry(id.to_owned()).or_default().insert(number, (fingerprint.to_owned(), Arc::clone(&cut)));
         Some(Registration { revocations: self.clone(), site: id.to_owned(), number, cut })
     }
 
@@ -218,6 +257,10 @@ impl IdentityVerifier {
         let peer = PeerId::from_cert_der(end_entity).map_err(TlsError::NoIdentity)?;
         if peer.role == Role::Site && self.revocations.is_revoked(&peer.name) {
             return Err(TlsError::Revoked(peer));
+        }
+        let print = fingerprint(end_entity);
+        if peer.role == Role::Site && self.revocations.is_certificate_revoked(&print) {
+            return Err(TlsError::Replaced { peer, fingerprint: print });
         }
         Ok(())
     }
@@ -319,6 +362,8 @@ pub struct PeerInfo {
     pub fingerprint: String,
     /// The client certificate's `notAfter`, Unix seconds.
     pub not_after: i64,
+    /// The client certificate (DER).
+    pub certificate: CertificateDer<'static>,
 }
 
 /// An established mTLS connection; implements `AsyncRead + AsyncWrite + Unpin +
@@ -476,10 +521,15 @@ async fn handshake(
         remote,
         fingerprint: fingerprint(cert),
         not_after: not_after_unix(cert).map_err(TlsError::NoIdentity)?,
+        certificate: cert.clone().into_owned(),
         peer,
     };
     let registration = match info.peer.role {
-        Role::Site => Some(revocations.register(&info.peer.name).ok_or_else(|| TlsError::Revoked(info.peer.clone()))?),
+        Role::Site => Some(
+            revocations
+                .register(&info.peer.name, &info.fingerprint)
+                .ok_or_else(|| TlsError::Revoked(info.peer.clone()))?,
+        ),
         Role::Operator | Role::Coordinator => None,
     };
     Ok(PeerStream { tls, info, registration })
@@ -687,6 +737,33 @@ mod tests {
         assert_eq!(live_connections(&revocations), 1);
         drop(server_b);
         assert_eq!(live_connections(&revocations), 0);
+    }
+
+    #[tokio::test]
+    async fn revoking_one_certificate_cuts_it_and_keeps_the_sites_new_key() {
+        let pki = Pki::new();
+        let revocations = Revocations::default();
+        let (addr, conns) = pki.serve(&revocations).await;
+        let mut conns = pin!(conns);
+        let (old, new) = (pki.site("a"), pki.site("a"));
+        let (mut client_old, mut server_old) = established(&pki, addr, &mut conns, &old).await;
+        let (_client_new, _server_new) = established(&pki, addr, &mut conns, &new).await;
+        let print = fingerprint(&pem_to_der(&old.cert_pem).unwrap().remove(0));
+        revocations.revoke_certificate("a", &print);
+        assert!(revocations.is_certificate_revoked(&print) && !revocations.is_revoked("a"));
+        let mut byte = [0u8];
+        let error = server_old.read(&mut byte).await.unwrap_err();
+        assert_eq!(error.kind(), io::ErrorKind::ConnectionAborted);
+        drop(server_old);
+        let client_read = tokio::time::timeout(Duration::from_secs(2), client_old.read(&mut byte)).await.unwrap();
+        assert!(matches!(client_read, Err(_) | Ok(0)), "{client_read:?}");
+        assert_eq!(live_connections(&revocations), 1, "the new key's connection stays");
+        assert_refused(&pki, addr, &mut conns, &old).await;
+        established(&pki, addr, &mut conns, &new).await;
+        assert_eq!(
+            TlsError::Replaced { peer: PeerId::site("a").unwrap(), fingerprint: print.clone() }.to_string(),
+            format!("certificate {print} of site/a was replaced by a new key and is revoked")
+        );
     }
 
     #[test]

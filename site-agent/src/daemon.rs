@@ -141,6 +141,10 @@ impl Agent {
         let mut s = self.status.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let before = s.clone();
         f(&mut s);
+        // The last contact: when the connection came up, and when it went down.
+        if (s.connection == "connected") != (before.connection == "connected") {
+            s.contact_ms = crate::now_ms();
+        }
         if *s != before {
             s.updated_ms = crate::now_ms();
             if let Err(e) = s.save(&self.home) {
@@ -203,6 +207,15 @@ pub(crate) fn describe(e: &RpcStatus) -> String {
     causes.dedup();
     causes.retain(|c| c != msg);
     let chain = if causes.is_empty() { String::new() } else { format!(" ({})", causes.join(": ")) };
+    // Something answered on that port, but not with TLS: an HTTP server such as the
+    // coordinator's ops endpoint, or another service.
+    let not_tls = ["InvalidContentType", "corrupt message", "not a TLS", "InvalidMessage"];
+    if causes.iter().any(|c| not_tls.iter().any(|n| c.contains(n))) {
+        return format!(
+            "the peer does not speak TLS: this address is not the coordinator's site port (the ops port or \
+             another service?){chain}"
+        );
+    }
     if causes.iter().any(|c| c.contains("fatal alert")) {
         return format!(
             "the coordinator refused this site's certificate (revoked, expired or from another consortium){chain}"
@@ -221,6 +234,17 @@ pub(crate) fn describe(e: &RpcStatus) -> String {
         Code::Unavailable => format!("coordinator unreachable: {msg}{chain}"),
         Code::PermissionDenied => format!("coordinator refused this site: {msg}"),
         _ => format!("{:?}: {msg}{chain}", e.code()),
+    }
+}
+
+/// [`describe`], naming the coordinator address from enrolment.json where the address
+/// itself may be what is wrong (nothing listening, or not the coordinator's site port).
+pub(crate) fn describe_at(e: &RpcStatus, address: &str) -> String {
+    let what = describe(e);
+    if what.starts_with("the peer does not speak TLS") || what.starts_with("coordinator unreachable") {
+        format!("{what}; coordinator address {address} (from enrolment.json)")
+    } else {
+        what
     }
 }
 
@@ -248,6 +272,8 @@ pub async fn run(
 ) -> Result<()> {
     let home = Home::new(dir);
     let site_id = home.site_id()?;
+    // Held until this function returns (the OS releases it if the process dies).
+    let _lock = lock_home(&home)?;
     let enrolment = home.enrolment()?;
     let cfg = home.config()?;
     let data = LocalData::load(&cfg)?;
@@ -259,11 +285,26 @@ pub async fn run(
     }
     info!(site = %site_id, coordinator = %enrolment.coordinator_address, train = data.train.len(), test = data.test.len(), "site agent starting");
     let client = connect(&home).await?;
+    let address = enrolment.coordinator_address.clone();
+    // What the last run knew (job, release, last contact) stays shown until the
+    // coordinator says otherwise: `maeum-site status` marks it as last known.
+    let previous = Status::load(&home).ok().flatten().unwrap_or_default();
     let agent = Arc::new(Agent {
         status: Mutex::new(Status {
             site_id: site_id.clone(),
             pid: std::process::id(),
             connection: "connecting".into(),
+            job_id: previous.job_id,
+            round: previous.round,
+            last_model: previous.last_model,
+            release: previous.release,
+            // A daemon killed while connected last heard from the coordinator about
+            // when it last wrote status.json.
+            contact_ms: if previous.connection == "connected" {
+                previous.updated_ms.max(previous.contact_ms)
+            } else {
+                previous.contact_ms
+            },
             ..Default::default()
         }),
         home,
@@ -289,7 +330,7 @@ pub async fn run(
     agent.set(|s| s.stage = "idle".into());
     let heartbeat = tokio::spawn(heartbeats(agent.clone(), client.clone()));
     tokio::select! {
-        () = work_loop(agent.clone(), client) => {},
+        () = work_loop(agent.clone(), client, &address) => {},
         () = shutdown => info!("shutting down"),
     }
     heartbeat.abort();
@@ -300,6 +341,39 @@ pub async fn run(
         s.stage = "stopped".into();
     });
     Ok(())
+}
+
+/// Locks HOME for this daemon (HOME/daemon.lock, an OS file lock, with our pid inside),
+/// so that a second `maeum-site run` on the same home exits before it touches anything.
+fn lock_home(home: &Home) -> Result<std::fs::File> {
+    use std::io::{Seek, Write};
+    let path = home.path("daemon.lock");
+    let mut file = std::fs::File::options()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let other = std::fs::read_to_string(&path).unwrap_or_default();
+            let other = other.trim();
+            let who = if other.is_empty() { String::new() } else { format!(" (pid {other})") };
+            bail!(
+                "another maeum-site daemon{who} is already running on the site home {}; stop it first \
+                 (two daemons on one home would both connect as this site)",
+                home.dir.display()
+            );
+        }
+        Err(std::fs::TryLockError::Error(e)) => {
+            return Err(e).with_context(|| format!("locking {}", path.display()));
+        }
+    }
+    file.set_len(0).and_then(|()| file.rewind()).with_context(|| format!("writing {}", path.display()))?;
+    writeln!(file, "{}", std::process::id()).with_context(|| format!("writing {}", path.display()))?;
+    Ok(file)
 }
 
 async fn heartbeats(agent: Arc<Agent>, mut client: Client) {
@@ -376,7 +450,7 @@ fn audit_summary(home: &Home, size: u64) -> String {
     }
 }
 
-async fn work_loop(agent: Arc<Agent>, mut client: Client) {
+async fn work_loop(agent: Arc<Agent>, mut client: Client, address: &str) {
     let mut backoff = Backoff(0);
     let mut last_logged = String::new();
     loop {
@@ -385,7 +459,7 @@ async fn work_loop(agent: Arc<Agent>, mut client: Client) {
             Ok(w) => Work::try_from(w.into_inner()),
             Err(e) => {
                 let refused = is_refusal(&e);
-                let what = describe(&e);
+                let what = describe_at(&e, address);
                 // Log each new kind of failure once, not every retry.
                 if what != last_logged {
                     warn!(error = %what, "cannot reach the coordinator; retrying with backoff");

@@ -1,7 +1,8 @@
 //! `maeum-site doctor`: checks a site home (enrolment, certificates and their expiry,
 //! local data, the audit state, writable directories, disk space) offline, then tries
-//! the coordinator. Exit 0 when `run` would start; 1 when a check fails. An unreachable
-//! coordinator is a warning: the daemon keeps retrying, so it is no reason not to start.
+//! the coordinator. Exit 0 when `run` would start and reach it; 1 when a check fails,
+//! including a coordinator that cannot be reached or is not a Maeum coordinator (the
+//! daemon would retry forever, but a wrong address in enrolment.json never heals).
 
 use std::path::Path;
 use std::time::Duration;
@@ -12,7 +13,7 @@ use maeum_protocols::doctor::Checks;
 use maeum_protocols::identity::{self, PeerId};
 use maeum_protocols::wire::pb;
 
-use crate::daemon::{LocalData, connect, describe};
+use crate::daemon::{LocalData, connect, describe_at};
 use crate::enrol::Home;
 
 /// Runs every check on the home `dir` and prints them.
@@ -65,6 +66,7 @@ pub async fn check(dir: &Path) -> Checks {
         c.writable(d, &home.path(d));
     }
     c.disk_space("disk space", dir, 1024, 128);
+    let address = home.enrolment().map(|e| e.coordinator_address).unwrap_or_default();
     let reach = async {
         let mut client = connect(&home).await?;
         let req = pb::SiteStatus {
@@ -72,17 +74,22 @@ pub async fn check(dir: &Path) -> Checks {
             stage: maeum_protocols::wire::PROBE_STAGE.into(),
             ..Default::default()
         };
-        client.heartbeat(req).await.map_err(|e| anyhow::anyhow!(describe(&e)))?;
+        client.heartbeat(req).await.map_err(|e| anyhow::anyhow!(describe_at(&e, &address)))?;
         anyhow::Ok(())
     };
     match tokio::time::timeout(Duration::from_secs(8), reach).await {
         Ok(Ok(())) => c.ok("coordinator", "reachable; it accepted this site's certificate"),
-        Ok(Err(e)) => c.warn(
+        Ok(Err(e)) => c.fail(
             "coordinator",
             format!("{e:#}"),
-            "check the network path (this site dials out) and that the coordinator runs; the daemon retries",
+            "check that coordinator_address in HOME/enrolment.json is the coordinator's site port (not its ops \
+             port), that the coordinator runs, and the network path (this site dials out)",
         ),
-        Err(_) => c.warn("coordinator", "no answer within 8 s", "check firewalls on the way to the coordinator"),
+        Err(_) => c.fail(
+            "coordinator",
+            format!("no answer from {address} within 8 s"),
+            "check firewalls on the way to the coordinator and coordinator_address in HOME/enrolment.json",
+        ),
     }
     c
 }

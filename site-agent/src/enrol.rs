@@ -117,6 +117,59 @@ impl Home {
     }
 }
 
+/// The daemon's part of `maeum-site status`, as of `now_ms`.
+fn status_lines(s: &Status, now_ms: i64) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let error = if s.last_error.is_empty() { String::new() } else { format!(" ({})", s.last_error) };
+    let _ = writeln!(out, "connection  {}{error}", s.connection);
+    // Job and release come from the coordinator: while it is not reachable (or the daemon
+    // is not running) they are what this site last knew, and say so.
+    let known = if s.connection == "connected" {
+        String::new()
+    } else if s.contact_ms > 0 {
+        format!("  (last known; coordinator last reached {} ago)", ago(now_ms - s.contact_ms))
+    } else {
+        "  (last known)".into()
+    };
+    let _ = writeln!(out, "stage       {}", if s.stage.is_empty() { "-" } else { &s.stage });
+    if !s.job_id.is_empty() {
+        let _ = writeln!(out, "job         {} round {}{known}", s.job_id, s.round);
+    }
+    if !s.last_model.is_empty() {
+        let _ = writeln!(out, "last model  {}", s.last_model);
+    }
+    if !s.audit.is_empty() {
+        let _ = writeln!(out, "audit log   {}", s.audit);
+    }
+    if !s.release.is_empty() {
+        let _ = writeln!(out, "release     {} in service (`maeum-site models list`){known}", s.release);
+    }
+    let _ = writeln!(out, "updated     {}s ago (pid {})", (now_ms - s.updated_ms).max(0) / 1000, s.pid);
+    out
+}
+
+/// A duration in milliseconds for humans: "42 s", "5 min", "3 h", "2 days".
+fn ago(ms: i64) -> String {
+    let s = ms.max(0) / 1000;
+    match s {
+        0..60 => format!("{s} s"),
+        60..3600 => format!("{} min", s / 60),
+        3600..86_400 => format!("{} h", s / 3600),
+        _ => format!("{} days", s / 86_400),
+    }
+}
+
+/// Refuses a `--home` that is not a site home (no `site.json`), so that a mistyped path
+/// fails instead of reading as an empty site.
+pub fn check_home(dir: &Path) -> Result<()> {
+    if dir.join("site.json").is_file() {
+        return Ok(());
+    }
+    let why = if dir.is_dir() { "has no site.json" } else { "does not exist" };
+    bail!("{} is not a site home ({why}); create one with `maeum-site init --home DIR --site-id ID`", dir.display())
+}
+
 fn write(path: &Path, bytes: &[u8], private: bool) -> Result<()> {
     maeum_models::write_file(path, bytes, private).with_context(|| format!("writing {}", path.display()))
 }
@@ -205,6 +258,10 @@ pub struct Status {
     /// The release in service (`vN (digest)`), empty before the first install.
     #[serde(default)]
     pub release: String,
+    /// When the coordinator last answered (set as the connection comes up and as it is
+    /// lost); 0 if never. While not connected, job and release are the last known ones.
+    #[serde(default)]
+    pub contact_ms: i64,
     pub updated_ms: i64,
 }
 
@@ -251,28 +308,64 @@ pub fn status(dir: &Path, json: bool) -> Result<()> {
         println!("certificate valid for {} more days", (t - crate::now_ms() / 1000) / 86_400);
     }
     match status {
-        Some(s) => {
-            println!(
-                "connection  {}{}",
-                s.connection,
-                if s.last_error.is_empty() { String::new() } else { format!(" ({})", s.last_error) }
-            );
-            println!("stage       {}", if s.stage.is_empty() { "-" } else { &s.stage });
-            if !s.job_id.is_empty() {
-                println!("job         {} round {}", s.job_id, s.round);
-            }
-            if !s.last_model.is_empty() {
-                println!("last model  {}", s.last_model);
-            }
-            if !s.audit.is_empty() {
-                println!("audit log   {}", s.audit);
-            }
-            if !s.release.is_empty() {
-                println!("release     {} in service (`maeum-site models list`)", s.release);
-            }
-            println!("updated     {}s ago (pid {})", (crate::now_ms() - s.updated_ms).max(0) / 1000, s.pid);
-        }
+        Some(s) => print!("{}", status_lines(&s, crate::now_ms())),
         None => println!("daemon      never ran (start it with `maeum-site run --home {}`)", dir.display()),
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(connection: &str, contact_ms: i64, expected: &[&str]) {
+        let s = Status {
+            connection: connection.into(),
+            job_id: "triage-1".into(),
+            round: 3,
+            release: "v2 (abcd)".into(),
+            contact_ms,
+            updated_ms: 1_000_000,
+            ..Default::default()
+        };
+        let text = status_lines(&s, 1_000_000 + 5 * 60_000);
+        let lines: Vec<&str> = text.lines().filter(|l| l.starts_with("job") || l.starts_with("release")).collect();
+        assert_eq!(lines, expected);
+    }
+
+    #[test]
+    fn status_marks_job_and_release_as_last_known_while_not_connected() {
+        check(
+            "connected",
+            1,
+            &["job         triage-1 round 3", "release     v2 (abcd) in service (`maeum-site models list`)"],
+        );
+        check(
+            "retrying",
+            1_000_000,
+            &[
+                "job         triage-1 round 3  (last known; coordinator last reached 5 min ago)",
+                "release     v2 (abcd) in service (`maeum-site models list`)  (last known; coordinator last reached 5 min ago)",
+            ],
+        );
+        check(
+            "connecting",
+            0,
+            &[
+                "job         triage-1 round 3  (last known)",
+                "release     v2 (abcd) in service (`maeum-site models list`)  (last known)",
+            ],
+        );
+    }
+
+    #[test]
+    fn a_folder_that_is_not_a_site_home_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let e = check_home(&dir.path().join("no/such/dir")).expect_err("missing").to_string();
+        assert!(e.contains("is not a site home (does not exist)"), "{e}");
+        let e = check_home(dir.path()).expect_err("empty").to_string();
+        assert!(e.contains("is not a site home (has no site.json)"), "{e}");
+        init(dir.path(), "a", None, None).expect("init");
+        check_home(dir.path()).expect("a site home");
+    }
 }

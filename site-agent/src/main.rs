@@ -4,7 +4,7 @@
 //! data (the message names the file, the line and the problem).
 #![forbid(unsafe_code)]
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
@@ -59,7 +59,8 @@ enum Command {
     },
     /// Check this home (enrolment, certificates and their expiry, local data, audit
     /// state, disk space) and whether the coordinator answers; say what to fix. Exit 1
-    /// if a check fails (an unreachable coordinator is only a warning).
+    /// if a check fails, including a coordinator that cannot be reached or does not
+    /// speak TLS at the enrolled address.
     Doctor {
         /// The site's home directory.
         #[arg(long, value_name = "DIR", env = "MAEUM_SITE_HOME")]
@@ -183,7 +184,45 @@ fn main() -> ExitCode {
     maeum_protocols::runtime::exit_quietly_on_closed_stdout();
     let cli = Cli::parse();
     maeum_protocols::runtime::init_tracing(if matches!(cli.command, Command::Run { .. }) { "info" } else { "warn" });
-    let result = match cli.command {
+    let result = match home_needed(&cli.command).map(enrol::check_home) {
+        Some(Err(e)) => Err(e),
+        _ => dispatch(cli.command),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            if e.downcast_ref::<maeum_models::data::DataError>().is_some() {
+                ExitCode::from(3)
+            } else {
+                ExitCode::from(1)
+            }
+        }
+    }
+}
+
+/// The `--home` of a command that works on an existing site home (all but `init`, which
+/// creates one, and the data commands, which need none).
+fn home_needed(command: &Command) -> Option<&Path> {
+    match command {
+        Command::Enroll { home, .. }
+        | Command::Run { home, .. }
+        | Command::Doctor { home, .. }
+        | Command::Status { home, .. }
+        | Command::Models(
+            ModelsCommand::List { home, .. } | ModelsCommand::Show { home, .. } | ModelsCommand::Verify { home, .. },
+        )
+        | Command::Audit(
+            AuditCommand::Status { home, .. } | AuditCommand::Prove { home, .. } | AuditCommand::Checkpoint { home },
+        ) => Some(home),
+        Command::Predict(a) => Some(&a.home),
+        Command::Finetune(a) => Some(&a.home),
+        Command::Init { .. } | Command::TrainLocal(_) | Command::Data(_) => None,
+    }
+}
+
+fn dispatch(command: Command) -> anyhow::Result<()> {
+    match command {
         Command::Init { home, site_id, train, test } => enrol::init(&home, &site_id, train, test).map(|req| {
             println!("site {site_id} initialised in {}", home.display());
             println!("send {} to the consortium lead for approval", req.display());
@@ -211,17 +250,6 @@ fn main() -> ExitCode {
         Command::Audit(AuditCommand::Checkpoint { home }) => witness::witnessed(&enrol::Home::new(&home))
             .and_then(|f| f.ok_or_else(|| anyhow::anyhow!("this site has not witnessed a checkpoint yet")))
             .map(|f| println!("{}", String::from_utf8_lossy(&f.encode()))),
-    };
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            if e.downcast_ref::<maeum_models::data::DataError>().is_some() {
-                ExitCode::from(3)
-            } else {
-                ExitCode::from(1)
-            }
-        }
     }
 }
 

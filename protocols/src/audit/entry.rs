@@ -69,6 +69,20 @@ pub enum Event {
         /// Why, as the operator gave it.
         reason: String,
     },
+    /// An operator approved a new key for an existing site (`sites approve --replace`):
+    /// the old certificate is revoked, the new one is the site's from this entry on.
+    SiteKeyReplaced {
+        /// The site id.
+        site: String,
+        /// SHA-256 (hex) of the replaced certificate (DER); revoked from here on.
+        old_cert_fingerprint: String,
+        /// SHA-256 (hex) of the new certificate (DER).
+        new_cert_fingerprint: String,
+        /// The new certificate's `notAfter`, milliseconds since the Unix epoch.
+        not_after_ms: i64,
+        /// Who approved the replacement.
+        operator: String,
+    },
     /// A lead submitted a job.
     JobSubmitted {
         /// The job id.
@@ -214,6 +228,7 @@ impl Event {
             Event::ConsortiumInit { .. } => "consortium_init",
             Event::SiteApproved { .. } => "site_approved",
             Event::SiteRevoked { .. } => "site_revoked",
+            Event::SiteKeyReplaced { .. } => "site_key_replaced",
             Event::JobSubmitted { .. } => "job_submitted",
             Event::JobDecision { .. } => "job_decision",
             Event::JobStarted { .. } => "job_started",
@@ -231,10 +246,11 @@ impl Event {
     }
 
     /// Every `kind` tag, for command-line filters.
-    pub const KINDS: [&'static str; 16] = [
+    pub const KINDS: [&'static str; 17] = [
         "consortium_init",
         "site_approved",
         "site_revoked",
+        "site_key_replaced",
         "job_submitted",
         "job_decision",
         "job_started",
@@ -273,6 +289,7 @@ impl Event {
         match self {
             Event::SiteApproved { site: s, .. }
             | Event::SiteRevoked { site: s, .. }
+            | Event::SiteKeyReplaced { site: s, .. }
             | Event::JobDecision { site: s, .. }
             | Event::ReleaseInstall { site: s, .. } => s == site,
             Event::JobStarted { sites, .. } | Event::RoundStarted { sites, .. } => any(sites),
@@ -456,6 +473,25 @@ mod tests {
                     r#""installed":false,"reason":"the release signature does not verify"}}"#
                 ),
                 "e91ff2066c894e96d722356a7d74aeab7f4c3fc7a371077f7350066c0bfd92a4",
+            ),
+            (
+                entry(
+                    6,
+                    Event::SiteKeyReplaced {
+                        site: "b".into(),
+                        old_cert_fingerprint: "ab".repeat(32),
+                        new_cert_fingerprint: "cd".repeat(32),
+                        not_after_ms: 1_798_499_521_000,
+                        operator: "lead".into(),
+                    },
+                ),
+                concat!(
+                    r#"{"v":1,"seq":6,"time_ms":1764299521006,"event":{"kind":"site_key_replaced","site":"b","#,
+                    r#""old_cert_fingerprint":"abababababababababababababababababababababababababababababababab","#,
+                    r#""new_cert_fingerprint":"cdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcd","#,
+                    r#""not_after_ms":1798499521000,"operator":"lead"}}"#
+                ),
+                "8b5476afbc232917408171866c4a2a342da145e9fe573850c753149a9fb559fa",
             ),
         ];
         let vectors: Vec<serde_json::Value> = serde_json::from_str(VECTORS).unwrap();

@@ -204,10 +204,12 @@ pub struct Verified {
 /// 6. entry `size` of every checkpoint but the last records that checkpoint, and every
 ///    checkpoint record names a checkpoint in the export (AUD-12);
 /// 7. each witness certificate is canonical PEM, announced by a `site_approved` entry
-///    of its site with its fingerprint, chains to the CA and names its site, valid at
-///    that entry's time; the list is sorted by site then certificate, no repeats (AUD-13);
+///    of its site with its fingerprint (or as the new certificate of a
+///    `site_key_replaced` entry), chains to the CA and names its site, valid at that
+///    entry's time; the list is sorted by site then certificate, no repeats (AUD-13);
 /// 8. each cosignature is by a site with a certificate valid at the time of the
-///    checkpoint's last entry, listed sorted by site, at most one per site, and
+///    checkpoint's last entry and valid for the site at that point of the log (see
+///    [`SiteCertificates::check`]), listed sorted by site, at most one per site, and
 ///    verifies (AUD-14).
 pub fn verify(bytes: &[u8], trust: Option<&[u8; 32]>) -> Result<Report, AuditError> {
     verify_full(bytes, trust).map(|v| v.report)
@@ -333,13 +335,8 @@ pub fn verify_full(bytes: &[u8], trust: Option<&[u8; 32]>) -> Result<Verified, A
     }
 
     // Witness certificates: announced by the log, chaining to the CA.
-    let mut approved: BTreeMap<(&str, &str), i64> = BTreeMap::new();
-    for entry in entries {
-        if let Event::SiteApproved { site, cert_fingerprint, .. } = &entry.event {
-            approved.entry((site.as_str(), cert_fingerprint.as_str())).or_insert(entry.time_ms);
-        }
-    }
-    let mut certs: BTreeMap<&str, Vec<rustls::pki_types::CertificateDer<'static>>> = BTreeMap::new();
+    let history = SiteCertificates::from_entries(entries);
+    let mut certs: BTreeMap<&str, Vec<(rustls::pki_types::CertificateDer<'static>, String)>> = BTreeMap::new();
     let mut previous_witness: Option<&WitnessCert> = None;
     for w in &export.witnesses {
         let bad = |reason: String| AuditError::WitnessCert { site: w.site.clone(), reason };
@@ -349,11 +346,11 @@ pub fn verify_full(bytes: &[u8], trust: Option<&[u8; 32]>) -> Result<Verified, A
         previous_witness = Some(w);
         let der = checkpoint::single_cert(&w.cert_pem).map_err(bad)?;
         let print = identity::fingerprint(&der);
-        let Some(at) = approved.get(&(w.site.as_str(), print.as_str())) else {
+        let Some(at) = history.announced_at(&w.site, &print) else {
             return Err(bad(format!("fingerprint {print} is not announced by any site_approved entry for this site")));
         };
-        witness_key(&ca, &der, &w.site, *at).map_err(bad)?;
-        certs.entry(w.site.as_str()).or_default().push(der);
+        witness_key(&ca, &der, &w.site, at).map_err(bad)?;
+        certs.entry(w.site.as_str()).or_default().push((der, print));
     }
 
     // Cosignatures.
@@ -373,8 +370,10 @@ pub fn verify_full(bytes: &[u8], trust: Option<&[u8; 32]>) -> Result<Verified, A
             let candidates =
                 certs.get(cosig.site.as_str()).ok_or_else(|| bad("no certificate for this site".into()))?;
             let mut last_error = String::new();
-            let ok = candidates.iter().any(|der| {
-                match witness_key(&ca, der, &cosig.site, at)
+            let ok = candidates.iter().any(|(der, print)| {
+                match history
+                    .check(&cosig.site, print, size)
+                    .and_then(|()| witness_key(&ca, der, &cosig.site, at))
                     .and_then(|key| verify_cosignature(&cp.checkpoint, &key, &cosig.signature))
                 {
                     Ok(()) => true,
@@ -409,6 +408,99 @@ pub fn verify_full(bytes: &[u8], trust: Option<&[u8; 32]>) -> Result<Verified, A
         root: hex(&tree.root()),
     };
     Ok(Verified { export, tree, log_key, report })
+}
+
+/// Which certificates of each site the log announced, and when the log replaced them:
+/// the rule behind AUD-13 and AUD-14 for a site whose key changed over time.
+#[derive(Debug, Default, Clone)]
+pub struct SiteCertificates {
+    /// (site, fingerprint) → the time of the first entry announcing it.
+    announced: BTreeMap<(String, String), i64>,
+    /// (site, fingerprint) → in log order, (seq, valid from here on, by `site_approved`).
+    changes: BTreeMap<(String, String), Vec<(u64, bool, bool)>>,
+}
+
+impl SiteCertificates {
+    /// The history of every site's certificates in `entries` (in log order).
+    pub fn from_entries<'a>(entries: impl IntoIterator<Item = &'a Entry>) -> SiteCertificates {
+        let mut out = SiteCertificates::default();
+        for entry in entries {
+            out.add(entry);
+        }
+        out
+    }
+
+    /// Takes in the next entry of the log.
+    pub fn add(&mut self, entry: &Entry) {
+        let mut change = |site: &str, print: &str, valid: bool, approval: bool| {
+            let key = (site.to_owned(), print.to_owned());
+            if valid {
+                self.announced.entry(key.clone()).or_insert(entry.time_ms);
+            }
+            self.changes.entry(key).or_default().push((entry.seq, valid, approval));
+        };
+        match &entry.event {
+            Event::SiteApproved { site, cert_fingerprint, .. } => change(site, cert_fingerprint, true, true),
+            Event::SiteKeyReplaced { site, old_cert_fingerprint, new_cert_fingerprint, .. } => {
+                change(site, old_cert_fingerprint, false, false);
+                change(site, new_cert_fingerprint, true, false);
+            }
+            _ => {}
+        }
+    }
+
+    /// The certificates of `site` valid at the end of the log (more than one only where
+    /// a second key was approved without `--replace`, before Maeum refused that).
+    pub fn current(&self, site: &str) -> Vec<&str> {
+        self.changes
+            .keys()
+            .filter(|(s, f)| s == site && self.check(s, f, u64::MAX).is_ok())
+            .map(|(_, f)| f.as_str())
+            .collect()
+    }
+
+    /// Every (site, fingerprint) that a `site_key_replaced` entry replaced and no later
+    /// entry brought back: the certificates to refuse.
+    pub fn replaced(&self) -> Vec<(&str, &str)> {
+        self.changes
+            .iter()
+            .filter(|(_, changes)| changes.last().is_some_and(|(_, valid, _)| !valid))
+            .map(|((s, f), _)| (s.as_str(), f.as_str()))
+            .collect()
+    }
+
+    /// When the log first announced certificate `fingerprint` for `site`, if it did.
+    pub fn announced_at(&self, site: &str, fingerprint: &str) -> Option<i64> {
+        self.announced.get(&(site.to_owned(), fingerprint.to_owned())).copied()
+    }
+
+    /// Whether `site` may cosign the checkpoint of `size` entries with the certificate
+    /// `fingerprint`: the log announced it for the site, and its latest change among the
+    /// checkpoint's entries brought it in (`site_approved`, or the new key of
+    /// `site_key_replaced`), not out (the old key of `site_key_replaced`). With no change
+    /// among those entries, a certificate first announced by `site_approved` counts (the
+    /// coordinator logs an approval when it first sees it, which may be after the
+    /// checkpoint a new site cosigns first); one brought in by a replacement does not.
+    pub fn check(&self, site: &str, fingerprint: &str, size: u64) -> Result<(), String> {
+        let short = fingerprint.get(..16).unwrap_or(fingerprint);
+        let changes = self.changes.get(&(site.to_owned(), fingerprint.to_owned()));
+        let Some(changes) = changes.filter(|_| self.announced_at(site, fingerprint).is_some()) else {
+            return Err(format!("certificate {short}… is not announced for this site"));
+        };
+        match changes.iter().rev().find(|(seq, _, _)| *seq < size) {
+            Some((_, true, _)) => Ok(()),
+            Some((seq, false, _)) => {
+                Err(format!("certificate {short}… was replaced at entry {seq}, before this checkpoint"))
+            }
+            None => match changes.first() {
+                Some((_, true, true)) => Ok(()),
+                Some((seq, _, _)) => {
+                    Err(format!("certificate {short}… replaced the site's key at entry {seq}, after this checkpoint"))
+                }
+                None => Err(format!("certificate {short}… is not announced for this site")),
+            },
+        }
+    }
 }
 
 /// An inclusion proof of one entry against one signed checkpoint, self-contained.
@@ -793,6 +885,74 @@ pub(crate) mod tests {
         check(|e| e.ca_cert_pem = Ca::generate("heart", 30).unwrap().cert_pem().into(), "AUD-06");
         check(|e| e.log_public_key = "00".repeat(32), "AUD-05");
         check(|e| e.format = "v0".into(), "AUD-01");
+    }
+
+    /// Site a's key is replaced after checkpoint #0; returns the old certificate.
+    fn replace_a(fx: &mut Fixture) -> String {
+        let (key, csr) = site_request("a").unwrap();
+        let (_, cert) = fx.ca.sign_site_request(&csr, Some("a"), 30).unwrap();
+        let old = std::mem::replace(&mut fx.sites[0], ("a".into(), key, cert.clone()));
+        let print = |pem: &str| identity::fingerprint(&identity::pem_to_der(pem).unwrap().remove(0));
+        fx.append(Event::SiteKeyReplaced {
+            site: "a".into(),
+            old_cert_fingerprint: print(&old.2),
+            new_cert_fingerprint: print(&cert),
+            not_after_ms: fx.now + 86_400_000,
+            operator: "lead".into(),
+        });
+        old.2
+    }
+
+    fn with_witness(mut export: Export, site: &str, cert_pem: &str) -> Vec<u8> {
+        export.witnesses.push(WitnessCert { site: site.into(), cert_pem: cert_pem.into() });
+        export.witnesses.sort_by(|a, b| (&a.site, &a.cert_pem).cmp(&(&b.site, &b.cert_pem)));
+        export.encode()
+    }
+
+    #[test]
+    fn cosignatures_are_checked_against_the_certificate_valid_at_that_point_of_the_log() {
+        let mut fx = Fixture::new();
+        fx.approve("a");
+        fx.approve("b");
+        fx.checkpoint(2);
+        let old = replace_a(&mut fx);
+        fx.checkpoint(2);
+        // Old key on checkpoint #0, new key on #1: both certificates are needed.
+        let report = verify(&with_witness(fx.export(), "a", &old), None).unwrap();
+        assert_eq!((report.checkpoints, report.cosignatures), (2, 4));
+        let e = verify(&fx.export().encode(), None).unwrap_err().to_string();
+        assert!(e.starts_with("AUD-14 checkpoint #0 (size 3): cosignature of site a"), "{e}");
+    }
+
+    #[test]
+    fn site_certificate_history_rules() {
+        let entry = |seq, event| Entry { seq, time_ms: 10 + seq as i64, event };
+        let approved =
+            |fp: &str| Event::SiteApproved { site: "a".into(), cert_fingerprint: fp.into(), not_after_ms: 0 };
+        let replaced = |old: &str, new: &str| Event::SiteKeyReplaced {
+            site: "a".into(),
+            old_cert_fingerprint: old.into(),
+            new_cert_fingerprint: new.into(),
+            not_after_ms: 0,
+            operator: "lead".into(),
+        };
+        let entries = [entry(1, approved("k1")), entry(5, replaced("k1", "k2")), entry(9, replaced("k2", "k1"))];
+        let h = SiteCertificates::from_entries(&entries);
+        let check = |fp: &str, size: u64| {
+            h.check("a", fp, size).map_err(|e| e.split(' ').skip(2).collect::<Vec<_>>().join(" "))
+        };
+        assert_eq!(check("k1", 2), Ok(()));
+        assert_eq!(check("k1", 5), Ok(()), "the replacement is entry 5, not in a checkpoint of size 5");
+        assert_eq!(check("k1", 6), Err("was replaced at entry 5, before this checkpoint".into()));
+        assert_eq!(check("k2", 5), Err("replaced the site's key at entry 5, after this checkpoint".into()));
+        assert_eq!(check("k2", 6), Ok(()));
+        assert_eq!(check("k2", 10), Err("was replaced at entry 9, before this checkpoint".into()));
+        assert_eq!(check("k1", 10), Ok(()), "brought back by the second replacement");
+        assert_eq!(check("k3", 10), Err("is not announced for this site".into()));
+        assert!(h.check("b", "k1", 2).is_err());
+        assert_eq!(h.announced_at("a", "k2"), Some(15));
+        assert_eq!(h.current("a"), ["k1"]);
+        assert_eq!(h.replaced(), [("a", "k2")]);
     }
 
     #[test]

@@ -448,6 +448,12 @@ fn line(entry: &Entry) -> String {
             format!("site={site} cert={} not_after={}", short(cert_fingerprint), rfc3339(*not_after_ms))
         }
         Event::SiteRevoked { site, reason } => format!("site={site} reason={reason:?}"),
+        Event::SiteKeyReplaced { site, old_cert_fingerprint, new_cert_fingerprint, not_after_ms, operator } => format!(
+            "site={site} old_cert={} new_cert={} not_after={} operator={operator}",
+            short(old_cert_fingerprint),
+            short(new_cert_fingerprint),
+            rfc3339(*not_after_ms)
+        ),
         Event::JobSubmitted { job_id, name, spec_sha256, operator } => {
             format!("job={job_id} name={name:?} spec={} operator={operator}", short(spec_sha256))
         }
