@@ -169,6 +169,23 @@ pub enum Event {
         /// Who promoted it.
         operator: String,
     },
+    /// A lead promoted a release that fails one of the consortium's release gates,
+    /// with an explicit override and a reason (one entry per failed gate, just before
+    /// the `release_promoted` entry it allows).
+    ReleaseGateOverridden {
+        /// SHA-256 (hex) of the release's model.
+        version_sha256: String,
+        /// The gate, e.g. `min_crisis_recall`.
+        gate: String,
+        /// The value on the model card, 4 decimals (`none` when the card has none).
+        measured: String,
+        /// The gate's threshold, 4 decimals.
+        threshold: String,
+        /// Who overrode it.
+        operator: String,
+        /// The lead's reason, as given.
+        reason: String,
+    },
     /// A site verified and installed a release, or refused it (and kept the model it
     /// had in service).
     ReleaseInstall {
@@ -223,6 +240,7 @@ impl Event {
             Event::RoundCommitted { .. } => "round_committed",
             Event::ModelRelease { .. } => "model_release",
             Event::ReleasePromoted { .. } => "release_promoted",
+            Event::ReleaseGateOverridden { .. } => "release_gate_overridden",
             Event::ReleaseInstall { .. } => "release_install",
             Event::OperatorCommand { .. } => "operator_command",
             Event::JobFinished { .. } => "job_finished",
@@ -231,7 +249,7 @@ impl Event {
     }
 
     /// Every `kind` tag, for command-line filters.
-    pub const KINDS: [&'static str; 16] = [
+    pub const KINDS: [&'static str; 17] = [
         "consortium_init",
         "site_approved",
         "site_revoked",
@@ -244,6 +262,7 @@ impl Event {
         "round_committed",
         "model_release",
         "release_promoted",
+        "release_gate_overridden",
         "release_install",
         "operator_command",
         "job_finished",
@@ -456,6 +475,26 @@ mod tests {
                     r#""installed":false,"reason":"the release signature does not verify"}}"#
                 ),
                 "e91ff2066c894e96d722356a7d74aeab7f4c3fc7a371077f7350066c0bfd92a4",
+            ),
+            (
+                entry(
+                    6,
+                    Event::ReleaseGateOverridden {
+                        version_sha256: "ab".repeat(32),
+                        gate: "min_crisis_recall".into(),
+                        measured: "0.2700".into(),
+                        threshold: "0.5000".into(),
+                        operator: "lead".into(),
+                        reason: "pilot at one site, every case reviewed".into(),
+                    },
+                ),
+                concat!(
+                    r#"{"v":1,"seq":6,"time_ms":1764299521006,"event":{"kind":"release_gate_overridden","#,
+                    r#""version_sha256":"abababababababababababababababababababababababababababababababab","#,
+                    r#""gate":"min_crisis_recall","measured":"0.2700","threshold":"0.5000","operator":"lead","#,
+                    r#""reason":"pilot at one site, every case reviewed"}}"#
+                ),
+                "9f5bd7402b1bbfa63f3c77e6e1ff10c46a90af7b6ff3b8155e71123df738c4d1",
             ),
         ];
         let vectors: Vec<serde_json::Value> = serde_json::from_str(VECTORS).unwrap();
