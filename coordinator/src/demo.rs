@@ -187,7 +187,15 @@ async fn promote_and_install(
         .find(|r| r.job_id == job_id)
         .with_context(|| format!("job {job_id} completed but made no release"))?;
     let version = info.release.as_ref().map_or(0, |r| r.version);
-    control.promote_release(pb::ReleaseSelector { version: version.to_string() }).await?;
+    // A two-minute model on public Reddit posts rarely reaches the default crisis-recall
+    // gate: the demo overrides it, with a reason, as a lead may (logged in the audit log).
+    control
+        .promote_release(pb::PromoteRequest {
+            version: version.to_string(),
+            override_gate: true,
+            reason: "maeum-coordinator demo: a demonstration model on public data, not for use with people".into(),
+        })
+        .await?;
     let deadline = Instant::now() + Duration::from_secs(180);
     loop {
         fleet.check_alive()?;
@@ -366,9 +374,11 @@ pub async fn run(a: DemoArgs) -> Result<()> {
         bar.set_message(info.activity.clone());
         while printed < info.history.len() {
             let Some((acc, f1)) = info.history[printed].evaluation.as_ref().and_then(client::scores) else { break };
+            let crisis = info.history[printed].evaluation.as_ref().and_then(|e| crisis_recall(&labels, e));
             let line = format!(
-                "round {:>2}: accuracy {acc:.4}  macro-F1 {f1:.4}  ({} sites)",
+                "round {:>2}: accuracy {acc:.4}  macro-F1 {f1:.4}  crisis recall {}  ({} sites)",
                 info.history[printed].round,
+                crisis.map_or("-".into(), |r| format!("{r:.4}")),
                 info.history[printed].contributors.len()
             );
             if bar.is_hidden() {
@@ -430,7 +440,9 @@ pub async fn run(a: DemoArgs) -> Result<()> {
         .iter()
         .filter_map(|r| {
             r.evaluation.as_ref().and_then(client::scores).map(|(acc, f1)| {
-                serde_json::json!({"round": r.round, "accuracy": acc, "macro_f1": f1, "sites": r.contributors.len()})
+                let crisis = r.evaluation.as_ref().and_then(|e| crisis_recall(&labels, e));
+                serde_json::json!({"round": r.round, "accuracy": acc, "macro_f1": f1, "crisis_recall": crisis,
+                    "sites": r.contributors.len()})
             })
         })
         .collect();
@@ -474,13 +486,14 @@ pub async fn run(a: DemoArgs) -> Result<()> {
         return Ok(());
     }
     println!();
-    println!("{:<8} {:>9} {:>9} {:>6}", "round", "accuracy", "macro-F1", "sites");
+    println!("{:<8} {:>9} {:>9} {:>14} {:>6}", "round", "accuracy", "macro-F1", "crisis recall", "sites");
     for r in &per_round {
         println!(
-            "{:<8} {:>9.4} {:>9.4} {:>6}",
+            "{:<8} {:>9.4} {:>9.4} {:>14} {:>6}",
             r["round"],
             r["accuracy"].as_f64().unwrap_or(f64::NAN),
             r["macro_f1"].as_f64().unwrap_or(f64::NAN),
+            r["crisis_recall"].as_f64().map_or("-".into(), |v| format!("{v:.4}")),
             r["sites"]
         );
     }
@@ -527,4 +540,11 @@ fn baselines(dir: &Path, sites: &[String], labels: Vec<String>) -> Result<(Score
     let centralized = fit(&pooled)?;
     let local = trains.iter().map(|t| fit(t)).collect::<Result<Vec<_>>>()?;
     Ok((centralized, local))
+}
+
+/// The crisis-class recall (the lowest among the crisis classes) of a reported
+/// confusion matrix; `None` without a crisis class or crisis examples.
+fn crisis_recall(labels: &[String], c: &pb::Confusion) -> Option<f64> {
+    let rows = client::confusion(c)?.counts;
+    maeum_protocols::release::crisis_recall(&maeum_protocols::release::evaluation(labels, &rows, 0))
 }

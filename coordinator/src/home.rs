@@ -1,7 +1,7 @@
 //! The coordinator's home directory: consortium identity, keys, state and blobs.
 //!
 //! ```text
-//! HOME/consortium.json     name, address, created (public)
+//! HOME/consortium.json     name, address, created, release gates, crisis flag (public)
 //! HOME/ca.pem, ca.key      consortium CA (the key signs site certificates)
 //! HOME/server.pem, .key    the coordinator's TLS identity
 //! HOME/operator.pem, .key  the operator CLI's identity
@@ -25,6 +25,7 @@ use ring::signature::KeyPair;
 use serde::{Deserialize, Serialize};
 
 use maeum_protocols::identity::{self, Bundle, Ca, CertifiedKey, SecretPem};
+use maeum_protocols::release::ReleaseGates;
 pub use maeum_protocols::runtime::now_ms;
 
 /// Certificates issued by `init` and `sites approve` are valid this long.
@@ -41,6 +42,35 @@ pub struct Consortium {
     /// `HOST:PORT` sites and operators dial.
     pub address: String,
     pub created_ms: i64,
+    /// Minimum federated metrics for `models promote` (defaults when absent: crisis-class
+    /// recall 0.5, no macro-F1 minimum); read at each promotion.
+    #[serde(default)]
+    pub release_gates: ReleaseGates,
+    /// How releases set the crisis flag's threshold (read when a job releases a model).
+    #[serde(default)]
+    pub crisis_flag: CrisisFlagSettings,
+}
+
+/// `crisis_flag` in `consortium.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CrisisFlagSettings {
+    /// The recall the flag's threshold is chosen for, on the sites' held-out splits.
+    #[serde(default = "default_target_recall")]
+    pub target_recall: f64,
+}
+
+/// The default `crisis_flag.target_recall`.
+pub const DEFAULT_TARGET_RECALL: f64 = 0.9;
+
+fn default_target_recall() -> f64 {
+    DEFAULT_TARGET_RECALL
+}
+
+impl Default for CrisisFlagSettings {
+    fn default() -> Self {
+        Self { target_recall: DEFAULT_TARGET_RECALL }
+    }
 }
 
 impl Consortium {
@@ -84,7 +114,12 @@ impl Home {
         let p = self.path("consortium.json");
         let text = std::fs::read_to_string(&p)
             .with_context(|| format!("reading {} (run `maeum-coordinator init` first)", p.display()))?;
-        serde_json::from_str(&text).with_context(|| format!("parsing {}", p.display()))
+        let c: Consortium = serde_json::from_str(&text).with_context(|| format!("parsing {}", p.display()))?;
+        c.release_gates.validate().map_err(anyhow::Error::msg).with_context(|| format!("in {}", p.display()))?;
+        if !(0.0..=1.0).contains(&c.crisis_flag.target_recall) {
+            bail!("{}: crisis_flag.target_recall must be in [0, 1], got {}", p.display(), c.crisis_flag.target_recall);
+        }
+        Ok(c)
     }
 
     pub fn read(&self, name: &str) -> Result<String> {
@@ -159,7 +194,13 @@ pub fn init(dir: &Path, name: &str, address: &str) -> Result<InitReport> {
     write_file(&home.path("operator.key"), operator.key.expose().as_bytes(), true)?;
     write_file(&home.path("signing.key"), pkcs8.as_ref(), true)?;
     write_file(&home.path("signing.pub"), format!("{public}\n").as_bytes(), false)?;
-    let consortium = Consortium { name: name.into(), address: address.into(), created_ms: now_ms() };
+    let consortium = Consortium {
+        name: name.into(),
+        address: address.into(),
+        created_ms: now_ms(),
+        release_gates: ReleaseGates::default(),
+        crisis_flag: CrisisFlagSettings::default(),
+    };
     write_file(&home.path("consortium.json"), serde_json::to_string_pretty(&consortium)?.as_bytes(), false)?;
     let ca_der = identity::pem_to_der(ca.cert_pem())?;
     Ok(InitReport {

@@ -178,6 +178,14 @@ enum ModelsCommand {
         home: HomeArg,
         /// The release: 3, v3, or 8+ hex digits of its model digest.
         version: String,
+        /// Promote even though the release fails a release gate of the consortium
+        /// (`release_gates` in consortium.json, e.g. minimum crisis-class recall); needs
+        /// --reason. The override is logged in the audit log and shown with the release.
+        #[arg(long, requires = "reason")]
+        override_gate: bool,
+        /// Why the gate is overridden (one line; published in the audit log).
+        #[arg(long, value_name = "WHY", requires = "override_gate")]
+        reason: Option<String>,
         /// Print one JSON object.
         #[arg(long)]
         json: bool,
@@ -395,8 +403,8 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Models(ModelsCommand::Show { home, version, json }) => {
             models::show(&home.home, &version, json).await?
         }
-        Command::Models(ModelsCommand::Promote { home, version, json }) => {
-            models::promote(&home.home, &version, json).await?;
+        Command::Models(ModelsCommand::Promote { home, version, override_gate, reason, json }) => {
+            models::promote(&home.home, &version, reason.as_deref().filter(|_| override_gate), json).await?;
         }
         Command::Models(ModelsCommand::Rollback { home, json }) => models::rollback(&home.home, json).await?,
         Command::Models(ModelsCommand::Export { home, version, out, json }) => {

@@ -21,7 +21,7 @@ use anyhow::{Context, Result};
 use serde::Serialize;
 
 use maeum_protocols::audit::{rfc3339, unhex32};
-use maeum_protocols::release::{CardEvaluation, ModelCard, ReleaseFile, check_card};
+use maeum_protocols::release::{CardEvaluation, ModelCard, ReleaseFile, check_card, crisis_recall};
 use maeum_protocols::wire::Digest;
 use maeum_protocols::wire::pb;
 use maeum_protocols::wire::release::ReleaseMsg;
@@ -43,8 +43,50 @@ pub struct ReleaseView {
     pub audit_seq: u64,
     pub accuracy: Option<f64>,
     pub macro_f1: Option<f64>,
+    /// The lowest recall among the crisis classes (federated evaluation).
+    pub crisis_recall: Option<f64>,
     pub installs: Vec<InstallView>,
+    /// The consortium's release gates this release fails now (empty: it passes).
+    pub gate_failures: Vec<String>,
+    /// Gates a lead overrode to promote it, with the reasons.
+    pub gate_overrides: Vec<OverrideView>,
     pub card: Option<ModelCard>,
+}
+
+/// A gate overridden at a promotion.
+#[derive(Debug, Clone, Serialize)]
+pub struct OverrideView {
+    pub gate: String,
+    pub measured: String,
+    pub threshold: String,
+    pub operator: String,
+    pub reason: String,
+    pub at: String,
+    pub audit_seq: u64,
+}
+
+impl From<&pb::GateOverride> for OverrideView {
+    fn from(g: &pb::GateOverride) -> Self {
+        Self {
+            gate: g.gate.clone(),
+            measured: g.measured.clone(),
+            threshold: g.threshold.clone(),
+            operator: g.operator.clone(),
+            reason: g.reason.clone(),
+            at: rfc3339(g.at_ms),
+            audit_seq: g.audit_seq,
+        }
+    }
+}
+
+impl std::fmt::Display for OverrideView {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "gate {} OVERRIDDEN by {} at {} (measured {}, threshold {}): {:?} (audit-log entry #{})",
+            self.gate, self.operator, self.at, self.measured, self.threshold, self.reason, self.audit_seq
+        )
+    }
 }
 
 /// What a site reported.
@@ -72,6 +114,9 @@ fn view(info: &pb::ReleaseInfo, with_card: bool) -> Result<ReleaseView> {
         audit_seq: r.audit_seq,
         accuracy: eval.map(|e| e.accuracy),
         macro_f1: eval.map(|e| e.macro_f1),
+        crisis_recall: eval.and_then(crisis_recall),
+        gate_failures: info.gate_failures.clone(),
+        gate_overrides: info.gate_overrides.iter().map(OverrideView::from).collect(),
         installs: info
             .installs
             .iter()
@@ -158,6 +203,18 @@ pub async fn show(home: &Path, version: &str, json: bool) -> Result<()> {
             println!("  parent     v{p}");
         }
         print_eval("evaluation", card.evaluation.as_ref());
+        if let Some(f) = &card.crisis_flag {
+            println!("  crisis     {}", crisis_flag_line(f));
+        }
+    }
+    if v.gate_failures.is_empty() {
+        println!("  gates      passes the consortium's release gates");
+    }
+    for g in &v.gate_failures {
+        println!("  gates      FAILS {g}");
+    }
+    for o in &v.gate_overrides {
+        println!("  override   {o}");
     }
     if v.installs.is_empty() {
         println!("  sites      none has reported on this release yet");
@@ -189,14 +246,43 @@ fn print_eval(what: &str, e: Option<&CardEvaluation>) {
     println!("  recall     {}", parts.join(", "));
 }
 
-/// `models promote VERSION`.
-pub async fn promote(home: &Path, version: &str, json: bool) -> Result<()> {
-    let info = connect(home).await?.promote_release(pb::ReleaseSelector { version: version.into() }).await?;
+/// The crisis flag of a card, in one line.
+fn crisis_flag_line(f: &maeum_protocols::release::CardCrisisFlag) -> String {
+    match f.threshold {
+        Some(t) => format!(
+            "flag at probability >= {t:.2} ({}): recall {} precision {} on {} held-out examples ({} crisis), target \
+             recall {:.2}",
+            f.classes.join(", "),
+            score(f.recall),
+            score(f.precision),
+            f.examples,
+            f.crisis_examples,
+            f.target_recall
+        ),
+        None => format!(
+            "no flag threshold could be chosen ({}: no held-out crisis examples were reported); sites use their \
+             own or the fallback",
+            f.classes.join(", ")
+        ),
+    }
+}
+
+/// `models promote VERSION [--override-gate --reason WHY]`.
+pub async fn promote(home: &Path, version: &str, override_reason: Option<&str>, json: bool) -> Result<()> {
+    let req = pb::PromoteRequest {
+        version: version.into(),
+        override_gate: override_reason.is_some(),
+        reason: override_reason.unwrap_or_default().into(),
+    };
+    let info = connect(home).await?.promote_release(req).await?;
     let v = view(&info.into_inner(), false)?;
     if json {
         println!("{}", serde_json::to_string(&v)?);
     } else {
         println!("v{} is now the current release; sites verify and install it next", v.version);
+        for o in v.gate_overrides.iter().filter(|o| o.reason == override_reason.unwrap_or_default().trim()) {
+            println!("  {o}");
+        }
     }
     Ok(())
 }
@@ -242,7 +328,7 @@ pub async fn export(home: &Path, version: &str, out: &Path, json: bool) -> Resul
     let files = vec![
         (path(format!("model-v{n}.safetensors")), blob),
         (path(format!("card-v{n}.json")), r.card.clone()),
-        (path(format!("card-v{n}.md")), card_markdown(&card, &r).into_bytes()),
+        (path(format!("card-v{n}.md")), card_markdown(&card, &r, &view(&info, false)?.gate_overrides).into_bytes()),
         (
             path(format!("release-v{n}.json")),
             ReleaseFile::new(r.manifest.clone(), &r.signature, &key, r.audit_seq).encode(),
@@ -265,7 +351,9 @@ pub async fn export(home: &Path, version: &str, out: &Path, json: bool) -> Resul
 }
 
 /// The card for people (Markdown).
-pub fn card_markdown(card: &ModelCard, r: &ReleaseMsg) -> String {
+/// `overrides` are the gates a lead overrode to promote it (not part of the signed card:
+/// they happen after the release, and are logged in the audit log).
+pub fn card_markdown(card: &ModelCard, r: &ReleaseMsg, overrides: &[OverrideView]) -> String {
     let mut md = String::new();
     let m = &card.model;
     let _ = writeln!(md, "# Model card: {} release v{}\n", card.consortium, card.version);
@@ -320,6 +408,60 @@ pub fn card_markdown(card: &ModelCard, r: &ReleaseMsg) -> String {
         }
         None => {
             let _ = writeln!(md, "No federated evaluation was recorded for this model.");
+        }
+    }
+    if let Some(f) = &card.crisis_flag {
+        let _ = writeln!(md, "\n## Crisis flag\n");
+        let _ = writeln!(
+            md,
+            "`maeum-site predict` flags an input for review when any crisis class ({}) has a probability at or \
+             above the threshold, whatever the top label.\n",
+            f.classes.join(", ")
+        );
+        match f.threshold {
+            Some(t) => {
+                let _ = writeln!(
+                    md,
+                    "| Threshold | Recall | Precision | Target recall | Held-out examples (crisis) |\n|---:|---:|---:|---:|---:|\n| {t:.2} | {} | {} | {:.2} | {} ({}) |",
+                    score(f.recall),
+                    score(f.precision),
+                    f.target_recall,
+                    f.examples,
+                    f.crisis_examples
+                );
+            }
+            None => {
+                let _ = writeln!(
+                    md,
+                    "No threshold could be chosen: the sites reported no held-out crisis example. Sites use their own \
+                     `[predict] crisis_threshold` or the fallback (see the site admin guide)."
+                );
+            }
+        }
+    }
+    if !overrides.is_empty() {
+        let _ = writeln!(md, "\n## Release gates overridden\n");
+        let _ = writeln!(
+            md,
+            "This release failed the consortium's release gates and was promoted with an explicit override (logged \
+             in the audit log):\n"
+        );
+        let _ = writeln!(
+            md,
+            "| Gate | Measured | Threshold | By | When | Reason | Audit entry |\n|---|---:|---:|---|---|---|---:|"
+        );
+        for o in overrides {
+            let _ = writeln!(
+                md,
+                "| {} | {} | {} | {} | {} | {} | #{} |",
+                o.gate,
+                o.measured,
+                o.threshold,
+                o.operator,
+                o.at,
+                o.reason.replace('|', "\\|"),
+                o.audit_seq
+            );
         }
     }
     let _ = writeln!(md, "\n## Rounds\n\n![accuracy and macro-F1 per round](curve-v{}.svg)\n", card.version);
@@ -495,6 +637,7 @@ mod tests {
                 })
                 .collect(),
             evaluation: e(7),
+            crisis_flag: None,
         }
     }
 
@@ -514,7 +657,7 @@ mod tests {
             card: Vec::new(),
             audit_seq: 41,
         };
-        let md = card_markdown(&c, &r);
+        let md = card_markdown(&c, &r, &[]);
         assert!(md.contains("entry #41"), "{md}");
         assert!(md.contains("(supersedes v1)"));
         let crisis = md.find("| suicidewatch |").expect("crisis row");
@@ -530,5 +673,52 @@ mod tests {
         empty.rounds.clear();
         empty.initial_evaluation = None;
         assert!(curve_svg(&empty).contains("no evaluation recorded"));
+    }
+
+    #[test]
+    fn the_markdown_card_states_the_crisis_flag_and_every_gate_override() {
+        let mut c = card();
+        let r = ReleaseMsg {
+            manifest: Manifest {
+                consortium: "c".into(),
+                version: 2,
+                model_sha256: c.model.sha256.clone(),
+                model_size: 10,
+                layout_digest: c.model.layout_digest.clone(),
+                card_sha256: "99".repeat(32),
+            },
+            signature: vec![0; 64],
+            card: Vec::new(),
+            audit_seq: 41,
+        };
+        let md = card_markdown(&c, &r, &[]);
+        assert!(!md.contains("## Crisis flag") && !md.contains("overridden"), "{md}");
+        c.crisis_flag = Some(maeum_protocols::release::CardCrisisFlag {
+            classes: vec!["suicidewatch".into()],
+            target_recall: 0.9,
+            threshold: Some(0.05),
+            recall: Some(0.92),
+            precision: Some(0.3),
+            examples: 200,
+            crisis_examples: 25,
+        });
+        let o = OverrideView {
+            gate: "min_crisis_recall".into(),
+            measured: "0.2700".into(),
+            threshold: "0.5000".into(),
+            operator: "lead".into(),
+            reason: "pilot | every case reviewed".into(),
+            at: "2026-12-06T00:00:00Z".into(),
+            audit_seq: 57,
+        };
+        let md = card_markdown(&c, &r, std::slice::from_ref(&o));
+        assert!(md.contains("## Crisis flag") && md.contains("| 0.05 | 0.9200 | 0.3000 | 0.90 | 200 (25) |"), "{md}");
+        assert!(md.contains("## Release gates overridden"), "{md}");
+        assert!(
+            md.contains("| min_crisis_recall | 0.2700 | 0.5000 | lead | 2026-12-06T00:00:00Z | pilot \\| every case reviewed | #57 |"),
+            "{md}"
+        );
+        let line = o.to_string();
+        assert!(line.contains("min_crisis_recall OVERRIDDEN by lead") && line.contains("entry #57"), "{line}");
     }
 }

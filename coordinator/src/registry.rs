@@ -17,7 +17,8 @@ use serde::{Deserialize, Serialize};
 
 use maeum_protocols::audit::{Event, unhex};
 use maeum_protocols::release::{
-    CARD_FORMAT, CardJob, CardModel, CardRound, CardSecAgg, Manifest, ModelCard, Selector, evaluation,
+    CARD_FORMAT, CardCrisisFlag, CardJob, CardModel, CardRound, CardSecAgg, GateFailure, Manifest, ModelCard, Selector,
+    evaluation,
 };
 use maeum_protocols::wire::Digest;
 use maeum_protocols::wire::release::ReleaseMsg;
@@ -78,7 +79,7 @@ impl ReleaseRecord {
 }
 
 /// A promotion or rollback.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PromotionRecord {
     pub id: u64,
     pub version: u32,
@@ -86,7 +87,58 @@ pub struct PromotionRecord {
     pub action: String,
     pub operator: String,
     pub at_ms: i64,
+    /// The release gates the operator overrode to promote (logged).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub gate_overrides: Vec<GateOverride>,
 }
+
+/// A release gate an operator overrode, with the reason given.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GateOverride {
+    pub gate: String,
+    /// The card's value (`None`: not measured).
+    pub measured: Option<f64>,
+    pub threshold: f64,
+    pub reason: String,
+    /// The `release_gate_overridden` entry.
+    pub audit_seq: u64,
+}
+
+impl GateOverride {
+    /// `measured` as logged: 4 decimals, or `none`.
+    pub fn measured_text(&self) -> String {
+        self.measured.map_or("none".into(), |m| format!("{m:.4}"))
+    }
+}
+
+/// An operator's explicit override of the release gates (`--override-gate --reason`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Override {
+    pub reason: String,
+}
+
+/// Why `promote` refused: the release fails the consortium's gates.
+#[derive(Debug)]
+pub struct GatesFailed {
+    pub version: u32,
+    pub failures: Vec<GateFailure>,
+}
+
+impl std::fmt::Display for GatesFailed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let list: Vec<String> = self.failures.iter().map(ToString::to_string).collect();
+        write!(
+            f,
+            "release v{} fails the consortium's release gates (release_gates in consortium.json): {}; to promote it \
+             anyway, pass --override-gate --reason \"WHY\" (the override is logged in the audit log and shown with \
+             the release)",
+            self.version,
+            list.join("; ")
+        )
+    }
+}
+
+impl std::error::Error for GatesFailed {}
 
 /// The registry's sled trees.
 #[derive(Debug)]
@@ -185,9 +237,22 @@ impl Registry {
         Ok(self.get(version)?.map(|r| (r, id)))
     }
 
-    fn push(&self, version: u32, action: &str, operator: &str) -> Result<PromotionRecord> {
+    fn push(
+        &self,
+        version: u32,
+        action: &str,
+        operator: &str,
+        gate_overrides: Vec<GateOverride>,
+    ) -> Result<PromotionRecord> {
         let id = self.promotions.last().context("reading the registry")?.map_or(0, |(k, _)| key_u64(&k)) + 1;
-        let p = PromotionRecord { id, version, action: action.into(), operator: operator.into(), at_ms: now_ms() };
+        let p = PromotionRecord {
+            id,
+            version,
+            action: action.into(),
+            operator: operator.into(),
+            at_ms: now_ms(),
+            gate_overrides,
+        };
         // INVARIANT: plain data always serialises.
         self.promotions
             .insert(id.to_be_bytes(), serde_json::to_vec(&p).expect("a promotion serialises"))
@@ -216,8 +281,16 @@ fn key_u64(k: &[u8]) -> u64 {
     u64::from_be_bytes(b)
 }
 
-/// The model card of `job`'s model of `round`.
-pub fn card(consortium: &str, version: u32, parent: Option<u32>, job: &JobRecord, round: u32) -> Result<ModelCard> {
+/// The model card of `job`'s model of `round`; the crisis flag's threshold is chosen
+/// for `target_recall` from that round's summed crisis histograms.
+pub fn card(
+    consortium: &str,
+    version: u32,
+    parent: Option<u32>,
+    job: &JobRecord,
+    round: u32,
+    target_recall: f64,
+) -> Result<ModelCard> {
     let labels = &job.spec.labels;
     let rec = job
         .history
@@ -278,6 +351,7 @@ pub fn card(consortium: &str, version: u32, parent: Option<u32>, job: &JobRecord
             })
             .collect(),
         evaluation: eval(&rec.evaluation, rec.evaluated_by.len()),
+        crisis_flag: CardCrisisFlag::choose(labels, rec.crisis_histogram.as_ref(), target_recall),
     })
 }
 
@@ -294,10 +368,11 @@ pub fn release(c: &Coord, job: &JobRecord, round: u32) -> Result<ReleaseRecord> 
     if let Some(existing) = reg.releases()?.into_iter().find(|r| r.model.digest == rec.model.digest) {
         return Ok(existing);
     }
-    let consortium = c.home.consortium()?.name;
+    let settings = c.home.consortium()?;
+    let consortium = settings.name;
     let version = reg.releases()?.last().map_or(1, |r| r.version + 1);
     let parent = reg.current()?.map(|(r, _)| r.version);
-    let card = card(&consortium, version, parent, job, round)?;
+    let card = card(&consortium, version, parent, job, round, settings.crisis_flag.target_recall)?;
     let bytes = card.encode();
     let card_sha256 = Digest::of(&bytes).hex();
     let mut release = ReleaseRecord {
@@ -326,18 +401,67 @@ pub fn release(c: &Coord, job: &JobRecord, round: u32) -> Result<ReleaseRecord> 
     Ok(release)
 }
 
-/// Makes `selector` current (logged).
-pub fn promote(c: &Coord, selector: &str, operator: &str) -> Result<(ReleaseRecord, PromotionRecord)> {
+/// The consortium's gates `r` fails now (empty: it passes them).
+pub fn gate_failures(c: &Coord, r: &ReleaseRecord) -> Result<Vec<GateFailure>> {
+    let gates = c.home.consortium()?.release_gates;
+    let card = ModelCard::decode(r.card.as_bytes()).with_context(|| format!("release v{}'s stored card", r.version))?;
+    Ok(gates.check(&card))
+}
+
+/// Makes `selector` current (logged), if it passes the consortium's release gates
+/// (`consortium.json`); a release that fails one is refused with [`GatesFailed`] unless
+/// the operator overrides with a reason, which is logged (`release_gate_overridden`,
+/// one entry per failed gate) and kept with the promotion.
+pub fn promote(
+    c: &Coord,
+    selector: &str,
+    operator: &str,
+    gate_override: Option<&Override>,
+) -> Result<(ReleaseRecord, PromotionRecord)> {
     let reg = &c.registry;
     let _g = reg.guard();
     let r = reg.find(selector)?;
+    let failures = gate_failures(c, &r)?;
+    let mut overrides = Vec::new();
+    if !failures.is_empty() {
+        let Some(o) = gate_override else {
+            let refused = GatesFailed { version: r.version, failures };
+            c.record(Event::OperatorCommand {
+                operator: operator.into(),
+                command: format!("models promote v{}", r.version),
+                result: format!(
+                    "refused: fails {}",
+                    refused.failures.iter().map(|f| f.gate.as_str()).collect::<Vec<_>>().join(", ")
+                ),
+            })?;
+            return Err(refused.into());
+        };
+        for f in failures {
+            let mut g = GateOverride {
+                gate: f.gate.clone(),
+                measured: f.measured,
+                threshold: f.threshold,
+                reason: o.reason.clone(),
+                audit_seq: 0,
+            };
+            g.audit_seq = c.record_seq(Event::ReleaseGateOverridden {
+                version_sha256: r.model.digest.clone(),
+                gate: f.gate,
+                measured: g.measured_text(),
+                threshold: format!("{:.4}", f.threshold),
+                operator: operator.into(),
+                reason: o.reason.clone(),
+            })?;
+            overrides.push(g);
+        }
+    }
     c.record(Event::ReleasePromoted { version_sha256: r.model.digest.clone(), operator: operator.into() })?;
     c.record(Event::OperatorCommand {
         operator: operator.into(),
-        command: format!("models promote v{}", r.version),
+        command: format!("models promote v{}{}", r.version, if overrides.is_empty() { "" } else { " --override-gate" }),
         result: format!("v{} is current", r.version),
     })?;
-    let p = reg.push(r.version, "promote", operator)?;
+    let p = reg.push(r.version, "promote", operator, overrides)?;
     c.audit.checkpoint()?;
     Ok((r, p))
 }
@@ -357,7 +481,7 @@ pub fn rollback(c: &Coord, operator: &str) -> Result<(ReleaseRecord, PromotionRe
         command: "models rollback".into(),
         result: format!("v{now} withdrawn; v{} is current again", r.version),
     })?;
-    let p = reg.push(r.version, "rollback", operator)?;
+    let p = reg.push(r.version, "rollback", operator, Vec::new())?;
     c.audit.checkpoint()?;
     Ok((r, p))
 }
@@ -409,17 +533,22 @@ mod tests {
             reg.put(&record(v, &format!("{v:02}").repeat(32))).expect("put");
         }
         assert!(reg.current().expect("current").is_none(), "nothing is current before a promotion");
-        reg.push(1, "promote", "lead").expect("push");
-        reg.push(2, "promote", "lead").expect("push");
-        reg.push(3, "promote", "lead").expect("push");
+        reg.push(1, "promote", "lead", Vec::new()).expect("push");
+        reg.push(2, "promote", "lead", Vec::new()).expect("push");
+        reg.push(3, "promote", "lead", Vec::new()).expect("push");
         assert_eq!(reg.current().expect("current").map(|(r, p)| (r.version, p)), Some((3, 3)));
         // A rollback pops to what was current before; a second one pops again.
-        reg.push(2, "rollback", "lead").expect("push");
+        reg.push(2, "rollback", "lead", Vec::new()).expect("push");
         assert_eq!(reg.stack().expect("stack"), vec![1, 2]);
         assert_eq!(reg.current().expect("current").map(|(r, p)| (r.version, p)), Some((2, 4)));
-        reg.push(1, "rollback", "lead").expect("push");
+        reg.push(1, "rollback", "lead", Vec::new()).expect("push");
         assert_eq!(reg.stack().expect("stack"), vec![1]);
         assert_eq!(reg.promotions().expect("history").len(), 5);
+        // Promotions stored before gate overrides existed still decode.
+        let old: PromotionRecord =
+            decode("promotion", br#"{"id":1,"version":1,"action":"promote","operator":"lead","at_ms":0}"#)
+                .expect("old promotion");
+        assert!(old.gate_overrides.is_empty());
     }
 
     #[test]

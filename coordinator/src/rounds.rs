@@ -574,6 +574,7 @@ async fn commit_round(
     let optimizer_state = if state_bytes.is_empty() { String::new() } else { c.blobs.put(&state_bytes)?.hex() };
     // The evaluation collected in this round is of the base model (the previous version).
     let evaluation = (!state.evaluated.is_empty()).then(|| state.evaluation.clone());
+    let crisis_histogram = evaluation.as_ref().and(state.crisis_histogram.clone());
     let (job, ()) = c.store.update_job(id, |job| {
         anyhow::ensure!(
             job.completed_rounds() + 1 == state.round,
@@ -585,6 +586,7 @@ async fn commit_round(
             Some(prev) => {
                 prev.evaluation = evaluation;
                 prev.evaluated_by = state.evaluated.iter().cloned().collect();
+                prev.crisis_histogram = crisis_histogram;
             }
             None => job.initial_evaluation = evaluation,
         }
@@ -600,6 +602,7 @@ async fn commit_round(
             attempts,
             evaluation: None,
             evaluated_by: Vec::new(),
+            crisis_histogram: None,
             secure_aggregation: state.secagg.is_some(),
             secagg_threshold: state.secagg.as_ref().map(|s| s.session.params.threshold).unwrap_or(0),
             aggregate_sha256: aggregate_sha256.clone(),
@@ -662,6 +665,7 @@ async fn final_evaluation(c: &Coord, id: &str) -> Result<Option<JobRecord>> {
             if let Some(last) = job.history.last_mut() {
                 last.evaluation = Some(state.evaluation);
                 last.evaluated_by = state.evaluated.into_iter().collect();
+                last.crisis_histogram = state.crisis_histogram;
             }
             Ok(())
         })?;

@@ -17,8 +17,10 @@ use tokio_stream::Stream;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{info, warn};
 
+use maeum_models::metrics::CrisisHistogram;
 use maeum_protocols::identity::Role;
 use maeum_protocols::job::JobSpec;
+use maeum_protocols::release::is_crisis_label;
 use maeum_protocols::tls::{PeerInfo, Revocations};
 use maeum_protocols::wire::{
     self, CHUNK_SIZE, ConfusionCounts, Digest, EvaluateTask, Hasher, ModelRef, TrainTask, UploadHeader, Work, pb,
@@ -77,6 +79,11 @@ pub struct RoundState {
     pub n_labels: usize,
     pub evaluation: Vec<Vec<u64>>,
     pub evaluated: BTreeSet<String>,
+    /// Indices of the job's crisis classes.
+    pub crisis_classes: Vec<usize>,
+    /// The summed crisis histograms (`None` when the job has no crisis class, or once a
+    /// site reported its evaluation without one: the sum would be partial).
+    pub crisis_histogram: Option<CrisisHistogram>,
     uploads: HashMap<String, (String, UploadHeader)>,
     /// The secure-aggregation session of a training stage (None: plaintext debugging
     /// job, or an evaluation stage).
@@ -88,6 +95,8 @@ pub struct RoundState {
 impl RoundState {
     pub fn new(job: &JobRecord, round: u32, attempt: u32, stage: Stage, model: ModelRef, deadline_ms: i64) -> Self {
         let n_labels = job.spec.labels.len();
+        let crisis_classes: Vec<usize> =
+            job.spec.labels.iter().enumerate().filter(|(_, l)| is_crisis_label(l)).map(|(i, _)| i).collect();
         let num_params = job.spec.model_spec().map(|s| s.layout().numel() as u64).unwrap_or(0);
         Self {
             job_id: job.id.clone(),
@@ -111,6 +120,8 @@ impl RoundState {
             n_labels,
             evaluation: vec![vec![0; n_labels]; n_labels],
             evaluated: BTreeSet::new(),
+            crisis_classes: crisis_classes.clone(),
+            crisis_histogram: (!crisis_classes.is_empty()).then(CrisisHistogram::default),
             uploads: HashMap::new(),
             secagg: None,
             aggregate: None,
@@ -863,9 +874,8 @@ impl pb::fleet_server::Fleet for Fleet {
     async fn report_evaluation(&self, req: Request<pb::EvaluationReport>) -> Result<Response<pb::Ack>, Status> {
         let c = &self.0;
         let site = c.site(&req, None)?;
-        let r = req.into_inner();
-        let digest = Digest::parse("model_digest", &r.model_digest)?;
-        let counts = ConfusionCounts::try_from(r.confusion.ok_or(wire::WireError::Missing { field: "confusion" })?)?;
+        let r = wire::EvaluationReport::try_from(req.into_inner())?;
+        let (digest, counts) = (r.model_digest, r.confusion);
         let mut round = lock(&c.round);
         let state = round
             .as_mut()
@@ -880,14 +890,34 @@ impl pb::fleet_server::Fleet for Fleet {
                 counts.n_labels, state.n_labels
             )));
         }
+        let rows = counts.rows();
+        if let Some(h) = &r.crisis_histogram {
+            if state.crisis_classes.is_empty() {
+                return Err(Status::invalid_argument("crisis_histogram: the job has no crisis class"));
+            }
+            let crisis: u64 = state.crisis_classes.iter().filter_map(|&i| rows.get(i)).flatten().sum();
+            let reported: u64 = h.crisis.iter().sum();
+            if reported != crisis {
+                return Err(Status::invalid_argument(format!(
+                    "crisis_histogram.crisis: counts {reported} crisis examples, the confusion matrix's crisis rows \
+                     {crisis}"
+                )));
+            }
+        }
         if !state.selected.contains(&site) {
             return Err(Status::failed_precondition(format!("site/{site} is not a participant of this round")));
         }
         if !state.evaluated.insert(site.clone()) {
             return Err(Status::already_exists("evaluation already reported"));
         }
-        for (acc, row) in state.evaluation.iter_mut().zip(counts.rows()) {
+        for (acc, row) in state.evaluation.iter_mut().zip(rows) {
             acc.iter_mut().zip(row).for_each(|(a, b)| *a += b);
+        }
+        match (&mut state.crisis_histogram, &r.crisis_histogram) {
+            // Both have HISTOGRAM_BINS bins (checked at the wire boundary).
+            (Some(sum), Some(h)) => sum.merge(h).map_err(Status::invalid_argument)?,
+            (sum, None) => *sum = None,
+            (None, Some(_)) => {}
         }
         drop(round);
         c.notify();
@@ -1252,6 +1282,19 @@ impl Coord {
                     at_ms: i.at_ms,
                 })
                 .collect(),
+            gate_overrides: self
+                .registry
+                .promotions()
+                .map_err(internal)?
+                .iter()
+                .filter(|p| p.version == r.version)
+                .flat_map(gate_overrides_pb)
+                .collect(),
+            gate_failures: crate::registry::gate_failures(self, r)
+                .map_err(internal)?
+                .iter()
+                .map(ToString::to_string)
+                .collect(),
         })
     }
 
@@ -1473,6 +1516,7 @@ impl pb::control_server::Control for Control {
                 .map_err(internal)?
                 .into_iter()
                 .map(|p| pb::Promotion {
+                    gate_overrides: gate_overrides_pb(&p),
                     id: p.id,
                     version: p.version,
                     action: p.action,
@@ -1491,16 +1535,36 @@ impl pb::control_server::Control for Control {
         Ok(Response::new(c.release_info(&r, current)?))
     }
 
-    async fn promote_release(&self, req: Request<pb::ReleaseSelector>) -> Result<Response<pb::ReleaseInfo>, Status> {
+    async fn promote_release(&self, req: Request<pb::PromoteRequest>) -> Result<Response<pb::ReleaseInfo>, Status> {
         let c = self.0.clone();
         let operator = c.operator(&req)?;
-        let selector = req.into_inner().version;
+        let r = req.into_inner();
+        let selector = r.version;
+        let gate_override = if r.override_gate {
+            let reason = r.reason.trim();
+            if reason.is_empty() {
+                return Err(Status::invalid_argument("--override-gate needs --reason: say why (it is logged)"));
+            }
+            if reason.len() > 500 || reason.chars().any(char::is_control) {
+                return Err(Status::invalid_argument(
+                    "--reason: one line of at most 500 bytes (it is published in the audit log)",
+                ));
+            }
+            Some(crate::registry::Override { reason: reason.to_owned() })
+        } else {
+            None
+        };
         c.registry.find(&selector).map_err(|e| Status::not_found(format!("{e:#}")))?;
         let c2 = c.clone();
-        let (r, p) = tokio::task::spawn_blocking(move || crate::registry::promote(&c2, &selector, &operator))
-            .await
-            .map_err(|e| internal(e.into()))?
-            .map_err(internal)?;
+        let (r, p) = tokio::task::spawn_blocking(move || {
+            crate::registry::promote(&c2, &selector, &operator, gate_override.as_ref())
+        })
+        .await
+        .map_err(|e| internal(e.into()))?
+        .map_err(|e| match e.downcast_ref::<crate::registry::GatesFailed>() {
+            Some(g) => Status::failed_precondition(g.to_string()),
+            None => internal(e),
+        })?;
         c.refresh_current_release().map_err(internal)?;
         info!(version = r.version, operator = %p.operator, promotion = p.id, "release promoted; sites install it next");
         Ok(Response::new(c.release_info(&r, r.version)?))
@@ -1558,4 +1622,20 @@ impl pb::control_server::Control for Control {
         let info = c.site_infos().map_err(internal)?.into_iter().find(|s| s.site_id == id).unwrap_or_default();
         Ok(Response::new(info))
     }
+}
+
+/// A promotion's gate overrides, for the operator CLI.
+fn gate_overrides_pb(p: &crate::registry::PromotionRecord) -> Vec<pb::GateOverride> {
+    p.gate_overrides
+        .iter()
+        .map(|g| pb::GateOverride {
+            gate: g.gate.clone(),
+            measured: g.measured_text(),
+            threshold: format!("{:.4}", g.threshold),
+            operator: p.operator.clone(),
+            reason: g.reason.clone(),
+            at_ms: p.at_ms,
+            audit_seq: g.audit_seq,
+        })
+        .collect()
 }

@@ -9,6 +9,7 @@ use std::path::Path;
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 
+use maeum_models::metrics::CrisisHistogram;
 use maeum_protocols::job::JobSpec;
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -78,6 +79,10 @@ pub struct RoundRecord {
     /// Federated evaluation of this round's model: confusion rows (filled in later).
     pub evaluation: Option<Vec<Vec<u64>>>,
     pub evaluated_by: Vec<String>,
+    /// The summed crisis-probability histograms of that evaluation (`None`: the job has
+    /// no crisis class, or a site did not report one).
+    #[serde(default)]
+    pub crisis_histogram: Option<CrisisHistogram>,
     /// Whether the update came from secure aggregation (false only for a job with
     /// the plaintext debugging switch).
     #[serde(default)]

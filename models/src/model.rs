@@ -155,6 +155,14 @@ impl Prepared {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+
+    /// The label index of each example (0 for unlabelled inputs).
+    pub fn labels(&self) -> &[usize] {
+        match self {
+            Prepared::Text(d) => &d.labels,
+            Prepared::Tabular(d) => &d.labels,
+        }
+    }
 }
 
 impl ModelSpec {

@@ -233,6 +233,165 @@ pub struct ModelCard {
     pub rounds: Vec<CardRound>,
     /// Federated evaluation of the released model.
     pub evaluation: Option<CardEvaluation>,
+    /// The crisis flag's operating threshold, chosen from the released model's federated
+    /// evaluation; absent when the labels have no crisis class (and in cards written
+    /// before this field existed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub crisis_flag: Option<CardCrisisFlag>,
+}
+
+/// How `maeum-site predict` flags a possible crisis with this model: when any crisis
+/// class's probability is at or above `threshold`. The threshold is the largest
+/// (a multiple of 0.01) whose recall on the sites' summed held-out histograms is at
+/// least `target_recall`; `recall` and `precision` are what it gives there.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CardCrisisFlag {
+    /// The crisis classes (see [`is_crisis_label`]).
+    pub classes: Vec<String>,
+    /// The consortium's target recall for the flag.
+    pub target_recall: f64,
+    /// `None` when it could not be chosen (no held-out crisis example was reported):
+    /// sites then use their own setting or the documented fallback.
+    pub threshold: Option<f64>,
+    pub recall: Option<f64>,
+    /// Share of flagged held-out examples whose true label is a crisis class.
+    pub precision: Option<f64>,
+    /// Held-out examples behind the numbers, and how many of them are crisis examples.
+    pub examples: u64,
+    pub crisis_examples: u64,
+}
+
+impl CardCrisisFlag {
+    /// The flag's operating point for `labels` from the summed histograms (`None`
+    /// without a crisis class; a flag without a threshold without histograms).
+    pub fn choose(
+        labels: &[String],
+        histogram: Option<&maeum_models::metrics::CrisisHistogram>,
+        target_recall: f64,
+    ) -> Option<CardCrisisFlag> {
+        let classes: Vec<String> = labels.iter().filter(|l| is_crisis_label(l)).cloned().collect();
+        if classes.is_empty() {
+            return None;
+        }
+        let point = histogram.and_then(|h| h.choose_threshold(target_recall));
+        Some(CardCrisisFlag {
+            classes,
+            target_recall,
+            threshold: point.map(|p| p.threshold),
+            recall: point.map(|p| p.recall),
+            precision: point.and_then(|p| p.precision),
+            examples: histogram.map_or(0, |h| h.total()),
+            crisis_examples: histogram.map_or(0, |h| h.crisis.iter().sum()),
+        })
+    }
+}
+
+/// The consortium's minimum metrics for promoting a release (`release_gates` in the
+/// coordinator's `consortium.json`), checked against the card's federated evaluation
+/// of the released model.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReleaseGates {
+    /// Minimum recall of every crisis class (see [`is_crisis_label`]); applies when
+    /// the labels have one.
+    #[serde(default = "default_min_crisis_recall")]
+    pub min_crisis_recall: f64,
+    /// Minimum macro-F1 (none by default).
+    #[serde(default)]
+    pub min_macro_f1: Option<f64>,
+}
+
+/// The default `min_crisis_recall`.
+pub const DEFAULT_MIN_CRISIS_RECALL: f64 = 0.5;
+
+fn default_min_crisis_recall() -> f64 {
+    DEFAULT_MIN_CRISIS_RECALL
+}
+
+impl Default for ReleaseGates {
+    fn default() -> Self {
+        Self { min_crisis_recall: DEFAULT_MIN_CRISIS_RECALL, min_macro_f1: None }
+    }
+}
+
+/// A gate a release does not pass.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct GateFailure {
+    /// `min_crisis_recall` or `min_macro_f1`.
+    pub gate: String,
+    /// The card's value (`None`: the card has no such measurement).
+    pub measured: Option<f64>,
+    pub threshold: f64,
+    /// What was measured, in words.
+    pub what: String,
+}
+
+impl std::fmt::Display for GateFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.measured {
+            Some(m) => {
+                write!(f, "gate {}: {} is {m:.4}, below the threshold {:.4}", self.gate, self.what, self.threshold)
+            }
+            None => write!(f, "gate {}: {} was not measured (threshold {:.4})", self.gate, self.what, self.threshold),
+        }
+    }
+}
+
+impl ReleaseGates {
+    /// Checks the thresholds are in [0, 1].
+    pub fn validate(&self) -> Result<(), String> {
+        let ok = |v: f64| (0.0..=1.0).contains(&v);
+        if !ok(self.min_crisis_recall) {
+            return Err(format!("release_gates.min_crisis_recall must be in [0, 1], got {}", self.min_crisis_recall));
+        }
+        if let Some(v) = self.min_macro_f1.filter(|v| !ok(*v)) {
+            return Err(format!("release_gates.min_macro_f1 must be in [0, 1], got {v}"));
+        }
+        Ok(())
+    }
+
+    /// The gates `card` fails (empty: it may be promoted). A card without federated
+    /// evaluation fails every gate that applies; a crisis class without held-out
+    /// examples fails the crisis gate.
+    pub fn check(&self, card: &ModelCard) -> Vec<GateFailure> {
+        let mut failures = Vec::new();
+        let eval = card.evaluation.as_ref();
+        let crisis: Vec<&String> = card.model.labels.iter().filter(|l| is_crisis_label(l)).collect();
+        if !crisis.is_empty() {
+            let names = crisis.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ");
+            let measured = eval.and_then(crisis_recall);
+            if measured.is_none_or(|m| m < self.min_crisis_recall) {
+                failures.push(GateFailure {
+                    gate: "min_crisis_recall".into(),
+                    measured,
+                    threshold: self.min_crisis_recall,
+                    what: format!("the federated crisis-class recall ({names})"),
+                });
+            }
+        }
+        if let Some(min) = self.min_macro_f1 {
+            let measured = eval.map(|e| e.macro_f1);
+            if measured.is_none_or(|m| m < min) {
+                failures.push(GateFailure {
+                    gate: "min_macro_f1".into(),
+                    measured,
+                    threshold: min,
+                    what: "the federated macro-F1".into(),
+                });
+            }
+        }
+        failures
+    }
+}
+
+/// The crisis-class recall of an evaluation: the lowest recall among the crisis
+/// classes (`None` without a crisis class, or when one has no held-out example).
+pub fn crisis_recall(e: &CardEvaluation) -> Option<f64> {
+    let crisis: Vec<Option<f64>> = e.recall.iter().filter(|c| c.crisis).map(|c| c.recall).collect();
+    if crisis.is_empty() {
+        return None;
+    }
+    crisis.into_iter().try_fold(f64::INFINITY, |m, r| r.map(|r| m.min(r)))
 }
 
 impl ModelCard {
@@ -439,6 +598,18 @@ pub struct Promotion {
     pub operator: String,
 }
 
+/// A release gate a lead overrode to promote the release, as logged.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct LoggedOverride {
+    pub seq: u64,
+    pub time_ms: i64,
+    pub gate: String,
+    pub measured: String,
+    pub threshold: String,
+    pub operator: String,
+    pub reason: String,
+}
+
 /// A site's last recorded refusal of the release.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Refusal {
@@ -469,6 +640,8 @@ pub struct ReleaseAudit {
     pub logged: LoggedAt,
     /// Every promotion or rollback that made it current, in log order.
     pub promotions: Vec<Promotion>,
+    /// Every release gate overridden to promote it, in log order.
+    pub gate_overrides: Vec<LoggedOverride>,
     /// Whether it is the current release at the end of the log (the last promotion).
     pub current: bool,
     /// Sites whose last report on this release is an install.
@@ -548,6 +721,7 @@ pub fn audit_release(
     let sites = |c: &crate::audit::export::ExportedCheckpoint| c.cosignatures.iter().map(|c| c.site.clone()).collect();
 
     let mut promotions = Vec::new();
+    let mut gate_overrides = Vec::new();
     let mut current = None;
     let mut reports: std::collections::BTreeMap<&str, (bool, u64, &str)> = std::collections::BTreeMap::new();
     for e in entries {
@@ -557,6 +731,19 @@ pub fn audit_release(
                 if *version_sha256 == m.model_sha256 {
                     promotions.push(Promotion { seq: e.seq, time_ms: e.time_ms, operator: operator.clone() });
                 }
+            }
+            Event::ReleaseGateOverridden { version_sha256, gate, measured, threshold, operator, reason }
+                if *version_sha256 == m.model_sha256 =>
+            {
+                gate_overrides.push(LoggedOverride {
+                    seq: e.seq,
+                    time_ms: e.time_ms,
+                    gate: gate.clone(),
+                    measured: measured.clone(),
+                    threshold: threshold.clone(),
+                    operator: operator.clone(),
+                    reason: reason.clone(),
+                });
             }
             Event::ReleaseInstall { site, version_sha256, installed, reason } if *version_sha256 == m.model_sha256 => {
                 reports.insert(site, (*installed, e.seq, reason));
@@ -594,6 +781,7 @@ pub fn audit_release(
             latest_cosigned_by: sites(latest),
         },
         promotions,
+        gate_overrides,
         current: current == Some(&m.model_sha256),
         installed_by,
         refused_by,
@@ -679,6 +867,7 @@ mod tests {
             initial_evaluation: None,
             rounds: Vec::new(),
             evaluation: Some(evaluation(&labels, &[vec![8, 2], vec![1, 3]], 2)),
+            crisis_flag: None,
         }
     }
 
@@ -784,5 +973,59 @@ mod tests {
         let mut c = card();
         c.format = "other".into();
         assert!(ModelCard::decode(&c.encode()).is_err());
+    }
+
+    #[test]
+    fn gates_refuse_a_low_crisis_recall_and_name_the_gate() {
+        let mut c = card();
+        // suicidewatch recall 3/4 = 0.75.
+        assert_eq!(c.evaluation.as_ref().and_then(crisis_recall), Some(0.75));
+        assert!(ReleaseGates::default().check(&c).is_empty(), "0.75 >= 0.5");
+        let strict = ReleaseGates { min_crisis_recall: 0.8, min_macro_f1: Some(0.9) };
+        let failures = strict.check(&c);
+        assert_eq!(failures.len(), 2, "{failures:?}");
+        assert_eq!(failures[0].gate, "min_crisis_recall");
+        assert_eq!(failures[0].measured, Some(0.75));
+        let text = failures[0].to_string();
+        assert!(text.contains("min_crisis_recall") && text.contains("0.7500") && text.contains("0.8000"), "{text}");
+        assert!(text.contains("suicidewatch"), "{text}");
+        assert_eq!(failures[1].gate, "min_macro_f1");
+        // No evaluation: the gate cannot be shown to pass.
+        c.evaluation = None;
+        let f = ReleaseGates::default().check(&c);
+        assert_eq!((f.len(), f[0].measured), (1, None));
+        // No crisis class: the crisis gate does not apply.
+        c.model.labels = vec!["calm".into(), "anxiety".into()];
+        assert!(ReleaseGates::default().check(&c).is_empty());
+        assert!(ReleaseGates { min_crisis_recall: 1.5, min_macro_f1: None }.validate().is_err());
+        // Gates in consortium.json: defaults for what is absent.
+        let g: ReleaseGates = serde_json::from_str(r#"{"min_macro_f1": 0.3}"#).expect("gates");
+        assert_eq!(g, ReleaseGates { min_crisis_recall: 0.5, min_macro_f1: Some(0.3) });
+    }
+
+    #[test]
+    fn cards_with_and_without_the_crisis_flag_parse() {
+        // A card written before the field existed has no `crisis_flag` key.
+        let old = card().encode();
+        assert!(!String::from_utf8_lossy(&old).contains("crisis_flag"));
+        assert_eq!(ModelCard::decode(&old).expect("old card").crisis_flag, None);
+        let mut h = maeum_models::metrics::CrisisHistogram::default();
+        h.crisis[40] = 3;
+        h.crisis[10] = 1;
+        h.other[5] = 6;
+        h.other[45] = 1;
+        let labels = card().model.labels;
+        let flag = CardCrisisFlag::choose(&labels, Some(&h), 0.75).expect("a crisis class");
+        assert_eq!(flag.classes, vec!["suicidewatch".to_string()]);
+        assert_eq!(flag.threshold, Some(0.4));
+        assert_eq!((flag.recall, flag.precision), (Some(0.75), Some(0.75)));
+        assert_eq!((flag.examples, flag.crisis_examples), (11, 4));
+        let mut c = card();
+        c.crisis_flag = Some(flag);
+        let bytes = c.encode();
+        assert_eq!(ModelCard::decode(&bytes).expect("new card"), c);
+        // Without histograms: a flag without a threshold; without a crisis class: none.
+        assert_eq!(CardCrisisFlag::choose(&labels, None, 0.9).expect("flag").threshold, None);
+        assert_eq!(CardCrisisFlag::choose(&["a".into(), "b".into()], Some(&h), 0.9), None);
     }
 }

@@ -7,6 +7,7 @@
 
 use std::fmt;
 
+use maeum_models::metrics::{CrisisHistogram, HISTOGRAM_BINS};
 use ring::digest::{SHA256, digest};
 
 pub mod audit;
@@ -203,6 +204,73 @@ impl TryFrom<pb::Confusion> for ConfusionCounts {
 impl From<&ConfusionCounts> for pb::Confusion {
     fn from(c: &ConfusionCounts) -> Self {
         Self { n_labels: c.n_labels, counts: c.counts.clone() }
+    }
+}
+
+/// A site's federated evaluation of a model: confusion counts and, when the job has a
+/// crisis class, the crisis-probability histograms (aggregates only).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EvaluationReport {
+    pub job_id: String,
+    pub round: u32,
+    pub attempt: u32,
+    pub model_digest: Digest,
+    pub confusion: ConfusionCounts,
+    pub crisis_histogram: Option<CrisisHistogram>,
+}
+
+impl TryFrom<pb::EvaluationReport> for EvaluationReport {
+    type Error = WireError;
+    fn try_from(r: pb::EvaluationReport) -> Result<Self, WireError> {
+        let confusion = ConfusionCounts::try_from(r.confusion.ok_or(WireError::Missing { field: "confusion" })?)?;
+        let crisis_histogram = r
+            .crisis_histogram
+            .map(|h| {
+                for (field, bins) in [("crisis_histogram.crisis", &h.crisis), ("crisis_histogram.other", &h.other)] {
+                    if bins.len() != HISTOGRAM_BINS {
+                        return Err(invalid(field, format!("expected {HISTOGRAM_BINS} bins, got {}", bins.len())));
+                    }
+                }
+                let sum = |v: &[u64]| v.iter().try_fold(0u64, |a, b| a.checked_add(*b));
+                let total = sum(&h.crisis)
+                    .zip(sum(&h.other))
+                    .and_then(|(a, b)| a.checked_add(b))
+                    .ok_or_else(|| invalid("crisis_histogram", "the counts overflow"))?;
+                let examples =
+                    sum(&confusion.counts).ok_or_else(|| invalid("confusion.counts", "the counts overflow"))?;
+                if total != examples {
+                    return Err(invalid(
+                        "crisis_histogram",
+                        format!("counts {total} examples, the confusion matrix {examples}"),
+                    ));
+                }
+                Ok(CrisisHistogram { crisis: h.crisis, other: h.other })
+            })
+            .transpose()?;
+        Ok(Self {
+            job_id: r.job_id,
+            round: r.round,
+            attempt: r.attempt,
+            model_digest: Digest::parse("model_digest", &r.model_digest)?,
+            confusion,
+            crisis_histogram,
+        })
+    }
+}
+
+impl From<&EvaluationReport> for pb::EvaluationReport {
+    fn from(r: &EvaluationReport) -> Self {
+        Self {
+            job_id: r.job_id.clone(),
+            round: r.round,
+            attempt: r.attempt,
+            model_digest: r.model_digest.hex(),
+            confusion: Some((&r.confusion).into()),
+            crisis_histogram: r
+                .crisis_histogram
+                .as_ref()
+                .map(|h| pb::CrisisHistogram { crisis: h.crisis.clone(), other: h.other.clone() }),
+        }
     }
 }
 
@@ -535,5 +603,42 @@ mod tests {
         );
         assert!(check_chunk(10, 12, c.offset, &c.data, &c.sha256).is_err());
         assert_eq!(check_chunk(10, 13, c.offset, &[1, 2, 4], &c.sha256), Err(WireError::ChunkDigest { offset: 10 }));
+    }
+
+    #[test]
+    fn evaluation_reports_check_the_crisis_histograms() {
+        let report = |crisis: Vec<u64>, other: Vec<u64>| pb::EvaluationReport {
+            job_id: "j-1".into(),
+            round: 1,
+            attempt: 0,
+            model_digest: "ab".repeat(32),
+            confusion: Some(pb::Confusion { n_labels: 2, counts: vec![3, 1, 2, 4] }),
+            crisis_histogram: Some(pb::CrisisHistogram { crisis, other }),
+        };
+        let mut crisis = vec![0u64; 100];
+        let mut other = vec![0u64; 100];
+        crisis[70] = 6;
+        other[3] = 4;
+        let ok = EvaluationReport::try_from(report(crisis.clone(), other.clone())).expect("consistent");
+        assert_eq!(ok.crisis_histogram.as_ref().map(|h| h.total()), Some(10));
+        assert_eq!(EvaluationReport::try_from(pb::EvaluationReport::from(&ok)), Ok(ok));
+        // Wrong bin counts.
+        let e = EvaluationReport::try_from(report(vec![10], other.clone())).expect_err("1 bin");
+        assert_eq!(e.to_string(), "crisis_histogram.crisis: expected 100 bins, got 1");
+        let e = EvaluationReport::try_from(report(crisis.clone(), vec![0; 101])).expect_err("101 bins");
+        assert!(e.to_string().starts_with("crisis_histogram.other: expected 100 bins"), "{e}");
+        // Counts that disagree with the confusion total.
+        let mut more = crisis.clone();
+        more[0] = 1;
+        let e = EvaluationReport::try_from(report(more, other.clone())).expect_err("11 vs 10");
+        assert_eq!(e.to_string(), "crisis_histogram: counts 11 examples, the confusion matrix 10");
+        // Overflow is an error, not a panic.
+        let mut huge = crisis.clone();
+        huge[1] = u64::MAX;
+        assert!(EvaluationReport::try_from(report(huge, other.clone())).is_err());
+        // No histogram (a job without a crisis class): fine.
+        let mut none = report(crisis, other);
+        none.crisis_histogram = None;
+        assert_eq!(EvaluationReport::try_from(none).expect("ok").crisis_histogram, None);
     }
 }

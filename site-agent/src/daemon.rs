@@ -641,7 +641,12 @@ async fn report_eval(
 ) -> Result<()> {
     agent.set(|s| s.stage = "evaluating".into());
     let spec2 = spec.clone();
-    let confusion = tokio::task::spawn_blocking(move || spec2.evaluate(&params, &data.test)).await??;
+    let (confusion, crisis_histogram) = tokio::task::spawn_blocking(move || {
+        let confusion = spec2.evaluate(&params, &data.test)?;
+        let histogram = crisis_histogram(&spec2, &params, &data.test)?;
+        anyhow::Ok((confusion, histogram))
+    })
+    .await??;
     let counts = ConfusionCounts::from_rows(&confusion.counts);
     let note = crate::releases::Reported {
         time_ms: crate::now_ms(),
@@ -654,18 +659,42 @@ async fn report_eval(
     if let Err(e) = crate::releases::note_evaluation(&agent.home, &note) {
         warn!(error = %format!("{e:#}"), "writing evaluations.jsonl");
     }
-    let report = pb::EvaluationReport {
+    let report = pb::EvaluationReport::from(&wire::EvaluationReport {
         job_id: of.job_id.into(),
         round: of.round,
         attempt: of.attempt,
-        model_digest: of.model.digest.hex(),
-        confusion: Some((&counts).into()),
-    };
+        model_digest: of.model.digest.clone(),
+        confusion: counts,
+        crisis_histogram,
+    });
     match client.report_evaluation(report).await {
         Ok(_) => Ok(()),
         Err(e) if e.code() == Code::AlreadyExists => Ok(()),
         Err(e) => Err(e.into()),
     }
+}
+
+/// The held-out examples by their largest crisis-class probability (what the
+/// coordinator chooses the crisis flag's threshold from); `None` when the model has no
+/// crisis class. Counts only, like the confusion matrix.
+pub(crate) fn crisis_histogram(
+    spec: &ModelSpec,
+    params: &FlatParams,
+    data: &Prepared,
+) -> Result<Option<maeum_models::metrics::CrisisHistogram>> {
+    let crisis: Vec<usize> = spec
+        .labels()
+        .names()
+        .iter()
+        .enumerate()
+        .filter(|(_, l)| maeum_protocols::release::is_crisis_label(l))
+        .map(|(i, _)| i)
+        .collect();
+    if crisis.is_empty() {
+        return Ok(None);
+    }
+    let probabilities = spec.predict_proba(params, data)?;
+    Ok(Some(maeum_models::metrics::CrisisHistogram::from_probabilities(&probabilities, data.labels(), &crisis)))
 }
 
 async fn evaluate(agent: &Agent, client: &mut Client, t: EvaluateTask) -> Result<()> {

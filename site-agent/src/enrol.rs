@@ -4,7 +4,7 @@
 //! HOME/site.json            the site id (public)
 //! HOME/site.key             the site's private TLS key (0600; never leaves the site)
 //! HOME/request.csr.pem      the certificate request for the consortium lead
-//! HOME/site.toml            configuration: local data, limits (edit freely)
+//! HOME/site.toml            configuration: local data, limits, predict (edit freely)
 //! HOME/enrolment.json       from the lead's bundle: consortium, coordinator, public keys
 //! HOME/site.pem, ca.pem     the site certificate and the consortium CA
 //! HOME/status.json          written by the daemon: connection, stage, job, round
@@ -28,6 +28,18 @@ pub struct SiteConfig {
     pub data: DataConfig,
     #[serde(default)]
     pub limits: Limits,
+    #[serde(default)]
+    pub predict: PredictConfig,
+}
+
+/// `[predict]`: local inference settings.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PredictConfig {
+    /// Flag a possible crisis when any crisis class's probability is at or above this
+    /// (in [0, 1]), instead of the threshold on the release's model card.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub crisis_threshold: Option<f64>,
 }
 
 /// Where the site's records are. They are read locally and never sent anywhere.
@@ -187,6 +199,7 @@ pub fn init(dir: &Path, site_id: &str, train: Option<PathBuf>, test: Option<Path
     let config = SiteConfig {
         data: DataConfig { train: abs(train), test: abs(test), text_column: text(), label_column: label() },
         limits: Limits::default(),
+        predict: PredictConfig::default(),
     };
     write(&home.path("site.key"), key.expose().as_bytes(), true)?;
     write(&home.path("request.csr.pem"), csr.as_bytes(), false)?;

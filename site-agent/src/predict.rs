@@ -7,6 +7,13 @@
 //! line is an object with a text field (`--text-column`, default `text`) and, if it has
 //! a label field (`--label-column`), the prediction is scored against it, so the metrics
 //! a site reported for a model can be reproduced from its own test split.
+//!
+//! **Crisis flag.** Whatever the top label, an input is flagged for a person's review
+//! when any crisis class's probability is at or above an operating threshold: the site's
+//! `[predict] crisis_threshold` in site.toml if set, else the threshold on the release's
+//! model card (chosen by the coordinator for the consortium's target recall from the
+//! federated evaluation), else [`FALLBACK`] (one over the number of labels: more likely
+//! than a uniform guess). A model without a crisis class has no flag.
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
@@ -60,6 +67,82 @@ pub struct Loaded {
     pub digest: String,
     pub spec: ModelSpec,
     pub params: FlatParams,
+    /// How possible crises are flagged (`None`: the model has no crisis class).
+    pub crisis: Option<CrisisRule>,
+}
+
+/// Where the crisis flag's threshold comes from, when neither the site nor a model card
+/// sets one: one over the number of labels.
+pub const FALLBACK: &str = "fallback: 1 / number of labels";
+
+/// The crisis flag's rule for a model.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CrisisRule {
+    /// The crisis classes: label index and name.
+    pub classes: Vec<(usize, String)>,
+    /// Flag when a crisis class's probability is at or above this.
+    pub threshold: f64,
+    /// Where the threshold comes from: `release vN model card`, `site.toml`, or [`FALLBACK`].
+    pub source: String,
+}
+
+impl CrisisRule {
+    /// The rule for `spec`: `site` (site.toml) wins over `card` (the release's card:
+    /// threshold and version), which wins over the fallback.
+    pub fn new(spec: &ModelSpec, site: Option<f64>, card: Option<(f64, u32)>) -> Option<CrisisRule> {
+        let names = spec.labels().names();
+        let classes: Vec<(usize, String)> = names
+            .iter()
+            .enumerate()
+            .filter(|(_, l)| maeum_protocols::release::is_crisis_label(l))
+            .map(|(i, l)| (i, l.clone()))
+            .collect();
+        if classes.is_empty() {
+            return None;
+        }
+        let (threshold, source) = match (site, card) {
+            (Some(t), _) => (t, "site.toml [predict] crisis_threshold".to_string()),
+            (None, Some((t, v))) => (t, format!("release v{v} model card")),
+            (None, None) => (1.0 / names.len().max(1) as f64, FALLBACK.to_string()),
+        };
+        Some(CrisisRule { classes, threshold, source })
+    }
+}
+
+/// The crisis flag of one input.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CrisisFlag {
+    /// Whether any crisis class's probability is at or above the threshold.
+    pub flag: bool,
+    /// Every crisis class with its probability, highest first.
+    pub classes: Vec<(String, f32)>,
+    pub threshold: f64,
+}
+
+impl CrisisFlag {
+    /// The caution people see (`None` when not flagged).
+    pub fn caution(&self) -> Option<String> {
+        if !self.flag {
+            return None;
+        }
+        let over: Vec<String> = self
+            .classes
+            .iter()
+            .filter(|(_, p)| f64::from(*p) >= self.threshold)
+            .map(|(l, p)| format!("{l} {:.1}%", p * 100.0))
+            .collect();
+        Some(format!(
+            "CAUTION: possible crisis ({} >= threshold {:.1}%) — a person should review this now",
+            over.join(", "),
+            self.threshold * 100.0
+        ))
+    }
+
+    fn json(&self) -> serde_json::Value {
+        let classes: Vec<serde_json::Value> =
+            self.classes.iter().map(|(l, p)| serde_json::json!({"label": l, "probability": p})).collect();
+        serde_json::json!({"flag": self.flag, "classes": classes, "threshold": self.threshold})
+    }
 }
 
 /// Finds `wanted` in HOME and loads it after checking it: a release number (`3` or
@@ -104,12 +187,28 @@ pub fn load(home: &Home, wanted: Option<&str>) -> Result<Loaded> {
     if crate::releases::hash_file(&path)?.hex() != digest {
         bail!("{} does not match its digest: the file was altered or damaged; refusing to use it", path.display());
     }
+    let mut card_threshold = None;
     if let Some(r) = crate::releases::installed(home)?.into_iter().find(|r| r.manifest.model_sha256 == digest) {
-        crate::releases::verify_installed(home, &r)
+        let card = crate::releases::verify_installed(home, &r)
             .with_context(|| format!("release v{} no longer verifies; refusing to use it", r.manifest.version))?;
+        card_threshold = card.crisis_flag.and_then(|f| f.threshold).map(|t| (t, r.manifest.version));
     }
     let (spec, params, _) = ModelSpec::load(&path).with_context(|| format!("loading {}", path.display()))?;
-    Ok(Loaded { digest, spec, params })
+    let site_threshold = site_crisis_threshold(home)?;
+    let crisis = CrisisRule::new(&spec, site_threshold, card_threshold);
+    Ok(Loaded { digest, spec, params, crisis })
+}
+
+/// `[predict] crisis_threshold` from site.toml, if the home has one and sets it.
+fn site_crisis_threshold(home: &Home) -> Result<Option<f64>> {
+    if !home.path("site.toml").exists() {
+        return Ok(None);
+    }
+    let t = home.config()?.predict.crisis_threshold;
+    if let Some(t) = t.filter(|t| !(0.0..=1.0).contains(t)) {
+        bail!("{}: [predict] crisis_threshold must be in [0, 1], got {t}", home.path("site.toml").display());
+    }
+    Ok(t)
 }
 
 /// One input's result.
@@ -117,6 +216,8 @@ pub fn load(home: &Home, wanted: Option<&str>) -> Result<Loaded> {
 pub struct Prediction {
     pub label: String,
     pub probabilities: Vec<f32>,
+    /// `None`: the model has no crisis class.
+    pub crisis: Option<CrisisFlag>,
 }
 
 impl Loaded {
@@ -129,7 +230,14 @@ impl Loaded {
             .into_iter()
             .map(|p| {
                 let best = p.iter().enumerate().fold(0, |b, (i, v)| if *v > p[b] { i } else { b });
-                Prediction { label: names[best].clone(), probabilities: p }
+                let crisis = self.crisis.as_ref().map(|rule| {
+                    let mut classes: Vec<(String, f32)> =
+                        rule.classes.iter().map(|(i, l)| (l.clone(), p.get(*i).copied().unwrap_or(0.0))).collect();
+                    classes.sort_by(|a, b| b.1.total_cmp(&a.1));
+                    let flag = classes.iter().any(|(_, p)| f64::from(*p) >= rule.threshold);
+                    CrisisFlag { flag, classes, threshold: rule.threshold }
+                });
+                Prediction { label: names[best].clone(), probabilities: p, crisis }
             })
             .collect())
     }
@@ -138,7 +246,8 @@ impl Loaded {
         let names = self.spec.labels().names();
         let probs: serde_json::Map<String, serde_json::Value> =
             names.iter().zip(&p.probabilities).map(|(n, v)| (n.clone(), serde_json::json!(v))).collect();
-        let mut v = serde_json::json!({"label": p.label, "probabilities": probs});
+        let crisis = p.crisis.as_ref().map(CrisisFlag::json);
+        let mut v = serde_json::json!({"label": p.label, "probabilities": probs, "crisis": crisis});
         if let Some(l) = line {
             v["line"] = l.into();
         }
@@ -154,7 +263,10 @@ impl Loaded {
         order.sort_by(|a, b| p.probabilities[*b].total_cmp(&p.probabilities[*a]));
         let top: Vec<String> =
             order.iter().take(3).map(|i| format!("{} {:.3}", names[*i], p.probabilities[*i])).collect();
-        format!("{}\t{}", p.label, top.join(", "))
+        match p.crisis.as_ref().and_then(CrisisFlag::caution) {
+            Some(caution) => format!("{}\t{}\t{caution}", p.label, top.join(", ")),
+            None => format!("{}\t{}", p.label, top.join(", ")),
+        }
     }
 }
 
@@ -165,6 +277,8 @@ pub struct Summary {
     pub labelled: u64,
     pub correct: u64,
     pub seconds: f64,
+    /// Inputs flagged as a possible crisis.
+    pub crisis_flagged: u64,
     /// `confusion[true][predicted]` over the labelled inputs whose label the model
     /// knows (the counts federated evaluation reports).
     pub confusion: Vec<Vec<u64>>,
@@ -182,6 +296,9 @@ pub fn run(a: PredictArgs) -> Result<()> {
             writeln!(out, "{}", model.json(&p, None, None))?;
         } else {
             writeln!(out, "{}", model.human(&p))?;
+            if let Some(rule) = &model.crisis {
+                eprintln!("crisis flag threshold {:.1}% ({})", rule.threshold * 100.0, rule.source);
+            }
         }
         return Ok(out.flush()?);
     }
@@ -196,6 +313,8 @@ pub fn run(a: PredictArgs) -> Result<()> {
         let summary = serde_json::json!({
             "summary": {"model": model.digest, "inputs": s.inputs, "seconds": s.seconds, "per_second": rate,
                         "labelled": s.labelled, "correct": s.correct, "accuracy": accuracy,
+                        "crisis_flagged": model.crisis.as_ref().map(|_| s.crisis_flagged),
+                        "crisis_threshold": model.crisis.as_ref().map(|r| r.threshold),
                         "macro_f1": macro_f1, "confusion": (s.labelled > 0).then_some(&s.confusion)}
         });
         writeln!(out, "{summary}")?;
@@ -203,6 +322,14 @@ pub fn run(a: PredictArgs) -> Result<()> {
         eprintln!("{} inputs in {:.2} s ({rate:.0}/s) with model {}", s.inputs, s.seconds, &model.digest[..16]);
         if let (Some(acc), Some(f1)) = (accuracy, macro_f1) {
             eprintln!("on the {} labelled inputs: accuracy {acc:.4}, macro-F1 {f1:.4}", s.labelled);
+        }
+        if let Some(rule) = &model.crisis {
+            eprintln!(
+                "{} input(s) flagged as a possible crisis (threshold {:.1}%, {}): a person should review them",
+                s.crisis_flagged,
+                rule.threshold * 100.0,
+                rule.source
+            );
         }
     }
     Ok(out.flush()?)
@@ -228,6 +355,7 @@ pub fn predict_file(model: &Loaded, path: &Path, a: &PredictArgs, out: &mut impl
         }
         for (p, (line, truth)) in model.predict(texts)?.iter().zip(meta.iter()) {
             s.inputs += 1;
+            s.crisis_flagged += u64::from(p.crisis.as_ref().is_some_and(|c| c.flag));
             if let Some(t) = truth {
                 s.labelled += 1;
                 s.correct += u64::from(*t == p.label);
@@ -359,5 +487,94 @@ pub(crate) mod tests {
         std::fs::write(&path, bytes).expect("write");
         let e = load(&home, Some(&digest)).expect_err("tampered");
         assert!(e.to_string().contains("does not match its digest"), "{e}");
+    }
+
+    /// The `model_home` model with every weight 0 and output biases `bias`: its
+    /// probabilities are softmax(bias) for any input.
+    fn biased(spec: &ModelSpec, bias: [f32; 2]) -> FlatParams {
+        let layout = spec.layout();
+        let last = layout.tensors.last().expect("tensors");
+        assert_eq!(last.shape, vec![2], "the output bias is the last tensor ({})", last.name);
+        let mut values = vec![0.0; layout.numel()];
+        let n = values.len();
+        values[n - 2..].copy_from_slice(&bias);
+        FlatParams::new(layout, values).expect("params")
+    }
+
+    #[test]
+    fn a_crisis_under_the_argmax_is_flagged_with_a_caution_and_in_json() {
+        let ModelHome { spec, .. } = model_home();
+        // calm 88.1%, crisis 11.9%: the top label is calm.
+        let params = biased(&spec, [2.0, 0.0]);
+        let model = Loaded {
+            digest: "ab".repeat(32),
+            crisis: CrisisRule::new(&spec, None, Some((0.05, 3))),
+            spec: spec.clone(),
+            params,
+        };
+        assert_eq!(model.crisis.as_ref().map(|r| r.source.as_str()), Some("release v3 model card"));
+        let p = model.predict(&["I wrote a note tonight".to_string()]).expect("predict").remove(0);
+        assert_eq!(p.label, "calm", "the argmax is not the crisis class");
+        let flag = p.crisis.clone().expect("the model has a crisis class");
+        assert!(flag.flag, "{flag:?}");
+        let human = model.human(&p);
+        assert!(human.starts_with("calm\t"), "{human}");
+        assert!(
+            human.ends_with(
+                "CAUTION: possible crisis (crisis 11.9% >= threshold 5.0%) — a person should review this now"
+            ),
+            "{human}"
+        );
+        let v = model.json(&p, None, None);
+        assert_eq!(v["label"], "calm");
+        assert_eq!(v["crisis"]["flag"], true, "{v}");
+        assert_eq!(v["crisis"]["threshold"], 0.05, "{v}");
+        let classes = v["crisis"]["classes"].as_array().expect("classes");
+        assert_eq!(classes.len(), 1, "{v}");
+        assert_eq!(classes[0]["label"], "crisis");
+        let prob = classes[0]["probability"].as_f64().expect("probability");
+        assert!((prob - 0.1192).abs() < 1e-3, "{v}");
+
+        // Under the threshold: no flag, no caution; the site's setting wins over the card.
+        let strict = Loaded { crisis: CrisisRule::new(&spec, Some(0.2), Some((0.05, 3))), ..model };
+        assert_eq!(strict.crisis.as_ref().map(|r| r.threshold), Some(0.2));
+        let p = strict.predict(&["fine".to_string()]).expect("predict").remove(0);
+        assert_eq!(p.crisis.as_ref().map(|c| c.flag), Some(false));
+        assert!(!strict.human(&p).contains("CAUTION"));
+        assert_eq!(strict.json(&p, None, None)["crisis"]["flag"], false);
+        // No card threshold and no site setting: one over the number of labels.
+        let fallback = CrisisRule::new(&spec, None, None).expect("rule");
+        assert_eq!((fallback.threshold, fallback.source.as_str()), (0.5, FALLBACK));
+    }
+
+    #[test]
+    fn a_model_without_a_crisis_class_has_no_flag() {
+        let job = maeum_protocols::job::JobSpec::from_toml(
+            "job.toml",
+            "name = \"t\"\nlabels = [\"calm\", \"anxiety\"]\nrounds = 1\n[model]\nkind = \"text-classifier\"\nbuckets = 64\nembed_dim = 4\nhidden = 4\n",
+        )
+        .expect("job");
+        let spec = job.model_spec().expect("spec");
+        let model = Loaded {
+            digest: "ab".repeat(32),
+            crisis: CrisisRule::new(&spec, Some(0.1), None),
+            params: job.initial_params().expect("params"),
+            spec,
+        };
+        assert_eq!(model.crisis, None);
+        let p = model.predict(&["hello".to_string()]).expect("predict").remove(0);
+        assert_eq!(model.json(&p, None, None)["crisis"], serde_json::Value::Null);
+    }
+
+    #[test]
+    fn the_site_threshold_comes_from_site_toml_and_is_checked() {
+        let ModelHome { dir: _dir, home, digest, .. } = model_home();
+        std::fs::write(home.path("site.toml"), "[data]\n[predict]\ncrisis_threshold = 0.07\n").expect("write");
+        let model = load(&home, Some(&digest)).expect("load");
+        let rule = model.crisis.expect("crisis class");
+        assert_eq!((rule.threshold, rule.source.as_str()), (0.07, "site.toml [predict] crisis_threshold"));
+        std::fs::write(home.path("site.toml"), "[data]\n[predict]\ncrisis_threshold = 7\n").expect("write");
+        let e = load(&home, Some(&digest)).expect_err("out of range");
+        assert!(e.to_string().contains("crisis_threshold must be in [0, 1], got 7"), "{e}");
     }
 }

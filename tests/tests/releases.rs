@@ -5,7 +5,10 @@
 //! release keeps serving; rollback returns the sites to the previous release; every
 //! promotion, rollback, install and refusal is in the audit log; `maeum-site predict`
 //! works with the coordinator stopped and reproduces the metrics the site reported;
-//! `maeum-site finetune` keeps a local model beside the release.
+//! `maeum-site finetune` keeps a local model beside the release. Crisis safety: promote
+//! refuses a release below the consortium's crisis-recall gate unless the lead overrides
+//! with a reason (logged, shown by `models show`); the card carries the crisis flag's
+//! threshold and `predict --json` flags with it.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -119,7 +122,43 @@ fn sites_install_only_verified_releases_and_keep_the_previous_one_in_service() {
     assert_eq!(list["releases"].as_array().map(Vec::len), Some(1), "{list:#}");
     assert!(list["current"].is_null(), "{list:#}");
     let v1 = model_of(&fed, "v1");
-    promote(&fed, "v1");
+
+    // Release gates: the card's federated crisis-class recall against consortium.json.
+    let shown = fed.cli_json(&["models", "show", "v1"]);
+    let measured = shown["crisis_recall"].as_f64().expect("the labels hold suicidewatch, and held-out examples");
+    assert!(measured < 1.0, "a small two-round model is not perfect on suicidewatch: {measured}");
+    let flag = &shown["card"]["crisis_flag"];
+    assert_eq!(flag["classes"], serde_json::json!(["suicidewatch"]), "{flag:#}");
+    assert_eq!(flag["target_recall"], 0.9, "the default target recall");
+    let threshold = flag["threshold"].as_f64().expect("a threshold chosen from the sites' histograms");
+    assert!(flag["recall"].as_f64().expect("recall") >= 0.9, "{flag:#}");
+    set_gates(&fed, serde_json::json!({"min_crisis_recall": 1.0}));
+    let out = fed.cli(&["models", "promote", "v1"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "promoted below the gate");
+    assert!(
+        err.contains("gate min_crisis_recall") && err.contains(&format!("{measured:.4}")) && err.contains("1.0000"),
+        "names the gate, the measured value and the threshold: {err}"
+    );
+    assert!(err.contains("--override-gate"), "{err}");
+    assert!(fed.cli_json(&["models", "list"])["current"].is_null(), "nothing was promoted");
+    let out = fed.cli(&["models", "promote", "v1", "--override-gate"]);
+    assert!(!out.status.success(), "an override needs a reason");
+    let reason = "e2e: pilot with every flagged case reviewed by a counsellor";
+    let v = fed.cli_json(&["models", "promote", "v1", "--override-gate", "--reason", reason]);
+    assert_eq!(v["current"], true, "{v:#}");
+    let overrides = &fed.cli_json(&["models", "show", "v1"])["gate_overrides"];
+    assert_eq!(overrides.as_array().map(Vec::len), Some(1), "{overrides:#}");
+    assert_eq!(overrides[0]["gate"], "min_crisis_recall");
+    assert_eq!(overrides[0]["reason"], reason);
+    assert_eq!(overrides[0]["measured"], format!("{measured:.4}"));
+    assert_eq!(overrides[0]["threshold"], "1.0000");
+    let human = fed.cli(&["models", "show", "v1"]);
+    let human = String::from_utf8_lossy(&human.stdout);
+    assert!(human.contains("gate min_crisis_recall OVERRIDDEN by lead") && human.contains(reason), "{human}");
+    assert!(human.contains("FAILS gate min_crisis_recall"), "{human}");
+    // The rest of this test is about installs: gates at 0 pass everything.
+    set_gates(&fed, serde_json::json!({"min_crisis_recall": 0.0}));
     wait_installs(&fed, "v1", "installed", |i| i["installed"] == true);
     wait_serving(&fed, 1);
 
@@ -216,6 +255,17 @@ fn sites_install_only_verified_releases_and_keep_the_previous_one_in_service() {
         maeum_protocols::audit::export::Export::decode(&std::fs::read(&audit).expect("export")).expect("decodes");
     let count = |kind: &str| export.entries.iter().filter(|e| e.event.kind() == kind).count();
     assert_eq!(count("model_release"), 2);
+    let overridden: Vec<_> = export
+        .entries
+        .iter()
+        .filter_map(|e| match &e.event {
+            maeum_protocols::audit::Event::ReleaseGateOverridden { version_sha256, gate, reason, operator, .. } => {
+                Some((version_sha256.clone(), gate.clone(), reason.clone(), operator.clone()))
+            }
+            _ => None,
+        })
+        .collect();
+    assert_eq!(overridden, vec![(v1.clone(), "min_crisis_recall".into(), reason.into(), "lead".into())]);
     // v1; v2 four times refused and rolled back; v2; rollback.
     assert_eq!(count("release_promoted"), 1 + 4 * 2 + 1 + 1);
     let refusals = export
@@ -265,6 +315,16 @@ fn sites_install_only_verified_releases_and_keep_the_previous_one_in_service() {
     let out = site(&fed, "site-1", &["predict", "--text", "I can't see a way out anymore"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(!String::from_utf8_lossy(&out.stdout).trim().is_empty());
+    // The crisis flag uses the threshold on v1's card (v1 is in service again).
+    let p = site_json(&fed, "site-1", &["predict", "--text", "I can't see a way out anymore"]);
+    let crisis = &p["crisis"];
+    assert_eq!(crisis["threshold"], threshold, "{p:#}");
+    let classes = crisis["classes"].as_array().expect("classes");
+    assert_eq!(classes.len(), 1, "{p:#}");
+    assert_eq!(classes[0]["label"], "suicidewatch");
+    let prob = classes[0]["probability"].as_f64().expect("probability");
+    assert_eq!(crisis["flag"], prob >= threshold, "{p:#}");
+    assert_eq!(p["probabilities"]["suicidewatch"], classes[0]["probability"]);
     let summary = predict_summary(&fed, "site-2", &test_split(&fed, "site-2"), Some("v1"));
     assert_eq!(summary["model"], v1.as_str());
 
@@ -309,4 +369,13 @@ fn check_export(
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON report");
     let card = std::fs::read(dir.join(format!("card-v{version}.json"))).expect("card");
     (maeum_protocols::release::ModelCard::decode(&card).expect("card"), report)
+}
+
+/// Writes the consortium's `release_gates` (read at each promotion).
+fn set_gates(fed: &Federation, gates: serde_json::Value) {
+    let path = fed.coordinator_home().join("consortium.json");
+    let mut c: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&path).expect("consortium.json")).expect("json");
+    c["release_gates"] = gates;
+    std::fs::write(&path, serde_json::to_vec_pretty(&c).expect("json")).expect("write consortium.json");
 }

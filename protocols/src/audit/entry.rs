@@ -183,6 +183,23 @@ pub enum Event {
         /// Who promoted it.
         operator: String,
     },
+    /// A lead promoted a release that fails one of the consortium's release gates,
+    /// with an explicit override and a reason (one entry per failed gate, just before
+    /// the `release_promoted` entry it allows).
+    ReleaseGateOverridden {
+        /// SHA-256 (hex) of the release's model.
+        version_sha256: String,
+        /// The gate, e.g. `min_crisis_recall`.
+        gate: String,
+        /// The value on the model card, 4 decimals (`none` when the card has none).
+        measured: String,
+        /// The gate's threshold, 4 decimals.
+        threshold: String,
+        /// Who overrode it.
+        operator: String,
+        /// The lead's reason, as given.
+        reason: String,
+    },
     /// A site verified and installed a release, or refused it (and kept the model it
     /// had in service).
     ReleaseInstall {
@@ -238,6 +255,7 @@ impl Event {
             Event::RoundCommitted { .. } => "round_committed",
             Event::ModelRelease { .. } => "model_release",
             Event::ReleasePromoted { .. } => "release_promoted",
+            Event::ReleaseGateOverridden { .. } => "release_gate_overridden",
             Event::ReleaseInstall { .. } => "release_install",
             Event::OperatorCommand { .. } => "operator_command",
             Event::JobFinished { .. } => "job_finished",
@@ -260,6 +278,7 @@ impl Event {
         "round_committed",
         "model_release",
         "release_promoted",
+        "release_gate_overridden",
         "release_install",
         "operator_command",
         "job_finished",
@@ -492,6 +511,26 @@ mod tests {
                     r#""not_after_ms":1798499521000,"operator":"lead"}}"#
                 ),
                 "8b5476afbc232917408171866c4a2a342da145e9fe573850c753149a9fb559fa",
+            ),
+            (
+                entry(
+                    7,
+                    Event::ReleaseGateOverridden {
+                        version_sha256: "ab".repeat(32),
+                        gate: "min_crisis_recall".into(),
+                        measured: "0.2700".into(),
+                        threshold: "0.5000".into(),
+                        operator: "lead".into(),
+                        reason: "pilot at one site, every case reviewed".into(),
+                    },
+                ),
+                concat!(
+                    r#"{"v":1,"seq":7,"time_ms":1764299521007,"event":{"kind":"release_gate_overridden","#,
+                    r#""version_sha256":"abababababababababababababababababababababababababababababababab","#,
+                    r#""gate":"min_crisis_recall","measured":"0.2700","threshold":"0.5000","operator":"lead","#,
+                    r#""reason":"pilot at one site, every case reviewed"}}"#
+                ),
+                "08b0ab19f2bc8c2d1ba2c0b8470709228ed607adbee00431aefb7cb276f4e2dd",
             ),
         ];
         let vectors: Vec<serde_json::Value> = serde_json::from_str(VECTORS).unwrap();

@@ -415,6 +415,18 @@ fn print_release(a: &ReleaseAudit, log: &Path, pinned: bool) {
             a.promotions.iter().map(|p| format!("#{} {} by {}", p.seq, rfc3339(p.time_ms), p.operator)).collect();
         println!("  promoted    {}", p.join("; "));
     }
+    for o in &a.gate_overrides {
+        println!(
+            "  OVERRIDE    #{} {} by {}: gate {} (measured {}, threshold {}): {:?}",
+            o.seq,
+            rfc3339(o.time_ms),
+            o.operator,
+            o.gate,
+            o.measured,
+            o.threshold,
+            o.reason
+        );
+    }
     println!("  current     {}", if a.current { "yes (the last promotion in the log)" } else { "no" });
     println!("  installed   {}", list(&a.installed_by));
     if a.refused_by.is_empty() {
@@ -486,6 +498,11 @@ fn line(entry: &Entry) -> String {
             format!("job={job_id} round={round} version={version_sha256} card={}", short(card_sha256))
         }
         Event::ReleasePromoted { version_sha256, operator } => format!("version={version_sha256} operator={operator}"),
+        Event::ReleaseGateOverridden { version_sha256, gate, measured, threshold, operator, reason } => {
+            format!(
+                "version={version_sha256} gate={gate} measured={measured} threshold={threshold} operator={operator} reason={reason:?}"
+            )
+        }
         Event::ReleaseInstall { site, version_sha256, installed, reason } => {
             if *installed {
                 format!("site={site} version={version_sha256} installed")
