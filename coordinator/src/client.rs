@@ -5,6 +5,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
+use comfy_table::{CellAlignment, LineStyle, Table, TableStyle};
 use tonic::transport::{Channel, Endpoint};
 
 use maeum_models::metrics::Confusion;
@@ -12,6 +13,25 @@ use maeum_protocols::tls;
 use maeum_protocols::wire::pb::{self, control_client::ControlClient};
 
 use crate::home::Home;
+
+/// Plain columns with a rule under the header: no box drawing, so the output pastes
+/// into mail and tickets as it looks.
+const TABLE_STYLE: TableStyle = TableStyle::new().header_separator(LineStyle::none().fill('-').junction('-'));
+
+/// A table for people: column widths by display width (Korean labels take two cells a
+/// character and still align) and the columns `right` (numbers) right-aligned.
+/// Print it with `{}`; every line has the same display width.
+pub fn table(header: &[&str], right: &[usize]) -> Table {
+    let mut t = Table::new();
+    t.load_style(TABLE_STYLE);
+    t.set_header(header.to_vec());
+    for &i in right {
+        if let Some(c) = t.column_mut(i) {
+            c.set_cell_alignment(CellAlignment::Right);
+        }
+    }
+    t
+}
 
 /// Connects to the coordinator named in HOME/consortium.json with the operator
 /// certificate in HOME.
@@ -68,21 +88,9 @@ pub fn print_job(j: &pb::JobInfo) {
             if refused.is_empty() { String::new() } else { format!(", refused: {}", refused.join("; ")) }
         );
     }
-    if let Some((a, f)) = j.initial_evaluation.as_ref().and_then(scores) {
-        println!("  round  0  accuracy {a:.4}  macro-F1 {f:.4}  (initial model)");
-    }
-    for r in &j.history {
-        let eval = r
-            .evaluation
-            .as_ref()
-            .and_then(scores)
-            .map_or("evaluation pending".to_string(), |(a, f)| format!("accuracy {a:.4}  macro-F1 {f:.4}"));
-        println!(
-            "  round {:>2}  {eval}  sites {}{}",
-            r.round,
-            r.contributors.len(),
-            if r.dropped.is_empty() { String::new() } else { format!("  dropped {}", r.dropped.join(",")) }
-        );
+    let rounds = rounds_table(j);
+    if !rounds.is_empty() {
+        println!("{rounds}");
     }
     if let Some(c) = j.history.last().and_then(|r| r.evaluation.as_ref()) {
         let parts: Vec<String> = recall(c, &j.labels)
@@ -94,6 +102,25 @@ pub fn print_job(j: &pb::JobInfo) {
     if !j.error.is_empty() {
         println!("  error: {}", j.error);
     }
+}
+
+/// The job's rounds (round 0 is the initial model's evaluation) as a table.
+fn rounds_table(j: &pb::JobInfo) -> Table {
+    let mut t = table(&["round", "accuracy", "macro-F1", "sites", "dropped"], &[0, 1, 2, 3]);
+    let cells = |c: Option<&pb::Confusion>| {
+        c.and_then(scores)
+            .map_or(["pending".to_string(), "pending".to_string()], |(a, f)| [format!("{a:.4}"), format!("{f:.4}")])
+    };
+    if let Some(c) = j.initial_evaluation.as_ref() {
+        let [a, f] = cells(Some(c));
+        t.add_row(vec!["0".to_string(), a, f, "-".into(), "(initial model)".into()]);
+    }
+    for r in &j.history {
+        let [a, f] = cells(r.evaluation.as_ref());
+        let dropped = if r.dropped.is_empty() { "-".to_string() } else { r.dropped.join(",") };
+        t.add_row(vec![r.round.to_string(), a, f, r.contributors.len().to_string(), dropped]);
+    }
+    t
 }
 
 /// Per-class recall of a reported confusion matrix, keyed by label.
@@ -152,25 +179,101 @@ pub fn site_json(s: &pb::SiteInfo) -> serde_json::Value {
 }
 
 pub fn print_sites(sites: &[pb::SiteInfo]) {
-    println!("{:<24} {:<8} {:<10} {:>7}  last seen", "site", "online", "stage", "rounds");
+    println!("{}", sites_table(sites, crate::home::now_ms()));
+}
+
+fn sites_table(sites: &[pb::SiteInfo], now_ms: i64) -> Table {
+    let mut t = table(&["site", "online", "stage", "rounds", "last seen"], &[3]);
     for s in sites {
         let seen = if s.last_seen_ms == 0 {
             "never".to_string()
         } else {
-            format!("{}s ago", (crate::home::now_ms() - s.last_seen_ms).max(0) / 1000)
+            format!("{}s ago", (now_ms - s.last_seen_ms).max(0) / 1000)
         };
-        println!(
-            "{:<24} {:<8} {:<10} {:>7}  {seen}",
-            s.site_id,
-            if s.revoked {
-                "REVOKED"
-            } else if s.online {
-                "yes"
-            } else {
-                "no"
+        let online = if s.revoked {
+            "REVOKED"
+        } else if s.online {
+            "yes"
+        } else {
+            "no"
+        };
+        let stage = if s.stage.is_empty() { "-" } else { &s.stage };
+        t.add_row(vec![s.site_id.clone(), online.into(), stage.into(), s.rounds_contributed.to_string(), seen]);
+    }
+    t
+}
+
+/// `jobs list` for people.
+pub fn jobs_table(jobs: &[pb::JobInfo]) -> Table {
+    let mut t = table(&["job", "state", "rounds", "activity"], &[2]);
+    for j in jobs {
+        t.add_row(vec![
+            j.job_id.clone(),
+            j.state.clone(),
+            format!("{}/{}", j.completed_rounds, j.rounds),
+            j.activity.clone(),
+        ]);
+    }
+    t
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    /// Every line of a rendered table has the same display width (the columns align).
+    pub(crate) fn assert_aligned(t: &Table) {
+        let text = t.to_string();
+        let widths: Vec<usize> = text.lines().map(unicode_width::UnicodeWidthStr::width).collect();
+        assert!(widths.len() > 2, "{text}");
+        assert!(widths.iter().all(|w| *w == widths[0]), "widths {widths:?} in\n{text}");
+    }
+
+    fn site(id: &str, online: bool, stage: &str, rounds: u32) -> pb::SiteInfo {
+        pb::SiteInfo {
+            site_id: id.into(),
+            online,
+            stage: stage.into(),
+            rounds_contributed: rounds,
+            last_seen_ms: if online { 9_000 } else { 0 },
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn tables_align_with_long_and_korean_cells() {
+        let sites = [site("site-1", true, "train", 3), site("서울-병원-정신건강의학과", false, "", 120)];
+        assert_aligned(&sites_table(&sites, 12_000));
+        let job = |id: &str, state: &str, activity: &str| pb::JobInfo {
+            job_id: id.into(),
+            state: state.into(),
+            rounds: 10,
+            completed_rounds: 3,
+            activity: activity.into(),
+            ..Default::default()
+        };
+        assert_aligned(&jobs_table(&[
+            job("triage-1", "running", "round 4: training"),
+            job("우울-분류-2", "completed", ""),
+        ]));
+        let mut j = job("triage-1", "running", "");
+        j.history = vec![
+            pb::RoundInfo { round: 1, contributors: vec!["a".into()], ..Default::default() },
+            pb::RoundInfo {
+                round: 12,
+                contributors: vec!["a".into(), "b".into()],
+                dropped: vec!["site-3".into()],
+                ..Default::default()
             },
-            if s.stage.is_empty() { "-" } else { &s.stage },
-            s.rounds_contributed
-        );
+        ];
+        assert_aligned(&rounds_table(&j));
+    }
+
+    #[test]
+    fn numbers_are_right_aligned() {
+        let text = sites_table(&[site("a", true, "train", 7), site("b", true, "train", 1234)], 12_000).to_string();
+        let end =
+            |row: &str, n: &str| text.lines().find(|l| l.starts_with(row)).and_then(|l| l.find(n)).map(|i| i + n.len());
+        assert_eq!(end(" a ", " 7 "), end(" b ", "1234 "), "{text}");
     }
 }

@@ -64,6 +64,10 @@ pub struct DemoArgs {
     /// sees every site's update). Only for comparing accuracy and speed.
     #[arg(long)]
     pub insecure_plaintext_aggregation: bool,
+    /// At the end, delete the run's consortium, sites and split data, keeping only
+    /// summary.json, audit.json, job.toml and logs/ in the work dir.
+    #[arg(long)]
+    pub clean: bool,
 }
 
 /// Child processes that are stopped (SIGTERM, then SIGKILL) when dropped.
@@ -143,9 +147,68 @@ fn site_binary() -> Result<PathBuf> {
 fn run_quiet(cmd: &mut Command, what: &str) -> Result<()> {
     let out = cmd.output().with_context(|| format!("running {what}"))?;
     if !out.status.success() {
-        bail!("{what} failed ({}): {}", out.status, String::from_utf8_lossy(&out.stderr).trim());
+        let err = String::from_utf8_lossy(&out.stderr);
+        let err = if err.trim().is_empty() { "see above" } else { err.trim() };
+        bail!("{what} failed ({}): {err}", out.status);
     }
     Ok(())
+}
+
+/// Bytes of the files under `path` (0 if it is missing).
+fn disk_usage(path: &Path) -> u64 {
+    let Ok(meta) = std::fs::symlink_metadata(path) else { return 0 };
+    if !meta.is_dir() {
+        return meta.len();
+    }
+    std::fs::read_dir(path).map_or(0, |d| d.flatten().map(|e| disk_usage(&e.path())).sum())
+}
+
+/// `1.4 GB`, `230 MB`, `12 kB`.
+fn human_bytes(n: u64) -> String {
+    match n {
+        n if n >= 1_000_000_000 => format!("{:.1} GB", n as f64 / 1e9),
+        n if n >= 1_000_000 => format!("{:.0} MB", n as f64 / 1e6),
+        n => format!("{:.0} kB", n as f64 / 1e3),
+    }
+}
+
+/// After the run, each site keeps only the model of the release it serves: the global
+/// models of every round (one per round, the bulk of a demo's disk use) and the masked
+/// uploads in `work/` are never read again. Returns the bytes freed.
+fn prune_site_caches(site_home: &Path, keep_model: &str) -> Result<u64> {
+    let mut freed = 0;
+    let keep = format!("{keep_model}.safetensors");
+    for dir in ["models", "work"] {
+        let Ok(entries) = std::fs::read_dir(site_home.join(dir)) else { continue };
+        for e in entries.flatten() {
+            if (dir == "models" && e.file_name() == *keep.as_str()) || !e.file_type()?.is_file() {
+                continue;
+            }
+            let n = e.metadata()?.len();
+            std::fs::remove_file(e.path()).with_context(|| format!("removing {}", e.path().display()))?;
+            freed += n;
+        }
+    }
+    Ok(freed)
+}
+
+/// What `--clean` keeps in the work dir.
+const KEPT_BY_CLEAN: [&str; 4] = ["summary.json", "audit.json", "job.toml", "logs"];
+
+/// `--clean`: removes everything in `work` but [`KEPT_BY_CLEAN`]. Returns the bytes freed.
+fn clean(work: &Path) -> Result<u64> {
+    let mut freed = 0;
+    for e in std::fs::read_dir(work).with_context(|| format!("reading {}", work.display()))?.flatten() {
+        if KEPT_BY_CLEAN.iter().any(|k| e.file_name() == *k) {
+            continue;
+        }
+        let path = e.path();
+        freed += disk_usage(&path);
+        let removed =
+            if e.file_type()?.is_dir() { std::fs::remove_dir_all(&path) } else { std::fs::remove_file(&path) };
+        removed.with_context(|| format!("removing {}", path.display()))?;
+    }
+    Ok(freed)
 }
 
 fn spawn(cmd: &mut Command, log: &Path, name: &str) -> Result<Child> {
@@ -285,6 +348,8 @@ pub async fn run(a: DemoArgs) -> Result<()> {
     if let Some(d) = &a.data {
         split.arg("--data").arg(d);
     }
+    // stderr passes through: a first run fetches the corpus, and its progress shows.
+    split.stderr(Stdio::inherit());
     run_quiet(&mut split, "maeum-site data split")?;
     let manifest: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(split_dir.join("split.json"))?)?;
     let labels: Vec<String> = serde_json::from_value(manifest["labels"].clone()).context("split.json labels")?;
@@ -433,6 +498,10 @@ pub async fn run(a: DemoArgs) -> Result<()> {
         audit_path.display()
     ));
     fleet.stop();
+    let mut pruned = 0;
+    for s in &sites {
+        pruned += prune_site_caches(&work.join(s), &release.1)?;
+    }
     let final_eval = info.history.last().and_then(|r| r.evaluation.clone()).context("no final evaluation")?;
     let fed = score(&client::confusion(&final_eval).context("malformed final evaluation")?);
     let per_round: Vec<serde_json::Value> = info
@@ -457,6 +526,9 @@ pub async fn run(a: DemoArgs) -> Result<()> {
         (Some(c), Some(l))
     };
 
+    let cleaned = if a.clean { Some(clean(&work)?) } else { None };
+    // summary.json is a few kB: measured before it is written.
+    let left = disk_usage(&work);
     let total_seconds = started.elapsed().as_secs_f64();
     let local_mean = local.as_ref().map(|l: &Vec<Score>| {
         let n = l.len().max(1) as f64;
@@ -478,6 +550,7 @@ pub async fn run(a: DemoArgs) -> Result<()> {
             "per_site": l.iter().zip(&sites).map(|(s, id)| serde_json::json!({"site": id, "accuracy": s.accuracy, "macro_f1": s.macro_f1})).collect::<Vec<_>>(),
         })),
         "work_dir": work,
+        "disk": { "left_bytes": left, "pruned_site_caches_bytes": pruned, "cleaned_bytes": cleaned },
         "seconds": total_seconds,
     });
     std::fs::write(work.join("summary.json"), serde_json::to_string_pretty(&summary)?)?;
@@ -485,18 +558,9 @@ pub async fn run(a: DemoArgs) -> Result<()> {
         println!("{summary}");
         return Ok(());
     }
+    let (rounds, comparison) = tables(&per_round, &fed, centralized.as_ref(), local_mean);
     println!();
-    println!("{:<8} {:>9} {:>9} {:>14} {:>6}", "round", "accuracy", "macro-F1", "crisis recall", "sites");
-    for r in &per_round {
-        println!(
-            "{:<8} {:>9.4} {:>9.4} {:>14} {:>6}",
-            r["round"],
-            r["accuracy"].as_f64().unwrap_or(f64::NAN),
-            r["macro_f1"].as_f64().unwrap_or(f64::NAN),
-            r["crisis_recall"].as_f64().map_or("-".into(), |v| format!("{v:.4}")),
-            r["sites"]
-        );
-    }
+    println!("{rounds}");
     println!();
     println!(
         "federated job {} — {} sites, {} rounds, secure aggregation: {}",
@@ -505,19 +569,77 @@ pub async fn run(a: DemoArgs) -> Result<()> {
         a.rounds,
         if info.secure_aggregation { "on" } else { "off (plaintext sum)" }
     );
-    println!("{:<28} {:>9} {:>9}", "", "accuracy", "macro-F1");
-    println!("{:<28} {:>9.4} {:>9.4}", "federated", fed.accuracy, fed.macro_f1);
-    if let Some(c) = &centralized {
-        println!("{:<28} {:>9.4} {:>9.4}", "centralized (pooled data)", c.accuracy, c.macro_f1);
+    println!("{comparison}");
+    println!();
+    println!("{MACRO_F1_NOTE}");
+    if per_round.iter().any(|r| r["sites"].as_u64().is_some_and(|n| n < a.sites as u64)) {
+        println!("{}", fewer_sites_note(a.sites.div_ceil(2).max(1)));
+    }
+    println!();
+    println!("took {total_seconds:.0} s (federation {fed_seconds:.0} s)");
+    match cleaned {
+        Some(freed) => println!(
+            "--clean removed {} of consortium, sites and split data; kept {} ({}) in {}",
+            human_bytes(freed),
+            KEPT_BY_CLEAN.join(", "),
+            human_bytes(left),
+            work.display()
+        ),
+        None => println!(
+            "left {} in {} (consortium, sites, logs, summary.json); delete it when done, or rerun with --clean",
+            human_bytes(left),
+            work.display()
+        ),
+    }
+    Ok(())
+}
+
+/// One line on macro-F1, printed under the comparison.
+const MACRO_F1_NOTE: &str = "macro-F1: the F1 score (harmonic mean of precision and recall) of each label, averaged \
+with equal weight, so a small class such as a crisis label counts as much as a large one; accuracy alone can hide \
+a missed small class.";
+
+/// Why a round may count fewer sites than the demo started: the coordinator starts a
+/// job once `min_sites` accepted and every connected site has decided
+/// (`rounds::join`), and each round takes the accepted sites that are online then.
+fn fewer_sites_note(min_sites: usize) -> String {
+    format!(
+        "fewer sites in a round: the job starts as soon as {min_sites} sites (min_sites) have accepted and every \
+connected site has decided; sites still starting up then accept when they connect and train from the next round \
+on. A site that drops out of a round is left out of it."
+    )
+}
+
+/// The per-round table and the comparison table, for people.
+fn tables(
+    per_round: &[serde_json::Value],
+    fed: &Score,
+    centralized: Option<&Score>,
+    local_mean: Option<(f64, f64)>,
+) -> (comfy_table::Table, comfy_table::Table) {
+    let num = |v: &serde_json::Value| v.as_f64().map_or("-".into(), |x| format!("{x:.4}"));
+    let mut rounds = client::table(&["round", "accuracy", "macro-F1", "crisis recall", "sites"], &[0, 1, 2, 3, 4]);
+    for r in per_round {
+        rounds.add_row(vec![
+            r["round"].to_string(),
+            num(&r["accuracy"]),
+            num(&r["macro_f1"]),
+            num(&r["crisis_recall"]),
+            r["sites"].to_string(),
+        ]);
+    }
+    let mut comparison = client::table(&["", "accuracy", "macro-F1"], &[1, 2]);
+    let mut row = |name: &str, acc: f64, f1: f64| {
+        comparison.add_row(vec![name.to_string(), format!("{acc:.4}"), format!("{f1:.4}")]);
+    };
+    row("federated", fed.accuracy, fed.macro_f1);
+    if let Some(c) = centralized {
+        row("centralized (pooled data)", c.accuracy, c.macro_f1);
     }
     if let Some((acc, f1)) = local_mean {
-        println!("{:<28} {:>9.4} {:>9.4}", "local-only (mean of sites)", acc, f1);
+        row("local-only (mean of sites)", acc, f1);
     }
-    println!(
-        "took {total_seconds:.0} s (federation {fed_seconds:.0} s); state, logs and summary.json in {}",
-        work.display()
-    );
-    Ok(())
+    (rounds, comparison)
 }
 
 fn baselines(dir: &Path, sites: &[String], labels: Vec<String>) -> Result<(Score, Vec<Score>)> {
@@ -547,4 +669,64 @@ fn baselines(dir: &Path, sites: &[String], labels: Vec<String>) -> Result<(Score
 fn crisis_recall(labels: &[String], c: &pb::Confusion) -> Option<f64> {
     let rows = client::confusion(c)?.counts;
     maeum_protocols::release::crisis_recall(&maeum_protocols::release::evaluation(labels, &rows, 0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_round_and_comparison_tables_align() {
+        // The old table printed serde_json values, which ignore width specs.
+        let per_round: Vec<serde_json::Value> = (1..=12)
+            .map(|r| serde_json::json!({"round": r, "accuracy": 0.5 + f64::from(r) / 100.0, "macro_f1": 0.41, "sites": if r == 1 { 4 } else { 7 }}))
+            .collect();
+        let fed = Score { accuracy: 0.61, macro_f1: 0.6 };
+        let (rounds, comparison) = tables(&per_round, &fed, Some(&fed), Some((0.3, 0.25)));
+        crate::client::tests::assert_aligned(&rounds);
+        crate::client::tests::assert_aligned(&comparison);
+    }
+
+    fn write(path: &Path, bytes: usize) {
+        std::fs::create_dir_all(path.parent().expect("parent")).expect("mkdir");
+        std::fs::write(path, vec![0u8; bytes]).expect("write");
+    }
+
+    #[test]
+    fn pruning_keeps_the_served_model_and_clean_keeps_the_summary() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let work = dir.path();
+        let site = work.join("site-1");
+        write(&site.join("models/aaaa.safetensors"), 1000);
+        write(&site.join("models/bbbb.safetensors"), 2000);
+        write(&site.join("models/cccc.part"), 10);
+        write(&site.join("work/job-r1-a1.masked"), 300);
+        write(&site.join("site.pem"), 5);
+        assert_eq!(prune_site_caches(&site, "bbbb").expect("prune"), 1310);
+        assert!(site.join("models/bbbb.safetensors").exists(), "the served release's model stays");
+        assert!(!site.join("models/aaaa.safetensors").exists());
+        assert!(site.join("site.pem").exists());
+        assert_eq!(prune_site_caches(&work.join("site-9"), "bbbb").expect("a missing home is fine"), 0);
+
+        write(&work.join("summary.json"), 7);
+        write(&work.join("audit.json"), 8);
+        write(&work.join("job.toml"), 9);
+        write(&work.join("logs/site-1.log"), 10);
+        write(&work.join("coordinator/blobs/x"), 500);
+        write(&work.join("data/site-1/train.jsonl"), 40);
+        assert_eq!(disk_usage(work), 2000 + 5 + 7 + 8 + 9 + 10 + 500 + 40);
+        assert_eq!(clean(work).expect("clean"), 2000 + 5 + 500 + 40);
+        let mut left: Vec<String> =
+            std::fs::read_dir(work).expect("dir").flatten().map(|e| e.file_name().to_string_lossy().into()).collect();
+        left.sort();
+        assert_eq!(left, ["audit.json", "job.toml", "logs", "summary.json"]);
+        assert_eq!(disk_usage(work), 7 + 8 + 9 + 10);
+    }
+
+    #[test]
+    fn sizes_read_like_du() {
+        assert_eq!(human_bytes(1_512_000_000), "1.5 GB");
+        assert_eq!(human_bytes(230_400_000), "230 MB");
+        assert_eq!(human_bytes(12_300), "12 kB");
+    }
 }

@@ -208,6 +208,10 @@ enum ModelsCommand {
         /// The directory to write into (created if missing).
         #[arg(long, value_name = "DIR")]
         out: PathBuf,
+        /// `torch` also writes model-vN.torch.safetensors with PyTorch's layout (linear
+        /// weights (out, in); tensor names, shapes and forward pass in docs/models.md).
+        #[arg(long, value_enum, default_value = "burn")]
+        layout: models::ExportLayout,
         /// Print one JSON object.
         #[arg(long)]
         json: bool,
@@ -349,8 +353,10 @@ async fn run(cli: Cli) -> Result<()> {
             if json {
                 return print_json(&jobs.jobs.iter().map(client::job_json).collect::<Vec<_>>());
             }
-            for j in &jobs.jobs {
-                println!("{:<32} {:<10} round {}/{}", j.job_id, j.state, j.completed_rounds, j.rounds);
+            if jobs.jobs.is_empty() {
+                println!("no jobs yet: `maeum-coordinator jobs submit FILE`");
+            } else {
+                println!("{}", client::jobs_table(&jobs.jobs));
             }
         }
         Command::Jobs(JobsCommand::Status { home, job_id, watch, json }) => {
@@ -407,8 +413,8 @@ async fn run(cli: Cli) -> Result<()> {
             models::promote(&home.home, &version, reason.as_deref().filter(|_| override_gate), json).await?;
         }
         Command::Models(ModelsCommand::Rollback { home, json }) => models::rollback(&home.home, json).await?,
-        Command::Models(ModelsCommand::Export { home, version, out, json }) => {
-            models::export(&home.home, &version, &out, json).await?;
+        Command::Models(ModelsCommand::Export { home, version, out, layout, json }) => {
+            models::export(&home.home, &version, &out, layout, json).await?;
         }
         Command::Demo(a) => demo::run(a).await?,
     }

@@ -8,18 +8,22 @@
 //! OUT/card-vN.md             the same card for people
 //! OUT/release-vN.json        manifest, signature, signing key, audit-log entry seq
 //! OUT/curve-vN.svg           accuracy and macro-F1 per round
+//! OUT/model-vN.torch.safetensors   with `--layout torch`: the same weights in PyTorch's
+//!                            layout (linear weights (out, in); docs/models.md)
 //! ```
 //!
 //! Export verifies the signature (HOME/signing.pub), the card digest and the model
 //! digest before it writes anything, so what lands in OUT is what the consortium
 //! signed.
 
+use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use serde::Serialize;
 
+use maeum_models::model::ModelSpec;
 use maeum_protocols::audit::{rfc3339, unhex32};
 use maeum_protocols::release::{CardEvaluation, ModelCard, ReleaseFile, check_card, crisis_recall};
 use maeum_protocols::wire::Digest;
@@ -158,30 +162,33 @@ pub async fn list(home: &Path, json: bool) -> Result<()> {
         println!("no releases yet: a job releases its final model when it completes");
         return Ok(());
     }
-    println!(
-        "{:<3} {:<5} {:<14} {:<24} {:>5} {:>8} {:>8}  installed",
-        "", "ver", "model", "job", "round", "accuracy", "macro-F1"
-    );
-    for v in &views {
-        let ok = v.installs.iter().filter(|i| i.installed).count();
-        let refused = v.installs.iter().filter(|i| !i.installed).count();
-        println!(
-            "{:<3} v{:<4} {:<14} {:<24} {:>5} {:>8} {:>8}  {ok} site(s){}",
-            if v.current { "*" } else { "" },
-            v.version,
-            &v.model_sha256[..12.min(v.model_sha256.len())],
-            v.job_id,
-            v.round,
-            score(v.accuracy),
-            score(v.macro_f1),
-            if refused > 0 { format!(", {refused} REFUSED") } else { String::new() }
-        );
-    }
+    println!("{}", releases_table(&views));
     match list.current {
         0 => println!("no release is current yet: `maeum-coordinator models promote VERSION`"),
         n => println!("* current: v{n} (sites install it and keep it in service)"),
     }
     Ok(())
+}
+
+/// `models list` for people: `*` marks the current release.
+fn releases_table(views: &[ReleaseView]) -> comfy_table::Table {
+    let mut t =
+        crate::client::table(&["", "ver", "model", "job", "round", "accuracy", "macro-F1", "installed"], &[4, 5, 6]);
+    for v in views {
+        let ok = v.installs.iter().filter(|i| i.installed).count();
+        let refused = v.installs.iter().filter(|i| !i.installed).count();
+        t.add_row(vec![
+            if v.current { "*" } else { "" }.to_string(),
+            format!("v{}", v.version),
+            v.model_sha256[..12.min(v.model_sha256.len())].to_string(),
+            v.job_id.clone(),
+            v.round.to_string(),
+            score(v.accuracy),
+            score(v.macro_f1),
+            format!("{ok} site(s){}", if refused > 0 { format!(", {refused} REFUSED") } else { String::new() }),
+        ]);
+    }
+    t
 }
 
 /// `models show VERSION`.
@@ -306,8 +313,17 @@ pub struct Exported {
     pub files: Vec<PathBuf>,
 }
 
-/// `models export VERSION --out DIR`.
-pub async fn export(home: &Path, version: &str, out: &Path, json: bool) -> Result<()> {
+/// How `models export` lays out the weights besides the signed model file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ExportLayout {
+    /// Only the signed model file: burn's layout, linear weights (in, out).
+    Burn,
+    /// Also model-vN.torch.safetensors: linear weights (out, in) as torch.nn.Linear.
+    Torch,
+}
+
+/// `models export VERSION --out DIR [--layout torch]`.
+pub async fn export(home: &Path, version: &str, out: &Path, layout: ExportLayout, json: bool) -> Result<()> {
     let mut client = connect(home).await?;
     let info = client.get_release_info(pb::ReleaseSelector { version: version.into() }).await?.into_inner();
     let r = ReleaseMsg::from_pb(info.release.clone().context("the coordinator sent a release without its body")?)?;
@@ -325,7 +341,19 @@ pub async fn export(home: &Path, version: &str, out: &Path, json: bool) -> Resul
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     let n = r.manifest.version;
     let path = |name: String| out.join(name);
-    let files = vec![
+    let torch = match layout {
+        ExportLayout::Burn => None,
+        ExportLayout::Torch => {
+            let name = PathBuf::from(format!("model-v{n}.safetensors"));
+            let (spec, params, _) = ModelSpec::from_bytes(&blob, &name).context("reading the release's model")?;
+            let extra = HashMap::from([
+                ("maeum.release.version".to_string(), n.to_string()),
+                ("maeum.release.model_sha256".to_string(), r.manifest.model_sha256.clone()),
+            ]);
+            Some(spec.to_torch_safetensors(&params, extra).context("converting the model to the torch layout")?)
+        }
+    };
+    let mut files = vec![
         (path(format!("model-v{n}.safetensors")), blob),
         (path(format!("card-v{n}.json")), r.card.clone()),
         (path(format!("card-v{n}.md")), card_markdown(&card, &r, &view(&info, false)?.gate_overrides).into_bytes()),
@@ -335,6 +363,9 @@ pub async fn export(home: &Path, version: &str, out: &Path, json: bool) -> Resul
         ),
         (path(format!("curve-v{n}.svg")), curve_svg(&card).into_bytes()),
     ];
+    if let Some(bytes) = torch {
+        files.push((path(format!("model-v{n}.torch.safetensors")), bytes));
+    }
     for (p, bytes) in &files {
         write_file(p, bytes, false)?;
     }
@@ -595,6 +626,32 @@ fn xml(s: &str) -> String {
 mod tests {
     use super::*;
     use maeum_protocols::release::{CARD_FORMAT, CardJob, CardModel, CardRound, CardSecAgg, Manifest, evaluation};
+
+    #[test]
+    fn the_release_table_aligns() {
+        let v = |version: u32, current: bool, job: &str, refused: bool| ReleaseView {
+            version,
+            current,
+            model_sha256: "ab".repeat(32),
+            model_size: 1,
+            card_sha256: String::new(),
+            job_id: job.into(),
+            round: version * 7,
+            released: String::new(),
+            audit_seq: 1,
+            accuracy: Some(0.5),
+            macro_f1: None,
+            installs: vec![InstallView {
+                site: "s".into(),
+                installed: !refused,
+                reason: String::new(),
+                at: String::new(),
+            }],
+            card: None,
+        };
+        let views = [v(1, false, "triage-1", false), v(12, true, "우울-분류-분류-12", true)];
+        crate::client::tests::assert_aligned(&releases_table(&views));
+    }
 
     fn card() -> ModelCard {
         let labels = vec!["anxiety".to_string(), "suicidewatch".to_string()];

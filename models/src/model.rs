@@ -280,16 +280,65 @@ impl ModelSpec {
 
     /// Loads a model file written by [`ModelSpec::save`].
     pub fn load(path: &Path) -> Result<(ModelSpec, FlatParams, HashMap<String, String>), ModelError> {
-        let spec_err = |detail: String| ModelError::Spec { path: path.display().to_string(), detail };
         let bytes = std::fs::read(path).map_err(|source| ParamsError::Io { path: path.to_owned(), error: source })?;
-        let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| spec_err(e.to_string()))?;
+        Self::from_bytes(&bytes, path)
+    }
+
+    /// Reads a model file's bytes (`path` only names it in errors).
+    pub fn from_bytes(
+        bytes: &[u8],
+        path: &Path,
+    ) -> Result<(ModelSpec, FlatParams, HashMap<String, String>), ModelError> {
+        let spec_err = |detail: String| ModelError::Spec { path: path.display().to_string(), detail };
+        let (_, meta) = safetensors::SafeTensors::read_metadata(bytes).map_err(|e| spec_err(e.to_string()))?;
         let meta = meta.metadata().clone().unwrap_or_default();
         let json = meta.get("maeum.model").ok_or_else(|| spec_err("no maeum.model entry in the header".into()))?;
         let spec: ModelSpec = serde_json::from_str(json).map_err(|e| spec_err(e.to_string()))?;
-        let (params, meta) = FlatParams::from_safetensors(&bytes, path, &spec.layout())?;
+        let (params, meta) = FlatParams::from_safetensors(bytes, path, &spec.layout())?;
         Ok((spec, params, meta))
     }
+
+    /// The model as safetensors in PyTorch's layout (docs/models.md): every linear
+    /// layer's weight as `(out, in)` like `torch.nn.Linear.weight`, where Maeum keeps
+    /// burn's `(in, out)`; `embedding.weight` stays `(buckets, dim)` like
+    /// `torch.nn.EmbeddingBag.weight`; biases unchanged. Tensor names are Maeum's, which
+    /// are already PyTorch's module-path style (`hidden.weight`, `output.bias`). The
+    /// header keeps `maeum.model` and adds `maeum.layout = "torch"`; Maeum itself does not
+    /// load this file (the shapes differ from the layout), and its digest is not the
+    /// release's model digest. `extra` goes into the header too.
+    pub fn to_torch_safetensors(
+        &self,
+        params: &FlatParams,
+        extra: HashMap<String, String>,
+    ) -> Result<Vec<u8>, ModelError> {
+        params.expect_layout(&self.layout())?;
+        let mut tensors = Vec::new();
+        let mut values = Vec::with_capacity(params.values().len());
+        for (t, v) in params.tensors() {
+            match t.shape[..] {
+                [n_in, n_out] if TORCH_TRANSPOSED.contains(&t.name.as_str()) => {
+                    values.extend((0..n_out).flat_map(|o| (0..n_in).map(move |i| v[i * n_out + o])));
+                    tensors.push(crate::params::TensorSpec { name: t.name.clone(), shape: vec![n_out, n_in] });
+                }
+                _ => {
+                    values.extend_from_slice(v);
+                    tensors.push(t.clone());
+                }
+            }
+        }
+        let torch = FlatParams::new(Layout::new(tensors), values)?;
+        let mut meta = extra;
+        // INVARIANT: the spec is plain data and always serialises.
+        #[allow(clippy::unwrap_used)]
+        meta.insert("maeum.model".into(), serde_json::to_string(self).unwrap());
+        meta.insert("maeum.format".into(), "1".into());
+        meta.insert("maeum.layout".into(), "torch".into());
+        torch.to_safetensors(meta).map_err(|detail| ModelError::Spec { path: "(torch export)".into(), detail })
+    }
 }
+
+/// The linear layers' weights, which burn stores `(in, out)` and PyTorch `(out, in)`.
+const TORCH_TRANSPOSED: [&str; 2] = ["hidden.weight", "output.weight"];
 
 #[cfg(test)]
 mod tests {
@@ -314,6 +363,57 @@ mod tests {
             v.push(Example { text: format!("hopeless alone cannot go on {i}"), label: "crisis".into() });
         }
         v
+    }
+
+    #[test]
+    fn the_torch_layout_transposes_linear_weights_and_computes_the_same_probabilities() {
+        let spec = tiny_spec();
+        let params = spec.init(3).expect("init");
+        let bytes = spec.to_torch_safetensors(&params, HashMap::new()).expect("export");
+        let st = safetensors::SafeTensors::deserialize(&bytes).expect("safetensors");
+        let get = |name: &str| {
+            let t = st.tensor(name).expect(name);
+            let v: Vec<f32> = t.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+            (t.shape().to_vec(), v)
+        };
+        let (emb_shape, emb) = get("embedding.weight");
+        let (h_shape, hw) = get("hidden.weight");
+        let (_, hb) = get("hidden.bias");
+        let (o_shape, ow) = get("output.weight");
+        let (_, ob) = get("output.bias");
+        assert_eq!(emb_shape, [256, 8]);
+        assert_eq!(h_shape, [8, 8]);
+        assert_eq!(o_shape, [2, 8], "(out = labels, in = hidden), as torch.nn.Linear");
+        let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).expect("header");
+        assert_eq!(meta.metadata().as_ref().and_then(|m| m.get("maeum.layout")).map(String::as_str), Some("torch"));
+
+        // The documented forward pass, written PyTorch's way (y = W x + b), reproduces
+        // predict_proba.
+        let texts = ["I feel calm today", "I cannot go on"];
+        let ModelSpec::TextClassifier { config, .. } = &spec else { unreachable!("a text spec") };
+        let examples: Vec<Example> =
+            texts.iter().map(|t| Example { text: (*t).into(), label: "calm".into() }).collect();
+        let want = spec.predict_proba(&params, &spec.prepare_text(&examples).expect("prepare")).expect("predict");
+        for (text, want) in texts.iter().zip(want) {
+            let doc = featurize(text, &config.features);
+            let mut bag = vec![0f32; 8];
+            for (&id, &w) in doc.ids.iter().zip(&doc.weights) {
+                bag.iter_mut().zip(&emb[id as usize * 8..][..8]).for_each(|(b, e)| *b += w * e);
+            }
+            let linear = |w: &[f32], b: &[f32], x: &[f32]| -> Vec<f32> {
+                b.iter()
+                    .enumerate()
+                    .map(|(o, bo)| bo + x.iter().enumerate().map(|(i, xi)| w[o * x.len() + i] * xi).sum::<f32>())
+                    .collect()
+            };
+            let h: Vec<f32> = linear(&hw, &hb, &bag).into_iter().map(|v| v.max(0.0)).collect();
+            let logits = linear(&ow, &ob, &h);
+            let max = logits.iter().cloned().fold(f32::MIN, f32::max);
+            let z: f32 = logits.iter().map(|l| (l - max).exp()).sum();
+            for (l, p) in logits.iter().zip(&want) {
+                assert!(((l - max).exp() / z - p).abs() < 1e-5, "{text}: {logits:?} vs {want:?}");
+            }
+        }
     }
 
     #[test]

@@ -246,22 +246,28 @@ pub fn run(a: FinetuneArgs) -> Result<()> {
             r.skipped_labels.join(", ")
         );
     }
-    println!("  {:<24} {:>5} {:>9} {:>11}", "", "n", "base", "fine-tuned");
-    println!("  {:<24} {:>5} {:>9.4} {:>11.4}", "accuracy", r.n_test, r.base.accuracy, r.finetuned.accuracy);
-    println!("  {:<24} {:>5} {:>9.4} {:>11.4}", "macro-F1", "", r.base.macro_f1, r.finetuned.macro_f1);
-    println!("  recall by label");
+    println!("{}", comparison_table(&r));
+    println!("local model written to {} (kept here, never uploaded)", path.display());
+    println!("use it with: maeum-site predict --model {}", &r.model[..16]);
+    Ok(())
+}
+
+/// Base against fine-tuned: accuracy, macro-F1, then recall by label.
+fn comparison_table(r: &LocalModelReport) -> comfy_table::Table {
+    let mut t = crate::table::table(&["", "n", "base", "fine-tuned"], &[1, 2, 3]);
+    let score = |v: f64| format!("{v:.4}");
+    t.add_row(vec!["accuracy".into(), r.n_test.to_string(), score(r.base.accuracy), score(r.finetuned.accuracy)]);
+    t.add_row(vec!["macro-F1".into(), String::new(), score(r.base.macro_f1), score(r.finetuned.macro_f1)]);
     for (i, l) in r.labels.iter().enumerate() {
-        let n: u64 = r.base.confusion[i].iter().sum();
+        let n: u64 = r.base.confusion.get(i).map_or(0, |row| row.iter().sum());
         // Recall says nothing about a label absent from the test split.
         let recall = |m: &LocalMetrics| match m.per_class_recall.get(l) {
             Some(v) if n > 0 => format!("{v:.3}"),
             _ => "-".into(),
         };
-        println!("    {l:<22} {n:>5} {:>9} {:>11}", recall(&r.base), recall(&r.finetuned));
+        t.add_row(vec![format!("recall: {l}"), n.to_string(), recall(&r.base), recall(&r.finetuned)]);
     }
-    println!("local model written to {} (kept here, never uploaded)", path.display());
-    println!("use it with: maeum-site predict --model {}", &r.model[..16]);
-    Ok(())
+    t
 }
 
 #[cfg(test)]
@@ -315,6 +321,37 @@ mod tests {
             seed: 0,
             json: true,
         }
+    }
+
+    #[test]
+    fn the_comparison_table_aligns() {
+        let labels = vec!["calm".to_string(), "위기-자살".to_string()];
+        let m = |a: f64| LocalMetrics {
+            accuracy: a,
+            macro_f1: a / 2.0,
+            per_class_recall: labels.iter().map(|l| (l.clone(), a)).collect(),
+            confusion: vec![vec![3, 1], vec![0, 120]],
+        };
+        let r = LocalModelReport {
+            model: "ab".repeat(32),
+            base_model: "cd".repeat(32),
+            created_ms: 0,
+            labels: labels.clone(),
+            epochs: 3,
+            learning_rate: 0.01,
+            batch_size: 32,
+            dropout: 0.0,
+            head_only: false,
+            seed: 1,
+            n_train: 10,
+            n_test: 124,
+            skipped: 0,
+            skipped_labels: vec![],
+            train_seconds: 1.0,
+            base: m(0.5),
+            finetuned: m(0.75),
+        };
+        crate::table::tests::assert_aligned(&comparison_table(&r));
     }
 
     #[test]

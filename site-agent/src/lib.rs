@@ -10,6 +10,7 @@ pub mod metrics;
 pub mod predict;
 pub mod releases;
 pub mod secure;
+pub mod table;
 pub mod witness;
 
 pub use maeum_protocols::runtime::now_ms;

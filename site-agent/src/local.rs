@@ -227,24 +227,24 @@ pub fn split(a: SplitArgs) -> Result<()> {
         a.seed,
         a.out.display()
     );
-    print!("{:<24}", "label");
-    for s in &shards {
-        print!("{:>10}", s.site);
-    }
-    println!();
-    for l in labels.names() {
-        print!("{l:<24}");
-        for s in &shards {
-            print!("{:>10}", s.histogram.get(l).copied().unwrap_or(0));
-        }
-        println!();
-    }
-    print!("{:<24}", "train / test");
-    for s in &shards {
-        print!("{:>10}", format!("{}/{}", s.train, s.test));
-    }
-    println!();
+    println!("{}", split_table(labels.names(), &shards));
     Ok(())
+}
+
+/// Records per label and site, and each site's train/test sizes.
+fn split_table(labels: &[String], shards: &[SiteShard]) -> comfy_table::Table {
+    let mut header = vec!["label"];
+    header.extend(shards.iter().map(|s| s.site.as_str()));
+    let mut t = crate::table::table(&header, &(1..=shards.len()).collect::<Vec<_>>());
+    for l in labels {
+        let mut row = vec![l.clone()];
+        row.extend(shards.iter().map(|s| s.histogram.get(l).copied().unwrap_or(0).to_string()));
+        t.add_row(row);
+    }
+    let mut row = vec!["train / test".to_string()];
+    row.extend(shards.iter().map(|s| format!("{}/{}", s.train, s.test)));
+    t.add_row(row);
+    t
 }
 
 /// `maeum-site train-local`. Defaults come from `TextClassifierConfig` and `TrainConfig`.
@@ -454,11 +454,33 @@ pub fn train_local(a: TrainLocalArgs) -> Result<()> {
         println!("  accuracy   {:.4}", out.accuracy);
         println!("  macro-F1   {:.4}", out.macro_f1);
         println!("  {:.0} examples/s over {} epochs ({:.1} s)", out.examples_per_second, out.epochs, out.train_seconds);
-        println!("  {:<24} {:>9} {:>9}", "label", "precision", "recall");
+        let mut t = crate::table::table(&["label", "precision", "recall"], &[1, 2]);
         for (i, l) in labels.names().iter().enumerate() {
-            println!("  {l:<24} {:>9.3} {:>9.3}", m.per_class_precision[i], m.per_class_recall[i]);
+            t.add_row(vec![
+                l.clone(),
+                format!("{:.3}", m.per_class_precision[i]),
+                format!("{:.3}", m.per_class_recall[i]),
+            ]);
         }
+        println!("{t}");
         println!("model written to {}", model_path.display());
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_split_table_aligns_with_korean_labels() {
+        let labels: Vec<String> = ["우울", "suicidewatch", "불안-공황"].iter().map(|l| l.to_string()).collect();
+        let shard = |i: usize, n: usize| SiteShard {
+            site: format!("site-{i}"),
+            train: n * 8,
+            test: n * 2,
+            histogram: labels.iter().map(|l| (l.clone(), n)).collect(),
+        };
+        crate::table::tests::assert_aligned(&split_table(&labels, &[shard(1, 3), shard(12, 12345)]));
+    }
 }

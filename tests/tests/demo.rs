@@ -41,6 +41,12 @@ fn the_demo_runs_a_federation_and_reports_the_comparison() {
     ] {
         assert!(work.join(f).exists(), "{f} missing from the work dir");
     }
+    // Each site keeps only the served release's model; the summary says what is left.
+    let models: Vec<_> = std::fs::read_dir(work.join("site-1/models")).expect("site models").flatten().collect();
+    assert_eq!(models.len(), 1, "only the release in service stays: {models:?}");
+    assert!(v["disk"]["pruned_site_caches_bytes"].as_u64().is_some_and(|n| n > 0), "{}", v["disk"]);
+    assert!(v["disk"]["left_bytes"].as_u64().is_some_and(|n| n > 0), "{}", v["disk"]);
+    assert!(v["disk"]["cleaned_bytes"].is_null(), "{}", v["disk"]);
 
     // The audit export verifies offline against the log key, and tells the job's story.
     let audit = work.join("audit.json");

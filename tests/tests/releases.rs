@@ -103,6 +103,55 @@ fn model_of(fed: &Federation, version: &str) -> String {
     fed.cli_json(&["models", "show", version])["model_sha256"].as_str().expect("model").to_string()
 }
 
+/// `models export --layout torch`, loaded by an independent numpy implementation of the
+/// documented featuriser and forward pass (scripts/torch_predict.py, `safetensors` +
+/// `numpy`), gives `maeum-site predict`'s probabilities to 1e-5.
+fn torch_export_reproduces_predict(fed: &Federation, model: &str) {
+    let out = fed.dir.path().join("export");
+    let v = fed.cli_json(&["models", "export", "v1", "--layout", "torch", "--out", out.to_str().unwrap_or_default()]);
+    let torch = out.join("model-v1.torch.safetensors");
+    assert!(v["files"].as_array().is_some_and(|f| f.iter().any(|f| f == torch.to_str().unwrap_or_default())), "{v:#}");
+    // The signed model file is still written as signed: its digest is the release's.
+    let signed = std::fs::read(out.join("model-v1.safetensors")).expect("signed model");
+    assert_eq!(maeum_protocols::wire::Digest::of(&signed).to_string(), model);
+
+    let texts = [
+        "I feel like ending it all tonight, I wrote a note",
+        "My anxiety before exams is getting worse and I can't sleep",
+        "요즘 너무 우울해서 아무것도 하기 싫어요",
+        "Has anyone tried the new pasta recipe? It's GREAT!!",
+        "!!! ...", // no features at all: the bag is zero
+    ];
+    let mut python = Command::new("python3");
+    python.arg(maeum_e2e::root().join("scripts/torch_predict.py")).arg(&torch);
+    for t in texts {
+        python.arg("--text").arg(t);
+    }
+    let out = python.output().expect("running python3");
+    assert!(
+        out.status.success(),
+        "scripts/torch_predict.py failed (it needs `python3 -m pip install --user safetensors numpy`, which .ci/run \
+         does): {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let reference: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("one JSON object per text"))
+        .collect();
+    assert_eq!(reference.len(), texts.len());
+    for (text, py) in texts.iter().zip(&reference) {
+        let rust = site_json(fed, "site-1", &["predict", "--model", "v1", "--text", text]);
+        let (rust_p, py_p) =
+            (rust["probabilities"].as_object().expect("probs"), py["probabilities"].as_object().expect("probs"));
+        assert_eq!(rust_p.len(), py_p.len(), "{text:?}");
+        for (label, p) in rust_p {
+            let (a, b) = (p.as_f64().expect("f64"), py_p[label].as_f64().expect("f64"));
+            assert!((a - b).abs() < 1e-5, "{text:?} {label}: predict {a}, numpy on the torch export {b}");
+        }
+        assert_eq!(rust["label"], py["label"], "{text:?}");
+    }
+}
+
 #[test]
 fn sites_install_only_verified_releases_and_keep_the_previous_one_in_service() {
     let mut fed = Federation::new(3);
@@ -175,6 +224,7 @@ fn sites_install_only_verified_releases_and_keep_the_previous_one_in_service() {
         assert_eq!(summary["accuracy"], mine["accuracy"], "{s}");
         assert_eq!(summary["macro_f1"], mine["macro_f1"], "{s}");
     }
+    torch_export_reproduces_predict(&fed, &v1);
 
     // Personalisation: a local model beside the release, compared on the local test
     // split; the release stays in service and the local model is usable by digest.

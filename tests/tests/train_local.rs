@@ -77,3 +77,25 @@ fn split_writes_reproducible_non_iid_sites() {
         assert_eq!(f, std::fs::read(dir.path().join(format!("b/site-{s}/train.jsonl"))).expect("train file"));
     }
 }
+
+#[test]
+fn the_corpus_fetch_reports_its_phases_on_stderr_without_redraws_when_not_a_terminal() {
+    rmhd();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = run_ok(
+        Command::new("python3")
+            .arg(maeum_e2e::root().join("scripts/fetch_rmhd.py"))
+            .arg("--out")
+            .arg(dir.path().join("rmhd.jsonl"))
+            .arg("--cache")
+            .arg(maeum_e2e::root().join("data/cache")),
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    // A cached wheel or a fresh download: either way the user is told which, with sizes.
+    assert!(err.contains("using the cached wheel") || err.contains("downloaded "), "{err}");
+    assert!(err.contains(" MB"), "sizes are shown: {err}");
+    assert!(err.contains("SHA-256 matches"), "{err}");
+    // Piped stderr (a CI log): no carriage-return progress redraws.
+    assert!(!err.contains('\r'), "{err:?}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("wrote 7020 posts"));
+}
