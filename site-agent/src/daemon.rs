@@ -663,7 +663,7 @@ async fn report_eval(
         job_id: of.job_id.into(),
         round: of.round,
         attempt: of.attempt,
-        model_digest: of.model.digest.clone(),
+        model_digest: of.model.digest,
         confusion: counts,
         crisis_histogram,
     });
