@@ -410,14 +410,17 @@ pub fn verify_full(bytes: &[u8], trust: Option<&[u8; 32]>) -> Result<Verified, A
     Ok(Verified { export, tree, log_key, report })
 }
 
+/// One change of a site certificate: (seq, valid from here on, by `site_approved`).
+type CertChange = (u64, bool, bool);
+
 /// Which certificates of each site the log announced, and when the log replaced them:
 /// the rule behind AUD-13 and AUD-14 for a site whose key changed over time.
 #[derive(Debug, Default, Clone)]
 pub struct SiteCertificates {
     /// (site, fingerprint) → the time of the first entry announcing it.
     announced: BTreeMap<(String, String), i64>,
-    /// (site, fingerprint) → in log order, (seq, valid from here on, by `site_approved`).
-    changes: BTreeMap<(String, String), Vec<(u64, bool, bool)>>,
+    /// (site, fingerprint) → its changes in log order.
+    changes: BTreeMap<(String, String), Vec<CertChange>>,
 }
 
 impl SiteCertificates {
