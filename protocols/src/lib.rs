@@ -21,14 +21,6 @@
 //! The protocol cores are sans-IO: no sockets, clocks or ambient randomness.
 #![forbid(unsafe_code)]
 
-pub mod audit;
-pub mod doctor;
-pub mod identity;
 pub mod job;
-pub mod ops;
-pub mod release;
-pub mod runtime;
-pub mod secagg;
 pub mod strategy;
-pub mod tls;
 pub mod wire;
