@@ -8,7 +8,7 @@ use anyhow::{Context, Result};
 use tonic::transport::{Channel, Endpoint};
 
 use maeum_models::metrics::Confusion;
-use maeum_protocols::tls;
+use maeum_pki::tls;
 use maeum_protocols::wire::pb::{self, control_client::ControlClient};
 
 use crate::home::Home;

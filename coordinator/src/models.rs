@@ -20,11 +20,11 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use serde::Serialize;
 
-use maeum_protocols::audit::{rfc3339, unhex32};
-use maeum_protocols::release::{CardEvaluation, ModelCard, ReleaseFile, check_card};
 use maeum_protocols::wire::Digest;
 use maeum_protocols::wire::pb;
 use maeum_protocols::wire::release::ReleaseMsg;
+use maeum_tlog::release::{CardEvaluation, ModelCard, ReleaseFile, check_card};
+use maeum_tlog::{rfc3339, unhex32};
 
 use crate::client::connect;
 use crate::home::{Home, write_file};
@@ -234,7 +234,7 @@ pub async fn export(home: &Path, version: &str, out: &Path, json: bool) -> Resul
     let key = unhex32(key_hex.trim()).context("HOME/signing.pub")?;
     r.manifest.verify(&key, &r.signature).context("checking the release before export")?;
     let card = check_card(&r.manifest, &r.card).context("checking the release before export")?;
-    r.manifest.check_blob(&Digest::of(&blob)).context("checking the release before export")?;
+    r.manifest.check_blob(&Digest::of(&blob).0).context("checking the release before export")?;
 
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     let n = r.manifest.version;
@@ -452,7 +452,7 @@ fn xml(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use maeum_protocols::release::{CARD_FORMAT, CardJob, CardModel, CardRound, CardSecAgg, Manifest, evaluation};
+    use maeum_tlog::release::{CARD_FORMAT, CardJob, CardModel, CardRound, CardSecAgg, Manifest, evaluation};
 
     fn card() -> ModelCard {
         let labels = vec!["anxiety".to_string(), "suicidewatch".to_string()];

@@ -15,12 +15,12 @@ use std::collections::BTreeMap;
 use anyhow::{Context, Result, anyhow, bail};
 use serde::{Deserialize, Serialize};
 
-use maeum_protocols::audit::{Event, unhex};
-use maeum_protocols::release::{
-    CARD_FORMAT, CardJob, CardModel, CardRound, CardSecAgg, Manifest, ModelCard, Selector, evaluation,
-};
 use maeum_protocols::wire::Digest;
 use maeum_protocols::wire::release::ReleaseMsg;
+use maeum_tlog::release::{
+    CARD_FORMAT, CardJob, CardModel, CardRound, CardSecAgg, Manifest, ModelCard, Selector, evaluation,
+};
+use maeum_tlog::{Event, unhex};
 
 use crate::home::{hex, now_ms};
 use crate::server::Coord;

@@ -12,4 +12,4 @@ pub mod releases;
 pub mod secure;
 pub mod witness;
 
-pub use maeum_protocols::runtime::now_ms;
+pub use maeum_runtime::runtime::now_ms;

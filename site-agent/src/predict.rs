@@ -18,7 +18,7 @@ use clap::Args;
 use maeum_models::data::{DataError, LineError, Problem};
 use maeum_models::model::ModelSpec;
 use maeum_models::params::FlatParams;
-use maeum_protocols::release::Selector;
+use maeum_tlog::release::Selector;
 
 use crate::enrol::{Home, Status};
 

@@ -5,6 +5,14 @@
 //! Exit codes: 0 the check holds; 1 it does not, including a file that does not parse
 //! (the message names the first failed check, entry or checkpoint); 2 the command could
 //! not run (bad arguments, a file that cannot be read or is of the wrong kind).
+//!
+//! The auditor's trusted code base: this crate depends on `maeum-tlog` (and through it
+//! ring, rustls' WebPKI verifier, x509 parsing and `maeum-pki`'s identities), clap,
+//! anyhow, serde_json and safetensors' header parser — and on nothing that trains or
+//! serves. It must never depend on burn, `maeum-models`, tokio, tonic or axum; a test
+//! (`tests/tests/boundaries.rs`) fails if any of them appears in its tree. Release
+//! checks that need the model's layout read it from the signed model file's header.
+#![forbid(unsafe_code)]
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -12,13 +20,11 @@ use std::process::ExitCode;
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 
-use maeum_models::model::ModelSpec;
-use maeum_protocols::audit::export::{
+use maeum_tlog::export::{
     self, CHECKPOINT_FORMAT, CheckpointFile, EXPORT_FORMAT, INCLUSION_FORMAT, InclusionProof, Verified,
 };
-use maeum_protocols::audit::{AuditError, Entry, Event, hex, rfc3339, unhex32};
-use maeum_protocols::release::{ModelFile, ReleaseAudit, ReleaseError, ReleaseFile, audit_release};
-use maeum_protocols::wire::Hasher;
+use maeum_tlog::release::{ModelFile, ReleaseAudit, ReleaseError, ReleaseFile, audit_release};
+use maeum_tlog::{AuditError, Entry, Event, hex, rfc3339, unhex32};
 
 /// Verify and inspect a Maeum transparency audit log, offline.
 #[derive(Debug, Parser)]
@@ -141,7 +147,7 @@ impl From<ReleaseError> for Failure {
 }
 
 fn main() -> ExitCode {
-    maeum_protocols::runtime::exit_quietly_on_closed_stdout();
+    exit_quietly_on_closed_stdout();
     let cli = Cli::parse();
     match run(cli.command) {
         Ok(()) => ExitCode::SUCCESS,
@@ -275,12 +281,11 @@ fn run(command: Command) -> Result<(), Failure> {
             let n = file.manifest.version;
             let card = read(&dir.join(format!("card-v{n}.json")))?;
             let model_path = dir.join(format!("model-v{n}.safetensors"));
-            let sha256 = Hasher::file(&model_path).with_context(|| format!("reading {}", model_path.display()))?;
-            // Load (parse) the model only once it is known to be the signed one.
-            let loaded = if sha256.hex() == file.manifest.model_sha256 {
-                ModelSpec::load(&model_path)
-                    .map(|(spec, _, _)| (spec.layout().digest().to_string(), spec.labels().names().to_vec()))
-                    .map_err(|e| format!("it does not load: {e}"))
+            let model = read(&model_path)?;
+            let sha256 = sha256(&model);
+            // Parse the model only once it is known to be the signed one.
+            let loaded = if hex(&sha256) == file.manifest.model_sha256 {
+                model_header(&model).map_err(|e| format!("it does not load: {e}"))
             } else {
                 Err("not loaded: its digest is not the signed one".into())
             };
@@ -500,4 +505,53 @@ fn line(entry: &Entry) -> String {
 /// The first 16 hex digits of a digest, for reading (the JSON output has all 64).
 fn short(digest: &str) -> String {
     digest.get(..16).map_or_else(|| digest.to_owned(), |s| format!("{s}…"))
+}
+
+/// SHA-256 of a file's bytes.
+fn sha256(bytes: &[u8]) -> [u8; 32] {
+    let mut out = [0u8; 32];
+    out.copy_from_slice(ring::digest::digest(&ring::digest::SHA256, bytes).as_ref());
+    out
+}
+
+/// The layout digest and labels a model file declares, read from its safetensors header
+/// (`maeum.layout_digest`, and the labels of the `maeum.model` spec) without the models
+/// crate: the caller has checked that the file is the signed one, so its header is what
+/// was released. The whole file must parse as safetensors (header, offsets, sizes).
+fn model_header(bytes: &[u8]) -> Result<(String, Vec<String>), String> {
+    safetensors::SafeTensors::deserialize(bytes).map_err(|e| format!("not a safetensors file: {e}"))?;
+    let (_, meta) = safetensors::SafeTensors::read_metadata(bytes).map_err(|e| e.to_string())?;
+    let meta = meta.metadata().clone().unwrap_or_default();
+    let layout = meta.get("maeum.layout_digest").ok_or("no maeum.layout_digest entry in the header")?;
+    let spec = meta.get("maeum.model").ok_or("no maeum.model entry in the header")?;
+    let spec: serde_json::Value = serde_json::from_str(spec).map_err(|e| format!("maeum.model: {e}"))?;
+    // `labels` is a label set: `{"labels": [...]}`.
+    let labels = spec
+        .get("labels")
+        .and_then(|l| l.get("labels").or(Some(l)))
+        .and_then(serde_json::Value::as_array)
+        .ok_or("maeum.model names no labels")?
+        .iter()
+        .map(|l| l.as_str().map(str::to_owned).ok_or("maeum.model: a label is not a string"))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok((layout.clone(), labels))
+}
+
+/// Makes a closed stdout (`maeum-audit timeline … | head -1`) end the process quietly
+/// with status 141, as a Unix tool killed by SIGPIPE does, instead of a panic report.
+/// Rust ignores SIGPIPE, so `println!` to a closed pipe panics with "failed printing to
+/// stdout"; this hook recognises only that panic and leaves every other to the default
+/// hook. (The same hook as `maeum_runtime::runtime`'s, repeated here so that the
+/// auditor's verifier links no daemon glue.)
+fn exit_quietly_on_closed_stdout() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let payload = info.payload();
+        let message =
+            payload.downcast_ref::<String>().map(String::as_str).or_else(|| payload.downcast_ref::<&str>().copied());
+        if message.is_some_and(|m| m.starts_with("failed printing to stdout") && m.contains("Broken pipe")) {
+            std::process::exit(141);
+        }
+        default(info);
+    }));
 }

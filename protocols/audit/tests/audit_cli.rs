@@ -9,8 +9,8 @@ use std::path::Path;
 use std::process::Command;
 
 use audit_fixture::realistic;
-use maeum_protocols::audit::checkpoint::log_public_key;
-use maeum_protocols::audit::{Event, hex};
+use maeum_tlog::checkpoint::log_public_key;
+use maeum_tlog::{Event, hex};
 
 /// Runs `maeum-audit ARGS`; returns (exit code, stdout, stderr).
 fn run(args: &[&str]) -> (i32, String, String) {
@@ -116,10 +116,10 @@ fn export_release(c: &mut audit_fixture::Consortium, dir: &Path, card_labels: &[
     use maeum_models::data::LabelSet;
     use maeum_models::features::FeatureConfig;
     use maeum_models::model::{ModelSpec, TextClassifierConfig};
-    use maeum_protocols::release::{
+    use maeum_tlog::release::{
         CARD_FORMAT, CardJob, CardModel, CardSecAgg, Manifest, ModelCard, ReleaseFile, evaluation,
     };
-    use maeum_protocols::wire::Digest;
+    let sha256_hex = |bytes: &[u8]| hex(ring::digest::digest(&ring::digest::SHA256, bytes).as_ref());
 
     std::fs::create_dir_all(dir).unwrap();
     let labels = vec!["anxiety".to_string(), "suicidewatch".to_string()];
@@ -142,7 +142,7 @@ fn export_release(c: &mut audit_fixture::Consortium, dir: &Path, card_labels: &[
         version: 1,
         parent_version: None,
         model: CardModel {
-            sha256: Digest::of(&model).hex(),
+            sha256: sha256_hex(&model),
             size: model.len() as u64,
             layout_digest: spec.layout().digest().to_string(),
             kind: "text-classifier".into(),
@@ -168,10 +168,10 @@ fn export_release(c: &mut audit_fixture::Consortium, dir: &Path, card_labels: &[
     let manifest = Manifest {
         consortium: "heart".into(),
         version: 1,
-        model_sha256: Digest::of(&model).hex(),
+        model_sha256: sha256_hex(&model),
         model_size: model.len() as u64,
         layout_digest: spec.layout().digest().to_string(),
-        card_sha256: Digest::of(&card).hex(),
+        card_sha256: sha256_hex(&card),
     };
     if log_it {
         c.append(Event::ModelRelease {

@@ -10,9 +10,9 @@ mod audit_fixture;
 mod tamper;
 
 use audit_fixture::{ORIGIN, realistic};
-use maeum_protocols::audit::checkpoint::log_public_key;
-use maeum_protocols::audit::export::verify;
-use maeum_protocols::audit::{AuditError, Event, Witness, hex};
+use maeum_tlog::checkpoint::log_public_key;
+use maeum_tlog::export::verify;
+use maeum_tlog::{AuditError, Event, Witness, hex};
 
 #[test]
 fn every_tampering_of_an_export_is_detected() {

@@ -7,7 +7,7 @@ use std::path::Path;
 
 use serde::Serialize;
 
-use crate::identity;
+use maeum_pki::identity;
 
 /// How a check came out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -166,7 +166,7 @@ impl Checks {
 #[allow(clippy::unwrap_used)] // tests fail loudly by design
 mod tests {
     use super::*;
-    use crate::identity::Ca;
+    use maeum_pki::identity::Ca;
 
     #[test]
     fn certificate_expiry_levels_and_failures() {

@@ -19,11 +19,11 @@
 
 use std::time::{Duration, Instant};
 
-use maeum_protocols::identity::site_request;
-use maeum_protocols::secagg::graph::Graph;
-use maeum_protocols::secagg::prg::MaskStream;
-use maeum_protocols::secagg::sign::{EcdsaSigner, SessionVerifier};
-use maeum_protocols::secagg::{
+use maeum_pki::identity::site_request;
+use maeum_secagg::graph::Graph;
+use maeum_secagg::prg::MaskStream;
+use maeum_secagg::sign::{EcdsaSigner, SessionVerifier};
+use maeum_secagg::{
     AdvertiseKeys, Client, Masker, Participant, Server, Session, SessionParams, ShareKeys, SurvivorSignature,
     UnmaskShares,
 };
@@ -76,7 +76,7 @@ fn fill_input(p: u16, start: u64, out: &mut [u32]) {
 }
 
 struct Identities {
-    signers: Vec<EcdsaSigner>,
+    signers: Vec<EcdsaSigner<ring::rand::SystemRandom>>,
 }
 
 impl Identities {
@@ -84,7 +84,7 @@ impl Identities {
         let signers = (1..=n)
             .map(|i| {
                 let (key, _csr) = site_request(&format!("site-{i}")).expect("site key");
-                EcdsaSigner::from_pkcs8_pem(key.expose()).expect("signer")
+                EcdsaSigner::from_pkcs8_pem(key.expose(), ring::rand::SystemRandom::new()).expect("signer")
             })
             .collect();
         Identities { signers }
@@ -298,7 +298,16 @@ fn run(ids: &Identities, cfg: Config) -> Measured {
     }
     let cpu0 = cpu_seconds();
     let start = Instant::now();
-    let outcome = server.finish().expect("finish");
+    // Unmasked in parallel, as the coordinator does (the core itself is single-threaded).
+    let outcome = server.finish().expect("finish").outcome_with(|sum, seeds| {
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let per = sum.len().div_ceil(threads).max(1);
+        std::thread::scope(|scope| {
+            for (i, words) in sum.chunks_mut(per).enumerate() {
+                scope.spawn(move || seeds.unmask(words, (i * per) as u64));
+            }
+        });
+    });
     let finish = start.elapsed();
     let finish_cpu = cpu0.and_then(|a| cpu_seconds().map(|b| b - a));
 

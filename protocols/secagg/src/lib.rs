@@ -13,6 +13,15 @@
 //!
 //! Every check a party performs has a stable ID ([`Check`]); it appears in errors,
 //! test names and the table in `docs/protocols/secagg.md`.
+//!
+//! Single-threaded by design: the server's heaviest step, removing the masks from the
+//! sum, is handed back as an [`Unmasking`] whose parts the caller may run on its own
+//! threads ([`Seeds::unmask`]); the ECDSA signer takes its random source from the
+//! caller. Dependencies: ring, x25519-dalek, rand_chacha, zeroize, thiserror, and PEM/
+//! X.509 parsing for identity keys. This crate must never depend on tokio, tonic,
+//! axum, burn, `maeum-models`, spawn threads or read a clock; a test
+//! (`tests/tests/boundaries.rs`) fails if any of those crates appears in its tree.
+#![forbid(unsafe_code)]
 
 pub mod client;
 pub mod crypto;
@@ -32,7 +41,7 @@ pub mod params;
 pub use client::{Client, Masker};
 pub use messages::*;
 pub use params::{Participant, Session, SessionParams};
-pub use server::{Outcome, Server};
+pub use server::{Outcome, Seeds, Server, Unmasking};
 
 use std::fmt;
 

@@ -22,9 +22,6 @@ const SHARE_CIPHERTEXT_LEN: usize = SHARE_PLAINTEXT_LEN + 16;
 /// Words unmasked per pass over the mask streams.
 const UNMASK_CHUNK: usize = 64 * 1024;
 
-/// Below this many words the unmasking runs on the calling thread only.
-const PARALLEL_MIN_WORDS: usize = 1 << 20;
-
 /// At most this many candidate share subsets are tried to find a wrong share (SA-11).
 const ATTRIBUTION_BUDGET: usize = 1024;
 
@@ -622,8 +619,9 @@ impl Server {
     }
 
     /// Ends stage 5: reconstructs every needed secret (SA-05 if too few shares, SA-11
-    /// for a share that does not match), removes the masks and returns the sum.
-    pub fn finish(self) -> Result<Outcome, SecAggError> {
+    /// for a share that does not match) and returns the masked sum with the seeds that
+    /// remove its masks.
+    pub fn finish(self) -> Result<Unmasking, SecAggError> {
         self.expect_stage(Stage::Unmask)?;
         let t = self.threshold;
         let sid = self.session_id;
@@ -688,22 +686,32 @@ impl Server {
                 .map_err(|e| attributed(u, "self-mask seed", e))?;
             streams.push((seed, false));
         }
-        let mut sum = match self.sum {
+        let sum = match self.sum {
             Some(s) => s,
             None => return Err(SecAggError::new(Check::Threshold, "no masked input was folded")),
         };
-        unmask(&mut sum, &streams);
         let dropped = self.session.participants.iter().map(|p| p.index).filter(|&i| !contains(&self.u3, i)).collect();
-        Ok(Outcome { sum, survivors: self.u3, dropped })
+        Ok(Unmasking { sum, seeds: Seeds(streams), survivors: self.u3, dropped })
     }
 }
 
-/// Applies every stream (added if its flag is set, subtracted otherwise) to `sum`,
-/// chunk by chunk; large vectors are split across the available cores (each part
-/// seeks its own streams).
-fn unmask(sum: &mut [u32], streams: &[(Zeroizing<[u8; 32]>, bool)]) {
-    fn part(words: &mut [u32], start: u64, streams: &[(Zeroizing<[u8; 32]>, bool)]) {
-        let mut ms: Vec<(MaskStream, bool)> = streams
+/// The seeds of every mask stream left in a masked sum, each with whether to add its
+/// stream (or subtract it). Never printed: [`fmt::Debug`] shows only how many.
+pub struct Seeds(Vec<(Zeroizing<[u8; 32]>, bool)>);
+
+impl fmt::Debug for Seeds {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Seeds([{} streams])", self.0.len())
+    }
+}
+
+impl Seeds {
+    /// Removes the masks from `words`, the part of the sum that starts at word `start`,
+    /// chunk by chunk (each stream seeks to `start`), on the calling thread. Parts may be
+    /// unmasked in any order and on any threads; every word must be unmasked once.
+    pub fn unmask(&self, words: &mut [u32], start: u64) {
+        let mut ms: Vec<(MaskStream, bool)> = self
+            .0
             .iter()
             .map(|(seed, add)| {
                 let mut m = MaskStream::new(seed);
@@ -717,19 +725,41 @@ fn unmask(sum: &mut [u32], streams: &[(Zeroizing<[u8; 32]>, bool)]) {
             }
         }
     }
-    let threads = if sum.len() < PARALLEL_MIN_WORDS {
-        1
-    } else {
-        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).min(sum.len() / (PARALLEL_MIN_WORDS / 4))
-    };
-    if threads <= 1 {
-        part(sum, 0, streams);
-        return;
+}
+
+/// Stage 5 done: the masked sum and the seeds that remove its masks. Removing them is
+/// the bulk of the server's work (streams × words of keystream); the core stays
+/// single-threaded, so [`Unmasking::outcome`] does it on the calling thread and a caller
+/// with cores to spare uses [`Unmasking::outcome_with`] to run [`Seeds::unmask`] on
+/// parts of the sum in parallel.
+#[derive(Debug)]
+pub struct Unmasking {
+    sum: Vec<u32>,
+    seeds: Seeds,
+    survivors: Vec<u16>,
+    dropped: Vec<u16>,
+}
+
+impl Unmasking {
+    /// Words in the sum.
+    pub fn len(&self) -> usize {
+        self.sum.len()
     }
-    let per = sum.len().div_ceil(threads);
-    std::thread::scope(|scope| {
-        for (i, words) in sum.chunks_mut(per).enumerate() {
-            scope.spawn(move || part(words, (i * per) as u64, streams));
-        }
-    });
+
+    /// Whether the sum is empty (a zero-length session).
+    pub fn is_empty(&self) -> bool {
+        self.sum.is_empty()
+    }
+
+    /// Unmasks on the calling thread and returns the sum.
+    pub fn outcome(self) -> Outcome {
+        self.outcome_with(|sum, seeds| seeds.unmask(sum, 0))
+    }
+
+    /// Unmasks with the caller's parallelism: `unmask_all` must call [`Seeds::unmask`]
+    /// exactly once for every word of the sum (each part with its offset in the sum).
+    pub fn outcome_with(mut self, unmask_all: impl FnOnce(&mut [u32], &Seeds)) -> Outcome {
+        unmask_all(&mut self.sum, &self.seeds);
+        Outcome { sum: self.sum, survivors: self.survivors, dropped: self.dropped }
+    }
 }

@@ -7,12 +7,12 @@
 
 use std::fmt;
 
-use ring::rand::SystemRandom;
+use ring::rand::SecureRandom;
 use ring::signature::{
     ECDSA_P256_SHA256_ASN1, ECDSA_P256_SHA256_ASN1_SIGNING, EcdsaKeyPair, KeyPair, UnparsedPublicKey,
 };
-use rustls::pki_types::PrivatePkcs8KeyDer;
-use rustls::pki_types::pem::PemObject;
+use rustls_pki_types::PrivatePkcs8KeyDer;
+use rustls_pki_types::pem::PemObject;
 
 use super::{Session, Signer, Verifier};
 
@@ -28,27 +28,29 @@ pub enum SignError {
 }
 
 /// Signs with the site's ECDSA P-256 identity key (ASN.1 DER signatures, SHA-256).
-pub struct EcdsaSigner {
+/// ECDSA needs fresh randomness for every signature: it comes from the caller's `R`
+/// (in the site agent, `ring::rand::SystemRandom`).
+pub struct EcdsaSigner<R> {
     key: EcdsaKeyPair,
-    rng: SystemRandom,
+    rng: R,
 }
 
-impl fmt::Debug for EcdsaSigner {
+impl<R> fmt::Debug for EcdsaSigner<R> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("EcdsaSigner").field("algorithm", &"ECDSA P-256 SHA-256").finish_non_exhaustive()
     }
 }
 
-impl EcdsaSigner {
-    /// From the site's key file: a PEM "PRIVATE KEY" (PKCS#8) block.
-    pub fn from_pkcs8_pem(pem: &str) -> Result<EcdsaSigner, SignError> {
+impl<R: SecureRandom> EcdsaSigner<R> {
+    /// From the site's key file: a PEM "PRIVATE KEY" (PKCS#8) block, signing with
+    /// randomness from `rng`.
+    pub fn from_pkcs8_pem(pem: &str, rng: R) -> Result<EcdsaSigner<R>, SignError> {
         let der = PrivatePkcs8KeyDer::from_pem_slice(pem.as_bytes()).map_err(|e| SignError::Pem(e.to_string()))?;
-        EcdsaSigner::from_pkcs8_der(der.secret_pkcs8_der())
+        EcdsaSigner::from_pkcs8_der(der.secret_pkcs8_der(), rng)
     }
 
-    /// From a DER PKCS#8 document.
-    pub fn from_pkcs8_der(der: &[u8]) -> Result<EcdsaSigner, SignError> {
-        let rng = SystemRandom::new();
+    /// From a DER PKCS#8 document, signing with randomness from `rng`.
+    pub fn from_pkcs8_der(der: &[u8], rng: R) -> Result<EcdsaSigner<R>, SignError> {
         let key = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_ASN1_SIGNING, der, &rng).map_err(|_| SignError::Key)?;
         Ok(EcdsaSigner { key, rng })
     }
@@ -59,8 +61,8 @@ impl EcdsaSigner {
     }
 }
 
-impl Signer for EcdsaSigner {
-    /// ECDSA needs fresh randomness; should the OS generator fail, the signature is
+impl<R: SecureRandom> Signer for EcdsaSigner<R> {
+    /// ECDSA needs fresh randomness; should the caller's generator fail, the signature is
     /// empty and every verifier refuses it (the stage then fails with SA-03/SA-09).
     fn sign(&self, message: &[u8]) -> Vec<u8> {
         self.key.sign(&self.rng, message).map(|s| s.as_ref().to_vec()).unwrap_or_default()
@@ -101,8 +103,10 @@ pub fn identity_key_from_cert(der: &[u8]) -> Result<Vec<u8>, SignError> {
 #[allow(clippy::unwrap_used)] // tests fail loudly by design
 mod tests {
     use super::*;
-    use crate::identity::{Ca, pem_to_der, site_request};
-    use crate::secagg::{Participant, SessionParams};
+    use maeum_pki::identity::{Ca, pem_to_der, site_request};
+    use ring::rand::SystemRandom;
+
+    use crate::{Participant, SessionParams};
 
     fn session(key: Vec<u8>) -> Session {
         Session {
@@ -127,7 +131,7 @@ mod tests {
         let der = pem_to_der(&cert_pem).unwrap().remove(0);
         let identity = identity_key_from_cert(&der).unwrap();
 
-        let signer = EcdsaSigner::from_pkcs8_pem(key.expose()).unwrap();
+        let signer = EcdsaSigner::from_pkcs8_pem(key.expose(), SystemRandom::new()).unwrap();
         assert_eq!(signer.public_key(), identity);
         assert!(!format!("{signer:?}").contains("BEGIN"));
         let verifier = SessionVerifier::new(&session(identity));
@@ -147,8 +151,8 @@ mod tests {
 
     #[test]
     fn unusable_keys_and_certificates_are_refused() {
-        assert!(matches!(EcdsaSigner::from_pkcs8_pem("not a key"), Err(SignError::Pem(_))));
-        assert!(matches!(EcdsaSigner::from_pkcs8_der(&[0x30, 0x00]), Err(SignError::Key)));
+        assert!(matches!(EcdsaSigner::from_pkcs8_pem("not a key", SystemRandom::new()), Err(SignError::Pem(_))));
+        assert!(matches!(EcdsaSigner::from_pkcs8_der(&[0x30, 0x00], SystemRandom::new()), Err(SignError::Key)));
         assert!(matches!(identity_key_from_cert(&[1, 2, 3]), Err(SignError::Certificate(_))));
     }
 }

@@ -222,11 +222,16 @@ impl Sim {
     }
 
     fn finish(&mut self) -> Result<Outcome, SecAggError> {
-        self.server.take().unwrap().finish()
+        self.server.take().unwrap().finish().map(Unmasking::outcome)
     }
 
     /// Runs the whole session with `plan`'s dropouts.
     fn run(&mut self, plan: &Plan) -> Result<Outcome, SecAggError> {
+        self.run_to_unmasking(plan).map(Unmasking::outcome)
+    }
+
+    /// Runs the session with `plan`'s dropouts up to the masked sum and its seeds.
+    fn run_to_unmasking(&mut self, plan: &Plan) -> Result<Unmasking, SecAggError> {
         let all = self.parties();
         let who = |stage: Miss, among: &[u16]| -> Vec<u16> {
             among.iter().copied().filter(|&p| acts(plan, p, stage)).collect()
@@ -239,7 +244,7 @@ impl Sim {
         let proof = self.consistency(&set, &who(Miss::Consistency, &set.survivors))?;
         let u4: Vec<u16> = proof.signatures.iter().map(|s| s.index).collect();
         self.unmask(&proof, &who(Miss::Unmask, &u4))?;
-        self.finish()
+        self.server.take().unwrap().finish()
     }
 
     fn plain_sum(&self, parties: &[u16]) -> Vec<u32> {
@@ -305,6 +310,30 @@ fn dropouts_at_every_stage_leave_the_exact_survivor_sum() {
     assert_eq!(out.survivors, vec![1, 3, 6, 7, 8, 9, 10, 11]);
     assert_eq!(out.dropped, vec![2, 4, 5]);
     assert!(out.sum == sim.plain_sum(&out.survivors));
+}
+
+#[test]
+fn unmasking_in_parts_on_threads_gives_the_same_sum() {
+    // Longer than two unmask chunks (64 Ki words), with a dropout so that pair masks are
+    // removed too; parts of uneven length that do not start on chunk boundaries.
+    let plan: Plan = [(3, Miss::Masked)].into();
+    let len = 150_001;
+    let whole = Sim::new(5, 3, 0, len, 4).run(&plan).unwrap();
+    let mut sim = Sim::new(5, 3, 0, len, 4);
+    let unmasking = sim.run_to_unmasking(&plan).unwrap();
+    assert_eq!(unmasking.len(), 150_001);
+    let parts = unmasking.outcome_with(|sum, seeds| {
+        let (head, rest) = sum.split_at_mut(1);
+        let (middle, tail) = rest.split_at_mut(65_537);
+        std::thread::scope(|s| {
+            s.spawn(|| seeds.unmask(tail, 65_538));
+            s.spawn(|| seeds.unmask(middle, 1));
+            seeds.unmask(head, 0);
+        });
+    });
+    assert!(parts == whole);
+    assert!(parts.sum == sim.plain_sum(&parts.survivors));
+    assert_eq!(parts.dropped, vec![3]);
 }
 
 #[test]

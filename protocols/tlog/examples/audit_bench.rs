@@ -12,11 +12,11 @@
 
 use std::time::Instant;
 
-use maeum_protocols::audit::checkpoint::{log_key_pair, log_public_key};
-use maeum_protocols::audit::export::{EXPORT_FORMAT, Export, ExportedCheckpoint, WitnessCert, verify, verify_full};
-use maeum_protocols::audit::merkle::{verify_consistency, verify_inclusion};
-use maeum_protocols::audit::{Cosignature, Event, Log, Witness, hex};
-use maeum_protocols::identity::{self, Ca, site_request};
+use maeum_pki::identity::{self, Ca, site_request};
+use maeum_tlog::checkpoint::{log_key_pair, log_public_key};
+use maeum_tlog::export::{EXPORT_FORMAT, Export, ExportedCheckpoint, WitnessCert, verify, verify_full};
+use maeum_tlog::merkle::{verify_consistency, verify_inclusion};
+use maeum_tlog::{Cosignature, Event, Log, Witness, hex};
 use ring::rand::SystemRandom;
 use ring::signature::Ed25519KeyPair;
 
@@ -151,7 +151,7 @@ fn main() {
     let started = Instant::now();
     for &i in &picks[..1000] {
         let proof = verified.inclusion_proof(i, None).unwrap();
-        maeum_protocols::audit::export::verify_inclusion_proof(&proof, None).unwrap();
+        maeum_tlog::export::verify_inclusion_proof(&proof, None).unwrap();
     }
     let per = started.elapsed() / 1000;
     println!(

@@ -28,7 +28,7 @@ use rustls::pki_types::{CertificateDer, PrivatePkcs8KeyDer, UnixTime};
 
 use super::merkle::Hash;
 use super::{AuditError, base64, unbase64};
-use crate::identity::{self, PeerId, SecretPem};
+use maeum_pki::identity::{self, PeerId, SecretPem};
 
 /// Prefixed to the checkpoint body in what a witness signs.
 pub const WITNESS_PREFIX: &str = "maeum/witness/v1\n";
@@ -227,7 +227,7 @@ pub fn witness_key(
 #[allow(clippy::unwrap_used)] // tests fail loudly by design
 mod tests {
     use super::*;
-    use crate::identity::{Ca, site_request};
+    use maeum_pki::identity::{Ca, site_request};
     use ring::rand::SystemRandom;
 
     fn now_ms() -> i64 {

@@ -356,7 +356,7 @@ impl Entry {
 #[allow(clippy::unwrap_used)] // tests fail loudly by design
 mod tests {
     use super::*;
-    use crate::audit::hex;
+    use crate::hex;
 
     fn entry(seq: u64, event: Event) -> Entry {
         Entry { seq, time_ms: 1_764_299_521_000 + seq as i64, event }

@@ -23,7 +23,7 @@ use serde::{Deserialize, Serialize};
 use super::checkpoint::{self, validate_origin, verify_cosignature, witness_key};
 use super::merkle::{Hash, MerkleTree, verify_consistency, verify_inclusion};
 use super::{AuditError, Checkpoint, Cosignature, Entry, Event, SignedCheckpoint, base64, hex, unbase64, unhex32};
-use crate::identity;
+use maeum_pki::identity;
 
 /// The `format` of an export file.
 pub const EXPORT_FORMAT: &str = "maeum-audit-export/v1";
@@ -623,10 +623,10 @@ pub fn check_extends(old: &CheckpointFile, new: &Verified) -> Result<Consistency
 #[allow(clippy::unwrap_used)] // tests fail loudly by design
 pub(crate) mod tests {
     use super::*;
-    use crate::audit::Log;
-    use crate::audit::checkpoint::{log_key_pair, log_public_key};
-    use crate::audit::witness::Witness;
-    use crate::identity::{Ca, SecretPem, site_request};
+    use crate::Log;
+    use crate::checkpoint::{log_key_pair, log_public_key};
+    use crate::witness::Witness;
+    use maeum_pki::identity::{Ca, SecretPem, site_request};
     use ring::rand::SystemRandom;
     use ring::signature::Ed25519KeyPair;
 

@@ -1,6 +1,7 @@
-//! The transparency audit log (RFC 9162 style), sans-IO: entries and their canonical
-//! encoding, the Merkle tree and its proofs, signed checkpoints, witness cosignatures,
-//! and the self-contained export an auditor verifies offline.
+//! The transparency audit log (RFC 9162 style) and signed model releases, sans-IO:
+//! entries and their canonical encoding, the Merkle tree and its proofs, signed
+//! checkpoints, witness cosignatures, the self-contained export an auditor verifies
+//! offline, and the release manifests and model cards that the log commits to.
 //!
 //! - [`merkle`]: tree hashes, inclusion and consistency proofs (RFC 9162 §2.1).
 //! - [`entry`]: [`Entry`] and [`Event`], the canonical JSON encoding of a leaf.
@@ -11,19 +12,27 @@
 //! - [`witness`]: [`Witness`], a site's memory of the latest checkpoint it saw; it
 //!   refuses forks and rollbacks and yields a token to cosign.
 //! - [`export`]: the export file and [`export::verify`], which checks everything.
+//! - [`release`]: the signed release manifest, the model card, and the checks a site
+//!   (and the auditor) run on a release.
 //!
 //! Nothing here does IO, reads a clock or draws randomness of its own: ECDSA signing
 //! takes the caller's random source, and certificate validity is judged at times taken
-//! from the log itself.
+//! from the log itself. Its dependencies are ring, serde, rustls' WebPKI verifier (for
+//! witness certificates; no sockets), x509 parsing and the
+//! identities of `maeum-pki` (without its `tls` feature). It must never depend on
+//! tokio, tonic, axum, burn or `maeum-models` — the auditor's verifier links this crate,
+//! and a test (`tests/tests/boundaries.rs`) fails if any of them appears in its tree.
 //!
-//! Every check has a stable ID (`AUD-…`) that appears in the error message, the tests
-//! and `docs/protocols/audit-log.md`.
+//! Every check has a stable ID (`AUD-…`, `REL-…`) that appears in the error message,
+//! the tests and `docs/protocols/audit-log.md`.
+#![forbid(unsafe_code)]
 
 pub mod checkpoint;
 pub mod entry;
 pub mod export;
 pub mod log;
 pub mod merkle;
+pub mod release;
 pub mod witness;
 
 pub use checkpoint::{Checkpoint, Cosignature, SignedCheckpoint};

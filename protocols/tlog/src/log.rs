@@ -157,7 +157,7 @@ impl Log {
 #[allow(clippy::unwrap_used)] // tests fail loudly by design
 mod tests {
     use super::*;
-    use crate::audit::checkpoint::log_key_pair;
+    use crate::checkpoint::log_key_pair;
     use ring::rand::SystemRandom;
 
     fn key() -> Ed25519KeyPair {

@@ -367,7 +367,7 @@ pub fn verify_consistency(
 #[allow(clippy::unwrap_used)] // tests fail loudly by design
 mod tests {
     use super::*;
-    use crate::audit::{hex, unhex32};
+    use crate::{hex, unhex32};
 
     // Known answers from the Certificate Transparency reference implementation, as
     // republished by transparency-dev/merkle (testonly/constants.go and
@@ -459,7 +459,7 @@ mod tests {
     ];
 
     fn reference_leaves() -> Vec<Hash> {
-        LEAVES.iter().map(|l| leaf_hash(&crate::audit::unhex(l).unwrap())).collect()
+        LEAVES.iter().map(|l| leaf_hash(&crate::unhex(l).unwrap())).collect()
     }
 
     fn hashes(list: &[&str]) -> Vec<Hash> {

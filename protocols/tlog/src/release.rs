@@ -21,9 +21,8 @@
 use ring::signature::{ED25519, Ed25519KeyPair, UnparsedPublicKey};
 use serde::{Deserialize, Serialize};
 
-use crate::audit::export::Verified;
-use crate::audit::{Event, hex, unhex};
-use crate::wire::Digest;
+use crate::export::Verified;
+use crate::{Event, hex, unhex};
 
 /// Prefix of every signed release manifest.
 pub const RELEASE_DOMAIN: &[u8] = b"maeum/release/v1\n";
@@ -116,10 +115,11 @@ impl Manifest {
             .map_err(|_| ReleaseError::Signature)
     }
 
-    /// Checks a blob's digest against the signed one.
-    pub fn check_blob(&self, got: &Digest) -> Result<(), ReleaseError> {
-        if got.hex() != self.model_sha256 {
-            return Err(ReleaseError::BlobDigest { got: got.hex(), signed: self.model_sha256.clone() });
+    /// Checks a blob's SHA-256 (the caller hashes it) against the signed one.
+    pub fn check_blob(&self, got_sha256: &[u8; 32]) -> Result<(), ReleaseError> {
+        let got = hex(got_sha256);
+        if got != self.model_sha256 {
+            return Err(ReleaseError::BlobDigest { got, signed: self.model_sha256.clone() });
         }
         Ok(())
     }
@@ -270,7 +270,7 @@ fn decode_json<T: serde::de::DeserializeOwned>(
 /// Checks card bytes against a manifest: digest, then that the card describes the
 /// signed release (consortium, version, model digest, size, layout).
 pub fn check_card(manifest: &Manifest, card_bytes: &[u8]) -> Result<ModelCard, ReleaseError> {
-    let got = Digest::of(card_bytes).hex();
+    let got = sha256_hex(card_bytes);
     if got != manifest.card_sha256 {
         return Err(ReleaseError::CardDigest { got, signed: manifest.card_sha256.clone() });
     }
@@ -406,11 +406,16 @@ impl ReleaseFile {
     }
 }
 
+/// SHA-256 of `bytes`, in lowercase hex as manifests and cards name digests.
+fn sha256_hex(bytes: &[u8]) -> String {
+    hex(ring::digest::digest(&ring::digest::SHA256, bytes).as_ref())
+}
+
 /// The model file of an exported release, as the caller read it.
 #[derive(Debug, Clone)]
 pub struct ModelFile {
     /// SHA-256 of the file's bytes.
-    pub sha256: Digest,
+    pub sha256: [u8; 32],
     /// The layout digest and labels of the model the file loads as, or why it does not
     /// load.
     pub loaded: Result<(String, Vec<String>), String>,
@@ -545,7 +550,7 @@ pub fn audit_release(
         .find(|c| c.size > entry.seq)
         .ok_or_else(|| ReleaseError::NotLogged(format!("entry #{} is in no signed checkpoint", entry.seq)))?;
     let latest = log.export.checkpoints.last().unwrap_or(checkpoint);
-    let sites = |c: &crate::audit::export::ExportedCheckpoint| c.cosignatures.iter().map(|c| c.site.clone()).collect();
+    let sites = |c: &crate::export::ExportedCheckpoint| c.cosignatures.iter().map(|c| c.site.clone()).collect();
 
     let mut promotions = Vec::new();
     let mut current = None;
@@ -608,10 +613,11 @@ pub fn is_crisis_label(label: &str) -> bool {
 }
 
 /// Metrics of a confusion matrix (`rows[true][predicted]`) in card form, computed
-/// as everywhere else in Maeum ([`maeum_models::metrics::Confusion::metrics`]: macro-F1
-/// over the classes present in the truth).
+/// as everywhere else in Maeum (`maeum_models::metrics::Confusion::metrics`: macro-F1
+/// over the classes present in the truth). Computed here from the counts alone, so
+/// that this crate (and the auditor) need not link the models.
 pub fn evaluation(labels: &[String], rows: &[Vec<u64>], evaluated_by: u32) -> CardEvaluation {
-    let m = maeum_models::metrics::Confusion { counts: rows.to_vec() }.metrics();
+    let m = ConfusionMetrics::of(rows);
     let mut recall: Vec<ClassRecall> = labels
         .iter()
         .enumerate()
@@ -636,9 +642,61 @@ pub fn evaluation(labels: &[String], rows: &[Vec<u64>], evaluated_by: u32) -> Ca
     }
 }
 
+/// Accuracy, macro-F1 and per-class recall of a confusion matrix.
+struct ConfusionMetrics {
+    n: u64,
+    accuracy: f64,
+    macro_f1: f64,
+    per_class_recall: Vec<f64>,
+}
+
+impl ConfusionMetrics {
+    fn of(rows: &[Vec<u64>]) -> ConfusionMetrics {
+        let k = rows.len();
+        let cell = |i: usize, j: usize| rows.get(i).and_then(|r| r.get(j)).copied().unwrap_or(0);
+        let n: u64 = rows.iter().flatten().sum();
+        let correct: u64 = (0..k).map(|i| cell(i, i)).sum();
+        let mut per_class_recall = Vec::with_capacity(k);
+        let mut f1_present = Vec::new();
+        for i in 0..k {
+            let tp = cell(i, i) as f64;
+            let actual: u64 = rows[i].iter().sum();
+            let predicted: u64 = (0..k).map(|j| cell(j, i)).sum();
+            let p = if predicted == 0 { 0.0 } else { tp / predicted as f64 };
+            let r = if actual == 0 { 0.0 } else { tp / actual as f64 };
+            per_class_recall.push(r);
+            // Macro-F1 over the classes present in the truth.
+            if actual > 0 {
+                f1_present.push(if p + r == 0.0 { 0.0 } else { 2.0 * p * r / (p + r) });
+            }
+        }
+        let macro_f1 =
+            if f1_present.is_empty() { 0.0 } else { f1_present.iter().sum::<f64>() / f1_present.len() as f64 };
+        let accuracy = if n == 0 { 0.0 } else { correct as f64 / n as f64 };
+        ConfusionMetrics { n, accuracy, macro_f1, per_class_recall }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn confusion_metrics_known_answer() {
+        // The same matrix and answers as maeum_models::metrics' known-answer test:
+        // truth 0: 3 right, 1 as 1; truth 1: 2 right, 2 as 0.
+        let m = ConfusionMetrics::of(&[vec![3, 1], vec![2, 2]]);
+        assert_eq!(m.n, 8);
+        assert!((m.accuracy - 5.0 / 8.0).abs() < 1e-12);
+        assert!((m.per_class_recall[0] - 0.75).abs() < 1e-12);
+        assert!((m.per_class_recall[1] - 0.5).abs() < 1e-12);
+        let f0 = 2.0 * 0.6 * 0.75 / 1.35;
+        let f1 = 2.0 * (2.0 / 3.0) * 0.5 / (2.0 / 3.0 + 0.5);
+        assert!((m.macro_f1 - (f0 + f1) / 2.0).abs() < 1e-12);
+        // A class absent from the truth does not count in macro-F1.
+        let absent = ConfusionMetrics::of(&[vec![3, 1, 0], vec![2, 2, 0], vec![0, 0, 0]]);
+        assert!((absent.macro_f1 - m.macro_f1).abs() < 1e-12);
+    }
 
     fn key() -> Ed25519KeyPair {
         Ed25519KeyPair::from_seed_unchecked(&[7u8; 32]).expect("key")
@@ -689,7 +747,7 @@ mod tests {
             model_sha256: "ab".repeat(32),
             model_size: 10,
             layout_digest: "cd".repeat(32),
-            card_sha256: Digest::of(card).hex(),
+            card_sha256: sha256_hex(card),
         }
     }
 
@@ -745,7 +803,8 @@ mod tests {
     fn the_blob_and_the_log_entry_must_name_the_signed_digests() {
         let bytes = card().encode();
         let m = manifest(&bytes);
-        assert!(m.check_blob(&Digest::of(b"x")).is_err());
+        assert!(m.check_blob(&[0; 32]).is_err());
+        assert!(m.check_blob(&[0xab; 32]).is_ok());
         let entry = Event::ModelRelease {
             job_id: "j-1".into(),
             round: 1,

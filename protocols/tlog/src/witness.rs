@@ -14,7 +14,7 @@ use ring::rand::SecureRandom;
 use super::checkpoint::cosign;
 use super::merkle::{Hash, verify_consistency};
 use super::{AuditError, Checkpoint, SignedCheckpoint, hex};
-use crate::identity::SecretPem;
+use maeum_pki::identity::SecretPem;
 
 /// A witness's state: which log, its key, and the latest checkpoint verified.
 #[derive(Debug, Clone)]
@@ -97,9 +97,9 @@ impl Witness {
 #[allow(clippy::unwrap_used)] // tests fail loudly by design
 mod tests {
     use super::*;
-    use crate::audit::checkpoint::{log_key_pair, log_public_key, single_cert, verify_cosignature, witness_key};
-    use crate::audit::{Event, Log};
-    use crate::identity::{Ca, site_request};
+    use crate::checkpoint::{log_key_pair, log_public_key, single_cert, verify_cosignature, witness_key};
+    use crate::{Event, Log};
+    use maeum_pki::identity::{Ca, site_request};
     use ring::rand::SystemRandom;
     use ring::signature::Ed25519KeyPair;
 

@@ -5,10 +5,10 @@
 #![allow(dead_code)] // each test file uses part of it
 #![allow(clippy::unwrap_used)] // tests fail loudly by design
 
-use maeum_protocols::audit::checkpoint::{log_key_pair, log_public_key};
-use maeum_protocols::audit::export::{EXPORT_FORMAT, Export, ExportedCheckpoint, WitnessCert};
-use maeum_protocols::audit::{Cosignature, Entry, Event, Log, Witness, hex};
-use maeum_protocols::identity::{self, Ca, SecretPem, site_request};
+use maeum_pki::identity::{self, Ca, SecretPem, site_request};
+use maeum_tlog::checkpoint::{log_key_pair, log_public_key};
+use maeum_tlog::export::{EXPORT_FORMAT, Export, ExportedCheckpoint, WitnessCert};
+use maeum_tlog::{Cosignature, Entry, Event, Log, Witness, hex};
 use ring::rand::SystemRandom;
 use ring::signature::Ed25519KeyPair;
 

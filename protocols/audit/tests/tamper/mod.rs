@@ -11,7 +11,7 @@
 
 #![allow(dead_code, clippy::unwrap_used)] // shared by several test binaries; fails loudly
 
-use maeum_protocols::audit::export::{Export, verify};
+use maeum_tlog::export::{Export, verify};
 
 /// A printable substitute of the same class as `b`, different from `b` and `b ^ 1`.
 fn substitute(b: u8) -> u8 {
