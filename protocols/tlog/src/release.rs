@@ -658,9 +658,9 @@ impl ConfusionMetrics {
         let correct: u64 = (0..k).map(|i| cell(i, i)).sum();
         let mut per_class_recall = Vec::with_capacity(k);
         let mut f1_present = Vec::new();
-        for i in 0..k {
+        for (i, row) in rows.iter().enumerate() {
             let tp = cell(i, i) as f64;
-            let actual: u64 = rows[i].iter().sum();
+            let actual: u64 = row.iter().sum();
             let predicted: u64 = (0..k).map(|j| cell(j, i)).sum();
             let p = if predicted == 0 { 0.0 } else { tp / predicted as f64 };
             let r = if actual == 0 { 0.0 } else { tp / actual as f64 };
