@@ -10,7 +10,7 @@
 //! ring, rustls' WebPKI verifier, x509 parsing and `maeum-pki`'s identities), clap,
 //! anyhow, serde_json and safetensors' header parser — and on nothing that trains or
 //! serves. It must never depend on burn, `maeum-models`, tokio, tonic or axum; a test
-//! (`tests/tests/boundaries.rs`) fails if any of them appears in its tree. Release
+//! (`scripts/check-boundaries.sh`) fails if any of them appears in its tree. Release
 //! checks that need the model's layout read it from the signed model file's header.
 #![forbid(unsafe_code)]
 

@@ -20,7 +20,7 @@
 //! caller. Dependencies: ring, x25519-dalek, rand_chacha, zeroize, thiserror, and PEM/
 //! X.509 parsing for identity keys. This crate must never depend on tokio, tonic,
 //! axum, burn, `maeum-models`, spawn threads or read a clock; a test
-//! (`tests/tests/boundaries.rs`) fails if any of those crates appears in its tree.
+//! (`scripts/check-boundaries.sh`) fails if any of those crates appears in its tree.
 #![forbid(unsafe_code)]
 
 pub mod client;

@@ -21,7 +21,7 @@
 //! witness certificates; no sockets), x509 parsing and the
 //! identities of `maeum-pki` (without its `tls` feature). It must never depend on
 //! tokio, tonic, axum, burn or `maeum-models` — the auditor's verifier links this crate,
-//! and a test (`tests/tests/boundaries.rs`) fails if any of them appears in its tree.
+//! and a test (`scripts/check-boundaries.sh`) fails if any of them appears in its tree.
 //!
 //! Every check has a stable ID (`AUD-…`, `REL-…`) that appears in the error message,
 //! the tests and `docs/protocols/audit-log.md`.
