@@ -15,20 +15,20 @@
 //! before it becomes the latest. The tree (every complete subtree hash, 64 bytes per
 //! entry) is rebuilt in memory at open, in O(n), so checkpoints and proofs never
 //! rehash the log. The protocol logic (checkpoint records, proofs) is
-//! [`maeum_protocols::audit::Log`]; this file only stores it.
+//! [`maeum_tlog::Log`]; this file only stores it.
 
 use std::sync::Mutex;
 
 use anyhow::{Context, Result, anyhow, bail};
 use sled::Transactional;
 
-use maeum_protocols::audit::checkpoint::{self, log_key_pair, verify_cosignature, witness_key};
-use maeum_protocols::audit::export::{
+use maeum_pki::identity;
+use maeum_protocols::wire::audit::ProvenEntry;
+use maeum_tlog::checkpoint::{self, log_key_pair, verify_cosignature, witness_key};
+use maeum_tlog::export::{
     EXPORT_FORMAT, Export, ExportedCheckpoint, ExportedCosignature, SiteCertificates, WitnessCert,
 };
-use maeum_protocols::audit::{Entry, Event, Hash, Log, SignedCheckpoint, hex};
-use maeum_protocols::identity;
-use maeum_protocols::wire::audit::ProvenEntry;
+use maeum_tlog::{Entry, Event, Hash, Log, SignedCheckpoint, hex};
 
 /// The append-only audit log of one coordinator.
 pub struct AuditLog {
@@ -216,8 +216,7 @@ impl AuditLog {
         verify_cosignature(&signed.checkpoint, &bits, signature)
             .map_err(|e| anyhow!("cosignature of site {site} on checkpoint {size}: {e}"))?;
         cp.cosignatures.retain(|c| c.site != site);
-        cp.cosignatures
-            .push(ExportedCosignature { site: site.to_owned(), signature: maeum_protocols::audit::base64(signature) });
+        cp.cosignatures.push(ExportedCosignature { site: site.to_owned(), signature: maeum_tlog::base64(signature) });
         cp.cosignatures.sort_by(|a, b| a.site.cmp(&b.site));
         self.checkpoints.insert(seq_key(size), serde_json::to_vec(&cp)?)?;
         self.db.flush().context("flushing the audit log")?;
@@ -295,7 +294,7 @@ impl AuditLog {
             command: "forked view".into(),
             result: "shown to one site only".into(),
         };
-        fork.append(maeum_protocols::runtime::now_ms(), event);
+        fork.append(maeum_runtime::runtime::now_ms(), event);
         let signed = fork.sign_checkpoint(&self.key)?;
         let proof = if known > 0 && known < n { fork.consistency_proof(known, n)? } else { Vec::new() };
         Ok((signed, proof))
@@ -356,7 +355,7 @@ impl AuditLog {
         };
         drop(log);
         let bytes = export.encode();
-        maeum_protocols::audit::export::verify(&bytes, None).context("the export does not verify")?;
+        maeum_tlog::export::verify(&bytes, None).context("the export does not verify")?;
         Ok(bytes)
     }
 }
@@ -364,9 +363,9 @@ impl AuditLog {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use maeum_protocols::audit::Witness;
-    use maeum_protocols::audit::export::verify;
-    use maeum_protocols::identity::{Ca, site_request};
+    use maeum_pki::identity::{Ca, site_request};
+    use maeum_tlog::Witness;
+    use maeum_tlog::export::verify;
     use ring::rand::SystemRandom;
 
     struct Setup {
@@ -391,7 +390,7 @@ mod tests {
     }
 
     fn now() -> i64 {
-        maeum_protocols::runtime::now_ms()
+        maeum_runtime::runtime::now_ms()
     }
 
     fn init(s: &Setup, log: &AuditLog) {
@@ -431,12 +430,10 @@ mod tests {
         assert_eq!(log.entry(11).expect("entry").event.kind(), "checkpoint");
         let cp2 = log.checkpoint().expect("checkpoint");
         let proof = log.consistency_proof(11, 13).expect("proof");
-        maeum_protocols::audit::merkle::verify_consistency(11, 13, &root, &cp2.checkpoint.root, &proof)
-            .expect("consistent");
+        maeum_tlog::merkle::verify_consistency(11, 13, &root, &cp2.checkpoint.root, &proof).expect("consistent");
         let inclusion = log.inclusion_proof(3, 13).expect("inclusion");
         let leaf = log.entry(3).expect("entry").leaf_hash();
-        maeum_protocols::audit::merkle::verify_inclusion(&leaf, 3, 13, &inclusion, &cp2.checkpoint.root)
-            .expect("included");
+        maeum_tlog::merkle::verify_inclusion(&leaf, 3, 13, &inclusion, &cp2.checkpoint.root).expect("included");
         assert!(
             AuditLog::open(&sled::open(tempfile::tempdir().expect("dir").path()).expect("db"), "x".into(), b"no")
                 .is_err()
@@ -475,7 +472,7 @@ mod tests {
         )
         .expect("append");
         let mut witness =
-            Witness::new("maeum/heart".into(), maeum_protocols::audit::unhex32(&log.public_key()).expect("key"), None)
+            Witness::new("maeum/heart".into(), maeum_tlog::unhex32(&log.public_key()).expect("key"), None)
                 .expect("witness");
         for round in 0..3 {
             log.append(now(), finished(round)).expect("append");

@@ -9,7 +9,7 @@ use comfy_table::{CellAlignment, LineStyle, Table, TableStyle};
 use tonic::transport::{Channel, Endpoint};
 
 use maeum_models::metrics::Confusion;
-use maeum_protocols::tls;
+use maeum_pki::tls;
 use maeum_protocols::wire::pb::{self, control_client::ControlClient};
 
 use crate::home::Home;

@@ -474,13 +474,13 @@ pub async fn run(a: DemoArgs) -> Result<()> {
     // The audit log's export, checked the way an auditor would: against the log key
     // from signing.pub. The orchestrator appends `job_finished` just after the job
     // completes, so wait for it (a few hundred milliseconds at most).
-    let trust = maeum_protocols::audit::unhex32(std::fs::read_to_string(coord_home.join("signing.pub"))?.trim())
+    let trust = maeum_tlog::unhex32(std::fs::read_to_string(coord_home.join("signing.pub"))?.trim())
         .map_err(|e| anyhow::anyhow!("signing.pub: {e}"))?;
     let audit_path = work.join("audit.json");
     let mut audit = None;
     for _ in 0..50 {
         let bytes = client::export_audit(&coord_home).await?;
-        let report = maeum_protocols::audit::export::verify(&bytes, Some(&trust))
+        let report = maeum_tlog::export::verify(&bytes, Some(&trust))
             .map_err(|e| anyhow::anyhow!("the coordinator's audit export does not verify: {e}"))?;
         let finished = String::from_utf8_lossy(&bytes).contains("\"kind\":\"job_finished\"");
         audit = Some((bytes, report));
@@ -668,7 +668,7 @@ fn baselines(dir: &Path, sites: &[String], labels: Vec<String>) -> Result<(Score
 /// confusion matrix; `None` without a crisis class or crisis examples.
 fn crisis_recall(labels: &[String], c: &pb::Confusion) -> Option<f64> {
     let rows = client::confusion(c)?.counts;
-    maeum_protocols::release::crisis_recall(&maeum_protocols::release::evaluation(labels, &rows, 0))
+    maeum_tlog::release::crisis_recall(&maeum_tlog::release::evaluation(labels, &rows, 0))
 }
 
 #[cfg(test)]

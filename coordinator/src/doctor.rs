@@ -7,8 +7,8 @@ use std::path::Path;
 use anyhow::{Context, Result, anyhow};
 use ring::signature::KeyPair;
 
-use maeum_protocols::doctor::Checks;
-use maeum_protocols::identity::{self, PeerId};
+use maeum_pki::identity::{self, PeerId};
+use maeum_runtime::doctor::Checks;
 
 use crate::home::{Home, hex, now_ms};
 
@@ -131,7 +131,7 @@ fn sites(home: &Home, now: i64) -> Result<Vec<(String, Result<i64, String>)>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use maeum_protocols::doctor::Level;
+    use maeum_runtime::doctor::Level;
 
     fn level(c: &Checks, name: &str) -> Level {
         c.checks.iter().find(|x| x.name == name).unwrap_or_else(|| panic!("no check {name}")).level

@@ -24,9 +24,9 @@ use anyhow::{Context, Result, bail};
 use ring::signature::KeyPair;
 use serde::{Deserialize, Serialize};
 
-use maeum_protocols::identity::{self, Bundle, Ca, CertifiedKey, SecretPem};
-use maeum_protocols::release::ReleaseGates;
-pub use maeum_protocols::runtime::now_ms;
+use maeum_pki::identity::{self, Bundle, Ca, CertifiedKey, SecretPem};
+pub use maeum_runtime::runtime::now_ms;
+use maeum_tlog::release::ReleaseGates;
 
 /// Certificates issued by `init` and `sites approve` are valid this long.
 pub const CERT_DAYS: u32 = 397;

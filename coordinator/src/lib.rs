@@ -30,7 +30,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use tracing::info;
 
-use maeum_protocols::tls;
+use maeum_pki::tls;
 use maeum_protocols::wire::pb;
 
 /// `maeum-coordinator serve`: the fleet and control services on one mTLS listener, and
@@ -67,7 +67,7 @@ pub async fn serve(
         }
     };
     if let Some(addr) = ops_listen {
-        maeum_protocols::ops::serve(addr, coord.metrics.ops.clone(), stopped()).await?;
+        maeum_runtime::ops::serve(addr, coord.metrics.ops.clone(), stopped()).await?;
     }
     let orchestrator = tokio::spawn(rounds::orchestrate(coord.clone()));
     // `sites approve` works offline on HOME/sites; a key replaced there is revoked and

@@ -283,7 +283,7 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Command::Serve { home, listen, heartbeat_timeout, ops_listen } => {
             let settings = server::Settings { heartbeat_timeout: Duration::from_secs(heartbeat_timeout.max(1)) };
-            let stop = maeum_protocols::runtime::shutdown_signal();
+            let stop = maeum_runtime::runtime::shutdown_signal();
             maeum_coordinator::serve(&home.home, listen, ops_listen, settings, stop).await?;
         }
         Command::Doctor { home, json } => maeum_coordinator::doctor::run(&home.home, json)?,
@@ -422,10 +422,10 @@ async fn run(cli: Cli) -> Result<()> {
 }
 
 fn main() -> ExitCode {
-    maeum_protocols::runtime::exit_quietly_on_closed_stdout();
+    maeum_runtime::runtime::exit_quietly_on_closed_stdout();
     let cli = Cli::parse();
     let daemon = matches!(cli.command, Command::Serve { .. });
-    maeum_protocols::runtime::init_tracing(if daemon { "info" } else { "warn" });
+    maeum_runtime::runtime::init_tracing(if daemon { "info" } else { "warn" });
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(r) => r,
         Err(e) => {

@@ -1,10 +1,10 @@
 //! The coordinator's Prometheus metrics, served on the ops endpoint
-//! (`maeum_protocols::ops`, `serve --ops-listen ADDR`). Names carry the prefix
+//! (`maeum_runtime::ops`, `serve --ops-listen ADDR`). Names carry the prefix
 //! `maeum_coordinator_`; label values are fixed strings chosen here, never peer input.
 
 use std::time::Duration;
 
-use maeum_protocols::ops::{LabelledCounter, LabelledHistogram, Metrics};
+use maeum_runtime::ops::{LabelledCounter, LabelledHistogram, Metrics};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 

@@ -24,11 +24,11 @@ use anyhow::{Context, Result};
 use serde::Serialize;
 
 use maeum_models::model::ModelSpec;
-use maeum_protocols::audit::{rfc3339, unhex32};
-use maeum_protocols::release::{CardEvaluation, ModelCard, ReleaseFile, check_card, crisis_recall};
 use maeum_protocols::wire::Digest;
 use maeum_protocols::wire::pb;
 use maeum_protocols::wire::release::ReleaseMsg;
+use maeum_tlog::release::{CardEvaluation, ModelCard, ReleaseFile, check_card, crisis_recall};
+use maeum_tlog::{rfc3339, unhex32};
 
 use crate::client::connect;
 use crate::home::{Home, write_file};
@@ -172,8 +172,10 @@ pub async fn list(home: &Path, json: bool) -> Result<()> {
 
 /// `models list` for people: `*` marks the current release.
 fn releases_table(views: &[ReleaseView]) -> comfy_table::Table {
-    let mut t =
-        crate::client::table(&["", "ver", "model", "job", "round", "accuracy", "macro-F1", "installed"], &[4, 5, 6]);
+    let mut t = crate::client::table(
+        &["", "ver", "model", "job", "round", "accuracy", "macro-F1", "crisis recall", "gates", "installed"],
+        &[4, 5, 6, 7],
+    );
     for v in views {
         let ok = v.installs.iter().filter(|i| i.installed).count();
         let refused = v.installs.iter().filter(|i| !i.installed).count();
@@ -185,6 +187,12 @@ fn releases_table(views: &[ReleaseView]) -> comfy_table::Table {
             v.round.to_string(),
             score(v.accuracy),
             score(v.macro_f1),
+            score(v.crisis_recall),
+            match (v.gate_failures.len(), v.gate_overrides.len()) {
+                (0, _) => "pass".to_string(),
+                (n, 0) => format!("FAIL {n}"),
+                (n, _) => format!("FAIL {n}, overridden"),
+            },
             format!("{ok} site(s){}", if refused > 0 { format!(", {refused} REFUSED") } else { String::new() }),
         ]);
     }
@@ -254,7 +262,7 @@ fn print_eval(what: &str, e: Option<&CardEvaluation>) {
 }
 
 /// The crisis flag of a card, in one line.
-fn crisis_flag_line(f: &maeum_protocols::release::CardCrisisFlag) -> String {
+fn crisis_flag_line(f: &maeum_tlog::release::CardCrisisFlag) -> String {
     match f.threshold {
         Some(t) => format!(
             "flag at probability >= {t:.2} ({}): recall {} precision {} on {} held-out examples ({} crisis), target \
@@ -336,7 +344,7 @@ pub async fn export(home: &Path, version: &str, out: &Path, layout: ExportLayout
     let key = unhex32(key_hex.trim()).context("HOME/signing.pub")?;
     r.manifest.verify(&key, &r.signature).context("checking the release before export")?;
     let card = check_card(&r.manifest, &r.card).context("checking the release before export")?;
-    r.manifest.check_blob(&Digest::of(&blob)).context("checking the release before export")?;
+    r.manifest.check_blob(&Digest::of(&blob).0).context("checking the release before export")?;
 
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     let n = r.manifest.version;
@@ -625,7 +633,7 @@ fn xml(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use maeum_protocols::release::{CARD_FORMAT, CardJob, CardModel, CardRound, CardSecAgg, Manifest, evaluation};
+    use maeum_tlog::release::{CARD_FORMAT, CardJob, CardModel, CardRound, CardSecAgg, Manifest, evaluation};
 
     #[test]
     fn the_release_table_aligns() {
@@ -641,6 +649,9 @@ mod tests {
             audit_seq: 1,
             accuracy: Some(0.5),
             macro_f1: None,
+            crisis_recall: Some(0.25),
+            gate_failures: Vec::new(),
+            gate_overrides: Vec::new(),
             installs: vec![InstallView {
                 site: "s".into(),
                 installed: !refused,
@@ -750,7 +761,7 @@ mod tests {
         };
         let md = card_markdown(&c, &r, &[]);
         assert!(!md.contains("## Crisis flag") && !md.contains("overridden"), "{md}");
-        c.crisis_flag = Some(maeum_protocols::release::CardCrisisFlag {
+        c.crisis_flag = Some(maeum_tlog::release::CardCrisisFlag {
             classes: vec!["suicidewatch".into()],
             target_recall: 0.9,
             threshold: Some(0.05),

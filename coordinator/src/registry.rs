@@ -15,13 +15,13 @@ use std::collections::BTreeMap;
 use anyhow::{Context, Result, anyhow, bail};
 use serde::{Deserialize, Serialize};
 
-use maeum_protocols::audit::{Event, unhex};
-use maeum_protocols::release::{
-    CARD_FORMAT, CardCrisisFlag, CardJob, CardModel, CardRound, CardSecAgg, GateFailure, Manifest, ModelCard, Selector,
-    evaluation,
-};
 use maeum_protocols::wire::Digest;
 use maeum_protocols::wire::release::ReleaseMsg;
+use maeum_tlog::release::{
+    CARD_FORMAT, CardCrisisFlag, CardJob, CardModel, CardRound, CardSecAgg, CrisisMeasure, GateFailure, Manifest,
+    ModelCard, Selector, evaluation,
+};
+use maeum_tlog::{Event, unhex};
 
 use crate::home::{hex, now_ms};
 use crate::server::Coord;
@@ -351,7 +351,15 @@ pub fn card(
             })
             .collect(),
         evaluation: eval(&rec.evaluation, rec.evaluated_by.len()),
-        crisis_flag: CardCrisisFlag::choose(labels, rec.crisis_histogram.as_ref(), target_recall),
+        crisis_flag: CardCrisisFlag::choose(
+            labels,
+            rec.crisis_histogram.as_ref().map(|h| CrisisMeasure {
+                point: h.choose_threshold(target_recall).map(|p| (p.threshold, p.recall, p.precision)),
+                examples: h.total(),
+                crisis_examples: h.crisis.iter().sum(),
+            }),
+            target_recall,
+        ),
     })
 }
 

@@ -18,7 +18,7 @@ use maeum_models::model::ModelSpec;
 use maeum_models::params::FlatParams;
 use maeum_protocols::wire::{Digest, ModelRef};
 
-use maeum_protocols::audit::Event;
+use maeum_tlog::Event;
 
 use crate::home::now_ms;
 use crate::secagg::{SaStage, SecAggRound};
@@ -360,7 +360,7 @@ fn new_session(
         let path = c.home.sites().join(format!("{site}.pem"));
         let pem = std::fs::read_to_string(&path)
             .with_context(|| format!("reading the approved certificate of site/{site} ({})", path.display()))?;
-        let der = maeum_protocols::identity::pem_to_der(&pem)?
+        let der = maeum_pki::identity::pem_to_der(&pem)?
             .into_iter()
             .next()
             .with_context(|| format!("{} holds no certificate", path.display()))?;
@@ -371,8 +371,8 @@ fn new_session(
     let info = SessionInfo { consortium: c.home.consortium()?.name, params, graph_seed, members };
     let ca = c.home.read("ca.pem")?;
     let session = info.to_session(&job.id, round, attempt, |m| -> Result<Vec<u8>> {
-        let peer = maeum_protocols::identity::PeerId::site(&m.site_id)?;
-        Ok(maeum_protocols::identity::verify_peer_cert(&ca, &m.certificate_der, &peer)?)
+        let peer = maeum_pki::identity::PeerId::site(&m.site_id)?;
+        Ok(maeum_pki::identity::verify_peer_cert(&ca, &m.certificate_der, &peer)?)
     })?;
     SecAggRound::new(session, info).map_err(|e| anyhow::anyhow!("{e}"))
 }
@@ -479,7 +479,7 @@ async fn finish_secagg(c: &Coord, round: u32) -> Result<SecAggEnd> {
     c.notify();
     let Some(server) = server else { return Ok(SecAggEnd::Failed("session already finished".into())) };
     let started = std::time::Instant::now();
-    let outcome = tokio::task::spawn_blocking(move || server.finish()).await?;
+    let outcome = tokio::task::spawn_blocking(move || crate::secagg::finish(server)).await?;
     let mut guard = lock(&c.round);
     let Some(r) = guard.as_mut() else { return Ok(SecAggEnd::Aborted) };
     let Some(sa) = r.secagg.as_mut() else { return Ok(SecAggEnd::Aborted) };

@@ -12,12 +12,10 @@ use std::collections::{BTreeMap, BTreeSet};
 use tonic::Status;
 use tracing::warn;
 
-use maeum_protocols::secagg::quant::Quantiser;
-use maeum_protocols::secagg::sign::SessionVerifier;
-use maeum_protocols::secagg::{
-    AdvertiseKeys, KeyRoster, Outcome, SecAggError, Server, Session, SurvivorProof, SurvivorSet,
-};
 use maeum_protocols::wire::secagg::{Reply, SessionInfo, StageMessage};
+use maeum_secagg::quant::Quantiser;
+use maeum_secagg::sign::SessionVerifier;
+use maeum_secagg::{AdvertiseKeys, KeyRoster, Outcome, SecAggError, Server, Session, SurvivorProof, SurvivorSet};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum SaStage {
@@ -318,4 +316,31 @@ impl SecAggRound {
     pub fn names(&self, parties: &[u16]) -> Vec<String> {
         parties.iter().filter_map(|i| self.site.get(i).cloned()).collect()
     }
+}
+
+/// Below this many words the masks are removed on the calling thread only.
+const PARALLEL_MIN_WORDS: usize = 1 << 20;
+
+/// Ends a session: the core reconstructs the dropped and surviving parties' secrets
+/// (single-threaded), then the masks are removed from the sum here, split across the
+/// available cores for large vectors (each part seeks its own streams). Blocking: run it
+/// on a blocking thread, outside the round lock.
+pub fn finish(server: Server) -> Result<Outcome, SecAggError> {
+    let unmasking = server.finish()?;
+    let threads = if unmasking.len() < PARALLEL_MIN_WORDS {
+        1
+    } else {
+        std::thread::available_parallelism().map_or(1, |n| n.get()).min(unmasking.len() / (PARALLEL_MIN_WORDS / 4))
+    };
+    if threads <= 1 {
+        return Ok(unmasking.outcome());
+    }
+    Ok(unmasking.outcome_with(|sum, seeds| {
+        let per = sum.len().div_ceil(threads);
+        std::thread::scope(|scope| {
+            for (i, words) in sum.chunks_mut(per).enumerate() {
+                scope.spawn(move || seeds.unmask(words, (i * per) as u64));
+            }
+        });
+    }))
 }

@@ -1,7 +1,7 @@
 //! The gRPC services: `Fleet` (sites) and `Control` (operators), over one mTLS listener.
 //!
 //! Identity comes only from the verified client certificate (`PeerInfo`, attached by
-//! `maeum_protocols::tls::incoming`): a site can act only as itself, and only operator
+//! `maeum_pki::tls::incoming`): a site can act only as itself, and only operator
 //! certificates reach the control service. Every handler re-checks revocation, so a
 //! revoked site's open HTTP/2 connection gains nothing from having been accepted.
 
@@ -18,20 +18,20 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::{info, warn};
 
 use maeum_models::metrics::CrisisHistogram;
-use maeum_protocols::identity::Role;
+use maeum_pki::identity::Role;
+use maeum_pki::tls::{PeerInfo, Revocations};
 use maeum_protocols::job::JobSpec;
-use maeum_protocols::release::is_crisis_label;
-use maeum_protocols::tls::{PeerInfo, Revocations};
 use maeum_protocols::wire::{
     self, CHUNK_SIZE, ConfusionCounts, Digest, EvaluateTask, Hasher, ModelRef, TrainTask, UploadHeader, Work, pb,
 };
+use maeum_tlog::release::is_crisis_label;
 
 use crate::audit::AuditLog;
 use crate::blobs::Blobs;
 use crate::home::{Home, now_ms};
 use crate::secagg::SecAggRound;
 use crate::store::{Decision, JobRecord, JobState, SiteRecord, Store, VersionRecord};
-use maeum_protocols::audit::Event;
+use maeum_tlog::Event;
 
 /// Tunables of a running coordinator.
 #[derive(Debug, Clone)]
@@ -188,12 +188,12 @@ impl Coord {
         let key = std::fs::read(home.path("signing.key")).context("reading signing.key")?;
         let audit = AuditLog::open(store.db(), format!("maeum/{consortium}"), &key)?;
         if audit.size() == 0 {
-            let ca = maeum_protocols::identity::pem_to_der(&home.read("ca.pem")?)?.remove(0);
+            let ca = maeum_pki::identity::pem_to_der(&home.read("ca.pem")?)?.remove(0);
             audit.append(
                 now_ms(),
                 Event::ConsortiumInit {
                     consortium,
-                    ca_fingerprint: maeum_protocols::identity::fingerprint(&ca),
+                    ca_fingerprint: maeum_pki::identity::fingerprint(&ca),
                     log_key: audit.public_key(),
                 },
             )?;
@@ -271,14 +271,14 @@ impl Coord {
             let name = e.file_name().to_string_lossy().into_owned();
             let Some(site) = name.strip_suffix(".pem") else { continue };
             let pem = std::fs::read_to_string(e.path())?;
-            let Some(der) = maeum_protocols::identity::pem_to_der(&pem)?.into_iter().next() else { continue };
+            let Some(der) = maeum_pki::identity::pem_to_der(&pem)?.into_iter().next() else { continue };
             self.audit.remember_certificate(site, &pem)?;
-            let fingerprint = maeum_protocols::identity::fingerprint(&der);
+            let fingerprint = maeum_pki::identity::fingerprint(&der);
             let current = history.current(site);
             if current.contains(&fingerprint.as_str()) {
                 continue;
             }
-            let not_after_ms = maeum_protocols::identity::not_after_unix(&der)? * 1000;
+            let not_after_ms = maeum_pki::identity::not_after_unix(&der)? * 1000;
             let note = self.home.replacement(site)?.filter(|n| n.new_cert_fingerprint == fingerprint);
             let event = match note {
                 Some(note) if !current.is_empty() => {
@@ -324,8 +324,8 @@ impl Coord {
                 let name = e.file_name().to_string_lossy().into_owned();
                 let Some((site, _)) = name.strip_suffix(".pem").and_then(|n| n.split_once('.')) else { continue };
                 let pem = std::fs::read_to_string(e.path())?;
-                let Some(der) = maeum_protocols::identity::pem_to_der(&pem)?.into_iter().next() else { continue };
-                self.revocations.revoke_certificate(site, &maeum_protocols::identity::fingerprint(&der));
+                let Some(der) = maeum_pki::identity::pem_to_der(&pem)?.into_iter().next() else { continue };
+                self.revocations.revoke_certificate(site, &maeum_pki::identity::fingerprint(&der));
                 self.audit.remember_certificate(site, &pem)?;
             }
         }
@@ -427,7 +427,7 @@ impl Coord {
             rec.last_seen_ms = now_ms();
             if rec.cert_fingerprint != peer.fingerprint || first {
                 // Kept for the audit export: its cosignatures are checked against it.
-                let pem = maeum_protocols::audit::checkpoint::canonical_pem(&peer.certificate);
+                let pem = maeum_tlog::checkpoint::canonical_pem(&peer.certificate);
                 self.audit.remember_certificate(&id, &pem).map_err(internal)?;
             }
             rec.cert_fingerprint = peer.fingerprint.clone();
@@ -1009,7 +1009,7 @@ impl pb::fleet_server::Fleet for Fleet {
         // Checked against the certificate this connection presented (a site may have had
         // several keys over time; HOME/sites/ID.pem is only the latest).
         let cert = Coord::peer(&req)?.certificate;
-        let cert = maeum_protocols::audit::checkpoint::canonical_pem(&cert);
+        let cert = maeum_tlog::checkpoint::canonical_pem(&cert);
         let r = req.into_inner();
         let root = wire::audit::cosign_request(&r)?;
         tokio::task::spawn_blocking(move || -> Result<(), Status> {
@@ -1018,7 +1018,7 @@ impl pb::fleet_server::Fleet for Fleet {
                 .checkpoint_at(r.size)
                 .map_err(internal)?
                 .ok_or_else(|| Status::not_found(format!("no checkpoint of size {}", r.size)))?;
-            if stored.root != maeum_protocols::audit::hex(&root) {
+            if stored.root != maeum_tlog::hex(&root) {
                 warn!(site = %site, size = r.size, "a site cosigned a root this log never signed at that size");
                 c.metrics.verification_failures.inc("audit_root");
                 return Err(Status::failed_precondition(format!(
@@ -1139,7 +1139,7 @@ impl Coord {
             )));
         }
         let origin = self.audit.origin();
-        let certs = |cosignatures: Vec<maeum_protocols::audit::Cosignature>| {
+        let certs = |cosignatures: Vec<maeum_tlog::Cosignature>| {
             cosignatures
                 .into_iter()
                 .filter_map(|c| {
@@ -1148,11 +1148,10 @@ impl Coord {
                 })
                 .collect::<Vec<_>>()
         };
-        let head =
-            |stored: &maeum_protocols::audit::export::ExportedCheckpoint| -> Result<wire::audit::TreeHead, Status> {
-                let (signed, cosignatures) = stored.to_signed(&origin).map_err(|e| internal(e.into()))?;
-                Ok(wire::audit::TreeHead { signed, cosignatures: certs(cosignatures) })
-            };
+        let head = |stored: &maeum_tlog::export::ExportedCheckpoint| -> Result<wire::audit::TreeHead, Status> {
+            let (signed, cosignatures) = stored.to_signed(&origin).map_err(|e| internal(e.into()))?;
+            Ok(wire::audit::TreeHead { signed, cosignatures: certs(cosignatures) })
+        };
         let since = self
             .audit
             .since(known, wire::audit::MAX_SINCE)
@@ -1193,7 +1192,7 @@ fn tamper_release(msg: &mut wire::release::ReleaseMsg, mode: &str, home: &Home) 
         }
         "signature" => msg.signature[0] ^= 0x01,
         "unlogged" => {
-            let mut card = maeum_protocols::release::ModelCard::decode(&msg.card)?;
+            let mut card = maeum_tlog::release::ModelCard::decode(&msg.card)?;
             card.released_ms += 1;
             msg.card = card.encode();
             msg.manifest.card_sha256 = Digest::of(&msg.card).hex();
@@ -1488,7 +1487,7 @@ impl pb::control_server::Control for Control {
                         name.strip_suffix(".pem").map(|n| if replaced { n.split('.').next().unwrap_or(n) } else { n });
                     if let Some(site) = site.filter(|s| !s.is_empty()) {
                         let cert_pem = std::fs::read_to_string(e.path())?;
-                        witnesses.push(maeum_protocols::audit::export::WitnessCert { site: site.into(), cert_pem });
+                        witnesses.push(maeum_tlog::export::WitnessCert { site: site.into(), cert_pem });
                     }
                 }
             }
@@ -1603,7 +1602,7 @@ impl pb::control_server::Control for Control {
         let c = &self.0;
         let operator = c.operator(&req)?;
         let id = req.into_inner().site_id;
-        maeum_protocols::identity::validate_name(&id).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        maeum_pki::identity::validate_name(&id).map_err(|e| Status::invalid_argument(e.to_string()))?;
         let known = c.store.site(&id).map_err(internal)?;
         if known.is_none() && !c.home.sites().join(format!("{id}.pem")).exists() {
             return Err(Status::not_found(format!("no site {id} was ever approved")));

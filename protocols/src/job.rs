@@ -193,8 +193,8 @@ impl SecAggTable {
     /// parameters; the coordinator proposes them and every site recomputes them, so a
     /// coordinator cannot quietly lower the threshold. `Err` says why `n` sites cannot
     /// run a session (e.g. fewer than the threshold).
-    pub fn session_params(&self, n: usize, num_params: u64) -> Result<crate::secagg::SessionParams, String> {
-        use crate::secagg::SessionParams;
+    pub fn session_params(&self, n: usize, num_params: u64) -> Result<maeum_secagg::SessionParams, String> {
+        use maeum_secagg::SessionParams;
         let k = usize::from(self.neighbours);
         // A graph with k ≥ n-1 is the complete graph.
         let degree = if k == 0 || k + 1 >= n { 0 } else { self.neighbours };
@@ -214,13 +214,13 @@ impl SecAggTable {
 
     fn check(&self) -> Result<(), Invalid> {
         let key = |k: &str| format!("[secure_aggregation] {k}");
-        if usize::from(self.threshold) > crate::secagg::params::MAX_PARTIES {
+        if usize::from(self.threshold) > maeum_secagg::params::MAX_PARTIES {
             return Err(Invalid::new(key("threshold"), format!("must be at most 255, got {}", self.threshold)));
         }
         if self.threshold == 1 {
             return Err(Invalid::new(key("threshold"), "must be 0 (automatic) or at least 2, got 1"));
         }
-        if !self.neighbours.is_multiple_of(2) || usize::from(self.neighbours) >= crate::secagg::params::MAX_PARTIES {
+        if !self.neighbours.is_multiple_of(2) || usize::from(self.neighbours) >= maeum_secagg::params::MAX_PARTIES {
             return Err(Invalid::new(
                 key("neighbours"),
                 format!("must be 0 or an even number below 255, got {}", self.neighbours),

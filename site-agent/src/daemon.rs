@@ -25,8 +25,8 @@ use tracing::{debug, info, warn};
 use maeum_models::data::{self, Example, ReadOptions};
 use maeum_models::model::{ModelSpec, Prepared};
 use maeum_models::params::FlatParams;
+use maeum_pki::tls;
 use maeum_protocols::job::JobSpec;
-use maeum_protocols::tls;
 use maeum_protocols::wire::{
     self, CHUNK_SIZE, ConfusionCounts, Digest, EvaluateTask, Hasher, ModelRef, TrainTask, UploadHeader, Work, pb,
 };
@@ -319,7 +319,7 @@ pub async fn run(
     });
     let (stop_ops, ops_stopped) = tokio::sync::oneshot::channel::<()>();
     if let Some(addr) = ops_listen {
-        maeum_protocols::ops::serve(addr, agent.metrics.ops.clone(), async {
+        maeum_runtime::ops::serve(addr, agent.metrics.ops.clone(), async {
             let _ = ops_stopped.await;
         })
         .await?;
@@ -687,7 +687,7 @@ pub(crate) fn crisis_histogram(
         .names()
         .iter()
         .enumerate()
-        .filter(|(_, l)| maeum_protocols::release::is_crisis_label(l))
+        .filter(|(_, l)| maeum_tlog::release::is_crisis_label(l))
         .map(|(i, _)| i)
         .collect();
     if crisis.is_empty() {

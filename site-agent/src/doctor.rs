@@ -9,9 +9,9 @@ use std::time::Duration;
 
 use anyhow::Result;
 
-use maeum_protocols::doctor::Checks;
-use maeum_protocols::identity::{self, PeerId};
+use maeum_pki::identity::{self, PeerId};
 use maeum_protocols::wire::pb;
+use maeum_runtime::doctor::Checks;
 
 use crate::daemon::{LocalData, connect, describe_at};
 use crate::enrol::Home;

@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 
-use maeum_protocols::identity::{self, Bundle, CertifiedKey, PeerId, SecretPem};
+use maeum_pki::identity::{self, Bundle, CertifiedKey, PeerId, SecretPem};
 
 /// HOME/site.toml.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]

@@ -13,4 +13,4 @@ pub mod secure;
 pub mod table;
 pub mod witness;
 
-pub use maeum_protocols::runtime::now_ms;
+pub use maeum_runtime::runtime::now_ms;

@@ -181,9 +181,9 @@ enum DataCommand {
 }
 
 fn main() -> ExitCode {
-    maeum_protocols::runtime::exit_quietly_on_closed_stdout();
+    maeum_runtime::runtime::exit_quietly_on_closed_stdout();
     let cli = Cli::parse();
-    maeum_protocols::runtime::init_tracing(if matches!(cli.command, Command::Run { .. }) { "info" } else { "warn" });
+    maeum_runtime::runtime::init_tracing(if matches!(cli.command, Command::Run { .. }) { "info" } else { "warn" });
     let result = match home_needed(&cli.command).map(enrol::check_home) {
         Some(Err(e)) => Err(e),
         _ => dispatch(cli.command),
@@ -261,5 +261,5 @@ fn prove(home: PathBuf, json: bool) -> anyhow::Result<()> {
 
 fn run_daemon(home: PathBuf, ops_listen: Option<std::net::SocketAddr>) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-    runtime.block_on(maeum_site::daemon::run(&home, ops_listen, maeum_protocols::runtime::shutdown_signal()))
+    runtime.block_on(maeum_site::daemon::run(&home, ops_listen, maeum_runtime::runtime::shutdown_signal()))
 }

@@ -1,11 +1,11 @@
 //! The site agent's Prometheus metrics, served on the ops endpoint
-//! (`maeum_protocols::ops`, `run --ops-listen ADDR`). Names carry the prefix
+//! (`maeum_runtime::ops`, `run --ops-listen ADDR`). Names carry the prefix
 //! `maeum_site_`; label values are fixed strings chosen here. Nothing is pushed
 //! anywhere: the endpoint only answers whoever scrapes it on the site's own network.
 
 use std::time::Duration;
 
-use maeum_protocols::ops::{LabelledCounter, LabelledHistogram, Metrics};
+use maeum_runtime::ops::{LabelledCounter, LabelledHistogram, Metrics};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 

@@ -25,7 +25,7 @@ use clap::Args;
 use maeum_models::data::{DataError, LineError, Problem};
 use maeum_models::model::ModelSpec;
 use maeum_models::params::FlatParams;
-use maeum_protocols::release::Selector;
+use maeum_tlog::release::Selector;
 
 use crate::enrol::{Home, Status};
 
@@ -94,7 +94,7 @@ impl CrisisRule {
         let classes: Vec<(usize, String)> = names
             .iter()
             .enumerate()
-            .filter(|(_, l)| maeum_protocols::release::is_crisis_label(l))
+            .filter(|(_, l)| maeum_tlog::release::is_crisis_label(l))
             .map(|(i, l)| (i, l.clone()))
             .collect();
         if classes.is_empty() {

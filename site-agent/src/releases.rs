@@ -32,11 +32,11 @@ use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
 use maeum_models::model::ModelSpec;
-use maeum_protocols::audit::merkle::verify_inclusion;
-use maeum_protocols::audit::{Entry, hex, rfc3339, unhex, unhex32};
-use maeum_protocols::release::{Manifest, ModelCard, ReleaseError, Selector, check_card, is_release_entry};
 use maeum_protocols::wire::release::ReleaseMsg;
 use maeum_protocols::wire::{Digest, Hasher, pb};
+use maeum_tlog::merkle::verify_inclusion;
+use maeum_tlog::release::{Manifest, ModelCard, ReleaseError, Selector, check_card, is_release_entry};
+use maeum_tlog::{Entry, hex, rfc3339, unhex, unhex32};
 
 use crate::daemon::{Agent, Client, DigestMismatch, describe};
 use crate::enrol::Home;
@@ -196,7 +196,7 @@ fn check_parts(home: &Home, m: &Manifest, signature: &[u8], card: &[u8], blob: &
     }
     m.verify(&signing_key(home)?, signature)?;
     let card = check_card(m, card)?;
-    m.check_blob(&hash_file(blob)?)?;
+    m.check_blob(&hash_file(blob)?.0)?;
     let (spec, _, _) = ModelSpec::load(blob).with_context(|| format!("loading {}", blob.display()))?;
     if spec.layout().digest().to_string() != m.layout_digest {
         bail!("the model's parameter layout is not the signed layout {}", m.layout_digest);
@@ -504,7 +504,7 @@ pub fn show(dir: &Path, selector: Option<&str>, json: bool) -> Result<()> {
     let card = ModelCard::decode(r.card.as_bytes())?;
     let mine: Vec<Reported> = reported(&home)?.into_iter().filter(|e| e.model == r.manifest.model_sha256).collect();
     let labels = card.model.labels.clone();
-    let my_metrics = mine.last().map(|e| maeum_protocols::release::evaluation(&labels, &e.confusion, 1));
+    let my_metrics = mine.last().map(|e| maeum_tlog::release::evaluation(&labels, &e.confusion, 1));
     if json {
         println!(
             "{}",

@@ -28,13 +28,13 @@ use ring::rand::SecureRandom;
 use tonic::Code;
 use tracing::{info, warn};
 
-use maeum_protocols::identity::{self, PeerId};
+use maeum_pki::identity::{self, PeerId};
 use maeum_protocols::job::JobSpec;
-use maeum_protocols::secagg::quant::Quantiser;
-use maeum_protocols::secagg::sign::{EcdsaSigner, SessionVerifier};
-use maeum_protocols::secagg::{self, Session};
 use maeum_protocols::wire::secagg::{Reply, Request, SessionInfo, StageMessage};
 use maeum_protocols::wire::{Digest, Hasher, TrainTask, pb};
+use maeum_secagg::quant::Quantiser;
+use maeum_secagg::sign::{EcdsaSigner, SessionVerifier};
+use maeum_secagg::{self as secagg, Session};
 
 use crate::daemon::{Agent, Client, describe, local_update};
 
@@ -162,7 +162,8 @@ pub(crate) async fn train(
     let n = session.n();
     let params = session.params.clone();
     let session_id = session.id();
-    let signer = EcdsaSigner::from_pkcs8_pem(&agent.home.read("site.key")?).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let signer = EcdsaSigner::from_pkcs8_pem(&agent.home.read("site.key")?, ring::rand::SystemRandom::new())
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
     let verifier = SessionVerifier::new(&session);
     let mut sa = secagg::Client::new(session, me, os_seed()?).map_err(|e| anyhow::anyhow!("{e}"))?;
     let fail = |e: secagg::SecAggError| anyhow::anyhow!("secure aggregation refused the round: {e}");

@@ -15,7 +15,7 @@
 //! When the coordinator's heartbeat reply announces a checkpoint larger than the one
 //! witnessed, the daemon fetches it with the consistency proof from the witnessed size
 //! and every stored checkpoint since (with the cosignatures other sites made), checks
-//! them with [`maeum_protocols::audit::Witness`], stores the new checkpoint, and only
+//! them with [`maeum_tlog::Witness`], stores the new checkpoint, and only
 //! then cosigns it. The views of the witnesses meet in those stored checkpoints: a
 //! coordinator that signed two roots for one size is caught by the site that sees both
 //! (AUD-16), and this site then refuses to witness again and keeps the two signed
@@ -30,12 +30,12 @@ use anyhow::{Context, Result, anyhow, bail};
 use serde::{Deserialize, Serialize};
 use tracing::{error, info, warn};
 
-use maeum_protocols::audit::checkpoint::{single_cert, verify_cosignature, witness_key};
-use maeum_protocols::audit::export::{CHECKPOINT_FORMAT, CheckpointFile, ExportedCheckpoint};
-use maeum_protocols::audit::merkle::verify_inclusion;
-use maeum_protocols::audit::{AuditError, Cosignature, Event, SignedCheckpoint, Witness, hex, rfc3339, unhex32};
 use maeum_protocols::wire::audit::{CheckpointReply, ProvenEntry};
 use maeum_protocols::wire::pb;
+use maeum_tlog::checkpoint::{single_cert, verify_cosignature, witness_key};
+use maeum_tlog::export::{CHECKPOINT_FORMAT, CheckpointFile, ExportedCheckpoint};
+use maeum_tlog::merkle::verify_inclusion;
+use maeum_tlog::{AuditError, Cosignature, Event, SignedCheckpoint, Witness, hex, rfc3339, unhex32};
 
 use crate::daemon::{Client, connect, describe};
 use crate::enrol::Home;
@@ -334,7 +334,7 @@ impl std::error::Error for Unreachable {}
 pub async fn fetch_proven(
     client: &mut Client,
     size: u64,
-    root: &maeum_protocols::audit::merkle::Hash,
+    root: &maeum_tlog::merkle::Hash,
     models: Vec<String>,
 ) -> Result<Vec<ProvenEntry>> {
     let mut entries = Vec::new();

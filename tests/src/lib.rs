@@ -31,7 +31,7 @@ pub fn bin(name: &str) -> PathBuf {
             "-p",
             "maeum-e2e",
             "-p",
-            "maeum-protocols",
+            "maeum-auditor",
         ]);
         // The test harness exports the e2e package's CARGO_* variables; ring's build
         // script reruns when CARGO_MANIFEST_DIR changes, so clear them for the nested build.

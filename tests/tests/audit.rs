@@ -7,10 +7,10 @@ use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use maeum_e2e::{Federation, SMALL_MODEL, bin, run_ok};
-use maeum_protocols::audit::export::{Export, verify};
-use maeum_protocols::audit::unhex32;
+use maeum_tlog::export::{Export, verify};
+use maeum_tlog::unhex32;
 
-#[path = "../../protocols/tests/tamper/mod.rs"]
+#[path = "../../protocols/audit/tests/tamper/mod.rs"]
 mod tamper;
 
 const MIN: Duration = Duration::from_secs(60);

@@ -7,7 +7,7 @@ use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use maeum_e2e::{Federation, SMALL_MODEL, bin, init_site, run_ok};
-use maeum_protocols::audit::export::{Export, verify};
+use maeum_tlog::export::{Export, verify};
 
 const MIN: Duration = Duration::from_secs(60);
 

@@ -301,15 +301,14 @@ fn sites_install_only_verified_releases_and_keep_the_previous_one_in_service() {
             .arg(&audit),
     );
     run_ok(Command::new(bin("maeum-audit")).arg("verify").arg(&audit));
-    let export =
-        maeum_protocols::audit::export::Export::decode(&std::fs::read(&audit).expect("export")).expect("decodes");
+    let export = maeum_tlog::export::Export::decode(&std::fs::read(&audit).expect("export")).expect("decodes");
     let count = |kind: &str| export.entries.iter().filter(|e| e.event.kind() == kind).count();
     assert_eq!(count("model_release"), 2);
     let overridden: Vec<_> = export
         .entries
         .iter()
         .filter_map(|e| match &e.event {
-            maeum_protocols::audit::Event::ReleaseGateOverridden { version_sha256, gate, reason, operator, .. } => {
+            maeum_tlog::Event::ReleaseGateOverridden { version_sha256, gate, reason, operator, .. } => {
                 Some((version_sha256.clone(), gate.clone(), reason.clone(), operator.clone()))
             }
             _ => None,
@@ -321,7 +320,7 @@ fn sites_install_only_verified_releases_and_keep_the_previous_one_in_service() {
     let refusals = export
         .entries
         .iter()
-        .filter(|e| matches!(&e.event, maeum_protocols::audit::Event::ReleaseInstall { installed: false, .. }))
+        .filter(|e| matches!(&e.event, maeum_tlog::Event::ReleaseInstall { installed: false, .. }))
         .count();
     assert_eq!(refusals, 4 * SITES.len(), "one refusal entry per site and tampering");
 
@@ -404,7 +403,7 @@ fn check_export(
     dir: &Path,
     audit: &Path,
     version: u32,
-) -> (maeum_protocols::release::ModelCard, serde_json::Value) {
+) -> (maeum_tlog::release::ModelCard, serde_json::Value) {
     let out = Command::new(bin("maeum-audit"))
         .arg("release")
         .arg(dir)
@@ -418,7 +417,7 @@ fn check_export(
     assert!(out.status.success(), "maeum-audit release: {}", String::from_utf8_lossy(&out.stderr));
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON report");
     let card = std::fs::read(dir.join(format!("card-v{version}.json"))).expect("card");
-    (maeum_protocols::release::ModelCard::decode(&card).expect("card"), report)
+    (maeum_tlog::release::ModelCard::decode(&card).expect("card"), report)
 }
 
 /// Writes the consortium's `release_gates` (read at each promotion).

@@ -8,9 +8,9 @@ use tonic::Code;
 use tonic::transport::{Channel, Endpoint};
 
 use maeum_e2e::{Federation, SMALL_MODEL};
-use maeum_protocols::identity::{CertifiedKey, SecretPem};
+use maeum_pki::identity::{CertifiedKey, SecretPem};
+use maeum_pki::tls;
 use maeum_protocols::job::JobSpec;
-use maeum_protocols::tls;
 use maeum_protocols::wire::{self, Digest, TrainTask, UploadHeader, Work, pb};
 
 type Client = pb::fleet_client::FleetClient<Channel>;

@@ -1,9 +1,9 @@
 //! Audit-log messages on the wire (`pb::Audit*`): conversions to the sans-IO core's
-//! types (`crate::audit`). Hashes are 32 bytes, log signatures 64, lists are bounded;
+//! types (`maeum_tlog`). Hashes are 32 bytes, log signatures 64, lists are bounded;
 //! anything else is a [`WireError`] naming the field.
 
 use super::{WireError, invalid, pb};
-use crate::audit::{Checkpoint, Cosignature, Entry, Hash, SignedCheckpoint};
+use maeum_tlog::{Checkpoint, Cosignature, Entry, Hash, SignedCheckpoint};
 
 /// Longest proof accepted (a tree of 2^64 leaves needs fewer).
 pub const MAX_PROOF: usize = 130;
@@ -85,7 +85,7 @@ impl TreeHead {
         }
         let mut cosignatures = Vec::with_capacity(h.cosignatures.len());
         for c in h.cosignatures {
-            crate::identity::validate_name(&c.site)
+            maeum_pki::identity::validate_name(&c.site)
                 .map_err(|e| invalid("tree_head.cosignatures.site", e.to_string()))?;
             if c.signature.is_empty() || c.signature.len() > MAX_SIGNATURE {
                 return Err(invalid("tree_head.cosignatures.signature", format!("1..={MAX_SIGNATURE} bytes")));
@@ -169,7 +169,7 @@ pub fn cosign_request(r: &pb::AuditCosignRequest) -> Result<Hash, WireError> {
 #[allow(clippy::unwrap_used)] // tests fail loudly by design
 mod tests {
     use super::*;
-    use crate::audit::Event;
+    use maeum_tlog::Event;
 
     fn head() -> TreeHead {
         TreeHead {

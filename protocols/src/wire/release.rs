@@ -1,10 +1,10 @@
-//! Conversions for signed model releases (see [`crate::release`]).
+//! Conversions for signed model releases (see [`maeum_tlog::release`]).
 
 use super::{Digest, ModelRef, WireError, invalid, pb};
-use crate::release::{MAX_CARD_BYTES, Manifest};
+use maeum_tlog::release::{MAX_CARD_BYTES, Manifest};
 
 /// A release as it travels: the signed manifest, its signature, the card's bytes and
-/// where the log records it. Parsing checks shapes only; [`crate::release`] checks
+/// where the log records it. Parsing checks shapes only; [`maeum_tlog::release`] checks
 /// the signature, the card and the blob.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ReleaseMsg {

@@ -1,9 +1,9 @@
 //! Secure-aggregation messages on the wire: conversions between `pb::SecAgg*` and the
-//! sans-IO core's types (`crate::secagg`). Byte fields have fixed lengths and indices
+//! sans-IO core's types (`maeum_secagg`). Byte fields have fixed lengths and indices
 //! are 1..=255; anything else is a [`WireError`] naming the field, never its bytes.
 
 use super::{WireError, invalid, pb};
-use crate::secagg::{
+use maeum_secagg::{
     AdvertiseKeys, EncryptedShare, KeyRoster, Participant, RevealedShare, Session, SessionParams, ShareKeys, SharesFor,
     SurvivorProof, SurvivorSet, SurvivorSignature, UnmaskShares,
 };
