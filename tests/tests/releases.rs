@@ -107,7 +107,8 @@ fn model_of(fed: &Federation, version: &str) -> String {
 /// documented featuriser and forward pass (scripts/torch_predict.py, `safetensors` +
 /// `numpy`), gives `maeum-site predict`'s probabilities to 1e-5.
 fn torch_export_reproduces_predict(fed: &Federation, model: &str) {
-    let out = fed.dir.path().join("export");
+    // Its own folder: check_export later exports into `export` and wants one release there.
+    let out = fed.dir.path().join("export-torch");
     let v = fed.cli_json(&["models", "export", "v1", "--layout", "torch", "--out", out.to_str().unwrap_or_default()]);
     let torch = out.join("model-v1.torch.safetensors");
     assert!(v["files"].as_array().is_some_and(|f| f.iter().any(|f| f == torch.to_str().unwrap_or_default())), "{v:#}");
