@@ -210,7 +210,8 @@ pub(crate) fn describe(e: &RpcStatus) -> String {
     // Something answered on that port, but not with TLS: an HTTP server such as the
     // coordinator's ops endpoint, or another service.
     let not_tls = ["InvalidContentType", "corrupt message", "not a TLS", "InvalidMessage"];
-    if causes.iter().any(|c| not_tls.iter().any(|n| c.contains(n))) {
+    // The cause may be the status message itself (tonic puts the TLS error there).
+    if causes.iter().chain(std::iter::once(&msg.to_string())).any(|c| not_tls.iter().any(|n| c.contains(n))) {
         return format!(
             "the peer does not speak TLS: this address is not the coordinator's site port (the ops port or \
              another service?){chain}"
@@ -887,6 +888,15 @@ pub async fn upload(client: &mut Client, header: &UploadHeader, path: &Path) -> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_tls_error_in_the_status_message_itself_is_named() {
+        // tonic puts the rustls error in the message with only "transport error" below it.
+        let e = RpcStatus::unavailable("received corrupt message of type InvalidContentType");
+        let what = describe_at(&e, "127.0.0.1:9");
+        assert!(what.starts_with("the peer does not speak TLS"), "{what}");
+        assert!(what.ends_with("coordinator address 127.0.0.1:9 (from enrolment.json)"), "{what}");
+    }
 
     fn ex(label: &str) -> Example {
         Example { text: "some words".into(), label: label.into() }

@@ -309,11 +309,14 @@ fn commands_refuse_a_folder_that_is_not_a_site_home() {
 
 #[test]
 fn status_keeps_the_last_known_job_while_the_coordinator_is_away() {
-    let mut fed = Federation::new(1);
+    // Two sites: a secure-aggregation session needs at least two parties (SA-01).
+    let mut fed = Federation::new(2);
     fed.start_coordinator();
     fed.start_site("site-1");
-    let id = fed.submit("known", 1, 1, &format!("{SMALL_MODEL}[train]\nepochs = 1\n"));
-    assert_eq!(fed.wait_job(&id, 3 * MIN)["state"], "completed");
+    fed.start_site("site-2");
+    let id = fed.submit("known", 1, 2, &format!("{SMALL_MODEL}[train]\nepochs = 1\n"));
+    let job = fed.wait_job(&id, 3 * MIN);
+    assert_eq!(job["state"], "completed", "{job}\n--- coordinator log\n{}", fed.log_text("coordinator"));
     let home = fed.site_home("site-1");
     wait("the job in status.json", || fed.site_status("site-1")["job_id"] == id.as_str(), || fed.log_text("site-1"));
     // The coordinator goes away, the daemon restarts (a reboot) and cannot reach it.

@@ -526,9 +526,15 @@ async fn handshake(
     };
     let registration = match info.peer.role {
         Role::Site => Some(
-            revocations
-                .register(&info.peer.name, &info.fingerprint)
-                .ok_or_else(|| TlsError::Revoked(info.peer.clone()))?,
+            // A resumed TLS session skips the certificate verifier, so say here too
+            // whether the site or only this (replaced) certificate is revoked.
+            revocations.register(&info.peer.name, &info.fingerprint).ok_or_else(|| {
+                if !revocations.is_revoked(&info.peer.name) && revocations.is_certificate_revoked(&info.fingerprint) {
+                    TlsError::Replaced { peer: info.peer.clone(), fingerprint: info.fingerprint.clone() }
+                } else {
+                    TlsError::Revoked(info.peer.clone())
+                }
+            })?,
         ),
         Role::Operator | Role::Coordinator => None,
     };
