@@ -5,7 +5,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use comfy_table::{CellAlignment, LineStyle, Table, TableStyle};
+use comfy_table::Table;
 use tonic::transport::{Channel, Endpoint};
 
 use maeum_models::metrics::Confusion;
@@ -13,25 +13,6 @@ use maeum_pki::tls;
 use maeum_protocols::wire::pb::{self, control_client::ControlClient};
 
 use crate::home::Home;
-
-/// Plain columns with a rule under the header: no box drawing, so the output pastes
-/// into mail and tickets as it looks.
-const TABLE_STYLE: TableStyle = TableStyle::new().header_separator(LineStyle::none().fill('-').junction('-'));
-
-/// A table for people: column widths by display width (Korean labels take two cells a
-/// character and still align) and the columns `right` (numbers) right-aligned.
-/// Print it with `{}`; every line has the same display width.
-pub fn table(header: &[&str], right: &[usize]) -> Table {
-    let mut t = Table::new();
-    t.load_style(TABLE_STYLE);
-    t.set_header(header.to_vec());
-    for &i in right {
-        if let Some(c) = t.column_mut(i) {
-            c.set_cell_alignment(CellAlignment::Right);
-        }
-    }
-    t
-}
 
 /// Connects to the coordinator named in HOME/consortium.json with the operator
 /// certificate in HOME.
@@ -106,7 +87,7 @@ pub fn print_job(j: &pb::JobInfo) {
 
 /// The job's rounds (round 0 is the initial model's evaluation) as a table.
 fn rounds_table(j: &pb::JobInfo) -> Table {
-    let mut t = table(&["round", "accuracy", "macro-F1", "sites", "dropped"], &[0, 1, 2, 3]);
+    let mut t = maeum_runtime::table::table(&["round", "accuracy", "macro-F1", "sites", "dropped"], &[0, 1, 2, 3]);
     let cells = |c: Option<&pb::Confusion>| {
         c.and_then(scores)
             .map_or(["pending".to_string(), "pending".to_string()], |(a, f)| [format!("{a:.4}"), format!("{f:.4}")])
@@ -183,7 +164,7 @@ pub fn print_sites(sites: &[pb::SiteInfo]) {
 }
 
 fn sites_table(sites: &[pb::SiteInfo], now_ms: i64) -> Table {
-    let mut t = table(&["site", "online", "stage", "rounds", "last seen"], &[3]);
+    let mut t = maeum_runtime::table::table(&["site", "online", "stage", "rounds", "last seen"], &[3]);
     for s in sites {
         let seen = if s.last_seen_ms == 0 {
             "never".to_string()
@@ -205,7 +186,7 @@ fn sites_table(sites: &[pb::SiteInfo], now_ms: i64) -> Table {
 
 /// `jobs list` for people.
 pub fn jobs_table(jobs: &[pb::JobInfo]) -> Table {
-    let mut t = table(&["job", "state", "rounds", "activity"], &[2]);
+    let mut t = maeum_runtime::table::table(&["job", "state", "rounds", "activity"], &[2]);
     for j in jobs {
         t.add_row(vec![
             j.job_id.clone(),
@@ -221,14 +202,6 @@ pub fn jobs_table(jobs: &[pb::JobInfo]) -> Table {
 pub(crate) mod tests {
     use super::*;
 
-    /// Every line of a rendered table has the same display width (the columns align).
-    pub(crate) fn assert_aligned(t: &Table) {
-        let text = t.to_string();
-        let widths: Vec<usize> = text.lines().map(unicode_width::UnicodeWidthStr::width).collect();
-        assert!(widths.len() > 2, "{text}");
-        assert!(widths.iter().all(|w| *w == widths[0]), "widths {widths:?} in\n{text}");
-    }
-
     fn site(id: &str, online: bool, stage: &str, rounds: u32) -> pb::SiteInfo {
         pb::SiteInfo {
             site_id: id.into(),
@@ -243,7 +216,7 @@ pub(crate) mod tests {
     #[test]
     fn tables_align_with_long_and_korean_cells() {
         let sites = [site("site-1", true, "train", 3), site("서울-병원-정신건강의학과", false, "", 120)];
-        assert_aligned(&sites_table(&sites, 12_000));
+        maeum_runtime::table::assert_aligned(&sites_table(&sites, 12_000));
         let job = |id: &str, state: &str, activity: &str| pb::JobInfo {
             job_id: id.into(),
             state: state.into(),
@@ -252,7 +225,7 @@ pub(crate) mod tests {
             activity: activity.into(),
             ..Default::default()
         };
-        assert_aligned(&jobs_table(&[
+        maeum_runtime::table::assert_aligned(&jobs_table(&[
             job("triage-1", "running", "round 4: training"),
             job("우울-분류-2", "completed", ""),
         ]));
@@ -266,7 +239,7 @@ pub(crate) mod tests {
                 ..Default::default()
             },
         ];
-        assert_aligned(&rounds_table(&j));
+        maeum_runtime::table::assert_aligned(&rounds_table(&j));
     }
 
     #[test]

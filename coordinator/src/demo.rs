@@ -618,7 +618,8 @@ fn tables(
     local_mean: Option<(f64, f64)>,
 ) -> (comfy_table::Table, comfy_table::Table) {
     let num = |v: &serde_json::Value| v.as_f64().map_or("-".into(), |x| format!("{x:.4}"));
-    let mut rounds = client::table(&["round", "accuracy", "macro-F1", "crisis recall", "sites"], &[0, 1, 2, 3, 4]);
+    let mut rounds =
+        maeum_runtime::table::table(&["round", "accuracy", "macro-F1", "crisis recall", "sites"], &[0, 1, 2, 3, 4]);
     for r in per_round {
         rounds.add_row(vec![
             r["round"].to_string(),
@@ -628,7 +629,7 @@ fn tables(
             r["sites"].to_string(),
         ]);
     }
-    let mut comparison = client::table(&["", "accuracy", "macro-F1"], &[1, 2]);
+    let mut comparison = maeum_runtime::table::table(&["", "accuracy", "macro-F1"], &[1, 2]);
     let mut row = |name: &str, acc: f64, f1: f64| {
         comparison.add_row(vec![name.to_string(), format!("{acc:.4}"), format!("{f1:.4}")]);
     };
@@ -683,8 +684,8 @@ mod tests {
             .collect();
         let fed = Score { accuracy: 0.61, macro_f1: 0.6 };
         let (rounds, comparison) = tables(&per_round, &fed, Some(&fed), Some((0.3, 0.25)));
-        crate::client::tests::assert_aligned(&rounds);
-        crate::client::tests::assert_aligned(&comparison);
+        maeum_runtime::table::assert_aligned(&rounds);
+        maeum_runtime::table::assert_aligned(&comparison);
     }
 
     fn write(path: &Path, bytes: usize) {

@@ -172,7 +172,7 @@ pub async fn list(home: &Path, json: bool) -> Result<()> {
 
 /// `models list` for people: `*` marks the current release.
 fn releases_table(views: &[ReleaseView]) -> comfy_table::Table {
-    let mut t = crate::client::table(
+    let mut t = maeum_runtime::table::table(
         &["", "ver", "model", "job", "round", "accuracy", "macro-F1", "crisis recall", "gates", "installed"],
         &[4, 5, 6, 7],
     );
@@ -661,7 +661,7 @@ mod tests {
             card: None,
         };
         let views = [v(1, false, "triage-1", false), v(12, true, "우울-분류-분류-12", true)];
-        crate::client::tests::assert_aligned(&releases_table(&views));
+        maeum_runtime::table::assert_aligned(&releases_table(&views));
     }
 
     fn card() -> ModelCard {
@@ -709,10 +709,9 @@ mod tests {
         }
     }
 
-    #[test]
-    fn the_markdown_card_and_the_curve_show_every_round_and_the_crisis_class_first() {
-        let c = card();
-        let r = ReleaseMsg {
+    /// The release message of `card()` at audit entry 41.
+    fn release_msg(c: &ModelCard) -> ReleaseMsg {
+        ReleaseMsg {
             manifest: Manifest {
                 consortium: "c".into(),
                 version: 2,
@@ -724,7 +723,13 @@ mod tests {
             signature: vec![0; 64],
             card: Vec::new(),
             audit_seq: 41,
-        };
+        }
+    }
+
+    #[test]
+    fn the_markdown_card_and_the_curve_show_every_round_and_the_crisis_class_first() {
+        let c = card();
+        let r = release_msg(&c);
         let md = card_markdown(&c, &r, &[]);
         assert!(md.contains("entry #41"), "{md}");
         assert!(md.contains("(supersedes v1)"));
@@ -746,19 +751,7 @@ mod tests {
     #[test]
     fn the_markdown_card_states_the_crisis_flag_and_every_gate_override() {
         let mut c = card();
-        let r = ReleaseMsg {
-            manifest: Manifest {
-                consortium: "c".into(),
-                version: 2,
-                model_sha256: c.model.sha256.clone(),
-                model_size: 10,
-                layout_digest: c.model.layout_digest.clone(),
-                card_sha256: "99".repeat(32),
-            },
-            signature: vec![0; 64],
-            card: Vec::new(),
-            audit_seq: 41,
-        };
+        let r = release_msg(&c);
         let md = card_markdown(&c, &r, &[]);
         assert!(!md.contains("## Crisis flag") && !md.contains("overridden"), "{md}");
         c.crisis_flag = Some(maeum_tlog::release::CardCrisisFlag {

@@ -254,7 +254,7 @@ pub fn run(a: FinetuneArgs) -> Result<()> {
 
 /// Base against fine-tuned: accuracy, macro-F1, then recall by label.
 fn comparison_table(r: &LocalModelReport) -> comfy_table::Table {
-    let mut t = crate::table::table(&["", "n", "base", "fine-tuned"], &[1, 2, 3]);
+    let mut t = maeum_runtime::table::table(&["", "n", "base", "fine-tuned"], &[1, 2, 3]);
     let score = |v: f64| format!("{v:.4}");
     t.add_row(vec!["accuracy".into(), r.n_test.to_string(), score(r.base.accuracy), score(r.finetuned.accuracy)]);
     t.add_row(vec!["macro-F1".into(), String::new(), score(r.base.macro_f1), score(r.finetuned.macro_f1)]);
@@ -351,7 +351,7 @@ mod tests {
             base: m(0.5),
             finetuned: m(0.75),
         };
-        crate::table::tests::assert_aligned(&comparison_table(&r));
+        maeum_runtime::table::assert_aligned(&comparison_table(&r));
     }
 
     #[test]

@@ -10,7 +10,6 @@ pub mod metrics;
 pub mod predict;
 pub mod releases;
 pub mod secure;
-pub mod table;
 pub mod witness;
 
 pub use maeum_runtime::runtime::now_ms;

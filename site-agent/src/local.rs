@@ -235,7 +235,7 @@ pub fn split(a: SplitArgs) -> Result<()> {
 fn split_table(labels: &[String], shards: &[SiteShard]) -> comfy_table::Table {
     let mut header = vec!["label"];
     header.extend(shards.iter().map(|s| s.site.as_str()));
-    let mut t = crate::table::table(&header, &(1..=shards.len()).collect::<Vec<_>>());
+    let mut t = maeum_runtime::table::table(&header, &(1..=shards.len()).collect::<Vec<_>>());
     for l in labels {
         let mut row = vec![l.clone()];
         row.extend(shards.iter().map(|s| s.histogram.get(l).copied().unwrap_or(0).to_string()));
@@ -454,7 +454,7 @@ pub fn train_local(a: TrainLocalArgs) -> Result<()> {
         println!("  accuracy   {:.4}", out.accuracy);
         println!("  macro-F1   {:.4}", out.macro_f1);
         println!("  {:.0} examples/s over {} epochs ({:.1} s)", out.examples_per_second, out.epochs, out.train_seconds);
-        let mut t = crate::table::table(&["label", "precision", "recall"], &[1, 2]);
+        let mut t = maeum_runtime::table::table(&["label", "precision", "recall"], &[1, 2]);
         for (i, l) in labels.names().iter().enumerate() {
             t.add_row(vec![
                 l.clone(),
@@ -481,6 +481,6 @@ mod tests {
             test: n * 2,
             histogram: labels.iter().map(|l| (l.clone(), n)).collect(),
         };
-        crate::table::tests::assert_aligned(&split_table(&labels, &[shard(1, 3), shard(12, 12345)]));
+        maeum_runtime::table::assert_aligned(&split_table(&labels, &[shard(1, 3), shard(12, 12345)]));
     }
 }

@@ -11,3 +11,4 @@
 pub mod doctor;
 pub mod ops;
 pub mod runtime;
+pub mod table;

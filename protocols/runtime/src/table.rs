@@ -1,6 +1,5 @@
-//! Human tables for the site's CLI (`data split`, `train-local`, `finetune`). The same
-//! look as the coordinator's (`maeum_coordinator::client::table`); the two binaries
-//! share no CLI crate, and these few lines are not worth one.
+//! Human tables for both CLIs (the coordinator's `jobs`, `sites`, `models` and demo
+//! tables; the site's `data split`, `train-local` and `finetune`), so they look alike.
 
 use comfy_table::{CellAlignment, LineStyle, Table, TableStyle};
 
@@ -23,15 +22,12 @@ pub fn table(header: &[&str], right: &[usize]) -> Table {
     t
 }
 
-#[cfg(test)]
-pub(crate) mod tests {
-    use super::*;
-
-    /// Every line of a rendered table has the same display width (the columns align).
-    pub(crate) fn assert_aligned(t: &Table) {
-        let text = t.to_string();
-        let widths: Vec<usize> = text.lines().map(unicode_width::UnicodeWidthStr::width).collect();
-        assert!(widths.len() > 2, "{text}");
-        assert!(widths.iter().all(|w| *w == widths[0]), "widths {widths:?} in\n{text}");
-    }
+/// Test support: panics unless every line of the rendered table has the same display
+/// width (the columns align).
+#[cfg(feature = "test-support")]
+pub fn assert_aligned(t: &Table) {
+    let text = t.to_string();
+    let widths: Vec<usize> = text.lines().map(unicode_width::UnicodeWidthStr::width).collect();
+    assert!(widths.len() > 2, "{text}");
+    assert!(widths.iter().all(|w| *w == widths[0]), "widths {widths:?} in\n{text}");
 }
