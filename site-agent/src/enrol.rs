@@ -30,6 +30,9 @@ pub struct SiteConfig {
     pub limits: Limits,
     #[serde(default)]
     pub predict: PredictConfig,
+    /// `[policy]`: what this site reveals, and to whom (`crate::policy`).
+    #[serde(default)]
+    pub policy: crate::policy::Policy,
 }
 
 /// `[predict]`: local inference settings.
@@ -115,7 +118,10 @@ impl Home {
     pub fn config(&self) -> Result<SiteConfig> {
         let p = self.path("site.toml");
         let text = std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?;
-        toml::from_str(&text).with_context(|| format!("{}: invalid configuration", p.display()))
+        let cfg: SiteConfig =
+            toml::from_str(&text).with_context(|| format!("{}: invalid configuration", p.display()))?;
+        cfg.policy.validate().map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?;
+        Ok(cfg)
     }
 
     pub fn enrolment(&self) -> Result<Enrolment> {
@@ -200,6 +206,7 @@ pub fn init(dir: &Path, site_id: &str, train: Option<PathBuf>, test: Option<Path
         data: DataConfig { train: abs(train), test: abs(test), text_column: text(), label_column: label() },
         limits: Limits::default(),
         predict: PredictConfig::default(),
+        policy: crate::policy::Policy::default(),
     };
     write(&home.path("site.key"), key.expose().as_bytes(), true)?;
     write(&home.path("request.csr.pem"), csr.as_bytes(), false)?;

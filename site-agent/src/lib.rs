@@ -7,6 +7,7 @@ pub mod enrol;
 pub mod finetune;
 pub mod local;
 pub mod metrics;
+pub mod policy;
 pub mod predict;
 pub mod releases;
 pub mod secure;
