@@ -69,6 +69,12 @@ pub fn print_job(j: &pb::JobInfo) {
             if refused.is_empty() { String::new() } else { format!(", refused: {}", refused.join("; ")) }
         );
     }
+    if !j.excluded.is_empty() {
+        println!("  excluded from later attempts: {}", j.excluded.join("; "));
+    }
+    for r in j.history.iter().filter(|r| !r.refused.is_empty()) {
+        println!("  round {}: aggregate refused, committed without an update ({})", r.round, r.refused);
+    }
     let rounds = rounds_table(j);
     if !rounds.is_empty() {
         println!("{rounds}");
@@ -135,9 +141,10 @@ pub fn job_json(j: &pb::JobInfo) -> serde_json::Value {
             "round": r.round, "model": r.model.as_ref().map(|m| &m.digest), "contributors": r.contributors,
             "dropped": r.dropped, "total_weight": r.total_weight, "attempts": r.attempts,
             "secure_aggregation": r.secure_aggregation, "secagg_threshold": r.secagg_threshold,
-            "aggregate_sha256": r.aggregate_sha256,
+            "aggregate_sha256": r.aggregate_sha256, "refused": r.refused,
             "evaluation": score(&r.evaluation), "evaluated_by": r.evaluated_by,
         })).collect::<Vec<_>>(),
+        "excluded": j.excluded,
     })
 }
 

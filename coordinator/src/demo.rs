@@ -370,8 +370,16 @@ pub async fn run(a: DemoArgs) -> Result<()> {
         init.arg("--train").arg(shard.join("train.jsonl")).arg("--test").arg(shard.join("test.jsonl"));
         run_quiet(&mut init, "maeum-site init")?;
         // Seven trainers share two cores here: one thread each avoids oversubscription.
+        // The demo's sites accept its job without an admin; every other rule of their
+        // `[policy]` keeps its default (a plaintext run opts in to plaintext).
         let cfg = site_home.join("site.toml");
-        let text = std::fs::read_to_string(&cfg)?.replace("threads = 0", "threads = 1");
+        let text = std::fs::read_to_string(&cfg)?
+            .replace("threads = 0", "threads = 1")
+            .replace("auto_accept = false", "auto_accept = true")
+            .replace(
+                "allow_plaintext = false",
+                if a.insecure_plaintext_aggregation { "allow_plaintext = true" } else { "allow_plaintext = false" },
+            );
         std::fs::write(&cfg, text)?;
         let csr = std::fs::read_to_string(site_home.join("request.csr.pem"))?;
         let bundle = home::approve(&h, &csr, Some(s))?;
@@ -526,6 +534,8 @@ pub async fn run(a: DemoArgs) -> Result<()> {
         (Some(c), Some(l))
     };
 
+    // Read before --clean removes the sites' homes.
+    let policies = site_policies(&work, &sites);
     let cleaned = if a.clean { Some(clean(&work)?) } else { None };
     // summary.json is a few kB: measured before it is written.
     let left = disk_usage(&work);
@@ -540,6 +550,7 @@ pub async fn run(a: DemoArgs) -> Result<()> {
         "local_epochs": a.local_epochs,
         "alpha": a.alpha,
         "secure_aggregation": info.secure_aggregation,
+        "site_policies": policies,
         "job_id": info.job_id,
         "audit": { "file": audit_path, "entries": audit_report.entries, "checkpoints": audit_report.checkpoints },
         "release": { "version": release.0, "model": release.1, "installed_at_sites": release.2 },
@@ -602,6 +613,21 @@ a missed small class.";
 /// Why a round may count fewer sites than the demo started: the coordinator starts a
 /// job once `min_sites` accepted and every connected site has decided
 /// (`rounds::join`), and each round takes the accepted sites that are online then.
+/// The `[policy]` each site enforced, as its site.toml says.
+fn site_policies(work: &Path, sites: &[String]) -> serde_json::Value {
+    let mut out = serde_json::Map::new();
+    for s in sites {
+        let policy = std::fs::read_to_string(work.join(s).join("site.toml"))
+            .ok()
+            .and_then(|t| t.parse::<toml::Table>().ok())
+            .and_then(|t| t.get("policy").cloned())
+            .and_then(|p| serde_json::to_value(p).ok())
+            .unwrap_or(serde_json::Value::Null);
+        out.insert(s.clone(), policy);
+    }
+    serde_json::Value::Object(out)
+}
+
 fn fewer_sites_note(min_sites: usize) -> String {
     format!(
         "fewer sites in a round: the job starts as soon as {min_sites} sites (min_sites) have accepted and every \

@@ -8,6 +8,7 @@
 //! federation).
 #![forbid(unsafe_code)]
 
+pub mod attack;
 pub mod audit;
 pub mod blobs;
 pub mod client;

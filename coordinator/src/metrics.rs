@@ -39,6 +39,8 @@ pub struct CoordMetrics {
     pub releases: Counter,
     /// Release installs sites refused (a failed signature, digest or log check).
     pub release_refusals: Counter,
+    /// Requests sites refused under their privacy policy, by rule.
+    pub site_refusals: LabelledCounter,
 }
 
 impl Default for CoordMetrics {
@@ -62,6 +64,11 @@ impl CoordMetrics {
             audit_entries: ops.gauge("audit_entries", "Entries in the audit log"),
             releases: ops.counter("releases", "Model releases signed and logged"),
             release_refusals: ops.counter("release_refusals", "Release installs refused by sites"),
+            site_refusals: ops.counter_vec(
+                "site_refusals",
+                "Requests sites refused under their privacy policy",
+                "rule",
+            ),
             ops,
         }
     }

@@ -205,13 +205,21 @@ async fn join(c: &Coord, id: &str) -> Result<bool> {
 }
 
 async fn run_round(c: &Coord, id: &str, round: u32, spec: &ModelSpec) -> Result<Option<JobRecord>> {
+    use crate::attack::{self, Attack};
+    // Fault injection (`difference`): the site left out after an unmasked sum was
+    // thrown away.
+    let mut differenced: Option<String> = None;
     loop {
         let Some(job) = reload_active(c, id)? else { return Ok(None) };
         let min = job.spec.min_sites as usize;
         let online = c.online_sites();
-        let eligible: Vec<&String> = job.accepted().filter(|s| !c.revocations.is_revoked(s)).collect();
-        let selected: BTreeSet<String> =
-            eligible.iter().filter(|s| online.contains(**s)).map(|s| (*s).clone()).collect();
+        let eligible: Vec<&String> =
+            job.accepted().filter(|s| !c.revocations.is_revoked(s) && !job.excluded.contains_key(*s)).collect();
+        let mut selected: BTreeSet<String> = eligible
+            .iter()
+            .filter(|s| online.contains(**s) && differenced.as_deref() != Some(s.as_str()))
+            .map(|s| (*s).clone())
+            .collect();
         // Just after a (re)start, give accepted sites one heartbeat timeout to reconnect
         // rather than starting the round without them.
         let settling = c.started.elapsed() < c.settings.heartbeat_timeout && selected.len() < eligible.len();
@@ -220,9 +228,18 @@ async fn run_round(c: &Coord, id: &str, round: u32, spec: &ModelSpec) -> Result<
             tokio::time::sleep(TICK).await;
             continue;
         }
+        if let Some(Attack::Isolate(target)) = attack::current()
+            && selected.contains(&target)
+        {
+            let other = selected.iter().find(|s| **s != target).cloned();
+            selected = [Some(target), other].into_iter().flatten().collect();
+            warn!(round, sites = ?selected, "FAULT INJECTION: isolating a site in a session of two");
+        }
         let secure = job.spec.secure_aggregation.enabled();
         let num_params = spec.layout().numel() as u64;
-        if secure && let Err(why) = job.spec.secure_aggregation.session_params(selected.len(), num_params) {
+        if secure
+            && let Err(why) = job.spec.secure_aggregation.session_params(selected.len(), num_params, job.spec.min_sites)
+        {
             set_activity(c, format!("round {round}: waiting for sites: {why}"));
             tokio::time::sleep(TICK).await;
             continue;
@@ -232,8 +249,16 @@ async fn run_round(c: &Coord, id: &str, round: u32, spec: &ModelSpec) -> Result<
         let deadline_ms = now_ms() + job.spec.deadlines.train as i64 * 1000;
         let mut state = RoundState::new(&job, round, attempt, Stage::Train, model_ref(&base)?, deadline_ms);
         state.selected = selected.clone();
+        if let Some(Attack::Divergent(target)) = attack::current() {
+            // Every other site gets a model of its own: the base model halved.
+            let (_, params, _) = ModelSpec::load(&c.blobs.path(&Digest::parse("digest", &base.digest)?))?;
+            let halved: Vec<f32> = params.values().iter().map(|v| v * 0.5).collect();
+            let other = save_model(c, spec, &FlatParams::new(spec.layout(), halved)?, id, round)?;
+            warn!(round, target = %target, "FAULT INJECTION: handing every other site a different base model");
+            state.divergent = Some((target, model_ref(&other)?));
+        }
         if secure {
-            let sa = new_session(c, &job, round, attempt, &selected, num_params)?;
+            let sa = new_session(c, &job, round, attempt, &selected, num_params, &model_ref(&base)?.digest)?;
             info!(
                 round,
                 attempt,
@@ -271,7 +296,24 @@ async fn run_round(c: &Coord, id: &str, round: u32, spec: &ModelSpec) -> Result<
                     tokio::time::sleep(TICK).await;
                     continue;
                 }
-                SecAggEnd::Done => true,
+                SecAggEnd::Done => {
+                    let done = lock(&c.round).as_ref().map(|r| r.done.clone()).unwrap_or_default();
+                    match attack::current() {
+                        Some(Attack::Difference(target)) if differenced.is_none() && done.contains(&target) => {
+                            *lock(&c.round) = None;
+                            warn!(round, attempt, target = %target, "FAULT INJECTION: discarding an unmasked sum and retrying without one site");
+                            c.record(Event::RoundFailed {
+                                job_id: id.to_string(),
+                                round,
+                                attempt,
+                                reason: "fault injection: unmasked sum discarded".into(),
+                            })?;
+                            differenced = Some(target);
+                            continue;
+                        }
+                        _ => true,
+                    }
+                }
             }
         } else {
             wait_stage(c, id, round, deadline_ms).await?
@@ -343,7 +385,8 @@ async fn wait_stage(c: &Coord, id: &str, round: u32, deadline_ms: i64) -> Result
 }
 
 /// A new secure-aggregation session for the selected sites: indices in site-id order,
-/// each with the certificate the site was approved with, and a fresh public graph seed.
+/// each with the certificate the site was approved with, a fresh public graph seed,
+/// bound to the job file and the round's base model.
 fn new_session(
     c: &Coord,
     job: &JobRecord,
@@ -351,10 +394,15 @@ fn new_session(
     attempt: u32,
     selected: &BTreeSet<String>,
     num_params: u64,
+    base: &Digest,
 ) -> Result<SecAggRound> {
     use maeum_protocols::wire::secagg::{Member, SessionInfo};
     use ring::rand::SecureRandom;
-    let params = job.spec.secure_aggregation.session_params(selected.len(), num_params).map_err(anyhow::Error::msg)?;
+    let params = job
+        .spec
+        .secure_aggregation
+        .session_params(selected.len(), num_params, job.spec.min_sites)
+        .map_err(anyhow::Error::msg)?;
     let mut members = Vec::new();
     for (i, site) in selected.iter().enumerate() {
         let path = c.home.sites().join(format!("{site}.pem"));
@@ -370,7 +418,8 @@ fn new_session(
     ring::rand::SystemRandom::new().fill(&mut graph_seed).map_err(|_| anyhow::anyhow!("system RNG failed"))?;
     let info = SessionInfo { consortium: c.home.consortium()?.name, params, graph_seed, members };
     let ca = c.home.read("ca.pem")?;
-    let session = info.to_session(&job.id, round, attempt, |m| -> Result<Vec<u8>> {
+    let binding = maeum_protocols::wire::secagg::round_binding(&Digest::parse("spec_sha256", &job.spec_sha256)?, base);
+    let session = info.to_session(&job.id, round, attempt, binding, |m| -> Result<Vec<u8>> {
         let peer = maeum_pki::identity::PeerId::site(&m.site_id)?;
         Ok(maeum_pki::identity::verify_peer_cert(&ca, &m.certificate_der, &peer)?)
     })?;
@@ -386,7 +435,12 @@ enum SecAggEnd {
 /// Drives the session of the round in progress through its stages. On `Done` the
 /// round state holds the unmasked sum, the total weight and the contributors.
 async fn drive_secagg(c: &Coord, id: &str, round: u32) -> Result<SecAggEnd> {
-    let stage_secs = load(c, id)?.spec.deadlines.secagg as i64;
+    let job = load(c, id)?;
+    let stage_secs = job.spec.deadlines.secagg as i64;
+    let min_sites = job.spec.min_sites as usize;
+    // An attacking coordinator (fault injection) skips its own checks: the sites must
+    // hold on their own.
+    let own_checks = crate::attack::current().is_none();
     {
         let mut guard = lock(&c.round);
         if let Some(sa) = guard.as_mut().and_then(|r| r.secagg.as_mut()) {
@@ -449,24 +503,49 @@ async fn drive_secagg(c: &Coord, id: &str, round: u32) -> Result<SecAggEnd> {
             let Some(sa) = guard.as_mut().and_then(|r| r.secagg.as_mut()) else { return Ok(SecAggEnd::Aborted) };
             let from = sa.stage;
             match sa.close_stage(now_ms() + stage_secs * 1000) {
+                // A sum over fewer than min_sites is never unmasked: the attempt ends
+                // here, before any site reveals a share (a sum unmasked and then
+                // discarded would let a retry's sum be differenced against it).
+                Ok(()) if from == SaStage::Masked && sa.survivor_count() < min_sites && own_checks => {
+                    let why = format!(
+                        "only {} masked inputs arrived, min_sites is {min_sites}; ended before unmasking",
+                        sa.survivor_count()
+                    );
+                    sa.failed = Some(why.clone());
+                    Err((why, None))
+                }
                 Ok(()) => Ok(from),
                 Err(e) => {
                     let why = e.to_string();
                     sa.failed = Some(why.clone());
-                    Err(why)
+                    Err((why, e.culprit.and_then(|i| sa.site.get(&i).cloned())))
                 }
             }
         };
         c.notify();
         match closed {
             Ok(from) => info!(round, stage = from.name(), "secure-aggregation stage closed"),
-            Err(why) => {
+            Err((why, culprit)) => {
+                let why = exclude(c, id, culprit, why)?;
                 // Give waiting sites a moment to hear that the attempt failed.
                 tokio::time::sleep(Duration::from_millis(500)).await;
                 return Ok(SecAggEnd::Failed(why));
             }
         }
     }
+}
+
+/// Leaves `culprit` (the site the secure-aggregation core named as the cause of a
+/// failed attempt) out of the job's later attempts; returns the failure reason, which
+/// says so.
+fn exclude(c: &Coord, id: &str, culprit: Option<String>, why: String) -> Result<String> {
+    let Some(site) = culprit else { return Ok(why) };
+    c.store.update_job(id, |j| {
+        j.excluded.entry(site.clone()).or_insert_with(|| why.clone());
+        Ok(())
+    })?;
+    warn!(site = %site, reason = %why, "site excluded from this job's later attempts");
+    Ok(format!("{why}; site/{site} is excluded from this job's later attempts"))
 }
 
 /// Unmasks the sum (outside the round lock) and records the result in the round.
@@ -486,12 +565,24 @@ async fn finish_secagg(c: &Coord, round: u32) -> Result<SecAggEnd> {
     let outcome = match outcome {
         Ok(o) => o,
         Err(e) => {
+            let culprit = e.culprit.and_then(|i| sa.site.get(&i).cloned());
             let why = e.to_string();
             sa.failed = Some(why.clone());
-            return Ok(SecAggEnd::Failed(why));
+            let job_id = r.job_id.clone();
+            drop(guard);
+            return Ok(SecAggEnd::Failed(exclude(c, &job_id, culprit, why)?));
         }
     };
     let (sum, total_weight) = sa.decode(&outcome);
+    // Honest sites clip and cap before masking; nothing but the sum can show whether
+    // one did not. An aggregate outside what |U3| honest inputs can make is refused: no
+    // site can scale the mean or wrap Σw. The round is committed without an update
+    // rather than retried, because the sites revealed this round's sum once and will
+    // not reveal another over other survivors (a retry would stall the job).
+    let refused = sa.check_bounds(&sum, total_weight, outcome.survivors.len()).err();
+    if let Some(why) = &refused {
+        warn!(round, reason = %why, "the unmasked aggregate breaks the job's bounds; the round is committed without an update");
+    }
     let survivors = sa.names(&outcome.survivors);
     let dropped = sa.names(&outcome.dropped);
     let mut bytes = Vec::with_capacity(outcome.sum.len() * 4);
@@ -518,6 +609,7 @@ async fn finish_secagg(c: &Coord, round: u32) -> Result<SecAggEnd> {
     r.done = survivors.into_iter().collect();
     r.dropped = dropped.into_iter().collect();
     r.aggregate = Some(bytes);
+    r.refused = refused;
     drop(guard);
     c.record(event)?;
     Ok(SecAggEnd::Done)
@@ -563,15 +655,31 @@ async fn commit_round(
         Some(bytes) => c.blobs.put(bytes)?.hex(),
         None => String::new(),
     };
-    anyhow::ensure!(state.total_weight > 0, "round {}: the aggregate weight is 0", state.round);
-    let w = state.total_weight as f64;
-    let mean: Vec<f32> = state.sum.iter().map(|s| (s / w) as f32).collect();
-    let mut values = params.into_values();
-    optimizer.apply(&mut values, &mean)?;
-    let params = FlatParams::new(spec.layout(), values)?;
-    let model = save_model(c, spec, &params, id, state.round)?;
-    let state_bytes = optimizer.state_bytes();
-    let optimizer_state = if state_bytes.is_empty() { String::new() } else { c.blobs.put(&state_bytes)?.hex() };
+    let (model, optimizer_state) = match &state.refused {
+        // A refused aggregate changes nothing: the base model and optimiser state stay.
+        Some(why) => {
+            c.record(Event::RoundFailed {
+                job_id: id.to_string(),
+                round: state.round,
+                attempt: state.attempt,
+                reason: format!("aggregate refused, the round is committed without an update: {why}"),
+            })?;
+            c.metrics.rounds.inc("refused");
+            let kept = job.history.last().map(|h| h.optimizer_state.clone()).unwrap_or_default();
+            (base.clone(), kept)
+        }
+        None => {
+            anyhow::ensure!(state.total_weight > 0, "round {}: the aggregate weight is 0", state.round);
+            let w = state.total_weight as f64;
+            let mean: Vec<f32> = state.sum.iter().map(|s| (s / w) as f32).collect();
+            let mut values = params.into_values();
+            optimizer.apply(&mut values, &mean)?;
+            let params = FlatParams::new(spec.layout(), values)?;
+            let model = save_model(c, spec, &params, id, state.round)?;
+            let state_bytes = optimizer.state_bytes();
+            (model, if state_bytes.is_empty() { String::new() } else { c.blobs.put(&state_bytes)?.hex() })
+        }
+    };
     // The evaluation collected in this round is of the base model (the previous version).
     let evaluation = (!state.evaluated.is_empty()).then(|| state.evaluation.clone());
     let crisis_histogram = evaluation.as_ref().and(state.crisis_histogram.clone());
@@ -606,6 +714,7 @@ async fn commit_round(
             secure_aggregation: state.secagg.is_some(),
             secagg_threshold: state.secagg.as_ref().map(|s| s.session.params.threshold).unwrap_or(0),
             aggregate_sha256: aggregate_sha256.clone(),
+            refused: state.refused.clone().unwrap_or_default(),
         });
         Ok(())
     })?;

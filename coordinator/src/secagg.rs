@@ -313,6 +313,33 @@ impl SecAggRound {
         (sum, u64::from(outcome.sum.get(n).copied().unwrap_or(0)))
     }
 
+    /// Checks an unmasked aggregate against what `survivors` honest inputs can sum to:
+    /// 1 ≤ Σw ≤ |U3|·max_weight, and every coordinate |Σ w·Δ| ≤ Σw·clip plus the
+    /// rounding slack (one quantisation step per input).
+    pub fn check_bounds(&self, sum: &[f64], total_weight: u64, survivors: usize) -> Result<(), String> {
+        let q = &self.quantiser;
+        let most = survivors as u64 * u64::from(q.max_weight);
+        if total_weight == 0 || total_weight > most {
+            return Err(format!(
+                "the aggregate weight {total_weight} is outside 1..={most} ({survivors} sites × max_weight {})",
+                q.max_weight
+            ));
+        }
+        let bound = total_weight as f64 * f64::from(q.clip) + (survivors as f64 + 1.0) * q.step;
+        if let Some((i, v)) = sum.iter().enumerate().find(|(_, v)| !v.is_finite() || v.abs() > bound) {
+            return Err(format!(
+                "aggregate coordinate {i} is {v:.4e}, beyond {bound:.4e} (Σw·clip for Σw = {total_weight})"
+            ));
+        }
+        Ok(())
+    }
+
+    /// |U3|: the sites whose masked inputs the sum holds (0 before the masked-input
+    /// stage closed).
+    pub fn survivor_count(&self) -> usize {
+        self.survivors.as_ref().map_or(0, |s| s.survivors.len())
+    }
+
     pub fn names(&self, parties: &[u16]) -> Vec<String> {
         parties.iter().filter_map(|i| self.site.get(i).cloned()).collect()
     }

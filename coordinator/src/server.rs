@@ -90,6 +90,12 @@ pub struct RoundState {
     pub secagg: Option<SecAggRound>,
     /// The unmasked u32 aggregate once secure aggregation finished (little-endian).
     pub aggregate: Option<Vec<u8>>,
+    /// Fault injection only (`crate::attack`, `divergent`): every site but the named
+    /// one is handed this model instead. Always `None` in a real coordinator.
+    pub divergent: Option<(String, ModelRef)>,
+    /// Why the unmasked aggregate was refused (outside what honest inputs can sum to):
+    /// the round is then committed without an update.
+    pub refused: Option<String>,
 }
 
 impl RoundState {
@@ -125,6 +131,8 @@ impl RoundState {
             uploads: HashMap::new(),
             secagg: None,
             aggregate: None,
+            divergent: None,
+            refused: None,
         }
     }
 
@@ -456,10 +464,20 @@ impl Coord {
         if let Some(job_id) = current {
             let job = self.store.job(&job_id).map_err(internal)?;
             if let Some(job) = job.filter(|j| j.state.is_active() && !j.decisions.contains_key(site)) {
+                let mut spec_toml = job.toml.clone();
+                if crate::attack::current() == Some(crate::attack::Attack::TamperOffer) {
+                    // The lie: secure aggregation off and one site enough, under the
+                    // hash of the file that was submitted and logged.
+                    let mut tampered = job.spec.clone();
+                    tampered.secure_aggregation.insecure_plaintext_aggregation_for_debugging = true;
+                    tampered.min_sites = 1;
+                    spec_toml = toml::to_string(&tampered).map_err(|e| Status::internal(e.to_string()))?;
+                }
                 return Ok(Some(Work::Offer {
                     job_id: job.id.clone(),
                     spec_json: job.spec.to_json(),
                     spec_sha256: Digest::parse("spec_sha256", &job.spec_sha256).map_err(Status::from)?,
+                    spec_toml,
                 }));
             }
         }
@@ -473,7 +491,10 @@ impl Coord {
                 job_id: r.job_id.clone(),
                 round: r.round,
                 attempt: r.attempt,
-                model: r.model.clone(),
+                model: match &r.divergent {
+                    Some((target, other)) if target != site => other.clone(),
+                    _ => r.model.clone(),
+                },
                 deadline_ms: r.deadline_ms,
                 evaluate_first: !r.evaluated.contains(site),
                 secagg: r.secagg.as_ref().map(|s| s.info.clone()),
@@ -726,15 +747,8 @@ impl pb::fleet_server::Fleet for Fleet {
                     anyhow::ensure!(prev.accept == d.accept, "site/{site} already decided on job {}", job.id);
                     return Ok(false);
                 }
-                job.decisions.insert(
-                    site.clone(),
-                    Decision {
-                        accept: d.accept,
-                        reason: reason.clone(),
-                        train_examples: d.train_examples,
-                        at_ms: now_ms(),
-                    },
-                );
+                job.decisions
+                    .insert(site.clone(), Decision { accept: d.accept, reason: reason.clone(), at_ms: now_ms() });
                 Ok(true)
             })
             .map_err(|e| Status::failed_precondition(format!("{e:#}")))?
@@ -1081,6 +1095,28 @@ impl pb::fleet_server::Fleet for Fleet {
         Ok(Response::new(msg.to_pb()))
     }
 
+    async fn report_refusal(&self, req: Request<pb::RefusalReport>) -> Result<Response<pb::Ack>, Status> {
+        let c = self.0.clone();
+        let site = c.site(&req, None)?;
+        let r = req.into_inner();
+        let job_id = maeum_protocols::wire::job_id("refusal.job_id", r.job_id).map_err(Status::from)?;
+        let rule = maeum_protocols::wire::REFUSAL_RULES.iter().find(|k| **k == r.rule).copied().unwrap_or("other");
+        let detail: String = r.detail.chars().take(500).collect();
+        c.record(Event::SiteRefused {
+            job_id: job_id.clone(),
+            round: r.round,
+            attempt: r.attempt,
+            site: site.clone(),
+            rule: rule.into(),
+            detail: detail.clone(),
+        })
+        .map_err(internal)?;
+        c.metrics.site_refusals.inc(rule);
+        warn!(site = %site, job = %job_id, round = r.round, attempt = r.attempt, rule, detail = %detail, "site REFUSED under its privacy policy");
+        c.notify();
+        Ok(Response::new(pb::Ack {}))
+    }
+
     async fn report_release(&self, req: Request<pb::ReleaseReport>) -> Result<Response<pb::Ack>, Status> {
         let c = self.0.clone();
         let site = c.site(&req, None)?;
@@ -1159,7 +1195,7 @@ impl Coord {
             .iter()
             .map(head)
             .collect::<Result<Vec<_>, _>>()?;
-        let fork_for = std::env::var("MAEUM_COORDINATOR_TEST_FORK_VIEW").unwrap_or_default();
+        let fork_for = crate::attack::test_env("MAEUM_COORDINATOR_TEST_FORK_VIEW").unwrap_or_default();
         let (signed, consistency) = if !fork_for.is_empty() && fork_for == site && known < size {
             warn!(site = %site, "FAULT INJECTION: showing this site a forked view of the audit log");
             self.audit.forked_view(known).map_err(internal)?
@@ -1180,7 +1216,9 @@ impl Coord {
 /// different card, properly signed, that the audit log does not record). Unset in
 /// production, it costs one environment lookup.
 fn test_tamper() -> String {
-    let Ok(path) = std::env::var("MAEUM_COORDINATOR_TEST_TAMPER_RELEASE_FILE") else { return String::new() };
+    let Some(path) = crate::attack::test_env("MAEUM_COORDINATOR_TEST_TAMPER_RELEASE_FILE") else {
+        return String::new();
+    };
     std::fs::read_to_string(path).map(|s| s.trim().to_string()).unwrap_or_default()
 }
 
@@ -1247,6 +1285,7 @@ impl Coord {
                     secagg_threshold: u32::from(h.secagg_threshold),
                     aggregate_sha256: h.aggregate_sha256.clone(),
                     evaluated_by: h.evaluated_by.clone(),
+                    refused: h.refused.clone(),
                 })
                 .collect(),
             decisions: j
@@ -1260,6 +1299,7 @@ impl Coord {
             error: j.error.clone(),
             initial_evaluation: confusion(&j.initial_evaluation),
             secure_aggregation: j.spec.secure_aggregation.enabled(),
+            excluded: j.excluded.iter().map(|(s, why)| format!("{s}: {why}")).collect(),
         }
     }
 
@@ -1358,6 +1398,7 @@ impl pb::control_server::Control for Control {
             history: Vec::new(),
             attempts_started: 0,
             error: String::new(),
+            excluded: Default::default(),
         };
         c.store.put_job(&job).map_err(internal)?;
         c.record(Event::JobSubmitted {

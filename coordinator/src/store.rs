@@ -61,7 +61,6 @@ pub struct VersionRecord {
 pub struct Decision {
     pub accept: bool,
     pub reason: String,
-    pub train_examples: u64,
     pub at_ms: i64,
 }
 
@@ -94,6 +93,10 @@ pub struct RoundRecord {
     /// `[w·Δ, w]`, little-endian): all the coordinator learns about the updates.
     #[serde(default)]
     pub aggregate_sha256: String,
+    /// Why the round's aggregate was refused (outside what honest inputs can sum to;
+    /// the model is then the previous one), empty when it was applied.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub refused: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -112,6 +115,11 @@ pub struct JobRecord {
     /// one computed before a crash can never be folded into a later attempt.
     pub attempts_started: u32,
     pub error: String,
+    /// Sites left out of this job's later attempts, with why: the secure-aggregation
+    /// core named them as the cause of a failed attempt (a wrong share, SA-11; a
+    /// malformed or half-sent input), so one misbehaving site cannot stall the job.
+    #[serde(default)]
+    pub excluded: BTreeMap<String, String>,
 }
 
 impl JobRecord {
@@ -238,6 +246,7 @@ mod tests {
             history: Vec::new(),
             attempts_started: 0,
             error: String::new(),
+            excluded: BTreeMap::new(),
         }
     }
 

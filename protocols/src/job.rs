@@ -191,15 +191,24 @@ impl SecAggTable {
 
     /// The session parameters for a round with `n` sites and models of `num_params`
     /// parameters; the coordinator proposes them and every site recomputes them, so a
-    /// coordinator cannot quietly lower the threshold. `Err` says why `n` sites cannot
-    /// run a session (e.g. fewer than the threshold).
-    pub fn session_params(&self, n: usize, num_params: u64) -> Result<maeum_secagg::SessionParams, String> {
+    /// coordinator cannot quietly lower the threshold. The threshold is the largest of
+    /// the automatic value (the smallest above 2/3 of the group), the job's `min_sites`
+    /// (as far as the group allows) and an explicit `threshold`: an explicit value can
+    /// only raise it. `Err` says why `n` sites cannot run a session (e.g. fewer than the
+    /// threshold).
+    pub fn session_params(
+        &self,
+        n: usize,
+        num_params: u64,
+        min_sites: u32,
+    ) -> Result<maeum_secagg::SessionParams, String> {
         use maeum_secagg::SessionParams;
         let k = usize::from(self.neighbours);
         // A graph with k ≥ n-1 is the complete graph.
         let degree = if k == 0 || k + 1 >= n { 0 } else { self.neighbours };
         let group = if degree == 0 { n } else { k + 1 };
-        let threshold = if self.threshold == 0 { SessionParams::default_threshold(group) } else { self.threshold };
+        let floor = SessionParams::default_threshold(group).max(min_sites.min(group as u32) as u16);
+        let threshold = self.threshold.max(floor);
         if usize::from(threshold) > group {
             return Err(format!("threshold {threshold} needs at least {threshold} sites, only {n} are taking part"));
         }
@@ -634,18 +643,23 @@ mod tests {
     #[test]
     fn session_params_follow_the_table() {
         let t = SecAggTable::default();
-        let p = t.session_params(7, 100).expect("7 sites");
+        let p = t.session_params(7, 100, 3).expect("7 sites");
         assert_eq!((p.threshold, p.degree, p.vector_len), (5, 0, 101));
-        assert_eq!(t.session_params(3, 1).expect("3 sites").threshold, 3);
+        assert_eq!(t.session_params(3, 1, 3).expect("3 sites").threshold, 3);
         let plus = SecAggTable { neighbours: 4, ..SecAggTable::default() };
-        let p = plus.session_params(20, 1).expect("20 sites");
+        let p = plus.session_params(20, 1, 3).expect("20 sites");
         assert_eq!((p.threshold, p.degree), (4, 4), "a neighbourhood of 5 needs 4");
-        assert_eq!(plus.session_params(5, 1).expect("5 sites").degree, 0, "k ≥ n-1 is every pair");
+        assert_eq!(plus.session_params(5, 1, 3).expect("5 sites").degree, 0, "k ≥ n-1 is every pair");
         let high = SecAggTable { threshold: 6, ..SecAggTable::default() };
         assert_eq!(
-            high.session_params(5, 1).expect_err("too few"),
+            high.session_params(5, 1, 3).expect_err("too few"),
             "threshold 6 needs at least 6 sites, only 5 are taking part"
         );
+        // min_sites raises the threshold (within the group); an explicit lower one does not lower it.
+        assert_eq!(t.session_params(10, 1, 9).expect("10 sites").threshold, 9);
+        assert_eq!(plus.session_params(20, 1, 9).expect("20 sites").threshold, 5, "capped at the neighbourhood");
+        let low = SecAggTable { threshold: 2, ..SecAggTable::default() };
+        assert_eq!(low.session_params(7, 1, 1).expect("7 sites").threshold, 5);
     }
 
     #[test]

@@ -316,16 +316,44 @@ pub struct EvaluateTask {
     pub deadline_ms: i64,
 }
 
+/// The rules a site may name when it refuses something (`ReportRefusal`): the keys of
+/// its `[policy]` table and the protocol rules every site enforces. Anything else is
+/// counted as `other`.
+pub const REFUSAL_RULES: [&str; 13] = [
+    "allow_plaintext",
+    "min_cohort",
+    "min_threshold",
+    "members",
+    "allowed_models",
+    "max_params",
+    "max_rounds",
+    "allowed_strategies",
+    "spec_hash",
+    "reveal_once",
+    "base_model",
+    "session",
+    "halted",
+];
+
 /// What [`pb::fleet_client::FleetClient::poll`] hands a site.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Work {
-    Idle { retry_after_ms: u32 },
-    Offer { job_id: String, spec_json: String, spec_sha256: Digest },
+    Idle {
+        retry_after_ms: u32,
+    },
+    /// `spec_toml` is the job file as submitted; `spec_sha256` its hash (as logged).
+    Offer {
+        job_id: String,
+        spec_json: String,
+        spec_sha256: Digest,
+        spec_toml: String,
+    },
     Train(TrainTask),
     Evaluate(EvaluateTask),
 }
 
-pub(crate) fn job_id(field: &'static str, id: String) -> Result<String, WireError> {
+/// Checks a job id from the network ([a-z0-9-], 1–64 characters).
+pub fn job_id(field: &'static str, id: String) -> Result<String, WireError> {
     let ok = !id.is_empty()
         && id.len() <= 64
         && id.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
@@ -342,6 +370,7 @@ impl TryFrom<pb::Work> for Work {
                 job_id: job_id("offer.job_id", o.job_id)?,
                 spec_json: o.spec_json,
                 spec_sha256: Digest::parse("offer.spec_sha256", &o.spec_sha256)?,
+                spec_toml: o.spec_toml,
             },
             Kind::Train(t) => Work::Train(TrainTask {
                 job_id: job_id("train.job_id", t.job_id)?,
@@ -368,10 +397,11 @@ impl From<&Work> for pb::Work {
         use pb::work::Kind;
         let kind = match w {
             Work::Idle { retry_after_ms } => Kind::Idle(pb::Idle { retry_after_ms: *retry_after_ms }),
-            Work::Offer { job_id, spec_json, spec_sha256 } => Kind::Offer(pb::JobOffer {
+            Work::Offer { job_id, spec_json, spec_sha256, spec_toml } => Kind::Offer(pb::JobOffer {
                 job_id: job_id.clone(),
                 spec_json: spec_json.clone(),
                 spec_sha256: spec_sha256.hex(),
+                spec_toml: spec_toml.clone(),
             }),
             Work::Train(t) => Kind::Train(pb::TrainTask {
                 job_id: t.job_id.clone(),
@@ -515,7 +545,12 @@ mod tests {
     fn work_round_trips() {
         let cases = [
             Work::Idle { retry_after_ms: 5 },
-            Work::Offer { job_id: "job-1".into(), spec_json: "{}".into(), spec_sha256: Digest::of(b"t") },
+            Work::Offer {
+                job_id: "job-1".into(),
+                spec_json: "{}".into(),
+                spec_sha256: Digest::of(b"t"),
+                spec_toml: "name = \"t\"".into(),
+            },
             Work::Train(TrainTask {
                 job_id: "job-1".into(),
                 round: 3,

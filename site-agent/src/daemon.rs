@@ -97,6 +97,8 @@ pub(crate) struct Agent {
     pub(crate) site_id: String,
     status: Mutex<Status>,
     data: LocalData,
+    /// `[policy]` from site.toml, read at start-up.
+    pub(crate) policy: crate::policy::Policy,
     prepared: Mutex<HashMap<String, Arc<Prepared2>>>,
     /// The size of the latest audit checkpoint this site witnessed.
     witnessed: AtomicU64,
@@ -126,6 +128,40 @@ impl Agent {
         self.metrics.bytes_sent.inc_by(header.payload_len());
         self.metrics.rounds.inc("delivered");
         Ok(())
+    }
+
+    /// A refusal under this site's policy: logged, journalled, counted and reported
+    /// to the coordinator (which logs it as `site_refused`). The report is best effort:
+    /// the refusal stands whether or not the coordinator hears of it.
+    pub(crate) async fn refuse(
+        &self,
+        client: &mut Client,
+        job_id: &str,
+        round: u32,
+        attempt: u32,
+        refusal: &crate::policy::Refusal,
+    ) {
+        warn!(job = %job_id, round, attempt, rule = refusal.rule, why = %refusal.why, "REFUSED under this site's policy");
+        self.metrics.policy_refusals.inc(refusal.rule);
+        self.note(crate::witness::Record::Refusal {
+            job_id: job_id.into(),
+            round,
+            attempt,
+            rule: refusal.rule.into(),
+            detail: refusal.why.clone(),
+            time_ms: crate::now_ms(),
+        });
+        self.set(|s| s.last_refusal = format!("job {job_id} round {round} attempt {attempt}: {refusal}"));
+        let report = pb::RefusalReport {
+            job_id: job_id.into(),
+            round,
+            attempt,
+            rule: refusal.rule.into(),
+            detail: refusal.why.clone(),
+        };
+        if let Err(e) = client.report_refusal(report).await {
+            warn!(error = %describe(&e), "reporting the refusal to the coordinator");
+        }
     }
 
     fn note_model(&self, job_id: &str, round: u32, model: &ModelRef) {
@@ -311,6 +347,7 @@ pub async fn run(
         home,
         site_id,
         data,
+        policy: cfg.policy.clone(),
         prepared: Mutex::new(HashMap::new()),
         witnessed: AtomicU64::new(0),
         witnessing: AtomicBool::new(false),
@@ -489,8 +526,8 @@ async fn work_loop(agent: Arc<Agent>, mut client: Client, address: &str) {
                 tokio::time::sleep(Duration::from_millis(u64::from(retry_after_ms))).await;
                 Ok(())
             }
-            Ok(Work::Offer { job_id, spec_json, spec_sha256 }) => {
-                decide(&agent, &mut client, job_id, spec_json, spec_sha256).await
+            Ok(Work::Offer { job_id, spec_toml, spec_sha256, .. }) => {
+                decide(&agent, &mut client, job_id, spec_toml, spec_sha256).await
             }
             Ok(Work::Train(t)) => train(&agent, &mut client, t).await,
             Ok(Work::Evaluate(t)) => {
@@ -510,29 +547,91 @@ async fn work_loop(agent: Arc<Agent>, mut client: Client, address: &str) {
     }
 }
 
-async fn decide(agent: &Agent, client: &mut Client, job_id: String, spec_json: String, _sha: Digest) -> Result<()> {
-    let (accept, reason) = match JobSpec::from_json(&spec_json) {
-        Ok(spec) => match agent.data.refusal(&spec) {
-            Some(reason) => (false, reason),
+/// Answers a job offer. The site parses the job file the lead submitted (not the
+/// coordinator's re-encoding), checks that it hashes to the digest the offer names
+/// (the one the audit log's `job_submitted` entry carries), and checks it against its
+/// local data and its `[policy]`. Its record count never leaves the site.
+async fn decide(
+    agent: &Agent,
+    client: &mut Client,
+    job_id: String,
+    spec_toml: String,
+    spec_sha256: Digest,
+) -> Result<()> {
+    let mut verdict = offered_job(&agent.policy, &job_id, &spec_toml, spec_sha256)
+        .and_then(|spec| agent.data.refusal(&spec).map_or(Ok(spec), Err));
+    // Without auto_accept, an offer the policy allows waits for the admin's answer.
+    if verdict.is_ok() && !agent.policy.auto_accept {
+        match crate::consent::consent_for(&agent.home, &job_id, &spec_toml, &spec_sha256.hex())? {
+            Some(c) if c.accept => info!(job = %job_id, by = %c.by, "the site's admin accepted the job"),
+            Some(c) => verdict = Err(format!("refused by this site's admin ({}): {}", c.by, c.reason)),
             None => {
-                let p = agent.home.path(&format!("jobs/{job_id}.json"));
-                maeum_models::write_atomic(&p, spec_json.as_bytes())
-                    .with_context(|| format!("writing {}", p.display()))?;
-                (true, String::new())
+                let waiting = format!("waiting for the admin: job {job_id} (`maeum-site jobs show {job_id}`)");
+                let first = agent.status.lock().unwrap_or_else(std::sync::PoisonError::into_inner).stage != waiting;
+                if first {
+                    info!(job = %job_id, "job offered; waiting for the admin's consent (`maeum-site jobs accept|refuse`)");
+                }
+                agent.set(|s| s.stage = waiting.clone());
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                return Ok(());
             }
-        },
-        Err(e) => (false, format!("the job's specification is not valid here: {e}")),
+        }
+    }
+    let (accept, reason) = match verdict {
+        Ok(spec) => {
+            let p = agent.home.path(&format!("jobs/{job_id}.json"));
+            maeum_models::write_atomic(&p, spec.to_json().as_bytes())
+                .with_context(|| format!("writing {}", p.display()))?;
+            let p = agent.home.path(&format!("jobs/{job_id}.toml"));
+            maeum_models::write_atomic(&p, spec_toml.as_bytes()).with_context(|| format!("writing {}", p.display()))?;
+            (true, String::new())
+        }
+        Err(reason) => (false, reason),
     };
     if accept {
-        info!(job = %job_id, "accepted the job");
+        info!(job = %job_id, sha256 = %spec_sha256, "accepted the job");
     } else {
         warn!(job = %job_id, reason = %reason, "refused the job");
+        if let Some(rule) =
+            reason.strip_prefix("refused by this site's policy ([policy] ").and_then(|r| r.split(')').next())
+        {
+            let rule = maeum_protocols::wire::REFUSAL_RULES.iter().find(|k| **k == rule).copied().unwrap_or("other");
+            agent.metrics.policy_refusals.inc(rule);
+        }
     }
-    let decision =
-        pb::JobDecision { job_id: job_id.clone(), accept, reason, train_examples: agent.data.train.len() as u64 };
+    let decision = pb::JobDecision { job_id: job_id.clone(), accept, reason };
     client.decide_job(decision).await?;
-    agent.note(crate::witness::Record::Decision { job_id, accepted: accept, time_ms: crate::now_ms() });
+    agent.note(crate::witness::Record::Decision {
+        job_id,
+        accepted: accept,
+        spec_sha256: spec_sha256.hex(),
+        time_ms: crate::now_ms(),
+    });
     Ok(())
+}
+
+/// The offered job, if the offer is honest and the site's policy takes it; otherwise
+/// the reason for refusing it (naming the rule).
+pub(crate) fn offered_job(
+    policy: &crate::policy::Policy,
+    job_id: &str,
+    spec_toml: &str,
+    spec_sha256: Digest,
+) -> std::result::Result<JobSpec, String> {
+    if spec_toml.is_empty() {
+        return Err("refused by this site's policy ([policy] spec_hash): the offer carries no job file to check".into());
+    }
+    let got = Digest::of(spec_toml.as_bytes());
+    if got != spec_sha256 {
+        return Err(format!(
+            "refused by this site's policy ([policy] spec_hash): the offered job file hashes to {got}, not to {spec_sha256} \
+             as the offer (and the audit log) claims"
+        ));
+    }
+    let spec = JobSpec::from_toml(&format!("job {job_id}"), spec_toml)
+        .map_err(|e| format!("the job's specification is not valid here: {e}"))?;
+    policy.check_job(&spec).map_err(|r| r.to_string())?;
+    Ok(spec)
 }
 
 /// A downloaded blob did not hash to the digest it was asked for (it was discarded).

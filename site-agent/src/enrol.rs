@@ -282,6 +282,9 @@ pub struct Status {
     /// lost); 0 if never. While not connected, job and release are the last known ones.
     #[serde(default)]
     pub contact_ms: i64,
+    /// The latest refusal under this site's policy (what, and which rule), if any.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub last_refusal: String,
     pub updated_ms: i64,
 }
 

@@ -1,6 +1,7 @@
 //! Maeum site agent library: the glue the `maeum-site` binary runs.
 #![forbid(unsafe_code)]
 
+pub mod consent;
 pub mod daemon;
 pub mod doctor;
 pub mod enrol;

@@ -96,6 +96,54 @@ enum Command {
     /// Signed model releases installed here: list, show, re-verify offline.
     #[command(subcommand)]
     Models(ModelsCommand),
+    /// Job offers waiting for your consent ([policy] auto_accept = false): list, show
+    /// what a job asks, accept or refuse it.
+    #[command(subcommand)]
+    Jobs(JobsCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum JobsCommand {
+    /// The offers this site received and their state (waiting, accepted, refused).
+    List {
+        /// The site's home directory.
+        #[arg(long, value_name = "DIR", env = "MAEUM_SITE_HOME")]
+        home: PathBuf,
+        /// Print one JSON array.
+        #[arg(long)]
+        json: bool,
+    },
+    /// What a job asks of this site, in plain words (model, rounds, cohort, threshold,
+    /// secure aggregation, DP, who else), and whether this site's policy allows it.
+    Show {
+        /// The site's home directory.
+        #[arg(long, value_name = "DIR", env = "MAEUM_SITE_HOME")]
+        home: PathBuf,
+        /// The job id (from `jobs list`).
+        job: String,
+        /// Print one JSON object (with the job file).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Take part in a job (the daemon answers the coordinator at its next poll).
+    Accept {
+        /// The site's home directory.
+        #[arg(long, value_name = "DIR", env = "MAEUM_SITE_HOME")]
+        home: PathBuf,
+        /// The job id.
+        job: String,
+    },
+    /// Refuse a job, with a reason the coordinator and its audit log record.
+    Refuse {
+        /// The site's home directory.
+        #[arg(long, value_name = "DIR", env = "MAEUM_SITE_HOME")]
+        home: PathBuf,
+        /// The job id.
+        job: String,
+        /// Why (required).
+        #[arg(long)]
+        reason: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -215,6 +263,12 @@ fn home_needed(command: &Command) -> Option<&Path> {
         | Command::Audit(
             AuditCommand::Status { home, .. } | AuditCommand::Prove { home, .. } | AuditCommand::Checkpoint { home },
         ) => Some(home),
+        Command::Jobs(
+            JobsCommand::List { home, .. }
+            | JobsCommand::Show { home, .. }
+            | JobsCommand::Accept { home, .. }
+            | JobsCommand::Refuse { home, .. },
+        ) => Some(home),
         Command::Predict(a) => Some(&a.home),
         Command::Finetune(a) => Some(&a.home),
         Command::Init { .. } | Command::TrainLocal(_) | Command::Data(_) => None,
@@ -242,6 +296,12 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
         Command::Finetune(a) => maeum_site::finetune::run(a),
         Command::Data(DataCommand::Check { input, json }) => local::check(input, json),
         Command::Data(DataCommand::Split(a)) => local::split(a),
+        Command::Jobs(JobsCommand::List { home, json }) => maeum_site::consent::list(&home, json),
+        Command::Jobs(JobsCommand::Show { home, job, json }) => maeum_site::consent::show(&home, &job, json),
+        Command::Jobs(JobsCommand::Accept { home, job }) => maeum_site::consent::answer(&home, &job, true, None),
+        Command::Jobs(JobsCommand::Refuse { home, job, reason }) => {
+            maeum_site::consent::answer(&home, &job, false, Some(reason))
+        }
         Command::Models(ModelsCommand::List { home, json }) => releases::list(&home, json),
         Command::Models(ModelsCommand::Show { home, version, json }) => releases::show(&home, version.as_deref(), json),
         Command::Models(ModelsCommand::Verify { home, json }) => releases::verify(&home, json),

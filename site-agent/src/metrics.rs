@@ -36,6 +36,9 @@ pub struct SiteMetrics {
     pub releases_installed: Counter,
     /// Failures by kind: `connection`, `work_item`.
     pub errors: LabelledCounter,
+    /// Offers, sessions, survivor sets and unmask requests this site refused under its
+    /// `[policy]`, by rule (`min_cohort`, `allow_plaintext`, `reveal_once`, …).
+    pub policy_refusals: LabelledCounter,
 }
 
 impl Default for SiteMetrics {
@@ -61,6 +64,7 @@ impl SiteMetrics {
             ),
             errors: ops.counter_vec("errors", "Failures by kind", "kind"),
             releases_installed: ops.counter("releases_installed", "Releases verified and put in service"),
+            policy_refusals: ops.counter_vec("policy_refusals", "Requests refused under the site's policy", "rule"),
             ops,
         }
     }

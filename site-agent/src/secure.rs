@@ -13,10 +13,12 @@
 //! written to HOME/work before upload only so that an interrupted stream (not process)
 //! resumes.
 //!
-//! Two switches exist for tests and debugging only: `MAEUM_SITE_TEST_STALL_AT` (hang at
-//! a stage, see `stall_hook`) and `MAEUM_SITE_DEBUG_KEEP_PLAIN_INPUT=1` (keep this site's
-//! own quantised input in HOME/debug, mode 0600, so a test can
-//! compare the coordinator's sum with the plain sum).
+//! Three switches exist for tests only, compiled in only with the `fault-injection`
+//! cargo feature (off in release builds and the images): `MAEUM_SITE_TEST_STALL_AT`
+//! (hang at a stage, see `stall_hook`), `MAEUM_SITE_DEBUG_KEEP_PLAIN_INPUT=1` (keep
+//! this site's own quantised input in HOME/debug, mode 0600, so a test can compare the
+//! coordinator's sum with the plain sum) and `MAEUM_SITE_ATTACK=inflate-weight` (play
+//! a poisoning site: claim a weight far above `max_weight`).
 
 use std::io::Write;
 use std::time::Duration;
@@ -30,13 +32,14 @@ use tracing::{info, warn};
 
 use maeum_pki::identity::{self, PeerId};
 use maeum_protocols::job::JobSpec;
-use maeum_protocols::wire::secagg::{Reply, Request, SessionInfo, StageMessage};
+use maeum_protocols::wire::secagg::{Reply, Request, SessionInfo, StageMessage, round_binding};
 use maeum_protocols::wire::{Digest, Hasher, TrainTask, pb};
 use maeum_secagg::quant::Quantiser;
 use maeum_secagg::sign::{EcdsaSigner, SessionVerifier};
 use maeum_secagg::{self as secagg, Session};
 
 use crate::daemon::{Agent, Client, describe, local_update};
+use crate::policy::{Policy, Refusal, SessionView};
 
 /// Words quantised and masked at a time.
 const CHUNK_WORDS: usize = 1 << 18;
@@ -46,7 +49,7 @@ const CHUNK_WORDS: usize = 1 << 18;
 /// round or only in the given one, so an end-to-end test can SIGKILL it exactly there.
 /// Never set in production.
 async fn stall_hook(stage: &str, round: u32) {
-    let Ok(spec) = std::env::var("MAEUM_SITE_TEST_STALL_AT") else { return };
+    let Some(spec) = test_env("MAEUM_SITE_TEST_STALL_AT") else { return };
     let (at, only) = match spec.split_once('@') {
         Some((s, r)) => (s.to_string(), r.parse::<u32>().ok()),
         None => (spec.clone(), None),
@@ -57,19 +60,36 @@ async fn stall_hook(stage: &str, round: u32) {
     }
 }
 
+/// A test-only environment variable, or `None` without the `fault-injection` feature.
+fn test_env(name: &str) -> Option<String> {
+    if cfg!(feature = "fault-injection") { std::env::var(name).ok() } else { None }
+}
+
 fn os_seed() -> Result<[u8; 32]> {
     let mut seed = [0u8; 32];
     ring::rand::SystemRandom::new().fill(&mut seed).map_err(|_| anyhow::anyhow!("the system RNG failed"))?;
     Ok(seed)
 }
 
+/// Why a proposed session was refused: a rule of the site's policy, or the session
+/// being other than the job implies (`session`).
+fn session_refusal(why: String) -> anyhow::Error {
+    Refusal { rule: "session", why }.into()
+}
+
 /// Checks the proposed session and builds it: refuses a session that leaves this site
-/// out, names a participant whose certificate is not from the consortium CA, or uses
-/// parameters other than those the job file implies for this many sites.
+/// out, names a participant whose certificate is not from the consortium CA, uses
+/// parameters other than those the job file implies for this many sites, or breaks
+/// this site's `[policy]` (cohort floor, threshold above 2/3 of the group, pinned
+/// members). The session is bound to the job file this site accepted and the base
+/// model the task names ([`round_binding`]). A policy refusal is a [`Refusal`].
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn check_session(
     ca_pem: &str,
     site_id: &str,
+    policy: &Policy,
     job: &JobSpec,
+    spec_sha256: &Digest,
     t: &TrainTask,
     info: &SessionInfo,
     num_params: u64,
@@ -79,13 +99,13 @@ pub(crate) fn check_session(
         .iter()
         .find(|m| m.site_id == site_id)
         .map(|m| m.index)
-        .with_context(|| format!("the proposed session does not include this site ({site_id})"))?;
+        .ok_or_else(|| session_refusal(format!("the proposed session does not include this site ({site_id})")))?;
     let expected = job
         .secure_aggregation
-        .session_params(info.members.len(), num_params)
-        .map_err(|why| anyhow::anyhow!("the proposed session cannot run: {why}"))?;
+        .session_params(info.members.len(), num_params, job.min_sites)
+        .map_err(|why| session_refusal(format!("the proposed session cannot run: {why}")))?;
     if info.params != expected {
-        bail!(
+        return Err(session_refusal(format!(
             "the coordinator proposed secure-aggregation parameters (threshold {}, degree {}, {} words, clip {}, \
              max weight {}) that differ from the job's (threshold {}, degree {}, {} words, clip {}, max weight {})",
             info.params.threshold,
@@ -98,14 +118,94 @@ pub(crate) fn check_session(
             expected.vector_len,
             expected.clip,
             expected.max_weight
-        );
+        )));
     }
-    let session = info.to_session(&t.job_id, t.round, t.attempt, |m| -> Result<Vec<u8>> {
+    policy.check_session(&SessionView {
+        me: site_id,
+        members: info.members.iter().map(|m| m.site_id.as_str()).collect(),
+        threshold: info.params.threshold,
+        degree: info.params.degree,
+        min_sites: job.min_sites,
+    })?;
+    let binding = round_binding(spec_sha256, &t.model.digest);
+    let session = info.to_session(&t.job_id, t.round, t.attempt, binding, |m| -> Result<Vec<u8>> {
         let peer = PeerId::site(&m.site_id)?;
         Ok(identity::verify_peer_cert(ca_pem, &m.certificate_der, &peer)?)
     })?;
-    session.validate().map_err(|e| anyhow::anyhow!("{e}"))?;
+    session.validate().map_err(|e| session_refusal(e.to_string()))?;
     Ok((session, me))
+}
+
+/// HOME/audit/reveals.jsonl: one line per unmask answer this site gave.
+const REVEALS: &str = "audit/reveals.jsonl";
+
+/// What this site revealed shares for: a round's sum over these survivors.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+struct Reveal {
+    job_id: String,
+    round: u32,
+    attempt: u32,
+    base_model: String,
+    survivors: Vec<String>,
+    time_ms: i64,
+}
+
+/// Reveal once per round: the unmask answer of a round goes out only for the one sum
+/// (base model and survivor set) this site first revealed for that round. Another
+/// attempt of the same round over the same survivors reveals nothing new; over other
+/// survivors its sum minus the first would single out the sites in the difference. The
+/// line is written (fsynced) before the shares leave the site.
+pub(crate) fn reveal_once(
+    home: &crate::enrol::Home,
+    t: &TrainTask,
+    mut survivors: Vec<String>,
+) -> std::result::Result<(), Refusal> {
+    survivors.sort_unstable();
+    let path = home.path(REVEALS);
+    let text = match std::fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+        Err(e) => return Err(Refusal { rule: "reveal_once", why: format!("cannot read {}: {e}", path.display()) }),
+    };
+    let base = t.model.digest.hex();
+    for line in text.lines().filter(|l| !l.trim().is_empty()) {
+        let Ok(r) = serde_json::from_str::<Reveal>(line) else {
+            return Err(Refusal { rule: "reveal_once", why: format!("{} holds an unreadable line", path.display()) });
+        };
+        if r.job_id != t.job_id || r.round != t.round {
+            continue;
+        }
+        if r.base_model != base || r.survivors != survivors {
+            return Err(Refusal {
+                rule: "reveal_once",
+                why: format!(
+                    "this site already revealed round {} (attempt {}) for a sum over {} sites; attempt {} asks for a \
+                     sum over {} ({}), and the difference of two sums would single out sites",
+                    t.round,
+                    r.attempt,
+                    r.survivors.len(),
+                    t.attempt,
+                    survivors.len(),
+                    if r.base_model == base { "other survivors" } else { "another base model" }
+                ),
+            });
+        }
+        if r.attempt == t.attempt {
+            return Ok(());
+        }
+    }
+    let line = Reveal {
+        job_id: t.job_id.clone(),
+        round: t.round,
+        attempt: t.attempt,
+        base_model: base,
+        survivors,
+        time_ms: crate::now_ms(),
+    };
+    // INVARIANT: a Reveal is strings and integers, which always serialise.
+    let line = serde_json::to_string(&line).expect("a reveal serialises");
+    crate::witness::append_line(home, REVEALS, &line)
+        .map_err(|e| Refusal { rule: "reveal_once", why: format!("cannot record the reveal: {e:#}") })
 }
 
 /// Sends one stage message, resending it while the coordinator answers Pending or the
@@ -158,9 +258,40 @@ pub(crate) async fn train(
 ) -> Result<()> {
     let spec = job.model_spec()?;
     let num_params = spec.layout().numel() as u64;
-    let (session, me) = check_session(&agent.home.read("ca.pem")?, &agent.site_id, &job, &t, &info, num_params)?;
+    let spec_sha256 = match agent.home.read(&format!("jobs/{}.toml", t.job_id)) {
+        Ok(toml) => Digest::of(toml.as_bytes()),
+        Err(_) => {
+            let r = Refusal {
+                rule: "spec_hash",
+                why: format!("this site holds no job file for {} (accepted by an older agent?)", t.job_id),
+            };
+            agent.refuse(client, &t.job_id, t.round, t.attempt, &r).await;
+            return Err(r.into());
+        }
+    };
+    let checked = check_session(
+        &agent.home.read("ca.pem")?,
+        &agent.site_id,
+        &agent.policy,
+        &job,
+        &spec_sha256,
+        &t,
+        &info,
+        num_params,
+    );
+    let (session, me) = match checked {
+        Ok(s) => s,
+        Err(e) => {
+            if let Some(r) = e.downcast_ref::<Refusal>() {
+                agent.refuse(client, &t.job_id, t.round, t.attempt, r).await;
+            }
+            return Err(e);
+        }
+    };
     let n = session.n();
     let params = session.params.clone();
+    let session_members: Vec<(u16, String)> =
+        session.participants.iter().map(|p| (p.index, p.site_id.clone())).collect();
     let session_id = session.id();
     let signer = EcdsaSigner::from_pkcs8_pem(&agent.home.read("site.key")?, ring::rand::SystemRandom::new())
         .map_err(|e| anyhow::anyhow!("{e}"))?;
@@ -192,7 +323,14 @@ pub(crate) async fn train(
     let weight = quantiser.weight(examples);
     let name = format!("{}-r{}-a{}", t.job_id, t.round, t.attempt);
     let masked_path = agent.home.path(&format!("work/{name}.masked"));
-    let keep_plain = std::env::var("MAEUM_SITE_DEBUG_KEEP_PLAIN_INPUT").is_ok_and(|v| v == "1");
+    let keep_plain = test_env("MAEUM_SITE_DEBUG_KEEP_PLAIN_INPUT").is_some_and(|v| v == "1");
+    // Fault injection: a poisoning site claims a weight no honest site can have.
+    let weight = if test_env("MAEUM_SITE_ATTACK").is_some_and(|v| v == "inflate-weight") {
+        warn!("FAULT INJECTION: claiming an inflated weight");
+        u32::MAX / 2
+    } else {
+        weight
+    };
     let (sha256, clipped) = {
         let path = masked_path.clone();
         // Debug/test switch: keep this site's own quantised input (on its own disk) so
@@ -284,6 +422,12 @@ pub(crate) async fn train(
         Reply::Survivors(s) => s,
         other => return Err(unexpected("await survivors", &other)),
     };
+    if let Err(r) = agent.policy.check_survivors(survivors.survivors.len(), job.min_sites) {
+        agent.refuse(client, &t.job_id, t.round, t.attempt, &r).await;
+        return Err(r.into());
+    }
+    let survivor_ids: Vec<String> =
+        survivors.survivors.iter().filter_map(|i| sa_session_site(&session_members, *i)).collect();
     let signature = sa.consistency(&survivors, &signer).map_err(fail)?;
     let proof = match exchange(client, &t, StageMessage::SurvivorSignature(signature)).await? {
         Reply::Proof(p) => p,
@@ -292,6 +436,10 @@ pub(crate) async fn train(
     agent.set(|s| s.stage = "secagg: unmask".into());
     stall_hook("unmask", t.round).await;
     let reveal = sa.unmask(&proof, &verifier).map_err(fail)?;
+    if let Err(r) = reveal_once(&agent.home, &t, survivor_ids) {
+        agent.refuse(client, &t.job_id, t.round, t.attempt, &r).await;
+        return Err(r.into());
+    }
     match exchange(client, &t, StageMessage::Unmask(reveal)).await? {
         Reply::Done => {}
         other => return Err(unexpected("unmask", &other)),
@@ -303,4 +451,8 @@ pub(crate) async fn train(
     });
     info!(job = %t.job_id, round = t.round, survivors = survivors.survivors.len(), "secure aggregation done for this round");
     Ok(())
+}
+
+fn sa_session_site(members: &[(u16, String)], index: u16) -> Option<String> {
+    members.iter().find(|(i, _)| *i == index).map(|(_, s)| s.clone())
 }

@@ -51,12 +51,22 @@ const JOURNAL: &str = "audit/journal.jsonl";
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Record {
-    /// The site accepted or refused a job.
-    Decision { job_id: String, accepted: bool, time_ms: i64 },
+    /// The site accepted or refused a job (the SHA-256 of the job file it decided on;
+    /// empty in journals written before it was recorded).
+    Decision {
+        job_id: String,
+        accepted: bool,
+        #[serde(default, skip_serializing_if = "String::is_empty")]
+        spec_sha256: String,
+        time_ms: i64,
+    },
     /// The site delivered its (masked, or for debugging jobs plain) update.
     Contribution { job_id: String, round: u32, attempt: u32, secure: bool, time_ms: i64 },
     /// The site downloaded, verified and used a model.
     Model { job_id: String, round: u32, digest: String, time_ms: i64 },
+    /// The site refused a session, survivor set or unmask request under its policy
+    /// (and reported it; the log should hold a `site_refused` entry).
+    Refusal { job_id: String, round: u32, attempt: u32, rule: String, detail: String, time_ms: i64 },
 }
 
 pub(crate) fn append_line(home: &Home, name: &str, line: &str) -> Result<()> {
@@ -435,6 +445,14 @@ pub async fn prove(home: &Home) -> Result<ProveReport> {
             Record::Model { digest, .. } => {
                 find(&|e| (e.model() == Some(digest.as_str())).then(|| format!("{} (the model's origin)", e.kind())))
             }
+            Record::Refusal { job_id, round, attempt, rule, .. } => find(&|e| match e {
+                Event::SiteRefused { job_id: j, round: r, attempt: a, site: s, rule: k, .. }
+                    if j == job_id && r == round && a == attempt && *s == site && k == rule =>
+                {
+                    Some(format!("site_refused ({k})"))
+                }
+                _ => None,
+            }),
         };
         out.push(Proven {
             record: record.clone(),
@@ -524,6 +542,9 @@ pub fn print_prove(report: &ProveReport, json: bool) -> Result<()> {
                     if *secure { "masked" } else { "plain" }
                 ),
                 Record::Model { digest, .. } => format!("used model {}", &digest[..digest.len().min(16)]),
+                Record::Refusal { job_id, round, attempt, rule, .. } => {
+                    format!("refused ([policy] {rule}) in job {job_id} round {round} attempt {attempt}")
+                }
             };
             let at = p.entry.map_or_else(|| "      ".into(), |n| format!("#{n:<5}"));
             println!("  {at} {what}: {}", p.finding);

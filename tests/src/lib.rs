@@ -97,6 +97,12 @@ pub fn init_site(home: &Path, id: &str, shard: &Path) {
             .arg("--test")
             .arg(shard.join("test.jsonl")),
     );
+    // Test federations take jobs without an admin (like the demo); the consent flow has
+    // its own test, which turns this back off.
+    let toml = home.join("site.toml");
+    let text = std::fs::read_to_string(&toml).expect("site.toml");
+    assert!(text.contains("auto_accept = false"), "site.toml: {text}");
+    std::fs::write(&toml, text.replace("auto_accept = false", "auto_accept = true")).expect("site.toml");
 }
 
 /// A federation on loopback for one test: a consortium in a temp dir, sites with
@@ -183,6 +189,19 @@ impl Federation {
                 .arg(&bundle),
         );
         run_ok(Command::new(bin("maeum-site")).args(["enroll", "--home"]).arg(&home).arg(&bundle));
+    }
+
+    /// Sets `[policy] key = value` (TOML) in a site's site.toml, before it starts.
+    pub fn set_policy(&self, id: &str, key: &str, value: &str) {
+        let path = self.site_home(id).join("site.toml");
+        let text = std::fs::read_to_string(&path).expect("site.toml");
+        let prefix = format!("{key} = ");
+        assert!(text.lines().any(|l| l.starts_with(&prefix)), "site.toml has no {key}:\n{text}");
+        let text: Vec<String> = text
+            .lines()
+            .map(|l| if l.starts_with(&prefix) { format!("{key} = {value}") } else { l.to_string() })
+            .collect();
+        std::fs::write(&path, text.join("\n") + "\n").expect("writing site.toml");
     }
 
     fn log(&self, name: &str) -> std::fs::File {
@@ -347,6 +366,26 @@ impl Federation {
                 }
             }
             assert!(std::time::Instant::now() < until, "condition on job {id} not met in {timeout:?}");
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    }
+
+    /// Starts these sites' daemons.
+    pub fn start_sites(&mut self, ids: &[&str]) {
+        for id in ids {
+            self.start_site(id);
+        }
+    }
+
+    /// Waits until at least `n` sites are online at the coordinator (a minute at most).
+    pub fn wait_online(&self, n: usize) {
+        let until = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        loop {
+            let sites = self.cli_json(&["sites", "list"]);
+            if sites.as_array().is_some_and(|a| a.iter().filter(|s| s["online"] == true).count() >= n) {
+                return;
+            }
+            assert!(std::time::Instant::now() < until, "sites did not come online: {sites:#}");
             std::thread::sleep(std::time::Duration::from_millis(100));
         }
     }

@@ -309,8 +309,11 @@ fn commands_refuse_a_folder_that_is_not_a_site_home() {
 
 #[test]
 fn status_keeps_the_last_known_job_while_the_coordinator_is_away() {
-    // Two sites: a secure-aggregation session needs at least two parties (SA-01).
+    // Two sites: a secure-aggregation session needs at least two parties (SA-01), and
+    // the sites' policy must allow a cohort that small (the default floor is 3).
     let mut fed = Federation::new(2);
+    fed.set_policy("site-1", "min_cohort", "2");
+    fed.set_policy("site-2", "min_cohort", "2");
     fed.start_coordinator();
     fed.start_site("site-1");
     fed.start_site("site-2");

@@ -47,6 +47,10 @@ fn scrape(addr: &str) -> String {
 fn metrics_move_during_a_job_doctors_pass_and_sigterm_stops_cleanly() {
     let sites = ["site-1", "site-2"];
     let mut fed = Federation::new(2);
+    for s in sites {
+        // Two sites: below the default cohort floor of 3, so the sites allow it.
+        fed.set_policy(s, "min_cohort", "2");
+    }
     let coord_ops = free_port();
     fed.start_coordinator_with(&[("MAEUM_OPS_LISTEN", coord_ops.as_str())]);
     let site_ops: Vec<String> = sites.iter().map(|_| free_port()).collect();

@@ -102,18 +102,6 @@ fn check_inputs_not_stored(fed: &Federation, job: &serde_json::Value) {
     assert!(probes > 0, "no busy window to probe");
 }
 
-fn wait_online(fed: &Federation, n: usize) {
-    let until = Instant::now() + MIN;
-    loop {
-        let sites = fed.cli_json(&["sites", "list"]);
-        if sites.as_array().is_some_and(|a| a.iter().filter(|s| s["online"] == true).count() >= n) {
-            return;
-        }
-        assert!(Instant::now() < until, "sites did not come online: {sites:#}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
 fn wait_log(fed: &Federation, name: &str, needle: &str, count: usize, timeout: Duration) {
     let until = Instant::now() + timeout;
     while fed.log_text(name).matches(needle).count() < count {
@@ -135,7 +123,7 @@ fn sites_killed_in_each_stage_leave_the_exact_survivor_sum() {
         let stall = format!("{stage}@{}", i + 1);
         fed.start_site_with(&site, &[KEEP, ("MAEUM_SITE_TEST_STALL_AT", &stall)]);
     }
-    wait_online(&fed, 5);
+    fed.wait_online(5);
     let id = fed.submit("secagg-kills", 5, 3, &format!("{SMALL_MODEL}[deadlines]\nsecagg = 30\n"));
     for (i, stage) in plan.iter().enumerate() {
         let site = format!("site-{}", i + 1);
@@ -183,7 +171,7 @@ fn below_the_threshold_the_round_is_retried_with_a_new_session() {
     fed.start_site_with("site-1", &[KEEP]);
     fed.start_site_with("site-2", &[KEEP]);
     fed.start_site_with("site-3", &[KEEP, ("MAEUM_SITE_TEST_STALL_AT", "masked-input@1")]);
-    wait_online(&fed, 3);
+    fed.wait_online(3);
     let id = fed.submit("secagg-threshold", 2, 3, &format!("{SMALL_MODEL}[deadlines]\nsecagg = 30\n"));
     wait_log(&fed, "site-3", "test hook: stalling", 1, 3 * MIN);
     fed.kill_site("site-3");
@@ -213,7 +201,7 @@ fn a_site_restarted_mid_round_is_dropped_at_once_and_the_round_retried() {
     fed.start_site_with("site-1", &[KEEP]);
     fed.start_site_with("site-2", &[KEEP]);
     fed.start_site_with("site-3", &[KEEP, ("MAEUM_SITE_TEST_STALL_AT", "masked-input@1")]);
-    wait_online(&fed, 3);
+    fed.wait_online(3);
     // Default deadlines: the masked-input stage waits up to the 600 s training deadline.
     let id = fed.submit("secagg-restart", 1, 3, SMALL_MODEL);
     wait_log(&fed, "site-3", "test hook: stalling", 1, 3 * MIN);

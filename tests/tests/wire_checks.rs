@@ -78,10 +78,13 @@ async fn upload(
 fn updates_with_a_wrong_layout_a_replayed_round_or_a_corrupt_chunk_are_rejected() {
     let mut fed = Federation::new(3);
     fed.start_coordinator();
-    fed.start_site("site-1");
-    fed.start_site("site-2");
     // This test speaks the plaintext update path by hand, so the job turns secure
-    // aggregation off (masked inputs are covered by tests/tests/secagg.rs).
+    // aggregation off (masked inputs are covered by tests/tests/secagg.rs), and the
+    // sites opt in to plaintext jobs (their policy refuses them by default).
+    for s in ["site-1", "site-2"] {
+        fed.set_policy(s, "allow_plaintext", "true");
+        fed.start_site(s);
+    }
     let id = fed.submit(
         "checks",
         2,
@@ -104,7 +107,7 @@ fn updates_with_a_wrong_layout_a_replayed_round_or_a_corrupt_chunk_are_rejected(
         })
         .await;
         let n = JobSpec::from_json(&spec).expect("spec").model_spec().expect("model").layout().numel() as u64;
-        c.decide_job(pb::JobDecision { job_id: id.clone(), accept: true, reason: String::new(), train_examples: 10 })
+        c.decide_job(pb::JobDecision { job_id: id.clone(), accept: true, reason: String::new() })
             .await
             .expect("decide");
         let round1 = poll_until(&mut c, |w| match w {
@@ -167,8 +170,11 @@ fn updates_with_a_wrong_layout_a_replayed_round_or_a_corrupt_chunk_are_rejected(
 fn a_200_mb_model_moves_between_coordinator_and_sites() {
     let mut fed = Federation::new(2);
     fed.start_coordinator();
-    fed.start_site("site-1");
-    fed.start_site("site-2");
+    for s in ["site-1", "site-2"] {
+        // Two sites: below the default cohort floor of 3, so the sites allow it.
+        fed.set_policy(s, "min_cohort", "2");
+        fed.start_site(s);
+    }
     // 2^20 buckets × 48 dimensions ≈ 50.3 M parameters ≈ 201 MB per transfer.
     let model = "[model]\nkind = \"text-classifier\"\nbuckets = 1048576\nembed_dim = 48\nhidden = 16\n";
     let id = fed.submit("large", 1, 2, model);

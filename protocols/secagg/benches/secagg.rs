@@ -113,6 +113,7 @@ fn session(ids: &Identities, n: u16, degree: u16, m: u64) -> Session {
             max_weight: 1000,
         },
         graph_seed: [3; 32],
+        binding: [9; 32],
     }
 }
 

@@ -43,6 +43,11 @@ pub struct Session {
     pub params: SessionParams,
     /// Public seed of the SecAgg+ graph (chosen by the coordinator per session).
     pub graph_seed: [u8; 32],
+    /// What the round is about beyond its numbers: the caller's digest of the job file
+    /// and the base model (`maeum_protocols::wire::secagg::round_binding`). Parties
+    /// handed different models or job files derive different session ids, so their
+    /// signatures do not verify and the session aborts.
+    pub binding: [u8; 32],
 }
 
 /// Largest federation one session supports (share x-coordinates are bytes).
@@ -112,8 +117,8 @@ impl Session {
         Ok(())
     }
 
-    /// SHA-256 over a canonical, length-prefixed encoding of every field, with the
-    /// domain tag "maeum/secagg/v1/session".
+    /// SHA-256 over a canonical, length-prefixed encoding of every field (the binding
+    /// last), with the domain tag "maeum/secagg/v1/session".
     pub fn id(&self) -> [u8; 32] {
         let mut ctx = digest::Context::new(&digest::SHA256);
         let mut put = |bytes: &[u8]| {
@@ -138,6 +143,7 @@ impl Session {
         put(&q.clip.to_bits().to_be_bytes());
         put(&q.max_weight.to_be_bytes());
         put(&self.graph_seed);
+        put(&self.binding);
         let mut out = [0u8; 32];
         out.copy_from_slice(ctx.finish().as_ref());
         out

@@ -120,6 +120,7 @@ mod tests {
             ],
             params: SessionParams { threshold: 2, degree: 0, vector_len: 1, clip: 1.0, max_weight: 1 },
             graph_seed: [0; 32],
+            binding: [9; 32],
         }
     }
 

@@ -26,14 +26,33 @@ pub struct Member {
     pub certificate_der: Vec<u8>,
 }
 
+/// What a round's session is bound to besides its numbers: SHA-256 over
+/// "maeum/secagg/v1/round-binding", the SHA-256 of the job file as submitted (as the
+/// audit log's `job_submitted` entry has it) and the digest of the round's base model.
+/// Every site computes it from what it was itself given, so a coordinator that hands
+/// sites different models (or job files) splits them into sessions whose ids differ,
+/// and the signatures that bind every stage to the session id stop verifying.
+pub fn round_binding(spec_sha256: &super::Digest, base_model: &super::Digest) -> [u8; 32] {
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    for part in [b"maeum/secagg/v1/round-binding".as_slice(), &spec_sha256.0, &base_model.0] {
+        ctx.update(&(part.len() as u64).to_be_bytes());
+        ctx.update(part);
+    }
+    let mut out = [0u8; 32];
+    out.copy_from_slice(ctx.finish().as_ref());
+    out
+}
+
 impl SessionInfo {
     /// The session for one round attempt, with each member's identity key taken from
-    /// its certificate by `identity_key` (which is where the caller checks the chain).
+    /// its certificate by `identity_key` (which is where the caller checks the chain),
+    /// bound to `binding` ([`round_binding`]).
     pub fn to_session<E>(
         &self,
         job_id: &str,
         round: u32,
         attempt: u32,
+        binding: [u8; 32],
         mut identity_key: impl FnMut(&Member) -> Result<Vec<u8>, E>,
     ) -> Result<Session, E> {
         let participants = self
@@ -49,6 +68,7 @@ impl SessionInfo {
             participants,
             params: self.params.clone(),
             graph_seed: self.graph_seed,
+            binding,
         })
     }
 }

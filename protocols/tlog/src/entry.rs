@@ -152,6 +152,23 @@ pub enum Event {
         /// Why.
         reason: String,
     },
+    /// A site refused what the coordinator asked of it in a round attempt (a session,
+    /// a survivor set, an unmask request) under its privacy policy, and said why.
+    SiteRefused {
+        /// The job id.
+        job_id: String,
+        /// The round number.
+        round: u32,
+        /// The attempt number.
+        attempt: u32,
+        /// The site id.
+        site: String,
+        /// The rule: a `[policy]` key of the site (`min_cohort`, …) or a protocol rule
+        /// (`reveal_once`, `base_model`, …).
+        rule: String,
+        /// What the site said, as sent (at most 500 characters).
+        detail: String,
+    },
     /// A round's aggregate was applied to the model.
     RoundCommitted {
         /// The job id.
@@ -252,6 +269,7 @@ impl Event {
             Event::RoundStarted { .. } => "round_started",
             Event::RoundSecagg { .. } => "round_secagg",
             Event::RoundFailed { .. } => "round_failed",
+            Event::SiteRefused { .. } => "site_refused",
             Event::RoundCommitted { .. } => "round_committed",
             Event::ModelRelease { .. } => "model_release",
             Event::ReleasePromoted { .. } => "release_promoted",
@@ -264,7 +282,7 @@ impl Event {
     }
 
     /// Every `kind` tag, for command-line filters.
-    pub const KINDS: [&'static str; 18] = [
+    pub const KINDS: [&'static str; 19] = [
         "consortium_init",
         "site_approved",
         "site_revoked",
@@ -275,6 +293,7 @@ impl Event {
         "round_started",
         "round_secagg",
         "round_failed",
+        "site_refused",
         "round_committed",
         "model_release",
         "release_promoted",
@@ -294,6 +313,7 @@ impl Event {
             | Event::RoundStarted { job_id, .. }
             | Event::RoundSecagg { job_id, .. }
             | Event::RoundFailed { job_id, .. }
+            | Event::SiteRefused { job_id, .. }
             | Event::RoundCommitted { job_id, .. }
             | Event::ModelRelease { job_id, .. }
             | Event::JobFinished { job_id, .. } => Some(job_id),
@@ -310,6 +330,7 @@ impl Event {
             | Event::SiteRevoked { site: s, .. }
             | Event::SiteKeyReplaced { site: s, .. }
             | Event::JobDecision { site: s, .. }
+            | Event::SiteRefused { site: s, .. }
             | Event::ReleaseInstall { site: s, .. } => s == site,
             Event::JobStarted { sites, .. } | Event::RoundStarted { sites, .. } => any(sites),
             Event::RoundSecagg { survivors, dropped, .. } => any(survivors) || any(dropped),

@@ -1,0 +1,317 @@
+//! Consent: with `[policy] auto_accept = false` (the default) a job offer waits for the
+//! site's admin. The daemon keeps the offer in HOME/jobs/offers/ID.json; the admin reads
+//! it with `maeum-site jobs list|show` and answers with `maeum-site jobs accept|refuse`,
+//! which writes HOME/jobs/consent/ID.json; the daemon answers the coordinator at its
+//! next poll. A consent names the SHA-256 of the job file it was given for, so it never
+//! carries over to a different file offered under the same id.
+//!
+//! Offers the policy refuses are refused at once without asking anyone.
+
+use std::path::Path;
+
+use anyhow::{Context, Result, bail};
+use serde::{Deserialize, Serialize};
+
+use maeum_protocols::job::JobSpec;
+
+use crate::enrol::Home;
+
+/// HOME/jobs/offers/ID.json: an offer waiting for (or answered by) the admin.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Offer {
+    pub job_id: String,
+    /// SHA-256 (hex) of the job file, as the offer and the audit log name it.
+    pub spec_sha256: String,
+    pub received_ms: i64,
+    /// The job file as the lead submitted it.
+    pub toml: String,
+}
+
+/// HOME/jobs/consent/ID.json: the admin's answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Consent {
+    pub job_id: String,
+    pub accept: bool,
+    /// Why (required to refuse; optional to accept).
+    #[serde(default)]
+    pub reason: String,
+    /// The job file the admin read.
+    pub spec_sha256: String,
+    /// Who answered (the login name, as the OS reports it).
+    pub by: String,
+    pub time_ms: i64,
+}
+
+fn offer_name(job_id: &str) -> String {
+    format!("jobs/offers/{job_id}.json")
+}
+
+fn consent_name(job_id: &str) -> String {
+    format!("jobs/consent/{job_id}.json")
+}
+
+fn check_id(job_id: &str) -> Result<()> {
+    maeum_protocols::wire::job_id("job id", job_id.to_string()).map(|_| ()).map_err(|e| anyhow::anyhow!("{e}"))
+}
+
+fn write_json<T: Serialize>(home: &Home, name: &str, value: &T) -> Result<()> {
+    let path = home.path(name);
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    maeum_models::write_atomic(&path, serde_json::to_string_pretty(value)?.as_bytes())
+        .with_context(|| format!("writing {}", path.display()))
+}
+
+fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<Option<T>> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => Ok(Some(serde_json::from_str(&text).with_context(|| format!("{}: not valid", path.display()))?)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+    }
+}
+
+/// The daemon's side: the admin's consent to this exact job file, if given; otherwise
+/// the offer is kept (once) for the admin and `None` is returned.
+pub fn consent_for(home: &Home, job_id: &str, toml: &str, spec_sha256: &str) -> Result<Option<Consent>> {
+    check_id(job_id)?;
+    let offer_path = home.path(&offer_name(job_id));
+    let kept: Option<Offer> = read_json(&offer_path)?;
+    if kept.as_ref().is_none_or(|o| o.spec_sha256 != spec_sha256) {
+        let offer = Offer {
+            job_id: job_id.into(),
+            spec_sha256: spec_sha256.into(),
+            received_ms: crate::now_ms(),
+            toml: toml.into(),
+        };
+        write_json(home, &offer_name(job_id), &offer)?;
+    }
+    let consent: Option<Consent> = read_json(&home.path(&consent_name(job_id)))?;
+    Ok(consent.filter(|c| c.spec_sha256 == spec_sha256))
+}
+
+/// One offer as `jobs list` shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct Listed {
+    pub job_id: String,
+    /// `waiting`, `accepted` or `refused`.
+    pub state: String,
+    pub name: String,
+    pub spec_sha256: String,
+    pub received_ms: i64,
+}
+
+fn offers(home: &Home) -> Result<Vec<(Offer, Option<Consent>)>> {
+    let dir = home.path("jobs/offers");
+    let mut out = Vec::new();
+    let entries = match std::fs::read_dir(&dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", dir.display())),
+    };
+    for e in entries.flatten() {
+        let path = e.path();
+        if path.extension().is_none_or(|x| x != "json") {
+            continue;
+        }
+        let Some(offer) = read_json::<Offer>(&path)? else { continue };
+        let consent = read_json::<Consent>(&home.path(&consent_name(&offer.job_id)))?
+            .filter(|c| c.spec_sha256 == offer.spec_sha256);
+        out.push((offer, consent));
+    }
+    out.sort_by_key(|(o, _)| (o.received_ms, o.job_id.clone()));
+    Ok(out)
+}
+
+fn state(consent: Option<&Consent>) -> &'static str {
+    match consent {
+        None => "waiting",
+        Some(c) if c.accept => "accepted",
+        Some(_) => "refused",
+    }
+}
+
+/// `maeum-site jobs list`.
+pub fn list(dir: &Path, json: bool) -> Result<()> {
+    let home = Home::new(dir);
+    let listed: Vec<Listed> = offers(&home)?
+        .into_iter()
+        .map(|(o, c)| Listed {
+            name: JobSpec::from_toml("job", &o.toml).map(|s| s.name).unwrap_or_else(|_| "(invalid job file)".into()),
+            state: state(c.as_ref()).into(),
+            job_id: o.job_id,
+            spec_sha256: o.spec_sha256,
+            received_ms: o.received_ms,
+        })
+        .collect();
+    if json {
+        println!("{}", serde_json::to_string(&listed)?);
+        return Ok(());
+    }
+    if listed.is_empty() {
+        println!("no job offers (with [policy] auto_accept = false, offers wait here for your answer)");
+        return Ok(());
+    }
+    let mut t = maeum_runtime::table::table(&["job", "name", "state", "job file SHA-256"], &[]);
+    for l in &listed {
+        t.add_row(vec![l.job_id.clone(), l.name.clone(), l.state.clone(), l.spec_sha256[..16].to_string()]);
+    }
+    println!("{t}");
+    println!(
+        "`maeum-site jobs show JOB` explains what a job asks; `jobs accept JOB` or `jobs refuse JOB --reason …` answers."
+    );
+    Ok(())
+}
+
+fn find(home: &Home, job_id: &str) -> Result<(Offer, Option<Consent>)> {
+    check_id(job_id)?;
+    offers(home)?
+        .into_iter()
+        .find(|(o, _)| o.job_id == job_id)
+        .with_context(|| format!("no offer of job {job_id} here (see `maeum-site jobs list`)"))
+}
+
+/// What a job asks of this site, in plain words.
+pub fn describe(spec: &JobSpec, policy: &crate::policy::Policy) -> Vec<(String, String)> {
+    let sa = &spec.secure_aggregation;
+    let params = spec.model_spec().map(|m| m.layout().numel().to_string()).unwrap_or_else(|e| format!("invalid: {e}"));
+    let threshold = if sa.threshold == 0 {
+        "automatic: more than 2/3 of each round's sites".to_string()
+    } else {
+        format!("at least {} (more than 2/3 of each round's sites if that is higher)", sa.threshold)
+    };
+    let mut rows = vec![
+        ("name".to_string(), spec.name.clone()),
+        ("description".to_string(), spec.description.clone().unwrap_or_else(|| "-".into())),
+        (
+            "model".to_string(),
+            format!("{} with {params} parameters, {} labels", spec.model.kind.as_str(), spec.labels.len()),
+        ),
+        ("rounds".to_string(), format!("{} (each: train on your records, send a masked update)", spec.rounds)),
+        ("cohort".to_string(), format!("at least {} sites per round (min_sites)", spec.min_sites)),
+        (
+            "secure aggregation".to_string(),
+            if sa.enabled() {
+                format!("on: the coordinator sees only sums; threshold {threshold}")
+            } else {
+                "OFF: the coordinator would see this site's own update and record count".into()
+            },
+        ),
+        ("strategy".to_string(), spec.strategy.kind.as_str().to_string()),
+        ("differential privacy".to_string(), "none".into()),
+        (
+            "who else".to_string(),
+            if policy.members.is_empty() {
+                "any site the consortium approved; each round's members are checked when the round starts".into()
+            } else {
+                format!("only the sites your policy pins: {}", policy.members.join(", "))
+            },
+        ),
+    ];
+    rows.push((
+        "your policy".to_string(),
+        match policy.check_job(spec) {
+            Ok(()) => format!("allows it (sessions below {} sites are refused)", policy.min_cohort),
+            Err(r) => r.to_string(),
+        },
+    ));
+    rows
+}
+
+/// `maeum-site jobs show JOB`.
+pub fn show(dir: &Path, job_id: &str, json: bool) -> Result<()> {
+    let home = Home::new(dir);
+    let (offer, consent) = find(&home, job_id)?;
+    let spec = JobSpec::from_toml(&format!("job {job_id}"), &offer.toml)?;
+    let policy = home.config()?.policy;
+    let rows = describe(&spec, &policy);
+    if json {
+        let map: serde_json::Map<String, serde_json::Value> =
+            rows.into_iter().map(|(k, v)| (k, serde_json::Value::String(v))).collect();
+        let v = serde_json::json!({
+            "job_id": offer.job_id, "state": state(consent.as_ref()), "spec_sha256": offer.spec_sha256,
+            "asks": map, "job_file": offer.toml,
+        });
+        println!("{v}");
+        return Ok(());
+    }
+    println!("job {} ({}), job file SHA-256 {}", offer.job_id, state(consent.as_ref()), offer.spec_sha256);
+    for (k, v) in rows {
+        println!("  {k:<21} {v}");
+    }
+    Ok(())
+}
+
+/// `maeum-site jobs accept|refuse JOB`.
+pub fn answer(dir: &Path, job_id: &str, accept: bool, reason: Option<String>) -> Result<()> {
+    let home = Home::new(dir);
+    let (offer, previous) = find(&home, job_id)?;
+    let reason = reason.unwrap_or_default().trim().to_string();
+    if !accept && reason.is_empty() {
+        bail!("--reason is required to refuse a job (the coordinator and the audit log record it)");
+    }
+    if let Some(p) = previous {
+        bail!(
+            "job {job_id} was already {} by {} (the coordinator may already have the answer)",
+            if p.accept { "accepted" } else { "refused" },
+            p.by
+        );
+    }
+    if accept {
+        let spec = JobSpec::from_toml(&format!("job {job_id}"), &offer.toml)?;
+        home.config()?.policy.check_job(&spec).map_err(|r| anyhow::anyhow!("{r}"))?;
+    }
+    let consent = Consent {
+        job_id: job_id.into(),
+        accept,
+        reason: reason.chars().take(400).collect(),
+        spec_sha256: offer.spec_sha256.clone(),
+        by: std::env::var("USER").or_else(|_| std::env::var("LOGNAME")).unwrap_or_else(|_| "unknown".into()),
+        time_ms: crate::now_ms(),
+    };
+    write_json(&home, &consent_name(job_id), &consent)?;
+    println!(
+        "{} job {job_id} (job file SHA-256 {}); the daemon tells the coordinator at its next poll",
+        if accept { "accepted" } else { "refused" },
+        offer.spec_sha256
+    );
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const JOB: &str = "name = \"triage\"\nlabels = [\"a\", \"b\"]\nrounds = 2\n";
+
+    #[test]
+    fn an_offer_waits_for_consent_to_its_own_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let home = Home::new(dir.path());
+        std::fs::write(home.path("site.toml"), "[data]\n").expect("site.toml");
+        let sha = maeum_protocols::job::sha256_hex(JOB.as_bytes());
+        assert_eq!(consent_for(&home, "triage-1", JOB, &sha).expect("kept"), None);
+        let refused = answer(dir.path(), "triage-1", false, None).expect_err("a refusal needs a reason");
+        assert!(refused.to_string().contains("--reason"), "{refused}");
+        answer(dir.path(), "triage-1", true, None).expect("accepted");
+        let c = consent_for(&home, "triage-1", JOB, &sha).expect("read").expect("consent");
+        assert!(c.accept);
+        // A different file under the same id is a new offer: the consent does not carry over.
+        let other = format!("{JOB}min_sites = 5\n");
+        let other_sha = maeum_protocols::job::sha256_hex(other.as_bytes());
+        assert_eq!(consent_for(&home, "triage-1", &other, &other_sha).expect("kept"), None);
+        assert!(answer(dir.path(), "nope", true, None).is_err());
+        assert!(answer(dir.path(), "../x", true, None).is_err(), "ids are checked");
+    }
+
+    #[test]
+    fn a_job_is_described_in_plain_words() {
+        let spec = JobSpec::from_toml("job", JOB).expect("job");
+        let rows = describe(&spec, &crate::policy::Policy::default());
+        let text: Vec<String> = rows.iter().map(|(k, v)| format!("{k}: {v}")).collect();
+        let text = text.join("\n");
+        assert!(text.contains("secure aggregation: on"), "{text}");
+        assert!(text.contains("cohort: at least 3 sites"), "{text}");
+        assert!(text.contains("your policy: allows it"), "{text}");
+    }
+}

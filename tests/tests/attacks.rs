@@ -1,0 +1,237 @@
+//! The coordinator as the adversary: each test runs a real federation (processes, mTLS,
+//! the real corpus) whose coordinator plays one attack from issue 16 through the
+//! `fault-injection` feature (`coordinator/src/attack.rs`), and asserts what the honest
+//! sites do about it: they refuse with the rule's name, reveal nothing that would
+//! unmask their input, and the coordinator ends up holding no sum over fewer sites than
+//! their floor. `docs/protocols/threat-model.md` lists each attack with its test.
+//!
+//! Where a site's `[policy]` can switch the defence off, the same test also runs the
+//! attack against a site that did so, to show that the attack is real.
+
+use std::time::{Duration, Instant};
+
+use maeum_e2e::{Federation, SMALL_MODEL};
+use maeum_tlog::{Event, export::Export};
+
+const MIN: Duration = Duration::from_secs(60);
+
+/// Every event in the coordinator's audit log.
+fn events(fed: &Federation) -> Vec<Event> {
+    let to = fed.dir.path().join("audit-export.json");
+    let out = fed.cli(&["audit", "export", "--out", to.to_str().unwrap_or_default()]);
+    assert!(out.status.success(), "export: {}", String::from_utf8_lossy(&out.stderr));
+    Export::decode(&std::fs::read(&to).expect("export file"))
+        .expect("export decodes")
+        .entries
+        .into_iter()
+        .map(|e| e.event)
+        .collect()
+}
+
+/// The `site_refused` entries as (site, rule).
+fn refusals(fed: &Federation) -> Vec<(String, String)> {
+    events(fed)
+        .into_iter()
+        .filter_map(|e| match e {
+            Event::SiteRefused { site, rule, .. } => Some((site, rule)),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Polls the audit log until `cond` holds; panics after `timeout`.
+fn wait_events(fed: &Federation, timeout: Duration, what: &str, cond: impl Fn(&[Event]) -> bool) -> Vec<Event> {
+    let until = Instant::now() + timeout;
+    loop {
+        let all = events(fed);
+        if cond(&all) {
+            return all;
+        }
+        assert!(
+            Instant::now() < until,
+            "{what}: not seen in {timeout:?}\n--- events\n{all:#?}\n--- coordinator log\n{}",
+            fed.log_text("coordinator")
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+/// Sums the coordinator unmasked: (round, attempt, survivors).
+fn unmasked(all: &[Event]) -> Vec<(u32, u32, Vec<String>)> {
+    all.iter()
+        .filter_map(|e| match e {
+            Event::RoundSecagg { round, attempt, survivors, .. } => Some((*round, *attempt, survivors.clone())),
+            _ => None,
+        })
+        .collect()
+}
+
+fn decision<'a>(job: &'a serde_json::Value, site: &str) -> &'a serde_json::Value {
+    job["decisions"]
+        .as_array()
+        .and_then(|d| d.iter().find(|d| d["site"] == site))
+        .unwrap_or_else(|| panic!("no decision of {site}: {job:#}"))
+}
+
+fn journal(fed: &Federation, site: &str) -> String {
+    std::fs::read_to_string(fed.site_home(site).join("audit/journal.jsonl")).unwrap_or_default()
+}
+
+/// Attack 1, downgrade: a job that turns secure aggregation off with min_sites = 1,
+/// submitted as it is (the lead may), and a tampered offer of a secure job under the
+/// logged hash. Default sites refuse both, naming the rule; a site that opted in to
+/// plaintext takes the honest plaintext job (the downgrade is real where allowed).
+#[test]
+fn downgrade_to_plaintext_is_refused_by_the_sites_policy() {
+    let mut fed = Federation::new(3);
+    fed.set_policy("site-3", "allow_plaintext", "true");
+    fed.start_coordinator();
+    fed.start_sites(&["site-1", "site-2", "site-3"]);
+    fed.wait_online(3);
+    let plain = format!("{SMALL_MODEL}[secure_aggregation]\ninsecure_plaintext_aggregation_for_debugging = true\n");
+    let id = fed.submit("downgrade", 1, 1, &format!("{plain}[deadlines]\njoin = 10\n"));
+    let job = fed.wait_for(&id, MIN, |j| j["decisions"].as_array().is_some_and(|d| d.len() == 3));
+    for s in ["site-1", "site-2"] {
+        let d = decision(&job, s);
+        assert_eq!(d["accept"], false, "{s}: {job:#}");
+        let reason = d["reason"].as_str().unwrap_or_default();
+        assert!(reason.contains("[policy] allow_plaintext"), "{s} names the rule: {reason}");
+    }
+    assert_eq!(decision(&job, "site-3")["accept"], true, "the opted-in site takes the plaintext job: {job:#}");
+    let job = fed.wait_job(&id, 3 * MIN);
+    // Only the opted-in site's update was ever seen in plaintext.
+    for r in job["history"].as_array().expect("history") {
+        let contributors: Vec<&str> =
+            r["contributors"].as_array().expect("contributors").iter().filter_map(|s| s.as_str()).collect();
+        assert_eq!(contributors, ["site-3"], "{r:#}");
+    }
+    for s in ["site-1", "site-2"] {
+        assert!(!journal(&fed, s).contains("\"secure\":false"), "{s} sent a plain update");
+    }
+}
+
+#[test]
+fn a_tampered_job_offer_is_refused_against_the_logged_hash() {
+    let mut fed = Federation::new(3);
+    fed.start_coordinator_with(&[("MAEUM_COORDINATOR_ATTACK", "tamper-offer")]);
+    fed.start_sites(&["site-1", "site-2", "site-3"]);
+    fed.wait_online(3);
+    let id = fed.submit("tampered", 1, 3, &format!("{SMALL_MODEL}[deadlines]\njoin = 10\n"));
+    let job = fed.wait_for(&id, MIN, |j| j["decisions"].as_array().is_some_and(|d| d.len() == 3));
+    for d in job["decisions"].as_array().expect("decisions") {
+        let s = &d["site"];
+        assert_eq!(d["accept"], false, "{s}: {job:#}");
+        let reason = d["reason"].as_str().unwrap_or_default();
+        assert!(reason.contains("[policy] spec_hash"), "{s}: {reason}");
+    }
+}
+
+/// Attack 2, isolation: the coordinator puts the target in a session of two (with a
+/// sybil the lead could mint, the other input is known and the sum is the target's
+/// update). The target refuses before advertising keys; a site that lowered its floor
+/// to 2 is isolated, which is what the floor prevents.
+#[test]
+fn a_session_of_two_is_refused_before_any_key_is_advertised() {
+    let mut fed = Federation::new(3);
+    fed.start_coordinator_with(&[("MAEUM_COORDINATOR_ATTACK", "isolate:site-1")]);
+    fed.start_sites(&["site-1", "site-2", "site-3"]);
+    fed.wait_online(3);
+    let id = fed.submit("isolate", 1, 3, &format!("{SMALL_MODEL}[deadlines]\nsecagg = 10\n"));
+    let all = wait_events(&fed, 3 * MIN, "site-1 refuses the session of two", |all| {
+        all.iter()
+            .any(|e| matches!(e, Event::SiteRefused { site, rule, .. } if site == "site-1" && rule == "min_cohort"))
+    });
+    assert!(unmasked(&all).is_empty(), "a sum was unmasked: {:?}", unmasked(&all));
+    assert!(!journal(&fed, "site-1").contains("\"kind\":\"contribution\""), "site-1 contributed");
+    assert!(fed.log_text("site-1").contains("[policy] min_cohort"), "the site log names the rule");
+    let status = fed.site_status("site-1");
+    assert!(status["last_refusal"].as_str().is_some_and(|r| r.contains("min_cohort")), "{status:#}");
+    let job = fed.job(&id);
+    assert!(job["history"].as_array().is_some_and(|h| h.is_empty()), "no round committed: {job:#}");
+}
+
+#[test]
+fn a_site_that_lowers_its_floor_to_two_can_be_isolated() {
+    let mut fed = Federation::new(3);
+    for s in ["site-1", "site-2", "site-3"] {
+        fed.set_policy(s, "min_cohort", "2");
+    }
+    fed.start_coordinator_with(&[("MAEUM_COORDINATOR_ATTACK", "isolate:site-1")]);
+    fed.start_sites(&["site-1", "site-2", "site-3"]);
+    fed.wait_online(3);
+    // min_sites = 2 as well: the sites check the survivor set against it too.
+    fed.submit("isolate-weak", 1, 2, &format!("{SMALL_MODEL}[deadlines]\nsecagg = 10\n"));
+    let all = wait_events(&fed, 3 * MIN, "a two-site sum", |all| !unmasked(all).is_empty());
+    let (_, _, survivors) = &unmasked(&all)[0];
+    assert_eq!(survivors.len(), 2, "the attack works without the floor: {survivors:?}");
+    assert!(survivors.contains(&"site-1".to_string()));
+}
+
+/// Attack 3, differencing: after the round's sum over four sites is unmasked, the
+/// coordinator pretends the attempt failed and retries without the target. The other
+/// sites refuse to reveal for a second, different sum of the same round.
+#[test]
+fn a_second_sum_of_the_same_round_is_never_unmasked() {
+    let mut fed = Federation::new(4);
+    fed.start_coordinator_with(&[("MAEUM_COORDINATOR_ATTACK", "difference:site-4")]);
+    fed.start_sites(&["site-1", "site-2", "site-3", "site-4"]);
+    fed.wait_online(4);
+    fed.submit("difference", 1, 3, &format!("{SMALL_MODEL}[deadlines]\nsecagg = 10\n"));
+    let all = wait_events(&fed, 4 * MIN, "reveal_once refusals", |all| {
+        all.iter().filter(|e| matches!(e, Event::SiteRefused { rule, .. } if rule == "reveal_once")).count() >= 2
+    });
+    let sums = unmasked(&all);
+    assert_eq!(sums.len(), 1, "only the first sum of round 1 is unmasked: {sums:?}");
+    assert_eq!(sums[0].2.len(), 4, "{sums:?}");
+    let refused: Vec<(String, String)> = refusals(&fed).into_iter().filter(|(_, r)| r == "reveal_once").collect();
+    assert!(refused.iter().all(|(s, _)| s != "site-4"), "{refused:?}");
+}
+
+/// Attack 4, divergent models: every site but the target gets a different base model
+/// (with dead units the others' updates are zero and the sum is the target's). The
+/// session id binds the base model, so the sites' signatures do not verify across the
+/// split and nothing is unmasked.
+#[test]
+fn sites_handed_different_models_never_reach_a_sum() {
+    let mut fed = Federation::new(3);
+    fed.start_coordinator_with(&[("MAEUM_COORDINATOR_ATTACK", "divergent:site-1")]);
+    fed.start_sites(&["site-1", "site-2", "site-3"]);
+    fed.wait_online(3);
+    fed.submit("divergent", 1, 3, &format!("{SMALL_MODEL}[deadlines]\nsecagg = 10\n"));
+    let all = wait_events(&fed, 3 * MIN, "two failed attempts", |all| {
+        all.iter().filter(|e| matches!(e, Event::RoundFailed { .. })).count() >= 2
+    });
+    assert!(unmasked(&all).is_empty(), "a sum was unmasked: {:?}", unmasked(&all));
+    for s in ["site-1", "site-2", "site-3"] {
+        assert!(!journal(&fed, s).contains("\"kind\":\"contribution\""), "{s} delivered a masked input");
+    }
+}
+
+/// Attack 6, poisoning: one enrolled site claims a weight far above max_weight (it can
+/// put any words in its masked input). The coordinator refuses the out-of-bounds
+/// aggregate: the round is committed without an update (the model stays), and the job
+/// goes on and completes rather than failing or stalling.
+#[test]
+fn an_inflated_weight_is_refused_without_failing_the_job() {
+    let mut fed = Federation::new(4);
+    fed.start_coordinator();
+    fed.start_sites(&["site-1", "site-2", "site-3"]);
+    fed.start_site_with("site-4", &[("MAEUM_SITE_ATTACK", "inflate-weight")]);
+    fed.wait_online(4);
+    let id = fed.submit("poison", 2, 3, &format!("{SMALL_MODEL}[deadlines]\nsecagg = 10\n"));
+    let job = fed.wait_job(&id, 4 * MIN);
+    assert_eq!(job["state"], "completed", "{job:#}\n{}", fed.log_text("coordinator"));
+    let history = job["history"].as_array().expect("history");
+    let initial = events(&fed)
+        .into_iter()
+        .find_map(|e| match e {
+            Event::JobStarted { initial_model, .. } => Some(initial_model),
+            _ => None,
+        })
+        .expect("job_started");
+    for r in history {
+        let refused = r["refused"].as_str().unwrap_or_default();
+        assert!(refused.contains("aggregate weight"), "every round with site-4 in it is refused: {r:#}");
+        assert_eq!(r["model"], initial.as_str(), "a refused round leaves the model as it was: {r:#}");
+    }
+}
