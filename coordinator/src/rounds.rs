@@ -238,7 +238,12 @@ async fn run_round(c: &Coord, id: &str, round: u32, spec: &ModelSpec) -> Result<
         let secure = job.spec.secure_aggregation.enabled();
         let num_params = spec.layout().numel() as u64;
         if secure
-            && let Err(why) = job.spec.secure_aggregation.session_params(selected.len(), num_params, job.spec.min_sites)
+            && let Err(why) = job.spec.secure_aggregation.session_params(
+                selected.len(),
+                num_params,
+                job.spec.evaluation_words(),
+                job.spec.min_sites,
+            )
         {
             set_activity(c, format!("round {round}: waiting for sites: {why}"));
             tokio::time::sleep(TICK).await;
@@ -398,10 +403,11 @@ fn new_session(
 ) -> Result<SecAggRound> {
     use maeum_protocols::wire::secagg::{Member, SessionInfo};
     use ring::rand::SecureRandom;
+    let eval_words = job.spec.evaluation_words();
     let params = job
         .spec
         .secure_aggregation
-        .session_params(selected.len(), num_params, job.spec.min_sites)
+        .session_params(selected.len(), num_params, eval_words, job.spec.min_sites)
         .map_err(anyhow::Error::msg)?;
     let mut members = Vec::new();
     for (i, site) in selected.iter().enumerate() {
@@ -423,7 +429,7 @@ fn new_session(
         let peer = maeum_pki::identity::PeerId::site(&m.site_id)?;
         Ok(maeum_pki::identity::verify_peer_cert(&ca, &m.certificate_der, &peer)?)
     })?;
-    SecAggRound::new(session, info).map_err(|e| anyhow::anyhow!("{e}"))
+    SecAggRound::new(session, info, eval_words as usize).map_err(|e| anyhow::anyhow!("{e}"))
 }
 
 enum SecAggEnd {
@@ -573,7 +579,7 @@ async fn finish_secagg(c: &Coord, round: u32) -> Result<SecAggEnd> {
             return Ok(SecAggEnd::Failed(exclude(c, &job_id, culprit, why)?));
         }
     };
-    let (sum, total_weight) = sa.decode(&outcome);
+    let (sum, total_weight, counts) = sa.decode(&outcome);
     // Honest sites clip and cap before masking; nothing but the sum can show whether
     // one did not. An aggregate outside what |U3| honest inputs can make is refused: no
     // site can scale the mean or wrap Σw. The round is committed without an update
@@ -610,6 +616,15 @@ async fn finish_secagg(c: &Coord, round: u32) -> Result<SecAggEnd> {
     r.dropped = dropped.into_iter().collect();
     r.aggregate = Some(bytes);
     r.refused = refused;
+    // The cohort's evaluation of the model the round was handed, summed inside the
+    // masked inputs: the coordinator never sees a site's counts.
+    match r.secure_evaluation(&counts) {
+        Ok(()) => r.evaluated = r.done.clone(),
+        Err(why) => {
+            warn!(round, reason = %why, "the summed evaluation counts are inconsistent; no evaluation recorded");
+            r.evaluated.clear();
+        }
+    }
     drop(guard);
     c.record(event)?;
     Ok(SecAggEnd::Done)
@@ -744,11 +759,25 @@ async fn final_evaluation(c: &Coord, id: &str) -> Result<Option<JobRecord>> {
         if last.evaluation.is_some() {
             return Ok(Some(job));
         }
-        let accepted: BTreeSet<String> = job.accepted().cloned().collect();
+        let accepted: BTreeSet<String> = job
+            .accepted()
+            .filter(|s| !c.revocations.is_revoked(s) && !job.excluded.contains_key(*s))
+            .cloned()
+            .collect();
         let online = c.online_sites();
         let selected: BTreeSet<String> = accepted.intersection(&online).cloned().collect();
-        if selected.is_empty() {
-            set_activity(c, "final evaluation: waiting for sites".into());
+        // A secure job evaluates in a secure-aggregation session of its own (the counts
+        // inside the masked inputs), which needs min_sites and the threshold.
+        let secure = job.spec.secure_aggregation.enabled();
+        let min = if secure { job.spec.min_sites as usize } else { 1 };
+        let session = job.spec.secure_aggregation.session_params(
+            selected.len(),
+            0,
+            job.spec.evaluation_words(),
+            job.spec.min_sites,
+        );
+        if selected.len() < min || (secure && session.is_err()) {
+            set_activity(c, format!("final evaluation: waiting for sites ({} of {min} online)", selected.len()));
             tokio::time::sleep(TICK).await;
             continue;
         }
@@ -756,15 +785,46 @@ async fn final_evaluation(c: &Coord, id: &str) -> Result<Option<JobRecord>> {
         let round = job.completed_rounds();
         let deadline_ms = now_ms() + job.spec.deadlines.evaluate as i64 * 1000;
         let model = model_ref(&job.history[job.history.len() - 1].model)?;
-        let mut state = RoundState::new(&job, round, attempt, Stage::Evaluate, model, deadline_ms);
+        let stage = if secure { Stage::Train } else { Stage::Evaluate };
+        let mut state = RoundState::new(&job, round, attempt, stage, model.clone(), deadline_ms);
         state.selected = selected;
+        if secure {
+            state.evaluate_only = true;
+            state.secagg = Some(new_session(c, &job, round, attempt, &state.selected, 0, &model.digest)?);
+            c.record(Event::RoundStarted {
+                job_id: id.to_string(),
+                round,
+                attempt,
+                sites: state.selected.iter().cloned().collect(),
+                secure_aggregation: true,
+            })?;
+            info!(round, attempt, sites = state.selected.len(), "final evaluation started with secure aggregation");
+        }
+        clear_uploads(c);
         *lock(&c.round) = Some(state);
         c.notify();
         let started = std::time::Instant::now();
-        if !wait_stage(c, id, round, deadline_ms).await? {
+        let finished = if secure {
+            match drive_secagg(c, id, round).await? {
+                SecAggEnd::Aborted => false,
+                SecAggEnd::Failed(why) => {
+                    *lock(&c.round) = None;
+                    c.record(Event::RoundFailed { job_id: id.to_string(), round, attempt, reason: why.clone() })?;
+                    warn!(attempt, reason = %why, "the final evaluation's secure aggregation failed; retrying");
+                    clear_uploads(c);
+                    tokio::time::sleep(TICK).await;
+                    continue;
+                }
+                SecAggEnd::Done => true,
+            }
+        } else {
+            wait_stage(c, id, round, deadline_ms).await?
+        };
+        if !finished {
             *lock(&c.round) = None;
             return Ok(None);
         }
+        clear_uploads(c);
         c.metrics.stage("evaluate", started.elapsed());
         let Some(state) = lock(&c.round).take() else { return Ok(None) };
         if state.evaluated.is_empty() {

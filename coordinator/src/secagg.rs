@@ -55,6 +55,9 @@ pub struct SecAggRound {
     pub stage_deadline_ms: i64,
     /// Why the attempt failed, once it has.
     pub failed: Option<String>,
+    /// Words after the weight: the secure evaluation's counts
+    /// (`JobSpec::evaluation_words`).
+    pub eval_words: usize,
     server: Option<Server>,
     verifier: SessionVerifier,
     /// Parties whose message was accepted, per stage.
@@ -72,7 +75,7 @@ fn refused(site: &str, e: &SecAggError) -> Status {
 }
 
 impl SecAggRound {
-    pub fn new(session: Session, info: SessionInfo) -> Result<Self, SecAggError> {
+    pub fn new(session: Session, info: SessionInfo, eval_words: usize) -> Result<Self, SecAggError> {
         let quantiser = Quantiser::new(session.n(), session.params.clip, session.params.max_weight)?;
         let verifier = SessionVerifier::new(&session);
         let index = session.participants.iter().map(|p| (p.site_id.clone(), p.index)).collect();
@@ -87,6 +90,7 @@ impl SecAggRound {
             stage: SaStage::Advertise,
             stage_deadline_ms: 0,
             failed: None,
+            eval_words,
             server: Some(server),
             verifier,
             accepted: BTreeMap::new(),
@@ -305,12 +309,13 @@ impl SecAggRound {
         Ok(())
     }
 
-    /// Decodes an outcome into Σ w·Δ (f64) and Σ w.
-    pub fn decode(&self, outcome: &Outcome) -> (Vec<f64>, u64) {
-        let n = outcome.sum.len().saturating_sub(1);
+    /// Decodes an outcome into Σ w·Δ (f64), Σ w and the summed evaluation counts.
+    pub fn decode(&self, outcome: &Outcome) -> (Vec<f64>, u64, Vec<u32>) {
+        let n = outcome.sum.len().saturating_sub(1 + self.eval_words);
         let mut sum = vec![0.0; n];
         self.quantiser.decode(&outcome.sum[..n], &mut sum);
-        (sum, u64::from(outcome.sum.get(n).copied().unwrap_or(0)))
+        let weight = u64::from(outcome.sum.get(n).copied().unwrap_or(0));
+        (sum, weight, outcome.sum.get(n + 1..).unwrap_or_default().to_vec())
     }
 
     /// Checks an unmasked aggregate against what `survivors` honest inputs can sum to:

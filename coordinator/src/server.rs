@@ -96,6 +96,9 @@ pub struct RoundState {
     /// Why the unmasked aggregate was refused (outside what honest inputs can sum to):
     /// the round is then committed without an update.
     pub refused: Option<String>,
+    /// A secure job's final evaluation: a session whose inputs hold only the weight
+    /// word and the evaluation counts (the sites do not train).
+    pub evaluate_only: bool,
 }
 
 impl RoundState {
@@ -133,7 +136,43 @@ impl RoundState {
             aggregate: None,
             divergent: None,
             refused: None,
+            evaluate_only: false,
         }
+    }
+
+    /// Takes the summed evaluation counts of a secure round (`JobSpec::evaluation_words`
+    /// layout: the confusion rows, then the crisis histogram's crisis and other bins).
+    /// `Err` when they cannot come from honest sites (a crisis histogram that does not
+    /// count the confusion matrix's examples).
+    pub fn secure_evaluation(&mut self, counts: &[u32]) -> Result<(), String> {
+        let l = self.n_labels;
+        if counts.len() < l * l {
+            return Err(format!("{} evaluation words, the job needs {}", counts.len(), l * l));
+        }
+        let rows: Vec<Vec<u64>> =
+            counts[..l * l].chunks(l.max(1)).map(|r| r.iter().map(|&c| u64::from(c)).collect()).collect();
+        let rest = &counts[l * l..];
+        let histogram = if self.crisis_classes.is_empty() {
+            None
+        } else {
+            let bins = maeum_models::metrics::HISTOGRAM_BINS;
+            if rest.len() != 2 * bins {
+                return Err(format!("{} histogram words, the job needs {}", rest.len(), 2 * bins));
+            }
+            let h = CrisisHistogram {
+                crisis: rest[..bins].iter().map(|&c| u64::from(c)).collect(),
+                other: rest[bins..].iter().map(|&c| u64::from(c)).collect(),
+            };
+            let crisis_rows: u64 = self.crisis_classes.iter().filter_map(|&i| rows.get(i)).flatten().sum();
+            let all: u64 = rows.iter().flatten().sum();
+            if h.crisis.iter().sum::<u64>() != crisis_rows || h.other.iter().sum::<u64>() != all - crisis_rows {
+                return Err("the crisis histogram does not count the confusion matrix's examples".into());
+            }
+            Some(h)
+        };
+        self.evaluation = rows;
+        self.crisis_histogram = histogram;
+        Ok(())
     }
 
     /// Sites still expected to deliver in this stage.
@@ -498,6 +537,7 @@ impl Coord {
                 deadline_ms: r.deadline_ms,
                 evaluate_first: !r.evaluated.contains(site),
                 secagg: r.secagg.as_ref().map(|s| s.info.clone()),
+                evaluate_only: r.evaluate_only,
             })),
             Stage::Evaluate if !r.evaluated.contains(site) => Some(Work::Evaluate(EvaluateTask {
                 job_id: r.job_id.clone(),
@@ -551,10 +591,16 @@ impl Coord {
                 return Err(Status::failed_precondition("this round does not use secure aggregation"));
             }
         }
-        if h.layout_digest != r.model.layout_digest || h.num_params != r.num_params {
+        // A masked input's num_params is the session's vector length minus the weight
+        // word: the parameters and the evaluation counts.
+        let expected = match &r.secagg {
+            Some(sa) if h.masked => sa.session.params.vector_len - 1,
+            _ => r.num_params,
+        };
+        if h.layout_digest != r.model.layout_digest || h.num_params != expected {
             return Err(Status::invalid_argument(format!(
-                "update layout {} with {} parameters does not match the job's model layout {} with {} parameters",
-                h.layout_digest, h.num_params, r.model.layout_digest, r.num_params
+                "update layout {} with {} words does not match the round's layout {} with {expected} words",
+                h.layout_digest, h.num_params, r.model.layout_digest
             )));
         }
         let upload_id = format!("{}-r{}-a{}-{}", h.job_id, h.round, h.attempt, site);
@@ -920,6 +966,11 @@ impl pb::fleet_server::Fleet for Fleet {
         }
         if !state.selected.contains(&site) {
             return Err(Status::failed_precondition(format!("site/{site} is not a participant of this round")));
+        }
+        if state.secagg.is_some() || state.evaluate_only {
+            return Err(Status::failed_precondition(
+                "this round uses secure aggregation: evaluation counts travel inside the masked input",
+            ));
         }
         if !state.evaluated.insert(site.clone()) {
             return Err(Status::already_exists("evaluation already reported"));

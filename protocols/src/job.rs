@@ -196,10 +196,14 @@ impl SecAggTable {
     /// (as far as the group allows) and an explicit `threshold`: an explicit value can
     /// only raise it. `Err` says why `n` sites cannot run a session (e.g. fewer than the
     /// threshold).
+    ///
+    /// `num_params` counts every word before the weight; `extra_words` the words after
+    /// it (the secure evaluation, [`JobSpec::evaluation_words`]).
     pub fn session_params(
         &self,
         n: usize,
         num_params: u64,
+        extra_words: u64,
         min_sites: u32,
     ) -> Result<maeum_secagg::SessionParams, String> {
         use maeum_secagg::SessionParams;
@@ -215,7 +219,7 @@ impl SecAggTable {
         Ok(SessionParams {
             threshold,
             degree,
-            vector_len: num_params + 1,
+            vector_len: num_params + 1 + extra_words,
             clip: self.clip,
             max_weight: self.max_weight,
         })
@@ -487,6 +491,17 @@ impl JobSpec {
         self.model_spec()?.init(self.seed).map_err(|error| JobError::Model { name: self.name.clone(), error })
     }
 
+    /// Words of federated evaluation that follow the weight in every masked input of a
+    /// secure job, so the coordinator learns the cohort's counts, never a site's: the
+    /// confusion counts (labels × labels, row-major: true label, then predicted) and,
+    /// when the job has a crisis class, the crisis-probability histogram (its
+    /// `crisis` bins, then its `other` bins). Each is a plain count, summed mod 2^32.
+    pub fn evaluation_words(&self) -> u64 {
+        let l = self.labels.len() as u64;
+        let crisis = self.labels.iter().any(|x| maeum_tlog::release::is_crisis_label(x));
+        l * l + if crisis { 2 * maeum_models::metrics::HISTOGRAM_BINS as u64 } else { 0 }
+    }
+
     /// Local training config for `round` at a site. The seed is derived from the job's
     /// seed, the round and `site_salt` (a value stable for the site, chosen by the
     /// caller, e.g. from its identity), so every site and round draws differently and a
@@ -643,23 +658,23 @@ mod tests {
     #[test]
     fn session_params_follow_the_table() {
         let t = SecAggTable::default();
-        let p = t.session_params(7, 100, 3).expect("7 sites");
+        let p = t.session_params(7, 100, 0, 3).expect("7 sites");
         assert_eq!((p.threshold, p.degree, p.vector_len), (5, 0, 101));
-        assert_eq!(t.session_params(3, 1, 3).expect("3 sites").threshold, 3);
+        assert_eq!(t.session_params(3, 1, 0, 3).expect("3 sites").threshold, 3);
         let plus = SecAggTable { neighbours: 4, ..SecAggTable::default() };
-        let p = plus.session_params(20, 1, 3).expect("20 sites");
+        let p = plus.session_params(20, 1, 0, 3).expect("20 sites");
         assert_eq!((p.threshold, p.degree), (4, 4), "a neighbourhood of 5 needs 4");
-        assert_eq!(plus.session_params(5, 1, 3).expect("5 sites").degree, 0, "k ≥ n-1 is every pair");
+        assert_eq!(plus.session_params(5, 1, 0, 3).expect("5 sites").degree, 0, "k ≥ n-1 is every pair");
         let high = SecAggTable { threshold: 6, ..SecAggTable::default() };
         assert_eq!(
-            high.session_params(5, 1, 3).expect_err("too few"),
+            high.session_params(5, 1, 0, 3).expect_err("too few"),
             "threshold 6 needs at least 6 sites, only 5 are taking part"
         );
         // min_sites raises the threshold (within the group); an explicit lower one does not lower it.
-        assert_eq!(t.session_params(10, 1, 9).expect("10 sites").threshold, 9);
-        assert_eq!(plus.session_params(20, 1, 9).expect("20 sites").threshold, 5, "capped at the neighbourhood");
+        assert_eq!(t.session_params(10, 1, 0, 9).expect("10 sites").threshold, 9);
+        assert_eq!(plus.session_params(20, 1, 0, 9).expect("20 sites").threshold, 5, "capped at the neighbourhood");
         let low = SecAggTable { threshold: 2, ..SecAggTable::default() };
-        assert_eq!(low.session_params(7, 1, 1).expect("7 sites").threshold, 5);
+        assert_eq!(low.session_params(7, 1, 0, 1).expect("7 sites").threshold, 5);
     }
 
     #[test]

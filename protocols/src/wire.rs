@@ -286,6 +286,8 @@ pub struct TrainTask {
     /// The secure-aggregation session; `None` only for a job that set
     /// `insecure_plaintext_aggregation_for_debugging`.
     pub secagg: Option<secagg::SessionInfo>,
+    /// A secure job's final evaluation: evaluate, do not train.
+    pub evaluate_only: bool,
 }
 
 impl TrainTask {
@@ -380,6 +382,7 @@ impl TryFrom<pb::Work> for Work {
                 deadline_ms: t.deadline_ms,
                 evaluate_first: t.evaluate_first,
                 secagg: t.secagg.map(secagg::SessionInfo::try_from).transpose()?,
+                evaluate_only: t.evaluate_only,
             }),
             Kind::Evaluate(t) => Work::Evaluate(EvaluateTask {
                 job_id: job_id("evaluate.job_id", t.job_id)?,
@@ -411,6 +414,7 @@ impl From<&Work> for pb::Work {
                 deadline_ms: t.deadline_ms,
                 evaluate_first: t.evaluate_first,
                 secagg: t.secagg.as_ref().map(Into::into),
+                evaluate_only: t.evaluate_only,
             }),
             Work::Evaluate(t) => Kind::Evaluate(pb::EvaluateTask {
                 job_id: t.job_id.clone(),
@@ -559,6 +563,7 @@ mod tests {
                 deadline_ms: 99,
                 evaluate_first: true,
                 secagg: None,
+                evaluate_only: true,
             }),
             Work::Evaluate(EvaluateTask { job_id: "j".into(), round: 4, attempt: 0, model: model(), deadline_ms: 1 }),
         ];
@@ -582,6 +587,7 @@ mod tests {
             deadline_ms: 0,
             evaluate_first: false,
             secagg: None,
+            evaluate_only: false,
         }));
         if let Some(pb::work::Kind::Train(t)) = &mut t.kind {
             t.job_id = "../etc".into();

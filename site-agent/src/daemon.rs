@@ -86,9 +86,9 @@ impl LocalData {
     }
 }
 
-struct Prepared2 {
-    train: Prepared,
-    test: Prepared,
+pub(crate) struct Prepared2 {
+    pub(crate) train: Prepared,
+    pub(crate) test: Prepared,
 }
 
 /// Shared between the work loop and the heartbeat task.
@@ -879,22 +879,49 @@ async fn train(agent: &Agent, client: &mut Client, t: TrainTask) -> Result<()> {
     Ok(())
 }
 
-/// Downloads the round's model, evaluates it first if asked, and trains on the local
-/// records: the update Δ = local − global, and the number of training records.
+/// The model a round was handed, as this site holds it.
+pub(crate) struct RoundModel {
+    pub(crate) spec: ModelSpec,
+    pub(crate) params: FlatParams,
+    pub(crate) data: Arc<Prepared2>,
+}
+
+/// Downloads the round's model (resuming, digest-checked), checks it is the job's, and
+/// prepares the local records for it.
+pub(crate) async fn round_model(
+    agent: &Agent,
+    client: &mut Client,
+    t: &TrainTask,
+    job: &JobSpec,
+) -> Result<RoundModel> {
+    let path = download(agent, client, &t.model).await?;
+    let (spec, params) = load_model(&path, job, &t.model)?;
+    agent.note_model(&t.job_id, t.round, &t.model);
+    let data = agent.prepared(&t.job_id, &spec)?;
+    Ok(RoundModel { spec, params, data })
+}
+
+/// Downloads the round's model, evaluates it first if asked (plaintext jobs), and
+/// trains on the local records: the update Δ = local − global, and the number of
+/// training records.
 pub(crate) async fn local_update(
     agent: &Agent,
     client: &mut Client,
     t: &TrainTask,
     job: &JobSpec,
 ) -> Result<(Vec<f32>, u64)> {
-    let path = download(agent, client, &t.model).await?;
-    let (spec, global) = load_model(&path, job, &t.model)?;
-    agent.note_model(&t.job_id, t.round, &t.model);
-    let data = agent.prepared(&t.job_id, &spec)?;
+    let m = round_model(agent, client, t, job).await?;
     if t.evaluate_first {
         let of = EvalOf { job_id: &t.job_id, round: t.round, attempt: t.attempt, model: &t.model };
-        report_eval(agent, client, of, &spec, global.clone(), data.clone()).await?;
+        report_eval(agent, client, of, &m.spec, m.params.clone(), m.data.clone()).await?;
     }
+    train_from(agent, t, job, m).await
+}
+
+/// Trains the round's model on the local records: Δ = local − global, and the number
+/// of training records (which never leaves the site but inside a masked input).
+pub(crate) async fn train_from(agent: &Agent, t: &TrainTask, job: &JobSpec, m: RoundModel) -> Result<(Vec<f32>, u64)> {
+    let RoundModel { spec, params: global, data } = m;
     let name = format!("{}-r{}-a{}", t.job_id, t.round, t.attempt);
     // Files of earlier attempts can never be accepted again.
     if let Ok(dir) = std::fs::read_dir(agent.home.path("work")) {

@@ -38,7 +38,7 @@ use maeum_secagg::quant::Quantiser;
 use maeum_secagg::sign::{EcdsaSigner, SessionVerifier};
 use maeum_secagg::{self as secagg, Session};
 
-use crate::daemon::{Agent, Client, describe, local_update};
+use crate::daemon::{Agent, Client, RoundModel, describe, round_model, train_from};
 use crate::policy::{Policy, Refusal, SessionView};
 
 /// Words quantised and masked at a time.
@@ -102,7 +102,7 @@ pub(crate) fn check_session(
         .ok_or_else(|| session_refusal(format!("the proposed session does not include this site ({site_id})")))?;
     let expected = job
         .secure_aggregation
-        .session_params(info.members.len(), num_params, job.min_sites)
+        .session_params(info.members.len(), num_params, job.evaluation_words(), job.min_sites)
         .map_err(|why| session_refusal(format!("the proposed session cannot run: {why}")))?;
     if info.params != expected {
         return Err(session_refusal(format!(
@@ -147,6 +147,9 @@ struct Reveal {
     attempt: u32,
     base_model: String,
     survivors: Vec<String>,
+    /// The job's final evaluation (a session of its own under the last round's number).
+    #[serde(default)]
+    evaluation: bool,
     time_ms: i64,
 }
 
@@ -172,7 +175,7 @@ pub(crate) fn reveal_once(
         let Ok(r) = serde_json::from_str::<Reveal>(line) else {
             return Err(Refusal { rule: "reveal_once", why: format!("{} holds an unreadable line", path.display()) });
         };
-        if r.job_id != t.job_id || r.round != t.round {
+        if r.job_id != t.job_id || r.round != t.round || r.evaluation != t.evaluate_only {
             continue;
         }
         if r.base_model != base || r.survivors != survivors {
@@ -200,6 +203,7 @@ pub(crate) fn reveal_once(
         attempt: t.attempt,
         base_model: base,
         survivors,
+        evaluation: t.evaluate_only,
         time_ms: crate::now_ms(),
     };
     // INVARIANT: a Reveal is strings and integers, which always serialise.
@@ -257,7 +261,8 @@ pub(crate) async fn train(
     info: SessionInfo,
 ) -> Result<()> {
     let spec = job.model_spec()?;
-    let num_params = spec.layout().numel() as u64;
+    // A final evaluation's inputs hold no parameters: the weight word and the counts.
+    let num_params = if t.evaluate_only { 0 } else { spec.layout().numel() as u64 };
     let spec_sha256 = match agent.home.read(&format!("jobs/{}.toml", t.job_id)) {
         Ok(toml) => Digest::of(toml.as_bytes()),
         Err(_) => {
@@ -316,7 +321,12 @@ pub(crate) async fn train(
     };
     let mut masker = sa.masked_input(&shares_for).map_err(fail)?;
 
-    let (delta, examples) = local_update(agent, client, &t, &job).await?;
+    let model = round_model(agent, client, &t, &job).await?;
+    let counts = evaluation_counts(agent, &t, &model).await?;
+    if counts.len() as u64 != job.evaluation_words() {
+        bail!("{} evaluation counts, the job's layout has {}", counts.len(), job.evaluation_words());
+    }
+    let (delta, examples) = if t.evaluate_only { (Vec::new(), 1) } else { train_from(agent, &t, &job, model).await? };
     agent.set(|s| s.stage = "secagg: masked input".into());
     stall_hook("masked-input", t.round).await;
     let quantiser = Quantiser::new(n, params.clip, params.max_weight).map_err(fail)?;
@@ -363,17 +373,25 @@ pub(crate) async fn train(
             let mut bytes = Vec::with_capacity(CHUNK_WORDS * 4);
             let mut clipped = 0;
             let mut uniform = || rng.next_u32();
-            let chunks = delta.chunks(CHUNK_WORDS).map(Some).chain(std::iter::once(None));
+            // [w·Δ (quantised), w, the evaluation counts], all masked alike.
+            let chunks = delta
+                .chunks(CHUNK_WORDS)
+                .map(Segment::Delta)
+                .chain(std::iter::once(Segment::Weight))
+                .chain(counts.chunks(CHUNK_WORDS).map(Segment::Counts));
             for chunk in chunks {
                 let words = match chunk {
-                    Some(d) => {
+                    Segment::Delta(d) => {
                         clipped += quantiser.encode(d, weight, &mut uniform, &mut words[..d.len()]);
                         &mut words[..d.len()]
                     }
-                    // The last word is the weight, masked like the rest.
-                    None => {
+                    Segment::Weight => {
                         words[0] = weight;
                         &mut words[..1]
+                    }
+                    Segment::Counts(c) => {
+                        words[..c.len()].copy_from_slice(c);
+                        &mut words[..c.len()]
                     }
                 };
                 if let Some(p) = plain.as_mut() {
@@ -402,7 +420,7 @@ pub(crate) async fn train(
     if clipped > 0 {
         warn!(job = %t.job_id, round = t.round, clipped, clip = params.clip, "update coordinates clipped before masking");
     }
-    let header = t.upload_header(num_params, 0, sha256, true);
+    let header = t.upload_header(params.vector_len - 1, 0, sha256, true);
     agent.set(|s| s.stage = "uploading".into());
     let result = agent.upload(client, &header, &masked_path).await;
     let _ = std::fs::remove_file(&masked_path);
@@ -451,6 +469,57 @@ pub(crate) async fn train(
     });
     info!(job = %t.job_id, round = t.round, survivors = survivors.survivors.len(), "secure aggregation done for this round");
     Ok(())
+}
+
+/// A piece of a masked input, in order.
+enum Segment<'a> {
+    Delta(&'a [f32]),
+    Weight,
+    Counts(&'a [u32]),
+}
+
+/// The most one evaluation count may be: 255 sites' counts then sum below 2^32.
+const MAX_COUNT: u64 = 1 << 24;
+
+/// This site's evaluation of the round's model, as the words appended to its masked
+/// input (`JobSpec::evaluation_words`): the confusion rows, then (for a job with a
+/// crisis class) the crisis histogram's crisis and other bins. The coordinator sees
+/// only the cohort's sums; the site keeps its own counts in HOME/evaluations.jsonl.
+async fn evaluation_counts(agent: &Agent, t: &TrainTask, m: &RoundModel) -> Result<Vec<u32>> {
+    agent.set(|s| s.stage = "evaluating".into());
+    let (spec, params, data) = (m.spec.clone(), m.params.clone(), m.data.clone());
+    let started = std::time::Instant::now();
+    let (confusion, histogram) = tokio::task::spawn_blocking(move || {
+        let confusion = spec.evaluate(&params, &data.test)?;
+        let histogram = crate::daemon::crisis_histogram(&spec, &params, &data.test)?;
+        anyhow::Ok((confusion, histogram))
+    })
+    .await??;
+    agent.metrics.stage("evaluate", started.elapsed());
+    let note = crate::releases::Reported {
+        time_ms: crate::now_ms(),
+        job_id: t.job_id.clone(),
+        round: t.round,
+        attempt: t.attempt,
+        model: t.model.digest.hex(),
+        confusion: confusion.counts.clone(),
+    };
+    if let Err(e) = crate::releases::note_evaluation(&agent.home, &note) {
+        warn!(error = %format!("{e:#}"), "writing evaluations.jsonl");
+    }
+    let histogram = histogram.map(|h| h.crisis.into_iter().chain(h.other)).into_iter().flatten();
+    confusion
+        .counts
+        .into_iter()
+        .flatten()
+        .chain(histogram)
+        .map(|c| {
+            if c >= MAX_COUNT {
+                bail!("an evaluation count of {c} is too large to sum securely (at most 2^24 per site)");
+            }
+            Ok(c as u32)
+        })
+        .collect()
 }
 
 fn sa_session_site(members: &[(u16, String)], index: u16) -> Option<String> {

@@ -22,7 +22,9 @@ fn words(path: &Path) -> Vec<u32> {
     bytes.chunks_exact(4).map(|w| u32::from_le_bytes([w[0], w[1], w[2], w[3]])).collect()
 }
 
-/// The plain input `site` kept for `job` round `round` (the last attempt it took part in).
+/// The plain input `site` kept for `job` round `round` (the last training attempt it
+/// took part in: a final evaluation, which runs under the last round's number, holds
+/// no parameters and is left out).
 fn plain_input(fed: &Federation, site: &str, job: &str, round: u64) -> PathBuf {
     let dir = fed.site_home(site).join("debug");
     let prefix = format!("{job}-r{round}-a");
@@ -32,15 +34,43 @@ fn plain_input(fed: &Federation, site: &str, job: &str, round: u64) -> PathBuf {
         .filter_map(|e| {
             let name = e.file_name().to_string_lossy().into_owned();
             let attempt = name.strip_prefix(&prefix)?.strip_suffix(".plain-input")?.parse().ok()?;
-            Some((attempt, e.path()))
+            let evaluation_only = e.metadata().ok()?.len() as usize == 4 * (1 + evaluation_words(fed));
+            (!evaluation_only).then(|| (attempt, e.path()))
         })
         .collect();
     found.sort();
     found.pop().unwrap_or_else(|| panic!("{site} kept no input for {job} round {round}")).1
 }
 
+/// Words of secure evaluation after the weight word (`JobSpec::evaluation_words`).
+fn evaluation_words(fed: &Federation) -> usize {
+    let l = fed.labels.len();
+    let crisis = fed.labels.iter().any(|x| maeum_tlog::release::is_crisis_label(x));
+    l * l + if crisis { 200 } else { 0 }
+}
+
+/// The confusion rows `site` kept for the model it evaluated in `job` round `round`
+/// attempt `attempt` (HOME/evaluations.jsonl: its own counts, never sent in plaintext).
+fn kept_confusion(fed: &Federation, site: &str, job: &str, round: u64, attempt: u64) -> Vec<u64> {
+    let text = std::fs::read_to_string(fed.site_home(site).join("evaluations.jsonl")).expect("evaluations.jsonl");
+    let line = text
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|v| v["job_id"] == job && v["round"].as_u64() == Some(round) && v["attempt"].as_u64() == Some(attempt))
+        .unwrap_or_else(|| panic!("{site} kept no evaluation of {job} round {round} attempt {attempt}:\n{text}"));
+    line["confusion"]
+        .as_array()
+        .expect("rows")
+        .iter()
+        .flat_map(|r| r.as_array().expect("row").clone())
+        .map(|c| c.as_u64().expect("count"))
+        .collect()
+}
+
 /// Checks every round: the aggregate blob equals the wrapping sum of the contributors'
-/// plain inputs.
+/// plain inputs, its weight word is the round's Σw, and its evaluation words are
+/// exactly the sum of the confusion counts each contributor kept for itself (secure
+/// evaluation: the coordinator's metrics are those of the plaintext counts).
 fn check_exact_sums(fed: &Federation, job: &serde_json::Value) {
     let id = job["job_id"].as_str().expect("id");
     for r in job["history"].as_array().expect("history") {
@@ -55,12 +85,35 @@ fn check_exact_sums(fed: &Federation, job: &serde_json::Value) {
             sum.iter_mut().zip(&input).for_each(|(s, x)| *s = s.wrapping_add(*x));
         }
         assert!(sum == aggregate, "round {round}: the unmasked aggregate is not the survivors' plain sum");
+        let e = evaluation_words(fed);
+        let weight_at = aggregate.len() - 1 - e;
         assert_eq!(
-            u64::from(*aggregate.last().expect("weight word")),
+            u64::from(aggregate[weight_at]),
             r["total_weight"].as_u64().expect("weight"),
-            "the last word is the summed weight"
+            "the word after the parameters is the summed weight"
         );
+        let contributors = strs(&r["contributors"]);
+        let attempt = attempt_of(fed, &contributors[0], id, round);
+        let l = fed.labels.len();
+        let mut confusion = vec![0u64; l * l];
+        for site in strs(&r["contributors"]) {
+            let kept = kept_confusion(fed, &site, id, round, attempt);
+            confusion.iter_mut().zip(&kept).for_each(|(s, x)| *s += x);
+        }
+        let summed: Vec<u64> = aggregate[weight_at + 1..weight_at + 1 + l * l].iter().map(|&w| u64::from(w)).collect();
+        assert_eq!(summed, confusion, "round {round}: the secure evaluation is not the sum of the sites' own counts");
     }
+}
+
+/// The attempt of round `round` of `job` whose input `site` (a contributor) kept last:
+/// the committed one.
+fn attempt_of(fed: &Federation, site: &str, job: &str, round: u64) -> u64 {
+    let input = plain_input(fed, site, job, round);
+    let name = input.file_name().expect("name").to_string_lossy().into_owned();
+    name.strip_prefix(&format!("{job}-r{round}-a"))
+        .and_then(|s| s.strip_suffix(".plain-input"))
+        .and_then(|a| a.parse().ok())
+        .expect("attempt in the file name")
 }
 
 fn files_under(dir: &Path, out: &mut Vec<PathBuf>) {
