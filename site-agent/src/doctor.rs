@@ -57,7 +57,18 @@ pub async fn check(dir: &Path) -> Checks {
         Err(e) => c.fail("local data", format!("{e:#}"), "fix HOME/site.toml [data] or the file it names"),
     }
     match (crate::witness::fork_evidence(&home), crate::witness::witnessed(&home)) {
-        (Some(why), _) => c.fail("audit log", why, "send HOME/audit/fork-* to the consortium's auditors"),
+        (Some(why), _) => c.fail(
+            "audit log",
+            format!(
+                "the coordinator showed this site a forked audit log ({why}); the site refuses all work until the \
+                 evidence is cleared; evidence: {}",
+                crate::witness::evidence_path(&home).display()
+            ),
+            format!(
+                "send HOME/audit/fork-* to the consortium's auditors; once they have it, `{}`",
+                crate::witness::clear_command(&home)
+            ),
+        ),
         (None, Ok(Some(f))) => c.ok("audit log", format!("witnessed a checkpoint of size {}", f.checkpoint.size)),
         (None, Ok(None)) => c.ok("audit log", "no checkpoint witnessed yet"),
         (None, Err(e)) => c.fail("audit log", format!("{e:#}"), "restore HOME/audit from your backup"),

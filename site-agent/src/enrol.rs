@@ -11,7 +11,8 @@
 //! HOME/jobs/ID.json         specs of jobs this site accepted
 //! HOME/models/DIGEST.safetensors  verified model versions (DIGEST.part while downloading)
 //! HOME/work/JOB-rR-aA.update     an update waiting to be uploaded, with its header in .json
-//! HOME/audit/                     the witnessed audit checkpoint and the journal (`witness`)
+//! HOME/audit/                     the witnessed audit checkpoint, the journal, and any
+//!                                 fork evidence, which stops all work (`witness`)
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -309,12 +310,20 @@ pub fn status(dir: &Path, json: bool) -> Result<()> {
         .and_then(|pem| identity::pem_to_der(&pem).ok())
         .and_then(|d| d.first().and_then(|c| identity::not_after_unix(c.as_ref()).ok()));
     let status = Status::load(&home)?;
+    // Read from HOME/audit, not status.json: true whether or not the daemon runs.
+    let fork = crate::witness::fork_evidence(&home);
     if json {
+        let stopped = fork.as_ref().map(|why| {
+            serde_json::json!({
+                "reason": why, "evidence": crate::witness::evidence_path(&home),
+                "clear": crate::witness::clear_command(&home),
+            })
+        });
         println!(
             "{}",
             serde_json::json!({
                 "site_id": site_id, "enrolled": enrolment.is_some(), "enrolment": enrolment,
-                "certificate_not_after": not_after, "status": status,
+                "certificate_not_after": not_after, "status": status, "stopped": stopped,
             })
         );
         return Ok(());
@@ -326,6 +335,12 @@ pub fn status(dir: &Path, json: bool) -> Result<()> {
     }
     if let Some(t) = not_after {
         println!("certificate valid for {} more days", (t - crate::now_ms() / 1000) / 86_400);
+    }
+    if let Some(why) = &fork {
+        println!("STOPPED     this site refuses all work: the coordinator showed it a forked audit log");
+        println!("            {why}");
+        println!("            evidence {}", crate::witness::evidence_path(&home).display());
+        println!("            send it to the consortium's auditors, then: {}", crate::witness::clear_command(&home));
     }
     match status {
         Some(s) => print!("{}", status_lines(&s, crate::now_ms())),
