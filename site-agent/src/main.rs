@@ -273,9 +273,12 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
 }
 
 fn clear(home: PathBuf, reason: &str, json: bool) -> anyhow::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    // Who ran it, as far as this process can tell (services often have no $USER).
     let by = ["USER", "LOGNAME"]
         .iter()
         .find_map(|v| std::env::var(v).ok().filter(|u| !u.is_empty()))
+        .or_else(|| std::fs::metadata("/proc/self").ok().map(|m| format!("uid {}", m.uid())))
         .unwrap_or_else(|| "unknown".into());
     let home = enrol::Home::new(&home);
     let c = witness::clear(&home, reason, &by)?;

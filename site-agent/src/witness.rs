@@ -184,7 +184,7 @@ pub struct Cleared {
     /// When (RFC 3339), and the same in Unix milliseconds.
     pub cleared: String,
     pub time_ms: i64,
-    /// The local account that ran `audit clear` (`$USER`, else `$LOGNAME`).
+    /// The local account that ran `audit clear` (`$USER`, else `$LOGNAME`, else `uid N`).
     pub by: String,
     /// The admin's reason, as given.
     pub reason: String,
