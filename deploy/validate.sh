@@ -32,7 +32,8 @@
 #             sysusers file; the env examples are KEY=VALUE lines
 #   docker    hadolint on deploy/docker/Dockerfile (no finding allowed); both targets
 #             exist; .dockerignore excludes target/, data/, work/, .git
-#   examples  deploy/examples/site.toml has exactly the keys SiteConfig accepts
+#   examples  deploy/examples/site.toml has exactly the keys SiteConfig accepts, and every
+#             [policy] rule with the right type
 #
 # Usage: deploy/validate.sh   (from anywhere; about 30 s the first time, which downloads
 #        about 70 MB and leaves about 290 MB in $MAEUM_DEPLOY_TOOLS; then about 5 s)
@@ -289,14 +290,22 @@ check ".dockerignore excludes target/ data/ work/ .git" -- ignores_outputs
 
 # ---------------------------------------------------------------------------------------
 section "examples"
-check "deploy/examples/site.toml: TOML with exactly the keys of SiteConfig" -- "$PY" - deploy/examples/site.toml <<'EOF'
+check "deploy/examples/site.toml: TOML with exactly the keys of SiteConfig, every [policy] rule typed" -- "$PY" - deploy/examples/site.toml <<'EOF'
 import sys, tomllib
 c = tomllib.load(open(sys.argv[1], "rb"))
-allowed = {"data": {"train", "test", "text_column", "label_column"}, "limits": {"threads"}}
+# site-agent/src/enrol.rs SiteConfig and site-agent/src/policy.rs Policy (the policy
+# values themselves are checked against Policy::default() by a unit test in enrol.rs).
+policy = {"auto_accept": bool, "allow_plaintext": bool, "min_cohort": int, "allowed_models": list,
+          "max_params": int, "max_rounds": int, "allowed_strategies": list, "members": list}
+allowed = {"data": {"train", "test", "text_column", "label_column"}, "limits": {"threads"},
+           "predict": {"crisis_threshold"}, "policy": set(policy)}
 problems = [f"unknown table [{t}]" for t in c if t not in allowed]
 problems += [f"unknown key [{t}] {k}" for t, keys in allowed.items() for k in c.get(t, {}) if k not in keys]
 if not isinstance(c.get("limits", {}).get("threads", 0), int):
     problems.append("[limits] threads must be an integer")
+problems += [f"[policy] {k} is missing (the example shows every rule)" for k in policy if k not in c.get("policy", {})]
+problems += [f"[policy] {k} must be a {t.__name__}" for k, t in policy.items()
+             if k in c.get("policy", {}) and type(c["policy"][k]) is not t]
 print("\n".join(problems)); sys.exit(1 if problems else 0)
 EOF
 

@@ -20,7 +20,7 @@ use rand::Rng;
 use tokio_stream::StreamExt;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status as RpcStatus};
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use maeum_models::data::{self, Example, ReadOptions};
 use maeum_models::model::{ModelSpec, Prepared};
@@ -432,8 +432,10 @@ async fn heartbeats(agent: Arc<Agent>, mut client: Client) {
                 {
                     tokio::spawn(witness(agent.clone(), client.clone()));
                 }
+                // A site that caught the coordinator forking installs nothing from it.
                 if let Some(cur) = reply.into_inner().current_release
                     && crate::releases::wanted(&agent, &cur)
+                    && crate::witness::fork_evidence(&agent.home).is_none()
                     && !agent.installing.swap(true, Ordering::SeqCst)
                 {
                     tokio::spawn(crate::releases::follow(agent.clone(), client.clone(), cur));
@@ -456,8 +458,15 @@ async fn heartbeats(agent: Arc<Agent>, mut client: Client) {
 }
 
 /// One witnessing exchange (see `crate::witness`); failures are logged and retried at
-/// the next heartbeat that announces a newer checkpoint, except after a fork.
+/// the next heartbeat that announces a newer checkpoint, except while fork evidence is
+/// kept (until `maeum-site audit clear`; the work loop then lets witnessing resume).
 pub(crate) async fn witness(agent: Arc<Agent>, mut client: Client) {
+    if crate::witness::fork_evidence(&agent.home).is_some() {
+        agent.witnessed.store(u64::MAX, Ordering::SeqCst);
+        agent.set(|s| s.audit = audit_summary(&agent.home, u64::MAX));
+        agent.witnessing.store(false, Ordering::SeqCst);
+        return;
+    }
     match crate::witness::witness_once(&agent.home, &mut client).await {
         Ok(crate::witness::Witnessed::Cosigned { size, .. }) => {
             agent.metrics.checkpoints_witnessed.inc();
@@ -468,7 +477,7 @@ pub(crate) async fn witness(agent: Arc<Agent>, mut client: Client) {
             agent.metrics.verification_failures.inc("audit");
             if crate::witness::fork_evidence(&agent.home).is_some() {
                 agent.metrics.verification_failures.inc("fork");
-                // Never again: the heartbeat stops asking.
+                // Not until the evidence is cleared: the heartbeat stops asking.
                 agent.witnessed.store(u64::MAX, Ordering::SeqCst);
             } else {
                 warn!(error = %format!("{e:#}"), "witnessing the audit log failed; will retry");
@@ -482,17 +491,62 @@ pub(crate) async fn witness(agent: Arc<Agent>, mut client: Client) {
 
 fn audit_summary(home: &Home, size: u64) -> String {
     match crate::witness::fork_evidence(home) {
-        Some(why) => format!("FORK DETECTED, not witnessing: {why}"),
+        Some(why) => format!("FORK DETECTED, not witnessing nor working: {why}"),
         None if size == 0 => "no checkpoint witnessed yet".into(),
         None => format!("witnessed checkpoint of size {size}"),
     }
 }
 
+/// Pulls work and does it, forever. While the coordinator's fork evidence is kept
+/// (`crate::witness::fork_evidence`, checked before every poll and during every work
+/// item) the site does no work for it: it declines offers, ignores training and
+/// evaluation tasks (so it never answers secure aggregation), and abandons the item in
+/// progress when a fork is caught mid-way. Heartbeats go on, showing the stop. Once an
+/// admin runs `maeum-site audit clear`, the next iteration resumes: no restart.
 async fn work_loop(agent: Arc<Agent>, mut client: Client, address: &str) {
     let mut backoff = Backoff(0);
     let mut last_logged = String::new();
+    // Why this site refuses all work from the coordinator, while it does.
+    let mut halted: Option<String> = None;
+    // The round attempt whose task a halted site last reported refusing.
+    let mut halt_reported: Option<(String, u32, u32)> = None;
     loop {
-        let req = pb::PollRequest { status: Some(agent.wire_status()), wait_ms: 10_000 };
+        match (crate::witness::fork_evidence(&agent.home), &halted) {
+            (Some(why), None) => {
+                error!(
+                    reason = %why,
+                    evidence = %crate::witness::evidence_path(&agent.home).display(),
+                    "THIS SITE HAS STOPPED WORKING FOR THE COORDINATOR: it showed this site a forked audit log. \
+                     No training, job decisions, secure aggregation or release installs until the site admin has \
+                     inspected the evidence (`maeum-site audit status`) and cleared it with `{}`",
+                    crate::witness::clear_command(&agent.home)
+                );
+                agent.metrics.halted.set(1);
+                agent.witnessed.store(u64::MAX, Ordering::SeqCst);
+                agent.set(|s| {
+                    s.stage = crate::witness::STOPPED_STAGE.into();
+                    s.audit = audit_summary(&agent.home, u64::MAX);
+                });
+                halted = Some(why);
+            }
+            (None, Some(_)) => {
+                info!(
+                    "the fork evidence was cleared (`maeum-site audit clear`); this site works for the coordinator again"
+                );
+                agent.metrics.halted.set(0);
+                agent.set(|s| s.stage = "idle".into());
+                halted = None;
+            }
+            _ => {}
+        }
+        // Witnessing resumes after a clearing (the heartbeat asks again).
+        if halted.is_none() && agent.witnessed.load(Ordering::SeqCst) == u64::MAX {
+            let size = crate::witness::witnessed_size(&agent.home);
+            agent.witnessed.store(size, Ordering::SeqCst);
+            agent.set(|s| s.audit = audit_summary(&agent.home, size));
+        }
+        let wait_ms = if halted.is_some() { 2_000 } else { 10_000 };
+        let req = pb::PollRequest { status: Some(agent.wire_status()), wait_ms };
         let work = match client.poll(req).await {
             Ok(w) => Work::try_from(w.into_inner()),
             Err(e) => {
@@ -521,22 +575,74 @@ async fn work_loop(agent: Arc<Agent>, mut client: Client, address: &str) {
             s.connection = "connected".into();
             s.last_error.clear();
         });
-        let result = match work {
-            Ok(Work::Idle { retry_after_ms }) => {
-                tokio::time::sleep(Duration::from_millis(u64::from(retry_after_ms))).await;
+        if let Some(why) = &halted {
+            match work {
+                Ok(Work::Offer { job_id, spec_sha256, .. }) => {
+                    let reason = format!(
+                        "this site has stopped working for this coordinator: it was shown a forked audit log ({why})"
+                    );
+                    let decision = pb::JobDecision { job_id: job_id.clone(), accept: false, reason };
+                    match client.decide_job(decision).await {
+                        Ok(_) => {
+                            warn!(job = %job_id, "refused the job: this site has stopped (forked audit log)");
+                            agent.note(crate::witness::Record::Decision {
+                                job_id,
+                                accepted: false,
+                                spec_sha256: spec_sha256.hex(),
+                                time_ms: crate::now_ms(),
+                            });
+                        }
+                        Err(e) => debug!(job = %job_id, error = %describe(&e), "declining the job failed"),
+                    }
+                }
+                Ok(Work::Train(t)) => {
+                    debug!(job = %t.job_id, round = t.round, "not training: this site has stopped");
+                    let key = (t.job_id.clone(), t.round, t.attempt);
+                    if halt_reported.as_ref() != Some(&key) {
+                        let r = crate::policy::Refusal {
+                            rule: "halted",
+                            why: format!("this site caught the coordinator's audit log forking and stopped ({why})"),
+                        };
+                        agent.refuse(&mut client, &t.job_id, t.round, t.attempt, &r).await;
+                        halt_reported = Some(key);
+                    }
+                }
+                Ok(Work::Evaluate(t)) => {
+                    debug!(job = %t.job_id, round = t.round, "not evaluating: this site has stopped");
+                }
+                Ok(Work::Idle { .. }) | Err(_) => {}
+            }
+            // A task it ignores comes back at once: ask again in a while.
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            continue;
+        }
+        let item = async {
+            match work {
+                Ok(Work::Idle { retry_after_ms }) => {
+                    tokio::time::sleep(Duration::from_millis(u64::from(retry_after_ms))).await;
+                    Ok(())
+                }
+                Ok(Work::Offer { job_id, spec_toml, spec_sha256, .. }) => {
+                    decide(&agent, &mut client, job_id, spec_toml, spec_sha256).await
+                }
+                Ok(Work::Train(t)) => train(&agent, &mut client, t).await,
+                Ok(Work::Evaluate(t)) => {
+                    let started = std::time::Instant::now();
+                    let result = evaluate(&agent, &mut client, t).await;
+                    agent.metrics.stage("evaluate", started.elapsed());
+                    result
+                }
+                Err(e) => Err(anyhow::anyhow!("malformed work from the coordinator: {e}")),
+            }
+        };
+        // A fork caught mid-way (the heartbeat witnesses meanwhile) abandons the item:
+        // the site reveals nothing more in it, as if it had dropped out.
+        let result = tokio::select! {
+            r = item => r,
+            why = crate::witness::fork_detected(&agent.home) => {
+                warn!(reason = %why, "abandoned the work item in progress: the coordinator's audit log forked");
                 Ok(())
             }
-            Ok(Work::Offer { job_id, spec_toml, spec_sha256, .. }) => {
-                decide(&agent, &mut client, job_id, spec_toml, spec_sha256).await
-            }
-            Ok(Work::Train(t)) => train(&agent, &mut client, t).await,
-            Ok(Work::Evaluate(t)) => {
-                let started = std::time::Instant::now();
-                let result = evaluate(&agent, &mut client, t).await;
-                agent.metrics.stage("evaluate", started.elapsed());
-                result
-            }
-            Err(e) => Err(anyhow::anyhow!("malformed work from the coordinator: {e}")),
         };
         agent.set(|s| s.stage = "idle".into());
         if let Err(e) = result {

@@ -1,8 +1,11 @@
 //! `maeum-site doctor`: checks a site home (enrolment, certificates and their expiry,
-//! local data, the audit state, writable directories, disk space) offline, then tries
-//! the coordinator. Exit 0 when `run` would start and reach it; 1 when a check fails,
-//! including a coordinator that cannot be reached or is not a Maeum coordinator (the
-//! daemon would retry forever, but a wrong address in enrolment.json never heals).
+//! local data, the policy in force, the audit state, writable directories, disk space)
+//! offline, then tries the coordinator. Exit 0 when `run` would start and reach it; 1
+//! when a check fails, including a coordinator that cannot be reached or is not a Maeum
+//! coordinator (the daemon would retry forever, but a wrong address in enrolment.json
+//! never heals), and a caught fork of the audit log (the site refuses all work). A
+//! policy weaker than the defaults (plaintext allowed, a cohort floor below 3, jobs
+//! accepted without the admin) is a warning, not a failure.
 
 use std::path::Path;
 use std::time::Duration;
@@ -15,6 +18,7 @@ use maeum_runtime::doctor::Checks;
 
 use crate::daemon::{LocalData, connect, describe_at};
 use crate::enrol::Home;
+use crate::policy::Policy;
 
 /// Runs every check on the home `dir` and prints them.
 pub async fn run(dir: &Path, json: bool) -> Result<()> {
@@ -52,12 +56,31 @@ pub async fn check(dir: &Path) -> Checks {
             Err(e) => c.fail("site identity", format!("{e:#}"), renew),
         }
     }
-    match home.config().and_then(|cfg| LocalData::load(&cfg)) {
-        Ok(d) => c.ok("local data", format!("{} training and {} held-out records", d.train.len(), d.test.len())),
-        Err(e) => c.fail("local data", format!("{e:#}"), "fix HOME/site.toml [data] or the file it names"),
+    match home.config() {
+        Ok(cfg) => {
+            match LocalData::load(&cfg) {
+                Ok(d) => {
+                    c.ok("local data", format!("{} training and {} held-out records", d.train.len(), d.test.len()));
+                }
+                Err(e) => c.fail("local data", format!("{e:#}"), "fix HOME/site.toml [data] or the file it names"),
+            }
+            policy(&mut c, &cfg.policy);
+        }
+        Err(e) => c.fail("site.toml", format!("{e:#}"), "fix HOME/site.toml (the message names the key)"),
     }
     match (crate::witness::fork_evidence(&home), crate::witness::witnessed(&home)) {
-        (Some(why), _) => c.fail("audit log", why, "send HOME/audit/fork-* to the consortium's auditors"),
+        (Some(why), _) => c.fail(
+            "audit log",
+            format!(
+                "the coordinator showed this site a forked audit log ({why}); the site refuses all work until the \
+                 evidence is cleared; evidence: {}",
+                crate::witness::evidence_path(&home).display()
+            ),
+            format!(
+                "send HOME/audit/fork-* to the consortium's auditors; once they have it, `{}`",
+                crate::witness::clear_command(&home)
+            ),
+        ),
         (None, Ok(Some(f))) => c.ok("audit log", format!("witnessed a checkpoint of size {}", f.checkpoint.size)),
         (None, Ok(None)) => c.ok("audit log", "no checkpoint witnessed yet"),
         (None, Err(e)) => c.fail("audit log", format!("{e:#}"), "restore HOME/audit from your backup"),
@@ -92,4 +115,88 @@ pub async fn check(dir: &Path) -> Checks {
         ),
     }
     c
+}
+
+/// The policy in force (one line), and a warning for each rule set below the defaults'
+/// protection.
+fn policy(c: &mut Checks, p: &Policy) {
+    let rules: Vec<String> = p.summary().into_iter().map(|(rule, value)| format!("{rule} {value}")).collect();
+    c.ok("policy", rules.join("; "));
+    let fix = |what: &str| format!("{what} in [policy] of HOME/site.toml, then restart the daemon");
+    if p.allow_plaintext {
+        c.warn(
+            "policy allow_plaintext",
+            "true: this site takes jobs that turn secure aggregation off, which show the coordinator this site's \
+             own update and record count",
+            fix("unless you are debugging with test data, set allow_plaintext = false"),
+        );
+    }
+    if p.min_cohort < 3 {
+        c.warn(
+            "policy min_cohort",
+            format!(
+                "{}: with two sites in a sum, the other one (or a site the lead enrolled for the purpose) can work \
+                 out this site's update",
+                p.min_cohort
+            ),
+            fix("set min_cohort = 3 or more"),
+        );
+    }
+    if p.auto_accept {
+        c.warn(
+            "policy auto_accept",
+            "true: this site accepts every job its policy allows without asking you",
+            fix("to consent to each job yourself, set auto_accept = false"),
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use maeum_runtime::doctor::Level;
+
+    fn check(p: Policy, expected: &[(&str, Level)]) {
+        let mut c = Checks::default();
+        policy(&mut c, &p);
+        let got: Vec<(&str, Level)> = c.checks.iter().map(|c| (c.name.as_str(), c.level)).collect();
+        assert_eq!(got, expected);
+    }
+
+    #[test]
+    fn the_default_policy_passes_and_weakened_rules_warn() {
+        check(Policy::default(), &[("policy", Level::Ok)]);
+        check(
+            Policy { allow_plaintext: true, ..Policy::default() },
+            &[("policy", Level::Ok), ("policy allow_plaintext", Level::Warn)],
+        );
+        check(
+            Policy { min_cohort: 2, ..Policy::default() },
+            &[("policy", Level::Ok), ("policy min_cohort", Level::Warn)],
+        );
+        check(
+            Policy { auto_accept: true, ..Policy::default() },
+            &[("policy", Level::Ok), ("policy auto_accept", Level::Warn)],
+        );
+        check(
+            Policy { auto_accept: true, allow_plaintext: true, min_cohort: 2, ..Policy::default() },
+            &[
+                ("policy", Level::Ok),
+                ("policy allow_plaintext", Level::Warn),
+                ("policy min_cohort", Level::Warn),
+                ("policy auto_accept", Level::Warn),
+            ],
+        );
+    }
+
+    #[test]
+    fn the_policy_line_names_every_rule() {
+        let mut c = Checks::default();
+        policy(&mut c, &Policy::default());
+        assert_eq!(
+            c.checks[0].detail,
+            "auto_accept no; allow_plaintext no; min_cohort 3; allowed_models text-classifier; max_params 67108864; \
+             max_rounds 1000; allowed_strategies fedavg, fedprox, fedadam, fedyogi; members any approved site"
+        );
+    }
 }

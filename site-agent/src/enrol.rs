@@ -4,14 +4,15 @@
 //! HOME/site.json            the site id (public)
 //! HOME/site.key             the site's private TLS key (0600; never leaves the site)
 //! HOME/request.csr.pem      the certificate request for the consortium lead
-//! HOME/site.toml            configuration: local data, limits, predict (edit freely)
+//! HOME/site.toml            configuration: local data, limits, predict, policy (edit freely)
 //! HOME/enrolment.json       from the lead's bundle: consortium, coordinator, public keys
 //! HOME/site.pem, ca.pem     the site certificate and the consortium CA
 //! HOME/status.json          written by the daemon: connection, stage, job, round
 //! HOME/jobs/ID.json         specs of jobs this site accepted
 //! HOME/models/DIGEST.safetensors  verified model versions (DIGEST.part while downloading)
 //! HOME/work/JOB-rR-aA.update     an update waiting to be uploaded, with its header in .json
-//! HOME/audit/                     the witnessed audit checkpoint and the journal (`witness`)
+//! HOME/audit/                     the witnessed audit checkpoint, the journal, and any
+//!                                 fork evidence, which stops all work (`witness`)
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -167,6 +168,15 @@ fn status_lines(s: &Status, now_ms: i64) -> String {
     out
 }
 
+/// The policy in force, one rule a line, for `maeum-site status`.
+fn policy_lines(p: &crate::policy::Policy) -> String {
+    p.summary()
+        .into_iter()
+        .enumerate()
+        .map(|(i, (rule, value))| format!("{:<12}{rule:<20}{value}\n", if i == 0 { "policy" } else { "" }))
+        .collect()
+}
+
 /// A duration in milliseconds for humans: "42 s", "5 min", "3 h", "2 days".
 fn ago(ms: i64) -> String {
     let s = ms.max(0) / 1000;
@@ -312,12 +322,23 @@ pub fn status(dir: &Path, json: bool) -> Result<()> {
         .and_then(|pem| identity::pem_to_der(&pem).ok())
         .and_then(|d| d.first().and_then(|c| identity::not_after_unix(c.as_ref()).ok()));
     let status = Status::load(&home)?;
+    let policy = home.config().map(|c| c.policy);
+    // Read from HOME/audit, not status.json: true whether or not the daemon runs.
+    let fork = crate::witness::fork_evidence(&home);
     if json {
+        let stopped = fork.as_ref().map(|why| {
+            serde_json::json!({
+                "reason": why, "evidence": crate::witness::evidence_path(&home),
+                "clear": crate::witness::clear_command(&home),
+            })
+        });
         println!(
             "{}",
             serde_json::json!({
                 "site_id": site_id, "enrolled": enrolment.is_some(), "enrolment": enrolment,
-                "certificate_not_after": not_after, "status": status,
+                "certificate_not_after": not_after, "status": status, "stopped": stopped,
+                "policy": policy.as_ref().ok(),
+                "policy_error": policy.as_ref().err().map(|e| format!("{e:#}")),
             })
         );
         return Ok(());
@@ -330,9 +351,19 @@ pub fn status(dir: &Path, json: bool) -> Result<()> {
     if let Some(t) = not_after {
         println!("certificate valid for {} more days", (t - crate::now_ms() / 1000) / 86_400);
     }
+    if let Some(why) = &fork {
+        println!("STOPPED     this site refuses all work: the coordinator showed it a forked audit log");
+        println!("            {why}");
+        println!("            evidence {}", crate::witness::evidence_path(&home).display());
+        println!("            send it to the consortium's auditors, then: {}", crate::witness::clear_command(&home));
+    }
     match status {
         Some(s) => print!("{}", status_lines(&s, crate::now_ms())),
         None => println!("daemon      never ran (start it with `maeum-site run --home {}`)", dir.display()),
+    }
+    match &policy {
+        Ok(p) => print!("{}", policy_lines(p)),
+        Err(e) => println!("policy      unreadable: {e:#}"),
     }
     Ok(())
 }
@@ -379,6 +410,31 @@ mod tests {
                 "release     v2 (abcd) in service (`maeum-site models list`)  (last known)",
             ],
         );
+    }
+
+    #[test]
+    fn status_shows_every_rule_of_the_policy() {
+        let p = crate::policy::Policy { members: vec!["b".into(), "c".into()], ..Default::default() };
+        assert_eq!(
+            policy_lines(&p),
+            "policy      auto_accept         no
+            allow_plaintext     no
+            min_cohort          3
+            allowed_models      text-classifier
+            max_params          67108864
+            max_rounds          1000
+            allowed_strategies  fedavg, fedprox, fedadam, fedyogi
+            members             b, c
+"
+        );
+    }
+
+    #[test]
+    fn the_example_site_toml_parses_and_its_policy_is_the_default() {
+        let cfg: SiteConfig =
+            toml::from_str(include_str!("../../deploy/examples/site.toml")).expect("deploy/examples/site.toml");
+        assert_eq!(cfg.policy, crate::policy::Policy::default());
+        cfg.policy.validate().expect("valid");
     }
 
     #[test]

@@ -211,6 +211,21 @@ enum AuditCommand {
         #[arg(long, value_name = "DIR", env = "MAEUM_SITE_HOME")]
         home: PathBuf,
     },
+    /// Lift the stop after a forked audit log, once you have inspected the evidence and
+    /// sent it to the consortium's auditors: moves HOME/audit/fork-* into
+    /// HOME/audit/cleared/TIME/ (nothing is deleted) and records who, when and why in
+    /// HOME/audit/cleared.jsonl. A running daemon resumes within seconds, no restart.
+    Clear {
+        /// The site's home directory.
+        #[arg(long, value_name = "DIR", env = "MAEUM_SITE_HOME")]
+        home: PathBuf,
+        /// Why the evidence may be cleared (recorded; required).
+        #[arg(long, value_name = "TEXT")]
+        reason: String,
+        /// Print one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -261,7 +276,10 @@ fn home_needed(command: &Command) -> Option<&Path> {
             ModelsCommand::List { home, .. } | ModelsCommand::Show { home, .. } | ModelsCommand::Verify { home, .. },
         )
         | Command::Audit(
-            AuditCommand::Status { home, .. } | AuditCommand::Prove { home, .. } | AuditCommand::Checkpoint { home },
+            AuditCommand::Status { home, .. }
+            | AuditCommand::Prove { home, .. }
+            | AuditCommand::Checkpoint { home }
+            | AuditCommand::Clear { home, .. },
         ) => Some(home),
         Command::Jobs(
             JobsCommand::List { home, .. }
@@ -310,7 +328,35 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
         Command::Audit(AuditCommand::Checkpoint { home }) => witness::witnessed(&enrol::Home::new(&home))
             .and_then(|f| f.ok_or_else(|| anyhow::anyhow!("this site has not witnessed a checkpoint yet")))
             .map(|f| println!("{}", String::from_utf8_lossy(&f.encode()))),
+        Command::Audit(AuditCommand::Clear { home, reason, json }) => clear(home, &reason, json),
     }
+}
+
+fn clear(home: PathBuf, reason: &str, json: bool) -> anyhow::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    // Who ran it, as far as this process can tell (services often have no $USER).
+    let by = ["USER", "LOGNAME"]
+        .iter()
+        .find_map(|v| std::env::var(v).ok().filter(|u| !u.is_empty()))
+        .or_else(|| std::fs::metadata("/proc/self").ok().map(|m| format!("uid {}", m.uid())))
+        .unwrap_or_else(|| "unknown".into());
+    let home = enrol::Home::new(&home);
+    let c = witness::clear(&home, reason, &by)?;
+    if json {
+        println!("{}", serde_json::to_string(&c)?);
+    } else {
+        println!("cleared     {}", c.evidence);
+        println!("moved       {} → {}", c.files.join(", "), home.path(&c.moved_to).display());
+        println!(
+            "recorded    {} by {}: {} ({})",
+            c.cleared,
+            c.by,
+            c.reason,
+            home.path("audit/cleared.jsonl").display()
+        );
+        println!("a running daemon resumes work for the coordinator within seconds; no restart needed");
+    }
+    Ok(())
 }
 
 fn prove(home: PathBuf, json: bool) -> anyhow::Result<()> {

@@ -29,6 +29,9 @@ pub struct SiteMetrics {
     pub connected: Gauge,
     /// Audit checkpoints verified and cosigned.
     pub checkpoints_witnessed: Counter,
+    /// 1 while this site refuses all work because it caught the coordinator showing it
+    /// a forked audit log (until `maeum-site audit clear`).
+    pub halted: Gauge,
     /// Refused input from the coordinator by kind: `model_digest`, `audit`, `fork`,
     /// `release` (a release that failed a check and was not installed).
     pub verification_failures: LabelledCounter,
@@ -57,6 +60,8 @@ impl SiteMetrics {
             bytes_received: ops.counter("received_bytes", "Model bytes received from the coordinator"),
             connected: ops.gauge("connected", "1 while the coordinator answers heartbeats"),
             checkpoints_witnessed: ops.counter("checkpoints_witnessed", "Audit checkpoints verified and cosigned"),
+            halted: ops
+                .gauge("halted", "1 while this site refuses all work because the coordinator's audit log forked"),
             verification_failures: ops.counter_vec(
                 "verification_failures",
                 "Refused input from the coordinator by kind",

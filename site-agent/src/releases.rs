@@ -20,7 +20,10 @@
 //! site witnessed (it witnesses a newer one first if needed). Any failure refuses the
 //! release: the previous release stays in service, the refusal goes to
 //! `events.jsonl`, the daemon's log and metrics, and is reported to the coordinator,
-//! which logs it in the audit log. Network failures are retried, not refusals.
+//! which logs it in the audit log. Network failures are retried, not refusals. While
+//! this site keeps fork evidence against the coordinator (`crate::witness`) it installs
+//! nothing, not even a rollback, and reports nothing; it acts on the current release
+//! once an admin has cleared the evidence.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -233,6 +236,14 @@ enum Failure {
     Refused(String),
     /// The coordinator or the network failed: try again later.
     Transient(anyhow::Error),
+    /// This site caught the coordinator showing it a forked audit log: it installs
+    /// nothing from it, reports nothing, and looks again once the evidence is cleared.
+    Halted(String),
+}
+
+/// Refuses to go on while fork evidence is kept (`crate::witness::fork_evidence`).
+fn not_halted(home: &Home) -> Result<(), Failure> {
+    crate::witness::fork_evidence(home).map_or(Ok(()), |why| Err(Failure::Halted(why)))
 }
 
 fn refused(e: impl std::fmt::Display) -> Failure {
@@ -260,6 +271,11 @@ pub(crate) async fn follow(agent: Arc<Agent>, mut client: Client, cur: pb::Relea
     let (installed, reason) = match outcome {
         Ok(()) => (true, String::new()),
         Err(Failure::Refused(reason)) => (false, reason),
+        Err(Failure::Halted(why)) => {
+            warn!(version = cur.version, reason = %why, "not installing the release: this site has stopped working for the coordinator (forked audit log)");
+            agent.installing.store(false, Ordering::SeqCst);
+            return;
+        }
         Err(Failure::Transient(e)) => {
             warn!(version = cur.version, error = %format!("{e:#}"), "could not fetch the current release; will retry");
             tokio::time::sleep(Duration::from_secs(5)).await;
@@ -302,6 +318,7 @@ pub(crate) async fn follow(agent: Arc<Agent>, mut client: Client, cur: pb::Relea
 
 async fn install(agent: &Arc<Agent>, client: &mut Client, cur: &pb::ReleaseRef) -> Result<(), Failure> {
     let home = &agent.home;
+    not_halted(home)?;
     // Already installed (a rollback, or a promotion seen again): re-check it offline.
     if let Ok(local) = find(home, &cur.version.to_string())
         && local.manifest.model_sha256 == cur.model_digest
@@ -349,6 +366,8 @@ async fn install(agent: &Arc<Agent>, client: &mut Client, cur: &pb::ReleaseRef) 
     // The log: a model_release entry naming both digests, proven against a checkpoint
     // this site witnessed (witness a newer one first if the release is newer).
     let (entry, proof, size, root) = prove_release(agent, client, m, msg.audit_seq).await?;
+    // Proving witnesses the log, which is where a fork is caught.
+    not_halted(home)?;
     let record = Installed {
         manifest: m.clone(),
         signature: hex(&msg.signature),

@@ -10,6 +10,9 @@
 //!                                 the two signed checkpoints, kept beside it as
 //!                                 fork-{witnessed,conflicting}.checkpoint.json
 //! HOME/audit/journal.jsonl        what this site did: decisions, contributions, models
+//! HOME/audit/cleared/TIME/         fork evidence an admin cleared (`maeum-site audit
+//!                                 clear`), moved there, never deleted
+//! HOME/audit/cleared.jsonl        one line per clearing: when, by whom, why, what
 //! ```
 //!
 //! When the coordinator's heartbeat reply announces a checkpoint larger than the one
@@ -19,8 +22,12 @@
 //! then cosigns it. The views of the witnesses meet in those stored checkpoints: a
 //! coordinator that signed two roots for one size is caught by the site that sees both
 //! (AUD-16), and this site then refuses to witness again and keeps the two signed
-//! checkpoints as evidence. `maeum-site audit prove` checks the site's journal against
-//! the log with inclusion proofs to the checkpoint it witnessed.
+//! checkpoints as evidence. While that evidence is kept the site does no work for the
+//! coordinator at all (the daemon's work loop, `crate::releases`): a coordinator caught
+//! lying to one site is not trusted with its updates, decisions or releases. Only the
+//! site's admin lifts that, with [`clear`], after inspecting the evidence.
+//! `maeum-site audit prove` checks the site's journal against the log with inclusion
+//! proofs to the checkpoint it witnessed.
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -46,6 +53,11 @@ const EVIDENCE: &str = "audit/fork-evidence.json";
 const EVIDENCE_WITNESSED: &str = "audit/fork-witnessed.checkpoint.json";
 const EVIDENCE_CONFLICTING: &str = "audit/fork-conflicting.checkpoint.json";
 const JOURNAL: &str = "audit/journal.jsonl";
+const CLEARED_DIR: &str = "audit/cleared";
+const CLEARED: &str = "audit/cleared.jsonl";
+
+/// The daemon's stage while fork evidence is kept (`status.json`, the heartbeat).
+pub const STOPPED_STAGE: &str = "stopped: coordinator's audit log forked (see `maeum-site audit status`)";
 
 /// A line of HOME/audit/journal.jsonl: something this site did that the log must show.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -141,11 +153,133 @@ pub fn witnessed_roots(home: &Home) -> Result<std::collections::HashSet<(u64, St
         .collect()
 }
 
-/// Why this site no longer witnesses, if the coordinator was caught forking.
+/// Why this site no longer witnesses nor works for the coordinator, if it was caught
+/// forking. Fails closed: an evidence file that cannot be read or parsed still counts.
 pub fn fork_evidence(home: &Home) -> Option<String> {
-    let text = std::fs::read_to_string(home.path(EVIDENCE)).ok()?;
-    let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+    let text = match std::fs::read_to_string(home.path(EVIDENCE)) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
+        Err(e) => return Some(format!("fork evidence present but unreadable ({e})")),
+    };
+    let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) else {
+        return Some("fork evidence present but not valid JSON".into());
+    };
     Some(v.get("error").and_then(|e| e.as_str()).unwrap_or("fork evidence present").to_owned())
+}
+
+/// HOME/audit/fork-evidence.json (whether or not it exists).
+pub fn evidence_path(home: &Home) -> std::path::PathBuf {
+    home.path(EVIDENCE)
+}
+
+/// The command that lifts the stop, for messages (the reason is the admin's to write).
+pub fn clear_command(home: &Home) -> String {
+    format!("maeum-site audit clear --home {} --reason \"WHY\"", home.dir.display())
+}
+
+/// Resolves once fork evidence appears (checked every second): what stops the work
+/// item in progress.
+pub async fn fork_detected(home: &Home) -> String {
+    loop {
+        if let Some(why) = fork_evidence(home) {
+            return why;
+        }
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    }
+}
+
+/// A line of HOME/audit/cleared.jsonl: an admin cleared fork evidence.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Cleared {
+    /// When (RFC 3339), and the same in Unix milliseconds.
+    pub cleared: String,
+    pub time_ms: i64,
+    /// The local account that ran `audit clear` (`$USER`, else `$LOGNAME`, else `uid N`).
+    pub by: String,
+    /// The admin's reason, as given.
+    pub reason: String,
+    /// What the evidence said (`fork-evidence.json`'s error).
+    pub evidence: String,
+    /// Where the files went, relative to HOME.
+    pub moved_to: String,
+    pub files: Vec<String>,
+}
+
+/// The longest reason `audit clear` takes (characters).
+pub const MAX_CLEAR_REASON: usize = 2_000;
+
+/// `maeum-site audit clear`: moves the fork evidence (every HOME/audit/fork-* file)
+/// into HOME/audit/cleared/TIME/, never deleting it, and records who cleared it, when
+/// and why in HOME/audit/cleared.jsonl (written first, so that no clearing goes
+/// unrecorded). `fork-evidence.json` moves last: the daemon, which checks for it
+/// before each work item, resumes only once everything is moved.
+pub fn clear(home: &Home, reason: &str, by: &str) -> Result<Cleared> {
+    let reason = reason.trim();
+    if reason.is_empty() {
+        bail!("--reason must say why the evidence may be cleared (it is recorded in {CLEARED})");
+    }
+    if reason.chars().count() > MAX_CLEAR_REASON {
+        bail!("--reason is longer than {MAX_CLEAR_REASON} characters");
+    }
+    let audit = home.path("audit");
+    let mut files: Vec<String> = std::fs::read_dir(&audit)
+        .map(|rd| {
+            rd.flatten()
+                .filter(|e| e.file_type().is_ok_and(|t| t.is_file()))
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with("fork-"))
+                .collect()
+        })
+        .unwrap_or_default();
+    if files.is_empty() {
+        bail!("there is no fork evidence to clear in {} (see `maeum-site audit status`)", audit.display());
+    }
+    // The evidence file itself last.
+    let main = EVIDENCE.trim_start_matches("audit/");
+    files.sort_by_key(|n| (n == main, n.clone()));
+    let evidence = fork_evidence(home).unwrap_or_else(|| format!("no {main}; leftover files only"));
+    let time_ms = crate::now_ms();
+    let stamp: String = rfc3339(time_ms).chars().filter(|c| !matches!(c, '-' | ':')).take(15).collect();
+    let mut moved_to = format!("{CLEARED_DIR}/{stamp}Z");
+    let mut n = 1;
+    while home.path(&moved_to).exists() {
+        n += 1;
+        moved_to = format!("{CLEARED_DIR}/{stamp}Z-{n}");
+    }
+    let dir = home.path(&moved_to);
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let record = Cleared {
+        cleared: rfc3339(time_ms),
+        time_ms,
+        by: by.to_owned(),
+        reason: reason.to_owned(),
+        evidence,
+        moved_to: moved_to.clone(),
+        files: files.clone(),
+    };
+    // INVARIANT: strings and integers always serialise.
+    append_line(home, CLEARED, &serde_json::to_string(&record).expect("a record serialises"))?;
+    for name in &files {
+        let (from, to) = (audit.join(name), dir.join(name));
+        std::fs::rename(&from, &to).with_context(|| {
+            format!(
+                "moving {} to {} (the clearing is already recorded in {CLEARED}; run `audit clear` again)",
+                from.display(),
+                to.display()
+            )
+        })?;
+    }
+    Ok(record)
+}
+
+/// The clearings recorded so far, oldest first.
+pub fn clearings(home: &Home) -> Result<Vec<Cleared>> {
+    let Ok(text) = std::fs::read_to_string(home.path(CLEARED)) else { return Ok(Vec::new()) };
+    text.lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .map(|(i, l)| serde_json::from_str(l).with_context(|| format!("{CLEARED} line {}", i + 1)))
+        .collect()
 }
 
 fn checkpoint_file(
@@ -188,7 +322,7 @@ fn keep_evidence(
         "conflicting": EVIDENCE_CONFLICTING,
     });
     write(EVIDENCE, format!("{doc:#}\n").as_bytes());
-    error!(error = %error, evidence = %home.path(EVIDENCE).display(), "THE COORDINATOR SHOWED THIS SITE TWO DIFFERENT AUDIT LOGS; this site stops witnessing — tell the consortium's auditors");
+    error!(error = %error, evidence = %home.path(EVIDENCE).display(), "THE COORDINATOR SHOWED THIS SITE TWO DIFFERENT AUDIT LOGS; this site stops witnessing and working for it — tell the consortium's auditors");
 }
 
 /// The result of one witnessing exchange.
@@ -490,12 +624,15 @@ pub fn status(dir: &Path, json: bool) -> Result<()> {
         .ok()
         .and_then(|t| t.lines().last().and_then(|l| serde_json::from_str(l).ok()));
     let fork = fork_evidence(&home);
+    let cleared = clearings(&home)?;
     if json {
         println!(
             "{}",
             serde_json::json!({
                 "witnessed": latest.as_ref().map(|f| serde_json::json!({"size": f.checkpoint.size, "root": f.checkpoint.root})),
                 "checkpoints_witnessed": count, "last": last_line, "fork": fork,
+                "evidence": fork.as_ref().map(|_| home.path(EVIDENCE)),
+                "cleared": cleared,
             })
         );
     } else {
@@ -511,9 +648,21 @@ pub fn status(dir: &Path, json: bool) -> Result<()> {
                 if names.is_empty() { "no other site yet".to_owned() } else { names.join(", ") }
             );
         }
+        if let Some(last) = cleared.last() {
+            println!(
+                "cleared     {} time(s); last {} by {}: {} ({})",
+                cleared.len(),
+                last.cleared,
+                last.by,
+                last.reason,
+                home.path(&last.moved_to).display()
+            );
+        }
         if let Some(why) = &fork {
             println!("FORK        {why}");
             println!("            evidence: {}", home.path(EVIDENCE).display());
+            println!("            this site refuses all work from the coordinator until the evidence is cleared;");
+            println!("            send HOME/audit/fork-* to the consortium's auditors, then: {}", clear_command(&home));
         }
     }
     if let Some(why) = fork {
@@ -561,4 +710,77 @@ pub fn print_prove(report: &ProveReport, json: bool) -> Result<()> {
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn home_with_evidence() -> (tempfile::TempDir, Home) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let home = Home::new(dir.path());
+        std::fs::create_dir_all(home.path("audit")).expect("audit dir");
+        let doc =
+            serde_json::json!({"error": "AUD-16 FORK: two checkpoints of size 5", "witnessed": EVIDENCE_WITNESSED});
+        std::fs::write(home.path(EVIDENCE), doc.to_string()).expect("evidence");
+        std::fs::write(home.path(EVIDENCE_WITNESSED), "a").expect("witnessed");
+        std::fs::write(home.path(EVIDENCE_CONFLICTING), "b").expect("conflicting");
+        std::fs::write(home.path(JOURNAL), "").expect("journal");
+        (dir, home)
+    }
+
+    #[test]
+    fn clearing_moves_the_evidence_and_records_who_and_why() {
+        let (_dir, home) = home_with_evidence();
+        assert_eq!(fork_evidence(&home).as_deref(), Some("AUD-16 FORK: two checkpoints of size 5"));
+        let c = clear(&home, "  checked with the auditors, ticket 42 ", "alice").expect("cleared");
+        assert_eq!(fork_evidence(&home), None);
+        assert_eq!((c.by.as_str(), c.reason.as_str()), ("alice", "checked with the auditors, ticket 42"));
+        assert_eq!(c.evidence, "AUD-16 FORK: two checkpoints of size 5");
+        // The evidence file moves last; nothing is deleted, the journal stays.
+        assert_eq!(
+            c.files,
+            ["fork-conflicting.checkpoint.json", "fork-witnessed.checkpoint.json", "fork-evidence.json"]
+        );
+        for f in &c.files {
+            assert!(home.path(&format!("{}/{f}", c.moved_to)).is_file(), "{f} kept");
+            assert!(!home.path(&format!("audit/{f}")).exists(), "{f} moved");
+        }
+        assert!(home.path(JOURNAL).is_file());
+        assert_eq!(clearings(&home).expect("cleared.jsonl"), vec![c.clone()]);
+        // Nothing left to clear.
+        let e = clear(&home, "again", "alice").expect_err("nothing to clear").to_string();
+        assert!(e.starts_with("there is no fork evidence to clear"), "{e}");
+        // A second fork, cleared in the same second, goes to its own folder.
+        let (_d2, other) = home_with_evidence();
+        let first = clear(&other, "one", "bob").expect("first");
+        std::fs::write(other.path(EVIDENCE), "{}").expect("evidence again");
+        let second = clear(&other, "two", "bob").expect("second");
+        assert_ne!(first.moved_to, second.moved_to);
+        assert_eq!(clearings(&other).expect("two lines").len(), 2);
+    }
+
+    #[test]
+    fn clearing_needs_a_reason() {
+        let (_dir, home) = home_with_evidence();
+        for reason in ["", "   \n"] {
+            let e = clear(&home, reason, "alice").expect_err("no reason").to_string();
+            assert!(e.starts_with("--reason must say why"), "{e}");
+        }
+        let long = "x".repeat(MAX_CLEAR_REASON + 1);
+        assert!(clear(&home, &long, "alice").is_err());
+        assert!(fork_evidence(&home).is_some(), "nothing was moved");
+        assert_eq!(clearings(&home).expect("none").len(), 0);
+    }
+
+    #[test]
+    fn unreadable_evidence_still_stops_the_site() {
+        let (_dir, home) = home_with_evidence();
+        std::fs::write(home.path(EVIDENCE), "not json {").expect("corrupt");
+        assert_eq!(fork_evidence(&home).as_deref(), Some("fork evidence present but not valid JSON"));
+        std::fs::write(home.path(EVIDENCE), "{}").expect("no error field");
+        assert_eq!(fork_evidence(&home).as_deref(), Some("fork evidence present"));
+        std::fs::remove_file(home.path(EVIDENCE)).expect("rm");
+        assert_eq!(fork_evidence(&home), None);
+    }
 }

@@ -1,6 +1,7 @@
 //! The audit log end to end: sites witness (verify and cosign) every checkpoint of a
 //! real job, prove their own part with inclusion proofs, and catch a coordinator that
-//! shows one of them a forked log; the export of the real job survives no tampering.
+//! shows one of them a forked log (that site then refuses all work until its admin
+//! clears the evidence); the export of the real job survives no tampering.
 
 use std::path::Path;
 use std::process::{Command, Output};
@@ -134,15 +135,51 @@ fn site_cmd(fed: &Federation, id: &str, args: &[&str]) -> Command {
     c
 }
 
+/// The value of one series in the site's OpenMetrics text (`None` when absent).
+fn metric(addr: &str, series: &str) -> Option<f64> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    write!(s, "GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n").ok()?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).ok()?;
+    text.lines().find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+/// The kinds of this site's journal lines for `job`, in order.
+fn journal(fed: &Federation, id: &str, job: &str) -> Vec<String> {
+    std::fs::read_to_string(fed.site_home(id).join("audit/journal.jsonl"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|r| r["job_id"] == job)
+        .map(|r| match r["kind"].as_str() {
+            Some("decision") => format!("decision accepted={}", r["accepted"]),
+            k => k.unwrap_or_default().to_owned(),
+        })
+        .collect()
+}
+
+const STOPPED: &str = "stopped: coordinator's audit log forked (see `maeum-site audit status`)";
+
 #[test]
-fn a_forked_view_shown_to_one_site_is_caught_by_its_witness() {
+fn a_forked_view_shown_to_one_site_is_caught_by_its_witness_which_stops_until_cleared() {
     let mut fed = Federation::new(3);
+    // Sites accept jobs on their own, and jobs here need all three sites (so that no
+    // site's policy sees a session of two).
+    for s in ["site-1", "site-2", "site-3"] {
+        let toml = fed.site_home(s).join("site.toml");
+        let text = std::fs::read_to_string(&toml).expect("site.toml");
+        assert!(text.contains("auto_accept = false"), "{text}");
+        std::fs::write(&toml, text.replace("auto_accept = false", "auto_accept = true")).expect("site.toml");
+    }
     // The coordinator shows site-3 a log whose last entry differs from everyone else's,
     // at the same size, validly signed: a dishonest operator's forked view.
     fed.start_coordinator_with(&[("MAEUM_COORDINATOR_TEST_FORK_VIEW", "site-3")]);
-    for s in ["site-1", "site-2", "site-3"] {
-        fed.start_site(s);
-    }
+    let ops = std::net::TcpListener::bind("127.0.0.1:0").expect("port").local_addr().expect("addr").to_string();
+    fed.start_site("site-1");
+    fed.start_site("site-2");
+    fed.start_site_with("site-3", &[("MAEUM_OPS_LISTEN", &ops)]);
     wait_witnessed(&fed, &["site-1", "site-2"], 1);
     let until = Instant::now() + MIN;
     let status = loop {
@@ -189,4 +226,88 @@ fn a_forked_view_shown_to_one_site_is_caught_by_its_witness() {
     let frozen = std::fs::read(fed.site_home("site-3").join("audit/witnessed.jsonl")).unwrap_or_default();
     std::thread::sleep(Duration::from_secs(3));
     assert_eq!(std::fs::read(fed.site_home("site-3").join("audit/witnessed.jsonl")).unwrap_or_default(), frozen);
+
+    // Site-3 stops working for the coordinator that lied to it: it says so locally, in
+    // its heartbeat (the lead sees it) and in its metrics, and refuses the next job,
+    // which needs all three sites and so never starts.
+    let until = Instant::now() + MIN;
+    while fed.site_status("site-3")["stage"] != STOPPED {
+        assert!(Instant::now() < until, "site-3 did not stop: {}", fed.site_status("site-3"));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let out = site(&fed, "site-3", &["status", "--json"]);
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).expect("status json");
+    assert_eq!(status["stopped"]["reason"].as_str(), Some(why), "{status:#}");
+    assert!(status["stopped"]["clear"].as_str().unwrap_or_default().contains("audit clear"), "{status:#}");
+    let text = String::from_utf8_lossy(&site(&fed, "site-3", &["status"]).stdout).into_owned();
+    assert!(text.contains("STOPPED     this site refuses all work"), "{text}");
+    assert!(fed.log_text("site-3").contains("THIS SITE HAS STOPPED WORKING FOR THE COORDINATOR"));
+    assert_eq!(metric(&ops, "maeum_site_halted"), Some(1.0));
+    let seen_by_lead = || {
+        fed.cli_json(&["sites", "list"])
+            .as_array()
+            .and_then(|a| a.iter().find(|s| s["site_id"] == "site-3").map(|s| s["stage"].clone()))
+    };
+    assert_eq!(seen_by_lead(), Some(STOPPED.into()));
+    let doctor = site(&fed, "site-3", &["doctor", "--json"]);
+    assert!(!doctor.status.success());
+    let report: serde_json::Value = serde_json::from_slice(&doctor.stdout).expect("doctor json");
+    let line = report["checks"].as_array().and_then(|c| c.iter().find(|c| c["name"] == "audit log")).cloned();
+    let line = line.expect("audit log check");
+    assert_eq!(line["level"], "fail", "{line}");
+    assert!(line["fix"].as_str().unwrap_or_default().contains("maeum-site audit clear"), "{line}");
+
+    let job = format!("{SMALL_MODEL}[train]\nepochs = 1\n");
+    let refused = fed.submit("after-fork", 1, 3, &job);
+    let decided = fed.wait_for(&refused, MIN, |j| j["decisions"].as_array().is_some_and(|d| d.len() == 3));
+    let decisions = decided["decisions"].as_array().cloned().unwrap_or_default();
+    let of = |s: &str| decisions.iter().find(|d| d["site"] == s).cloned().unwrap_or_default();
+    assert_eq!(of("site-3")["accept"], false, "{decided:#}");
+    assert!(of("site-3")["reason"].as_str().unwrap_or_default().contains("forked audit log"), "{decided:#}");
+    assert_eq!((of("site-1")["accept"].clone(), of("site-2")["accept"].clone()), (true.into(), true.into()));
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(fed.job(&refused)["state"], "pending", "two of three sites cannot run it");
+    assert_eq!(journal(&fed, "site-3", &refused), ["decision accepted=false"]);
+    assert!(fed.cli(&["jobs", "abort", &refused]).status.success());
+
+    // A restart does not lift the stop; only the admin does, with a reason, after the
+    // incident (here: the lead restarts the coordinator without the fault).
+    assert!(fed.terminate_coordinator(MIN).is_some());
+    let nothing = site(&fed, "site-3", &["audit", "clear", "--reason", " "]);
+    assert!(!nothing.status.success(), "a reason is required");
+    fed.start_coordinator();
+    let before = fed.site_status("site-3")["pid"].clone();
+    fed.kill_site("site-3");
+    fed.start_site_with("site-3", &[("MAEUM_OPS_LISTEN", &ops)]);
+    let until = Instant::now() + MIN;
+    loop {
+        let now = fed.site_status("site-3");
+        if now["pid"] != before && now["stage"] == STOPPED && metric(&ops, "maeum_site_halted") == Some(1.0) {
+            break;
+        }
+        assert!(Instant::now() < until, "site-3 is not stopped after a restart: {now}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let out = site(&fed, "site-3", &["audit", "clear", "--reason", "evidence sent to the auditors (case 7)", "--json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let cleared: serde_json::Value = serde_json::from_slice(&out.stdout).expect("clear json");
+    assert_eq!(cleared["evidence"].as_str(), Some(why));
+    let kept = fed.site_home("site-3").join(cleared["moved_to"].as_str().expect("moved_to"));
+    for f in ["fork-evidence.json", "fork-witnessed.checkpoint.json", "fork-conflicting.checkpoint.json"] {
+        assert!(kept.join(f).is_file(), "{f} kept under {}", kept.display());
+    }
+    let again = site(&fed, "site-3", &["audit", "clear", "--reason", "twice"]);
+    assert!(String::from_utf8_lossy(&again.stderr).contains("there is no fork evidence to clear"));
+
+    // The running daemon resumes: it witnesses the (honest) log again and takes part.
+    wait_witnessed(&fed, &["site-3"], 1);
+    assert_ne!(fed.site_status("site-3")["stage"], STOPPED);
+    assert_eq!(metric(&ops, "maeum_site_halted"), Some(0.0));
+    let status = audit_status(&fed, "site-3");
+    assert_eq!(status["cleared"][0]["reason"], "evidence sent to the auditors (case 7)", "{status:#}");
+    let resumed = fed.submit("after-clear", 1, 3, &job);
+    assert_eq!(fed.wait_job(&resumed, 3 * MIN)["state"], "completed");
+    let mine = journal(&fed, "site-3", &resumed);
+    assert!(mine.starts_with(&["decision accepted=true".to_owned()]), "{mine:?}");
+    assert!(mine.contains(&"contribution".to_owned()), "{mine:?}");
 }
