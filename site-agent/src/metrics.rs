@@ -16,7 +16,8 @@ const STAGE_BUCKETS: [f64; 10] = [0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 180
 pub struct SiteMetrics {
     /// The registry and the readiness flag.
     pub ops: Metrics,
-    /// Updates delivered (one per round attempt this site trained for), as
+    /// Updates delivered (one per round attempt this site trained for, and one for a
+    /// secure job's final evaluation, whose counts also travel masked), as
     /// `outcome="delivered"`; a work item that fails counts in `errors{kind="work_item"}`.
     pub rounds: LabelledCounter,
     /// Seconds per stage: `download`, `train`, `upload`, `evaluate`.

@@ -121,7 +121,7 @@ fn updates_with_a_wrong_layout_a_replayed_round_or_a_corrupt_chunk_are_rejected(
         wrong.layout_digest = Digest::of(b"some other model");
         let e = c.begin_upload(pb::UploadHeader::from(&wrong)).await.expect_err("wrong layout must be refused");
         assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
-        assert!(e.message().contains("does not match the job's model layout"), "{}", e.message());
+        assert!(e.message().contains("does not match the round's layout"), "{}", e.message());
 
         let short = header(&round1, n - 1, &zeros[4..]);
         let e = c.begin_upload(pb::UploadHeader::from(&short)).await.expect_err("wrong size must be refused");
