@@ -573,7 +573,9 @@ impl Coord {
         if r.done.contains(site) {
             return Err(Status::already_exists(format!("site/{site} already delivered its update for this round")));
         }
-        if h.base_digest != r.model.digest {
+        // (An attacking coordinator handing out divergent models skips this check.)
+        let divergent = matches!(crate::attack::current(), Some(crate::attack::Attack::Divergent(_)));
+        if h.base_digest != r.model.digest && !divergent {
             return Err(Status::invalid_argument(format!(
                 "update computed against model {}, but round {} distributed {}",
                 h.base_digest, r.round, r.model.digest
