@@ -429,7 +429,8 @@ fn new_session(
         let peer = maeum_pki::identity::PeerId::site(&m.site_id)?;
         Ok(maeum_pki::identity::verify_peer_cert(&ca, &m.certificate_der, &peer)?)
     })?;
-    SecAggRound::new(session, info, eval_words as usize).map_err(|e| anyhow::anyhow!("{e}"))
+    SecAggRound::new(session, info, eval_words as usize, job.spec.secure_aggregation.clip_norm)
+        .map_err(|e| anyhow::anyhow!("{e}"))
 }
 
 enum SecAggEnd {

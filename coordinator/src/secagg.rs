@@ -58,6 +58,8 @@ pub struct SecAggRound {
     /// Words after the weight: the secure evaluation's counts
     /// (`JobSpec::evaluation_words`).
     pub eval_words: usize,
+    /// The job's L2 bound on each site's update (0: none), checked on the aggregate.
+    pub clip_norm: f32,
     server: Option<Server>,
     verifier: SessionVerifier,
     /// Parties whose message was accepted, per stage.
@@ -75,7 +77,7 @@ fn refused(site: &str, e: &SecAggError) -> Status {
 }
 
 impl SecAggRound {
-    pub fn new(session: Session, info: SessionInfo, eval_words: usize) -> Result<Self, SecAggError> {
+    pub fn new(session: Session, info: SessionInfo, eval_words: usize, clip_norm: f32) -> Result<Self, SecAggError> {
         let quantiser = Quantiser::new(session.n(), session.params.clip, session.params.max_weight)?;
         let verifier = SessionVerifier::new(&session);
         let index = session.participants.iter().map(|p| (p.site_id.clone(), p.index)).collect();
@@ -91,6 +93,7 @@ impl SecAggRound {
             stage_deadline_ms: 0,
             failed: None,
             eval_words,
+            clip_norm,
             server: Some(server),
             verifier,
             accepted: BTreeMap::new(),
@@ -319,8 +322,9 @@ impl SecAggRound {
     }
 
     /// Checks an unmasked aggregate against what `survivors` honest inputs can sum to:
-    /// 1 ≤ Σw ≤ |U3|·max_weight, and every coordinate |Σ w·Δ| ≤ Σw·clip plus the
-    /// rounding slack (one quantisation step per input).
+    /// 1 ≤ Σw ≤ |U3|·max_weight, every coordinate |Σ w·Δ| ≤ Σw·clip, and with the
+    /// job's `clip_norm` ‖Σ w·Δ‖₂ ≤ Σw·clip_norm, each plus the rounding slack (one
+    /// quantisation step per input and coordinate).
     pub fn check_bounds(&self, sum: &[f64], total_weight: u64, survivors: usize) -> Result<(), String> {
         let q = &self.quantiser;
         let most = survivors as u64 * u64::from(q.max_weight);
@@ -335,6 +339,16 @@ impl SecAggRound {
             return Err(format!(
                 "aggregate coordinate {i} is {v:.4e}, beyond {bound:.4e} (Σw·clip for Σw = {total_weight})"
             ));
+        }
+        if self.clip_norm > 0.0 {
+            let norm = sum.iter().map(|v| v * v).sum::<f64>().sqrt();
+            let slack = (sum.len() as f64).sqrt() * (survivors as f64 + 1.0) * q.step;
+            let bound = total_weight as f64 * f64::from(self.clip_norm) + slack;
+            if norm > bound {
+                return Err(format!(
+                    "the aggregate's L2 norm {norm:.4e} is beyond {bound:.4e} (Σw·clip_norm for Σw = {total_weight})"
+                ));
+            }
         }
         Ok(())
     }
@@ -375,4 +389,43 @@ pub fn finish(server: Server) -> Result<Outcome, SecAggError> {
             }
         });
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use maeum_secagg::{Participant, SessionParams};
+
+    fn round(clip_norm: f32) -> SecAggRound {
+        let participants = (1..=3)
+            .map(|i| Participant { index: i, site_id: format!("s{i}"), identity_key: vec![i as u8; 65] })
+            .collect();
+        let params = SessionParams { threshold: 3, degree: 0, vector_len: 3, clip: 1.0, max_weight: 100 };
+        let session = Session {
+            consortium: "c".into(),
+            job_id: "j".into(),
+            round: 1,
+            attempt: 1,
+            participants,
+            params: params.clone(),
+            graph_seed: [0; 32],
+            binding: [0; 32],
+        };
+        let info = SessionInfo { consortium: "c".into(), params, graph_seed: [0; 32], members: Vec::new() };
+        SecAggRound::new(session, info, 0, clip_norm).expect("round")
+    }
+
+    #[test]
+    fn aggregates_outside_what_honest_sites_can_sum_are_refused() {
+        let r = round(0.0);
+        assert_eq!(r.check_bounds(&[10.0, -10.0], 20, 3), Ok(()));
+        assert!(r.check_bounds(&[1.0, 1.0], 0, 3).expect_err("Σw 0").contains("aggregate weight 0"));
+        assert!(r.check_bounds(&[1.0, 1.0], 301, 3).expect_err("Σw > 3·100").contains("outside 1..=300"));
+        assert!(r.check_bounds(&[21.0, 0.0], 20, 3).expect_err("coordinate").contains("coordinate 0"));
+        assert!(r.check_bounds(&[f64::NAN, 0.0], 20, 3).is_err());
+        // With an L2 bound of 1 per site, Σw = 20 allows a norm of 20.
+        let r = round(1.0);
+        assert_eq!(r.check_bounds(&[12.0, 16.0], 20, 3), Ok(()));
+        assert!(r.check_bounds(&[15.0, 15.0], 20, 3).expect_err("norm 21.2").contains("L2 norm"));
+    }
 }

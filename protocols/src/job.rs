@@ -162,6 +162,10 @@ pub struct SecAggTable {
     pub neighbours: u16,
     /// Each coordinate of a site's update is clipped to [-clip, clip].
     pub clip: f32,
+    /// A site scales its update down to this L2 norm before masking; the coordinator
+    /// refuses an aggregate whose norm exceeds Σw·clip_norm. 0 = no norm bound (only
+    /// the per-coordinate `clip`). Bounds one site's influence on the mean.
+    pub clip_norm: f32,
     /// A site's weight (training records) is capped at this.
     pub max_weight: u32,
     /// Plaintext aggregation: the coordinator sees every site's update. For debugging
@@ -175,6 +179,7 @@ impl Default for SecAggTable {
             threshold: 0,
             neighbours: 0,
             clip: 1.0,
+            clip_norm: 0.0,
             max_weight: 100_000,
             insecure_plaintext_aggregation_for_debugging: false,
         }
@@ -247,6 +252,12 @@ impl SecAggTable {
         }
         if !(self.clip.is_finite() && self.clip > 0.0 && self.clip <= 1e6) {
             return Err(Invalid::new(key("clip"), format!("must be in (0, 1e6], got {}", self.clip)));
+        }
+        if !(self.clip_norm.is_finite() && (0.0..=1e9).contains(&self.clip_norm)) {
+            return Err(Invalid::new(
+                key("clip_norm"),
+                format!("must be 0 (off) or in (0, 1e9], got {}", self.clip_norm),
+            ));
         }
         if !(1..=MAX_SECAGG_WEIGHT).contains(&self.max_weight) {
             return Err(Invalid::new(
@@ -616,6 +627,7 @@ mod tests {
                 threshold: 0,
                 neighbours: 0,
                 clip: 1.0,
+                clip_norm: 0.0,
                 max_weight: 100_000,
                 insecure_plaintext_aggregation_for_debugging: false,
             },
@@ -643,13 +655,17 @@ mod tests {
             Some("job.toml: [secure_aggregation] clip must be in (0, 1e6], got 0"),
         );
         check(
+            "[secure_aggregation]\nclip_norm = -1.0\n",
+            Some("job.toml: [secure_aggregation] clip_norm must be 0 (off) or in (0, 1e9], got -1"),
+        );
+        check(
             "[secure_aggregation]\nmax_weight = 0\n",
             Some("job.toml: [secure_aggregation] max_weight must be in 1..=16777216, got 0"),
         );
         check(
             "[secure_aggregation]\nplaintext = true\n",
             Some(
-                "job.toml:5:1: unknown field `plaintext`, expected one of `threshold`, `neighbours`, `clip`, `max_weight`, `insecure_plaintext_aggregation_for_debugging`",
+                "job.toml:5:1: unknown field `plaintext`, expected one of `threshold`, `neighbours`, `clip`, `clip_norm`, `max_weight`, `insecure_plaintext_aggregation_for_debugging`",
             ),
         );
         check("[secure_aggregation]\ninsecure_plaintext_aggregation_for_debugging = true\n", None);

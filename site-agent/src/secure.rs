@@ -326,7 +326,16 @@ pub(crate) async fn train(
     if counts.len() as u64 != job.evaluation_words() {
         bail!("{} evaluation counts, the job's layout has {}", counts.len(), job.evaluation_words());
     }
-    let (delta, examples) = if t.evaluate_only { (Vec::new(), 1) } else { train_from(agent, &t, &job, model).await? };
+    let (mut delta, examples) =
+        if t.evaluate_only { (Vec::new(), 1) } else { train_from(agent, &t, &job, model).await? };
+    // Fault injection: a poisoning site scales its update up and skips the norm bound.
+    let scale_attack = test_env("MAEUM_SITE_ATTACK").is_some_and(|v| v == "scale-update");
+    if scale_attack {
+        warn!("FAULT INJECTION: scaling the update by 1000 and skipping the L2 bound");
+        delta.iter_mut().for_each(|d| *d *= 1000.0);
+    } else if let Some(norm) = clip_l2(&mut delta, job.secure_aggregation.clip_norm) {
+        info!(job = %t.job_id, round = t.round, norm, bound = job.secure_aggregation.clip_norm, "update scaled down to the job's L2 bound");
+    }
     agent.set(|s| s.stage = "secagg: masked input".into());
     stall_hook("masked-input", t.round).await;
     let quantiser = Quantiser::new(n, params.clip, params.max_weight).map_err(fail)?;
@@ -471,6 +480,22 @@ pub(crate) async fn train(
     Ok(())
 }
 
+/// Scales `delta` down to L2 norm `bound` if it is longer (`bound` 0: no bound);
+/// returns the norm it had when it was scaled.
+fn clip_l2(delta: &mut [f32], bound: f32) -> Option<f64> {
+    if bound <= 0.0 {
+        return None;
+    }
+    // Non-finite coordinates are left to the quantiser (NaN → 0, ±∞ → ±clip).
+    let norm = delta.iter().filter(|d| d.is_finite()).map(|d| f64::from(*d) * f64::from(*d)).sum::<f64>().sqrt();
+    if norm <= f64::from(bound) {
+        return None;
+    }
+    let scale = f64::from(bound) / norm;
+    delta.iter_mut().for_each(|d| *d = (f64::from(*d) * scale) as f32);
+    Some(norm)
+}
+
 /// A piece of a masked input, in order.
 enum Segment<'a> {
     Delta(&'a [f32]),
@@ -524,4 +549,21 @@ async fn evaluation_counts(agent: &Agent, t: &TrainTask, m: &RoundModel) -> Resu
 
 fn sa_session_site(members: &[(u16, String)], index: u16) -> Option<String> {
     members.iter().find(|(i, _)| *i == index).map(|(_, s)| s.clone())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_update_longer_than_the_bound_is_scaled_to_it() {
+        let mut d = vec![3.0f32, 4.0];
+        assert_eq!(clip_l2(&mut d, 0.0), None, "0 is no bound");
+        assert_eq!(clip_l2(&mut d, 10.0), None, "short enough");
+        assert_eq!(d, [3.0, 4.0]);
+        assert_eq!(clip_l2(&mut d, 1.0), Some(5.0));
+        let norm = d.iter().map(|x| x * x).sum::<f32>().sqrt();
+        assert!((norm - 1.0).abs() < 1e-6, "{d:?}");
+        assert!((d[0] / d[1] - 0.75).abs() < 1e-6, "the direction is kept: {d:?}");
+    }
 }

@@ -238,3 +238,32 @@ fn an_inflated_weight_is_refused_without_failing_the_job() {
         assert_eq!(r["model"], initial.as_str(), "a refused round leaves the model as it was: {r:#}");
     }
 }
+
+/// Attack 6, scaling: one site multiplies its update by 1000 and skips the job's L2
+/// bound (`clip_norm`); the per-coordinate clip alone lets that through, the norm
+/// bound on the aggregate does not. An honest cohort under the same bound is applied.
+#[test]
+fn a_scaled_update_is_refused_by_the_norm_bound_and_an_honest_one_is_not() {
+    let job = format!("{SMALL_MODEL}[secure_aggregation]\nclip_norm = 1.0\n[deadlines]\nsecagg = 10\n");
+    {
+        let mut fed = Federation::new(3);
+        fed.start_coordinator();
+        fed.start_sites(&["site-1", "site-2", "site-3"]);
+        fed.wait_online(3);
+        let id = fed.submit("honest-norm", 1, 3, &job);
+        let done = fed.wait_job(&id, 3 * MIN);
+        assert_eq!(done["state"], "completed", "{done:#}");
+        let r = &done["history"][0];
+        assert_eq!(r["refused"], "", "an honest cohort under the bound is applied: {r:#}");
+    }
+    let mut fed = Federation::new(4);
+    fed.start_coordinator();
+    fed.start_sites(&["site-1", "site-2", "site-3"]);
+    fed.start_site_with("site-4", &[("MAEUM_SITE_ATTACK", "scale-update")]);
+    fed.wait_online(4);
+    let id = fed.submit("scaled", 1, 3, &job);
+    let done = fed.wait_job(&id, 3 * MIN);
+    assert_eq!(done["state"], "completed", "{done:#}");
+    let r = &done["history"][0];
+    assert!(r["refused"].as_str().is_some_and(|w| w.contains("L2 norm")), "the scaled round is refused: {r:#}");
+}
