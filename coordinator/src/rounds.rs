@@ -295,6 +295,22 @@ async fn run_round(c: &Coord, id: &str, round: u32, spec: &ModelSpec) -> Result<
                     c.record(Event::RoundFailed { job_id: id.to_string(), round, attempt, reason: why.clone() })?;
                     c.metrics.rounds.inc("failed");
                     clear_uploads(c);
+                    // Sites revealed a sum of this round once already, and this
+                    // coordinator no longer has it (a restart after the reveal): they
+                    // will not reveal another, so the round is skipped without an
+                    // update rather than retried forever.
+                    if lock(&c.revealed_before).remove(&(id.to_string(), round)) {
+                        warn!(round, "sites already revealed a sum of this round that was lost; skipping the round");
+                        let mut skipped =
+                            RoundState::new(&job, round, attempt, Stage::Train, model_ref(&base)?, deadline_ms);
+                        skipped.refused = Some(
+                            "sites had already revealed a sum of this round, which this coordinator lost (reveal \
+                             once per round); the round is skipped"
+                                .into(),
+                        );
+                        let committed = commit_round(c, id, spec, &base, skipped).await?;
+                        return Ok(Some(committed));
+                    }
                     warn!(round, attempt, reason = %why, "secure aggregation failed; retrying the round with a new session");
                     set_activity(c, format!("round {round}: attempt {attempt} failed ({why}); retrying"));
                     c.notify();

@@ -211,6 +211,10 @@ pub struct Coord {
     /// What HOME/sites looked like at the last [`Coord::sync_approvals`] (names, sizes,
     /// modification times); held while syncing, so that two syncs never log twice.
     sites_seen: Mutex<Vec<(String, u64, Option<std::time::SystemTime>)>>,
+    /// (job, round) whose unmask request a site refused because it had already
+    /// revealed that round's sum (`reveal_once`): that sum was lost (a restart after
+    /// the reveal, say), and the round can only be skipped.
+    pub revealed_before: Mutex<BTreeSet<(String, u32)>>,
 }
 
 /// Locks a mutex, recovering the data if a panicking thread poisoned it (the state is
@@ -268,6 +272,7 @@ impl Coord {
             changed: watch::channel(0).0,
             started: Instant::now(),
             sites_seen: Mutex::new(Vec::new()),
+            revealed_before: Mutex::new(BTreeSet::new()),
         };
         for (site, print) in coord.audit.site_certificates()?.replaced() {
             coord.revocations.revoke_certificate(site, print);
@@ -1165,6 +1170,9 @@ impl pb::fleet_server::Fleet for Fleet {
         })
         .map_err(internal)?;
         c.metrics.site_refusals.inc(rule);
+        if rule == "reveal_once" {
+            lock(&c.revealed_before).insert((job_id.clone(), r.round));
+        }
         warn!(site = %site, job = %job_id, round = r.round, attempt = r.attempt, rule, detail = %detail, "site REFUSED under its privacy policy");
         c.notify();
         Ok(Response::new(pb::Ack {}))

@@ -169,24 +169,33 @@ fn a_site_that_lowers_its_floor_to_two_can_be_isolated() {
 
 /// Attack 3, differencing: after the round's sum over four sites is unmasked, the
 /// coordinator pretends the attempt failed and retries without the target. The other
-/// sites refuse to reveal for a second, different sum of the same round.
+/// sites refuse to reveal for a second, different sum of the same round; the
+/// coordinator then skips the round (it cannot get another sum of it), and the job
+/// goes on.
 #[test]
 fn a_second_sum_of_the_same_round_is_never_unmasked() {
     let mut fed = Federation::new(4);
     fed.start_coordinator_with(&[("MAEUM_COORDINATOR_ATTACK", "difference:site-4")]);
     fed.start_sites(&["site-1", "site-2", "site-3", "site-4"]);
     fed.wait_online(4);
-    fed.submit("difference", 1, 3, &format!("{SMALL_MODEL}[deadlines]\nsecagg = 10\n"));
-    // Until the sites refuse, or the attack succeeds (a second sum is unmasked).
+    let id = fed.submit("difference", 1, 3, &format!("{SMALL_MODEL}[deadlines]\nsecagg = 10\n"));
+    // The attack's goal: a sum of round 1 over the three others, to subtract.
+    let differenced =
+        |all: &[Event]| unmasked(all).iter().any(|(r, _, s)| *r == 1 && !s.contains(&"site-4".to_string()));
+    // Until the sites refuse, or the attack succeeds.
     let all = wait_events(&fed, 4 * MIN, "reveal_once refusals", |all| {
         all.iter().filter(|e| matches!(e, Event::SiteRefused { rule, .. } if rule == "reveal_once")).count() >= 2
-            || unmasked(all).len() > 1
+            || differenced(all)
     });
-    let sums = unmasked(&all);
-    assert_eq!(sums.len(), 1, "only the first sum of round 1 is unmasked: {sums:?}");
-    assert_eq!(sums[0].2.len(), 4, "{sums:?}");
+    assert!(!differenced(&all), "a second sum of round 1 without site-4 was unmasked: {:?}", unmasked(&all));
     let refused: Vec<(String, String)> = refusals(&fed).into_iter().filter(|(_, r)| r == "reveal_once").collect();
     assert!(refused.iter().all(|(s, _)| s != "site-4"), "{refused:?}");
+    // The round is skipped without an update and the job completes.
+    let job = fed.wait_job(&id, 3 * MIN);
+    assert_eq!(job["state"], "completed", "{job:#}");
+    let r = &job["history"][0];
+    assert!(r["refused"].as_str().is_some_and(|w| w.contains("reveal once per round")), "{r:#}");
+    assert!(!differenced(&events(&fed)), "{:?}", unmasked(&events(&fed)));
 }
 
 /// Attack 4, divergent models: every site but the target gets a different base model
