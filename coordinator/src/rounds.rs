@@ -142,6 +142,8 @@ async fn drive(c: &Arc<Coord>, id: &str) -> Result<()> {
             initial_model: joined.initial.as_ref().map(|v| v.digest.clone()).unwrap_or_default(),
             sites: joined.accepted().cloned().collect(),
         })?;
+        // Signed now: sites prove round 1's base model against a checkpoint over it.
+        c.audit.checkpoint()?;
         job = c
             .store
             .update_job(id, |j| {

@@ -99,6 +99,9 @@ pub(crate) struct Agent {
     data: LocalData,
     /// `[policy]` from site.toml, read at start-up.
     pub(crate) policy: crate::policy::Policy,
+    /// Per job, the log position of the entry that proved the latest base model
+    /// (`secure::check_base_logged` asks only for entries after it).
+    pub(crate) base_proven_at: Mutex<HashMap<String, u64>>,
     prepared: Mutex<HashMap<String, Arc<Prepared2>>>,
     /// The size of the latest audit checkpoint this site witnessed.
     witnessed: AtomicU64,
@@ -348,6 +351,7 @@ pub async fn run(
         site_id,
         data,
         policy: cfg.policy.clone(),
+        base_proven_at: Mutex::new(HashMap::new()),
         prepared: Mutex::new(HashMap::new()),
         witnessed: AtomicU64::new(0),
         witnessing: AtomicBool::new(false),
@@ -460,7 +464,26 @@ async fn heartbeats(agent: Arc<Agent>, mut client: Client) {
 /// One witnessing exchange (see `crate::witness`); failures are logged and retried at
 /// the next heartbeat that announces a newer checkpoint, except while fork evidence is
 /// kept (until `maeum-site audit clear`; the work loop then lets witnessing resume).
-pub(crate) async fn witness(agent: Arc<Agent>, mut client: Client) {
+pub(crate) async fn witness(agent: Arc<Agent>, client: Client) {
+    witness_with(&agent, client).await;
+}
+
+/// Runs one witnessing exchange now, or waits for the one in flight (at most 30 s).
+pub(crate) async fn witness_now(agent: &Agent, client: &Client) {
+    if !agent.witnessing.swap(true, Ordering::SeqCst) {
+        witness_with(agent, client.clone()).await;
+        return;
+    }
+    for _ in 0..300 {
+        if !agent.witnessing.load(Ordering::SeqCst) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// [`witness`] on a borrowed agent; the caller has set `agent.witnessing`.
+async fn witness_with(agent: &Agent, mut client: Client) {
     if crate::witness::fork_evidence(&agent.home).is_some() {
         agent.witnessed.store(u64::MAX, Ordering::SeqCst);
         agent.set(|s| s.audit = audit_summary(&agent.home, u64::MAX));

@@ -398,7 +398,7 @@ async fn prove_release(
 ) -> Result<Proven, Failure> {
     for attempt in 0..2 {
         if attempt == 1 || crate::witness::witnessed_size(&agent.home) <= claimed_seq {
-            witness_now(agent, client).await;
+            crate::daemon::witness_now(agent, client).await;
         }
         let Some(file) = crate::witness::witnessed(&agent.home).map_err(Failure::Transient)? else {
             continue;
@@ -425,20 +425,6 @@ async fn prove_release(
         }
     }
     Err(Failure::Transient(anyhow!("this site has not witnessed a checkpoint of the audit log yet")))
-}
-
-/// Runs one witnessing exchange now (or waits for the one in flight).
-async fn witness_now(agent: &Arc<Agent>, client: &Client) {
-    if !agent.witnessing.swap(true, Ordering::SeqCst) {
-        crate::daemon::witness(agent.clone(), client.clone()).await;
-        return;
-    }
-    for _ in 0..300 {
-        if !agent.witnessing.load(Ordering::SeqCst) {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 fn make_current(home: &Home, cur: &pb::ReleaseRef) -> Result<()> {

@@ -136,6 +136,60 @@ pub(crate) fn check_session(
     Ok((session, me))
 }
 
+/// Checks, before anything is revealed, that the round's base model is the one the
+/// audit log shows this job produced for it: the job's initial model (`job_started`) in
+/// round 1, round r−1's result (`round_committed`) in round r, and the last round's for
+/// the final evaluation, with an inclusion proof against a checkpoint this site
+/// witnessed (witnessing a newer one first when needed). Every site thus trains and
+/// evaluates a model anyone can audit, the same for all. A model the log does not show
+/// is a [`Refusal`] (`base_model`); an unreachable coordinator is an ordinary error.
+async fn check_base_logged(agent: &Agent, client: &mut Client, t: &TrainTask) -> Result<()> {
+    use maeum_tlog::Event;
+    let digest = t.model.digest.hex();
+    let is_base = |e: &Event| match e {
+        Event::JobStarted { job_id, initial_model, .. } => {
+            *job_id == t.job_id && *initial_model == digest && t.round == 1 && !t.evaluate_only
+        }
+        Event::RoundCommitted { job_id, round, model, .. } => {
+            let wanted = if t.evaluate_only { t.round } else { t.round.saturating_sub(1) };
+            *job_id == t.job_id && *model == digest && *round == wanted
+        }
+        _ => false,
+    };
+    let (origin, _) = crate::witness::log_identity(&agent.home)?;
+    let after = agent.base_proven_at.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get(&t.job_id).copied();
+    for attempt in 0..2 {
+        if attempt == 1 {
+            crate::daemon::witness_now(agent, client).await;
+        }
+        let Some(file) = crate::witness::witnessed(&agent.home)? else { continue };
+        let (signed, _) = file.checkpoint.to_signed(&origin)?;
+        let (size, root) = (signed.checkpoint.size, signed.checkpoint.root);
+        if after.is_some_and(|a| a >= size) {
+            continue;
+        }
+        let from = after.unwrap_or(0);
+        let proven = crate::witness::fetch_proven_after(client, size, &root, vec![digest.clone()], from).await?;
+        if let Some(p) = proven.iter().find(|p| is_base(&p.entry.event)) {
+            agent
+                .base_proven_at
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .insert(t.job_id.clone(), p.seq);
+            return Ok(());
+        }
+    }
+    Err(Refusal {
+        rule: "base_model",
+        why: format!(
+            "no {} entry of job {} names model {digest} in the audit log this site witnessed",
+            if t.round == 1 && !t.evaluate_only { "job_started" } else { "round_committed" },
+            t.job_id
+        ),
+    }
+    .into())
+}
+
 /// HOME/audit/reveals.jsonl: one line per unmask answer this site gave.
 const REVEALS: &str = "audit/reveals.jsonl";
 
@@ -274,6 +328,12 @@ pub(crate) async fn train(
             return Err(r.into());
         }
     };
+    if let Err(e) = check_base_logged(agent, client, &t).await {
+        if let Some(r) = e.downcast_ref::<Refusal>() {
+            agent.refuse(client, &t.job_id, t.round, t.attempt, r).await;
+        }
+        return Err(e);
+    }
     let checked = check_session(
         &agent.home.read("ca.pem")?,
         &agent.site_id,

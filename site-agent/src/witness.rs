@@ -112,7 +112,7 @@ fn read_journal(home: &Home) -> Result<Vec<Record>> {
 }
 
 /// The log's identity as this site learnt it at enrolment.
-fn log_identity(home: &Home) -> Result<(String, [u8; 32])> {
+pub(crate) fn log_identity(home: &Home) -> Result<(String, [u8; 32])> {
     let e = home.enrolment()?;
     let key = unhex32(&e.signing_public_key).context("enrolment.json: signing_public_key")?;
     Ok((format!("maeum/{}", e.consortium), key))
@@ -481,8 +481,19 @@ pub async fn fetch_proven(
     root: &maeum_tlog::merkle::Hash,
     models: Vec<String>,
 ) -> Result<Vec<ProvenEntry>> {
+    fetch_proven_after(client, size, root, models, 0).await
+}
+
+/// [`fetch_proven`] for the entries from position `after` on.
+pub async fn fetch_proven_after(
+    client: &mut Client,
+    size: u64,
+    root: &maeum_tlog::merkle::Hash,
+    models: Vec<String>,
+    after: u64,
+) -> Result<Vec<ProvenEntry>> {
     let mut entries = Vec::new();
-    let mut after = 0;
+    let mut after = after;
     loop {
         let reply = client
             .audit_prove(pb::AuditProveRequest { size, models: models.clone(), after })
