@@ -321,7 +321,10 @@ impl AuditLog {
         }
         self.checkpoint()?;
         let log = self.lock();
-        let n = log.size();
+        // The entries the latest checkpoint covers: one appended by another thread
+        // between that checkpoint and this lock waits for the next export (every
+        // exported entry must be under a checkpoint, AUD-11).
+        let n = log.latest().map_or(0, |c| c.checkpoint.size);
         let mut entries = Vec::with_capacity(n as usize);
         let mut history = SiteCertificates::default();
         for (i, item) in self.entries.range(..seq_key(n)).enumerate() {

@@ -19,7 +19,12 @@ const MIN: Duration = Duration::from_secs(60);
 fn events(fed: &Federation) -> Vec<Event> {
     let to = fed.dir.path().join("audit-export.json");
     let out = fed.cli(&["audit", "export", "--out", to.to_str().unwrap_or_default()]);
-    assert!(out.status.success(), "export: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "export: {}\n--- coordinator log\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        fed.log_text("coordinator")
+    );
     Export::decode(&std::fs::read(&to).expect("export file"))
         .expect("export decodes")
         .entries
@@ -199,9 +204,10 @@ fn a_second_sum_of_the_same_round_is_never_unmasked() {
 }
 
 /// Attack 4, divergent models: every site but the target gets a different base model
-/// (with dead units the others' updates are zero and the sum is the target's). The
-/// session id binds the base model, so the sites' signatures do not verify across the
-/// split and nothing is unmasked.
+/// (with dead units the others' updates are zero and the sum is the target's). Those
+/// sites find no audit-log entry committing it and refuse (`base_model`); the session
+/// id binds the base model as well, so signatures would not verify across the split.
+/// Nothing is unmasked.
 #[test]
 fn sites_handed_different_models_never_reach_a_sum() {
     let mut fed = Federation::new(3);
@@ -214,6 +220,10 @@ fn sites_handed_different_models_never_reach_a_sum() {
         all.iter().filter(|e| matches!(e, Event::RoundFailed { .. })).count() >= 2 || !unmasked(all).is_empty()
     });
     assert!(unmasked(&all).is_empty(), "a sum was unmasked: {:?}", unmasked(&all));
+    let refused = refusals(&fed);
+    for s in ["site-2", "site-3"] {
+        assert!(refused.contains(&(s.to_string(), "base_model".to_string())), "{s} did not refuse: {refused:?}");
+    }
     for s in ["site-1", "site-2", "site-3"] {
         assert!(!journal(&fed, s).contains("\"kind\":\"contribution\""), "{s} delivered a masked input");
     }
