@@ -13,7 +13,9 @@
 //! - `divergent:SITE` — hand every site but SITE a different base model (with dead
 //!   units their updates are zero, so the sum is SITE's update);
 //! - `tamper-offer` — offer a job file other than the one submitted and logged (here
-//!   with secure aggregation switched off), under the logged hash.
+//!   with secure aggregation switched off), under the logged hash;
+//! - `unlogged-offer` — the same file under its own hash: an offer the audit log does
+//!   not show.
 //!
 //! Each attack also turns off the coordinator's own check that would stop it, so the
 //! test sees what the sites do about it. The existing test hooks (a forked audit view,
@@ -26,6 +28,7 @@ pub enum Attack {
     Difference(String),
     Divergent(String),
     TamperOffer,
+    UnloggedOffer,
 }
 
 #[cfg(feature = "fault-injection")]
@@ -37,6 +40,7 @@ fn parse(spec: &str) -> Option<Attack> {
         "difference" if !site.is_empty() => Some(Attack::Difference(site)),
         "divergent" if !site.is_empty() => Some(Attack::Divergent(site)),
         "tamper-offer" => Some(Attack::TamperOffer),
+        "unlogged-offer" => Some(Attack::UnloggedOffer),
         _ => None,
     }
 }

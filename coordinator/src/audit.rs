@@ -250,6 +250,7 @@ impl AuditLog {
         &self,
         site: &str,
         models: &[String],
+        jobs: &[String],
         size: u64,
         after: u64,
         limit: usize,
@@ -261,8 +262,9 @@ impl AuditLog {
         for item in self.entries.range(seq_key(after)..seq_key(size)) {
             let (_, bytes) = item.context("reading audit_entries")?;
             let entry = Entry::decode(&bytes)?;
-            let wanted =
-                entry.event.involves_site(site) || entry.event.model().is_some_and(|m| models.iter().any(|x| x == m));
+            let wanted = entry.event.involves_site(site)
+                || entry.event.model().is_some_and(|m| models.iter().any(|x| x == m))
+                || matches!(&entry.event, Event::JobSubmitted { job_id, .. } if jobs.contains(job_id));
             if !wanted {
                 continue;
             }

@@ -509,18 +509,23 @@ impl Coord {
             let job = self.store.job(&job_id).map_err(internal)?;
             if let Some(job) = job.filter(|j| j.state.is_active() && !j.decisions.contains_key(site)) {
                 let mut spec_toml = job.toml.clone();
-                if crate::attack::current() == Some(crate::attack::Attack::TamperOffer) {
+                let mut spec_sha256 = Digest::parse("spec_sha256", &job.spec_sha256).map_err(Status::from)?;
+                let attack = crate::attack::current();
+                if matches!(attack, Some(crate::attack::Attack::TamperOffer | crate::attack::Attack::UnloggedOffer)) {
                     // The lie: secure aggregation off and one site enough, under the
-                    // hash of the file that was submitted and logged.
+                    // hash of the file that was submitted and logged, or its own.
                     let mut tampered = job.spec.clone();
                     tampered.secure_aggregation.insecure_plaintext_aggregation_for_debugging = true;
                     tampered.min_sites = 1;
                     spec_toml = toml::to_string(&tampered).map_err(|e| Status::internal(e.to_string()))?;
+                    if attack == Some(crate::attack::Attack::UnloggedOffer) {
+                        spec_sha256 = Digest::of(spec_toml.as_bytes());
+                    }
                 }
                 return Ok(Some(Work::Offer {
                     job_id: job.id.clone(),
                     spec_json: job.spec.to_json(),
-                    spec_sha256: Digest::parse("spec_sha256", &job.spec_sha256).map_err(Status::from)?,
+                    spec_sha256,
                     spec_toml,
                 }));
             }
@@ -1120,8 +1125,12 @@ impl pb::fleet_server::Fleet for Fleet {
         if r.size == 0 || r.size > c.audit.size() {
             return Err(Status::invalid_argument(format!("size {}: the log has {} entries", r.size, c.audit.size())));
         }
+        if r.jobs.len() > 64 || r.jobs.iter().any(|j| wire::job_id("jobs", j.clone()).is_err()) {
+            return Err(Status::invalid_argument("jobs: at most 64 job ids"));
+        }
         let reply = tokio::task::spawn_blocking(move || -> anyhow::Result<pb::AuditProveReply> {
-            let (entries, next) = c.audit.prove_for(&site, &r.models, r.size, r.after, wire::audit::MAX_PROVEN)?;
+            let (entries, next) =
+                c.audit.prove_for(&site, &r.models, &r.jobs, r.size, r.after, wire::audit::MAX_PROVEN)?;
             Ok(pb::AuditProveReply {
                 entries: entries.iter().map(wire::audit::ProvenEntry::to_pb).collect(),
                 more: next.is_some(),
@@ -1469,6 +1478,8 @@ impl pb::control_server::Control for Control {
             operator: operator.clone(),
         })
         .map_err(internal)?;
+        // Signed now: a site proves the job_submitted entry before it decides.
+        c.audit.checkpoint().map_err(internal)?;
         info!(job = %job.id, operator, sha256 = %job.spec_sha256, "job submitted");
         c.notify();
         Ok(Response::new(c.job_info(&job)))

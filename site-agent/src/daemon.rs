@@ -102,6 +102,8 @@ pub(crate) struct Agent {
     /// Per job, the log position of the entry that proved the latest base model
     /// (`secure::check_base_logged` asks only for entries after it).
     pub(crate) base_proven_at: Mutex<HashMap<String, u64>>,
+    /// "JOB SHA256" of the offers whose `job_submitted` entry this site proved.
+    pub(crate) offers_proven: Mutex<std::collections::HashSet<String>>,
     prepared: Mutex<HashMap<String, Arc<Prepared2>>>,
     /// The size of the latest audit checkpoint this site witnessed.
     witnessed: AtomicU64,
@@ -352,6 +354,7 @@ pub async fn run(
         data,
         policy: cfg.policy.clone(),
         base_proven_at: Mutex::new(HashMap::new()),
+        offers_proven: Mutex::new(std::collections::HashSet::new()),
         prepared: Mutex::new(HashMap::new()),
         witnessed: AtomicU64::new(0),
         witnessing: AtomicBool::new(false),
@@ -689,6 +692,15 @@ async fn decide(
 ) -> Result<()> {
     let mut verdict = offered_job(&agent.policy, &job_id, &spec_toml, spec_sha256)
         .and_then(|spec| agent.data.refusal(&spec).map_or(Ok(spec), Err));
+    // Only a job file the audit log shows submitted is taken (or shown to the admin).
+    if verdict.is_ok()
+        && let Err(e) = job_logged(agent, client, &job_id, &spec_sha256).await
+    {
+        match e.downcast::<crate::policy::Refusal>() {
+            Ok(r) => verdict = Err(r.to_string()),
+            Err(e) => return Err(e),
+        }
+    }
     // Without auto_accept, an offer the policy allows waits for the admin's answer.
     if verdict.is_ok() && !agent.policy.auto_accept {
         match crate::consent::consent_for(&agent.home, &job_id, &spec_toml, &spec_sha256.hex())? {
@@ -737,6 +749,44 @@ async fn decide(
         time_ms: crate::now_ms(),
     });
     Ok(())
+}
+
+/// Proves that the audit log holds a `job_submitted` entry for `job_id` with this
+/// job-file hash, against a checkpoint this site witnessed (witnessing a newer one
+/// first when needed). Its absence is a [`crate::policy::Refusal`] (`spec_hash`); an
+/// unreachable coordinator is an ordinary error (the offer is answered later).
+async fn job_logged(agent: &Agent, client: &mut Client, job_id: &str, spec_sha256: &Digest) -> Result<()> {
+    let want = spec_sha256.hex();
+    let key = format!("{job_id} {want}");
+    if agent.offers_proven.lock().unwrap_or_else(std::sync::PoisonError::into_inner).contains(&key) {
+        return Ok(());
+    }
+    let (origin, _) = crate::witness::log_identity(&agent.home)?;
+    for attempt in 0..2 {
+        if attempt == 1 {
+            witness_now(agent, client).await;
+        }
+        let Some(file) = crate::witness::witnessed(&agent.home)? else { continue };
+        let (signed, _) = file.checkpoint.to_signed(&origin)?;
+        let (size, root) = (signed.checkpoint.size, signed.checkpoint.root);
+        let proven =
+            crate::witness::fetch_proven_with(client, size, &root, Vec::new(), vec![job_id.to_string()], 0).await?;
+        let logged = proven.iter().any(|p| {
+            matches!(&p.entry.event, maeum_tlog::Event::JobSubmitted { job_id: j, spec_sha256: s, .. } if j == job_id && *s == want)
+        });
+        if logged {
+            agent.offers_proven.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(key);
+            return Ok(());
+        }
+    }
+    Err(crate::policy::Refusal {
+        rule: "spec_hash",
+        why: format!(
+            "no job_submitted entry for job {job_id} with job file SHA-256 {want} is in the audit log this site \
+             witnessed"
+        ),
+    }
+    .into())
 }
 
 /// The offered job, if the offer is honest and the site's policy takes it; otherwise

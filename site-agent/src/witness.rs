@@ -492,11 +492,23 @@ pub async fn fetch_proven_after(
     models: Vec<String>,
     after: u64,
 ) -> Result<Vec<ProvenEntry>> {
+    fetch_proven_with(client, size, root, models, Vec::new(), after).await
+}
+
+/// [`fetch_proven_after`], also asking for the `job_submitted` entries of `jobs`.
+pub async fn fetch_proven_with(
+    client: &mut Client,
+    size: u64,
+    root: &maeum_tlog::merkle::Hash,
+    models: Vec<String>,
+    jobs: Vec<String>,
+    after: u64,
+) -> Result<Vec<ProvenEntry>> {
     let mut entries = Vec::new();
     let mut after = after;
     loop {
         let reply = client
-            .audit_prove(pb::AuditProveRequest { size, models: models.clone(), after })
+            .audit_prove(pb::AuditProveRequest { size, models: models.clone(), after, jobs: jobs.clone() })
             .await
             .map_err(|e| {
                 anyhow::Error::new(Unreachable(format!("asking the coordinator for proofs: {}", describe(&e))))

@@ -131,6 +131,28 @@ fn a_tampered_job_offer_is_refused_against_the_logged_hash() {
     }
 }
 
+/// The same lie under its own hash: the hash matches the file, but the audit log has
+/// no `job_submitted` entry with it, and sites refuse before deciding. (Plaintext is
+/// allowed here so that only the log check stands in the way.)
+#[test]
+fn an_offer_the_audit_log_does_not_show_is_refused() {
+    let mut fed = Federation::new(3);
+    for s in ["site-1", "site-2", "site-3"] {
+        fed.set_policy(s, "allow_plaintext", "true");
+    }
+    fed.start_coordinator_with(&[("MAEUM_COORDINATOR_ATTACK", "unlogged-offer")]);
+    fed.start_sites(&["site-1", "site-2", "site-3"]);
+    fed.wait_online(3);
+    let id = fed.submit("unlogged", 1, 3, &format!("{SMALL_MODEL}[deadlines]\njoin = 10\n"));
+    let job = fed.wait_for(&id, MIN, |j| j["decisions"].as_array().is_some_and(|d| d.len() == 3));
+    for d in job["decisions"].as_array().expect("decisions") {
+        let s = &d["site"];
+        assert_eq!(d["accept"], false, "{s}: {job:#}");
+        let reason = d["reason"].as_str().unwrap_or_default();
+        assert!(reason.contains("[policy] spec_hash") && reason.contains("no job_submitted entry"), "{s}: {reason}");
+    }
+}
+
 /// Attack 2, isolation: the coordinator puts the target in a session of two (with a
 /// sybil the lead could mint, the other input is known and the sum is the target's
 /// update). The target refuses before advertising keys; a site that lowered its floor
