@@ -15,7 +15,9 @@
 //! - `tamper-offer` — offer a job file other than the one submitted and logged (here
 //!   with secure aggregation switched off), under the logged hash;
 //! - `unlogged-offer` — the same file under its own hash: an offer the audit log does
-//!   not show.
+//!   not show;
+//! - `sybil:SITE` — put a certificate for SITE that the CA signed but the log never
+//!   approved (a sybil minted outside `sites approve`) into every session.
 //!
 //! Each attack also turns off the coordinator's own check that would stop it, so the
 //! test sees what the sites do about it. The existing test hooks (a forked audit view,
@@ -29,6 +31,7 @@ pub enum Attack {
     Divergent(String),
     TamperOffer,
     UnloggedOffer,
+    Sybil(String),
 }
 
 #[cfg(feature = "fault-injection")]
@@ -39,6 +42,7 @@ fn parse(spec: &str) -> Option<Attack> {
         "isolate" if !site.is_empty() => Some(Attack::Isolate(site)),
         "difference" if !site.is_empty() => Some(Attack::Difference(site)),
         "divergent" if !site.is_empty() => Some(Attack::Divergent(site)),
+        "sybil" if !site.is_empty() => Some(Attack::Sybil(site)),
         "tamper-offer" => Some(Attack::TamperOffer),
         "unlogged-offer" => Some(Attack::UnloggedOffer),
         _ => None,

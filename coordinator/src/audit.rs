@@ -246,11 +246,13 @@ impl AuditLog {
     /// The entries before `size`, from seq `after`, that name `site` or bring one of
     /// `models` into being, each with its inclusion proof in the tree of `size`
     /// entries; at most `limit`, and the seq to continue from if there are more.
+    #[allow(clippy::too_many_arguments)]
     pub fn prove_for(
         &self,
         site: &str,
         models: &[String],
         jobs: &[String],
+        sites: &[String],
         size: u64,
         after: u64,
         limit: usize,
@@ -264,7 +266,10 @@ impl AuditLog {
             let entry = Entry::decode(&bytes)?;
             let wanted = entry.event.involves_site(site)
                 || entry.event.model().is_some_and(|m| models.iter().any(|x| x == m))
-                || matches!(&entry.event, Event::JobSubmitted { job_id, .. } if jobs.contains(job_id));
+                || matches!(&entry.event, Event::JobSubmitted { job_id, .. } if jobs.contains(job_id))
+                || matches!(&entry.event,
+                    Event::SiteApproved { site: s, .. } | Event::SiteKeyReplaced { site: s, .. } | Event::SiteRevoked { site: s, .. }
+                    if sites.contains(s));
             if !wanted {
                 continue;
             }

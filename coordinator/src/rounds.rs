@@ -436,7 +436,15 @@ fn new_session(
             .into_iter()
             .next()
             .with_context(|| format!("{} holds no certificate", path.display()))?;
-        members.push(Member { index: (i + 1) as u16, site_id: site.clone(), certificate_der: der.to_vec() });
+        let mut der = der.to_vec();
+        if crate::attack::current() == Some(crate::attack::Attack::Sybil(site.clone())) {
+            // A certificate the CA signs now, for a key nobody approved in the log.
+            let (_, csr) = maeum_pki::identity::site_request(site)?;
+            let (_, pem) = c.home.ca()?.sign_site_request(&csr, Some(site), 30)?;
+            der = maeum_pki::identity::pem_to_der(&pem)?.into_iter().next().context("minted certificate")?.to_vec();
+            warn!(site = %site, "FAULT INJECTION: a session member with a certificate the log never approved");
+        }
+        members.push(Member { index: (i + 1) as u16, site_id: site.clone(), certificate_der: der });
     }
     let mut graph_seed = [0u8; 32];
     ring::rand::SystemRandom::new().fill(&mut graph_seed).map_err(|_| anyhow::anyhow!("system RNG failed"))?;

@@ -1128,9 +1128,12 @@ impl pb::fleet_server::Fleet for Fleet {
         if r.jobs.len() > 64 || r.jobs.iter().any(|j| wire::job_id("jobs", j.clone()).is_err()) {
             return Err(Status::invalid_argument("jobs: at most 64 job ids"));
         }
+        if r.sites.len() > 255 || r.sites.iter().any(|s| maeum_pki::identity::validate_name(s).is_err()) {
+            return Err(Status::invalid_argument("sites: at most 255 site ids"));
+        }
         let reply = tokio::task::spawn_blocking(move || -> anyhow::Result<pb::AuditProveReply> {
             let (entries, next) =
-                c.audit.prove_for(&site, &r.models, &r.jobs, r.size, r.after, wire::audit::MAX_PROVEN)?;
+                c.audit.prove_for(&site, &r.models, &r.jobs, &r.sites, r.size, r.after, wire::audit::MAX_PROVEN)?;
             Ok(pb::AuditProveReply {
                 entries: entries.iter().map(wire::audit::ProvenEntry::to_pb).collect(),
                 more: next.is_some(),

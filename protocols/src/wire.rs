@@ -321,7 +321,7 @@ pub struct EvaluateTask {
 /// The rules a site may name when it refuses something (`ReportRefusal`): the keys of
 /// its `[policy]` table and the protocol rules every site enforces. Anything else is
 /// counted as `other`.
-pub const REFUSAL_RULES: [&str; 13] = [
+pub const REFUSAL_RULES: [&str; 14] = [
     "allow_plaintext",
     "min_cohort",
     "min_threshold",
@@ -333,6 +333,7 @@ pub const REFUSAL_RULES: [&str; 13] = [
     "spec_hash",
     "reveal_once",
     "base_model",
+    "roster",
     "session",
     "halted",
 ];

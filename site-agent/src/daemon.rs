@@ -769,8 +769,14 @@ async fn job_logged(agent: &Agent, client: &mut Client, job_id: &str, spec_sha25
         let Some(file) = crate::witness::witnessed(&agent.home)? else { continue };
         let (signed, _) = file.checkpoint.to_signed(&origin)?;
         let (size, root) = (signed.checkpoint.size, signed.checkpoint.root);
-        let proven =
-            crate::witness::fetch_proven_with(client, size, &root, Vec::new(), vec![job_id.to_string()], 0).await?;
+        let proven = crate::witness::fetch_proven_with(
+            client,
+            size,
+            &root,
+            crate::witness::Wanted { jobs: vec![job_id.to_string()], ..Default::default() },
+            0,
+        )
+        .await?;
         let logged = proven.iter().any(|p| {
             matches!(&p.entry.event, maeum_tlog::Event::JobSubmitted { job_id: j, spec_sha256: s, .. } if j == job_id && *s == want)
         });

@@ -178,7 +178,7 @@ fn policy_lines(p: &crate::policy::Policy) -> String {
 }
 
 /// A duration in milliseconds for humans: "42 s", "5 min", "3 h", "2 days".
-fn ago(ms: i64) -> String {
+pub(crate) fn ago(ms: i64) -> String {
     let s = ms.max(0) / 1000;
     match s {
         0..60 => format!("{s} s"),

@@ -11,6 +11,7 @@ pub mod metrics;
 pub mod policy;
 pub mod predict;
 pub mod releases;
+pub mod roster;
 pub mod secure;
 pub mod witness;
 

@@ -205,6 +205,16 @@ enum AuditCommand {
         #[arg(long)]
         json: bool,
     },
+    /// The sites this site has shared a secure-aggregation session with, each with the
+    /// audit-log entry that approved its certificate (proven before every session).
+    Sites {
+        /// The site's home directory.
+        #[arg(long, value_name = "DIR", env = "MAEUM_SITE_HOME")]
+        home: PathBuf,
+        /// Print one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
     /// Print the witnessed checkpoint file (for `maeum-audit consistency FILE EXPORT`).
     Checkpoint {
         /// The site's home directory.
@@ -278,6 +288,7 @@ fn home_needed(command: &Command) -> Option<&Path> {
         | Command::Audit(
             AuditCommand::Status { home, .. }
             | AuditCommand::Prove { home, .. }
+            | AuditCommand::Sites { home, .. }
             | AuditCommand::Checkpoint { home }
             | AuditCommand::Clear { home, .. },
         ) => Some(home),
@@ -325,6 +336,7 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
         Command::Models(ModelsCommand::Verify { home, json }) => releases::verify(&home, json),
         Command::Audit(AuditCommand::Status { home, json }) => witness::status(&home, json),
         Command::Audit(AuditCommand::Prove { home, json }) => prove(home, json),
+        Command::Audit(AuditCommand::Sites { home, json }) => maeum_site::roster::list(&home, json),
         Command::Audit(AuditCommand::Checkpoint { home }) => witness::witnessed(&enrol::Home::new(&home))
             .and_then(|f| f.ok_or_else(|| anyhow::anyhow!("this site has not witnessed a checkpoint yet")))
             .map(|f| println!("{}", String::from_utf8_lossy(&f.encode()))),

@@ -328,6 +328,14 @@ pub(crate) async fn train(
             return Err(r.into());
         }
     };
+    let members: Vec<(String, Vec<u8>)> =
+        info.members.iter().map(|m| (m.site_id.clone(), m.certificate_der.clone())).collect();
+    if let Err(e) = crate::roster::check(agent, client, &members).await {
+        if let Some(r) = e.downcast_ref::<Refusal>() {
+            agent.refuse(client, &t.job_id, t.round, t.attempt, r).await;
+        }
+        return Err(e);
+    }
     if let Err(e) = check_base_logged(agent, client, &t).await {
         if let Some(r) = e.downcast_ref::<Refusal>() {
             agent.refuse(client, &t.job_id, t.round, t.attempt, r).await;

@@ -492,23 +492,40 @@ pub async fn fetch_proven_after(
     models: Vec<String>,
     after: u64,
 ) -> Result<Vec<ProvenEntry>> {
-    fetch_proven_with(client, size, root, models, Vec::new(), after).await
+    fetch_proven_with(client, size, root, Wanted { models, ..Wanted::default() }, after).await
 }
 
-/// [`fetch_proven_after`], also asking for the `job_submitted` entries of `jobs`.
+/// What [`fetch_proven_with`] asks for besides the entries naming this site.
+#[derive(Debug, Clone, Default)]
+pub struct Wanted {
+    /// Entries bringing these models (hex SHA-256) into being.
+    pub models: Vec<String>,
+    /// The `job_submitted` entries of these jobs.
+    pub jobs: Vec<String>,
+    /// The approval, key-replacement and revocation entries of these sites.
+    pub sites: Vec<String>,
+}
+
+/// [`fetch_proven_after`], asking for everything `wanted` names.
 pub async fn fetch_proven_with(
     client: &mut Client,
     size: u64,
     root: &maeum_tlog::merkle::Hash,
-    models: Vec<String>,
-    jobs: Vec<String>,
+    wanted: Wanted,
     after: u64,
 ) -> Result<Vec<ProvenEntry>> {
+    let Wanted { models, jobs, sites } = wanted;
     let mut entries = Vec::new();
     let mut after = after;
     loop {
         let reply = client
-            .audit_prove(pb::AuditProveRequest { size, models: models.clone(), after, jobs: jobs.clone() })
+            .audit_prove(pb::AuditProveRequest {
+                size,
+                models: models.clone(),
+                after,
+                jobs: jobs.clone(),
+                sites: sites.clone(),
+            })
             .await
             .map_err(|e| {
                 anyhow::Error::new(Unreachable(format!("asking the coordinator for proofs: {}", describe(&e))))

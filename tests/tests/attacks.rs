@@ -194,6 +194,33 @@ fn a_site_that_lowers_its_floor_to_two_can_be_isolated() {
     assert!(survivors.contains(&"site-1".to_string()));
 }
 
+/// Sybils: the lead holds the CA key and can sign a certificate no `sites approve`
+/// logged. Every site proves each member's certificate against the log before
+/// advertising keys, and refuses (`roster`).
+#[test]
+fn a_member_whose_certificate_the_log_never_approved_is_refused() {
+    let mut fed = Federation::new(3);
+    fed.start_coordinator_with(&[("MAEUM_COORDINATOR_ATTACK", "sybil:site-3")]);
+    fed.start_sites(&["site-1", "site-2", "site-3"]);
+    fed.wait_online(3);
+    fed.submit("sybil", 1, 3, &format!("{SMALL_MODEL}[deadlines]\nsecagg = 10\n"));
+    let all = wait_events(&fed, 3 * MIN, "roster refusals", |all| {
+        ["site-1", "site-2"].iter().all(|s| {
+            all.iter().any(|e| matches!(e, Event::SiteRefused { site, rule, .. } if site == s && rule == "roster"))
+        }) || !unmasked(all).is_empty()
+    });
+    assert!(unmasked(&all).is_empty(), "a sum was unmasked: {:?}", unmasked(&all));
+    // What the honest sites proved: themselves, approved by site_approved entries.
+    let out = std::process::Command::new(maeum_e2e::bin("maeum-site"))
+        .args(["audit", "sites", "--json", "--home"])
+        .arg(fed.site_home("site-1"))
+        .output()
+        .expect("maeum-site audit sites");
+    let roster: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(roster["site-1"]["approved_by"], "site_approved", "{roster:#}");
+    assert!(roster.get("site-3").is_none(), "the sybil certificate is not on the roster: {roster:#}");
+}
+
 /// Attack 3, differencing: after the round's sum over four sites is unmasked, the
 /// coordinator pretends the attempt failed and retries without the target. The other
 /// sites refuse to reveal for a second, different sum of the same round; the
