@@ -485,6 +485,49 @@ pub(crate) async fn witness_now(agent: &Agent, client: &Client) {
     }
 }
 
+/// What [`prove_witnessed`] got: the entries proven, and the size of the witnessed
+/// checkpoint they were proven against.
+pub(crate) struct Proven {
+    pub(crate) entries: Vec<maeum_protocols::wire::audit::ProvenEntry>,
+    pub(crate) size: u64,
+}
+
+/// Asks the coordinator for the entries `wanted` names from log position `after` on,
+/// each proven against the checkpoint this site witnessed; when `found` is not
+/// satisfied, witnesses a newer checkpoint and asks once more. Returns the last answer
+/// (`None`: no checkpoint witnessed at all). The one mechanism behind every proof a
+/// site asks for before it acts: an offered job, its session's members, its base model.
+pub(crate) async fn prove_witnessed(
+    agent: &Agent,
+    client: &mut Client,
+    wanted: crate::witness::Wanted,
+    after: u64,
+    found: impl Fn(&Proven) -> bool,
+) -> Result<Option<Proven>> {
+    let (origin, _) = crate::witness::log_identity(&agent.home)?;
+    let mut last = None;
+    for attempt in 0..2 {
+        if attempt == 1 {
+            witness_now(agent, client).await;
+        }
+        let Some(file) = crate::witness::witnessed(&agent.home)? else { continue };
+        let (signed, _) = file.checkpoint.to_signed(&origin)?;
+        let (size, root) = (signed.checkpoint.size, signed.checkpoint.root);
+        let entries = if after >= size {
+            Vec::new()
+        } else {
+            crate::witness::fetch_proven_with(client, size, &root, wanted.clone(), after).await?
+        };
+        let proven = Proven { entries, size };
+        let done = found(&proven);
+        last = Some(proven);
+        if done {
+            break;
+        }
+    }
+    Ok(last)
+}
+
 /// [`witness`] on a borrowed agent; the caller has set `agent.witnessing`.
 async fn witness_with(agent: &Agent, mut client: Client) {
     if crate::witness::fork_evidence(&agent.home).is_some() {
@@ -691,21 +734,18 @@ async fn decide(
     spec_sha256: Digest,
 ) -> Result<()> {
     let mut verdict = offered_job(&agent.policy, &job_id, &spec_toml, spec_sha256)
-        .and_then(|spec| agent.data.refusal(&spec).map_or(Ok(spec), Err));
+        .and_then(|spec| agent.data.refusal(&spec).map(Declined::Other).map_or(Ok(spec), Err));
     // Only a job file the audit log shows submitted is taken (or shown to the admin).
     if verdict.is_ok()
         && let Err(e) = job_logged(agent, client, &job_id, &spec_sha256).await
     {
-        match e.downcast::<crate::policy::Refusal>() {
-            Ok(r) => verdict = Err(r.to_string()),
-            Err(e) => return Err(e),
-        }
+        verdict = Err(Declined::Rule(e.downcast::<crate::policy::Refusal>()?));
     }
     // Without auto_accept, an offer the policy allows waits for the admin's answer.
     if verdict.is_ok() && !agent.policy.auto_accept {
         match crate::consent::consent_for(&agent.home, &job_id, &spec_toml, &spec_sha256.hex())? {
             Some(c) if c.accept => info!(job = %job_id, by = %c.by, "the site's admin accepted the job"),
-            Some(c) => verdict = Err(format!("refused by this site's admin ({}): {}", c.by, c.reason)),
+            Some(c) => verdict = Err(Declined::Other(format!("refused by this site's admin ({}): {}", c.by, c.reason))),
             None => {
                 let waiting = format!("waiting for the admin: job {job_id} (`maeum-site jobs show {job_id}`)");
                 let first = agent.status.lock().unwrap_or_else(std::sync::PoisonError::into_inner).stage != waiting;
@@ -727,18 +767,17 @@ async fn decide(
             maeum_models::write_atomic(&p, spec_toml.as_bytes()).with_context(|| format!("writing {}", p.display()))?;
             (true, String::new())
         }
-        Err(reason) => (false, reason),
+        Err(declined) => {
+            if let Declined::Rule(r) = &declined {
+                agent.metrics.policy_refusals.inc(r.rule);
+            }
+            (false, declined.to_string())
+        }
     };
     if accept {
         info!(job = %job_id, sha256 = %spec_sha256, "accepted the job");
     } else {
         warn!(job = %job_id, reason = %reason, "refused the job");
-        if let Some(rule) =
-            reason.strip_prefix("refused by this site's policy ([policy] ").and_then(|r| r.split(')').next())
-        {
-            let rule = maeum_protocols::wire::REFUSAL_RULES.iter().find(|k| **k == rule).copied().unwrap_or("other");
-            agent.metrics.policy_refusals.inc(rule);
-        }
     }
     let decision = pb::JobDecision { job_id: job_id.clone(), accept, reason };
     client.decide_job(decision).await?;
@@ -761,29 +800,15 @@ async fn job_logged(agent: &Agent, client: &mut Client, job_id: &str, spec_sha25
     if agent.offers_proven.lock().unwrap_or_else(std::sync::PoisonError::into_inner).contains(&key) {
         return Ok(());
     }
-    let (origin, _) = crate::witness::log_identity(&agent.home)?;
-    for attempt in 0..2 {
-        if attempt == 1 {
-            witness_now(agent, client).await;
-        }
-        let Some(file) = crate::witness::witnessed(&agent.home)? else { continue };
-        let (signed, _) = file.checkpoint.to_signed(&origin)?;
-        let (size, root) = (signed.checkpoint.size, signed.checkpoint.root);
-        let proven = crate::witness::fetch_proven_with(
-            client,
-            size,
-            &root,
-            crate::witness::Wanted { jobs: vec![job_id.to_string()], ..Default::default() },
-            0,
-        )
-        .await?;
-        let logged = proven.iter().any(|p| {
+    let logged = |p: &Proven| {
+        p.entries.iter().any(|p| {
             matches!(&p.entry.event, maeum_tlog::Event::JobSubmitted { job_id: j, spec_sha256: s, .. } if j == job_id && *s == want)
-        });
-        if logged {
-            agent.offers_proven.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(key);
-            return Ok(());
-        }
+        })
+    };
+    let wanted = crate::witness::Wanted { jobs: vec![job_id.to_string()], ..Default::default() };
+    if prove_witnessed(agent, client, wanted, 0, logged).await?.is_some_and(|p| logged(&p)) {
+        agent.offers_proven.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(key);
+        return Ok(());
     }
     Err(crate::policy::Refusal {
         rule: "spec_hash",
@@ -802,21 +827,39 @@ pub(crate) fn offered_job(
     job_id: &str,
     spec_toml: &str,
     spec_sha256: Digest,
-) -> std::result::Result<JobSpec, String> {
+) -> std::result::Result<JobSpec, Declined> {
+    let spec_hash = |why: String| Declined::Rule(crate::policy::Refusal { rule: "spec_hash", why });
     if spec_toml.is_empty() {
-        return Err("refused by this site's policy ([policy] spec_hash): the offer carries no job file to check".into());
+        return Err(spec_hash("the offer carries no job file to check".into()));
     }
     let got = Digest::of(spec_toml.as_bytes());
     if got != spec_sha256 {
-        return Err(format!(
-            "refused by this site's policy ([policy] spec_hash): the offered job file hashes to {got}, not to {spec_sha256} \
-             as the offer (and the audit log) claims"
-        ));
+        return Err(spec_hash(format!(
+            "the offered job file hashes to {got}, not to {spec_sha256} as the offer (and the audit log) claims"
+        )));
     }
     let spec = JobSpec::from_toml(&format!("job {job_id}"), spec_toml)
-        .map_err(|e| format!("the job's specification is not valid here: {e}"))?;
-    policy.check_job(&spec).map_err(|r| r.to_string())?;
+        .map_err(|e| Declined::Other(format!("the job's specification is not valid here: {e}")))?;
+    policy.check_job(&spec).map_err(Declined::Rule)?;
     Ok(spec)
+}
+
+/// Why a site declines an offer: a rule (counted by rule in the metrics), or another
+/// reason (local data, an invalid job file, the admin). Its text is the reason the
+/// coordinator records.
+#[derive(Debug)]
+pub(crate) enum Declined {
+    Rule(crate::policy::Refusal),
+    Other(String),
+}
+
+impl std::fmt::Display for Declined {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Declined::Rule(r) => r.fmt(f),
+            Declined::Other(why) => f.write_str(why),
+        }
+    }
 }
 
 /// A downloaded blob did not hash to the digest it was asked for (it was discarded).

@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 
 use maeum_tlog::Event;
 
-use crate::daemon::{Agent, Client};
+use crate::daemon::{Agent, Client, Proven};
 use crate::enrol::Home;
 use crate::policy::Refusal;
 
@@ -32,17 +32,30 @@ pub struct Member {
     pub approved_ms: i64,
     /// When this site proved it.
     pub proven_ms: i64,
+    /// The log up to this size was searched for this site's entries: a later
+    /// replacement or revocation is looked for from here on.
+    pub checked_size: u64,
 }
 
 fn load(home: &Home) -> BTreeMap<String, Member> {
     std::fs::read_to_string(home.path(ROSTER)).ok().and_then(|t| serde_json::from_str(&t).ok()).unwrap_or_default()
 }
 
-/// Whether `fingerprint` is `site`'s approved certificate after these entries (in log
-/// order), and the entry that approved it.
-fn approved(entries: &[(u64, i64, &Event)], site: &str, fingerprint: &str) -> Option<(String, u64, i64)> {
-    let mut current = None;
-    for (seq, time_ms, e) in entries {
+/// An approval: the entry kind, its position and its time.
+type Approval = (String, u64, i64);
+
+/// Whether `fingerprint` is `site`'s approved certificate after `entries` (in log
+/// order, those from position `from` on), starting from `start`, and the entry that
+/// approved it.
+fn approved(
+    start: Option<Approval>,
+    entries: &[(u64, i64, &Event)],
+    from: u64,
+    site: &str,
+    fingerprint: &str,
+) -> Option<Approval> {
+    let mut current = start;
+    for (seq, time_ms, e) in entries.iter().filter(|(seq, _, _)| *seq >= from) {
         match e {
             Event::SiteApproved { site: s, cert_fingerprint, .. } if s == site && cert_fingerprint == fingerprint => {
                 current = Some(("site_approved".to_string(), *seq, *time_ms));
@@ -65,52 +78,64 @@ fn approved(entries: &[(u64, i64, &Event)], site: &str, fingerprint: &str) -> Op
 }
 
 /// Proves every member's certificate against the log (see the module documentation).
-/// `members` are (site id, certificate DER). A member the log does not show approved
-/// is a [`Refusal`]; an unreachable coordinator is an ordinary error.
+/// `members` are (site id, certificate DER). A member proven before is re-checked for
+/// a replacement or revocation logged since; a member the log does not show approved
+/// (now) is a [`Refusal`]; an unreachable coordinator is an ordinary error.
 pub(crate) async fn check(agent: &Agent, client: &mut Client, members: &[(String, Vec<u8>)]) -> Result<()> {
     let mut roster = load(&agent.home);
-    let needed: Vec<(String, String)> = members
-        .iter()
-        .map(|(s, der)| (s.clone(), maeum_pki::identity::fingerprint(der)))
-        .filter(|(s, fp)| roster.get(s).is_none_or(|m| m.cert_fingerprint != *fp))
-        .collect();
-    if needed.is_empty() {
-        return Ok(());
-    }
-    let (origin, _) = crate::witness::log_identity(&agent.home)?;
-    let mut missing = needed.clone();
-    for attempt in 0..2 {
-        if attempt == 1 {
-            crate::daemon::witness_now(agent, client).await;
+    let needed: Vec<(String, String)> =
+        members.iter().map(|(s, der)| (s.clone(), maeum_pki::identity::fingerprint(der))).collect();
+    // Where each member's search resumes, and what it found so far.
+    let start = |site: &str, fp: &str| -> (u64, Option<Approval>) {
+        match roster.get(site).filter(|m| m.cert_fingerprint == fp) {
+            Some(m) => (m.checked_size, Some((m.approved_by.clone(), m.approved_seq, m.approved_ms))),
+            None => (0, None),
         }
-        let Some(file) = crate::witness::witnessed(&agent.home)? else { continue };
-        let (signed, _) = file.checkpoint.to_signed(&origin)?;
-        let (size, root) = (signed.checkpoint.size, signed.checkpoint.root);
-        let wanted =
-            crate::witness::Wanted { sites: needed.iter().map(|(s, _)| s.clone()).collect(), ..Default::default() };
-        let proven = crate::witness::fetch_proven_with(client, size, &root, wanted, 0).await?;
+    };
+    let after = needed.iter().map(|(s, fp)| start(s, fp).0).min().unwrap_or(0);
+    let evaluate = |p: &Proven| -> Vec<Option<Approval>> {
         let entries: Vec<(u64, i64, &Event)> =
-            proven.iter().map(|p| (p.seq, p.entry.time_ms, &p.entry.event)).collect();
-        missing.clear();
-        for (site, fp) in &needed {
-            match approved(&entries, site, fp) {
-                Some((by, seq, time_ms)) => {
-                    roster.insert(
-                        site.clone(),
-                        Member {
-                            cert_fingerprint: fp.clone(),
-                            approved_by: by,
-                            approved_seq: seq,
-                            approved_ms: time_ms,
-                            proven_ms: crate::now_ms(),
-                        },
-                    );
-                }
-                None => missing.push((site.clone(), fp.clone())),
+            p.entries.iter().map(|e| (e.seq, e.entry.time_ms, &e.entry.event)).collect();
+        needed
+            .iter()
+            .map(|(site, fp)| {
+                let (from, state) = start(site, fp);
+                approved(state, &entries, from, site, fp)
+            })
+            .collect()
+    };
+    let wanted =
+        crate::witness::Wanted { sites: needed.iter().map(|(s, _)| s.clone()).collect(), ..Default::default() };
+    let proven =
+        crate::daemon::prove_witnessed(agent, client, wanted, after, |p| evaluate(p).iter().all(Option::is_some))
+            .await?
+            .context("this site has not witnessed a checkpoint of the audit log yet")?;
+    let found = evaluate(&proven);
+    let mut missing = Vec::new();
+    for ((site, fp), approval) in needed.iter().zip(found) {
+        match approval {
+            Some((by, seq, time_ms)) => {
+                let proven_ms =
+                    roster.get(site).filter(|m| m.approved_seq == seq).map_or_else(crate::now_ms, |m| m.proven_ms);
+                roster.insert(
+                    site.clone(),
+                    Member {
+                        cert_fingerprint: fp.clone(),
+                        approved_by: by,
+                        approved_seq: seq,
+                        approved_ms: time_ms,
+                        proven_ms,
+                        checked_size: proven.size,
+                    },
+                );
             }
-        }
-        if missing.is_empty() {
-            break;
+            None => {
+                // Replaced or revoked since, or never approved: off the roster.
+                if roster.get(site).is_some_and(|m| m.cert_fingerprint == *fp) {
+                    roster.remove(site);
+                }
+                missing.push(format!("{site} (certificate {})", &fp[..16.min(fp.len())]));
+            }
         }
     }
     let path = agent.home.path(ROSTER);
@@ -120,13 +145,12 @@ pub(crate) async fn check(agent: &Agent, client: &mut Client, members: &[(String
     if missing.is_empty() {
         return Ok(());
     }
-    let names: Vec<String> =
-        missing.iter().map(|(s, fp)| format!("{s} (certificate {})", &fp[..16.min(fp.len())])).collect();
     Err(Refusal {
         rule: "roster",
         why: format!(
-            "the audit log this site witnessed does not show these members' certificates approved: {}",
-            names.join(", ")
+            "the audit log this site witnessed does not show these members' certificates approved (or shows them \
+             replaced or revoked): {}",
+            missing.join(", ")
         ),
     }
     .into())
@@ -176,13 +200,18 @@ mod tests {
         };
         let revoked = Event::SiteRevoked { site: "a".into(), reason: "left".into() };
         let log = [(3, 10, &approved_a)];
-        assert_eq!(approved(&log, "a", "f1"), Some(("site_approved".into(), 3, 10)));
-        assert_eq!(approved(&log, "a", "sybil"), None, "a certificate the log never approved");
-        assert_eq!(approved(&log, "b", "f1"), None);
+        assert_eq!(approved(None, &log, 0, "a", "f1"), Some(("site_approved".into(), 3, 10)));
+        assert_eq!(approved(None, &log, 0, "a", "sybil"), None, "a certificate the log never approved");
+        assert_eq!(approved(None, &log, 0, "b", "f1"), None);
         let log = [(3, 10, &approved_a), (7, 20, &replaced)];
-        assert_eq!(approved(&log, "a", "f1"), None, "replaced");
-        assert_eq!(approved(&log, "a", "f2"), Some(("site_key_replaced".into(), 7, 20)));
+        assert_eq!(approved(None, &log, 0, "a", "f1"), None, "replaced");
+        assert_eq!(approved(None, &log, 0, "a", "f2"), Some(("site_key_replaced".into(), 7, 20)));
         let log = [(3, 10, &approved_a), (9, 30, &revoked)];
-        assert_eq!(approved(&log, "a", "f1"), None, "revoked");
+        assert_eq!(approved(None, &log, 0, "a", "f1"), None, "revoked");
+        // A member proven up to size 5 is re-checked from there: the revocation counts,
+        // the entries before it are not read again.
+        let cached = Some(("site_approved".to_string(), 3, 10));
+        assert_eq!(approved(cached.clone(), &log[1..], 5, "a", "f1"), None, "revoked since");
+        assert_eq!(approved(cached.clone(), &[], 5, "a", "f1"), cached, "nothing new");
     }
 }

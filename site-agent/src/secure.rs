@@ -156,28 +156,14 @@ async fn check_base_logged(agent: &Agent, client: &mut Client, t: &TrainTask) ->
         }
         _ => false,
     };
-    let (origin, _) = crate::witness::log_identity(&agent.home)?;
     let after = agent.base_proven_at.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get(&t.job_id).copied();
-    for attempt in 0..2 {
-        if attempt == 1 {
-            crate::daemon::witness_now(agent, client).await;
-        }
-        let Some(file) = crate::witness::witnessed(&agent.home)? else { continue };
-        let (signed, _) = file.checkpoint.to_signed(&origin)?;
-        let (size, root) = (signed.checkpoint.size, signed.checkpoint.root);
-        if after.is_some_and(|a| a >= size) {
-            continue;
-        }
-        let from = after.unwrap_or(0);
-        let proven = crate::witness::fetch_proven_after(client, size, &root, vec![digest.clone()], from).await?;
-        if let Some(p) = proven.iter().find(|p| is_base(&p.entry.event)) {
-            agent
-                .base_proven_at
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .insert(t.job_id.clone(), p.seq);
-            return Ok(());
-        }
+    let wanted = crate::witness::Wanted { models: vec![digest.clone()], ..Default::default() };
+    let base = |p: &crate::daemon::Proven| p.entries.iter().find(|p| is_base(&p.entry.event)).map(|p| p.seq);
+    let proven =
+        crate::daemon::prove_witnessed(agent, client, wanted, after.unwrap_or(0), |p| base(p).is_some()).await?;
+    if let Some(seq) = proven.as_ref().and_then(base) {
+        agent.base_proven_at.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(t.job_id.clone(), seq);
+        return Ok(());
     }
     Err(Refusal {
         rule: "base_model",
@@ -363,8 +349,6 @@ pub(crate) async fn train(
     };
     let n = session.n();
     let params = session.params.clone();
-    let session_members: Vec<(u16, String)> =
-        session.participants.iter().map(|p| (p.index, p.site_id.clone())).collect();
     let session_id = session.id();
     let signer = EcdsaSigner::from_pkcs8_pem(&agent.home.read("site.key")?, ring::rand::SystemRandom::new())
         .map_err(|e| anyhow::anyhow!("{e}"))?;
@@ -521,8 +505,12 @@ pub(crate) async fn train(
         agent.refuse(client, &t.job_id, t.round, t.attempt, &r).await;
         return Err(r.into());
     }
-    let survivor_ids: Vec<String> =
-        survivors.survivors.iter().filter_map(|i| sa_session_site(&session_members, *i)).collect();
+    let survivor_ids: Vec<String> = survivors
+        .survivors
+        .iter()
+        .filter_map(|i| info.members.iter().find(|m| m.index == *i))
+        .map(|m| m.site_id.clone())
+        .collect();
     let signature = sa.consistency(&survivors, &signer).map_err(fail)?;
     let proof = match exchange(client, &t, StageMessage::SurvivorSignature(signature)).await? {
         Reply::Proof(p) => p,
@@ -613,10 +601,6 @@ async fn evaluation_counts(agent: &Agent, t: &TrainTask, m: &RoundModel) -> Resu
             Ok(c as u32)
         })
         .collect()
-}
-
-fn sa_session_site(members: &[(u16, String)], index: u16) -> Option<String> {
-    members.iter().find(|(i, _)| *i == index).map(|(_, s)| s.clone())
 }
 
 #[cfg(test)]

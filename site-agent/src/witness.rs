@@ -481,18 +481,7 @@ pub async fn fetch_proven(
     root: &maeum_tlog::merkle::Hash,
     models: Vec<String>,
 ) -> Result<Vec<ProvenEntry>> {
-    fetch_proven_after(client, size, root, models, 0).await
-}
-
-/// [`fetch_proven`] for the entries from position `after` on.
-pub async fn fetch_proven_after(
-    client: &mut Client,
-    size: u64,
-    root: &maeum_tlog::merkle::Hash,
-    models: Vec<String>,
-    after: u64,
-) -> Result<Vec<ProvenEntry>> {
-    fetch_proven_with(client, size, root, Wanted { models, ..Wanted::default() }, after).await
+    fetch_proven_with(client, size, root, Wanted { models, ..Wanted::default() }, 0).await
 }
 
 /// What [`fetch_proven_with`] asks for besides the entries naming this site.
@@ -506,7 +495,7 @@ pub struct Wanted {
     pub sites: Vec<String>,
 }
 
-/// [`fetch_proven_after`], asking for everything `wanted` names.
+/// [`fetch_proven`], asking for everything `wanted` names, from position `after` on.
 pub async fn fetch_proven_with(
     client: &mut Client,
     size: u64,
