@@ -335,10 +335,9 @@ impl SecAggRound {
             ));
         }
         let bound = total_weight as f64 * f64::from(q.clip) + (survivors as f64 + 1.0) * q.step;
-        if let Some((i, v)) = sum.iter().enumerate().find(|(_, v)| !v.is_finite() || v.abs() > bound) {
-            return Err(format!(
-                "aggregate coordinate {i} is {v:.4e}, beyond {bound:.4e} (Σw·clip for Σw = {total_weight})"
-            ));
+        // The reason goes to the audit log: it names the coordinate, never its value.
+        if let Some(i) = sum.iter().position(|v| !v.is_finite() || v.abs() > bound) {
+            return Err(format!("aggregate coordinate {i} is beyond Σw·clip ({bound:.4e} for Σw = {total_weight})"));
         }
         if self.clip_norm > 0.0 {
             let norm = sum.iter().map(|v| v * v).sum::<f64>().sqrt();
@@ -346,7 +345,7 @@ impl SecAggRound {
             let bound = total_weight as f64 * f64::from(self.clip_norm) + slack;
             if norm > bound {
                 return Err(format!(
-                    "the aggregate's L2 norm {norm:.4e} is beyond {bound:.4e} (Σw·clip_norm for Σw = {total_weight})"
+                    "the aggregate's L2 norm is beyond Σw·clip_norm ({bound:.4e} for Σw = {total_weight})"
                 ));
             }
         }
