@@ -4,6 +4,7 @@
 //! This crate knows nothing of networks, certificates or secure aggregation.
 #![forbid(unsafe_code)]
 
+pub mod accountant;
 pub mod data;
 pub mod features;
 pub mod metrics;
