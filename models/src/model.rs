@@ -252,6 +252,24 @@ impl ModelSpec {
         })
     }
 
+    /// Trains with DP-SGD ([`crate::dp`]). `rng` must be a cryptographic RNG seeded with
+    /// a secret: it draws the Poisson samples and the noise.
+    pub fn train_dp(
+        &self,
+        start: &FlatParams,
+        data: &Prepared,
+        cfg: &TrainConfig,
+        dp: &crate::dp::DpSgd,
+        rng: &mut dyn rand::RngCore,
+        progress: &mut dyn nn::Progress,
+    ) -> Result<(FlatParams, TrainReport), ModelError> {
+        match self.with_data(data)? {
+            ArchData::Text(a, d) => crate::dp::train_text(&a, start, d, cfg, dp, rng, progress),
+            ArchData::Tabular(a, d) => crate::dp::train_tabular(&a, start, d, cfg, dp, rng, progress),
+        }
+        .map_err(ModelError::Config)
+    }
+
     pub fn evaluate(&self, params: &FlatParams, data: &Prepared) -> Result<crate::metrics::Confusion, ModelError> {
         Ok(match self.with_data(data)? {
             ArchData::Text(a, d) => text::evaluate(&a, params, d)?,
