@@ -56,6 +56,9 @@ pub struct JobSpec {
     pub deadlines: Deadlines,
     #[serde(default)]
     pub secure_aggregation: SecAggTable,
+    /// Record-level differential privacy (`docs/protocols/privacy.md`); off by default.
+    #[serde(default, skip_serializing_if = "PrivacyTable::is_off")]
+    pub privacy: PrivacyTable,
 }
 
 fn default_min_sites() -> u32 {
@@ -183,6 +186,150 @@ impl Default for SecAggTable {
             max_weight: 100_000,
             insecure_plaintext_aggregation_for_debugging: false,
         }
+    }
+}
+
+/// How a job protects each training record (`[privacy] mode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PrivacyMode {
+    /// No differential privacy: the released model carries no per-record guarantee.
+    #[default]
+    None,
+    /// Every site runs DP-SGD with the full noise: the guarantee holds against everyone,
+    /// with no trust in the coordinator, other sites or secure aggregation.
+    Local,
+}
+
+impl PrivacyMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PrivacyMode::None => "none",
+            PrivacyMode::Local => "local",
+        }
+    }
+}
+
+/// The `[privacy]` table: record-level (ε, δ)-differential privacy per site over the
+/// whole job. The noise multiplier is not written in the job: the coordinator and every
+/// site derive the same one from these values with the accountant
+/// ([`PrivacyTable::plan`]), and every site checks the result against its own policy.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PrivacyTable {
+    pub mode: PrivacyMode,
+    /// Target ε per record per site over all the job's rounds.
+    pub epsilon: f64,
+    /// δ of the guarantee (at most 1e-3; well below 1/records is the usual choice).
+    pub delta: f64,
+    /// Per-example L2 clipping norm C of DP-SGD.
+    pub clip: f64,
+    /// Poisson sampling rate q of each DP-SGD step; a round is ⌈epochs / q⌉ steps.
+    pub sample_rate: f64,
+}
+
+impl Default for PrivacyTable {
+    fn default() -> Self {
+        Self { mode: PrivacyMode::None, epsilon: 0.0, delta: 1e-5, clip: 1.0, sample_rate: 0.05 }
+    }
+}
+
+/// The DP-SGD plan of a job: what every site runs each round, and what it costs.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct PrivacyPlan {
+    pub clip: f64,
+    pub noise_multiplier: f64,
+    pub sample_rate: f64,
+    pub steps_per_round: u64,
+    pub rounds: u32,
+    pub delta: f64,
+    /// ε per record per site after all rounds (≤ the job's target).
+    pub epsilon: f64,
+}
+
+impl PrivacyPlan {
+    /// The DP-SGD mechanism of one round.
+    pub fn round_mechanism(&self) -> maeum_models::dp::DpSgd {
+        maeum_models::dp::DpSgd {
+            clip: self.clip,
+            noise_multiplier: self.noise_multiplier,
+            sample_rate: self.sample_rate,
+            steps: self.steps_per_round,
+        }
+    }
+
+    /// ε per record after `rounds` rounds of this plan.
+    pub fn epsilon_after(&self, rounds: u32) -> f64 {
+        maeum_models::accountant::dp_sgd_epsilon(
+            self.sample_rate,
+            self.noise_multiplier,
+            self.steps_per_round * u64::from(rounds),
+            self.delta,
+        )
+        .unwrap_or(f64::INFINITY)
+    }
+}
+
+/// Largest noise multiplier a plan may need; beyond it the model learns nothing.
+pub const MAX_NOISE_MULTIPLIER: f64 = 50.0;
+
+impl PrivacyTable {
+    pub fn is_off(&self) -> bool {
+        self.mode == PrivacyMode::None
+    }
+
+    fn check(&self) -> Result<(), Invalid> {
+        if self.is_off() {
+            return Ok(());
+        }
+        let key = |k: &str| format!("[privacy] {k}");
+        if !(self.epsilon.is_finite() && self.epsilon > 0.0 && self.epsilon <= 100.0) {
+            return Err(Invalid::new(key("epsilon"), format!("must be in (0, 100], got {}", self.epsilon)));
+        }
+        if !(self.delta > 0.0 && self.delta <= 1e-3) {
+            return Err(Invalid::new(key("delta"), format!("must be in (0, 1e-3], got {}", self.delta)));
+        }
+        if !(self.clip.is_finite() && self.clip > 0.0 && self.clip <= 1e3) {
+            return Err(Invalid::new(key("clip"), format!("must be in (0, 1000], got {}", self.clip)));
+        }
+        if !(self.sample_rate >= 1e-4 && self.sample_rate <= 1.0) {
+            return Err(Invalid::new(key("sample_rate"), format!("must be in [0.0001, 1], got {}", self.sample_rate)));
+        }
+        Ok(())
+    }
+
+    /// The plan for `rounds` rounds of `epochs` epochs: ⌈epochs / q⌉ steps per round and
+    /// the smallest noise multiplier (to 1e-6) whose ε over all steps is at most the
+    /// target. Deterministic, so the coordinator and every site derive the same plan.
+    /// `None` when privacy is off.
+    pub fn plan(&self, rounds: u32, epochs: u32) -> Result<Option<PrivacyPlan>, String> {
+        if self.is_off() {
+            return Ok(None);
+        }
+        self.check().map_err(|e| format!("{} {}", e.key, e.problem))?;
+        let steps_per_round = (f64::from(epochs.max(1)) / self.sample_rate).ceil() as u64;
+        let total = steps_per_round * u64::from(rounds);
+        let sigma = maeum_models::accountant::noise_multiplier_for(self.epsilon, self.delta, self.sample_rate, total)
+            .map_err(|e| e.to_string())?
+            .filter(|s| *s <= MAX_NOISE_MULTIPLIER)
+            .ok_or_else(|| {
+                format!(
+                    "ε = {} at δ = {} over {rounds} rounds × {steps_per_round} steps (q = {}) needs a noise \
+                     multiplier above {MAX_NOISE_MULTIPLIER}: raise epsilon, lower rounds, epochs or sample_rate",
+                    self.epsilon, self.delta, self.sample_rate
+                )
+            })?;
+        let epsilon = maeum_models::accountant::dp_sgd_epsilon(self.sample_rate, sigma, total, self.delta)
+            .map_err(|e| e.to_string())?;
+        Ok(Some(PrivacyPlan {
+            clip: self.clip,
+            noise_multiplier: sigma,
+            sample_rate: self.sample_rate,
+            steps_per_round,
+            rounds,
+            delta: self.delta,
+            epsilon,
+        }))
     }
 }
 
@@ -416,6 +563,8 @@ impl JobSpec {
         })?;
 
         self.secure_aggregation.check()?;
+        self.privacy.check()?;
+        self.privacy.plan(self.rounds, self.train.epochs).map_err(|problem| Invalid::new("[privacy]", problem))?;
 
         let d = &self.deadlines;
         for (key, secs) in [("join", d.join), ("train", d.train), ("evaluate", d.evaluate), ("secagg", d.secagg)] {
@@ -511,6 +660,14 @@ impl JobSpec {
         let l = self.labels.len() as u64;
         let crisis = self.labels.iter().any(|x| maeum_tlog::release::is_crisis_label(x));
         l * l + if crisis { 2 * maeum_models::metrics::HISTOGRAM_BINS as u64 } else { 0 }
+    }
+
+    /// The job's DP-SGD plan (`None` without `[privacy]`); validates the job first.
+    pub fn privacy_plan(&self) -> Result<Option<PrivacyPlan>, JobError> {
+        self.validate()?;
+        self.privacy
+            .plan(self.rounds, self.train.epochs)
+            .map_err(|problem| Invalid::new("[privacy]", problem).at(&format!("job {:?}", self.name)))
     }
 
     /// Local training config for `round` at a site. The seed is derived from the job's
@@ -631,9 +788,53 @@ mod tests {
                 max_weight: 100_000,
                 insecure_plaintext_aggregation_for_debugging: false,
             },
+            privacy: PrivacyTable::default(),
         };
         assert_eq!(spec, expected);
+        assert_eq!(spec.privacy_plan().expect("plan"), None, "no differential privacy unless asked");
         assert!(spec.secure_aggregation.enabled(), "secure aggregation is the default");
+    }
+
+    #[test]
+    fn privacy_table_is_checked_and_planned() {
+        check(
+            "[privacy]\nmode = \"local\"\nepsilon = 0.0\n",
+            Some("job.toml: [privacy] epsilon must be in (0, 100], got 0"),
+        );
+        check(
+            "[privacy]\nmode = \"local\"\nepsilon = 8.0\ndelta = 0.01\n",
+            Some("job.toml: [privacy] delta must be in (0, 1e-3], got 0.01"),
+        );
+        check(
+            "[privacy]\nmode = \"local\"\nepsilon = 8.0\nsample_rate = 0.0\n",
+            Some("job.toml: [privacy] sample_rate must be in [0.0001, 1], got 0"),
+        );
+        let err = JobSpec::from_toml("job.toml", &job("[privacy]\nmode = \"distributed\"\n")).expect_err("unknown");
+        assert!(err.to_string().contains("unknown variant `distributed`, expected `none` or `local`"), "{err}");
+        // A target no noise can meet in this many steps is refused with the numbers.
+        let err = JobSpec::from_toml(
+            "job.toml",
+            "name = \"t\"\nlabels = [\"a\", \"b\"]\nrounds = 1000\n[train]\nepochs = 5\n[privacy]\nmode = \"local\"\nepsilon = 0.01\nsample_rate = 1.0\n",
+        )
+        .expect_err("infeasible");
+        assert!(err.to_string().contains("needs a noise multiplier above 50"), "{err}");
+
+        let spec = JobSpec::from_toml(
+            "job.toml",
+            "name = \"t\"\nlabels = [\"a\", \"b\"]\nrounds = 10\n[train]\nepochs = 2\n[privacy]\nmode = \"local\"\nepsilon = 8.0\n",
+        )
+        .expect("job");
+        let plan = spec.privacy_plan().expect("valid").expect("a plan");
+        assert_eq!(plan.steps_per_round, 40, "⌈2 epochs / q 0.05⌉");
+        assert!(plan.epsilon <= 8.0 && plan.epsilon > 7.99, "calibrated to the target: {}", plan.epsilon);
+        // The smallest such σ: 1% less noise overshoots.
+        let less =
+            maeum_models::accountant::dp_sgd_epsilon(0.05, plan.noise_multiplier * 0.99, 400, 1e-5).expect("eps");
+        assert!(less > 8.0, "{less}");
+        assert!((plan.epsilon_after(10) - plan.epsilon).abs() < 1e-12);
+        assert!(plan.epsilon_after(5) < plan.epsilon);
+        // The plan survives the JSON the coordinator stores.
+        assert_eq!(JobSpec::from_json(&spec.to_json()).expect("json").privacy_plan().expect("plan"), Some(plan));
     }
 
     #[test]
