@@ -1190,6 +1190,42 @@ impl pb::fleet_server::Fleet for Fleet {
         Ok(Response::new(pb::Ack {}))
     }
 
+    async fn report_privacy(&self, req: Request<pb::PrivacyCharge>) -> Result<Response<pb::Ack>, Status> {
+        let c = self.0.clone();
+        let site = c.site(&req, None)?;
+        let r = req.into_inner();
+        let job_id = maeum_protocols::wire::job_id("privacy.job_id", r.job_id).map_err(Status::from)?;
+        if c.store.job(&job_id).map_err(internal)?.is_none() {
+            return Err(Status::not_found(format!("no job {job_id}")));
+        }
+        if r.mechanism != "dp-sgd-local" {
+            return Err(Status::invalid_argument(format!("privacy.mechanism: unknown mechanism {:?}", r.mechanism)));
+        }
+        // Each number is a short decimal that parses to a finite, non-negative f64.
+        let number = |field: &str, v: String| -> Result<String, Status> {
+            match v.parse::<f64>() {
+                Ok(x) if v.len() <= 32 && x.is_finite() && x >= 0.0 => Ok(v),
+                _ => Err(Status::invalid_argument(format!("privacy.{field}: not a non-negative decimal number"))),
+            }
+        };
+        let epsilon = number("epsilon", r.epsilon)?;
+        c.record(Event::PrivacyCharged {
+            job_id: job_id.clone(),
+            round: r.round,
+            site: site.clone(),
+            mechanism: r.mechanism,
+            epsilon: epsilon.clone(),
+            delta: number("delta", r.delta)?,
+            clip: number("clip", r.clip)?,
+            noise_multiplier: number("noise_multiplier", r.noise_multiplier)?,
+            sample_rate: number("sample_rate", r.sample_rate)?,
+            steps: r.steps,
+        })
+        .map_err(internal)?;
+        info!(site = %site, job = %job_id, round = r.round, epsilon = %epsilon, "site charged its privacy ledger");
+        Ok(Response::new(pb::Ack {}))
+    }
+
     async fn report_release(&self, req: Request<pb::ReleaseReport>) -> Result<Response<pb::Ack>, Status> {
         let c = self.0.clone();
         let site = c.site(&req, None)?;
@@ -1373,6 +1409,13 @@ impl Coord {
             initial_evaluation: confusion(&j.initial_evaluation),
             secure_aggregation: j.spec.secure_aggregation.enabled(),
             excluded: j.excluded.iter().map(|(s, why)| format!("{s}: {why}")).collect(),
+            privacy_plan: j
+                .spec
+                .privacy_plan()
+                .ok()
+                .flatten()
+                .and_then(|p| serde_json::to_string(&p).ok())
+                .unwrap_or_default(),
         }
     }
 

@@ -198,7 +198,24 @@ pub fn describe(spec: &JobSpec, policy: &crate::policy::Policy) -> Vec<(String, 
             },
         ),
         ("strategy".to_string(), spec.strategy.kind.as_str().to_string()),
-        ("differential privacy".to_string(), "none".into()),
+        (
+            "differential privacy".to_string(),
+            match spec.privacy_plan() {
+                Ok(Some(p)) => format!(
+                    "yes, {} DP-SGD: ε = {:.3} per record at δ = {:e} over {} rounds (clip {}, noise multiplier {:.3}, \
+                     sampling rate {}); your site adds all the noise itself",
+                    spec.privacy.mode.as_str(),
+                    p.epsilon,
+                    p.delta,
+                    p.rounds,
+                    p.clip,
+                    p.noise_multiplier,
+                    p.sample_rate
+                ),
+                Ok(None) => "none: the released model carries no per-record guarantee".into(),
+                Err(e) => format!("invalid: {e}"),
+            },
+        ),
         (
             "who else".to_string(),
             if policy.members.is_empty() {
@@ -259,7 +276,12 @@ pub fn answer(dir: &Path, job_id: &str, accept: bool, reason: Option<String>) ->
     }
     if accept {
         let spec = JobSpec::from_toml(&format!("job {job_id}"), &offer.toml)?;
-        home.config()?.policy.check_job(&spec).map_err(|r| anyhow::anyhow!("{r}"))?;
+        let policy = home.config()?.policy;
+        policy.check_job(&spec).map_err(|r| anyhow::anyhow!("{r}"))?;
+        if let Some(plan) = spec.privacy_plan()? {
+            crate::ledger::check_budget(&home, job_id, &plan, policy.privacy.budget)
+                .map_err(|r| anyhow::anyhow!("{r}"))?;
+        }
     }
     let consent = Consent {
         job_id: job_id.into(),

@@ -758,6 +758,14 @@ async fn decide(
             }
         }
     }
+    // A differentially private job's whole ε is set aside, durably, before the site
+    // says yes (refused when it would exceed the site's total budget).
+    if let Ok(spec) = &verdict
+        && let Ok(Some(plan)) = spec.privacy_plan()
+        && let Err(r) = crate::ledger::reserve(&agent.home, &job_id, &plan, agent.policy.privacy.budget)
+    {
+        verdict = Err(Declined::Rule(r));
+    }
     let (accept, reason) = match verdict {
         Ok(spec) => {
             let p = agent.home.path(&format!("jobs/{job_id}.json"));
@@ -1143,12 +1151,22 @@ pub(crate) async fn local_update(
         let of = EvalOf { job_id: &t.job_id, round: t.round, attempt: t.attempt, model: &t.model };
         report_eval(agent, client, of, &m.spec, m.params.clone(), m.data.clone()).await?;
     }
-    train_from(agent, t, job, m).await
+    train_from(agent, client, t, job, m).await
 }
 
-/// Trains the round's model on the local records: Δ = local − global, and the number
-/// of training records (which never leaves the site but inside a masked input).
-pub(crate) async fn train_from(agent: &Agent, t: &TrainTask, job: &JobSpec, m: RoundModel) -> Result<(Vec<f32>, u64)> {
+/// Trains the round's model on the local records: Δ = local − global, and the weight
+/// (the number of training records, which never leaves the site but inside a masked
+/// input; 1 in a differentially private job, whose guarantee would not cover an exact
+/// count). A DP job's round is charged to the privacy ledger (durably, and reported
+/// for the audit log) before the records are touched, and trained with DP-SGD whose
+/// sampling and noise come from the site's secret key.
+pub(crate) async fn train_from(
+    agent: &Agent,
+    client: &mut Client,
+    t: &TrainTask,
+    job: &JobSpec,
+    m: RoundModel,
+) -> Result<(Vec<f32>, u64)> {
     let RoundModel { spec, params: global, data } = m;
     let name = format!("{}-r{}-a{}", t.job_id, t.round, t.attempt);
     // Files of earlier attempts can never be accepted again.
@@ -1159,15 +1177,56 @@ pub(crate) async fn train_from(agent: &Agent, t: &TrainTask, job: &JobSpec, m: R
             }
         }
     }
-    agent.set(|s| s.stage = "training".into());
     let cfg = job.train_config(t.round, site_salt(&agent.site_id));
     let start = global.clone();
     let started = std::time::Instant::now();
-    let (local, report) = tokio::task::spawn_blocking(move || spec.train(&start, &data.train, &cfg, &mut ())).await??;
+    let (local, report, weight) = match job.privacy_plan()? {
+        None => {
+            agent.set(|s| s.stage = "training".into());
+            let (local, report) =
+                tokio::task::spawn_blocking(move || spec.train(&start, &data.train, &cfg, &mut ())).await??;
+            (local, report, agent.data.train.len() as u64)
+        }
+        Some(plan) => {
+            let base = t.model.digest.hex();
+            let charged = match crate::ledger::charge(&agent.home, &t.job_id, t.round, &base, &plan) {
+                Ok(c) => c,
+                Err(refusal) => {
+                    agent.refuse(client, &t.job_id, t.round, t.attempt, &refusal).await;
+                    return Err(refusal.into());
+                }
+            };
+            info!(job = %t.job_id, round = t.round, epsilon = charged.epsilon_job, new = charged.new, "privacy ledger charged");
+            if charged.new {
+                let report = pb::PrivacyCharge {
+                    job_id: t.job_id.clone(),
+                    round: t.round,
+                    mechanism: crate::ledger::LOCAL_DP_SGD.into(),
+                    epsilon: charged.epsilon_job.to_string(),
+                    delta: plan.delta.to_string(),
+                    clip: plan.clip.to_string(),
+                    noise_multiplier: plan.noise_multiplier.to_string(),
+                    sample_rate: plan.sample_rate.to_string(),
+                    steps: charged.steps,
+                };
+                if let Err(e) = client.report_privacy(report).await {
+                    warn!(error = %describe(&e), "reporting the privacy charge to the coordinator (the ledger holds it)");
+                }
+            }
+            agent.set(|s| s.stage = "training (DP-SGD)".into());
+            let mut rng = crate::ledger::noise_rng(&agent.home, &t.job_id, t.round, &base)?;
+            let mechanism = plan.round_mechanism();
+            let (local, report) = tokio::task::spawn_blocking(move || {
+                spec.train_dp(&start, &data.train, &cfg, &mechanism, &mut rng, &mut ())
+            })
+            .await??;
+            (local, report, 1)
+        }
+    };
     agent.metrics.stage("train", started.elapsed());
-    info!(job = %t.job_id, round = t.round, examples = report.examples_seen, seconds = started.elapsed().as_secs_f32(), "local training done");
+    info!(job = %t.job_id, round = t.round, steps = report.steps, seconds = started.elapsed().as_secs_f32(), "local training done");
     let delta = local.values().iter().zip(global.values()).map(|(l, g)| l - g).collect();
-    Ok((delta, agent.data.train.len() as u64))
+    Ok((delta, weight))
 }
 
 /// The on-disk form of an update's header (HOME/work/NAME.json).

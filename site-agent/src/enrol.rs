@@ -173,7 +173,7 @@ fn policy_lines(p: &crate::policy::Policy) -> String {
     p.summary()
         .into_iter()
         .enumerate()
-        .map(|(i, (rule, value))| format!("{:<12}{rule:<20}{value}\n", if i == 0 { "policy" } else { "" }))
+        .map(|(i, (rule, value))| format!("{:<12}{rule:<22}{value}\n", if i == 0 { "policy" } else { "" }))
         .collect()
 }
 
@@ -417,14 +417,17 @@ mod tests {
         let p = crate::policy::Policy { members: vec!["b".into(), "c".into()], ..Default::default() };
         assert_eq!(
             policy_lines(&p),
-            "policy      auto_accept         no
-            allow_plaintext     no
-            min_cohort          3
-            allowed_models      text-classifier
-            max_params          67108864
-            max_rounds          1000
-            allowed_strategies  fedavg, fedprox, fedadam, fedyogi
-            members             b, c
+            "policy      auto_accept           no
+            allow_plaintext       no
+            min_cohort            3
+            allowed_models        text-classifier
+            max_params            67108864
+            max_rounds            1000
+            allowed_strategies    fedavg, fedprox, fedadam, fedyogi
+            members               b, c
+            privacy.allow_non_dp  yes
+            privacy.max_epsilon   10 at δ ≤ 1e-5
+            privacy.budget        no total
 "
         );
     }

@@ -6,6 +6,7 @@ pub mod daemon;
 pub mod doctor;
 pub mod enrol;
 pub mod finetune;
+pub mod ledger;
 pub mod local;
 pub mod metrics;
 pub mod policy;

@@ -100,6 +100,16 @@ enum Command {
     /// what a job asks, accept or refuse it.
     #[command(subcommand)]
     Jobs(JobsCommand),
+    /// The privacy ledger: ε spent and set aside per differentially private job, the
+    /// total, and what remains of the `[policy.privacy] budget`.
+    Privacy {
+        /// The site's home directory.
+        #[arg(long, value_name = "DIR", env = "MAEUM_SITE_HOME")]
+        home: PathBuf,
+        /// Print one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -282,6 +292,7 @@ fn home_needed(command: &Command) -> Option<&Path> {
         | Command::Run { home, .. }
         | Command::Doctor { home, .. }
         | Command::Status { home, .. }
+        | Command::Privacy { home, .. }
         | Command::Models(
             ModelsCommand::List { home, .. } | ModelsCommand::Show { home, .. } | ModelsCommand::Verify { home, .. },
         )
@@ -320,6 +331,7 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
             .map_err(anyhow::Error::from)
             .and_then(|rt| rt.block_on(maeum_site::doctor::run(&home, json))),
         Command::Status { home, json } => enrol::status(&home, json),
+        Command::Privacy { home, json } => maeum_site::ledger::show(&home, json),
         Command::TrainLocal(a) => local::train_local(a),
         Command::Predict(a) => maeum_site::predict::run(a),
         Command::Finetune(a) => maeum_site::finetune::run(a),

@@ -43,6 +43,33 @@ pub struct Policy {
     /// The lead holds the consortium CA and can enrol sybils; pinning the member list
     /// is the defence against that.
     pub members: Vec<String>,
+    /// `[policy.privacy]`: the differential privacy this site requires.
+    pub privacy: PrivacyPolicy,
+}
+
+/// `[policy.privacy]` in HOME/site.toml: the record-level guarantee this site requires
+/// of any job that trains on its records, and its total budget over all jobs
+/// (`docs/protocols/privacy.md`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PrivacyPolicy {
+    /// Take part in jobs without differential privacy (`[privacy]` off). On by default,
+    /// so that a new site joins the consortium's first jobs; a privacy officer who wants
+    /// a formal guarantee per record turns it off.
+    pub allow_non_dp: bool,
+    /// Largest ε per record any one job may spend.
+    pub max_epsilon: f64,
+    /// Largest δ any one job may have.
+    pub max_delta: f64,
+    /// Total ε over all jobs that use this site's records (basic composition); 0 = no
+    /// total limit.
+    pub budget: f64,
+}
+
+impl Default for PrivacyPolicy {
+    fn default() -> Self {
+        Self { allow_non_dp: true, max_epsilon: 10.0, max_delta: 1e-5, budget: 0.0 }
+    }
 }
 
 impl Default for Policy {
@@ -56,6 +83,7 @@ impl Default for Policy {
             max_rounds: 1_000,
             allowed_strategies: ["fedavg", "fedprox", "fedadam", "fedyogi"].map(String::from).to_vec(),
             members: Vec::new(),
+            privacy: PrivacyPolicy::default(),
         }
     }
 }
@@ -116,6 +144,16 @@ impl Policy {
         for m in &self.members {
             maeum_pki::identity::validate_name(m).map_err(|e| format!("[policy] members: {m:?}: {e}"))?;
         }
+        let p = &self.privacy;
+        if !(p.max_epsilon.is_finite() && p.max_epsilon > 0.0) {
+            return Err(format!("[policy.privacy] max_epsilon must be positive, got {}", p.max_epsilon));
+        }
+        if !(p.max_delta > 0.0 && p.max_delta < 1.0) {
+            return Err(format!("[policy.privacy] max_delta must be in (0, 1), got {}", p.max_delta));
+        }
+        if !(p.budget.is_finite() && p.budget >= 0.0) {
+            return Err(format!("[policy.privacy] budget must be 0 (no total) or positive, got {}", p.budget));
+        }
         Ok(())
     }
 
@@ -150,6 +188,39 @@ impl Policy {
             return refuse(
                 "allowed_strategies",
                 format!("the job's strategy {strategy} is not among {}", self.allowed_strategies.join(", ")),
+            );
+        }
+        self.check_privacy(job)
+    }
+
+    /// `[policy.privacy]`: the job's own plan, recomputed here with this site's
+    /// accountant (never taken from the coordinator), against the site's limits.
+    fn check_privacy(&self, job: &JobSpec) -> Result<(), Refusal> {
+        let p = &self.privacy;
+        let plan = match job.privacy_plan() {
+            Ok(Some(plan)) => plan,
+            Ok(None) if p.allow_non_dp => return Ok(()),
+            Ok(None) => {
+                return refuse(
+                    "privacy.allow_non_dp",
+                    "the job has no differential privacy ([privacy] mode = \"none\"), and this site requires it".into(),
+                );
+            }
+            Err(e) => return refuse("privacy.max_epsilon", format!("the job's privacy plan is not valid: {e}")),
+        };
+        if plan.epsilon > p.max_epsilon {
+            return refuse(
+                "privacy.max_epsilon",
+                format!(
+                    "the job spends ε = {:.3} per record over {} rounds, above this site's limit of {}",
+                    plan.epsilon, plan.rounds, p.max_epsilon
+                ),
+            );
+        }
+        if plan.delta > p.max_delta {
+            return refuse(
+                "privacy.max_delta",
+                format!("the job's δ = {:e} is above this site's limit of {:e}", plan.delta, p.max_delta),
             );
         }
         Ok(())
@@ -227,6 +298,12 @@ impl Policy {
             ("max_rounds", self.max_rounds.to_string()),
             ("allowed_strategies", self.allowed_strategies.join(", ")),
             ("members", if self.members.is_empty() { "any approved site".into() } else { self.members.join(", ") }),
+            ("privacy.allow_non_dp", yes_no(self.privacy.allow_non_dp)),
+            ("privacy.max_epsilon", format!("{} at δ ≤ {:e}", self.privacy.max_epsilon, self.privacy.max_delta)),
+            (
+                "privacy.budget",
+                if self.privacy.budget > 0.0 { self.privacy.budget.to_string() } else { "no total".into() },
+            ),
         ]
     }
 }
@@ -264,6 +341,30 @@ mod tests {
         assert_eq!(p.check_job(&job("")).expect_err("strategy").rule, "allowed_strategies");
         let p = Policy { allowed_models: vec!["tabular-mlp".into()], ..Policy::default() };
         assert_eq!(p.check_job(&job("")).expect_err("model").rule, "allowed_models");
+    }
+
+    #[test]
+    fn a_site_that_demands_epsilon_3_refuses_an_epsilon_8_job_and_a_non_dp_job() {
+        let strict = Policy {
+            privacy: PrivacyPolicy { allow_non_dp: false, max_epsilon: 3.0, ..PrivacyPolicy::default() },
+            ..Policy::default()
+        };
+        let dp = |eps: f64| job(&format!("[privacy]\nmode = \"local\"\nepsilon = {eps}\n"));
+        let err = strict.check_job(&dp(8.0)).expect_err("ε 8");
+        assert_eq!(err.rule, "privacy.max_epsilon");
+        assert!(err.why.contains("above this site's limit of 3"), "{err}");
+        assert_eq!(strict.check_job(&job("")).expect_err("non-DP").rule, "privacy.allow_non_dp");
+        assert_eq!(strict.check_job(&dp(3.0)), Ok(()));
+        let delta = job("[privacy]\nmode = \"local\"\nepsilon = 2.0\ndelta = 1e-4\n");
+        assert_eq!(strict.check_job(&delta).expect_err("δ").rule, "privacy.max_delta");
+        // The default takes both.
+        assert_eq!(Policy::default().check_job(&dp(8.0)), Ok(()));
+        assert_eq!(Policy::default().check_job(&job("")), Ok(()));
+        let bad = Policy {
+            privacy: PrivacyPolicy { max_epsilon: f64::NAN, ..PrivacyPolicy::default() },
+            ..Policy::default()
+        };
+        assert!(bad.validate().expect_err("NaN").contains("max_epsilon"));
     }
 
     #[test]

@@ -379,7 +379,7 @@ pub(crate) async fn train(
         bail!("{} evaluation counts, the job's layout has {}", counts.len(), job.evaluation_words());
     }
     let (mut delta, examples) =
-        if t.evaluate_only { (Vec::new(), 1) } else { train_from(agent, &t, &job, model).await? };
+        if t.evaluate_only { (Vec::new(), 1) } else { train_from(agent, client, &t, &job, model).await? };
     // Fault injection: a poisoning site scales its update up and skips the norm bound.
     let scale_attack = test_env("MAEUM_SITE_ATTACK").is_some_and(|v| v == "scale-update");
     if scale_attack {

@@ -169,6 +169,31 @@ pub enum Event {
         /// What the site said, as sent (at most 500 characters).
         detail: String,
     },
+    /// A site charged its privacy ledger for a round of a differentially private job,
+    /// before training (`docs/protocols/privacy.md`). Numbers are decimal strings (Rust's
+    /// shortest round-trip form of an f64), so entries stay byte-exact.
+    PrivacyCharged {
+        /// The job id.
+        job_id: String,
+        /// The round number.
+        round: u32,
+        /// The site id.
+        site: String,
+        /// `dp-sgd-local`.
+        mechanism: String,
+        /// ε per record of the job at this site after this round.
+        epsilon: String,
+        /// δ of the guarantee.
+        delta: String,
+        /// Clipping norm C.
+        clip: String,
+        /// Noise multiplier σ.
+        noise_multiplier: String,
+        /// Poisson sampling rate q.
+        sample_rate: String,
+        /// DP-SGD steps of the job charged so far at this site.
+        steps: u64,
+    },
     /// A round's aggregate was applied to the model.
     RoundCommitted {
         /// The job id.
@@ -270,6 +295,7 @@ impl Event {
             Event::RoundSecagg { .. } => "round_secagg",
             Event::RoundFailed { .. } => "round_failed",
             Event::SiteRefused { .. } => "site_refused",
+            Event::PrivacyCharged { .. } => "privacy_charged",
             Event::RoundCommitted { .. } => "round_committed",
             Event::ModelRelease { .. } => "model_release",
             Event::ReleasePromoted { .. } => "release_promoted",
@@ -282,7 +308,7 @@ impl Event {
     }
 
     /// Every `kind` tag, for command-line filters.
-    pub const KINDS: [&'static str; 19] = [
+    pub const KINDS: [&'static str; 20] = [
         "consortium_init",
         "site_approved",
         "site_revoked",
@@ -294,6 +320,7 @@ impl Event {
         "round_secagg",
         "round_failed",
         "site_refused",
+        "privacy_charged",
         "round_committed",
         "model_release",
         "release_promoted",
@@ -314,6 +341,7 @@ impl Event {
             | Event::RoundSecagg { job_id, .. }
             | Event::RoundFailed { job_id, .. }
             | Event::SiteRefused { job_id, .. }
+            | Event::PrivacyCharged { job_id, .. }
             | Event::RoundCommitted { job_id, .. }
             | Event::ModelRelease { job_id, .. }
             | Event::JobFinished { job_id, .. } => Some(job_id),
@@ -331,6 +359,7 @@ impl Event {
             | Event::SiteKeyReplaced { site: s, .. }
             | Event::JobDecision { site: s, .. }
             | Event::SiteRefused { site: s, .. }
+            | Event::PrivacyCharged { site: s, .. }
             | Event::ReleaseInstall { site: s, .. } => s == site,
             Event::JobStarted { sites, .. } | Event::RoundStarted { sites, .. } => any(sites),
             Event::RoundSecagg { survivors, dropped, .. } => any(survivors) || any(dropped),
