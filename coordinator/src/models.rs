@@ -221,6 +221,9 @@ pub async fn show(home: &Path, version: &str, json: bool) -> Result<()> {
         if let Some(f) = &card.crisis_flag {
             println!("  crisis     {}", crisis_flag_line(f));
         }
+        if let Some(p) = &card.privacy {
+            println!("  privacy    {}", privacy_line(p));
+        }
     }
     if v.gate_failures.is_empty() {
         println!("  gates      passes the consortium's release gates");
@@ -262,6 +265,23 @@ fn print_eval(what: &str, e: Option<&CardEvaluation>) {
 }
 
 /// The crisis flag of a card, in one line.
+/// The card's differential-privacy claim in one line.
+fn privacy_line(p: &maeum_tlog::release::CardPrivacy) -> String {
+    format!(
+        "{}: ε = {:.3} per record per site at δ = {:e} after {} rounds (clip {}, noise multiplier {:.4}, {} sampling at \
+         {}, {} steps a round)",
+        p.mechanism,
+        p.epsilon,
+        p.delta,
+        p.rounds,
+        p.clip,
+        p.noise_multiplier,
+        p.sampling,
+        p.sample_rate,
+        p.steps_per_round
+    )
+}
+
 fn crisis_flag_line(f: &maeum_tlog::release::CardCrisisFlag) -> String {
     match f.threshold {
         Some(t) => format!(
@@ -447,6 +467,22 @@ pub fn card_markdown(card: &ModelCard, r: &ReleaseMsg, overrides: &[OverrideView
         }
         None => {
             let _ = writeln!(md, "No federated evaluation was recorded for this model.");
+        }
+    }
+    let _ = writeln!(md, "\n## Differential privacy\n");
+    match &card.privacy {
+        Some(p) => {
+            let _ = writeln!(md, "{}.\n", privacy_line(p));
+            let _ = writeln!(md, "| Site | ε charged to its ledger (as logged) |\n|---|---:|");
+            for (site, e) in &p.epsilon_per_site {
+                let _ = writeln!(md, "| {site} | {e} |");
+            }
+        }
+        None => {
+            let _ = writeln!(
+                md,
+                "None: this model was trained without differential privacy; it carries no per-record guarantee."
+            );
         }
     }
     if let Some(f) = &card.crisis_flag {
@@ -706,6 +742,7 @@ mod tests {
                 .collect(),
             evaluation: e(7),
             crisis_flag: None,
+            privacy: None,
         }
     }
 

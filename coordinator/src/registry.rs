@@ -290,6 +290,7 @@ pub fn card(
     job: &JobRecord,
     round: u32,
     target_recall: f64,
+    spent: std::collections::BTreeMap<String, String>,
 ) -> Result<ModelCard> {
     let labels = &job.spec.labels;
     let rec = job
@@ -360,7 +361,41 @@ pub fn card(
             }),
             target_recall,
         ),
+        privacy: job.spec.privacy_plan()?.map(|p| maeum_tlog::release::CardPrivacy {
+            mechanism: "dp-sgd-local".into(),
+            clip: p.clip,
+            noise_multiplier: p.noise_multiplier,
+            sampling: "poisson".into(),
+            sample_rate: p.sample_rate,
+            steps_per_round: p.steps_per_round,
+            rounds: round,
+            delta: p.delta,
+            epsilon: p.epsilon_after(round),
+            epsilon_per_site: spent,
+        }),
     })
+}
+
+/// The largest ε each site logged charging for `job_id` in rounds up to `round`
+/// (`privacy_charged` entries).
+pub fn privacy_spent(
+    audit: &crate::audit::AuditLog,
+    job_id: &str,
+    round: u32,
+) -> Result<std::collections::BTreeMap<String, String>> {
+    let mut out: std::collections::BTreeMap<String, (f64, String)> = std::collections::BTreeMap::new();
+    for seq in 0..audit.size() {
+        if let maeum_tlog::Event::PrivacyCharged { job_id: j, round: r, site, epsilon, .. } = audit.entry(seq)?.event
+            && j == job_id
+            && r <= round
+        {
+            let e: f64 = epsilon.parse().unwrap_or(f64::INFINITY);
+            if out.get(&site).is_none_or(|(best, _)| e > *best) {
+                out.insert(site, (e, epsilon));
+            }
+        }
+    }
+    Ok(out.into_iter().map(|(s, (_, e))| (s, e)).collect())
 }
 
 /// Releases the model of `job`'s round `round` (idempotent per model: a model already
@@ -380,7 +415,8 @@ pub fn release(c: &Coord, job: &JobRecord, round: u32) -> Result<ReleaseRecord> 
     let consortium = settings.name;
     let version = reg.releases()?.last().map_or(1, |r| r.version + 1);
     let parent = reg.current()?.map(|(r, _)| r.version);
-    let card = card(&consortium, version, parent, job, round, settings.crisis_flag.target_recall)?;
+    let spent = if job.spec.privacy.is_off() { Default::default() } else { privacy_spent(&c.audit, &job.id, round)? };
+    let card = card(&consortium, version, parent, job, round, settings.crisis_flag.target_recall, spent)?;
     let bytes = card.encode();
     let card_sha256 = Digest::of(&bytes).hex();
     let mut release = ReleaseRecord {

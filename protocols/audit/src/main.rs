@@ -398,6 +398,14 @@ fn print_release(a: &ReleaseAudit, log: &Path, pinned: bool) {
         }
         None => println!("  evaluation  none on the card"),
     }
+    match &a.privacy {
+        Some(p) => println!(
+            "  privacy     {}: ε = {:.3} per record per site at δ = {:e}; {} privacy_charged entries in the log, the \
+             largest ε = {:.3} (REL-10)",
+            p.mechanism, p.epsilon, p.delta, p.charges, p.max_site_epsilon
+        ),
+        None => println!("  privacy     no differential privacy on the card"),
+    }
     let l = &a.logged;
     println!(
         "  logged      entry #{} model_release {}, in checkpoint {} (cosigned by {})",

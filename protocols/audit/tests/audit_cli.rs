@@ -163,6 +163,7 @@ fn export_release(c: &mut audit_fixture::Consortium, dir: &Path, card_labels: &[
         rounds: Vec::new(),
         evaluation: Some(evaluation(&card_labels, &[vec![8, 2], vec![1, 3]], 2)),
         crisis_flag: None,
+        privacy: None,
     };
     let card = card.encode();
     std::fs::write(dir.join("card-v1.json"), &card).unwrap();

@@ -19,6 +19,8 @@
 //! Sans-IO: the caller hashes the blob and fetches the proofs.
 
 use ring::signature::{ED25519, Ed25519KeyPair, UnparsedPublicKey};
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 
 use crate::export::Verified;
@@ -238,6 +240,34 @@ pub struct ModelCard {
     /// before this field existed).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub crisis_flag: Option<CardCrisisFlag>,
+    /// Record-level differential privacy of the job up to `round`; absent for a job
+    /// without `[privacy]` (and in cards written before this field existed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub privacy: Option<CardPrivacy>,
+}
+
+/// What a released model guarantees each training record (`docs/protocols/privacy.md`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CardPrivacy {
+    /// `dp-sgd-local`: every site ran DP-SGD with the full noise.
+    pub mechanism: String,
+    /// Per-example L2 clipping norm C.
+    pub clip: f64,
+    /// Noise multiplier σ (noise standard deviation σ·C per step).
+    pub noise_multiplier: f64,
+    /// `poisson`, at `sample_rate` per step.
+    pub sampling: String,
+    pub sample_rate: f64,
+    /// DP-SGD steps per round, and the rounds up to this release.
+    pub steps_per_round: u64,
+    pub rounds: u32,
+    pub delta: f64,
+    /// ε per record per site for a site that trained in every round up to this release
+    /// (the accountant over `steps_per_round × rounds` steps): the claim this card makes.
+    pub epsilon: f64,
+    /// ε each site reported charging to its ledger for this job (`privacy_charged`
+    /// entries in the audit log), as logged (decimal strings).
+    pub epsilon_per_site: std::collections::BTreeMap<String, String>,
 }
 
 /// How `maeum-site predict` flags a possible crisis with this model: when any crisis
@@ -662,6 +692,71 @@ pub struct ReleaseAudit {
     pub installed_by: Vec<String>,
     /// Sites whose last report on this release is a refusal.
     pub refused_by: Vec<Refusal>,
+    /// The card's differential-privacy claim, checked against the log (REL-10).
+    pub privacy: Option<PrivacyAudit>,
+}
+
+/// REL-10: the card's privacy claim and the sites' logged charges behind it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct PrivacyAudit {
+    pub mechanism: String,
+    /// ε per record the card claims, and its δ.
+    pub epsilon: f64,
+    pub delta: f64,
+    /// `privacy_charged` entries of the job up to the released round.
+    pub charges: usize,
+    /// The largest ε any site logged (at most `epsilon`).
+    pub max_site_epsilon: f64,
+}
+
+/// REL-10: every `privacy_charged` entry of the card's job up to its round spends at
+/// most the card's ε at no larger δ, and the card's per-site table is what the log says.
+pub fn check_card_privacy(
+    card: &ModelCard,
+    entries: &[crate::entry::Entry],
+) -> Result<Option<PrivacyAudit>, ReleaseError> {
+    let Some(p) = &card.privacy else {
+        return Ok(None);
+    };
+    let mismatch = |what: String| Err(ReleaseError::CardMismatch(format!("REL-10: {what}")));
+    let mut per_site: BTreeMap<&str, (f64, &str)> = BTreeMap::new();
+    let mut charges = 0;
+    for e in entries {
+        if let Event::PrivacyCharged { job_id, round, site, epsilon, delta, .. } = &e.event
+            && *job_id == card.job.id
+            && *round <= card.round
+        {
+            charges += 1;
+            let (Ok(eps), Ok(d)) = (epsilon.parse::<f64>(), delta.parse::<f64>()) else {
+                return mismatch(format!("entry #{} holds an unreadable ε or δ", e.seq));
+            };
+            if eps > p.epsilon * (1.0 + 1e-9) || d > p.delta * (1.0 + 1e-9) {
+                return mismatch(format!(
+                    "site {site} logged ε = {epsilon} at δ = {delta} for round {round} (entry #{}), beyond the card's \
+                     ε = {} at δ = {}",
+                    e.seq, p.epsilon, p.delta
+                ));
+            }
+            if per_site.get(site.as_str()).is_none_or(|(best, _)| eps > *best) {
+                per_site.insert(site, (eps, epsilon));
+            }
+        }
+    }
+    let logged: BTreeMap<String, String> =
+        per_site.iter().map(|(s, (_, e))| ((*s).to_owned(), (*e).to_owned())).collect();
+    if logged != p.epsilon_per_site {
+        return mismatch(format!(
+            "the card's ε per site {:?} is not what the log's privacy_charged entries say {logged:?}",
+            p.epsilon_per_site
+        ));
+    }
+    Ok(Some(PrivacyAudit {
+        mechanism: p.mechanism.clone(),
+        epsilon: p.epsilon,
+        delta: p.delta,
+        charges,
+        max_site_epsilon: per_site.values().map(|(e, _)| *e).fold(0.0, f64::max),
+    }))
 }
 
 /// An auditor's check of an exported release against a verified audit-log export:
@@ -771,6 +866,7 @@ pub fn audit_release(
         .filter(|(_, r)| !r.0)
         .map(|(s, r)| Refusal { site: (*s).to_owned(), seq: r.1, reason: r.2.to_owned() })
         .collect();
+    let privacy = check_card_privacy(&card, entries)?;
 
     Ok(ReleaseAudit {
         consortium: m.consortium.clone(),
@@ -799,6 +895,7 @@ pub fn audit_release(
         current: current == Some(&m.model_sha256),
         installed_by,
         refused_by,
+        privacy,
     })
 }
 
@@ -935,6 +1032,7 @@ mod tests {
             rounds: Vec::new(),
             evaluation: Some(evaluation(&labels, &[vec![8, 2], vec![1, 3]], 2)),
             crisis_flag: None,
+            privacy: None,
         }
     }
 
