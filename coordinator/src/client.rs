@@ -60,6 +60,13 @@ pub fn print_job(j: &pb::JobInfo) {
             "  secure aggregation: OFF (insecure_plaintext_aggregation_for_debugging: the coordinator sees every update)"
         );
     }
+    if let Some(p) = privacy_plan(j) {
+        println!(
+            "  differential privacy: local DP-SGD, ε = {:.3} per record per site at δ = {:e} after {} rounds (clip {}, \
+             noise multiplier {:.4}, sampling rate {}, {} steps a round)",
+            p.epsilon, p.delta, p.rounds, p.clip, p.noise_multiplier, p.sample_rate, p.steps_per_round
+        );
+    }
     if !j.decisions.is_empty() {
         let refused: Vec<String> =
             j.decisions.iter().filter(|d| !d.accept).map(|d| format!("{} ({})", d.site_id, d.reason)).collect();
@@ -92,20 +99,38 @@ pub fn print_job(j: &pb::JobInfo) {
 }
 
 /// The job's rounds (round 0 is the initial model's evaluation) as a table.
+/// The job's differential-privacy plan, when it has one.
+pub fn privacy_plan(j: &pb::JobInfo) -> Option<maeum_protocols::job::PrivacyPlan> {
+    serde_json::from_str(&j.privacy_plan).ok()
+}
+
 fn rounds_table(j: &pb::JobInfo) -> Table {
-    let mut t = maeum_runtime::table::table(&["round", "accuracy", "macro-F1", "sites", "dropped"], &[0, 1, 2, 3]);
+    let plan = privacy_plan(j);
+    let mut header = vec!["round", "accuracy", "macro-F1", "sites", "dropped"];
+    if plan.is_some() {
+        header.push("ε");
+    }
+    let mut t = maeum_runtime::table::table(&header, &[0, 1, 2, 3, 5]);
     let cells = |c: Option<&pb::Confusion>| {
         c.and_then(scores)
             .map_or(["pending".to_string(), "pending".to_string()], |(a, f)| [format!("{a:.4}"), format!("{f:.4}")])
     };
     if let Some(c) = j.initial_evaluation.as_ref() {
         let [a, f] = cells(Some(c));
-        t.add_row(vec!["0".to_string(), a, f, "-".into(), "(initial model)".into()]);
+        let mut row = vec!["0".to_string(), a, f, "-".into(), "(initial model)".into()];
+        if plan.is_some() {
+            row.push("0".into());
+        }
+        t.add_row(row);
     }
     for r in &j.history {
         let [a, f] = cells(r.evaluation.as_ref());
         let dropped = if r.dropped.is_empty() { "-".to_string() } else { r.dropped.join(",") };
-        t.add_row(vec![r.round.to_string(), a, f, r.contributors.len().to_string(), dropped]);
+        let mut row = vec![r.round.to_string(), a, f, r.contributors.len().to_string(), dropped];
+        if let Some(p) = &plan {
+            row.push(format!("{:.3}", p.epsilon_after(r.round)));
+        }
+        t.add_row(row);
     }
     t
 }
@@ -145,6 +170,10 @@ pub fn job_json(j: &pb::JobInfo) -> serde_json::Value {
             "evaluation": score(&r.evaluation), "evaluated_by": r.evaluated_by,
         })).collect::<Vec<_>>(),
         "excluded": j.excluded,
+        "privacy": privacy_plan(j).map(|p| serde_json::json!({
+            "plan": p,
+            "epsilon_per_round": j.history.iter().map(|r| serde_json::json!({"round": r.round, "epsilon": p.epsilon_after(r.round)})).collect::<Vec<_>>(),
+        })),
     })
 }
 

@@ -64,6 +64,19 @@ pub struct DemoArgs {
     /// sees every site's update). Only for comparing accuracy and speed.
     #[arg(long)]
     pub insecure_plaintext_aggregation: bool,
+    /// Record-level differential privacy: `local` makes every site run DP-SGD with the
+    /// full noise (docs/protocols/privacy.md); `none` trains without it.
+    #[arg(long, value_name = "MODE", default_value = "none", value_parser = ["none", "local"])]
+    pub privacy: String,
+    /// With `--privacy local`: the target ε per record per site over the whole job.
+    #[arg(long, default_value_t = 8.0)]
+    pub epsilon: f64,
+    /// With `--privacy local`: δ of the guarantee.
+    #[arg(long, default_value_t = 1e-5)]
+    pub delta: f64,
+    /// With `--privacy local`: the Poisson sampling rate of each DP-SGD step.
+    #[arg(long, default_value_t = 0.05)]
+    pub sample_rate: f64,
     /// At the end, delete the run's consortium, sites and split data, keeping only
     /// summary.json, audit.json, job.toml and logs/ in the work dir.
     #[arg(long)]
@@ -307,7 +320,7 @@ secagg = 60
 
 [secure_aggregation]
 insecure_plaintext_aggregation_for_debugging = {plaintext}
-"#,
+{privacy}"#,
         sites = a.sites,
         alpha = a.alpha,
         labels = labels.join(", "),
@@ -317,6 +330,14 @@ insecure_plaintext_aggregation_for_debugging = {plaintext}
         epochs = a.local_epochs,
         lr = DEFAULT_SITE_LR,
         plaintext = a.insecure_plaintext_aggregation,
+        privacy = if a.privacy == "local" {
+            format!(
+                "\n[privacy]\nmode = \"local\"\nepsilon = {:?}\ndelta = {:?}\nsample_rate = {:?}\n",
+                a.epsilon, a.delta, a.sample_rate
+            )
+        } else {
+            String::new()
+        },
     )
 }
 
@@ -448,8 +469,10 @@ pub async fn run(a: DemoArgs) -> Result<()> {
         while printed < info.history.len() {
             let Some((acc, f1)) = info.history[printed].evaluation.as_ref().and_then(client::scores) else { break };
             let crisis = info.history[printed].evaluation.as_ref().and_then(|e| crisis_recall(&labels, e));
+            let epsilon = client::privacy_plan(&info)
+                .map_or(String::new(), |p| format!("  ε {:.3}", p.epsilon_after(info.history[printed].round)));
             let line = format!(
-                "round {:>2}: accuracy {acc:.4}  macro-F1 {f1:.4}  crisis recall {}  ({} sites)",
+                "round {:>2}: accuracy {acc:.4}  macro-F1 {f1:.4}  crisis recall {}{epsilon}  ({} sites)",
                 info.history[printed].round,
                 crisis.map_or("-".into(), |r| format!("{r:.4}")),
                 info.history[printed].contributors.len()
@@ -512,6 +535,8 @@ pub async fn run(a: DemoArgs) -> Result<()> {
     }
     let final_eval = info.history.last().and_then(|r| r.evaluation.clone()).context("no final evaluation")?;
     let fed = score(&client::confusion(&final_eval).context("malformed final evaluation")?);
+    let job_spec = maeum_protocols::job::JobSpec::from_toml("demo job", &job_toml(&labels, &a))?;
+    let plan = job_spec.privacy_plan()?;
     let per_round: Vec<serde_json::Value> = info
         .history
         .iter()
@@ -519,7 +544,7 @@ pub async fn run(a: DemoArgs) -> Result<()> {
             r.evaluation.as_ref().and_then(client::scores).map(|(acc, f1)| {
                 let crisis = r.evaluation.as_ref().and_then(|e| crisis_recall(&labels, e));
                 serde_json::json!({"round": r.round, "accuracy": acc, "macro_f1": f1, "crisis_recall": crisis,
-                    "sites": r.contributors.len()})
+                    "sites": r.contributors.len(), "epsilon": plan.map(|p| p.epsilon_after(r.round))})
             })
         })
         .collect();
@@ -536,6 +561,14 @@ pub async fn run(a: DemoArgs) -> Result<()> {
 
     // Read before --clean removes the sites' homes.
     let policies = site_policies(&work, &sites);
+    let spent = site_privacy_spent(&work, &sites, &info.job_id);
+    let privacy = plan.map(|p| {
+        serde_json::json!({
+            "mode": a.privacy, "target_epsilon": a.epsilon, "epsilon": p.epsilon, "delta": p.delta, "clip": p.clip,
+            "noise_multiplier": p.noise_multiplier, "sample_rate": p.sample_rate,
+            "steps_per_round": p.steps_per_round, "epsilon_spent_per_site": spent,
+        })
+    });
     let cleaned = if a.clean { Some(clean(&work)?) } else { None };
     // summary.json is a few kB: measured before it is written.
     let left = disk_usage(&work);
@@ -551,6 +584,7 @@ pub async fn run(a: DemoArgs) -> Result<()> {
         "alpha": a.alpha,
         "secure_aggregation": info.secure_aggregation,
         "site_policies": policies,
+        "privacy": privacy,
         "job_id": info.job_id,
         "audit": { "file": audit_path, "entries": audit_report.entries, "checkpoints": audit_report.checkpoints },
         "release": { "version": release.0, "model": release.1, "installed_at_sites": release.2 },
@@ -581,6 +615,21 @@ pub async fn run(a: DemoArgs) -> Result<()> {
         if info.secure_aggregation { "on" } else { "off (plaintext sum)" }
     );
     println!("{comparison}");
+    if let Some(p) = &plan {
+        println!();
+        println!(
+            "differential privacy: local DP-SGD at every site, clip {}, noise multiplier {:.4}, sampling rate {}, {} \
+             steps a round; planned ε = {:.3} per record at δ = {:e}",
+            p.clip, p.noise_multiplier, p.sample_rate, p.steps_per_round, p.epsilon, p.delta
+        );
+        let line: Vec<String> = spent
+            .as_object()
+            .map(|m| {
+                m.iter().map(|(s, e)| format!("{s} {}", e.as_f64().map_or("-".into(), |e| format!("{e:.3}")))).collect()
+            })
+            .unwrap_or_default();
+        println!("ε spent per record, from each site's privacy ledger: {}", line.join(", "));
+    }
     println!();
     println!("{MACRO_F1_NOTE}");
     if per_round.iter().any(|r| r["sites"].as_u64().is_some_and(|n| n < a.sites as u64)) {
@@ -628,6 +677,23 @@ fn site_policies(work: &Path, sites: &[String]) -> serde_json::Value {
     serde_json::Value::Object(out)
 }
 
+/// ε per record each site's privacy ledger (HOME/privacy/ledger.jsonl) charged for
+/// `job_id`: the site's own account, read from its home (the demo runs the sites here).
+fn site_privacy_spent(work: &Path, sites: &[String], job_id: &str) -> serde_json::Value {
+    let mut out = serde_json::Map::new();
+    for s in sites {
+        let text = std::fs::read_to_string(work.join(s).join("privacy/ledger.jsonl")).unwrap_or_default();
+        let spent = text
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| v["kind"] == "charge" && v["job_id"] == job_id)
+            .filter_map(|v| v["epsilon_job"].as_f64())
+            .fold(None, |m: Option<f64>, e| Some(m.map_or(e, |m| m.max(e))));
+        out.insert(s.clone(), spent.map_or(serde_json::Value::Null, serde_json::Value::from));
+    }
+    serde_json::Value::Object(out)
+}
+
 fn fewer_sites_note(min_sites: usize) -> String {
     format!(
         "fewer sites in a round: the job starts as soon as {min_sites} sites (min_sites) have accepted and every \
@@ -644,16 +710,24 @@ fn tables(
     local_mean: Option<(f64, f64)>,
 ) -> (comfy_table::Table, comfy_table::Table) {
     let num = |v: &serde_json::Value| v.as_f64().map_or("-".into(), |x| format!("{x:.4}"));
-    let mut rounds =
-        maeum_runtime::table::table(&["round", "accuracy", "macro-F1", "crisis recall", "sites"], &[0, 1, 2, 3, 4]);
+    let dp = per_round.iter().any(|r| r["epsilon"].is_number());
+    let mut header = vec!["round", "accuracy", "macro-F1", "crisis recall", "sites"];
+    if dp {
+        header.push("ε");
+    }
+    let mut rounds = maeum_runtime::table::table(&header, &[0, 1, 2, 3, 4, 5]);
     for r in per_round {
-        rounds.add_row(vec![
+        let mut row = vec![
             r["round"].to_string(),
             num(&r["accuracy"]),
             num(&r["macro_f1"]),
             num(&r["crisis_recall"]),
             r["sites"].to_string(),
-        ]);
+        ];
+        if dp {
+            row.push(r["epsilon"].as_f64().map_or("-".into(), |e| format!("{e:.3}")));
+        }
+        rounds.add_row(row);
     }
     let mut comparison = maeum_runtime::table::table(&["", "accuracy", "macro-F1"], &[1, 2]);
     let mut row = |name: &str, acc: f64, f1: f64| {

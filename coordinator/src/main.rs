@@ -341,6 +341,15 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Jobs(JobsCommand::Submit { home, file, json }) => {
             let toml = std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
             let source_name = file.display().to_string();
+            // The privacy a job buys, before it is submitted (the coordinator checks it too).
+            let spec = maeum_protocols::job::JobSpec::from_toml(&source_name, &toml)?;
+            if let (Some(p), false) = (spec.privacy_plan()?, json) {
+                println!(
+                    "differential privacy: local DP-SGD, expected ε = {:.3} per record per site at δ = {:e} over {} \
+                     rounds (noise multiplier {:.4}, clip {}, sampling rate {}, {} steps a round)",
+                    p.epsilon, p.delta, p.rounds, p.noise_multiplier, p.clip, p.sample_rate, p.steps_per_round
+                );
+            }
             let j = client::connect(&home.home).await?.submit_job(pb::SubmitJobRequest { toml, source_name }).await?;
             let j = j.into_inner();
             if json {
