@@ -18,7 +18,17 @@
 //! ARGS: --rounds N (12) --local-epochs E (1) --strategy fedavg|fedadam (fedavg)
 //! --server-lr η (1 for fedavg, 0.01 for fedadam) --lr SITE_LR (0.002) --batch B (32)
 //! --dropout P (0.5) --prox-mu μ (0) --beta1 (0.9) --beta2 (0.99) --tau (0.001)
-//! --sites S (7) --alpha α (0.5) --seed (7) --skip-baselines --data FILE
+//! --sites S (7) --alpha α (0.5) --seed (7) --optimizer adam|sgd (adam) --head-only --buckets (65536) --embed-dim (64)
+//! --hidden (128) --skip-baselines --data FILE
+//!
+//! Differential privacy (local mode, docs/protocols/privacy.md): --dp-sigma σ or
+//! --dp-epsilon ε (σ calibrated by the accountant for --dp-delta δ (1e-5) over all
+//! rounds), --dp-clip C (1), --dp-q q (Poisson sampling rate, 0.05): every site runs
+//! ⌈E/q⌉ DP-SGD steps per round instead of E epochs of minibatches.
+//!
+//! Membership inference: the loss-threshold attack (Yeom et al. 2018) on the final global
+//! model, members = the union of the sites' training splits, non-members = the union of
+//! their test splits; reports the attack's AUC and its best advantage max(TPR − FPR).
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -94,6 +104,34 @@ fn main() {
     let alpha = num("--alpha", 0.5);
     let seed = num("--seed", 7.0) as u64;
     let skip_baselines = args.iter().any(|a| a == "--skip-baselines");
+    let dp_clip = num("--dp-clip", 1.0);
+    let dp_q = num("--dp-q", 0.05);
+    let dp_delta = num("--dp-delta", 1e-5);
+    let dp_steps_per_round = (local_epochs as f64 / dp_q).ceil() as u64;
+    let dp_sigma = match (flag("--dp-sigma"), flag("--dp-epsilon")) {
+        (Some(_), _) => Some(num("--dp-sigma", 0.0)),
+        (None, Some(_)) => Some(
+            maeum_models::accountant::noise_multiplier_for(
+                num("--dp-epsilon", 0.0),
+                dp_delta,
+                dp_q,
+                dp_steps_per_round * rounds as u64,
+            )
+            .expect("valid DP parameters")
+            .expect("a noise multiplier meets the target"),
+        ),
+        (None, None) => None,
+    };
+    let dp_epsilon = dp_sigma.map(|sigma| {
+        maeum_models::accountant::dp_sgd_epsilon(dp_q, sigma, dp_steps_per_round * rounds as u64, dp_delta)
+            .expect("valid DP parameters")
+    });
+    if let (Some(sigma), Some(eps)) = (dp_sigma, dp_epsilon) {
+        eprintln!(
+            "DP-SGD: C {dp_clip}, q {dp_q}, σ {sigma:.4}, {} steps per round → ε {eps:.3} at δ {dp_delta}",
+            dp_steps_per_round
+        );
+    }
 
     let t_all = Instant::now();
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
@@ -107,7 +145,11 @@ fn main() {
     // The demo's split (site-agent `write_split`).
     let t = Instant::now();
     let shards = split::dirichlet_shards(&idx, n_sites, alpha, 20, seed).expect("shards");
-    let spec = ModelSpec::TextClassifier { config: TextClassifierConfig::default(), labels: labels.clone() };
+    let mut model = TextClassifierConfig::default();
+    model.features.buckets = num("--buckets", f64::from(model.features.buckets)) as u32;
+    model.embed_dim = num("--embed-dim", model.embed_dim as f64) as usize;
+    model.hidden = num("--hidden", model.hidden as f64) as usize;
+    let spec = ModelSpec::TextClassifier { config: model, labels: labels.clone() };
     let (mut all_train, mut all_test): (Vec<Example>, Vec<Example>) = (Vec::new(), Vec::new());
     let mut sites = Vec::new();
     for (s, rows) in shards.iter().enumerate() {
@@ -129,7 +171,21 @@ fn main() {
         all_test.len()
     );
 
-    let base_cfg = TrainConfig { learning_rate: site_lr, batch_size, dropout, seed, ..TrainConfig::default() };
+    let optimizer = match flag("--optimizer").as_deref().unwrap_or("adam") {
+        "adam" => maeum_models::nn::Optimizer::Adam,
+        "sgd" => maeum_models::nn::Optimizer::Sgd,
+        other => panic!("--optimizer must be adam or sgd, got {other}"),
+    };
+    let head_only = args.iter().any(|a| a == "--head-only");
+    let base_cfg = TrainConfig {
+        optimizer,
+        learning_rate: site_lr,
+        batch_size,
+        dropout,
+        seed,
+        head_only,
+        ..TrainConfig::default()
+    };
     let init = spec.init(seed).expect("init");
 
     // Baselines: the default TrainConfig (8 epochs), as `train-local` would run.
@@ -188,7 +244,19 @@ fn main() {
                 ..base_cfg.clone()
             };
             let t = Instant::now();
-            let (local, _) = spec.train(&start, &site.train, &cfg, &mut ()).expect("train");
+            let (local, _) = match dp_sigma {
+                None => spec.train(&start, &site.train, &cfg, &mut ()).expect("train"),
+                Some(sigma) => {
+                    let dp = maeum_models::dp::DpSgd {
+                        clip: dp_clip,
+                        noise_multiplier: sigma,
+                        sample_rate: dp_q,
+                        steps: dp_steps_per_round,
+                    };
+                    let mut rng = <rand_chacha::ChaCha20Rng as rand::SeedableRng>::seed_from_u64(cfg.seed);
+                    spec.train_dp(&start, &site.train, &cfg, &dp, &mut rng, &mut ()).expect("train")
+                }
+            };
             train_s += t.elapsed().as_secs_f64();
             let t = Instant::now();
             let w = site.n_train as f64 / total_n;
@@ -213,6 +281,9 @@ fn main() {
         last = Some(m);
     }
     let (acc, f1) = last.map_or((f64::NAN, f64::NAN), |m| (m.accuracy, m.macro_f1));
+    let final_params = FlatParams::new(layout.clone(), global.clone()).expect("layout");
+    let mia = membership_inference(&spec, &final_params, &spec.prepare_text(&all_train).expect("featurise"), &test);
+    eprintln!("membership inference (loss threshold): AUC {:.4}, advantage {:.4}", mia.0, mia.1);
     let best = curve.iter().filter_map(|c| c["accuracy"].as_f64()).fold(f64::NAN, f64::max);
 
     let mut out = serde_json::json!({
@@ -227,6 +298,11 @@ fn main() {
         "n_train": all_train.len(), "n_test": all_test.len(), "site_train_sizes": site_sizes,
         "parameters": n_params,
         "federated": { "accuracy": acc, "macro_f1": f1, "best_round_accuracy": best, "curve": curve },
+        "dp": dp_sigma.map(|sigma| serde_json::json!({
+            "mode": "local", "clip": dp_clip, "sample_rate": dp_q, "noise_multiplier": sigma,
+            "steps_per_round": dp_steps_per_round, "delta": dp_delta, "epsilon": dp_epsilon,
+        })),
+        "membership_inference": { "attack": "loss threshold", "auc": mia.0, "advantage": mia.1 },
         "baselines": baselines,
         "seconds": {
             "featurise": featurise_s, "federated_training": train_s, "aggregation": agg_s,
@@ -241,4 +317,43 @@ fn main() {
         out["meets_bars"] = serde_json::json!(acc >= c - 0.02 && acc >= l + 0.10);
     }
     println!("{out}");
+}
+
+/// The loss-threshold membership-inference attack: AUC of −loss separating `members`
+/// from `non_members`, and the best advantage max over thresholds of TPR − FPR.
+fn membership_inference(
+    spec: &ModelSpec,
+    params: &FlatParams,
+    members: &Prepared,
+    non_members: &Prepared,
+) -> (f64, f64) {
+    let losses = |data: &Prepared| -> Vec<f64> {
+        let probs = spec.predict_proba(params, data).expect("predict");
+        probs.iter().zip(data.labels()).map(|(p, &y)| -f64::from(p[y]).max(1e-30).ln()).collect()
+    };
+    let (m, n) = (losses(members), losses(non_members));
+    // Score = −loss; label 1 = member. Sort by score descending and sweep.
+    let mut all: Vec<(f64, bool)> = m.iter().map(|&l| (-l, true)).chain(n.iter().map(|&l| (-l, false))).collect();
+    all.sort_by(|a, b| b.0.total_cmp(&a.0));
+    let (pos, neg) = (m.len() as f64, n.len() as f64);
+    let (mut tp, mut fp, mut auc, mut adv) = (0.0f64, 0.0f64, 0.0f64, 0.0f64);
+    let mut i = 0;
+    while i < all.len() {
+        let (mut dtp, mut dfp) = (0.0, 0.0);
+        let score = all[i].0;
+        while i < all.len() && all[i].0 == score {
+            if all[i].1 {
+                dtp += 1.0
+            } else {
+                dfp += 1.0
+            }
+            i += 1;
+        }
+        // Trapezoid over ties.
+        auc += (dfp / neg) * (tp + dtp / 2.0) / pos;
+        tp += dtp;
+        fp += dfp;
+        adv = adv.max(tp / pos - fp / neg);
+    }
+    (auc, adv)
 }
