@@ -59,11 +59,13 @@ pub enum ReleaseError {
     Consortium { release: String, expected: String },
     #[error("the model does not match its signed layout and card: {0}")]
     Layout(String),
+    #[error("the model card's privacy claim does not hold against the audit log: {0}")]
+    Privacy(String),
 }
 
 impl ReleaseError {
     /// The check that failed, as numbered in `docs/protocols/releases.md` (REL-1 …
-    /// REL-9), so that a site's refusal and an auditor's failure name the same rule.
+    /// REL-10), so that a site's refusal and an auditor's failure name the same rule.
     pub fn code(&self) -> &'static str {
         match self {
             ReleaseError::Malformed(_) | ReleaseError::CardMalformed(_) => "REL-1",
@@ -74,6 +76,7 @@ impl ReleaseError {
             ReleaseError::BlobDigest { .. } => "REL-7",
             ReleaseError::Layout(_) => "REL-8",
             ReleaseError::NotLogged(_) => "REL-9",
+            ReleaseError::Privacy(_) => "REL-10",
         }
     }
 }
@@ -491,7 +494,47 @@ pub fn check_card(manifest: &Manifest, card_bytes: &[u8]) -> Result<ModelCard, R
     if card.model.layout_digest != manifest.layout_digest {
         return mismatch("layout digest", card.model.layout_digest, manifest.layout_digest.clone());
     }
+    check_card_numbers(&card)?;
     Ok(card)
+}
+
+/// The card's numbers that sites act on are in range: a crisis-flag threshold outside
+/// [0, 1] would silently never (or always) flag a possible crisis at `predict`, and a
+/// privacy claim must be a finite, non-negative ε at a δ in (0, 1).
+fn check_card_numbers(card: &ModelCard) -> Result<(), ReleaseError> {
+    let bad = |what: String| Err(ReleaseError::CardMismatch(what));
+    if let Some(f) = &card.crisis_flag {
+        let unit = |x: f64| x.is_finite() && (0.0..=1.0).contains(&x);
+        for (name, value) in [
+            ("threshold", f.threshold),
+            ("recall", f.recall),
+            ("precision", f.precision),
+            ("target_recall", Some(f.target_recall)),
+        ] {
+            if let Some(v) = value.filter(|v| !unit(*v)) {
+                return bad(format!("crisis_flag.{name} is {v}, outside [0, 1]"));
+            }
+        }
+    }
+    if let Some(p) = &card.privacy {
+        let ok = p.epsilon.is_finite()
+            && p.epsilon >= 0.0
+            && p.delta > 0.0
+            && p.delta < 1.0
+            && p.clip.is_finite()
+            && p.clip > 0.0
+            && p.noise_multiplier.is_finite()
+            && p.noise_multiplier >= 0.0
+            && p.sample_rate > 0.0
+            && p.sample_rate <= 1.0;
+        if !ok {
+            return bad(format!(
+                "privacy: ε {}, δ {}, clip {}, noise multiplier {}, sample rate {} are not a valid claim",
+                p.epsilon, p.delta, p.clip, p.noise_multiplier, p.sample_rate
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// How people name a release on the command line.
@@ -718,7 +761,7 @@ pub fn check_card_privacy(
     let Some(p) = &card.privacy else {
         return Ok(None);
     };
-    let mismatch = |what: String| Err(ReleaseError::CardMismatch(format!("REL-10: {what}")));
+    let mismatch = |what: String| Err(ReleaseError::Privacy(what));
     let mut per_site: BTreeMap<&str, (f64, &str)> = BTreeMap::new();
     let mut charges = 0;
     for e in entries {
@@ -1093,6 +1136,44 @@ mod tests {
         let m = manifest(&bytes);
         let err = check_card(&m, &bytes).expect_err("mismatch");
         assert!(err.to_string().contains("model digest"), "{err}");
+    }
+
+    #[test]
+    fn a_crisis_threshold_or_privacy_claim_out_of_range_is_refused() {
+        // A coordinator could otherwise switch the crisis flag off with a threshold
+        // above 1 (no probability reaches it), on a card it signs.
+        for t in [1.5, -0.1] {
+            let mut c = card();
+            c.crisis_flag = Some(CardCrisisFlag {
+                classes: vec!["suicidewatch".into()],
+                target_recall: 0.9,
+                threshold: Some(t),
+                recall: Some(0.9),
+                precision: Some(0.3),
+                examples: 10,
+                crisis_examples: 2,
+            });
+            let bytes = c.encode();
+            let err = check_card(&manifest(&bytes), &bytes).expect_err("out of range");
+            assert_eq!(err.code(), "REL-6");
+            assert!(err.to_string().contains("crisis_flag.threshold is"), "{err}");
+        }
+        let mut c = card();
+        c.privacy = Some(CardPrivacy {
+            mechanism: "dp-sgd-local".into(),
+            clip: 1.0,
+            noise_multiplier: 1.0,
+            sampling: "poisson".into(),
+            sample_rate: 0.05,
+            steps_per_round: 20,
+            rounds: 1,
+            delta: 2.0,
+            epsilon: 1.0,
+            epsilon_per_site: Default::default(),
+        });
+        let bytes = c.encode();
+        let err = check_card(&manifest(&bytes), &bytes).expect_err("δ = 2");
+        assert!(err.to_string().contains("not a valid claim"), "{err}");
     }
 
     #[test]
