@@ -1197,7 +1197,9 @@ pub(crate) async fn train_from(
                 }
             };
             info!(job = %t.job_id, round = t.round, epsilon = charged.epsilon_job, new = charged.new, "privacy ledger charged");
-            if charged.new {
+            // Reported on every attempt, also a retry's (same charge): a site killed between
+            // the ledger's fsync and the report still gets the charge into the log.
+            {
                 let report = pb::PrivacyCharge {
                     job_id: t.job_id.clone(),
                     round: t.round,

@@ -9,9 +9,10 @@
 //! never happened, because training had not started.
 //!
 //! Composition: within a job, Rényi-DP composition over all charged DP-SGD steps (the
-//! accountant, `maeum_models::accountant`); across jobs, ε and δ add up (basic
-//! composition, valid for any mechanisms and order). A job's entry counts the larger of
-//! its reservation and its spend, so a job that is still running holds its share.
+//! accountant, `maeum_models::accountant`); across jobs, δ adds up and ε is the smaller
+//! of the sum of the jobs' ε and the ε of their RDP curves composed ([`Ledger::total`]).
+//! A job's entry counts the larger of its reservation and its spend, so a job that is
+//! still running holds its share.
 //!
 //! A round is charged once per (job, round, base model): the site's noise and sampling
 //! for it derive from its secret key and those three values
@@ -41,7 +42,19 @@ pub const NOISE_KEY: &str = "privacy/noise.key";
 #[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Line {
     /// The site accepted a DP job and set aside its planned ε.
-    Reserve { job_id: String, mechanism: String, epsilon: f64, delta: f64, rounds: u32, time_ms: i64 },
+    Reserve {
+        job_id: String,
+        mechanism: String,
+        epsilon: f64,
+        delta: f64,
+        rounds: u32,
+        /// The plan's Poisson rate, noise multiplier and total steps (so that totals
+        /// compose in RDP across jobs).
+        sample_rate: f64,
+        noise_multiplier: f64,
+        steps: u64,
+        time_ms: i64,
+    },
     /// The site is about to train one round of a DP job.
     Charge {
         job_id: String,
@@ -79,12 +92,25 @@ pub struct JobSpend {
     noise_multiplier: f64,
     #[serde(skip)]
     charged: Vec<(u32, String)>,
+    /// Steps the reservation covers.
+    #[serde(skip)]
+    planned_steps: u64,
 }
 
 impl JobSpend {
     /// What the job counts against the total: its reservation while it runs.
     pub fn counted(&self) -> f64 {
         self.reserved.max(self.spent)
+    }
+
+    /// The job's RDP curve over the steps it counts (its reservation while it runs).
+    fn rdp(&self) -> Option<maeum_models::accountant::Rdp> {
+        maeum_models::accountant::Rdp::subsampled_gaussian(
+            self.sample_rate,
+            self.noise_multiplier,
+            self.planned_steps.max(self.steps),
+        )
+        .ok()
     }
 }
 
@@ -127,15 +153,29 @@ impl Ledger {
                         sample_rate: 0.0,
                         noise_multiplier: 0.0,
                         charged: Vec::new(),
+                        planned_steps: 0,
                     })
                     .clone()
             };
             match line {
-                Line::Reserve { job_id, mechanism, epsilon, delta, rounds, .. } => {
+                Line::Reserve {
+                    job_id,
+                    mechanism,
+                    epsilon,
+                    delta,
+                    rounds,
+                    sample_rate,
+                    noise_multiplier,
+                    steps,
+                    ..
+                } => {
                     let mut j = entry(&mut jobs, &job_id, &mechanism);
                     j.reserved = j.reserved.max(epsilon);
                     j.delta = j.delta.max(delta);
                     j.rounds_planned = rounds;
+                    j.sample_rate = sample_rate;
+                    j.noise_multiplier = noise_multiplier;
+                    j.planned_steps = j.planned_steps.max(steps);
                     jobs.insert(job_id, j);
                 }
                 Line::Charge {
@@ -170,9 +210,42 @@ impl Ledger {
         self.jobs.iter().find(|j| j.job_id == job_id)
     }
 
-    /// (ε, δ) counted against the site's total: the sum over jobs.
+    /// (ε, δ) counted against the site's total. δ is the sum of the jobs' δ; ε is the
+    /// smaller of two valid bounds: the sum of the jobs' ε (basic composition) and the
+    /// ε at that δ of the jobs' RDP curves composed (every job here is a subsampled
+    /// Gaussian, so their RDP adds up order by order).
     pub fn total(&self) -> (f64, f64) {
-        self.jobs.iter().fold((0.0, 0.0), |(e, d), j| (e + j.counted(), d + j.delta))
+        self.total_with(None)
+    }
+
+    /// [`Ledger::total`] with one more job's plan counted.
+    fn total_with(&self, extra: Option<&PrivacyPlan>) -> (f64, f64) {
+        let (mut basic, mut delta) = self.jobs.iter().fold((0.0, 0.0), |(e, d), j| (e + j.counted(), d + j.delta));
+        let mut rdp = Some(maeum_models::accountant::Rdp::zero());
+        for j in &self.jobs {
+            match (rdp.as_mut(), j.rdp()) {
+                (Some(total), Some(r)) => total.compose(&r),
+                _ => rdp = None,
+            }
+        }
+        if let Some(p) = extra {
+            basic += p.epsilon;
+            delta += p.delta;
+            let r = maeum_models::accountant::Rdp::subsampled_gaussian(
+                p.sample_rate,
+                p.noise_multiplier,
+                p.steps_per_round * u64::from(p.rounds),
+            );
+            match (rdp.as_mut(), r) {
+                (Some(total), Ok(r)) => total.compose(&r),
+                _ => rdp = None,
+            }
+        }
+        if self.jobs.is_empty() && extra.is_none() {
+            return (0.0, 0.0);
+        }
+        let composed = rdp.and_then(|r| r.epsilon(delta.min(0.5)).ok()).unwrap_or(f64::INFINITY);
+        (basic.min(composed), delta)
     }
 }
 
@@ -189,10 +262,11 @@ pub fn check_budget(home: &Home, job_id: &str, plan: &PrivacyPlan, budget: f64) 
         return Ok(true);
     }
     let (spent, _) = ledger.total();
-    if budget > 0.0 && spent + plan.epsilon > budget {
+    let (after, _) = ledger.total_with(Some(plan));
+    if budget > 0.0 && after > budget {
         return Err(refusal(format!(
-            "the job needs ε = {:.3} per record; this site has spent or set aside ε = {spent:.3} of its total budget \
-             of {budget} (remaining {:.3})",
+            "the job needs ε = {:.3} per record, which would bring this site's total to ε = {after:.3}, above its \
+             budget of {budget} (spent or set aside: ε = {spent:.3}, remaining {:.3})",
             plan.epsilon,
             (budget - spent).max(0.0)
         )));
@@ -212,6 +286,9 @@ pub fn reserve(home: &Home, job_id: &str, plan: &PrivacyPlan, budget: f64) -> st
         epsilon: plan.epsilon,
         delta: plan.delta,
         rounds: plan.rounds,
+        sample_rate: plan.sample_rate,
+        noise_multiplier: plan.noise_multiplier,
+        steps: plan.steps_per_round * u64::from(plan.rounds),
         time_ms: crate::now_ms(),
     };
     append(home, &line)
@@ -364,7 +441,7 @@ pub fn show(dir: &Path, json: bool) -> Result<()> {
         println!("{t}");
     }
     println!(
-        "total: ε = {total:.3}, δ = {total_delta:e} (basic composition across jobs){}",
+        "total: ε = {total:.3}, δ = {total_delta:e} (composed across jobs){}",
         match remaining {
             Some(r) => format!("; budget {} leaves ε = {r:.3}", policy.budget),
             None => "; no total budget set ([policy.privacy] budget)".into(),
@@ -394,19 +471,45 @@ mod tests {
 
     #[test]
     fn a_job_beyond_the_budget_is_refused_with_the_numbers() {
+        // 1 unit of budget left; the job needs 2.
         let (_d, home) = home();
         let two = plan(2.0, 3);
-        reserve(&home, "first", &plan(2.0, 3), 3.0).expect("fits");
-        // 1 unit left; the job needs 2.
-        let err = reserve(&home, "second", &two, 3.0).expect_err("over budget");
+        let err = reserve(&home, "second", &two, 1.0).expect_err("over budget");
         assert_eq!(err.rule, "privacy.budget");
         assert!(err.why.contains("needs ε = 2.000") && err.why.contains("remaining 1.000"), "{}", err.why);
+        assert!(err.why.contains("above its budget of 1"), "{}", err.why);
+        // With a job already counted: ε ≈ 2 of 2.2 spent, a second ε-2 job would bring
+        // the composed total to ≈ 2.53.
+        reserve(&home, "first", &two, 2.2).expect("fits");
+        let err = reserve(&home, "second", &two, 2.2).expect_err("over budget");
+        assert!(err.why.contains("total to ε = 2.53") && err.why.contains("remaining 0.200"), "{}", err.why);
         // Without a total budget it fits; reserving twice is idempotent.
         reserve(&home, "second", &two, 0.0).expect("no total");
         reserve(&home, "second", &two, 0.0).expect("again");
         let l = Ledger::read(&home).expect("read");
         assert_eq!(l.jobs.len(), 2);
-        assert!((l.total().0 - (2.0 + two.epsilon)).abs() < 0.01, "{:?}", l.total());
+        assert!(l.total().0 <= 2.0 * two.epsilon + 1e-9, "{:?}", l.total());
+    }
+
+    #[test]
+    fn totals_compose_in_rdp_and_never_exceed_the_sum_of_the_jobs() {
+        let (_d, home) = home();
+        let p = plan(2.0, 3);
+        for job in ["a", "b", "c"] {
+            reserve(&home, job, &p, 0.0).expect("reserve");
+        }
+        let (total, delta) = Ledger::read(&home).expect("read").total();
+        assert!((delta - 3e-5).abs() < 1e-12);
+        // Three ε ≈ 2 jobs: the sum is ≈ 6; their RDP composed at δ = 3e-5 is less.
+        assert!(total < 3.0 * p.epsilon - 0.5 && total > p.epsilon, "total {total}");
+        // So a budget of 5.5 takes a third job that basic composition (≈ 6) would refuse...
+        let (_d2, home2) = self::home();
+        reserve(&home2, "a", &p, 5.5).expect("a");
+        reserve(&home2, "b", &p, 5.5).expect("b");
+        reserve(&home2, "c", &p, 5.5).expect("c, by RDP composition");
+        // ...and the budget still binds.
+        let err = reserve(&home2, "d", &plan(8.0, 3), 5.5).expect_err("over budget");
+        assert!(err.why.contains("above its budget of 5.5"), "{}", err.why);
     }
 
     #[test]

@@ -61,7 +61,7 @@ pub struct PrivacyPolicy {
     pub max_epsilon: f64,
     /// Largest δ any one job may have.
     pub max_delta: f64,
-    /// Total ε over all jobs that use this site's records (basic composition); 0 = no
+    /// Total ε over all jobs that use this site's records (composed across jobs, `ledger`); 0 = no
     /// total limit.
     pub budget: f64,
 }

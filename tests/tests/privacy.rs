@@ -142,3 +142,66 @@ fn sites_run_dp_sgd_charge_their_ledgers_and_the_release_states_the_guarantee() 
     assert_eq!(d["accept"], false);
     assert!(d["reason"].as_str().is_some_and(|r| r.contains("[policy] privacy.allow_non_dp")), "{d:#}");
 }
+
+#[test]
+fn a_site_killed_while_training_with_dp_keeps_its_charge_and_is_not_charged_twice() {
+    let mut fed = Federation::new(4);
+    fed.start_coordinator();
+    fed.start_sites(&["site-1", "site-2", "site-3", "site-4"]);
+    fed.wait_online(4);
+    // The demo's model (4.2 M parameters): a round of DP-SGD lasts long enough to kill a
+    // site inside it.
+    let id = fed.submit(
+        "dp-kill",
+        3,
+        3,
+        "[train]\nepochs = 1\n[privacy]\nmode = \"local\"\nepsilon = 4.0\nsample_rate = 0.1\n",
+    );
+    let until = std::time::Instant::now() + 3 * MIN;
+    let round = loop {
+        let s = fed.site_status("site-1");
+        if s["stage"].as_str().is_some_and(|st| st.starts_with("training (DP-SGD)")) && s["job_id"] == id.as_str() {
+            break s["round"].as_u64().expect("round") as u32;
+        }
+        assert!(std::time::Instant::now() < until, "site-1 never trained with DP: {s:#}");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    fed.kill_site("site-1");
+    let home = fed.site_home("site-1");
+    // The charge was durable before training began.
+    let ledger = std::fs::read_to_string(home.join("privacy/ledger.jsonl")).expect("ledger");
+    let charged = |text: &str| -> Vec<(u64, String)> {
+        text.lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| v["kind"] == "charge" && v["job_id"] == id.as_str())
+            .map(|v| (v["round"].as_u64().unwrap_or(0), v["base_model"].as_str().unwrap_or_default().to_string()))
+            .collect()
+    };
+    assert!(charged(&ledger).iter().any(|(r, _)| *r == u64::from(round)), "no charge for round {round}:\n{ledger}");
+    fed.start_site("site-1");
+    let job = fed.wait_job(&id, 5 * MIN);
+    assert_eq!(job["state"], "completed", "{job:#}\n{}", fed.log_text("coordinator"));
+
+    // Every (round, base model) is charged once; the job's spend stays within its plan.
+    let ledger = std::fs::read_to_string(home.join("privacy/ledger.jsonl")).expect("ledger");
+    let mut lines = charged(&ledger);
+    let n = lines.len();
+    lines.sort();
+    lines.dedup();
+    assert_eq!(lines.len(), n, "a round charged twice:\n{ledger}");
+    let out = Command::new(bin("maeum-site")).args(["privacy", "--json", "--home"]).arg(&home).output().expect("runs");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    let plan = job["privacy"]["plan"]["epsilon"].as_f64().expect("plan");
+    assert!(v["jobs"][0]["spent"].as_f64().expect("spent") <= plan + 1e-9, "{v:#}");
+    // And the auditor sees the charge of the round the site died in.
+    let audit = fed.dir.path().join("audit.json");
+    let out = fed.cli(&["audit", "export", "--out", audit.to_str().unwrap_or_default()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let export = Export::decode(&std::fs::read(&audit).expect("export")).expect("decodes");
+    assert!(
+        export.entries.iter().any(|e| matches!(&e.event,
+            Event::PrivacyCharged { site, round: r, job_id, .. } if site == "site-1" && *r == round && *job_id == id)),
+        "no privacy_charged entry for site-1 round {round}"
+    );
+}
