@@ -279,10 +279,31 @@ impl PrivacyTable {
     }
 
     fn check(&self) -> Result<(), Invalid> {
+        let key = |k: &str| format!("[privacy] {k}");
         if self.is_off() {
+            // Keys that do not apply are errors: an epsilon without a mode would otherwise
+            // be a job without differential privacy that looks like one.
+            let d = PrivacyTable::default();
+            let set: Vec<&str> = [
+                ("epsilon", self.epsilon != d.epsilon),
+                ("delta", self.delta != d.delta),
+                ("clip", self.clip != d.clip),
+                ("sample_rate", self.sample_rate != d.sample_rate),
+            ]
+            .into_iter()
+            .filter_map(|(k, set)| set.then_some(k))
+            .collect();
+            if !set.is_empty() {
+                return Err(Invalid::new(
+                    key("mode"),
+                    format!(
+                        "is \"none\" (the default), but {} set: add mode = \"local\", or remove them",
+                        set.join(", ")
+                    ),
+                ));
+            }
             return Ok(());
         }
-        let key = |k: &str| format!("[privacy] {k}");
         if !(self.epsilon.is_finite() && self.epsilon > 0.0 && self.epsilon <= 100.0) {
             return Err(Invalid::new(key("epsilon"), format!("must be in (0, 100], got {}", self.epsilon)));
         }
@@ -808,6 +829,12 @@ mod tests {
         check(
             "[privacy]\nmode = \"local\"\nepsilon = 8.0\nsample_rate = 0.0\n",
             Some("job.toml: [privacy] sample_rate must be in [0.0001, 1], got 0"),
+        );
+        check(
+            "[privacy]\nepsilon = 8.0\n",
+            Some(
+                "job.toml: [privacy] mode is \"none\" (the default), but epsilon set: add mode = \"local\", or remove them",
+            ),
         );
         let err = JobSpec::from_toml("job.toml", &job("[privacy]\nmode = \"distributed\"\n")).expect_err("unknown");
         assert!(err.to_string().contains("unknown variant `distributed`, expected `none` or `local`"), "{err}");

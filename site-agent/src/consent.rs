@@ -241,7 +241,14 @@ pub fn show(dir: &Path, job_id: &str, json: bool) -> Result<()> {
     let (offer, consent) = find(&home, job_id)?;
     let spec = JobSpec::from_toml(&format!("job {job_id}"), &offer.toml)?;
     let policy = home.config()?.policy;
-    let rows = describe(&spec, &policy);
+    let mut rows = describe(&spec, &policy);
+    // The budget needs the ledger: a job the rules allow may still not fit in it.
+    if let Ok(Some(plan)) = spec.privacy_plan()
+        && let Err(r) = crate::ledger::check_budget(&home, job_id, &plan, policy.privacy.budget)
+        && let Some(row) = rows.iter_mut().find(|(k, _)| k == "your policy")
+    {
+        row.1 = r.to_string();
+    }
     if json {
         let map: serde_json::Map<String, serde_json::Value> =
             rows.into_iter().map(|(k, v)| (k, serde_json::Value::String(v))).collect();

@@ -440,6 +440,16 @@ pub fn show(dir: &Path, json: bool) -> Result<()> {
         }
         println!("{t}");
     }
+    if ledger.jobs.is_empty() {
+        println!(
+            "total: nothing spent{}",
+            match remaining {
+                Some(r) => format!("; budget {} leaves ε = {r:.3}", policy.budget),
+                None => "; no total budget set ([policy.privacy] budget)".into(),
+            }
+        );
+        return Ok(());
+    }
     println!(
         "total: ε = {total:.3}, δ = {total_delta:e} (composed across jobs){}",
         match remaining {

@@ -171,7 +171,7 @@ pub fn list(dir: &Path, json: bool) -> Result<()> {
     }
     let mut t = maeum_runtime::table::table(&["site", "certificate", "approved by", "log entry", "approved"], &[3]);
     for (site, m) in &roster {
-        let when = crate::enrol::ago(m.approved_ms);
+        let when = format!("{} ago", crate::enrol::ago(crate::now_ms() - m.approved_ms));
         t.add_row(vec![
             site.clone(),
             m.cert_fingerprint[..16.min(m.cert_fingerprint.len())].to_string(),

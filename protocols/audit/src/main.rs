@@ -501,6 +501,24 @@ fn line(entry: &Entry) -> String {
         Event::RoundFailed { job_id, round, attempt, reason } => {
             format!("job={job_id} round={round} attempt={attempt} reason={reason:?}")
         }
+        Event::SiteRefused { job_id, round, attempt, site, rule, detail } => {
+            format!("job={job_id} round={round} attempt={attempt} site={site} rule={rule} detail={detail:?}")
+        }
+        Event::PrivacyCharged {
+            job_id,
+            round,
+            site,
+            mechanism,
+            epsilon,
+            delta,
+            clip,
+            noise_multiplier,
+            sample_rate,
+            steps,
+        } => format!(
+            "job={job_id} round={round} site={site} mechanism={mechanism} epsilon={epsilon} delta={delta} clip={clip} \
+             noise_multiplier={noise_multiplier} sample_rate={sample_rate} steps={steps}"
+        ),
         Event::RoundCommitted { job_id, round, aggregate_sha256, model, contributors } => format!(
             "job={job_id} round={round} aggregate={} model={} contributors={}",
             short(aggregate_sha256),
