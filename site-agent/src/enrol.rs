@@ -158,6 +158,9 @@ fn status_lines(s: &Status, now_ms: i64) -> String {
     if !s.last_model.is_empty() {
         let _ = writeln!(out, "last model  {}", s.last_model);
     }
+    if !s.last_refusal.is_empty() {
+        let _ = writeln!(out, "refused     {}", s.last_refusal);
+    }
     if !s.audit.is_empty() {
         let _ = writeln!(out, "audit log   {}", s.audit);
     }
@@ -385,6 +388,21 @@ mod tests {
         let text = status_lines(&s, 1_000_000 + 5 * 60_000);
         let lines: Vec<&str> = text.lines().filter(|l| l.starts_with("job") || l.starts_with("release")).collect();
         assert_eq!(lines, expected);
+    }
+
+    #[test]
+    fn status_shows_the_last_refusal() {
+        let s = Status {
+            connection: "connected".into(),
+            last_refusal: "job j round 2 attempt 1: refused by this site's policy ([policy] min_cohort): …".into(),
+            ..Default::default()
+        };
+        let text = status_lines(&s, 0);
+        assert!(
+            text.lines().any(|l| l.starts_with("refused     job j round 2") && l.contains("[policy] min_cohort")),
+            "{text}"
+        );
+        assert!(!status_lines(&Status::default(), 0).contains("refused"));
     }
 
     #[test]

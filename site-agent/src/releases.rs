@@ -554,6 +554,22 @@ pub fn show(dir: &Path, selector: Option<&str>, json: bool) -> Result<()> {
             .collect();
         println!("  recall      {}", parts.join(", "));
     }
+    if let Some(f) = &card.crisis_flag {
+        println!(
+            "  crisis flag {} at or above {} (recall {}, precision {} on the sites' held-out posts)",
+            f.classes.join(", "),
+            f.threshold.map_or("the fallback threshold".into(), |t| format!("{t:.2}")),
+            f.recall.map_or("-".into(), |r| format!("{r:.2}")),
+            f.precision.map_or("-".into(), |p| format!("{p:.2}"))
+        );
+    }
+    match &card.privacy {
+        Some(p) => println!(
+            "  privacy     {}: ε = {:.3} per record per site at δ = {:e} after {} rounds",
+            p.mechanism, p.epsilon, p.delta, p.rounds
+        ),
+        None => println!("  privacy     no differential privacy (no per-record guarantee)"),
+    }
     Ok(())
 }
 

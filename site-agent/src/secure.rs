@@ -275,6 +275,17 @@ async fn exchange(client: &mut Client, t: &TrainTask, message: StageMessage) -> 
                 warn!(stage = message.name(), error = %describe(&e), "secure-aggregation call failed; resending");
                 tokio::time::sleep(Duration::from_millis(500)).await;
             }
+            // The coordinator closes the unmask stage as soon as it holds enough shares
+            // and ends the attempt: a late answer then finds no attempt in progress.
+            // This site's part is done either way (its shares were not needed).
+            Err(e)
+                if matches!(message, StageMessage::Unmask(_))
+                    && e.code() == Code::FailedPrecondition
+                    && e.message().contains("is not in progress") =>
+            {
+                info!(job = %t.job_id, round = t.round, attempt = t.attempt, "the unmask stage closed before this site's shares were needed");
+                return Ok(Reply::Done);
+            }
             Err(e) => bail!("secure aggregation, {} stage: {}", message.name(), describe(&e)),
         }
     }
