@@ -79,6 +79,9 @@ pub fn print_job(j: &pb::JobInfo) {
     if !j.excluded.is_empty() {
         println!("  excluded from later attempts: {}", j.excluded.join("; "));
     }
+    for r in &j.refusals {
+        println!("  refused by a site: {r}");
+    }
     for r in j.history.iter().filter(|r| !r.refused.is_empty()) {
         println!("  round {}: aggregate refused, committed without an update ({})", r.round, r.refused);
     }
@@ -170,6 +173,7 @@ pub fn job_json(j: &pb::JobInfo) -> serde_json::Value {
             "evaluation": score(&r.evaluation), "evaluated_by": r.evaluated_by,
         })).collect::<Vec<_>>(),
         "excluded": j.excluded,
+        "refusals": j.refusals,
         "privacy": privacy_plan(j).map(|p| serde_json::json!({
             "plan": p,
             "epsilon_per_round": j.history.iter().map(|r| serde_json::json!({"round": r.round, "epsilon": p.epsilon_after(r.round)})).collect::<Vec<_>>(),

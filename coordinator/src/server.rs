@@ -204,6 +204,8 @@ pub struct Coord {
     pub current_job: Mutex<Option<String>>,
     /// What the current job is doing, for `jobs status`.
     pub activity: Mutex<String>,
+    /// The latest round refusals per job (for `jobs status`; the log is the record).
+    pub refusals: Mutex<HashMap<String, Vec<String>>>,
     /// Bumped on every change that pollers or watchers may care about.
     pub changed: watch::Sender<u64>,
     /// When this coordinator process started (sites get a grace period to reconnect).
@@ -269,6 +271,7 @@ impl Coord {
             round: Mutex::new(None),
             current_job: Mutex::new(None),
             activity: Mutex::new(String::new()),
+            refusals: Mutex::new(HashMap::new()),
             changed: watch::channel(0).0,
             started: Instant::now(),
             sites_seen: Mutex::new(Vec::new()),
@@ -1182,6 +1185,13 @@ impl pb::fleet_server::Fleet for Fleet {
         })
         .map_err(internal)?;
         c.metrics.site_refusals.inc(rule);
+        {
+            let mut all = lock(&c.refusals);
+            let list = all.entry(job_id.clone()).or_default();
+            list.push(format!("{site} round {} attempt {}: {rule}: {detail}", r.round, r.attempt));
+            let extra = list.len().saturating_sub(10);
+            list.drain(..extra);
+        }
         if rule == "reveal_once" {
             lock(&c.revealed_before).insert((job_id.clone(), r.round));
         }
@@ -1409,6 +1419,7 @@ impl Coord {
             initial_evaluation: confusion(&j.initial_evaluation),
             secure_aggregation: j.spec.secure_aggregation.enabled(),
             excluded: j.excluded.iter().map(|(s, why)| format!("{s}: {why}")).collect(),
+            refusals: lock(&self.refusals).get(&j.id).cloned().unwrap_or_default(),
             privacy_plan: j
                 .spec
                 .privacy_plan()

@@ -175,6 +175,13 @@ fn a_session_of_two_is_refused_before_any_key_is_advertised() {
     assert!(status["last_refusal"].as_str().is_some_and(|r| r.contains("min_cohort")), "{status:#}");
     let job = fed.job(&id);
     assert!(job["history"].as_array().is_some_and(|h| h.is_empty()), "no round committed: {job:#}");
+    // The lead sees why in `jobs status`, not only a stage waiting for keys.
+    assert!(
+        job["refusals"].as_array().is_some_and(|r| r
+            .iter()
+            .any(|r| r.as_str().is_some_and(|r| r.starts_with("site-1 round 1") && r.contains("min_cohort")))),
+        "{job:#}"
+    );
 }
 
 #[test]
