@@ -336,7 +336,7 @@ fn run(
                 Model::Text { arch, data, dropout } => {
                     let dropped;
                     let doc = if *dropout > 0.0 {
-                        dropped = drop_one(&data.docs[r], *dropout, rng);
+                        dropped = crate::text::drop_one(&data.docs[r], *dropout, rng);
                         &dropped
                     } else {
                         &data.docs[r]
@@ -379,19 +379,6 @@ fn example_loss(head: Head, p: &[f32], x: &[f32], y: usize) -> f64 {
     let g = head_grad(head, &v, x, y, false);
     // dz = p − e_y, so p_y = dz_y + 1.
     -f64::from(g.dz[y] + 1.0).max(1e-30).ln()
-}
-
-/// Feature dropout for one document (as in non-private training).
-fn drop_one(d: &SparseDoc, p: f64, rng: &mut dyn RngCore) -> SparseDoc {
-    let scale = (1.0 / (1.0 - p)) as f32;
-    let mut out = SparseDoc { ids: Vec::with_capacity(d.ids.len()), weights: Vec::with_capacity(d.ids.len()) };
-    for (&id, &w) in d.ids.iter().zip(&d.weights) {
-        if !rng.random_bool(p) {
-            out.ids.push(id);
-            out.weights.push(w * scale);
-        }
-    }
-    out
 }
 
 /// DP-SGD of the text classifier.

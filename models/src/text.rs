@@ -114,20 +114,20 @@ fn bags(emb: &[f32], dim: usize, docs: &[SparseDoc], rows: &[usize]) -> Vec<f32>
 /// Feature dropout: each (document, feature) is kept with probability `1 − p` and its
 /// weight scaled by `1 / (1 − p)`; dropped features get weight 0 (and so no gradient).
 fn drop_features(docs: &[SparseDoc], rows: &[usize], p: f64, rng: &mut ChaCha20Rng) -> Vec<SparseDoc> {
+    rows.iter().map(|&r| drop_one(&docs[r], p, rng)).collect()
+}
+
+/// Feature dropout for one document (also used by DP-SGD, per example).
+pub(crate) fn drop_one<R: Rng + ?Sized>(d: &SparseDoc, p: f64, rng: &mut R) -> SparseDoc {
     let scale = (1.0 / (1.0 - p)) as f32;
-    rows.iter()
-        .map(|&r| {
-            let d = &docs[r];
-            let mut out = SparseDoc { ids: Vec::with_capacity(d.ids.len()), weights: Vec::with_capacity(d.ids.len()) };
-            for (&id, &w) in d.ids.iter().zip(&d.weights) {
-                if !rng.random_bool(p) {
-                    out.ids.push(id);
-                    out.weights.push(w * scale);
-                }
-            }
-            out
-        })
-        .collect()
+    let mut out = SparseDoc { ids: Vec::with_capacity(d.ids.len()), weights: Vec::with_capacity(d.ids.len()) };
+    for (&id, &w) in d.ids.iter().zip(&d.weights) {
+        if !rng.random_bool(p) {
+            out.ids.push(id);
+            out.weights.push(w * scale);
+        }
+    }
+    out
 }
 
 /// Lazy Adam / SGD state of the embedding table.
