@@ -561,7 +561,7 @@ pub async fn run(a: DemoArgs) -> Result<()> {
 
     // Read before --clean removes the sites' homes.
     let policies = site_policies(&work, &sites);
-    let spent = site_privacy_spent(&work, &sites, &info.job_id);
+    let spent = logged_privacy_spent(&audit_bytes, &sites, &info.job_id);
     let privacy = plan.map(|p| {
         serde_json::json!({
             "mode": a.privacy, "target_epsilon": a.epsilon, "epsilon": p.epsilon, "delta": p.delta, "clip": p.clip,
@@ -628,7 +628,7 @@ pub async fn run(a: DemoArgs) -> Result<()> {
                 m.iter().map(|(s, e)| format!("{s} {}", e.as_f64().map_or("-".into(), |e| format!("{e:.3}")))).collect()
             })
             .unwrap_or_default();
-        println!("ε spent per record, from each site's privacy ledger: {}", line.join(", "));
+        println!("ε spent per record, as each site charged it (privacy_charged in the audit log): {}", line.join(", "));
     }
     println!();
     println!("{MACRO_F1_NOTE}");
@@ -677,19 +677,22 @@ fn site_policies(work: &Path, sites: &[String]) -> serde_json::Value {
     serde_json::Value::Object(out)
 }
 
-/// ε per record each site's privacy ledger (HOME/privacy/ledger.jsonl) charged for
-/// `job_id`: the site's own account, read from its home (the demo runs the sites here).
-fn site_privacy_spent(work: &Path, sites: &[String], job_id: &str) -> serde_json::Value {
-    let mut out = serde_json::Map::new();
-    for s in sites {
-        let text = std::fs::read_to_string(work.join(s).join("privacy/ledger.jsonl")).unwrap_or_default();
-        let spent = text
-            .lines()
-            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-            .filter(|v| v["kind"] == "charge" && v["job_id"] == job_id)
-            .filter_map(|v| v["epsilon_job"].as_f64())
-            .fold(None, |m: Option<f64>, e| Some(m.map_or(e, |m| m.max(e))));
-        out.insert(s.clone(), spent.map_or(serde_json::Value::Null, serde_json::Value::from));
+/// ε per record each site charged for `job_id`, as the audit log records it
+/// (`privacy_charged` entries in the run's export): the largest per site, or null.
+fn logged_privacy_spent(export: &[u8], sites: &[String], job_id: &str) -> serde_json::Value {
+    let mut out: serde_json::Map<String, serde_json::Value> =
+        sites.iter().map(|s| (s.clone(), serde_json::Value::Null)).collect();
+    let entries = maeum_tlog::export::Export::decode(export).map(|e| e.entries).unwrap_or_default();
+    for e in entries {
+        if let maeum_tlog::Event::PrivacyCharged { job_id: j, site, epsilon, .. } = e.event
+            && j == job_id
+            && let Ok(eps) = epsilon.parse::<f64>()
+        {
+            let slot = out.entry(site).or_insert(serde_json::Value::Null);
+            if slot.as_f64().is_none_or(|best| eps > best) {
+                *slot = eps.into();
+            }
+        }
     }
     serde_json::Value::Object(out)
 }
