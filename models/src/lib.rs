@@ -7,6 +7,7 @@
 pub mod accountant;
 pub mod data;
 pub mod dp;
+pub mod encoder;
 pub mod features;
 pub mod metrics;
 pub mod model;

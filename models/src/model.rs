@@ -8,6 +8,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use crate::data::{Example, LabelSet, Table};
+use crate::encoder::{EncoderError, EncoderSpec, Encoders};
 use crate::features::{FeatureConfig, featurize};
 use crate::nn::{self, Mlp, MlpArch, TabularData, TrainConfig, TrainReport};
 use crate::params::{FlatParams, Layout, ParamsError};
@@ -37,6 +38,13 @@ pub enum ModelSpec {
         config: TextClassifierConfig,
         labels: LabelSet,
     },
+    /// A frozen pretrained sentence encoder ([`crate::encoder`]) and a trained MLP head
+    /// on its vectors. Only the head is in the parameters (and in every update).
+    EncoderHead {
+        encoder: EncoderSpec,
+        hidden: usize,
+        labels: LabelSet,
+    },
     TabularMlp {
         columns: Vec<String>,
         /// Standardisation fitted on the training data: `(x − mean) / std`.
@@ -56,6 +64,8 @@ pub enum ModelError {
     Spec { path: String, detail: String },
     #[error("invalid model configuration: {0}")]
     Config(String),
+    #[error(transparent)]
+    Encoder(#[from] EncoderError),
     #[error("this is a {actual} model, expected {expected}")]
     WrongKind { expected: &'static str, actual: &'static str },
 }
@@ -64,13 +74,16 @@ impl ModelSpec {
     pub fn kind(&self) -> &'static str {
         match self {
             ModelSpec::TextClassifier { .. } => "text-classifier",
+            ModelSpec::EncoderHead { .. } => "encoder-head",
             ModelSpec::TabularMlp { .. } => "tabular-mlp",
         }
     }
 
     pub fn labels(&self) -> &LabelSet {
         match self {
-            ModelSpec::TextClassifier { labels, .. } | ModelSpec::TabularMlp { labels, .. } => labels,
+            ModelSpec::TextClassifier { labels, .. }
+            | ModelSpec::EncoderHead { labels, .. }
+            | ModelSpec::TabularMlp { labels, .. } => labels,
         }
     }
 
@@ -90,9 +103,20 @@ impl ModelSpec {
                 hidden: config.hidden,
                 n_labels: labels.len(),
             }),
+            ModelSpec::EncoderHead { encoder, hidden, labels } => {
+                Arch::Tabular(MlpArch { n_in: encoder.dim, hidden: *hidden, n_labels: labels.len() })
+            }
             ModelSpec::TabularMlp { columns, hidden, labels, .. } => {
                 Arch::Tabular(MlpArch { n_in: columns.len(), hidden: *hidden, n_labels: labels.len() })
             }
+        }
+    }
+
+    /// The pretrained encoder this model runs on its inputs, if any.
+    pub fn encoder(&self) -> Option<&EncoderSpec> {
+        match self {
+            ModelSpec::EncoderHead { encoder, .. } => Some(encoder),
+            _ => None,
         }
     }
 
@@ -102,7 +126,9 @@ impl ModelSpec {
             (Arch::Text(a), Prepared::Text(d)) => Ok(ArchData::Text(a, d)),
             (Arch::Tabular(a), Prepared::Tabular(d)) => Ok(ArchData::Tabular(a, d)),
             (_, Prepared::Text(_)) => Err(ModelError::WrongKind { expected: "text-classifier", actual: self.kind() }),
-            (_, Prepared::Tabular(_)) => Err(ModelError::WrongKind { expected: "tabular-mlp", actual: self.kind() }),
+            (_, Prepared::Tabular(_)) => {
+                Err(ModelError::WrongKind { expected: "tabular-mlp or encoder-head", actual: self.kind() })
+            }
         }
     }
 
@@ -115,10 +141,13 @@ impl ModelSpec {
                     return Err(ModelError::Config("embed_dim and hidden must be positive".into()));
                 }
             }
-            ModelSpec::TabularMlp { hidden, .. } if *hidden == 0 => {
+            ModelSpec::TabularMlp { hidden, .. } | ModelSpec::EncoderHead { hidden, .. } if *hidden == 0 => {
                 return Err(ModelError::Config("hidden must be positive".into()));
             }
-            ModelSpec::TabularMlp { .. } => {}
+            ModelSpec::EncoderHead { encoder, .. } if encoder.dim == 0 => {
+                return Err(ModelError::Config("the encoder's dim must be positive".into()));
+            }
+            ModelSpec::TabularMlp { .. } | ModelSpec::EncoderHead { .. } => {}
         }
         Ok(match self.arch() {
             Arch::Text(a) => a.init(seed),
@@ -167,31 +196,88 @@ impl Prepared {
 
 impl ModelSpec {
     /// Featurises text examples (labels must be in the spec's label set; unknown labels
-    /// are a caller bug because readers validate them).
+    /// are a caller bug because readers validate them). Encoder models need
+    /// [`ModelSpec::prepare_text_in`].
     pub fn prepare_text(&self, examples: &[Example]) -> Result<Prepared, ModelError> {
-        let ModelSpec::TextClassifier { config, labels } = self else {
-            return Err(ModelError::WrongKind { expected: "text-classifier", actual: self.kind() });
-        };
-        let docs = examples.iter().map(|e| featurize(&e.text, &config.features)).collect();
+        self.prepare_examples(examples, None, &mut |_, _| {})
+    }
+
+    /// [`ModelSpec::prepare_text`] for every text model kind: an encoder model embeds
+    /// the texts with its encoder from `encoders` (cached there). `progress(done, total)`.
+    pub fn prepare_text_in(
+        &self,
+        examples: &[Example],
+        encoders: &mut Encoders,
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> Result<Prepared, ModelError> {
+        self.prepare_examples(examples, Some(encoders), progress)
+    }
+
+    fn prepare_examples(
+        &self,
+        examples: &[Example],
+        encoders: Option<&mut Encoders>,
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> Result<Prepared, ModelError> {
         let labels = examples
             .iter()
             .map(|e| {
-                labels
+                self.labels()
                     .index(&e.label)
                     .ok_or_else(|| ModelError::Config(format!("label {:?} not in the label set", e.label)))
             })
-            .collect::<Result<_, _>>()?;
-        Ok(Prepared::Text(TextData { docs, labels }))
+            .collect::<Result<Vec<_>, _>>()?;
+        let texts: Vec<&str> = examples.iter().map(|e| e.text.as_str()).collect();
+        let mut prepared = self.prepare_texts(&texts, encoders, progress)?;
+        match &mut prepared {
+            Prepared::Text(d) => d.labels = labels,
+            Prepared::Tabular(d) => d.labels = labels,
+        }
+        Ok(prepared)
     }
 
-    /// Featurises texts without labels (inference).
+    /// Featurises texts without labels (inference). Encoder models need
+    /// [`ModelSpec::prepare_unlabelled_in`].
     pub fn prepare_unlabelled(&self, texts: &[String]) -> Result<Prepared, ModelError> {
-        let ModelSpec::TextClassifier { config, .. } = self else {
-            return Err(ModelError::WrongKind { expected: "text-classifier", actual: self.kind() });
-        };
-        let docs: Vec<_> = texts.iter().map(|t| featurize(t, &config.features)).collect();
-        let labels = vec![0; docs.len()];
-        Ok(Prepared::Text(TextData { docs, labels }))
+        let texts: Vec<&str> = texts.iter().map(String::as_str).collect();
+        self.prepare_texts(&texts, None, &mut |_, _| {})
+    }
+
+    /// [`ModelSpec::prepare_unlabelled`] for every text model kind.
+    pub fn prepare_unlabelled_in(&self, texts: &[String], encoders: &mut Encoders) -> Result<Prepared, ModelError> {
+        let texts: Vec<&str> = texts.iter().map(String::as_str).collect();
+        self.prepare_texts(&texts, Some(encoders), &mut |_, _| {})
+    }
+
+    /// Inputs with label 0 (callers set the labels).
+    fn prepare_texts(
+        &self,
+        texts: &[&str],
+        encoders: Option<&mut Encoders>,
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> Result<Prepared, ModelError> {
+        match self {
+            ModelSpec::TextClassifier { config, .. } => {
+                let docs: Vec<_> = texts.iter().map(|t| featurize(t, &config.features)).collect();
+                let labels = vec![0; docs.len()];
+                Ok(Prepared::Text(TextData { docs, labels }))
+            }
+            ModelSpec::EncoderHead { encoder, .. } => {
+                let Some(encoders) = encoders else {
+                    return Err(ModelError::Config(format!(
+                        "an encoder-head model needs its encoder {:?}, and none was given",
+                        encoder.name
+                    )));
+                };
+                let flat = encoders.embed(encoder, texts, progress)?;
+                let rows: Vec<Vec<f32>> = flat.chunks_exact(encoder.dim).map(<[f32]>::to_vec).collect();
+                let labels = vec![0; rows.len()];
+                Ok(Prepared::Tabular(TabularData { rows, labels }))
+            }
+            ModelSpec::TabularMlp { .. } => {
+                Err(ModelError::WrongKind { expected: "text-classifier or encoder-head", actual: self.kind() })
+            }
+        }
     }
 
     /// Standardises table rows with this spec's scaler.

@@ -1,0 +1,654 @@
+//! Pretrained sentence encoders: a BERT-style transformer in burn, loaded from
+//! safetensors, with WordPiece tokenisation from the shipped `tokenizer.json`.
+//!
+//! The encoder is frozen: it turns a text into one L2-normalised vector (masked mean
+//! pooling over the last layer), and a small head ([`crate::nn::Mlp`]) is trained on
+//! those vectors. An encoder is identified by the SHA-256 of its weights and of its
+//! tokenizer; [`Encoder::load`] refuses files whose digests differ from the
+//! [`EncoderSpec`] a job or release names, so a coordinator cannot hand a site a crafted
+//! encoder: sites only run encoders their administrator installed.
+//!
+//! Forward pass (as Hugging Face's `BertModel` in eval mode): word + position +
+//! token-type-0 embeddings → LayerNorm → N × (multi-head self-attention → dense →
+//! residual → LayerNorm → dense → GELU (exact erf) → dense → residual → LayerNorm).
+//! Sequences are truncated to `max_tokens` (including `[CLS]` and `[SEP]`) and never
+//! padded to a fixed length: a batch is padded to its longest member and the padding is
+//! masked out of attention and pooling, so a text's vector does not depend on its
+//! batch. Texts are batched by length to keep padding small.
+
+use std::path::{Path, PathBuf};
+
+use burn::tensor::activation::{gelu, softmax};
+use burn::tensor::{Device, Int, Tensor, TensorData};
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+
+/// Which encoder a model uses, by name and digests (carried by the job, the model file
+/// and the release's card).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EncoderSpec {
+    /// A short name, e.g. `all-minilm-l6-v2` (the folder a site keeps it in).
+    pub name: String,
+    /// SHA-256 (hex) of `model.safetensors`.
+    pub sha256: String,
+    /// SHA-256 (hex) of `tokenizer.json`.
+    pub tokenizer_sha256: String,
+    /// Width of the sentence vector.
+    pub dim: usize,
+    /// Tokens per text, `[CLS]` and `[SEP]` included; longer texts are truncated.
+    pub max_tokens: usize,
+}
+
+/// The encoders Maeum knows by name (a job names one; `scripts/fetch_encoder.py` fetches
+/// it).
+pub fn known(name: &str) -> Option<EncoderSpec> {
+    match name {
+        "all-minilm-l6-v2" => Some(EncoderSpec {
+            name: name.into(),
+            sha256: "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db".into(),
+            tokenizer_sha256: "be50c3628f2bf5bb5e3a7f17b1f74611b2561a3a27eeab05e5aa30f411572037".into(),
+            dim: 384,
+            max_tokens: 128,
+        }),
+        _ => None,
+    }
+}
+
+/// The names [`known`] accepts.
+pub const KNOWN: &[&str] = &["all-minilm-l6-v2"];
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum EncoderError {
+    #[error("{path}: {error}")]
+    Io { path: PathBuf, error: std::io::Error },
+    #[error("{path}: SHA-256 is {actual}, expected {expected} (not the encoder the model names)")]
+    Digest { path: PathBuf, actual: String, expected: String },
+    #[error("{path}: {detail}")]
+    Format { path: PathBuf, detail: String },
+    #[error("encoder {name:?}: {detail}")]
+    Tokenize { name: String, detail: String },
+}
+
+/// The architecture, from the encoder's `config.json`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct BertConfig {
+    pub hidden_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub intermediate_size: usize,
+    pub vocab_size: usize,
+    pub max_position_embeddings: usize,
+    pub type_vocab_size: usize,
+    #[serde(default = "default_eps")]
+    pub layer_norm_eps: f64,
+    #[serde(default)]
+    pub hidden_act: String,
+    #[serde(default)]
+    pub model_type: String,
+}
+
+fn default_eps() -> f64 {
+    1e-12
+}
+
+/// A linear layer, weight stored `(in, out)` (transposed from PyTorch's `(out, in)`).
+#[derive(Clone)]
+struct Linear {
+    w: Tensor<2>,
+    b: Tensor<2>,
+}
+
+impl Linear {
+    fn forward(&self, x: Tensor<2>) -> Tensor<2> {
+        x.matmul(self.w.clone()) + self.b.clone()
+    }
+}
+
+#[derive(Clone)]
+struct LayerNorm {
+    gamma: Tensor<2>,
+    beta: Tensor<2>,
+    eps: f64,
+}
+
+impl LayerNorm {
+    fn forward(&self, x: Tensor<2>) -> Tensor<2> {
+        let (var, mean) = x.clone().var_mean_bias(1);
+        (x - mean) / (var + self.eps).sqrt() * self.gamma.clone() + self.beta.clone()
+    }
+}
+
+#[derive(Clone)]
+struct Layer {
+    /// Query, key and value projections side by side (`h × 3h`): one matrix product.
+    qkv: Linear,
+    attn_out: Linear,
+    attn_norm: LayerNorm,
+    inter: Linear,
+    out: Linear,
+    out_norm: LayerNorm,
+}
+
+/// A loaded encoder: tokenizer and weights, verified against its [`EncoderSpec`].
+pub struct Encoder {
+    spec: EncoderSpec,
+    config: BertConfig,
+    tokenizer: tokenizers::Tokenizer,
+    word: Tensor<2>,
+    position: Tensor<2>,
+    token_type0: Tensor<2>,
+    emb_norm: LayerNorm,
+    layers: Vec<Layer>,
+    device: Device,
+}
+
+impl std::fmt::Debug for Encoder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Encoder").field("spec", &self.spec).field("config", &self.config).finish_non_exhaustive()
+    }
+}
+
+/// Texts per forward pass. Larger batches amortise the per-op overhead; padding is
+/// bounded by batching texts of similar length.
+const BATCH: usize = 32;
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    ring::digest::digest(&ring::digest::SHA256, bytes).as_ref().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn read(path: &Path) -> Result<Vec<u8>, EncoderError> {
+    std::fs::read(path).map_err(|error| EncoderError::Io { path: path.to_owned(), error })
+}
+
+impl Encoder {
+    /// Loads the encoder in `dir` (`model.safetensors`, `tokenizer.json`,
+    /// `config.json`) and checks both digests against `expected`.
+    pub fn load(dir: &Path, expected: &EncoderSpec) -> Result<Self, EncoderError> {
+        let (weights_path, tokenizer_path) = (dir.join("model.safetensors"), dir.join("tokenizer.json"));
+        let weights = read(&weights_path)?;
+        let actual = sha256_hex(&weights);
+        if actual != expected.sha256 {
+            return Err(EncoderError::Digest { path: weights_path, actual, expected: expected.sha256.clone() });
+        }
+        let tokenizer = read(&tokenizer_path)?;
+        let actual = sha256_hex(&tokenizer);
+        if actual != expected.tokenizer_sha256 {
+            return Err(EncoderError::Digest {
+                path: tokenizer_path,
+                actual,
+                expected: expected.tokenizer_sha256.clone(),
+            });
+        }
+        Self::from_parts(dir, &weights, &tokenizer, expected.clone())
+    }
+
+    /// Loads the encoder in `dir` under `name` and describes it (digests computed
+    /// here): for installing an encoder, never for running a job's model.
+    pub fn inspect(dir: &Path, name: &str, max_tokens: usize) -> Result<Self, EncoderError> {
+        let weights = read(&dir.join("model.safetensors"))?;
+        let tokenizer = read(&dir.join("tokenizer.json"))?;
+        let spec = EncoderSpec {
+            name: name.into(),
+            sha256: sha256_hex(&weights),
+            tokenizer_sha256: sha256_hex(&tokenizer),
+            dim: 0,
+            max_tokens,
+        };
+        Self::from_parts(dir, &weights, &tokenizer, spec)
+    }
+
+    fn from_parts(dir: &Path, weights: &[u8], tokenizer: &[u8], mut spec: EncoderSpec) -> Result<Self, EncoderError> {
+        let config_path = dir.join("config.json");
+        let config: BertConfig = serde_json::from_slice(&read(&config_path)?)
+            .map_err(|e| EncoderError::Format { path: config_path.clone(), detail: e.to_string() })?;
+        let bad = |detail: String| EncoderError::Format { path: config_path.clone(), detail };
+        if !config.model_type.is_empty() && config.model_type != "bert" {
+            return Err(bad(format!("model_type {:?} is not supported (only \"bert\")", config.model_type)));
+        }
+        if !config.hidden_act.is_empty() && config.hidden_act != "gelu" {
+            return Err(bad(format!("hidden_act {:?} is not supported (only \"gelu\")", config.hidden_act)));
+        }
+        if config.num_attention_heads == 0 || !config.hidden_size.is_multiple_of(config.num_attention_heads) {
+            return Err(bad(format!(
+                "hidden_size {} is not a multiple of num_attention_heads {}",
+                config.hidden_size, config.num_attention_heads
+            )));
+        }
+        if spec.dim != 0 && spec.dim != config.hidden_size {
+            return Err(bad(format!("hidden_size is {}, the model expects {}", config.hidden_size, spec.dim)));
+        }
+        if spec.max_tokens < 2 || spec.max_tokens > config.max_position_embeddings {
+            return Err(bad(format!(
+                "max_tokens {} must be in 2..={} (max_position_embeddings)",
+                spec.max_tokens, config.max_position_embeddings
+            )));
+        }
+        spec.dim = config.hidden_size;
+
+        let tokenizer_path = dir.join("tokenizer.json");
+        let mut tok = tokenizers::Tokenizer::from_bytes(tokenizer)
+            .map_err(|e| EncoderError::Format { path: tokenizer_path.clone(), detail: e.to_string() })?;
+        tok.with_padding(None);
+        tok.with_truncation(Some(tokenizers::TruncationParams { max_length: spec.max_tokens, ..Default::default() }))
+            .map_err(|e| EncoderError::Format { path: tokenizer_path.clone(), detail: e.to_string() })?;
+        if tok.get_vocab_size(true) > config.vocab_size {
+            return Err(EncoderError::Format {
+                path: tokenizer_path,
+                detail: format!(
+                    "{} tokens, more than the model's vocab_size {}",
+                    tok.get_vocab_size(true),
+                    config.vocab_size
+                ),
+            });
+        }
+
+        let weights_path = dir.join("model.safetensors");
+        let st = safetensors::SafeTensors::deserialize(weights)
+            .map_err(|e| EncoderError::Format { path: weights_path.clone(), detail: e.to_string() })?;
+        let device = Device::flex();
+        let loader = Loader { st: &st, path: &weights_path, device: &device };
+        let (h, i) = (config.hidden_size, config.intermediate_size);
+        let norm = |prefix: &str| -> Result<LayerNorm, EncoderError> {
+            Ok(LayerNorm {
+                gamma: loader.row(&format!("{prefix}.weight"), h)?,
+                beta: loader.row(&format!("{prefix}.bias"), h)?,
+                eps: config.layer_norm_eps,
+            })
+        };
+        let linear = |prefix: &str, n_in: usize, n_out: usize| -> Result<Linear, EncoderError> {
+            Ok(Linear {
+                w: loader.linear(&format!("{prefix}.weight"), n_in, n_out)?,
+                b: loader.row(&format!("{prefix}.bias"), n_out)?,
+            })
+        };
+        let word = loader.matrix("embeddings.word_embeddings.weight", config.vocab_size, h)?;
+        let position = loader.matrix("embeddings.position_embeddings.weight", config.max_position_embeddings, h)?;
+        let token_type = loader.matrix("embeddings.token_type_embeddings.weight", config.type_vocab_size, h)?;
+        let token_type0 = token_type.slice([0..1, 0..h]);
+        let emb_norm = norm("embeddings.LayerNorm")?;
+        let mut layers = Vec::with_capacity(config.num_hidden_layers);
+        for l in 0..config.num_hidden_layers {
+            let p = format!("encoder.layer.{l}");
+            layers.push(Layer {
+                qkv: {
+                    let parts = ["query", "key", "value"].map(|n| linear(&format!("{p}.attention.self.{n}"), h, h));
+                    let [q, k, v] = parts;
+                    let (q, k, v) = (q?, k?, v?);
+                    Linear { w: Tensor::cat(vec![q.w, k.w, v.w], 1), b: Tensor::cat(vec![q.b, k.b, v.b], 1) }
+                },
+                attn_out: linear(&format!("{p}.attention.output.dense"), h, h)?,
+                attn_norm: norm(&format!("{p}.attention.output.LayerNorm"))?,
+                inter: linear(&format!("{p}.intermediate.dense"), h, i)?,
+                out: linear(&format!("{p}.output.dense"), i, h)?,
+                out_norm: norm(&format!("{p}.output.LayerNorm"))?,
+            });
+        }
+        Ok(Self { spec, config, tokenizer: tok, word, position, token_type0, emb_norm, layers, device })
+    }
+
+    pub fn spec(&self) -> &EncoderSpec {
+        &self.spec
+    }
+
+    pub fn config(&self) -> &BertConfig {
+        &self.config
+    }
+
+    /// Token ids of each text, `[CLS]` … `[SEP]`, truncated to `max_tokens`.
+    pub fn tokenize(&self, texts: &[&str]) -> Result<Vec<Vec<u32>>, EncoderError> {
+        texts
+            .iter()
+            .map(|t| {
+                self.tokenizer
+                    .encode(*t, true)
+                    .map(|e| e.get_ids().to_vec())
+                    // The tokenizer's message may quote the text: keep only its kind.
+                    .map_err(|_| EncoderError::Tokenize {
+                        name: self.spec.name.clone(),
+                        detail: "the tokenizer rejected a text".into(),
+                    })
+            })
+            .collect()
+    }
+
+    /// The sentence vectors of `texts`, row-major (`texts.len() × dim`). `progress`
+    /// is told the number of texts done after each batch.
+    pub fn embed(&self, texts: &[&str], progress: &mut dyn FnMut(usize)) -> Result<Vec<f32>, EncoderError> {
+        let ids = self.tokenize(texts)?;
+        Ok(self.embed_ids(&ids, progress))
+    }
+
+    /// [`Encoder::embed`] from token ids (each at most `max_tokens` long, ids below the
+    /// vocabulary size — as [`Encoder::tokenize`] returns them).
+    pub fn embed_ids(&self, ids: &[Vec<u32>], progress: &mut dyn FnMut(usize)) -> Vec<f32> {
+        let dim = self.config.hidden_size;
+        let mut order: Vec<usize> = (0..ids.len()).collect();
+        order.sort_by_key(|&i| ids[i].len());
+        let mut out = vec![0f32; ids.len() * dim];
+        let mut done = 0;
+        let chunks: Vec<&[usize]> = order.chunks(BATCH).collect();
+        // One batch per core at a time: the matrix products of one batch alone keep
+        // only part of a second core busy.
+        let threads = rayon::current_num_threads().max(1);
+        for group in chunks.chunks(threads) {
+            let vectors: Vec<Vec<f32>> = group
+                .par_iter()
+                .map(|chunk| {
+                    let batch: Vec<&[u32]> = chunk.iter().map(|&i| ids[i].as_slice()).collect();
+                    self.forward(&batch)
+                })
+                .collect();
+            for (chunk, vectors) in group.iter().zip(vectors) {
+                for (&i, v) in chunk.iter().zip(vectors.chunks_exact(dim)) {
+                    out[i * dim..(i + 1) * dim].copy_from_slice(v);
+                }
+                done += chunk.len();
+            }
+            progress(done);
+        }
+        out
+    }
+
+    /// One batch: padded to its longest member, masked, mean-pooled, normalised.
+    fn forward(&self, batch: &[&[u32]]) -> Vec<f32> {
+        let (b, h) = (batch.len(), self.config.hidden_size);
+        let len = batch.iter().map(|s| s.len()).max().unwrap_or(0).clamp(1, self.spec.max_tokens);
+        let (heads, head_dim) = (self.config.num_attention_heads, h / self.config.num_attention_heads);
+        let vocab = self.config.vocab_size as u32;
+        let mut flat_ids = Vec::with_capacity(b * len);
+        let mut mask = Vec::with_capacity(b * len);
+        for s in batch {
+            for t in 0..len {
+                // Ids outside the vocabulary cannot come from the tokenizer (checked at
+                // load); map them to 0 rather than index out of bounds.
+                let id = s.get(t).copied().map(|id| if id < vocab { id } else { 0 });
+                flat_ids.push(id.unwrap_or(0) as i32);
+                mask.push(if id.is_some() { 1f32 } else { 0f32 });
+            }
+        }
+        let dev = &self.device;
+        let ids = Tensor::<1, Int>::from_data(TensorData::new(flat_ids, [b * len]), dev);
+        let mask2 = Tensor::<2>::from_data(TensorData::new(mask, [b, len]), dev);
+
+        let x = self.word.clone().select(0, ids).reshape([b, len, h])
+            + self.position.clone().slice([0..len, 0..h]).reshape([1, len, h])
+            + self.token_type0.clone().reshape([1, 1, h]);
+        let mut x = self.emb_norm.forward(x.reshape([b * len, h]));
+        // 0 for tokens, a large negative number for padding: softmax gives padding no weight.
+        let bias = ((mask2.clone() - 1.0) * 1e9).reshape([b, 1, 1, len]);
+        let scale = 1.0 / (head_dim as f64).sqrt();
+        let split = |t: Tensor<2>| t.reshape([b, len, heads, head_dim]).swap_dims(1, 2);
+        for layer in &self.layers {
+            let qkv = layer.qkv.forward(x.clone());
+            let q = split(qkv.clone().slice([0..b * len, 0..h]));
+            let k = split(qkv.clone().slice([0..b * len, h..2 * h]));
+            let v = split(qkv.slice([0..b * len, 2 * h..3 * h]));
+            let scores = q.matmul(k.swap_dims(2, 3)) * scale + bias.clone();
+            let ctx = softmax(scores, 3).matmul(v).swap_dims(1, 2).reshape([b * len, h]);
+            let x1 = layer.attn_norm.forward(layer.attn_out.forward(ctx) + x);
+            let ff = layer.out.forward(gelu(layer.inter.forward(x1.clone())));
+            x = layer.out_norm.forward(ff + x1);
+        }
+        let mask3 = mask2.clone().reshape([b, len, 1]);
+        let summed = (x.reshape([b, len, h]) * mask3).sum_dim(1).reshape([b, h]);
+        let counts = mask2.sum_dim(1).clamp_min(1.0);
+        let mean = summed / counts;
+        let norm = mean.clone().powi_scalar(2).sum_dim(1).sqrt().clamp_min(1e-12);
+        let pooled = mean / norm;
+        // INVARIANT: a float tensor converts to f32.
+        #[allow(clippy::unwrap_used)]
+        pooled.into_data().convert::<f32>().try_into_vec::<f32>().unwrap()
+    }
+}
+
+struct Loader<'a> {
+    st: &'a safetensors::SafeTensors<'a>,
+    path: &'a Path,
+    device: &'a Device,
+}
+
+impl Loader<'_> {
+    fn values(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>, EncoderError> {
+        let bad = |detail: String| EncoderError::Format { path: self.path.to_owned(), detail };
+        let t = self.st.tensor(name).map_err(|_| bad(format!("no tensor {name:?}")))?;
+        if t.dtype() != safetensors::Dtype::F32 {
+            return Err(bad(format!("tensor {name:?} is {:?}, expected F32", t.dtype())));
+        }
+        if t.shape() != shape {
+            return Err(bad(format!("tensor {name:?} has shape {:?}, expected {shape:?}", t.shape())));
+        }
+        let values: Vec<f32> = t.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+        if values.iter().any(|v| !v.is_finite()) {
+            return Err(bad(format!("tensor {name:?} holds a NaN or infinite value")));
+        }
+        Ok(values)
+    }
+
+    fn matrix(&self, name: &str, rows: usize, cols: usize) -> Result<Tensor<2>, EncoderError> {
+        let v = self.values(name, &[rows, cols])?;
+        Ok(Tensor::from_data(TensorData::new(v, [rows, cols]), self.device))
+    }
+
+    fn row(&self, name: &str, n: usize) -> Result<Tensor<2>, EncoderError> {
+        let v = self.values(name, &[n])?;
+        Ok(Tensor::from_data(TensorData::new(v, [1, n]), self.device))
+    }
+
+    /// A PyTorch `(out, in)` weight as `(in, out)`.
+    fn linear(&self, name: &str, n_in: usize, n_out: usize) -> Result<Tensor<2>, EncoderError> {
+        let v = self.values(name, &[n_out, n_in])?;
+        let t: Vec<f32> =
+            (0..n_in).flat_map(|i| (0..n_out).map(move |o| (i, o))).map(|(i, o)| v[o * n_in + i]).collect();
+        Ok(Tensor::from_data(TensorData::new(t, [n_in, n_out]), self.device))
+    }
+}
+
+/// Cosine similarity of two vectors.
+pub fn cosine(a: &[f32], b: &[f32]) -> f64 {
+    let dot: f64 = a.iter().zip(b).map(|(x, y)| f64::from(*x) * f64::from(*y)).sum();
+    let na: f64 = a.iter().map(|x| f64::from(*x).powi(2)).sum::<f64>().sqrt();
+    let nb: f64 = b.iter().map(|x| f64::from(*x).powi(2)).sum::<f64>().sqrt();
+    dot / (na * nb).max(1e-300)
+}
+
+/// The encoders a process may run, found by name under one folder (`DIR/NAME/`), loaded
+/// once and checked against the digests the model names, with an optional on-disk cache
+/// of sentence vectors so a site embeds each record once per encoder.
+///
+/// The cache holds vectors derived from records: it lives in the site's home, is
+/// created owner-only, and never leaves the site. A record is keyed by the SHA-256 of its
+/// text; one file per encoder (`<weights digest>-<tokenizer digest>-<max_tokens>.vec`,
+/// digests shortened to 16 and 8 hex digits) of fixed-size entries: 32 bytes of key,
+/// then `dim` little-endian f32. Entries are appended and fsynced; a torn last entry
+/// (a crash while appending) is dropped when the file is next opened.
+pub struct Encoders {
+    dir: PathBuf,
+    cache: Option<PathBuf>,
+    loaded: std::collections::HashMap<String, Encoder>,
+}
+
+impl std::fmt::Debug for Encoders {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Encoders").field("dir", &self.dir).field("cache", &self.cache).finish_non_exhaustive()
+    }
+}
+
+impl Encoders {
+    /// Encoders under `dir`; sentence vectors cached under `cache` when given.
+    pub fn new(dir: impl Into<PathBuf>, cache: Option<PathBuf>) -> Self {
+        Self { dir: dir.into(), cache, loaded: Default::default() }
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The encoder `spec` names, loaded (and digest-checked) on first use.
+    pub fn get(&mut self, spec: &EncoderSpec) -> Result<&Encoder, EncoderError> {
+        let key = format!("{}:{}:{}", spec.sha256, spec.tokenizer_sha256, spec.max_tokens);
+        if !self.loaded.contains_key(&key) {
+            if spec.name.is_empty() || spec.name.contains(['/', '\\']) || spec.name.starts_with('.') {
+                return Err(EncoderError::Format {
+                    path: self.dir.clone(),
+                    detail: format!("encoder name {:?} is not a folder name", spec.name),
+                });
+            }
+            let dir = self.dir.join(&spec.name);
+            if !dir.join("model.safetensors").exists() {
+                return Err(EncoderError::Format {
+                    path: dir,
+                    detail: format!(
+                        "encoder {:?} is not installed here (install it with `maeum-site encoders add DIR`; \
+                         `python3 scripts/fetch_encoder.py` fetches it)",
+                        spec.name
+                    ),
+                });
+            }
+            let enc = Encoder::load(&dir, spec)?;
+            self.loaded.insert(key.clone(), enc);
+        }
+        // INVARIANT: inserted above when absent.
+        #[allow(clippy::unwrap_used)]
+        Ok(self.loaded.get(&key).unwrap())
+    }
+
+    /// Sentence vectors of `texts` (row-major), from the cache where present; the rest
+    /// are computed and appended to the cache. `progress(done, total)` counts texts.
+    pub fn embed(
+        &mut self,
+        spec: &EncoderSpec,
+        texts: &[&str],
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> Result<Vec<f32>, EncoderError> {
+        let dim = spec.dim;
+        let cache_path = self.cache.as_ref().map(|c| {
+            c.join(format!(
+                "{}-{}-{}.vec",
+                &spec.sha256[..spec.sha256.len().min(16)],
+                &spec.tokenizer_sha256[..spec.tokenizer_sha256.len().min(8)],
+                spec.max_tokens
+            ))
+        });
+        let mut cached = match &cache_path {
+            Some(p) => VectorCache::open(p, dim)?,
+            None => VectorCache::default(),
+        };
+        let keys: Vec<[u8; 32]> = texts
+            .iter()
+            .map(|t| {
+                let d = ring::digest::digest(&ring::digest::SHA256, t.as_bytes());
+                let mut k = [0u8; 32];
+                k.copy_from_slice(d.as_ref());
+                k
+            })
+            .collect();
+        let mut missing: Vec<usize> = Vec::new();
+        let mut seen = std::collections::HashSet::new();
+        for (i, k) in keys.iter().enumerate() {
+            if !cached.map.contains_key(k) && seen.insert(*k) {
+                missing.push(i);
+            }
+        }
+        let total = texts.len();
+        let hits = total - missing.len();
+        progress(hits, total);
+        if !missing.is_empty() {
+            let path = self.dir.join(&spec.name);
+            let enc = self.get(spec)?;
+            if enc.spec().dim != dim {
+                return Err(EncoderError::Format {
+                    path,
+                    detail: format!("vectors are {} wide, the model expects {dim}", enc.spec().dim),
+                });
+            }
+            let subset: Vec<&str> = missing.iter().map(|&i| texts[i]).collect();
+            let ids = enc.tokenize(&subset)?;
+            // Embed (and persist) in slices so an interrupted run keeps what it did.
+            const SLICE: usize = BATCH * 16;
+            for (n, (rows, ids)) in missing.chunks(SLICE).zip(ids.chunks(SLICE)).enumerate() {
+                let base = hits + n * SLICE;
+                let vectors = enc.embed_ids(ids, &mut |d| progress(base + d, total));
+                let new: Vec<([u8; 32], &[f32])> =
+                    rows.iter().zip(vectors.chunks_exact(dim)).map(|(&i, v)| (keys[i], v)).collect();
+                if let Some(p) = &cache_path {
+                    VectorCache::append(p, &new)?;
+                }
+                for (k, v) in new {
+                    cached.map.insert(k, v.to_vec());
+                }
+            }
+        }
+        let mut out = Vec::with_capacity(total * dim);
+        for k in &keys {
+            // INVARIANT: every key was cached or computed above.
+            #[allow(clippy::unwrap_used)]
+            out.extend_from_slice(cached.map.get(k).unwrap());
+        }
+        Ok(out)
+    }
+}
+
+#[derive(Default)]
+struct VectorCache {
+    map: std::collections::HashMap<[u8; 32], Vec<f32>>,
+}
+
+impl VectorCache {
+    fn open(path: &Path, dim: usize) -> Result<Self, EncoderError> {
+        let bytes = match std::fs::read(path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Self::default()),
+            Err(error) => return Err(EncoderError::Io { path: path.to_owned(), error }),
+        };
+        let entry = 32 + 4 * dim;
+        let whole = bytes.len() / entry * entry;
+        if whole != bytes.len() {
+            // A torn append: keep the whole entries.
+            let f = std::fs::OpenOptions::new()
+                .write(true)
+                .open(path)
+                .map_err(|error| EncoderError::Io { path: path.to_owned(), error })?;
+            f.set_len(whole as u64).map_err(|error| EncoderError::Io { path: path.to_owned(), error })?;
+            tracing::warn!(path = %path.display(), dropped = bytes.len() - whole, "dropped a torn entry from the vector cache");
+        }
+        let mut map = std::collections::HashMap::new();
+        for e in bytes[..whole].chunks_exact(entry) {
+            let mut k = [0u8; 32];
+            k.copy_from_slice(&e[..32]);
+            let v: Vec<f32> = e[32..].chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+            if v.iter().any(|x| !x.is_finite()) {
+                return Err(EncoderError::Format {
+                    path: path.to_owned(),
+                    detail: "a cached vector holds a NaN or infinite value; delete the file to recompute".into(),
+                });
+            }
+            map.insert(k, v);
+        }
+        Ok(Self { map })
+    }
+
+    fn append(path: &Path, entries: &[([u8; 32], &[f32])]) -> Result<(), EncoderError> {
+        use std::io::Write;
+        let io = |error| EncoderError::Io { path: path.to_owned(), error };
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(io)?;
+        }
+        let mut options = std::fs::OpenOptions::new();
+        options.create(true).append(true);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::OpenOptionsExt;
+            options.mode(0o600);
+        }
+        let mut f = options.open(path).map_err(io)?;
+        let mut buf = Vec::with_capacity(entries.len() * (32 + 4 * entries.first().map_or(0, |e| e.1.len())));
+        for (k, v) in entries {
+            buf.extend_from_slice(k);
+            v.iter().for_each(|x| buf.extend_from_slice(&x.to_le_bytes()));
+        }
+        f.write_all(&buf).map_err(io)?;
+        f.sync_all().map_err(io)
+    }
+}

@@ -1,0 +1,168 @@
+//! The burn encoder against the independent numpy reference
+//! (`scripts/encoder_reference.py` wrote `tests/data/minilm_reference.json` from the same
+//! files): the same token ids, and sentence vectors within 1e-4 cosine.
+//!
+//! Needs the fetched encoder: `python3 scripts/fetch_encoder.py` (CI runs it).
+
+use std::path::PathBuf;
+
+use maeum_models::encoder::{self, Encoder};
+
+fn encoder_dir() -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../data/encoders/all-minilm-l6-v2");
+    assert!(
+        dir.join("model.safetensors").exists(),
+        "{}: no encoder; run `python3 scripts/fetch_encoder.py` first",
+        dir.display()
+    );
+    dir
+}
+
+#[derive(serde::Deserialize)]
+struct Reference {
+    model_sha256: String,
+    max_tokens: usize,
+    dim: usize,
+    sentences: Vec<Sentence>,
+}
+
+#[derive(serde::Deserialize)]
+struct Sentence {
+    text: String,
+    ids: Vec<u32>,
+    embedding: Vec<f32>,
+}
+
+fn reference() -> Reference {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/minilm_reference.json");
+    serde_json::from_slice(&std::fs::read(&path).expect("reference table")).expect("reference json")
+}
+
+#[test]
+fn token_ids_and_vectors_match_the_numpy_reference() {
+    let want = reference();
+    let spec = encoder::known("all-minilm-l6-v2").expect("known");
+    assert_eq!(spec.sha256, want.model_sha256);
+    assert_eq!((spec.max_tokens, spec.dim), (want.max_tokens, want.dim));
+    let enc = Encoder::load(&encoder_dir(), &spec).expect("load");
+    let texts: Vec<&str> = want.sentences.iter().map(|s| s.text.as_str()).collect();
+    let ids = enc.tokenize(&texts).expect("tokenize");
+    for (s, got) in want.sentences.iter().zip(&ids) {
+        assert_eq!(got, &s.ids, "token ids of {:?}", s.text);
+    }
+    // All twelve in one batch (padding to the longest) and each alone.
+    let batched = enc.embed(&texts, &mut |_| {}).expect("embed");
+    for (i, s) in want.sentences.iter().enumerate() {
+        let got = &batched[i * want.dim..(i + 1) * want.dim];
+        let cos = encoder::cosine(got, &s.embedding);
+        assert!(cos > 1.0 - 1e-4, "{:?}: cosine {cos}", s.text);
+        let max_diff = got.iter().zip(&s.embedding).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        assert!(max_diff < 1e-4, "{:?}: max |Δ| {max_diff}", s.text);
+        let alone = enc.embed(&[s.text.as_str()], &mut |_| {}).expect("embed");
+        let pad_diff = alone.iter().zip(got).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        assert!(pad_diff < 1e-5, "{:?}: batched and alone differ by {pad_diff}", s.text);
+    }
+}
+
+#[test]
+fn files_with_another_digest_are_refused() {
+    let mut spec = encoder::known("all-minilm-l6-v2").expect("known");
+    spec.sha256 = "00".repeat(32);
+    let err = Encoder::load(&encoder_dir(), &spec).expect_err("refused");
+    let msg = err.to_string();
+    assert!(msg.contains("model.safetensors: SHA-256 is 53aa5117"), "{msg}");
+    assert!(msg.contains("not the encoder the model names"), "{msg}");
+    let mut spec = encoder::known("all-minilm-l6-v2").expect("known");
+    spec.tokenizer_sha256 = "11".repeat(32);
+    let msg = Encoder::load(&encoder_dir(), &spec).expect_err("refused").to_string();
+    assert!(msg.contains("tokenizer.json: SHA-256 is be50c362"), "{msg}");
+}
+
+fn examples() -> Vec<maeum_models::data::Example> {
+    let calm = [
+        "I went for a walk in the park with friends",
+        "We cooked dinner and watched a film",
+        "The garden looks lovely this spring",
+        "I enjoyed the concert last night",
+    ];
+    let crisis = [
+        "I cannot go on anymore and want it to end",
+        "Everything feels hopeless and I am alone",
+        "I keep thinking about ending my life",
+        "Nobody would miss me if I were gone",
+    ];
+    let mut v = Vec::new();
+    for round in 0..3 {
+        for t in calm {
+            v.push(maeum_models::data::Example { text: format!("{t} {round}"), label: "calm".into() });
+        }
+        for t in crisis {
+            v.push(maeum_models::data::Example { text: format!("{t} {round}"), label: "crisis".into() });
+        }
+    }
+    v
+}
+
+#[test]
+fn an_encoder_head_embeds_once_caches_the_vectors_and_learns() {
+    use maeum_models::data::LabelSet;
+    use maeum_models::encoder::Encoders;
+    use maeum_models::model::ModelSpec;
+    use maeum_models::nn::TrainConfig;
+
+    let spec = ModelSpec::EncoderHead {
+        encoder: encoder::known("all-minilm-l6-v2").expect("known"),
+        hidden: 16,
+        labels: LabelSet::new(vec!["calm".into(), "crisis".into()]).expect("labels"),
+    };
+    let ex = examples();
+    let err = spec.prepare_text(&ex).expect_err("needs the encoder");
+    assert!(err.to_string().contains("needs its encoder \"all-minilm-l6-v2\""), "{err}");
+
+    let cache = tempfile::tempdir().expect("tempdir");
+    let root = encoder_dir().parent().expect("encoders").to_owned();
+    let mut encoders = Encoders::new(&root, Some(cache.path().to_owned()));
+    let mut first = Vec::new();
+    let data = spec.prepare_text_in(&ex, &mut encoders, &mut |d, t| first.push((d, t))).expect("prepare");
+    assert_eq!(first.first(), Some(&(0, ex.len())), "nothing cached at first");
+    assert_eq!(first.last(), Some(&(ex.len(), ex.len())));
+    let files: Vec<_> = std::fs::read_dir(cache.path()).expect("cache dir").map(|e| e.expect("entry").path()).collect();
+    assert_eq!(files.len(), 1, "{files:?}");
+    let entry = 32 + 4 * 384;
+    assert_eq!(std::fs::metadata(&files[0]).expect("meta").len(), (ex.len() * entry) as u64);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&files[0]).expect("meta").permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "vectors derived from records are owner-only");
+    }
+
+    // A torn append (a crash mid-write) loses only that entry; a new process (a fresh
+    // store) reads the rest from the cache and recomputes one vector.
+    let bytes = std::fs::read(&files[0]).expect("read");
+    std::fs::write(&files[0], &bytes[..bytes.len() - 100]).expect("tear");
+    let mut again = Vec::new();
+    let mut fresh = Encoders::new(&root, Some(cache.path().to_owned()));
+    let data2 = spec.prepare_text_in(&ex, &mut fresh, &mut |d, t| again.push((d, t))).expect("prepare");
+    assert_eq!(again.first(), Some(&(ex.len() - 1, ex.len())), "all but the torn entry came from the cache");
+    assert_eq!(std::fs::metadata(&files[0]).expect("meta").len(), (ex.len() * entry) as u64);
+    let (maeum_models::model::Prepared::Tabular(a), maeum_models::model::Prepared::Tabular(b)) = (&data, &data2) else {
+        panic!("encoder inputs are vectors")
+    };
+    for (x, y) in a.rows.iter().zip(&b.rows) {
+        assert!(encoder::cosine(x, y) > 1.0 - 1e-6);
+    }
+    assert_eq!(a.labels, b.labels);
+
+    let cfg = TrainConfig { learning_rate: 0.01, epochs: 30, batch_size: 8, dropout: 0.0, ..TrainConfig::default() };
+    let start = spec.init(1).expect("init");
+    assert_eq!(start.values().len(), 384 * 16 + 16 + 16 * 2 + 2, "only the head is trained and sent");
+    let (params, _) = spec.train(&start, &data, &cfg, &mut ()).expect("train");
+    let acc = spec.evaluate(&params, &data).expect("eval").metrics().accuracy;
+    assert!(acc > 0.95, "accuracy {acc}");
+    let probs = spec
+        .prepare_unlabelled_in(&["I want to end my life tonight".to_string()], &mut fresh)
+        .and_then(|d| spec.predict_proba(&params, &d))
+        .expect("predict");
+    assert!(probs[0][1] > 0.5, "{probs:?}");
+}
