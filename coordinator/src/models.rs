@@ -217,6 +217,13 @@ pub async fn show(home: &Path, version: &str, json: bool) -> Result<()> {
         if let Some(p) = card.parent_version {
             println!("  parent     v{p}");
         }
+        println!("  kind       {} ({} parameters)", card.model.kind, card.model.parameters);
+        if let Some(e) = &card.model.encoder {
+            println!(
+                "  encoder    {} (weights {}, tokenizer {}, {} tokens)",
+                e.name, e.sha256, e.tokenizer_sha256, e.max_tokens
+            );
+        }
         print_eval("evaluation", card.evaluation.as_ref());
         if let Some(f) = &card.crisis_flag {
             println!("  crisis     {}", crisis_flag_line(f));
@@ -715,6 +722,7 @@ mod tests {
                 kind: "text-classifier".into(),
                 parameters: 3,
                 labels: labels.clone(),
+                encoder: None,
             },
             job: CardJob {
                 id: "j-1".into(),

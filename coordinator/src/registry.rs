@@ -316,6 +316,13 @@ pub fn card(
             kind: job.spec.model.kind.as_str().into(),
             parameters: spec.layout().numel() as u64,
             labels: labels.clone(),
+            encoder: spec.encoder().map(|e| maeum_tlog::release::CardEncoder {
+                name: e.name.clone(),
+                sha256: e.sha256.clone(),
+                tokenizer_sha256: e.tokenizer_sha256.clone(),
+                max_tokens: u32::try_from(e.max_tokens).unwrap_or(u32::MAX),
+                dim: u32::try_from(e.dim).unwrap_or(u32::MAX),
+            }),
         },
         job: CardJob {
             id: job.id.clone(),

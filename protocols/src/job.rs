@@ -75,6 +75,8 @@ fn default_seed() -> u64 {
 pub enum ModelKind {
     #[default]
     TextClassifier,
+    /// A frozen pretrained encoder (`[model] encoder`) and a trained MLP head.
+    EncoderHead,
     /// Recognised, but refused by validation: not yet supported for federated jobs.
     TabularMlp,
 }
@@ -83,6 +85,7 @@ impl ModelKind {
     pub fn as_str(self) -> &'static str {
         match self {
             ModelKind::TextClassifier => "text-classifier",
+            ModelKind::EncoderHead => "encoder-head",
             ModelKind::TabularMlp => "tabular-mlp",
         }
     }
@@ -104,13 +107,26 @@ pub struct ModelTable {
     pub max_chars: u32,
     pub embed_dim: usize,
     pub hidden: usize,
+    /// `encoder-head` only: the pretrained encoder, by name (`maeum_models::encoder::KNOWN`);
+    /// its digests come from that table and travel in the model spec.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub encoder: String,
 }
 
 impl Default for ModelTable {
     fn default() -> Self {
         let TextClassifierConfig { features, embed_dim, hidden } = TextClassifierConfig::default();
         let FeatureConfig { buckets, word_ngrams, char_ngrams, max_chars } = features;
-        Self { kind: ModelKind::TextClassifier, buckets, word_ngrams, char_ngrams, max_chars, embed_dim, hidden }
+        Self {
+            kind: ModelKind::TextClassifier,
+            buckets,
+            word_ngrams,
+            char_ngrams,
+            max_chars,
+            embed_dim,
+            hidden,
+            encoder: String::new(),
+        }
     }
 }
 
@@ -625,6 +641,15 @@ impl JobSpec {
 
     fn check_model(&self) -> Result<(), Invalid> {
         let m = &self.model;
+        if m.kind == ModelKind::EncoderHead {
+            return self.check_encoder_head();
+        }
+        if !m.encoder.is_empty() {
+            return Err(Invalid::new(
+                "[model] encoder",
+                format!("applies only to kind \"encoder-head\", not {:?}", m.kind.as_str()),
+            ));
+        }
         if m.kind != ModelKind::TextClassifier {
             return Err(Invalid::new(
                 "[model] kind",
@@ -653,11 +678,61 @@ impl JobSpec {
         Ok(())
     }
 
+    fn check_encoder_head(&self) -> Result<(), Invalid> {
+        let m = &self.model;
+        let Some(encoder) = maeum_models::encoder::known(&m.encoder) else {
+            let problem = if m.encoder.is_empty() {
+                "is required for kind \"encoder-head\"".to_string()
+            } else {
+                format!("{:?} is not a known encoder", m.encoder)
+            };
+            return Err(Invalid::new(
+                "[model] encoder",
+                format!("{problem} (known: {})", maeum_models::encoder::KNOWN.join(", ")),
+            ));
+        };
+        // The n-gram featuriser's keys mean nothing to an encoder model: refuse them
+        // rather than ignore them.
+        let d = ModelTable::default();
+        for (key, set) in [
+            ("buckets", m.buckets != d.buckets),
+            ("word_ngrams", m.word_ngrams != d.word_ngrams),
+            ("char_ngrams", m.char_ngrams != d.char_ngrams),
+            ("max_chars", m.max_chars != d.max_chars),
+            ("embed_dim", m.embed_dim != d.embed_dim),
+        ] {
+            if set {
+                return Err(Invalid::new(
+                    format!("[model] {key}"),
+                    "applies only to kind \"text-classifier\", not \"encoder-head\"",
+                ));
+            }
+        }
+        if m.hidden == 0 {
+            return Err(Invalid::new("[model] hidden", "must be at least 1, got 0"));
+        }
+        let (e, h, l) = (encoder.dim as u128, m.hidden as u128, self.labels.len() as u128);
+        let params = e * h + h + h * l + l;
+        if params > u128::from(MAX_PARAMS) {
+            return Err(Invalid::new(
+                "[model] hidden",
+                format!("{} makes {params} parameters, more than the limit of {MAX_PARAMS}", m.hidden),
+            ));
+        }
+        Ok(())
+    }
+
     /// The model this job trains (validates the job first).
     pub fn model_spec(&self) -> Result<ModelSpec, JobError> {
         self.validate()?;
         let labels = LabelSet::new(self.labels.clone())
             .map_err(|problem| Invalid::new("labels", problem).at(&format!("job {:?}", self.name)))?;
+        if self.model.kind == ModelKind::EncoderHead {
+            // INVARIANT: validate() checked that the encoder is known.
+            #[allow(clippy::unwrap_used)]
+            let encoder = maeum_models::encoder::known(&self.model.encoder).unwrap();
+            return Ok(ModelSpec::EncoderHead { encoder, hidden: self.model.hidden, labels });
+        }
         let config = TextClassifierConfig {
             features: self.model.features(),
             embed_dim: self.model.embed_dim,
@@ -791,6 +866,7 @@ mod tests {
                 max_chars: 4000,
                 embed_dim: 64,
                 hidden: 128,
+                encoder: String::new(),
             },
             train: TrainTable {
                 epochs: 1,
@@ -945,7 +1021,26 @@ mod tests {
         check("[strategy]\nkind = \"fedprox\"\nprox_mu = 0.01\n", None);
         check("[strategy]\nkind = \"fedadam\"\nserver_learning_rate = 0.1\nbeta1 = 0\ntau = 1e-9\n", None);
         check("[model]\nbuckets = 16\nembed_dim = 1\nhidden = 1\nchar_ngrams = [0, 0]\n", None);
+        check("[model]\nkind = \"encoder-head\"\nencoder = \"all-minilm-l6-v2\"\nhidden = 64\n", None);
         check("name = \"a\"\nrounds = 10000\n[deadlines]\njoin = 1\ntrain = 604800\n", None);
+    }
+
+    #[test]
+    fn an_encoder_head_job_names_the_encoder_by_its_digests_and_sends_only_the_head() {
+        let spec = JobSpec::from_toml(
+            "job.toml",
+            &job("[model]\nkind = \"encoder-head\"\nencoder = \"all-minilm-l6-v2\"\nhidden = 32\n"),
+        )
+        .expect("valid");
+        let model = spec.model_spec().expect("model");
+        let ModelSpec::EncoderHead { encoder, hidden, labels } = &model else { panic!("encoder-head expected") };
+        assert_eq!(encoder.sha256, "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db");
+        assert_eq!((encoder.dim, encoder.max_tokens, *hidden), (384, 128, 32));
+        let n = labels.len();
+        assert_eq!(spec.initial_params().expect("init").values().len(), 384 * 32 + 32 + 32 * n + n);
+        // The spec round-trips through JSON (the form sites store and hash).
+        let again = JobSpec::from_json(&spec.to_json()).expect("json");
+        assert_eq!(again.model_spec().expect("model"), model);
     }
 
     #[test]
@@ -962,6 +1057,26 @@ mod tests {
             ("labels = [\"a\", \"b \"]\n", "labels[1] \"b \" has leading or trailing whitespace"),
             ("labels = [\"a\", \"b\", \"a\"]\n", "labels[2] \"a\" repeats labels[0]"),
             ("rounds = 0\n", "rounds must be in 1..=10000, got 0"),
+            (
+                "[model]\nkind = \"encoder-head\"\n",
+                "[model] encoder is required for kind \"encoder-head\" (known: all-minilm-l6-v2)",
+            ),
+            (
+                "[model]\nkind = \"encoder-head\"\nencoder = \"bert-large\"\n",
+                "[model] encoder \"bert-large\" is not a known encoder (known: all-minilm-l6-v2)",
+            ),
+            (
+                "[model]\nkind = \"encoder-head\"\nencoder = \"all-minilm-l6-v2\"\nbuckets = 1024\n",
+                "[model] buckets applies only to kind \"text-classifier\", not \"encoder-head\"",
+            ),
+            (
+                "[model]\nencoder = \"all-minilm-l6-v2\"\n",
+                "[model] encoder applies only to kind \"encoder-head\", not \"text-classifier\"",
+            ),
+            (
+                "[model]\nkind = \"encoder-head\"\nencoder = \"all-minilm-l6-v2\"\nhidden = 0\n",
+                "[model] hidden must be at least 1, got 0",
+            ),
             ("rounds = 10001\n", "rounds must be in 1..=10000, got 10001"),
             ("min_sites = 0\n", "min_sites must be at least 1, got 0"),
             (
@@ -1023,7 +1138,7 @@ mod tests {
             ("[train]\noptimizer = \"adamw\"\n", "job.toml:5:13: unknown variant `adamw`, expected `sgd` or `adam`"),
             (
                 "[model]\nkind = \"cnn\"\n",
-                "job.toml:5:8: unknown variant `cnn`, expected `text-classifier` or `tabular-mlp`",
+                "job.toml:5:8: unknown variant `cnn`, expected one of `text-classifier`, `encoder-head`, `tabular-mlp`",
             ),
             ("rounds = \"5\"\n", "job.toml:3:10: invalid type: string \"5\", expected u32"),
             ("rounds = -1\n", "job.toml:3:10: invalid value: integer `-1`, expected u32"),

@@ -148,6 +148,7 @@ fn export_release(c: &mut audit_fixture::Consortium, dir: &Path, card_labels: &[
             kind: "text-classifier".into(),
             parameters: params.values().len() as u64,
             labels: card_labels.clone(),
+            encoder: None,
         },
         job: CardJob {
             id: "j-1".into(),

@@ -185,6 +185,25 @@ pub struct CardModel {
     pub kind: String,
     pub parameters: u64,
     pub labels: Vec<String>,
+    /// The frozen pretrained encoder the model runs (kind `encoder-head`); absent for
+    /// models without one (and in cards written before this field existed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encoder: Option<CardEncoder>,
+}
+
+/// A pretrained encoder by name and digests: sites run it only from files they hold
+/// with exactly these digests; it is not part of the released file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CardEncoder {
+    pub name: String,
+    /// SHA-256 (hex) of the encoder's `model.safetensors`.
+    pub sha256: String,
+    /// SHA-256 (hex) of its `tokenizer.json`.
+    pub tokenizer_sha256: String,
+    /// Tokens per text (longer texts are truncated).
+    pub max_tokens: u32,
+    /// Width of the sentence vector.
+    pub dim: u32,
 }
 
 /// Where the model comes from.
@@ -1060,6 +1079,7 @@ mod tests {
                 kind: "text-classifier".into(),
                 parameters: 3,
                 labels: labels.clone(),
+                encoder: None,
             },
             job: CardJob {
                 id: "j-1".into(),
