@@ -298,7 +298,7 @@ c = tomllib.load(open(sys.argv[1], "rb"))
 policy = {"auto_accept": bool, "allow_plaintext": bool, "min_cohort": int, "allowed_models": list,
           "max_params": int, "max_rounds": int, "allowed_strategies": list, "members": list}
 allowed = {"data": {"train", "test", "text_column", "label_column"}, "limits": {"threads"},
-           "predict": {"crisis_threshold"}, "policy": set(policy)}
+           "predict": {"crisis_threshold"}, "policy": set(policy), "encoders": {"dir"}}
 problems = [f"unknown table [{t}]" for t in c if t not in allowed]
 problems += [f"unknown key [{t}] {k}" for t, keys in allowed.items() for k in c.get(t, {}) if k not in keys]
 if not isinstance(c.get("limits", {}).get("threads", 0), int):

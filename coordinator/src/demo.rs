@@ -18,7 +18,7 @@ use tokio_stream::StreamExt;
 
 use maeum_models::data::{self, Example, LabelSet, ReadOptions};
 use maeum_models::metrics::Confusion;
-use maeum_models::model::{ModelSpec, TextClassifierConfig};
+use maeum_models::model::{ModelSpec, Prepared, TextClassifierConfig};
 use maeum_models::nn::TrainConfig;
 use maeum_protocols::wire::pb;
 
@@ -27,6 +27,9 @@ use crate::{client, home};
 /// Defaults chosen with `cargo bench -p maeum-models --bench fedsim` (docs/benchmarks.md).
 pub const DEFAULT_ROUNDS: u32 = 10;
 pub const DEFAULT_LOCAL_EPOCHS: usize = 2;
+/// The encoder of `--model encoder-head`.
+const ENCODER: &str = "all-minilm-l6-v2";
+
 /// Site learning rate (Adam) for the demo's job.
 pub const DEFAULT_SITE_LR: f64 = 0.005;
 
@@ -77,6 +80,16 @@ pub struct DemoArgs {
     /// With `--privacy local`: the Poisson sampling rate of each DP-SGD step.
     #[arg(long, default_value_t = 0.05)]
     pub sample_rate: f64,
+    /// The model: `text-classifier` (hashed n-grams, trained from scratch) or
+    /// `encoder-head` (the pretrained all-MiniLM-L6-v2 encoder, frozen, and a trained
+    /// head; each site embeds its records once, which takes a few minutes).
+    #[arg(long, default_value = "text-classifier", value_parser = ["text-classifier", "encoder-head"])]
+    pub model: String,
+    /// With `--model encoder-head`: the folder holding the encoders (one sub-folder
+    /// each), shared read-only by the demo's sites. Fetched by
+    /// `scripts/fetch_encoder.py` when missing (run from the repository root).
+    #[arg(long, value_name = "DIR", default_value = "data/encoders")]
+    pub encoders: PathBuf,
     /// At the end, delete the run's consortium, sites and split data, keeping only
     /// summary.json, audit.json, job.toml and logs/ in the work dir.
     #[arg(long)]
@@ -303,7 +316,7 @@ min_sites = {min_sites}
 seed = {seed}
 
 [model]
-kind = "text-classifier"
+{model}
 
 [train]
 epochs = {epochs}
@@ -329,6 +342,11 @@ insecure_plaintext_aggregation_for_debugging = {plaintext}
         seed = a.seed,
         epochs = a.local_epochs,
         lr = DEFAULT_SITE_LR,
+        model = if a.model == "encoder-head" {
+            format!("kind = \"encoder-head\"\nencoder = \"{ENCODER}\"")
+        } else {
+            "kind = \"text-classifier\"".to_string()
+        },
         plaintext = a.insecure_plaintext_aggregation,
         privacy = if a.privacy == "local" {
             format!(
@@ -376,6 +394,21 @@ pub async fn run(a: DemoArgs) -> Result<()> {
     let labels: Vec<String> = serde_json::from_value(manifest["labels"].clone()).context("split.json labels")?;
     say(format!("split the data over {} sites (Dirichlet α = {}) in {}", a.sites, a.alpha, split_dir.display()));
 
+    // The pretrained encoder, fetched (and digest-checked) like the corpus.
+    let encoders = if a.model == "encoder-head" {
+        let dir = std::path::absolute(&a.encoders)?;
+        if !dir.join(ENCODER).join("model.safetensors").exists() {
+            say(format!("fetching the encoder {ENCODER} into {}", dir.display()));
+            let mut fetch = Command::new("python3");
+            fetch.arg("scripts/fetch_encoder.py").arg("--out").arg(dir.join(ENCODER));
+            fetch.stderr(Stdio::inherit());
+            run_quiet(&mut fetch, "python3 scripts/fetch_encoder.py (run the demo from the repository root)")?;
+        }
+        Some(dir)
+    } else {
+        None
+    };
+
     // 2. Consortium and enrolment.
     let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
     let address = format!("127.0.0.1:{port}");
@@ -401,6 +434,13 @@ pub async fn run(a: DemoArgs) -> Result<()> {
                 "allow_plaintext = false",
                 if a.insecure_plaintext_aggregation { "allow_plaintext = true" } else { "allow_plaintext = false" },
             );
+        // The demo's sites share one read-only encoder folder; each checks the digests.
+        let text = match &encoders {
+            Some(dir) => {
+                text.replace("\n[encoders]\n", &format!("\n[encoders]\ndir = {:?}\n", dir.display().to_string()))
+            }
+            None => text,
+        };
         std::fs::write(&cfg, text)?;
         let csr = std::fs::read_to_string(site_home.join("request.csr.pem"))?;
         let bundle = home::approve(&h, &csr, Some(s))?;
@@ -555,7 +595,8 @@ pub async fn run(a: DemoArgs) -> Result<()> {
     } else {
         say("training the baselines: centralized on the union of the sites' data, then each site alone".into());
         let (dir, sites2, labels2) = (split_dir.clone(), sites.clone(), labels.clone());
-        let (c, l) = tokio::task::spawn_blocking(move || baselines(&dir, &sites2, labels2)).await??;
+        let model = encoders.clone().map(|dir| (dir, work.clone()));
+        let (c, l) = tokio::task::spawn_blocking(move || baselines(&dir, &sites2, labels2, model)).await??;
         (Some(c), Some(l))
     };
 
@@ -746,25 +787,46 @@ fn tables(
     (rounds, comparison)
 }
 
-fn baselines(dir: &Path, sites: &[String], labels: Vec<String>) -> Result<(Score, Vec<Score>)> {
+/// Centralized and local-only baselines. With `encoder` (the encoders folder and the
+/// work dir), the model is the encoder-head and the sentence vectors come from each
+/// site's own cache (the sites embedded their records during the job), so nothing is
+/// embedded twice.
+fn baselines(
+    dir: &Path,
+    sites: &[String],
+    labels: Vec<String>,
+    encoder: Option<(PathBuf, PathBuf)>,
+) -> Result<(Score, Vec<Score>)> {
     let labels = LabelSet::new(labels).map_err(anyhow::Error::msg)?;
-    let spec = ModelSpec::TextClassifier { config: TextClassifierConfig::default(), labels };
+    let spec = match &encoder {
+        Some(_) => ModelSpec::EncoderHead {
+            encoder: maeum_models::encoder::known(ENCODER).context("the demo's encoder is known")?,
+            hidden: maeum_protocols::job::ModelTable::default().hidden,
+            labels,
+        },
+        None => ModelSpec::TextClassifier { config: TextClassifierConfig::default(), labels },
+    };
     let mut trains = Vec::new();
-    let mut test = Vec::new();
+    let mut tests = Vec::new();
     for s in sites {
-        trains.push(read(&dir.join(s).join("train.jsonl"))?);
-        test.extend(read(&dir.join(s).join("test.jsonl"))?);
+        let (train, test) = (read(&dir.join(s).join("train.jsonl"))?, read(&dir.join(s).join("test.jsonl"))?);
+        let mut encoders = match &encoder {
+            Some((enc_dir, work)) => {
+                maeum_models::encoder::Encoders::new(enc_dir, Some(work.join(s).join("cache/vectors")))
+            }
+            None => maeum_models::encoder::Encoders::new(dir, None),
+        };
+        trains.push(spec.prepare_text_in(&train, &mut encoders, &mut |_, _| {})?);
+        tests.push(spec.prepare_text_in(&test, &mut encoders, &mut |_, _| {})?);
     }
-    let test = spec.prepare_text(&test)?;
+    let test = Prepared::concat(&tests).context("joining the sites' test sets")?;
     let cfg = TrainConfig::default();
-    let fit = |examples: &[Example]| -> Result<Score> {
-        let data = spec.prepare_text(examples)?;
-        let (params, _) = spec.train(&spec.init(cfg.seed)?, &data, &cfg, &mut ())?;
+    let fit = |data: &Prepared| -> Result<Score> {
+        let (params, _) = spec.train(&spec.init(cfg.seed)?, data, &cfg, &mut ())?;
         Ok(score(&spec.evaluate(&params, &test)?))
     };
-    let pooled: Vec<Example> = trains.iter().flatten().cloned().collect();
-    let centralized = fit(&pooled)?;
-    let local = trains.iter().map(|t| fit(t)).collect::<Result<Vec<_>>>()?;
+    let centralized = fit(&Prepared::concat(&trains).context("joining the sites' training sets")?)?;
+    let local = trains.iter().map(fit).collect::<Result<Vec<_>>>()?;
     Ok((centralized, local))
 }
 

@@ -20,6 +20,9 @@
 //! --dropout P (0.5) --prox-mu μ (0) --beta1 (0.9) --beta2 (0.99) --tau (0.001)
 //! --sites S (7) --alpha α (0.5) --seed (7) --optimizer adam|sgd (adam) --head-only --buckets (65536) --embed-dim (64)
 //! --hidden (128) --skip-baselines --data FILE
+//! --model text-classifier|encoder-head (text-classifier): `encoder-head` embeds the posts
+//! with all-MiniLM-L6-v2 from data/encoders (scripts/fetch_encoder.py), cached in
+//! data/cache/vectors, and trains only the head (`--hidden`).
 //!
 //! Differential privacy (local mode, docs/protocols/privacy.md): --dp-sigma σ or
 //! --dp-epsilon ε (σ calibrated by the accountant for --dp-delta δ (1e-5) over all
@@ -149,7 +152,22 @@ fn main() {
     model.features.buckets = num("--buckets", f64::from(model.features.buckets)) as u32;
     model.embed_dim = num("--embed-dim", model.embed_dim as f64) as usize;
     model.hidden = num("--hidden", model.hidden as f64) as usize;
-    let spec = ModelSpec::TextClassifier { config: model, labels: labels.clone() };
+    let spec = match flag("--model").as_deref().unwrap_or("text-classifier") {
+        "text-classifier" => ModelSpec::TextClassifier { config: model, labels: labels.clone() },
+        "encoder-head" => ModelSpec::EncoderHead {
+            encoder: maeum_models::encoder::known("all-minilm-l6-v2").expect("known"),
+            hidden: model.hidden,
+            labels: labels.clone(),
+        },
+        other => panic!("--model must be text-classifier or encoder-head, got {other}"),
+    };
+    let encoders = std::cell::RefCell::new(maeum_models::encoder::Encoders::new(
+        root.join("data/encoders"),
+        Some(root.join("data/cache/vectors")),
+    ));
+    let prep = |ex: &[Example]| -> Prepared {
+        spec.prepare_text_in(ex, &mut encoders.borrow_mut(), &mut |_, _| {}).expect("featurise")
+    };
     let (mut all_train, mut all_test): (Vec<Example>, Vec<Example>) = (Vec::new(), Vec::new());
     let mut sites = Vec::new();
     for (s, rows) in shards.iter().enumerate() {
@@ -159,9 +177,9 @@ fn main() {
         let (tr, te) = (pick(&tr), pick(&te));
         all_train.extend(tr.iter().cloned());
         all_test.extend(te);
-        sites.push(Site { n_train: tr.len(), train: spec.prepare_text(&tr).expect("featurise") });
+        sites.push(Site { n_train: tr.len(), train: prep(&tr) });
     }
-    let test = spec.prepare_text(&all_test).expect("featurise");
+    let test = prep(&all_test);
     let featurise_s = t.elapsed().as_secs_f64();
     let site_sizes: Vec<usize> = sites.iter().map(|s| s.n_train).collect();
     eprintln!(
@@ -193,7 +211,7 @@ fn main() {
     if !skip_baselines {
         let cfg = TrainConfig { seed, ..TrainConfig::default() };
         let t = Instant::now();
-        let central_train = spec.prepare_text(&all_train).expect("featurise");
+        let central_train = prep(&all_train);
         let (p, _) = spec.train(&init, &central_train, &cfg, &mut ()).expect("train");
         let central = metrics(&spec, &p, &test);
         let central_s = t.elapsed().as_secs_f64();
@@ -282,7 +300,7 @@ fn main() {
     }
     let (acc, f1) = last.map_or((f64::NAN, f64::NAN), |m| (m.accuracy, m.macro_f1));
     let final_params = FlatParams::new(layout.clone(), global.clone()).expect("layout");
-    let mia = membership_inference(&spec, &final_params, &spec.prepare_text(&all_train).expect("featurise"), &test);
+    let mia = membership_inference(&spec, &final_params, &prep(&all_train), &test);
     eprintln!("membership inference (loss threshold): AUC {:.4}, advantage {:.4}", mia.0, mia.1);
     let best = curve.iter().filter_map(|c| c["accuracy"].as_f64()).fold(f64::NAN, f64::max);
 

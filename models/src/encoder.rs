@@ -184,6 +184,23 @@ impl Encoder {
         Self::from_parts(dir, &weights, &tokenizer, expected.clone())
     }
 
+    /// Checks that `dir` holds the files `expected` names (both digests) without loading
+    /// them: what a site checks before it accepts a job that needs this encoder.
+    pub fn verify(dir: &Path, expected: &EncoderSpec) -> Result<(), EncoderError> {
+        for (file, want) in [("model.safetensors", &expected.sha256), ("tokenizer.json", &expected.tokenizer_sha256)] {
+            let path = dir.join(file);
+            let actual = sha256_hex(&read(&path)?);
+            if &actual != want {
+                return Err(EncoderError::Digest { path, actual, expected: want.clone() });
+            }
+        }
+        let config = dir.join("config.json");
+        if !config.exists() {
+            return Err(EncoderError::Format { path: config, detail: "missing".into() });
+        }
+        Ok(())
+    }
+
     /// Loads the encoder in `dir` under `name` and describes it (digests computed
     /// here): for installing an encoder, never for running a job's model.
     pub fn inspect(dir: &Path, name: &str, max_tokens: usize) -> Result<Self, EncoderError> {

@@ -185,6 +185,25 @@ impl Prepared {
         self.len() == 0
     }
 
+    /// The inputs of `parts`, one after another (all of one kind; `None` for none or a mix).
+    pub fn concat(parts: &[Prepared]) -> Option<Prepared> {
+        let mut out = parts.first()?.clone();
+        for p in &parts[1..] {
+            match (&mut out, p) {
+                (Prepared::Text(a), Prepared::Text(b)) => {
+                    a.docs.extend_from_slice(&b.docs);
+                    a.labels.extend_from_slice(&b.labels);
+                }
+                (Prepared::Tabular(a), Prepared::Tabular(b)) => {
+                    a.rows.extend_from_slice(&b.rows);
+                    a.labels.extend_from_slice(&b.labels);
+                }
+                _ => return None,
+            }
+        }
+        Some(out)
+    }
+
     /// The label index of each example (0 for unlabelled inputs).
     pub fn labels(&self) -> &[usize] {
         match self {

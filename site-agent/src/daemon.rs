@@ -105,6 +105,9 @@ pub(crate) struct Agent {
     /// "JOB SHA256" of the offers whose `job_submitted` entry this site proved.
     pub(crate) offers_proven: Mutex<std::collections::HashSet<String>>,
     prepared: Mutex<HashMap<String, Arc<Prepared2>>>,
+    /// The pretrained encoders this site holds (loaded on first use), with the cache of
+    /// its records' sentence vectors.
+    encoders: Arc<Mutex<maeum_models::encoder::Encoders>>,
     /// The size of the latest audit checkpoint this site witnessed.
     witnessed: AtomicU64,
     /// A witnessing exchange is in flight.
@@ -209,14 +212,38 @@ impl Agent {
         Ok(JobSpec::from_json(&text)?)
     }
 
-    fn prepared(&self, job_id: &str, spec: &ModelSpec) -> Result<Arc<Prepared2>> {
+    /// The site's records featurised (or embedded) for `spec`, once per job. Embedding
+    /// with a pretrained encoder takes minutes the first time (vectors are cached), so it
+    /// runs off the async workers.
+    async fn prepared(&self, job_id: &str, spec: &ModelSpec) -> Result<Arc<Prepared2>> {
         if let Some(p) = self.prepared.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get(job_id) {
             return Ok(p.clone());
         }
-        let p = Arc::new(Prepared2 {
-            train: spec.prepare_text(&self.data.train)?,
-            test: spec.prepare_text(&self.data.test)?,
-        });
+        let p = if spec.encoder().is_some() {
+            self.set(|s| s.stage = "embedding local records".into());
+            let (train, test) = (self.data.train.clone(), self.data.test.clone());
+            let (spec, encoders, job) = (spec.clone(), self.encoders.clone(), job_id.to_string());
+            tokio::task::spawn_blocking(move || -> Result<Prepared2> {
+                let mut encoders = encoders.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                let started = std::time::Instant::now();
+                let mut logged = 0;
+                let mut progress = |done: usize, total: usize| {
+                    // A line per quarter: counts only, never text.
+                    if total > 0 && (done * 4 / total > logged || done == total) && done > 0 {
+                        logged = done * 4 / total;
+                        info!(job = %job, done, total, "embedding records");
+                    }
+                };
+                let train = spec.prepare_text_in(&train, &mut encoders, &mut progress)?;
+                let test = spec.prepare_text_in(&test, &mut encoders, &mut |_, _| {})?;
+                info!(job = %job, records = train.len() + test.len(), secs = started.elapsed().as_secs_f64(), "records embedded");
+                Ok(Prepared2 { train, test })
+            })
+            .await??
+        } else {
+            Prepared2 { train: spec.prepare_text(&self.data.train)?, test: spec.prepare_text(&self.data.test)? }
+        };
+        let p = Arc::new(p);
         self.prepared.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(job_id.into(), p.clone());
         Ok(p)
     }
@@ -331,6 +358,7 @@ pub async fn run(
     // What the last run knew (job, release, last contact) stays shown until the
     // coordinator says otherwise: `maeum-site status` marks it as last known.
     let previous = Status::load(&home).ok().flatten().unwrap_or_default();
+    let home_for_encoders = home.clone();
     let agent = Arc::new(Agent {
         status: Mutex::new(Status {
             site_id: site_id.clone(),
@@ -356,6 +384,7 @@ pub async fn run(
         base_proven_at: Mutex::new(HashMap::new()),
         offers_proven: Mutex::new(std::collections::HashSet::new()),
         prepared: Mutex::new(HashMap::new()),
+        encoders: Arc::new(Mutex::new(crate::encoders::store(&home_for_encoders, true)?)),
         witnessed: AtomicU64::new(0),
         witnessing: AtomicBool::new(false),
         installing: AtomicBool::new(false),
@@ -734,7 +763,16 @@ async fn decide(
     spec_sha256: Digest,
 ) -> Result<()> {
     let mut verdict = offered_job(&agent.policy, &job_id, &spec_toml, spec_sha256)
-        .and_then(|spec| agent.data.refusal(&spec).map(Declined::Other).map_or(Ok(spec), Err));
+        .and_then(|spec| agent.data.refusal(&spec).map(Declined::Other).map_or(Ok(spec), Err))
+        .and_then(|spec| {
+            // A job on a pretrained encoder this site does not hold (with the job's
+            // digests) cannot be served: say so now, not at round 1.
+            let encoder = spec.model_spec().ok().and_then(|m| m.encoder().cloned());
+            match encoder.and_then(|e| crate::encoders::missing(&agent.home, &e)) {
+                Some(reason) => Err(Declined::Other(reason)),
+                None => Ok(spec),
+            }
+        });
     // Only a job file the audit log shows submitted is taken (or shown to the admin).
     if verdict.is_ok()
         && let Err(e) = job_logged(agent, client, &job_id, &spec_sha256).await
@@ -1042,7 +1080,7 @@ async fn evaluate(agent: &Agent, client: &mut Client, t: EvaluateTask) -> Result
     let path = download(agent, client, &t.model).await?;
     let (spec, params) = load_model(&path, &job, &t.model)?;
     agent.note_model(&t.job_id, t.round, &t.model);
-    let data = agent.prepared(&t.job_id, &spec)?;
+    let data = agent.prepared(&t.job_id, &spec).await?;
     let of = EvalOf { job_id: &t.job_id, round: t.round, attempt: t.attempt, model: &t.model };
     report_eval(agent, client, of, &spec, params, data).await?;
     agent.set(|s| s.last_model = t.model.digest.hex());
@@ -1133,7 +1171,7 @@ pub(crate) async fn round_model(
     let path = download(agent, client, &t.model).await?;
     let (spec, params) = load_model(&path, job, &t.model)?;
     agent.note_model(&t.job_id, t.round, &t.model);
-    let data = agent.prepared(&t.job_id, &spec)?;
+    let data = agent.prepared(&t.job_id, &spec).await?;
     Ok(RoundModel { spec, params, data })
 }
 

@@ -34,6 +34,20 @@ pub struct SiteConfig {
     /// `[policy]`: what this site reveals, and to whom (`crate::policy`).
     #[serde(default)]
     pub policy: crate::policy::Policy,
+    /// `[encoders]`: where the pretrained encoders are (`crate::encoders`).
+    #[serde(default)]
+    pub encoders: EncodersConfig,
+}
+
+/// `[encoders]`: pretrained sentence encoders this site may run.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EncodersConfig {
+    /// A folder with one sub-folder per encoder (`DIR/all-minilm-l6-v2/model.safetensors`
+    /// …), e.g. read-only and shared by several site homes. Default: HOME/encoders, where
+    /// `maeum-site encoders add` installs them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dir: Option<PathBuf>,
 }
 
 /// `[predict]`: local inference settings.
@@ -220,6 +234,7 @@ pub fn init(dir: &Path, site_id: &str, train: Option<PathBuf>, test: Option<Path
         limits: Limits::default(),
         predict: PredictConfig::default(),
         policy: crate::policy::Policy::default(),
+        encoders: EncodersConfig::default(),
     };
     write(&home.path("site.key"), key.expose().as_bytes(), true)?;
     write(&home.path("request.csr.pem"), csr.as_bytes(), false)?;
@@ -438,7 +453,7 @@ mod tests {
             "policy      auto_accept           no
             allow_plaintext       no
             min_cohort            3
-            allowed_models        text-classifier
+            allowed_models        text-classifier, encoder-head
             max_params            67108864
             max_rounds            1000
             allowed_strategies    fedavg, fedprox, fedadam, fedyogi

@@ -166,8 +166,16 @@ pub fn finetune(home: &Home, a: &FinetuneArgs, progress: &mut dyn Progress) -> R
         );
     }
     let kind = base.spec.kind();
-    let train = base.spec.prepare_text(&train).with_context(|| format!("base model {} ({kind})", base.digest))?;
-    let test = base.spec.prepare_text(&test).with_context(|| format!("base model {} ({kind})", base.digest))?;
+    // The site's own records: their sentence vectors (encoder models) are cached.
+    let mut encoders = crate::encoders::store(home, true)?;
+    let train = base
+        .spec
+        .prepare_text_in(&train, &mut encoders, &mut |_, _| {})
+        .with_context(|| format!("base model {} ({kind})", base.digest))?;
+    let test = base
+        .spec
+        .prepare_text_in(&test, &mut encoders, &mut |_, _| {})
+        .with_context(|| format!("base model {} ({kind})", base.digest))?;
 
     let base_conf = base.spec.evaluate(&base.params, &test)?;
     let (params, tr) = base.spec.train(&base.params, &train, &cfg, progress)?;

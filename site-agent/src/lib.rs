@@ -4,6 +4,7 @@
 pub mod consent;
 pub mod daemon;
 pub mod doctor;
+pub mod encoders;
 pub mod enrol;
 pub mod finetune;
 pub mod ledger;

@@ -273,6 +273,21 @@ pub struct TrainLocalArgs {
     /// Optimiser: adam or sgd.
     #[arg(long, value_parser = parse_optimizer, default_value_t = TrainConfig::default().optimizer)]
     pub optimizer: Optimizer,
+    /// Model kind: text-classifier (hashed n-grams, trained from scratch) or
+    /// encoder-head (a frozen pretrained encoder and a trained MLP head).
+    #[arg(long, default_value = "text-classifier", value_parser = ["text-classifier", "encoder-head"])]
+    pub model: String,
+    /// encoder-head: the pretrained encoder, by name.
+    #[arg(long, default_value = "all-minilm-l6-v2")]
+    pub encoder: String,
+    /// encoder-head: the folder holding one sub-folder per encoder (where
+    /// `scripts/fetch_encoder.py` puts them).
+    #[arg(long, value_name = "DIR", env = "MAEUM_ENCODERS", default_value = "data/encoders")]
+    pub encoders: PathBuf,
+    /// encoder-head: cache the records' sentence vectors in this folder (owner-only
+    /// files), so a second run does not embed them again.
+    #[arg(long, value_name = "DIR")]
+    pub vector_cache: Option<PathBuf>,
     /// Hash buckets of the n-gram featuriser (a power of two).
     #[arg(long, default_value_t = FeatureConfig::default().buckets)]
     pub buckets: u32,
@@ -360,6 +375,19 @@ impl Bar {
     }
 }
 
+impl Bar {
+    /// Records embedded by a pretrained encoder (hidden for `--json` and n-gram models).
+    pub(crate) fn embedding(hidden: bool) -> Self {
+        let bar = if hidden { ProgressBar::hidden() } else { ProgressBar::new(0) };
+        bar.set_style(
+            ProgressStyle::with_template("{spinner} embedding records [{bar:30}] {pos}/{len} ({eta})")
+                .unwrap_or_else(|_| ProgressStyle::default_bar())
+                .progress_chars("=> "),
+        );
+        Self(bar)
+    }
+}
+
 impl Progress for Bar {
     fn start(&mut self, total: u64) {
         self.0.set_length(total);
@@ -397,15 +425,36 @@ pub fn train_local(a: TrainLocalArgs) -> Result<()> {
         dropout: a.dropout,
         head_only: false,
     };
-    let spec = ModelSpec::TextClassifier { config, labels: labels.clone() };
+    let spec = if a.model == "encoder-head" {
+        if config != (TextClassifierConfig { hidden: a.hidden, ..TextClassifierConfig::default() }) {
+            bail!("--buckets, --word-ngrams, --char-ngrams and --embed-dim apply only to --model text-classifier");
+        }
+        let Some(encoder) = maeum_models::encoder::known(&a.encoder) else {
+            bail!(
+                "--encoder {:?} is not a known encoder (known: {})",
+                a.encoder,
+                maeum_models::encoder::KNOWN.join(", ")
+            );
+        };
+        ModelSpec::EncoderHead { encoder, hidden: a.hidden, labels: labels.clone() }
+    } else {
+        ModelSpec::TextClassifier { config, labels: labels.clone() }
+    };
+    let mut encoders = maeum_models::encoder::Encoders::new(&a.encoders, a.vector_cache.clone());
     let idx: Vec<usize> = report.examples.iter().filter_map(|e| labels.index(&e.label)).collect();
     let (train_rows, test_rows) = split::stratified_split(&idx, a.test_fraction, a.seed);
     if train_rows.is_empty() || test_rows.is_empty() {
         bail!("{}: too few records to split ({} valid)", path.display(), report.examples.len());
     }
     let pick = |rows: &[usize]| rows.iter().map(|&r| report.examples[r].clone()).collect::<Vec<_>>();
-    let train = spec.prepare_text(&pick(&train_rows))?;
-    let test = spec.prepare_text(&pick(&test_rows))?;
+    let embedding = Bar::embedding(a.json || spec.encoder().is_none());
+    let mut tick = |done: usize, total: usize| {
+        embedding.0.set_length(total as u64);
+        embedding.0.set_position(done as u64);
+    };
+    let train = spec.prepare_text_in(&pick(&train_rows), &mut encoders, &mut tick)?;
+    let test = spec.prepare_text_in(&pick(&test_rows), &mut encoders, &mut tick)?;
+    embedding.0.finish_and_clear();
     let start = spec.init(a.seed)?;
 
     let mut progress = Bar::training(a.json);

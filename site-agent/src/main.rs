@@ -100,6 +100,10 @@ enum Command {
     /// what a job asks, accept or refuse it.
     #[command(subcommand)]
     Jobs(JobsCommand),
+    /// Pretrained encoders this site may run (`encoder-head` jobs): install one from a
+    /// folder (digests checked against the known encoder), list them.
+    #[command(subcommand)]
+    Encoders(EncodersCommand),
     /// The privacy ledger: ε spent and set aside per differentially private job, the
     /// total, and what remains of the `[policy.privacy] budget`.
     Privacy {
@@ -107,6 +111,32 @@ enum Command {
         #[arg(long, value_name = "DIR", env = "MAEUM_SITE_HOME")]
         home: PathBuf,
         /// Print one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum EncodersCommand {
+    /// Check that DIR holds the known encoder NAME (weights and tokenizer digests, a
+    /// model that loads), then copy it into this site's encoder folder.
+    Add {
+        /// The site's home directory.
+        #[arg(long, value_name = "DIR", env = "MAEUM_SITE_HOME")]
+        home: PathBuf,
+        /// The folder with model.safetensors, tokenizer.json and config.json (e.g.
+        /// data/encoders/all-minilm-l6-v2 from scripts/fetch_encoder.py).
+        dir: PathBuf,
+        /// The encoder's name.
+        #[arg(long, default_value = "all-minilm-l6-v2")]
+        name: String,
+    },
+    /// The known encoders, whether each is installed here and verifies.
+    List {
+        /// The site's home directory.
+        #[arg(long, value_name = "DIR", env = "MAEUM_SITE_HOME")]
+        home: PathBuf,
+        /// Print one JSON array.
         #[arg(long)]
         json: bool,
     },
@@ -293,6 +323,7 @@ fn home_needed(command: &Command) -> Option<&Path> {
         | Command::Doctor { home, .. }
         | Command::Status { home, .. }
         | Command::Privacy { home, .. }
+        | Command::Encoders(EncodersCommand::Add { home, .. } | EncodersCommand::List { home, .. })
         | Command::Models(
             ModelsCommand::List { home, .. } | ModelsCommand::Show { home, .. } | ModelsCommand::Verify { home, .. },
         )
@@ -332,6 +363,23 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
             .and_then(|rt| rt.block_on(maeum_site::doctor::run(&home, json))),
         Command::Status { home, json } => enrol::status(&home, json),
         Command::Privacy { home, json } => maeum_site::ledger::show(&home, json),
+        Command::Encoders(EncodersCommand::Add { home, dir, name }) => {
+            let home = maeum_site::enrol::Home::new(home);
+            let at = maeum_site::encoders::add(&home, &dir, &name)?;
+            println!("installed encoder {name} at {} (weights and tokenizer digests verified)", at.display());
+            Ok(())
+        }
+        Command::Encoders(EncodersCommand::List { home, json }) => {
+            let list = maeum_site::encoders::list(&maeum_site::enrol::Home::new(home))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&list)?);
+            } else {
+                for e in list {
+                    println!("{}\t{}\t{}", e.name, e.status, e.path.display());
+                }
+            }
+            Ok(())
+        }
         Command::TrainLocal(a) => local::train_local(a),
         Command::Predict(a) => maeum_site::predict::run(a),
         Command::Finetune(a) => maeum_site::finetune::run(a),

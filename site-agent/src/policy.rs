@@ -30,7 +30,7 @@ pub struct Policy {
     /// The fewest sites this site reveals a sum with: checked against a session's size,
     /// its threshold and the survivor set before anything is revealed (at least 2).
     pub min_cohort: u16,
-    /// Model kinds this site trains (`text-classifier`, `tabular-mlp`).
+    /// Model kinds this site trains (`text-classifier`, `encoder-head`, `tabular-mlp`).
     pub allowed_models: Vec<String>,
     /// The most parameters a job's model may have.
     pub max_params: u64,
@@ -78,7 +78,9 @@ impl Default for Policy {
             auto_accept: false,
             allow_plaintext: false,
             min_cohort: 3,
-            allowed_models: vec!["text-classifier".into()],
+            // encoder-head runs only on an encoder the admin installed (`maeum-site encoders add`),
+            // which is the opt-in; its update is the head alone.
+            allowed_models: vec!["text-classifier".into(), "encoder-head".into()],
             max_params: 1 << 26,
             max_rounds: 1_000,
             allowed_strategies: ["fedavg", "fedprox", "fedadam", "fedyogi"].map(String::from).to_vec(),
@@ -130,7 +132,7 @@ impl Policy {
         if usize::from(self.min_cohort) > maeum_secagg::params::MAX_PARTIES {
             return Err(format!("[policy] min_cohort must be at most 255, got {}", self.min_cohort));
         }
-        let known_models = ["text-classifier", "tabular-mlp"];
+        let known_models = ["text-classifier", "encoder-head", "tabular-mlp"];
         if let Some(m) = self.allowed_models.iter().find(|m| !known_models.contains(&m.as_str())) {
             return Err(format!(
                 "[policy] allowed_models: unknown model kind {m:?} (known: {})",

@@ -69,6 +69,9 @@ pub struct Loaded {
     pub params: FlatParams,
     /// How possible crises are flagged (`None`: the model has no crisis class).
     pub crisis: Option<CrisisRule>,
+    /// The site's encoders, for a model on a pretrained encoder (no vector cache: the
+    /// texts classified here are not the site's records).
+    pub encoders: std::sync::Mutex<maeum_models::encoder::Encoders>,
 }
 
 /// Where the crisis flag's threshold comes from, when neither the site nor a model card
@@ -196,7 +199,13 @@ pub fn load(home: &Home, wanted: Option<&str>) -> Result<Loaded> {
     let (spec, params, _) = ModelSpec::load(&path).with_context(|| format!("loading {}", path.display()))?;
     let site_threshold = site_crisis_threshold(home)?;
     let crisis = CrisisRule::new(&spec, site_threshold, card_threshold);
-    Ok(Loaded { digest, spec, params, crisis })
+    let encoders = std::sync::Mutex::new(crate::encoders::store(home, false)?);
+    if let Some(e) = spec.encoder()
+        && let Some(why) = crate::encoders::missing(home, e)
+    {
+        bail!("model {digest} runs on a pretrained encoder: {why}");
+    }
+    Ok(Loaded { digest, spec, params, crisis, encoders })
 }
 
 /// `[predict] crisis_threshold` from site.toml, if the home has one and sets it.
@@ -223,7 +232,10 @@ pub struct Prediction {
 impl Loaded {
     /// Classifies a batch of texts.
     pub fn predict(&self, texts: &[String]) -> Result<Vec<Prediction>> {
-        let data = self.spec.prepare_unlabelled(texts)?;
+        let data = {
+            let mut encoders = self.encoders.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            self.spec.prepare_unlabelled_in(texts, &mut encoders)?
+        };
         let probs = self.spec.predict_proba(&self.params, &data)?;
         let names = self.spec.labels().names();
         Ok(probs
@@ -511,6 +523,7 @@ pub(crate) mod tests {
             crisis: CrisisRule::new(&spec, None, Some((0.05, 3))),
             spec: spec.clone(),
             params,
+            encoders: std::sync::Mutex::new(maeum_models::encoder::Encoders::new("/nonexistent", None)),
         };
         assert_eq!(model.crisis.as_ref().map(|r| r.source.as_str()), Some("release v3 model card"));
         let p = model.predict(&["I wrote a note tonight".to_string()]).expect("predict").remove(0);
@@ -560,6 +573,7 @@ pub(crate) mod tests {
             crisis: CrisisRule::new(&spec, Some(0.1), None),
             params: job.initial_params().expect("params"),
             spec,
+            encoders: std::sync::Mutex::new(maeum_models::encoder::Encoders::new("/nonexistent", None)),
         };
         assert_eq!(model.crisis, None);
         let p = model.predict(&["hello".to_string()]).expect("predict").remove(0);

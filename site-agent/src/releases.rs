@@ -521,6 +521,13 @@ pub fn show(dir: &Path, selector: Option<&str>, json: bool) -> Result<()> {
     println!("release v{} of {}", r.manifest.version, r.manifest.consortium);
     println!("  model       {} ({} bytes)", r.manifest.model_sha256, r.manifest.model_size);
     println!("  from        job {} round {} of {}", card.job.id, card.round, card.job.rounds);
+    println!("  kind        {} ({} parameters)", card.model.kind, card.model.parameters);
+    if let Some(e) = &card.model.encoder {
+        println!(
+            "  encoder     {} (weights {}, tokenizer {}, {} tokens)",
+            e.name, e.sha256, e.tokenizer_sha256, e.max_tokens
+        );
+    }
     println!("  released    {}", rfc3339(card.released_ms));
     println!(
         "  audit log   entry #{}, proven against the checkpoint of size {} this site witnessed",

@@ -126,6 +126,12 @@ static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 impl Federation {
     /// Provisions a consortium and `n` enrolled sites (`site-1` …) with the CLIs.
     pub fn new(n: usize) -> Self {
+        Self::with_data(n, &rmhd())
+    }
+
+    /// [`Federation::new`] over another text/label JSONL file (e.g. a subset of the
+    /// corpus, for models whose per-record cost is high).
+    pub fn with_data(n: usize, data: &Path) -> Self {
         let serial = SERIAL.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let dir = tempfile::tempdir().expect("tempdir");
         let port = std::net::TcpListener::bind("127.0.0.1:0").expect("free port").local_addr().expect("addr").port();
@@ -148,7 +154,7 @@ impl Federation {
         run_ok(
             Command::new(bin("maeum-site"))
                 .args(["data", "split", "--sites", &n.to_string(), "--alpha", "0.5", "--seed", "7", "--data"])
-                .arg(rmhd())
+                .arg(data)
                 .arg("--out")
                 .arg(&split),
         );

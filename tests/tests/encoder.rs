@@ -1,0 +1,149 @@
+//! A federated job on a pretrained encoder (issue 18), end to end: real processes,
+//! mTLS, secure aggregation, the real corpus (a subset: each site embeds its records
+//! with all-MiniLM-L6-v2 on the CPU) and the real encoder fetched by
+//! `scripts/fetch_encoder.py`. Only the head travels; each site runs the encoder only
+//! from files it holds with the job's digests, caches its records' vectors owner-only,
+//! installs the signed release and classifies offline.
+
+use std::io::Write;
+use std::process::Command;
+use std::time::Duration;
+
+use maeum_e2e::{Federation, bin, rmhd, root};
+
+const MIN: Duration = Duration::from_secs(60);
+
+/// The first `per_label` posts of every label of the corpus.
+fn subset(dir: &std::path::Path, per_label: usize) -> std::path::PathBuf {
+    let mut seen = std::collections::HashMap::<String, usize>::new();
+    let path = dir.join("subset.jsonl");
+    let mut out = std::fs::File::create(&path).expect("subset");
+    for line in std::fs::read_to_string(rmhd()).expect("corpus").lines() {
+        let v: serde_json::Value = serde_json::from_str(line).expect("jsonl");
+        let n = seen.entry(v["label"].as_str().unwrap_or_default().to_string()).or_default();
+        if *n < per_label {
+            *n += 1;
+            writeln!(out, "{line}").expect("write");
+        }
+    }
+    path
+}
+
+fn encoder_dir() -> std::path::PathBuf {
+    let dir = root().join("data/encoders/all-minilm-l6-v2");
+    assert!(dir.join("model.safetensors").exists(), "run `python3 scripts/fetch_encoder.py` first");
+    dir
+}
+
+fn site(fed: &Federation, id: &str, args: &[&str]) -> std::process::Output {
+    Command::new(bin("maeum-site")).args(args).arg("--home").arg(fed.site_home(id)).output().expect("maeum-site")
+}
+
+#[test]
+fn an_encoder_head_job_trains_under_secure_aggregation_and_every_site_predicts_offline() {
+    let data_dir = tempfile::tempdir().expect("tempdir");
+    let data = subset(data_dir.path(), 10);
+    let mut fed = Federation::with_data(4, &data);
+    // site-1 and site-2 install the encoder into their homes; site-3 points at a shared
+    // read-only folder; site-4 holds none and must refuse the job.
+    for s in ["site-1", "site-2"] {
+        let out = Command::new(bin("maeum-site"))
+            .args(["encoders", "add", "--home"])
+            .arg(fed.site_home(s))
+            .arg(encoder_dir())
+            .output()
+            .expect("encoders add");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(String::from_utf8_lossy(&out.stdout).contains("weights and tokenizer digests verified"));
+    }
+    let toml = fed.site_home("site-3").join("site.toml");
+    let text = std::fs::read_to_string(&toml).expect("site.toml");
+    let shared = encoder_dir().parent().expect("encoders").display().to_string();
+    assert!(text.contains("\n[encoders]\n"), "site.toml: {text}");
+    std::fs::write(&toml, text.replace("\n[encoders]\n", &format!("\n[encoders]\ndir = {shared:?}\n")))
+        .expect("site.toml");
+    let listed = site(&fed, "site-3", &["encoders", "list", "--json"]);
+    assert!(listed.status.success(), "{}", String::from_utf8_lossy(&listed.stderr));
+    let listed: serde_json::Value = serde_json::from_slice(&listed.stdout).expect("json");
+    assert_eq!(listed[0]["status"], "ok", "{listed:#}");
+
+    fed.start_coordinator();
+    fed.start_sites(&["site-1", "site-2", "site-3", "site-4"]);
+    fed.wait_online(4);
+    let job = "[model]\nkind = \"encoder-head\"\nencoder = \"all-minilm-l6-v2\"\nhidden = 32\n\
+               [train]\nepochs = 5\nlearning_rate = 0.01\n";
+    let id = fed.submit("enc", 2, 3, job);
+    let status = fed.wait_job(&id, 6 * MIN);
+    assert_eq!(status["state"], "completed", "{status:#}\n{}", fed.log_text("coordinator"));
+
+    // site-4 said why, before round 1.
+    let d = status["decisions"].as_array().and_then(|d| d.iter().find(|d| d["site"] == "site-4").cloned());
+    let d = d.unwrap_or_else(|| panic!("no decision from site-4: {status:#}"));
+    assert_eq!(d["accept"], false);
+    let reason = d["reason"].as_str().unwrap_or_default();
+    assert!(reason.contains("encoder \"all-minilm-l6-v2\" is not installed at this site"), "{reason}");
+
+    // Secure aggregation was on, and the global model is the head alone: 384×32 + 32 +
+    // 32×27 + 27 parameters, about 53 kB of f32 per update.
+    let history = status["history"].as_array().expect("history");
+    assert_eq!(history.len(), 2, "{status:#}");
+    for r in history {
+        assert_eq!(r["contributors"].as_array().map(Vec::len), Some(3), "{r:#}");
+    }
+    let out = fed.cli(&["models", "promote", "v1", "--override-gate", "--reason", "e2e test on 270 posts"]);
+    // Promoted whether or not a model trained on 40 posts a site passes the gates.
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let shown = fed.cli_json(&["models", "show", "v1"]);
+    let card = &shown["card"]["model"];
+    assert_eq!(card["kind"], "encoder-head", "{shown:#}");
+    assert_eq!(card["parameters"], 384 * 32 + 32 + 32 * 27 + 27, "{shown:#}");
+    assert_eq!(card["encoder"]["sha256"], "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db");
+    assert!(shown["model_size"].as_u64().is_some_and(|n| n < 100_000), "only the head is in the model: {shown:#}");
+
+    // Each site cached its own records' vectors, owner-only, one entry per record.
+    for s in ["site-1", "site-2", "site-3"] {
+        let dir = fed.site_home(s).join("cache/vectors");
+        let files: Vec<_> = std::fs::read_dir(&dir).expect("vector cache").map(|e| e.expect("entry").path()).collect();
+        assert_eq!(files.len(), 1, "{s}: {files:?}");
+        let len = std::fs::metadata(&files[0]).expect("meta").len();
+        assert!(len > 0 && len % (32 + 4 * 384) == 0, "{s}: {len} bytes");
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&files[0]).expect("meta").permissions().mode() & 0o777;
+            assert_eq!(mode, 0o600, "{s}");
+        }
+    }
+
+    // Every participating site installs the release and classifies offline with it.
+    let until = std::time::Instant::now() + MIN;
+    for s in ["site-1", "site-2", "site-3"] {
+        loop {
+            let list = site(&fed, s, &["models", "list", "--json"]);
+            let v: serde_json::Value = serde_json::from_slice(&list.stdout).unwrap_or_default();
+            if v["current"] == 1 {
+                break;
+            }
+            assert!(std::time::Instant::now() < until, "{s} did not install v1: {v:#}\n{}", fed.log_text(s));
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+    fed.kill_coordinator();
+    for s in ["site-1", "site-3"] {
+        let out = site(&fed, s, &["predict", "--text", "I feel like ending it all tonight, I wrote a note", "--json"]);
+        assert!(out.status.success(), "{s}: {}", String::from_utf8_lossy(&out.stderr));
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+        assert!(fed.labels.iter().any(|l| v["label"] == l.as_str()), "{v:#}");
+        assert!(v["crisis"]["flag"].is_boolean(), "{v:#}");
+    }
+
+    // A site whose encoder files were altered refuses to run the model, naming the file.
+    let altered = fed.site_home("site-2").join("encoders/all-minilm-l6-v2/tokenizer.json");
+    let mut text = std::fs::read_to_string(&altered).expect("tokenizer");
+    text.push(' ');
+    std::fs::write(&altered, text).expect("alter");
+    let out = site(&fed, "site-2", &["predict", "--text", "hello", "--json"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("tokenizer.json: SHA-256 is") && err.contains("not the encoder the model names"), "{err}");
+}
