@@ -1,6 +1,7 @@
 //! The burn encoder against the independent numpy reference
 //! (`scripts/encoder_reference.py` wrote `tests/data/minilm_reference.json` from the same
-//! files): the same token ids, and sentence vectors within 1e-4 cosine.
+//! files): the same token ids, and sentence vectors within 1e-4 cosine (and 1e-6 per
+//! coordinate).
 //!
 //! Needs the fetched encoder: `python3 scripts/fetch_encoder.py` (CI runs it).
 
@@ -52,16 +53,21 @@ fn token_ids_and_vectors_match_the_numpy_reference() {
     }
     // All twelve in one batch (padding to the longest) and each alone.
     let batched = enc.embed(&texts, &mut |_| {}).expect("embed");
+    let mut worst = 0f32;
     for (i, s) in want.sentences.iter().enumerate() {
         let got = &batched[i * want.dim..(i + 1) * want.dim];
         let cos = encoder::cosine(got, &s.embedding);
         assert!(cos > 1.0 - 1e-4, "{:?}: cosine {cos}", s.text);
         let max_diff = got.iter().zip(&s.embedding).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
-        assert!(max_diff < 1e-4, "{:?}: max |Δ| {max_diff}", s.text);
+        // f32 against float64 lands near 2e-7; the tanh approximation of GELU would be
+        // about 5e-6 off, so 1e-6 also pins the exact-erf GELU.
+        assert!(max_diff < 1e-6, "{:?}: max |Δ| {max_diff}", s.text);
+        worst = worst.max(max_diff);
         let alone = enc.embed(&[s.text.as_str()], &mut |_| {}).expect("embed");
         let pad_diff = alone.iter().zip(got).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
         assert!(pad_diff < 1e-5, "{:?}: batched and alone differ by {pad_diff}", s.text);
     }
+    eprintln!("largest difference from the reference: {worst:e}");
 }
 
 #[test]
