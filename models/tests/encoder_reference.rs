@@ -3,19 +3,31 @@
 //! files): the same token ids, and sentence vectors within 1e-4 cosine (and 1e-6 per
 //! coordinate).
 //!
-//! Needs the fetched encoder: `python3 scripts/fetch_encoder.py` (CI runs it).
+//! Needs the encoder: fetched by `python3 scripts/fetch_encoder.py` on first use (CI runs it
+//! beforehand).
 
 use std::path::PathBuf;
 
 use maeum_models::encoder::{self, Encoder};
 
+/// The encoder, fetched (digest-pinned) by `scripts/fetch_encoder.py` on first use, as
+/// the end-to-end tests fetch the corpus; one fetch at a time.
 fn encoder_dir() -> PathBuf {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../data/encoders/all-minilm-l6-v2");
-    assert!(
-        dir.join("model.safetensors").exists(),
-        "{}: no encoder; run `python3 scripts/fetch_encoder.py` first",
-        dir.display()
-    );
+    static FETCH: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one_at_a_time = FETCH.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let dir = root.join("data/encoders/all-minilm-l6-v2");
+    if !dir.join("model.safetensors").exists() {
+        let status = std::process::Command::new("python3")
+            .arg(root.join("scripts/fetch_encoder.py"))
+            .arg("--out")
+            .arg(&dir)
+            .arg("--cache")
+            .arg(root.join("data/cache"))
+            .status()
+            .unwrap_or_else(|e| panic!("running scripts/fetch_encoder.py: {e}"));
+        assert!(status.success(), "scripts/fetch_encoder.py failed ({status}); the real encoder is required");
+    }
     dir
 }
 

@@ -59,18 +59,34 @@ pub fn bin(name: &str) -> PathBuf {
 /// The real corpus as JSONL, fetched with the project script if it is not there yet.
 pub fn rmhd() -> PathBuf {
     let path = root().join("data/rmhd.jsonl");
-    if !path.exists() {
-        let status = Command::new("python3")
-            .arg(root().join("scripts/fetch_rmhd.py"))
-            .arg("--out")
-            .arg(&path)
-            .arg("--cache")
-            .arg(root().join("data/cache"))
-            .status()
-            .unwrap_or_else(|e| panic!("running scripts/fetch_rmhd.py: {e}"));
-        assert!(status.success(), "scripts/fetch_rmhd.py failed ({status}); the real corpus is required");
-    }
+    fetch_if_missing(&path, &path, "scripts/fetch_rmhd.py", "the real corpus");
     path
+}
+
+/// The pretrained encoder all-MiniLM-L6-v2 (`data/encoders/all-minilm-l6-v2`), fetched
+/// and digest-checked by `scripts/fetch_encoder.py` on first use, as the corpus is.
+pub fn encoder_dir() -> PathBuf {
+    let dir = root().join("data/encoders/all-minilm-l6-v2");
+    fetch_if_missing(&dir.join("model.safetensors"), &dir, "scripts/fetch_encoder.py", "the real encoder");
+    dir
+}
+
+/// Runs `script --out OUT --cache data/cache` unless `marker` exists; one fetch at a time.
+fn fetch_if_missing(marker: &Path, out: &Path, script: &str, what: &str) {
+    static FETCH: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one_at_a_time = FETCH.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    if marker.exists() {
+        return;
+    }
+    let status = Command::new("python3")
+        .arg(root().join(script))
+        .arg("--out")
+        .arg(out)
+        .arg("--cache")
+        .arg(root().join("data/cache"))
+        .status()
+        .unwrap_or_else(|e| panic!("running {script}: {e}"));
+    assert!(status.success(), "{script} failed ({status}); {what} is required");
 }
 
 /// Runs `cmd`, returning its output; panics with stdout and stderr if it failed.

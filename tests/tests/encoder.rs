@@ -9,7 +9,7 @@ use std::io::Write;
 use std::process::Command;
 use std::time::Duration;
 
-use maeum_e2e::{Federation, bin, rmhd, root};
+use maeum_e2e::{Federation, bin, encoder_dir, rmhd};
 
 const MIN: Duration = Duration::from_secs(60);
 
@@ -27,12 +27,6 @@ fn subset(dir: &std::path::Path, per_label: usize) -> std::path::PathBuf {
         }
     }
     path
-}
-
-fn encoder_dir() -> std::path::PathBuf {
-    let dir = root().join("data/encoders/all-minilm-l6-v2");
-    assert!(dir.join("model.safetensors").exists(), "run `python3 scripts/fetch_encoder.py` first");
-    dir
 }
 
 fn site(fed: &Federation, id: &str, args: &[&str]) -> std::process::Output {
@@ -136,6 +130,12 @@ fn an_encoder_head_job_trains_under_secure_aggregation_and_every_site_predicts_o
         assert!(fed.labels.iter().any(|l| v["label"] == l.as_str()), "{v:#}");
         assert!(v["crisis"]["flag"].is_boolean(), "{v:#}");
     }
+
+    // Personalisation runs the same encoder on the site's own records (from its cache).
+    let out = site(&fed, "site-1", &["finetune", "--epochs", "1", "--json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert!(v.to_string().contains("accuracy"), "{v:#}");
 
     // A site whose encoder files were altered refuses to run the model, naming the file.
     let altered = fed.site_home("site-2").join("encoders/all-minilm-l6-v2/tokenizer.json");
