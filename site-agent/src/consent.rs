@@ -188,6 +188,20 @@ pub fn describe(spec: &JobSpec, policy: &crate::policy::Policy) -> Vec<(String, 
             format!("{} with {params} parameters, {} labels", spec.model.kind.as_str(), spec.labels.len()),
         ),
         ("rounds".to_string(), format!("{} (each: train on your records, send a masked update)", spec.rounds)),
+    ];
+    if let Some(e) = spec.model_spec().ok().as_ref().and_then(maeum_models::model::ModelSpec::encoder) {
+        rows.push((
+            "encoder".to_string(),
+            format!(
+                "{} (weights {}, tokenizer {}): runs here on your records, which it turns into vectors \
+                 kept in this home; only the head is trained and sent",
+                e.name,
+                &e.sha256[..16],
+                &e.tokenizer_sha256[..16]
+            ),
+        ));
+    }
+    rows.extend([
         ("cohort".to_string(), format!("at least {} sites per round (min_sites)", spec.min_sites)),
         (
             "secure aggregation".to_string(),
@@ -224,7 +238,7 @@ pub fn describe(spec: &JobSpec, policy: &crate::policy::Policy) -> Vec<(String, 
                 format!("only the sites your policy pins: {}", policy.members.join(", "))
             },
         ),
-    ];
+    ]);
     rows.push((
         "your policy".to_string(),
         match policy.check_job(spec) {
@@ -248,6 +262,15 @@ pub fn show(dir: &Path, job_id: &str, json: bool) -> Result<()> {
         && let Some(row) = rows.iter_mut().find(|(k, _)| k == "your policy")
     {
         row.1 = r.to_string();
+    }
+    // Whether this site can run the job's encoder at all (else the daemon refuses it).
+    if let Some(e) = spec.model_spec().ok().as_ref().and_then(maeum_models::model::ModelSpec::encoder)
+        && let Some(row) = rows.iter_mut().find(|(k, _)| k == "encoder")
+    {
+        match crate::encoders::missing(&home, e) {
+            None => row.1.push_str("; installed here and verified"),
+            Some(why) => row.1 = format!("{}; CANNOT RUN HERE: {why}", row.1),
+        }
     }
     if json {
         let map: serde_json::Map<String, serde_json::Value> =
@@ -342,5 +365,15 @@ mod tests {
         assert!(text.contains("secure aggregation: on"), "{text}");
         assert!(text.contains("cohort: at least 3 sites"), "{text}");
         assert!(text.contains("your policy: allows it"), "{text}");
+        assert!(!text.contains("encoder:"), "{text}");
+        let enc = JobSpec::from_toml(
+            "job",
+            &format!("{JOB}[model]\nkind = \"encoder-head\"\nencoder = \"all-minilm-l6-v2\"\n"),
+        )
+        .expect("job");
+        let rows = describe(&enc, &crate::policy::Policy::default());
+        let (_, line) = rows.iter().find(|(k, _)| k == "encoder").expect("an encoder row");
+        assert!(line.starts_with("all-minilm-l6-v2 (weights 53aa51172d142c89, tokenizer be50c3628f2bf5bb)"), "{line}");
+        assert!(line.ends_with("only the head is trained and sent"), "{line}");
     }
 }

@@ -204,10 +204,30 @@ fn check_parts(home: &Home, m: &Manifest, signature: &[u8], card: &[u8], blob: &
     if spec.layout().digest().to_string() != m.layout_digest {
         bail!("the model's parameter layout is not the signed layout {}", m.layout_digest);
     }
+    model_matches_card(&spec, &card)?;
+    Ok(card)
+}
+
+/// The model file's own spec says what its signed card says: labels, kind and (for an
+/// encoder model) the encoder by name and digests. A card naming another encoder than
+/// the one the model runs would mislead every reader of the card.
+fn model_matches_card(spec: &ModelSpec, card: &ModelCard) -> Result<()> {
     if spec.labels().names() != card.model.labels.as_slice() {
         bail!("the model's labels differ from its card's");
     }
-    Ok(card)
+    if spec.kind() != card.model.kind {
+        bail!("the model is of kind {}, its card says {}", spec.kind(), card.model.kind);
+    }
+    let from_card = card.model.encoder.as_ref().map(|e| (&e.name, &e.sha256, &e.tokenizer_sha256));
+    let from_model = spec.encoder().map(|e| (&e.name, &e.sha256, &e.tokenizer_sha256));
+    if from_card != from_model {
+        bail!(
+            "the model runs encoder {}, its card names {}",
+            from_model.map_or("none".into(), |(n, w, t)| format!("{n} (weights {w}, tokenizer {t})")),
+            from_card.map_or("none".into(), |(n, w, t)| format!("{n} (weights {w}, tokenizer {t})"))
+        );
+    }
+    Ok(())
 }
 
 /// Re-checks an installed release offline: the parts, and the log entry's inclusion
@@ -609,4 +629,68 @@ pub fn verify(dir: &Path, json: bool) -> Result<()> {
         bail!("{bad} installed release(s) failed verification");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use maeum_models::data::LabelSet;
+    use maeum_tlog::release::{CardEncoder, CardJob, CardModel, CardSecAgg};
+
+    fn card(kind: &str, encoder: Option<CardEncoder>) -> ModelCard {
+        ModelCard {
+            format: maeum_tlog::release::CARD_FORMAT.into(),
+            consortium: "c".into(),
+            version: 1,
+            parent_version: None,
+            model: CardModel {
+                sha256: "ab".repeat(32),
+                size: 1,
+                layout_digest: "cd".repeat(32),
+                kind: kind.into(),
+                parameters: 1,
+                labels: vec!["calm".into(), "crisis".into()],
+                encoder,
+            },
+            job: CardJob {
+                id: "j".into(),
+                name: "j".into(),
+                spec_sha256: "ef".repeat(32),
+                rounds: 1,
+                config: serde_json::json!({}),
+            },
+            round: 1,
+            released_ms: 0,
+            secure_aggregation: CardSecAgg { enabled: true, threshold: 0, neighbours: 0, clip: 1.0, max_weight: 1 },
+            initial_evaluation: None,
+            rounds: Vec::new(),
+            evaluation: None,
+            crisis_flag: None,
+            privacy: None,
+        }
+    }
+
+    #[test]
+    fn a_card_must_name_the_encoder_the_model_runs() {
+        let e = maeum_models::encoder::known("all-minilm-l6-v2").expect("known");
+        let spec = ModelSpec::EncoderHead {
+            encoder: e.clone(),
+            hidden: 4,
+            labels: LabelSet::new(vec!["calm".into(), "crisis".into()]).expect("labels"),
+        };
+        let named = |sha256: &str| CardEncoder {
+            name: e.name.clone(),
+            sha256: sha256.into(),
+            tokenizer_sha256: e.tokenizer_sha256.clone(),
+            max_tokens: 128,
+            dim: 384,
+        };
+        model_matches_card(&spec, &card("encoder-head", Some(named(&e.sha256)))).expect("matches");
+        let err = model_matches_card(&spec, &card("encoder-head", Some(named(&"00".repeat(32))))).expect_err("other");
+        assert!(err.to_string().starts_with("the model runs encoder all-minilm-l6-v2 (weights 53aa5117"), "{err}");
+        let err = model_matches_card(&spec, &card("encoder-head", None)).expect_err("none");
+        assert!(err.to_string().ends_with("its card names none"), "{err}");
+        let err = model_matches_card(&spec, &card("text-classifier", None)).expect_err("kind");
+        assert_eq!(err.to_string(), "the model is of kind encoder-head, its card says text-classifier");
+    }
 }
