@@ -90,12 +90,43 @@ pub fn consent_for(home: &Home, job_id: &str, toml: &str, spec_sha256: &str) -> 
     Ok(consent.filter(|c| c.spec_sha256 == spec_sha256))
 }
 
+/// Records a decision the daemon made without the admin (the policy refused the offer,
+/// the site cannot serve it, or `auto_accept` took it), so `jobs list` shows every offer
+/// this site answered and why. An answer already recorded for this job file (the
+/// admin's) is kept.
+pub fn record_decision(
+    home: &Home,
+    job_id: &str,
+    toml: &str,
+    spec_sha256: &str,
+    decision: (bool, &str, &str),
+) -> Result<()> {
+    let (accept, by, reason) = decision;
+    if consent_for(home, job_id, toml, spec_sha256)?.is_some() {
+        return Ok(());
+    }
+    let c = Consent {
+        job_id: job_id.into(),
+        accept,
+        reason: reason.into(),
+        spec_sha256: spec_sha256.into(),
+        by: by.into(),
+        time_ms: crate::now_ms(),
+    };
+    write_json(home, &consent_name(job_id), &c)
+}
+
 /// One offer as `jobs list` shows it.
 #[derive(Debug, Clone, Serialize)]
 pub struct Listed {
     pub job_id: String,
     /// `waiting`, `accepted` or `refused`.
     pub state: String,
+    /// Who answered (the admin, `auto_accept` or `this site (policy or data)`), empty
+    /// while waiting.
+    pub by: String,
+    /// Why it was refused, empty otherwise.
+    pub reason: String,
     pub name: String,
     pub spec_sha256: String,
     pub received_ms: i64,
@@ -139,6 +170,8 @@ pub fn list(dir: &Path, json: bool) -> Result<()> {
         .map(|(o, c)| Listed {
             name: JobSpec::from_toml("job", &o.toml).map(|s| s.name).unwrap_or_else(|_| "(invalid job file)".into()),
             state: state(c.as_ref()).into(),
+            by: c.as_ref().map(|c| c.by.clone()).unwrap_or_default(),
+            reason: c.as_ref().map(|c| c.reason.clone()).unwrap_or_default(),
             job_id: o.job_id,
             spec_sha256: o.spec_sha256,
             received_ms: o.received_ms,
@@ -152,11 +185,20 @@ pub fn list(dir: &Path, json: bool) -> Result<()> {
         println!("no job offers (with [policy] auto_accept = false, offers wait here for your answer)");
         return Ok(());
     }
-    let mut t = maeum_runtime::table::table(&["job", "name", "state", "job file SHA-256"], &[]);
+    let mut t = maeum_runtime::table::table(&["job", "name", "state", "by", "job file SHA-256"], &[]);
     for l in &listed {
-        t.add_row(vec![l.job_id.clone(), l.name.clone(), l.state.clone(), l.spec_sha256[..16].to_string()]);
+        t.add_row(vec![
+            l.job_id.clone(),
+            l.name.clone(),
+            l.state.clone(),
+            l.by.clone(),
+            l.spec_sha256[..16].to_string(),
+        ]);
     }
     println!("{t}");
+    for l in listed.iter().filter(|l| !l.reason.is_empty()) {
+        println!("{}: {}", l.job_id, l.reason);
+    }
     println!(
         "`maeum-site jobs show JOB` explains what a job asks; `jobs accept JOB` or `jobs refuse JOB --reason …` answers."
     );

@@ -825,6 +825,12 @@ async fn decide(
     } else {
         warn!(job = %job_id, reason = %reason, "refused the job");
     }
+    // `jobs list` shows every offer this site answered, not only those its admin did.
+    let by = if accept { "auto_accept" } else { "this site (policy or data)" };
+    let decision = (accept, by, reason.as_str());
+    if let Err(e) = crate::consent::record_decision(&agent.home, &job_id, &spec_toml, &spec_sha256.hex(), decision) {
+        warn!(job = %job_id, error = %format!("{e:#}"), "recording the decision for `jobs list`");
+    }
     let decision = pb::JobDecision { job_id: job_id.clone(), accept, reason };
     client.decide_job(decision).await?;
     agent.note(crate::witness::Record::Decision {

@@ -67,4 +67,33 @@ fn an_offer_waits_for_the_admin_and_runs_once_accepted() {
         journal.lines().any(|l| l.contains("\"kind\":\"decision\"") && l.contains(sha)),
         "no decision with {sha} in:\n{journal}"
     );
+
+    // An offer the policy refuses never waits for the admin, and `jobs list` still shows
+    // it, with who refused and why.
+    let plain = fed.submit(
+        "plain",
+        1,
+        3,
+        &format!("{SMALL_MODEL}[secure_aggregation]\ninsecure_plaintext_aggregation_for_debugging = true\n"),
+    );
+    let until = Instant::now() + MIN;
+    let refused = loop {
+        let listed: serde_json::Value =
+            serde_json::from_slice(&site(&home, &["jobs", "list", "--json"]).stdout).expect("json");
+        if let Some(l) = listed.as_array().and_then(|a| a.iter().find(|l| l["job_id"] == plain.as_str())) {
+            break l.clone();
+        }
+        assert!(Instant::now() < until, "the refused offer {plain} is not listed: {listed:#}");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(refused["state"], "refused", "{refused:#}");
+    assert_eq!(refused["by"], "this site (policy or data)", "{refused:#}");
+    assert!(refused["reason"].as_str().is_some_and(|r| r.contains("allow_plaintext")), "{refused:#}");
+    let table = text(&site(&home, &["jobs", "list"]));
+    assert!(table.contains(&format!("{plain}: refused by this site's policy")), "{table}");
+    // The offer the admin accepted is still listed as the admin's answer.
+    let listed: serde_json::Value =
+        serde_json::from_slice(&site(&home, &["jobs", "list", "--json"]).stdout).expect("json");
+    let first = listed.as_array().and_then(|a| a.iter().find(|l| l["job_id"] == id.as_str())).cloned();
+    assert_eq!(first.as_ref().map(|l| l["state"].clone()), Some("accepted".into()), "{listed:#}");
 }
