@@ -485,6 +485,13 @@ pub async fn run(a: DemoArgs) -> Result<()> {
         work.display()
     ));
 
+    if encoders.is_some() {
+        say(format!(
+            "each site first embeds its own records with {ENCODER} (about 4 minutes for the whole corpus on two \
+             cores; `embedding records` lines in logs/site-*.log), then the rounds take seconds"
+        ));
+    }
+
     // 4. Watch.
     let bar = ProgressBar::new(u64::from(a.rounds));
     bar.set_style(
