@@ -65,6 +65,7 @@ pub async fn check(dir: &Path) -> Checks {
                 Err(e) => c.fail("local data", format!("{e:#}"), "fix HOME/site.toml [data] or the file it names"),
             }
             policy(&mut c, &cfg.policy);
+            encoders(&mut c, &home, &cfg.policy);
         }
         Err(e) => c.fail("site.toml", format!("{e:#}"), "fix HOME/site.toml (the message names the key)"),
     }
@@ -119,6 +120,28 @@ pub async fn check(dir: &Path) -> Checks {
 
 /// The policy in force (one line), and a warning for each rule set below the defaults'
 /// protection.
+/// The pretrained encoders installed here: each must verify against its known digests.
+fn encoders(c: &mut Checks, home: &Home, p: &Policy) {
+    let list = match crate::encoders::list(home) {
+        Ok(l) => l,
+        Err(e) => return c.fail("encoders", format!("{e:#}"), "fix HOME/site.toml [encoders] dir"),
+    };
+    let fix = "reinstall it: `python3 scripts/fetch_encoder.py`, then `maeum-site encoders add DIR`";
+    let mut ok = Vec::new();
+    for e in &list {
+        match e.status.as_str() {
+            "ok" => ok.push(e.name.clone()),
+            "not installed" => {}
+            why => c.fail(&format!("encoder {}", e.name), format!("{}: {why}", e.path.display()), fix),
+        }
+    }
+    if !ok.is_empty() {
+        c.ok("encoders", format!("{} installed and verified", ok.join(", ")));
+    } else if p.allowed_models.iter().any(|m| m == "encoder-head") {
+        c.ok("encoders", "none installed: this site refuses encoder-head jobs (`maeum-site encoders add DIR`)");
+    }
+}
+
 fn policy(c: &mut Checks, p: &Policy) {
     let rules: Vec<String> = p.summary().into_iter().map(|(rule, value)| format!("{rule} {value}")).collect();
     c.ok("policy", rules.join("; "));
@@ -161,6 +184,30 @@ mod tests {
         policy(&mut c, &p);
         let got: Vec<(&str, Level)> = c.checks.iter().map(|c| (c.name.as_str(), c.level)).collect();
         assert_eq!(got, expected);
+    }
+
+    #[test]
+    fn installed_encoders_must_verify() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let home = Home::new(dir.path());
+        let levels = |home: &Home| {
+            let mut c = Checks::default();
+            encoders(&mut c, home, &Policy::default());
+            c.checks.iter().map(|c| (c.name.clone(), c.level, c.detail.clone())).collect::<Vec<_>>()
+        };
+        let none = levels(&home);
+        assert_eq!(none.len(), 1);
+        assert_eq!((none[0].0.as_str(), none[0].1), ("encoders", Level::Ok));
+        assert!(none[0].2.starts_with("none installed: this site refuses encoder-head jobs"), "{none:?}");
+        // Files under the encoder's name that are not the encoder fail, naming the file.
+        let enc = dir.path().join("encoders/all-minilm-l6-v2");
+        std::fs::create_dir_all(&enc).expect("mkdir");
+        for f in ["model.safetensors", "tokenizer.json", "config.json"] {
+            std::fs::write(enc.join(f), b"not an encoder").expect("write");
+        }
+        let bad = levels(&home);
+        assert_eq!((bad[0].0.as_str(), bad[0].1), ("encoder all-minilm-l6-v2", Level::Fail), "{bad:?}");
+        assert!(bad[0].2.contains("model.safetensors: SHA-256 is"), "{bad:?}");
     }
 
     #[test]
