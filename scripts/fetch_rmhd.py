@@ -20,19 +20,16 @@ Exit codes: 0 ok, 1 download failed, 2 digest mismatch, 3 unexpected content.
 
 import argparse
 import csv
-import glob
-import hashlib
 import io
 import json
 import os
-import subprocess
 import sys
 import tempfile
-import time
 import zipfile
 
+from pinned_wheel import fetch, say
+
 WHEEL = "construct-tracker==1.0.16"
-WHEEL_FILE = "construct_tracker-1.0.16-py3-none-any.whl"
 WHEEL_SHA256 = "be23277ca17daa8a3af5a2ec73af4e47fb90d0ec75085c4d3a0f75c4f2241437"
 MEMBER = (
     "construct_tracker/data/datasets/reddit_27_subreddits/"
@@ -40,49 +37,6 @@ MEMBER = (
 )
 EXPECTED_ROWS = 7020
 EXPECTED_LABELS = 27
-
-
-def sha256(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def say(line):
-    """A progress line on stderr (stdout keeps only the result line)."""
-    print(line, file=sys.stderr, flush=True)
-
-
-def mb(n):
-    return f"{n / 1e6:.1f} MB"
-
-
-def pip_command(cache, tty):
-    """`pip download` for the wheel: pip's own progress bar on a terminal, quiet otherwise."""
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", WHEEL, "-d", cache]
-    if not tty:
-        cmd[4:4] = ["--quiet", "--progress-bar", "off"]
-    return cmd
-
-
-def fetch_wheel(cache):
-    os.makedirs(cache, exist_ok=True)
-    path = os.path.join(cache, WHEEL_FILE)
-    if os.path.exists(path) and sha256(path) == WHEEL_SHA256:
-        say(f"using the cached wheel {path} ({mb(os.path.getsize(path))})")
-        return path
-    say(f"downloading {WHEEL} with pip (about 12 MB, up to a minute) into {cache}")
-    started = time.monotonic()
-    cmd = pip_command(cache, sys.stderr.isatty())
-    if subprocess.run(cmd, stdout=sys.stderr).returncode != 0:
-        sys.exit(f"error: `{' '.join(cmd)}` failed")
-    found = glob.glob(os.path.join(cache, "construct_tracker-1.0.16-*.whl"))
-    if not found:
-        sys.exit(f"error: pip reported success but no wheel is in {cache}")
-    say(f"downloaded {os.path.basename(found[0])} ({mb(os.path.getsize(found[0]))}) in {time.monotonic() - started:.1f} s")
-    return found[0]
 
 
 def main():
@@ -98,19 +52,9 @@ def main():
             print(f"{args.out}: already present ({n} posts)")
             return 0
 
-    try:
-        wheel = fetch_wheel(args.cache)
-    except SystemExit as e:
-        print(e, file=sys.stderr)
-        return 1
-    digest = sha256(wheel)
-    if digest != WHEEL_SHA256:
-        print(
-            f"error: {wheel}: SHA-256 is {digest}, expected {WHEEL_SHA256}; "
-            "refusing to use it (delete it to download again)",
-            file=sys.stderr,
-        )
-        return 2
+    wheel, code = fetch(WHEEL, "construct_tracker-1.0.16-*.whl", WHEEL_SHA256, args.cache, "about 12 MB, up to a minute")
+    if code:
+        return code
     say("wheel SHA-256 matches the pinned digest; extracting the 27-subreddit CSV")
 
     with zipfile.ZipFile(wheel) as z:
