@@ -817,14 +817,19 @@ fn baselines(
     let mut tests = Vec::new();
     for s in sites {
         let (train, test) = (read(&dir.join(s).join("train.jsonl"))?, read(&dir.join(s).join("test.jsonl"))?);
-        let mut encoders = match &encoder {
-            Some((enc_dir, work)) => {
-                maeum_models::encoder::Encoders::new(enc_dir, Some(work.join(s).join("cache/vectors")))
-            }
-            None => maeum_models::encoder::Encoders::new(dir, None),
+        // Each site's own cache (HOME/cache/vectors) holds exactly its records' vectors.
+        let mut encoders = encoder.as_ref().map(|(enc_dir, work)| {
+            maeum_models::encoder::Encoders::new(
+                enc_dir,
+                Some(work.join(s).join(maeum_models::encoder::SITE_VECTOR_CACHE)),
+            )
+        });
+        let mut prepare = |examples: &[Example]| match encoders.as_mut() {
+            Some(e) => spec.prepare_text_in(examples, e, &mut |_, _| {}),
+            None => spec.prepare_text(examples),
         };
-        trains.push(spec.prepare_text_in(&train, &mut encoders, &mut |_, _| {})?);
-        tests.push(spec.prepare_text_in(&test, &mut encoders, &mut |_, _| {})?);
+        trains.push(prepare(&train)?);
+        tests.push(prepare(&test)?);
     }
     let test = Prepared::concat(&tests).context("joining the sites' test sets")?;
     let cfg = TrainConfig::default();

@@ -40,23 +40,46 @@ pub struct EncoderSpec {
     pub max_tokens: usize,
 }
 
-/// The encoders Maeum knows by name (a job names one; `scripts/fetch_encoder.py` fetches
-/// it).
+/// The encoders Maeum knows: (name, weights SHA-256, tokenizer SHA-256, width, window).
+/// A job names one; `scripts/fetch_encoder.py` fetches it. A site runs no other.
+const CATALOGUE: &[(&str, &str, &str, usize, usize)] = &[(
+    "all-minilm-l6-v2",
+    "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db",
+    "be50c3628f2bf5bb5e3a7f17b1f74611b2561a3a27eeab05e5aa30f411572037",
+    384,
+    128,
+)];
+
+/// The catalogue's entry for `name`.
 pub fn known(name: &str) -> Option<EncoderSpec> {
-    match name {
-        "all-minilm-l6-v2" => Some(EncoderSpec {
-            name: name.into(),
-            sha256: "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db".into(),
-            tokenizer_sha256: "be50c3628f2bf5bb5e3a7f17b1f74611b2561a3a27eeab05e5aa30f411572037".into(),
-            dim: 384,
-            max_tokens: 128,
-        }),
-        _ => None,
-    }
+    CATALOGUE.iter().find(|e| e.0 == name).map(|&(name, sha256, tokenizer_sha256, dim, max_tokens)| EncoderSpec {
+        name: name.into(),
+        sha256: sha256.into(),
+        tokenizer_sha256: tokenizer_sha256.into(),
+        dim,
+        max_tokens,
+    })
 }
 
-/// The names [`known`] accepts.
-pub const KNOWN: &[&str] = &["all-minilm-l6-v2"];
+/// The catalogue's names, comma-separated (for messages).
+pub fn known_names() -> String {
+    CATALOGUE.iter().map(|e| e.0).collect::<Vec<_>>().join(", ")
+}
+
+/// Every encoder in the catalogue.
+pub fn catalogue() -> impl Iterator<Item = EncoderSpec> {
+    CATALOGUE.iter().filter_map(|e| known(e.0))
+}
+
+/// `spec` exactly as the catalogue has it. A model file's header (a release the
+/// coordinator signed) is not trusted to name an encoder, a folder or a window of its
+/// own: anything else is refused before a file is opened.
+pub fn check_known(spec: &EncoderSpec) -> Result<(), EncoderError> {
+    if known(&spec.name).as_ref() == Some(spec) {
+        return Ok(());
+    }
+    Err(EncoderError::Unknown { name: spec.name.chars().take(64).collect(), known: known_names() })
+}
 
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -69,6 +92,8 @@ pub enum EncoderError {
     Format { path: PathBuf, detail: String },
     #[error("encoder {name:?}: {detail}")]
     Tokenize { name: String, detail: String },
+    #[error("encoder {name:?} (with these digests, width and window) is not one this build runs (known: {known})")]
+    Unknown { name: String, known: String },
 }
 
 /// The architecture, from the encoder's `config.json`.
@@ -178,38 +203,31 @@ fn read(path: &Path) -> Result<Vec<u8>, EncoderError> {
     std::fs::read(path).map_err(|error| EncoderError::Io { path: path.to_owned(), error })
 }
 
+/// The bytes of `dir/file` if they hash to `expected`.
+fn read_checked(dir: &Path, file: &str, expected: &str) -> Result<Vec<u8>, EncoderError> {
+    let path = dir.join(file);
+    let bytes = read(&path)?;
+    let actual = sha256_hex(&bytes);
+    if actual != expected {
+        return Err(EncoderError::Digest { path, actual, expected: expected.into() });
+    }
+    Ok(bytes)
+}
+
 impl Encoder {
     /// Loads the encoder in `dir` (`model.safetensors`, `tokenizer.json`,
     /// `config.json`) and checks both digests against `expected`.
     pub fn load(dir: &Path, expected: &EncoderSpec) -> Result<Self, EncoderError> {
-        let (weights_path, tokenizer_path) = (dir.join("model.safetensors"), dir.join("tokenizer.json"));
-        let weights = read(&weights_path)?;
-        let actual = sha256_hex(&weights);
-        if actual != expected.sha256 {
-            return Err(EncoderError::Digest { path: weights_path, actual, expected: expected.sha256.clone() });
-        }
-        let tokenizer = read(&tokenizer_path)?;
-        let actual = sha256_hex(&tokenizer);
-        if actual != expected.tokenizer_sha256 {
-            return Err(EncoderError::Digest {
-                path: tokenizer_path,
-                actual,
-                expected: expected.tokenizer_sha256.clone(),
-            });
-        }
+        let weights = read_checked(dir, "model.safetensors", &expected.sha256)?;
+        let tokenizer = read_checked(dir, "tokenizer.json", &expected.tokenizer_sha256)?;
         Self::from_parts(dir, &weights, &tokenizer, expected.clone())
     }
 
     /// Checks that `dir` holds the files `expected` names (both digests) without loading
     /// them: what a site checks before it accepts a job that needs this encoder.
     pub fn verify(dir: &Path, expected: &EncoderSpec) -> Result<(), EncoderError> {
-        for (file, want) in [("model.safetensors", &expected.sha256), ("tokenizer.json", &expected.tokenizer_sha256)] {
-            let path = dir.join(file);
-            let actual = sha256_hex(&read(&path)?);
-            if &actual != want {
-                return Err(EncoderError::Digest { path, actual, expected: want.clone() });
-            }
-        }
+        read_checked(dir, "model.safetensors", &expected.sha256)?;
+        read_checked(dir, "tokenizer.json", &expected.tokenizer_sha256)?;
         let config = dir.join("config.json");
         if !config.exists() {
             return Err(EncoderError::Format { path: config, detail: "missing".into() });
@@ -217,22 +235,7 @@ impl Encoder {
         Ok(())
     }
 
-    /// Loads the encoder in `dir` under `name` and describes it (digests computed
-    /// here): for installing an encoder, never for running a job's model.
-    pub fn inspect(dir: &Path, name: &str, max_tokens: usize) -> Result<Self, EncoderError> {
-        let weights = read(&dir.join("model.safetensors"))?;
-        let tokenizer = read(&dir.join("tokenizer.json"))?;
-        let spec = EncoderSpec {
-            name: name.into(),
-            sha256: sha256_hex(&weights),
-            tokenizer_sha256: sha256_hex(&tokenizer),
-            dim: 0,
-            max_tokens,
-        };
-        Self::from_parts(dir, &weights, &tokenizer, spec)
-    }
-
-    fn from_parts(dir: &Path, weights: &[u8], tokenizer: &[u8], mut spec: EncoderSpec) -> Result<Self, EncoderError> {
+    fn from_parts(dir: &Path, weights: &[u8], tokenizer: &[u8], spec: EncoderSpec) -> Result<Self, EncoderError> {
         let config_path = dir.join("config.json");
         let config: BertConfig = serde_json::from_slice(&read(&config_path)?)
             .map_err(|e| EncoderError::Format { path: config_path.clone(), detail: e.to_string() })?;
@@ -249,7 +252,7 @@ impl Encoder {
                 config.hidden_size, config.num_attention_heads
             )));
         }
-        if spec.dim != 0 && spec.dim != config.hidden_size {
+        if spec.dim != config.hidden_size {
             return Err(bad(format!("hidden_size is {}, the model expects {}", config.hidden_size, spec.dim)));
         }
         if spec.max_tokens < 2 || spec.max_tokens > config.max_position_embeddings {
@@ -258,7 +261,6 @@ impl Encoder {
                 spec.max_tokens, config.max_position_embeddings
             )));
         }
-        spec.dim = config.hidden_size;
 
         let tokenizer_path = dir.join("tokenizer.json");
         let mut tok = tokenizers::Tokenizer::from_bytes(tokenizer)
@@ -326,10 +328,6 @@ impl Encoder {
 
     pub fn spec(&self) -> &EncoderSpec {
         &self.spec
-    }
-
-    pub fn config(&self) -> &BertConfig {
-        &self.config
     }
 
     /// Token ids of each text, `[CLS]` … `[SEP]`, truncated to `max_tokens`.
@@ -449,13 +447,8 @@ impl Loader<'_> {
     fn values(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>, EncoderError> {
         let bad = |detail: String| EncoderError::Format { path: self.path.to_owned(), detail };
         let t = self.st.tensor(name).map_err(|_| bad(format!("no tensor {name:?}")))?;
-        if t.dtype() != safetensors::Dtype::F32 {
-            return Err(bad(format!("tensor {name:?} is {:?}, expected F32", t.dtype())));
-        }
-        if t.shape() != shape {
-            return Err(bad(format!("tensor {name:?} has shape {:?}, expected {shape:?}", t.shape())));
-        }
-        let values: Vec<f32> = t.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+        let values =
+            crate::params::f32_values(&t, shape).map_err(|detail| bad(format!("tensor {name:?}: {detail}")))?;
         if values.iter().any(|v| !v.is_finite()) {
             return Err(bad(format!("tensor {name:?} holds a NaN or infinite value")));
         }
@@ -490,6 +483,9 @@ pub fn cosine(a: &[f32], b: &[f32]) -> f64 {
     dot / (na * nb).max(1e-300)
 }
 
+/// Where a site home keeps its cache of record vectors (relative to the home).
+pub const SITE_VECTOR_CACHE: &str = "cache/vectors";
+
 /// The encoders a process may run, found by name under one folder (`DIR/NAME/`), loaded
 /// once and checked against the digests the model names, with an optional on-disk cache
 /// of sentence vectors so a site embeds each record once per encoder.
@@ -518,20 +514,12 @@ impl Encoders {
         Self { dir: dir.into(), cache, loaded: Default::default() }
     }
 
-    pub fn dir(&self) -> &Path {
-        &self.dir
-    }
-
-    /// The encoder `spec` names, loaded (and digest-checked) on first use.
+    /// The encoder `spec` names (a catalogue entry), loaded and digest-checked on first
+    /// use.
     pub fn get(&mut self, spec: &EncoderSpec) -> Result<&Encoder, EncoderError> {
-        let key = format!("{}:{}:{}", spec.sha256, spec.tokenizer_sha256, spec.max_tokens);
+        check_known(spec)?;
+        let key = spec.name.clone();
         if !self.loaded.contains_key(&key) {
-            if spec.name.is_empty() || spec.name.contains(['/', '\\']) || spec.name.starts_with('.') {
-                return Err(EncoderError::Format {
-                    path: self.dir.clone(),
-                    detail: format!("encoder name {:?} is not a folder name", spec.name),
-                });
-            }
             let dir = self.dir.join(&spec.name);
             if !dir.join("model.safetensors").exists() {
                 return Err(EncoderError::Format {
@@ -559,6 +547,7 @@ impl Encoders {
         texts: &[&str],
         progress: &mut dyn FnMut(usize, usize),
     ) -> Result<Vec<f32>, EncoderError> {
+        check_known(spec)?;
         let dim = spec.dim;
         let cache_path = self.cache.as_ref().map(|c| {
             c.join(format!(
@@ -592,14 +581,8 @@ impl Encoders {
         let hits = total - missing.len();
         progress(hits, total);
         if !missing.is_empty() {
-            let path = self.dir.join(&spec.name);
+            // load() checked the width against config.json.
             let enc = self.get(spec)?;
-            if enc.spec().dim != dim {
-                return Err(EncoderError::Format {
-                    path,
-                    detail: format!("vectors are {} wide, the model expects {dim}", enc.spec().dim),
-                });
-            }
             let subset: Vec<&str> = missing.iter().map(|&i| texts[i]).collect();
             let ids = enc.tokenize(&subset)?;
             // Embed (and persist) in slices so an interrupted run keeps what it did.
@@ -687,5 +670,31 @@ impl VectorCache {
         }
         f.write_all(&buf).map_err(io)?;
         f.sync_all().map_err(io)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_catalogue_s_encoders_run_whatever_a_header_says() {
+        let real = known("all-minilm-l6-v2").expect("known");
+        check_known(&real).expect("the catalogue's own entry");
+        let cache = std::env::temp_dir().join(format!("maeum-enc-test-{}", std::process::id()));
+        let mut store = Encoders::new("/nonexistent", Some(cache.clone()));
+        // Digests that are not hex (a byte slice of them would split a character), a name
+        // that is a path, another window: refused before any file is opened.
+        for crafted in [
+            EncoderSpec { sha256: "é".repeat(40), ..real.clone() },
+            EncoderSpec { name: "../../etc".into(), ..real.clone() },
+            EncoderSpec { max_tokens: 512, ..real.clone() },
+            EncoderSpec { dim: 1 << 40, ..real.clone() },
+        ] {
+            let err = store.embed(&crafted, &["a record"], &mut |_, _| {}).expect_err("refused");
+            assert!(err.to_string().contains("is not one this build runs (known: all-minilm-l6-v2)"), "{err}");
+            assert!(store.get(&crafted).is_err());
+        }
+        assert!(!cache.exists(), "nothing was written");
     }
 }

@@ -688,6 +688,25 @@ mod tests {
     }
 
     #[test]
+    fn a_header_whose_layout_overflows_is_refused_not_a_panic() {
+        // A release's model header is written by the coordinator: an encoder width of
+        // 2^62 makes the layout's element count overflow.
+        let labels = LabelSet::new(vec!["calm".into(), "crisis".into()]).expect("labels");
+        let encoder = crate::encoder::known("all-minilm-l6-v2").expect("known");
+        let real = ModelSpec::EncoderHead { encoder: encoder.clone(), hidden: 4, labels: labels.clone() };
+        let params = real.init(1).expect("init");
+        let crafted = ModelSpec::EncoderHead {
+            encoder: crate::encoder::EncoderSpec { dim: 1 << 62, ..encoder },
+            hidden: 4,
+            labels,
+        };
+        let meta = HashMap::from([("maeum.model".to_string(), serde_json::to_string(&crafted).expect("json"))]);
+        let bytes = params.to_safetensors(meta).expect("bytes");
+        let err = ModelSpec::from_bytes(&bytes, Path::new("crafted.safetensors")).expect_err("refused");
+        assert!(err.to_string().contains("hidden.weight"), "{err}");
+    }
+
+    #[test]
     fn model_file_round_trip() {
         let spec = tiny_spec();
         let p = spec.init(5).expect("init");

@@ -195,23 +195,30 @@ impl FlatParams {
         if st.len() != layout.tensors.len() {
             return Err(format(format!("{} tensors, the layout has {}", st.len(), layout.tensors.len())));
         }
-        let mut values = Vec::with_capacity(layout.numel());
+        // Not layout.numel(): the layout may come from an untrusted header, and its shapes'
+        // product can overflow; the tensors cannot hold more values than the file has bytes.
+        let mut values = Vec::with_capacity(bytes.len() / 4);
         for spec in &layout.tensors {
             let view = st
                 .tensor(&spec.name)
                 .map_err(|_| ParamsError::MissingTensor { path: path.to_owned(), name: spec.name.clone() })?;
             let bad = |detail: String| ParamsError::Tensor { path: path.to_owned(), name: spec.name.clone(), detail };
-            if view.dtype() != Dtype::F32 {
-                return Err(bad(format!("dtype {:?}, expected F32", view.dtype())));
-            }
-            if view.shape() != spec.shape.as_slice() {
-                return Err(bad(format!("shape {:?}, expected {:?}", view.shape(), spec.shape)));
-            }
-            values.extend(view.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])));
+            values.extend(f32_values(&view, &spec.shape).map_err(bad)?);
         }
         let metadata = meta.metadata().clone().unwrap_or_default();
         Ok((Self { layout: layout.clone(), values }, metadata))
     }
+}
+
+/// A tensor's values if it is F32 of exactly `shape` (the message says what differs).
+pub(crate) fn f32_values(view: &TensorView<'_>, shape: &[usize]) -> Result<Vec<f32>, String> {
+    if view.dtype() != Dtype::F32 {
+        return Err(format!("dtype {:?}, expected F32", view.dtype()));
+    }
+    if view.shape() != shape {
+        return Err(format!("shape {:?}, expected {shape:?}", view.shape()));
+    }
+    Ok(view.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
 }
 
 /// Rewrites a safetensors header with its keys in sorted order, so the same

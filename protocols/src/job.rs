@@ -107,7 +107,7 @@ pub struct ModelTable {
     pub max_chars: u32,
     pub embed_dim: usize,
     pub hidden: usize,
-    /// `encoder-head` only: the pretrained encoder, by name (`maeum_models::encoder::KNOWN`);
+    /// `encoder-head` only: the pretrained encoder, by name (`maeum_models::encoder::known`);
     /// its digests come from that table and travel in the model spec.
     #[serde(skip_serializing_if = "String::is_empty")]
     pub encoder: String,
@@ -688,7 +688,7 @@ impl JobSpec {
             };
             return Err(Invalid::new(
                 "[model] encoder",
-                format!("{problem} (known: {})", maeum_models::encoder::KNOWN.join(", ")),
+                format!("{problem} (known: {})", maeum_models::encoder::known_names()),
             ));
         };
         // The n-gram featuriser's keys mean nothing to an encoder model: refuse them

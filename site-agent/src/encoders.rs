@@ -8,7 +8,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
-use maeum_models::encoder::{self, Encoder, EncoderSpec, Encoders};
+use maeum_models::encoder::{self, Encoder, EncoderError, EncoderSpec, Encoders};
 
 use crate::enrol::Home;
 
@@ -28,30 +28,38 @@ pub fn dir(home: &Home) -> Result<PathBuf> {
 /// The site's encoder store; with `cache`, sentence vectors of records are cached in
 /// HOME/cache/vectors.
 pub fn store(home: &Home, cache: bool) -> Result<Encoders> {
-    Ok(Encoders::new(dir(home)?, cache.then(|| home.path("cache/vectors"))))
+    Ok(Encoders::new(dir(home)?, cache.then(|| home.path(encoder::SITE_VECTOR_CACHE))))
 }
 
-/// Why the site cannot run `spec`'s encoder, if it cannot (checked before accepting a job).
+/// Why the site cannot run `spec`'s encoder, if it cannot (checked before accepting a
+/// job). The reason goes to the coordinator and into its audit log, so it names the
+/// file at fault but not this site's paths; `encoders list` and `doctor` show those.
 pub fn missing(home: &Home, spec: &EncoderSpec) -> Option<String> {
-    let dir = match dir(home) {
-        Ok(d) => d.join(&spec.name),
-        Err(e) => return Some(format!("{e:#}")),
+    if let Err(e) = encoder::check_known(spec) {
+        return Some(e.to_string());
+    }
+    let Ok(dir) = dir(home).map(|d| d.join(&spec.name)) else {
+        return Some("this site's [encoders] setting cannot be read".into());
     };
     if !dir.join("model.safetensors").exists() {
-        return Some(format!(
-            "encoder {:?} is not installed at this site ({} has no model.safetensors; `maeum-site encoders add DIR`)",
-            spec.name,
-            dir.display()
-        ));
+        return Some(format!("encoder {:?} is not installed at this site (`maeum-site encoders add DIR`)", spec.name));
     }
-    Encoder::verify(&dir, spec).err().map(|e| format!("encoder {:?}: {e}", spec.name))
+    match Encoder::verify(&dir, spec) {
+        Ok(()) => None,
+        Err(EncoderError::Digest { path, .. }) => Some(format!(
+            "encoder {:?}: the installed {} is not the file the job names (another SHA-256)",
+            spec.name,
+            path.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default()
+        )),
+        Err(_) => Some(format!("encoder {:?}: the installed files cannot be read", spec.name)),
+    }
 }
 
 /// `maeum-site encoders add`: checks that `from` holds the known encoder `name` (both
 /// digests and a loadable model), then copies it into the site's encoder folder.
 pub fn add(home: &Home, from: &Path, name: &str) -> Result<PathBuf> {
     let Some(spec) = encoder::known(name) else {
-        bail!("{name:?} is not a known encoder (known: {})", encoder::KNOWN.join(", "));
+        bail!("{name:?} is not a known encoder (known: {})", encoder::known_names());
     };
     Encoder::load(from, &spec).with_context(|| format!("checking {} as encoder {name:?}", from.display()))?;
     let target = dir(home)?.join(name);
@@ -82,9 +90,7 @@ pub struct Installed {
 /// `maeum-site encoders list`: every known encoder, installed or not, verified.
 pub fn list(home: &Home) -> Result<Vec<Installed>> {
     let dir = dir(home)?;
-    Ok(encoder::KNOWN
-        .iter()
-        .filter_map(|name| encoder::known(name))
+    Ok(encoder::catalogue()
         .map(|spec| {
             let path = dir.join(&spec.name);
             let status = if !path.join("model.safetensors").exists() {

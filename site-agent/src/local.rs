@@ -364,27 +364,23 @@ pub struct TrainLocalReport {
 pub(crate) struct Bar(pub(crate) ProgressBar);
 
 impl Bar {
-    pub(crate) fn training(hidden: bool) -> Self {
+    fn styled(hidden: bool, template: &str) -> Self {
         let bar = if hidden { ProgressBar::hidden() } else { ProgressBar::new(0) };
         bar.set_style(
-            ProgressStyle::with_template("{spinner} training [{bar:30}] {pos}/{len} steps {msg} ({eta})")
+            ProgressStyle::with_template(template)
                 .unwrap_or_else(|_| ProgressStyle::default_bar())
                 .progress_chars("=> "),
         );
         Self(bar)
     }
-}
 
-impl Bar {
+    pub(crate) fn training(hidden: bool) -> Self {
+        Self::styled(hidden, "{spinner} training [{bar:30}] {pos}/{len} steps {msg} ({eta})")
+    }
+
     /// Records embedded by a pretrained encoder (hidden for `--json` and n-gram models).
     pub(crate) fn embedding(hidden: bool) -> Self {
-        let bar = if hidden { ProgressBar::hidden() } else { ProgressBar::new(0) };
-        bar.set_style(
-            ProgressStyle::with_template("{spinner} embedding records [{bar:30}] {pos}/{len} ({eta})")
-                .unwrap_or_else(|_| ProgressStyle::default_bar())
-                .progress_chars("=> "),
-        );
-        Self(bar)
+        Self::styled(hidden, "{spinner} embedding records [{bar:30}] {pos}/{len} ({eta})")
     }
 }
 
@@ -430,11 +426,7 @@ pub fn train_local(a: TrainLocalArgs) -> Result<()> {
             bail!("--buckets, --word-ngrams, --char-ngrams and --embed-dim apply only to --model text-classifier");
         }
         let Some(encoder) = maeum_models::encoder::known(&a.encoder) else {
-            bail!(
-                "--encoder {:?} is not a known encoder (known: {})",
-                a.encoder,
-                maeum_models::encoder::KNOWN.join(", ")
-            );
+            bail!("--encoder {:?} is not a known encoder (known: {})", a.encoder, maeum_models::encoder::known_names());
         };
         ModelSpec::EncoderHead { encoder, hidden: a.hidden, labels: labels.clone() }
     } else {

@@ -199,13 +199,12 @@ pub fn load(home: &Home, wanted: Option<&str>) -> Result<Loaded> {
     let (spec, params, _) = ModelSpec::load(&path).with_context(|| format!("loading {}", path.display()))?;
     let site_threshold = site_crisis_threshold(home)?;
     let crisis = CrisisRule::new(&spec, site_threshold, card_threshold);
-    let encoders = std::sync::Mutex::new(crate::encoders::store(home, false)?);
-    if let Some(e) = spec.encoder()
-        && let Some(why) = crate::encoders::missing(home, e)
-    {
-        bail!("model {digest} runs on a pretrained encoder: {why}");
+    // Loaded (and digest-checked) now, before any input is read.
+    let mut store = crate::encoders::store(home, false)?;
+    if let Some(e) = spec.encoder() {
+        store.get(e).with_context(|| format!("model {digest} runs on a pretrained encoder"))?;
     }
-    Ok(Loaded { digest, spec, params, crisis, encoders })
+    Ok(Loaded { digest, spec, params, crisis, encoders: std::sync::Mutex::new(store) })
 }
 
 /// `[predict] crisis_threshold` from site.toml, if the home has one and sets it.
