@@ -90,6 +90,10 @@ pub fn consent_for(home: &Home, job_id: &str, toml: &str, spec_sha256: &str) -> 
     Ok(consent.filter(|c| c.spec_sha256 == spec_sha256))
 }
 
+/// The largest job file a decision of the daemon's own is recorded with (real job files
+/// are a few kB).
+const MAX_RECORDED_JOB_FILE: usize = 64 * 1024;
+
 /// Records a decision the daemon made without the admin (the policy refused the offer,
 /// the site cannot serve it, or `auto_accept` took it), so `jobs list` shows every offer
 /// this site answered and why. An answer already recorded for this job file (the
@@ -102,6 +106,11 @@ pub fn record_decision(
     decision: (bool, &str, &str),
 ) -> Result<()> {
     let (accept, by, reason) = decision;
+    // Every offer the coordinator sends would otherwise be kept: bound what it can make
+    // this site store. (The journal records each decision either way.)
+    if toml.len() > MAX_RECORDED_JOB_FILE {
+        return Ok(());
+    }
     if consent_for(home, job_id, toml, spec_sha256)?.is_some() {
         return Ok(());
     }
@@ -396,6 +405,21 @@ mod tests {
         assert_eq!(consent_for(&home, "triage-1", &other, &other_sha).expect("kept"), None);
         assert!(answer(dir.path(), "nope", true, None).is_err());
         assert!(answer(dir.path(), "../x", true, None).is_err(), "ids are checked");
+
+        // The daemon's own refusal is listed, but never over the admin's answer, and a
+        // huge job file is not kept.
+        record_decision(&home, "triage-1", JOB, &sha, (false, "this site (policy or data)", "no")).expect("kept");
+        assert!(consent_for(&home, "triage-1", JOB, &sha).expect("read").expect("consent").accept);
+        let big = format!("{JOB}# {}\n", "x".repeat(MAX_RECORDED_JOB_FILE));
+        let big_sha = maeum_protocols::job::sha256_hex(big.as_bytes());
+        record_decision(&home, "huge-1", &big, &big_sha, (false, "this site (policy or data)", "no")).expect("ok");
+        assert!(!home.path(&offer_name("huge-1")).exists());
+        let small = format!("{JOB}# refused\n");
+        let small_sha = maeum_protocols::job::sha256_hex(small.as_bytes());
+        record_decision(&home, "plain-1", &small, &small_sha, (false, "this site (policy or data)", "plaintext"))
+            .expect("ok");
+        let c = consent_for(&home, "plain-1", &small, &small_sha).expect("read").expect("recorded");
+        assert!(!c.accept && c.reason == "plaintext" && c.by == "this site (policy or data)");
     }
 
     #[test]

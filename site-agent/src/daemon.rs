@@ -108,6 +108,10 @@ pub(crate) struct Agent {
     /// The pretrained encoders this site holds (loaded on first use), with the cache of
     /// its records' sentence vectors.
     encoders: Arc<Mutex<maeum_models::encoder::Encoders>>,
+    /// Encoders whose installed files verified once in this run: an offer waiting for
+    /// the admin is decided again every poll, and hashing 91 MB each time is waste. The
+    /// files are checked again whenever they are loaded.
+    encoders_verified: Mutex<std::collections::HashSet<String>>,
     /// The size of the latest audit checkpoint this site witnessed.
     witnessed: AtomicU64,
     /// A witnessing exchange is in flight.
@@ -210,6 +214,20 @@ impl Agent {
     fn job(&self, job_id: &str) -> Result<JobSpec> {
         let text = self.home.read(&format!("jobs/{job_id}.json")).context("the job's spec (accepted earlier)")?;
         Ok(JobSpec::from_json(&text)?)
+    }
+
+    /// Why this site cannot run `encoder` ([`crate::encoders::missing`]), remembering
+    /// success.
+    fn encoder_missing(&self, encoder: &maeum_models::encoder::EncoderSpec) -> Option<String> {
+        let mut verified = self.encoders_verified.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if verified.contains(&encoder.name) && maeum_models::encoder::check_known(encoder).is_ok() {
+            return None;
+        }
+        let why = crate::encoders::missing(&self.home, encoder);
+        if why.is_none() {
+            verified.insert(encoder.name.clone());
+        }
+        why
     }
 
     /// The site's records featurised (or embedded) for `spec`, once per job. Embedding
@@ -385,6 +403,7 @@ pub async fn run(
         offers_proven: Mutex::new(std::collections::HashSet::new()),
         prepared: Mutex::new(HashMap::new()),
         encoders: Arc::new(Mutex::new(crate::encoders::store(&home_for_encoders, true)?)),
+        encoders_verified: Mutex::new(std::collections::HashSet::new()),
         witnessed: AtomicU64::new(0),
         witnessing: AtomicBool::new(false),
         installing: AtomicBool::new(false),
@@ -768,7 +787,7 @@ async fn decide(
             // A job on a pretrained encoder this site does not hold (with the job's
             // digests) cannot be served: say so now, not at round 1.
             let encoder = spec.model_spec().ok().and_then(|m| m.encoder().cloned());
-            match encoder.and_then(|e| crate::encoders::missing(&agent.home, &e)) {
+            match encoder.and_then(|e| agent.encoder_missing(&e)) {
                 Some(reason) => Err(Declined::Other(reason)),
                 None => Ok(spec),
             }
