@@ -28,56 +28,23 @@ pub const TARGETS: &[(&str, Body)] = &[
 pub fn wire(data: &[u8]) {
     let Some((&kind, rest)) = data.split_first() else { return };
     match kind % 9 {
-        0 => {
-            if let Ok(m) = pb::Work::decode(rest) {
-                let _ = wire::Work::try_from(m);
-            }
-        }
-        1 => {
-            if let Ok(m) = pb::UploadHeader::decode(rest) {
-                let _ = wire::UploadHeader::try_from(m);
-            }
-        }
-        2 => {
-            if let Ok(m) = pb::ModelRef::decode(rest) {
-                let _ = wire::ModelRef::try_from(m);
-            }
-        }
-        3 => {
-            if let Ok(m) = pb::EvaluationReport::decode(rest) {
-                let _ = wire::EvaluationReport::try_from(m);
-            }
-        }
-        4 => {
-            if let Ok(m) = pb::Confusion::decode(rest) {
-                let _ = wire::ConfusionCounts::try_from(m);
-            }
-        }
-        5 => {
-            if let Ok(m) = pb::SecAggSession::decode(rest) {
-                let _ = wire::secagg::SessionInfo::try_from(m);
-            }
-        }
-        6 => {
-            if let Ok(m) = pb::SecAggAdvertise::decode(rest) {
-                let _ = maeum_secagg_advertise(m);
-            }
-        }
-        7 => {
-            if let Ok(m) = pb::SecAggRequest::decode(rest) {
-                let _ = wire::secagg::Request::try_from(m);
-            }
-        }
-        _ => {
-            if let Ok(m) = pb::SecAggReply::decode(rest) {
-                let _ = wire::secagg::Reply::try_from(m);
-            }
-        }
+        0 => decode_then::<pb::Work, wire::Work>(rest),
+        1 => decode_then::<pb::UploadHeader, wire::UploadHeader>(rest),
+        2 => decode_then::<pb::ModelRef, wire::ModelRef>(rest),
+        3 => decode_then::<pb::EvaluationReport, wire::EvaluationReport>(rest),
+        4 => decode_then::<pb::Confusion, wire::ConfusionCounts>(rest),
+        5 => decode_then::<pb::SecAggSession, wire::secagg::SessionInfo>(rest),
+        6 => decode_then::<pb::SecAggAdvertise, maeum_secagg::AdvertiseKeys>(rest),
+        7 => decode_then::<pb::SecAggRequest, wire::secagg::Request>(rest),
+        _ => decode_then::<pb::SecAggReply, wire::secagg::Reply>(rest),
     }
 }
 
-fn maeum_secagg_advertise(m: pb::SecAggAdvertise) -> bool {
-    maeum_secagg::AdvertiseKeys::try_from(m).is_ok()
+/// Decodes a protobuf `M` and, if it decodes, checks it as the domain type `T`.
+fn decode_then<M: Message + Default, T: TryFrom<M>>(bytes: &[u8]) {
+    if let Ok(m) = M::decode(bytes) {
+        let _ = T::try_from(m);
+    }
 }
 
 /// The audit log's own formats: an entry, a checkpoint note body, a checkpoint file and
