@@ -8,6 +8,8 @@
 //! OUT/card-vN.md             the same card for people
 //! OUT/release-vN.json        manifest, signature, signing key, audit-log entry seq
 //! OUT/curve-vN.svg           accuracy and macro-F1 per round
+//! OUT/report-vN.html         the card for people in a browser: charts, confusion heat
+//!                            map, crisis flag, standing (self-contained, no network)
 //! OUT/model-vN.torch.safetensors   with `--layout torch`: the same weights in PyTorch's
 //!                            layout (linear weights (out, in); docs/models.md)
 //! ```
@@ -397,6 +399,7 @@ pub async fn export(home: &Path, version: &str, out: &Path, layout: ExportLayout
             ReleaseFile::new(r.manifest.clone(), &r.signature, &key, r.audit_seq).encode(),
         ),
         (path(format!("curve-v{n}.svg")), curve_svg(&card).into_bytes()),
+        (path(format!("report-v{n}.html")), report_html(&card, &r, &view(&info, false)?).into_bytes()),
     ];
     if let Some(bytes) = torch {
         files.push((path(format!("model-v{n}.torch.safetensors")), bytes));
@@ -414,6 +417,39 @@ pub async fn export(home: &Path, version: &str, out: &Path, layout: ExportLayout
         }
     }
     Ok(())
+}
+
+/// The card for people, as one self-contained HTML page (`maeum_report`).
+fn report_html(card: &ModelCard, r: &ReleaseMsg, v: &ReleaseView) -> String {
+    let standing = maeum_report::card::Standing {
+        signature: Some(Ok(
+            "checked by `models export` under HOME/signing.pub; the card and model digests match".into()
+        )),
+        logged: Some(Ok(format!(
+            "entry #{} (as the coordinator states; `maeum-audit release` checks it against a log export)",
+            r.audit_seq
+        ))),
+        current: v.current,
+        history: Vec::new(),
+        overrides: v
+            .gate_overrides
+            .iter()
+            .map(|o| (o.gate.clone(), o.measured.clone(), o.threshold.clone(), o.operator.clone(), o.reason.clone()))
+            .collect(),
+        gate_failures: v.gate_failures.clone(),
+        installs: v.installs.iter().map(|i| (i.site.clone(), i.installed, i.reason.clone())).collect(),
+    };
+    maeum_report::Page {
+        title: &format!("Release v{} of {}", card.version, card.consortium),
+        subtitle: &format!("Model card of job {} ({}), round {}", card.job.name, card.job.id, card.round),
+        nav: &[],
+        current: "",
+        live: false,
+        generated_ms: maeum_runtime::runtime::now_ms(),
+        generator: concat!("maeum-coordinator ", env!("CARGO_PKG_VERSION")),
+        body: maeum_report::card::render(card, &standing),
+    }
+    .render()
 }
 
 /// The card for people (Markdown).

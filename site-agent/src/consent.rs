@@ -171,10 +171,9 @@ fn state(consent: Option<&Consent>) -> &'static str {
     }
 }
 
-/// `maeum-site jobs list`.
-pub fn list(dir: &Path, json: bool) -> Result<()> {
-    let home = Home::new(dir);
-    let listed: Vec<Listed> = offers(&home)?
+/// The offers this site received, oldest first, with their answers.
+pub fn listed(home: &Home) -> Result<Vec<Listed>> {
+    Ok(offers(home)?
         .into_iter()
         .map(|(o, c)| Listed {
             name: JobSpec::from_toml("job", &o.toml).map(|s| s.name).unwrap_or_else(|_| "(invalid job file)".into()),
@@ -185,7 +184,12 @@ pub fn list(dir: &Path, json: bool) -> Result<()> {
             spec_sha256: o.spec_sha256,
             received_ms: o.received_ms,
         })
-        .collect();
+        .collect())
+}
+
+/// `maeum-site jobs list`.
+pub fn list(dir: &Path, json: bool) -> Result<()> {
+    let listed = listed(&Home::new(dir))?;
     if json {
         println!("{}", serde_json::to_string(&listed)?);
         return Ok(());

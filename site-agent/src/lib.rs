@@ -13,6 +13,7 @@ pub mod metrics;
 pub mod policy;
 pub mod predict;
 pub mod releases;
+pub mod report;
 pub mod roster;
 pub mod secure;
 pub mod witness;

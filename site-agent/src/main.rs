@@ -104,6 +104,17 @@ enum Command {
     /// folder (digests checked against the known encoder), list them.
     #[command(subcommand)]
     Encoders(EncodersCommand),
+    /// Write this site's own report for its privacy officer: one self-contained HTML
+    /// file (jobs offered and answered, what left the site and in what form, privacy
+    /// spent, releases installed), from what HOME records; the coordinator is not asked.
+    Report {
+        /// The site's home directory.
+        #[arg(long, value_name = "DIR", env = "MAEUM_SITE_HOME")]
+        home: PathBuf,
+        /// Where to write it (default HOME/reports/site-report.html).
+        #[arg(long, value_name = "FILE")]
+        out: Option<PathBuf>,
+    },
     /// The privacy ledger: ε spent and set aside per differentially private job, the
     /// total, and what remains of the `[policy.privacy] budget`.
     Privacy {
@@ -323,6 +334,7 @@ fn home_needed(command: &Command) -> Option<&Path> {
         | Command::Doctor { home, .. }
         | Command::Status { home, .. }
         | Command::Privacy { home, .. }
+        | Command::Report { home, .. }
         | Command::Encoders(EncodersCommand::Add { home, .. } | EncodersCommand::List { home, .. })
         | Command::Models(
             ModelsCommand::List { home, .. } | ModelsCommand::Show { home, .. } | ModelsCommand::Verify { home, .. },
@@ -363,6 +375,11 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
             .and_then(|rt| rt.block_on(maeum_site::doctor::run(&home, json))),
         Command::Status { home, json } => enrol::status(&home, json),
         Command::Privacy { home, json } => maeum_site::ledger::show(&home, json),
+        Command::Report { home, out } => {
+            let path = maeum_site::report::write(&home, out)?;
+            println!("wrote {} (self-contained HTML; open it in a browser)", path.display());
+            Ok(())
+        }
         Command::Encoders(EncodersCommand::Add { home, dir, name }) => {
             let home = maeum_site::enrol::Home::new(home);
             let at = maeum_site::encoders::add(&home, &dir, &name)?;

@@ -102,7 +102,7 @@ pub fn journal(home: &Home, record: &Record) -> Result<()> {
     append_line(home, JOURNAL, &serde_json::to_string(record).expect("a record serialises"))
 }
 
-fn read_journal(home: &Home) -> Result<Vec<Record>> {
+pub(crate) fn read_journal(home: &Home) -> Result<Vec<Record>> {
     let Ok(text) = std::fs::read_to_string(home.path(JOURNAL)) else { return Ok(Vec::new()) };
     text.lines()
         .enumerate()

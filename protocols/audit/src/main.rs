@@ -8,11 +8,14 @@
 //!
 //! The auditor's trusted code base: this crate depends on `maeum-tlog` (and through it
 //! ring, rustls' WebPKI verifier, x509 parsing and `maeum-pki`'s identities), clap,
-//! anyhow, serde_json and safetensors' header parser — and on nothing that trains or
+//! anyhow, serde_json, safetensors' header parser and `maeum-report` (HTML templates
+//! for `report --html`: maud, no IO) — and on nothing that trains or
 //! serves. It must never depend on burn, `maeum-models`, tokio, tonic or axum; a test
 //! (`scripts/check-boundaries.sh`) fails if any of them appears in its tree. Release
 //! checks that need the model's layout read it from the signed model file's header.
 #![forbid(unsafe_code)]
+
+mod report;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -23,7 +26,7 @@ use clap::{Parser, Subcommand};
 use maeum_tlog::export::{
     self, CHECKPOINT_FORMAT, CheckpointFile, EXPORT_FORMAT, INCLUSION_FORMAT, InclusionProof, Verified,
 };
-use maeum_tlog::release::{ModelFile, ReleaseAudit, ReleaseError, ReleaseFile, audit_release};
+use maeum_tlog::release::{ModelCard, ModelFile, ReleaseAudit, ReleaseError, ReleaseFile, audit_release};
 use maeum_tlog::{AuditError, Entry, Event, hex, rfc3339, unhex32};
 
 /// Verify and inspect a Maeum transparency audit log, offline.
@@ -108,6 +111,23 @@ enum Command {
         /// Print the result as JSON.
         #[arg(long)]
         json: bool,
+    },
+    /// Write the auditor's report as one self-contained HTML file: whether the export
+    /// verifies, who cosigned what, every job and release with its installs, every
+    /// entry; with `--release DIR`, each exported release checked against the log and
+    /// its model card. Exit 1 (and a report that says so) if the log does not verify.
+    Report {
+        /// The export file.
+        file: PathBuf,
+        /// Where to write the report.
+        #[arg(long, value_name = "FILE")]
+        html: PathBuf,
+        /// The log key you trust (as for `verify`).
+        #[arg(long)]
+        trust: Option<String>,
+        /// An exported release to check and show (as for `release`); repeatable.
+        #[arg(long = "release", value_name = "DIR")]
+        releases: Vec<PathBuf>,
     },
     /// Does NEW extend OLD? OLD: an export or a checkpoint file; NEW: an export.
     Consistency {
@@ -276,25 +296,42 @@ fn run(command: Command) -> Result<(), Failure> {
         }
         Command::Release { release, log, trust, json } => {
             let trust = trust_key(trust.as_deref())?;
-            let (file_path, dir) = release_file(&release)?;
-            let file = ReleaseFile::decode(&read(&file_path)?)?;
-            let n = file.manifest.version;
-            let card = read(&dir.join(format!("card-v{n}.json")))?;
-            let model_path = dir.join(format!("model-v{n}.safetensors"));
-            let model = read(&model_path)?;
-            let sha256 = sha256(&model);
-            // Parse the model only once it is known to be the signed one.
-            let loaded = if hex(&sha256) == file.manifest.model_sha256 {
-                model_header(&model).map_err(|e| format!("it does not load: {e}"))
-            } else {
-                Err("not loaded: its digest is not the signed one".into())
-            };
             let v = verified(&log, trust.as_ref())?;
-            let audit = audit_release(&file, &card, &ModelFile { sha256, loaded }, &v)?;
+            let (audit, _) = check_release(&release, &v)?;
             if json {
                 print_json(&audit)?;
             } else {
                 print_release(&audit, &log, trust.is_some());
+            }
+            Ok(())
+        }
+        Command::Report { file, html, trust, releases } => {
+            let pinned = trust_key(trust.as_deref())?;
+            let verified = export::verify_full(&read(&file)?, pinned.as_ref()).map_err(|e| e.to_string());
+            let mut checked = Vec::new();
+            if let Ok(v) = &verified {
+                for dir in &releases {
+                    checked.push((
+                        dir.display().to_string(),
+                        check_release(dir, v).map_err(|e| match e {
+                            Failure::Check(why) => why,
+                            Failure::Run(e) => format!("{e:#}"),
+                        }),
+                    ));
+                }
+            }
+            let now_ms = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+            let name = file.display().to_string();
+            let page = report::render(&name, &verified, pinned.is_some(), &checked, now_ms);
+            std::fs::write(&html, page).with_context(|| format!("writing {}", html.display()))?;
+            println!("wrote {}", html.display());
+            if let Err(why) = verified {
+                return Err(Failure::Check(why));
+            }
+            if let Some((dir, Err(why))) = checked.iter().find(|(_, c)| c.is_err()) {
+                return Err(Failure::Check(format!("release {dir}: {why}")));
             }
             Ok(())
         }
@@ -343,6 +380,28 @@ fn run(command: Command) -> Result<(), Failure> {
 }
 
 /// `release`: a folder holding one release-vN.json, or the file itself; and its folder.
+/// An exported release (its folder or release-vN.json) checked against a verified log:
+/// the audit and the card.
+fn check_release(release: &Path, v: &Verified) -> Result<(ReleaseAudit, ModelCard), Failure> {
+    let (file_path, dir) = release_file(release)?;
+    let file = ReleaseFile::decode(&read(&file_path)?)?;
+    let n = file.manifest.version;
+    let card = read(&dir.join(format!("card-v{n}.json")))?;
+    let model_path = dir.join(format!("model-v{n}.safetensors"));
+    let model = read(&model_path)?;
+    let sha256 = sha256(&model);
+    // Parse the model only once it is known to be the signed one.
+    let loaded = if hex(&sha256) == file.manifest.model_sha256 {
+        model_header(&model).map_err(|e| format!("it does not load: {e}"))
+    } else {
+        Err("not loaded: its digest is not the signed one".into())
+    };
+    let audit = audit_release(&file, &card, &ModelFile { sha256, loaded }, v)?;
+    // audit_release checked the card against the signed manifest.
+    let card = ModelCard::decode(&card)?;
+    Ok((audit, card))
+}
+
 fn release_file(path: &Path) -> Result<(PathBuf, PathBuf)> {
     if !path.is_dir() {
         let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
