@@ -92,8 +92,12 @@ pub struct DemoArgs {
     pub encoders: PathBuf,
     /// At the end, delete the run's consortium, sites and split data, keeping only
     /// summary.json, audit.json, job.toml and logs/ in the work dir.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "serve_console")]
     pub clean: bool,
+    /// Serve the read-only web console while the demo runs (default address
+    /// 127.0.0.1:8480), and keep the coordinator serving it after the job, until Ctrl-C.
+    #[arg(long, value_name = "ADDR", num_args = 0..=1, default_missing_value = "127.0.0.1:8480")]
+    pub serve_console: Option<std::net::SocketAddr>,
 }
 
 /// Child processes that are stopped (SIGTERM, then SIGKILL) when dropped.
@@ -115,6 +119,15 @@ impl Fleet {
             let _ = c.wait();
         }
         self.children.clear();
+    }
+
+    /// Stops every child but `keep`.
+    fn stop_all_but(&mut self, keep: &str) {
+        let (kept, others): (Vec<_>, Vec<_>) =
+            std::mem::take(&mut self.children).into_iter().partition(|(n, _)| n == keep);
+        self.children = others;
+        self.stop();
+        self.children = kept;
     }
 
     fn check_alive(&mut self) -> Result<()> {
@@ -456,7 +469,14 @@ pub async fn run(a: DemoArgs) -> Result<()> {
     let mut fleet = Fleet { children: Vec::new() };
     let mut serve = Command::new(&coord_bin);
     serve.args(["serve", "--home"]).arg(&coord_home).args(["--listen", &address]);
+    if let Some(addr) = a.serve_console {
+        serve.arg("--console").arg(addr.to_string());
+    }
     fleet.children.push(("coordinator".into(), spawn(&mut serve, &work.join("logs/coordinator.log"), "coordinator")?));
+    if let Some(addr) = a.serve_console {
+        let scheme = if addr.ip().is_loopback() { "http" } else { "https" };
+        say(format!("console: {scheme}://{addr}/ (read-only, updates live; open it in a browser)"));
+    }
     for s in &sites {
         let mut run = Command::new(&site_bin);
         run.args(["run", "--home"]).arg(work.join(s));
@@ -575,7 +595,11 @@ pub async fn run(a: DemoArgs) -> Result<()> {
         audit_report.checkpoints,
         audit_path.display()
     ));
-    fleet.stop();
+    if a.serve_console.is_some() {
+        fleet.stop_all_but("coordinator");
+    } else {
+        fleet.stop();
+    }
     let mut pruned = 0;
     for s in &sites {
         pruned += prune_site_caches(&work.join(s), &release.1)?;
@@ -649,7 +673,7 @@ pub async fn run(a: DemoArgs) -> Result<()> {
     std::fs::write(work.join("summary.json"), serde_json::to_string_pretty(&summary)?)?;
     if a.json {
         println!("{summary}");
-        return Ok(());
+        return serve_console_until_stopped(a.serve_console, fleet).await;
     }
     let (rounds, comparison) = tables(&per_round, &fed, centralized.as_ref(), local_mean);
     println!();
@@ -698,6 +722,17 @@ pub async fn run(a: DemoArgs) -> Result<()> {
             human_bytes(left),
             work.display()
         ),
+    }
+    serve_console_until_stopped(a.serve_console, fleet).await
+}
+
+/// With `--serve-console`: the coordinator goes on serving the console until Ctrl-C.
+async fn serve_console_until_stopped(console: Option<std::net::SocketAddr>, mut fleet: Fleet) -> Result<()> {
+    if let Some(addr) = console {
+        let scheme = if addr.ip().is_loopback() { "http" } else { "https" };
+        eprintln!("the console is still serving at {scheme}://{addr}/ (sites stopped); Ctrl-C to stop it");
+        maeum_runtime::runtime::shutdown_signal().await;
+        fleet.stop();
     }
     Ok(())
 }

@@ -4,7 +4,8 @@
 //! addressed models), `server` (gRPC fleet and control services), `rounds` (the round
 //! orchestrator), `secagg` (one secure-aggregation session), `strategy` (server-side
 //! aggregation), `audit` (the sled-backed transparency log), `registry` (signed model
-//! releases and promotions), `client` (the operator CLI), `demo` (the one-command local
+//! releases and promotions), `client` (the operator CLI), `console` (the read-only web
+//! console), `demo` (the one-command local
 //! federation).
 #![forbid(unsafe_code)]
 
@@ -12,6 +13,7 @@ pub mod attack;
 pub mod audit;
 pub mod blobs;
 pub mod client;
+pub mod console;
 pub mod demo;
 pub mod doctor;
 pub mod home;
@@ -34,12 +36,21 @@ use tracing::info;
 use maeum_pki::tls;
 use maeum_protocols::wire::pb;
 
+/// Where `serve` runs the read-only web console ([`console`]).
+#[derive(Debug, Clone, Copy)]
+pub struct ConsoleOptions {
+    pub listen: SocketAddr,
+    /// HTTPS with operator certificates even on loopback (always on other addresses).
+    pub tls: bool,
+}
+
 /// `maeum-coordinator serve`: the fleet and control services on one mTLS listener, and
 /// the round orchestrator. Returns when `shutdown` resolves.
 pub async fn serve(
     home: &Path,
     listen: Option<SocketAddr>,
     ops_listen: Option<SocketAddr>,
+    console: Option<ConsoleOptions>,
     settings: server::Settings,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
@@ -69,6 +80,9 @@ pub async fn serve(
     };
     if let Some(addr) = ops_listen {
         maeum_runtime::ops::serve(addr, coord.metrics.ops.clone(), stopped()).await?;
+    }
+    if let Some(o) = console {
+        console::serve(coord.clone(), o.listen, o.tls, stopped()).await?;
     }
     let orchestrator = tokio::spawn(rounds::orchestrate(coord.clone()));
     // `sites approve` works offline on HOME/sites; a key replaced there is revoked and

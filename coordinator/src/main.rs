@@ -63,6 +63,14 @@ enum Command {
         /// this address (a private network or loopback; see deploy/README.md).
         #[arg(long, value_name = "ADDR", env = "MAEUM_OPS_LISTEN")]
         ops_listen: Option<SocketAddr>,
+        /// Also serve the read-only web console on this address (off by default). On
+        /// loopback it is plain HTTP for this machine only; on any other address it is
+        /// HTTPS that requires an operator certificate of the consortium CA.
+        #[arg(long, value_name = "ADDR", env = "MAEUM_CONSOLE_LISTEN")]
+        console: Option<SocketAddr>,
+        /// Serve the console over HTTPS with operator certificates even on loopback.
+        #[arg(long, requires = "console")]
+        console_tls: bool,
     },
     /// Check this home offline (keys, certificates and their expiry, writable state,
     /// disk space, approved sites) and say what to fix. Exit 1 if a check fails.
@@ -281,10 +289,11 @@ async fn run(cli: Cli) -> Result<()> {
             println!("  signing key       {}", r.signing_public_key);
             println!("next: `maeum-coordinator serve --home {}`", r.home.display());
         }
-        Command::Serve { home, listen, heartbeat_timeout, ops_listen } => {
+        Command::Serve { home, listen, heartbeat_timeout, ops_listen, console, console_tls } => {
+            let console = console.map(|listen| maeum_coordinator::ConsoleOptions { listen, tls: console_tls });
             let settings = server::Settings { heartbeat_timeout: Duration::from_secs(heartbeat_timeout.max(1)) };
             let stop = maeum_runtime::runtime::shutdown_signal();
-            maeum_coordinator::serve(&home.home, listen, ops_listen, settings, stop).await?;
+            maeum_coordinator::serve(&home.home, listen, ops_listen, console, settings, stop).await?;
         }
         Command::Doctor { home, json } => maeum_coordinator::doctor::run(&home.home, json)?,
         Command::Sites(SitesCommand::Approve { home, request, site_id, out, replace, json }) => {

@@ -5,7 +5,7 @@
 //! certificates reach the control service. Every handler re-checks revocation, so a
 //! revoked site's open HTTP/2 connection gains nothing from having been accepted.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -217,6 +217,8 @@ pub struct Coord {
     /// revealed that round's sum (`reveal_once`): that sum was lost (a restart after
     /// the reveal, say), and the round can only be skipped.
     pub revealed_before: Mutex<BTreeSet<(String, u32)>>,
+    /// See [`Coord::fork_evidence`].
+    fork_evidence: Mutex<BTreeMap<String, String>>,
 }
 
 /// Locks a mutex, recovering the data if a panicking thread poisoned it (the state is
@@ -276,6 +278,7 @@ impl Coord {
             started: Instant::now(),
             sites_seen: Mutex::new(Vec::new()),
             revealed_before: Mutex::new(BTreeSet::new()),
+            fork_evidence: Mutex::new(BTreeMap::new()),
         };
         for (site, print) in coord.audit.site_certificates()?.replaced() {
             coord.revocations.revoke_certificate(site, print);
@@ -1101,6 +1104,15 @@ impl pb::fleet_server::Fleet for Fleet {
             if stored.root != maeum_tlog::hex(&root) {
                 warn!(site = %site, size = r.size, "a site cosigned a root this log never signed at that size");
                 c.metrics.verification_failures.inc("audit_root");
+                lock(&c.fork_evidence).insert(
+                    site.to_string(),
+                    format!(
+                        "cosigned root {} at size {}, where this log signed {}",
+                        maeum_tlog::hex(&root),
+                        r.size,
+                        stored.root
+                    ),
+                );
                 return Err(Status::failed_precondition(format!(
                     "checkpoint {} of this log has root {}, not the one site/{site} cosigned",
                     r.size, stored.root
@@ -1464,7 +1476,22 @@ impl Coord {
         })
     }
 
-    fn site_infos(&self) -> anyhow::Result<Vec<pb::SiteInfo>> {
+    /// Each site's agent version, from its latest heartbeat since this process started.
+    pub fn agent_versions(&self) -> HashMap<String, String> {
+        lock(&self.live)
+            .iter()
+            .map(|(s, l)| (s.clone(), l.status.agent_version.clone()))
+            .filter(|(_, v)| !v.is_empty())
+            .collect()
+    }
+
+    /// Sites that cosigned a root this log never signed at that size (since this process
+    /// started), with what they cosigned: evidence that someone showed them a fork.
+    pub fn fork_evidence(&self) -> BTreeMap<String, String> {
+        lock(&self.fork_evidence).clone()
+    }
+
+    pub fn site_infos(&self) -> anyhow::Result<Vec<pb::SiteInfo>> {
         let mut records: HashMap<String, SiteRecord> =
             self.store.sites()?.into_iter().map(|s| (s.id.clone(), s)).collect();
         // Approved but never connected sites are listed too.

@@ -245,8 +245,14 @@ impl Federation {
 
     /// Starts the coordinator with extra environment variables (fault injection).
     pub fn start_coordinator_with(&mut self, env: &[(&str, &str)]) {
+        self.start_coordinator_full(env, &[]);
+    }
+
+    /// Starts the coordinator with extra environment variables and `serve` arguments.
+    pub fn start_coordinator_full(&mut self, env: &[(&str, &str)], args: &[&str]) {
         let child = Command::new(bin("maeum-coordinator"))
             .args(["serve", "--listen", &self.address, "--heartbeat-timeout", &self.heartbeat_timeout.to_string()])
+            .args(args)
             .arg("--home")
             .arg(self.coordinator_home())
             .env("MAEUM_LOG", "info")
