@@ -25,6 +25,11 @@ pub struct Offer {
     pub received_ms: i64,
     /// The job file as the lead submitted it.
     pub toml: String,
+    /// When the coordinator stopped offering the job while it waited for the admin (it
+    /// finished, failed or was aborted, or another job is current); cleared if it is
+    /// offered again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub withdrawn_ms: Option<i64>,
 }
 
 /// HOME/jobs/consent/ID.json: the admin's answer.
@@ -77,17 +82,44 @@ pub fn consent_for(home: &Home, job_id: &str, toml: &str, spec_sha256: &str) -> 
     check_id(job_id)?;
     let offer_path = home.path(&offer_name(job_id));
     let kept: Option<Offer> = read_json(&offer_path)?;
-    if kept.as_ref().is_none_or(|o| o.spec_sha256 != spec_sha256) {
-        let offer = Offer {
-            job_id: job_id.into(),
-            spec_sha256: spec_sha256.into(),
-            received_ms: crate::now_ms(),
-            toml: toml.into(),
-        };
-        write_json(home, &offer_name(job_id), &offer)?;
+    match kept {
+        Some(o) if o.spec_sha256 == spec_sha256 => {
+            if o.withdrawn_ms.is_some() {
+                // Offered again (a coordinator restart, say): it waits again.
+                write_json(home, &offer_name(job_id), &Offer { withdrawn_ms: None, ..o })?;
+            }
+        }
+        _ => {
+            let offer = Offer {
+                job_id: job_id.into(),
+                spec_sha256: spec_sha256.into(),
+                received_ms: crate::now_ms(),
+                toml: toml.into(),
+                withdrawn_ms: None,
+            };
+            write_json(home, &offer_name(job_id), &offer)?;
+        }
     }
     let consent: Option<Consent> = read_json(&home.path(&consent_name(job_id)))?;
     Ok(consent.filter(|c| c.spec_sha256 == spec_sha256))
+}
+
+/// The daemon's side, on every answer from the coordinator that is not an offer of a
+/// waiting job: the coordinator offers a job to a site that has not answered it at
+/// every poll while the job is current, so an offer still waiting for the admin that is
+/// not `offered` now is withdrawn (the job finished, failed or was aborted). Returns
+/// the jobs newly marked.
+pub fn withdraw_waiting(home: &Home, offered: Option<&str>) -> Result<Vec<String>> {
+    let mut marked = Vec::new();
+    for (offer, consent) in offers(home)? {
+        if consent.is_some() || offer.withdrawn_ms.is_some() || Some(offer.job_id.as_str()) == offered {
+            continue;
+        }
+        let job_id = offer.job_id.clone();
+        write_json(home, &offer_name(&job_id), &Offer { withdrawn_ms: Some(crate::now_ms()), ..offer })?;
+        marked.push(job_id);
+    }
+    Ok(marked)
 }
 
 /// The largest job file a decision of the daemon's own is recorded with (real job files
@@ -129,7 +161,7 @@ pub fn record_decision(
 #[derive(Debug, Clone, Serialize)]
 pub struct Listed {
     pub job_id: String,
-    /// `waiting`, `accepted` or `refused`.
+    /// `waiting`, `accepted`, `refused` or `withdrawn`.
     pub state: String,
     /// Who answered (the admin, `auto_accept` or `this site (policy or data)`), empty
     /// while waiting.
@@ -163,8 +195,9 @@ fn offers(home: &Home) -> Result<Vec<(Offer, Option<Consent>)>> {
     Ok(out)
 }
 
-fn state(consent: Option<&Consent>) -> &'static str {
+fn state(offer: &Offer, consent: Option<&Consent>) -> &'static str {
     match consent {
+        None if offer.withdrawn_ms.is_some() => "withdrawn",
         None => "waiting",
         Some(c) if c.accept => "accepted",
         Some(_) => "refused",
@@ -177,9 +210,16 @@ pub fn listed(home: &Home) -> Result<Vec<Listed>> {
         .into_iter()
         .map(|(o, c)| Listed {
             name: JobSpec::from_toml("job", &o.toml).map(|s| s.name).unwrap_or_else(|_| "(invalid job file)".into()),
-            state: state(c.as_ref()).into(),
+            state: state(&o, c.as_ref()).into(),
             by: c.as_ref().map(|c| c.by.clone()).unwrap_or_default(),
-            reason: c.as_ref().map(|c| c.reason.clone()).unwrap_or_default(),
+            reason: match (&c, o.withdrawn_ms) {
+                (Some(c), _) => c.reason.clone(),
+                (None, Some(at)) => format!(
+                    "the coordinator stopped offering it at {} (it finished, failed or was aborted); nothing to answer",
+                    maeum_tlog::rfc3339(at)
+                ),
+                (None, None) => String::new(),
+            },
             job_id: o.job_id,
             spec_sha256: o.spec_sha256,
             received_ms: o.received_ms,
@@ -331,13 +371,13 @@ pub fn show(dir: &Path, job_id: &str, json: bool) -> Result<()> {
         let map: serde_json::Map<String, serde_json::Value> =
             rows.into_iter().map(|(k, v)| (k, serde_json::Value::String(v))).collect();
         let v = serde_json::json!({
-            "job_id": offer.job_id, "state": state(consent.as_ref()), "spec_sha256": offer.spec_sha256,
+            "job_id": offer.job_id, "state": state(&offer, consent.as_ref()), "spec_sha256": offer.spec_sha256,
             "asks": map, "job_file": offer.toml,
         });
         println!("{v}");
         return Ok(());
     }
-    println!("job {} ({}), job file SHA-256 {}", offer.job_id, state(consent.as_ref()), offer.spec_sha256);
+    println!("job {} ({}), job file SHA-256 {}", offer.job_id, state(&offer, consent.as_ref()), offer.spec_sha256);
     for (k, v) in rows {
         println!("  {k:<21} {v}");
     }
@@ -357,6 +397,13 @@ pub fn answer(dir: &Path, job_id: &str, accept: bool, reason: Option<String>) ->
             "job {job_id} was already {} by {} (the coordinator may already have the answer)",
             if p.accept { "accepted" } else { "refused" },
             p.by
+        );
+    }
+    if let Some(at) = offer.withdrawn_ms {
+        bail!(
+            "job {job_id} is no longer offered: the coordinator stopped offering it at {} (it finished, failed or was \
+             aborted); nothing to answer",
+            maeum_tlog::rfc3339(at)
         );
     }
     if accept {
@@ -408,6 +455,24 @@ mod tests {
         let other_sha = maeum_protocols::job::sha256_hex(other.as_bytes());
         assert_eq!(consent_for(&home, "triage-1", &other, &other_sha).expect("kept"), None);
         assert!(answer(dir.path(), "nope", true, None).is_err());
+
+        // An offer the coordinator stopped sending while it waited is withdrawn: listed
+        // so, and not answerable, until it is offered again.
+        let waiting = format!("{JOB}min_sites = 4\n");
+        let waiting_sha = maeum_protocols::job::sha256_hex(waiting.as_bytes());
+        assert_eq!(consent_for(&home, "triage-2", &waiting, &waiting_sha).expect("kept"), None);
+        // triage-1's second file waits too, and is not what the coordinator offers now.
+        assert_eq!(withdraw_waiting(&home, Some("triage-2")).expect("marked"), vec!["triage-1".to_owned()]);
+        assert_eq!(withdraw_waiting(&home, None).expect("marked"), vec!["triage-2".to_owned()]);
+        assert_eq!(withdraw_waiting(&home, None).expect("once"), Vec::<String>::new());
+        let l = listed(&home).expect("listed");
+        let two = l.iter().find(|o| o.job_id == "triage-2").expect("listed");
+        assert_eq!(two.state, "withdrawn");
+        assert!(two.reason.contains("stopped offering it"), "{}", two.reason);
+        let late = answer(dir.path(), "triage-2", true, None).expect_err("withdrawn");
+        assert!(late.to_string().contains("no longer offered"), "{late}");
+        assert_eq!(consent_for(&home, "triage-2", &waiting, &waiting_sha).expect("kept"), None);
+        assert_eq!(listed(&home).expect("listed").iter().find(|o| o.job_id == "triage-2").expect("x").state, "waiting");
         assert!(answer(dir.path(), "../x", true, None).is_err(), "ids are checked");
 
         // The daemon's own refusal is listed, but never over the admin's answer, and a

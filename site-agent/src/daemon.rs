@@ -733,6 +733,20 @@ async fn work_loop(agent: Arc<Agent>, mut client: Client, address: &str) {
             tokio::time::sleep(Duration::from_secs(2)).await;
             continue;
         }
+        // An offer waiting for the admin that the coordinator no longer sends is
+        // withdrawn (`jobs list` says so, `jobs accept` refuses to answer it).
+        if let Ok(w) = &work {
+            let offered = match w {
+                Work::Offer { job_id, .. } => Some(job_id.as_str()),
+                _ => None,
+            };
+            match crate::consent::withdraw_waiting(&agent.home, offered) {
+                Ok(jobs) => jobs
+                    .iter()
+                    .for_each(|j| info!(job = %j, "the coordinator withdrew a job offer that waited for the admin")),
+                Err(e) => warn!(error = %format!("{e:#}"), "marking withdrawn job offers"),
+            }
+        }
         let item = async {
             match work {
                 Ok(Work::Idle { retry_after_ms }) => {

@@ -155,7 +155,7 @@ enum EncodersCommand {
 
 #[derive(Debug, Subcommand)]
 enum JobsCommand {
-    /// The offers this site received and their state (waiting, accepted, refused).
+    /// The offers this site received and their state (waiting, accepted, refused, withdrawn).
     List {
         /// The site's home directory.
         #[arg(long, value_name = "DIR", env = "MAEUM_SITE_HOME")]

@@ -97,3 +97,35 @@ fn an_offer_waits_for_the_admin_and_runs_once_accepted() {
     let first = listed.as_array().and_then(|a| a.iter().find(|l| l["job_id"] == id.as_str())).cloned();
     assert_eq!(first.as_ref().map(|l| l["state"].clone()), Some("accepted".into()), "{listed:#}");
 }
+
+/// Issue 22: an offer that waited for the admin while the lead aborted the job is
+/// listed as withdrawn, not waiting forever, and cannot be answered any more.
+#[test]
+fn an_aborted_offer_is_withdrawn_not_left_waiting() {
+    let mut fed = Federation::new(3);
+    fed.set_policy("site-1", "auto_accept", "false");
+    fed.start_coordinator();
+    fed.start_sites(&["site-1", "site-2", "site-3"]);
+    let id = fed.submit("withdrawn", 1, 3, &format!("{SMALL_MODEL}[train]\nepochs = 1\n"));
+    let home = fed.site_home("site-1");
+    let state = |home: &Path| -> serde_json::Value {
+        let listed: serde_json::Value =
+            serde_json::from_slice(&site(home, &["jobs", "list", "--json"]).stdout).expect("json");
+        listed.as_array().and_then(|l| l.iter().find(|o| o["job_id"] == id.as_str()).cloned()).unwrap_or_default()
+    };
+    let until = Instant::now() + MIN;
+    while state(&home)["state"] != "waiting" {
+        assert!(Instant::now() < until, "site-1 never kept the offer: {:#}", state(&home));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let aborted = fed.cli(&["jobs", "abort", &id]);
+    assert!(aborted.status.success(), "{}", text(&aborted));
+    let until = Instant::now() + MIN;
+    while state(&home)["state"] != "withdrawn" {
+        assert!(Instant::now() < until, "the aborted offer stayed {:#}", state(&home));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(state(&home)["reason"].as_str().is_some_and(|r| r.contains("stopped offering it")), "{:#}", state(&home));
+    let late = site(&home, &["jobs", "accept", &id]);
+    assert!(!late.status.success() && text(&late).contains("no longer offered"), "{}", text(&late));
+}

@@ -331,7 +331,10 @@ fn sites_install_only_verified_releases_and_keep_the_previous_one_in_service() {
     assert_eq!(exported["files"].as_array().map(Vec::len), Some(6), "{exported:#}");
     // The card for a browser: self-contained, the verified signature, the installs.
     let html = std::fs::read_to_string(out_dir.join("report-v2.html")).expect("report-v2.html");
-    assert!(html.contains("badge ok\">verified") && html.contains("id=\"installs\""), "report-v2.html lacks its standing");
+    assert!(
+        html.contains("badge ok\">verified") && html.contains("id=\"installs\""),
+        "report-v2.html lacks its standing"
+    );
     assert!(!html.contains("<script") && !html.contains("src=\"http"), "report-v2.html fetches or runs something");
     let (card, report) = check_export(&fed, &out_dir, &audit, 2);
     assert_eq!(report["version"], 2);
