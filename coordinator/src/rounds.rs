@@ -585,7 +585,9 @@ fn exclude(c: &Coord, id: &str, culprit: Option<String>, why: String) -> Result<
 async fn finish_secagg(c: &Coord, round: u32) -> Result<SecAggEnd> {
     let server = {
         let mut guard = lock(&c.round);
-        let Some(sa) = guard.as_mut().and_then(|r| r.secagg.as_mut()) else { return Ok(SecAggEnd::Aborted) };
+        let Some(r) = guard.as_mut() else { return Ok(SecAggEnd::Aborted) };
+        c.note_unmask_closed(&r.job_id, r.round, r.attempt);
+        let Some(sa) = r.secagg.as_mut() else { return Ok(SecAggEnd::Aborted) };
         sa.take_server()
     };
     c.notify();

@@ -219,6 +219,10 @@ pub struct Coord {
     pub revealed_before: Mutex<BTreeSet<(String, u32)>>,
     /// See [`Coord::fork_evidence`].
     fork_evidence: Mutex<BTreeMap<String, String>>,
+    /// The last round attempts (job, round, attempt) whose unmask stage closed: a site's
+    /// late unmask message for one of them is answered `Done` (its shares were not
+    /// needed), not as a stale message.
+    unmask_closed: Mutex<std::collections::VecDeque<(String, u32, u32)>>,
 }
 
 /// Locks a mutex, recovering the data if a panicking thread poisoned it (the state is
@@ -279,6 +283,7 @@ impl Coord {
             sites_seen: Mutex::new(Vec::new()),
             revealed_before: Mutex::new(BTreeSet::new()),
             fork_evidence: Mutex::new(BTreeMap::new()),
+            unmask_closed: Mutex::new(std::collections::VecDeque::new()),
         };
         for (site, print) in coord.audit.site_certificates()?.replaced() {
             coord.revocations.revoke_certificate(site, print);
@@ -1011,6 +1016,14 @@ impl pb::fleet_server::Fleet for Fleet {
         let c = &self.0;
         let site = c.site(&req, None)?;
         let r = wire::secagg::Request::try_from(req.into_inner())?;
+        // The unmask stage closes as soon as enough shares are in, and the attempt ends:
+        // a survivor whose shares were not needed is done, whenever it answers.
+        if matches!(r.message, wire::secagg::StageMessage::Unmask(_))
+            && c.unmask_was_closed(&r.job_id, r.round, r.attempt)
+        {
+            info!(site = %site, round = r.round, attempt = r.attempt, "late unmask shares for a closed session: answered done");
+            return Ok(Response::new((&wire::secagg::Reply::Done).into()));
+        }
         let with_session = |f: &mut dyn FnMut(&mut RoundState) -> Result<Option<wire::secagg::Reply>, Status>| {
             let mut round = lock(&c.round);
             let state = round
@@ -1489,6 +1502,19 @@ impl Coord {
     /// started), with what they cosigned: evidence that someone showed them a fork.
     pub fn fork_evidence(&self) -> BTreeMap<String, String> {
         lock(&self.fork_evidence).clone()
+    }
+
+    /// Records that the unmask stage of (job, round, attempt) closed.
+    pub fn note_unmask_closed(&self, job_id: &str, round: u32, attempt: u32) {
+        let mut closed = lock(&self.unmask_closed);
+        closed.push_back((job_id.to_owned(), round, attempt));
+        while closed.len() > 16 {
+            closed.pop_front();
+        }
+    }
+
+    fn unmask_was_closed(&self, job_id: &str, round: u32, attempt: u32) -> bool {
+        lock(&self.unmask_closed).iter().any(|(j, r, a)| j == job_id && *r == round && *a == attempt)
     }
 
     pub fn site_infos(&self) -> anyhow::Result<Vec<pb::SiteInfo>> {

@@ -60,6 +60,20 @@ async fn stall_hook(stage: &str, round: u32) {
     }
 }
 
+/// Test hook (`fault-injection` only): `MAEUM_SITE_TEST_LATE_UNMASK=MS@ROUND` waits MS
+/// milliseconds before sending this site's unmask shares in ROUND, so that the
+/// coordinator closes the stage with the others' shares first.
+async fn late_hook(round: u32) {
+    let Some(spec) = test_env("MAEUM_SITE_TEST_LATE_UNMASK") else { return };
+    let Some((ms, r)) = spec.split_once('@') else { return };
+    if r.parse::<u32>().ok() == Some(round)
+        && let Ok(ms) = ms.parse::<u64>()
+    {
+        warn!(round, ms, "test hook: sending the unmask shares late");
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+    }
+}
+
 /// A test-only environment variable, or `None` without the `fault-injection` feature.
 fn test_env(name: &str) -> Option<String> {
     if cfg!(feature = "fault-injection") { std::env::var(name).ok() } else { None }
@@ -274,17 +288,6 @@ async fn exchange(client: &mut Client, t: &TrainTask, message: StageMessage) -> 
                 failures += 1;
                 warn!(stage = message.name(), error = %describe(&e), "secure-aggregation call failed; resending");
                 tokio::time::sleep(Duration::from_millis(500)).await;
-            }
-            // The coordinator closes the unmask stage as soon as it holds enough shares
-            // and ends the attempt: a late answer then finds no attempt in progress.
-            // This site's part is done either way (its shares were not needed).
-            Err(e)
-                if matches!(message, StageMessage::Unmask(_))
-                    && e.code() == Code::FailedPrecondition
-                    && e.message().contains("is not in progress") =>
-            {
-                info!(job = %t.job_id, round = t.round, attempt = t.attempt, "the unmask stage closed before this site's shares were needed");
-                return Ok(Reply::Done);
             }
             Err(e) => bail!("secure aggregation, {} stage: {}", message.name(), describe(&e)),
         }
@@ -529,6 +532,7 @@ pub(crate) async fn train(
     };
     agent.set(|s| s.stage = "secagg: unmask".into());
     stall_hook("unmask", t.round).await;
+    late_hook(t.round).await;
     let reveal = sa.unmask(&proof, &verifier).map_err(fail)?;
     if let Err(r) = reveal_once(&agent.home, &t, survivor_ids) {
         agent.refuse(client, &t.job_id, t.round, t.attempt, &r).await;

@@ -269,3 +269,30 @@ fn a_site_restarted_mid_round_is_dropped_at_once_and_the_round_retried() {
     assert!(fed.log_text("site-3").contains("lost its keys"), "the site is told why");
     check_exact_sums(&fed, &job);
 }
+
+/// Issue 22: a survivor that sends its unmask shares after the coordinator closed the
+/// stage without them (it missed the deadline; the others' shares were enough) is
+/// answered `Done` by the coordinator, which remembers the closed session; the site
+/// no longer reads an error message's wording to decide that.
+#[test]
+fn late_unmask_shares_for_a_closed_session_are_answered_done() {
+    let mut fed = Federation::new(4);
+    fed.start_coordinator();
+    for site in ["site-1", "site-2", "site-3"] {
+        fed.start_site_with(site, &[KEEP]);
+    }
+    fed.start_site_with("site-4", &[KEEP, ("MAEUM_SITE_TEST_LATE_UNMASK", "8000@1")]);
+    fed.wait_online(4);
+    let id = fed.submit("late-unmask", 2, 3, &format!("{SMALL_MODEL}[deadlines]\nsecagg = 3\n"));
+    wait_log(&fed, "site-4", "test hook: sending the unmask shares late", 1, 3 * MIN);
+    wait_log(&fed, "coordinator", "late unmask shares for a closed session: answered done", 1, MIN);
+    let job = fed.wait_job(&id, 3 * MIN);
+    assert_eq!(job["state"], "completed", "{job:#}");
+    let log = fed.log_text("site-4");
+    let after = &log[log.find("sending the unmask shares late").unwrap_or(0)..];
+    assert!(!after.contains("work item failed"), "site-4 treated the closed session as a failure:\n{after}");
+    // Its masked input was in round 1's sum (it was a survivor; the others' shares
+    // unmasked it). Round 2 may run while it still waits (then it is dropped there).
+    let round1 = &job["history"][0];
+    assert!(round1["contributors"].as_array().is_some_and(|c| c.iter().any(|s| s == "site-4")), "{job:#}");
+}
