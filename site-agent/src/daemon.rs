@@ -62,7 +62,10 @@ impl LocalData {
     }
 
     /// Why this site cannot serve a job, if it cannot.
-    pub fn refusal(&self, job: &JobSpec) -> Option<String> {
+    /// Why this site cannot take `job` on its data, if it cannot: what the coordinator
+    /// (and its audit log) may learn, and the detail kept here. Which labels the site's
+    /// records carry, and how many, stay at the site.
+    pub fn refusal(&self, job: &JobSpec) -> Option<Declined> {
         let mut unknown: HashMap<&str, usize> = HashMap::new();
         for e in self.train.iter().chain(&self.test) {
             if !job.labels.contains(&e.label) {
@@ -73,14 +76,19 @@ impl LocalData {
             let mut names: Vec<&str> = unknown.keys().copied().collect();
             names.sort_unstable();
             let n: usize = unknown.values().sum();
-            return Some(format!(
-                "local data has {} label(s) outside the job's label set ({n} records): {}",
-                names.len(),
-                names.join(", ")
-            ));
+            return Some(Declined::Data {
+                sent: "local data has labels outside the job's label set (which, and how many records, stay at the \
+                       site: see its log or `maeum-site jobs list`)"
+                    .into(),
+                detail: format!(
+                    "local data has {} label(s) outside the job's label set ({n} records): {}",
+                    names.len(),
+                    names.join(", ")
+                ),
+            });
         }
         if let Err(e) = job.model_spec() {
-            return Some(format!("this site cannot build the job's model: {e}"));
+            return Some(Declined::Other(format!("this site cannot build the job's model: {e}")));
         }
         None
     }
@@ -796,7 +804,7 @@ async fn decide(
     spec_sha256: Digest,
 ) -> Result<()> {
     let mut verdict = offered_job(&agent.policy, &job_id, &spec_toml, spec_sha256)
-        .and_then(|spec| agent.data.refusal(&spec).map(Declined::Other).map_or(Ok(spec), Err))
+        .and_then(|spec| agent.data.refusal(&spec).map_or(Ok(spec), Err))
         .and_then(|spec| {
             // A job on a pretrained encoder this site does not hold (with the job's
             // digests) cannot be served: say so now, not at round 1.
@@ -837,30 +845,30 @@ async fn decide(
     {
         verdict = Err(Declined::Rule(r));
     }
-    let (accept, reason) = match verdict {
+    let (accept, reason, detail) = match verdict {
         Ok(spec) => {
             let p = agent.home.path(&format!("jobs/{job_id}.json"));
             maeum_models::write_atomic(&p, spec.to_json().as_bytes())
                 .with_context(|| format!("writing {}", p.display()))?;
             let p = agent.home.path(&format!("jobs/{job_id}.toml"));
             maeum_models::write_atomic(&p, spec_toml.as_bytes()).with_context(|| format!("writing {}", p.display()))?;
-            (true, String::new())
+            (true, String::new(), String::new())
         }
         Err(declined) => {
             if let Declined::Rule(r) = &declined {
                 agent.metrics.policy_refusals.inc(r.rule);
             }
-            (false, declined.to_string())
+            (false, declined.to_string(), declined.detail())
         }
     };
     if accept {
         info!(job = %job_id, sha256 = %spec_sha256, "accepted the job");
     } else {
-        warn!(job = %job_id, reason = %reason, "refused the job");
+        warn!(job = %job_id, reason = %detail, "refused the job");
     }
     // `jobs list` shows every offer this site answered, not only those its admin did.
     let by = if accept { "auto_accept" } else { "this site (policy or data)" };
-    let decision = (accept, by, reason.as_str());
+    let decision = (accept, by, detail.as_str());
     if let Err(e) = crate::consent::record_decision(&agent.home, &job_id, &spec_toml, &spec_sha256.hex(), decision) {
         warn!(job = %job_id, error = %format!("{e:#}"), "recording the decision for `jobs list`");
     }
@@ -933,16 +941,33 @@ pub(crate) fn offered_job(
 /// reason (local data, an invalid job file, the admin). Its text is the reason the
 /// coordinator records.
 #[derive(Debug)]
-pub(crate) enum Declined {
+pub enum Declined {
     Rule(crate::policy::Refusal),
     Other(String),
+    /// A refusal because of the site's own data: `sent` goes to the coordinator (and
+    /// its log); `detail` stays here (the site's log and `jobs list`).
+    Data {
+        sent: String,
+        detail: String,
+    },
 }
 
+impl Declined {
+    /// What stays at the site.
+    pub fn detail(&self) -> String {
+        match self {
+            Declined::Data { detail, .. } => detail.clone(),
+            other => other.to_string(),
+        }
+    }
+}
+
+/// What the coordinator is told.
 impl std::fmt::Display for Declined {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Declined::Rule(r) => r.fmt(f),
-            Declined::Other(why) => f.write_str(why),
+            Declined::Other(why) | Declined::Data { sent: why, .. } => f.write_str(why),
         }
     }
 }
@@ -1403,9 +1428,13 @@ mod tests {
     #[test]
     fn a_job_is_refused_when_local_labels_fall_outside_its_label_set() {
         let data = LocalData { train: vec![ex("a"), ex("b"), ex("zz")], test: vec![ex("zz"), ex("yy")] };
-        assert_eq!(data.refusal(&job(&["a", "b", "yy", "zz"])), None);
-        let reason = data.refusal(&job(&["a", "b"])).expect("refused");
-        assert_eq!(reason, "local data has 2 label(s) outside the job's label set (3 records): yy, zz");
+        assert!(data.refusal(&job(&["a", "b", "yy", "zz"])).is_none());
+        let refusal = data.refusal(&job(&["a", "b"])).expect("refused");
+        // The detail stays here; the coordinator learns neither the labels nor a count.
+        assert_eq!(refusal.detail(), "local data has 2 label(s) outside the job's label set (3 records): yy, zz");
+        let sent = refusal.to_string();
+        assert!(sent.starts_with("local data has labels outside the job's label set"), "{sent}");
+        assert!(!sent.contains("yy") && !sent.contains("zz") && !sent.chars().any(|c| c.is_ascii_digit()), "{sent}");
     }
 
     #[test]

@@ -72,8 +72,25 @@ fn a_site_with_data_outside_the_label_set_refuses_with_its_reason() {
     let job = fed.wait_for(&id, MIN, |j| j["decisions"].as_array().is_some_and(|d| d.len() == 2));
     for d in job["decisions"].as_array().expect("decisions") {
         assert_eq!(d["accept"], false, "{d}");
-        assert!(d["reason"].as_str().unwrap_or("").contains("outside the job's label set"), "{d}");
+        let reason = d["reason"].as_str().unwrap_or("");
+        assert!(reason.contains("outside the job's label set"), "{d}");
+        // Which labels a site's records carry, and how many, stay at the site: the
+        // coordinator and its audit log see neither (issue 16).
+        assert!(!reason.chars().any(|c| c.is_ascii_digit()), "a record count left the site: {d}");
+        assert!(fed.labels[20..].iter().all(|l| !reason.contains(l.as_str())), "a label name left the site: {d}");
     }
+    // The site's own admin sees the detail.
+    let listed: serde_json::Value = serde_json::from_slice(
+        &maeum_e2e::run_ok(
+            std::process::Command::new(maeum_e2e::bin("maeum-site"))
+                .args(["jobs", "list", "--json", "--home"])
+                .arg(fed.site_home("site-1")),
+        )
+        .stdout,
+    )
+    .expect("jobs list");
+    let local = listed[0]["reason"].as_str().unwrap_or("");
+    assert!(local.contains("records)") && fed.labels[20..].iter().any(|l| local.contains(l.as_str())), "{listed:#}");
     let out = fed.cli(&["jobs", "abort", &id]);
     assert!(out.status.success());
 }
