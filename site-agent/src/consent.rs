@@ -143,18 +143,21 @@ pub fn record_decision(
     if toml.len() > MAX_RECORDED_JOB_FILE {
         return Ok(());
     }
-    if consent_for(home, job_id, toml, spec_sha256)?.is_some() {
-        return Ok(());
+    check_id(job_id)?;
+    let answered: Option<Consent> = read_json(&home.path(&consent_name(job_id)))?;
+    if answered.is_none_or(|c| c.spec_sha256 != spec_sha256) {
+        let c = Consent {
+            job_id: job_id.into(),
+            accept,
+            reason: reason.into(),
+            spec_sha256: spec_sha256.into(),
+            by: by.into(),
+            time_ms: crate::now_ms(),
+        };
+        // The answer first, then the offer: `jobs list` never sees this offer waiting.
+        write_json(home, &consent_name(job_id), &c)?;
     }
-    let c = Consent {
-        job_id: job_id.into(),
-        accept,
-        reason: reason.into(),
-        spec_sha256: spec_sha256.into(),
-        by: by.into(),
-        time_ms: crate::now_ms(),
-    };
-    write_json(home, &consent_name(job_id), &c)
+    consent_for(home, job_id, toml, spec_sha256).map(|_| ())
 }
 
 /// One offer as `jobs list` shows it.
