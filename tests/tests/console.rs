@@ -4,8 +4,9 @@
 //! policy); the browser watches the round chart gain points without a reload, reads the
 //! refused site's reason, and checks the release's verified signature. The static
 //! reports (`models export`'s report, `maeum-audit report --html`, `maeum-site report`)
-//! are opened from disk. Screenshots of every page land in the test's temp dir, and in
-//! `$MAEUM_SCREENSHOTS` when set (`docs/guides/img/` is made that way).
+//! are opened from disk. Screenshots of every page land in `target/console-screenshots/`
+//! (kept after the run: CI's artifacts), and in `$MAEUM_SCREENSHOTS` when set
+//! (`docs/guides/img/` is made that way).
 //!
 //! A second test checks access: over TLS only operator certificates get a page.
 
@@ -196,7 +197,9 @@ fn the_console_follows_a_real_job_and_the_reports_open_offline() {
     fed.set_policy("site-4", "max_rounds", "3");
     fed.start_coordinator_full(&[], &["--console", "127.0.0.1:0"]);
     let url = console_url(&fed, 1);
-    let mut shots = vec![fed.dir.path().join("screenshots")];
+    // Kept after the run (the federation's temp dir is not): CI's artifacts.
+    let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| maeum_e2e::root().join("target"), PathBuf::from);
+    let mut shots = vec![target.join("console-screenshots")];
     if let Some(dir) = std::env::var_os("MAEUM_SCREENSHOTS") {
         shots.push(PathBuf::from(dir));
     }
