@@ -413,7 +413,8 @@ fn participation_chart(j: &JobRecord) -> maeum_report::chart::BarChart {
 }
 
 /// Per round, from the log: (started, secure-aggregation inputs closed, committed) of
-/// the attempt that committed, and the largest ε a site logged for it.
+/// the attempt that committed, and the largest ε a site logged for it (each site logs
+/// the job's ε so far: cumulative).
 #[derive(Debug, Default, Clone)]
 struct RoundLog {
     started_ms: i64,
@@ -486,7 +487,7 @@ fn job(c: &Coord, j: &JobRecord) -> Result<Markup> {
                 @if j.spec.secure_aggregation.enabled() { "the coordinator sees only sums" } @else { "a debugging job: updates in plaintext" }
             }
             @if dp.is_some() {
-                div.tile { span.big { "ε " (num(spent)) } "largest ε a site logged per round (record-level DP)" }
+                div.tile { span.big { "ε " (num(spent)) } "ε per record spent so far (record-level DP; the largest any site logged)" }
             }
         }
         @if !j.error.is_empty() { p.alert { strong { "Error: " } (j.error) } }
@@ -497,7 +498,7 @@ fn job(c: &Coord, j: &JobRecord) -> Result<Markup> {
             thead { tr {
                 th.num scope="col" { "round" } th scope="col" { "contributed" } th scope="col" { "dropped" } th.num scope="col" { "threshold" }
                 th.num scope="col" { "records" } th.num scope="col" { "attempts" } th.num scope="col" { "train + mask" } th.num scope="col" { "unmask + apply" }
-                @if dp.is_some() { th.num scope="col" { "ε (max)" } }
+                @if dp.is_some() { th.num scope="col" { "ε so far" } }
                 th scope="col" { "notes" }
             } }
             tbody { @for h in &j.history {

@@ -1313,12 +1313,22 @@ impl Coord {
     fn witness_view(&self, site: &str, known: u64) -> Result<pb::AuditCheckpointReply, Status> {
         let latest = self.audit.latest().ok_or_else(|| Status::unavailable("the audit log has no checkpoint yet"))?;
         let size = latest.checkpoint.size;
-        if known > size {
-            return Err(Status::failed_precondition(format!(
-                "site/{site} witnessed a checkpoint of size {known}, but this log's latest is of size {size}"
-            )));
-        }
         let origin = self.audit.origin();
+        if known > size {
+            // This log is shorter than what the site witnessed: it was rolled back (a
+            // restore from an older backup, say). The site gets the latest signed
+            // checkpoint, which with its own is the signed evidence it keeps and stops on.
+            warn!(
+                site = %site,
+                witnessed = known,
+                size,
+                "a site witnessed a larger checkpoint than this log's latest: the log was rolled back"
+            );
+            let latest = wire::audit::TreeHead { signed: latest, cosignatures: Vec::new() };
+            return Ok(
+                wire::audit::CheckpointReply { latest, consistency: Vec::new(), since: Vec::new() }.to_pb(&origin)
+            );
+        }
         let certs = |cosignatures: Vec<maeum_tlog::Cosignature>| {
             cosignatures
                 .into_iter()

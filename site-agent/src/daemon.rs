@@ -490,9 +490,12 @@ async fn heartbeats(agent: Arc<Agent>, mut client: Client) {
                     s.last_error.clear();
                 });
                 agent.metrics.connected.set(1);
+                // A newer checkpoint is witnessed; an older one than this site witnessed
+                // means a rolled-back log, which witnessing proves (signed) and stops on.
                 let announced = reply.get_ref().audit_size;
-                if announced > agent.witnessed.load(Ordering::SeqCst) && !agent.witnessing.swap(true, Ordering::SeqCst)
-                {
+                let witnessed = agent.witnessed.load(Ordering::SeqCst);
+                let rolled_back = announced > 0 && announced < witnessed && witnessed != u64::MAX;
+                if (announced > witnessed || rolled_back) && !agent.witnessing.swap(true, Ordering::SeqCst) {
                     tokio::spawn(witness(agent.clone(), client.clone()));
                 }
                 // A site that caught the coordinator forking installs nothing from it.

@@ -306,3 +306,48 @@ fn a_forked_view_shown_to_one_site_is_caught_by_its_witness_which_stops_until_cl
     assert!(mine.starts_with(&["decision accepted=true".to_owned()]), "{mine:?}");
     assert!(mine.contains(&"contribution".to_owned()), "{mine:?}");
 }
+
+/// Issue 22's walk: a coordinator restored from an older backup showed its witnesses a
+/// log shorter than what they had cosigned, and nothing caught it until the log grew
+/// past that size again (sites looped on "the log has N entries"). The coordinator now
+/// answers a witness that knows a larger checkpoint with its latest signed one, and the
+/// site keeps the two signed checkpoints as evidence (AUD-17) and stops.
+#[test]
+fn a_coordinator_restored_from_an_older_backup_is_caught_as_a_rollback() {
+    let mut fed = Federation::new(3);
+    fed.start_coordinator();
+    fed.start_sites(&["site-1", "site-2", "site-3"]);
+    wait_witnessed(&fed, &["site-1", "site-2", "site-3"], 1);
+    // The backup: the coordinator's home as it is now.
+    assert!(fed.terminate_coordinator(MIN).is_some_and(|s| s.success()), "the coordinator stops cleanly");
+    let home = fed.coordinator_home();
+    let backup = fed.dir.path().join("coordinator-backup");
+    run_ok(Command::new("cp").arg("-a").arg(&home).arg(&backup));
+    // The log grows past the backup, and every site witnesses that.
+    fed.start_coordinator();
+    std::thread::sleep(Duration::from_secs(3));
+    let base = witnessed(&fed, "site-1");
+    let id = fed.submit("grow", 1, 3, &format!("{SMALL_MODEL}[train]\nepochs = 1\n"));
+    let job = fed.wait_job(&id, 3 * MIN);
+    assert_eq!(job["state"], "completed", "{job:#}");
+    wait_witnessed(&fed, &["site-1", "site-2", "site-3"], base + 5);
+    assert!(fed.terminate_coordinator(MIN).is_some_and(|s| s.success()));
+    // Restore the older home and start it: its log is shorter than what the sites saw.
+    std::fs::remove_dir_all(&home).expect("removing the newer home");
+    run_ok(Command::new("cp").arg("-a").arg(&backup).arg(&home));
+    fed.start_coordinator();
+    for s in ["site-1", "site-2", "site-3"] {
+        let until = Instant::now() + MIN;
+        let status = loop {
+            let v = audit_status(&fed, s);
+            if v["fork"].is_string() {
+                break v;
+            }
+            assert!(Instant::now() < until, "{s} did not catch the rollback:\n{}", fed.log_text(s));
+            std::thread::sleep(Duration::from_millis(200));
+        };
+        let why = status["fork"].as_str().unwrap_or_default();
+        assert!(why.starts_with("AUD-17 checkpoint of size"), "{s}: {why}");
+    }
+    assert!(fed.log_text("coordinator").contains("the log was rolled back"), "the coordinator's log says so");
+}
