@@ -95,7 +95,8 @@ pub struct DemoArgs {
     #[arg(long, conflicts_with = "serve_console")]
     pub clean: bool,
     /// Serve the read-only web console while the demo runs (default address
-    /// 127.0.0.1:8480), and keep the coordinator serving it after the job, until Ctrl-C.
+    /// 127.0.0.1:8480; port 0 picks a free one), and keep the coordinator serving it
+    /// after the job, until Ctrl-C.
     #[arg(long, value_name = "ADDR", num_args = 0..=1, default_missing_value = "127.0.0.1:8480")]
     pub serve_console: Option<std::net::SocketAddr>,
 }
@@ -473,9 +474,24 @@ pub async fn run(a: DemoArgs) -> Result<()> {
         serve.arg("--console").arg(addr.to_string());
     }
     fleet.children.push(("coordinator".into(), spawn(&mut serve, &work.join("logs/coordinator.log"), "coordinator")?));
-    if let Some(addr) = a.serve_console {
-        let scheme = if addr.ip().is_loopback() { "http" } else { "https" };
-        say(format!("console: {scheme}://{addr}/ (read-only, updates live; open it in a browser)"));
+    // The console's URL as the coordinator reports it (port 0 picks a free port).
+    let mut console_url = None;
+    if a.serve_console.is_some() {
+        let log = work.join("logs/coordinator.log");
+        for _ in 0..100 {
+            fleet.check_alive()?;
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            if let Some(url) = text.lines().find(|l| l.contains("console listening")).and_then(|l| {
+                let at = l.find("url=")? + 4;
+                Some(l[at..].split_whitespace().next()?.to_owned())
+            }) {
+                console_url = Some(url);
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let url = console_url.clone().context("the coordinator did not start its console; see logs/coordinator.log")?;
+        say(format!("console: {url} (read-only, updates live; open it in a browser)"));
     }
     for s in &sites {
         let mut run = Command::new(&site_bin);
@@ -673,7 +689,7 @@ pub async fn run(a: DemoArgs) -> Result<()> {
     std::fs::write(work.join("summary.json"), serde_json::to_string_pretty(&summary)?)?;
     if a.json {
         println!("{summary}");
-        return serve_console_until_stopped(a.serve_console, fleet).await;
+        return serve_console_until_stopped(console_url, fleet).await;
     }
     let (rounds, comparison) = tables(&per_round, &fed, centralized.as_ref(), local_mean);
     println!();
@@ -723,14 +739,13 @@ pub async fn run(a: DemoArgs) -> Result<()> {
             work.display()
         ),
     }
-    serve_console_until_stopped(a.serve_console, fleet).await
+    serve_console_until_stopped(console_url, fleet).await
 }
 
 /// With `--serve-console`: the coordinator goes on serving the console until Ctrl-C.
-async fn serve_console_until_stopped(console: Option<std::net::SocketAddr>, mut fleet: Fleet) -> Result<()> {
-    if let Some(addr) = console {
-        let scheme = if addr.ip().is_loopback() { "http" } else { "https" };
-        eprintln!("the console is still serving at {scheme}://{addr}/ (sites stopped); Ctrl-C to stop it");
+async fn serve_console_until_stopped(console_url: Option<String>, mut fleet: Fleet) -> Result<()> {
+    if let Some(url) = console_url {
+        eprintln!("the console is still serving at {url} (sites stopped); Ctrl-C to stop it");
         maeum_runtime::runtime::shutdown_signal().await;
         fleet.stop();
     }
