@@ -56,6 +56,8 @@ impl Tab {
             .user_data_dir(profile.path())
             .window_size(1280, 800)
             .request_timeout(Duration::from_secs(30))
+            // A loaded CI machine can take longer than the default 20 s to start it.
+            .launch_timeout(Duration::from_secs(90))
             .args([
                 "--disable-gpu",
                 "--disable-quic",
