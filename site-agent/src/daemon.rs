@@ -633,6 +633,10 @@ fn audit_summary(home: &Home, size: u64) -> String {
 /// admin runs `maeum-site audit clear`, the next iteration resumes: no restart.
 async fn work_loop(agent: Arc<Agent>, mut client: Client, address: &str) {
     let mut backoff = Backoff(0);
+    // Work items that keep failing back off on their own: a successful poll between
+    // two failures does not reset this (a site once retried a failing item three times
+    // a second for as long as the coordinator kept offering it).
+    let mut failing = Backoff(0);
     let mut last_logged = String::new();
     // Why this site refuses all work from the coordinator, while it does.
     let mut halted: Option<String> = None;
@@ -787,10 +791,14 @@ async fn work_loop(agent: Arc<Agent>, mut client: Client, address: &str) {
             }
         };
         agent.set(|s| s.stage = "idle".into());
-        if let Err(e) = result {
-            agent.metrics.errors.inc("work_item");
-            warn!(error = %format!("{e:#}"), "work item failed; will ask again");
-            tokio::time::sleep(backoff.next()).await;
+        match result {
+            Ok(()) => failing = Backoff(0),
+            Err(e) => {
+                agent.metrics.errors.inc("work_item");
+                let pause = failing.next();
+                warn!(error = %format!("{e:#}"), retry_in_ms = pause.as_millis() as u64, "work item failed; will ask again");
+                tokio::time::sleep(pause).await;
+            }
         }
     }
 }
@@ -1164,6 +1172,10 @@ async fn train(agent: &Agent, client: &mut Client, t: TrainTask) -> Result<()> {
         s.job_id = t.job_id.clone();
         s.round = t.round;
     });
+    // Test hook (fault-injection builds only): a site whose every training item fails.
+    if crate::secure::test_env("MAEUM_SITE_TEST_FAIL_TRAIN").is_some_and(|v| v == "1") {
+        bail!("test hook: this site's training fails");
+    }
     let job = agent.job(&t.job_id)?;
     match (t.secagg.clone(), job.secure_aggregation.enabled()) {
         (Some(info), true) => return crate::secure::train(agent, client, t, job, info).await,

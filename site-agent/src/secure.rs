@@ -75,7 +75,7 @@ async fn late_hook(round: u32) {
 }
 
 /// A test-only environment variable, or `None` without the `fault-injection` feature.
-fn test_env(name: &str) -> Option<String> {
+pub(crate) fn test_env(name: &str) -> Option<String> {
     if cfg!(feature = "fault-injection") { std::env::var(name).ok() } else { None }
 }
 

@@ -269,3 +269,29 @@ fn a_coordinator_killed_mid_job_resumes_without_duplicating_a_version() {
     // Every round after the restart still had all three sites.
     assert!(history.iter().all(|r| strs(&r["contributors"]).len() == 3), "{history:#?}");
 }
+
+/// Issue 22's walk: a work item that keeps failing was retried three times a second
+/// for as long as the coordinator kept offering it, because every successful poll
+/// reset the backoff. The failures now back off on their own: the fifth retry waits
+/// longer than the first (by the backoff's ranges, [125, 500] ms vs [2, 8] s).
+#[test]
+fn a_work_item_that_keeps_failing_backs_off() {
+    let mut fed = Federation::new(4);
+    fed.start_coordinator();
+    fed.start_sites(&["site-1", "site-2", "site-3"]);
+    fed.start_site_with("site-4", &[("MAEUM_SITE_TEST_FAIL_TRAIN", "1")]);
+    fed.wait_online(4);
+    // site-4 keeps failing until the advertise stage's deadline drops it (15 s).
+    let id = fed.submit("failing", 1, 3, &format!("{SMALL_MODEL}[deadlines]\nsecagg = 15\n"));
+    let job = fed.wait_job(&id, 3 * MIN);
+    assert_eq!(job["state"], "completed", "{job:#}");
+    let log = fed.log_text("site-4");
+    let delays: Vec<u64> = log
+        .lines()
+        .filter(|l| l.contains("work item failed") && l.contains("test hook: this site's training fails"))
+        .filter_map(|l| l.split("retry_in_ms=").nth(1)?.split_whitespace().next()?.parse().ok())
+        .collect();
+    assert!(delays.len() >= 5, "site-4 failed only {} times:\n{log}", delays.len());
+    assert!(delays.len() <= 12, "site-4 retried {} times within the 15 s stage (no backoff):\n{log}", delays.len());
+    assert!(delays[4] > delays[0], "the retries do not back off: {delays:?}");
+}
