@@ -135,6 +135,19 @@ pub async fn serve(
     Ok(console)
 }
 
+/// The URLs a coordinator's log announces for its console (`console listening
+/// url=…`), in order: one per start. The demo and the tests read it from there, since
+/// `--console 127.0.0.1:0` picks the port.
+pub fn urls_in_log(log: &str) -> Vec<String> {
+    log.lines()
+        .filter(|l| l.contains("console listening"))
+        .filter_map(|l| {
+            let at = l.find("url=")? + 4;
+            Some(l[at..].split_whitespace().next()?.to_owned())
+        })
+        .collect()
+}
+
 /// The TLS listener: hands axum only connections whose client certificate is an
 /// operator's; others get a 403 and are closed.
 struct OperatorsOnly {
@@ -822,6 +835,14 @@ mod tests {
         assert_eq!(query_param("q=hospital+a%26b&kind=x", "q"), "hospital a&b");
         assert_eq!(query_param("kind=round_started", "q"), "");
         assert_eq!(query_param(&format!("q={}", "a".repeat(500)), "q").len(), 200);
+    }
+
+    #[test]
+    fn the_log_names_each_start_s_url() {
+        let log = "2026 INFO console listening (read-only) url=http://127.0.0.1:4100/ access=Loopback\nother\n\
+                   2026 INFO console listening (read-only) url=https://127.0.0.1:4200/ access=OperatorTls\n";
+        assert_eq!(urls_in_log(log), ["http://127.0.0.1:4100/", "https://127.0.0.1:4200/"]);
+        assert!(urls_in_log("no console here").is_empty());
     }
 
     #[test]

@@ -481,10 +481,7 @@ pub async fn run(a: DemoArgs) -> Result<()> {
         for _ in 0..100 {
             fleet.check_alive()?;
             let text = std::fs::read_to_string(&log).unwrap_or_default();
-            if let Some(url) = text.lines().find(|l| l.contains("console listening")).and_then(|l| {
-                let at = l.find("url=")? + 4;
-                Some(l[at..].split_whitespace().next()?.to_owned())
-            }) {
+            if let Some(url) = crate::console::urls_in_log(&text).into_iter().next() {
                 console_url = Some(url);
                 break;
             }

@@ -18,23 +18,20 @@ use maeum_report::{Page, Tone, badge, time};
 use crate::enrol::Home;
 use crate::witness::Record;
 
-/// What left the site for one job round attempt, in plain words.
-fn form_of(secure: bool, spec: Option<&JobSpec>) -> String {
-    match (secure, spec) {
-        (true, Some(s)) => format!(
+/// What left the site for one job round attempt, in plain words. `floor` is the
+/// smallest cohort whose sum this site lets be unmasked: its policy's `min_cohort`, or
+/// the job's `min_sites` when larger (`Policy::check_survivors`).
+fn form_of(secure: bool, floor: usize) -> String {
+    if secure {
+        format!(
             "masked for secure aggregation (the coordinator can remove the masks only from a sum over a cohort of at \
-             least {} sites, which this site's policy checks): the model update, the count of training records and \
-             this site's evaluation counts",
-            s.min_sites.max(2)
-        ),
-        (true, None) => {
-            "masked for secure aggregation: the model update, the count of training records and this site's \
-             evaluation counts"
-                .into()
-        }
-        (false, _) => "in plaintext (a debugging job without secure aggregation): the model update and the count of \
-                       training records; evaluation counts in plaintext too"
-            .into(),
+             least {floor} sites, which this site checks before it reveals its shares): the model update, the count \
+             of training records and this site's evaluation counts"
+        )
+    } else {
+        "in plaintext (a debugging job without secure aggregation): the model update and the count of training \
+         records; evaluation counts in plaintext too"
+            .into()
     }
 }
 
@@ -69,6 +66,10 @@ pub fn render(home: &Home, now_ms: i64) -> Result<String> {
             Some((o.job_id.clone(), JobSpec::from_json(&text).ok()?))
         })
         .collect();
+    let floor = |job_id: &str| {
+        let min_sites = specs.get(job_id).map_or(0, |s| s.min_sites as usize);
+        usize::from(policy.min_cohort).max(min_sites)
+    };
     let contributions: Vec<&Record> = journal.iter().filter(|r| matches!(r, Record::Contribution { .. })).collect();
     let refusals: Vec<&Record> = journal.iter().filter(|r| matches!(r, Record::Refusal { .. })).collect();
     let plaintext = contributions.iter().filter(|r| matches!(r, Record::Contribution { secure: false, .. })).count();
@@ -113,7 +114,7 @@ pub fn render(home: &Home, now_ms: i64) -> Result<String> {
                     @if let Record::Contribution { job_id, round, attempt, secure, time_ms } = r {
                         tr class=[(!secure).then_some("bad")] {
                             td { (time(*time_ms)) } td { code { (job_id) } } td.num { (round) } td.num { (attempt) }
-                            td { @if *secure { (badge(Tone::Ok, "masked")) } @else { (badge(Tone::Bad, "plaintext")) } " " (form_of(*secure, specs.get(job_id.as_str()))) }
+                            td { @if *secure { (badge(Tone::Ok, "masked")) } @else { (badge(Tone::Bad, "plaintext")) } " " (form_of(*secure, floor(job_id))) }
                         }
                     }
                 } }

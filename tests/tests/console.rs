@@ -127,11 +127,8 @@ fn console_url(fed: &Federation, started: usize) -> String {
     let until = Instant::now() + MIN;
     loop {
         let log = fed.log_text("coordinator");
-        if let Some(url) = log.lines().filter(|l| l.contains("console listening")).nth(started - 1).and_then(|l| {
-            let at = l.find("url=")? + 4;
-            Some(l[at..].split_whitespace().next()?.trim_end_matches('/').to_owned())
-        }) {
-            return url;
+        if let Some(url) = maeum_coordinator::console::urls_in_log(&log).get(started - 1) {
+            return url.trim_end_matches('/').to_owned();
         }
         assert!(Instant::now() < until, "the console never said where it listens:\n{log}");
         std::thread::sleep(Duration::from_millis(100));
