@@ -18,6 +18,9 @@
 //!   not show;
 //! - `sybil:SITE` — put a certificate for SITE that the CA signed but the log never
 //!   approved (a sybil minted outside `sites approve`) into every session.
+//! - `graph-seed:SITE` — in a SecAgg+ session, grind the neighbour graph for SITE:
+//!   after seeing every nonce, relay to SITE a substitute nonce for another party,
+//!   chosen so that SITE's neighbours are the parties the coordinator prefers.
 //!
 //! Each attack also turns off the coordinator's own check that would stop it, so the
 //! test sees what the sites do about it. The existing test hooks (a forked audit view,
@@ -32,6 +35,7 @@ pub enum Attack {
     TamperOffer,
     UnloggedOffer,
     Sybil(String),
+    GraphSeed(String),
 }
 
 #[cfg(feature = "fault-injection")]
@@ -43,6 +47,7 @@ fn parse(spec: &str) -> Option<Attack> {
         "difference" if !site.is_empty() => Some(Attack::Difference(site)),
         "divergent" if !site.is_empty() => Some(Attack::Divergent(site)),
         "sybil" if !site.is_empty() => Some(Attack::Sybil(site)),
+        "graph-seed" if !site.is_empty() => Some(Attack::GraphSeed(site)),
         "tamper-offer" => Some(Attack::TamperOffer),
         "unlogged-offer" => Some(Attack::UnloggedOffer),
         _ => None,
@@ -86,6 +91,7 @@ mod tests {
     fn attacks_parse() {
         assert_eq!(parse("isolate:site-1"), Some(Attack::Isolate("site-1".into())));
         assert_eq!(parse("tamper-offer"), Some(Attack::TamperOffer));
+        assert_eq!(parse("graph-seed:site-2"), Some(Attack::GraphSeed("site-2".into())));
         assert_eq!(parse("isolate"), None);
         assert_eq!(parse("nonsense:x"), None);
     }

@@ -408,8 +408,8 @@ async fn wait_stage(c: &Coord, id: &str, round: u32, deadline_ms: i64) -> Result
 }
 
 /// A new secure-aggregation session for the selected sites: indices in site-id order,
-/// each with the certificate the site was approved with, a fresh public graph seed,
-/// bound to the job file and the round's base model.
+/// each with the certificate the site was approved with, bound to the job file and the
+/// round's base model.
 fn new_session(
     c: &Coord,
     job: &JobRecord,
@@ -420,7 +420,6 @@ fn new_session(
     base: &Digest,
 ) -> Result<SecAggRound> {
     use maeum_protocols::wire::secagg::{Member, SessionInfo};
-    use ring::rand::SecureRandom;
     let eval_words = job.spec.evaluation_words();
     let params = job
         .spec
@@ -446,9 +445,9 @@ fn new_session(
         }
         members.push(Member { index: (i + 1) as u16, site_id: site.clone(), certificate_der: der });
     }
-    let mut graph_seed = [0u8; 32];
-    ring::rand::SystemRandom::new().fill(&mut graph_seed).map_err(|_| anyhow::anyhow!("system RNG failed"))?;
-    let info = SessionInfo { consortium: c.home.consortium()?.name, params, graph_seed, members };
+    // No graph seed: with `neighbours > 0` the sites draw it together after the roster
+    // (SA-13), so the coordinator cannot pick a neighbourhood of colluders.
+    let info = SessionInfo { consortium: c.home.consortium()?.name, params, members };
     let ca = c.home.read("ca.pem")?;
     let binding = maeum_protocols::wire::secagg::round_binding(&Digest::parse("spec_sha256", &job.spec_sha256)?, base);
     let session = info.to_session(&job.id, round, attempt, binding, |m| -> Result<Vec<u8>> {

@@ -15,11 +15,15 @@ use tracing::warn;
 use maeum_protocols::wire::secagg::{Reply, SessionInfo, StageMessage};
 use maeum_secagg::quant::Quantiser;
 use maeum_secagg::sign::SessionVerifier;
-use maeum_secagg::{AdvertiseKeys, KeyRoster, Outcome, SecAggError, Server, Session, SurvivorProof, SurvivorSet};
+use maeum_secagg::{
+    AdvertiseKeys, GraphReveals, KeyRoster, Outcome, SecAggError, Server, Session, SurvivorProof, SurvivorSet,
+};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum SaStage {
     Advertise,
+    /// SecAgg+ only: the sites reveal their graph nonces.
+    Reveal,
     Share,
     Masked,
     Consistency,
@@ -31,6 +35,7 @@ impl SaStage {
     pub fn name(self) -> &'static str {
         match self {
             SaStage::Advertise => "advertise keys",
+            SaStage::Reveal => "reveal graph nonce",
             SaStage::Share => "share keys",
             SaStage::Masked => "masked input",
             SaStage::Consistency => "consistency check",
@@ -67,6 +72,7 @@ pub struct SecAggRound {
     /// The keys each party advertised (to recognise a party that restarted).
     advertised: BTreeMap<u16, AdvertiseKeys>,
     roster: Option<KeyRoster>,
+    reveals: Option<GraphReveals>,
     survivors: Option<SurvivorSet>,
     proof: Option<SurvivorProof>,
 }
@@ -99,6 +105,7 @@ impl SecAggRound {
             accepted: BTreeMap::new(),
             advertised: BTreeMap::new(),
             roster: None,
+            reveals: None,
             survivors: None,
             proof: None,
         })
@@ -111,6 +118,7 @@ impl SecAggRound {
     fn stage_of(msg: &StageMessage) -> SaStage {
         match msg {
             StageMessage::Advertise(_) => SaStage::Advertise,
+            StageMessage::GraphReveal(_) => SaStage::Reveal,
             StageMessage::ShareKeys(_) => SaStage::Share,
             StageMessage::AwaitSurvivors { .. } => SaStage::Masked,
             StageMessage::SurvivorSignature(_) => SaStage::Consistency,
@@ -184,6 +192,7 @@ impl SecAggRound {
         let server = self.server.as_mut().ok_or_else(|| Status::failed_precondition("session finished"))?;
         match msg {
             StageMessage::Advertise(m) => server.receive_advertise(m, verifier),
+            StageMessage::GraphReveal(m) => server.receive_reveal(m),
             StageMessage::ShareKeys(m) => server.receive_shares(m),
             StageMessage::SurvivorSignature(m) => server.receive_survivor_signature(m, verifier),
             StageMessage::Unmask(m) => server.receive_unmask(m),
@@ -204,6 +213,13 @@ impl SecAggRound {
         let me = self.index.get(site).copied().unwrap_or(0);
         Ok(Some(match wanted {
             SaStage::Advertise => Reply::Roster(self.roster.clone().ok_or_else(|| Status::internal("no roster"))?),
+            SaStage::Reveal => {
+                let mut reveals = self.reveals.clone().ok_or_else(|| Status::internal("no graph reveals"))?;
+                if crate::attack::current() == Some(crate::attack::Attack::GraphSeed(site.to_string())) {
+                    self.grind_graph(me, &mut reveals);
+                }
+                Reply::Reveals(reveals)
+            }
             SaStage::Share => {
                 let shares = self.server()?.shares_for(me).map_err(|e| refused(site, &e))?;
                 Reply::Shares(shares)
@@ -216,12 +232,37 @@ impl SecAggRound {
         }))
     }
 
+    /// Fault injection (`graph-seed:SITE`): what a coordinator that could choose the
+    /// SecAgg+ graph would do. Having seen every nonce, it tries substitutes for the
+    /// last other party's nonce until `me`'s neighbours are the lowest-indexed other
+    /// parties (its colluders, say), and relays that substitute to `me` only. Sites
+    /// refuse it (SA-13): the nonce does not open that party's signed commitment.
+    fn grind_graph(&self, me: u16, reveals: &mut GraphReveals) {
+        let n = self.session.n();
+        let degree = self.session.params.degree;
+        let Some(victim) = reveals.reveals.iter().rposition(|r| r.index != me) else { return };
+        let mut wanted: Vec<u16> = (1..=n as u16).filter(|&i| i != me).take(usize::from(degree)).collect();
+        wanted.sort_unstable();
+        let sid = self.session.id();
+        for candidate in 0u8..=255 {
+            let mut trial = reveals.clone();
+            trial.reveals[victim].nonce = [candidate; 32];
+            let nonces: Vec<(u16, [u8; 32])> = trial.reveals.iter().map(|r| (r.index, r.nonce)).collect();
+            let graph = maeum_secagg::graph::Graph::new(n, degree, &maeum_secagg::crypto::graph_seed(&sid, &nonces));
+            if graph.neighbours(me) == wanted.as_slice() || candidate == 255 {
+                warn!(party = me, neighbours = ?graph.neighbours(me), "FAULT INJECTION: relaying a ground graph nonce");
+                *reveals = trial;
+                return;
+            }
+        }
+    }
+
     /// The parties expected to speak in the current stage.
     pub fn expected(&self, done: &BTreeSet<String>) -> BTreeSet<String> {
         let of = |set: &[u16]| set.iter().filter_map(|i| self.site.get(i).cloned()).collect::<BTreeSet<_>>();
         match self.stage {
             SaStage::Advertise => self.index.keys().cloned().collect(),
-            SaStage::Share => self
+            SaStage::Reveal | SaStage::Share => self
                 .roster
                 .as_ref()
                 .map(|r| of(&r.keys.iter().map(|k| k.index).collect::<Vec<_>>()))
@@ -263,13 +304,15 @@ impl SecAggRound {
         };
         match self.stage {
             SaStage::Advertise => self.roster = Some(server.close_advertise()?),
+            SaStage::Reveal => self.reveals = Some(server.close_reveals()?),
             SaStage::Share => server.close_shares()?,
             SaStage::Masked => self.survivors = Some(server.close_masked()?),
             SaStage::Consistency => self.proof = Some(server.close_consistency()?),
             SaStage::Unmask | SaStage::Finished => return Ok(()),
         }
         self.stage = match self.stage {
-            SaStage::Advertise => SaStage::Share,
+            SaStage::Advertise if server.needs_graph_reveal() => SaStage::Reveal,
+            SaStage::Advertise | SaStage::Reveal => SaStage::Share,
             SaStage::Share => SaStage::Masked,
             SaStage::Masked => SaStage::Consistency,
             _ => SaStage::Unmask,
@@ -407,10 +450,9 @@ mod tests {
             attempt: 1,
             participants,
             params: params.clone(),
-            graph_seed: [0; 32],
             binding: [0; 32],
         };
-        let info = SessionInfo { consortium: "c".into(), params, graph_seed: [0; 32], members: Vec::new() };
+        let info = SessionInfo { consortium: "c".into(), params, members: Vec::new() };
         SecAggRound::new(session, info, 0, clip_norm).expect("round")
     }
 

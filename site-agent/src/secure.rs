@@ -45,7 +45,7 @@ use crate::policy::{Policy, Refusal, SessionView};
 const CHUNK_WORDS: usize = 1 << 18;
 
 /// Test hook: `MAEUM_SITE_TEST_STALL_AT=<stage>[@<round>]` makes the agent log and then
-/// hang at that stage (advertise, share, masked-input, consistency, unmask), in every
+/// hang at that stage (advertise, reveal, share, masked-input, consistency, unmask), in every
 /// round or only in the given one, so an end-to-end test can SIGKILL it exactly there.
 /// Never set in production.
 async fn stall_hook(stage: &str, round: u32) {
@@ -298,6 +298,7 @@ fn unexpected(stage: &str, reply: &Reply) -> anyhow::Error {
     let got = match reply {
         Reply::Pending { .. } => "pending",
         Reply::Roster(_) => "a key roster",
+        Reply::Reveals(_) => "graph reveals",
         Reply::Shares(_) => "shares",
         Reply::Survivors(_) => "a survivor set",
         Reply::Proof(_) => "a survivor proof",
@@ -378,9 +379,22 @@ pub(crate) async fn train(
         Reply::Roster(r) => r,
         other => return Err(unexpected("advertise", &other)),
     };
+    // SecAgg+: this site's nonce joins every other roster party's in the graph seed
+    // (SA-13); the coordinator cannot choose the neighbourhoods.
+    let reveals = if sa.needs_graph_reveal() {
+        agent.set(|s| s.stage = "secagg: reveal graph nonce".into());
+        stall_hook("reveal", t.round).await;
+        let reveal = sa.reveal_graph(&roster, &verifier).map_err(fail)?;
+        match exchange(client, &t, StageMessage::GraphReveal(reveal)).await? {
+            Reply::Reveals(r) => Some(r),
+            other => return Err(unexpected("reveal graph nonce", &other)),
+        }
+    } else {
+        None
+    };
     agent.set(|s| s.stage = "secagg: share keys".into());
     stall_hook("share", t.round).await;
-    let shares = sa.share_keys(&roster, &verifier).map_err(fail)?;
+    let shares = sa.share_keys(&roster, reveals.as_ref(), &verifier).map_err(fail)?;
     let shares_for = match exchange(client, &t, StageMessage::ShareKeys(shares)).await? {
         Reply::Shares(s) => s,
         other => return Err(unexpected("share keys", &other)),

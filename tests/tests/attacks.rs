@@ -285,6 +285,31 @@ fn sites_handed_different_models_never_reach_a_sum() {
     }
 }
 
+/// Attack 2c, grinding the SecAgg+ graph: the coordinator, having seen every site's
+/// graph nonce, relays to site-1 a substitute nonce for another site, chosen so that
+/// site-1's two neighbours are the ones it prefers. Site-1 refuses (SA-13: the nonce
+/// does not open that site's signed commitment) before dealing a single share, so it
+/// never masks with the neighbourhood the coordinator picked and no sum holds its input.
+#[test]
+fn a_coordinator_cannot_choose_the_secagg_plus_graph() {
+    let mut fed = Federation::new(4);
+    fed.start_coordinator_with(&[("MAEUM_COORDINATOR_ATTACK", "graph-seed:site-1")]);
+    fed.start_sites(&["site-1", "site-2", "site-3", "site-4"]);
+    fed.wait_online(4);
+    let extra = format!("{SMALL_MODEL}[secure_aggregation]\nneighbours = 2\n[deadlines]\nsecagg = 10\n");
+    fed.submit("grind", 1, 3, &extra);
+    let all = wait_events(&fed, 3 * MIN, "two failed attempts", |all| {
+        all.iter().filter(|e| matches!(e, Event::RoundFailed { .. })).count() >= 2
+            || unmasked(all).iter().any(|(_, _, s)| s.iter().any(|s| s == "site-1"))
+    });
+    let with_site_1: Vec<_> = unmasked(&all).into_iter().filter(|(_, _, s)| s.iter().any(|s| s == "site-1")).collect();
+    assert!(with_site_1.is_empty(), "a sum holding site-1's input was unmasked: {with_site_1:?}");
+    let log = fed.log_text("site-1");
+    assert!(log.contains("SA-13"), "site-1 did not refuse the ground graph:\n{log}");
+    assert!(fed.log_text("coordinator").contains("relaying a ground graph nonce"), "the attack did not run");
+    assert!(!journal(&fed, "site-1").contains("\"kind\":\"contribution\""), "site-1 delivered a masked input");
+}
+
 /// Attack 6, poisoning: one enrolled site claims a weight far above max_weight (it can
 /// put any words in its masked input). The coordinator refuses the out-of-bounds
 /// aggregate: the round is committed without an update (the model stays), and the job

@@ -215,6 +215,33 @@ fn sites_killed_in_each_stage_leave_the_exact_survivor_sum() {
     check_inputs_not_stored(&fed, &job);
 }
 
+/// SecAgg+ end to end: with `neighbours = 2` every site masks with two neighbours of a
+/// graph whose seed all five sites draw together after the key roster (commit in the
+/// signed keys, reveal after: SA-13), and the sum is still exactly the survivors' plain
+/// sum with the secure evaluation in it.
+#[test]
+fn secagg_plus_draws_its_graph_from_every_site_and_sums_exactly() {
+    let mut fed = Federation::new(5);
+    fed.start_coordinator();
+    for i in 1..=5 {
+        fed.start_site_with(&format!("site-{i}"), &[KEEP]);
+    }
+    fed.wait_online(5);
+    let extra = format!("{SMALL_MODEL}[secure_aggregation]\nneighbours = 2\n[deadlines]\nsecagg = 30\n");
+    let id = fed.submit("secagg-plus", 2, 3, &extra);
+    let job = fed.wait_job(&id, 4 * MIN);
+    assert_eq!(job["state"], "completed", "{job:#}\n{}", fed.log_text("coordinator"));
+    for r in job["history"].as_array().expect("history") {
+        // A neighbourhood of 3 (the site and its 2 neighbours): t = 3.
+        assert_eq!(r["secagg_threshold"].as_u64(), Some(3), "{r:#}");
+        assert_eq!(strs(&r["contributors"]).len(), 5, "{r:#}");
+    }
+    check_exact_sums(&fed, &job);
+    check_inputs_not_stored(&fed, &job);
+    let log = fed.log_text("coordinator");
+    assert!(log.contains("reveal graph nonce"), "the graph-nonce stage never closed:\n{log}");
+}
+
 /// Below the threshold the attempt fails cleanly (SA-05) and the round is retried with a
 /// new session once enough sites are back.
 #[test]

@@ -112,7 +112,6 @@ fn session(ids: &Identities, n: u16, degree: u16, m: u64) -> Session {
             clip: 1.0,
             max_weight: 1000,
         },
-        graph_seed: [3; 32],
         binding: [9; 32],
     }
 }
@@ -120,10 +119,9 @@ fn session(ids: &Identities, n: u16, degree: u16, m: u64) -> Session {
 /// Parties dropped after sharing keys: the highest indices, skipping any whose loss
 /// would leave some neighbourhood with fewer than t revealing holders (with SecAgg+ a
 /// random 20% could; the round would then fail with SA-05).
-fn dropouts(s: &Session, want: usize) -> Vec<u16> {
+fn dropouts(s: &Session, g: &Graph, want: usize) -> Vec<u16> {
     let n = s.n() as u16;
     let t = usize::from(s.params.threshold);
-    let g = Graph::new(s.n(), s.params.degree, &s.graph_seed);
     let mut dropped: Vec<u16> = Vec::new();
     for d in (2..=n).rev() {
         if dropped.len() == want {
@@ -141,7 +139,7 @@ fn dropouts(s: &Session, want: usize) -> Vec<u16> {
 }
 
 fn advertise_bytes(m: &AdvertiseKeys) -> u64 {
-    (32 + 2 + 32 + 32 + m.signature.len()) as u64
+    (32 + 2 + 32 + 32 + 32 + m.signature.len()) as u64
 }
 
 fn share_bytes(m: &ShareKeys) -> u64 {
@@ -168,8 +166,6 @@ fn run(ids: &Identities, cfg: Config) -> Measured {
     let n = cfg.n;
     let t = s.params.threshold;
     let want = (usize::from(n) * cfg.dropout_pct as usize).div_ceil(100);
-    let dropped = dropouts(&s, want);
-    let survivors: Vec<u16> = (1..=n).filter(|p| !dropped.contains(p)).collect();
     let verifier = SessionVerifier::new(&s);
     let signer = |i: u16| &ids.signers[usize::from(i) - 1];
     let (mut client_t, mut mask_t, mut server_t, mut fold_t) =
@@ -202,13 +198,39 @@ fn run(ids: &Identities, cfg: Config) -> Measured {
     }
     let roster = timed(&mut server_t, || server.close_advertise()).expect("roster");
 
+    // Stage 1b (SecAgg+ only): every party reveals its graph nonce; the graph is drawn.
+    let mut reveals = None;
+    let graph = if server.needs_graph_reveal() {
+        for (k, c) in clients.iter_mut().enumerate() {
+            let i = k as u16 + 1;
+            let msg = if i == 1 {
+                timed(&mut client_t, || c.reveal_graph(&roster, &verifier))
+            } else {
+                c.reveal_graph(&roster, &verifier)
+            }
+            .expect("reveal graph nonce");
+            if i == 1 {
+                upload += 32 + 2 + 32;
+            }
+            timed(&mut server_t, || server.receive_reveal(msg)).expect("receive reveal");
+        }
+        let r = timed(&mut server_t, || server.close_reveals()).expect("close reveals");
+        let nonces: Vec<(u16, [u8; 32])> = r.reveals.iter().map(|x| (x.index, x.nonce)).collect();
+        reveals = Some(r);
+        Graph::new(s.n(), s.params.degree, &maeum_secagg::crypto::graph_seed(&s.id(), &nonces))
+    } else {
+        Graph::new(s.n(), 0, &[0; 32])
+    };
+    let dropped = dropouts(&s, &graph, want);
+    let survivors: Vec<u16> = (1..=n).filter(|p| !dropped.contains(p)).collect();
+
     // Stage 2: everyone shares keys.
     for (k, c) in clients.iter_mut().enumerate() {
         let i = k as u16 + 1;
         let msg = if i == 1 {
-            timed(&mut client_t, || c.share_keys(&roster, &verifier))
+            timed(&mut client_t, || c.share_keys(&roster, reveals.as_ref(), &verifier))
         } else {
-            c.share_keys(&roster, &verifier)
+            c.share_keys(&roster, reveals.as_ref(), &verifier)
         }
         .expect("share keys");
         if i == 1 {

@@ -13,8 +13,9 @@ use super::graph::Graph;
 use super::prg::MaskStream;
 use super::shamir;
 use super::{
-    AdvertiseKeys, Check, EncryptedShare, KeyRoster, RevealedShare, SecAggError, Session, SharesFor, Signer,
-    SurvivorProof, SurvivorSet, SurvivorSignature, UnmaskShares, Verifier, advertise_transcript, survivors_transcript,
+    AdvertiseKeys, Check, EncryptedShare, GraphReveal, GraphReveals, KeyRoster, RevealedShare, SecAggError, Session,
+    SharesFor, Signer, SurvivorProof, SurvivorSet, SurvivorSignature, UnmaskShares, Verifier, advertise_transcript,
+    survivors_transcript,
 };
 
 /// Length of a share plaintext: from (2) ‖ to (2) ‖ self-mask seed share (32) ‖
@@ -35,7 +36,10 @@ pub(crate) fn share_aad(session_id: &[u8; 32], from: u16, to: u16) -> [u8; 36] {
 enum Stage {
     /// Created; `advertise` comes next.
     Advertise,
-    /// Keys advertised; `share_keys` comes next.
+    /// Keys advertised in a session with a neighbour graph; `reveal_graph` comes next.
+    RevealGraph,
+    /// Keys advertised (and the graph nonce revealed, with a neighbour graph);
+    /// `share_keys` comes next.
     ShareKeys,
     /// Shares dealt; `masked_input` comes next.
     MaskedInput,
@@ -51,6 +55,7 @@ impl Stage {
     fn name(self) -> &'static str {
         match self {
             Stage::Advertise => "advertise",
+            Stage::RevealGraph => "reveal graph nonce",
             Stage::ShareKeys => "share keys",
             Stage::MaskedInput => "masked input",
             Stage::Consistency => "consistency",
@@ -71,6 +76,8 @@ pub struct Client {
     session_id: [u8; 32],
     me: u16,
     threshold: usize,
+    /// Who masks with whom: complete from the start without a neighbour graph; with
+    /// one, empty until `share_keys` derives it from every party's revealed nonce.
     graph: Graph,
     stage: Stage,
     cipher: KeyPair,
@@ -81,6 +88,11 @@ pub struct Client {
     self_mask_seed: Zeroizing<[u8; 32]>,
     /// Seed of the Shamir coefficients (drawn from the session seed in `new`).
     coefficient_seed: Zeroizing<[u8; 32]>,
+    /// This party's contribution to the graph seed, committed to in `advertise`.
+    graph_nonce: Zeroizing<[u8; 32]>,
+    /// The roster this party revealed its graph nonce against: `share_keys` accepts
+    /// only this roster (SA-13), so the roster cannot be chosen after the reveal.
+    revealed_against: Option<KeyRoster>,
     /// The advertised keys of U1: index → (cipher_pk, mask_pk).
     roster: BTreeMap<u16, ([u8; 32], [u8; 32])>,
     /// U2, as the server announced it in stage 3.
@@ -135,7 +147,9 @@ impl Client {
         let mask_secret = draw();
         let self_mask_seed = draw();
         let coefficient_seed = draw();
-        let graph = Graph::new(session.n(), session.params.degree, &session.graph_seed);
+        let graph_nonce = draw();
+        let graph =
+            if session.params.degree == 0 { Graph::new(session.n(), 0, &[0; 32]) } else { Graph::new(0, 0, &[0; 32]) };
         Ok(Client {
             session_id: session.id(),
             me,
@@ -147,6 +161,8 @@ impl Client {
             mask_secret,
             self_mask_seed,
             coefficient_seed,
+            graph_nonce,
+            revealed_against: None,
             roster: BTreeMap::new(),
             sharers: Vec::new(),
             held: BTreeMap::new(),
@@ -161,8 +177,8 @@ impl Client {
         self.me
     }
 
-    /// The stage whose method runs next: "advertise", "share keys", "masked input",
-    /// "consistency", "unmask" or "done".
+    /// The stage whose method runs next: "advertise", "reveal graph nonce" (SecAgg+),
+    /// "share keys", "masked input", "consistency", "unmask" or "done".
     pub fn stage(&self) -> &'static str {
         self.stage.name()
     }
@@ -181,20 +197,74 @@ impl Client {
         Ok(())
     }
 
-    /// Stage 1: generates and signs this party's keys.
-    pub fn advertise(&mut self, signer: &dyn Signer) -> Result<AdvertiseKeys, SecAggError> {
-        self.expect_stage(Stage::Advertise)?;
-        let cipher_pk = self.cipher.public();
-        let mask_pk = self.mask.public();
-        let signature = signer.sign(&advertise_transcript(&self.session_id, self.me, &cipher_pk, &mask_pk));
-        self.stage = Stage::ShareKeys;
-        Ok(AdvertiseKeys { session_id: self.session_id, index: self.me, cipher_pk, mask_pk, signature })
+    /// Whether the session has a neighbour graph, so that `reveal_graph` runs between
+    /// `advertise` and `share_keys`.
+    pub fn needs_graph_reveal(&self) -> bool {
+        self.session.params.degree > 0
     }
 
-    /// Stage 2: checks every advertised key (SA-02, SA-03, SA-04, SA-05), then deals
-    /// Shamir shares of the self-mask seed and of the mask secret key to each holder.
-    pub fn share_keys(&mut self, roster: &KeyRoster, verifier: &dyn Verifier) -> Result<super::ShareKeys, SecAggError> {
-        self.expect_stage(Stage::ShareKeys)?;
+    /// Stage 1: generates and signs this party's keys and its graph commitment.
+    pub fn advertise(&mut self, signer: &dyn Signer) -> Result<AdvertiseKeys, SecAggError> {
+        self.expect_stage(Stage::Advertise)?;
+        let mut keys = AdvertiseKeys {
+            session_id: self.session_id,
+            index: self.me,
+            cipher_pk: self.cipher.public(),
+            mask_pk: self.mask.public(),
+            graph_commitment: crypto::graph_commitment(&self.session_id, self.me, &self.graph_nonce),
+            signature: Vec::new(),
+        };
+        keys.signature = signer.sign(&advertise_transcript(&keys));
+        self.stage = if self.needs_graph_reveal() { Stage::RevealGraph } else { Stage::ShareKeys };
+        Ok(keys)
+    }
+
+    /// Stage 1b, with a neighbour graph only: checks the roster as `share_keys` will
+    /// (SA-02…SA-05, SA-07), remembers it, and reveals this party's graph nonce. From
+    /// now on only this roster is accepted (SA-13): since the seed includes this
+    /// party's nonce, nobody could predict the graph when the roster was fixed.
+    pub fn reveal_graph(&mut self, roster: &KeyRoster, verifier: &dyn Verifier) -> Result<GraphReveal, SecAggError> {
+        self.expect_stage(Stage::RevealGraph)?;
+        self.check_roster(roster, verifier)?;
+        self.revealed_against = Some(roster.clone());
+        self.stage = Stage::ShareKeys;
+        Ok(GraphReveal { session_id: self.session_id, index: self.me, nonce: *self.graph_nonce })
+    }
+
+    /// Derives the neighbour graph from `reveals` (SA-13): exactly one reveal for each
+    /// party of `roster`, in index order, each opening that party's signed commitment.
+    fn derive_graph(&self, roster: &KeyRoster, reveals: &GraphReveals) -> Result<Graph, SecAggError> {
+        let bad = |culprit: Option<u16>, m: &str| SecAggError { check: Check::GraphSeed, culprit, message: m.into() };
+        self.check_session_id(&reveals.session_id, "the graph reveals")?;
+        if reveals.reveals.len() != roster.keys.len() {
+            return Err(bad(
+                None,
+                &format!(
+                    "{} graph nonces revealed for a roster of {}: every party of the roster must reveal",
+                    reveals.reveals.len(),
+                    roster.keys.len()
+                ),
+            ));
+        }
+        let mut nonces = Vec::with_capacity(roster.keys.len());
+        for (k, r) in roster.keys.iter().zip(&reveals.reveals) {
+            if r.index != k.index || r.session_id != self.session_id {
+                return Err(bad(None, "the graph reveals do not list the roster's parties in order"));
+            }
+            if crypto::graph_commitment(&self.session_id, r.index, &r.nonce) != k.graph_commitment {
+                return Err(bad(Some(r.index), "a revealed graph nonce does not open the party's signed commitment"));
+            }
+            nonces.push((r.index, r.nonce));
+        }
+        if nonces.iter().any(|&(i, nonce)| i == self.me && nonce != *self.graph_nonce) {
+            return Err(bad(None, "the graph reveals list another nonce for this party"));
+        }
+        let seed = crypto::graph_seed(&self.session_id, &nonces);
+        Ok(Graph::new(self.session.n(), self.session.params.degree, &seed))
+    }
+
+    /// Checks the key roster (SA-02, SA-03, SA-04, SA-05, SA-07) and returns U1.
+    fn check_roster(&self, roster: &KeyRoster, verifier: &dyn Verifier) -> Result<Vec<u16>, SecAggError> {
         self.check_session_id(&roster.session_id, "the key roster")?;
         let n = self.session.n();
         let indices: Vec<u16> = roster.keys.iter().map(|k| k.index).collect();
@@ -212,8 +282,7 @@ impl Client {
             if k.session_id != self.session_id {
                 return Err(SecAggError::by(Check::Replay, k.index, "advertised keys belong to another session"));
             }
-            let transcript = advertise_transcript(&self.session_id, k.index, &k.cipher_pk, &k.mask_pk);
-            if !verifier.verify(k.index, &transcript, &k.signature) {
+            if !verifier.verify(k.index, &advertise_transcript(k), &k.signature) {
                 return Err(SecAggError::by(
                     Check::KeySignature,
                     k.index,
@@ -237,7 +306,10 @@ impl Client {
         let mine = roster.keys.iter().find(|k| k.index == self.me).ok_or_else(|| {
             SecAggError::new(Check::Replay, "the key roster does not list this party: it is not for this party")
         })?;
-        if mine.cipher_pk != self.cipher.public() || mine.mask_pk != self.mask.public() {
+        if mine.cipher_pk != self.cipher.public()
+            || mine.mask_pk != self.mask.public()
+            || mine.graph_commitment != crypto::graph_commitment(&self.session_id, self.me, &self.graph_nonce)
+        {
             return Err(SecAggError::new(Check::Malformed, "the key roster lists other keys for this party"));
         }
         if indices.len() < self.threshold {
@@ -245,6 +317,34 @@ impl Client {
                 Check::Threshold,
                 format!("{} parties advertised keys; the threshold is {}", indices.len(), self.threshold),
             ));
+        }
+        Ok(indices)
+    }
+
+    /// Stage 2: checks every advertised key (SA-02, SA-03, SA-04, SA-05), and with a
+    /// neighbour graph that `roster` is the one this party revealed against and
+    /// `reveals` derive the graph (SA-13); then deals Shamir shares of the self-mask
+    /// seed and of the mask secret key to each holder. `reveals` is ignored without a
+    /// neighbour graph.
+    pub fn share_keys(
+        &mut self,
+        roster: &KeyRoster,
+        reveals: Option<&GraphReveals>,
+        verifier: &dyn Verifier,
+    ) -> Result<super::ShareKeys, SecAggError> {
+        self.expect_stage(Stage::ShareKeys)?;
+        let indices = self.check_roster(roster, verifier)?;
+        if self.needs_graph_reveal() {
+            if self.revealed_against.as_ref() != Some(roster) {
+                return Err(SecAggError::new(
+                    Check::GraphSeed,
+                    "the key roster differs from the one this party revealed its graph nonce against",
+                ));
+            }
+            let reveals = reveals.ok_or_else(|| {
+                SecAggError::new(Check::GraphSeed, "no graph reveals: this session has a neighbour graph")
+            })?;
+            self.graph = self.derive_graph(roster, reveals)?;
         }
         let holders: Vec<u16> =
             self.graph.holders(self.me).into_iter().filter(|h| indices.binary_search(h).is_ok()).collect();

@@ -17,6 +17,8 @@ use super::{Check, SecAggError};
 const PAIR_MASK_INFO: &[u8] = b"maeum/secagg/v1/pair-mask";
 const SHARE_KEY_INFO: &[u8] = b"maeum/secagg/v1/share-key";
 const SELF_MASK_DOMAIN: &[u8] = b"maeum/secagg/v1/self-mask";
+const GRAPH_NONCE_DOMAIN: &[u8] = b"maeum/secagg/v1/graph-nonce";
+const GRAPH_SEED_DOMAIN: &[u8] = b"maeum/secagg/v1/graph-seed";
 
 /// An X25519 key pair whose secret is wiped on drop.
 pub struct KeyPair {
@@ -126,6 +128,38 @@ pub fn open(key: &[u8; 32], aad: &[u8], ciphertext: &[u8]) -> Result<Vec<u8>, Se
     Ok(buf)
 }
 
+/// SHA-256("maeum/secagg/v1/graph-nonce" || session id || index || nonce): a party's
+/// commitment to its share of the SecAgg+ graph seed.
+pub fn graph_commitment(session_id: &[u8; 32], index: u16, nonce: &[u8; 32]) -> [u8; 32] {
+    let mut ctx = digest::Context::new(&digest::SHA256);
+    ctx.update(GRAPH_NONCE_DOMAIN);
+    ctx.update(session_id);
+    ctx.update(&index.to_be_bytes());
+    ctx.update(nonce);
+    let mut out = [0u8; 32];
+    out.copy_from_slice(ctx.finish().as_ref());
+    out
+}
+
+/// The SecAgg+ graph seed: SHA-256("maeum/secagg/v1/graph-seed" || session id ||
+/// count (u64) || for each party of U1 in index order: index || nonce). Every party's
+/// nonce is committed before the roster is fixed and revealed after it, so the seed is
+/// unpredictable to any party when the roster is set, and cannot be changed afterwards
+/// except by aborting the session.
+pub fn graph_seed(session_id: &[u8; 32], reveals: &[(u16, [u8; 32])]) -> [u8; 32] {
+    let mut ctx = digest::Context::new(&digest::SHA256);
+    ctx.update(GRAPH_SEED_DOMAIN);
+    ctx.update(session_id);
+    ctx.update(&(reveals.len() as u64).to_be_bytes());
+    for (index, nonce) in reveals {
+        ctx.update(&index.to_be_bytes());
+        ctx.update(nonce);
+    }
+    let mut out = [0u8; 32];
+    out.copy_from_slice(ctx.finish().as_ref());
+    out
+}
+
 /// SHA-256("maeum/secagg/v1/self-mask" || session id || index || seed).
 pub fn self_mask_commitment(session_id: &[u8; 32], index: u16, seed: &[u8; 32]) -> [u8; 32] {
     let mut ctx = digest::Context::new(&digest::SHA256);
@@ -213,6 +247,11 @@ mod tests {
         assert_eq!(back, unhex::<32>("5d603d0b8ad146c144118582935b9561e49177eceaa8e682737bbb13c32bd196"));
         let commitment = self_mask_commitment(&sid, 5, &[0x33; 32]);
         assert_eq!(commitment, unhex::<32>("9504ae66a803ee15911b3f9a3a19dc85ca250f675b4fec8506f66017bab20f04"));
+        // The graph commitment and seed, computed with Python's hashlib.
+        let nonce = graph_commitment(&sid, 5, &[0x33; 32]);
+        assert_eq!(nonce, unhex::<32>("015751f165a40345f5dc1f909408afff2d9ba09264364741186f23364e89ac96"));
+        let seed = graph_seed(&sid, &[(1, [0x33; 32]), (2, [0x44; 32])]);
+        assert_eq!(seed, unhex::<32>("f851c6e6aafc146c6014b94eb7c7cb7b05f6dc8e08682c0c6e170ef950e61a11"));
     }
 
     #[test]

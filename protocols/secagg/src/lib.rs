@@ -9,7 +9,8 @@
 //! - `crypto`: X25519 key pairs, HKDF-SHA256 derivations, ChaCha20-Poly1305 shares.
 //! - `graph`: who masks with whom (every pair, or a k-regular SecAgg+ graph).
 //! - `quant`: clipping and stochastic rounding of `[w·Δ, w]` into Z/2^32.
-//! - `client` / `server`: the five-stage state machines.
+//! - `client` / `server`: the five-stage state machines (six with a SecAgg+ graph,
+//!   whose seed every party contributes to by commit and reveal after stage 1).
 //!
 //! Every check a party performs has a stable ID ([`Check`]); it appears in errors,
 //! test names and the table in `docs/protocols/secagg.md`.
@@ -79,6 +80,11 @@ pub enum Check {
     WrongShare,
     /// SA-12: the quantised sum did not overflow (sites × range below 2^31).
     Overflow,
+    /// SA-13: the SecAgg+ graph seed comes from every party of U1: each revealed nonce
+    /// opens the commitment in that party's signed keys, the reveals cover exactly the
+    /// roster this party answered, and the roster did not change after this party
+    /// revealed its own nonce.
+    GraphSeed,
 }
 
 impl Check {
@@ -97,6 +103,7 @@ impl Check {
             Check::DoubleReveal => "SA-10",
             Check::WrongShare => "SA-11",
             Check::Overflow => "SA-12",
+            Check::GraphSeed => "SA-13",
         }
     }
 }

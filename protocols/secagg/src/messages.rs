@@ -2,8 +2,8 @@
 //! Every message carries the session id; a message from another session, round or
 //! attempt is refused (SA-02). `wire.rs` converts these to and from protobuf.
 
-/// Stage 1, client → server: this party's two public keys, signed with its enrolled
-/// identity over `advertise_transcript`.
+/// Stage 1, client → server: this party's two public keys and its commitment to a
+/// graph nonce, signed with its enrolled identity over `advertise_transcript`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AdvertiseKeys {
     pub session_id: [u8; 32],
@@ -12,6 +12,11 @@ pub struct AdvertiseKeys {
     pub cipher_pk: [u8; 32],
     /// X25519 public key for pairwise masks.
     pub mask_pk: [u8; 32],
+    /// SHA-256("maeum/secagg/v1/graph-nonce" || session id || index || nonce): the
+    /// party's contribution to the SecAgg+ graph seed, opened by [`GraphReveal`] once
+    /// the roster is fixed (SA-13). Sent in every session; opened only when the session
+    /// has a neighbour graph.
+    pub graph_commitment: [u8; 32],
     pub signature: Vec<u8>,
 }
 
@@ -21,6 +26,24 @@ pub struct AdvertiseKeys {
 pub struct KeyRoster {
     pub session_id: [u8; 32],
     pub keys: Vec<AdvertiseKeys>,
+}
+
+/// Stage 1b (SecAgg+ only), client → server, after the key roster: the nonce this
+/// party committed to in its advertised keys.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GraphReveal {
+    pub session_id: [u8; 32],
+    pub index: u16,
+    pub nonce: [u8; 32],
+}
+
+/// Stage 1b (SecAgg+ only), server → clients: the revealed nonce of every party in the
+/// roster (U1), sorted by index. The graph seed is derived from all of them
+/// (`crypto::graph_seed`), so no party — the coordinator included — chooses the graph.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GraphReveals {
+    pub session_id: [u8; 32],
+    pub reveals: Vec<GraphReveal>,
 }
 
 /// One share pair (self-mask seed share, mask-key share) encrypted from `from` to `to`.
@@ -93,14 +116,16 @@ pub struct UnmaskShares {
     pub mask_key_shares: Vec<RevealedShare>,
 }
 
-/// The bytes a party signs when advertising its keys.
-pub fn advertise_transcript(session_id: &[u8; 32], index: u16, cipher_pk: &[u8; 32], mask_pk: &[u8; 32]) -> Vec<u8> {
-    let mut m = Vec::with_capacity(24 + 32 + 2 + 64);
+/// The bytes a party signs when advertising its keys: the domain tag, session id,
+/// index, both public keys and the graph commitment.
+pub fn advertise_transcript(keys: &AdvertiseKeys) -> Vec<u8> {
+    let mut m = Vec::with_capacity(25 + 32 + 2 + 96);
     m.extend_from_slice(b"maeum/secagg/v1/advertise");
-    m.extend_from_slice(session_id);
-    m.extend_from_slice(&index.to_be_bytes());
-    m.extend_from_slice(cipher_pk);
-    m.extend_from_slice(mask_pk);
+    m.extend_from_slice(&keys.session_id);
+    m.extend_from_slice(&keys.index.to_be_bytes());
+    m.extend_from_slice(&keys.cipher_pk);
+    m.extend_from_slice(&keys.mask_pk);
+    m.extend_from_slice(&keys.graph_commitment);
     m
 }
 

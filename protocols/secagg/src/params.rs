@@ -30,7 +30,9 @@ pub struct Participant {
 }
 
 /// Everything that fixes one run of the protocol. A retried round is a new session
-/// (new attempt number, new keys, new seeds).
+/// (new attempt number, new keys, new seeds). The SecAgg+ graph is not part of it: its
+/// seed is drawn jointly by the parties after stage 1 (SA-13), so the coordinator that
+/// writes the session cannot choose it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Session {
     /// The consortium's name (domain separation across federations).
@@ -41,8 +43,6 @@ pub struct Session {
     /// Sorted by index; indices are 1..=n with no gaps.
     pub participants: Vec<Participant>,
     pub params: SessionParams,
-    /// Public seed of the SecAgg+ graph (chosen by the coordinator per session).
-    pub graph_seed: [u8; 32],
     /// What the round is about beyond its numbers: the caller's digest of the job file
     /// and the base model (`maeum_protocols::wire::secagg::round_binding`). Parties
     /// handed different models or job files derive different session ids, so their
@@ -142,7 +142,6 @@ impl Session {
         put(&q.vector_len.to_be_bytes());
         put(&q.clip.to_bits().to_be_bytes());
         put(&q.max_weight.to_be_bytes());
-        put(&self.graph_seed);
         put(&self.binding);
         let mut out = [0u8; 32];
         out.copy_from_slice(ctx.finish().as_ref());

@@ -12,8 +12,8 @@ use super::graph::Graph;
 use super::prg::MaskStream;
 use super::shamir::{self, Share};
 use super::{
-    AdvertiseKeys, Check, KeyRoster, SecAggError, Session, ShareKeys, SharesFor, SurvivorProof, SurvivorSet,
-    SurvivorSignature, UnmaskShares, Verifier, advertise_transcript, survivors_transcript,
+    AdvertiseKeys, Check, GraphReveal, GraphReveals, KeyRoster, SecAggError, Session, ShareKeys, SharesFor,
+    SurvivorProof, SurvivorSet, SurvivorSignature, UnmaskShares, Verifier, advertise_transcript, survivors_transcript,
 };
 
 /// Length of a sealed share: the plaintext and the Poly1305 tag.
@@ -28,6 +28,7 @@ const ATTRIBUTION_BUDGET: usize = 1024;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 enum Stage {
     Advertise,
+    Reveal,
     Share,
     Masked,
     Consistency,
@@ -38,6 +39,7 @@ impl Stage {
     fn name(self) -> &'static str {
         match self {
             Stage::Advertise => "advertise",
+            Stage::Reveal => "reveal graph nonce",
             Stage::Share => "share keys",
             Stage::Masked => "masked input",
             Stage::Consistency => "consistency",
@@ -50,10 +52,13 @@ pub struct Server {
     session: Session,
     session_id: [u8; 32],
     threshold: usize,
+    /// Complete from the start without a neighbour graph; with one, empty until
+    /// `close_reveals` derives it from every party's nonce (SA-13).
     graph: Graph,
     stage: Stage,
     adverts: BTreeMap<u16, AdvertiseKeys>,
     u1: Vec<u16>,
+    reveals: BTreeMap<u16, GraphReveal>,
     shares: BTreeMap<u16, ShareKeys>,
     u2: Vec<u16>,
     /// The running sum of masked inputs (allocated on the first fold).
@@ -204,10 +209,15 @@ impl Server {
         Ok(Server {
             session_id: session.id(),
             threshold: usize::from(session.params.threshold),
-            graph: Graph::new(session.n(), session.params.degree, &session.graph_seed),
+            graph: if session.params.degree == 0 {
+                Graph::new(session.n(), 0, &[0; 32])
+            } else {
+                Graph::new(0, 0, &[0; 32])
+            },
             stage: Stage::Advertise,
             adverts: BTreeMap::new(),
             u1: Vec::new(),
+            reveals: BTreeMap::new(),
             shares: BTreeMap::new(),
             u2: Vec::new(),
             sum: None,
@@ -225,8 +235,8 @@ impl Server {
         self.session_id
     }
 
-    /// The open stage: "advertise", "share keys", "masked input", "consistency" or
-    /// "unmask".
+    /// The open stage: "advertise", "reveal graph nonce" (SecAgg+ only), "share keys",
+    /// "masked input", "consistency" or "unmask".
     pub fn stage(&self) -> &'static str {
         self.stage.name()
     }
@@ -291,8 +301,7 @@ impl Server {
                 Err(SecAggError::by(Check::Malformed, msg.index, "a different resend of advertised keys"))
             };
         }
-        let transcript = advertise_transcript(&self.session_id, msg.index, &msg.cipher_pk, &msg.mask_pk);
-        if !verifier.verify(msg.index, &transcript, &msg.signature) {
+        if !verifier.verify(msg.index, &advertise_transcript(&msg), &msg.signature) {
             return Err(SecAggError::by(
                 Check::KeySignature,
                 msg.index,
@@ -323,6 +332,7 @@ impl Server {
     pub fn received(&self) -> Vec<u16> {
         match self.stage {
             Stage::Advertise => self.adverts.keys().copied().collect(),
+            Stage::Reveal => self.reveals.keys().copied().collect(),
             Stage::Share => self.shares.keys().copied().collect(),
             Stage::Masked => self.finished.iter().copied().collect(),
             Stage::Consistency => self.signatures.keys().copied().collect(),
@@ -337,8 +347,58 @@ impl Server {
             return Err(self.threshold_error(self.adverts.len(), "advertised keys"));
         }
         self.u1 = self.adverts.keys().copied().collect();
-        self.stage = Stage::Share;
+        self.stage = if self.session.params.degree > 0 { Stage::Reveal } else { Stage::Share };
         Ok(KeyRoster { session_id: self.session_id, keys: self.adverts.values().cloned().collect() })
+    }
+
+    /// Whether the session has a neighbour graph, whose seed the parties reveal after
+    /// the roster (`receive_reveal`, `close_reveals`).
+    pub fn needs_graph_reveal(&self) -> bool {
+        self.session.params.degree > 0
+    }
+
+    /// Stage 1b (SecAgg+ only): accepts one party's graph nonce (SA-02, SA-07, SA-13:
+    /// it must open the commitment in the party's signed keys).
+    pub fn receive_reveal(&mut self, msg: GraphReveal) -> Result<(), SecAggError> {
+        self.expect_stage(Stage::Reveal)?;
+        self.check_session_id(&msg.session_id, msg.index)?;
+        let Some(keys) = self.adverts.get(&msg.index) else {
+            return Err(SecAggError::by(Check::Malformed, msg.index, "a graph nonce from a party not in the roster"));
+        };
+        if crypto::graph_commitment(&self.session_id, msg.index, &msg.nonce) != keys.graph_commitment {
+            return Err(SecAggError::by(
+                Check::GraphSeed,
+                msg.index,
+                "the revealed graph nonce does not open the party's signed commitment",
+            ));
+        }
+        // An opening is unique (SHA-256 is collision resistant), so a resend is identical.
+        self.reveals.insert(msg.index, msg);
+        Ok(())
+    }
+
+    /// Ends stage 1b: every party of U1 must have revealed (SA-13; a missing reveal
+    /// ends the session — dropping the party would let whoever withholds a nonce pick
+    /// among several graphs). Derives the graph and returns the reveals to relay.
+    pub fn close_reveals(&mut self) -> Result<GraphReveals, SecAggError> {
+        self.expect_stage(Stage::Reveal)?;
+        let missing: Vec<u16> = self.u1.iter().copied().filter(|i| !self.reveals.contains_key(i)).collect();
+        if !missing.is_empty() {
+            return Err(SecAggError::new(
+                Check::GraphSeed,
+                format!(
+                    "{} of {} parties in the roster did not reveal their graph nonce (parties {missing:?}); \
+                     the graph cannot be drawn without them",
+                    missing.len(),
+                    self.u1.len()
+                ),
+            ));
+        }
+        let nonces: Vec<(u16, [u8; 32])> = self.reveals.values().map(|r| (r.index, r.nonce)).collect();
+        let seed = crypto::graph_seed(&self.session_id, &nonces);
+        self.graph = Graph::new(self.session.n(), self.session.params.degree, &seed);
+        self.stage = Stage::Share;
+        Ok(GraphReveals { session_id: self.session_id, reveals: self.reveals.values().cloned().collect() })
     }
 
     /// Stage 2: accepts one party's encrypted shares (SA-02, SA-07: one share for each

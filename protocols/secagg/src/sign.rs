@@ -119,7 +119,6 @@ mod tests {
                 Participant { index: 2, site_id: "site-b".into(), identity_key: vec![4; 65] },
             ],
             params: SessionParams { threshold: 2, degree: 0, vector_len: 1, clip: 1.0, max_weight: 1 },
-            graph_seed: [0; 32],
             binding: [9; 32],
         }
     }

@@ -64,7 +64,6 @@ fn session(n: u16, threshold: u16, degree: u16, vector_len: u64, attempt: u32) -
             })
             .collect(),
         params: SessionParams { threshold, degree, vector_len, clip: 1.0, max_weight: 1000 },
-        graph_seed: [7; 32],
         binding: [9; 32],
     }
 }
@@ -109,6 +108,11 @@ const CHUNK: usize = 97;
 
 struct Sim {
     session: Session,
+    /// The graph the server drew (complete without a neighbour graph; with one, known
+    /// once the graph nonces are revealed).
+    graph: Option<Graph>,
+    /// The graph reveals relayed after stage 1 (SecAgg+ only).
+    reveals: Option<GraphReveals>,
     server: Option<Server>,
     clients: BTreeMap<u16, Client>,
     signers: BTreeMap<u16, TestSigner>,
@@ -145,6 +149,8 @@ impl Sim {
             .collect();
         let signers = session.participants.iter().map(|p| (p.index, TestSigner(identity(p.index)))).collect();
         Sim {
+            graph: (session.params.degree == 0).then(|| Graph::new(session.n(), 0, &[0; 32])),
+            reveals: None,
             server: Some(Server::new(session.clone()).unwrap()),
             verifier: TestVerifier::new(&session),
             clients,
@@ -172,9 +178,27 @@ impl Sim {
         self.server().close_advertise()
     }
 
+    /// Stage 1b with a neighbour graph (nothing without one): `who` reveal their graph
+    /// nonces; the server draws the graph, which is kept for `enough`.
+    fn reveal(&mut self, roster: &KeyRoster, who: &[u16]) -> Result<(), SecAggError> {
+        if !self.server().needs_graph_reveal() {
+            return Ok(());
+        }
+        for &i in who {
+            let msg = self.clients.get_mut(&i).unwrap().reveal_graph(roster, &self.verifier)?;
+            self.server().receive_reveal(msg)?;
+        }
+        let reveals = self.server().close_reveals()?;
+        let nonces: Vec<(u16, [u8; 32])> = reveals.reveals.iter().map(|r| (r.index, r.nonce)).collect();
+        let seed = crypto::graph_seed(&self.session.id(), &nonces);
+        self.graph = Some(Graph::new(self.session.n(), self.session.params.degree, &seed));
+        self.reveals = Some(reveals);
+        Ok(())
+    }
+
     fn share(&mut self, roster: &KeyRoster, who: &[u16]) -> Result<(), SecAggError> {
         for &i in who {
-            let msg = self.clients.get_mut(&i).unwrap().share_keys(roster, &self.verifier)?;
+            let msg = self.clients.get_mut(&i).unwrap().share_keys(roster, self.reveals.as_ref(), &self.verifier)?;
             self.log.shares.push(msg.clone());
             self.server().receive_shares(msg)?;
         }
@@ -239,6 +263,9 @@ impl Sim {
         };
         let roster = self.advertise(&who(Miss::Advertise, &all))?;
         let u1: Vec<u16> = roster.keys.iter().map(|k| k.index).collect();
+        // A party that vanishes before sharing keys still revealed its graph nonce
+        // (`graph_nonce_withheld_ends_the_session` covers one that does not).
+        self.reveal(&roster, &u1)?;
         self.share(&roster, &who(Miss::Share, &u1))?;
         let u2 = self.server.as_ref().unwrap().u2().to_vec();
         let set = self.masked(&who(Miss::Masked, &u2))?;
@@ -261,9 +288,8 @@ impl Sim {
 
 /// Whether `plan` leaves enough parties at every stage (and enough holders of every
 /// secret the server must reconstruct) for the session to succeed.
-fn enough(session: &Session, plan: &Plan) -> bool {
+fn enough(session: &Session, plan: &Plan, graph: Option<&Graph>) -> bool {
     let t = usize::from(session.params.threshold);
-    let g = Graph::new(session.n(), session.params.degree, &session.graph_seed);
     let at = |stage: Miss| -> Vec<u16> { (1..=session.n() as u16).filter(|&p| acts(plan, p, stage)).collect() };
     let among = |xs: &[u16], set: &[u16]| xs.iter().filter(|x| set.contains(x)).count();
     let (u1, u2, u3, u4, u5) =
@@ -271,6 +297,8 @@ fn enough(session: &Session, plan: &Plan) -> bool {
     if [&u1, &u2, &u3, &u4].iter().any(|u| u.len() < t) {
         return false;
     }
+    // With enough parties the graph is always drawn.
+    let Some(g) = graph else { return false };
     if u2.iter().any(|&p| among(&g.holders(p), &u1) < t) {
         return false;
     }
@@ -340,14 +368,14 @@ fn unmasking_in_parts_on_threads_gives_the_same_sum() {
 #[test]
 fn secagg_plus_graph_with_dropouts_sums_exactly() {
     let s = session(12, 4, 4, 300, 0);
-    let g = Graph::new(12, 4, &s.graph_seed);
     // Drop one party after sharing keys; its neighbours unmask its pair masks.
     let plan: Plan = [(6, Miss::Masked)].into();
-    assert!(enough(&s, &plan));
-    let mut sim = Sim::with_session(s, 3);
+    let mut sim = Sim::with_session(s.clone(), 3);
     let out = sim.run(&plan).unwrap();
     assert_eq!(out.dropped, vec![6]);
     assert!(out.sum == sim.plain_sum(&out.survivors));
+    let g = sim.graph.as_ref().unwrap();
+    assert!(enough(&s, &plan, Some(g)));
     // Each party masked with exactly its 4 neighbours.
     assert!((1..=12).all(|p| g.neighbours(p).len() == 4));
 }
@@ -369,7 +397,9 @@ fn known_answer_small_round() {
     assert_eq!(sim.log.masked[&1], KAT_MASKED_1, "party 1's masked input: {:08x?}", sim.log.masked[&1]);
 }
 
-const KAT_MASKED_1: [u32; 4] = [0xb6262d11, 0xeaad091f, 0x1d8370f8, 0x25082f3f];
+// Re-recorded when the session id stopped hashing a coordinator-chosen graph seed
+// (SA-13): every mask is derived under the session id.
+const KAT_MASKED_1: [u32; 4] = [0xf43bfc70, 0x9d516acc, 0xb26cc267, 0xd3a7d6cd];
 
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(128))]
@@ -392,9 +422,10 @@ proptest! {
             .filter_map(|p| misses.get(usize::from(drops[usize::from(p) - 1])).map(|&m| (p, m)))
             .collect();
         let s = session(n, t, degree, vector_len, 0);
-        let expect_ok = enough(&s, &plan);
-        let mut sim = Sim::with_session(s, tag);
-        match sim.run(&plan) {
+        let mut sim = Sim::with_session(s.clone(), tag);
+        let result = sim.run(&plan);
+        let expect_ok = enough(&s, &plan, sim.graph.as_ref());
+        match result {
             Ok(out) => {
                 prop_assert!(expect_ok, "succeeded although {plan:?} leaves too few parties");
                 let survivors: Vec<u16> = (1..=n).filter(|&p| acts(&plan, p, Miss::Masked)).collect();
@@ -446,17 +477,17 @@ fn sa02_replayed_message_from_previous_attempt_is_refused() {
     // A roster of attempt 0 shown to a client of attempt 1.
     let roster_old = old.advertise(&[1, 3, 4]).unwrap();
     new.clients.get_mut(&1).unwrap().advertise(&new.signers[&1]).unwrap();
-    let e = new.clients.get_mut(&1).unwrap().share_keys(&roster_old, &new.verifier).unwrap_err();
+    let e = new.clients.get_mut(&1).unwrap().share_keys(&roster_old, None, &new.verifier).unwrap_err();
     assert_check(&e, Check::Replay, None);
     // An attempt-0 entry spliced into an attempt-1 roster.
     let mut new = Sim::with_session(session(4, 3, 0, 16, 1), 5);
     let mut roster = new.advertise(&[1, 3, 4]).unwrap();
     roster.keys.insert(1, stale);
-    let e = new.clients.get_mut(&1).unwrap().share_keys(&roster, &new.verifier).unwrap_err();
+    let e = new.clients.get_mut(&1).unwrap().share_keys(&roster, None, &new.verifier).unwrap_err();
     assert_check(&e, Check::Replay, Some(2));
     // Out of stage order, on both sides.
     let mut sim = Sim::new(4, 3, 0, 16, 6);
-    let e = sim.clients.get_mut(&1).unwrap().share_keys(&roster, &sim.verifier).unwrap_err();
+    let e = sim.clients.get_mut(&1).unwrap().share_keys(&roster, None, &sim.verifier).unwrap_err();
     assert_check(&e, Check::Replay, None);
     assert!(e.message.contains("message for stage share keys while in stage advertise"), "{e}");
     let e = sim.server().close_masked().unwrap_err();
@@ -486,7 +517,7 @@ fn sa03_bad_signature_is_caught_and_attributed() {
     let e = sim.server.as_mut().unwrap().receive_advertise(msg.clone(), &sim.verifier).unwrap_err();
     assert_check(&e, Check::KeySignature, Some(2));
     // Signed by another party's identity.
-    msg.signature = sim.signers[&3].sign(&advertise_transcript(&msg.session_id, 2, &msg.cipher_pk, &msg.mask_pk));
+    msg.signature = sim.signers[&3].sign(&advertise_transcript(&msg));
     let e = sim.server.as_mut().unwrap().receive_advertise(msg, &sim.verifier).unwrap_err();
     assert_check(&e, Check::KeySignature, Some(2));
 
@@ -495,7 +526,7 @@ fn sa03_bad_signature_is_caught_and_attributed() {
     let mut roster = sim.advertise(&[1, 2, 3, 4]).unwrap();
     let impostor = KeyPair::from_secret([0x33; 32]).public();
     roster.keys[2].mask_pk = impostor;
-    let e = sim.clients.get_mut(&1).unwrap().share_keys(&roster, &sim.verifier).unwrap_err();
+    let e = sim.clients.get_mut(&1).unwrap().share_keys(&roster, None, &sim.verifier).unwrap_err();
     assert_check(&e, Check::KeySignature, Some(3));
 }
 
@@ -504,12 +535,17 @@ fn sa04_reused_key_refused() {
     let mut sim = Sim::new(4, 3, 0, 16, 8);
     let a = sim.clients.get_mut(&1).unwrap().advertise(&sim.signers[&1]).unwrap();
     sim.server.as_mut().unwrap().receive_advertise(a.clone(), &sim.verifier).unwrap();
-    let resigned = |sim: &Sim, index: u16, c: [u8; 32], s: [u8; 32]| AdvertiseKeys {
-        session_id: a.session_id,
-        index,
-        cipher_pk: c,
-        mask_pk: s,
-        signature: sim.signers[&index].sign(&advertise_transcript(&a.session_id, index, &c, &s)),
+    let resigned = |sim: &Sim, index: u16, c: [u8; 32], s: [u8; 32]| {
+        let mut keys = AdvertiseKeys {
+            session_id: a.session_id,
+            index,
+            cipher_pk: c,
+            mask_pk: s,
+            graph_commitment: [index as u8; 32],
+            signature: Vec::new(),
+        };
+        keys.signature = sim.signers[&index].sign(&advertise_transcript(&keys));
+        keys
     };
     let fresh = KeyPair::from_secret([0x44; 32]).public();
     // Party 2 (validly signed) reuses party 1's mask key.
@@ -530,13 +566,13 @@ fn sa04_reused_key_refused() {
     let mut roster = sim.advertise(&[1, 2, 3, 4]).unwrap();
     let (c1, s1) = (roster.keys[0].cipher_pk, roster.keys[0].mask_pk);
     roster.keys[3] = resigned(&sim, 4, c1, KeyPair::from_secret([0x45; 32]).public());
-    let e = sim.clients.get_mut(&2).unwrap().share_keys(&roster, &sim.verifier).unwrap_err();
+    let e = sim.clients.get_mut(&2).unwrap().share_keys(&roster, None, &sim.verifier).unwrap_err();
     assert_check(&e, Check::KeyReuse, Some(4));
     roster.keys[3] = resigned(&sim, 4, [0; 32], KeyPair::from_secret([0x45; 32]).public());
-    let e = sim.clients.get_mut(&2).unwrap().share_keys(&roster, &sim.verifier).unwrap_err();
+    let e = sim.clients.get_mut(&2).unwrap().share_keys(&roster, None, &sim.verifier).unwrap_err();
     assert_check(&e, Check::KeyReuse, Some(4));
     roster.keys[3] = resigned(&sim, 4, s1, s1);
-    let e = sim.clients.get_mut(&2).unwrap().share_keys(&roster, &sim.verifier).unwrap_err();
+    let e = sim.clients.get_mut(&2).unwrap().share_keys(&roster, None, &sim.verifier).unwrap_err();
     assert_check(&e, Check::KeyReuse, Some(4));
 }
 
@@ -551,7 +587,7 @@ fn sa05_below_threshold_fails_cleanly() {
     ];
     for (plan, what) in cases {
         let mut sim = Sim::new(5, 4, 0, 50, 10);
-        assert!(!enough(&sim.session, &plan));
+        assert!(!enough(&sim.session, &plan, sim.graph.as_ref()));
         let e = sim.run(&plan).unwrap_err();
         assert_check(&e, Check::Threshold, None);
         assert!(e.message.contains(what), "{what}: {e}");
@@ -560,7 +596,7 @@ fn sa05_below_threshold_fails_cleanly() {
     let mut sim = Sim::new(5, 4, 0, 50, 10);
     let mut roster = sim.advertise(&[1, 2, 3, 4, 5]).unwrap();
     roster.keys.truncate(3);
-    let e = sim.clients.get_mut(&1).unwrap().share_keys(&roster, &sim.verifier).unwrap_err();
+    let e = sim.clients.get_mut(&1).unwrap().share_keys(&roster, None, &sim.verifier).unwrap_err();
     assert_check(&e, Check::Threshold, None);
 }
 
@@ -602,7 +638,7 @@ fn sa07_differing_resend_refused() {
         sim.server.as_mut().unwrap().receive_advertise(m, &sim.verifier).unwrap();
     }
     let roster = sim.server().close_advertise().unwrap();
-    let shares = sim.clients.get_mut(&3).unwrap().share_keys(&roster, &sim.verifier).unwrap();
+    let shares = sim.clients.get_mut(&3).unwrap().share_keys(&roster, None, &sim.verifier).unwrap();
     // Malformed: a missing share, a duplicated one, a share for a non-holder.
     let mut m = shares.clone();
     m.shares.pop();
@@ -623,7 +659,7 @@ fn sa07_differing_resend_refused() {
     let mut sim = Sim::new(4, 3, 0, 16, 12);
     let mut roster = sim.advertise(&[1, 2, 3, 4]).unwrap();
     roster.keys.swap(0, 1);
-    let e = sim.clients.get_mut(&1).unwrap().share_keys(&roster, &sim.verifier).unwrap_err();
+    let e = sim.clients.get_mut(&1).unwrap().share_keys(&roster, None, &sim.verifier).unwrap_err();
     assert_check(&e, Check::Malformed, None);
 }
 
@@ -787,6 +823,97 @@ fn sa11_wrong_revealed_share_is_attributed() {
     }
     let out = sim.finish().unwrap();
     assert!(out.sum == sim.plain_sum(&[1, 2, 3, 4]));
+}
+
+/// SA-13, played by the coordinator: it cannot choose the SecAgg+ graph. The seed
+/// hashes every roster party's nonce, each committed in its signed keys before the
+/// roster closed and revealed after; a forged, missing or withheld nonce, or a roster
+/// changed after a party revealed, stops the session.
+#[test]
+fn sa13_graph_seed_is_drawn_by_every_party_and_not_by_the_coordinator() {
+    let (n, degree) = (8, 4);
+    let t = SessionParams::default_threshold(usize::from(degree) + 1);
+    let all: Vec<u16> = (1..=n).collect();
+
+    // Honest run: every client derives the server's graph.
+    let mut sim = Sim::with_session(session(n, t, degree, 16, 0), 40);
+    let out = sim.run(&Plan::new()).unwrap();
+    assert!(out.sum == sim.plain_sum(&out.survivors));
+    let reveals = sim.reveals.clone().unwrap();
+    assert_eq!(reveals.reveals.iter().map(|r| r.index).collect::<Vec<_>>(), all);
+
+    // One party's nonce moves the whole graph: with the same nonces but one, the seed
+    // differs, so a coordinator colluding with every other party still cannot predict
+    // the graph before the last honest party reveals.
+    let sid = sim.session.id();
+    let mut nonces: Vec<(u16, [u8; 32])> = reveals.reveals.iter().map(|r| (r.index, r.nonce)).collect();
+    let seed = crypto::graph_seed(&sid, &nonces);
+    nonces[0].1[0] ^= 1;
+    assert_ne!(crypto::graph_seed(&sid, &nonces), seed);
+
+    // The server refuses a nonce that does not open the commitment, naming the party.
+    let mut sim = Sim::with_session(session(n, t, degree, 16, 0), 41);
+    let roster = sim.advertise(&all).unwrap();
+    let mut forged = sim.clients.get_mut(&2).unwrap().reveal_graph(&roster, &sim.verifier).unwrap();
+    forged.nonce[7] ^= 0x10;
+    let e = sim.server().receive_reveal(forged).unwrap_err();
+    assert_check(&e, Check::GraphSeed, Some(2));
+
+    // A party that withholds its nonce (to pick between two graphs) ends the session.
+    let mut sim = Sim::with_session(session(n, t, degree, 16, 0), 42);
+    let roster = sim.advertise(&all).unwrap();
+    for i in 1..n {
+        let msg = sim.clients.get_mut(&i).unwrap().reveal_graph(&roster, &sim.verifier).unwrap();
+        sim.server().receive_reveal(msg).unwrap();
+    }
+    let e = sim.server().close_reveals().unwrap_err();
+    assert_check(&e, Check::GraphSeed, None);
+    assert!(e.message.contains("parties [8]"), "{e}");
+
+    // A coordinator that relays tampered reveals to the clients.
+    let mut sim = Sim::with_session(session(n, t, degree, 16, 0), 43);
+    let roster = sim.advertise(&all).unwrap();
+    sim.reveal(&roster, &all).unwrap();
+    let honest = sim.reveals.clone().unwrap();
+    let client = |sim: &mut Sim, i: u16, reveals: &GraphReveals| {
+        let verifier = TestVerifier::new(&sim.session);
+        sim.clients.get_mut(&i).unwrap().share_keys(&roster, Some(reveals), &verifier)
+    };
+    // A nonce of its choosing for party 5.
+    let mut tampered = honest.clone();
+    tampered.reveals[4].nonce = [0xee; 32];
+    assert_check(&client(&mut sim, 1, &tampered).unwrap_err(), Check::GraphSeed, Some(5));
+    // Party 5 left out, as if it had not revealed.
+    let mut short = honest.clone();
+    short.reveals.remove(4);
+    assert_check(&client(&mut sim, 1, &short).unwrap_err(), Check::GraphSeed, None);
+    // Reveals out of order.
+    let mut swapped = honest.clone();
+    swapped.reveals.swap(0, 1);
+    assert_check(&client(&mut sim, 1, &swapped).unwrap_err(), Check::GraphSeed, None);
+    // None at all.
+    let verifier = TestVerifier::new(&sim.session);
+    let e = sim.clients.get_mut(&1).unwrap().share_keys(&roster, None, &verifier).unwrap_err();
+    assert_check(&e, Check::GraphSeed, None);
+    // The honest reveals still work for that client (a refused message changes nothing).
+    client(&mut sim, 1, &honest).unwrap();
+
+    // Grinding by roster: after seeing the nonces, the coordinator hands party 2 a
+    // smaller roster (party 8 dropped) with the matching reveals, to draw another graph.
+    let mut smaller = roster.clone();
+    smaller.keys.pop();
+    let mut fewer = honest.clone();
+    fewer.reveals.pop();
+    let verifier = TestVerifier::new(&sim.session);
+    let e = sim.clients.get_mut(&2).unwrap().share_keys(&smaller, Some(&fewer), &verifier).unwrap_err();
+    assert_check(&e, Check::GraphSeed, None);
+    assert!(e.message.contains("differs from the one this party revealed"), "{e}");
+
+    // Without a neighbour graph there is no reveal stage.
+    let mut sim = Sim::new(4, 3, 0, 16, 44);
+    let roster = sim.advertise(&[1, 2, 3, 4]).unwrap();
+    let e = sim.clients.get_mut(&1).unwrap().reveal_graph(&roster, &sim.verifier).unwrap_err();
+    assert_check(&e, Check::Replay, None);
 }
 
 #[test]

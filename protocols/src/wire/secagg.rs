@@ -4,8 +4,8 @@
 
 use super::{WireError, invalid, pb};
 use maeum_secagg::{
-    AdvertiseKeys, EncryptedShare, KeyRoster, Participant, RevealedShare, Session, SessionParams, ShareKeys, SharesFor,
-    SurvivorProof, SurvivorSet, SurvivorSignature, UnmaskShares,
+    AdvertiseKeys, EncryptedShare, GraphReveal, GraphReveals, KeyRoster, Participant, RevealedShare, Session,
+    SessionParams, ShareKeys, SharesFor, SurvivorProof, SurvivorSet, SurvivorSignature, UnmaskShares,
 };
 
 /// The session a coordinator announces in a train task. Participants are named with
@@ -15,7 +15,6 @@ use maeum_secagg::{
 pub struct SessionInfo {
     pub consortium: String,
     pub params: SessionParams,
-    pub graph_seed: [u8; 32],
     pub members: Vec<Member>,
 }
 
@@ -67,7 +66,6 @@ impl SessionInfo {
             attempt,
             participants,
             params: self.params.clone(),
-            graph_seed: self.graph_seed,
             binding,
         })
     }
@@ -77,6 +75,8 @@ impl SessionInfo {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StageMessage {
     Advertise(AdvertiseKeys),
+    /// SecAgg+ only: the site's graph nonce, after the roster.
+    GraphReveal(GraphReveal),
     ShareKeys(ShareKeys),
     /// The site's masked input is uploaded; it waits for the survivor set.
     AwaitSurvivors {
@@ -91,6 +91,7 @@ impl StageMessage {
     pub fn name(&self) -> &'static str {
         match self {
             StageMessage::Advertise(_) => "advertise keys",
+            StageMessage::GraphReveal(_) => "reveal graph nonce",
             StageMessage::ShareKeys(_) => "share keys",
             StageMessage::AwaitSurvivors { .. } => "await survivors",
             StageMessage::SurvivorSignature(_) => "consistency check",
@@ -101,6 +102,7 @@ impl StageMessage {
     pub fn index(&self) -> u16 {
         match self {
             StageMessage::Advertise(m) => m.index,
+            StageMessage::GraphReveal(m) => m.index,
             StageMessage::ShareKeys(m) => m.index,
             StageMessage::AwaitSurvivors { index, .. } => *index,
             StageMessage::SurvivorSignature(m) => m.index,
@@ -125,6 +127,8 @@ pub enum Reply {
         retry_after_ms: u32,
     },
     Roster(KeyRoster),
+    /// SecAgg+ only: every roster party's graph nonce.
+    Reveals(GraphReveals),
     Shares(SharesFor),
     Survivors(SurvivorSet),
     Proof(SurvivorProof),
@@ -175,7 +179,6 @@ impl TryFrom<pb::SecAggSession> for SessionInfo {
                 clip: s.clip,
                 max_weight: s.max_weight,
             },
-            graph_seed: bytes32("secagg.graph_seed", &s.graph_seed)?,
             members,
         })
     }
@@ -190,7 +193,6 @@ impl From<&SessionInfo> for pb::SecAggSession {
             vector_len: s.params.vector_len,
             clip: s.params.clip,
             max_weight: s.params.max_weight,
-            graph_seed: s.graph_seed.to_vec(),
             participants: s
                 .members
                 .iter()
@@ -212,6 +214,7 @@ impl TryFrom<pb::SecAggAdvertise> for AdvertiseKeys {
             index: index("advertise.index", m.index)?,
             cipher_pk: bytes32("advertise.cipher_pk", &m.cipher_pk)?,
             mask_pk: bytes32("advertise.mask_pk", &m.mask_pk)?,
+            graph_commitment: bytes32("advertise.graph_commitment", &m.graph_commitment)?,
             signature: signature("advertise.signature", m.signature)?,
         })
     }
@@ -225,8 +228,21 @@ impl From<&AdvertiseKeys> for pb::SecAggAdvertise {
             cipher_pk: m.cipher_pk.to_vec(),
             mask_pk: m.mask_pk.to_vec(),
             signature: m.signature.clone(),
+            graph_commitment: m.graph_commitment.to_vec(),
         }
     }
+}
+
+fn reveal_in(field: &'static str, m: pb::SecAggGraphReveal) -> Result<GraphReveal, WireError> {
+    Ok(GraphReveal {
+        session_id: bytes32(field, &m.session_id)?,
+        index: index(field, m.index)?,
+        nonce: bytes32(field, &m.nonce)?,
+    })
+}
+
+fn reveal_out(m: &GraphReveal) -> pb::SecAggGraphReveal {
+    pb::SecAggGraphReveal { session_id: m.session_id.to_vec(), index: u32::from(m.index), nonce: m.nonce.to_vec() }
 }
 
 fn shares_in(field: &'static str, v: Vec<pb::SecAggEncryptedShare>) -> Result<Vec<EncryptedShare>, WireError> {
@@ -282,6 +298,7 @@ impl TryFrom<pb::SecAggRequest> for Request {
         use pb::sec_agg_request::Stage;
         let message = match r.stage.ok_or(WireError::Missing { field: "secagg.stage" })? {
             Stage::Advertise(m) => StageMessage::Advertise(m.try_into()?),
+            Stage::GraphReveal(m) => StageMessage::GraphReveal(reveal_in("graph_reveal", m)?),
             Stage::ShareKeys(m) => StageMessage::ShareKeys(ShareKeys {
                 session_id: bytes32("share_keys.session_id", &m.session_id)?,
                 index: index("share_keys.index", m.index)?,
@@ -309,6 +326,7 @@ impl From<&Request> for pb::SecAggRequest {
         use pb::sec_agg_request::Stage;
         let stage = match &r.message {
             StageMessage::Advertise(m) => Stage::Advertise(m.into()),
+            StageMessage::GraphReveal(m) => Stage::GraphReveal(reveal_out(m)),
             StageMessage::ShareKeys(m) => Stage::ShareKeys(pb::SecAggShareKeys {
                 session_id: m.session_id.to_vec(),
                 index: u32::from(m.index),
@@ -341,6 +359,10 @@ impl TryFrom<pb::SecAggReply> for Reply {
                 session_id: bytes32("roster.session_id", &m.session_id)?,
                 keys: m.keys.into_iter().map(AdvertiseKeys::try_from).collect::<Result<_, _>>()?,
             }),
+            R::Reveals(m) => Reply::Reveals(GraphReveals {
+                session_id: bytes32("reveals.session_id", &m.session_id)?,
+                reveals: m.reveals.into_iter().map(|r| reveal_in("reveals.reveals", r)).collect::<Result<_, _>>()?,
+            }),
             R::Shares(m) => Reply::Shares(SharesFor {
                 session_id: bytes32("shares.session_id", &m.session_id)?,
                 recipient: index("shares.recipient", m.recipient)?,
@@ -369,6 +391,10 @@ impl From<&Reply> for pb::SecAggReply {
             Reply::Roster(m) => R::Roster(pb::SecAggKeyRoster {
                 session_id: m.session_id.to_vec(),
                 keys: m.keys.iter().map(Into::into).collect(),
+            }),
+            Reply::Reveals(m) => R::Reveals(pb::SecAggGraphReveals {
+                session_id: m.session_id.to_vec(),
+                reveals: m.reveals.iter().map(reveal_out).collect(),
             }),
             Reply::Shares(m) => R::Shares(pb::SecAggSharesFor {
                 session_id: m.session_id.to_vec(),
@@ -406,10 +432,13 @@ mod tests {
             index: 2,
             cipher_pk: [1; 32],
             mask_pk: [2; 32],
+            graph_commitment: [8; 32],
             signature: vec![9; 70],
         };
+        let reveal = GraphReveal { session_id: session_id(), index: 2, nonce: [6; 32] };
         let messages = [
             StageMessage::Advertise(adv.clone()),
+            StageMessage::GraphReveal(reveal.clone()),
             StageMessage::ShareKeys(ShareKeys {
                 session_id: session_id(),
                 index: 2,
@@ -436,6 +465,7 @@ mod tests {
         let replies = [
             Reply::Pending { retry_after_ms: 5 },
             Reply::Roster(KeyRoster { session_id: session_id(), keys: vec![adv] }),
+            Reply::Reveals(GraphReveals { session_id: session_id(), reveals: vec![reveal] }),
             Reply::Shares(SharesFor { session_id: session_id(), recipient: 1, sharers: vec![1, 2], shares: vec![] }),
             Reply::Survivors(SurvivorSet { session_id: session_id(), survivors: vec![1, 2] }),
             Reply::Proof(SurvivorProof { session_id: session_id(), survivors: vec![1], signatures: vec![] }),
@@ -453,6 +483,7 @@ mod tests {
             index: 1,
             cipher_pk: [1; 32],
             mask_pk: [2; 32],
+            graph_commitment: [3; 32],
             signature: vec![1],
         });
         m.cipher_pk.pop();
