@@ -20,6 +20,7 @@ pub mod home;
 pub mod metrics;
 pub mod models;
 pub mod registry;
+pub mod resume;
 pub mod rounds;
 pub mod secagg;
 pub mod server;
@@ -64,6 +65,8 @@ pub async fn serve(
         }
     };
     let coord = server::Coord::open(home.clone(), settings)?;
+    // Before the fleet port opens: sites resending revealed shares find their session.
+    resume::load(&coord);
     let config = tls::server_config(&home.read("ca.pem")?, &home.identity("server")?, coord.revocations.clone())
         .context("building the TLS configuration")?;
     let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("listening on {listen}"))?;

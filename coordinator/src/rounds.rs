@@ -5,7 +5,9 @@
 //! previous round (model blob and server-optimiser state fsynced, then the job record
 //! flushed). A coordinator killed mid-round restarts that round with a new attempt
 //! number, so an update computed for the interrupted attempt is refused, and no model
-//! version is produced twice or lost.
+//! version is produced twice or lost. The exception is an attempt whose sites had begun
+//! to reveal their shares: it was written down before the reveal (`crate::resume`) and
+//! is finished, since sites reveal one sum per round only.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -107,7 +109,7 @@ fn save_model(c: &Coord, spec: &ModelSpec, params: &FlatParams, job: &str, round
     })
 }
 
-fn model_ref(v: &VersionRecord) -> Result<ModelRef> {
+pub(crate) fn model_ref(v: &VersionRecord) -> Result<ModelRef> {
     Ok(ModelRef {
         digest: Digest::parse("digest", &v.digest)?,
         size: v.size,
@@ -212,88 +214,104 @@ async fn run_round(c: &Coord, id: &str, round: u32, spec: &ModelSpec) -> Result<
     // thrown away.
     let mut differenced: Option<String> = None;
     loop {
-        let Some(job) = reload_active(c, id)? else { return Ok(None) };
-        let min = job.spec.min_sites as usize;
-        let online = c.online_sites();
-        let eligible: Vec<&String> =
-            job.accepted().filter(|s| !c.revocations.is_revoked(s) && !job.excluded.contains_key(*s)).collect();
-        let mut selected: BTreeSet<String> = eligible
-            .iter()
-            .filter(|s| online.contains(**s) && differenced.as_deref() != Some(s.as_str()))
-            .map(|s| (*s).clone())
-            .collect();
-        // Just after a (re)start, give accepted sites one heartbeat timeout to reconnect
-        // rather than starting the round without them.
-        let settling = c.started.elapsed() < c.settings.heartbeat_timeout && selected.len() < eligible.len();
-        if selected.len() < min || settling {
-            set_activity(c, format!("round {round}: waiting for sites ({} of {min} online)", selected.len()));
-            tokio::time::sleep(TICK).await;
-            continue;
-        }
-        if let Some(Attack::Isolate(target)) = attack::current()
-            && selected.contains(&target)
-        {
-            let other = selected.iter().find(|s| **s != target).cloned();
-            selected = [Some(target), other].into_iter().flatten().collect();
-            warn!(round, sites = ?selected, "FAULT INJECTION: isolating a site in a session of two");
-        }
-        let secure = job.spec.secure_aggregation.enabled();
-        let num_params = spec.layout().numel() as u64;
-        if secure
-            && let Err(why) = job.spec.secure_aggregation.session_params(
-                selected.len(),
-                num_params,
-                job.spec.evaluation_words(),
-                job.spec.min_sites,
-            )
-        {
-            set_activity(c, format!("round {round}: waiting for sites: {why}"));
-            tokio::time::sleep(TICK).await;
-            continue;
-        }
-        let (job, attempt) = start_attempt(c, id)?;
-        let base = job.latest().cloned().context("job has no model")?;
-        let deadline_ms = now_ms() + job.spec.deadlines.train as i64 * 1000;
-        let mut state = RoundState::new(&job, round, attempt, Stage::Train, model_ref(&base)?, deadline_ms);
-        state.selected = selected.clone();
-        if let Some(Attack::Divergent(target)) = attack::current() {
-            // Every other site gets a model of its own: the base model halved.
-            let (_, params, _) = ModelSpec::load(&c.blobs.path(&Digest::parse("digest", &base.digest)?))?;
-            let halved: Vec<f32> = params.values().iter().map(|v| v * 0.5).collect();
-            let other = save_model(c, spec, &FlatParams::new(spec.layout(), halved)?, id, round)?;
-            warn!(round, target = %target, "FAULT INJECTION: handing every other site a different base model");
-            state.divergent = Some((target, model_ref(&other)?));
-        }
-        if secure {
-            let sa = new_session(c, &job, round, attempt, &selected, num_params, &model_ref(&base)?.digest)?;
-            info!(
+        let (job, attempt, base, secure) = if let Some(attempt) = resumed_attempt(c, id, round, false) {
+            // Restarted after sites revealed this attempt's shares: finish it.
+            let Some(job) = reload_active(c, id)? else { return Ok(None) };
+            let base = job.latest().cloned().context("job has no model")?;
+            (job, attempt, base, true)
+        } else {
+            let Some(job) = reload_active(c, id)? else { return Ok(None) };
+            let min = job.spec.min_sites as usize;
+            let online = c.online_sites();
+            let eligible: Vec<&String> =
+                job.accepted().filter(|s| !c.revocations.is_revoked(s) && !job.excluded.contains_key(*s)).collect();
+            let mut selected: BTreeSet<String> = eligible
+                .iter()
+                .filter(|s| online.contains(**s) && differenced.as_deref() != Some(s.as_str()))
+                .map(|s| (*s).clone())
+                .collect();
+            // Just after a (re)start, give accepted sites one heartbeat timeout to reconnect
+            // rather than starting the round without them.
+            let settling = c.started.elapsed() < c.settings.heartbeat_timeout && selected.len() < eligible.len();
+            if selected.len() < min || settling {
+                set_activity(c, format!("round {round}: waiting for sites ({} of {min} online)", selected.len()));
+                tokio::time::sleep(TICK).await;
+                continue;
+            }
+            if let Some(Attack::Isolate(target)) = attack::current()
+                && selected.contains(&target)
+            {
+                let other = selected.iter().find(|s| **s != target).cloned();
+                selected = [Some(target), other].into_iter().flatten().collect();
+                warn!(round, sites = ?selected, "FAULT INJECTION: isolating a site in a session of two");
+            }
+            let secure = job.spec.secure_aggregation.enabled();
+            let num_params = spec.layout().numel() as u64;
+            if secure
+                && let Err(why) = job.spec.secure_aggregation.session_params(
+                    selected.len(),
+                    num_params,
+                    job.spec.evaluation_words(),
+                    job.spec.min_sites,
+                )
+            {
+                set_activity(c, format!("round {round}: waiting for sites: {why}"));
+                tokio::time::sleep(TICK).await;
+                continue;
+            }
+            let (job, attempt) = start_attempt(c, id)?;
+            let base = job.latest().cloned().context("job has no model")?;
+            let deadline_ms = now_ms() + job.spec.deadlines.train as i64 * 1000;
+            let mut state = RoundState::new(&job, round, attempt, Stage::Train, model_ref(&base)?, deadline_ms);
+            state.selected = selected.clone();
+            if let Some(Attack::Divergent(target)) = attack::current() {
+                // Every other site gets a model of its own: the base model halved.
+                let (_, params, _) = ModelSpec::load(&c.blobs.path(&Digest::parse("digest", &base.digest)?))?;
+                let halved: Vec<f32> = params.values().iter().map(|v| v * 0.5).collect();
+                let other = save_model(c, spec, &FlatParams::new(spec.layout(), halved)?, id, round)?;
+                warn!(round, target = %target, "FAULT INJECTION: handing every other site a different base model");
+                state.divergent = Some((target, model_ref(&other)?));
+            }
+            if secure {
+                let sa = new_session(c, &job, round, attempt, &selected, num_params, &model_ref(&base)?.digest)?;
+                info!(
+                    round,
+                    attempt,
+                    sites = selected.len(),
+                    threshold = sa.session.params.threshold,
+                    degree = sa.session.params.degree,
+                    "round started with secure aggregation"
+                );
+                state.secagg = Some(sa);
+            } else {
+                warn!(
+                    round,
+                    attempt,
+                    sites = selected.len(),
+                    "round started WITHOUT secure aggregation (debugging job)"
+                );
+            }
+            c.record(Event::RoundStarted {
+                job_id: id.to_string(),
                 round,
                 attempt,
-                sites = selected.len(),
-                threshold = sa.session.params.threshold,
-                degree = sa.session.params.degree,
-                "round started with secure aggregation"
-            );
-            state.secagg = Some(sa);
-        } else {
-            warn!(round, attempt, sites = selected.len(), "round started WITHOUT secure aggregation (debugging job)");
-        }
-        c.record(Event::RoundStarted {
-            job_id: id.to_string(),
-            round,
-            attempt,
-            sites: selected.iter().cloned().collect(),
-            secure_aggregation: secure,
-        })?;
-        clear_uploads(c);
-        *lock(&c.round) = Some(state);
-        c.notify();
+                sites: selected.iter().cloned().collect(),
+                secure_aggregation: secure,
+            })?;
+            clear_uploads(c);
+            *lock(&c.round) = Some(state);
+            c.notify();
+            (job, attempt, base, secure)
+        };
+        let min = job.spec.min_sites as usize;
+        let deadline_ms = lock(&c.round).as_ref().map_or(0, |r| r.deadline_ms);
         let train_started = std::time::Instant::now();
         let finished = if secure {
             match drive_secagg(c, id, round).await? {
                 SecAggEnd::Aborted => false,
                 SecAggEnd::Failed(why) => {
                     *lock(&c.round) = None;
+                    crate::resume::clear(&c.home);
                     c.record(Event::RoundFailed { job_id: id.to_string(), round, attempt, reason: why.clone() })?;
                     c.metrics.rounds.inc("failed");
                     clear_uploads(c);
@@ -324,6 +342,7 @@ async fn run_round(c: &Coord, id: &str, round: u32, spec: &ModelSpec) -> Result<
                     match attack::current() {
                         Some(Attack::Difference(target)) if differenced.is_none() && done.contains(&target) => {
                             *lock(&c.round) = None;
+                            crate::resume::clear(&c.home);
                             warn!(round, attempt, target = %target, "FAULT INJECTION: discarding an unmasked sum and retrying without one site");
                             c.record(Event::RoundFailed {
                                 job_id: id.to_string(),
@@ -343,12 +362,14 @@ async fn run_round(c: &Coord, id: &str, round: u32, spec: &ModelSpec) -> Result<
         };
         if !finished {
             *lock(&c.round) = None;
+            crate::resume::clear(&c.home);
             return Ok(None);
         }
         let Some(state) = lock(&c.round).take() else { return Ok(None) };
         c.metrics.stage("train", train_started.elapsed());
         clear_uploads(c);
         if state.done.len() < min {
+            crate::resume::clear(&c.home);
             c.metrics.rounds.inc("failed");
             c.record(Event::RoundFailed {
                 job_id: id.to_string(),
@@ -362,10 +383,23 @@ async fn run_round(c: &Coord, id: &str, round: u32, spec: &ModelSpec) -> Result<
         }
         let commit_started = std::time::Instant::now();
         let committed = commit_round(c, id, spec, &base, state).await?;
+        // Committed: the stored session is no longer needed (a restart before this
+        // line finishes the same attempt again, and commits the same sum).
+        crate::resume::clear(&c.home);
         c.metrics.stage("commit", commit_started.elapsed());
         c.metrics.rounds.inc("committed");
         return Ok(Some(committed));
     }
+}
+
+/// The attempt of a session that `resume::load` restored, on start, for this round of
+/// `id` (or for its final evaluation), if any. Only then is `c.round` set when a round
+/// begins.
+fn resumed_attempt(c: &Coord, id: &str, round: u32, evaluate_only: bool) -> Option<u32> {
+    lock(&c.round)
+        .as_ref()
+        .filter(|r| r.job_id == id && r.round == round && r.evaluate_only == evaluate_only && r.secagg.is_some())
+        .map(|r| r.attempt)
 }
 
 /// Waits until every selected site delivered or dropped, or the deadline passed.
@@ -492,7 +526,10 @@ async fn drive_secagg(c: &Coord, id: &str, round: u32) -> Result<SecAggEnd> {
             let expected = sa.expected(&done);
             let mut newly_dropped = Vec::new();
             for s in &expected {
-                if !r.dropped.contains(s) && (!c.is_online(s) || c.revocations.is_revoked(s)) {
+                // Just after a restart (a session resumed in the unmask stage) no site
+                // has heart-beaten yet: give them one heartbeat timeout.
+                let offline = !c.is_online(s) && c.started.elapsed() >= c.settings.heartbeat_timeout;
+                if !r.dropped.contains(s) && (offline || c.revocations.is_revoked(s)) {
                     newly_dropped.push(s.clone());
                 }
             }
@@ -556,7 +593,18 @@ async fn drive_secagg(c: &Coord, id: &str, round: u32) -> Result<SecAggEnd> {
         };
         c.notify();
         match closed {
-            Ok(from) => info!(round, stage = from.name(), "secure-aggregation stage closed"),
+            Ok(from) => {
+                info!(round, stage = from.name(), "secure-aggregation stage closed");
+                if from == SaStage::Consistency
+                    && let Err(e) = store_for_restart(c).await
+                {
+                    let why = format!("could not store the session before the unmask stage: {e:#}");
+                    if let Some(sa) = lock(&c.round).as_mut().and_then(|r| r.secagg.as_mut()) {
+                        sa.failed = Some(why.clone());
+                    }
+                    return Ok(SecAggEnd::Failed(why));
+                }
+            }
             Err((why, culprit)) => {
                 let why = exclude(c, id, culprit, why)?;
                 // Give waiting sites a moment to hear that the attempt failed.
@@ -565,6 +613,27 @@ async fn drive_secagg(c: &Coord, id: &str, round: u32) -> Result<SecAggEnd> {
             }
         }
     }
+}
+
+/// Writes the session down for a restart (`crate::resume`) and only then lets sites
+/// have the survivor proof: a sum that any site reveals survives this process.
+async fn store_for_restart(c: &Coord) -> Result<()> {
+    let started = std::time::Instant::now();
+    let snapshot = {
+        let guard = lock(&c.round);
+        let Some(r) = guard.as_ref() else { return Ok(()) };
+        crate::resume::take(r)?
+    };
+    let home = c.home.clone();
+    tokio::task::spawn_blocking(move || crate::resume::write(&home, &snapshot))
+        .await
+        .context("storing the session")??;
+    if let Some(sa) = lock(&c.round).as_mut().and_then(|r| r.secagg.as_mut()) {
+        sa.unmask_durable = true;
+    }
+    c.notify();
+    info!(ms = started.elapsed().as_millis() as u64, "session stored for a restart before the unmask stage");
+    Ok(())
 }
 
 /// Leaves `culprit` (the site the secure-aggregation core named as the cause of a
@@ -787,59 +856,74 @@ async fn final_evaluation(c: &Coord, id: &str) -> Result<Option<JobRecord>> {
         if last.evaluation.is_some() {
             return Ok(Some(job));
         }
-        let accepted: BTreeSet<String> = job
-            .accepted()
-            .filter(|s| !c.revocations.is_revoked(s) && !job.excluded.contains_key(*s))
-            .cloned()
-            .collect();
-        let online = c.online_sites();
-        let selected: BTreeSet<String> = accepted.intersection(&online).cloned().collect();
-        // A secure job evaluates in a secure-aggregation session of its own (the counts
-        // inside the masked inputs), which needs min_sites and the threshold.
-        let secure = job.spec.secure_aggregation.enabled();
-        let min = if secure { job.spec.min_sites as usize } else { 1 };
-        let session = job.spec.secure_aggregation.session_params(
-            selected.len(),
-            0,
-            job.spec.evaluation_words(),
-            job.spec.min_sites,
-        );
-        if selected.len() < min || (secure && session.is_err()) {
-            set_activity(c, format!("final evaluation: waiting for sites ({} of {min} online)", selected.len()));
-            tokio::time::sleep(TICK).await;
-            continue;
-        }
-        let (job, attempt) = start_attempt(c, id)?;
-        let round = job.completed_rounds();
-        let deadline_ms = now_ms() + job.spec.deadlines.evaluate as i64 * 1000;
-        let model = model_ref(&job.history[job.history.len() - 1].model)?;
-        let stage = if secure { Stage::Train } else { Stage::Evaluate };
-        let mut state = RoundState::new(&job, round, attempt, stage, model.clone(), deadline_ms);
-        state.selected = selected;
-        if secure {
-            state.evaluate_only = true;
-            state.secagg = Some(new_session(c, &job, round, attempt, &state.selected, 0, &model.digest)?);
-            c.record(Event::RoundStarted {
-                job_id: id.to_string(),
-                round,
-                attempt,
-                sites: state.selected.iter().cloned().collect(),
-                secure_aggregation: true,
-            })?;
-            info!(round, attempt, sites = state.selected.len(), "final evaluation started with secure aggregation");
-        }
-        clear_uploads(c);
-        *lock(&c.round) = Some(state);
-        c.notify();
+        let (round, attempt, secure) = if let Some(attempt) = resumed_attempt(c, id, job.completed_rounds(), true) {
+            // Restarted after sites revealed this evaluation's shares: finish it.
+            (job.completed_rounds(), attempt, true)
+        } else {
+            let accepted: BTreeSet<String> = job
+                .accepted()
+                .filter(|s| !c.revocations.is_revoked(s) && !job.excluded.contains_key(*s))
+                .cloned()
+                .collect();
+            let online = c.online_sites();
+            let selected: BTreeSet<String> = accepted.intersection(&online).cloned().collect();
+            // A secure job evaluates in a secure-aggregation session of its own (the counts
+            // inside the masked inputs), which needs min_sites and the threshold.
+            let secure = job.spec.secure_aggregation.enabled();
+            let min = if secure { job.spec.min_sites as usize } else { 1 };
+            let session = job.spec.secure_aggregation.session_params(
+                selected.len(),
+                0,
+                job.spec.evaluation_words(),
+                job.spec.min_sites,
+            );
+            if selected.len() < min || (secure && session.is_err()) {
+                set_activity(c, format!("final evaluation: waiting for sites ({} of {min} online)", selected.len()));
+                tokio::time::sleep(TICK).await;
+                continue;
+            }
+            let (job, attempt) = start_attempt(c, id)?;
+            let round = job.completed_rounds();
+            let deadline_ms = now_ms() + job.spec.deadlines.evaluate as i64 * 1000;
+            let model = model_ref(&job.history[job.history.len() - 1].model)?;
+            let stage = if secure { Stage::Train } else { Stage::Evaluate };
+            let mut state = RoundState::new(&job, round, attempt, stage, model.clone(), deadline_ms);
+            state.selected = selected;
+            if secure {
+                state.evaluate_only = true;
+                state.secagg = Some(new_session(c, &job, round, attempt, &state.selected, 0, &model.digest)?);
+                c.record(Event::RoundStarted {
+                    job_id: id.to_string(),
+                    round,
+                    attempt,
+                    sites: state.selected.iter().cloned().collect(),
+                    secure_aggregation: true,
+                })?;
+                info!(round, attempt, sites = state.selected.len(), "final evaluation started with secure aggregation");
+            }
+            clear_uploads(c);
+            *lock(&c.round) = Some(state);
+            c.notify();
+            (round, attempt, secure)
+        };
+        let deadline_ms = lock(&c.round).as_ref().map_or(0, |r| r.deadline_ms);
         let started = std::time::Instant::now();
         let finished = if secure {
             match drive_secagg(c, id, round).await? {
                 SecAggEnd::Aborted => false,
                 SecAggEnd::Failed(why) => {
                     *lock(&c.round) = None;
+                    crate::resume::clear(&c.home);
                     c.record(Event::RoundFailed { job_id: id.to_string(), round, attempt, reason: why.clone() })?;
-                    warn!(attempt, reason = %why, "the final evaluation's secure aggregation failed; retrying");
                     clear_uploads(c);
+                    // The sites revealed this evaluation once and this coordinator
+                    // lost it: they will not reveal another, so the job ends without
+                    // a final evaluation rather than retrying forever.
+                    if lock(&c.revealed_before).remove(&(id.to_string(), round)) {
+                        warn!(round, "sites already revealed the final evaluation, which was lost; it is skipped");
+                        return Ok(Some(job));
+                    }
+                    warn!(attempt, reason = %why, "the final evaluation's secure aggregation failed; retrying");
                     tokio::time::sleep(TICK).await;
                     continue;
                 }
@@ -850,6 +934,7 @@ async fn final_evaluation(c: &Coord, id: &str) -> Result<Option<JobRecord>> {
         };
         if !finished {
             *lock(&c.round) = None;
+            crate::resume::clear(&c.home);
             return Ok(None);
         }
         clear_uploads(c);
@@ -866,6 +951,7 @@ async fn final_evaluation(c: &Coord, id: &str) -> Result<Option<JobRecord>> {
             }
             Ok(())
         })?;
+        crate::resume::clear(&c.home);
         return Ok(Some(job));
     }
 }

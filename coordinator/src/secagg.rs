@@ -75,6 +75,10 @@ pub struct SecAggRound {
     reveals: Option<GraphReveals>,
     survivors: Option<SurvivorSet>,
     proof: Option<SurvivorProof>,
+    /// False from the moment the consistency stage closes until the session is
+    /// written down for a restart (`crate::resume`): no site gets the survivor proof,
+    /// and so none reveals a share, before a revealed sum can outlive this process.
+    pub unmask_durable: bool,
 }
 
 fn refused(site: &str, e: &SecAggError) -> Status {
@@ -108,7 +112,65 @@ impl SecAggRound {
             reveals: None,
             survivors: None,
             proof: None,
+            unmask_durable: true,
         })
+    }
+
+    /// A session restored in the unmask stage after a restart (`crate::resume`), with
+    /// what the other stages' replies need (a site may still be waiting for one).
+    #[allow(clippy::too_many_arguments)]
+    pub fn resumed(
+        session: Session,
+        info: SessionInfo,
+        eval_words: usize,
+        clip_norm: f32,
+        server: Server,
+        roster: KeyRoster,
+        reveals: Option<GraphReveals>,
+        survivors: SurvivorSet,
+        proof: SurvivorProof,
+    ) -> Result<Self, SecAggError> {
+        let mut sa = SecAggRound::new(session, info, eval_words, clip_norm)?;
+        let set = |xs: &[u16]| xs.iter().copied().collect::<BTreeSet<u16>>();
+        sa.accepted.insert(SaStage::Advertise, roster.keys.iter().map(|k| k.index).collect());
+        if let Some(r) = &reveals {
+            sa.accepted.insert(SaStage::Reveal, r.reveals.iter().map(|x| x.index).collect());
+        }
+        sa.accepted.insert(SaStage::Share, set(server.u2()));
+        sa.accepted.insert(SaStage::Consistency, proof.signatures.iter().map(|x| x.index).collect());
+        sa.advertised = roster.keys.iter().map(|k| (k.index, k.clone())).collect();
+        sa.roster = Some(roster);
+        sa.reveals = reveals;
+        sa.survivors = Some(survivors);
+        sa.proof = Some(proof);
+        sa.server = Some(server);
+        sa.stage = SaStage::Unmask;
+        Ok(sa)
+    }
+
+    /// What a restart needs besides the session itself: the replies of the closed
+    /// stages, and the server's snapshot with its masked sum as little-endian bytes
+    /// (unmask stage only).
+    #[allow(clippy::type_complexity)]
+    pub fn for_resume(
+        &self,
+    ) -> Result<(KeyRoster, Option<GraphReveals>, SurvivorSet, SurvivorProof, Vec<u8>, Vec<u8>), SecAggError> {
+        let missing = |what: &str| SecAggError::new(maeum_secagg::Check::Replay, format!("no {what} to save"));
+        let server = self.server.as_ref().ok_or_else(|| missing("server"))?;
+        Ok((
+            self.roster.clone().ok_or_else(|| missing("roster"))?,
+            self.reveals.clone(),
+            self.survivors.clone().ok_or_else(|| missing("survivor set"))?,
+            self.proof.clone().ok_or_else(|| missing("survivor proof"))?,
+            server.snapshot()?,
+            server.masked_sum().iter().flat_map(|w| w.to_le_bytes()).collect(),
+        ))
+    }
+
+    /// Whether `site` has a message of `msg`'s stage accepted already.
+    pub fn has_spoken(&self, site: &str, msg: &StageMessage) -> bool {
+        let me = self.index.get(site).copied().unwrap_or(0);
+        self.accepted.get(&Self::stage_of(msg)).is_some_and(|a| a.contains(&me))
     }
 
     fn server(&mut self) -> Result<&mut Server, Status> {
@@ -207,7 +269,7 @@ impl SecAggRound {
             return Err(Status::aborted(format!("this round attempt failed: {why}")));
         }
         let wanted = Self::stage_of(msg);
-        if self.stage <= wanted {
+        if self.stage <= wanted || (wanted == SaStage::Consistency && !self.unmask_durable) {
             return Ok(None);
         }
         let me = self.index.get(site).copied().unwrap_or(0);
@@ -307,7 +369,10 @@ impl SecAggRound {
             SaStage::Reveal => self.reveals = Some(server.close_reveals()?),
             SaStage::Share => server.close_shares()?,
             SaStage::Masked => self.survivors = Some(server.close_masked()?),
-            SaStage::Consistency => self.proof = Some(server.close_consistency()?),
+            SaStage::Consistency => {
+                self.proof = Some(server.close_consistency()?);
+                self.unmask_durable = false;
+            }
             SaStage::Unmask | SaStage::Finished => return Ok(()),
         }
         self.stage = match self.stage {

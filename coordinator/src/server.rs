@@ -15,7 +15,7 @@ use anyhow::Context;
 use tokio::sync::watch;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status, Streaming};
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use maeum_models::metrics::CrisisHistogram;
 use maeum_pki::identity::Role;
@@ -1042,6 +1042,7 @@ impl pb::fleet_server::Fleet for Fleet {
             }
             f(state)
         };
+        let mut fresh_unmask = false;
         with_session(&mut |state| {
             let done = state.done.clone();
             let sa = state
@@ -1063,9 +1064,20 @@ impl pb::fleet_server::Fleet for Fleet {
                     r.round, r.attempt
                 )));
             }
+            let fresh = matches!(r.message, wire::secagg::StageMessage::Unmask(_)) && !sa.has_spoken(&site, &r.message);
             sa.submit(&site, r.message.clone(), &done)?;
+            fresh_unmask = fresh;
             Ok(None)
         })?;
+        if fresh_unmask {
+            // Kept for a restart (`crate::resume`): this site has revealed, and the sum
+            // its shares open must survive this process.
+            let (home, request) = (c.home.clone(), r.clone());
+            let stored = tokio::task::spawn_blocking(move || crate::resume::append_unmask(&home, &request)).await;
+            if let Err(e) = stored.map_err(anyhow::Error::from).and_then(|x| x) {
+                error!(site = %site, error = %format!("{e:#}"), "could not store revealed shares for a restart");
+            }
+        }
         c.notify();
         let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
         let mut rx = c.changed.subscribe();

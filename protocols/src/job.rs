@@ -766,18 +766,20 @@ impl JobSpec {
             .map_err(|problem| Invalid::new("[privacy]", problem).at(&format!("job {:?}", self.name)))
     }
 
-    /// Local training config for `round` at a site. The seed is derived from the job's
-    /// seed, the round and `site_salt` (a value stable for the site, chosen by the
-    /// caller, e.g. from its identity), so every site and round draws differently and a
-    /// rerun draws the same. `prox_mu` is set for `fedprox`, 0 otherwise.
-    pub fn train_config(&self, round: u32, site_salt: u64) -> TrainConfig {
+    /// Local training config for `attempt` of `round` at a site. The seed is derived
+    /// from the job's seed, the round, the attempt and `site_salt` (a value stable for
+    /// the site, chosen by the caller, e.g. from its identity), so every site, round and
+    /// attempt draws differently and a rerun draws the same. (With the attempt in it, two
+    /// attempts of one round give two different sums; sites reveal only one of them.)
+    /// `prox_mu` is set for `fedprox`, 0 otherwise.
+    pub fn train_config(&self, round: u32, attempt: u32, site_salt: u64) -> TrainConfig {
         let t = &self.train;
         TrainConfig {
             optimizer: t.optimizer,
             learning_rate: t.learning_rate,
             epochs: t.epochs as usize,
             batch_size: t.batch_size as usize,
-            seed: derive_seed(b"train", self.seed, round, site_salt),
+            seed: derive_seed(b"train", self.seed, round, attempt, site_salt),
             prox_mu: self.strategy.prox_mu(),
             dropout: t.dropout,
             head_only: false,
@@ -786,16 +788,17 @@ impl JobSpec {
 }
 
 /// A seed for `purpose`: the first 8 bytes (little-endian) of SHA-256 over
-/// `"maeum/job-seed/v1\0"`, `purpose`, `"\0"`, then `seed`, `round` and `salt` in
-/// little-endian. Fixed and documented, so every build derives the same seeds.
-fn derive_seed(purpose: &[u8], seed: u64, round: u32, salt: u64) -> u64 {
+/// `"maeum/job-seed/v2\0"`, `purpose`, `"\0"`, then `seed`, `round`, `attempt` and
+/// `salt` in little-endian. Fixed and documented, so every build derives the same seeds.
+fn derive_seed(purpose: &[u8], seed: u64, round: u32, attempt: u32, salt: u64) -> u64 {
     let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
     for part in [
-        b"maeum/job-seed/v1\0".as_slice(),
+        b"maeum/job-seed/v2\0".as_slice(),
         purpose,
         b"\0",
         &seed.to_le_bytes(),
         &round.to_le_bytes(),
+        &attempt.to_le_bytes(),
         &salt.to_le_bytes(),
     ] {
         ctx.update(part);
@@ -1192,24 +1195,27 @@ mod tests {
     }
 
     #[test]
-    fn train_config_seeds_differ_per_round_and_site() {
+    fn train_config_seeds_differ_per_round_attempt_and_site() {
         let spec =
             JobSpec::from_toml("job.toml", &job("[strategy]\nkind = \"fedprox\"\nprox_mu = 0.05\n")).expect("valid");
         let mut seeds = std::collections::BTreeSet::new();
         for round in 0..4 {
-            for site in [1, 2, 3] {
-                assert!(seeds.insert(spec.train_config(round, site).seed), "round {round} site {site}");
+            for attempt in 1..3 {
+                for site in [1, 2, 3] {
+                    let seed = spec.train_config(round, attempt, site).seed;
+                    assert!(seeds.insert(seed), "round {round} attempt {attempt} site {site}");
+                }
             }
         }
-        assert_eq!(spec.train_config(2, 3), spec.train_config(2, 3), "deterministic");
+        assert_eq!(spec.train_config(2, 1, 3), spec.train_config(2, 1, 3), "deterministic");
         let mut reseeded = spec.clone();
         reseeded.seed = 8;
-        assert_ne!(reseeded.train_config(0, 1).seed, spec.train_config(0, 1).seed);
-        let c = spec.train_config(0, 1);
+        assert_ne!(reseeded.train_config(0, 1, 1).seed, spec.train_config(0, 1, 1).seed);
+        let c = spec.train_config(0, 1, 1);
         assert_eq!((c.epochs, c.batch_size, c.prox_mu, c.optimizer), (1, 32, 0.05, Optimizer::Adam));
         c.validate().expect("a valid job gives a valid train config");
         let avg = JobSpec::from_toml("job.toml", &job("")).expect("valid");
-        assert_eq!(avg.train_config(0, 1).prox_mu, 0.0);
+        assert_eq!(avg.train_config(0, 1, 1).prox_mu, 0.0);
     }
 
     #[test]

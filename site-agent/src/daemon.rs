@@ -1294,7 +1294,7 @@ pub(crate) async fn train_from(
             }
         }
     }
-    let cfg = job.train_config(t.round, site_salt(&agent.site_id));
+    let cfg = job.train_config(t.round, t.attempt, site_salt(&agent.site_id));
     let start = global.clone();
     let started = std::time::Instant::now();
     let (local, report, weight) = match job.privacy_plan()? {

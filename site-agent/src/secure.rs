@@ -207,10 +207,12 @@ struct Reveal {
     time_ms: i64,
 }
 
-/// Reveal once per round: the unmask answer of a round goes out only for the one sum
-/// (base model and survivor set) this site first revealed for that round. Another
-/// attempt of the same round over the same survivors reveals nothing new; over other
-/// survivors its sum minus the first would single out the sites in the difference. The
+/// Reveal once per round: the unmask answer of a round goes out for one attempt only —
+/// the first this site revealed — and only over the survivors and base model it
+/// revealed then (a resend of that answer). Another attempt's sum would differ from the
+/// first (training seeds include the attempt), and over other survivors the difference
+/// would single out the sites in it. The coordinator stores a revealed session before
+/// any site reveals (`coordinator/src/resume.rs`), so it never needs a second one. The
 /// line is written (fsynced) before the shares leave the site.
 pub(crate) fn reveal_once(
     home: &crate::enrol::Home,
@@ -232,24 +234,26 @@ pub(crate) fn reveal_once(
         if r.job_id != t.job_id || r.round != t.round || r.evaluation != t.evaluate_only {
             continue;
         }
-        if r.base_model != base || r.survivors != survivors {
-            return Err(Refusal {
-                rule: "reveal_once",
-                why: format!(
-                    "this site already revealed round {} (attempt {}) for a sum over {} sites; attempt {} asks for a \
-                     sum over {} ({}), and the difference of two sums would single out sites",
-                    t.round,
-                    r.attempt,
-                    r.survivors.len(),
-                    t.attempt,
-                    survivors.len(),
-                    if r.base_model == base { "other survivors" } else { "another base model" }
-                ),
-            });
-        }
-        if r.attempt == t.attempt {
+        if r.attempt == t.attempt && r.base_model == base && r.survivors == survivors {
             return Ok(());
         }
+        let what = if r.attempt != t.attempt {
+            format!("attempt {} asks for another sum of that round", t.attempt)
+        } else if r.base_model != base {
+            "the same attempt now names another base model".to_string()
+        } else {
+            format!("the same attempt now names {} other survivors", survivors.len())
+        };
+        return Err(Refusal {
+            rule: "reveal_once",
+            why: format!(
+                "this site already revealed round {} (attempt {}, a sum over {} sites); {what}, and the difference of \
+                 two sums would single out sites",
+                t.round,
+                r.attempt,
+                r.survivors.len(),
+            ),
+        });
     }
     let line = Reveal {
         job_id: t.job_id.clone(),
@@ -275,7 +279,9 @@ async fn exchange(client: &mut Client, t: &TrainTask, message: StageMessage) -> 
         attempt: t.attempt,
         message: message.clone(),
     });
-    let mut failures = 0u32;
+    // A coordinator restarted mid-stage comes back with the session (it stores one
+    // whose shares sites may have revealed): keep resending for a while.
+    let until = tokio::time::Instant::now() + Duration::from_secs(120);
     loop {
         match client.sec_agg(request.clone()).await {
             Ok(r) => match Reply::try_from(r.into_inner())? {
@@ -284,8 +290,10 @@ async fn exchange(client: &mut Client, t: &TrainTask, message: StageMessage) -> 
                 }
                 reply => return Ok(reply),
             },
-            Err(e) if matches!(e.code(), Code::Unavailable | Code::Unknown | Code::Cancelled) && failures < 20 => {
-                failures += 1;
+            Err(e)
+                if matches!(e.code(), Code::Unavailable | Code::Unknown | Code::Cancelled)
+                    && tokio::time::Instant::now() < until =>
+            {
                 warn!(stage = message.name(), error = %describe(&e), "secure-aggregation call failed; resending");
                 tokio::time::sleep(Duration::from_millis(500)).await;
             }
@@ -635,6 +643,44 @@ async fn evaluation_counts(agent: &Agent, t: &TrainTask, m: &RoundModel) -> Resu
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn task(round: u32, attempt: u32, model: u8, evaluate_only: bool) -> TrainTask {
+        let digest = Digest([model; 32]);
+        TrainTask {
+            job_id: "job-1".into(),
+            round,
+            attempt,
+            model: maeum_protocols::wire::ModelRef { digest, size: 1, layout_digest: digest },
+            deadline_ms: 0,
+            evaluate_first: false,
+            secagg: None,
+            evaluate_only,
+        }
+    }
+
+    #[test]
+    fn a_round_is_revealed_for_one_attempt_only() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let home = crate::enrol::Home::new(dir.path());
+        let abc = || vec!["c".to_string(), "a".into(), "b".into()];
+        reveal_once(&home, &task(1, 4, 1, false), abc()).expect("first reveal");
+        // A resend of the same answer (the coordinator restarted and resumed).
+        reveal_once(&home, &task(1, 4, 1, false), vec!["a".into(), "b".into(), "c".into()]).expect("resend");
+        // Another attempt of the round, even over the same survivors and model.
+        let e = reveal_once(&home, &task(1, 5, 1, false), abc()).expect_err("another attempt");
+        assert_eq!(e.rule, "reveal_once");
+        assert!(e.why.contains("attempt 5 asks for another sum"), "{}", e.why);
+        // The same attempt over other survivors or another base model.
+        let e = reveal_once(&home, &task(1, 4, 1, false), vec!["a".into(), "b".into()]).expect_err("survivors");
+        assert!(e.why.contains("other survivors"), "{}", e.why);
+        let e = reveal_once(&home, &task(1, 4, 2, false), abc()).expect_err("model");
+        assert!(e.why.contains("another base model"), "{}", e.why);
+        // Other rounds, and the final evaluation of round 1, are separate.
+        reveal_once(&home, &task(2, 6, 1, false), abc()).expect("round 2");
+        reveal_once(&home, &task(1, 7, 1, true), abc()).expect("the final evaluation");
+        let lines = std::fs::read_to_string(home.path(REVEALS)).expect("journal");
+        assert_eq!(lines.lines().count(), 3, "{lines}");
+    }
 
     #[test]
     fn an_update_longer_than_the_bound_is_scaled_to_it() {

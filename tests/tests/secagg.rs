@@ -242,6 +242,45 @@ fn secagg_plus_draws_its_graph_from_every_site_and_sums_exactly() {
     assert!(log.contains("reveal graph nonce"), "the graph-nonce stage never closed:\n{log}");
 }
 
+/// Reveal once per round, with the coordinator SIGKILLed after sites revealed: site-4
+/// sends its shares 15 s late, so the unmask stage is open with the other three sites'
+/// shares in (and stored: the coordinator writes the session down before it hands out
+/// the survivor proof, and each revealed message before it answers). The restarted
+/// coordinator restores the session, takes site-4's shares when they come, and commits
+/// round 1 from that same attempt: one attempt, the exact sum, no site refusing.
+/// (Before, a restarted coordinator retried the round with a new attempt.)
+#[test]
+fn a_coordinator_killed_after_the_reveal_commits_that_attempt() {
+    let mut fed = Federation::new(4);
+    fed.start_coordinator();
+    for site in ["site-1", "site-2", "site-3"] {
+        fed.start_site_with(site, &[KEEP]);
+    }
+    fed.start_site_with("site-4", &[KEEP, ("MAEUM_SITE_TEST_LATE_UNMASK", "15000@1")]);
+    fed.wait_online(4);
+    let id = fed.submit("reveal-kill", 2, 3, &format!("{SMALL_MODEL}[deadlines]\nsecagg = 60\n"));
+    let stored = fed.coordinator_home().join("secagg-resume/unmasks.log");
+    let until = Instant::now() + 3 * MIN;
+    while std::fs::read_to_string(&stored).unwrap_or_default().lines().count() < 3 {
+        assert!(Instant::now() < until, "three revealed messages were never stored:\n{}", fed.log_text("coordinator"));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    fed.kill_coordinator();
+    fed.start_coordinator();
+    let job = fed.wait_job(&id, 3 * MIN);
+    assert_eq!(job["state"], "completed", "{job:#}");
+    let round1 = &job["history"][0];
+    assert_eq!(round1["attempts"], 1, "round 1 was retried: {round1:#}");
+    assert_eq!(strs(&round1["contributors"]).len(), 4, "{round1:#}");
+    check_exact_sums(&fed, &job);
+    let log = fed.log_text("coordinator");
+    assert!(log.contains("restarted in the unmask stage of a revealed attempt"), "{log}");
+    for site in ["site-1", "site-2", "site-3", "site-4"] {
+        assert!(!fed.log_text(site).contains("reveal_once"), "{site} refused:\n{}", fed.log_text(site));
+    }
+    assert!(!fed.coordinator_home().join("secagg-resume").exists(), "the stored session outlived its round");
+}
+
 /// Below the threshold the attempt fails cleanly (SA-05) and the round is retried with a
 /// new session once enough sites are back.
 #[test]

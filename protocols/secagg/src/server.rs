@@ -16,6 +16,8 @@ use super::{
     SurvivorProof, SurvivorSet, SurvivorSignature, UnmaskShares, Verifier, advertise_transcript, survivors_transcript,
 };
 
+mod snapshot;
+
 /// Length of a sealed share: the plaintext and the Poly1305 tag.
 const SHARE_CIPHERTEXT_LEN: usize = SHARE_PLAINTEXT_LEN + 16;
 

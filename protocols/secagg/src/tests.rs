@@ -916,6 +916,59 @@ fn sa13_graph_seed_is_drawn_by_every_party_and_not_by_the_coordinator() {
     assert_check(&e, Check::Replay, None);
 }
 
+/// A coordinator killed after some sites revealed their shares resumes the session
+/// from a snapshot and the masked sum (both written before any site got the survivor
+/// proof) plus the revealed shares it stored, and finishes the same sum: the revealed
+/// sum is never lost, so no second sum of the round is ever needed.
+#[test]
+fn a_server_resumed_from_its_snapshot_finishes_the_same_sum() {
+    for degree in [0u16, 4] {
+        let t = if degree == 0 { 6 } else { 4 };
+        let s = session(8, t, degree, 300, 0);
+        let mut sim = Sim::with_session(s.clone(), 50 + degree as u8);
+        let all = sim.parties();
+        let roster = sim.advertise(&all).unwrap();
+        sim.reveal(&roster, &all).unwrap();
+        sim.share(&roster, &all).unwrap();
+        // Party 3 drops while training: its mask key is reconstructed too.
+        let survivors: Vec<u16> = all.iter().copied().filter(|&p| p != 3).collect();
+        let set = sim.masked(&survivors).unwrap();
+        let proof = sim.consistency(&set, &survivors).unwrap();
+        sim.unmask(&proof, &survivors[..2]).unwrap();
+        let old = sim.server.take().unwrap();
+        let snapshot = old.snapshot().unwrap();
+        let sum = old.masked_sum().to_vec();
+        drop(old);
+
+        let mut resumed = Server::resume(s.clone(), &snapshot, sum.clone()).unwrap();
+        assert_eq!(resumed.stage(), "unmask");
+        assert_eq!(resumed.u4(), survivors.as_slice());
+        for m in sim.log.unmasks.clone() {
+            resumed.receive_unmask(m).unwrap();
+        }
+        sim.server = Some(resumed);
+        sim.unmask(&proof, &survivors[2..]).unwrap();
+        let out = sim.finish().unwrap();
+        assert_eq!(out.dropped, vec![3]);
+        assert!(out.sum == sim.plain_sum(&survivors), "degree {degree}");
+
+        // What does not resume.
+        let e = Server::resume(s.clone(), &snapshot, sum[1..].to_vec()).unwrap_err();
+        assert_check(&e, Check::Malformed, None);
+        let mut damaged = snapshot.clone();
+        damaged[40] ^= 1;
+        let e = Server::resume(s.clone(), &damaged, sum.clone()).unwrap_err();
+        assert!(e.message.contains("checksum"), "{e}");
+        let other_attempt = session(8, t, degree, 300, 1);
+        let e2 = Server::resume(other_attempt, &snapshot, sum.clone()).unwrap_err();
+        assert!(e2.message.contains("another session"), "{e2}");
+        assert!(Server::resume(s.clone(), &snapshot[..snapshot.len() - 1], sum.clone()).is_err());
+    }
+    // Only in the unmask stage.
+    let sim = Sim::new(4, 3, 0, 16, 60);
+    assert_check(&sim.server.as_ref().unwrap().snapshot().unwrap_err(), Check::Replay, None);
+}
+
 #[test]
 fn debug_output_shows_no_secrets() {
     let mut sim = Sim::new(4, 3, 0, 8, 17);

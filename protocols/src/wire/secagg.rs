@@ -417,6 +417,44 @@ impl From<&Reply> for pb::SecAggReply {
     }
 }
 
+/// Byte encodings (protobuf) for storing what the coordinator must keep across a
+/// restart in the unmask stage (`coordinator/src/resume.rs`); decoding checks every
+/// field as on the wire.
+pub mod stored {
+    use prost::Message;
+
+    use super::super::{WireError, invalid, pb};
+    use super::{Reply, Request, SessionInfo};
+
+    fn decode<M: Message + Default>(what: &'static str, bytes: &[u8]) -> Result<M, WireError> {
+        M::decode(bytes).map_err(|e| invalid(what, format!("does not decode: {e}")))
+    }
+
+    pub fn session_to_bytes(s: &SessionInfo) -> Vec<u8> {
+        pb::SecAggSession::from(s).encode_to_vec()
+    }
+
+    pub fn session_from_bytes(bytes: &[u8]) -> Result<SessionInfo, WireError> {
+        decode::<pb::SecAggSession>("stored session", bytes)?.try_into()
+    }
+
+    pub fn reply_to_bytes(r: &Reply) -> Vec<u8> {
+        pb::SecAggReply::from(r).encode_to_vec()
+    }
+
+    pub fn reply_from_bytes(bytes: &[u8]) -> Result<Reply, WireError> {
+        decode::<pb::SecAggReply>("stored reply", bytes)?.try_into()
+    }
+
+    pub fn request_to_bytes(r: &Request) -> Vec<u8> {
+        pb::SecAggRequest::from(r).encode_to_vec()
+    }
+
+    pub fn request_from_bytes(bytes: &[u8]) -> Result<Request, WireError> {
+        decode::<pb::SecAggRequest>("stored request", bytes)?.try_into()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,0 +1,258 @@
+//! Finishing a revealed attempt after a restart (issue 16, reveal once per round).
+//!
+//! Once a site has revealed its shares for a round, the sum they open must not be lost:
+//! sites refuse to reveal a second sum of the same round (its difference with the first
+//! could single a site out), so a coordinator that lost the first could only skip the
+//! round. So, when the consistency stage closes and before any site is handed the
+//! survivor proof (without which none reveals), the coordinator writes the session down
+//! in HOME/secagg-resume/:
+//! - `session.json`: job, round, attempt, the session as announced, the replies of the
+//!   closed stages, the server's snapshot (`maeum_secagg::Server::snapshot`) and the
+//!   SHA-256 of the masked sum;
+//! - `sum.bin`: the masked sum over U3 (4 bytes per word, little-endian);
+//! - `unmasks.log`: every revealed-shares message accepted since, one hex line each,
+//!   fsynced before the site is answered.
+//!
+//! On start ([`load`]) a session of the job's current round is restored in the unmask
+//! stage, before the fleet port opens: sites resend their shares to it, the stored ones
+//! are fed again, and the round commits that very attempt. The files hold no secret
+//! beyond what the coordinator holds in memory anyway (masked sums, sealed shares,
+//! revealed shares of the sum), are private to the coordinator's user, and are removed
+//! once the round is committed or the attempt fails.
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use anyhow::{Context, Result, bail};
+use serde::{Deserialize, Serialize};
+use tracing::{error, info, warn};
+
+use maeum_protocols::wire::Digest;
+use maeum_protocols::wire::secagg::{Reply, SessionInfo, StageMessage, stored};
+
+use crate::home::{Home, now_ms};
+use crate::secagg::SecAggRound;
+use crate::server::{Coord, RoundState, Stage, lock};
+
+const DIR: &str = "secagg-resume";
+const SESSION: &str = "session.json";
+const SUM: &str = "sum.bin";
+const UNMASKS: &str = "unmasks.log";
+
+fn dir(home: &Home) -> PathBuf {
+    home.path(DIR)
+}
+
+/// What `session.json` holds (byte fields as lowercase hex).
+#[derive(Serialize, Deserialize)]
+struct Saved {
+    job_id: String,
+    round: u32,
+    attempt: u32,
+    evaluate_only: bool,
+    binding: String,
+    session: String,
+    roster: String,
+    reveals: Option<String>,
+    survivors: String,
+    proof: String,
+    server: String,
+    sum_sha256: String,
+    eval_words: usize,
+    clip_norm: f32,
+}
+
+/// What the orchestrator copies out of the round under its lock.
+pub struct Snapshot {
+    saved: Saved,
+    sum: Vec<u8>,
+}
+
+impl std::fmt::Debug for Snapshot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Snapshot")
+            .field("job", &self.saved.job_id)
+            .field("round", &self.saved.round)
+            .field("attempt", &self.saved.attempt)
+            .field("sum_bytes", &self.sum.len())
+            .finish()
+    }
+}
+
+/// Takes what [`write`] stores, from the round whose consistency stage just closed.
+pub fn take(r: &RoundState) -> Result<Snapshot> {
+    let sa = r.secagg.as_ref().context("the round has no secure-aggregation session")?;
+    let (roster, reveals, survivors, proof, server, sum) = sa.for_resume().map_err(|e| anyhow::anyhow!("{e}"))?;
+    let hex = maeum_tlog::hex;
+    let saved = Saved {
+        job_id: r.job_id.clone(),
+        round: r.round,
+        attempt: r.attempt,
+        evaluate_only: r.evaluate_only,
+        binding: hex(&sa.session.binding),
+        session: hex(&stored::session_to_bytes(&sa.info)),
+        roster: hex(&stored::reply_to_bytes(&Reply::Roster(roster))),
+        reveals: reveals.map(|x| hex(&stored::reply_to_bytes(&Reply::Reveals(x)))),
+        survivors: hex(&stored::reply_to_bytes(&Reply::Survivors(survivors))),
+        proof: hex(&stored::reply_to_bytes(&Reply::Proof(proof))),
+        server: hex(&server),
+        sum_sha256: Digest::of(&sum).hex(),
+        eval_words: sa.eval_words,
+        clip_norm: sa.clip_norm,
+    };
+    Ok(Snapshot { saved, sum })
+}
+
+/// Writes the session down durably (blocking): the sum first, an empty shares log,
+/// then `session.json`, whose presence makes the others count.
+pub fn write(home: &Home, s: &Snapshot) -> Result<()> {
+    let d = dir(home);
+    let _ = std::fs::remove_file(d.join(SESSION));
+    std::fs::create_dir_all(&d).with_context(|| format!("creating {}", d.display()))?;
+    crate::home::write_file(&d.join(SUM), &s.sum, true)?;
+    crate::home::write_file(&d.join(UNMASKS), b"", true)?;
+    let json = serde_json::to_vec_pretty(&s.saved).context("encoding the session")?;
+    crate::home::write_file(&d.join(SESSION), &json, true)
+}
+
+/// Appends one accepted revealed-shares message (blocking, fsynced).
+pub fn append_unmask(home: &Home, request: &maeum_protocols::wire::secagg::Request) -> Result<()> {
+    let path = dir(home).join(UNMASKS);
+    let mut f =
+        std::fs::OpenOptions::new().append(true).open(&path).with_context(|| format!("opening {}", path.display()))?;
+    let line = format!("{}\n", maeum_tlog::hex(&stored::request_to_bytes(request)));
+    f.write_all(line.as_bytes())
+        .and_then(|()| f.sync_data())
+        .with_context(|| format!("appending to {}", path.display()))
+}
+
+/// Removes the stored session (its round committed, or its attempt failed).
+pub fn clear(home: &Home) {
+    let d = dir(home);
+    if d.exists()
+        && let Err(e) = std::fs::remove_dir_all(&d)
+    {
+        warn!(dir = %d.display(), error = %e, "could not remove the stored secure-aggregation session");
+    }
+}
+
+fn unhex(field: &str, text: &str) -> Result<Vec<u8>> {
+    maeum_tlog::unhex(text).map_err(|e| anyhow::anyhow!("{field}: {e}"))
+}
+
+fn reply(field: &str, text: &str) -> Result<Reply> {
+    stored::reply_from_bytes(&unhex(field, text)?).map_err(|e| anyhow::anyhow!("{field}: {e}"))
+}
+
+/// On start: restores a stored session of the current round of an active job into
+/// `c.round`, in the unmask stage. A stale one (its round committed, its job ended) is
+/// removed; one that cannot be restored is logged and removed (the round is then
+/// retried, and skipped if the sites already revealed it).
+pub fn load(c: &Coord) {
+    let path = dir(&c.home).join(SESSION);
+    if !path.exists() {
+        return;
+    }
+    match restore(c) {
+        Ok(Some(r)) => {
+            info!(
+                job = %r.job_id,
+                round = r.round,
+                attempt = r.attempt,
+                "restarted in the unmask stage of a revealed attempt; finishing that attempt"
+            );
+            *lock(&c.round) = Some(r);
+        }
+        Ok(None) => clear(&c.home),
+        Err(e) => {
+            error!(error = %format!("{e:#}"), file = %path.display(), "cannot restore the stored secure-aggregation session; the round will be retried");
+            clear(&c.home);
+        }
+    }
+}
+
+fn restore(c: &Coord) -> Result<Option<RoundState>> {
+    let d = dir(&c.home);
+    let text = std::fs::read(d.join(SESSION)).context("reading session.json")?;
+    let saved: Saved = serde_json::from_slice(&text).context("session.json")?;
+    let Some(job) = c.store.job(&saved.job_id)? else { return Ok(None) };
+    if !job.state.is_active() {
+        return Ok(None);
+    }
+    let (current, model) = if saved.evaluate_only {
+        match job.history.last() {
+            Some(last) if last.evaluation.is_none() => (job.completed_rounds(), last.model.clone()),
+            _ => return Ok(None),
+        }
+    } else {
+        (job.completed_rounds() + 1, job.latest().cloned().context("the job has no model")?)
+    };
+    if saved.round != current {
+        return Ok(None);
+    }
+    let sum = std::fs::read(d.join(SUM)).context("reading sum.bin")?;
+    if Digest::of(&sum).hex() != saved.sum_sha256 {
+        bail!("sum.bin does not match its SHA-256 in session.json (the file is damaged)");
+    }
+    let words: Vec<u32> = sum.chunks_exact(4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+    let info: SessionInfo =
+        stored::session_from_bytes(&unhex("session", &saved.session)?).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let binding: [u8; 32] =
+        unhex("binding", &saved.binding)?.try_into().map_err(|_| anyhow::anyhow!("binding: not 32 bytes"))?;
+    let ca = c.home.read("ca.pem")?;
+    let session = info.to_session(&saved.job_id, saved.round, saved.attempt, binding, |m| -> Result<Vec<u8>> {
+        let peer = maeum_pki::identity::PeerId::site(&m.site_id)?;
+        Ok(maeum_pki::identity::verify_peer_cert(&ca, &m.certificate_der, &peer)?)
+    })?;
+    let server = maeum_secagg::Server::resume(session.clone(), &unhex("server", &saved.server)?, words)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let Reply::Roster(roster) = reply("roster", &saved.roster)? else { bail!("roster: not a roster") };
+    let reveals = match &saved.reveals {
+        Some(t) => match reply("reveals", t)? {
+            Reply::Reveals(r) => Some(r),
+            _ => bail!("reveals: not graph reveals"),
+        },
+        None => None,
+    };
+    let Reply::Survivors(survivors) = reply("survivors", &saved.survivors)? else { bail!("survivors: not a set") };
+    let Reply::Proof(proof) = reply("proof", &saved.proof)? else { bail!("proof: not a proof") };
+    let mut sa = SecAggRound::resumed(
+        session,
+        info,
+        saved.eval_words,
+        saved.clip_norm,
+        server,
+        roster,
+        reveals,
+        survivors,
+        proof,
+    )
+    .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let stored_shares = std::fs::read_to_string(d.join(UNMASKS)).unwrap_or_default();
+    let mut fed = 0;
+    for line in stored_shares.lines().filter(|l| !l.is_empty()) {
+        // A torn last line (killed mid-append) is dropped: that site resends.
+        let Ok(request) =
+            unhex("unmasks.log", line).and_then(|b| stored::request_from_bytes(&b).map_err(|e| anyhow::anyhow!("{e}")))
+        else {
+            warn!("unmasks.log: an unreadable line; skipped (its site resends its shares)");
+            continue;
+        };
+        let StageMessage::Unmask(m) = &request.message else { continue };
+        let Some(site) = sa.names(&[m.index]).pop() else { continue };
+        if let Err(e) = sa.submit(&site, request.message.clone(), &Default::default()) {
+            warn!(site = %site, error = %e.message(), "a stored unmask message was refused again; skipped");
+            continue;
+        }
+        fed += 1;
+    }
+    let model_ref = crate::rounds::model_ref(&model)?;
+    let deadline_ms = now_ms() + job.spec.deadlines.train as i64 * 1000;
+    let mut r = RoundState::new(&job, saved.round, saved.attempt, Stage::Train, model_ref, deadline_ms);
+    r.selected = sa.session.participants.iter().map(|p| p.site_id.clone()).collect();
+    r.evaluate_only = saved.evaluate_only;
+    sa.stage_deadline_ms = now_ms() + job.spec.deadlines.secagg as i64 * 1000;
+    info!(round = saved.round, attempt = saved.attempt, stored_shares = fed, "secure-aggregation session restored");
+    r.secagg = Some(sa);
+    Ok(Some(r))
+}
