@@ -99,6 +99,8 @@ pub struct RoundState {
     /// A secure job's final evaluation: a session whose inputs hold only the weight
     /// word and the evaluation counts (the sites do not train).
     pub evaluate_only: bool,
+    /// SA-06 accusations of this attempt: accused site → the sites that accused it.
+    pub accusations: BTreeMap<String, BTreeSet<String>>,
 }
 
 impl RoundState {
@@ -137,6 +139,7 @@ impl RoundState {
             divergent: None,
             refused: None,
             evaluate_only: false,
+            accusations: BTreeMap::new(),
         }
     }
 
@@ -223,6 +226,14 @@ pub struct Coord {
     /// late unmask message for one of them is answered `Done` (its shares were not
     /// needed), not as a stale message.
     unmask_closed: Mutex<std::collections::VecDeque<(String, u32, u32)>>,
+}
+
+/// Records that `accuser` says `accused`'s share did not authenticate (SA-06); returns
+/// the accusers once two distinct sites have named `accused` (then it is excluded).
+fn accuse(accusations: &mut BTreeMap<String, BTreeSet<String>>, accuser: &str, accused: &str) -> Option<Vec<String>> {
+    let accusers = accusations.entry(accused.to_string()).or_default();
+    accusers.insert(accuser.to_string());
+    (accusers.len() >= 2).then(|| accusers.iter().cloned().collect())
 }
 
 /// Locks a mutex, recovering the data if a panicking thread poisoned it (the state is
@@ -1232,6 +1243,9 @@ impl pb::fleet_server::Fleet for Fleet {
         if rule == "reveal_once" {
             lock(&c.revealed_before).insert((job_id.clone(), r.round));
         }
+        if rule == "share_auth" {
+            c.accusation(&job_id, r.round, r.attempt, &site, r.accused).map_err(internal)?;
+        }
         warn!(site = %site, job = %job_id, round = r.round, attempt = r.attempt, rule, detail = %detail, "site REFUSED under its privacy policy");
         c.notify();
         Ok(Response::new(pb::Ack {}))
@@ -1527,6 +1541,52 @@ impl Coord {
     }
 
     /// Records that the unmask stage of (job, round, attempt) closed.
+    /// SA-06: `site` says the share party `accused` sealed for it did not authenticate,
+    /// and leaves the attempt. The coordinator cannot check which of the two is lying
+    /// (only they hold the key), so one accusation only drops the accuser; a party two
+    /// sites accuse is excluded from the job's later attempts, so a site that seals
+    /// garbage for its holders cannot stall the job, and one lying site alone cannot
+    /// exclude anyone.
+    pub fn accusation(&self, job_id: &str, round: u32, attempt: u32, site: &str, accused: u32) -> anyhow::Result<()> {
+        let excluded = {
+            let mut guard = lock(&self.round);
+            let Some(r) = guard.as_mut().filter(|r| r.job_id == job_id && r.round == round && r.attempt == attempt)
+            else {
+                return Ok(());
+            };
+            r.dropped.insert(site.to_string());
+            let Some(name) = u16::try_from(accused)
+                .ok()
+                .and_then(|i| r.secagg.as_ref().and_then(|sa| sa.names(&[i]).pop()))
+                .filter(|n| n != site)
+            else {
+                return Ok(());
+            };
+            accuse(&mut r.accusations, site, &name).map(|accusers| (name, accusers))
+        };
+        if let Some((name, accusers)) = excluded {
+            let why = format!(
+                "SA-06: its shares did not authenticate for {} sites ({}) in round {round} attempt {attempt}",
+                accusers.len(),
+                accusers.join(", ")
+            );
+            let newly = self
+                .store
+                .update_job(job_id, |j| {
+                    Ok(!j.excluded.contains_key(&name) && {
+                        j.excluded.insert(name.clone(), why.clone());
+                        true
+                    })
+                })?
+                .1;
+            if newly {
+                warn!(site = %name, reason = %why, "site excluded from this job's later attempts");
+            }
+        }
+        self.notify();
+        Ok(())
+    }
+
     pub fn note_unmask_closed(&self, job_id: &str, round: u32, attempt: u32) {
         let mut closed = lock(&self.unmask_closed);
         closed.push_back((job_id.to_owned(), round, attempt));
@@ -1882,4 +1942,18 @@ fn gate_overrides_pb(p: &crate::registry::PromotionRecord) -> Vec<pb::GateOverri
             audit_seq: g.audit_seq,
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_accusation_excludes_nobody_and_two_sites_exclude_the_accused() {
+        let mut a = BTreeMap::new();
+        assert_eq!(accuse(&mut a, "site-1", "site-5"), None, "one site alone cannot exclude anyone");
+        assert_eq!(accuse(&mut a, "site-1", "site-5"), None, "the same accuser twice is still one");
+        assert_eq!(accuse(&mut a, "site-2", "site-4"), None);
+        assert_eq!(accuse(&mut a, "site-3", "site-5"), Some(vec!["site-1".to_string(), "site-3".to_string()]));
+    }
 }

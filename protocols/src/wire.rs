@@ -321,7 +321,7 @@ pub struct EvaluateTask {
 /// The rules a site may name when it refuses something (`ReportRefusal`): the keys of
 /// its `[policy]` table and the protocol rules every site enforces. Anything else is
 /// counted as `other`.
-pub const REFUSAL_RULES: [&str; 18] = [
+pub const REFUSAL_RULES: [&str; 19] = [
     "allow_plaintext",
     "min_cohort",
     "min_threshold",
@@ -336,6 +336,7 @@ pub const REFUSAL_RULES: [&str; 18] = [
     "roster",
     "session",
     "halted",
+    "share_auth",
     "privacy.allow_non_dp",
     "privacy.max_epsilon",
     "privacy.max_delta",

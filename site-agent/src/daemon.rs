@@ -161,6 +161,20 @@ impl Agent {
         attempt: u32,
         refusal: &crate::policy::Refusal,
     ) {
+        self.refuse_naming(client, job_id, round, attempt, refusal, 0).await;
+    }
+
+    /// [`Agent::refuse`] naming a session party the refusal accuses (`accused`, its
+    /// index; 0 for none): a share from it that did not authenticate (SA-06).
+    pub(crate) async fn refuse_naming(
+        &self,
+        client: &mut Client,
+        job_id: &str,
+        round: u32,
+        attempt: u32,
+        refusal: &crate::policy::Refusal,
+        accused: u32,
+    ) {
         warn!(job = %job_id, round, attempt, rule = refusal.rule, why = %refusal.why, "REFUSED under this site's policy");
         self.metrics.policy_refusals.inc(refusal.rule);
         self.note(crate::witness::Record::Refusal {
@@ -178,6 +192,7 @@ impl Agent {
             attempt,
             rule: refusal.rule.into(),
             detail: refusal.why.clone(),
+            accused,
         };
         if let Err(e) = client.report_refusal(report).await {
             warn!(error = %describe(&e), "reporting the refusal to the coordinator");

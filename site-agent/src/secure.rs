@@ -17,8 +17,10 @@
 //! cargo feature (off in release builds and the images): `MAEUM_SITE_TEST_STALL_AT`
 //! (hang at a stage, see `stall_hook`), `MAEUM_SITE_DEBUG_KEEP_PLAIN_INPUT=1` (keep
 //! this site's own quantised input in HOME/debug, mode 0600, so a test can compare the
-//! coordinator's sum with the plain sum) and `MAEUM_SITE_ATTACK=inflate-weight` (play
-//! a poisoning site: claim a weight far above `max_weight`).
+//! coordinator's sum with the plain sum) and `MAEUM_SITE_ATTACK` (play a misbehaving
+//! site: `inflate-weight` claims a weight far above `max_weight`, `scale-update` skips
+//! the L2 bound and scales its update, `garbage-shares` seals shares that do not
+//! authenticate).
 
 use std::io::Write;
 use std::time::Duration;
@@ -402,12 +404,30 @@ pub(crate) async fn train(
     };
     agent.set(|s| s.stage = "secagg: share keys".into());
     stall_hook("share", t.round).await;
-    let shares = sa.share_keys(&roster, reveals.as_ref(), &verifier).map_err(fail)?;
+    let mut shares = sa.share_keys(&roster, reveals.as_ref(), &verifier).map_err(fail)?;
+    // Fault injection: a site that seals garbage for every other holder (SA-06).
+    if test_env("MAEUM_SITE_ATTACK").is_some_and(|v| v == "garbage-shares") {
+        warn!("FAULT INJECTION: sending shares that do not authenticate");
+        shares.shares.iter_mut().filter(|s| s.to != me).for_each(|s| s.ciphertext[0] ^= 0xff);
+    }
     let shares_for = match exchange(client, &t, StageMessage::ShareKeys(shares)).await? {
         Reply::Shares(s) => s,
         other => return Err(unexpected("share keys", &other)),
     };
-    let mut masker = sa.masked_input(&shares_for).map_err(fail)?;
+    let mut masker = match sa.masked_input(&shares_for) {
+        Ok(m) => m,
+        Err(e) => {
+            // A share sealed for this site did not authenticate: name its sender, so
+            // that a site sending garbage is left out of later attempts instead of
+            // stalling the job (the coordinator excludes a party two sites accuse).
+            if let (secagg::Check::ShareAuth, Some(party)) = (e.check, e.culprit) {
+                let who = info.members.iter().find(|m| m.index == party).map_or("?", |m| m.site_id.as_str());
+                let r = Refusal { rule: "share_auth", why: format!("{e} (site/{who}); this site leaves the attempt") };
+                agent.refuse_naming(client, &t.job_id, t.round, t.attempt, &r, u32::from(party)).await;
+            }
+            return Err(fail(e));
+        }
+    };
 
     let model = round_model(agent, client, &t, &job).await?;
     let counts = evaluation_counts(agent, &t, &model).await?;

@@ -339,6 +339,30 @@ fn an_inflated_weight_is_refused_without_failing_the_job() {
     }
 }
 
+/// Attack 6, denial by garbage shares: site-5 seals shares that do not authenticate for
+/// every holder. Each honest recipient catches it (SA-06), leaves the attempt and
+/// names the sender; a sender two sites name is excluded from the job's later attempts,
+/// so the job completes without it instead of retrying the same cohort forever.
+#[test]
+fn a_site_sending_garbage_shares_is_excluded_and_the_job_goes_on() {
+    let mut fed = Federation::new(5);
+    fed.start_coordinator();
+    fed.start_sites(&["site-1", "site-2", "site-3", "site-4"]);
+    fed.start_site_with("site-5", &[("MAEUM_SITE_ATTACK", "garbage-shares")]);
+    fed.wait_online(5);
+    let id = fed.submit("garbage", 1, 3, &format!("{SMALL_MODEL}[deadlines]\nsecagg = 10\n"));
+    let job = fed.wait_job(&id, 4 * MIN);
+    assert_eq!(job["state"], "completed", "{job:#}\n{}", fed.log_text("coordinator"));
+    let excluded = job["excluded"].to_string();
+    assert!(excluded.contains("site-5") && excluded.contains("SA-06"), "site-5 was not excluded: {job:#}");
+    let accusers: Vec<String> =
+        refusals(&fed).into_iter().filter(|(_, rule)| rule == "share_auth").map(|(site, _)| site).collect();
+    assert!(accusers.len() >= 2 && !accusers.contains(&"site-5".to_string()), "{accusers:?}");
+    let round = &job["history"][0];
+    let contributors = round["contributors"].to_string();
+    assert!(!contributors.contains("site-5"), "{round:#}");
+}
+
 /// Attack 6, scaling: one site multiplies its update by 1000 and skips the job's L2
 /// bound (`clip_norm`); the per-coordinate clip alone lets that through, the norm
 /// bound on the aggregate does not. An honest cohort under the same bound is applied.
