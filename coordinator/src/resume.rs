@@ -171,6 +171,20 @@ pub fn load(c: &Coord) {
     }
 }
 
+fn survivors_of(saved: &Saved) -> Result<Vec<u16>> {
+    match reply("survivors", &saved.survivors)? {
+        Reply::Survivors(s) => Ok(s.survivors),
+        _ => bail!("survivors: not a set"),
+    }
+}
+
+fn signers_of(saved: &Saved) -> Result<Vec<u16>> {
+    match reply("proof", &saved.proof)? {
+        Reply::Proof(p) => Ok(p.signatures.iter().map(|s| s.index).collect()),
+        _ => bail!("proof: not a proof"),
+    }
+}
+
 fn restore(c: &Coord) -> Result<Option<RoundState>> {
     let d = dir(&c.home);
     let text = std::fs::read(d.join(SESSION)).context("reading session.json")?;
@@ -250,6 +264,11 @@ fn restore(c: &Coord) -> Result<Option<RoundState>> {
     let deadline_ms = now_ms() + job.spec.deadlines.train as i64 * 1000;
     let mut r = RoundState::new(&job, saved.round, saved.attempt, Stage::Train, model_ref, deadline_ms);
     r.selected = sa.session.participants.iter().map(|p| p.site_id.clone()).collect();
+    // As before the crash: U3's inputs are in the sum; whoever did not sign U3 is out.
+    let u3 = survivors_of(&saved)?;
+    let signers = signers_of(&saved)?;
+    r.done = sa.names(&u3).into_iter().collect();
+    r.dropped = r.selected.iter().filter(|s| !sa.names(&signers).contains(*s)).cloned().collect();
     r.evaluate_only = saved.evaluate_only;
     sa.stage_deadline_ms = now_ms() + job.spec.deadlines.secagg as i64 * 1000;
     info!(round = saved.round, attempt = saved.attempt, stored_shares = fed, "secure-aggregation session restored");
