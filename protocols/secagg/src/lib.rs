@@ -10,7 +10,9 @@
 //! - `graph`: who masks with whom (every pair, or a k-regular SecAgg+ graph).
 //! - `quant`: clipping and stochastic rounding of `[w·Δ, w]` into Z/2^32.
 //! - `client` / `server`: the five-stage state machines (six with a SecAgg+ graph,
-//!   whose seed every party contributes to by commit and reveal after stage 1).
+//!   whose seed every party contributes to by commit and reveal after stage 1); the
+//!   server's `snapshot` (a session stopped in the unmask stage, to finish after a
+//!   restart) and `attribution` (naming a wrong revealed share, SA-11).
 //!
 //! Every check a party performs has a stable ID ([`Check`]); it appears in errors,
 //! test names and the table in `docs/protocols/secagg.md`.
