@@ -1,0 +1,290 @@
+//! Driving a round's secure-aggregation session: opening it for the selected sites,
+//! closing each stage, storing it for a restart before the unmask stage, and unmasking.
+
+use super::*;
+
+/// A new secure-aggregation session for the selected sites: indices in site-id order,
+/// each with the certificate the site was approved with, bound to the job file and the
+/// round's base model.
+pub(super) fn new_session(
+    c: &Coord,
+    job: &JobRecord,
+    round: u32,
+    attempt: u32,
+    selected: &BTreeSet<String>,
+    num_params: u64,
+    base: &Digest,
+) -> Result<SecAggRound> {
+    use maeum_protocols::wire::secagg::{Member, SessionInfo};
+    let eval_words = job.spec.evaluation_words();
+    let params = job
+        .spec
+        .secure_aggregation
+        .session_params(selected.len(), num_params, eval_words, job.spec.min_sites)
+        .map_err(anyhow::Error::msg)?;
+    let mut members = Vec::new();
+    for (i, site) in selected.iter().enumerate() {
+        let path = c.home.sites().join(format!("{site}.pem"));
+        let pem = std::fs::read_to_string(&path)
+            .with_context(|| format!("reading the approved certificate of site/{site} ({})", path.display()))?;
+        let der = maeum_pki::identity::pem_to_der(&pem)?
+            .into_iter()
+            .next()
+            .with_context(|| format!("{} holds no certificate", path.display()))?;
+        let mut der = der.to_vec();
+        if crate::attack::current() == Some(crate::attack::Attack::Sybil(site.clone())) {
+            // A certificate the CA signs now, for a key nobody approved in the log.
+            let (_, csr) = maeum_pki::identity::site_request(site)?;
+            let (_, pem) = c.home.ca()?.sign_site_request(&csr, Some(site), 30)?;
+            der = maeum_pki::identity::pem_to_der(&pem)?.into_iter().next().context("minted certificate")?.to_vec();
+            warn!(site = %site, "FAULT INJECTION: a session member with a certificate the log never approved");
+        }
+        members.push(Member { index: (i + 1) as u16, site_id: site.clone(), certificate_der: der });
+    }
+    // No graph seed: with `neighbours > 0` the sites draw it together after the roster
+    // (SA-13), so the coordinator cannot pick a neighbourhood of colluders.
+    let info = SessionInfo { consortium: c.home.consortium()?.name, params, members };
+    let ca = c.home.read("ca.pem")?;
+    let binding = maeum_protocols::wire::secagg::round_binding(&Digest::parse("spec_sha256", &job.spec_sha256)?, base);
+    let session = info.to_session(&job.id, round, attempt, binding, |m| -> Result<Vec<u8>> {
+        let peer = maeum_pki::identity::PeerId::site(&m.site_id)?;
+        Ok(maeum_pki::identity::verify_peer_cert(&ca, &m.certificate_der, &peer)?)
+    })?;
+    SecAggRound::new(session, info, eval_words as usize, job.spec.secure_aggregation.clip_norm)
+        .map_err(|e| anyhow::anyhow!("{e}"))
+}
+
+pub(super) enum SecAggEnd {
+    Done,
+    Aborted,
+    Failed(String),
+}
+
+/// Drives the session of the round in progress through its stages. On `Done` the
+/// round state holds the unmasked sum, the total weight and the contributors.
+pub(super) async fn drive_secagg(c: &Coord, id: &str, round: u32) -> Result<SecAggEnd> {
+    let job = load(c, id)?;
+    let stage_secs = job.spec.deadlines.secagg as i64;
+    let min_sites = job.spec.min_sites as usize;
+    // An attacking coordinator (fault injection) skips its own checks: the sites must
+    // hold on their own.
+    let own_checks = crate::attack::current().is_none();
+    {
+        let mut guard = lock(&c.round);
+        if let Some(sa) = guard.as_mut().and_then(|r| r.secagg.as_mut()) {
+            sa.stage_deadline_ms = now_ms() + stage_secs * 1000;
+        }
+    }
+    loop {
+        if reload_active(c, id)?.is_none() {
+            return Ok(SecAggEnd::Aborted);
+        }
+        let (close, status, unmask) = {
+            let mut guard = lock(&c.round);
+            let Some(r) = guard.as_mut() else { return Ok(SecAggEnd::Aborted) };
+            let done = r.done.clone();
+            let train_deadline = r.deadline_ms;
+            let Some(sa) = r.secagg.as_ref() else { return Ok(SecAggEnd::Failed("no session".into())) };
+            let expected = sa.expected(&done);
+            let mut newly_dropped = Vec::new();
+            for s in &expected {
+                // Just after a restart (a session resumed in the unmask stage) no site
+                // has heart-beaten yet: give them one heartbeat timeout.
+                let offline = !c.is_online(s) && c.started.elapsed() >= c.settings.heartbeat_timeout;
+                if !r.dropped.contains(s) && (offline || c.revocations.is_revoked(s)) {
+                    newly_dropped.push(s.clone());
+                }
+            }
+            let stage = sa.stage;
+            let spoken = sa.spoken(&done);
+            let deadline = if stage == SaStage::Masked { train_deadline } else { sa.stage_deadline_ms };
+            for s in newly_dropped {
+                warn!(round, site = %s, stage = stage.name(), "site went offline; dropped from the round");
+                r.dropped.insert(s);
+            }
+            let waiting: Vec<&String> =
+                expected.iter().filter(|s| !r.dropped.contains(*s) && !spoken.contains(*s)).collect();
+            let late = now_ms() >= deadline;
+            if late {
+                for s in &waiting {
+                    warn!(round, site = %s, stage = stage.name(), "site missed the stage deadline; dropped from the round");
+                }
+                let w: Vec<String> = waiting.iter().map(|s| (*s).clone()).collect();
+                r.dropped.extend(w);
+            }
+            let status = format!(
+                "round {round}: secure aggregation, {}: {}/{} sites",
+                stage.name(),
+                spoken.len(),
+                expected.len() + if stage == SaStage::Masked { spoken.len() } else { 0 }
+            );
+            (waiting.is_empty() || late, status, stage == SaStage::Unmask)
+        };
+        set_activity(c, status);
+        if !close {
+            let mut rx = c.changed.subscribe();
+            let _ = tokio::time::timeout(TICK, rx.changed()).await;
+            continue;
+        }
+        if unmask {
+            return finish_secagg(c, round).await;
+        }
+        let closed = {
+            let mut guard = lock(&c.round);
+            let Some(sa) = guard.as_mut().and_then(|r| r.secagg.as_mut()) else { return Ok(SecAggEnd::Aborted) };
+            let from = sa.stage;
+            match sa.close_stage(now_ms() + stage_secs * 1000) {
+                // A sum over fewer than min_sites is never unmasked: the attempt ends
+                // here, before any site reveals a share (a sum unmasked and then
+                // discarded would let a retry's sum be differenced against it).
+                Ok(()) if from == SaStage::Masked && sa.survivor_count() < min_sites && own_checks => {
+                    let why = format!(
+                        "only {} masked inputs arrived, min_sites is {min_sites}; ended before unmasking",
+                        sa.survivor_count()
+                    );
+                    sa.failed = Some(why.clone());
+                    Err((why, None))
+                }
+                Ok(()) => Ok(from),
+                Err(e) => {
+                    let why = e.to_string();
+                    sa.failed = Some(why.clone());
+                    Err((why, e.culprit.and_then(|i| sa.site.get(&i).cloned())))
+                }
+            }
+        };
+        c.notify();
+        match closed {
+            Ok(from) => {
+                info!(round, stage = from.name(), "secure-aggregation stage closed");
+                if from == SaStage::Consistency
+                    && let Err(e) = store_for_restart(c).await
+                {
+                    let why = format!("could not store the session before the unmask stage: {e:#}");
+                    if let Some(sa) = lock(&c.round).as_mut().and_then(|r| r.secagg.as_mut()) {
+                        sa.failed = Some(why.clone());
+                    }
+                    return Ok(SecAggEnd::Failed(why));
+                }
+            }
+            Err((why, culprit)) => {
+                let why = exclude(c, id, culprit, why)?;
+                // Give waiting sites a moment to hear that the attempt failed.
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                return Ok(SecAggEnd::Failed(why));
+            }
+        }
+    }
+}
+
+/// Writes the session down for a restart (`crate::resume`) and only then lets sites
+/// have the survivor proof: a sum that any site reveals survives this process.
+async fn store_for_restart(c: &Coord) -> Result<()> {
+    let started = std::time::Instant::now();
+    let snapshot = {
+        let guard = lock(&c.round);
+        let Some(r) = guard.as_ref() else { return Ok(()) };
+        crate::resume::take(r)?
+    };
+    let home = c.home.clone();
+    tokio::task::spawn_blocking(move || crate::resume::write(&home, &snapshot))
+        .await
+        .context("storing the session")??;
+    if let Some(sa) = lock(&c.round).as_mut().and_then(|r| r.secagg.as_mut()) {
+        sa.unmask_durable = true;
+    }
+    c.notify();
+    info!(ms = started.elapsed().as_millis() as u64, "session stored for a restart before the unmask stage");
+    Ok(())
+}
+
+/// Leaves `culprit` (the site the secure-aggregation core named as the cause of a
+/// failed attempt) out of the job's later attempts; returns the failure reason, which
+/// says so.
+fn exclude(c: &Coord, id: &str, culprit: Option<String>, why: String) -> Result<String> {
+    let Some(site) = culprit else { return Ok(why) };
+    c.store.update_job(id, |j| {
+        j.excluded.entry(site.clone()).or_insert_with(|| why.clone());
+        Ok(())
+    })?;
+    warn!(site = %site, reason = %why, "site excluded from this job's later attempts");
+    Ok(format!("{why}; site/{site} is excluded from this job's later attempts"))
+}
+
+/// Unmasks the sum (outside the round lock) and records the result in the round.
+pub(super) async fn finish_secagg(c: &Coord, round: u32) -> Result<SecAggEnd> {
+    let server = {
+        let mut guard = lock(&c.round);
+        let Some(r) = guard.as_mut() else { return Ok(SecAggEnd::Aborted) };
+        c.note_unmask_closed(&r.job_id, r.round, r.attempt);
+        let Some(sa) = r.secagg.as_mut() else { return Ok(SecAggEnd::Aborted) };
+        sa.take_server()
+    };
+    c.notify();
+    let Some(server) = server else { return Ok(SecAggEnd::Failed("session already finished".into())) };
+    let started = std::time::Instant::now();
+    let outcome = tokio::task::spawn_blocking(move || crate::secagg::finish(server)).await?;
+    let mut guard = lock(&c.round);
+    let Some(r) = guard.as_mut() else { return Ok(SecAggEnd::Aborted) };
+    let Some(sa) = r.secagg.as_mut() else { return Ok(SecAggEnd::Aborted) };
+    let outcome = match outcome {
+        Ok(o) => o,
+        Err(e) => {
+            let culprit = e.culprit.and_then(|i| sa.site.get(&i).cloned());
+            let why = e.to_string();
+            sa.failed = Some(why.clone());
+            let job_id = r.job_id.clone();
+            drop(guard);
+            return Ok(SecAggEnd::Failed(exclude(c, &job_id, culprit, why)?));
+        }
+    };
+    let (sum, total_weight, counts) = sa.decode(&outcome);
+    // Honest sites clip and cap before masking; nothing but the sum can show whether
+    // one did not. An aggregate outside what |U3| honest inputs can make is refused: no
+    // site can scale the mean or wrap Σw. The round is committed without an update
+    // rather than retried, because the sites revealed this round's sum once and will
+    // not reveal another over other survivors (a retry would stall the job).
+    let refused = sa.check_bounds(&sum, total_weight, outcome.survivors.len()).err();
+    if let Some(why) = &refused {
+        warn!(round, reason = %why, "the unmasked aggregate breaks the job's bounds; the round is committed without an update");
+    }
+    let survivors = sa.names(&outcome.survivors);
+    let dropped = sa.names(&outcome.dropped);
+    let mut bytes = Vec::with_capacity(outcome.sum.len() * 4);
+    for w in &outcome.sum {
+        bytes.extend_from_slice(&w.to_le_bytes());
+    }
+    info!(
+        round,
+        survivors = survivors.len(),
+        dropped = dropped.len(),
+        unmask_ms = started.elapsed().as_millis() as u64,
+        "secure aggregation finished"
+    );
+    let event = Event::RoundSecagg {
+        job_id: r.job_id.clone(),
+        round: r.round,
+        attempt: r.attempt,
+        survivors: survivors.clone(),
+        dropped: dropped.clone(),
+    };
+    c.metrics.secagg_dropouts.inc_by(dropped.len() as u64);
+    r.sum = sum;
+    r.total_weight = total_weight;
+    r.done = survivors.into_iter().collect();
+    r.dropped = dropped.into_iter().collect();
+    r.aggregate = Some(bytes);
+    r.refused = refused;
+    // The cohort's evaluation of the model the round was handed, summed inside the
+    // masked inputs: the coordinator never sees a site's counts.
+    match r.secure_evaluation(&counts) {
+        Ok(()) => r.evaluated = r.done.clone(),
+        Err(why) => {
+            warn!(round, reason = %why, "the summed evaluation counts are inconsistent; no evaluation recorded");
+            r.evaluated.clear();
+        }
+    }
+    drop(guard);
+    c.record(event)?;
+    Ok(SecAggEnd::Done)
+}
