@@ -1,0 +1,438 @@
+//! One work item: download and verify the round's model, evaluate, train, and upload a
+//! plaintext update (debugging jobs; secure rounds are in `secure`).
+
+use super::*;
+
+/// A downloaded blob did not hash to the digest it was asked for (it was discarded).
+#[derive(Debug)]
+pub(crate) struct DigestMismatch {
+    pub want: String,
+    pub got: String,
+}
+
+impl std::fmt::Display for DigestMismatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "downloaded model does not match its digest {}; discarded", self.want)
+    }
+}
+
+impl std::error::Error for DigestMismatch {}
+
+/// Downloads (or resumes downloading) a model into HOME/models and verifies its digest.
+pub(crate) async fn download(agent: &Agent, client: &mut Client, model: &ModelRef) -> Result<PathBuf> {
+    let dir = agent.home.path("models");
+    let path = dir.join(format!("{}.safetensors", model.digest));
+    if path.exists() {
+        return Ok(path);
+    }
+    let part = dir.join(format!("{}.part", model.digest));
+    agent.set(|s| s.stage = "downloading".into());
+    let started = std::time::Instant::now();
+    for _ in 0..5 {
+        let mut file = std::fs::OpenOptions::new().create(true).append(true).open(&part)?;
+        let mut offset = file.metadata()?.len();
+        if offset > model.size {
+            file.set_len(0)?;
+            offset = 0;
+        }
+        if offset < model.size {
+            let mut stream =
+                client.download(pb::DownloadRequest { digest: model.digest.hex(), offset }).await?.into_inner();
+            let result: Result<()> = async {
+                while let Some(c) = stream.next().await {
+                    let c = c?;
+                    wire::check_chunk(offset, model.size, c.offset, &c.data, &c.sha256)?;
+                    file.write_all(&c.data)?;
+                    agent.metrics.bytes_received.inc_by(c.data.len() as u64);
+                    offset += c.data.len() as u64;
+                }
+                Ok(())
+            }
+            .await;
+            file.sync_data()?;
+            if let Err(e) = result {
+                warn!(error = %format!("{e:#}"), offset, "model download interrupted; resuming");
+                continue;
+            }
+        }
+        let mut hasher = Hasher::default();
+        let mut f = std::fs::File::open(&part)?;
+        let mut buf = vec![0u8; CHUNK_SIZE];
+        loop {
+            let n = f.read(&mut buf)?;
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buf[..n]);
+        }
+        let got = hasher.finish();
+        if got != model.digest {
+            agent.metrics.verification_failures.inc("model_digest");
+            let _ = std::fs::remove_file(&part);
+            return Err(DigestMismatch { want: model.digest.hex(), got: got.hex() }.into());
+        }
+        std::fs::rename(&part, &path)?;
+        agent.metrics.stage("download", started.elapsed());
+        info!(model = %model.digest, bytes = model.size, "model downloaded and verified");
+        return Ok(path);
+    }
+    bail!("model download kept failing")
+}
+
+/// Loads a downloaded model and checks it is the job's model.
+pub(super) fn load_model(path: &Path, job: &JobSpec, model: &ModelRef) -> Result<(ModelSpec, FlatParams)> {
+    let (spec, params, _) = ModelSpec::load(path)?;
+    let expected = job.model_spec()?;
+    if spec != expected {
+        bail!("model {} is not the job's model (architecture or labels differ)", model.digest);
+    }
+    if Digest(spec.layout().digest().0) != model.layout_digest {
+        bail!("model {} layout does not match the announced layout", model.digest);
+    }
+    Ok((spec, params))
+}
+
+/// Which round attempt and model an evaluation belongs to.
+pub(super) struct EvalOf<'a> {
+    job_id: &'a str,
+    round: u32,
+    attempt: u32,
+    model: &'a ModelRef,
+}
+
+pub(super) async fn report_eval(
+    agent: &Agent,
+    client: &mut Client,
+    of: EvalOf<'_>,
+    spec: &ModelSpec,
+    params: FlatParams,
+    data: Arc<Prepared2>,
+) -> Result<()> {
+    agent.set(|s| s.stage = "evaluating".into());
+    let spec2 = spec.clone();
+    let (confusion, crisis_histogram) = tokio::task::spawn_blocking(move || {
+        let confusion = spec2.evaluate(&params, &data.test)?;
+        let histogram = crisis_histogram(&spec2, &params, &data.test)?;
+        anyhow::Ok((confusion, histogram))
+    })
+    .await??;
+    let counts = ConfusionCounts::from_rows(&confusion.counts);
+    let note = crate::releases::Reported {
+        time_ms: crate::now_ms(),
+        job_id: of.job_id.into(),
+        round: of.round,
+        attempt: of.attempt,
+        model: of.model.digest.hex(),
+        confusion: confusion.counts.clone(),
+    };
+    if let Err(e) = crate::releases::note_evaluation(&agent.home, &note) {
+        warn!(error = %format!("{e:#}"), "writing evaluations.jsonl");
+    }
+    let report = pb::EvaluationReport::from(&wire::EvaluationReport {
+        job_id: of.job_id.into(),
+        round: of.round,
+        attempt: of.attempt,
+        model_digest: of.model.digest,
+        confusion: counts,
+        crisis_histogram,
+    });
+    match client.report_evaluation(report).await {
+        Ok(_) => Ok(()),
+        Err(e) if e.code() == Code::AlreadyExists => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// The held-out examples by their largest crisis-class probability (what the
+/// coordinator chooses the crisis flag's threshold from); `None` when the model has no
+/// crisis class. Counts only, like the confusion matrix.
+pub(crate) fn crisis_histogram(
+    spec: &ModelSpec,
+    params: &FlatParams,
+    data: &Prepared,
+) -> Result<Option<maeum_models::metrics::CrisisHistogram>> {
+    let crisis: Vec<usize> = spec
+        .labels()
+        .names()
+        .iter()
+        .enumerate()
+        .filter(|(_, l)| maeum_tlog::release::is_crisis_label(l))
+        .map(|(i, _)| i)
+        .collect();
+    if crisis.is_empty() {
+        return Ok(None);
+    }
+    let probabilities = spec.predict_proba(params, data)?;
+    Ok(Some(maeum_models::metrics::CrisisHistogram::from_probabilities(&probabilities, data.labels(), &crisis)))
+}
+
+pub(super) async fn evaluate(agent: &Agent, client: &mut Client, t: EvaluateTask) -> Result<()> {
+    agent.set(|s| {
+        s.job_id = t.job_id.clone();
+        s.round = t.round;
+    });
+    let job = agent.job(&t.job_id)?;
+    let path = download(agent, client, &t.model).await?;
+    let (spec, params) = load_model(&path, &job, &t.model)?;
+    agent.note_model(&t.job_id, t.round, &t.model);
+    let data = agent.prepared(&t.job_id, &spec).await?;
+    let of = EvalOf { job_id: &t.job_id, round: t.round, attempt: t.attempt, model: &t.model };
+    report_eval(agent, client, of, &spec, params, data).await?;
+    agent.set(|s| s.last_model = t.model.digest.hex());
+    info!(job = %t.job_id, round = t.round, "final evaluation reported");
+    Ok(())
+}
+
+pub(super) fn site_salt(site_id: &str) -> u64 {
+    site_id.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3))
+}
+
+pub(super) async fn train(agent: &Agent, client: &mut Client, t: TrainTask) -> Result<()> {
+    agent.set(|s| {
+        s.job_id = t.job_id.clone();
+        s.round = t.round;
+    });
+    // Test hook (fault-injection builds only): a site whose every training item fails.
+    if crate::secure::test_env("MAEUM_SITE_TEST_FAIL_TRAIN").is_some_and(|v| v == "1") {
+        bail!("test hook: this site's training fails");
+    }
+    let job = agent.job(&t.job_id)?;
+    match (t.secagg.clone(), job.secure_aggregation.enabled()) {
+        (Some(info), true) => return crate::secure::train(agent, client, t, job, info).await,
+        (None, true) => bail!(
+            "the coordinator asked for a plaintext update, but job {} requires secure aggregation; refusing",
+            t.job_id
+        ),
+        (Some(_), false) => bail!(
+            "the coordinator proposed secure aggregation for job {}, whose file turns it off; refusing the mismatch",
+            t.job_id
+        ),
+        (None, false) => {
+            warn!(job = %t.job_id, "this job sends plaintext updates (insecure_plaintext_aggregation_for_debugging)")
+        }
+    }
+    let name = format!("{}-r{}-a{}", t.job_id, t.round, t.attempt);
+    let update_path = agent.home.path(&format!("work/{name}.update"));
+    let header_path = agent.home.path(&format!("work/{name}.json"));
+    let header: UploadHeader = match std::fs::read_to_string(&header_path).ok().and_then(|s| stored_header(&s)) {
+        Some(h) if update_path.exists() => {
+            info!(job = %t.job_id, round = t.round, "resuming the upload of an update computed before a restart");
+            h
+        }
+        _ => {
+            let (delta, examples) = local_update(agent, client, &t, &job).await?;
+            let mut bytes = Vec::with_capacity(delta.len() * 4);
+            for d in &delta {
+                bytes.extend_from_slice(&d.to_le_bytes());
+            }
+            let h = t.upload_header(delta.len() as u64, examples, Digest::of(&bytes), false);
+            maeum_models::write_atomic(&update_path, &bytes)?;
+            maeum_models::write_atomic(&header_path, header_json(&h).as_bytes())?;
+            h
+        }
+    };
+    agent.set(|s| s.stage = "uploading".into());
+    let result = agent.upload(client, &header, &update_path).await;
+    if result.is_ok()
+        || matches!(&result, Err(e) if e.downcast_ref::<RpcStatus>().is_some_and(|s| matches!(s.code(), Code::FailedPrecondition | Code::AlreadyExists)))
+    {
+        let _ = std::fs::remove_file(&update_path);
+        let _ = std::fs::remove_file(&header_path);
+    }
+    result?;
+    agent.note(crate::witness::Record::Contribution {
+        job_id: t.job_id.clone(),
+        round: t.round,
+        attempt: t.attempt,
+        secure: false,
+        time_ms: crate::now_ms(),
+    });
+    agent.set(|s| s.last_model = t.model.digest.hex());
+    info!(job = %t.job_id, round = t.round, "update delivered");
+    Ok(())
+}
+
+/// The model a round was handed, as this site holds it.
+pub(crate) struct RoundModel {
+    pub(crate) spec: ModelSpec,
+    pub(crate) params: FlatParams,
+    pub(crate) data: Arc<Prepared2>,
+}
+
+/// Downloads the round's model (resuming, digest-checked), checks it is the job's, and
+/// prepares the local records for it.
+pub(crate) async fn round_model(
+    agent: &Agent,
+    client: &mut Client,
+    t: &TrainTask,
+    job: &JobSpec,
+) -> Result<RoundModel> {
+    let path = download(agent, client, &t.model).await?;
+    let (spec, params) = load_model(&path, job, &t.model)?;
+    agent.note_model(&t.job_id, t.round, &t.model);
+    let data = agent.prepared(&t.job_id, &spec).await?;
+    Ok(RoundModel { spec, params, data })
+}
+
+/// Downloads the round's model, evaluates it first if asked (plaintext jobs), and
+/// trains on the local records: the update Δ = local − global, and the number of
+/// training records.
+pub(crate) async fn local_update(
+    agent: &Agent,
+    client: &mut Client,
+    t: &TrainTask,
+    job: &JobSpec,
+) -> Result<(Vec<f32>, u64)> {
+    let m = round_model(agent, client, t, job).await?;
+    if t.evaluate_first {
+        let of = EvalOf { job_id: &t.job_id, round: t.round, attempt: t.attempt, model: &t.model };
+        report_eval(agent, client, of, &m.spec, m.params.clone(), m.data.clone()).await?;
+    }
+    train_from(agent, client, t, job, m).await
+}
+
+/// Trains the round's model on the local records: Δ = local − global, and the weight
+/// (the number of training records, which never leaves the site but inside a masked
+/// input; 1 in a differentially private job, whose guarantee would not cover an exact
+/// count). A DP job's round is charged to the privacy ledger (durably, and reported
+/// for the audit log) before the records are touched, and trained with DP-SGD whose
+/// sampling and noise come from the site's secret key.
+pub(crate) async fn train_from(
+    agent: &Agent,
+    client: &mut Client,
+    t: &TrainTask,
+    job: &JobSpec,
+    m: RoundModel,
+) -> Result<(Vec<f32>, u64)> {
+    let RoundModel { spec, params: global, data } = m;
+    let name = format!("{}-r{}-a{}", t.job_id, t.round, t.attempt);
+    // Files of earlier attempts can never be accepted again.
+    if let Ok(dir) = std::fs::read_dir(agent.home.path("work")) {
+        for e in dir.flatten() {
+            if !e.file_name().to_string_lossy().starts_with(&format!("{name}.")) {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
+    let cfg = job.train_config(t.round, t.attempt, site_salt(&agent.site_id));
+    let start = global.clone();
+    let started = std::time::Instant::now();
+    let (local, report, weight) = match job.privacy_plan()? {
+        None => {
+            agent.set(|s| s.stage = "training".into());
+            let (local, report) =
+                tokio::task::spawn_blocking(move || spec.train(&start, &data.train, &cfg, &mut ())).await??;
+            (local, report, agent.data.train.len() as u64)
+        }
+        Some(plan) => {
+            let base = t.model.digest.hex();
+            let charged = match crate::ledger::charge(&agent.home, &t.job_id, t.round, &base, &plan) {
+                Ok(c) => c,
+                Err(refusal) => {
+                    agent.refuse(client, &t.job_id, t.round, t.attempt, &refusal).await;
+                    return Err(refusal.into());
+                }
+            };
+            info!(job = %t.job_id, round = t.round, epsilon = charged.epsilon_job, new = charged.new, "privacy ledger charged");
+            // Reported on every attempt, also a retry's (same charge): a site killed between
+            // the ledger's fsync and the report still gets the charge into the log.
+            {
+                let report = pb::PrivacyCharge {
+                    job_id: t.job_id.clone(),
+                    round: t.round,
+                    mechanism: crate::ledger::LOCAL_DP_SGD.into(),
+                    epsilon: charged.epsilon_job.to_string(),
+                    delta: plan.delta.to_string(),
+                    clip: plan.clip.to_string(),
+                    noise_multiplier: plan.noise_multiplier.to_string(),
+                    sample_rate: plan.sample_rate.to_string(),
+                    steps: charged.steps,
+                };
+                if let Err(e) = client.report_privacy(report).await {
+                    warn!(error = %describe(&e), "reporting the privacy charge to the coordinator (the ledger holds it)");
+                }
+            }
+            agent.set(|s| s.stage = "training (DP-SGD)".into());
+            let mut rng = crate::ledger::noise_rng(&agent.home, &t.job_id, t.round, &base)?;
+            let mechanism = plan.round_mechanism();
+            let (local, report) = tokio::task::spawn_blocking(move || {
+                spec.train_dp(&start, &data.train, &cfg, &mechanism, &mut rng, &mut ())
+            })
+            .await??;
+            (local, report, 1)
+        }
+    };
+    agent.metrics.stage("train", started.elapsed());
+    info!(job = %t.job_id, round = t.round, steps = report.steps, seconds = started.elapsed().as_secs_f32(), "local training done");
+    let delta = local.values().iter().zip(global.values()).map(|(l, g)| l - g).collect();
+    Ok((delta, weight))
+}
+
+/// The on-disk form of an update's header (HOME/work/NAME.json).
+pub(super) fn header_json(h: &UploadHeader) -> String {
+    serde_json::json!({
+        "job_id": h.job_id, "round": h.round, "attempt": h.attempt, "base_digest": h.base_digest.hex(),
+        "layout_digest": h.layout_digest.hex(), "num_params": h.num_params, "weight": h.weight,
+        "sha256": h.sha256.hex(),
+    })
+    .to_string()
+}
+
+pub(super) fn stored_header(json: &str) -> Option<UploadHeader> {
+    let pb: pb::UploadHeader = serde_json::from_str::<serde_json::Value>(json).ok().and_then(|v| {
+        Some(pb::UploadHeader {
+            job_id: v.get("job_id")?.as_str()?.into(),
+            round: v.get("round")?.as_u64()? as u32,
+            attempt: v.get("attempt")?.as_u64()? as u32,
+            base_digest: v.get("base_digest")?.as_str()?.into(),
+            layout_digest: v.get("layout_digest")?.as_str()?.into(),
+            num_params: v.get("num_params")?.as_u64()?,
+            weight: v.get("weight")?.as_u64()?,
+            sha256: v.get("sha256")?.as_str()?.into(),
+            masked: false,
+        })
+    })?;
+    UploadHeader::try_from(pb).ok()
+}
+
+/// Uploads an update file, resuming from what the coordinator already holds.
+pub async fn upload(client: &mut Client, header: &UploadHeader, path: &Path) -> Result<()> {
+    let mut last_err = None;
+    for _ in 0..5 {
+        let state = client.begin_upload(pb::UploadHeader::from(header)).await?.into_inner();
+        let mut offset = state.confirmed;
+        let mut file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+        file.seek(SeekFrom::Start(offset))?;
+        let total = header.payload_len();
+        let upload_id = state.upload_id.clone();
+        let (tx, rx) = tokio::sync::mpsc::channel::<pb::UploadChunk>(4);
+        let reader = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+            while offset < total {
+                let n = (total - offset).min(CHUNK_SIZE as u64) as usize;
+                let mut buf = vec![0u8; n];
+                file.read_exact(&mut buf)?;
+                let c = wire::chunk(offset, buf);
+                let msg =
+                    pb::UploadChunk { upload_id: upload_id.clone(), offset: c.offset, data: c.data, sha256: c.sha256 };
+                if tx.blocking_send(msg).is_err() {
+                    break;
+                }
+                offset += n as u64;
+            }
+            Ok(())
+        });
+        let result = client.upload(tokio_stream::wrappers::ReceiverStream::new(rx)).await;
+        reader.await??;
+        match result {
+            Ok(s) if s.get_ref().complete => return Ok(()),
+            Ok(s) => last_err = Some(anyhow::anyhow!("upload stopped at {} of {total} bytes", s.get_ref().confirmed)),
+            Err(e) if matches!(e.code(), Code::Unavailable | Code::Unknown | Code::Cancelled | Code::DataLoss) => {
+                warn!(error = %describe(&e), "upload interrupted; resuming");
+                last_err = Some(e.into());
+            }
+            Err(e) => return Err(e.into()),
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    Err(last_err.unwrap_or_else(|| anyhow::anyhow!("upload failed")))
+}
