@@ -58,8 +58,6 @@ struct Saved {
     proof: String,
     server: String,
     sum_sha256: String,
-    eval_words: usize,
-    clip_norm: f32,
 }
 
 /// What the orchestrator copies out of the round under its lock.
@@ -97,8 +95,6 @@ pub fn take(r: &RoundState) -> Result<Snapshot> {
         proof: hex(&stored::reply_to_bytes(&Reply::Proof(proof))),
         server: hex(&server),
         sum_sha256: Digest::of(&sum).hex(),
-        eval_words: sa.eval_words,
-        clip_norm: sa.clip_norm,
     };
     Ok(Snapshot { saved, sum })
 }
@@ -171,20 +167,6 @@ pub fn load(c: &Coord) {
     }
 }
 
-fn survivors_of(saved: &Saved) -> Result<Vec<u16>> {
-    match reply("survivors", &saved.survivors)? {
-        Reply::Survivors(s) => Ok(s.survivors),
-        _ => bail!("survivors: not a set"),
-    }
-}
-
-fn signers_of(saved: &Saved) -> Result<Vec<u16>> {
-    match reply("proof", &saved.proof)? {
-        Reply::Proof(p) => Ok(p.signatures.iter().map(|s| s.index).collect()),
-        _ => bail!("proof: not a proof"),
-    }
-}
-
 fn restore(c: &Coord) -> Result<Option<RoundState>> {
     let d = dir(&c.home);
     let text = std::fs::read(d.join(SESSION)).context("reading session.json")?;
@@ -213,11 +195,7 @@ fn restore(c: &Coord) -> Result<Option<RoundState>> {
         stored::session_from_bytes(&unhex("session", &saved.session)?).map_err(|e| anyhow::anyhow!("{e}"))?;
     let binding: [u8; 32] =
         unhex("binding", &saved.binding)?.try_into().map_err(|_| anyhow::anyhow!("binding: not 32 bytes"))?;
-    let ca = c.home.read("ca.pem")?;
-    let session = info.to_session(&saved.job_id, saved.round, saved.attempt, binding, |m| -> Result<Vec<u8>> {
-        let peer = maeum_pki::identity::PeerId::site(&m.site_id)?;
-        Ok(maeum_pki::identity::verify_peer_cert(&ca, &m.certificate_der, &peer)?)
-    })?;
+    let session = crate::rounds::session_of(c, &info, &saved.job_id, saved.round, saved.attempt, binding)?;
     let server = maeum_secagg::Server::resume(session.clone(), &unhex("server", &saved.server)?, words)
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     let Reply::Roster(roster) = reply("roster", &saved.roster)? else { bail!("roster: not a roster") };
@@ -230,11 +208,14 @@ fn restore(c: &Coord) -> Result<Option<RoundState>> {
     };
     let Reply::Survivors(survivors) = reply("survivors", &saved.survivors)? else { bail!("survivors: not a set") };
     let Reply::Proof(proof) = reply("proof", &saved.proof)? else { bail!("proof: not a proof") };
+    let u3 = survivors.survivors.clone();
+    let signers: Vec<u16> = proof.signatures.iter().map(|s| s.index).collect();
+    // The job file fixes these, as when the session was opened.
     let mut sa = SecAggRound::resumed(
         session,
         info,
-        saved.eval_words,
-        saved.clip_norm,
+        job.spec.evaluation_words() as usize,
+        job.spec.secure_aggregation.clip_norm,
         server,
         roster,
         reveals,
@@ -265,8 +246,6 @@ fn restore(c: &Coord) -> Result<Option<RoundState>> {
     let mut r = RoundState::new(&job, saved.round, saved.attempt, Stage::Train, model_ref, deadline_ms);
     r.selected = sa.session.participants.iter().map(|p| p.site_id.clone()).collect();
     // As before the crash: U3's inputs are in the sum; whoever did not sign U3 is out.
-    let u3 = survivors_of(&saved)?;
-    let signers = signers_of(&saved)?;
     r.done = sa.names(&u3).into_iter().collect();
     r.dropped = r.selected.iter().filter(|s| !sa.names(&signers).contains(*s)).cloned().collect();
     r.evaluate_only = saved.evaluate_only;

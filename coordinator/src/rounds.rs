@@ -30,6 +30,7 @@ use crate::strategy::ServerOptimizer;
 
 mod secure;
 
+pub(crate) use secure::session_of;
 use secure::{SecAggEnd, drive_secagg, new_session};
 
 const TICK: Duration = Duration::from_millis(250);

@@ -686,21 +686,28 @@ impl Coord {
                 accusers.len(),
                 accusers.join(", ")
             );
-            let newly = self
-                .store
-                .update_job(job_id, |j| {
-                    Ok(!j.excluded.contains_key(&name) && {
-                        j.excluded.insert(name.clone(), why.clone());
-                        true
-                    })
-                })?
-                .1;
-            if newly {
-                warn!(site = %name, reason = %why, "site excluded from this job's later attempts");
-            }
+            self.exclude_site(job_id, &name, &why)?;
         }
         self.notify();
         Ok(())
+    }
+
+    /// Leaves `site` out of the job's later attempts for `why` (the first reason
+    /// stands); logs it once. Returns whether the site was newly excluded.
+    pub fn exclude_site(&self, job_id: &str, site: &str, why: &str) -> anyhow::Result<bool> {
+        let newly = self
+            .store
+            .update_job(job_id, |j| {
+                Ok(!j.excluded.contains_key(site) && {
+                    j.excluded.insert(site.to_string(), why.to_string());
+                    true
+                })
+            })?
+            .1;
+        if newly {
+            warn!(site = %site, reason = %why, "site excluded from this job's later attempts");
+        }
+        Ok(newly)
     }
 
     pub fn note_unmask_closed(&self, job_id: &str, round: u32, attempt: u32) {

@@ -44,14 +44,27 @@ pub(super) fn new_session(
     // No graph seed: with `neighbours > 0` the sites draw it together after the roster
     // (SA-13), so the coordinator cannot pick a neighbourhood of colluders.
     let info = SessionInfo { consortium: c.home.consortium()?.name, params, members };
-    let ca = c.home.read("ca.pem")?;
     let binding = maeum_protocols::wire::secagg::round_binding(&Digest::parse("spec_sha256", &job.spec_sha256)?, base);
-    let session = info.to_session(&job.id, round, attempt, binding, |m| -> Result<Vec<u8>> {
-        let peer = maeum_pki::identity::PeerId::site(&m.site_id)?;
-        Ok(maeum_pki::identity::verify_peer_cert(&ca, &m.certificate_der, &peer)?)
-    })?;
+    let session = session_of(c, &info, &job.id, round, attempt, binding)?;
     SecAggRound::new(session, info, eval_words as usize, job.spec.secure_aggregation.clip_norm)
         .map_err(|e| anyhow::anyhow!("{e}"))
+}
+
+/// The session `info` announces for an attempt, each member's identity key taken from
+/// its certificate after checking it against the consortium CA and the site's name.
+pub(crate) fn session_of(
+    c: &Coord,
+    info: &maeum_protocols::wire::secagg::SessionInfo,
+    job_id: &str,
+    round: u32,
+    attempt: u32,
+    binding: [u8; 32],
+) -> Result<maeum_secagg::Session> {
+    let ca = c.home.read("ca.pem")?;
+    info.to_session(job_id, round, attempt, binding, |m| -> Result<Vec<u8>> {
+        let peer = maeum_pki::identity::PeerId::site(&m.site_id)?;
+        Ok(maeum_pki::identity::verify_peer_cert(&ca, &m.certificate_der, &peer)?)
+    })
 }
 
 pub(super) enum SecAggEnd {
@@ -203,11 +216,7 @@ async fn store_for_restart(c: &Coord) -> Result<()> {
 /// says so.
 fn exclude(c: &Coord, id: &str, culprit: Option<String>, why: String) -> Result<String> {
     let Some(site) = culprit else { return Ok(why) };
-    c.store.update_job(id, |j| {
-        j.excluded.entry(site.clone()).or_insert_with(|| why.clone());
-        Ok(())
-    })?;
-    warn!(site = %site, reason = %why, "site excluded from this job's later attempts");
+    c.exclude_site(id, &site, &why)?;
     Ok(format!("{why}; site/{site} is excluded from this job's later attempts"))
 }
 
