@@ -30,6 +30,8 @@
 
 use serde::{Deserialize, Serialize};
 
+pub mod skellam;
+
 /// The RDP orders α that `dp_accounting` 0.6.0 uses by default: `DEFAULT_RDP_ORDERS` in
 /// `dp_accounting/rdp/rdp_privacy_accountant.py`, i.e.
 /// `[1 + x / 10.0 for x in range(1, 100)] + list(range(11, 64)) + [128, 256, 512, 1024]`.
@@ -80,6 +82,10 @@ pub enum AccountantError {
     Lengths { orders: usize, rdp: usize },
     #[error("an RDP curve must be over the {n} default orders, got {0} orders that differ", n = DEFAULT_ORDERS.len())]
     CurveOrders(usize),
+    #[error(
+        "a Skellam mechanism needs finite positive sensitivities and variance, got l2 {l2}, l1 {l1}, variance {variance}"
+    )]
+    Skellam { l2: f64, l1: f64, variance: f64 },
 }
 
 fn check_q(q: f64) -> Result<(), AccountantError> {
@@ -473,9 +479,22 @@ pub fn noise_multiplier_for(target_eps: f64, delta: f64, q: f64, steps: u64) -> 
     }
     check_delta(delta)?;
     check_q(q)?;
-    let meets = |sigma: f64| -> Result<bool, AccountantError> {
-        Ok(Rdp::subsampled_gaussian(q, sigma, steps)?.epsilon(delta)? <= target_eps)
-    };
+    calibrate(target_eps, delta, &|sigma| Rdp::subsampled_gaussian(q, sigma, steps))
+}
+
+/// The smallest noise multiplier σ in [0.1, 1000] whose curve `curve(σ)` stays within
+/// `target_eps` at `delta` (ε must decrease with σ), or `None`; the search of
+/// [`noise_multiplier_for`], for any mechanism.
+pub fn calibrate(
+    target_eps: f64,
+    delta: f64,
+    curve: &dyn Fn(f64) -> Result<Rdp, AccountantError>,
+) -> Result<Option<f64>, AccountantError> {
+    if !(target_eps.is_finite() && target_eps >= 0.0) {
+        return Err(AccountantError::TargetEpsilon(target_eps));
+    }
+    check_delta(delta)?;
+    let meets = |sigma: f64| -> Result<bool, AccountantError> { Ok(curve(sigma)?.epsilon(delta)? <= target_eps) };
     if !meets(SIGMA_MAX)? {
         return Ok(None);
     }

@@ -174,10 +174,28 @@ impl Model<'_> {
     }
 }
 
+/// An accumulator of clipped gradients: f32 for local DP-SGD, f64 where the sum is
+/// scaled up and rounded to integers (the distributed mode, [`crate::ddp`]).
+pub(crate) trait Acc: Copy {
+    fn add(&mut self, v: f32);
+}
+
+impl Acc for f32 {
+    fn add(&mut self, v: f32) {
+        *self += v;
+    }
+}
+
+impl Acc for f64 {
+    fn add(&mut self, v: f32) {
+        *self += f64::from(v);
+    }
+}
+
 /// Adds example `r`'s clipped gradient into `sum` (the full flat layout). Returns the
 /// example's gradient norm before clipping.
 #[allow(clippy::too_many_arguments)]
-fn add_clipped(
+fn add_clipped<A: Acc>(
     head: Head,
     base: usize,
     params: &[f32],
@@ -186,7 +204,7 @@ fn add_clipped(
     y: usize,
     clip: f64,
     head_only: bool,
-    sum: &mut [f32],
+    sum: &mut [A],
 ) -> f64 {
     let v = HeadView::new(head, &params[base..]);
     let want_dx = doc.is_some() && !head_only;
@@ -208,25 +226,25 @@ fn add_clipped(
     for (j, &hj) in g.h.iter().enumerate() {
         if hj != 0.0 {
             let row = &mut sum[w2_at + j * head.labels..w2_at + (j + 1) * head.labels];
-            row.iter_mut().zip(&g.dz).for_each(|(s, &d)| *s += c * hj * d);
+            row.iter_mut().zip(&g.dz).for_each(|(s, &d)| s.add(c * hj * d));
         }
     }
-    sum[b2_at..b2_at + head.labels].iter_mut().zip(&g.dz).for_each(|(s, &d)| *s += c * d);
+    sum[b2_at..b2_at + head.labels].iter_mut().zip(&g.dz).for_each(|(s, &d)| s.add(c * d));
     if head_only {
         return norm;
     }
     for (i, &xi) in x.iter().enumerate() {
         if xi != 0.0 {
             let row = &mut sum[w1_at + i * head.hidden..w1_at + (i + 1) * head.hidden];
-            row.iter_mut().zip(&g.dpre).for_each(|(s, &d)| *s += c * xi * d);
+            row.iter_mut().zip(&g.dpre).for_each(|(s, &d)| s.add(c * xi * d));
         }
     }
-    sum[b1_at..b1_at + head.hidden].iter_mut().zip(&g.dpre).for_each(|(s, &d)| *s += c * d);
+    sum[b1_at..b1_at + head.hidden].iter_mut().zip(&g.dpre).for_each(|(s, &d)| s.add(c * d));
     if let Some(doc) = doc {
         let dim = head.n_in;
         for (&id, &w) in doc.ids.iter().zip(&doc.weights) {
             let row = &mut sum[id as usize * dim..(id as usize + 1) * dim];
-            row.iter_mut().zip(&g.dx).for_each(|(s, &d)| *s += c * w * d);
+            row.iter_mut().zip(&g.dx).for_each(|(s, &d)| s.add(c * w * d));
         }
     }
     norm
@@ -324,33 +342,8 @@ fn run(
     let mut last_loss = f32::NAN;
     for _ in 0..dp.steps {
         sum.iter_mut().for_each(|s| *s = 0.0);
-        let mut loss = 0f64;
-        let mut members = 0u64;
-        for r in 0..n {
-            if !rng.random_bool(dp.sample_rate) {
-                continue;
-            }
-            members += 1;
-            let y = model.label(r);
-            match &model {
-                Model::Text { arch, data, dropout } => {
-                    let dropped;
-                    let doc = if *dropout > 0.0 {
-                        dropped = crate::text::drop_one(&data.docs[r], *dropout, rng);
-                        &dropped
-                    } else {
-                        &data.docs[r]
-                    };
-                    let x = bag(&params[..base], arch.embed_dim, doc);
-                    add_clipped(head, base, &params, Some(doc), &x, y, dp.clip, cfg.head_only, &mut sum);
-                    loss += example_loss(head, &params[base..], &x, y);
-                }
-                Model::Tabular { data } => {
-                    add_clipped(head, base, &params, None, &data.rows[r], y, dp.clip, cfg.head_only, &mut sum);
-                    loss += example_loss(head, &params[base..], &data.rows[r], y);
-                }
-            }
-        }
+        let sample = Sample { rate: dp.sample_rate, clip: dp.clip, head_only: cfg.head_only };
+        let (members, loss) = sampled_sum(&model, head, base, &params, sample, rng, &mut sum);
         let g = &mut sum[trained.clone()];
         add_gaussian(g, noise_std, rng);
         let scale = (1.0 / expected_batch) as f32;
@@ -372,6 +365,98 @@ fn run(
         seconds: t0.elapsed().as_secs_f64(),
     };
     FlatParams::new(start.layout().clone(), params).map(|p| (p, report)).map_err(|e| e.to_string())
+}
+
+/// How one step draws its batch and clips its members.
+#[derive(Debug, Clone, Copy)]
+struct Sample {
+    rate: f64,
+    clip: f64,
+    head_only: bool,
+}
+
+/// Poisson-samples the records at `sample.rate` and adds each member's clipped gradient
+/// at `params` into `sum`. Returns the number of members and their summed loss.
+fn sampled_sum<A: Acc>(
+    model: &Model,
+    head: Head,
+    base: usize,
+    params: &[f32],
+    sample: Sample,
+    rng: &mut dyn RngCore,
+    sum: &mut [A],
+) -> (u64, f64) {
+    let mut loss = 0f64;
+    let mut members = 0u64;
+    for r in 0..model.len() {
+        if !rng.random_bool(sample.rate) {
+            continue;
+        }
+        members += 1;
+        let y = model.label(r);
+        match model {
+            Model::Text { arch, data, dropout } => {
+                let dropped;
+                let doc = if *dropout > 0.0 {
+                    dropped = crate::text::drop_one(&data.docs[r], *dropout, rng);
+                    &dropped
+                } else {
+                    &data.docs[r]
+                };
+                let x = bag(&params[..base], arch.embed_dim, doc);
+                add_clipped(head, base, params, Some(doc), &x, y, sample.clip, sample.head_only, sum);
+                loss += example_loss(head, &params[base..], &x, y);
+            }
+            Model::Tabular { data } => {
+                add_clipped(head, base, params, None, &data.rows[r], y, sample.clip, sample.head_only, sum);
+                loss += example_loss(head, &params[base..], &data.rows[r], y);
+            }
+        }
+    }
+    (members, loss)
+}
+
+/// One record-level step of the distributed mode ([`crate::ddp`]): the sum, over a
+/// Poisson sample of the records at rate `q`, of each member's gradient at `params`
+/// clipped to L2 norm `clip`, over the whole layout (f64). Returns the sum and the
+/// number of members (which never leaves the site).
+pub(crate) fn clipped_gradient_sum(
+    shape: ModelRef,
+    params: &FlatParams,
+    dropout: f64,
+    q: f64,
+    clip: f64,
+    rng: &mut dyn RngCore,
+) -> Result<(Vec<f64>, u64), String> {
+    let (model, head, base) = match shape {
+        ModelRef::Text(arch, data) => {
+            params.expect_layout(&arch.layout()).map_err(|e: ParamsError| e.to_string())?;
+            let head = Head { n_in: arch.embed_dim, hidden: arch.hidden, labels: arch.n_labels };
+            (Model::Text { arch, data, dropout }, head, arch.buckets * arch.embed_dim)
+        }
+        ModelRef::Tabular(arch, data) => {
+            params
+                .expect_layout(&<crate::nn::Mlp as crate::nn::Network>::layout_of(arch))
+                .map_err(|e| e.to_string())?;
+            if data.rows.first().is_some_and(|r| r.len() != arch.n_in) {
+                return Err(format!("rows have {} columns, the model {}", data.rows[0].len(), arch.n_in));
+            }
+            (Model::Tabular { data }, Head { n_in: arch.n_in, hidden: arch.hidden, labels: arch.n_labels }, 0)
+        }
+    };
+    if base + head.len() != params.values().len() {
+        return Err(format!("layout of {} values does not match the head", params.values().len()));
+    }
+    let mut sum = vec![0f64; params.values().len()];
+    let sample = Sample { rate: q, clip, head_only: false };
+    let (members, _) = sampled_sum(&model, head, base, params.values(), sample, rng, &mut sum);
+    Ok((sum, members))
+}
+
+/// A model and its local data, for [`clipped_gradient_sum`].
+pub(crate) enum ModelRef<'a> {
+    Text(&'a TextArch, &'a TextData),
+    Tabular(&'a crate::nn::MlpArch, &'a TabularData),
 }
 
 fn example_loss(head: Head, p: &[f32], x: &[f32], y: usize) -> f64 {

@@ -6,6 +6,7 @@
 
 pub mod accountant;
 pub mod data;
+pub mod ddp;
 pub mod dp;
 pub mod encoder;
 pub mod features;

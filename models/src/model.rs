@@ -375,6 +375,35 @@ impl ModelSpec {
         .map_err(ModelError::Config)
     }
 
+    /// A site's contribution to one round of the distributed mode ([`crate::ddp`]): the
+    /// clipped-gradient sum over a Poisson sample of `data` at `start`, bounded, scaled,
+    /// rounded and with this site's noise share, as words for secure aggregation.
+    /// `rng` must be the site's secret RNG. Returns the words, the batch size (which
+    /// stays at the site) and whether the sum was scaled down to C·B.
+    pub fn distributed_contribution(
+        &self,
+        start: &FlatParams,
+        data: &Prepared,
+        dropout: f64,
+        mechanism: &crate::ddp::DistributedDp,
+        rng: &mut dyn rand::RngCore,
+    ) -> Result<(Vec<u32>, u64, bool), ModelError> {
+        mechanism.validate().map_err(ModelError::Config)?;
+        let (q, clip) = (mechanism.sample_rate, mechanism.clip);
+        let (mut sum, members) = match self.with_data(data)? {
+            ArchData::Text(a, d) => {
+                crate::dp::clipped_gradient_sum(crate::dp::ModelRef::Text(&a, d), start, dropout, q, clip, rng)
+            }
+            ArchData::Tabular(a, d) => {
+                crate::dp::clipped_gradient_sum(crate::dp::ModelRef::Tabular(&a, d), start, dropout, q, clip, rng)
+            }
+        }
+        .map_err(ModelError::Config)?;
+        let mut words = vec![0u32; sum.len()];
+        let bounded = mechanism.encode(&mut sum, rng, &mut words).map_err(ModelError::Config)?;
+        Ok((words, members, bounded))
+    }
+
     pub fn evaluate(&self, params: &FlatParams, data: &Prepared) -> Result<crate::metrics::Confusion, ModelError> {
         Ok(match self.with_data(data)? {
             ArchData::Text(a, d) => text::evaluate(&a, params, d)?,
