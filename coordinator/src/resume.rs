@@ -222,7 +222,8 @@ fn restore(c: &Coord) -> Result<Option<RoundState>> {
         survivors,
         proof,
     )
-    .map_err(|e| anyhow::anyhow!("{e}"))?;
+    .map_err(|e| anyhow::anyhow!("{e}"))?
+    .with_distributed(job.spec.privacy_plan()?.and_then(|p| p.distributed()));
     let stored_shares = std::fs::read_to_string(d.join(UNMASKS)).unwrap_or_default();
     let mut fed = 0;
     for line in stored_shares.lines().filter(|l| !l.is_empty()) {

@@ -65,6 +65,8 @@ pub struct SecAggRound {
     pub eval_words: usize,
     /// The job's L2 bound on each site's update (0: none), checked on the aggregate.
     pub clip_norm: f32,
+    /// A `distributed` DP job's mechanism: the words are its integers, not quantised updates.
+    pub distributed: Option<maeum_models::ddp::DistributedDp>,
     server: Option<Server>,
     verifier: SessionVerifier,
     /// Parties whose message was accepted, per stage.
@@ -104,6 +106,7 @@ impl SecAggRound {
             failed: None,
             eval_words,
             clip_norm,
+            distributed: None,
             server: Some(server),
             verifier,
             accepted: BTreeMap::new(),
@@ -420,11 +423,25 @@ impl SecAggRound {
         Ok(())
     }
 
-    /// Decodes an outcome into Σ w·Δ (f64), Σ w and the summed evaluation counts.
+    /// The session of a `distributed` DP job decodes the sum with its mechanism.
+    pub fn with_distributed(mut self, mechanism: Option<maeum_models::ddp::DistributedDp>) -> Self {
+        self.distributed = mechanism;
+        self
+    }
+
+    /// Decodes an outcome into Σ w·Δ (f64), Σ w and the summed evaluation counts. In a
+    /// `distributed` DP job, Σ w·Δ is the negated noisy sum of clipped gradients (a
+    /// descent direction; each site's weight is 1).
     pub fn decode(&self, outcome: &Outcome) -> (Vec<f64>, u64, Vec<u32>) {
         let n = outcome.sum.len().saturating_sub(1 + self.eval_words);
         let mut sum = vec![0.0; n];
-        self.quantiser.decode(&outcome.sum[..n], &mut sum);
+        match &self.distributed {
+            Some(m) => {
+                m.decode(&outcome.sum[..n], &mut sum);
+                sum.iter_mut().for_each(|v| *v = -*v);
+            }
+            None => self.quantiser.decode(&outcome.sum[..n], &mut sum),
+        }
         let weight = u64::from(outcome.sum.get(n).copied().unwrap_or(0));
         (sum, weight, outcome.sum.get(n + 1..).unwrap_or_default().to_vec())
     }
@@ -434,6 +451,20 @@ impl SecAggRound {
     /// job's `clip_norm` ‖Σ w·Δ‖₂ ≤ Σw·clip_norm, each plus the rounding slack (one
     /// quantisation step per input and coordinate).
     pub fn check_bounds(&self, sum: &[f64], total_weight: u64, survivors: usize) -> Result<(), String> {
+        if let Some(m) = &self.distributed {
+            // Weight 1 each; every site's clipped sum is within C·B; plus rounding and noise.
+            if total_weight != survivors as u64 {
+                return Err(format!("the aggregate weight {total_weight} is not 1 for each of {survivors} sites"));
+            }
+            let norm = sum.iter().map(|v| v * v).sum::<f64>().sqrt();
+            let bound = m.aggregate_bound(survivors);
+            if !norm.is_finite() || norm > bound {
+                return Err(format!(
+                    "the aggregate's L2 norm is beyond what {survivors} sites' bounded sums and noise reach ({bound:.4e})"
+                ));
+            }
+            return Ok(());
+        }
         let q = &self.quantiser;
         let most = survivors as u64 * u64::from(q.max_weight);
         if total_weight == 0 || total_weight > most {

@@ -28,6 +28,11 @@
 //! --dp-epsilon ε (σ calibrated by the accountant for --dp-delta δ (1e-5) over all
 //! rounds), --dp-clip C (1), --dp-q q (Poisson sampling rate, 0.05): every site runs
 //! ⌈E/q⌉ DP-SGD steps per round instead of E epochs of minibatches.
+//! `--dp-mode distributed`: each round is one DP-SGD step over the union of the sites'
+//! records (`maeum_models::ddp`): every site Poisson-samples at q, sums its clipped
+//! gradients and adds a Skellam share for `--dp-shares` m (the number of sites) honest
+//! sites, bounded by `--dp-max-batch` B (1024); the words are summed mod 2^32, decoded,
+//! and the server steps with the mean of the negated sums (use `--strategy fedadam`).
 //!
 //! Membership inference: the loss-threshold attack (Yeom et al. 2018) on the final global
 //! model, members = the union of the sites' training splits, non-members = the union of
@@ -110,8 +115,14 @@ fn main() {
     let dp_clip = num("--dp-clip", 1.0);
     let dp_q = num("--dp-q", 0.05);
     let dp_delta = num("--dp-delta", 1e-5);
-    let dp_steps_per_round = (local_epochs as f64 / dp_q).ceil() as u64;
+    let distributed = match flag("--dp-mode").as_deref().unwrap_or("local") {
+        "local" => false,
+        "distributed" => true,
+        other => panic!("--dp-mode must be local or distributed, got {other}"),
+    };
+    let dp_steps_per_round = if distributed { 1 } else { (local_epochs as f64 / dp_q).ceil() as u64 };
     let dp_sigma = match (flag("--dp-sigma"), flag("--dp-epsilon")) {
+        (None, Some(_)) if distributed => None,
         (Some(_), _) => Some(num("--dp-sigma", 0.0)),
         (None, Some(_)) => Some(
             maeum_models::accountant::noise_multiplier_for(
@@ -129,6 +140,9 @@ fn main() {
         maeum_models::accountant::dp_sgd_epsilon(dp_q, sigma, dp_steps_per_round * rounds as u64, dp_delta)
             .expect("valid DP parameters")
     });
+    // The distributed mode is calibrated once the model's dimension is known (below).
+    let dp_shares = num("--dp-shares", n_sites as f64) as u32;
+    let dp_max_batch = num("--dp-max-batch", 1024.0) as u32;
     if let (Some(sigma), Some(eps)) = (dp_sigma, dp_epsilon) {
         eprintln!(
             "DP-SGD: C {dp_clip}, q {dp_q}, σ {sigma:.4}, {} steps per round → ε {eps:.3} at δ {dp_delta}",
@@ -248,13 +262,56 @@ fn main() {
     let n_params = global.len();
     let total_n: f64 = site_sizes.iter().sum::<usize>() as f64;
     let mut adam = (strategy == Strategy::FedAdam).then(|| ServerAdam::new(n_params, beta1, beta2, tau));
+    let ddp = distributed.then(|| {
+        let mech = |z: f64| maeum_models::ddp::DistributedDp {
+            clip: dp_clip,
+            noise_multiplier: z,
+            sample_rate: dp_q,
+            dimension: n_params as u64,
+            noise_shares: dp_shares,
+            max_batch: dp_max_batch,
+        };
+        let z = match (flag("--dp-sigma"), flag("--dp-epsilon")) {
+            (Some(_), _) => num("--dp-sigma", 0.0),
+            (None, Some(_)) => {
+                maeum_models::accountant::calibrate(num("--dp-epsilon", 0.0), dp_delta, &|z| mech(z).rdp(rounds as u64))
+                    .expect("valid DP parameters")
+                    .expect("a noise multiplier meets the target")
+            }
+            (None, None) => panic!("--dp-mode distributed needs --dp-epsilon or --dp-sigma"),
+        };
+        let m = mech(z);
+        let eps = m.rdp(rounds as u64).and_then(|r| r.epsilon(dp_delta)).expect("epsilon");
+        eprintln!(
+            "distributed DP: C {dp_clip}, q {dp_q}, z {z:.4}, {dp_shares} shares, d {n_params}, B {dp_max_batch}, \
+             {rounds} rounds → ε {eps:.3} at δ {dp_delta} (at most {} sites)",
+            m.max_parties()
+        );
+        (m, eps)
+    });
     let (mut train_s, mut eval_s, mut agg_s) = (0.0f64, 0.0f64, 0.0f64);
     let mut curve = Vec::new();
     let mut last = None;
     for r in 0..rounds {
         let start = FlatParams::new(layout.clone(), global.clone()).expect("layout");
         let mut delta = vec![0f64; n_params];
-        for (s, site) in sites.iter().enumerate() {
+        if let Some((m, _)) = &ddp {
+            // One DP-SGD step over the union: the sites' words summed mod 2^32, decoded, and
+            // the mean over the sites of the negated noisy gradient sum handed to the server.
+            let t = Instant::now();
+            let mut words = vec![0u32; n_params];
+            for (s, site) in sites.iter().enumerate() {
+                let site_seed = seed.wrapping_add(1000 * (r as u64 + 1) + s as u64);
+                let mut rng = <rand_chacha::ChaCha20Rng as rand::SeedableRng>::seed_from_u64(site_seed);
+                let (w, _, _) =
+                    spec.distributed_contribution(&start, &site.train, dropout, m, &mut rng).expect("contribution");
+                words.iter_mut().zip(&w).for_each(|(a, b)| *a = a.wrapping_add(*b));
+            }
+            train_s += t.elapsed().as_secs_f64();
+            m.decode(&words, &mut delta);
+            delta.iter_mut().for_each(|d| *d = -*d / n_sites as f64);
+        }
+        for (s, site) in sites.iter().enumerate().filter(|_| ddp.is_none()) {
             let cfg = TrainConfig {
                 epochs: local_epochs,
                 prox_mu,
@@ -316,10 +373,14 @@ fn main() {
         "n_train": all_train.len(), "n_test": all_test.len(), "site_train_sizes": site_sizes,
         "parameters": n_params,
         "federated": { "accuracy": acc, "macro_f1": f1, "best_round_accuracy": best, "curve": curve },
-        "dp": dp_sigma.map(|sigma| serde_json::json!({
+        "dp": if let Some((m, eps)) = &ddp { Some(serde_json::json!({
+            "mode": "distributed", "clip": dp_clip, "sample_rate": dp_q, "noise_multiplier": m.noise_multiplier,
+            "noise_shares": m.noise_shares, "max_batch": m.max_batch, "dimension": m.dimension,
+            "steps_per_round": 1, "delta": dp_delta, "epsilon": eps,
+        })) } else { dp_sigma.map(|sigma| serde_json::json!({
             "mode": "local", "clip": dp_clip, "sample_rate": dp_q, "noise_multiplier": sigma,
             "steps_per_round": dp_steps_per_round, "delta": dp_delta, "epsilon": dp_epsilon,
-        })),
+        })) },
         "membership_inference": { "attack": "loss threshold", "auc": mia.0, "advantage": mia.1 },
         "baselines": baselines,
         "seconds": {

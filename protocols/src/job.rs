@@ -215,6 +215,11 @@ pub enum PrivacyMode {
     /// Every site runs DP-SGD with the full noise: the guarantee holds against everyone,
     /// with no trust in the coordinator, other sites or secure aggregation.
     Local,
+    /// One DP-SGD step per round over the union of the sites' records; each site adds a
+    /// share of integer (Skellam) noise, so only the secure sum carries all of it
+    /// (`maeum_models::ddp`). Needs secure aggregation and at most `colluders`
+    /// colluding sites.
+    Distributed,
 }
 
 impl PrivacyMode {
@@ -222,6 +227,16 @@ impl PrivacyMode {
         match self {
             PrivacyMode::None => "none",
             PrivacyMode::Local => "local",
+            PrivacyMode::Distributed => "distributed",
+        }
+    }
+
+    /// The mechanism's name in the ledger, the log and the model card.
+    pub fn mechanism(self) -> &'static str {
+        match self {
+            PrivacyMode::None => "none",
+            PrivacyMode::Local => "dp-sgd-local",
+            PrivacyMode::Distributed => "dp-sgd-distributed-skellam",
         }
     }
 }
@@ -240,20 +255,53 @@ pub struct PrivacyTable {
     pub delta: f64,
     /// Per-example L2 clipping norm C of DP-SGD.
     pub clip: f64,
-    /// Poisson sampling rate q of each DP-SGD step; a round is ⌈epochs / q⌉ steps.
+    /// Poisson sampling rate q of each DP-SGD step; a round is ⌈epochs / q⌉ steps
+    /// (`local`), or one step (`distributed`).
     pub sample_rate: f64,
+    /// `distributed`: survivors that may collude with the coordinator (their noise shares
+    /// do not count). Each site's share is 1 / (min_sites − colluders) of the noise.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub colluders: u32,
+    /// `distributed`: a site's clipped-gradient sum is bounded to L2 norm clip × max_batch
+    /// (what keeps the secure sum inside 32 bits).
+    #[serde(skip_serializing_if = "is_default_max_batch")]
+    pub max_batch: u32,
+}
+
+fn is_zero(v: &u32) -> bool {
+    *v == 0
+}
+
+/// `[privacy] max_batch` when not given.
+pub const DEFAULT_MAX_BATCH: u32 = 1024;
+
+fn is_default_max_batch(v: &u32) -> bool {
+    *v == DEFAULT_MAX_BATCH
 }
 
 impl Default for PrivacyTable {
     fn default() -> Self {
-        Self { mode: PrivacyMode::None, epsilon: 0.0, delta: 1e-5, clip: 1.0, sample_rate: 0.05 }
+        Self {
+            mode: PrivacyMode::None,
+            epsilon: 0.0,
+            delta: 1e-5,
+            clip: 1.0,
+            sample_rate: 0.05,
+            colluders: 0,
+            max_batch: DEFAULT_MAX_BATCH,
+        }
     }
 }
 
 /// The DP-SGD plan of a job: what every site runs each round, and what it costs.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct PrivacyPlan {
+    /// `local` (plans written before the distributed mode have no `mode`).
+    #[serde(default = "local_mode")]
+    pub mode: PrivacyMode,
     pub clip: f64,
+    /// σ (`local`: noise std σ·C per step) or z (`distributed`: the whole noise's std is
+    /// z times the integer sensitivity).
     pub noise_multiplier: f64,
     pub sample_rate: f64,
     pub steps_per_round: u64,
@@ -261,9 +309,58 @@ pub struct PrivacyPlan {
     pub delta: f64,
     /// ε per record per site after all rounds (≤ the job's target).
     pub epsilon: f64,
+    /// `distributed`: parameters of the model (d).
+    #[serde(default, skip_serializing_if = "is_zero_u64")]
+    pub dimension: u64,
+    /// `distributed`: honest sites whose shares make the whole noise (m).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub noise_shares: u32,
+    /// `distributed`: the bound B on a site's clipped-gradient sum (C·B).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub max_batch: u32,
+}
+
+fn local_mode() -> PrivacyMode {
+    PrivacyMode::Local
+}
+
+fn is_zero_u64(v: &u64) -> bool {
+    *v == 0
 }
 
 impl PrivacyPlan {
+    /// The distributed mechanism of one round (`None` in `local` mode).
+    pub fn distributed(&self) -> Option<maeum_models::ddp::DistributedDp> {
+        (self.mode == PrivacyMode::Distributed).then_some(maeum_models::ddp::DistributedDp {
+            clip: self.clip,
+            noise_multiplier: self.noise_multiplier,
+            sample_rate: self.sample_rate,
+            dimension: self.dimension,
+            noise_shares: self.noise_shares,
+            max_batch: self.max_batch,
+        })
+    }
+
+    /// The RDP curve of `rounds` rounds of this plan for one record.
+    pub fn rdp_after(&self, rounds: u32) -> Result<maeum_models::accountant::Rdp, String> {
+        self.rdp_of_steps(self.steps_per_round * u64::from(rounds))
+    }
+
+    /// The RDP curve of `steps` steps of this plan's mechanism (a round of the
+    /// distributed mode is one step).
+    pub fn rdp_of_steps(&self, steps: u64) -> Result<maeum_models::accountant::Rdp, String> {
+        match self.distributed() {
+            Some(m) => m.rdp(steps),
+            None => maeum_models::accountant::Rdp::subsampled_gaussian(self.sample_rate, self.noise_multiplier, steps),
+        }
+        .map_err(|e| e.to_string())
+    }
+
+    /// The mode whose mechanism the ledger, the log and the card name `mechanism`.
+    pub fn mode_of_mechanism(mechanism: &str) -> Option<PrivacyMode> {
+        [PrivacyMode::Local, PrivacyMode::Distributed].into_iter().find(|m| m.mechanism() == mechanism)
+    }
+
     /// The DP-SGD mechanism of one round.
     pub fn round_mechanism(&self) -> maeum_models::dp::DpSgd {
         maeum_models::dp::DpSgd {
@@ -276,13 +373,7 @@ impl PrivacyPlan {
 
     /// ε per record after `rounds` rounds of this plan.
     pub fn epsilon_after(&self, rounds: u32) -> f64 {
-        maeum_models::accountant::dp_sgd_epsilon(
-            self.sample_rate,
-            self.noise_multiplier,
-            self.steps_per_round * u64::from(rounds),
-            self.delta,
-        )
-        .unwrap_or(f64::INFINITY)
+        self.rdp_after(rounds).ok().and_then(|r| r.epsilon(self.delta).ok()).unwrap_or(f64::INFINITY)
     }
 }
 
@@ -305,6 +396,8 @@ impl PrivacyTable {
                 ("delta", self.delta != d.delta),
                 ("clip", self.clip != d.clip),
                 ("sample_rate", self.sample_rate != d.sample_rate),
+                ("colluders", self.colluders != d.colluders),
+                ("max_batch", self.max_batch != d.max_batch),
             ]
             .into_iter()
             .filter_map(|(k, set)| set.then_some(k))
@@ -313,7 +406,7 @@ impl PrivacyTable {
                 return Err(Invalid::new(
                     key("mode"),
                     format!(
-                        "is \"none\" (the default), but {} set: add mode = \"local\", or remove them",
+                        "is \"none\" (the default), but {} set: add mode = \"local\" or \"distributed\", or remove them",
                         set.join(", ")
                     ),
                 ));
@@ -332,6 +425,12 @@ impl PrivacyTable {
         if !(self.sample_rate >= 1e-4 && self.sample_rate <= 1.0) {
             return Err(Invalid::new(key("sample_rate"), format!("must be in [0.0001, 1], got {}", self.sample_rate)));
         }
+        if !(1..=1 << 20).contains(&self.max_batch) {
+            return Err(Invalid::new(key("max_batch"), format!("must be in 1..=1048576, got {}", self.max_batch)));
+        }
+        if self.mode == PrivacyMode::Local && (self.colluders != 0 || self.max_batch != DEFAULT_MAX_BATCH) {
+            return Err(Invalid::new(key("mode"), "is \"local\": colluders and max_batch apply to \"distributed\""));
+        }
         Ok(())
     }
 
@@ -339,11 +438,23 @@ impl PrivacyTable {
     /// the smallest noise multiplier (to 1e-6) whose ε over all steps is at most the
     /// target. Deterministic, so the coordinator and every site derive the same plan.
     /// `None` when privacy is off.
-    pub fn plan(&self, rounds: u32, epochs: u32) -> Result<Option<PrivacyPlan>, String> {
+    ///
+    /// `distributed`: one step per round over a model of `dimension` parameters, the noise
+    /// split into `min_sites − colluders` shares, z calibrated with the Skellam accountant.
+    pub fn plan(
+        &self,
+        rounds: u32,
+        epochs: u32,
+        dimension: u64,
+        min_sites: u32,
+    ) -> Result<Option<PrivacyPlan>, String> {
         if self.is_off() {
             return Ok(None);
         }
         self.check().map_err(|e| format!("{} {}", e.key, e.problem))?;
+        if self.mode == PrivacyMode::Distributed {
+            return self.distributed_plan(rounds, dimension, min_sites).map(Some);
+        }
         let steps_per_round = (f64::from(epochs.max(1)) / self.sample_rate).ceil() as u64;
         let total = steps_per_round * u64::from(rounds);
         let sigma = maeum_models::accountant::noise_multiplier_for(self.epsilon, self.delta, self.sample_rate, total)
@@ -359,6 +470,7 @@ impl PrivacyTable {
         let epsilon = maeum_models::accountant::dp_sgd_epsilon(self.sample_rate, sigma, total, self.delta)
             .map_err(|e| e.to_string())?;
         Ok(Some(PrivacyPlan {
+            mode: PrivacyMode::Local,
             clip: self.clip,
             noise_multiplier: sigma,
             sample_rate: self.sample_rate,
@@ -366,7 +478,60 @@ impl PrivacyTable {
             rounds,
             delta: self.delta,
             epsilon,
+            dimension: 0,
+            noise_shares: 0,
+            max_batch: 0,
         }))
+    }
+
+    fn distributed_plan(&self, rounds: u32, dimension: u64, min_sites: u32) -> Result<PrivacyPlan, String> {
+        if self.colluders >= min_sites {
+            return Err(format!(
+                "colluders = {} leaves no honest noise share among min_sites = {min_sites}: raise min_sites",
+                self.colluders
+            ));
+        }
+        let mut plan = PrivacyPlan {
+            mode: PrivacyMode::Distributed,
+            clip: self.clip,
+            noise_multiplier: 1.0,
+            sample_rate: self.sample_rate,
+            steps_per_round: 1,
+            rounds,
+            delta: self.delta,
+            epsilon: 0.0,
+            dimension,
+            noise_shares: min_sites - self.colluders,
+            max_batch: self.max_batch,
+        };
+        let curve = |z: f64| {
+            let mut p = plan;
+            p.noise_multiplier = z;
+            p.rdp_after(rounds).map_err(|_| maeum_models::accountant::AccountantError::NoiseMultiplier(z))
+        };
+        let z = maeum_models::accountant::calibrate(self.epsilon, self.delta, &curve)
+            .map_err(|e| e.to_string())?
+            .filter(|z| *z <= MAX_NOISE_MULTIPLIER)
+            .ok_or_else(|| {
+                format!(
+                    "ε = {} at δ = {} over {rounds} rounds (q = {}) needs a noise multiplier above \
+                     {MAX_NOISE_MULTIPLIER}: raise epsilon, lower rounds or sample_rate",
+                    self.epsilon, self.delta, self.sample_rate
+                )
+            })?;
+        plan.noise_multiplier = z;
+        plan.epsilon = plan.epsilon_after(rounds);
+        // INVARIANT: every field was validated above.
+        let mechanism = plan.distributed().ok_or("not a distributed plan")?;
+        if mechanism.max_parties() < min_sites as usize {
+            return Err(format!(
+                "max_batch = {}: a session of min_sites = {min_sites} could wrap 32 bits for {dimension} \
+                 parameters (at most {} sites): lower max_batch",
+                self.max_batch,
+                mechanism.max_parties()
+            ));
+        }
+        Ok(plan)
     }
 }
 
@@ -601,7 +766,15 @@ impl JobSpec {
 
         self.secure_aggregation.check()?;
         self.privacy.check()?;
-        self.privacy.plan(self.rounds, self.train.epochs).map_err(|problem| Invalid::new("[privacy]", problem))?;
+        if self.privacy.mode == PrivacyMode::Distributed && !self.secure_aggregation.enabled() {
+            return Err(Invalid::new(
+                "[privacy] mode",
+                "\"distributed\" needs secure aggregation: each site's share of the noise protects nothing alone",
+            ));
+        }
+        self.privacy
+            .plan(self.rounds, self.train.epochs, self.dimension()?, self.min_sites)
+            .map_err(|problem| Invalid::new("[privacy]", problem))?;
 
         let d = &self.deadlines;
         for (key, secs) in [("join", d.join), ("train", d.train), ("evaluate", d.evaluate), ("secagg", d.secagg)] {
@@ -725,12 +898,15 @@ impl JobSpec {
     /// The model this job trains (validates the job first).
     pub fn model_spec(&self) -> Result<ModelSpec, JobError> {
         self.validate()?;
-        let labels = LabelSet::new(self.labels.clone())
-            .map_err(|problem| Invalid::new("labels", problem).at(&format!("job {:?}", self.name)))?;
+        self.spec_of_checked_model().map_err(|e| e.at(&format!("job {:?}", self.name)))
+    }
+
+    /// [`JobSpec::model_spec`] once the `[model]` table and the labels are checked.
+    fn spec_of_checked_model(&self) -> Result<ModelSpec, Invalid> {
+        let labels = LabelSet::new(self.labels.clone()).map_err(|problem| Invalid::new("labels", problem))?;
         if self.model.kind == ModelKind::EncoderHead {
-            // INVARIANT: validate() checked that the encoder is known.
-            #[allow(clippy::unwrap_used)]
-            let encoder = maeum_models::encoder::known(&self.model.encoder).unwrap();
+            let encoder = maeum_models::encoder::known(&self.model.encoder)
+                .ok_or_else(|| Invalid::new("[model] encoder", format!("unknown: {:?}", self.model.encoder)))?;
             return Ok(ModelSpec::EncoderHead { encoder, hidden: self.model.hidden, labels });
         }
         let config = TextClassifierConfig {
@@ -739,6 +915,11 @@ impl JobSpec {
             hidden: self.model.hidden,
         };
         Ok(ModelSpec::TextClassifier { config, labels })
+    }
+
+    /// Parameters of the job's model (the distributed mode's d).
+    fn dimension(&self) -> Result<u64, Invalid> {
+        Ok(self.spec_of_checked_model()?.layout().numel() as u64)
     }
 
     /// The initial global model: [`JobSpec::model_spec`] initialised with `seed`, so a
@@ -761,8 +942,9 @@ impl JobSpec {
     /// The job's DP-SGD plan (`None` without `[privacy]`); validates the job first.
     pub fn privacy_plan(&self) -> Result<Option<PrivacyPlan>, JobError> {
         self.validate()?;
+        let dimension = self.dimension().map_err(|e| e.at(&format!("job {:?}", self.name)))?;
         self.privacy
-            .plan(self.rounds, self.train.epochs)
+            .plan(self.rounds, self.train.epochs, dimension, self.min_sites)
             .map_err(|problem| Invalid::new("[privacy]", problem).at(&format!("job {:?}", self.name)))
     }
 
@@ -912,11 +1094,15 @@ mod tests {
         check(
             "[privacy]\nepsilon = 8.0\n",
             Some(
-                "job.toml: [privacy] mode is \"none\" (the default), but epsilon set: add mode = \"local\", or remove them",
+                "job.toml: [privacy] mode is \"none\" (the default), but epsilon set: add mode = \"local\" or \"distributed\", or remove them",
             ),
         );
-        let err = JobSpec::from_toml("job.toml", &job("[privacy]\nmode = \"distributed\"\n")).expect_err("unknown");
-        assert!(err.to_string().contains("unknown variant `distributed`, expected `none` or `local`"), "{err}");
+        let err = JobSpec::from_toml("job.toml", &job("[privacy]\nmode = \"central\"\n")).expect_err("unknown");
+        assert!(err.to_string().contains("unknown variant `central`, expected one of"), "{err}");
+        check(
+            "[privacy]\nmode = \"local\"\nepsilon = 8.0\ncolluders = 1\n",
+            Some("job.toml: [privacy] mode is \"local\": colluders and max_batch apply to \"distributed\""),
+        );
         // A target no noise can meet in this many steps is refused with the numbers.
         let err = JobSpec::from_toml(
             "job.toml",
@@ -941,6 +1127,42 @@ mod tests {
         assert!(plan.epsilon_after(5) < plan.epsilon);
         // The plan survives the JSON the coordinator stores.
         assert_eq!(JobSpec::from_json(&spec.to_json()).expect("json").privacy_plan().expect("plan"), Some(plan));
+    }
+
+    #[test]
+    fn the_distributed_mode_is_planned_per_round_and_needs_secure_aggregation() {
+        let base = "name = \"t\"\nlabels = [\"a\", \"b\"]\nrounds = 50\nmin_sites = 4\n\
+                    [model]\nkind = \"encoder-head\"\nencoder = \"all-minilm-l6-v2\"\n";
+        let ddp = "[privacy]\nmode = \"distributed\"\nepsilon = 8.0\nsample_rate = 1.0\ncolluders = 1\n";
+        let spec = JobSpec::from_toml("job.toml", &format!("{base}{ddp}")).expect("job");
+        let plan = spec.privacy_plan().expect("valid").expect("a plan");
+        let d = spec.model_spec().expect("spec").layout().numel() as u64;
+        assert_eq!((plan.mode, plan.steps_per_round, plan.rounds), (PrivacyMode::Distributed, 1, 50));
+        assert_eq!((plan.dimension, plan.noise_shares, plan.max_batch), (d, 3, DEFAULT_MAX_BATCH));
+        assert!(plan.epsilon <= 8.0 && plan.epsilon > 7.99, "calibrated: {}", plan.epsilon);
+        let mut less = plan;
+        less.noise_multiplier *= 0.99;
+        assert!(less.epsilon_after(50) > 8.0, "the smallest z meets the target");
+        let m = plan.distributed().expect("mechanism");
+        assert!(m.max_parties() >= 4);
+        assert_eq!(PrivacyPlan::mode_of_mechanism(plan.mode.mechanism()), Some(PrivacyMode::Distributed));
+        assert_eq!(JobSpec::from_json(&spec.to_json()).expect("json").privacy_plan().expect("plan"), Some(plan));
+        // Plans written before the distributed mode read back as local.
+        let old = r#"{"clip":1.0,"noise_multiplier":1.0,"sample_rate":0.05,"steps_per_round":20,"rounds":2,"delta":1e-5,"epsilon":3.0}"#;
+        assert_eq!(serde_json::from_str::<PrivacyPlan>(old).expect("old plan").mode, PrivacyMode::Local);
+
+        let plaintext =
+            format!("{base}{ddp}[secure_aggregation]\ninsecure_plaintext_aggregation_for_debugging = true\n");
+        let err = JobSpec::from_toml("job.toml", &plaintext).expect_err("plaintext");
+        assert!(err.to_string().contains("\"distributed\" needs secure aggregation"), "{err}");
+        let err = JobSpec::from_toml("job.toml", &format!("{base}{ddp}").replace("colluders = 1", "colluders = 4"))
+            .expect_err("no honest share");
+        assert!(err.to_string().contains("colluders = 4 leaves no honest noise share among min_sites = 4"), "{err}");
+        // The 4.2 M-parameter text classifier at B = 65536 could wrap 32 bits with 4 sites.
+        let text = "name = \"t\"\nlabels = [\"a\", \"b\"]\nrounds = 5\nmin_sites = 4\n\
+                    [privacy]\nmode = \"distributed\"\nepsilon = 8.0\nmax_batch = 65536\n";
+        let err = JobSpec::from_toml("job.toml", text).expect_err("wraps");
+        assert!(err.to_string().contains("could wrap 32 bits"), "{err}");
     }
 
     #[test]

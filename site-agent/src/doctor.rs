@@ -244,7 +244,8 @@ mod tests {
             c.checks[0].detail,
             "auto_accept no; allow_plaintext no; min_cohort 3; allowed_models text-classifier, encoder-head; max_params 67108864; \
              max_rounds 1000; allowed_strategies fedavg, fedprox, fedadam, fedyogi; members any approved site; \
-             privacy.allow_non_dp yes; privacy.max_epsilon 10 at δ ≤ 1e-5; privacy.budget no total"
+             privacy.allow_non_dp yes; privacy.max_epsilon 10 at δ ≤ 1e-5; privacy.allow_distributed yes; \
+             privacy.min_colluders 0; privacy.budget no total"
         );
     }
 }

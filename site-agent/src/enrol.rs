@@ -187,10 +187,12 @@ fn status_lines(s: &Status, now_ms: i64) -> String {
 
 /// The policy in force, one rule a line, for `maeum-site status`.
 fn policy_lines(p: &crate::policy::Policy) -> String {
-    p.summary()
+    let rules = p.summary();
+    let width = rules.iter().map(|(rule, _)| rule.chars().count()).max().unwrap_or(0) + 2;
+    rules
         .into_iter()
         .enumerate()
-        .map(|(i, (rule, value))| format!("{:<12}{rule:<22}{value}\n", if i == 0 { "policy" } else { "" }))
+        .map(|(i, (rule, value))| format!("{:<12}{rule:<width$}{value}\n", if i == 0 { "policy" } else { "" }))
         .collect()
 }
 
@@ -450,17 +452,19 @@ mod tests {
         let p = crate::policy::Policy { members: vec!["b".into(), "c".into()], ..Default::default() };
         assert_eq!(
             policy_lines(&p),
-            "policy      auto_accept           no
-            allow_plaintext       no
-            min_cohort            3
-            allowed_models        text-classifier, encoder-head
-            max_params            67108864
-            max_rounds            1000
-            allowed_strategies    fedavg, fedprox, fedadam, fedyogi
-            members               b, c
-            privacy.allow_non_dp  yes
-            privacy.max_epsilon   10 at δ ≤ 1e-5
-            privacy.budget        no total
+            "policy      auto_accept                no
+            allow_plaintext            no
+            min_cohort                 3
+            allowed_models             text-classifier, encoder-head
+            max_params                 67108864
+            max_rounds                 1000
+            allowed_strategies         fedavg, fedprox, fedadam, fedyogi
+            members                    b, c
+            privacy.allow_non_dp       yes
+            privacy.max_epsilon        10 at δ ≤ 1e-5
+            privacy.allow_distributed  yes
+            privacy.min_colluders      0
+            privacy.budget             no total
 "
         );
     }

@@ -53,6 +53,9 @@ pub enum Line {
         sample_rate: f64,
         noise_multiplier: f64,
         steps: u64,
+        /// The distributed mode's d, m and B (absent in the local mode).
+        #[serde(default, skip_serializing_if = "Shape::is_local")]
+        shape: Shape,
         time_ms: i64,
     },
     /// The site is about to train one round of a DP job.
@@ -68,8 +71,33 @@ pub enum Line {
         delta: f64,
         /// ε of the job over all its charged rounds, this one included.
         epsilon_job: f64,
+        #[serde(default, skip_serializing_if = "Shape::is_local")]
+        shape: Shape,
         time_ms: i64,
     },
+}
+
+/// What the distributed mode's accountant needs beyond q and z: the model's
+/// parameters d, the noise shares m and the batch bound B (all 0 in the local mode).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Shape {
+    #[serde(default)]
+    pub dimension: u64,
+    #[serde(default)]
+    pub noise_shares: u32,
+    #[serde(default)]
+    pub max_batch: u32,
+}
+
+impl Shape {
+    fn is_local(&self) -> bool {
+        *self == Shape::default()
+    }
+
+    fn of(plan: &PrivacyPlan) -> Shape {
+        Shape { dimension: plan.dimension, noise_shares: plan.noise_shares, max_batch: plan.max_batch }
+    }
 }
 
 /// What the ledger says about one job.
@@ -91,6 +119,8 @@ pub struct JobSpend {
     #[serde(skip)]
     noise_multiplier: f64,
     #[serde(skip)]
+    shape: Shape,
+    #[serde(skip)]
     charged: Vec<(u32, String)>,
     /// Steps the reservation covers.
     #[serde(skip)]
@@ -103,14 +133,26 @@ impl JobSpend {
         self.reserved.max(self.spent)
     }
 
+    /// The job's mechanism, as a plan of one step a round.
+    fn mechanism_plan(&self) -> Option<PrivacyPlan> {
+        Some(PrivacyPlan {
+            mode: PrivacyPlan::mode_of_mechanism(&self.mechanism)?,
+            clip: 1.0,
+            noise_multiplier: self.noise_multiplier,
+            sample_rate: self.sample_rate,
+            steps_per_round: 1,
+            rounds: 0,
+            delta: self.delta,
+            epsilon: 0.0,
+            dimension: self.shape.dimension,
+            noise_shares: self.shape.noise_shares,
+            max_batch: self.shape.max_batch,
+        })
+    }
+
     /// The job's RDP curve over the steps it counts (its reservation while it runs).
     fn rdp(&self) -> Option<maeum_models::accountant::Rdp> {
-        maeum_models::accountant::Rdp::subsampled_gaussian(
-            self.sample_rate,
-            self.noise_multiplier,
-            self.planned_steps.max(self.steps),
-        )
-        .ok()
+        self.mechanism_plan()?.rdp_of_steps(self.planned_steps.max(self.steps)).ok()
     }
 }
 
@@ -152,6 +194,7 @@ impl Ledger {
                         steps: 0,
                         sample_rate: 0.0,
                         noise_multiplier: 0.0,
+                        shape: Shape::default(),
                         charged: Vec::new(),
                         planned_steps: 0,
                     })
@@ -167,9 +210,11 @@ impl Ledger {
                     sample_rate,
                     noise_multiplier,
                     steps,
+                    shape,
                     ..
                 } => {
                     let mut j = entry(&mut jobs, &job_id, &mechanism);
+                    j.shape = shape;
                     j.reserved = j.reserved.max(epsilon);
                     j.delta = j.delta.max(delta);
                     j.rounds_planned = rounds;
@@ -188,9 +233,11 @@ impl Ledger {
                     steps,
                     delta,
                     epsilon_job,
+                    shape,
                     ..
                 } => {
                     let mut j = entry(&mut jobs, &job_id, &mechanism);
+                    j.shape = shape;
                     j.charged.push((round, base_model));
                     j.rounds_charged =
                         j.charged.iter().map(|(r, _)| *r).collect::<std::collections::BTreeSet<_>>().len() as u32;
@@ -231,12 +278,7 @@ impl Ledger {
         if let Some(p) = extra {
             basic += p.epsilon;
             delta += p.delta;
-            let r = maeum_models::accountant::Rdp::subsampled_gaussian(
-                p.sample_rate,
-                p.noise_multiplier,
-                p.steps_per_round * u64::from(p.rounds),
-            );
-            match (rdp.as_mut(), r) {
+            match (rdp.as_mut(), p.rdp_after(p.rounds)) {
                 (Some(total), Ok(r)) => total.compose(&r),
                 _ => rdp = None,
             }
@@ -248,9 +290,6 @@ impl Ledger {
         (basic.min(composed), delta)
     }
 }
-
-/// The mechanism's name in the ledger, the log and the model card.
-pub const LOCAL_DP_SGD: &str = "dp-sgd-local";
 
 /// Whether `plan` fits in the site's total budget (`[policy.privacy] budget`, 0 = no
 /// total) beside what the ledger already holds; `Ok(true)` when `job_id` already has
@@ -282,13 +321,14 @@ pub fn reserve(home: &Home, job_id: &str, plan: &PrivacyPlan, budget: f64) -> st
     }
     let line = Line::Reserve {
         job_id: job_id.into(),
-        mechanism: LOCAL_DP_SGD.into(),
+        mechanism: plan.mode.mechanism().into(),
         epsilon: plan.epsilon,
         delta: plan.delta,
         rounds: plan.rounds,
         sample_rate: plan.sample_rate,
         noise_multiplier: plan.noise_multiplier,
         steps: plan.steps_per_round * u64::from(plan.rounds),
+        shape: Shape::of(plan),
         time_ms: crate::now_ms(),
     };
     append(home, &line)
@@ -325,9 +365,10 @@ pub fn charge(
         return Ok(Charged { epsilon_job: j.spent, new: false, steps: j.steps });
     }
     let steps = job.map_or(0, |j| j.steps) + plan.steps_per_round;
-    let epsilon_job =
-        maeum_models::accountant::dp_sgd_epsilon(plan.sample_rate, plan.noise_multiplier, steps, plan.delta)
-            .map_err(|e| refusal(format!("the accountant refused the plan: {e}")))?;
+    let epsilon_job = plan
+        .rdp_of_steps(steps)
+        .and_then(|r| r.epsilon(plan.delta).map_err(|e| e.to_string()))
+        .map_err(|e| refusal(format!("the accountant refused the plan: {e}")))?;
     let reserved = job.map_or(0.0, |j| j.reserved);
     // The accountant's own rounding aside, a job never spends beyond what it reserved.
     if epsilon_job > reserved * (1.0 + 1e-9) {
@@ -342,13 +383,14 @@ pub fn charge(
         job_id: job_id.into(),
         round,
         base_model: base_model.into(),
-        mechanism: LOCAL_DP_SGD.into(),
+        mechanism: plan.mode.mechanism().into(),
         clip: plan.clip,
         noise_multiplier: plan.noise_multiplier,
         sample_rate: plan.sample_rate,
         steps: plan.steps_per_round,
         delta: plan.delta,
         epsilon_job,
+        shape: Shape::of(plan),
         time_ms: crate::now_ms(),
     };
     append(home, &line).map_err(|e| refusal(format!("cannot record the charge: {e:#}")))?;
@@ -470,7 +512,44 @@ mod tests {
             epsilon: epsilon_target,
             ..Default::default()
         };
-        t.plan(rounds, 1).expect("valid").expect("a plan")
+        t.plan(rounds, 1, 0, 3).expect("valid").expect("a plan")
+    }
+
+    fn distributed(epsilon_target: f64, rounds: u32) -> PrivacyPlan {
+        let t = maeum_protocols::job::PrivacyTable {
+            mode: maeum_protocols::job::PrivacyMode::Distributed,
+            epsilon: epsilon_target,
+            sample_rate: 1.0,
+            ..Default::default()
+        };
+        t.plan(rounds, 1, 52_763, 5).expect("valid").expect("a plan")
+    }
+
+    #[test]
+    fn distributed_rounds_are_charged_and_compose_with_local_jobs() {
+        let (_d, home) = home();
+        let p = distributed(3.0, 4);
+        assert_eq!((p.steps_per_round, p.noise_shares, p.dimension), (1, 5, 52_763));
+        reserve(&home, "ddp", &p, 0.0).expect("reserve");
+        for round in 1..=4 {
+            charge(&home, "ddp", round, &format!("base{round}"), &p).expect("charge");
+        }
+        let err = charge(&home, "ddp", 5, "base5", &p).expect_err("beyond the plan");
+        assert_eq!(err.rule, "privacy.budget");
+        // Read back, the job's curve is the Skellam one: spent = the plan's ε.
+        let l = Ledger::read(&home).expect("read");
+        let j = l.job("ddp").expect("job");
+        assert_eq!(j.mechanism, "dp-sgd-distributed-skellam");
+        assert!((j.spent - p.epsilon).abs() < 1e-9, "{} vs {}", j.spent, p.epsilon);
+        let (alone, _) = l.total();
+        assert!((alone - p.epsilon).abs() < 1e-6, "one job's total is its ε: {alone}");
+        // With a local job beside it, the RDP curves add up order by order: below the sum.
+        reserve(&home, "local", &plan(3.0, 3), 0.0).expect("reserve");
+        let (total, delta) = Ledger::read(&home).expect("read").total();
+        assert!((delta - 2e-5).abs() < 1e-12);
+        assert!(total < 2.0 * 3.0 && total > 3.0, "composed total {total}");
+        let text = std::fs::read_to_string(home.path(LEDGER)).expect("ledger");
+        assert!(text.contains("\"shape\":{\"dimension\":52763,\"noise_shares\":5,\"max_batch\":1024}"), "{text}");
     }
 
     fn home() -> (tempfile::TempDir, Home) {

@@ -64,11 +64,25 @@ pub struct PrivacyPolicy {
     /// Total ε over all jobs that use this site's records (composed across jobs, `ledger`); 0 = no
     /// total limit.
     pub budget: f64,
+    /// `distributed` jobs: the fewest colluding sites a job must tolerate (its
+    /// `[privacy] colluders`). The noise is split so that `min_sites − colluders` honest
+    /// shares make the whole; a site that trusts fewer of its peers raises this.
+    pub min_colluders: u32,
+    /// Take part in `distributed` jobs at all (their guarantee relies on secure
+    /// aggregation and on the stated colluder bound, unlike `local`).
+    pub allow_distributed: bool,
 }
 
 impl Default for PrivacyPolicy {
     fn default() -> Self {
-        Self { allow_non_dp: true, max_epsilon: 10.0, max_delta: 1e-5, budget: 0.0 }
+        Self {
+            allow_non_dp: true,
+            max_epsilon: 10.0,
+            max_delta: 1e-5,
+            budget: 0.0,
+            min_colluders: 0,
+            allow_distributed: true,
+        }
     }
 }
 
@@ -225,6 +239,25 @@ impl Policy {
                 format!("the job's δ = {:e} is above this site's limit of {:e}", plan.delta, p.max_delta),
             );
         }
+        if plan.distributed().is_some() {
+            if !p.allow_distributed {
+                return refuse(
+                    "privacy.allow_distributed",
+                    "the job splits the noise among the sites ([privacy] mode = \"distributed\"), and this site \
+                     takes only local DP"
+                        .into(),
+                );
+            }
+            if job.privacy.colluders < p.min_colluders {
+                return refuse(
+                    "privacy.min_colluders",
+                    format!(
+                        "the job's noise holds against {} colluding sites, this site requires {}",
+                        job.privacy.colluders, p.min_colluders
+                    ),
+                );
+            }
+        }
         Ok(())
     }
 
@@ -302,6 +335,8 @@ impl Policy {
             ("members", if self.members.is_empty() { "any approved site".into() } else { self.members.join(", ") }),
             ("privacy.allow_non_dp", yes_no(self.privacy.allow_non_dp)),
             ("privacy.max_epsilon", format!("{} at δ ≤ {:e}", self.privacy.max_epsilon, self.privacy.max_delta)),
+            ("privacy.allow_distributed", yes_no(self.privacy.allow_distributed)),
+            ("privacy.min_colluders", self.privacy.min_colluders.to_string()),
             (
                 "privacy.budget",
                 if self.privacy.budget > 0.0 { self.privacy.budget.to_string() } else { "no total".into() },

@@ -40,7 +40,7 @@ use maeum_secagg::quant::Quantiser;
 use maeum_secagg::sign::{EcdsaSigner, SessionVerifier};
 use maeum_secagg::{self as secagg, Session};
 
-use crate::daemon::{Agent, Client, RoundModel, describe, round_model, train_from};
+use crate::daemon::{Agent, Client, RoundModel, describe, distributed_words, round_model, train_from};
 use crate::policy::{Policy, Refusal, SessionView};
 
 /// Words quantised and masked at a time.
@@ -135,6 +135,14 @@ pub(crate) fn check_session(
             expected.clip,
             expected.max_weight
         )));
+    }
+    if let Some(m) = job.privacy_plan()?.and_then(|p| p.distributed()) {
+        m.check_range(info.members.len()).map_err(|why| {
+            anyhow::Error::from(Refusal {
+                rule: "privacy.range",
+                why: format!("the proposed session cannot run: {why}"),
+            })
+        })?;
     }
     policy.check_session(&SessionView {
         me: site_id,
@@ -434,8 +442,20 @@ pub(crate) async fn train(
     if counts.len() as u64 != job.evaluation_words() {
         bail!("{} evaluation counts, the job's layout has {}", counts.len(), job.evaluation_words());
     }
-    let (mut delta, examples) =
-        if t.evaluate_only { (Vec::new(), 1) } else { train_from(agent, client, &t, &job, model).await? };
+    // The distributed DP mode sends integer words (clipped-gradient sum and noise share)
+    // instead of a quantised update.
+    let distributed = job.privacy_plan()?.filter(|p| p.distributed().is_some());
+    let (mut delta, examples, ddp_words) = match (&distributed, t.evaluate_only) {
+        (_, true) => (Vec::new(), 1, None),
+        (Some(plan), false) => {
+            let words = distributed_words(agent, client, &t, &job, plan, model).await?;
+            (Vec::new(), 1, Some(words))
+        }
+        (None, false) => {
+            let (delta, examples) = train_from(agent, client, &t, &job, model).await?;
+            (delta, examples, None)
+        }
+    };
     // Fault injection: a poisoning site scales its update up and skips the norm bound.
     let scale_attack = test_env("MAEUM_SITE_ATTACK").is_some_and(|v| v == "scale-update");
     if scale_attack {
@@ -490,10 +510,13 @@ pub(crate) async fn train(
             let mut bytes = Vec::with_capacity(CHUNK_WORDS * 4);
             let mut clipped = 0;
             let mut uniform = || rng.next_u32();
-            // [w·Δ (quantised), w, the evaluation counts], all masked alike.
+            // [w·Δ (quantised) or the distributed mode's words, w, the evaluation counts],
+            // all masked alike.
+            let words_in = ddp_words.unwrap_or_default();
             let chunks = delta
                 .chunks(CHUNK_WORDS)
                 .map(Segment::Delta)
+                .chain(words_in.chunks(CHUNK_WORDS).map(Segment::Words))
                 .chain(std::iter::once(Segment::Weight))
                 .chain(counts.chunks(CHUNK_WORDS).map(Segment::Counts));
             for chunk in chunks {
@@ -501,6 +524,10 @@ pub(crate) async fn train(
                     Segment::Delta(d) => {
                         clipped += quantiser.encode(d, weight, &mut uniform, &mut words[..d.len()]);
                         &mut words[..d.len()]
+                    }
+                    Segment::Words(w) => {
+                        words[..w.len()].copy_from_slice(w);
+                        &mut words[..w.len()]
                     }
                     Segment::Weight => {
                         words[0] = weight;
@@ -612,6 +639,8 @@ fn clip_l2(delta: &mut [f32], bound: f32) -> Option<f64> {
 /// A piece of a masked input, in order.
 enum Segment<'a> {
     Delta(&'a [f32]),
+    /// The distributed DP mode's words, already integers.
+    Words(&'a [u32]),
     Weight,
     Counts(&'a [u32]),
 }

@@ -22,6 +22,10 @@ pub(super) fn new_session(
         .secure_aggregation
         .session_params(selected.len(), num_params, eval_words, job.spec.min_sites)
         .map_err(anyhow::Error::msg)?;
+    let distributed = job.spec.privacy_plan()?.and_then(|p| p.distributed());
+    if let Some(m) = &distributed {
+        m.check_range(selected.len()).map_err(anyhow::Error::msg)?;
+    }
     let mut members = Vec::new();
     for (i, site) in selected.iter().enumerate() {
         let path = c.home.sites().join(format!("{site}.pem"));
@@ -47,6 +51,7 @@ pub(super) fn new_session(
     let binding = maeum_protocols::wire::secagg::round_binding(&Digest::parse("spec_sha256", &job.spec_sha256)?, base);
     let session = session_of(c, &info, &job.id, round, attempt, binding)?;
     SecAggRound::new(session, info, eval_words as usize, job.spec.secure_aggregation.clip_norm)
+        .map(|r| r.with_distributed(distributed))
         .map_err(|e| anyhow::anyhow!("{e}"))
 }
 

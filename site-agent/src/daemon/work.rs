@@ -324,34 +324,13 @@ pub(crate) async fn train_from(
                 tokio::task::spawn_blocking(move || spec.train(&start, &data.train, &cfg, &mut ())).await??;
             (local, report, agent.data.train.len() as u64)
         }
+        Some(plan) if plan.distributed().is_some() => {
+            // Its round is one step whose words travel only masked (`distributed_words`).
+            bail!("a distributed-DP job's update is never trained or sent in the clear")
+        }
         Some(plan) => {
             let base = t.model.digest.hex();
-            let charged = match crate::ledger::charge(&agent.home, &t.job_id, t.round, &base, &plan) {
-                Ok(c) => c,
-                Err(refusal) => {
-                    agent.refuse(client, &t.job_id, t.round, t.attempt, &refusal).await;
-                    return Err(refusal.into());
-                }
-            };
-            info!(job = %t.job_id, round = t.round, epsilon = charged.epsilon_job, new = charged.new, "privacy ledger charged");
-            // Reported on every attempt, also a retry's (same charge): a site killed between
-            // the ledger's fsync and the report still gets the charge into the log.
-            {
-                let report = pb::PrivacyCharge {
-                    job_id: t.job_id.clone(),
-                    round: t.round,
-                    mechanism: crate::ledger::LOCAL_DP_SGD.into(),
-                    epsilon: charged.epsilon_job.to_string(),
-                    delta: plan.delta.to_string(),
-                    clip: plan.clip.to_string(),
-                    noise_multiplier: plan.noise_multiplier.to_string(),
-                    sample_rate: plan.sample_rate.to_string(),
-                    steps: charged.steps,
-                };
-                if let Err(e) = client.report_privacy(report).await {
-                    warn!(error = %describe(&e), "reporting the privacy charge to the coordinator (the ledger holds it)");
-                }
-            }
+            charge_round(agent, client, t, &plan).await?;
             agent.set(|s| s.stage = "training (DP-SGD)".into());
             let mut rng = crate::ledger::noise_rng(&agent.home, &t.job_id, t.round, &base)?;
             let mechanism = plan.round_mechanism();
@@ -366,6 +345,75 @@ pub(crate) async fn train_from(
     info!(job = %t.job_id, round = t.round, steps = report.steps, seconds = started.elapsed().as_secs_f32(), "local training done");
     let delta = local.values().iter().zip(global.values()).map(|(l, g)| l - g).collect();
     Ok((delta, weight))
+}
+
+/// Charges this round of a DP job to the privacy ledger, durably, before the records
+/// are touched, and reports the charge for the audit log (on every attempt, a retry's
+/// unchanged charge included: a site killed between the ledger's fsync and the report
+/// still gets the charge into the log). A charge the ledger refuses is refused to the
+/// coordinator by rule.
+pub(crate) async fn charge_round(
+    agent: &Agent,
+    client: &mut Client,
+    t: &TrainTask,
+    plan: &maeum_protocols::job::PrivacyPlan,
+) -> Result<()> {
+    let base = t.model.digest.hex();
+    let charged = match crate::ledger::charge(&agent.home, &t.job_id, t.round, &base, plan) {
+        Ok(c) => c,
+        Err(refusal) => {
+            agent.refuse(client, &t.job_id, t.round, t.attempt, &refusal).await;
+            return Err(refusal.into());
+        }
+    };
+    info!(job = %t.job_id, round = t.round, epsilon = charged.epsilon_job, new = charged.new, "privacy ledger charged");
+    let report = pb::PrivacyCharge {
+        job_id: t.job_id.clone(),
+        round: t.round,
+        mechanism: plan.mode.mechanism().into(),
+        epsilon: charged.epsilon_job.to_string(),
+        delta: plan.delta.to_string(),
+        clip: plan.clip.to_string(),
+        noise_multiplier: plan.noise_multiplier.to_string(),
+        sample_rate: plan.sample_rate.to_string(),
+        steps: charged.steps,
+    };
+    if let Err(e) = client.report_privacy(report).await {
+        warn!(error = %describe(&e), "reporting the privacy charge to the coordinator (the ledger holds it)");
+    }
+    Ok(())
+}
+
+/// This site's contribution to a round of a `distributed` DP job: the round is charged
+/// first, then the clipped-gradient sum over a Poisson sample of the local records is
+/// bounded, scaled, rounded and given this site's Skellam noise share
+/// (`maeum_models::ddp`), all drawn from the site's secret noise key. The words are
+/// only ever sent masked; the batch size stays here.
+pub(crate) async fn distributed_words(
+    agent: &Agent,
+    client: &mut Client,
+    t: &TrainTask,
+    job: &JobSpec,
+    plan: &maeum_protocols::job::PrivacyPlan,
+    m: RoundModel,
+) -> Result<Vec<u32>> {
+    let Some(mechanism) = plan.distributed() else { bail!("the job's privacy mode is not distributed") };
+    charge_round(agent, client, t, plan).await?;
+    let RoundModel { spec, params, data } = m;
+    agent.set(|s| s.stage = "training (distributed DP step)".into());
+    let started = std::time::Instant::now();
+    let mut rng = crate::ledger::noise_rng(&agent.home, &t.job_id, t.round, &t.model.digest.hex())?;
+    let dropout = job.train.dropout;
+    let (words, _, bounded) = tokio::task::spawn_blocking(move || {
+        spec.distributed_contribution(&params, &data.train, dropout, &mechanism, &mut rng)
+    })
+    .await??;
+    agent.metrics.stage("train", started.elapsed());
+    if bounded {
+        info!(job = %t.job_id, round = t.round, bound = mechanism.clip * f64::from(mechanism.max_batch), "clipped-gradient sum scaled down to clip × max_batch");
+    }
+    info!(job = %t.job_id, round = t.round, seconds = started.elapsed().as_secs_f32(), "distributed DP step done");
+    Ok(words)
 }
 
 /// The on-disk form of an update's header (HOME/work/NAME.json).
