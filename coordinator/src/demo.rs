@@ -67,19 +67,23 @@ pub struct DemoArgs {
     /// sees every site's update). Only for comparing accuracy and speed.
     #[arg(long)]
     pub insecure_plaintext_aggregation: bool,
-    /// Record-level differential privacy: `local` makes every site run DP-SGD with the
-    /// full noise (docs/protocols/privacy.md); `none` trains without it.
-    #[arg(long, value_name = "MODE", default_value = "none", value_parser = ["none", "local"])]
+    /// Record-level differential privacy (docs/protocols/privacy.md): `local` makes every
+    /// site run DP-SGD with the full noise; `distributed` makes each round one DP-SGD step
+    /// over every site's records, each site adding a share of the noise under secure
+    /// aggregation (the job then uses FedAdam on the server, and min_sites is all sites
+    /// but one); `none` trains without it.
+    #[arg(long, value_name = "MODE", default_value = "none", value_parser = ["none", "local", "distributed"])]
     pub privacy: String,
-    /// With `--privacy local`: the target ε per record per site over the whole job.
+    /// With `--privacy`: the target ε per record per site over the whole job.
     #[arg(long, default_value_t = 8.0)]
     pub epsilon: f64,
-    /// With `--privacy local`: δ of the guarantee.
+    /// With `--privacy`: δ of the guarantee.
     #[arg(long, default_value_t = 1e-5)]
     pub delta: f64,
-    /// With `--privacy local`: the Poisson sampling rate of each DP-SGD step.
-    #[arg(long, default_value_t = 0.05)]
-    pub sample_rate: f64,
+    /// With `--privacy`: the Poisson sampling rate of each DP-SGD step (default 0.05 for
+    /// `local`, 1 for `distributed`).
+    #[arg(long)]
+    pub sample_rate: Option<f64>,
     /// The model: `text-classifier` (hashed n-grams, trained from scratch) or
     /// `encoder-head` (the pretrained all-MiniLM-L6-v2 encoder, frozen, and a trained
     /// head; each site embeds its records once, which takes a few minutes).
@@ -337,7 +341,7 @@ epochs = {epochs}
 learning_rate = {lr}
 
 [strategy]
-kind = "fedavg"
+{strategy}
 
 [deadlines]
 join = 60
@@ -352,7 +356,15 @@ insecure_plaintext_aggregation_for_debugging = {plaintext}
         alpha = a.alpha,
         labels = labels.join(", "),
         rounds = a.rounds,
-        min_sites = a.sites.div_ceil(2).max(1),
+        min_sites =
+            if a.privacy == "distributed" { a.sites.saturating_sub(1).max(1) } else { a.sites.div_ceil(2).max(1) },
+        strategy = if a.privacy == "distributed" {
+            // The server steps with the noisy gradient sum: Adam's scale-free step (tuned
+            // with the fedsim bench, docs/benchmarks.md).
+            "kind = \"fedadam\"\nserver_learning_rate = 0.01"
+        } else {
+            "kind = \"fedavg\""
+        },
         seed = a.seed,
         epochs = a.local_epochs,
         lr = DEFAULT_SITE_LR,
@@ -362,13 +374,15 @@ insecure_plaintext_aggregation_for_debugging = {plaintext}
             "kind = \"text-classifier\"".to_string()
         },
         plaintext = a.insecure_plaintext_aggregation,
-        privacy = if a.privacy == "local" {
-            format!(
-                "\n[privacy]\nmode = \"local\"\nepsilon = {:?}\ndelta = {:?}\nsample_rate = {:?}\n",
-                a.epsilon, a.delta, a.sample_rate
-            )
-        } else {
-            String::new()
+        privacy = match a.privacy.as_str() {
+            "local" | "distributed" => format!(
+                "\n[privacy]\nmode = {:?}\nepsilon = {:?}\ndelta = {:?}\nsample_rate = {:?}\n",
+                a.privacy,
+                a.epsilon,
+                a.delta,
+                a.sample_rate.unwrap_or(if a.privacy == "local" { 0.05 } else { 1.0 })
+            ),
+            _ => String::new(),
         },
     )
 }
@@ -649,9 +663,10 @@ pub async fn run(a: DemoArgs) -> Result<()> {
     let spent = logged_privacy_spent(&audit_bytes, &sites, &info.job_id);
     let privacy = plan.map(|p| {
         serde_json::json!({
-            "mode": a.privacy, "target_epsilon": a.epsilon, "epsilon": p.epsilon, "delta": p.delta, "clip": p.clip,
-            "noise_multiplier": p.noise_multiplier, "sample_rate": p.sample_rate,
-            "steps_per_round": p.steps_per_round, "epsilon_spent_per_site": spent,
+            "mode": a.privacy, "mechanism": p.mode.mechanism(), "target_epsilon": a.epsilon, "epsilon": p.epsilon,
+            "delta": p.delta, "clip": p.clip, "noise_multiplier": p.noise_multiplier, "sample_rate": p.sample_rate,
+            "steps_per_round": p.steps_per_round, "noise_shares": p.distributed().map(|m| m.noise_shares),
+            "epsilon_spent_per_site": spent,
         })
     });
     let cleaned = if a.clean { Some(clean(&work)?) } else { None };
@@ -703,9 +718,10 @@ pub async fn run(a: DemoArgs) -> Result<()> {
     if let Some(p) = &plan {
         println!();
         println!(
-            "differential privacy: local DP-SGD at every site, clip {}, noise multiplier {:.4}, sampling rate {}, {} \
-             steps a round; planned ε = {:.3} per record at δ = {:e}",
-            p.clip, p.noise_multiplier, p.sample_rate, p.steps_per_round, p.epsilon, p.delta
+            "differential privacy: {}; planned ε = {:.3} per record at δ = {:e}",
+            p.describe(),
+            p.epsilon,
+            p.delta
         );
         let line: Vec<String> = spent
             .as_object()

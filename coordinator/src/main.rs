@@ -354,9 +354,11 @@ async fn run(cli: Cli) -> Result<()> {
             let spec = maeum_protocols::job::JobSpec::from_toml(&source_name, &toml)?;
             if let (Some(p), false) = (spec.privacy_plan()?, json) {
                 println!(
-                    "differential privacy: local DP-SGD, expected ε = {:.3} per record per site at δ = {:e} over {} \
-                     rounds (noise multiplier {:.4}, clip {}, sampling rate {}, {} steps a round)",
-                    p.epsilon, p.delta, p.rounds, p.noise_multiplier, p.clip, p.sample_rate, p.steps_per_round
+                    "differential privacy: expected ε = {:.3} per record per site at δ = {:e} over {} rounds; {}",
+                    p.epsilon,
+                    p.delta,
+                    p.rounds,
+                    p.describe()
                 );
             }
             let j = client::connect(&home.home).await?.submit_job(pb::SubmitJobRequest { toml, source_name }).await?;

@@ -276,9 +276,12 @@ fn print_eval(what: &str, e: Option<&CardEvaluation>) {
 /// The crisis flag of a card, in one line.
 /// The card's differential-privacy claim in one line.
 fn privacy_line(p: &maeum_tlog::release::CardPrivacy) -> String {
+    let shares = p
+        .noise_shares
+        .map_or(String::new(), |m| format!("; the noise split among ≥ {m} honest sites under secure aggregation"));
     format!(
         "{}: ε = {:.3} per record per site at δ = {:e} after {} rounds (clip {}, noise multiplier {:.4}, {} sampling at \
-         {}, {} steps a round)",
+         {}, {} steps a round{shares})",
         p.mechanism,
         p.epsilon,
         p.delta,

@@ -369,7 +369,7 @@ pub fn card(
             target_recall,
         ),
         privacy: job.spec.privacy_plan()?.map(|p| maeum_tlog::release::CardPrivacy {
-            mechanism: "dp-sgd-local".into(),
+            mechanism: p.mode.mechanism().into(),
             clip: p.clip,
             noise_multiplier: p.noise_multiplier,
             sampling: "poisson".into(),
@@ -379,6 +379,7 @@ pub fn card(
             delta: p.delta,
             epsilon: p.epsilon_after(round),
             epsilon_per_site: spent,
+            noise_shares: p.distributed().map(|m| m.noise_shares),
         }),
     })
 }

@@ -356,6 +356,28 @@ impl PrivacyPlan {
         .map_err(|e| e.to_string())
     }
 
+    /// The mechanism in one line for people (`jobs submit`, the demo).
+    pub fn describe(&self) -> String {
+        match self.distributed() {
+            Some(m) => format!(
+                "distributed DP: one DP-SGD step a round over every site's records, the Skellam noise split among \
+                 ≥ {} honest sites under secure aggregation (clip {}, noise multiplier {:.4}, Poisson sampling at {}, \
+                 {} parameters, a site's sum bounded at clip × {}, at most {} sites a session)",
+                m.noise_shares,
+                self.clip,
+                self.noise_multiplier,
+                self.sample_rate,
+                m.dimension,
+                m.max_batch,
+                m.max_parties()
+            ),
+            None => format!(
+                "local DP-SGD at every site (clip {}, noise multiplier {:.4}, Poisson sampling at {}, {} steps a round)",
+                self.clip, self.noise_multiplier, self.sample_rate, self.steps_per_round
+            ),
+        }
+    }
+
     /// The mode whose mechanism the ledger, the log and the card name `mechanism`.
     pub fn mode_of_mechanism(mechanism: &str) -> Option<PrivacyMode> {
         [PrivacyMode::Local, PrivacyMode::Distributed].into_iter().find(|m| m.mechanism() == mechanism)

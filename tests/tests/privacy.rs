@@ -205,3 +205,106 @@ fn a_site_killed_while_training_with_dp_keeps_its_charge_and_is_not_charged_twic
         "no privacy_charged entry for site-1 round {round}"
     );
 }
+
+/// The `distributed` mode: each round is one DP-SGD step over the union of the sites'
+/// records; every site adds only its share of Skellam noise to integer words that
+/// travel masked, so only the secure sum carries the whole noise. Sites whose policy
+/// does not trust the split refuse by rule; the rest charge their ledgers per round
+/// with the Skellam accountant; the coordinator decodes the sum and steps the model
+/// with it (no round refused by the bounds); the card names the mechanism and the
+/// noise floor, and REL-10 holds against the log.
+#[test]
+fn distributed_dp_splits_the_noise_among_the_sites_and_each_site_still_enforces_it() {
+    let mut fed = Federation::new(5);
+    fed.set_policy("site-4", "allow_distributed", "false");
+    fed.set_policy("site-5", "min_colluders", "1");
+    fed.start_coordinator();
+    fed.start_sites(&["site-1", "site-2", "site-3", "site-4", "site-5"]);
+    fed.wait_online(5);
+    let job_toml = format!(
+        "{SMALL_MODEL}[strategy]\nkind = \"fedadam\"\n[privacy]\nmode = \"distributed\"\nepsilon = 4.0\n\
+         sample_rate = 1.0\n"
+    );
+    let id = fed.submit("ddp", 2, 3, &job_toml);
+    let job = fed.wait_job(&id, 4 * MIN);
+    assert_eq!(job["state"], "completed", "{job:#}\n{}", fed.log_text("coordinator"));
+
+    // The plan: one step a round, the noise in 3 shares (min_sites 3, no colluders).
+    let plan = &job["privacy"]["plan"];
+    assert_eq!((plan["mode"].as_str(), plan["steps_per_round"].as_u64()), (Some("distributed"), Some(1)), "{job:#}");
+    assert_eq!(plan["noise_shares"], 3, "{job:#}");
+    let epsilon = plan["epsilon"].as_f64().expect("planned ε");
+    assert!(epsilon <= 4.0 && epsilon > 3.99, "{job:#}");
+
+    // Each round's sum was decoded and applied: none refused by the aggregate's bounds.
+    let history = job["history"].as_array().expect("history");
+    assert_eq!(history.len(), 2, "{job:#}");
+    for r in history {
+        assert!(r["refused"].as_str().is_none_or(str::is_empty), "round refused: {r:#}");
+        assert_eq!(r["contributors"].as_array().map(Vec::len), Some(3), "{r:#}");
+    }
+
+    // The sites that do not take the split refused by rule.
+    let reason = |site: &str| -> String {
+        let d = job["decisions"].as_array().expect("decisions").iter().find(|d| d["site"] == site).cloned();
+        let d = d.unwrap_or_else(|| panic!("no decision from {site}: {job:#}"));
+        assert_eq!(d["accept"], false, "{site} took the job: {d:#}");
+        d["reason"].as_str().unwrap_or_default().to_string()
+    };
+    let r4 = reason("site-4");
+    assert!(r4.contains("[policy] privacy.allow_distributed"), "{r4}");
+    let r5 = reason("site-5");
+    assert!(r5.contains("[policy] privacy.min_colluders") && r5.contains("this site requires 1"), "{r5}");
+
+    // Each taking site charged both rounds with the Skellam accountant.
+    for s in ["site-1", "site-2", "site-3"] {
+        let out = Command::new(bin("maeum-site"))
+            .args(["privacy", "--json", "--home"])
+            .arg(fed.site_home(s))
+            .output()
+            .expect("maeum-site privacy");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+        let j = &v["jobs"][0];
+        assert_eq!(j["mechanism"], "dp-sgd-distributed-skellam", "{v:#}");
+        assert_eq!((j["rounds_charged"].as_u64(), j["steps"].as_u64()), (Some(2), Some(2)), "{v:#}");
+        assert!((j["spent"].as_f64().expect("spent") - epsilon).abs() < 1e-9, "{s}: {v:#}");
+    }
+
+    // The log holds each charge; the card states the mechanism and the noise floor.
+    let audit = fed.dir.path().join("audit.json");
+    let out = fed.cli(&["audit", "export", "--out", audit.to_str().unwrap_or_default()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let export = Export::decode(&std::fs::read(&audit).expect("export")).expect("decodes");
+    let mut charges: Vec<(String, u32)> = export
+        .entries
+        .iter()
+        .filter_map(|e| match &e.event {
+            Event::PrivacyCharged { job_id, site, round, mechanism, .. } if *job_id == id => {
+                assert_eq!(mechanism, "dp-sgd-distributed-skellam");
+                Some((site.clone(), *round))
+            }
+            _ => None,
+        })
+        .collect();
+    charges.sort();
+    charges.dedup();
+    assert_eq!(charges.len(), 6, "{charges:?}");
+    let out_dir = fed.dir.path().join("export");
+    let exported = fed.cli_json(&["models", "export", "v1", "--out", out_dir.to_str().unwrap_or_default()]);
+    assert!(exported["files"].is_array(), "{exported:#}");
+    let card = maeum_tlog::release::ModelCard::decode(&std::fs::read(out_dir.join("card-v1.json")).expect("card"))
+        .expect("card");
+    let p = card.privacy.expect("the card states the privacy");
+    assert_eq!((p.mechanism.as_str(), p.steps_per_round, p.noise_shares), ("dp-sgd-distributed-skellam", 1, Some(3)));
+    assert!((p.epsilon - epsilon).abs() < 1e-12);
+    let report = Command::new(bin("maeum-audit"))
+        .arg("release")
+        .arg(&out_dir)
+        .arg("--log")
+        .arg(&audit)
+        .arg("--json")
+        .output()
+        .expect("maeum-audit runs");
+    assert!(report.status.success(), "{}", String::from_utf8_lossy(&report.stderr));
+}

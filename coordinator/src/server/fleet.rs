@@ -499,7 +499,7 @@ impl pb::fleet_server::Fleet for Fleet {
         if c.store.job(&job_id).map_err(internal)?.is_none() {
             return Err(Status::not_found(format!("no job {job_id}")));
         }
-        if r.mechanism != "dp-sgd-local" {
+        if maeum_protocols::job::PrivacyPlan::mode_of_mechanism(&r.mechanism).is_none() {
             return Err(Status::invalid_argument(format!("privacy.mechanism: unknown mechanism {:?}", r.mechanism)));
         }
         // Each number is a short decimal that parses to a finite, non-negative f64.

@@ -856,6 +856,7 @@ mod tests {
             delta: 2.0,
             epsilon: 1.0,
             epsilon_per_site: Default::default(),
+            noise_shares: None,
         });
         let bytes = c.encode();
         let err = check_card(&manifest(&bytes), &bytes).expect_err("δ = 2");

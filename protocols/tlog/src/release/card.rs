@@ -144,7 +144,9 @@ pub struct ModelCard {
 /// What a released model guarantees each training record (`docs/protocols/privacy.md`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CardPrivacy {
-    /// `dp-sgd-local`: every site ran DP-SGD with the full noise.
+    /// `dp-sgd-local`: every site ran DP-SGD with the full noise;
+    /// `dp-sgd-distributed-skellam`: one step a round over the union, the noise split
+    /// among at least `noise_shares` honest sites under secure aggregation.
     pub mechanism: String,
     /// Per-example L2 clipping norm C.
     pub clip: f64,
@@ -163,6 +165,11 @@ pub struct CardPrivacy {
     /// ε each site reported charging to its ledger for this job (`privacy_charged`
     /// entries in the audit log), as logged (decimal strings).
     pub epsilon_per_site: std::collections::BTreeMap<String, String>,
+    /// `distributed`: the honest sites whose Skellam shares make the whole noise (the
+    /// guarantee assumes secure aggregation holds and no more colluders than
+    /// `min_sites − noise_shares`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub noise_shares: Option<u32>,
 }
 
 /// How `maeum-site predict` flags a possible crisis with this model: when any crisis
