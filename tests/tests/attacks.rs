@@ -235,11 +235,25 @@ fn a_member_whose_certificate_the_log_never_approved_is_refused() {
 /// goes on.
 #[test]
 fn a_second_sum_of_the_same_round_is_never_unmasked() {
+    second_sum_is_never_unmasked("");
+}
+
+/// The same attack on a `distributed` DP job, where it matters most: the difference of
+/// two sums would be one site's words, which carry only that site's share of the noise
+/// (a third of it here). The sites reveal once per round, so it never exists.
+#[test]
+fn a_distributed_dp_round_cannot_be_differenced_down_to_one_noise_share() {
+    second_sum_is_never_unmasked(
+        "[strategy]\nkind = \"fedadam\"\n[privacy]\nmode = \"distributed\"\nepsilon = 8.0\nsample_rate = 1.0\n",
+    );
+}
+
+fn second_sum_is_never_unmasked(extra: &str) {
     let mut fed = Federation::new(4);
     fed.start_coordinator_with(&[("MAEUM_COORDINATOR_ATTACK", "difference:site-4")]);
     fed.start_sites(&["site-1", "site-2", "site-3", "site-4"]);
     fed.wait_online(4);
-    let id = fed.submit("difference", 1, 3, &format!("{SMALL_MODEL}[deadlines]\nsecagg = 10\n"));
+    let id = fed.submit("difference", 1, 3, &format!("{SMALL_MODEL}[deadlines]\nsecagg = 10\n{extra}"));
     // The attack's goal: a sum of round 1 over the three others, to subtract.
     let differenced =
         |all: &[Event]| unmasked(all).iter().any(|(r, _, s)| *r == 1 && !s.contains(&"site-4".to_string()));
