@@ -62,9 +62,11 @@ pub fn print_job(j: &pb::JobInfo) {
     }
     if let Some(p) = privacy_plan(j) {
         println!(
-            "  differential privacy: local DP-SGD, ε = {:.3} per record per site at δ = {:e} after {} rounds (clip {}, \
-             noise multiplier {:.4}, sampling rate {}, {} steps a round)",
-            p.epsilon, p.delta, p.rounds, p.clip, p.noise_multiplier, p.sample_rate, p.steps_per_round
+            "  differential privacy: ε = {:.3} per record per site at δ = {:e} after {} rounds; {}",
+            p.epsilon,
+            p.delta,
+            p.rounds,
+            p.describe()
         );
     }
     if !j.decisions.is_empty() {
