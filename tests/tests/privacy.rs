@@ -19,6 +19,54 @@ fn dp_job(epsilon: f64) -> String {
     )
 }
 
+/// Why `site` refused the job (it must have).
+fn refusal_reason(job: &serde_json::Value, site: &str) -> String {
+    let d = job["decisions"].as_array().expect("decisions").iter().find(|d| d["site"] == site).cloned();
+    let d = d.unwrap_or_else(|| panic!("no decision from {site}: {job:#}"));
+    assert_eq!(d["accept"], false, "{site} took the job: {d:#}");
+    d["reason"].as_str().unwrap_or_default().to_string()
+}
+
+/// `maeum-site privacy --json` of `site`.
+fn ledger_of(fed: &Federation, site: &str) -> serde_json::Value {
+    let out = Command::new(bin("maeum-site"))
+        .args(["privacy", "--json", "--home"])
+        .arg(fed.site_home(site))
+        .output()
+        .expect("maeum-site privacy");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).expect("json")
+}
+
+/// The audit log exported to a file, and decoded.
+fn export_log(fed: &Federation) -> (std::path::PathBuf, Export) {
+    let audit = fed.dir.path().join("audit.json");
+    let out = fed.cli(&["audit", "export", "--out", audit.to_str().unwrap_or_default()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let export = Export::decode(&std::fs::read(&audit).expect("export")).expect("decodes");
+    (audit, export)
+}
+
+/// Release v1 exported to a folder, its card, and `maeum-audit release --json` against
+/// the log (which must pass).
+fn audited_release(fed: &Federation, audit: &std::path::Path) -> (maeum_tlog::release::ModelCard, serde_json::Value) {
+    let out_dir = fed.dir.path().join("export");
+    let exported = fed.cli_json(&["models", "export", "v1", "--out", out_dir.to_str().unwrap_or_default()]);
+    assert!(exported["files"].is_array(), "{exported:#}");
+    let card = maeum_tlog::release::ModelCard::decode(&std::fs::read(out_dir.join("card-v1.json")).expect("card"))
+        .expect("card");
+    let report = Command::new(bin("maeum-audit"))
+        .arg("release")
+        .arg(&out_dir)
+        .arg("--log")
+        .arg(audit)
+        .arg("--json")
+        .output()
+        .expect("maeum-audit runs");
+    assert!(report.status.success(), "{}", String::from_utf8_lossy(&report.stderr));
+    (card, serde_json::from_slice(&report.stdout).expect("json"))
+}
+
 #[test]
 fn sites_run_dp_sgd_charge_their_ledgers_and_the_release_states_the_guarantee() {
     let mut fed = Federation::new(5);
@@ -43,26 +91,14 @@ fn sites_run_dp_sgd_charge_their_ledgers_and_the_release_states_the_guarantee() 
     assert!(per_round[0]["epsilon"].as_f64() < per_round[1]["epsilon"].as_f64(), "{per_round:?}");
 
     // The strict sites refused by rule name, with the numbers.
-    let reason = |site: &str| -> String {
-        let d = job["decisions"].as_array().expect("decisions").iter().find(|d| d["site"] == site).cloned();
-        let d = d.unwrap_or_else(|| panic!("no decision from {site}: {job:#}"));
-        assert_eq!(d["accept"], false, "{site} took the job: {d:#}");
-        d["reason"].as_str().unwrap_or_default().to_string()
-    };
-    let r4 = reason("site-4");
+    let r4 = refusal_reason(&job, "site-4");
     assert!(r4.contains("[policy] privacy.max_epsilon") && r4.contains("above this site's limit of 1"), "{r4}");
-    let r5 = reason("site-5");
+    let r5 = refusal_reason(&job, "site-5");
     assert!(r5.contains("[policy] privacy.budget") && r5.contains("remaining 1.000"), "{r5}");
 
     // Each site's own ledger holds both rounds, within the plan.
     for s in ["site-1", "site-2", "site-3"] {
-        let out = Command::new(bin("maeum-site"))
-            .args(["privacy", "--json", "--home"])
-            .arg(fed.site_home(s))
-            .output()
-            .expect("maeum-site privacy");
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+        let v = ledger_of(&fed, s);
         let j = &v["jobs"][0];
         assert_eq!(j["job_id"], id.as_str(), "{v:#}");
         assert_eq!((j["rounds_charged"].as_u64(), j["rounds_planned"].as_u64()), (Some(2), Some(2)), "{v:#}");
@@ -81,10 +117,7 @@ fn sites_run_dp_sgd_charge_their_ledgers_and_the_release_states_the_guarantee() 
     assert!(text.contains("budget 1 leaves ε = 1.000"), "{text}");
 
     // The log holds every charge: site, job, mechanism, ε, δ.
-    let audit = fed.dir.path().join("audit.json");
-    let out = fed.cli(&["audit", "export", "--out", audit.to_str().unwrap_or_default()]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let export = Export::decode(&std::fs::read(&audit).expect("export")).expect("decodes");
+    let (audit, export) = export_log(&fed);
     let mut charges: Vec<(String, u32)> = export
         .entries
         .iter()
@@ -102,25 +135,11 @@ fn sites_run_dp_sgd_charge_their_ledgers_and_the_release_states_the_guarantee() 
     assert_eq!(charges, want);
 
     // The release's card states the mechanism and the guarantee; the auditor checks it.
-    let out_dir = fed.dir.path().join("export");
-    let exported = fed.cli_json(&["models", "export", "v1", "--out", out_dir.to_str().unwrap_or_default()]);
-    assert!(exported["files"].is_array(), "{exported:#}");
-    let card = maeum_tlog::release::ModelCard::decode(&std::fs::read(out_dir.join("card-v1.json")).expect("card"))
-        .expect("card");
+    let (card, report) = audited_release(&fed, &audit);
     let p = card.privacy.clone().expect("the card states the privacy");
     assert_eq!((p.mechanism.as_str(), p.sampling.as_str(), p.rounds), ("dp-sgd-local", "poisson", 2));
     assert!((p.epsilon - epsilon).abs() < 1e-12);
     assert_eq!(p.epsilon_per_site.keys().collect::<Vec<_>>(), ["site-1", "site-2", "site-3"]);
-    let report = Command::new(bin("maeum-audit"))
-        .arg("release")
-        .arg(&out_dir)
-        .arg("--log")
-        .arg(&audit)
-        .arg("--json")
-        .output()
-        .expect("maeum-audit runs");
-    assert!(report.status.success(), "{}", String::from_utf8_lossy(&report.stderr));
-    let report: serde_json::Value = serde_json::from_slice(&report.stdout).expect("json");
     assert_eq!(report["privacy"]["charges"], 6, "{report:#}");
 
     // A card that claims less than the sites logged fails REL-10 offline. (The card is
@@ -245,26 +264,14 @@ fn distributed_dp_splits_the_noise_among_the_sites_and_each_site_still_enforces_
     }
 
     // The sites that do not take the split refused by rule.
-    let reason = |site: &str| -> String {
-        let d = job["decisions"].as_array().expect("decisions").iter().find(|d| d["site"] == site).cloned();
-        let d = d.unwrap_or_else(|| panic!("no decision from {site}: {job:#}"));
-        assert_eq!(d["accept"], false, "{site} took the job: {d:#}");
-        d["reason"].as_str().unwrap_or_default().to_string()
-    };
-    let r4 = reason("site-4");
+    let r4 = refusal_reason(&job, "site-4");
     assert!(r4.contains("[policy] privacy.allow_distributed"), "{r4}");
-    let r5 = reason("site-5");
+    let r5 = refusal_reason(&job, "site-5");
     assert!(r5.contains("[policy] privacy.min_colluders") && r5.contains("this site requires 1"), "{r5}");
 
     // Each taking site charged both rounds with the Skellam accountant.
     for s in ["site-1", "site-2", "site-3"] {
-        let out = Command::new(bin("maeum-site"))
-            .args(["privacy", "--json", "--home"])
-            .arg(fed.site_home(s))
-            .output()
-            .expect("maeum-site privacy");
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+        let v = ledger_of(&fed, s);
         let j = &v["jobs"][0];
         assert_eq!(j["mechanism"], "dp-sgd-distributed-skellam", "{v:#}");
         assert_eq!((j["rounds_charged"].as_u64(), j["steps"].as_u64()), (Some(2), Some(2)), "{v:#}");
@@ -272,10 +279,7 @@ fn distributed_dp_splits_the_noise_among_the_sites_and_each_site_still_enforces_
     }
 
     // The log holds each charge; the card states the mechanism and the noise floor.
-    let audit = fed.dir.path().join("audit.json");
-    let out = fed.cli(&["audit", "export", "--out", audit.to_str().unwrap_or_default()]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let export = Export::decode(&std::fs::read(&audit).expect("export")).expect("decodes");
+    let (audit, export) = export_log(&fed);
     let mut charges: Vec<(String, u32)> = export
         .entries
         .iter()
@@ -290,21 +294,9 @@ fn distributed_dp_splits_the_noise_among_the_sites_and_each_site_still_enforces_
     charges.sort();
     charges.dedup();
     assert_eq!(charges.len(), 6, "{charges:?}");
-    let out_dir = fed.dir.path().join("export");
-    let exported = fed.cli_json(&["models", "export", "v1", "--out", out_dir.to_str().unwrap_or_default()]);
-    assert!(exported["files"].is_array(), "{exported:#}");
-    let card = maeum_tlog::release::ModelCard::decode(&std::fs::read(out_dir.join("card-v1.json")).expect("card"))
-        .expect("card");
+    let (card, report) = audited_release(&fed, &audit);
+    assert_eq!(report["privacy"]["charges"].as_u64().map(|c| c >= 6), Some(true), "{report:#}");
     let p = card.privacy.expect("the card states the privacy");
     assert_eq!((p.mechanism.as_str(), p.steps_per_round, p.noise_shares), ("dp-sgd-distributed-skellam", 1, Some(3)));
     assert!((p.epsilon - epsilon).abs() < 1e-12);
-    let report = Command::new(bin("maeum-audit"))
-        .arg("release")
-        .arg(&out_dir)
-        .arg("--log")
-        .arg(&audit)
-        .arg("--json")
-        .output()
-        .expect("maeum-audit runs");
-    assert!(report.status.success(), "{}", String::from_utf8_lossy(&report.stderr));
 }
