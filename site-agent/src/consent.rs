@@ -313,17 +313,26 @@ pub fn describe(spec: &JobSpec, policy: &crate::policy::Policy) -> Vec<(String, 
         (
             "differential privacy".to_string(),
             match spec.privacy_plan() {
-                Ok(Some(p)) => format!(
-                    "yes, {} DP-SGD: ε = {:.3} per record at δ = {:e} over {} rounds (clip {}, noise multiplier {:.3}, \
-                     sampling rate {}); your site adds all the noise itself",
-                    spec.privacy.mode.as_str(),
-                    p.epsilon,
-                    p.delta,
-                    p.rounds,
-                    p.clip,
-                    p.noise_multiplier,
-                    p.sample_rate
-                ),
+                Ok(Some(p)) => match p.distributed() {
+                    Some(m) => format!(
+                        "yes, distributed DP-SGD: ε = {:.3} per record at δ = {:e} over {} rounds (clip {}, noise \
+                         multiplier {:.3}, sampling rate {}); your site adds 1/{} of the noise and sends its words \
+                         only inside secure aggregation: the guarantee assumes at most {} colluding sites",
+                        p.epsilon,
+                        p.delta,
+                        p.rounds,
+                        p.clip,
+                        p.noise_multiplier,
+                        p.sample_rate,
+                        m.noise_shares,
+                        spec.privacy.colluders
+                    ),
+                    None => format!(
+                        "yes, local DP-SGD: ε = {:.3} per record at δ = {:e} over {} rounds (clip {}, noise multiplier \
+                         {:.3}, sampling rate {}); your site adds all the noise itself",
+                        p.epsilon, p.delta, p.rounds, p.clip, p.noise_multiplier, p.sample_rate
+                    ),
+                },
                 Ok(None) => "none: the released model carries no per-record guarantee".into(),
                 Err(e) => format!("invalid: {e}"),
             },
@@ -513,5 +522,16 @@ mod tests {
         let (_, line) = rows.iter().find(|(k, _)| k == "encoder").expect("an encoder row");
         assert!(line.starts_with("all-minilm-l6-v2 (weights 53aa51172d142c89, tokenizer be50c3628f2bf5bb)"), "{line}");
         assert!(line.ends_with("only the head is trained and sent"), "{line}");
+        // The admin is told who adds the noise, and what the distributed mode assumes.
+        let privacy = |extra: &str| -> String {
+            let spec = JobSpec::from_toml("job", &format!("{JOB}{extra}")).expect("job");
+            let rows = describe(&spec, &crate::policy::Policy::default());
+            rows.into_iter().find(|(k, _)| k == "differential privacy").expect("a privacy row").1
+        };
+        let local = privacy("[privacy]\nmode = \"local\"\nepsilon = 4.0\n");
+        assert!(local.starts_with("yes, local DP-SGD") && local.ends_with("adds all the noise itself"), "{local}");
+        let ddp = privacy("[privacy]\nmode = \"distributed\"\nepsilon = 4.0\nsample_rate = 1.0\ncolluders = 1\n");
+        assert!(ddp.starts_with("yes, distributed DP-SGD"), "{ddp}");
+        assert!(ddp.ends_with("adds 1/2 of the noise and sends its words only inside secure aggregation: the guarantee assumes at most 1 colluding sites"), "{ddp}");
     }
 }
