@@ -420,7 +420,7 @@ async fn wait_stage(c: &Coord, id: &str, round: u32, deadline_ms: i64) -> Result
             for s in r.waiting() {
                 if !c.is_online(&s) || c.revocations.is_revoked(&s) {
                     warn!(round, site = %s, "site went offline; dropped from the round");
-                    r.dropped.insert(s);
+                    r.drop_site(&s);
                 }
             }
             let finished = if r.stage == Stage::Train { r.done.len() } else { r.evaluated.len() };
@@ -436,7 +436,7 @@ async fn wait_stage(c: &Coord, id: &str, round: u32, deadline_ms: i64) -> Result
             if let Some(r) = guard.as_mut() {
                 for s in r.waiting() {
                     warn!(round, site = %s, "straggler missed the deadline; excluded from the round");
-                    r.dropped.insert(s);
+                    r.drop_site(&s);
                 }
             }
             return Ok(true);

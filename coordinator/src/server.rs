@@ -468,52 +468,10 @@ impl Coord {
         let mut round = lock(&self.round);
         let r = round
             .as_mut()
-            .filter(|r| r.job_id == h.job_id && r.stage == Stage::Train)
             .ok_or_else(|| Status::failed_precondition(format!("job {} is not collecting updates now", h.job_id)))?;
-        if h.round != r.round || h.attempt != r.attempt {
-            return Err(Status::failed_precondition(format!(
-                "stale update: it is for round {} attempt {}, the job is at round {} attempt {}",
-                h.round, h.attempt, r.round, r.attempt
-            )));
-        }
-        if !r.selected.contains(site) || r.dropped.contains(site) {
-            return Err(Status::failed_precondition(format!("site/{site} is not a participant of this round")));
-        }
-        if r.done.contains(site) {
-            return Err(Status::already_exists(format!("site/{site} already delivered its update for this round")));
-        }
-        // (An attacking coordinator handing out divergent models skips this check.)
+        // (An attacking coordinator handing out divergent models skips the base check.)
         let divergent = matches!(crate::attack::current(), Some(crate::attack::Attack::Divergent(_)));
-        if h.base_digest != r.model.digest && !divergent {
-            return Err(Status::invalid_argument(format!(
-                "update computed against model {}, but round {} distributed {}",
-                h.base_digest, r.round, r.model.digest
-            )));
-        }
-        match (&r.secagg, h.masked) {
-            (Some(sa), true) => sa.may_upload(site)?,
-            (None, false) => {}
-            (Some(_), false) => {
-                return Err(Status::failed_precondition(
-                    "this round uses secure aggregation: a plaintext update is refused",
-                ));
-            }
-            (None, true) => {
-                return Err(Status::failed_precondition("this round does not use secure aggregation"));
-            }
-        }
-        // A masked input's num_params is the session's vector length minus the weight
-        // word: the parameters and the evaluation counts.
-        let expected = match &r.secagg {
-            Some(sa) if h.masked => sa.session.params.vector_len - 1,
-            _ => r.num_params,
-        };
-        if h.layout_digest != r.model.layout_digest || h.num_params != expected {
-            return Err(Status::invalid_argument(format!(
-                "update layout {} with {} words does not match the round's layout {} with {expected} words",
-                h.layout_digest, h.num_params, r.model.layout_digest
-            )));
-        }
+        r.admit(site, h, divergent)?;
         let upload_id = format!("{}-r{}-a{}-{}", h.job_id, h.round, h.attempt, site);
         let path = self.upload_path(&upload_id);
         let same = r.uploads.get(&upload_id).is_some_and(|(_, old)| old == h);
@@ -582,19 +540,23 @@ impl Coord {
         if h.masked {
             return self.fold_masked(r, site, upload_id, &path, file, &h);
         }
-        let w = h.weight as f64;
         let mut reader = std::io::BufReader::with_capacity(CHUNK_SIZE, file);
         let mut word = [0u8; 4];
-        for (i, acc) in r.sum.iter_mut().enumerate() {
-            reader.read_exact(&mut word).map_err(|e| {
-                // The file was checked above; only a concurrent change can get here.
-                internal(anyhow::anyhow!("staged update {upload_id} changed while folding at {i}: {e}"))
-            })?;
-            *acc += w * f64::from(f32::from_le_bytes(word));
-        }
-        r.total_weight += h.weight;
-        r.done.insert(site.to_string());
+        // The file was checked above; only a concurrent change can fail a read here.
+        let mut values = std::iter::from_fn(|| {
+            Some(
+                reader
+                    .read_exact(&mut word)
+                    .map(|()| f32::from_le_bytes(word))
+                    .map_err(|e| format!("staged update {upload_id} changed while folding: {e}")),
+            )
+        });
+        let folded = r.fold_plain(site, h.weight, &mut values);
         r.uploads.remove(upload_id);
+        if let Err(refused) = folded {
+            let _ = std::fs::remove_file(&path);
+            return Err(refused.into());
+        }
         drop(round);
         let _ = std::fs::remove_file(&path);
         info!(site, upload_id, "update folded into the round's sum");
@@ -631,7 +593,7 @@ impl Coord {
             left -= n as u64;
         }
         sa.finish_input(site)?;
-        r.done.insert(site.to_string());
+        r.masked_input_done(site)?;
         r.uploads.remove(upload_id);
         let _ = std::fs::remove_file(path);
         info!(site, upload_id, "masked input folded into the session's sum");
@@ -670,7 +632,7 @@ impl Coord {
             else {
                 return Ok(());
             };
-            r.dropped.insert(site.to_string());
+            r.drop_site(site);
             let Some(name) = u16::try_from(accused)
                 .ok()
                 .and_then(|i| r.secagg.as_ref().and_then(|sa| sa.names(&[i]).pop()))

@@ -118,7 +118,7 @@ pub(super) async fn drive_secagg(c: &Coord, id: &str, round: u32) -> Result<SecA
             let deadline = if stage == SaStage::Masked { train_deadline } else { sa.stage_deadline_ms };
             for s in newly_dropped {
                 warn!(round, site = %s, stage = stage.name(), "site went offline; dropped from the round");
-                r.dropped.insert(s);
+                r.drop_site(&s);
             }
             let waiting: Vec<&String> =
                 expected.iter().filter(|s| !r.dropped.contains(*s) && !spoken.contains(*s)).collect();
@@ -283,12 +283,8 @@ pub(super) async fn finish_secagg(c: &Coord, round: u32) -> Result<SecAggEnd> {
         dropped: dropped.clone(),
     };
     c.metrics.secagg_dropouts.inc_by(dropped.len() as u64);
-    r.sum = sum;
-    r.total_weight = total_weight;
-    r.done = survivors.into_iter().collect();
-    r.dropped = dropped.into_iter().collect();
+    r.secure_outcome(sum, total_weight, survivors, dropped, refused);
     r.aggregate = Some(bytes);
-    r.refused = refused;
     // The cohort's evaluation of the model the round was handed, summed inside the
     // masked inputs: the coordinator never sees a site's counts.
     match r.secure_evaluation(&counts) {

@@ -238,26 +238,7 @@ impl pb::fleet_server::Fleet for Fleet {
                 )));
             }
         }
-        if !state.selected.contains(&site) {
-            return Err(Status::failed_precondition(format!("site/{site} is not a participant of this round")));
-        }
-        if state.secagg.is_some() || state.evaluate_only {
-            return Err(Status::failed_precondition(
-                "this round uses secure aggregation: evaluation counts travel inside the masked input",
-            ));
-        }
-        if !state.evaluated.insert(site.clone()) {
-            return Err(Status::already_exists("evaluation already reported"));
-        }
-        for (acc, row) in state.evaluation.iter_mut().zip(rows) {
-            acc.iter_mut().zip(row).for_each(|(a, b)| *a += b);
-        }
-        match (&mut state.crisis_histogram, &r.crisis_histogram) {
-            // Both have HISTOGRAM_BINS bins (checked at the wire boundary).
-            (Some(sum), Some(h)) => sum.merge(h).map_err(Status::invalid_argument)?,
-            (sum, None) => *sum = None,
-            (None, Some(_)) => {}
-        }
+        state.add_evaluation(&site, &rows, r.crisis_histogram.as_ref())?;
         drop(round);
         c.notify();
         Ok(Response::new(pb::Ack {}))
@@ -308,7 +289,7 @@ impl pb::fleet_server::Fleet for Fleet {
                     "site advertised new secure-aggregation keys for a session it had joined (it restarted); \
                      dropped from this attempt"
                 );
-                state.dropped.insert(site.clone());
+                state.drop_site(&site);
                 return Err(Status::failed_precondition(format!(
                     "site/{site} restarted and lost its keys for this secure-aggregation session (round {} attempt \
                      {}); it is dropped from this attempt and takes part again from the next one",

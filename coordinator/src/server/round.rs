@@ -131,4 +131,378 @@ impl RoundState {
         let finished: &BTreeSet<String> = if self.stage == Stage::Train { &self.done } else { &self.evaluated };
         self.selected.iter().filter(|s| !finished.contains(*s) && !self.dropped.contains(*s)).cloned().collect()
     }
+
+    /// Whether `site` may still deliver this attempt's update: selected, not dropped,
+    /// not done.
+    pub fn expects_update(&self, site: &str) -> Result<(), Refused> {
+        if !self.selected.contains(site) || self.dropped.contains(site) {
+            return Err(Refused::Precondition(format!("site/{site} is not a participant of this round")));
+        }
+        if self.done.contains(site) {
+            return Err(Refused::Duplicate(format!("site/{site} already delivered its update for this round")));
+        }
+        Ok(())
+    }
+
+    /// Checks an update's header against this attempt (before any byte is staged):
+    /// round and attempt, participation, base model, aggregation kind and layout.
+    /// Returns the words the update must hold. `divergent` is the fault-injection
+    /// coordinator that hands out other models (it skips the base-model check).
+    pub fn admit(&self, site: &str, h: &UploadHeader, divergent: bool) -> Result<u64, Refused> {
+        if h.job_id != self.job_id || self.stage != Stage::Train {
+            return Err(Refused::Precondition(format!("job {} is not collecting updates now", h.job_id)));
+        }
+        if h.round != self.round || h.attempt != self.attempt {
+            return Err(Refused::Precondition(format!(
+                "stale update: it is for round {} attempt {}, the job is at round {} attempt {}",
+                h.round, h.attempt, self.round, self.attempt
+            )));
+        }
+        self.expects_update(site)?;
+        if h.base_digest != self.model.digest && !divergent {
+            return Err(Refused::Invalid(format!(
+                "update computed against model {}, but round {} distributed {}",
+                h.base_digest, self.round, self.model.digest
+            )));
+        }
+        match (&self.secagg, h.masked) {
+            (Some(sa), true) => sa.may_upload(site).map_err(|s| Refused::Precondition(s.message().to_string()))?,
+            (None, false) => {}
+            (Some(_), false) => {
+                return Err(Refused::Precondition(
+                    "this round uses secure aggregation: a plaintext update is refused".into(),
+                ));
+            }
+            (None, true) => return Err(Refused::Precondition("this round does not use secure aggregation".into())),
+        }
+        // A masked input's num_params is the session's vector length minus the weight
+        // word: the parameters and the evaluation counts.
+        let expected = match &self.secagg {
+            Some(sa) if h.masked => sa.session.params.vector_len - 1,
+            _ => self.num_params,
+        };
+        if h.layout_digest != self.model.layout_digest || h.num_params != expected {
+            return Err(Refused::Invalid(format!(
+                "update layout {} with {} words does not match the round's layout {} with {expected} words",
+                h.layout_digest, h.num_params, self.model.layout_digest
+            )));
+        }
+        Ok(expected)
+    }
+
+    /// Adds a plaintext update of `weight` (values in layout order, already verified
+    /// by the caller: digest and finiteness) to the running sum and marks `site` done.
+    /// The sum is O(model) and there is no room for a second copy, so a value that
+    /// cannot be read or is not finite halfway through (the staged file changed under
+    /// the caller) poisons the attempt: it is refused and commits without an update,
+    /// never with a partial sum.
+    pub fn fold_plain(
+        &mut self,
+        site: &str,
+        weight: u64,
+        values: &mut dyn Iterator<Item = Result<f32, String>>,
+    ) -> Result<(), Refused> {
+        self.expects_update(site)?;
+        if self.secagg.is_some() || self.stage != Stage::Train {
+            return Err(Refused::Precondition("this round takes no plaintext update".into()));
+        }
+        let w = weight as f64;
+        let mut folded = 0usize;
+        let mut bad = None;
+        for (acc, v) in self.sum.iter_mut().zip(values) {
+            match v {
+                Ok(v) if v.is_finite() => *acc += w * f64::from(v),
+                Ok(_) => bad = Some(format!("update value {folded} is not a finite number")),
+                Err(e) => bad = Some(e),
+            }
+            if bad.is_some() {
+                break;
+            }
+            folded += 1;
+        }
+        if bad.is_none() && folded != self.sum.len() {
+            bad = Some(format!("{folded} values, the round's model has {}", self.sum.len()));
+        }
+        if let Some(why) = bad {
+            if folded > 0 {
+                self.refused = Some(format!("site/{site}'s update broke off while it was folded: {why}"));
+            }
+            return Err(Refused::Invalid(why));
+        }
+        self.total_weight += weight;
+        self.done.insert(site.to_string());
+        Ok(())
+    }
+
+    /// Marks `site`'s masked input complete (its words are in the session's sum).
+    pub fn masked_input_done(&mut self, site: &str) -> Result<(), Refused> {
+        self.expects_update(site)?;
+        self.done.insert(site.to_string());
+        Ok(())
+    }
+
+    /// Drops `site` from this attempt; whether it was still expected to deliver.
+    pub fn drop_site(&mut self, site: &str) -> bool {
+        let waiting = self.waiting().contains(site);
+        if self.selected.contains(site) {
+            self.dropped.insert(site.to_string());
+        }
+        waiting
+    }
+
+    /// A plaintext round's evaluation report from `site`: its confusion rows and, for a
+    /// job with crisis classes, its crisis histogram (already checked against the rows).
+    pub fn add_evaluation(
+        &mut self,
+        site: &str,
+        rows: &[Vec<u64>],
+        histogram: Option<&CrisisHistogram>,
+    ) -> Result<(), Refused> {
+        if !self.selected.contains(site) {
+            return Err(Refused::Precondition(format!("site/{site} is not a participant of this round")));
+        }
+        if self.secagg.is_some() || self.evaluate_only {
+            return Err(Refused::Precondition(
+                "this round uses secure aggregation: evaluation counts travel inside the masked input".into(),
+            ));
+        }
+        if rows.len() != self.n_labels || rows.iter().any(|r| r.len() != self.n_labels) {
+            return Err(Refused::Invalid(format!("confusion rows must be {0} × {0}", self.n_labels)));
+        }
+        if self.evaluated.contains(site) {
+            return Err(Refused::Duplicate("evaluation already reported".into()));
+        }
+        // The histogram is merged first: a bad one changes nothing.
+        match (&mut self.crisis_histogram, histogram) {
+            (Some(sum), Some(h)) => sum.merge(h).map_err(Refused::Invalid)?,
+            (sum, None) => *sum = None,
+            (None, Some(_)) => {}
+        }
+        self.evaluated.insert(site.to_string());
+        for (acc, row) in self.evaluation.iter_mut().zip(rows) {
+            acc.iter_mut().zip(row).for_each(|(a, b)| *a += b);
+        }
+        Ok(())
+    }
+
+    /// The unmasked result of this attempt's secure aggregation: the decoded sum, its
+    /// weight, the survivors (done) and the dropped, and why the aggregate is refused
+    /// (`Some`: the round commits without an update).
+    pub fn secure_outcome(
+        &mut self,
+        sum: Vec<f64>,
+        total_weight: u64,
+        survivors: Vec<String>,
+        dropped: Vec<String>,
+        refused: Option<String>,
+    ) {
+        self.sum = sum;
+        self.total_weight = total_weight;
+        self.done = survivors.into_iter().collect();
+        self.dropped = dropped.into_iter().collect();
+        self.refused = refused;
+    }
+}
+
+/// Why the round refused a site's message, without any transport in it: the handlers
+/// turn it into a gRPC status.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refused {
+    /// Not now: stale, not a participant, the wrong kind of round.
+    Precondition(String),
+    /// Already delivered.
+    Duplicate(String),
+    /// The content cannot be right.
+    Invalid(String),
+}
+
+impl From<Refused> for Status {
+    fn from(r: Refused) -> Status {
+        match r {
+            Refused::Precondition(m) => Status::failed_precondition(m),
+            Refused::Duplicate(m) => Status::already_exists(m),
+            Refused::Invalid(m) => Status::invalid_argument(m),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{JobRecord, JobState};
+
+    const LABELS: &str = "labels = [\"a\", \"suicidewatch\"]";
+
+    fn job(extra: &str) -> JobRecord {
+        let toml = format!(
+            "name = \"t\"\n{LABELS}\nrounds = 2\n[model]\nkind = \"text-classifier\"\nbuckets = 64\nembed_dim = 2\n\
+             hidden = 2\n{extra}"
+        );
+        JobRecord {
+            id: "t-1".into(),
+            spec: JobSpec::from_toml("t.toml", &toml).expect("spec"),
+            toml,
+            spec_sha256: String::new(),
+            state: JobState::Running,
+            submitted_ms: 1,
+            initial: None,
+            initial_evaluation: None,
+            decisions: BTreeMap::new(),
+            history: Vec::new(),
+            attempts_started: 1,
+            error: String::new(),
+            excluded: BTreeMap::new(),
+        }
+    }
+
+    fn model() -> ModelRef {
+        ModelRef { digest: Digest::of(b"base"), size: 1, layout_digest: Digest::of(b"layout") }
+    }
+
+    /// A plaintext training attempt (round 2, attempt 3) with sites a, b, c selected.
+    fn round() -> RoundState {
+        let j = job("[secure_aggregation]\ninsecure_plaintext_aggregation_for_debugging = true\n");
+        let mut r = RoundState::new(&j, 2, 3, Stage::Train, model(), 0);
+        r.selected = ["a", "b", "c"].iter().map(|s| s.to_string()).collect();
+        r
+    }
+
+    fn header(r: &RoundState) -> UploadHeader {
+        UploadHeader {
+            job_id: "t-1".into(),
+            round: 2,
+            attempt: 3,
+            base_digest: Digest::of(b"base"),
+            layout_digest: Digest::of(b"layout"),
+            num_params: r.num_params,
+            weight: 5,
+            sha256: Digest::of(b""),
+            masked: false,
+        }
+    }
+
+    fn ones(n: usize, v: f32) -> impl Iterator<Item = Result<f32, String>> {
+        std::iter::repeat_n(Ok(v), n)
+    }
+
+    fn precondition(r: Result<impl std::fmt::Debug, Refused>, what: &str) {
+        match r {
+            Err(Refused::Precondition(m)) => assert!(m.contains(what), "{m}"),
+            other => panic!("want a precondition refusal with {what:?}, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn admit_checks_the_attempt_the_participant_the_model_and_the_layout() {
+        let mut r = round();
+        let h = header(&r);
+        assert_eq!(r.admit("a", &h, false), Ok(r.num_params));
+        precondition(r.admit("a", &UploadHeader { job_id: "t-2".into(), ..h.clone() }, false), "not collecting");
+        precondition(r.admit("a", &UploadHeader { attempt: 2, ..h.clone() }, false), "stale update");
+        precondition(r.admit("z", &h, false), "not a participant");
+        precondition(r.admit("a", &UploadHeader { masked: true, ..h.clone() }, false), "does not use secure");
+        let other = UploadHeader { base_digest: Digest::of(b"other"), ..h.clone() };
+        assert!(matches!(r.admit("a", &other, false), Err(Refused::Invalid(m)) if m.contains("computed against")));
+        assert!(r.admit("a", &other, true).is_ok(), "the divergent-model attack skips the check");
+        let short = UploadHeader { num_params: r.num_params - 1, ..h.clone() };
+        assert!(matches!(r.admit("a", &short, false), Err(Refused::Invalid(m)) if m.contains("does not match")));
+        r.drop_site("b");
+        precondition(r.admit("b", &h, false), "not a participant");
+        r.fold_plain("c", 1, &mut ones(r.sum.len(), 0.5)).expect("fold");
+        assert!(matches!(r.admit("c", &h, false), Err(Refused::Duplicate(_))));
+        let mut eval = RoundState::new(&job(""), 2, 3, Stage::Evaluate, model(), 0);
+        eval.selected = r.selected.clone();
+        precondition(eval.admit("a", &h, false), "not collecting");
+    }
+
+    #[test]
+    fn folds_add_weighted_updates_once_and_a_broken_fold_poisons_the_attempt() {
+        let mut r = round();
+        let n = r.sum.len();
+        r.fold_plain("a", 2, &mut ones(n, 0.5)).expect("a");
+        r.fold_plain("b", 3, &mut ones(n, -1.0)).expect("b");
+        assert!(r.sum.iter().all(|&v| v == 2.0 * 0.5 - 3.0), "{:?}", &r.sum[..3]);
+        assert_eq!((r.total_weight, r.done.len()), (5, 2));
+        assert_eq!(r.waiting(), ["c".to_string()].into_iter().collect());
+        assert!(matches!(r.fold_plain("a", 2, &mut ones(n, 0.5)), Err(Refused::Duplicate(_))));
+        assert_eq!(r.total_weight, 5, "a duplicate adds nothing");
+        // A read error before any value: refused, nothing changed, nothing poisoned.
+        let before = r.sum.clone();
+        let mut failing = std::iter::once(Err::<f32, String>("disk".into()));
+        assert!(matches!(r.fold_plain("c", 1, &mut failing), Err(Refused::Invalid(m)) if m == "disk"));
+        assert_eq!((r.sum == before, r.refused.clone()), (true, None));
+        // Too few values: refused; the prefix was added, so the attempt is poisoned.
+        assert!(matches!(r.fold_plain("c", 1, &mut ones(n - 1, 1.0)), Err(Refused::Invalid(_))));
+        assert!(r.refused.as_deref().is_some_and(|w| w.contains("site/c's update broke off")), "{:?}", r.refused);
+        assert!(!r.done.contains("c"), "a broken update does not count as delivered");
+        // A non-finite value midway also poisons.
+        let mut r = round();
+        let mut values = ones(3, 1.0).chain(std::iter::once(Ok(f32::NAN))).chain(ones(n, 1.0));
+        assert!(matches!(r.fold_plain("a", 1, &mut values), Err(Refused::Invalid(m)) if m.contains("value 3")));
+        assert!(r.refused.is_some());
+        precondition(r.fold_plain("z", 1, &mut ones(n, 1.0)), "not a participant");
+    }
+
+    #[test]
+    fn dropping_takes_a_site_out_of_what_the_stage_waits_for() {
+        let mut r = round();
+        let n = r.sum.len();
+        r.fold_plain("a", 1, &mut ones(n, 1.0)).expect("a");
+        assert!(r.drop_site("b"), "b was still expected");
+        assert!(!r.drop_site("a"), "a had delivered");
+        assert!(!r.drop_site("z"), "z was never selected");
+        assert!(!r.dropped.contains("z"));
+        assert_eq!(r.waiting(), ["c".to_string()].into_iter().collect());
+        assert!(r.drop_site("c"));
+        assert!(r.waiting().is_empty(), "the stage can close");
+        precondition(r.masked_input_done("c"), "not a participant");
+    }
+
+    #[test]
+    fn evaluations_are_summed_once_per_site_and_never_in_a_secure_round() {
+        let mut r = round();
+        r.stage = Stage::Evaluate;
+        let rows = vec![vec![3, 1], vec![0, 2]];
+        let h = |crisis: Vec<u64>, other: Vec<u64>| CrisisHistogram { crisis, other };
+        let bins = maeum_models::metrics::HISTOGRAM_BINS;
+        let mut crisis = vec![0; bins];
+        crisis[bins - 1] = 2;
+        let mut other = vec![0; bins];
+        other[0] = 4;
+        r.add_evaluation("a", &rows, Some(&h(crisis.clone(), other.clone()))).expect("a");
+        r.add_evaluation("b", &rows, Some(&h(crisis.clone(), other.clone()))).expect("b");
+        assert_eq!(r.evaluation, vec![vec![6, 2], vec![0, 4]]);
+        assert_eq!(r.crisis_histogram.as_ref().map(|h| h.crisis[bins - 1]), Some(4));
+        assert!(matches!(r.add_evaluation("a", &rows, None), Err(Refused::Duplicate(_))));
+        assert_eq!(r.evaluation, vec![vec![6, 2], vec![0, 4]], "a duplicate adds nothing");
+        assert!(matches!(r.add_evaluation("c", &[vec![1, 2, 3]], None), Err(Refused::Invalid(_))));
+        precondition(r.add_evaluation("z", &rows, None), "not a participant");
+        // A site without a histogram makes the sum partial: none is kept.
+        r.add_evaluation("c", &rows, None).expect("c");
+        assert!(r.crisis_histogram.is_none());
+        assert!(r.waiting().is_empty());
+        r.evaluate_only = true;
+        precondition(r.add_evaluation("c", &rows, None), "secure aggregation");
+    }
+
+    #[test]
+    fn a_secure_outcome_sets_the_sum_its_survivors_and_why_it_is_refused() {
+        let mut r = RoundState::new(&job(""), 1, 1, Stage::Train, model(), 0);
+        r.selected = ["a", "b", "c"].iter().map(|s| s.to_string()).collect();
+        assert!(r.sum.is_empty(), "a secure round keeps no f64 sum until it is unmasked");
+        r.secure_outcome(vec![1.0, 2.0], 2, vec!["a".into(), "b".into()], vec!["c".into()], Some("norm".into()));
+        assert_eq!((r.sum.as_slice(), r.total_weight, r.refused.as_deref()), (&[1.0, 2.0][..], 2, Some("norm")));
+        assert!(r.waiting().is_empty());
+        assert_eq!(r.done.len(), 2);
+        // The evaluation words of a secure round: a histogram that does not count the
+        // confusion matrix's examples is refused.
+        let bins = maeum_models::metrics::HISTOGRAM_BINS;
+        let mut words = vec![1u32, 0, 0, 1];
+        words.extend(std::iter::repeat_n(0, 2 * bins));
+        assert!(r.secure_evaluation(&words).expect_err("histogram").contains("does not count"));
+        words[4 + bins - 1] = 1;
+        words[4 + bins] = 1;
+        r.secure_evaluation(&words).expect("counts");
+        assert_eq!(r.evaluation, vec![vec![1, 0], vec![0, 1]]);
+    }
 }
