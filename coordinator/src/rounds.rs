@@ -464,7 +464,21 @@ fn clear_uploads(c: &Coord) {
     }
 }
 
+/// Commits a round: loads the base model, steps it with the mean update, saves,
+/// records and checkpoints. All of that is blocking work (O(model) reads, an fsync per
+/// store write, a signature), so it runs with `block_in_place`: the runtime moves its
+/// other tasks off this worker meanwhile, and heartbeats keep being answered.
 async fn commit_round(
+    c: &Coord,
+    id: &str,
+    spec: &ModelSpec,
+    base: &VersionRecord,
+    state: RoundState,
+) -> Result<JobRecord> {
+    tokio::task::block_in_place(|| commit_round_blocking(c, id, spec, base, state))
+}
+
+fn commit_round_blocking(
     c: &Coord,
     id: &str,
     spec: &ModelSpec,

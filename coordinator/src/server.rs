@@ -483,20 +483,20 @@ impl Coord {
         Ok((upload_id, confirmed))
     }
 
-    /// Folds a complete, verified update into the running sum.
+    /// Folds a complete, verified update into the running sum. Runs on a blocking
+    /// thread: the first pass (the digest, every value finite) reads the staged file
+    /// without holding the round's lock; only the fold itself, which writes the shared
+    /// sum, holds it.
     fn fold(&self, site: &str, upload_id: &str) -> Result<(), Status> {
         let path = self.upload_path(upload_id);
-        let mut round = lock(&self.round);
-        let r =
-            round.as_mut().ok_or_else(|| Status::failed_precondition("the round ended before the update completed"))?;
-        let (_, h) = r
-            .uploads
-            .get(upload_id)
-            .cloned()
-            .ok_or_else(|| Status::failed_precondition("the round ended before the update completed"))?;
-        if r.done.contains(site) || r.dropped.contains(site) || h.round != r.round || h.attempt != r.attempt {
-            return Err(Status::failed_precondition("the update is no longer wanted (site dropped or round over)"));
-        }
+        let gone = || Status::failed_precondition("the round ended before the update completed");
+        let h = {
+            let mut round = lock(&self.round);
+            let r = round.as_mut().ok_or_else(gone)?;
+            let (_, h) = r.uploads.get(upload_id).cloned().ok_or_else(gone)?;
+            still_wanted(r, site, &h)?;
+            h
+        };
         let io = |e: std::io::Error| internal(anyhow::anyhow!("reading staged update {}: {e}", path.display()));
         let mut file = std::fs::File::open(&path).map_err(io)?;
         // First pass: the digest, and every value finite. Nothing is added to the sum
@@ -521,6 +521,13 @@ impl Coord {
             }
             index += (n / 4) as u64;
         }
+        let mut round = lock(&self.round);
+        let r = round.as_mut().ok_or_else(gone)?;
+        // The round may have moved on (or the site re-sent) while the file was read.
+        if r.uploads.get(upload_id).is_none_or(|(_, now)| *now != h) {
+            return Err(gone());
+        }
+        still_wanted(r, site, &h)?;
         let refuse = |r: &mut RoundState, status: Status| {
             let _ = std::fs::remove_file(&path);
             r.uploads.remove(upload_id);
@@ -563,6 +570,14 @@ impl Coord {
         self.notify();
         Ok(())
     }
+}
+
+/// Whether `site`'s staged update for `h`'s attempt is still wanted by the round.
+fn still_wanted(r: &RoundState, site: &str, h: &UploadHeader) -> Result<(), Status> {
+    if r.done.contains(site) || r.dropped.contains(site) || h.round != r.round || h.attempt != r.attempt {
+        return Err(Status::failed_precondition("the update is no longer wanted (site dropped or round over)"));
+    }
+    Ok(())
 }
 
 impl Coord {
