@@ -294,7 +294,12 @@ impl Agent {
             })
             .await??
         } else {
-            Prepared2 { train: spec.prepare_text(&self.data.train)?, test: spec.prepare_text(&self.data.test)? }
+            // Featurising every record: off the runtime's workers.
+            let (spec, train, test) = (spec.clone(), self.data.train.clone(), self.data.test.clone());
+            tokio::task::spawn_blocking(move || -> Result<Prepared2> {
+                Ok(Prepared2 { train: spec.prepare_text(&train)?, test: spec.prepare_text(&test)? })
+            })
+            .await??
         };
         let p = Arc::new(p);
         self.prepared.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(job_id.into(), p.clone());

@@ -55,17 +55,22 @@ pub(crate) async fn download(agent: &Agent, client: &mut Client, model: &ModelRe
                 continue;
             }
         }
-        let mut hasher = Hasher::default();
-        let mut f = std::fs::File::open(&part)?;
-        let mut buf = vec![0u8; CHUNK_SIZE];
-        loop {
-            let n = f.read(&mut buf)?;
-            if n == 0 {
-                break;
+        // O(model) reads: off the runtime's workers.
+        let to_hash = part.clone();
+        let got = tokio::task::spawn_blocking(move || -> std::io::Result<Digest> {
+            let mut hasher = Hasher::default();
+            let mut f = std::fs::File::open(&to_hash)?;
+            let mut buf = vec![0u8; CHUNK_SIZE];
+            loop {
+                let n = f.read(&mut buf)?;
+                if n == 0 {
+                    break;
+                }
+                hasher.update(&buf[..n]);
             }
-            hasher.update(&buf[..n]);
-        }
-        let got = hasher.finish();
+            Ok(hasher.finish())
+        })
+        .await??;
         if got != model.digest {
             agent.metrics.verification_failures.inc("model_digest");
             let _ = std::fs::remove_file(&part);
@@ -77,6 +82,12 @@ pub(crate) async fn download(agent: &Agent, client: &mut Client, model: &ModelRe
         return Ok(path);
     }
     bail!("model download kept failing")
+}
+
+/// [`load_model`] on a blocking thread (an O(model) read and parse).
+pub(super) async fn load_model_off(path: PathBuf, job: &JobSpec, model: &ModelRef) -> Result<(ModelSpec, FlatParams)> {
+    let (job, model) = (job.clone(), model.clone());
+    tokio::task::spawn_blocking(move || load_model(&path, &job, &model)).await?
 }
 
 /// Loads a downloaded model and checks it is the job's model.
@@ -173,7 +184,7 @@ pub(super) async fn evaluate(agent: &Agent, client: &mut Client, t: EvaluateTask
     });
     let job = agent.job(&t.job_id)?;
     let path = download(agent, client, &t.model).await?;
-    let (spec, params) = load_model(&path, &job, &t.model)?;
+    let (spec, params) = load_model_off(path, &job, &t.model).await?;
     agent.note_model(&t.job_id, t.round, &t.model);
     let data = agent.prepared(&t.job_id, &spec).await?;
     let of = EvalOf { job_id: &t.job_id, round: t.round, attempt: t.attempt, model: &t.model };
@@ -268,7 +279,7 @@ pub(crate) async fn round_model(
     job: &JobSpec,
 ) -> Result<RoundModel> {
     let path = download(agent, client, &t.model).await?;
-    let (spec, params) = load_model(&path, job, &t.model)?;
+    let (spec, params) = load_model_off(path, job, &t.model).await?;
     agent.note_model(&t.job_id, t.round, &t.model);
     let data = agent.prepared(&t.job_id, &spec).await?;
     Ok(RoundModel { spec, params, data })
