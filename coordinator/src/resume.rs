@@ -216,14 +216,14 @@ fn restore(c: &Coord) -> Result<Option<RoundState>> {
         info,
         job.spec.evaluation_words() as usize,
         job.spec.secure_aggregation.clip_norm,
+        job.spec.privacy_plan()?.and_then(|p| p.distributed()),
         server,
         roster,
         reveals,
         survivors,
         proof,
     )
-    .map_err(|e| anyhow::anyhow!("{e}"))?
-    .with_distributed(job.spec.privacy_plan()?.and_then(|p| p.distributed()));
+    .map_err(|e| anyhow::anyhow!("{e}"))?;
     let stored_shares = std::fs::read_to_string(d.join(UNMASKS)).unwrap_or_default();
     let mut fed = 0;
     for line in stored_shares.lines().filter(|l| !l.is_empty()) {

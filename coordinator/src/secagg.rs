@@ -45,12 +45,22 @@ impl SaStage {
     }
 }
 
+/// How the sites' words encode their inputs, and so how the unmasked sum decodes and
+/// what bounds it must keep.
+#[derive(Debug, Clone, Copy)]
+pub enum Encoding {
+    /// `[w·Δ, w]` quantised to fixed point (`maeum_secagg::quant`).
+    Quantised(Quantiser),
+    /// A `distributed` DP job's integers (`maeum_models::ddp`), weight 1 per site.
+    Distributed(maeum_models::ddp::DistributedDp),
+}
+
 /// One session's state at the coordinator.
 #[derive(Debug)]
 pub struct SecAggRound {
     pub session: Session,
     pub info: SessionInfo,
-    pub quantiser: Quantiser,
+    pub encoding: Encoding,
     /// Site id → party index, and back.
     pub index: BTreeMap<String, u16>,
     pub site: BTreeMap<u16, String>,
@@ -65,8 +75,6 @@ pub struct SecAggRound {
     pub eval_words: usize,
     /// The job's L2 bound on each site's update (0: none), checked on the aggregate.
     pub clip_norm: f32,
-    /// A `distributed` DP job's mechanism: the words are its integers, not quantised updates.
-    pub distributed: Option<maeum_models::ddp::DistributedDp>,
     server: Option<Server>,
     verifier: SessionVerifier,
     /// Parties whose message was accepted, per stage.
@@ -89,8 +97,18 @@ fn refused(site: &str, e: &SecAggError) -> Status {
 }
 
 impl SecAggRound {
-    pub fn new(session: Session, info: SessionInfo, eval_words: usize, clip_norm: f32) -> Result<Self, SecAggError> {
-        let quantiser = Quantiser::new(session.n(), session.params.clip, session.params.max_weight)?;
+    /// `distributed`: the job's distributed-DP mechanism, when the words are its integers.
+    pub fn new(
+        session: Session,
+        info: SessionInfo,
+        eval_words: usize,
+        clip_norm: f32,
+        distributed: Option<maeum_models::ddp::DistributedDp>,
+    ) -> Result<Self, SecAggError> {
+        let encoding = match distributed {
+            Some(m) => Encoding::Distributed(m),
+            None => Encoding::Quantised(Quantiser::new(session.n(), session.params.clip, session.params.max_weight)?),
+        };
         let verifier = SessionVerifier::new(&session);
         let index = session.participants.iter().map(|p| (p.site_id.clone(), p.index)).collect();
         let site = session.participants.iter().map(|p| (p.index, p.site_id.clone())).collect();
@@ -98,7 +116,7 @@ impl SecAggRound {
         Ok(Self {
             session,
             info,
-            quantiser,
+            encoding,
             index,
             site,
             stage: SaStage::Advertise,
@@ -106,7 +124,6 @@ impl SecAggRound {
             failed: None,
             eval_words,
             clip_norm,
-            distributed: None,
             server: Some(server),
             verifier,
             accepted: BTreeMap::new(),
@@ -127,13 +144,14 @@ impl SecAggRound {
         info: SessionInfo,
         eval_words: usize,
         clip_norm: f32,
+        distributed: Option<maeum_models::ddp::DistributedDp>,
         server: Server,
         roster: KeyRoster,
         reveals: Option<GraphReveals>,
         survivors: SurvivorSet,
         proof: SurvivorProof,
     ) -> Result<Self, SecAggError> {
-        let mut sa = SecAggRound::new(session, info, eval_words, clip_norm)?;
+        let mut sa = SecAggRound::new(session, info, eval_words, clip_norm, distributed)?;
         let set = |xs: &[u16]| xs.iter().copied().collect::<BTreeSet<u16>>();
         sa.accepted.insert(SaStage::Advertise, roster.keys.iter().map(|k| k.index).collect());
         if let Some(r) = &reveals {
@@ -423,24 +441,18 @@ impl SecAggRound {
         Ok(())
     }
 
-    /// The session of a `distributed` DP job decodes the sum with its mechanism.
-    pub fn with_distributed(mut self, mechanism: Option<maeum_models::ddp::DistributedDp>) -> Self {
-        self.distributed = mechanism;
-        self
-    }
-
     /// Decodes an outcome into Σ w·Δ (f64), Σ w and the summed evaluation counts. In a
     /// `distributed` DP job, Σ w·Δ is the negated noisy sum of clipped gradients (a
     /// descent direction; each site's weight is 1).
     pub fn decode(&self, outcome: &Outcome) -> (Vec<f64>, u64, Vec<u32>) {
         let n = outcome.sum.len().saturating_sub(1 + self.eval_words);
         let mut sum = vec![0.0; n];
-        match &self.distributed {
-            Some(m) => {
+        match &self.encoding {
+            Encoding::Distributed(m) => {
                 m.decode(&outcome.sum[..n], &mut sum);
                 sum.iter_mut().for_each(|v| *v = -*v);
             }
-            None => self.quantiser.decode(&outcome.sum[..n], &mut sum),
+            Encoding::Quantised(q) => q.decode(&outcome.sum[..n], &mut sum),
         }
         let weight = u64::from(outcome.sum.get(n).copied().unwrap_or(0));
         (sum, weight, outcome.sum.get(n + 1..).unwrap_or_default().to_vec())
@@ -451,21 +463,10 @@ impl SecAggRound {
     /// job's `clip_norm` ‖Σ w·Δ‖₂ ≤ Σw·clip_norm, each plus the rounding slack (one
     /// quantisation step per input and coordinate).
     pub fn check_bounds(&self, sum: &[f64], total_weight: u64, survivors: usize) -> Result<(), String> {
-        if let Some(m) = &self.distributed {
-            // Weight 1 each; every site's clipped sum is within C·B; plus rounding and noise.
-            if total_weight != survivors as u64 {
-                return Err(format!("the aggregate weight {total_weight} is not 1 for each of {survivors} sites"));
-            }
-            let norm = sum.iter().map(|v| v * v).sum::<f64>().sqrt();
-            let bound = m.aggregate_bound(survivors);
-            if !norm.is_finite() || norm > bound {
-                return Err(format!(
-                    "the aggregate's L2 norm is beyond what {survivors} sites' bounded sums and noise reach ({bound:.4e})"
-                ));
-            }
-            return Ok(());
-        }
-        let q = &self.quantiser;
+        let q = match &self.encoding {
+            Encoding::Quantised(q) => q,
+            Encoding::Distributed(m) => return Self::check_distributed(m, sum, total_weight, survivors),
+        };
         let most = survivors as u64 * u64::from(q.max_weight);
         if total_weight == 0 || total_weight > most {
             return Err(format!(
@@ -487,6 +488,27 @@ impl SecAggRound {
                     "the aggregate's L2 norm is beyond Σw·clip_norm ({bound:.4e} for Σw = {total_weight})"
                 ));
             }
+        }
+        Ok(())
+    }
+
+    /// [`Self::check_bounds`] for a `distributed` DP job: weight 1 per survivor, and a
+    /// norm within the survivors' bounded clipped sums (C·B each), rounding and noise.
+    fn check_distributed(
+        m: &maeum_models::ddp::DistributedDp,
+        sum: &[f64],
+        total_weight: u64,
+        survivors: usize,
+    ) -> Result<(), String> {
+        if total_weight != survivors as u64 {
+            return Err(format!("the aggregate weight {total_weight} is not 1 for each of {survivors} sites"));
+        }
+        let norm = sum.iter().map(|v| v * v).sum::<f64>().sqrt();
+        let bound = m.aggregate_bound(survivors);
+        if !norm.is_finite() || norm > bound {
+            return Err(format!(
+                "the aggregate's L2 norm is beyond what {survivors} sites' bounded sums and noise reach ({bound:.4e})"
+            ));
         }
         Ok(())
     }
@@ -535,6 +557,10 @@ mod tests {
     use maeum_secagg::{Participant, SessionParams};
 
     fn round(clip_norm: f32) -> SecAggRound {
+        round_with(clip_norm, None)
+    }
+
+    fn round_with(clip_norm: f32, distributed: Option<maeum_models::ddp::DistributedDp>) -> SecAggRound {
         let participants = (1..=3)
             .map(|i| Participant { index: i, site_id: format!("s{i}"), identity_key: vec![i as u8; 65] })
             .collect();
@@ -549,7 +575,31 @@ mod tests {
             binding: [0; 32],
         };
         let info = SessionInfo { consortium: "c".into(), params, members: Vec::new() };
-        SecAggRound::new(session, info, 0, clip_norm).expect("round")
+        SecAggRound::new(session, info, 0, clip_norm, distributed).expect("round")
+    }
+
+    #[test]
+    fn a_distributed_dp_sum_decodes_to_the_negated_gradient_sum_and_keeps_its_bounds() {
+        let m = maeum_models::ddp::DistributedDp {
+            clip: 1.0,
+            noise_multiplier: 2.0,
+            sample_rate: 1.0,
+            dimension: 2,
+            noise_shares: 3,
+            max_batch: 10,
+        };
+        let r = round_with(0.0, Some(m));
+        // Σk = γ·(3, −1.5), then the weight word (3 sites) and no evaluation words.
+        let gamma = m.scale();
+        let words = [((3.0 * gamma).round() as i32) as u32, ((-1.5 * gamma).round() as i32) as u32, 3];
+        let outcome = Outcome { sum: words.to_vec(), survivors: vec![1, 2, 3], dropped: Vec::new() };
+        let (sum, weight, counts) = r.decode(&outcome);
+        assert_eq!((weight, counts.len()), (3, 0));
+        assert!((sum[0] + 3.0).abs() < 1.0 / gamma && (sum[1] - 1.5).abs() < 1.0 / gamma, "negated: {sum:?}");
+        assert_eq!(r.check_bounds(&sum, 3, 3), Ok(()));
+        assert!(r.check_bounds(&sum, 4, 3).expect_err("weight").contains("not 1 for each of 3 sites"));
+        let far = [m.aggregate_bound(3) + 1.0, 0.0];
+        assert!(r.check_bounds(&far, 3, 3).expect_err("norm").contains("bounded sums and noise"));
     }
 
     #[test]

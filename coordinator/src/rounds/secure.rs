@@ -50,8 +50,7 @@ pub(super) fn new_session(
     let info = SessionInfo { consortium: c.home.consortium()?.name, params, members };
     let binding = maeum_protocols::wire::secagg::round_binding(&Digest::parse("spec_sha256", &job.spec_sha256)?, base);
     let session = session_of(c, &info, &job.id, round, attempt, binding)?;
-    SecAggRound::new(session, info, eval_words as usize, job.spec.secure_aggregation.clip_norm)
-        .map(|r| r.with_distributed(distributed))
+    SecAggRound::new(session, info, eval_words as usize, job.spec.secure_aggregation.clip_norm, distributed)
         .map_err(|e| anyhow::anyhow!("{e}"))
 }
 
