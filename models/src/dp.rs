@@ -416,6 +416,28 @@ fn sampled_sum<A: Acc>(
     (members, loss)
 }
 
+/// Checks `params` against the model's layout (and a tabular model's rows against its
+/// input width), and returns the per-example view: the model, its head, and where the
+/// head starts in the flat layout.
+fn model_of<'a>(shape: ModelRef<'a>, params: &FlatParams, dropout: f64) -> Result<(Model<'a>, Head, usize), String> {
+    match shape {
+        ModelRef::Text(arch, data) => {
+            params.expect_layout(&arch.layout()).map_err(|e: ParamsError| e.to_string())?;
+            let head = Head { n_in: arch.embed_dim, hidden: arch.hidden, labels: arch.n_labels };
+            Ok((Model::Text { arch, data, dropout }, head, arch.buckets * arch.embed_dim))
+        }
+        ModelRef::Tabular(arch, data) => {
+            params
+                .expect_layout(&<crate::nn::Mlp as crate::nn::Network>::layout_of(arch))
+                .map_err(|e| e.to_string())?;
+            if data.rows.first().is_some_and(|r| r.len() != arch.n_in) {
+                return Err(format!("rows have {} columns, the model {}", data.rows[0].len(), arch.n_in));
+            }
+            Ok((Model::Tabular { data }, Head { n_in: arch.n_in, hidden: arch.hidden, labels: arch.n_labels }, 0))
+        }
+    }
+}
+
 /// One record-level step of the distributed mode ([`crate::ddp`]): the sum, over a
 /// Poisson sample of the records at rate `q`, of each member's gradient at `params`
 /// clipped to L2 norm `clip`, over the whole layout (f64). Returns the sum and the
@@ -428,22 +450,7 @@ pub(crate) fn clipped_gradient_sum(
     clip: f64,
     rng: &mut dyn RngCore,
 ) -> Result<(Vec<f64>, u64), String> {
-    let (model, head, base) = match shape {
-        ModelRef::Text(arch, data) => {
-            params.expect_layout(&arch.layout()).map_err(|e: ParamsError| e.to_string())?;
-            let head = Head { n_in: arch.embed_dim, hidden: arch.hidden, labels: arch.n_labels };
-            (Model::Text { arch, data, dropout }, head, arch.buckets * arch.embed_dim)
-        }
-        ModelRef::Tabular(arch, data) => {
-            params
-                .expect_layout(&<crate::nn::Mlp as crate::nn::Network>::layout_of(arch))
-                .map_err(|e| e.to_string())?;
-            if data.rows.first().is_some_and(|r| r.len() != arch.n_in) {
-                return Err(format!("rows have {} columns, the model {}", data.rows[0].len(), arch.n_in));
-            }
-            (Model::Tabular { data }, Head { n_in: arch.n_in, hidden: arch.hidden, labels: arch.n_labels }, 0)
-        }
-    };
+    let (model, head, base) = model_of(shape, params, dropout)?;
     if base + head.len() != params.values().len() {
         return Err(format!("layout of {} values does not match the head", params.values().len()));
     }
@@ -453,7 +460,7 @@ pub(crate) fn clipped_gradient_sum(
     Ok((sum, members))
 }
 
-/// A model and its local data, for [`clipped_gradient_sum`].
+/// A model and its local data, for [`clipped_gradient_sum`] and DP-SGD.
 pub(crate) enum ModelRef<'a> {
     Text(&'a TextArch, &'a TextData),
     Tabular(&'a crate::nn::MlpArch, &'a TabularData),
@@ -477,10 +484,7 @@ pub fn train_text(
     rng: &mut dyn RngCore,
     progress: &mut dyn Progress,
 ) -> Result<(FlatParams, TrainReport), String> {
-    start.expect_layout(&arch.layout()).map_err(|e: ParamsError| e.to_string())?;
-    let head = Head { n_in: arch.embed_dim, hidden: arch.hidden, labels: arch.n_labels };
-    let base = arch.buckets * arch.embed_dim;
-    let model = Model::Text { arch, data, dropout: cfg.dropout };
+    let (model, head, base) = model_of(ModelRef::Text(arch, data), start, cfg.dropout)?;
     run(model, start.values().len(), head, base, start, cfg, dp, rng, progress)
 }
 
@@ -494,12 +498,8 @@ pub fn train_tabular(
     rng: &mut dyn RngCore,
     progress: &mut dyn Progress,
 ) -> Result<(FlatParams, TrainReport), String> {
-    start.expect_layout(&<crate::nn::Mlp as crate::nn::Network>::layout_of(arch)).map_err(|e| e.to_string())?;
-    if data.rows.first().is_some_and(|r| r.len() != arch.n_in) {
-        return Err(format!("rows have {} columns, the model {}", data.rows[0].len(), arch.n_in));
-    }
-    let head = Head { n_in: arch.n_in, hidden: arch.hidden, labels: arch.n_labels };
-    run(Model::Tabular { data }, start.values().len(), head, 0, start, cfg, dp, rng, progress)
+    let (model, head, base) = model_of(ModelRef::Tabular(arch, data), start, 0.0)?;
+    run(model, start.values().len(), head, base, start, cfg, dp, rng, progress)
 }
 
 #[cfg(test)]
