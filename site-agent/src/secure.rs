@@ -40,7 +40,9 @@ use maeum_secagg::quant::Quantiser;
 use maeum_secagg::sign::{EcdsaSigner, SessionVerifier};
 use maeum_secagg::{self as secagg, Session};
 
-use crate::daemon::{Agent, Client, RoundModel, describe, distributed_words, round_model, train_from};
+use crate::daemon::{
+    Agent, Client, EvalOf, RoundModel, describe, distributed_words, evaluate_and_keep, round_model, train_from,
+};
 use crate::policy::{Policy, Refusal, SessionView};
 
 /// Words quantised and masked at a time.
@@ -653,27 +655,8 @@ const MAX_COUNT: u64 = 1 << 24;
 /// crisis class) the crisis histogram's crisis and other bins. The coordinator sees
 /// only the cohort's sums; the site keeps its own counts in HOME/evaluations.jsonl.
 async fn evaluation_counts(agent: &Agent, t: &TrainTask, m: &RoundModel) -> Result<Vec<u32>> {
-    agent.set(|s| s.stage = "evaluating".into());
-    let (spec, params, data) = (m.spec.clone(), m.params.clone(), m.data.clone());
-    let started = std::time::Instant::now();
-    let (confusion, histogram) = tokio::task::spawn_blocking(move || {
-        let confusion = spec.evaluate(&params, &data.test)?;
-        let histogram = crate::daemon::crisis_histogram(&spec, &params, &data.test)?;
-        anyhow::Ok((confusion, histogram))
-    })
-    .await??;
-    agent.metrics.stage("evaluate", started.elapsed());
-    let note = crate::releases::Reported {
-        time_ms: crate::now_ms(),
-        job_id: t.job_id.clone(),
-        round: t.round,
-        attempt: t.attempt,
-        model: t.model.digest.hex(),
-        confusion: confusion.counts.clone(),
-    };
-    if let Err(e) = crate::releases::note_evaluation(&agent.home, &note) {
-        warn!(error = %format!("{e:#}"), "writing evaluations.jsonl");
-    }
+    let of = EvalOf { job_id: &t.job_id, round: t.round, attempt: t.attempt, model: &t.model };
+    let (confusion, histogram) = evaluate_and_keep(agent, &of, &m.spec, m.params.clone(), m.data.clone()).await?;
     let histogram = histogram.map(|h| h.crisis.into_iter().chain(h.other)).into_iter().flatten();
     confusion
         .counts

@@ -104,30 +104,33 @@ pub(super) fn load_model(path: &Path, job: &JobSpec, model: &ModelRef) -> Result
 }
 
 /// Which round attempt and model an evaluation belongs to.
-pub(super) struct EvalOf<'a> {
-    job_id: &'a str,
-    round: u32,
-    attempt: u32,
-    model: &'a ModelRef,
+pub(crate) struct EvalOf<'a> {
+    pub(crate) job_id: &'a str,
+    pub(crate) round: u32,
+    pub(crate) attempt: u32,
+    pub(crate) model: &'a ModelRef,
 }
 
-pub(super) async fn report_eval(
+/// Evaluates the round's model on the held-out records (on a blocking thread) and keeps
+/// this site's own counts in HOME/evaluations.jsonl; returns the confusion matrix and
+/// the crisis histogram (`None` without a crisis class).
+pub(crate) async fn evaluate_and_keep(
     agent: &Agent,
-    client: &mut Client,
-    of: EvalOf<'_>,
+    of: &EvalOf<'_>,
     spec: &ModelSpec,
     params: FlatParams,
     data: Arc<Prepared2>,
-) -> Result<()> {
+) -> Result<(maeum_models::metrics::Confusion, Option<maeum_models::metrics::CrisisHistogram>)> {
     agent.set(|s| s.stage = "evaluating".into());
-    let spec2 = spec.clone();
-    let (confusion, crisis_histogram) = tokio::task::spawn_blocking(move || {
-        let confusion = spec2.evaluate(&params, &data.test)?;
-        let histogram = crisis_histogram(&spec2, &params, &data.test)?;
+    let spec = spec.clone();
+    let started = std::time::Instant::now();
+    let (confusion, histogram) = tokio::task::spawn_blocking(move || {
+        let confusion = spec.evaluate(&params, &data.test)?;
+        let histogram = crisis_histogram(&spec, &params, &data.test)?;
         anyhow::Ok((confusion, histogram))
     })
     .await??;
-    let counts = ConfusionCounts::from_rows(&confusion.counts);
+    agent.metrics.stage("evaluate", started.elapsed());
     let note = crate::releases::Reported {
         time_ms: crate::now_ms(),
         job_id: of.job_id.into(),
@@ -139,6 +142,19 @@ pub(super) async fn report_eval(
     if let Err(e) = crate::releases::note_evaluation(&agent.home, &note) {
         warn!(error = %format!("{e:#}"), "writing evaluations.jsonl");
     }
+    Ok((confusion, histogram))
+}
+
+pub(super) async fn report_eval(
+    agent: &Agent,
+    client: &mut Client,
+    of: EvalOf<'_>,
+    spec: &ModelSpec,
+    params: FlatParams,
+    data: Arc<Prepared2>,
+) -> Result<()> {
+    let (confusion, crisis_histogram) = evaluate_and_keep(agent, &of, spec, params, data).await?;
+    let counts = ConfusionCounts::from_rows(&confusion.counts);
     let report = pb::EvaluationReport::from(&wire::EvaluationReport {
         job_id: of.job_id.into(),
         round: of.round,
