@@ -53,6 +53,14 @@ pub const TAIL_SIGMAS: f64 = 12.0;
 
 const RANGE: f64 = 2_147_483_647.0;
 
+/// The Skellam mechanism of one round over `dimension` parameters at noise multiplier
+/// `z`: Δ₂ = (RATIO + 1)·√d, Δ₁ = Δ₂·min(√d, Δ₂), μ = z²·Δ₂² (only d and z matter).
+pub fn skellam_of(dimension: u64, z: f64) -> Skellam {
+    let root = (dimension as f64).sqrt();
+    let l2 = (SCALE_RATIO + 1.0) * root;
+    Skellam { l2, l1: l2 * root.min(l2), variance: z * z * l2 * l2 }
+}
+
 /// One round of the distributed mechanism: what every site runs, and what the
 /// coordinator decodes with.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -97,10 +105,7 @@ impl DistributedDp {
 
     /// The integer query's sensitivities and the whole noise's variance.
     pub fn skellam(&self) -> Skellam {
-        let root = (self.dimension as f64).sqrt();
-        let l2 = (SCALE_RATIO + 1.0) * root;
-        let z = self.noise_multiplier;
-        Skellam { l2, l1: l2 * root.min(l2), variance: z * z * l2 * l2 }
+        skellam_of(self.dimension, self.noise_multiplier)
     }
 
     /// The variance of one site's noise share: μ / m.

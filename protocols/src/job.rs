@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 use crate::strategy::{StrategyError, StrategySpec};
 
 mod privacy;
-pub use privacy::{DEFAULT_MAX_BATCH, MAX_NOISE_MULTIPLIER, PrivacyMode, PrivacyPlan, PrivacyTable};
+pub use privacy::{DEFAULT_MAX_BATCH, MAX_NOISE_MULTIPLIER, PrivacyMode, PrivacyPlan, PrivacyTable, rdp_of};
 
 /// Most rounds a job may ask for.
 pub const MAX_ROUNDS: u32 = 10_000;

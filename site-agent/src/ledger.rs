@@ -133,26 +133,11 @@ impl JobSpend {
         self.reserved.max(self.spent)
     }
 
-    /// The job's mechanism, as a plan of one step a round.
-    fn mechanism_plan(&self) -> Option<PrivacyPlan> {
-        Some(PrivacyPlan {
-            mode: PrivacyPlan::mode_of_mechanism(&self.mechanism)?,
-            clip: 1.0,
-            noise_multiplier: self.noise_multiplier,
-            sample_rate: self.sample_rate,
-            steps_per_round: 1,
-            rounds: 0,
-            delta: self.delta,
-            epsilon: 0.0,
-            dimension: self.shape.dimension,
-            noise_shares: self.shape.noise_shares,
-            max_batch: self.shape.max_batch,
-        })
-    }
-
     /// The job's RDP curve over the steps it counts (its reservation while it runs).
     fn rdp(&self) -> Option<maeum_models::accountant::Rdp> {
-        self.mechanism_plan()?.rdp_of_steps(self.planned_steps.max(self.steps)).ok()
+        let mode = PrivacyPlan::mode_of_mechanism(&self.mechanism)?;
+        let steps = self.planned_steps.max(self.steps);
+        maeum_protocols::job::rdp_of(mode, self.sample_rate, self.noise_multiplier, self.shape.dimension, steps).ok()
     }
 }
 

@@ -121,6 +121,25 @@ pub struct PrivacyPlan {
     pub max_batch: u32,
 }
 
+/// The RDP curve of `steps` steps of a `mode` mechanism at sampling rate `q` and noise
+/// multiplier `z` (for `distributed`, over `dimension` parameters; a round is one
+/// step): what a plan, and a site's ledger for the jobs it already ran, account with.
+pub fn rdp_of(
+    mode: PrivacyMode,
+    q: f64,
+    z: f64,
+    dimension: u64,
+    steps: u64,
+) -> Result<maeum_models::accountant::Rdp, String> {
+    use maeum_models::accountant::Rdp;
+    match mode {
+        PrivacyMode::Distributed => Rdp::subsampled_skellam(q, maeum_models::ddp::skellam_of(dimension, z), steps),
+        PrivacyMode::Local => Rdp::subsampled_gaussian(q, z, steps),
+        PrivacyMode::None => return Err("no differential privacy, no curve".into()),
+    }
+    .map_err(|e| e.to_string())
+}
+
 fn local_mode() -> PrivacyMode {
     PrivacyMode::Local
 }
@@ -150,11 +169,7 @@ impl PrivacyPlan {
     /// The RDP curve of `steps` steps of this plan's mechanism (a round of the
     /// distributed mode is one step).
     pub fn rdp_of_steps(&self, steps: u64) -> Result<maeum_models::accountant::Rdp, String> {
-        match self.distributed() {
-            Some(m) => m.rdp(steps),
-            None => maeum_models::accountant::Rdp::subsampled_gaussian(self.sample_rate, self.noise_multiplier, steps),
-        }
-        .map_err(|e| e.to_string())
+        rdp_of(self.mode, self.sample_rate, self.noise_multiplier, self.dimension, steps)
     }
 
     /// The mechanism in one line for people (`jobs submit`, the demo).
