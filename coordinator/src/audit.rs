@@ -1,4 +1,5 @@
-//! The coordinator's transparency log, persisted in sled, append-only.
+//! The coordinator's transparency log, persisted in the state database
+//! ([`crate::storage`]), append-only.
 //!
 //! ```text
 //! audit_entries      seq (u64 BE) -> canonical entry bytes
@@ -9,18 +10,20 @@
 //!                    time even where a file was overwritten
 //! ```
 //!
-//! Commit points: [`AuditLog::append`] writes an entry and its leaf in one sled
-//! transaction and flushes before returning its seq, so a committed entry survives
-//! kill -9 whole or not at all; [`AuditLog::checkpoint`] flushes the signed checkpoint
-//! before it becomes the latest. The tree (every complete subtree hash, 64 bytes per
+//! Commit points: [`AuditLog::append`] writes an entry and its leaf in one commit
+//! before returning its seq, so a committed entry survives kill -9 whole or not at
+//! all; [`AuditLog::checkpoint`] commits the signed checkpoint before it becomes the
+//! latest. A cosignature raises the state seal's witnessed checkpoint, and
+//! [`AuditLog::open`] refuses a log shorter than it or with another root at its size:
+//! a coordinator never serves a history its sites have cosigned past. The tree (every complete subtree hash, 64 bytes per
 //! entry) is rebuilt in memory at open, in O(n), so checkpoints and proofs never
 //! rehash the log. The protocol logic (checkpoint records, proofs) is
 //! [`maeum_tlog::Log`]; this file only stores it.
 
 use std::sync::Mutex;
 
+use crate::storage::{Db, Tree, Witnessed, Write};
 use anyhow::{Context, Result, anyhow, bail};
-use sled::Transactional;
 
 use maeum_pki::identity;
 use maeum_protocols::wire::audit::ProvenEntry;
@@ -32,11 +35,7 @@ use maeum_tlog::{Entry, Event, Hash, Log, SignedCheckpoint, hex};
 
 /// The append-only audit log of one coordinator.
 pub struct AuditLog {
-    db: sled::Db,
-    entries: sled::Tree,
-    leaves: sled::Tree,
-    checkpoints: sled::Tree,
-    site_certs: sled::Tree,
+    db: Db,
     key: ring::signature::Ed25519KeyPair,
     /// Serialises appends and checkpoints; holds the in-memory tree.
     log: Mutex<Log>,
@@ -56,24 +55,22 @@ impl AuditLog {
     /// Opens (or creates) the log named `origin` in `db`, signing with the Ed25519
     /// PKCS#8 key `signing_key_pkcs8` (the home's `signing.key`). Reloads the leaves,
     /// checks they are numbered 0..n and that the latest checkpoint matches them.
-    pub fn open(db: &sled::Db, origin: String, signing_key_pkcs8: &[u8]) -> Result<AuditLog> {
+    pub fn open(db: &Db, origin: String, signing_key_pkcs8: &[u8]) -> Result<AuditLog> {
         let key = log_key_pair(signing_key_pkcs8).context("loading the audit log signing key")?;
-        let entries = db.open_tree("audit_entries").context("opening audit_entries")?;
-        let leaves = db.open_tree("audit_leaves").context("opening audit_leaves")?;
-        let checkpoints = db.open_tree("audit_checkpoints").context("opening audit_checkpoints")?;
-        let site_certs = db.open_tree("audit_site_certs").context("opening audit_site_certs")?;
-        let mut hashes: Vec<Hash> = Vec::with_capacity(leaves.len());
-        for (i, item) in leaves.iter().enumerate() {
-            let (k, v) = item.context("reading audit_leaves")?;
-            if k.as_ref() != seq_key(i as u64) {
+        let mut hashes: Vec<Hash> = Vec::with_capacity(db.len(Tree::AuditLeaves)? as usize);
+        db.scan(Tree::AuditLeaves, None, None, false, &mut |k, v| {
+            let i = hashes.len();
+            if k != seq_key(i as u64) {
                 bail!("audit log is corrupt: leaf {i} is missing");
             }
-            hashes.push(v.as_ref().try_into().map_err(|_| anyhow!("audit log is corrupt: leaf {i} is not 32 bytes"))?);
+            hashes.push(v.try_into().map_err(|_| anyhow!("audit log is corrupt: leaf {i} is not 32 bytes"))?);
+            Ok(true)
+        })?;
+        let entries = db.len(Tree::AuditEntries)?;
+        if entries != hashes.len() as u64 {
+            bail!("audit log is corrupt: {entries} entries but {} leaves", hashes.len());
         }
-        if entries.len() != hashes.len() {
-            bail!("audit log is corrupt: {} entries but {} leaves", entries.len(), hashes.len());
-        }
-        let latest = match checkpoints.last().context("reading audit_checkpoints")? {
+        let latest = match db.last(Tree::AuditCheckpoints)? {
             None => None,
             Some((_, v)) => {
                 let stored: ExportedCheckpoint =
@@ -86,7 +83,30 @@ impl AuditLog {
                 .context("the latest stored checkpoint is not signed by this signing key")?;
         }
         let log = Log::restore(origin, &hashes, latest).context("reloading the audit log")?;
-        Ok(AuditLog { db: db.clone(), entries, leaves, checkpoints, site_certs, key, log: Mutex::new(log) })
+        if let Some(w) = db.witnessed() {
+            let n = log.size();
+            if n < w.size {
+                bail!(
+                    "the audit log has {n} entries but site {} cosigned a checkpoint of {} entries: the log was \
+                     rolled back or replaced; refusing to serve it (restore HOME/state from a backup that holds that \
+                     checkpoint)",
+                    w.site,
+                    w.size
+                );
+            }
+            let root = hex(&log.tree().root_at(w.size)?);
+            if root != w.root {
+                bail!(
+                    "the audit log is inconsistent with the checkpoint of {} entries that site {} cosigned (root {} \
+                     here, {} cosigned): its history was rewritten; refusing to serve it",
+                    w.size,
+                    w.site,
+                    &root[..16],
+                    &w.root[..w.root.len().min(16)]
+                );
+            }
+        }
+        Ok(AuditLog { db: db.clone(), key, log: Mutex::new(log) })
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Log> {
@@ -113,16 +133,12 @@ impl AuditLog {
     pub fn append(&self, time_ms: i64, event: Event) -> Result<u64> {
         let mut log = self.lock();
         let new = log.next_entries(time_ms, event);
-        (&self.entries, &self.leaves)
-            .transaction(|(entries, leaves)| {
-                for entry in &new {
-                    entries.insert(&seq_key(entry.seq), entry.encode())?;
-                    leaves.insert(&seq_key(entry.seq), &entry.leaf_hash())?;
-                }
-                Ok(())
-            })
-            .map_err(|e: sled::transaction::TransactionError<()>| anyhow!("writing an audit entry: {e:?}"))?;
-        self.db.flush().context("flushing the audit log")?;
+        let mut writes = Vec::with_capacity(2 * new.len());
+        for entry in &new {
+            writes.push(Write::put(Tree::AuditEntries, seq_key(entry.seq), entry.encode()));
+            writes.push(Write::put(Tree::AuditLeaves, seq_key(entry.seq), entry.leaf_hash().to_vec()));
+        }
+        self.db.commit(writes).context("writing an audit entry")?;
         log.apply(&new)?;
         // INVARIANT: next_entries always returns the event as its last entry.
         Ok(new.last().map_or(0, |e| e.seq))
@@ -137,8 +153,9 @@ impl AuditLog {
             return Ok(signed);
         }
         let stored = serde_json::to_vec(&ExportedCheckpoint::new(&signed, &[]))?;
-        self.checkpoints.insert(seq_key(signed.checkpoint.size), stored).context("storing a checkpoint")?;
-        self.db.flush().context("flushing the audit log")?;
+        self.db
+            .commit(vec![Write::put(Tree::AuditCheckpoints, seq_key(signed.checkpoint.size), stored)])
+            .context("storing a checkpoint")?;
         log.set_latest(signed.clone())?;
         Ok(signed)
     }
@@ -150,19 +167,20 @@ impl AuditLog {
 
     /// Every stored checkpoint with its cosignatures, by size.
     pub fn checkpoints(&self) -> Result<Vec<ExportedCheckpoint>> {
-        self.checkpoints
+        self.db
+            .values(Tree::AuditCheckpoints)?
             .iter()
-            .values()
-            .map(|v| serde_json::from_slice(&v.context("reading audit_checkpoints")?).context("decoding a checkpoint"))
+            .map(|v| serde_json::from_slice(v).context("decoding a checkpoint"))
             .collect()
     }
 
     /// The history of every site's certificates in the log (approvals, replacements).
     pub fn site_certificates(&self) -> Result<SiteCertificates> {
         let mut out = SiteCertificates::default();
-        for item in self.entries.iter().values() {
-            out.add(&Entry::decode(&item.context("reading audit_entries")?)?);
-        }
+        self.db.scan(Tree::AuditEntries, None, None, false, &mut |_, v| {
+            out.add(&Entry::decode(v)?);
+            Ok(true)
+        })?;
         Ok(out)
     }
 
@@ -170,28 +188,28 @@ impl AuditLog {
     pub fn remember_certificate(&self, site: &str, cert_pem: &str) -> Result<()> {
         let der = identity::pem_to_der(cert_pem)?.into_iter().next().context("no certificate in the PEM")?;
         let print = identity::fingerprint(&der);
-        if self.site_certs.contains_key(print.as_bytes())? {
+        if self.db.contains(Tree::AuditSiteCerts, print.as_bytes())? {
             return Ok(());
         }
         let cert = WitnessCert { site: site.to_owned(), cert_pem: checkpoint::canonical_pem(&der) };
-        self.site_certs.insert(print.as_bytes(), serde_json::to_vec(&cert)?).context("storing a site certificate")?;
+        self.db
+            .commit(vec![Write::put(Tree::AuditSiteCerts, print.as_bytes(), serde_json::to_vec(&cert)?)])
+            .context("storing a site certificate")?;
         Ok(())
     }
 
     /// Every site certificate kept by [`AuditLog::remember_certificate`].
     pub fn remembered_certificates(&self) -> Result<Vec<WitnessCert>> {
-        self.site_certs
+        self.db
+            .values(Tree::AuditSiteCerts)?
             .iter()
-            .values()
-            .map(|v| {
-                serde_json::from_slice(&v.context("reading audit_site_certs")?).context("decoding a site certificate")
-            })
+            .map(|v| serde_json::from_slice(v).context("decoding a site certificate"))
             .collect()
     }
 
     /// The entry `seq`.
     pub fn entry(&self, seq: u64) -> Result<Entry> {
-        let bytes = self.entries.get(seq_key(seq))?.with_context(|| format!("no audit entry {seq}"))?;
+        let bytes = self.db.get(Tree::AuditEntries, &seq_key(seq))?.with_context(|| format!("no audit entry {seq}"))?;
         Ok(Entry::decode(&bytes)?)
     }
 
@@ -203,7 +221,10 @@ impl AuditLog {
     /// cosignature by the same site replaces the first.
     pub fn add_cosignature(&self, size: u64, site: &str, signature: &[u8], ca_pem: &str, cert_pem: &str) -> Result<()> {
         let guard = self.lock();
-        let stored = self.checkpoints.get(seq_key(size))?.with_context(|| format!("no checkpoint of size {size}"))?;
+        let stored = self
+            .db
+            .get(Tree::AuditCheckpoints, &seq_key(size))?
+            .with_context(|| format!("no checkpoint of size {size}"))?;
         let mut cp: ExportedCheckpoint = serde_json::from_slice(&stored).context("decoding a checkpoint")?;
         let (signed, _) = cp.to_signed(guard.origin())?;
         let at = self.entry(size - 1)?.time_ms;
@@ -218,15 +239,17 @@ impl AuditLog {
         cp.cosignatures.retain(|c| c.site != site);
         cp.cosignatures.push(ExportedCosignature { site: site.to_owned(), signature: maeum_tlog::base64(signature) });
         cp.cosignatures.sort_by(|a, b| a.site.cmp(&b.site));
-        self.checkpoints.insert(seq_key(size), serde_json::to_vec(&cp)?)?;
-        self.db.flush().context("flushing the audit log")?;
+        self.db.commit(vec![Write::put(Tree::AuditCheckpoints, seq_key(size), serde_json::to_vec(&cp)?)])?;
+        // The seal keeps the newest cosigned checkpoint outside the database: the log
+        // may never again be shorter than, or differ from, what a site signed.
+        self.db.witness(Witnessed { size, root: hex(&signed.checkpoint.root), site: site.to_owned() })?;
         Ok(())
     }
 
     /// The stored checkpoint of `size`, if one was signed at that size.
     pub fn checkpoint_at(&self, size: u64) -> Result<Option<ExportedCheckpoint>> {
-        self.checkpoints
-            .get(seq_key(size))?
+        self.db
+            .get(Tree::AuditCheckpoints, &seq_key(size))?
             .map(|v| serde_json::from_slice(&v).context("decoding a checkpoint"))
             .transpose()
     }
@@ -234,10 +257,11 @@ impl AuditLog {
     /// The stored checkpoints of size at least `from`, the newest `limit` of them.
     pub fn since(&self, from: u64, limit: usize) -> Result<Vec<ExportedCheckpoint>> {
         let mut out = Vec::new();
-        for v in self.checkpoints.range(seq_key(from)..).values().rev().take(limit) {
-            out.push(
-                serde_json::from_slice(&v.context("reading audit_checkpoints")?).context("decoding a checkpoint")?,
-            );
+        if limit > 0 {
+            self.db.scan(Tree::AuditCheckpoints, Some(&seq_key(from)), None, true, &mut |_, v| {
+                out.push(serde_json::from_slice(v).context("decoding a checkpoint")?);
+                Ok(out.len() < limit)
+            })?;
         }
         out.reverse();
         Ok(out)
@@ -261,9 +285,9 @@ impl AuditLog {
             bail!("no tree of size {size} (the log has {} entries)", self.size());
         }
         let mut out = Vec::new();
-        for item in self.entries.range(seq_key(after)..seq_key(size)) {
-            let (_, bytes) = item.context("reading audit_entries")?;
-            let entry = Entry::decode(&bytes)?;
+        let mut more = None;
+        self.db.scan(Tree::AuditEntries, Some(&seq_key(after)), Some(&seq_key(size)), false, &mut |_, bytes| {
+            let entry = Entry::decode(bytes)?;
             let wanted = entry.event.involves_site(site)
                 || entry.event.model().is_some_and(|m| models.iter().any(|x| x == m))
                 || matches!(&entry.event, Event::JobSubmitted { job_id, .. } if jobs.contains(job_id))
@@ -271,15 +295,17 @@ impl AuditLog {
                     Event::SiteApproved { site: s, .. } | Event::SiteKeyReplaced { site: s, .. } | Event::SiteRevoked { site: s, .. }
                     if sites.contains(s));
             if !wanted {
-                continue;
+                return Ok(true);
             }
             if out.len() == limit {
-                return Ok((out, Some(entry.seq)));
+                more = Some(entry.seq);
+                return Ok(false);
             }
             let proof = self.inclusion_proof(entry.seq, size)?;
             out.push(ProvenEntry { seq: entry.seq, entry, proof });
-        }
-        Ok((out, None))
+            Ok(true)
+        })?;
+        Ok((out, more))
     }
 
     /// FAULT INJECTION for the end-to-end test of fork detection (enabled only by
@@ -291,9 +317,10 @@ impl AuditLog {
         let guard = self.lock();
         let n = guard.latest().context("no checkpoint yet")?.checkpoint.size;
         let mut hashes = Vec::with_capacity(n as usize);
-        for v in self.leaves.range(..seq_key(n - 1)).values() {
-            hashes.push(v?.as_ref().try_into().map_err(|_| anyhow!("a leaf is not 32 bytes"))?);
-        }
+        self.db.scan(Tree::AuditLeaves, None, Some(&seq_key(n - 1)), false, &mut |_, v| {
+            hashes.push(v.try_into().map_err(|_| anyhow!("a leaf is not 32 bytes"))?);
+            Ok(true)
+        })?;
         let mut fork = Log::restore(guard.origin().to_owned(), &hashes, None)?;
         drop(guard);
         let event = Event::OperatorCommand {
@@ -334,12 +361,12 @@ impl AuditLog {
         let n = log.latest().map_or(0, |c| c.checkpoint.size);
         let mut entries = Vec::with_capacity(n as usize);
         let mut history = SiteCertificates::default();
-        for (i, item) in self.entries.range(..seq_key(n)).enumerate() {
-            let (_, bytes) = item.context("reading audit_entries")?;
-            let entry = Entry::decode(&bytes).with_context(|| format!("audit entry {i}"))?;
+        self.db.scan(Tree::AuditEntries, None, Some(&seq_key(n)), false, &mut |_, bytes| {
+            let entry = Entry::decode(bytes).with_context(|| format!("audit entry {}", entries.len()))?;
             history.add(&entry);
             entries.push(entry);
-        }
+            Ok(true)
+        })?;
         let canonical = |pem: &str| -> Result<(String, String)> {
             let der = identity::pem_to_der(pem)?.remove(0);
             Ok((checkpoint::canonical_pem(&der), identity::fingerprint(&der)))
@@ -373,6 +400,7 @@ impl AuditLog {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::storage::Engine;
     use maeum_pki::identity::{Ca, site_request};
     use maeum_tlog::Witness;
     use maeum_tlog::export::verify;
@@ -393,8 +421,8 @@ mod tests {
         }
     }
 
-    fn open(s: &Setup) -> (sled::Db, AuditLog) {
-        let db = sled::open(s.dir.path()).expect("db");
+    fn open(s: &Setup) -> (Db, AuditLog) {
+        let db = Db::open(&s.dir.path().join("state"), Engine::Sled).expect("db");
         let log = AuditLog::open(&db, "maeum/heart".into(), &s.pkcs8).expect("open");
         (db, log)
     }
@@ -445,8 +473,56 @@ mod tests {
         let leaf = log.entry(3).expect("entry").leaf_hash();
         maeum_tlog::merkle::verify_inclusion(&leaf, 3, 13, &inclusion, &cp2.checkpoint.root).expect("included");
         assert!(
-            AuditLog::open(&sled::open(tempfile::tempdir().expect("dir").path()).expect("db"), "x".into(), b"no")
-                .is_err()
+            AuditLog::open(
+                &Db::open(&tempfile::tempdir().expect("dir").path().join("state"), Engine::Sled).expect("db"),
+                "x".into(),
+                b"no"
+            )
+            .is_err()
+        );
+    }
+
+    #[test]
+    fn a_log_shorter_than_or_different_from_a_cosigned_checkpoint_is_refused() {
+        let s = setup();
+        let witnessed = {
+            let (db, log) = open(&s);
+            init(&s, &log);
+            for n in 0..4 {
+                log.append(now(), finished(n)).expect("append");
+            }
+            let cp = log.checkpoint().expect("checkpoint");
+            let w = Witnessed { size: cp.checkpoint.size, root: hex(&cp.checkpoint.root), site: "a".into() };
+            db.witness(w.clone()).expect("witness");
+            w
+        };
+        assert_eq!(open(&s).1.size(), 5, "the log it was cosigned on opens");
+        // Another state under the same key, shorter than what site a cosigned.
+        let other = tempfile::tempdir().expect("tempdir");
+        let db = Db::open(&other.path().join("state"), Engine::Sled).expect("db");
+        {
+            let log = AuditLog::open(&db, "maeum/heart".into(), &s.pkcs8).expect("open");
+            init(&s, &log);
+            log.append(now(), finished(0)).expect("append");
+        }
+        db.witness(witnessed.clone()).expect("witness");
+        let e = AuditLog::open(&db, "maeum/heart".into(), &s.pkcs8).expect_err("shorter");
+        assert!(format!("{e:#}").contains("has 2 entries but site a cosigned a checkpoint of 5 entries"), "{e:#}");
+        // Long enough, but another history: the root at the cosigned size differs.
+        let third = tempfile::tempdir().expect("tempdir");
+        let db = Db::open(&third.path().join("state"), Engine::Redb).expect("db");
+        {
+            let log = AuditLog::open(&db, "maeum/heart".into(), &s.pkcs8).expect("open");
+            init(&s, &log);
+            for n in 10..16 {
+                log.append(now(), finished(n)).expect("append");
+            }
+        }
+        db.witness(witnessed).expect("witness");
+        let e = AuditLog::open(&db, "maeum/heart".into(), &s.pkcs8).expect_err("rewritten");
+        assert!(
+            format!("{e:#}").contains("inconsistent with the checkpoint of 5 entries that site a cosigned"),
+            "{e:#}"
         );
     }
 
@@ -458,7 +534,7 @@ mod tests {
             init(&s, &log);
             log.checkpoint().expect("checkpoint");
         }
-        let db = sled::open(s.dir.path()).expect("db");
+        let db = Db::open(&s.dir.path().join("state"), Engine::Sled).expect("db");
         let other = ring::signature::Ed25519KeyPair::generate_pkcs8(&SystemRandom::new()).expect("key");
         let e = AuditLog::open(&db, "maeum/heart".into(), other.as_ref()).expect_err("other key");
         assert!(format!("{e:#}").contains("not signed by this signing key"), "{e:#}");
@@ -491,6 +567,7 @@ mod tests {
             let sig =
                 witness.observe(&cp, &proof).expect("observe").cosign(&site_key, &SystemRandom::new()).expect("sign");
             log.add_cosignature(cp.checkpoint.size, "a", &sig, s.ca.cert_pem(), &cert).expect("cosignature");
+            assert_eq!(log.db.witnessed().map(|w| w.size), Some(cp.checkpoint.size), "the seal keeps it");
             assert!(log.add_cosignature(cp.checkpoint.size, "a", &sig[1..], s.ca.cert_pem(), &cert).is_err());
         }
         log.append(now(), finished(9)).expect("uncovered entry");

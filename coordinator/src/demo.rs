@@ -276,7 +276,7 @@ pub async fn run(a: DemoArgs) -> Result<()> {
     let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
     let address = format!("127.0.0.1:{port}");
     let coord_home = work.join("coordinator");
-    home::init(&coord_home, "demo", &address)?;
+    home::init(&coord_home, "demo", &address, crate::storage::Engine::Sled)?;
     let h = home::Home::new(&coord_home);
     let sites: Vec<String> = (1..=a.sites).map(|i| format!("site-{i}")).collect();
     for s in &sites {

@@ -1,6 +1,8 @@
 //! `maeum-coordinator doctor`: checks a coordinator home before (or while) it serves,
 //! offline, and says what to fix. Exit 0 when `serve` would start; 1 when a check fails.
-//! Safe to run beside a running coordinator: it opens no database and binds no port.
+//! Safe to run beside a running coordinator: it binds no port, and it opens the state
+//! database (checking every record's checksum, the seal and the audit log against the
+//! witnessed checkpoint) only when no coordinator holds it.
 
 use std::path::Path;
 
@@ -75,6 +77,9 @@ pub fn check(dir: &Path) -> Checks {
     });
     c.require("signing key", signing, "restore signing.key and signing.pub from your backup (sites trust this key)");
     c.writable("state", &home.state());
+    if let Some(signing) = signing_key_bytes(&home) {
+        state(&mut c, &home, consortium_name(&home).as_deref(), &signing);
+    }
     c.writable("model blobs", &home.blobs());
     c.writable("uploads", &home.uploads());
     c.disk_space("disk space", dir, 2048, 256);
@@ -98,6 +103,54 @@ pub fn check(dir: &Path) -> Checks {
         Err(e) => c.fail("sites", format!("{e:#}"), "check HOME/sites is readable"),
     }
     c
+}
+
+fn signing_key_bytes(home: &Home) -> Option<Vec<u8>> {
+    std::fs::read(home.path("signing.key")).ok()
+}
+
+fn consortium_name(home: &Home) -> Option<String> {
+    home.consortium().ok().map(|k| k.name)
+}
+
+/// Opens the state database and the audit log as `serve` would, read for read.
+fn state(c: &mut Checks, home: &Home, consortium: Option<&str>, signing: &[u8]) {
+    let dir = home.state();
+    if !dir.join("db").exists() && !dir.join(crate::storage::REDB_FILE).exists() {
+        c.warn("state database", "none yet", "`serve` creates it");
+        return;
+    }
+    let restore = "stop: do not serve from this home; restore HOME/state (and HOME/state.seal) from a backup                    (docs/guides/consortium-lead.md, Backups)";
+    match crate::store::Store::open(&dir, crate::storage::Engine::Sled) {
+        Err(e) => {
+            let text = format!("{e:#}");
+            if text.contains("is in use by another process") {
+                c.warn("state database", "in use by a running coordinator: not checked", "stop it to check the store");
+            } else {
+                c.fail("state database", text, restore);
+            }
+        }
+        Ok(store) => {
+            let r = store.db().report().clone();
+            c.ok(
+                "state database",
+                format!(
+                    "{}: {} commits, {} records, every checksum and the seal verified",
+                    r.engine, r.commits, r.records
+                ),
+            );
+            let Some(name) = consortium else { return };
+            match crate::audit::AuditLog::open(store.db(), format!("maeum/{name}"), signing) {
+                Ok(log) => {
+                    let w = store.db().witnessed().map_or("no checkpoint cosigned yet".to_owned(), |w| {
+                        format!("consistent with the checkpoint of {} entries that site {} cosigned", w.size, w.site)
+                    });
+                    c.ok("audit log", format!("{} entries, {w}", log.size()))
+                }
+                Err(e) => c.fail("audit log", format!("{e:#}"), restore),
+            }
+        }
+    }
 }
 
 /// Each approved site's certificate: days left, or what is wrong with it.
@@ -141,7 +194,7 @@ mod tests {
     fn a_fresh_home_passes_and_damage_is_named() {
         let dir = tempfile::tempdir().expect("tempdir");
         let home = dir.path().join("coord");
-        crate::home::init(&home, "heart", "127.0.0.1:7443").expect("init");
+        crate::home::init(&home, "heart", "127.0.0.1:7443", crate::storage::Engine::Sled).expect("init");
         let c = check(&home);
         assert_eq!(c.failures(), 0, "{:#?}", c.checks);
         assert_eq!(level(&c, "sites"), Level::Warn, "no site approved yet");
@@ -155,5 +208,31 @@ mod tests {
         assert!(c.checks.iter().all(|x| !x.detail.contains("PRIVATE KEY")), "no key material in messages");
         let c = check(&dir.path().join("missing"));
         assert_eq!(level(&c, "home"), Level::Fail);
+    }
+
+    #[test]
+    fn the_state_database_is_opened_and_checked() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let home = dir.path().join("coord");
+        crate::home::init(&home, "heart", "127.0.0.1:7443", crate::storage::Engine::Redb).expect("init");
+        {
+            let store = crate::store::Store::open(&home.join("state"), crate::storage::Engine::Sled).expect("open");
+            assert_eq!(store.db().report().engine, "redb", "init chose the engine");
+            assert_eq!(store.next("job").expect("next"), 1);
+            // While a coordinator holds it, the doctor says so and checks nothing.
+            let c = check(&home);
+            assert_eq!(level(&c, "state database"), Level::Warn, "{:#?}", c.checks);
+        }
+        let c = check(&home);
+        assert_eq!(level(&c, "state database"), Level::Ok, "{:#?}", c.checks);
+        assert_eq!(level(&c, "audit log"), Level::Ok);
+        // A seal that recorded more commits than the database holds: rolled back.
+        let seal = home.join("state.seal");
+        let text = std::fs::read_to_string(&seal).expect("seal").replace("\"commits\": 1", "\"commits\": 9");
+        std::fs::write(&seal, text).expect("write");
+        let c = check(&home);
+        assert_eq!(level(&c, "state database"), Level::Fail);
+        let detail = &c.checks.iter().find(|x| x.name == "state database").expect("check").detail;
+        assert!(detail.contains("rolled back"), "{detail}");
     }
 }

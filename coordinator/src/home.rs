@@ -12,7 +12,10 @@
 //!                          --replace` (revoked; kept for the audit export)
 //! HOME/sites/ID.replace.json  the latest key replacement of site ID (who, old, new),
 //!                          for the coordinator to log as `site_key_replaced`
-//! HOME/state/              sled database (sites, jobs, rounds, metrics)
+//! HOME/state/              the state database (sled, or redb in state/state.redb):
+//!                          sites, jobs, rounds, audit log, registry (crate::storage)
+//! HOME/state.seal          commits, their hash chain and the newest cosigned checkpoint
+//! HOME/state.lock          held while the state database is open
 //! HOME/blobs/SHA256        content-addressed model blobs
 //! HOME/uploads/            partial updates being received
 //! ```
@@ -162,7 +165,7 @@ pub struct InitReport {
 }
 
 /// `maeum-coordinator init`: a new consortium in an empty (or missing) directory.
-pub fn init(dir: &Path, name: &str, address: &str) -> Result<InitReport> {
+pub fn init(dir: &Path, name: &str, address: &str, store: crate::storage::Engine) -> Result<InitReport> {
     identity::validate_name(name).with_context(|| format!("--name {name:?}"))?;
     if !address.contains(':') || address.rsplit_once(':').is_none_or(|(_, p)| p.parse::<u16>().is_err()) {
         bail!("--address must be HOST:PORT, got {address:?}");
@@ -202,6 +205,8 @@ pub fn init(dir: &Path, name: &str, address: &str) -> Result<InitReport> {
         crisis_flag: CrisisFlagSettings::default(),
     };
     write_file(&home.path("consortium.json"), serde_json::to_string_pretty(&consortium)?.as_bytes(), false)?;
+    // The state database and its seal exist from the start, in the chosen engine.
+    crate::storage::Db::open(&home.state(), store).context("creating the state database")?;
     let ca_der = identity::pem_to_der(ca.cert_pem())?;
     Ok(InitReport {
         home: dir.to_owned(),

@@ -1,9 +1,9 @@
 //! Maeum coordinator library: the glue the `maeum-coordinator` binary runs.
 //!
-//! `home` (consortium files and enrolment), `store` (sled state), `blobs` (content-
+//! `home` (consortium files and enrolment), `storage` and `store` (the checksummed, sealed state database), `blobs` (content-
 //! addressed models), `server` (gRPC fleet and control services), `rounds` (the round
 //! orchestrator), `secagg` (one secure-aggregation session), `strategy` (server-side
-//! aggregation), `audit` (the sled-backed transparency log), `registry` (signed model
+//! aggregation), `audit` (the transparency log), `registry` (signed model
 //! releases and promotions), `client` (the operator CLI), `console` (the read-only web
 //! console), `demo` (the one-command local
 //! federation).
@@ -24,6 +24,7 @@ pub mod resume;
 pub mod rounds;
 pub mod secagg;
 pub mod server;
+pub mod storage;
 pub mod store;
 pub mod strategy;
 
@@ -131,7 +132,6 @@ pub async fn serve(
     if coord.audit.size() > 0 {
         coord.audit.checkpoint().context("signing the final audit checkpoint")?;
     }
-    coord.store.db().flush().context("flushing the state")?;
     info!("coordinator stopped");
     result
 }

@@ -45,6 +45,9 @@ enum Command {
         /// HOST:PORT that sites and operators will dial; HOST goes into the server certificate.
         #[arg(long)]
         address: String,
+        /// The state database's engine (sled, the default; or redb). Fixed at init.
+        #[arg(long, value_enum, default_value = "sled")]
+        store: maeum_coordinator::storage::Engine,
         /// Print one JSON object.
         #[arg(long)]
         json: bool,
@@ -278,8 +281,8 @@ fn print_json(v: &impl serde::Serialize) -> Result<()> {
 
 async fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Init { home, name, address, json } => {
-            let r = home::init(&home.home, &name, &address)?;
+        Command::Init { home, name, address, store, json } => {
+            let r = home::init(&home.home, &name, &address, store)?;
             if json {
                 return print_json(&r);
             }

@@ -3,8 +3,8 @@
 //!
 //! A completed job releases its final model: the coordinator writes the model card
 //! ([`ModelCard`]), signs the manifest with the consortium's Ed25519 key, appends a
-//! `model_release` entry to the audit log, and stores the release here (sled trees
-//! `releases` and `promotions`, in the coordinator's state database; the blob stays
+//! `model_release` entry to the audit log, and stores the release here (trees
+//! `releases` and `promotions` of the coordinator's state database, [`crate::storage`]; the blob stays
 //! in `HOME/blobs`). Nothing is current until an operator promotes a release; the
 //! heartbeat tells every site which release is current, and sites install it after
 //! verifying it (`docs/protocols/releases.md`). Promotions and rollbacks form a stack:
@@ -25,6 +25,7 @@ use maeum_tlog::{Event, unhex};
 
 use crate::home::{hex, now_ms};
 use crate::server::Coord;
+use crate::storage::{Db, Tree, Write};
 use crate::store::{JobRecord, VersionRecord};
 
 /// What a site last reported for a release.
@@ -140,11 +141,10 @@ impl std::fmt::Display for GatesFailed {
 
 impl std::error::Error for GatesFailed {}
 
-/// The registry's sled trees.
+/// The registry's trees in the state database.
 #[derive(Debug)]
 pub struct Registry {
-    releases: sled::Tree,
-    promotions: sled::Tree,
+    db: Db,
     /// Serialises read-modify-write (release creation, promotions, install reports).
     write: std::sync::Mutex<()>,
 }
@@ -154,43 +154,32 @@ fn decode<T: for<'de> Deserialize<'de>>(what: &str, bytes: &[u8]) -> Result<T> {
 }
 
 impl Registry {
-    pub fn open(db: &sled::Db) -> Result<Registry> {
-        Ok(Registry {
-            releases: db.open_tree("releases").context("opening the releases tree")?,
-            promotions: db.open_tree("promotions").context("opening the promotions tree")?,
-            write: std::sync::Mutex::new(()),
-        })
+    pub fn open(db: &Db) -> Result<Registry> {
+        Ok(Registry { db: db.clone(), write: std::sync::Mutex::new(()) })
     }
 
     fn guard(&self) -> std::sync::MutexGuard<'_, ()> {
         self.write.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    fn flush(&self) -> Result<()> {
-        self.releases.flush().context("flushing the registry")?;
-        self.promotions.flush().context("flushing the registry")?;
-        Ok(())
-    }
-
     /// Every release, oldest first.
     pub fn releases(&self) -> Result<Vec<ReleaseRecord>> {
-        self.releases.iter().values().map(|v| decode("release", &v.context("reading the registry")?)).collect()
+        self.db.values(Tree::Releases)?.iter().map(|v| decode("release", v)).collect()
     }
 
     pub fn get(&self, version: u32) -> Result<Option<ReleaseRecord>> {
-        self.releases
-            .get(version.to_be_bytes())
+        self.db
+            .get(Tree::Releases, &version.to_be_bytes())
             .context("reading the registry")?
             .map(|v| decode("release", &v))
             .transpose()
     }
 
+    /// Writes a release, durably.
     fn put(&self, r: &ReleaseRecord) -> Result<()> {
         // INVARIANT: plain data always serialises.
-        self.releases
-            .insert(r.version.to_be_bytes(), serde_json::to_vec(r).expect("a release serialises"))
-            .context("writing the registry")?;
-        Ok(())
+        let bytes = serde_json::to_vec(r).expect("a release serialises");
+        self.db.commit(vec![Write::put(Tree::Releases, r.version.to_be_bytes(), bytes)]).context("writing the registry")
     }
 
     /// A release by `3`, `v3`, or a unique prefix (at least 8 hex digits) of its model
@@ -212,7 +201,7 @@ impl Registry {
     }
 
     pub fn promotions(&self) -> Result<Vec<PromotionRecord>> {
-        self.promotions.iter().values().map(|v| decode("promotion", &v.context("reading the registry")?)).collect()
+        self.db.values(Tree::Promotions)?.iter().map(|v| decode("promotion", v)).collect()
     }
 
     /// The stack of current releases (promote pushes, rollback pops); the last is
@@ -233,7 +222,7 @@ impl Registry {
     /// The current release and the promotion that made it current.
     pub fn current(&self) -> Result<Option<(ReleaseRecord, u64)>> {
         let Some(version) = self.stack()?.last().copied() else { return Ok(None) };
-        let id = self.promotions.last().context("reading the registry")?.map_or(0, |(k, _)| key_u64(&k));
+        let id = self.db.last(Tree::Promotions).context("reading the registry")?.map_or(0, |(k, _)| key_u64(&k));
         Ok(self.get(version)?.map(|r| (r, id)))
     }
 
@@ -244,7 +233,7 @@ impl Registry {
         operator: &str,
         gate_overrides: Vec<GateOverride>,
     ) -> Result<PromotionRecord> {
-        let id = self.promotions.last().context("reading the registry")?.map_or(0, |(k, _)| key_u64(&k)) + 1;
+        let id = self.db.last(Tree::Promotions).context("reading the registry")?.map_or(0, |(k, _)| key_u64(&k)) + 1;
         let p = PromotionRecord {
             id,
             version,
@@ -254,10 +243,8 @@ impl Registry {
             gate_overrides,
         };
         // INVARIANT: plain data always serialises.
-        self.promotions
-            .insert(id.to_be_bytes(), serde_json::to_vec(&p).expect("a promotion serialises"))
-            .context("writing the registry")?;
-        self.flush()?;
+        let bytes = serde_json::to_vec(&p).expect("a promotion serialises");
+        self.db.commit(vec![Write::put(Tree::Promotions, id.to_be_bytes(), bytes)]).context("writing the registry")?;
         Ok(p)
     }
 
@@ -268,7 +255,6 @@ impl Registry {
         let changed = r.installs.get(site) != Some(&install);
         r.installs.insert(site.into(), install);
         self.put(&r)?;
-        self.flush()?;
         Ok(changed)
     }
 }
@@ -449,7 +435,6 @@ pub fn release(c: &Coord, job: &JobRecord, round: u32) -> Result<ReleaseRecord> 
         card_sha256,
     })?;
     reg.put(&release)?;
-    reg.flush()?;
     Ok(release)
 }
 
@@ -559,7 +544,7 @@ mod tests {
 
     fn registry() -> (tempfile::TempDir, Registry) {
         let dir = tempfile::tempdir().expect("tempdir");
-        let db = sled::open(dir.path()).expect("sled");
+        let db = Db::open(&dir.path().join("state"), crate::storage::Engine::Sled).expect("db");
         let reg = Registry::open(&db).expect("registry");
         (dir, reg)
     }

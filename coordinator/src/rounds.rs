@@ -1,5 +1,5 @@
 //! Round orchestration: drives one job at a time through join → rounds → final
-//! evaluation, committing each round to sled before the next starts.
+//! evaluation, committing each round to the state database before the next starts.
 //!
 //! Crash safety: everything a round needs to resume is committed at the end of the
 //! previous round (model blob and server-optimiser state fsynced, then the job record
@@ -566,7 +566,7 @@ fn commit_round_blocking(
     for s in &state.done {
         if let Some(mut rec) = c.store.site(s)? {
             rec.rounds_contributed += 1;
-            c.store.put_site(&rec, false)?;
+            c.store.put_site(&rec)?;
         }
     }
     c.record(Event::RoundCommitted {

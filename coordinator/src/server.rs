@@ -127,7 +127,7 @@ fn internal(e: anyhow::Error) -> Status {
 
 impl Coord {
     pub fn open(home: Home, settings: Settings) -> anyhow::Result<Arc<Self>> {
-        let store = Store::open(&home.state())?;
+        let store = Store::open(&home.state(), crate::storage::Engine::Sled)?;
         let blobs = Blobs::open(&home.blobs())?;
         std::fs::create_dir_all(home.uploads())?;
         let revoked = store.sites()?.into_iter().filter(|s| s.revoked).map(|s| s.id);
@@ -383,7 +383,7 @@ impl Coord {
             }
             rec.cert_fingerprint = peer.fingerprint.clone();
             rec.cert_not_after_ms = peer.not_after * 1000;
-            self.store.put_site(&rec, first).map_err(internal)?;
+            self.store.put_site(&rec).map_err(internal)?;
             if first {
                 self.sync_approvals().map_err(internal)?;
                 info!(site = %id, remote = %peer.remote, "site connected");

@@ -1,13 +1,14 @@
-//! The coordinator's durable state in sled: sites, jobs with their round history, and
-//! counters. One small interface so every commit point is explicit: each `put_*` is
-//! followed by `flush()` before the caller acts on it (sled otherwise persists in the
-//! background, and the kill -9 tests rely on these commit points).
+//! The coordinator's durable records: sites, jobs with their round history, and
+//! counters, as JSON in the [`crate::storage`] database. Every `put_*` is one durable,
+//! sealed commit before it returns (the kill -9 tests rely on these commit points).
 
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, anyhow};
 use serde::{Deserialize, Serialize};
+
+use crate::storage::{Db, Engine, Tree, Write};
 
 use maeum_models::metrics::CrisisHistogram;
 use maeum_protocols::job::JobSpec;
@@ -136,80 +137,71 @@ impl JobRecord {
 
 #[derive(Debug, Clone)]
 pub struct Store {
-    /// Serialises read-modify-write of job records (orchestrator vs. RPC handlers).
+    /// Serialises read-modify-write of job records and counters (orchestrator vs. RPC
+    /// handlers).
     write: std::sync::Arc<std::sync::Mutex<()>>,
-    db: sled::Db,
-    sites: sled::Tree,
-    jobs: sled::Tree,
-    meta: sled::Tree,
+    db: Db,
 }
 
-fn decode<T: for<'de> Deserialize<'de>>(what: &str, bytes: &[u8]) -> Result<T> {
-    serde_json::from_slice(bytes).with_context(|| format!("decoding stored {what}"))
+fn decode<T: for<'de> Deserialize<'de>>(what: &str, key: &str, bytes: &[u8]) -> Result<T> {
+    serde_json::from_slice(bytes).with_context(|| format!("decoding stored {what} {key}"))
+}
+
+fn encode<T: Serialize>(v: &T) -> Vec<u8> {
+    // INVARIANT: plain data always serialises.
+    serde_json::to_vec(v).expect("a record serialises")
 }
 
 impl Store {
-    /// The database, for the audit log's own trees.
-    pub fn db(&self) -> &sled::Db {
+    /// The state database, for the audit log and the registry (each commit through it is
+    /// atomic, durable and sealed; there is no raw engine handle).
+    pub fn db(&self) -> &Db {
         &self.db
     }
 
-    pub fn open(dir: &Path) -> Result<Self> {
-        let db = sled::open(dir).with_context(|| {
-            format!("opening the state database {} (is another coordinator running on this home?)", dir.display())
-        })?;
-        Ok(Self {
-            write: Default::default(),
-            sites: db.open_tree("sites")?,
-            jobs: db.open_tree("jobs")?,
-            meta: db.open_tree("meta")?,
-            db,
-        })
+    /// Opens the state in `dir` (a new one with `engine`), checked: see [`Db::open`].
+    pub fn open(dir: &Path, engine: Engine) -> Result<Self> {
+        Ok(Self { write: Default::default(), db: Db::open(dir, engine)? })
     }
 
-    fn flush(&self) -> Result<()> {
-        self.db.flush().context("flushing the state database")?;
-        Ok(())
+    fn guard(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.write.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     pub fn site(&self, id: &str) -> Result<Option<SiteRecord>> {
-        self.sites.get(id)?.map(|v| decode("site", &v)).transpose()
+        self.db.get(Tree::Sites, id.as_bytes())?.map(|v| decode("site", id, &v)).transpose()
     }
 
     pub fn sites(&self) -> Result<Vec<SiteRecord>> {
-        self.sites.iter().values().map(|v| decode("site", &v?)).collect()
+        self.db.values(Tree::Sites)?.iter().map(|v| decode("site", "record", v)).collect()
     }
 
-    /// Writes a site record; `durable` flushes (revocations, contributions).
-    pub fn put_site(&self, s: &SiteRecord, durable: bool) -> Result<()> {
-        self.sites.insert(s.id.as_bytes(), serde_json::to_vec(s)?)?;
-        if durable {
-            self.flush()?;
-        }
-        Ok(())
+    /// Writes a site record, durably.
+    pub fn put_site(&self, s: &SiteRecord) -> Result<()> {
+        self.db.commit(vec![Write::put(Tree::Sites, &s.id, encode(s))])
     }
 
     pub fn job(&self, id: &str) -> Result<Option<JobRecord>> {
-        self.jobs.get(id)?.map(|v| decode("job", &v)).transpose()
+        self.db.get(Tree::Jobs, id.as_bytes())?.map(|v| decode("job", id, &v)).transpose()
     }
 
     pub fn jobs(&self) -> Result<Vec<JobRecord>> {
-        let mut jobs: Vec<JobRecord> = self.jobs.iter().values().map(|v| decode("job", &v?)).collect::<Result<_>>()?;
+        let mut jobs: Vec<JobRecord> =
+            self.db.values(Tree::Jobs)?.iter().map(|v| decode("job", "record", v)).collect::<Result<_>>()?;
         jobs.sort_by_key(|j| (j.submitted_ms, j.id.clone()));
         Ok(jobs)
     }
 
     /// Commits a job record durably.
     pub fn put_job(&self, j: &JobRecord) -> Result<()> {
-        self.jobs.insert(j.id.as_bytes(), serde_json::to_vec(j)?)?;
-        self.flush()
+        self.db.commit(vec![Write::put(Tree::Jobs, &j.id, encode(j))])
     }
 
     /// Reads, modifies and durably writes one job record, atomically with respect to
     /// every other `update_job` (so an abort or a site's decision is never overwritten
     /// by a stale copy). `f` may refuse the change by returning an error.
     pub fn update_job<T>(&self, id: &str, f: impl FnOnce(&mut JobRecord) -> Result<T>) -> Result<(JobRecord, T)> {
-        let _guard = self.write.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let _guard = self.guard();
         let mut job = self.job(id)?.with_context(|| format!("no job {id}"))?;
         let out = f(&mut job)?;
         self.put_job(&job)?;
@@ -218,12 +210,20 @@ impl Store {
 
     /// Next value of a named durable counter (job numbers).
     pub fn next(&self, counter: &str) -> Result<u64> {
-        let v = self.meta.update_and_fetch(counter, |old| {
-            let n = old.and_then(|b| <[u8; 8]>::try_from(b).ok()).map_or(0, u64::from_be_bytes);
-            Some((n + 1).to_be_bytes().to_vec())
-        })?;
-        self.flush()?;
-        Ok(v.and_then(|b| <[u8; 8]>::try_from(b.as_ref()).ok()).map_or(1, u64::from_be_bytes))
+        let _guard = self.guard();
+        // The key is the counter's bare name, as before the storage interface (so a
+        // migrated home keeps its job numbers); `format` and `commit` are the store's.
+        anyhow::ensure!(!matches!(counter, "format" | "commit"), "{counter:?} is not a counter name");
+        let key = counter.to_owned();
+        let old = self.db.get(Tree::Meta, key.as_bytes())?;
+        let n = match old {
+            None => 0,
+            Some(b) => u64::from_be_bytes(
+                <[u8; 8]>::try_from(b.as_slice()).map_err(|_| anyhow!("the counter {counter} is not 8 bytes"))?,
+            ),
+        } + 1;
+        self.db.commit(vec![Write::put(Tree::Meta, key, n.to_be_bytes().to_vec())])?;
+        Ok(n)
     }
 }
 
@@ -254,13 +254,13 @@ mod tests {
     fn records_survive_reopening() {
         let dir = tempfile::tempdir().expect("tempdir");
         {
-            let s = Store::open(dir.path()).expect("open");
+            let s = Store::open(&dir.path().join("state"), Engine::Sled).expect("open");
             s.put_job(&job("t-1")).expect("put");
-            s.put_site(&SiteRecord { id: "a".into(), revoked: true, ..Default::default() }, true).expect("site");
+            s.put_site(&SiteRecord { id: "a".into(), revoked: true, ..Default::default() }).expect("site");
             assert_eq!(s.next("job").expect("next"), 1);
             assert_eq!(s.next("job").expect("next"), 2);
         }
-        let s = Store::open(dir.path()).expect("reopen");
+        let s = Store::open(&dir.path().join("state"), Engine::Sled).expect("reopen");
         assert_eq!(s.job("t-1").expect("job").map(|j| j.state), Some(JobState::Pending));
         assert!(s.site("a").expect("site").is_some_and(|r| r.revoked));
         assert_eq!(s.next("job").expect("next"), 3, "counters never repeat");
@@ -269,7 +269,7 @@ mod tests {
     #[test]
     fn update_job_never_loses_a_concurrent_change() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let s = Store::open(dir.path()).expect("open");
+        let s = Store::open(&dir.path().join("state"), Engine::Sled).expect("open");
         s.put_job(&job("t-1")).expect("put");
         let threads: Vec<_> = (0..8)
             .map(|_| {
@@ -292,7 +292,7 @@ mod tests {
     #[test]
     fn a_refused_update_writes_nothing() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let s = Store::open(dir.path()).expect("open");
+        let s = Store::open(&dir.path().join("state"), Engine::Sled).expect("open");
         s.put_job(&job("t-1")).expect("put");
         let r: Result<(JobRecord, ())> = s.update_job("t-1", |j| {
             j.state = JobState::Aborted;

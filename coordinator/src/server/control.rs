@@ -411,7 +411,7 @@ impl pb::control_server::Control for Control {
         let mut rec = known.unwrap_or_else(|| SiteRecord { id: id.clone(), ..Default::default() });
         rec.revoked = true;
         rec.revoked_ms = now_ms();
-        c.store.put_site(&rec, true).map_err(internal)?;
+        c.store.put_site(&rec).map_err(internal)?;
         c.revocations.revoke(&id);
         lock(&c.live).remove(&id);
         c.record(Event::SiteRevoked { site: id.clone(), reason: format!("revoked by operator/{operator}") })
