@@ -41,6 +41,8 @@ pub struct CoordMetrics {
     pub release_refusals: Counter,
     /// Requests sites refused under their privacy policy, by rule.
     pub site_refusals: LabelledCounter,
+    /// 1 while the state database cannot write for lack of space (the job is paused).
+    pub disk_full: Gauge,
 }
 
 impl Default for CoordMetrics {
@@ -64,6 +66,7 @@ impl CoordMetrics {
             audit_entries: ops.gauge("audit_entries", "Entries in the audit log"),
             releases: ops.counter("releases", "Model releases signed and logged"),
             release_refusals: ops.counter("release_refusals", "Release installs refused by sites"),
+            disk_full: ops.gauge("disk_full", "1 while the state database cannot write for lack of space"),
             site_refusals: ops.counter_vec(
                 "site_refusals",
                 "Requests sites refused under their privacy policy",

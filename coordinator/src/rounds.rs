@@ -37,6 +37,8 @@ const TICK: Duration = Duration::from_millis(250);
 
 /// Runs forever: picks the oldest active job and drives it.
 pub async fn orchestrate(c: Arc<Coord>) {
+    // Consecutive pauses for a full disk: the wait before trying again doubles.
+    let mut paused = 0u32;
     loop {
         let next = match c.store.jobs() {
             Ok(jobs) => jobs.into_iter().find(|j| j.state.is_active()),
@@ -57,6 +59,27 @@ pub async fn orchestrate(c: Arc<Coord>) {
         let span = info_span!("job", id = %id);
         let result = drive(&c, &id).instrument(span).await;
         *lock(&c.round) = None;
+        if let Err(e) = &result
+            && crate::storage::is_disk_full(e)
+        {
+            // Nothing is lost: the job resumes from its last commit once writes work
+            // again. It stays the current job, shown as paused.
+            paused += 1;
+            let pause = Duration::from_secs((1u64 << paused.min(6)).min(60));
+            let why = format!("{e:#}");
+            if paused == 1 {
+                tracing::error!(job = %id, error = %why, "the disk is full: the job is paused until space returns");
+            } else {
+                warn!(job = %id, retry_in_s = pause.as_secs(), "the disk is still full; the job stays paused");
+            }
+            set_activity(&c, format!("paused: the disk is full ({why}); trying again in {} s", pause.as_secs()));
+            tokio::time::sleep(pause).await;
+            continue;
+        }
+        if paused > 0 {
+            info!(job = %id, "the job resumed after the disk filled up");
+            paused = 0;
+        }
         *lock(&c.current_job) = None;
         if let Err(e) = result {
             warn!(job = %id, error = %format!("{e:#}"), "job failed");
@@ -82,6 +105,7 @@ pub async fn orchestrate(c: Arc<Coord>) {
 }
 
 fn set_activity(c: &Coord, text: String) {
+    c.metrics.disk_full.set(i64::from(c.store.db().disk_full()));
     let mut a = lock(&c.activity);
     if *a != text {
         *a = text;
@@ -218,6 +242,8 @@ async fn run_round(c: &Coord, id: &str, round: u32, spec: &ModelSpec) -> Result<
     // Fault injection (`difference`): the site left out after an unmasked sum was
     // thrown away.
     let mut differenced: Option<String> = None;
+    // Failed attempts of this round in a row: the pause before the next one doubles.
+    let mut failures = 0u32;
     loop {
         let (job, attempt, base, secure) = if let Some(attempt) = resumed_attempt(c, id, round, false) {
             // Restarted after sites revealed this attempt's shares: finish it.
@@ -228,8 +254,24 @@ async fn run_round(c: &Coord, id: &str, round: u32, spec: &ModelSpec) -> Result<
             let Some(job) = reload_active(c, id)? else { return Ok(None) };
             let min = job.spec.min_sites as usize;
             let online = c.online_sites();
-            let eligible: Vec<&String> =
-                job.accepted().filter(|s| !c.revocations.is_revoked(s) && !job.excluded.contains_key(*s)).collect();
+            let now = now_ms();
+            let benched: Vec<String> = job
+                .accepted()
+                .filter_map(|s| {
+                    let b = job.benched(s, now)?;
+                    Some(format!(
+                        "{s} for {} s more ({} failed attempts)",
+                        (b.benched_until_ms - now + 999) / 1000,
+                        b.count
+                    ))
+                })
+                .collect();
+            let eligible: Vec<&String> = job
+                .accepted()
+                .filter(|s| {
+                    !c.revocations.is_revoked(s) && !job.excluded.contains_key(*s) && job.benched(s, now).is_none()
+                })
+                .collect();
             let mut selected: BTreeSet<String> = eligible
                 .iter()
                 .filter(|s| online.contains(**s) && differenced.as_deref() != Some(s.as_str()))
@@ -239,7 +281,12 @@ async fn run_round(c: &Coord, id: &str, round: u32, spec: &ModelSpec) -> Result<
             // rather than starting the round without them.
             let settling = c.started.elapsed() < c.settings.heartbeat_timeout && selected.len() < eligible.len();
             if selected.len() < min || settling {
-                set_activity(c, format!("round {round}: waiting for sites ({} of {min} online)", selected.len()));
+                let sitting_out =
+                    if benched.is_empty() { String::new() } else { format!("; sitting out: {}", benched.join(", ")) };
+                set_activity(
+                    c,
+                    format!("round {round}: waiting for sites ({} of {min} online{sitting_out})", selected.len()),
+                );
                 tokio::time::sleep(TICK).await;
                 continue;
             }
@@ -315,7 +362,9 @@ async fn run_round(c: &Coord, id: &str, round: u32, spec: &ModelSpec) -> Result<
             match drive_secagg(c, id, round).await? {
                 SecAggEnd::Aborted => false,
                 SecAggEnd::Failed(why) => {
-                    *lock(&c.round) = None;
+                    if let Some(ended) = lock(&c.round).take() {
+                        account_attempt(c, id, &ended)?;
+                    }
                     crate::resume::clear(&c.home);
                     c.record(Event::RoundFailed { job_id: id.to_string(), round, attempt, reason: why.clone() })?;
                     c.metrics.rounds.inc("failed");
@@ -337,9 +386,9 @@ async fn run_round(c: &Coord, id: &str, round: u32, spec: &ModelSpec) -> Result<
                         return Ok(Some(committed));
                     }
                     warn!(round, attempt, reason = %why, "secure aggregation failed; retrying the round with a new session");
-                    set_activity(c, format!("round {round}: attempt {attempt} failed ({why}); retrying"));
-                    c.notify();
-                    tokio::time::sleep(TICK).await;
+                    failures += 1;
+                    pause_before_retry(c, id, format!("round {round}: attempt {attempt} failed ({why})"), failures)
+                        .await?;
                     continue;
                 }
                 SecAggEnd::Done => {
@@ -373,6 +422,7 @@ async fn run_round(c: &Coord, id: &str, round: u32, spec: &ModelSpec) -> Result<
         let Some(state) = lock(&c.round).take() else { return Ok(None) };
         c.metrics.stage("train", train_started.elapsed());
         clear_uploads(c);
+        account_attempt(c, id, &state)?;
         if state.done.len() < min {
             crate::resume::clear(&c.home);
             c.metrics.rounds.inc("failed");
@@ -383,7 +433,9 @@ async fn run_round(c: &Coord, id: &str, round: u32, spec: &ModelSpec) -> Result<
                 reason: format!("only {} updates, min_sites is {min}", state.done.len()),
             })?;
             warn!(round, attempt, updates = state.done.len(), min, "too few updates; retrying the round");
-            set_activity(c, format!("round {round}: only {} updates (< {min}); retrying", state.done.len()));
+            failures += 1;
+            let what = format!("round {round}: only {} updates (< {min})", state.done.len());
+            pause_before_retry(c, id, what, failures).await?;
             continue;
         }
         let commit_started = std::time::Instant::now();
@@ -420,7 +472,7 @@ async fn wait_stage(c: &Coord, id: &str, round: u32, deadline_ms: i64) -> Result
             for s in r.waiting() {
                 if !c.is_online(&s) || c.revocations.is_revoked(&s) {
                     warn!(round, site = %s, "site went offline; dropped from the round");
-                    r.drop_site(&s);
+                    r.drop_for(&s, "went offline");
                 }
             }
             let finished = if r.stage == Stage::Train { r.done.len() } else { r.evaluated.len() };
@@ -436,7 +488,7 @@ async fn wait_stage(c: &Coord, id: &str, round: u32, deadline_ms: i64) -> Result
             if let Some(r) = guard.as_mut() {
                 for s in r.waiting() {
                     warn!(round, site = %s, "straggler missed the deadline; excluded from the round");
-                    r.drop_site(&s);
+                    r.drop_for(&s, "missed the deadline");
                 }
             }
             return Ok(true);
@@ -444,6 +496,41 @@ async fn wait_stage(c: &Coord, id: &str, round: u32, deadline_ms: i64) -> Result
         let mut rx = c.changed.subscribe();
         let _ = tokio::time::timeout(TICK, rx.changed()).await;
     }
+}
+
+/// Books an ended training attempt in the job's strikes, and says who now sits out.
+fn account_attempt(c: &Coord, id: &str, state: &RoundState) -> Result<()> {
+    if state.selected.is_empty() {
+        return Ok(());
+    }
+    let now = now_ms();
+    let (_, benched) =
+        c.store.update_job(id, |j| Ok(j.account_attempt(&state.selected, &state.done, &state.why_dropped, now)))?;
+    for (site, s) in benched {
+        warn!(
+            site = %site,
+            failed_attempts = s.count,
+            sits_out_s = (s.benched_until_ms - now) / 1000,
+            last = %s.last,
+            "site keeps failing; it sits out the next attempts"
+        );
+    }
+    Ok(())
+}
+
+/// Waits before the next attempt after `failures` failed ones in a row: 1 s, doubling,
+/// at most 30 s (an abort ends the wait).
+async fn pause_before_retry(c: &Coord, id: &str, what: String, failures: u32) -> Result<()> {
+    let pause = Duration::from_secs(1u64 << failures.saturating_sub(1).min(5)).min(Duration::from_secs(30));
+    set_activity(c, format!("{what}; retrying in {} s", pause.as_secs()));
+    let until = tokio::time::Instant::now() + pause;
+    while tokio::time::Instant::now() < until {
+        if reload_active(c, id)?.is_none() {
+            return Ok(());
+        }
+        tokio::time::sleep(TICK.min(until - tokio::time::Instant::now())).await;
+    }
+    Ok(())
 }
 
 /// Durably numbers a new attempt (of a round or of the final evaluation).

@@ -349,6 +349,21 @@ impl Coord {
         Ok((id, peer))
     }
 
+    /// `id` came back as a new agent process: whatever it held of a secure-aggregation
+    /// session in flight (its keys, its place in the stages) is gone, so the session
+    /// stops waiting for it now rather than at the stage's deadline.
+    fn site_restarted(&self, id: &str) {
+        info!(site = %id, "site restarted (a new agent instance)");
+        let dropped = {
+            let mut guard = lock(&self.round);
+            guard.as_mut().is_some_and(|r| r.secagg.is_some() && r.drop_for(id, "restarted mid-session"))
+        };
+        if dropped {
+            warn!(site = %id, "site restarted mid-session; dropped from the round");
+            self.notify();
+        }
+    }
+
     /// The calling site, after revocation checks; records that it was seen.
     fn site<T>(&self, req: &Request<T>, status: Option<&pb::SiteStatus>) -> Result<String, Status> {
         let (id, peer) = self.identify(req)?;
@@ -360,6 +375,9 @@ impl Coord {
             persisted: now,
             status: Default::default(),
         });
+        let restarted = status.is_some_and(|s| {
+            !first && !s.instance.is_empty() && !entry.status.instance.is_empty() && s.instance != entry.status.instance
+        });
         let persist = first || entry.persisted.elapsed() > Duration::from_secs(5);
         entry.last_seen = now;
         if persist {
@@ -369,21 +387,16 @@ impl Coord {
             entry.status = s.clone();
         }
         drop(live);
+        if restarted {
+            self.site_restarted(&id);
+        }
         if persist {
-            let mut rec = self.store.site(&id).map_err(internal)?.unwrap_or_else(|| SiteRecord {
-                id: id.clone(),
-                first_seen_ms: now_ms(),
-                ..Default::default()
-            });
-            rec.last_seen_ms = now_ms();
-            if rec.cert_fingerprint != peer.fingerprint || first {
-                // Kept for the audit export: its cosignatures are checked against it.
-                let pem = maeum_tlog::checkpoint::canonical_pem(&peer.certificate);
-                self.audit.remember_certificate(&id, &pem).map_err(internal)?;
+            // Kept for `sites list` and the audit export; a failed write (a full disk) is
+            // logged and the call goes on: a site must not drop offline because the
+            // coordinator cannot write.
+            if let Err(e) = self.persist_site(&id, &peer, first) {
+                warn!(site = %id, error = %format!("{e:#}"), "could not record that the site was seen");
             }
-            rec.cert_fingerprint = peer.fingerprint.clone();
-            rec.cert_not_after_ms = peer.not_after * 1000;
-            self.store.put_site(&rec).map_err(internal)?;
             if first {
                 self.sync_approvals().map_err(internal)?;
                 info!(site = %id, remote = %peer.remote, "site connected");
@@ -391,6 +404,23 @@ impl Coord {
             }
         }
         Ok(id)
+    }
+
+    fn persist_site(&self, id: &str, peer: &PeerInfo, first: bool) -> anyhow::Result<()> {
+        let mut rec = self.store.site(id)?.unwrap_or_else(|| SiteRecord {
+            id: id.to_string(),
+            first_seen_ms: now_ms(),
+            ..Default::default()
+        });
+        rec.last_seen_ms = now_ms();
+        if rec.cert_fingerprint != peer.fingerprint || first {
+            // Kept for the audit export: its cosignatures are checked against it.
+            let pem = maeum_tlog::checkpoint::canonical_pem(&peer.certificate);
+            self.audit.remember_certificate(id, &pem)?;
+        }
+        rec.cert_fingerprint = peer.fingerprint.clone();
+        rec.cert_not_after_ms = peer.not_after * 1000;
+        self.store.put_site(&rec)
     }
 
     fn operator<T>(&self, req: &Request<T>) -> Result<String, Status> {

@@ -2,7 +2,7 @@
 //! counters, as JSON in the [`crate::storage`] database. Every `put_*` is one durable,
 //! sealed commit before it returns (the kill -9 tests rely on these commit points).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
 use anyhow::{Context, Result, anyhow};
@@ -121,9 +121,55 @@ pub struct JobRecord {
     /// malformed or half-sent input), so one misbehaving site cannot stall the job.
     #[serde(default)]
     pub excluded: BTreeMap<String, String>,
+    /// Sites that failed to deliver in consecutive attempts (a site that reported a
+    /// failure, restarted mid-session, went offline or missed a deadline). From
+    /// [`STRIKES_TO_BENCH`] in a row a site sits out for a while that doubles with each
+    /// further failure, so one sick site neither stalls the job nor is retried every
+    /// second; a delivered update clears its count.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub strikes: BTreeMap<String, Strikes>,
+}
+
+/// Consecutive failed attempts of one site in one job.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Strikes {
+    pub count: u32,
+    /// Unix ms until which the site is left out of new attempts (0: not benched).
+    pub benched_until_ms: i64,
+    /// Why it failed last time, in words.
+    pub last: String,
+}
+
+/// Consecutive failed attempts after which a site sits out.
+pub const STRIKES_TO_BENCH: u32 = 3;
+/// How long a site sits out after `count` consecutive failures: 30 s at the third,
+/// doubling, at most 10 minutes.
+pub fn bench_ms(count: u32) -> i64 {
+    let doublings = count.saturating_sub(STRIKES_TO_BENCH).min(5);
+    (30_000i64 << doublings).min(600_000)
 }
 
 impl JobRecord {
+    /// A job as submitted: pending, with no model, decision or attempt yet.
+    pub fn submitted(id: String, spec: JobSpec, toml: String, submitted_ms: i64) -> JobRecord {
+        JobRecord {
+            id,
+            spec_sha256: maeum_protocols::job::sha256_hex(toml.as_bytes()),
+            spec,
+            toml,
+            state: JobState::Pending,
+            submitted_ms,
+            initial: None,
+            initial_evaluation: None,
+            decisions: BTreeMap::new(),
+            history: Vec::new(),
+            attempts_started: 0,
+            error: String::new(),
+            excluded: BTreeMap::new(),
+            strikes: BTreeMap::new(),
+        }
+    }
+
     pub fn completed_rounds(&self) -> u32 {
         self.history.len() as u32
     }
@@ -132,6 +178,41 @@ impl JobRecord {
     }
     pub fn accepted(&self) -> impl Iterator<Item = &String> {
         self.decisions.iter().filter(|(_, d)| d.accept).map(|(s, _)| s)
+    }
+
+    /// Whether `site` sits out new attempts at `now_ms`, and why.
+    pub fn benched(&self, site: &str, now_ms: i64) -> Option<&Strikes> {
+        self.strikes.get(site).filter(|s| s.benched_until_ms > now_ms)
+    }
+
+    /// Books an ended attempt: every selected site that delivered (`done`) is cleared;
+    /// every site dropped from it for a reason of its own (`why`: a failure it reported,
+    /// a restart, going offline, a missed deadline, a refusal) gets a strike. A site that
+    /// neither delivered nor left (the attempt ended for the others' reasons first)
+    /// keeps its count. Returns the sites benched by this attempt, with their strikes.
+    pub fn account_attempt(
+        &mut self,
+        selected: &BTreeSet<String>,
+        done: &BTreeSet<String>,
+        why: &BTreeMap<String, String>,
+        now_ms: i64,
+    ) -> Vec<(String, Strikes)> {
+        let mut benched = Vec::new();
+        for site in selected {
+            if done.contains(site) {
+                self.strikes.remove(site);
+                continue;
+            }
+            let Some(reason) = why.get(site) else { continue };
+            let s = self.strikes.entry(site.clone()).or_default();
+            s.count += 1;
+            s.last = reason.clone();
+            if s.count >= STRIKES_TO_BENCH {
+                s.benched_until_ms = now_ms + bench_ms(s.count);
+                benched.push((site.clone(), s.clone()));
+            }
+        }
+        benched
     }
 }
 
@@ -233,21 +314,34 @@ mod tests {
 
     fn job(id: &str) -> JobRecord {
         let toml = "name = \"t\"\nlabels = [\"a\", \"b\"]\nrounds = 2\n";
-        JobRecord {
-            id: id.into(),
-            spec: JobSpec::from_toml("t.toml", toml).expect("spec"),
-            toml: toml.into(),
-            spec_sha256: String::new(),
-            state: JobState::Pending,
-            submitted_ms: 1,
-            initial: None,
-            initial_evaluation: None,
-            decisions: BTreeMap::new(),
-            history: Vec::new(),
-            attempts_started: 0,
-            error: String::new(),
-            excluded: BTreeMap::new(),
+        JobRecord::submitted(id.into(), JobSpec::from_toml("t.toml", toml).expect("spec"), toml.into(), 1)
+    }
+
+    #[test]
+    fn a_site_that_keeps_failing_sits_out_longer_each_time_and_delivering_clears_it() {
+        let mut j = job("t-1");
+        let set = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<BTreeSet<String>>();
+        let mut why: BTreeMap<String, String> = [("c".to_string(), "local_failure: disk full".to_string())].into();
+        let all = set(&["a", "b", "c"]);
+        for n in 1..STRIKES_TO_BENCH {
+            assert!(j.account_attempt(&all, &set(&["a", "b"]), &why, 1_000).is_empty(), "attempt {n}");
+            assert!(j.benched("c", 1_000).is_none());
         }
+        // b neither delivers nor leaves (the attempt ended for c's reasons first): no
+        // strike for b; c's third in a row benches it.
+        let benched = j.account_attempt(&all, &set(&["a"]), &why, 1_000);
+        let names: Vec<&str> = benched.iter().map(|(s, _)| s.as_str()).collect();
+        assert_eq!(names, ["c"]);
+        assert!(!j.strikes.contains_key("b"), "b left for no reason of its own");
+        assert_eq!(j.benched("c", 1_000).map(|s| (s.count, s.last.as_str())), Some((3, "local_failure: disk full")));
+        assert!(j.benched("c", 1_000 + 30_000).is_none(), "30 s at the third");
+        why.insert("b".into(), "went offline".into());
+        j.account_attempt(&all, &set(&["a"]), &why, 50_000);
+        assert_eq!(j.strikes["c"].benched_until_ms, 50_000 + 60_000, "then doubling");
+        assert_eq!((j.strikes["b"].count, j.strikes["b"].last.as_str()), (1, "went offline"));
+        assert_eq!(bench_ms(40), 600_000, "at most ten minutes");
+        j.account_attempt(&set(&["b", "c"]), &set(&["b", "c"]), &why, 60_000);
+        assert!(j.strikes.is_empty(), "a delivered update clears the count");
     }
 
     #[test]

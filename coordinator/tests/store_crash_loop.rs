@@ -47,21 +47,9 @@ fn env_usize(name: &str, default: usize) -> usize {
 
 fn new_job() -> Result<JobRecord> {
     let toml = "name = \"trial\"\nlabels = [\"a\", \"b\"]\nrounds = 2\n";
-    Ok(JobRecord {
-        id: JOB.into(),
-        spec: JobSpec::from_toml("trial.toml", toml)?,
-        toml: toml.into(),
-        spec_sha256: String::new(),
-        state: JobState::Running,
-        submitted_ms: 1,
-        initial: None,
-        initial_evaluation: None,
-        decisions: Default::default(),
-        history: Vec::new(),
-        attempts_started: 0,
-        error: String::new(),
-        excluded: Default::default(),
-    })
+    let mut job = JobRecord::submitted(JOB.into(), JobSpec::from_toml("trial.toml", toml)?, toml.into(), 1);
+    job.state = JobState::Running;
+    Ok(job)
 }
 
 /// What a state holds, in the counters the writer advances.

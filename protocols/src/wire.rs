@@ -321,7 +321,10 @@ pub struct EvaluateTask {
 /// The rules a site may name when it refuses something (`ReportRefusal`): the keys of
 /// its `[policy]` table and the protocol rules every site enforces. Anything else is
 /// counted as `other`.
-pub const REFUSAL_RULES: [&str; 19] = [
+pub const REFUSAL_RULES: [&str; 20] = [
+    // Not a refusal: the site failed its work item (disk full, a crash in training);
+    // the detail says what, and the coordinator drops it from the attempt at once.
+    "local_failure",
     "allow_plaintext",
     "min_cohort",
     "min_threshold",

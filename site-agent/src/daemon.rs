@@ -142,6 +142,8 @@ pub(crate) struct Agent {
     pub(crate) release_handled: Mutex<Option<(u32, u64)>>,
     /// What the ops endpoint serves.
     pub(crate) metrics: crate::metrics::SiteMetrics,
+    /// Random per process, sent with every status: the coordinator tells a restart by it.
+    instance: String,
 }
 
 impl Agent {
@@ -243,6 +245,7 @@ impl Agent {
             stage: s.stage.clone(),
             job_id: s.job_id.clone(),
             round: s.round,
+            instance: self.instance.clone(),
         }
     }
 
@@ -321,6 +324,20 @@ impl Backoff {
 
 /// A status for humans, with the transport's cause chain (a TLS alert from the
 /// coordinator means it refused this site's certificate).
+/// An error the coordinator answered with (the text is [`describe`]'s): the work item
+/// ended on the coordinator's side (an aborted attempt, a stale message), not because
+/// this site failed, so it is not reported back as a failure.
+#[derive(Debug)]
+pub(crate) struct CoordinatorSaid(pub(crate) String);
+
+impl std::fmt::Display for CoordinatorSaid {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for CoordinatorSaid {}
+
 pub(crate) fn describe(e: &RpcStatus) -> String {
     let mut causes = Vec::new();
     let mut source = std::error::Error::source(e);
@@ -418,6 +435,12 @@ pub async fn run(
     let previous = Status::load(&home).ok().flatten().unwrap_or_default();
     let home_for_encoders = home.clone();
     let agent = Arc::new(Agent {
+        instance: {
+            let mut bytes = [0u8; 8];
+            ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes)
+                .map_err(|_| anyhow::anyhow!("drawing the agent's instance id"))?;
+            bytes.iter().map(|b| format!("{b:02x}")).collect()
+        },
         status: Mutex::new(Status {
             site_id: site_id.clone(),
             pid: std::process::id(),
@@ -692,6 +715,13 @@ async fn work_loop(agent: Arc<Agent>, mut client: Client, address: &str) {
                 Err(e) => warn!(error = %format!("{e:#}"), "marking withdrawn job offers"),
             }
         }
+        // A training or evaluation item that fails is reported, so the coordinator
+        // drops this site from the attempt at once instead of waiting for its deadline.
+        let task = match &work {
+            Ok(Work::Train(t)) => Some((t.job_id.clone(), t.round, t.attempt)),
+            Ok(Work::Evaluate(t)) => Some((t.job_id.clone(), t.round, t.attempt)),
+            _ => None,
+        };
         let item = async {
             match work {
                 Ok(Work::Idle { retry_after_ms }) => {
@@ -727,6 +757,22 @@ async fn work_loop(agent: Arc<Agent>, mut client: Client, address: &str) {
                 agent.metrics.errors.inc("work_item");
                 let pause = failing.next();
                 warn!(error = %format!("{e:#}"), retry_in_ms = pause.as_millis() as u64, "work item failed; will ask again");
+                // Only this site's own failures are reported: a refusal under its policy
+                // was reported as such already, and an error the coordinator answered
+                // with (an aborted attempt) is not this site's doing.
+                let own = !e.chain().any(|c| {
+                    c.downcast_ref::<crate::policy::Refusal>().is_some()
+                        || c.downcast_ref::<RpcStatus>().is_some()
+                        || c.downcast_ref::<CoordinatorSaid>().is_some()
+                });
+                if let Some((job_id, round, attempt)) = task.filter(|_| own) {
+                    let detail: String = format!("{e:#}").chars().take(400).collect();
+                    let report =
+                        pb::RefusalReport { job_id, round, attempt, rule: "local_failure".into(), detail, accused: 0 };
+                    if let Err(e) = client.report_refusal(report).await {
+                        warn!(error = %describe(&e), "reporting the failure to the coordinator");
+                    }
+                }
                 tokio::time::sleep(pause).await;
             }
         }

@@ -309,7 +309,14 @@ async fn exchange(client: &mut Client, t: &TrainTask, message: StageMessage) -> 
                 warn!(stage = message.name(), error = %describe(&e), "secure-aggregation call failed; resending");
                 tokio::time::sleep(Duration::from_millis(500)).await;
             }
-            Err(e) => bail!("secure aggregation, {} stage: {}", message.name(), describe(&e)),
+            Err(e) => {
+                let said = crate::daemon::CoordinatorSaid(format!(
+                    "secure aggregation, {} stage: {}",
+                    message.name(),
+                    describe(&e)
+                ));
+                return Err(said.into());
+            }
         }
     }
 }
@@ -561,7 +568,9 @@ pub(crate) async fn train(
             }
             Ok((hasher.finish(), clipped))
         })
-        .await??
+        .await?
+        // A full disk, say: the log names the file this site could not write.
+        .with_context(|| format!("writing the masked input {}", masked_path.display()))?
     };
     if clipped > 0 {
         warn!(job = %t.job_id, round = t.round, clipped, clip = params.clip, "update coordinates clipped before masking");

@@ -357,14 +357,14 @@ impl Federation {
         self.cli_json(&["jobs", "status", id])
     }
 
-    /// Polls until the job leaves pending/running; panics after `timeout`.
+    /// Polls until the job leaves pending/running/paused; panics after `timeout`.
     pub fn wait_job(&self, id: &str, timeout: std::time::Duration) -> serde_json::Value {
         let until = std::time::Instant::now() + timeout;
         loop {
             let out = self.cli(&["jobs", "status", id, "--json"]);
             if out.status.success() {
                 let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
-                if !matches!(v["state"].as_str(), Some("pending" | "running")) {
+                if !matches!(v["state"].as_str(), Some("pending" | "running" | "paused")) {
                     return v;
                 }
             }
@@ -385,6 +385,7 @@ impl Federation {
         cond: impl Fn(&serde_json::Value) -> bool,
     ) -> serde_json::Value {
         let until = std::time::Instant::now() + timeout;
+        let mut last = serde_json::Value::Null;
         loop {
             let out = self.cli(&["jobs", "status", id, "--json"]);
             if out.status.success() {
@@ -392,8 +393,16 @@ impl Federation {
                 if cond(&v) {
                     return v;
                 }
+                last = v;
             }
-            assert!(std::time::Instant::now() < until, "condition on job {id} not met in {timeout:?}");
+            if std::time::Instant::now() >= until {
+                let log = self.log_text("coordinator");
+                let tail: Vec<&str> = log.lines().rev().take(40).collect::<Vec<_>>().into_iter().rev().collect();
+                panic!(
+                    "condition on job {id} not met in {timeout:?}; last status:\n{last:#}\ncoordinator log (end):\n{}",
+                    tail.join("\n")
+                );
+            }
             std::thread::sleep(std::time::Duration::from_millis(100));
         }
     }
@@ -434,6 +443,16 @@ impl Drop for Federation {
         for id in ids {
             self.kill_site(&id);
         }
+    }
+}
+
+/// Waits until process `name`'s log holds `needle` at least `count` times (logs are
+/// appended to across restarts); panics with the log after `timeout`.
+pub fn wait_log(fed: &Federation, name: &str, needle: &str, count: usize, timeout: std::time::Duration) {
+    let until = std::time::Instant::now() + timeout;
+    while fed.log_text(name).matches(needle).count() < count {
+        assert!(std::time::Instant::now() < until, "{name} never logged {needle:?} ×{count}:\n{}", fed.log_text(name));
+        std::thread::sleep(std::time::Duration::from_millis(50));
     }
 }
 

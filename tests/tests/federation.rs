@@ -270,28 +270,100 @@ fn a_coordinator_killed_mid_job_resumes_without_duplicating_a_version() {
     assert!(history.iter().all(|r| strs(&r["contributors"]).len() == 3), "{history:#?}");
 }
 
-/// Issue 22's walk: a work item that keeps failing was retried three times a second
-/// for as long as the coordinator kept offering it, because every successful poll
-/// reset the backoff. The failures now back off on their own: the fifth retry waits
-/// longer than the first (by the backoff's ranges, [125, 500] ms vs [2, 8] s).
+/// Issue 19's full disk: a coordinator that could not write kept its job "running"
+/// while failing every second. Now the job is shown as paused, with why, retried with a
+/// growing pause, and resumes from its last commit when space returns, with no round
+/// lost or made twice; SIGTERM still stops it cleanly while the disk is full.
 #[test]
-fn a_work_item_that_keeps_failing_backs_off() {
+fn a_full_disk_pauses_the_job_which_resumes_when_space_returns() {
+    let mut fed = Federation::new(3);
+    let flag = fed.coordinator_home().with_extension("disk-full");
+    let flag_text = flag.to_string_lossy().into_owned();
+    fed.start_coordinator_with(&[("MAEUM_COORDINATOR_TEST_DISK_FULL", &flag_text)]);
+    fed.start_sites(&["site-1", "site-2", "site-3"]);
+    fed.wait_online(3);
+    let id = fed.submit("full-disk", 3, 3, SMALL_MODEL);
+    fed.wait_for(&id, 2 * MIN, |j| j["completed_rounds"].as_u64().is_some_and(|n| n >= 1));
+    std::fs::write(&flag, "").expect("fill the disk");
+    let job = fed.wait_for(&id, MIN, |j| j["state"] == "paused");
+    assert!(job["activity"].as_str().is_some_and(|a| a.contains("the disk is full")), "{job:#}");
+    std::thread::sleep(Duration::from_secs(12));
+    let job = fed.job(&id);
+    assert_eq!(job["state"], "paused", "{job:#}");
+    let log = fed.log_text("coordinator");
+    assert_eq!(log.matches("the disk is full: the job is paused until space returns").count(), 1, "{log}");
+    let retries = log.matches("the disk is still full; the job stays paused").count();
+    assert!(retries <= 3, "{retries} retries in about 12 s: no backoff\n{log}");
+    assert_eq!(fed.site_status("site-1")["connection"], "connected", "sites stay connected meanwhile");
+    std::fs::remove_file(&flag).expect("free space");
+    let job = fed.wait_job(&id, 3 * MIN);
+    assert_eq!(job["state"], "completed", "{job:#}");
+    let numbers: Vec<u64> = rounds(&job).iter().filter_map(|r| r["round"].as_u64()).collect();
+    assert_eq!(numbers, [1, 2, 3]);
+    assert!(fed.log_text("coordinator").contains("the job resumed after the disk filled up"));
+    std::fs::write(&flag, "").expect("fill the disk again");
+    let status = fed.terminate_coordinator(Duration::from_secs(30)).expect("stopped within 30 s");
+    assert!(status.success(), "SIGTERM on a full disk: {status:?}\n{}", fed.log_text("coordinator"));
+}
+
+/// Issue 20's sick site: one site whose every training item fails (a full disk, in the
+/// trial that found it) made each attempt wait for its deadline, and a job that needs
+/// every site retried without pause. Now the site reports the failure, the coordinator
+/// drops it from the attempt at once, and after three failed attempts in a row it sits
+/// out (30 s, doubling) while the others go on.
+#[test]
+fn a_site_that_keeps_failing_is_dropped_at_once_and_then_sits_out() {
     let mut fed = Federation::new(4);
     fed.start_coordinator();
     fed.start_sites(&["site-1", "site-2", "site-3"]);
     fed.start_site_with("site-4", &[("MAEUM_SITE_TEST_FAIL_TRAIN", "1")]);
     fed.wait_online(4);
-    // site-4 keeps failing until the advertise stage's deadline drops it (15 s).
-    let id = fed.submit("failing", 1, 3, &format!("{SMALL_MODEL}[deadlines]\nsecagg = 15\n"));
-    let job = fed.wait_job(&id, 3 * MIN);
-    assert_eq!(job["state"], "completed", "{job:#}");
-    let log = fed.log_text("site-4");
-    let delays: Vec<u64> = log
-        .lines()
-        .filter(|l| l.contains("work item failed") && l.contains("test hook: this site's training fails"))
-        .filter_map(|l| l.split("retry_in_ms=").nth(1)?.split_whitespace().next()?.parse().ok())
-        .collect();
-    assert!(delays.len() >= 5, "site-4 failed only {} times:\n{log}", delays.len());
-    assert!(delays.len() <= 12, "site-4 retried {} times within the 15 s stage (no backoff):\n{log}", delays.len());
-    assert!(delays[4] > delays[0], "the retries do not back off: {delays:?}");
+    // A secure-aggregation stage deadline of 120 s: a round that waited for site-4's
+    // deadline would take minutes; four rounds finish well inside the wait below.
+    let id = fed.submit("failing", 4, 3, &format!("{SMALL_MODEL}[deadlines]\nsecagg = 120\ntrain = 120\n"));
+    let job = fed.wait_job(&id, 2 * MIN);
+    assert_eq!(job["state"], "completed", "{job:#}\n{}", fed.log_text("coordinator"));
+    let history = rounds(&job);
+    for (i, r) in history.iter().enumerate() {
+        assert_eq!(strs(&r["contributors"]), ["site-1", "site-2", "site-3"], "round {}: {r:#}", i + 1);
+        // Rounds 1-3 had site-4 and dropped it; by round 4 it sits out.
+        assert_eq!(strs(&r["dropped"]).contains(&"site-4".to_string()), i < 3, "round {}: {r:#}", i + 1);
+    }
+    let coordinator = fed.log_text("coordinator");
+    assert!(coordinator.matches("site FAILED its work item").count() >= 3, "{coordinator}");
+    assert!(coordinator.contains("test hook: this site's training fails"), "the site's reason reaches the log");
+    assert!(coordinator.contains("site keeps failing; it sits out the next attempts"), "{coordinator}");
+    let site = fed.log_text("site-4");
+    assert!(site.contains("work item failed"), "{site}");
+}
+
+/// With every site required, the same sick site cannot be worked around: the job waits,
+/// paused and saying why, instead of retrying an attempt per second.
+#[test]
+fn a_job_that_needs_a_failing_site_backs_off_and_says_who_it_waits_for() {
+    let mut fed = Federation::new(3);
+    fed.start_coordinator();
+    fed.start_sites(&["site-1", "site-2"]);
+    fed.start_site_with("site-3", &[("MAEUM_SITE_TEST_FAIL_TRAIN", "1")]);
+    fed.wait_online(3);
+    let id = fed.submit("needs-all", 1, 3, SMALL_MODEL);
+    let job = fed.wait_for(&id, 2 * MIN, |j| {
+        j["excluded"].as_array().is_some_and(|e| e.iter().any(|x| x.as_str().is_some_and(|x| x.contains("sits out"))))
+            && j["activity"].as_str().is_some_and(|a| a.contains("sitting out: site-3"))
+    });
+    let shown = job["excluded"].to_string();
+    assert!(
+        shown.contains("site-3: sits out for") && shown.contains("test hook: this site's training fails"),
+        "{job:#}"
+    );
+    // 20 s later it is still waiting, with no new attempt meanwhile (it sits out 30 s).
+    let started = fed.log_text("coordinator").matches("round started with secure aggregation").count();
+    std::thread::sleep(Duration::from_secs(20));
+    let coordinator = fed.log_text("coordinator");
+    assert_eq!(coordinator.matches("round started with secure aggregation").count(), started, "{coordinator}");
+    assert!(started <= 4, "{started} attempts before site-3 sat out:\n{coordinator}");
+    let retries: Vec<&str> = coordinator.lines().filter(|l| l.contains("retrying the round")).collect();
+    assert!(retries.len() >= 2, "{coordinator}");
+    assert_eq!(fed.job(&id)["state"], "running");
+    assert!(fed.cli(&["jobs", "abort", &id]).status.success());
 }

@@ -38,7 +38,7 @@ pub(super) fn state_badge(state: &str) -> Markup {
     let tone = match state {
         "completed" => Tone::Ok,
         "failed" | "aborted" => Tone::Bad,
-        "running" | "pending" => Tone::Warn,
+        "running" | "pending" | "paused" => Tone::Warn,
         _ => Tone::Neutral,
     };
     badge(tone, state)

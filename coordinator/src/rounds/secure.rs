@@ -117,7 +117,7 @@ pub(super) async fn drive_secagg(c: &Coord, id: &str, round: u32) -> Result<SecA
             let deadline = if stage == SaStage::Masked { train_deadline } else { sa.stage_deadline_ms };
             for s in newly_dropped {
                 warn!(round, site = %s, stage = stage.name(), "site went offline; dropped from the round");
-                r.drop_site(&s);
+                r.drop_for(&s, format!("went offline in the {} stage", stage.name()));
             }
             let waiting: Vec<&String> =
                 expected.iter().filter(|s| !r.dropped.contains(*s) && !spoken.contains(*s)).collect();
@@ -127,7 +127,9 @@ pub(super) async fn drive_secagg(c: &Coord, id: &str, round: u32) -> Result<SecA
                     warn!(round, site = %s, stage = stage.name(), "site missed the stage deadline; dropped from the round");
                 }
                 let w: Vec<String> = waiting.iter().map(|s| (*s).clone()).collect();
-                r.dropped.extend(w);
+                for s in w {
+                    r.drop_for(&s, format!("missed the {} stage's deadline", stage.name()));
+                }
             }
             let status = format!(
                 "round {round}: secure aggregation, {}: {}/{} sites",

@@ -15,10 +15,26 @@ impl Coord {
         pb::JobInfo {
             job_id: j.id.clone(),
             name: j.spec.name.clone(),
-            state: j.state.as_str().into(),
+            // A full disk pauses the job in progress: shown as such, not as running.
+            state: if current && j.state.is_active() && self.store.db().disk_full() {
+                "paused".into()
+            } else {
+                j.state.as_str().into()
+            },
             rounds: j.spec.rounds,
             completed_rounds: j.completed_rounds(),
-            activity: if current { lock(&self.activity).clone() } else { String::new() },
+            activity: match (current, self.store.db().disk_full()) {
+                (false, _) => String::new(),
+                (true, false) => lock(&self.activity).clone(),
+                (true, true) => {
+                    let a = lock(&self.activity).clone();
+                    if a.starts_with("paused:") {
+                        a
+                    } else {
+                        format!("paused: the disk is full (the state database cannot write); {a}")
+                    }
+                }
+            },
             history: j
                 .history
                 .iter()
@@ -49,7 +65,19 @@ impl Coord {
             error: j.error.clone(),
             initial_evaluation: confusion(&j.initial_evaluation),
             secure_aggregation: j.spec.secure_aggregation.enabled(),
-            excluded: j.excluded.iter().map(|(s, why)| format!("{s}: {why}")).collect(),
+            excluded: j
+                .excluded
+                .iter()
+                .map(|(s, why)| format!("{s}: {why}"))
+                .chain(j.strikes.iter().filter(|(_, k)| k.benched_until_ms > now_ms()).map(|(s, k)| {
+                    format!(
+                        "{s}: sits out for {} s more after {} failed attempts in a row (last: {})",
+                        (k.benched_until_ms - now_ms() + 999) / 1000,
+                        k.count,
+                        k.last
+                    )
+                }))
+                .collect(),
             refusals: lock(&self.refusals).get(&j.id).cloned().unwrap_or_default(),
             privacy_plan: j
                 .spec
@@ -143,21 +171,7 @@ impl pb::control_server::Control for Control {
         let source = if r.source_name.is_empty() { "job.toml".to_string() } else { r.source_name };
         let spec = JobSpec::from_toml(&source, &r.toml).map_err(|e| Status::invalid_argument(e.to_string()))?;
         let n = c.store.next("job").map_err(internal)?;
-        let job = JobRecord {
-            id: format!("{}-{n}", spec.name),
-            spec_sha256: maeum_protocols::job::sha256_hex(r.toml.as_bytes()),
-            spec,
-            toml: r.toml,
-            state: JobState::Pending,
-            submitted_ms: now_ms(),
-            initial: None,
-            initial_evaluation: None,
-            decisions: Default::default(),
-            history: Vec::new(),
-            attempts_started: 0,
-            error: String::new(),
-            excluded: Default::default(),
-        };
+        let job = JobRecord::submitted(format!("{}-{n}", spec.name), spec, r.toml, now_ms());
         c.store.put_job(&job).map_err(internal)?;
         c.record(Event::JobSubmitted {
             job_id: job.id.clone(),

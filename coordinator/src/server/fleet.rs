@@ -467,7 +467,24 @@ impl pb::fleet_server::Fleet for Fleet {
         if rule == "share_auth" {
             c.accusation(&job_id, r.round, r.attempt, &site, r.accused).map_err(internal)?;
         }
-        warn!(site = %site, job = %job_id, round = r.round, attempt = r.attempt, rule, detail = %detail, "site REFUSED under its privacy policy");
+        if rule == "local_failure" {
+            warn!(site = %site, job = %job_id, round = r.round, attempt = r.attempt, detail = %detail, "site FAILED its work item");
+        } else {
+            warn!(site = %site, job = %job_id, round = r.round, attempt = r.attempt, rule, detail = %detail, "site REFUSED under its privacy policy");
+        }
+        // The site has left this attempt: stop waiting for it.
+        let left = {
+            let mut guard = lock(&c.round);
+            guard.as_mut().is_some_and(|st| {
+                st.job_id == job_id
+                    && st.round == r.round
+                    && st.attempt == r.attempt
+                    && st.drop_for(&site, format!("{rule}: {detail}"))
+            })
+        };
+        if left {
+            warn!(site = %site, round = r.round, attempt = r.attempt, "dropped from the round: the site left the attempt");
+        }
         c.notify();
         Ok(Response::new(pb::Ack {}))
     }

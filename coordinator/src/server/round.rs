@@ -49,6 +49,8 @@ pub struct RoundState {
     pub evaluate_only: bool,
     /// SA-06 accusations of this attempt: accused site → the sites that accused it.
     pub accusations: BTreeMap<String, BTreeSet<String>>,
+    /// Why each dropped site left this attempt, in words (for its strikes).
+    pub why_dropped: BTreeMap<String, String>,
 }
 
 impl RoundState {
@@ -88,6 +90,7 @@ impl RoundState {
             refused: None,
             evaluate_only: false,
             accusations: BTreeMap::new(),
+            why_dropped: BTreeMap::new(),
         }
     }
 
@@ -250,6 +253,17 @@ impl RoundState {
         waiting
     }
 
+    /// Drops `site` for `why` (kept for its strikes); whether it was a participant not
+    /// dropped before.
+    pub fn drop_for(&mut self, site: &str, why: impl Into<String>) -> bool {
+        if !self.selected.contains(site) || self.dropped.contains(site) {
+            return false;
+        }
+        self.drop_site(site);
+        self.why_dropped.insert(site.to_string(), why.into());
+        true
+    }
+
     /// A plaintext round's evaluation report from `site`: its confusion rows and, for a
     /// job with crisis classes, its crisis histogram (already checked against the rows).
     pub fn add_evaluation(
@@ -338,21 +352,10 @@ mod tests {
             "name = \"t\"\n{LABELS}\nrounds = 2\n[model]\nkind = \"text-classifier\"\nbuckets = 64\nembed_dim = 2\n\
              hidden = 2\n{extra}"
         );
-        JobRecord {
-            id: "t-1".into(),
-            spec: JobSpec::from_toml("t.toml", &toml).expect("spec"),
-            toml,
-            spec_sha256: String::new(),
-            state: JobState::Running,
-            submitted_ms: 1,
-            initial: None,
-            initial_evaluation: None,
-            decisions: BTreeMap::new(),
-            history: Vec::new(),
-            attempts_started: 1,
-            error: String::new(),
-            excluded: BTreeMap::new(),
-        }
+        let mut j = JobRecord::submitted("t-1".into(), JobSpec::from_toml("t.toml", &toml).expect("spec"), toml, 1);
+        j.state = JobState::Running;
+        j.attempts_started = 1;
+        j
     }
 
     fn model() -> ModelRef {
@@ -456,6 +459,17 @@ mod tests {
         assert!(r.drop_site("c"));
         assert!(r.waiting().is_empty(), "the stage can close");
         precondition(r.masked_input_done("c"), "not a participant");
+    }
+
+    #[test]
+    fn a_site_dropped_for_a_reason_keeps_it_once() {
+        let mut r = round();
+        assert!(r.drop_for("b", "local_failure: disk full"), "a participant not dropped before");
+        assert!(!r.drop_for("b", "went offline"), "the first reason stays");
+        assert!(!r.drop_for("z", "restarted mid-session"), "never selected");
+        assert_eq!(r.why_dropped.get("b").map(String::as_str), Some("local_failure: disk full"));
+        assert!(!r.why_dropped.contains_key("z"));
+        assert!(!r.waiting().contains("b"));
     }
 
     #[test]

@@ -152,6 +152,8 @@ struct Sealed {
 }
 
 struct Inner {
+    /// The last commit failed for lack of space (cleared by the next that succeeds).
+    full: std::sync::atomic::AtomicBool,
     /// `HOME/state.lock`, locked exclusively for as long as this database is open (the
     /// engines' own locks differ: redb admits several processes).
     _lock: Option<std::fs::File>,
@@ -273,6 +275,15 @@ fn guarded<T>(what: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
             )
         }
     }
+}
+
+/// Whether `e` comes from a full disk (or an exhausted quota) anywhere in its chain.
+pub fn is_disk_full(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| matches!(io.kind(), std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded))
+            || c.to_string().contains("No space left on device")
+    })
 }
 
 /// The seal's path for the state directory `dir` (`HOME/state` → `HOME/state.seal`).
@@ -420,6 +431,7 @@ impl Db {
             }
         };
         let inner = Inner {
+            full: Default::default(),
             _lock: None,
             backend,
             seal_path,
@@ -482,6 +494,29 @@ impl Db {
 
     /// Applies `writes` atomically and durably, then advances the seal.
     pub fn commit(&self, writes: Vec<Write>) -> Result<()> {
+        // Test hook (fault-injection builds only): every commit fails as on a full disk
+        // while the named file exists.
+        if let Some(flag) = crate::attack::test_env("MAEUM_COORDINATOR_TEST_DISK_FULL")
+            && Path::new(&flag).exists()
+        {
+            self.inner.full.store(true, std::sync::atomic::Ordering::Relaxed);
+            return Err(anyhow::Error::new(std::io::Error::from(std::io::ErrorKind::StorageFull))
+                .context("committing to the state database (test hook)"));
+        }
+        let result = self.commit_sealed(writes);
+        let full = result.as_ref().err().is_some_and(is_disk_full);
+        if self.inner.full.swap(full, std::sync::atomic::Ordering::Relaxed) && result.is_ok() {
+            tracing::info!("the state database accepts writes again: disk space returned");
+        }
+        result
+    }
+
+    /// Whether the last commit failed for lack of disk space.
+    pub fn disk_full(&self) -> bool {
+        self.inner.full.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn commit_sealed(&self, writes: Vec<Write>) -> Result<()> {
         let mut sealed = self.inner.lock();
         if !sealed.current {
             self.inner.write_seal(&mut sealed).context("the state seal is behind (an earlier write failed)")?;

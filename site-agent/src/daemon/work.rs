@@ -29,12 +29,16 @@ pub(crate) async fn download(agent: &Agent, client: &mut Client, model: &ModelRe
     agent.set(|s| s.stage = "downloading".into());
     let started = std::time::Instant::now();
     for _ in 0..5 {
-        let mut file = std::fs::OpenOptions::new().create(true).append(true).open(&part)?;
-        let mut offset = file.metadata()?.len();
+        // Local write errors (a full disk) end the download, naming the file; only
+        // the stream's errors are resumed.
+        let writing = || format!("writing the model download {}", part.display());
+        let mut file = std::fs::OpenOptions::new().create(true).append(true).open(&part).with_context(writing)?;
+        let mut offset = file.metadata().with_context(writing)?.len();
         if offset > model.size {
-            file.set_len(0)?;
+            file.set_len(0).with_context(writing)?;
             offset = 0;
         }
+        let mut write_failed: Option<std::io::Error> = None;
         if offset < model.size {
             let mut stream =
                 client.download(pb::DownloadRequest { digest: model.digest.hex(), offset }).await?.into_inner();
@@ -42,14 +46,20 @@ pub(crate) async fn download(agent: &Agent, client: &mut Client, model: &ModelRe
                 while let Some(c) = stream.next().await {
                     let c = c?;
                     wire::check_chunk(offset, model.size, c.offset, &c.data, &c.sha256)?;
-                    file.write_all(&c.data)?;
+                    if let Err(e) = file.write_all(&c.data) {
+                        write_failed = Some(e);
+                        break;
+                    }
                     agent.metrics.bytes_received.inc_by(c.data.len() as u64);
                     offset += c.data.len() as u64;
                 }
                 Ok(())
             }
             .await;
-            file.sync_data()?;
+            if let Some(e) = write_failed {
+                return Err(anyhow::Error::new(e).context(writing()));
+            }
+            file.sync_data().with_context(writing)?;
             if let Err(e) = result {
                 warn!(error = %format!("{e:#}"), offset, "model download interrupted; resuming");
                 continue;
@@ -76,7 +86,7 @@ pub(crate) async fn download(agent: &Agent, client: &mut Client, model: &ModelRe
             let _ = std::fs::remove_file(&part);
             return Err(DigestMismatch { want: model.digest.hex(), got: got.hex() }.into());
         }
-        std::fs::rename(&part, &path)?;
+        std::fs::rename(&part, &path).with_context(|| format!("renaming {} into place", part.display()))?;
         agent.metrics.stage("download", started.elapsed());
         info!(model = %model.digest, bytes = model.size, "model downloaded and verified");
         return Ok(path);
