@@ -23,10 +23,12 @@ use maeum_protocols::wire::{Digest, ModelRef};
 use maeum_tlog::Event;
 
 use crate::home::now_ms;
-use crate::secagg::{SaStage, SecAggRound};
+use crate::secagg::SecAggRound;
+// The SecAgg core's own stage type (the round's `Stage` is train or evaluate).
 use crate::server::{Coord, RoundState, Stage, lock};
 use crate::store::{JobRecord, JobState, RoundRecord, VersionRecord};
 use crate::strategy::ServerOptimizer;
+use maeum_secagg::server::Stage as SaStage;
 
 mod secure;
 

@@ -14,36 +14,11 @@ use tracing::warn;
 
 use maeum_protocols::wire::secagg::{Reply, SessionInfo, StageMessage};
 use maeum_secagg::quant::Quantiser;
+use maeum_secagg::server::Stage;
 use maeum_secagg::sign::SessionVerifier;
 use maeum_secagg::{
     AdvertiseKeys, GraphReveals, KeyRoster, Outcome, SecAggError, Server, Session, SurvivorProof, SurvivorSet,
 };
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub enum SaStage {
-    Advertise,
-    /// SecAgg+ only: the sites reveal their graph nonces.
-    Reveal,
-    Share,
-    Masked,
-    Consistency,
-    Unmask,
-    Finished,
-}
-
-impl SaStage {
-    pub fn name(self) -> &'static str {
-        match self {
-            SaStage::Advertise => "advertise keys",
-            SaStage::Reveal => "reveal graph nonce",
-            SaStage::Share => "share keys",
-            SaStage::Masked => "masked input",
-            SaStage::Consistency => "consistency check",
-            SaStage::Unmask => "unmask",
-            SaStage::Finished => "finished",
-        }
-    }
-}
 
 /// How the sites' words encode their inputs, and so how the unmasked sum decodes and
 /// what bounds it must keep.
@@ -64,7 +39,6 @@ pub struct SecAggRound {
     /// Site id → party index, and back.
     pub index: BTreeMap<String, u16>,
     pub site: BTreeMap<u16, String>,
-    pub stage: SaStage,
     /// Unix ms at which the current short stage closes regardless (the masked-input
     /// stage uses the round's training deadline).
     pub stage_deadline_ms: i64,
@@ -78,7 +52,7 @@ pub struct SecAggRound {
     server: Option<Server>,
     verifier: SessionVerifier,
     /// Parties whose message was accepted, per stage.
-    accepted: BTreeMap<SaStage, BTreeSet<u16>>,
+    accepted: BTreeMap<Stage, BTreeSet<u16>>,
     /// The keys each party advertised (to recognise a party that restarted).
     advertised: BTreeMap<u16, AdvertiseKeys>,
     roster: Option<KeyRoster>,
@@ -119,7 +93,6 @@ impl SecAggRound {
             encoding,
             index,
             site,
-            stage: SaStage::Advertise,
             stage_deadline_ms: 0,
             failed: None,
             eval_words,
@@ -153,19 +126,19 @@ impl SecAggRound {
     ) -> Result<Self, SecAggError> {
         let mut sa = SecAggRound::new(session, info, eval_words, clip_norm, distributed)?;
         let set = |xs: &[u16]| xs.iter().copied().collect::<BTreeSet<u16>>();
-        sa.accepted.insert(SaStage::Advertise, roster.keys.iter().map(|k| k.index).collect());
+        sa.accepted.insert(Stage::Advertise, roster.keys.iter().map(|k| k.index).collect());
         if let Some(r) = &reveals {
-            sa.accepted.insert(SaStage::Reveal, r.reveals.iter().map(|x| x.index).collect());
+            sa.accepted.insert(Stage::Reveal, r.reveals.iter().map(|x| x.index).collect());
         }
-        sa.accepted.insert(SaStage::Share, set(server.u2()));
-        sa.accepted.insert(SaStage::Consistency, proof.signatures.iter().map(|x| x.index).collect());
+        sa.accepted.insert(Stage::Share, set(server.u2()));
+        sa.accepted.insert(Stage::Consistency, proof.signatures.iter().map(|x| x.index).collect());
         sa.advertised = roster.keys.iter().map(|k| (k.index, k.clone())).collect();
         sa.roster = Some(roster);
         sa.reveals = reveals;
         sa.survivors = Some(survivors);
         sa.proof = Some(proof);
+        // The restored server is in its unmask stage: the session's stage is its.
         sa.server = Some(server);
-        sa.stage = SaStage::Unmask;
         Ok(sa)
     }
 
@@ -194,18 +167,29 @@ impl SecAggRound {
         self.accepted.get(&Self::stage_of(msg)).is_some_and(|a| a.contains(&me))
     }
 
+    /// The open stage, as the SecAgg core's server has it (`None` once the unmask stage
+    /// ended and [`SecAggRound::take_server`] took the server).
+    pub fn stage(&self) -> Option<Stage> {
+        self.server.as_ref().map(Server::current_stage)
+    }
+
+    /// The open stage's name, or "finished".
+    pub fn stage_name(&self) -> &'static str {
+        self.stage().map_or("finished", Stage::name)
+    }
+
     fn server(&mut self) -> Result<&mut Server, Status> {
         self.server.as_mut().ok_or_else(|| Status::failed_precondition("secure aggregation already finished"))
     }
 
-    fn stage_of(msg: &StageMessage) -> SaStage {
+    fn stage_of(msg: &StageMessage) -> Stage {
         match msg {
-            StageMessage::Advertise(_) => SaStage::Advertise,
-            StageMessage::GraphReveal(_) => SaStage::Reveal,
-            StageMessage::ShareKeys(_) => SaStage::Share,
-            StageMessage::AwaitSurvivors { .. } => SaStage::Masked,
-            StageMessage::SurvivorSignature(_) => SaStage::Consistency,
-            StageMessage::Unmask(_) => SaStage::Unmask,
+            StageMessage::Advertise(_) => Stage::Advertise,
+            StageMessage::GraphReveal(_) => Stage::Reveal,
+            StageMessage::ShareKeys(_) => Stage::Share,
+            StageMessage::AwaitSurvivors { .. } => Stage::Masked,
+            StageMessage::SurvivorSignature(_) => Stage::Consistency,
+            StageMessage::Unmask(_) => Stage::Unmask,
         }
     }
 
@@ -225,7 +209,7 @@ impl SecAggRound {
             )));
         }
         let wanted = Self::stage_of(&msg);
-        if wanted == SaStage::Masked {
+        if wanted == Stage::Masked {
             return if done.contains(site) {
                 Ok(())
             } else {
@@ -235,16 +219,16 @@ impl SecAggRound {
         if self.accepted.get(&wanted).is_some_and(|a| a.contains(&me)) {
             // A resend after a lost reply: the first copy stands (the server refuses a
             // differing copy while the stage is open; afterwards nothing can change).
-            if self.stage == wanted {
+            if self.stage() == Some(wanted) {
                 self.deliver(site, msg)?;
             }
             return Ok(());
         }
-        if self.stage != wanted {
+        if self.stage() != Some(wanted) {
             return Err(Status::failed_precondition(format!(
                 "the {} stage is not open (the session is at {})",
                 wanted.name(),
-                self.stage.name()
+                self.stage_name()
             )));
         }
         let keys = match &msg {
@@ -290,28 +274,28 @@ impl SecAggRound {
             return Err(Status::aborted(format!("this round attempt failed: {why}")));
         }
         let wanted = Self::stage_of(msg);
-        if self.stage <= wanted || (wanted == SaStage::Consistency && !self.unmask_durable) {
+        if self.stage().is_some_and(|open| open <= wanted) || (wanted == Stage::Consistency && !self.unmask_durable) {
             return Ok(None);
         }
         let me = self.index.get(site).copied().unwrap_or(0);
         Ok(Some(match wanted {
-            SaStage::Advertise => Reply::Roster(self.roster.clone().ok_or_else(|| Status::internal("no roster"))?),
-            SaStage::Reveal => {
+            Stage::Advertise => Reply::Roster(self.roster.clone().ok_or_else(|| Status::internal("no roster"))?),
+            Stage::Reveal => {
                 let mut reveals = self.reveals.clone().ok_or_else(|| Status::internal("no graph reveals"))?;
                 if crate::attack::current() == Some(crate::attack::Attack::GraphSeed(site.to_string())) {
                     self.grind_graph(me, &mut reveals);
                 }
                 Reply::Reveals(reveals)
             }
-            SaStage::Share => {
+            Stage::Share => {
                 let shares = self.server()?.shares_for(me).map_err(|e| refused(site, &e))?;
                 Reply::Shares(shares)
             }
-            SaStage::Masked => {
+            Stage::Masked => {
                 Reply::Survivors(self.survivors.clone().ok_or_else(|| Status::internal("no survivor set"))?)
             }
-            SaStage::Consistency => Reply::Proof(self.proof.clone().ok_or_else(|| Status::internal("no proof"))?),
-            SaStage::Unmask | SaStage::Finished => Reply::Done,
+            Stage::Consistency => Reply::Proof(self.proof.clone().ok_or_else(|| Status::internal("no proof"))?),
+            Stage::Unmask => Reply::Done,
         }))
     }
 
@@ -343,38 +327,37 @@ impl SecAggRound {
     /// The parties expected to speak in the current stage.
     pub fn expected(&self, done: &BTreeSet<String>) -> BTreeSet<String> {
         let of = |set: &[u16]| set.iter().filter_map(|i| self.site.get(i).cloned()).collect::<BTreeSet<_>>();
-        match self.stage {
-            SaStage::Advertise => self.index.keys().cloned().collect(),
-            SaStage::Reveal | SaStage::Share => self
+        let Some(stage) = self.stage() else { return BTreeSet::new() };
+        match stage {
+            Stage::Advertise => self.index.keys().cloned().collect(),
+            Stage::Reveal | Stage::Share => self
                 .roster
                 .as_ref()
                 .map(|r| of(&r.keys.iter().map(|k| k.index).collect::<Vec<_>>()))
                 .unwrap_or_default(),
-            SaStage::Masked => self
-                .accepted
-                .get(&SaStage::Share)
-                .map(|s| of(&s.iter().copied().collect::<Vec<_>>()))
-                .unwrap_or_default(),
-            SaStage::Consistency => self.survivors.as_ref().map(|s| of(&s.survivors)).unwrap_or_default(),
-            SaStage::Unmask => self
+            Stage::Masked => {
+                self.accepted.get(&Stage::Share).map(|s| of(&s.iter().copied().collect::<Vec<_>>())).unwrap_or_default()
+            }
+            Stage::Consistency => self.survivors.as_ref().map(|s| of(&s.survivors)).unwrap_or_default(),
+            Stage::Unmask => self
                 .proof
                 .as_ref()
                 .map(|p| of(&p.signatures.iter().map(|s| s.index).collect::<Vec<_>>()))
                 .unwrap_or_default(),
-            SaStage::Finished => BTreeSet::new(),
         }
         .into_iter()
-        .filter(|s| self.stage != SaStage::Masked || !done.contains(s))
+        .filter(|s| stage != Stage::Masked || !done.contains(s))
         .collect()
     }
 
     /// Sites that have spoken in the current stage.
     pub fn spoken(&self, done: &BTreeSet<String>) -> BTreeSet<String> {
-        if self.stage == SaStage::Masked {
+        let Some(stage) = self.stage() else { return BTreeSet::new() };
+        if stage == Stage::Masked {
             return done.iter().filter(|s| self.index.contains_key(*s)).cloned().collect();
         }
         self.accepted
-            .get(&self.stage)
+            .get(&stage)
             .map(|s| s.iter().filter_map(|i| self.site.get(i).cloned()).collect())
             .unwrap_or_default()
     }
@@ -385,31 +368,25 @@ impl SecAggRound {
             Some(s) => s,
             None => return Ok(()),
         };
-        match self.stage {
-            SaStage::Advertise => self.roster = Some(server.close_advertise()?),
-            SaStage::Reveal => self.reveals = Some(server.close_reveals()?),
-            SaStage::Share => server.close_shares()?,
-            SaStage::Masked => self.survivors = Some(server.close_masked()?),
-            SaStage::Consistency => {
+        // The server moves itself to the next stage (the reveal stage only with a
+        // neighbour graph).
+        match server.current_stage() {
+            Stage::Advertise => self.roster = Some(server.close_advertise()?),
+            Stage::Reveal => self.reveals = Some(server.close_reveals()?),
+            Stage::Share => server.close_shares()?,
+            Stage::Masked => self.survivors = Some(server.close_masked()?),
+            Stage::Consistency => {
                 self.proof = Some(server.close_consistency()?);
                 self.unmask_durable = false;
             }
-            SaStage::Unmask | SaStage::Finished => return Ok(()),
+            Stage::Unmask => return Ok(()),
         }
-        self.stage = match self.stage {
-            SaStage::Advertise if server.needs_graph_reveal() => SaStage::Reveal,
-            SaStage::Advertise | SaStage::Reveal => SaStage::Share,
-            SaStage::Share => SaStage::Masked,
-            SaStage::Masked => SaStage::Consistency,
-            _ => SaStage::Unmask,
-        };
         self.stage_deadline_ms = next_deadline_ms;
         Ok(())
     }
 
     /// Ends the unmask stage: the server, to finish outside the round lock.
     pub fn take_server(&mut self) -> Option<Server> {
-        self.stage = SaStage::Finished;
         self.server.take()
     }
 
@@ -428,14 +405,14 @@ impl SecAggRound {
 
     /// Whether `site` may upload a masked input now (it is in U2).
     pub fn may_upload(&self, site: &str) -> Result<(), Status> {
-        if self.stage != SaStage::Masked {
+        if self.stage() != Some(Stage::Masked) {
             return Err(Status::failed_precondition(format!(
                 "masked inputs are not collected now (the session is at {})",
-                self.stage.name()
+                self.stage_name()
             )));
         }
         let me = self.index.get(site).copied().unwrap_or(0);
-        if !self.accepted.get(&SaStage::Share).is_some_and(|s| s.contains(&me)) {
+        if !self.accepted.get(&Stage::Share).is_some_and(|s| s.contains(&me)) {
             return Err(Status::failed_precondition(format!("site/{site} did not share keys in this session")));
         }
         Ok(())

@@ -112,7 +112,7 @@ pub(super) async fn drive_secagg(c: &Coord, id: &str, round: u32) -> Result<SecA
                     newly_dropped.push(s.clone());
                 }
             }
-            let stage = sa.stage;
+            let Some(stage) = sa.stage() else { return Ok(SecAggEnd::Failed("the session has no open stage".into())) };
             let spoken = sa.spoken(&done);
             let deadline = if stage == SaStage::Masked { train_deadline } else { sa.stage_deadline_ms };
             for s in newly_dropped {
@@ -151,7 +151,7 @@ pub(super) async fn drive_secagg(c: &Coord, id: &str, round: u32) -> Result<SecA
         let closed = {
             let mut guard = lock(&c.round);
             let Some(sa) = guard.as_mut().and_then(|r| r.secagg.as_mut()) else { return Ok(SecAggEnd::Aborted) };
-            let from = sa.stage;
+            let Some(from) = sa.stage() else { return Ok(SecAggEnd::Aborted) };
             match sa.close_stage(now_ms() + stage_secs * 1000) {
                 // A sum over fewer than min_sites is never unmasked: the attempt ends
                 // here, before any site reveals a share (a sum unmasked and then

@@ -27,8 +27,11 @@ const SHARE_CIPHERTEXT_LEN: usize = SHARE_PLAINTEXT_LEN + 16;
 /// Words unmasked per pass over the mask streams.
 const UNMASK_CHUNK: usize = 64 * 1024;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-enum Stage {
+/// The server's open stage, in protocol order. Callers that drive a session (the
+/// coordinator's round) read it from [`Server::current_stage`] rather than keeping their
+/// own copy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Stage {
     Advertise,
     Reveal,
     Share,
@@ -38,7 +41,7 @@ enum Stage {
 }
 
 impl Stage {
-    fn name(self) -> &'static str {
+    pub fn name(self) -> &'static str {
         match self {
             Stage::Advertise => "advertise",
             Stage::Reveal => "reveal graph nonce",
@@ -152,6 +155,11 @@ impl Server {
     /// "masked input", "consistency" or "unmask".
     pub fn stage(&self) -> &'static str {
         self.stage.name()
+    }
+
+    /// The open stage.
+    pub fn current_stage(&self) -> Stage {
+        self.stage
     }
 
     /// U1: parties whose keys are in the roster (empty before `close_advertise`).
