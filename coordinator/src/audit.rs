@@ -118,6 +118,11 @@ impl AuditLog {
         hex(&checkpoint::log_public_key(&self.key))
     }
 
+    /// Whether `signed` carries this log's signature.
+    pub fn signed_by_this_log(&self, signed: &SignedCheckpoint) -> bool {
+        signed.verify(&checkpoint::log_public_key(&self.key)).is_ok()
+    }
+
     /// The log's origin.
     pub fn origin(&self) -> String {
         self.lock().origin().to_owned()

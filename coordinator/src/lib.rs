@@ -89,6 +89,7 @@ pub async fn serve(
         console::serve(coord.clone(), o.listen, o.tls, stopped()).await?;
     }
     let orchestrator = tokio::spawn(rounds::orchestrate(coord.clone()));
+    let stop_rounds = orchestrator.abort_handle();
     // `sites approve` works offline on HOME/sites; a key replaced there is revoked and
     // logged within a second, without a restart.
     let watcher = {
@@ -112,9 +113,20 @@ pub async fn serve(
         metrics.count_status(response.headers());
         response
     });
+    let fatal = coord.clone();
     tokio::spawn(async move {
-        shutdown.await;
-        info!("stop requested: no new calls; finishing the ones in flight");
+        tokio::select! {
+            () = shutdown => info!("stop requested: no new calls; finishing the ones in flight"),
+            () = fatal.fatal.notified() => {
+                // Nothing more is done with this state. Witnesses still get the
+                // evidence for a while: each fetches the checkpoint on its next
+                // heartbeat, and keeps it with its own (AUD-17).
+                stop_rounds.abort();
+                fatal.metrics.ops.set_ready(false);
+                tokio::time::sleep(Duration::from_secs(10)).await;
+                info!("stopping: this coordinator must not serve its state");
+            }
+        }
         let _ = stop_tx.send(true);
     });
     let result = tonic::transport::Server::builder()
@@ -128,6 +140,11 @@ pub async fn serve(
     coord.metrics.ops.set_ready(false);
     orchestrator.abort();
     watcher.abort();
+    let fatal = server::lock(&coord.fatal_why).clone();
+    if let Some(why) = fatal {
+        // A rolled-back log gets no new signature.
+        anyhow::bail!("{why}");
+    }
     // Whatever the rounds left unsigned gets a checkpoint (every entry is already
     // committed; on a full disk the stop is still clean, the checkpoint waits for the
     // next start).

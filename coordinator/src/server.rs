@@ -97,6 +97,10 @@ pub struct Coord {
     /// revealed that round's sum (`reveal_once`): that sum was lost (a restart after
     /// the reveal, say), and the round can only be skipped.
     pub revealed_before: Mutex<BTreeSet<(String, u32)>>,
+    /// Why the coordinator must stop serving (its state proved rolled back); `serve`
+    /// waits on `fatal` and exits with this error.
+    pub fatal_why: Mutex<Option<String>>,
+    pub fatal: tokio::sync::Notify,
     /// See [`Coord::fork_evidence`].
     fork_evidence: Mutex<BTreeMap<String, String>>,
     /// The last round attempts (job, round, attempt) whose unmask stage closed: a site's
@@ -170,6 +174,8 @@ impl Coord {
             started: Instant::now(),
             sites_seen: Mutex::new(Vec::new()),
             revealed_before: Mutex::new(BTreeSet::new()),
+            fatal_why: Mutex::new(None),
+            fatal: tokio::sync::Notify::new(),
             fork_evidence: Mutex::new(BTreeMap::new()),
             unmask_closed: Mutex::new(std::collections::VecDeque::new()),
         };
@@ -347,6 +353,13 @@ impl Coord {
             return Err(Status::permission_denied(format!("certificate for site/{id} is revoked")));
         }
         Ok((id, peer))
+    }
+
+    /// Stops serving for `why` (an integrity failure): logged, and `serve` returns it.
+    pub fn stop_for(&self, why: String) {
+        tracing::error!(reason = %why, "REFUSING TO SERVE");
+        lock(&self.fatal_why).get_or_insert(why);
+        self.fatal.notify_one();
     }
 
     /// `id` came back as a new agent process: whatever it held of a secure-aggregation

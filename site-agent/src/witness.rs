@@ -346,7 +346,12 @@ pub async fn witness_once(home: &Home, client: &mut Client) -> Result<Witnessed>
     let prev_signed = previous.as_ref().map(|f| f.checkpoint.to_signed(&origin)).transpose()?.map(|(s, _)| s);
     let mut witness = Witness::new(origin.clone(), key, prev_signed.clone())?;
     let reply = client
-        .audit_checkpoint(pb::AuditCheckpointRequest { known_size: known })
+        .audit_checkpoint(pb::AuditCheckpointRequest {
+            known_size: known,
+            known: prev_signed
+                .clone()
+                .map(|signed| maeum_protocols::wire::audit::TreeHead { signed, cosignatures: Vec::new() }.to_pb()),
+        })
         .await
         .map_err(|e| anyhow!("fetching the audit checkpoint: {}", describe(&e)))?
         .into_inner();

@@ -311,7 +311,10 @@ fn a_forked_view_shown_to_one_site_is_caught_by_its_witness_which_stops_until_cl
 /// log shorter than what they had cosigned, and nothing caught it until the log grew
 /// past that size again (sites looped on "the log has N entries"). The coordinator now
 /// answers a witness that knows a larger checkpoint with its latest signed one, and the
-/// site keeps the two signed checkpoints as evidence (AUD-17) and stops.
+/// site keeps the two signed checkpoints as evidence (AUD-17) and stops. The witness's
+/// request carries its checkpoint, signed by this log: the coordinator takes it as
+/// proof that its state was rolled back, keeps it in the seal, stops serving, and
+/// refuses to start on that state again (issue 19).
 #[test]
 fn a_coordinator_restored_from_an_older_backup_is_caught_as_a_rollback() {
     let mut fed = Federation::new(3);
@@ -350,4 +353,18 @@ fn a_coordinator_restored_from_an_older_backup_is_caught_as_a_rollback() {
         assert!(why.starts_with("AUD-17 checkpoint of size"), "{s}: {why}");
     }
     assert!(fed.log_text("coordinator").contains("the log was rolled back"), "the coordinator's log says so");
+    // The coordinator stopped on its own (after letting the witnesses fetch the
+    // evidence), with the reason, and does not start on this state again.
+    let status = fed.terminate_coordinator(MIN).expect("the coordinator exits");
+    assert!(!status.success(), "a rolled-back coordinator exits with an error");
+    let log = fed.log_text("coordinator");
+    assert!(log.contains("REFUSING TO SERVE") && log.contains("was rolled back"), "{log}");
+    let out = Command::new(bin("maeum-coordinator"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--home"])
+        .arg(&home)
+        .output()
+        .expect("serve");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "served the rolled-back state again:\n{stderr}");
+    assert!(stderr.contains("cosigned a checkpoint of"), "{stderr}");
 }

@@ -336,8 +336,8 @@ impl pb::fleet_server::Fleet for Fleet {
     ) -> Result<Response<pb::AuditCheckpointReply>, Status> {
         let c = self.0.clone();
         let site = c.site(&req, None)?;
-        let known = req.into_inner().known_size;
-        let reply = tokio::task::spawn_blocking(move || c.witness_view(&site, known))
+        let r = req.into_inner();
+        let reply = tokio::task::spawn_blocking(move || c.witness_view(&site, r.known_size, r.known))
             .await
             .map_err(|e| internal(e.into()))??;
         Ok(Response::new(reply))
@@ -574,10 +574,38 @@ impl Coord {
     /// What a witness that knew the checkpoint of size `known` is shown: the latest
     /// checkpoint, the consistency proof to it, and the checkpoints since `known` with
     /// their cosignatures and the cosigners' certificates.
-    fn witness_view(&self, site: &str, known: u64) -> Result<pb::AuditCheckpointReply, Status> {
+    fn witness_view(
+        &self,
+        site: &str,
+        known: u64,
+        known_head: Option<pb::AuditTreeHead>,
+    ) -> Result<pb::AuditCheckpointReply, Status> {
         let latest = self.audit.latest().ok_or_else(|| Status::unavailable("the audit log has no checkpoint yet"))?;
         let size = latest.checkpoint.size;
         let origin = self.audit.origin();
+        if known > size
+            && let Some(head) = known_head
+            && let Ok(head) = wire::audit::TreeHead::from_pb(&origin, head)
+            && head.signed.checkpoint.size == known
+            && self.audit.signed_by_this_log(&head.signed)
+        {
+            // Proof under this log's own key that it once had `known` entries: the state
+            // was rolled back (a whole home restored from an older backup, say). The
+            // seal keeps the checkpoint, so no later start serves this log either, and
+            // the coordinator stops now. The site still gets the latest checkpoint
+            // below: with its own, the signed evidence it keeps (AUD-10).
+            let root = maeum_tlog::hex(&head.signed.checkpoint.root);
+            let why = format!(
+                "site {site} holds a checkpoint of {known} entries signed by this log, which has only {size}: this \
+                 coordinator's state was rolled back; it stops serving (restore HOME from a backup at least that new)"
+            );
+            if let Err(e) =
+                self.store.db().witness(crate::storage::Witnessed { size: known, root, site: site.to_owned() })
+            {
+                warn!(error = %format!("{e:#}"), "could not keep the witnessed checkpoint in the state seal");
+            }
+            self.stop_for(why);
+        }
         if known > size {
             // This log is shorter than what the site witnessed: it was rolled back (a
             // restore from an older backup, say). The site gets the latest signed
