@@ -288,6 +288,18 @@ impl Federation {
         None
     }
 
+    /// Runs `serve` on this home expecting it to refuse to start; returns its stderr.
+    pub fn serve_refused(&self) -> String {
+        let out = Command::new(bin("maeum-coordinator"))
+            .args(["serve", "--listen", "127.0.0.1:0", "--home"])
+            .arg(self.coordinator_home())
+            .output()
+            .expect("serve");
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(!out.status.success(), "the coordinator served a state it must refuse:\n{stderr}");
+        stderr
+    }
+
     pub fn kill_coordinator(&mut self) {
         if let Some(mut c) = self.coordinator.take() {
             let _ = c.kill();

@@ -359,12 +359,6 @@ fn a_coordinator_restored_from_an_older_backup_is_caught_as_a_rollback() {
     assert!(!status.success(), "a rolled-back coordinator exits with an error");
     let log = fed.log_text("coordinator");
     assert!(log.contains("REFUSING TO SERVE") && log.contains("was rolled back"), "{log}");
-    let out = Command::new(bin("maeum-coordinator"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--home"])
-        .arg(&home)
-        .output()
-        .expect("serve");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "served the rolled-back state again:\n{stderr}");
+    let stderr = fed.serve_refused();
     assert!(stderr.contains("cosigned a checkpoint of"), "{stderr}");
 }

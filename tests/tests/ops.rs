@@ -202,13 +202,7 @@ fn a_rolled_back_state_is_refused_at_start_and_named_by_the_doctor() {
     std::fs::rename(&state, &newer).expect("keep the newer state");
     copy_dir(&older, &state);
 
-    let out = Command::new(bin("maeum-coordinator"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--home"])
-        .arg(&home)
-        .output()
-        .expect("serve");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "served a rolled-back state:\n{stderr}");
+    let stderr = fed.serve_refused();
     assert!(stderr.contains("the state database was rolled back"), "{stderr}");
     let out = fed.cli(&["doctor", "--json"]);
     assert!(!out.status.success());
