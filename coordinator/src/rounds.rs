@@ -257,17 +257,8 @@ async fn run_round(c: &Coord, id: &str, round: u32, spec: &ModelSpec) -> Result<
             let min = job.spec.min_sites as usize;
             let online = c.online_sites();
             let now = now_ms();
-            let benched: Vec<String> = job
-                .accepted()
-                .filter_map(|s| {
-                    let b = job.benched(s, now)?;
-                    Some(format!(
-                        "{s} for {} s more ({} failed attempts)",
-                        (b.benched_until_ms - now + 999) / 1000,
-                        b.count
-                    ))
-                })
-                .collect();
+            let benched: Vec<String> =
+                job.accepted().filter_map(|s| Some(format!("{s} {}", job.benched(s, now)?.sitting_out(now)))).collect();
             let eligible: Vec<&String> = job
                 .accepted()
                 .filter(|s| {

@@ -690,6 +690,7 @@ impl Coord {
             else {
                 return Ok(());
             };
+            // The accuser leaves the attempt through no fault of its own: no strike.
             r.drop_site(site);
             let Some(name) = u16::try_from(accused)
                 .ok()

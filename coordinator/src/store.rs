@@ -140,6 +140,19 @@ pub struct Strikes {
     pub last: String,
 }
 
+impl Strikes {
+    /// "for N s more after K failed attempts in a row (last: …)", for `jobs status` and
+    /// the job's activity.
+    pub fn sitting_out(&self, now_ms: i64) -> String {
+        format!(
+            "for {} s more after {} failed attempts in a row (last: {})",
+            (self.benched_until_ms - now_ms + 999) / 1000,
+            self.count,
+            self.last
+        )
+    }
+}
+
 /// Consecutive failed attempts after which a site sits out.
 pub const STRIKES_TO_BENCH: u32 = 3;
 /// How long a site sits out after `count` consecutive failures: 30 s at the third,

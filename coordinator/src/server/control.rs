@@ -11,29 +11,22 @@ type JobStream = Pin<Box<dyn Stream<Item = Result<pb::JobInfo, Status>> + Send>>
 impl Coord {
     pub fn job_info(&self, j: &JobRecord) -> pb::JobInfo {
         let current = lock(&self.current_job).as_deref() == Some(j.id.as_str());
+        // A full disk pauses the job in progress: shown as such, not as running.
+        let paused = current && j.state.is_active() && self.store.db().disk_full();
+        let now = now_ms();
         let confusion = |rows: &Option<Vec<Vec<u64>>>| rows.as_ref().map(|r| (&ConfusionCounts::from_rows(r)).into());
         pb::JobInfo {
             job_id: j.id.clone(),
             name: j.spec.name.clone(),
-            // A full disk pauses the job in progress: shown as such, not as running.
-            state: if current && j.state.is_active() && self.store.db().disk_full() {
-                "paused".into()
-            } else {
-                j.state.as_str().into()
-            },
+            state: if paused { "paused".into() } else { j.state.as_str().into() },
             rounds: j.spec.rounds,
             completed_rounds: j.completed_rounds(),
-            activity: match (current, self.store.db().disk_full()) {
+            activity: match (current, lock(&self.activity).clone()) {
                 (false, _) => String::new(),
-                (true, false) => lock(&self.activity).clone(),
-                (true, true) => {
-                    let a = lock(&self.activity).clone();
-                    if a.starts_with("paused:") {
-                        a
-                    } else {
-                        format!("paused: the disk is full (the state database cannot write); {a}")
-                    }
+                (true, a) if paused && !a.starts_with("paused:") => {
+                    format!("paused: the disk is full (the state database cannot write); {a}")
                 }
+                (true, a) => a,
             },
             history: j
                 .history
@@ -69,14 +62,11 @@ impl Coord {
                 .excluded
                 .iter()
                 .map(|(s, why)| format!("{s}: {why}"))
-                .chain(j.strikes.iter().filter(|(_, k)| k.benched_until_ms > now_ms()).map(|(s, k)| {
-                    format!(
-                        "{s}: sits out for {} s more after {} failed attempts in a row (last: {})",
-                        (k.benched_until_ms - now_ms() + 999) / 1000,
-                        k.count,
-                        k.last
-                    )
-                }))
+                .chain(
+                    j.strikes
+                        .keys()
+                        .filter_map(|s| Some(format!("{s}: sits out {}", j.benched(s, now)?.sitting_out(now)))),
+                )
                 .collect(),
             refusals: lock(&self.refusals).get(&j.id).cloned().unwrap_or_default(),
             privacy_plan: j

@@ -289,7 +289,7 @@ impl pb::fleet_server::Fleet for Fleet {
                     "site advertised new secure-aggregation keys for a session it had joined (it restarted); \
                      dropped from this attempt"
                 );
-                state.drop_site(&site);
+                state.drop_for(&site, "restarted mid-session");
                 return Err(Status::failed_precondition(format!(
                     "site/{site} restarted and lost its keys for this secure-aggregation session (round {} attempt \
                      {}); it is dropped from this attempt and takes part again from the next one",

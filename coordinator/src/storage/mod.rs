@@ -156,7 +156,7 @@ struct Inner {
     full: std::sync::atomic::AtomicBool,
     /// `HOME/state.lock`, locked exclusively for as long as this database is open (the
     /// engines' own locks differ: redb admits several processes).
-    _lock: Option<std::fs::File>,
+    _lock: std::fs::File,
     backend: Box<dyn Backend>,
     seal_path: PathBuf,
     sealed: Mutex<Sealed>,
@@ -315,15 +315,18 @@ impl Db {
         } else {
             Box::new(guarded("opening sled", || SledBackend::open(dir))?)
         };
-        let mut db = Self::with_backend(backend, seal_path(dir))?;
-        if let Some(inner) = Arc::get_mut(&mut db.inner) {
-            inner._lock = Some(lock);
+        let db = Self::checked(backend, seal_path(dir), lock)?;
+        if db.report.migrated {
+            tracing::info!(
+                records = db.report.records,
+                "the state database was framed with checksums (a home from before them)"
+            );
         }
         Ok(db)
     }
 
-    /// Opens over an already open `backend`, with the seal at `seal_path`.
-    pub fn with_backend(backend: Box<dyn Backend>, seal_path: PathBuf) -> Result<Db> {
+    /// Checks an open `backend` against the seal at `seal_path`, holding `lock`.
+    fn checked(backend: Box<dyn Backend>, seal_path: PathBuf, lock: std::fs::File) -> Result<Db> {
         let engine = backend.kind();
         let format = guarded("reading the format record", || backend.get(Tree::Meta, FORMAT_KEY))?;
         let mut migrated = false;
@@ -432,7 +435,7 @@ impl Db {
         };
         let inner = Inner {
             full: Default::default(),
-            _lock: None,
+            _lock: lock,
             backend,
             seal_path,
             sealed: Mutex::new(Sealed { commits, chain, witnessed, current: false }),
@@ -494,15 +497,6 @@ impl Db {
 
     /// Applies `writes` atomically and durably, then advances the seal.
     pub fn commit(&self, writes: Vec<Write>) -> Result<()> {
-        // Test hook (fault-injection builds only): every commit fails as on a full disk
-        // while the named file exists.
-        if let Some(flag) = crate::attack::test_env("MAEUM_COORDINATOR_TEST_DISK_FULL")
-            && Path::new(&flag).exists()
-        {
-            self.inner.full.store(true, std::sync::atomic::Ordering::Relaxed);
-            return Err(anyhow::Error::new(std::io::Error::from(std::io::ErrorKind::StorageFull))
-                .context("committing to the state database (test hook)"));
-        }
         let result = self.commit_sealed(writes);
         let full = result.as_ref().err().is_some_and(is_disk_full);
         if self.inner.full.swap(full, std::sync::atomic::Ordering::Relaxed) && result.is_ok() {
@@ -517,6 +511,14 @@ impl Db {
     }
 
     fn commit_sealed(&self, writes: Vec<Write>) -> Result<()> {
+        // Test hook (fault-injection builds only): every commit fails as on a full disk
+        // while the named file exists.
+        if let Some(flag) = crate::attack::test_env("MAEUM_COORDINATOR_TEST_DISK_FULL")
+            && Path::new(&flag).exists()
+        {
+            return Err(anyhow::Error::new(std::io::Error::from(std::io::ErrorKind::StorageFull))
+                .context("committing to the state database (test hook)"));
+        }
         let mut sealed = self.inner.lock();
         if !sealed.current {
             self.inner.write_seal(&mut sealed).context("the state seal is behind (an earlier write failed)")?;
