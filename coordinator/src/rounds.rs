@@ -375,7 +375,8 @@ async fn run_round(c: &Coord, id: &str, round: u32, spec: &ModelSpec) -> Result<
                              once per round); the round is skipped"
                                 .into(),
                         );
-                        let committed = commit_round(c, id, spec, &base, skipped).await?;
+                        let committed =
+                            tokio::task::block_in_place(|| commit_round_blocking(c, id, spec, &base, skipped, true))?;
                         return Ok(Some(committed));
                     }
                     warn!(round, attempt, reason = %why, "secure aggregation failed; retrying the round with a new session");
@@ -437,7 +438,6 @@ async fn run_round(c: &Coord, id: &str, round: u32, spec: &ModelSpec) -> Result<
         // line finishes the same attempt again, and commits the same sum).
         crate::resume::clear(&c.home);
         c.metrics.stage("commit", commit_started.elapsed());
-        c.metrics.rounds.inc("committed");
         return Ok(Some(committed));
     }
 }
@@ -555,7 +555,7 @@ async fn commit_round(
     base: &VersionRecord,
     state: RoundState,
 ) -> Result<JobRecord> {
-    tokio::task::block_in_place(|| commit_round_blocking(c, id, spec, base, state))
+    tokio::task::block_in_place(|| commit_round_blocking(c, id, spec, base, state, false))
 }
 
 fn commit_round_blocking(
@@ -564,6 +564,7 @@ fn commit_round_blocking(
     spec: &ModelSpec,
     base: &VersionRecord,
     state: RoundState,
+    skipped: bool,
 ) -> Result<JobRecord> {
     let job = load(c, id)?;
     let (_, params, _) = ModelSpec::load(&c.blobs.path(&Digest::parse("digest", &base.digest)?))
@@ -643,6 +644,12 @@ fn commit_round_blocking(
         });
         Ok(())
     })?;
+    // Counted the moment the round is durable: a reader who sees the round in the job's
+    // history (the control API) must never scrape a counter that lags it. A skipped
+    // round's attempt was already counted as failed.
+    if !skipped {
+        c.metrics.rounds.inc("committed");
+    }
     for s in &state.done {
         if let Some(mut rec) = c.store.site(s)? {
             rec.rounds_contributed += 1;
