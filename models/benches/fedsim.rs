@@ -20,9 +20,11 @@
 //! --dropout P (0.5) --prox-mu μ (0) --beta1 (0.9) --beta2 (0.99) --tau (0.001)
 //! --sites S (7) --alpha α (0.5) --seed (7) --optimizer adam|sgd (adam) --head-only --buckets (65536) --embed-dim (64)
 //! --hidden (128) --skip-baselines --data FILE
-//! --model text-classifier|encoder-head (text-classifier): `encoder-head` embeds the posts
+//! --model text-classifier|encoder-head|encoder-lora (text-classifier): `encoder-head` embeds the posts
 //! with all-MiniLM-L6-v2 from data/encoders (scripts/fetch_encoder.py), cached in
-//! data/cache/vectors, and trains only the head (`--hidden`).
+//! data/cache/vectors, and trains only the head (`--hidden`). `encoder-lora` runs the
+//! encoder's lower layers once per post and trains FFA-LoRA adapters on the top
+//! `--lora-layers` (1) at `--lora-rank` (8), `--lora-alpha` (32), and the head.
 //!
 //! Differential privacy (local mode, docs/protocols/privacy.md): --dp-sigma σ or
 //! --dp-epsilon ε (σ calibrated by the accountant for --dp-delta δ (1e-5) over all
@@ -173,7 +175,18 @@ fn main() {
             hidden: model.hidden,
             labels: labels.clone(),
         },
-        other => panic!("--model must be text-classifier or encoder-head, got {other}"),
+        "encoder-lora" => ModelSpec::EncoderLora {
+            encoder: maeum_models::encoder::known("all-minilm-l6-v2").expect("known"),
+            lora: maeum_models::lora::LoraConfig {
+                layers: num("--lora-layers", maeum_models::lora::LoraConfig::default().layers as f64) as usize,
+                rank: num("--lora-rank", maeum_models::lora::LoraConfig::default().rank as f64) as usize,
+                alpha: num("--lora-alpha", f64::from(maeum_models::lora::LoraConfig::default().alpha)) as f32,
+                seed,
+            },
+            hidden: model.hidden,
+            labels: labels.clone(),
+        },
+        other => panic!("--model must be text-classifier, encoder-head or encoder-lora, got {other}"),
     };
     let encoders = std::cell::RefCell::new(maeum_models::encoder::Encoders::new(
         root.join("data/encoders"),

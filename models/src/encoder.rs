@@ -21,6 +21,8 @@ use std::path::{Path, PathBuf};
 use burn::tensor::activation::{gelu, softmax};
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use rayon::prelude::*;
+
+pub use crate::lora::{LayerWeights, TopLayers};
 use serde::{Deserialize, Serialize};
 
 /// Which encoder a model uses, by name and digests (carried by the job, the model file
@@ -330,6 +332,11 @@ impl Encoder {
         &self.spec
     }
 
+    /// The number of transformer layers.
+    pub fn depth(&self) -> usize {
+        self.layers.len()
+    }
+
     /// Token ids of each text, `[CLS]` … `[SEP]`, truncated to `max_tokens`.
     pub fn tokenize(&self, texts: &[&str]) -> Result<Vec<Vec<u32>>, EncoderError> {
         texts
@@ -385,8 +392,76 @@ impl Encoder {
         out
     }
 
-    /// One batch: padded to its longest member, masked, mean-pooled, normalised.
-    fn forward(&self, batch: &[&[u32]]) -> Vec<f32> {
+    /// The hidden states after the first `layers` transformer layers for each text
+    /// (`len_i × dim` values, row-major, padding removed): the input of the layers
+    /// above, which [`crate::lora`] trains with adapters. `layers` is at most the
+    /// encoder's depth.
+    pub fn hidden_states(&self, ids: &[Vec<u32>], layers: usize, progress: &mut dyn FnMut(usize)) -> Vec<Vec<f32>> {
+        let dim = self.config.hidden_size;
+        let layers = layers.min(self.layers.len());
+        let mut order: Vec<usize> = (0..ids.len()).collect();
+        order.sort_by_key(|&i| ids[i].len());
+        let mut out = vec![Vec::new(); ids.len()];
+        let mut done = 0;
+        let chunks: Vec<&[usize]> = order.chunks(BATCH).collect();
+        let threads = rayon::current_num_threads().max(1);
+        for group in chunks.chunks(threads) {
+            let states: Vec<(Vec<f32>, usize)> = group
+                .par_iter()
+                .map(|chunk| {
+                    let batch: Vec<&[u32]> = chunk.iter().map(|&i| ids[i].as_slice()).collect();
+                    let (x, _, len) = self.run(&batch, layers);
+                    // INVARIANT: a float tensor converts to f32.
+                    #[allow(clippy::unwrap_used)]
+                    (x.into_data().convert::<f32>().try_into_vec::<f32>().unwrap(), len)
+                })
+                .collect();
+            for (chunk, (x, len)) in group.iter().zip(states) {
+                for (j, &i) in chunk.iter().enumerate() {
+                    let n = ids[i].len().clamp(1, len);
+                    out[i] = x[j * len * dim..(j * len + n) * dim].to_vec();
+                }
+                done += chunk.len();
+            }
+            progress(done);
+        }
+        out
+    }
+
+    /// The weights of the encoder's top `k` layers (bottom first), for training them
+    /// with adapters. `k` is at most the encoder's depth.
+    pub fn top_layers(&self, k: usize) -> TopLayers {
+        let vals = |t: &Tensor<2>| -> Vec<f32> {
+            // INVARIANT: a float tensor converts to f32.
+            #[allow(clippy::unwrap_used)]
+            t.clone().into_data().convert::<f32>().try_into_vec::<f32>().unwrap()
+        };
+        let lin = |l: &Linear| (l.w.as_standard_layout().iter().copied().collect::<Vec<f32>>(), vals(&l.b));
+        let norm = |n: &LayerNorm| (vals(&n.gamma), vals(&n.beta));
+        let start = self.layers.len() - k.min(self.layers.len());
+        TopLayers {
+            hidden: self.config.hidden_size,
+            heads: self.config.num_attention_heads,
+            intermediate: self.config.intermediate_size,
+            eps: self.config.layer_norm_eps,
+            first: start,
+            layers: self.layers[start..]
+                .iter()
+                .map(|l| LayerWeights {
+                    qkv: lin(&l.qkv),
+                    attn_out: lin(&l.attn_out),
+                    attn_norm: norm(&l.attn_norm),
+                    inter: lin(&l.inter),
+                    out: lin(&l.out),
+                    out_norm: norm(&l.out_norm),
+                })
+                .collect(),
+        }
+    }
+
+    /// One batch through the embeddings and the first `layers` layers: the states
+    /// (`b·len × h`), the mask (`b × len`, 1 for tokens) and the padded length.
+    fn run(&self, batch: &[&[u32]], layers: usize) -> (Tensor<2>, Tensor<2>, usize) {
         let (b, h) = (batch.len(), self.config.hidden_size);
         let len = batch.iter().map(|s| s.len()).max().unwrap_or(0).clamp(1, self.spec.max_tokens);
         let (heads, head_dim) = (self.config.num_attention_heads, h / self.config.num_attention_heads);
@@ -414,7 +489,7 @@ impl Encoder {
         let bias = ((mask2.clone() - 1.0) * 1e9).reshape([b, 1, 1, len]);
         let scale = 1.0 / (head_dim as f64).sqrt();
         let split = |t: Tensor<2>| t.reshape([b, len, heads, head_dim]).swap_dims(1, 2);
-        for layer in &self.layers {
+        for layer in &self.layers[..layers] {
             let qkv = layer.qkv.forward(x.clone());
             let q = split(qkv.clone().slice([0..b * len, 0..h]));
             let k = split(qkv.clone().slice([0..b * len, h..2 * h]));
@@ -425,16 +500,28 @@ impl Encoder {
             let ff = layer.out.forward(gelu(layer.inter.forward(x1.clone())));
             x = layer.out_norm.forward(ff + x1);
         }
-        let mask3 = mask2.clone().reshape([b, len, 1]);
-        let summed = (x.reshape([b, len, h]) * mask3).sum_dim(1).reshape([b, h]);
-        let counts = mask2.sum_dim(1).clamp_min(1.0);
-        let mean = summed / counts;
-        let norm = mean.clone().powi_scalar(2).sum_dim(1).sqrt().clamp_min(1e-12);
-        let pooled = mean / norm;
+        (x, mask2, len)
+    }
+
+    /// One batch: padded to its longest member, masked, mean-pooled, normalised.
+    fn forward(&self, batch: &[&[u32]]) -> Vec<f32> {
+        let (x, mask2, len) = self.run(batch, self.layers.len());
+        let (b, h) = (batch.len(), self.config.hidden_size);
         // INVARIANT: a float tensor converts to f32.
         #[allow(clippy::unwrap_used)]
-        pooled.into_data().convert::<f32>().try_into_vec::<f32>().unwrap()
+        pool(x, mask2, b, len, h).into_data().convert::<f32>().try_into_vec::<f32>().unwrap()
     }
+}
+
+/// Masked mean over each text's tokens, L2-normalised: `b × h` from `b·len × h` states
+/// and a `b × len` mask.
+pub(crate) fn pool(x: Tensor<2>, mask2: Tensor<2>, b: usize, len: usize, h: usize) -> Tensor<2> {
+    let mask3 = mask2.clone().reshape([b, len, 1]);
+    let summed = (x.reshape([b, len, h]) * mask3).sum_dim(1).reshape([b, h]);
+    let counts = mask2.sum_dim(1).clamp_min(1.0);
+    let mean = summed / counts;
+    let norm = mean.clone().powi_scalar(2).sum_dim(1).sqrt().clamp_min(1e-12);
+    mean / norm
 }
 
 struct Loader<'a> {
@@ -500,6 +587,8 @@ pub struct Encoders {
     dir: PathBuf,
     cache: Option<PathBuf>,
     loaded: std::collections::HashMap<String, Encoder>,
+    /// [`Encoder::top_layers`] by (encoder, count), shared by everything prepared here.
+    tops: std::collections::HashMap<(String, usize), std::sync::Arc<TopLayers>>,
 }
 
 impl std::fmt::Debug for Encoders {
@@ -511,7 +600,7 @@ impl std::fmt::Debug for Encoders {
 impl Encoders {
     /// Encoders under `dir`; sentence vectors cached under `cache` when given.
     pub fn new(dir: impl Into<PathBuf>, cache: Option<PathBuf>) -> Self {
-        Self { dir: dir.into(), cache, loaded: Default::default() }
+        Self { dir: dir.into(), cache, loaded: Default::default(), tops: Default::default() }
     }
 
     /// The encoder `spec` names (a catalogue entry), loaded and digest-checked on first
@@ -537,6 +626,18 @@ impl Encoders {
         // INVARIANT: inserted above when absent.
         #[allow(clippy::unwrap_used)]
         Ok(self.loaded.get(&key).unwrap())
+    }
+
+    /// The top `k` layers of `spec`'s encoder, loaded once: data prepared with the same
+    /// `Encoders` shares them (and can be joined).
+    pub fn top_layers(&mut self, spec: &EncoderSpec, k: usize) -> Result<std::sync::Arc<TopLayers>, EncoderError> {
+        let key = (spec.name.clone(), k);
+        if let Some(t) = self.tops.get(&key) {
+            return Ok(t.clone());
+        }
+        let top = std::sync::Arc::new(self.get(spec)?.top_layers(k));
+        self.tops.insert(key, top.clone());
+        Ok(top)
     }
 
     /// Sentence vectors of `texts` (row-major), from the cache where present; the rest

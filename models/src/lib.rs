@@ -10,6 +10,7 @@ pub mod ddp;
 pub mod dp;
 pub mod encoder;
 pub mod features;
+pub mod lora;
 pub mod metrics;
 pub mod model;
 pub mod nn;

@@ -4,12 +4,14 @@
 
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
 use crate::data::{Example, LabelSet, Table};
 use crate::encoder::{EncoderError, EncoderSpec, Encoders};
 use crate::features::{FeatureConfig, featurize};
+use crate::lora::{LoraArch, LoraConfig, LoraNet, TokenData};
 use crate::nn::{self, Mlp, MlpArch, TabularData, TrainConfig, TrainReport};
 use crate::params::{FlatParams, Layout, ParamsError};
 use crate::text::{self, TextArch, TextData};
@@ -45,6 +47,15 @@ pub enum ModelSpec {
         hidden: usize,
         labels: LabelSet,
     },
+    /// A pretrained encoder whose top layers are fine-tuned with FFA-LoRA adapters
+    /// ([`crate::lora`]), and an MLP head. Only the adapters' `B` and the head are in
+    /// the parameters.
+    EncoderLora {
+        encoder: EncoderSpec,
+        lora: LoraConfig,
+        hidden: usize,
+        labels: LabelSet,
+    },
     TabularMlp {
         columns: Vec<String>,
         /// Standardisation fitted on the training data: `(x − mean) / std`.
@@ -75,6 +86,7 @@ impl ModelSpec {
         match self {
             ModelSpec::TextClassifier { .. } => "text-classifier",
             ModelSpec::EncoderHead { .. } => "encoder-head",
+            ModelSpec::EncoderLora { .. } => "encoder-lora",
             ModelSpec::TabularMlp { .. } => "tabular-mlp",
         }
     }
@@ -83,6 +95,7 @@ impl ModelSpec {
         match self {
             ModelSpec::TextClassifier { labels, .. }
             | ModelSpec::EncoderHead { labels, .. }
+            | ModelSpec::EncoderLora { labels, .. }
             | ModelSpec::TabularMlp { labels, .. } => labels,
         }
     }
@@ -91,6 +104,7 @@ impl ModelSpec {
         match self.arch() {
             Arch::Text(a) => a.layout(),
             Arch::Tabular(a) => <Mlp as nn::Network>::layout_of(&a),
+            Arch::Lora(l) => crate::lora::layout(&l.lora, l.dim, l.hidden, l.n_labels),
         }
     }
 
@@ -106,6 +120,9 @@ impl ModelSpec {
             ModelSpec::EncoderHead { encoder, hidden, labels } => {
                 Arch::Tabular(MlpArch { n_in: encoder.dim, hidden: *hidden, n_labels: labels.len() })
             }
+            ModelSpec::EncoderLora { encoder, lora, hidden, labels } => {
+                Arch::Lora(LoraShape { lora: lora.clone(), dim: encoder.dim, hidden: *hidden, n_labels: labels.len() })
+            }
             ModelSpec::TabularMlp { columns, hidden, labels, .. } => {
                 Arch::Tabular(MlpArch { n_in: columns.len(), hidden: *hidden, n_labels: labels.len() })
             }
@@ -115,7 +132,7 @@ impl ModelSpec {
     /// The pretrained encoder this model runs on its inputs, if any.
     pub fn encoder(&self) -> Option<&EncoderSpec> {
         match self {
-            ModelSpec::EncoderHead { encoder, .. } => Some(encoder),
+            ModelSpec::EncoderHead { encoder, .. } | ModelSpec::EncoderLora { encoder, .. } => Some(encoder),
             _ => None,
         }
     }
@@ -125,6 +142,20 @@ impl ModelSpec {
         match (self.arch(), data) {
             (Arch::Text(a), Prepared::Text(d)) => Ok(ArchData::Text(a, d)),
             (Arch::Tabular(a), Prepared::Tabular(d)) => Ok(ArchData::Tabular(a, d)),
+            (Arch::Lora(l), Prepared::Tokens(d)) => {
+                if d.frozen.layers.len() != l.lora.layers || d.frozen.hidden != l.dim {
+                    return Err(ModelError::Config(format!(
+                        "the prepared token states are for {} adapted layers of width {}, the model has {} of width {}",
+                        d.frozen.layers.len(),
+                        d.frozen.hidden,
+                        l.lora.layers,
+                        l.dim
+                    )));
+                }
+                let arch = LoraArch { frozen: d.frozen.clone(), lora: l.lora, hidden: l.hidden, n_labels: l.n_labels };
+                Ok(ArchData::Lora(arch, d))
+            }
+            (_, Prepared::Tokens(_)) => Err(ModelError::WrongKind { expected: "encoder-lora", actual: self.kind() }),
             (_, Prepared::Text(_)) => Err(ModelError::WrongKind { expected: "text-classifier", actual: self.kind() }),
             (_, Prepared::Tabular(_)) => {
                 Err(ModelError::WrongKind { expected: "tabular-mlp or encoder-head", actual: self.kind() })
@@ -144,26 +175,46 @@ impl ModelSpec {
             ModelSpec::TabularMlp { hidden, .. } | ModelSpec::EncoderHead { hidden, .. } if *hidden == 0 => {
                 return Err(ModelError::Config("hidden must be positive".into()));
             }
-            ModelSpec::EncoderHead { encoder, .. } if encoder.dim == 0 => {
+            ModelSpec::EncoderHead { encoder, .. } | ModelSpec::EncoderLora { encoder, .. } if encoder.dim == 0 => {
                 return Err(ModelError::Config("the encoder's dim must be positive".into()));
             }
+            ModelSpec::EncoderLora { hidden: 0, .. } => {
+                return Err(ModelError::Config("hidden must be positive".into()));
+            }
+            ModelSpec::EncoderLora { lora, .. } => lora.validate().map_err(ModelError::Config)?,
             ModelSpec::TabularMlp { .. } | ModelSpec::EncoderHead { .. } => {}
         }
         Ok(match self.arch() {
             Arch::Text(a) => a.init(seed),
             Arch::Tabular(a) => nn::init_params::<Mlp>(&a, seed),
+            Arch::Lora(l) => crate::lora::init(&l.lora, l.dim, l.hidden, l.n_labels, seed),
         })
     }
 }
 
+/// Differential privacy needs per-example gradients in closed form; the adapted
+/// transformer layers have none here yet.
+const NO_DP_LORA: &str = "differential privacy is not available for encoder-lora models (per-example gradients \
+                          through the adapted layers are not implemented); use encoder-head";
+
 enum Arch {
     Text(TextArch),
     Tabular(MlpArch),
+    Lora(LoraShape),
+}
+
+/// What an `encoder-lora` spec says of its shape; the frozen layers come with the data.
+struct LoraShape {
+    lora: LoraConfig,
+    dim: usize,
+    hidden: usize,
+    n_labels: usize,
 }
 
 enum ArchData<'a> {
     Text(TextArch, &'a TextData),
     Tabular(MlpArch, &'a TabularData),
+    Lora(LoraArch, &'a TokenData),
 }
 
 /// A model's inputs, featurised for its kind.
@@ -171,6 +222,8 @@ enum ArchData<'a> {
 pub enum Prepared {
     Text(TextData),
     Tabular(TabularData),
+    /// Hidden states below an `encoder-lora` model's adapted layers.
+    Tokens(TokenData),
 }
 
 impl Prepared {
@@ -178,6 +231,7 @@ impl Prepared {
         match self {
             Prepared::Text(d) => d.docs.len(),
             Prepared::Tabular(d) => d.rows.len(),
+            Prepared::Tokens(d) => d.states.len(),
         }
     }
 
@@ -198,6 +252,10 @@ impl Prepared {
                     a.rows.extend_from_slice(&b.rows);
                     a.labels.extend_from_slice(&b.labels);
                 }
+                (Prepared::Tokens(a), Prepared::Tokens(b)) if Arc::ptr_eq(&a.frozen, &b.frozen) => {
+                    a.states.extend_from_slice(&b.states);
+                    a.labels.extend_from_slice(&b.labels);
+                }
                 _ => return None,
             }
         }
@@ -209,6 +267,7 @@ impl Prepared {
         match self {
             Prepared::Text(d) => &d.labels,
             Prepared::Tabular(d) => &d.labels,
+            Prepared::Tokens(d) => &d.labels,
         }
     }
 }
@@ -251,6 +310,7 @@ impl ModelSpec {
         match &mut prepared {
             Prepared::Text(d) => d.labels = labels,
             Prepared::Tabular(d) => d.labels = labels,
+            Prepared::Tokens(d) => d.labels = labels,
         }
         Ok(prepared)
     }
@@ -293,9 +353,34 @@ impl ModelSpec {
                 let labels = vec![0; rows.len()];
                 Ok(Prepared::Tabular(TabularData { rows, labels }))
             }
-            ModelSpec::TabularMlp { .. } => {
-                Err(ModelError::WrongKind { expected: "text-classifier or encoder-head", actual: self.kind() })
+            ModelSpec::EncoderLora { encoder, lora, .. } => {
+                let Some(encoders) = encoders else {
+                    return Err(ModelError::Config(format!(
+                        "an encoder-lora model needs its encoder {:?}, and none was given",
+                        encoder.name
+                    )));
+                };
+                lora.validate().map_err(ModelError::Config)?;
+                let enc = encoders.get(encoder)?;
+                if lora.layers > enc.depth() {
+                    return Err(ModelError::Config(format!(
+                        "lora layers is {}, but encoder {:?} has {} layers",
+                        lora.layers,
+                        encoder.name,
+                        enc.depth()
+                    )));
+                }
+                let ids = enc.tokenize(texts)?;
+                let total = ids.len();
+                let states = enc.hidden_states(&ids, enc.depth() - lora.layers, &mut |done| progress(done, total));
+                let frozen = encoders.top_layers(encoder, lora.layers)?;
+                let labels = vec![0; states.len()];
+                Ok(Prepared::Tokens(TokenData { states, labels, frozen }))
             }
+            ModelSpec::TabularMlp { .. } => Err(ModelError::WrongKind {
+                expected: "text-classifier, encoder-head or encoder-lora",
+                actual: self.kind(),
+            }),
         }
     }
 
@@ -354,6 +439,7 @@ impl ModelSpec {
         Ok(match self.with_data(data)? {
             ArchData::Text(a, d) => text::train(&a, start, d, cfg, progress)?,
             ArchData::Tabular(a, d) => nn::train::<Mlp>(&a, start, d, cfg, progress)?,
+            ArchData::Lora(a, d) => nn::train::<LoraNet>(&a, start, d, cfg, progress)?,
         })
     }
 
@@ -371,6 +457,7 @@ impl ModelSpec {
         match self.with_data(data)? {
             ArchData::Text(a, d) => crate::dp::train_text(&a, start, d, cfg, dp, rng, progress),
             ArchData::Tabular(a, d) => crate::dp::train_tabular(&a, start, d, cfg, dp, rng, progress),
+            ArchData::Lora(..) => Err(NO_DP_LORA.into()),
         }
         .map_err(ModelError::Config)
     }
@@ -397,6 +484,7 @@ impl ModelSpec {
             ArchData::Tabular(a, d) => {
                 crate::dp::clipped_gradient_sum(crate::dp::ModelRef::Tabular(&a, d), start, dropout, q, clip, rng)
             }
+            ArchData::Lora(..) => Err(NO_DP_LORA.into()),
         }
         .map_err(ModelError::Config)?;
         let mut words = vec![0u32; sum.len()];
@@ -408,6 +496,7 @@ impl ModelSpec {
         Ok(match self.with_data(data)? {
             ArchData::Text(a, d) => text::evaluate(&a, params, d)?,
             ArchData::Tabular(a, d) => nn::evaluate::<Mlp>(&a, params, d)?,
+            ArchData::Lora(a, d) => nn::evaluate::<LoraNet>(&a, params, d)?,
         })
     }
 
@@ -415,6 +504,7 @@ impl ModelSpec {
         Ok(match self.with_data(data)? {
             ArchData::Text(a, d) => text::predict_proba(&a, params, d)?,
             ArchData::Tabular(a, d) => nn::predict_proba::<Mlp>(&a, params, d)?,
+            ArchData::Lora(a, d) => nn::predict_proba::<LoraNet>(&a, params, d)?,
         })
     }
 
@@ -468,7 +558,8 @@ impl ModelSpec {
         let mut values = Vec::with_capacity(params.values().len());
         for (t, v) in params.tensors() {
             match t.shape[..] {
-                [n_in, n_out] if TORCH_TRANSPOSED.contains(&t.name.as_str()) => {
+                // LoRA's B (`rank × out` here) is PEFT's `lora_B.weight` (`out × rank`).
+                [n_in, n_out] if TORCH_TRANSPOSED.contains(&t.name.as_str()) || t.name.ends_with(".lora_b") => {
                     values.extend((0..n_out).flat_map(|o| (0..n_in).map(move |i| v[i * n_out + o])));
                     tensors.push(crate::params::TensorSpec { name: t.name.clone(), shape: vec![n_out, n_in] });
                 }
@@ -490,7 +581,7 @@ impl ModelSpec {
 }
 
 /// The linear layers' weights, which burn stores `(in, out)` and PyTorch `(out, in)`.
-const TORCH_TRANSPOSED: [&str; 2] = ["hidden.weight", "output.weight"];
+const TORCH_TRANSPOSED: [&str; 4] = ["hidden.weight", "output.weight", "head.hidden.weight", "head.output.weight"];
 
 #[cfg(test)]
 mod tests {
