@@ -89,12 +89,20 @@ pub struct DemoArgs {
     /// `local`, 1 for `distributed`).
     #[arg(long)]
     pub sample_rate: Option<f64>,
-    /// The model: `text-classifier` (hashed n-grams, trained from scratch) or
+    /// The model: `text-classifier` (hashed n-grams, trained from scratch),
     /// `encoder-head` (the pretrained all-MiniLM-L6-v2 encoder, frozen, and a trained
-    /// head; each site embeds its records once, which takes a few minutes).
-    #[arg(long, default_value = "text-classifier", value_parser = ["text-classifier", "encoder-head"])]
+    /// head; each site embeds its records once, which takes a few minutes) or
+    /// `encoder-lora` (the encoder's top layers fine-tuned with FFA-LoRA adapters, and
+    /// the head; much slower: see docs/benchmarks.md; implies --no-baselines).
+    #[arg(long, default_value = "text-classifier", value_parser = ["text-classifier", "encoder-head", "encoder-lora"])]
     pub model: String,
-    /// With `--model encoder-head`: the folder holding the encoders (one sub-folder
+    /// With `--model encoder-lora`: how many of the encoder's top layers carry adapters.
+    #[arg(long, default_value_t = maeum_models::lora::LoraConfig::default().layers)]
+    pub lora_layers: usize,
+    /// With `--model encoder-lora`: the adapters' rank.
+    #[arg(long, default_value_t = maeum_models::lora::LoraConfig::default().rank)]
+    pub lora_rank: usize,
+    /// With an encoder model: the folder holding the encoders (one sub-folder
     /// each), shared read-only by the demo's sites. Fetched by
     /// `scripts/fetch_encoder.py` when missing (run from the repository root).
     #[arg(long, value_name = "DIR", default_value = "data/encoders")]
@@ -203,7 +211,12 @@ insecure_plaintext_aggregation_for_debugging = {plaintext}
         seed = a.seed,
         epochs = a.local_epochs,
         lr = DEFAULT_SITE_LR,
-        model = if a.model == "encoder-head" {
+        model = if a.model == "encoder-lora" {
+            format!(
+                "kind = \"encoder-lora\"\nencoder = \"{ENCODER}\"\nlora_layers = {}\nlora_rank = {}",
+                a.lora_layers, a.lora_rank
+            )
+        } else if a.model == "encoder-head" {
             format!("kind = \"encoder-head\"\nencoder = \"{ENCODER}\"")
         } else {
             "kind = \"text-classifier\"".to_string()
@@ -258,7 +271,7 @@ pub async fn run(a: DemoArgs) -> Result<()> {
     say(format!("split the data over {} sites (Dirichlet α = {}) in {}", a.sites, a.alpha, split_dir.display()));
 
     // The pretrained encoder, fetched (and digest-checked) like the corpus.
-    let encoders = if a.model == "encoder-head" {
+    let encoders = if a.model.starts_with("encoder-") {
         let dir = std::path::absolute(&a.encoders)?;
         if !dir.join(ENCODER).join("model.safetensors").exists() {
             say(format!("fetching the encoder {ENCODER} into {}", dir.display()));
@@ -483,7 +496,9 @@ pub async fn run(a: DemoArgs) -> Result<()> {
         .collect();
 
     // 5. Baselines on the same split, the same model, evaluated on the same union test set.
-    let (centralized, local) = if a.no_baselines {
+    // encoder-lora's baselines would train the adapters centrally and at each site:
+    // about twice the federated run's training again (docs/benchmarks.md has them).
+    let (centralized, local) = if a.no_baselines || a.model == "encoder-lora" {
         (None, None)
     } else {
         say("training the baselines: centralized on the union of the sites' data, then each site alone".into());

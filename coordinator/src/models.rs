@@ -226,6 +226,12 @@ pub async fn show(home: &Path, version: &str, json: bool) -> Result<()> {
                 e.name, e.sha256, e.tokenizer_sha256, e.max_tokens
             );
         }
+        if let Some(a) = &card.model.adapter {
+            println!(
+                "  adapters   FFA-LoRA on the top {} layers, rank {}, alpha {}, A seed {}",
+                a.layers, a.rank, a.alpha, a.seed
+            );
+        }
         print_eval("evaluation", card.evaluation.as_ref());
         if let Some(f) = &card.crisis_flag {
             println!("  crisis     {}", crisis_flag_line(f));
@@ -762,6 +768,7 @@ mod tests {
                 parameters: 3,
                 labels: labels.clone(),
                 encoder: None,
+                adapter: None,
             },
             job: CardJob {
                 id: "j-1".into(),

@@ -9,6 +9,7 @@
 
 use maeum_models::data::LabelSet;
 use maeum_models::features::FeatureConfig;
+use maeum_models::lora::LoraConfig;
 use maeum_models::model::{ModelError, ModelSpec, TextClassifierConfig};
 use maeum_models::nn::{Optimizer, TrainConfig};
 use maeum_models::params::FlatParams;
@@ -80,6 +81,9 @@ pub enum ModelKind {
     TextClassifier,
     /// A frozen pretrained encoder (`[model] encoder`) and a trained MLP head.
     EncoderHead,
+    /// A pretrained encoder whose top layers are fine-tuned with FFA-LoRA adapters
+    /// (`[model] lora_layers`, `lora_rank`, `lora_alpha`), and an MLP head.
+    EncoderLora,
     /// Recognised, but refused by validation: not yet supported for federated jobs.
     TabularMlp,
 }
@@ -89,6 +93,7 @@ impl ModelKind {
         match self {
             ModelKind::TextClassifier => "text-classifier",
             ModelKind::EncoderHead => "encoder-head",
+            ModelKind::EncoderLora => "encoder-lora",
             ModelKind::TabularMlp => "tabular-mlp",
         }
     }
@@ -114,6 +119,16 @@ pub struct ModelTable {
     /// its digests come from that table and travel in the model spec.
     #[serde(skip_serializing_if = "String::is_empty")]
     pub encoder: String,
+    /// `encoder-lora` only: how many of the encoder's top layers carry adapters
+    /// (default 1).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lora_layers: Option<usize>,
+    /// `encoder-lora` only: the adapters' rank (default 8).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lora_rank: Option<usize>,
+    /// `encoder-lora` only: the adapters' scale is `lora_alpha / lora_rank` (default 32).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lora_alpha: Option<u32>,
 }
 
 impl Default for ModelTable {
@@ -129,6 +144,9 @@ impl Default for ModelTable {
             embed_dim,
             hidden,
             encoder: String::new(),
+            lora_layers: None,
+            lora_rank: None,
+            lora_alpha: None,
         }
     }
 }
@@ -140,6 +158,17 @@ impl ModelTable {
             word_ngrams: self.word_ngrams,
             char_ngrams: self.char_ngrams,
             max_chars: self.max_chars,
+        }
+    }
+
+    /// The adapters of an `encoder-lora` model; `A` is drawn from the job's `seed`.
+    fn lora(&self, seed: u64) -> LoraConfig {
+        let d = LoraConfig::default();
+        LoraConfig {
+            layers: self.lora_layers.unwrap_or(d.layers),
+            rank: self.lora_rank.unwrap_or(d.rank),
+            alpha: self.lora_alpha.map_or(d.alpha, |a| a as f32),
+            seed,
         }
     }
 }
@@ -487,13 +516,27 @@ impl JobSpec {
 
     fn check_model(&self) -> Result<(), Invalid> {
         let m = &self.model;
-        if m.kind == ModelKind::EncoderHead {
-            return self.check_encoder_head();
+        if m.kind != ModelKind::EncoderLora {
+            for (key, set) in [
+                ("lora_layers", m.lora_layers.is_some()),
+                ("lora_rank", m.lora_rank.is_some()),
+                ("lora_alpha", m.lora_alpha.is_some()),
+            ] {
+                if set {
+                    return Err(Invalid::new(
+                        format!("[model] {key}"),
+                        format!("applies only to kind \"encoder-lora\", not {:?}", m.kind.as_str()),
+                    ));
+                }
+            }
+        }
+        if matches!(m.kind, ModelKind::EncoderHead | ModelKind::EncoderLora) {
+            return self.check_encoder_model();
         }
         if !m.encoder.is_empty() {
             return Err(Invalid::new(
                 "[model] encoder",
-                format!("applies only to kind \"encoder-head\", not {:?}", m.kind.as_str()),
+                format!("applies only to kinds \"encoder-head\" and \"encoder-lora\", not {:?}", m.kind.as_str()),
             ));
         }
         if m.kind != ModelKind::TextClassifier {
@@ -524,11 +567,12 @@ impl JobSpec {
         Ok(())
     }
 
-    fn check_encoder_head(&self) -> Result<(), Invalid> {
+    fn check_encoder_model(&self) -> Result<(), Invalid> {
         let m = &self.model;
+        let kind = m.kind.as_str();
         let Some(encoder) = maeum_models::encoder::known(&m.encoder) else {
             let problem = if m.encoder.is_empty() {
-                "is required for kind \"encoder-head\"".to_string()
+                format!("is required for kind {kind:?}")
             } else {
                 format!("{:?} is not a known encoder", m.encoder)
             };
@@ -550,7 +594,7 @@ impl JobSpec {
             if set {
                 return Err(Invalid::new(
                     format!("[model] {key}"),
-                    "applies only to kind \"text-classifier\", not \"encoder-head\"",
+                    format!("applies only to kind \"text-classifier\", not {kind:?}"),
                 ));
             }
         }
@@ -558,7 +602,25 @@ impl JobSpec {
             return Err(Invalid::new("[model] hidden", "must be at least 1, got 0"));
         }
         let (e, h, l) = (encoder.dim as u128, m.hidden as u128, self.labels.len() as u128);
-        let params = e * h + h + h * l + l;
+        let mut params = e * h + h + h * l + l;
+        if m.kind == ModelKind::EncoderLora {
+            let lora = m.lora(self.seed);
+            lora.validate().map_err(|problem| Invalid::new("[model]", problem))?;
+            // The catalogue's encoders are 6 layers deep; the site checks its own copy.
+            if lora.layers > 6 {
+                return Err(Invalid::new(
+                    "[model] lora_layers",
+                    format!("{} is more than the encoder's 6 layers", lora.layers),
+                ));
+            }
+            if !self.privacy.is_off() {
+                return Err(Invalid::new(
+                    "[privacy] mode",
+                    "differential privacy is not available for kind \"encoder-lora\" (use \"encoder-head\")",
+                ));
+            }
+            params += (lora.layers * maeum_models::lora::PROJECTIONS.len() * lora.rank) as u128 * e;
+        }
         if params > u128::from(MAX_PARAMS) {
             return Err(Invalid::new(
                 "[model] hidden",
@@ -577,10 +639,14 @@ impl JobSpec {
     /// [`JobSpec::model_spec`] once the `[model]` table and the labels are checked.
     fn spec_of_checked_model(&self) -> Result<ModelSpec, Invalid> {
         let labels = LabelSet::new(self.labels.clone()).map_err(|problem| Invalid::new("labels", problem))?;
-        if self.model.kind == ModelKind::EncoderHead {
+        if matches!(self.model.kind, ModelKind::EncoderHead | ModelKind::EncoderLora) {
             let encoder = maeum_models::encoder::known(&self.model.encoder)
                 .ok_or_else(|| Invalid::new("[model] encoder", format!("unknown: {:?}", self.model.encoder)))?;
-            return Ok(ModelSpec::EncoderHead { encoder, hidden: self.model.hidden, labels });
+            let hidden = self.model.hidden;
+            if self.model.kind == ModelKind::EncoderLora {
+                return Ok(ModelSpec::EncoderLora { encoder, lora: self.model.lora(self.seed), hidden, labels });
+            }
+            return Ok(ModelSpec::EncoderHead { encoder, hidden, labels });
         }
         let config = TextClassifierConfig {
             features: self.model.features(),
@@ -725,6 +791,9 @@ mod tests {
                 embed_dim: 64,
                 hidden: 128,
                 encoder: String::new(),
+                lora_layers: None,
+                lora_rank: None,
+                lora_alpha: None,
             },
             train: TrainTable {
                 epochs: 1,
@@ -942,6 +1011,28 @@ mod tests {
     }
 
     #[test]
+    fn an_encoder_lora_job_draws_a_from_the_job_seed_and_sends_b_and_the_head() {
+        let spec = JobSpec::from_toml(
+            "job.toml",
+            &job("seed = 99\n[model]\nkind = \"encoder-lora\"\nencoder = \"all-minilm-l6-v2\"\nhidden = 32\nlora_rank = 4\n"),
+        )
+        .expect("valid");
+        let model = spec.model_spec().expect("model");
+        let ModelSpec::EncoderLora { encoder, lora, hidden, labels } = &model else { panic!("encoder-lora expected") };
+        assert_eq!(encoder.sha256, "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db");
+        let d = LoraConfig::default();
+        assert_eq!(*lora, LoraConfig { layers: d.layers, rank: 4, alpha: d.alpha, seed: 99 });
+        let n = labels.len();
+        let b = d.layers * 4 * 4 * 384;
+        assert_eq!(spec.initial_params().expect("init").values().len(), b + 384 * hidden + hidden + hidden * n + n);
+        let again = JobSpec::from_json(&spec.to_json()).expect("json");
+        assert_eq!(again.model_spec().expect("model"), model);
+        // Jobs of other kinds serialise exactly as before (no lora keys).
+        let plain = JobSpec::from_toml("job.toml", &job("")).expect("valid");
+        assert!(!plain.to_json().contains("lora"), "{}", plain.to_json());
+    }
+
+    #[test]
     fn validation_errors_name_the_key() {
         let cases: &[(&str, &str)] = &[
             ("name = \"\"\n", "name must be 1–63 characters of a-z, 0-9 and '-', not starting with '-', got \"\""),
@@ -969,11 +1060,31 @@ mod tests {
             ),
             (
                 "[model]\nencoder = \"all-minilm-l6-v2\"\n",
-                "[model] encoder applies only to kind \"encoder-head\", not \"text-classifier\"",
+                "[model] encoder applies only to kinds \"encoder-head\" and \"encoder-lora\", not \"text-classifier\"",
             ),
             (
                 "[model]\nkind = \"encoder-head\"\nencoder = \"all-minilm-l6-v2\"\nhidden = 0\n",
                 "[model] hidden must be at least 1, got 0",
+            ),
+            (
+                "[model]\nkind = \"encoder-head\"\nencoder = \"all-minilm-l6-v2\"\nlora_rank = 4\n",
+                "[model] lora_rank applies only to kind \"encoder-lora\", not \"encoder-head\"",
+            ),
+            (
+                "[model]\nkind = \"encoder-lora\"\n",
+                "[model] encoder is required for kind \"encoder-lora\" (known: all-minilm-l6-v2)",
+            ),
+            (
+                "[model]\nkind = \"encoder-lora\"\nencoder = \"all-minilm-l6-v2\"\nlora_rank = 0\n",
+                "[model] lora rank must be in 1..=256, got 0",
+            ),
+            (
+                "[model]\nkind = \"encoder-lora\"\nencoder = \"all-minilm-l6-v2\"\nlora_layers = 7\n",
+                "[model] lora_layers 7 is more than the encoder's 6 layers",
+            ),
+            (
+                "[model]\nkind = \"encoder-lora\"\nencoder = \"all-minilm-l6-v2\"\n[privacy]\nmode = \"local\"\nepsilon = 8.0\n",
+                "[privacy] mode differential privacy is not available for kind \"encoder-lora\" (use \"encoder-head\")",
             ),
             ("rounds = 10001\n", "rounds must be in 1..=10000, got 10001"),
             ("min_sites = 0\n", "min_sites must be at least 1, got 0"),
@@ -1036,7 +1147,7 @@ mod tests {
             ("[train]\noptimizer = \"adamw\"\n", "job.toml:5:13: unknown variant `adamw`, expected `sgd` or `adam`"),
             (
                 "[model]\nkind = \"cnn\"\n",
-                "job.toml:5:8: unknown variant `cnn`, expected one of `text-classifier`, `encoder-head`, `tabular-mlp`",
+                "job.toml:5:8: unknown variant `cnn`, expected one of `text-classifier`, `encoder-head`, `encoder-lora`, `tabular-mlp`",
             ),
             ("rounds = \"5\"\n", "job.toml:3:10: invalid type: string \"5\", expected u32"),
             ("rounds = -1\n", "job.toml:3:10: invalid value: integer `-1`, expected u32"),

@@ -137,8 +137,8 @@ fn encoders(c: &mut Checks, home: &Home, p: &Policy) {
     }
     if !ok.is_empty() {
         c.ok("encoders", format!("{} installed and verified", ok.join(", ")));
-    } else if p.allowed_models.iter().any(|m| m == "encoder-head") {
-        c.ok("encoders", "none installed: this site refuses encoder-head jobs (`maeum-site encoders add DIR`)");
+    } else if p.allowed_models.iter().any(|m| m.starts_with("encoder-")) {
+        c.ok("encoders", "none installed: this site refuses encoder jobs (`maeum-site encoders add DIR`)");
     }
 }
 
@@ -198,7 +198,7 @@ mod tests {
         let none = levels(&home);
         assert_eq!(none.len(), 1);
         assert_eq!((none[0].0.as_str(), none[0].1), ("encoders", Level::Ok));
-        assert!(none[0].2.starts_with("none installed: this site refuses encoder-head jobs"), "{none:?}");
+        assert!(none[0].2.starts_with("none installed: this site refuses encoder jobs"), "{none:?}");
         // Files under the encoder's name that are not the encoder fail, naming the file.
         let enc = dir.path().join("encoders/all-minilm-l6-v2");
         std::fs::create_dir_all(&enc).expect("mkdir");
@@ -242,7 +242,7 @@ mod tests {
         policy(&mut c, &Policy::default());
         assert_eq!(
             c.checks[0].detail,
-            "auto_accept no; allow_plaintext no; min_cohort 3; allowed_models text-classifier, encoder-head; max_params 67108864; \
+            "auto_accept no; allow_plaintext no; min_cohort 3; allowed_models text-classifier, encoder-head, encoder-lora; max_params 67108864; \
              max_rounds 1000; allowed_strategies fedavg, fedprox, fedadam, fedyogi; members any approved site; \
              privacy.allow_non_dp yes; privacy.max_epsilon 10 at δ ≤ 1e-5; privacy.allow_distributed yes; \
              privacy.min_colluders 0; privacy.budget no total"

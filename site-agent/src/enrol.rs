@@ -455,7 +455,7 @@ mod tests {
             "policy      auto_accept                no
             allow_plaintext            no
             min_cohort                 3
-            allowed_models             text-classifier, encoder-head
+            allowed_models             text-classifier, encoder-head, encoder-lora
             max_params                 67108864
             max_rounds                 1000
             allowed_strategies         fedavg, fedprox, fedadam, fedyogi

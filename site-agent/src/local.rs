@@ -10,6 +10,7 @@ use serde::Serialize;
 
 use maeum_models::data::{self, Example, LabelSet, ReadOptions, ReadReport};
 use maeum_models::features::FeatureConfig;
+use maeum_models::lora::LoraConfig;
 use maeum_models::metrics::Metrics;
 use maeum_models::model::{ModelSpec, TextClassifierConfig};
 use maeum_models::nn::{Optimizer, Progress, TrainConfig};
@@ -273,11 +274,21 @@ pub struct TrainLocalArgs {
     /// Optimiser: adam or sgd.
     #[arg(long, value_parser = parse_optimizer, default_value_t = TrainConfig::default().optimizer)]
     pub optimizer: Optimizer,
-    /// Model kind: text-classifier (hashed n-grams, trained from scratch) or
-    /// encoder-head (a frozen pretrained encoder and a trained MLP head).
-    #[arg(long, default_value = "text-classifier", value_parser = ["text-classifier", "encoder-head"])]
+    /// Model kind: text-classifier (hashed n-grams, trained from scratch),
+    /// encoder-head (a frozen pretrained encoder and a trained MLP head) or encoder-lora
+    /// (the encoder's top layers fine-tuned with FFA-LoRA adapters, and the head).
+    #[arg(long, default_value = "text-classifier", value_parser = ["text-classifier", "encoder-head", "encoder-lora"])]
     pub model: String,
-    /// encoder-head: the pretrained encoder, by name.
+    /// encoder-lora: how many of the encoder's top layers carry adapters.
+    #[arg(long, default_value_t = LoraConfig::default().layers)]
+    pub lora_layers: usize,
+    /// encoder-lora: the adapters' rank.
+    #[arg(long, default_value_t = LoraConfig::default().rank)]
+    pub lora_rank: usize,
+    /// encoder-lora: the adapters' scale is alpha / rank.
+    #[arg(long, default_value_t = LoraConfig::default().alpha)]
+    pub lora_alpha: f32,
+    /// encoder-head, encoder-lora: the pretrained encoder, by name.
     #[arg(long, default_value = "all-minilm-l6-v2")]
     pub encoder: String,
     /// encoder-head: the folder holding one sub-folder per encoder (where
@@ -421,14 +432,19 @@ pub fn train_local(a: TrainLocalArgs) -> Result<()> {
         dropout: a.dropout,
         head_only: false,
     };
-    let spec = if a.model == "encoder-head" {
+    let spec = if a.model.starts_with("encoder-") {
         if config != (TextClassifierConfig { hidden: a.hidden, ..TextClassifierConfig::default() }) {
             bail!("--buckets, --word-ngrams, --char-ngrams and --embed-dim apply only to --model text-classifier");
         }
         let Some(encoder) = maeum_models::encoder::known(&a.encoder) else {
             bail!("--encoder {:?} is not a known encoder (known: {})", a.encoder, maeum_models::encoder::known_names());
         };
-        ModelSpec::EncoderHead { encoder, hidden: a.hidden, labels: labels.clone() }
+        if a.model == "encoder-lora" {
+            let lora = LoraConfig { layers: a.lora_layers, rank: a.lora_rank, alpha: a.lora_alpha, seed: a.seed };
+            ModelSpec::EncoderLora { encoder, lora, hidden: a.hidden, labels: labels.clone() }
+        } else {
+            ModelSpec::EncoderHead { encoder, hidden: a.hidden, labels: labels.clone() }
+        }
     } else {
         ModelSpec::TextClassifier { config, labels: labels.clone() }
     };

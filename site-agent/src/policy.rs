@@ -30,7 +30,8 @@ pub struct Policy {
     /// The fewest sites this site reveals a sum with: checked against a session's size,
     /// its threshold and the survivor set before anything is revealed (at least 2).
     pub min_cohort: u16,
-    /// Model kinds this site trains (`text-classifier`, `encoder-head`, `tabular-mlp`).
+    /// Model kinds this site trains (`text-classifier`, `encoder-head`, `encoder-lora`,
+    /// `tabular-mlp`).
     pub allowed_models: Vec<String>,
     /// The most parameters a job's model may have.
     pub max_params: u64,
@@ -92,9 +93,10 @@ impl Default for Policy {
             auto_accept: false,
             allow_plaintext: false,
             min_cohort: 3,
-            // encoder-head runs only on an encoder the admin installed (`maeum-site encoders add`),
-            // which is the opt-in; its update is the head alone.
-            allowed_models: vec!["text-classifier".into(), "encoder-head".into()],
+            // The encoder kinds run only on an encoder the admin installed (`maeum-site
+            // encoders add`), which is the opt-in; their update is the head (and the
+            // adapters' B), never the encoder.
+            allowed_models: vec!["text-classifier".into(), "encoder-head".into(), "encoder-lora".into()],
             max_params: 1 << 26,
             max_rounds: 1_000,
             allowed_strategies: ["fedavg", "fedprox", "fedadam", "fedyogi"].map(String::from).to_vec(),
@@ -146,7 +148,7 @@ impl Policy {
         if usize::from(self.min_cohort) > maeum_secagg::params::MAX_PARTIES {
             return Err(format!("[policy] min_cohort must be at most 255, got {}", self.min_cohort));
         }
-        let known_models = ["text-classifier", "encoder-head", "tabular-mlp"];
+        let known_models = ["text-classifier", "encoder-head", "encoder-lora", "tabular-mlp"];
         if let Some(m) = self.allowed_models.iter().find(|m| !known_models.contains(&m.as_str())) {
             return Err(format!(
                 "[policy] allowed_models: unknown model kind {m:?} (known: {})",

@@ -227,6 +227,17 @@ fn model_matches_card(spec: &ModelSpec, card: &ModelCard) -> Result<()> {
             from_card.map_or("none".into(), |(n, w, t)| format!("{n} (weights {w}, tokenizer {t})"))
         );
     }
+    let from_model = match spec {
+        ModelSpec::EncoderLora { lora, .. } => Some((lora.layers as u64, lora.rank as u64, lora.alpha, lora.seed)),
+        _ => None,
+    };
+    let from_card = card.model.adapter.as_ref().map(|a| (u64::from(a.layers), u64::from(a.rank), a.alpha, a.seed));
+    if from_card != from_model {
+        let show = |a: Option<(u64, u64, f32, u64)>| {
+            a.map_or("none".into(), |(l, r, al, s)| format!("{l} layers, rank {r}, alpha {al}, seed {s}"))
+        };
+        bail!("the model's adapters are {}, its card says {}", show(from_model), show(from_card));
+    }
     Ok(())
 }
 
@@ -548,6 +559,12 @@ pub fn show(dir: &Path, selector: Option<&str>, json: bool) -> Result<()> {
             e.name, e.sha256, e.tokenizer_sha256, e.max_tokens
         );
     }
+    if let Some(a) = &card.model.adapter {
+        println!(
+            "  adapters    FFA-LoRA on the top {} layers, rank {}, alpha {}, A seed {}",
+            a.layers, a.rank, a.alpha, a.seed
+        );
+    }
     println!("  released    {}", rfc3339(card.released_ms));
     println!(
         "  audit log   entry #{}, proven against the checkpoint of size {} this site witnessed",
@@ -651,6 +668,7 @@ mod tests {
                 parameters: 1,
                 labels: vec!["calm".into(), "crisis".into()],
                 encoder,
+                adapter: None,
             },
             job: CardJob {
                 id: "j".into(),

@@ -147,3 +147,64 @@ fn an_encoder_head_job_trains_under_secure_aggregation_and_every_site_predicts_o
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("tokenizer.json: SHA-256 is") && err.contains("not the encoder the model names"), "{err}");
 }
+
+/// An `encoder-lora` job (FFA-LoRA on the top layer): what travels is the adapters' `B`
+/// and the head, never the encoder; the card names the encoder and the adapters; every
+/// site installs the release and classifies offline through its own encoder files.
+#[test]
+fn an_encoder_lora_job_sends_only_the_adapters_and_head_and_every_site_predicts_offline() {
+    let data_dir = tempfile::tempdir().expect("tempdir");
+    let data = subset(data_dir.path(), 6);
+    let mut fed = Federation::with_data(3, &data);
+    let sites = ["site-1", "site-2", "site-3"];
+    for s in sites {
+        let out = site(&fed, s, &["encoders", "add", &encoder_dir().display().to_string()]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+    fed.start_coordinator();
+    fed.start_sites(&sites);
+    fed.wait_online(3);
+    let job = "seed = 21\n[model]\nkind = \"encoder-lora\"\nencoder = \"all-minilm-l6-v2\"\nhidden = 32\n\
+               lora_layers = 1\nlora_rank = 4\n[train]\nepochs = 2\nlearning_rate = 0.01\n";
+    let id = fed.submit("lora", 2, 3, job);
+    let status = fed.wait_job(&id, 6 * MIN);
+    assert_eq!(status["state"], "completed", "{status:#}\n{}", fed.log_text("coordinator"));
+    let history = status["history"].as_array().expect("history");
+    assert_eq!(history.len(), 2, "{status:#}");
+    for r in history {
+        assert_eq!(r["contributors"].as_array().map(Vec::len), Some(3), "{r:#}");
+        assert_eq!(r["secure_aggregation"], true, "{r:#}");
+    }
+    let out = fed.cli(&["models", "promote", "v1", "--override-gate", "--reason", "e2e test on 162 posts"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let shown = fed.cli_json(&["models", "show", "v1"]);
+    let card = &shown["card"]["model"];
+    assert_eq!(card["kind"], "encoder-lora", "{shown:#}");
+    // B for query, key, value and attention output of one layer at rank 4, and the head.
+    assert_eq!(card["parameters"], 4 * 4 * 384 + 384 * 32 + 32 + 32 * 27 + 27, "{shown:#}");
+    assert_eq!(card["encoder"]["sha256"], "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db");
+    assert_eq!(card["adapter"], serde_json::json!({"layers": 1, "rank": 4, "alpha": 32.0, "seed": 21}), "{shown:#}");
+    assert!(shown["model_size"].as_u64().is_some_and(|n| n < 200_000), "no encoder weights in the model: {shown:#}");
+
+    let until = std::time::Instant::now() + MIN;
+    for s in sites {
+        loop {
+            let list = site(&fed, s, &["models", "list", "--json"]);
+            let v: serde_json::Value = serde_json::from_slice(&list.stdout).unwrap_or_default();
+            if v["current"] == 1 {
+                break;
+            }
+            assert!(std::time::Instant::now() < until, "{s} did not install v1: {v:#}\n{}", fed.log_text(s));
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+    fed.kill_coordinator();
+    let out =
+        site(&fed, "site-2", &["predict", "--text", "I feel like ending it all tonight, I wrote a note", "--json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert!(fed.labels.iter().any(|l| v["label"] == l.as_str()), "{v:#}");
+    let shown = site(&fed, "site-2", &["models", "show"]);
+    let text = String::from_utf8_lossy(&shown.stdout);
+    assert!(text.contains("adapters    FFA-LoRA on the top 1 layers, rank 4"), "{text}");
+}

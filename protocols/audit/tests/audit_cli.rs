@@ -149,6 +149,7 @@ fn export_release(c: &mut audit_fixture::Consortium, dir: &Path, card_labels: &[
             parameters: params.values().len() as u64,
             labels: card_labels.clone(),
             encoder: None,
+            adapter: None,
         },
         job: CardJob {
             id: "j-1".into(),

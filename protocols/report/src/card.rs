@@ -240,6 +240,7 @@ mod tests {
                 parameters: 1234,
                 labels: labels.clone(),
                 encoder: None,
+                adapter: None,
             },
             job: CardJob {
                 id: "job-1".into(),

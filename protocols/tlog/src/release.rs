@@ -746,6 +746,7 @@ mod tests {
                 parameters: 3,
                 labels: labels.clone(),
                 encoder: None,
+                adapter: None,
             },
             job: CardJob {
                 id: "j-1".into(),

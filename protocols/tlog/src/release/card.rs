@@ -62,6 +62,22 @@ pub struct CardModel {
     /// models without one (and in cards written before this field existed).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub encoder: Option<CardEncoder>,
+    /// The LoRA adapters trained on the encoder's top layers (kind `encoder-lora`);
+    /// absent for other kinds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub adapter: Option<CardAdapter>,
+}
+
+/// FFA-LoRA adapters: `A` frozen and drawn from `seed`, `B` trained (and released).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CardAdapter {
+    /// How many of the encoder's top layers carry adapters.
+    pub layers: u32,
+    pub rank: u32,
+    /// The scale is `alpha / rank`.
+    pub alpha: f32,
+    /// Seed of the frozen `A` matrices.
+    pub seed: u64,
 }
 
 /// A pretrained encoder by name and digests: sites run it only from files they hold
