@@ -207,4 +207,9 @@ fn an_encoder_lora_job_sends_only_the_adapters_and_head_and_every_site_predicts_
     let shown = site(&fed, "site-2", &["models", "show"]);
     let text = String::from_utf8_lossy(&shown.stdout);
     assert!(text.contains("adapters    FFA-LoRA on the top 1 layers, rank 4"), "{text}");
+    // Personalisation fine-tunes the same adapters and head on the site's own records.
+    let out = site(&fed, "site-3", &["finetune", "--epochs", "1", "--json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert!(v.to_string().contains("accuracy"), "{v:#}");
 }
