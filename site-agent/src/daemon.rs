@@ -305,7 +305,11 @@ impl Agent {
             .await??
         };
         let p = Arc::new(p);
-        self.prepared.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(job_id.into(), p.clone());
+        let mut prepared = self.prepared.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        // The coordinator runs one job at a time: an earlier job's inputs (for
+        // encoder-lora, hundreds of MB of hidden states) are not kept for the daemon's life.
+        prepared.clear();
+        prepared.insert(job_id.into(), p.clone());
         Ok(p)
     }
 }
