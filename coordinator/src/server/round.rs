@@ -51,6 +51,10 @@ pub struct RoundState {
     pub accusations: BTreeMap<String, BTreeSet<String>>,
     /// Why each dropped site left this attempt, in words (for its strikes).
     pub why_dropped: BTreeMap<String, String>,
+    /// Set by [`RoundState::secure_outcome`]: the survivors and the dropped are those
+    /// the unmasking decided, and a later drop (a survivor restarting before the commit)
+    /// changes neither.
+    settled: bool,
 }
 
 impl RoundState {
@@ -91,6 +95,7 @@ impl RoundState {
             evaluate_only: false,
             accusations: BTreeMap::new(),
             why_dropped: BTreeMap::new(),
+            settled: false,
         }
     }
 
@@ -246,6 +251,9 @@ impl RoundState {
 
     /// Drops `site` from this attempt; whether it was still expected to deliver.
     pub fn drop_site(&mut self, site: &str) -> bool {
+        if self.settled {
+            return false;
+        }
         let waiting = self.waiting().contains(site);
         if self.selected.contains(site) {
             self.dropped.insert(site.to_string());
@@ -256,7 +264,7 @@ impl RoundState {
     /// Drops `site` for `why` (kept for its strikes); whether it was a participant not
     /// dropped before.
     pub fn drop_for(&mut self, site: &str, why: impl Into<String>) -> bool {
-        if !self.selected.contains(site) || self.dropped.contains(site) {
+        if self.settled || !self.selected.contains(site) || self.dropped.contains(site) {
             return false;
         }
         self.drop_site(site);
@@ -315,6 +323,7 @@ impl RoundState {
         self.done = survivors.into_iter().collect();
         self.dropped = dropped.into_iter().collect();
         self.refused = refused;
+        self.settled = true;
     }
 }
 
@@ -508,6 +517,14 @@ mod tests {
         assert_eq!((r.sum.as_slice(), r.total_weight, r.refused.as_deref()), (&[1.0, 2.0][..], 2, Some("norm")));
         assert!(r.waiting().is_empty());
         assert_eq!(r.done.len(), 2);
+        // A survivor that restarts between the unmasking and the commit (its new agent
+        // instance reports in) stays a survivor: its input is in the sum. Recording it as
+        // dropped too made a round's history count it twice (a flaky e2e test).
+        assert!(!r.drop_for("a", "a restarted agent instance"));
+        assert!(!r.drop_site("c"));
+        assert_eq!(r.done.iter().map(String::as_str).collect::<Vec<_>>(), ["a", "b"]);
+        assert_eq!(r.dropped.iter().map(String::as_str).collect::<Vec<_>>(), ["c"]);
+        assert!(r.why_dropped.is_empty());
         // The evaluation words of a secure round: a histogram that does not count the
         // confusion matrix's examples is refused.
         let bins = maeum_models::metrics::HISTOGRAM_BINS;
