@@ -33,6 +33,22 @@ fn site(fed: &Federation, id: &str, args: &[&str]) -> std::process::Output {
     Command::new(bin("maeum-site")).args(args).arg("--home").arg(fed.site_home(id)).output().expect("maeum-site")
 }
 
+/// Waits (a minute at most) until every one of `sites` has installed release v1.
+fn wait_installed(fed: &Federation, sites: &[&str]) {
+    let until = std::time::Instant::now() + MIN;
+    for s in sites {
+        loop {
+            let list = site(fed, s, &["models", "list", "--json"]);
+            let v: serde_json::Value = serde_json::from_slice(&list.stdout).unwrap_or_default();
+            if v["current"] == 1 {
+                break;
+            }
+            assert!(std::time::Instant::now() < until, "{s} did not install v1: {v:#}\n{}", fed.log_text(s));
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
 #[test]
 fn an_encoder_head_job_trains_under_secure_aggregation_and_every_site_predicts_offline() {
     let data_dir = tempfile::tempdir().expect("tempdir");
@@ -110,18 +126,7 @@ fn an_encoder_head_job_trains_under_secure_aggregation_and_every_site_predicts_o
     }
 
     // Every participating site installs the release and classifies offline with it.
-    let until = std::time::Instant::now() + MIN;
-    for s in ["site-1", "site-2", "site-3"] {
-        loop {
-            let list = site(&fed, s, &["models", "list", "--json"]);
-            let v: serde_json::Value = serde_json::from_slice(&list.stdout).unwrap_or_default();
-            if v["current"] == 1 {
-                break;
-            }
-            assert!(std::time::Instant::now() < until, "{s} did not install v1: {v:#}\n{}", fed.log_text(s));
-            std::thread::sleep(Duration::from_millis(200));
-        }
-    }
+    wait_installed(&fed, &["site-1", "site-2", "site-3"]);
     fed.kill_coordinator();
     for s in ["site-1", "site-3"] {
         let out = site(&fed, s, &["predict", "--text", "I feel like ending it all tonight, I wrote a note", "--json"]);
@@ -186,18 +191,7 @@ fn an_encoder_lora_job_sends_only_the_adapters_and_head_and_every_site_predicts_
     assert_eq!(card["adapter"], serde_json::json!({"layers": 1, "rank": 4, "alpha": 32.0, "seed": 21}), "{shown:#}");
     assert!(shown["model_size"].as_u64().is_some_and(|n| n < 200_000), "no encoder weights in the model: {shown:#}");
 
-    let until = std::time::Instant::now() + MIN;
-    for s in sites {
-        loop {
-            let list = site(&fed, s, &["models", "list", "--json"]);
-            let v: serde_json::Value = serde_json::from_slice(&list.stdout).unwrap_or_default();
-            if v["current"] == 1 {
-                break;
-            }
-            assert!(std::time::Instant::now() < until, "{s} did not install v1: {v:#}\n{}", fed.log_text(s));
-            std::thread::sleep(Duration::from_millis(200));
-        }
-    }
+    wait_installed(&fed, &sites);
     fed.kill_coordinator();
     let out =
         site(&fed, "site-2", &["predict", "--text", "I feel like ending it all tonight, I wrote a note", "--json"]);
