@@ -380,7 +380,13 @@ pub async fn run(a: DemoArgs) -> Result<()> {
         work.display()
     ));
 
-    if encoders.is_some() {
+    if a.model == "encoder-lora" {
+        say(format!(
+            "each site first runs the lower layers of {ENCODER} over its own records (about 4 minutes for the whole \
+             corpus on two cores; `embedding records` lines in logs/site-*.log), then each round trains the \
+             adapted top layers: about 4 minutes a round per adapted layer and local epoch on two cores"
+        ));
+    } else if encoders.is_some() {
         say(format!(
             "each site first embeds its own records with {ENCODER} (about 4 minutes for the whole corpus on two \
              cores; `embedding records` lines in logs/site-*.log), then the rounds take seconds"
