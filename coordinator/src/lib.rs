@@ -66,7 +66,9 @@ pub async fn serve(
         }
     };
     let coord = server::Coord::open(home.clone(), settings)?;
-    // Before the fleet port opens: sites resending revealed shares find their session.
+    // Before the fleet port opens: no site is handed a model the log does not name, and
+    // sites resending revealed shares find their session.
+    resume::log_cut_off_commits(&coord).context("logging rounds committed before a stop")?;
     resume::load(&coord);
     let config = tls::server_config(&home.read("ca.pem")?, &home.identity("server")?, coord.revocations.clone())
         .context("building the TLS configuration")?;

@@ -144,6 +144,43 @@ fn reply(field: &str, text: &str) -> Result<Reply> {
 /// `c.round`, in the unmask stage. A stale one (its round committed, its job ended) is
 /// removed; one that cannot be restored is logged and removed (the round is then
 /// retried, and skipped if the sites already revealed it).
+/// Logs each committed round whose `round_committed` entry a stop cut off, on start and
+/// before the fleet port opens. The job's history and the audit log are two durable
+/// writes; a coordinator killed between them restarted with a round in its history that
+/// no site could find in the log, and every site then refused the next round's base
+/// model (`base_model`) forever. The entry is appended now from the history (same
+/// aggregate, model and contributors; its time is the recovery's). Returns how many.
+pub fn log_cut_off_commits(c: &Coord) -> Result<usize> {
+    let jobs = c.store.jobs()?;
+    if jobs.iter().all(|j| j.history.is_empty()) {
+        return Ok(0);
+    }
+    let mut logged = std::collections::HashSet::new();
+    for seq in 0..c.audit.size() {
+        if let maeum_tlog::Event::RoundCommitted { job_id, round, .. } = c.audit.entry(seq)?.event {
+            logged.insert((job_id, round));
+        }
+    }
+    let mut appended = 0;
+    for job in &jobs {
+        for r in job.history.iter().filter(|r| !logged.contains(&(job.id.clone(), r.round))) {
+            warn!(job = %job.id, round = r.round, "the audit log lacks this committed round (a stop between the commit and its log entry); logging it now");
+            c.record(maeum_tlog::Event::RoundCommitted {
+                job_id: job.id.clone(),
+                round: r.round,
+                aggregate_sha256: r.aggregate_sha256.clone(),
+                model: r.model.digest.clone(),
+                contributors: r.contributors.clone(),
+            })?;
+            appended += 1;
+        }
+    }
+    if appended > 0 {
+        c.audit.checkpoint()?;
+    }
+    Ok(appended)
+}
+
 pub fn load(c: &Coord) {
     let path = dir(&c.home).join(SESSION);
     if !path.exists() {

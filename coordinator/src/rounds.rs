@@ -650,6 +650,11 @@ fn commit_round_blocking(
     if !skipped {
         c.metrics.rounds.inc("committed");
     }
+    // Fault injection: a stop between the history and the log (`resume::log_cut_off_commits`).
+    if crate::attack::test_env("MAEUM_COORDINATOR_TEST_EXIT_AFTER_COMMIT").is_some_and(|r| r == state.round.to_string())
+    {
+        std::process::exit(137);
+    }
     for s in &state.done {
         if let Some(mut rec) = c.store.site(s)? {
             rec.rounds_contributed += 1;

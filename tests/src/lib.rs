@@ -288,6 +288,21 @@ impl Federation {
         None
     }
 
+    /// Waits (at most `limit`) for the coordinator to exit on its own (a fault-injection
+    /// stop); `None` if it is still running then.
+    pub fn wait_coordinator_exit(&mut self, limit: std::time::Duration) -> Option<std::process::ExitStatus> {
+        let until = std::time::Instant::now() + limit;
+        while std::time::Instant::now() < until {
+            let status = self.coordinator.as_mut().and_then(|c| c.try_wait().ok().flatten());
+            if status.is_some() {
+                self.coordinator = None;
+                return status;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        None
+    }
+
     /// Runs `serve` on this home expecting it to refuse to start; returns its stderr.
     pub fn serve_refused(&self) -> String {
         let out = Command::new(bin("maeum-coordinator"))

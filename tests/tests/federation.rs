@@ -270,6 +270,29 @@ fn a_coordinator_killed_mid_job_resumes_without_duplicating_a_version() {
     assert!(history.iter().all(|r| strs(&r["contributors"]).len() == 3), "{history:#?}");
 }
 
+/// The job's history and the audit log are two durable writes. A coordinator stopped
+/// between them (here: right after round 2's history write) used to restart with a
+/// round no site could find in the log, and every site refused the next round's base
+/// model forever (seen once in the kill test above). On restart it now logs the entry
+/// before the fleet port opens, and the job completes.
+#[test]
+fn a_stop_between_a_commit_and_its_log_entry_is_logged_on_restart() {
+    let mut fed = Federation::new(3);
+    fed.start_coordinator_with(&[("MAEUM_COORDINATOR_TEST_EXIT_AFTER_COMMIT", "2")]);
+    fed.start_sites(&["site-1", "site-2", "site-3"]);
+    let id = fed.submit("cut-off", 3, 3, SMALL_MODEL);
+    let status = fed.wait_coordinator_exit(3 * MIN);
+    assert!(status.is_some_and(|s| !s.success()), "no stop after round 2: {status:?}\n{}", fed.log_text("coordinator"));
+    fed.start_coordinator();
+    let job = fed.wait_job(&id, 3 * MIN);
+    assert_eq!(job["state"], "completed", "{job:#}\n{}", fed.log_text("coordinator"));
+    let numbers: Vec<u64> = rounds(&job).iter().filter_map(|r| r["round"].as_u64()).collect();
+    assert_eq!(numbers, [1, 2, 3]);
+    let log = fed.log_text("coordinator");
+    assert_eq!(log.matches("the audit log lacks this committed round").count(), 1, "{log}");
+    assert!(!log.contains("rule=\"base_model\""), "a site refused the next round's base model:\n{log}");
+}
+
 /// Issue 19's full disk: a coordinator that could not write kept its job "running"
 /// while failing every second. Now the job is shown as paused, with why, retried with a
 /// growing pause, and resumes from its last commit when space returns, with no round
