@@ -614,8 +614,10 @@ pub async fn run(a: DemoArgs) -> Result<()> {
 /// With `--serve-console`: the coordinator goes on serving the console until Ctrl-C.
 async fn serve_console_until_stopped(console_url: Option<String>, mut fleet: Fleet) -> Result<()> {
     if let Some(url) = console_url {
+        // Listening before the line that invites Ctrl-C.
+        let stop = maeum_runtime::runtime::shutdown_signal();
         eprintln!("the console is still serving at {url} (sites stopped); Ctrl-C to stop it");
-        maeum_runtime::runtime::shutdown_signal().await;
+        stop.await;
         fleet.stop();
     }
     Ok(())

@@ -456,5 +456,7 @@ fn prove(home: PathBuf, json: bool) -> anyhow::Result<()> {
 
 fn run_daemon(home: PathBuf, ops_listen: Option<std::net::SocketAddr>) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-    runtime.block_on(maeum_site::daemon::run(&home, ops_listen, maeum_runtime::runtime::shutdown_signal()))
+    // The signal handlers are installed when shutdown_signal is called: inside the runtime.
+    runtime
+        .block_on(async { maeum_site::daemon::run(&home, ops_listen, maeum_runtime::runtime::shutdown_signal()).await })
 }

@@ -22,19 +22,25 @@ pub fn init_tracing(default: &str) {
 }
 
 /// Resolves on SIGTERM (how systemd and Kubernetes stop a service) or Ctrl-C.
-pub async fn shutdown_signal() {
+pub fn shutdown_signal() -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> {
+    // The handlers are installed by this call, not at the first poll: a caller that
+    // prints "Ctrl-C to stop" after calling it is already listening (the demo's console
+    // test sent SIGINT right after that line and the default action killed the process).
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};
-        if let Ok(mut term) = signal(SignalKind::terminate()) {
-            tokio::select! {
-                _ = term.recv() => {},
-                _ = tokio::signal::ctrl_c() => {},
-            }
-            return;
+        if let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+            return Box::pin(async move {
+                tokio::select! {
+                    _ = term.recv() => {},
+                    _ = int.recv() => {},
+                }
+            });
         }
     }
-    let _ = tokio::signal::ctrl_c().await;
+    Box::pin(async {
+        let _ = tokio::signal::ctrl_c().await;
+    })
 }
 
 /// Milliseconds since the Unix epoch (0 if the clock is before it).
