@@ -21,9 +21,9 @@ use std::path::{Path, PathBuf};
 use burn::tensor::activation::{gelu, softmax};
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use rayon::prelude::*;
-
-pub use crate::lora::{LayerWeights, TopLayers};
 use serde::{Deserialize, Serialize};
+
+use crate::transformer::{LayerWeights, TopLayers, pool};
 
 /// Which encoder a model uses, by name and digests (carried by the job, the model file
 /// and the release's card).
@@ -365,30 +365,17 @@ impl Encoder {
     /// vocabulary size — as [`Encoder::tokenize`] returns them).
     pub fn embed_ids(&self, ids: &[Vec<u32>], progress: &mut dyn FnMut(usize)) -> Vec<f32> {
         let dim = self.config.hidden_size;
-        let mut order: Vec<usize> = (0..ids.len()).collect();
-        order.sort_by_key(|&i| ids[i].len());
         let mut out = vec![0f32; ids.len() * dim];
-        let mut done = 0;
-        let chunks: Vec<&[usize]> = order.chunks(BATCH).collect();
-        // One batch per core at a time: the matrix products of one batch alone keep
-        // only part of a second core busy.
-        let threads = rayon::current_num_threads().max(1);
-        for group in chunks.chunks(threads) {
-            let vectors: Vec<Vec<f32>> = group
-                .par_iter()
-                .map(|chunk| {
-                    let batch: Vec<&[u32]> = chunk.iter().map(|&i| ids[i].as_slice()).collect();
-                    self.forward(&batch)
-                })
-                .collect();
-            for (chunk, vectors) in group.iter().zip(vectors) {
+        self.batched(
+            ids,
+            |batch| self.forward(batch),
+            progress,
+            |chunk, vectors| {
                 for (&i, v) in chunk.iter().zip(vectors.chunks_exact(dim)) {
                     out[i * dim..(i + 1) * dim].copy_from_slice(v);
                 }
-                done += chunk.len();
-            }
-            progress(done);
-        }
+            },
+        );
         out
     }
 
@@ -399,33 +386,49 @@ impl Encoder {
     pub fn hidden_states(&self, ids: &[Vec<u32>], layers: usize, progress: &mut dyn FnMut(usize)) -> Vec<Vec<f32>> {
         let dim = self.config.hidden_size;
         let layers = layers.min(self.layers.len());
+        let run = |batch: &[&[u32]]| {
+            let (x, _, len) = self.run(batch, layers);
+            // INVARIANT: a float tensor converts to f32.
+            #[allow(clippy::unwrap_used)]
+            (x.into_data().convert::<f32>().try_into_vec::<f32>().unwrap(), len)
+        };
+        let mut out = vec![Vec::new(); ids.len()];
+        self.batched(ids, run, progress, |chunk, (x, len)| {
+            for (j, &i) in chunk.iter().enumerate() {
+                let n = ids[i].len().clamp(1, len);
+                out[i] = x[j * len * dim..(j * len + n) * dim].to_vec();
+            }
+        });
+        out
+    }
+
+    /// Runs `run` over `ids` in batches of similar length, one batch per core at a time
+    /// (the matrix products of one batch alone keep only part of a second core busy),
+    /// and hands each batch's result to `place` with the indices of its texts.
+    /// `progress` is told the number of texts done after each group.
+    fn batched<R: Send>(
+        &self,
+        ids: &[Vec<u32>],
+        run: impl Fn(&[&[u32]]) -> R + Sync,
+        progress: &mut dyn FnMut(usize),
+        mut place: impl FnMut(&[usize], R),
+    ) {
         let mut order: Vec<usize> = (0..ids.len()).collect();
         order.sort_by_key(|&i| ids[i].len());
-        let mut out = vec![Vec::new(); ids.len()];
-        let mut done = 0;
         let chunks: Vec<&[usize]> = order.chunks(BATCH).collect();
         let threads = rayon::current_num_threads().max(1);
+        let mut done = 0;
         for group in chunks.chunks(threads) {
-            let states: Vec<(Vec<f32>, usize)> = group
+            let results: Vec<R> = group
                 .par_iter()
-                .map(|chunk| {
-                    let batch: Vec<&[u32]> = chunk.iter().map(|&i| ids[i].as_slice()).collect();
-                    let (x, _, len) = self.run(&batch, layers);
-                    // INVARIANT: a float tensor converts to f32.
-                    #[allow(clippy::unwrap_used)]
-                    (x.into_data().convert::<f32>().try_into_vec::<f32>().unwrap(), len)
-                })
+                .map(|chunk| run(&chunk.iter().map(|&i| ids[i].as_slice()).collect::<Vec<_>>()))
                 .collect();
-            for (chunk, (x, len)) in group.iter().zip(states) {
-                for (j, &i) in chunk.iter().enumerate() {
-                    let n = ids[i].len().clamp(1, len);
-                    out[i] = x[j * len * dim..(j * len + n) * dim].to_vec();
-                }
+            for (chunk, r) in group.iter().zip(results) {
+                place(chunk, r);
                 done += chunk.len();
             }
             progress(done);
         }
-        out
     }
 
     /// The weights of the encoder's top `k` layers (bottom first), for training them
@@ -511,17 +514,6 @@ impl Encoder {
         #[allow(clippy::unwrap_used)]
         pool(x, mask2, b, len, h).into_data().convert::<f32>().try_into_vec::<f32>().unwrap()
     }
-}
-
-/// Masked mean over each text's tokens, L2-normalised: `b × h` from `b·len × h` states
-/// and a `b × len` mask.
-pub(crate) fn pool(x: Tensor<2>, mask2: Tensor<2>, b: usize, len: usize, h: usize) -> Tensor<2> {
-    let mask3 = mask2.clone().reshape([b, len, 1]);
-    let summed = (x.reshape([b, len, h]) * mask3).sum_dim(1).reshape([b, h]);
-    let counts = mask2.sum_dim(1).clamp_min(1.0);
-    let mean = summed / counts;
-    let norm = mean.clone().powi_scalar(2).sum_dim(1).sqrt().clamp_min(1e-12);
-    mean / norm
 }
 
 struct Loader<'a> {

@@ -17,6 +17,7 @@ pub mod nn;
 pub mod params;
 pub mod split;
 pub mod text;
+pub mod transformer;
 
 use std::io::Write;
 use std::path::Path;

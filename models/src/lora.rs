@@ -29,9 +29,9 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha20Rng;
 use serde::{Deserialize, Serialize};
 
-use crate::encoder::pool;
 use crate::nn::{Examples, Network, spec, xavier};
 use crate::params::{FlatParams, Layout, TensorSpec};
+use crate::transformer::{TopLayers, pool};
 
 /// The projections that carry adapters, in layout order.
 pub const PROJECTIONS: [&str; 4] = ["query", "key", "value", "attn_out"];
@@ -94,12 +94,7 @@ pub fn layout(cfg: &LoraConfig, dim: usize, hidden: usize, n_labels: usize) -> L
 /// Seeded initial parameters: `B = 0` (the model starts as the frozen encoder), the
 /// head Xavier-uniform with zero biases.
 pub fn init(cfg: &LoraConfig, dim: usize, hidden: usize, n_labels: usize, seed: u64) -> FlatParams {
-    let layout = layout(cfg, dim, hidden, n_labels);
-    let mut rng = ChaCha20Rng::seed_from_u64(seed);
-    let values = layout.tensors.iter().flat_map(|t| LoraNet::init_tensor(t, &mut rng)).collect();
-    // INVARIANT: init_tensor returns numel values per tensor.
-    #[allow(clippy::unwrap_used)]
-    FlatParams::new(layout, values).unwrap()
+    crate::nn::init_layout::<LoraNet>(layout(cfg, dim, hidden, n_labels), seed)
 }
 
 /// The frozen `A` (`dim × rank`, row-major) of adapted layer `layer`, projection
@@ -110,65 +105,6 @@ pub fn a_matrix(cfg: &LoraConfig, layer: usize, proj: usize, dim: usize) -> Vec<
     rng.set_stream((layer * PROJECTIONS.len() + proj) as u64);
     let bound = 1.0 / (dim as f64).sqrt();
     (0..dim * cfg.rank).map(|_| rng.random_range(-bound..bound) as f32).collect()
-}
-
-/// `s·A·B` (`dim × dim`, row-major) for adapted layer `layer`, projection `proj`, of the
-/// parameters `params`: the change the adapter makes to that projection's weight.
-pub fn delta_weight(cfg: &LoraConfig, params: &FlatParams, layer: usize, proj: usize, dim: usize) -> Vec<f32> {
-    let a = a_matrix(cfg, layer, proj, dim);
-    let name = format!("adapter.{layer}.{}.lora_b", PROJECTIONS[proj]);
-    let b = params.tensors().find(|(t, _)| t.name == name).map(|(_, v)| v.to_vec()).unwrap_or_default();
-    let (r, s) = (cfg.rank, cfg.scale());
-    let mut d = vec![0f32; dim * dim];
-    for i in 0..dim {
-        for k in 0..r {
-            let aik = a[i * r + k] * s;
-            for j in 0..dim {
-                d[i * dim + j] += aik * b.get(k * dim + j).copied().unwrap_or(0.0);
-            }
-        }
-    }
-    d
-}
-
-/// A linear layer's weight (`in × out`, row-major) and bias.
-pub type LinearWeights = (Vec<f32>, Vec<f32>);
-
-/// One transformer layer's weights as plain arrays (see [`crate::encoder::Encoder::top_layers`]).
-#[derive(Clone)]
-pub struct LayerWeights {
-    /// Query, key and value side by side: `h × 3h` and `3h`.
-    pub qkv: LinearWeights,
-    pub attn_out: LinearWeights,
-    /// LayerNorm gamma and beta.
-    pub attn_norm: (Vec<f32>, Vec<f32>),
-    pub inter: LinearWeights,
-    pub out: LinearWeights,
-    pub out_norm: (Vec<f32>, Vec<f32>),
-}
-
-/// The top layers of an encoder (bottom first) and the shape they share.
-#[derive(Clone)]
-pub struct TopLayers {
-    pub hidden: usize,
-    pub heads: usize,
-    pub intermediate: usize,
-    pub eps: f64,
-    /// The index of the first of these layers in the encoder.
-    pub first: usize,
-    pub layers: Vec<LayerWeights>,
-}
-
-impl std::fmt::Debug for LayerWeights {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "LayerWeights {{ {} × {} }}", self.attn_out.1.len(), self.inter.1.len())
-    }
-}
-
-impl std::fmt::Debug for TopLayers {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "TopLayers {{ layers {}.., {} × {} }}", self.first, self.layers.len(), self.hidden)
-    }
 }
 
 /// Architecture of an adapted encoder: the frozen top layers (from the site's encoder
@@ -387,8 +323,29 @@ impl Network for LoraNet {
 mod tests {
     use super::*;
     use crate::nn::{self, TrainConfig};
+    use crate::transformer::LayerWeights;
 
     const H: usize = 8;
+
+    /// `s·A·B` (`dim × dim`, row-major) for adapted layer `layer`, projection `proj`, of the
+    /// parameters `params`: the change the adapter makes to that projection's weight,
+    /// computed apart from the network (plain loops, from the seed).
+    fn delta_weight(cfg: &LoraConfig, params: &FlatParams, layer: usize, proj: usize, dim: usize) -> Vec<f32> {
+        let a = a_matrix(cfg, layer, proj, dim);
+        let name = format!("adapter.{layer}.{}.lora_b", PROJECTIONS[proj]);
+        let b = params.tensors().find(|(t, _)| t.name == name).map(|(_, v)| v.to_vec()).unwrap_or_default();
+        let (r, s) = (cfg.rank, cfg.scale());
+        let mut d = vec![0f32; dim * dim];
+        for i in 0..dim {
+            for k in 0..r {
+                let aik = a[i * r + k] * s;
+                for j in 0..dim {
+                    d[i * dim + j] += aik * b.get(k * dim + j).copied().unwrap_or(0.0);
+                }
+            }
+        }
+        d
+    }
 
     fn random(n: usize, scale: f32, rng: &mut ChaCha20Rng) -> Vec<f32> {
         (0..n).map(|_| rng.random_range(-scale..scale)).collect()
@@ -506,14 +463,26 @@ mod tests {
                 close(&of_mean, &mean_of, 1e-5);
             }
         }
-        // Had each site trained its own A too (FedIT), averaging A and B apart would not
-        // give the mean update: mean(A)·mean(B) ≠ mean(A·B).
-        let (a1, a2) = ([1.0f32, 0.0], [0.0f32, 1.0]);
-        let (b1, b2) = ([1.0f32, 0.0], [0.0f32, 1.0]);
-        let dot = |a: [f32; 2], b: [f32; 2]| a[0] * b[0] + a[1] * b[1];
-        let mean_a = [0.5, 0.5];
-        let mean_b = [0.5, 0.5];
-        assert_ne!(dot(mean_a, mean_b), (dot(a1, b1) + dot(a2, b2)) / 2.0);
+        // And the network agrees: the adapted model at the mean parameters computes what a
+        // plain model does whose projections are the mean of the sites' merged weights
+        // (and whose head is the mean head). Were the forward pass not linear in B, this
+        // would differ.
+        let d = data(&frozen, 6);
+        let merged_sites: Vec<(LoraArch, FlatParams)> = sites.iter().map(|p| merged(&a, p)).collect();
+        let mut top = (*frozen).clone();
+        for (l, layer) in top.layers.iter_mut().enumerate() {
+            let avg = |f: &dyn Fn(&LayerWeights) -> &Vec<f32>| -> Vec<f32> {
+                let n = merged_sites.len() as f32;
+                (0..f(&frozen.layers[l]).len())
+                    .map(|i| merged_sites.iter().map(|(m, _)| f(&m.frozen.layers[l])[i]).sum::<f32>() / n)
+                    .collect()
+            };
+            layer.qkv.0 = avg(&|w| &w.qkv.0);
+            layer.attn_out.0 = avg(&|w| &w.attn_out.0);
+        }
+        let (_, plain_mean) = merged(&a, &mean);
+        let plain = LoraArch { frozen: Arc::new(top), ..a.clone() };
+        close(&logits(&a, &mean, &d), &logits(&plain, &plain_mean, &d), 1e-4);
     }
 
     #[test]

@@ -172,14 +172,15 @@ impl ModelSpec {
                     return Err(ModelError::Config("embed_dim and hidden must be positive".into()));
                 }
             }
-            ModelSpec::TabularMlp { hidden, .. } | ModelSpec::EncoderHead { hidden, .. } if *hidden == 0 => {
+            ModelSpec::TabularMlp { hidden, .. }
+            | ModelSpec::EncoderHead { hidden, .. }
+            | ModelSpec::EncoderLora { hidden, .. }
+                if *hidden == 0 =>
+            {
                 return Err(ModelError::Config("hidden must be positive".into()));
             }
             ModelSpec::EncoderHead { encoder, .. } | ModelSpec::EncoderLora { encoder, .. } if encoder.dim == 0 => {
                 return Err(ModelError::Config("the encoder's dim must be positive".into()));
-            }
-            ModelSpec::EncoderLora { hidden: 0, .. } => {
-                return Err(ModelError::Config("hidden must be positive".into()));
             }
             ModelSpec::EncoderLora { lora, .. } => lora.validate().map_err(ModelError::Config)?,
             ModelSpec::TabularMlp { .. } | ModelSpec::EncoderHead { .. } => {}

@@ -116,7 +116,12 @@ pub trait Network: Module + Clone + Sized {
 
 /// Seeded initial parameters of `arch`.
 pub fn init_params<N: Network>(arch: &N::Arch, seed: u64) -> FlatParams {
-    let layout = N::layout_of(arch);
+    init_layout::<N>(N::layout_of(arch), seed)
+}
+
+/// Seeded initial parameters for `layout` (`N`'s, for a network whose architecture is
+/// only known with its data, such as [`crate::lora::LoraNet`]).
+pub fn init_layout<N: Network>(layout: Layout, seed: u64) -> FlatParams {
     let mut rng = ChaCha20Rng::seed_from_u64(seed);
     let values = layout.tensors.iter().flat_map(|t| N::init_tensor(t, &mut rng)).collect();
     // INVARIANT: init_tensor returns numel values per tensor.
