@@ -227,10 +227,7 @@ pub async fn show(home: &Path, version: &str, json: bool) -> Result<()> {
             );
         }
         if let Some(a) = &card.model.adapter {
-            println!(
-                "  adapters   FFA-LoRA on the top {} layers, rank {}, alpha {}, A seed {}",
-                a.layers, a.rank, a.alpha, a.seed
-            );
+            println!("  adapters   {a}");
         }
         print_eval("evaluation", card.evaluation.as_ref());
         if let Some(f) = &card.crisis_flag {

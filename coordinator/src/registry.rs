@@ -309,15 +309,7 @@ pub fn card(
                 max_tokens: u32::try_from(e.max_tokens).unwrap_or(u32::MAX),
                 dim: u32::try_from(e.dim).unwrap_or(u32::MAX),
             }),
-            adapter: match &spec {
-                maeum_models::model::ModelSpec::EncoderLora { lora, .. } => Some(maeum_tlog::release::CardAdapter {
-                    layers: u32::try_from(lora.layers).unwrap_or(u32::MAX),
-                    rank: u32::try_from(lora.rank).unwrap_or(u32::MAX),
-                    alpha: lora.alpha,
-                    seed: lora.seed,
-                }),
-                _ => None,
-            },
+            adapter: maeum_protocols::wire::release::card_adapter(&spec),
         },
         job: CardJob {
             id: job.id.clone(),

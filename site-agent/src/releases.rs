@@ -227,16 +227,14 @@ fn model_matches_card(spec: &ModelSpec, card: &ModelCard) -> Result<()> {
             from_card.map_or("none".into(), |(n, w, t)| format!("{n} (weights {w}, tokenizer {t})"))
         );
     }
-    let from_model = match spec {
-        ModelSpec::EncoderLora { lora, .. } => Some((lora.layers as u64, lora.rank as u64, lora.alpha, lora.seed)),
-        _ => None,
-    };
-    let from_card = card.model.adapter.as_ref().map(|a| (u64::from(a.layers), u64::from(a.rank), a.alpha, a.seed));
-    if from_card != from_model {
-        let show = |a: Option<(u64, u64, f32, u64)>| {
-            a.map_or("none".into(), |(l, r, al, s)| format!("{l} layers, rank {r}, alpha {al}, seed {s}"))
-        };
-        bail!("the model's adapters are {}, its card says {}", show(from_model), show(from_card));
+    let from_model = maeum_protocols::wire::release::card_adapter(spec);
+    if card.model.adapter != from_model {
+        let show = |a: Option<&maeum_tlog::release::CardAdapter>| a.map_or("none".into(), ToString::to_string);
+        bail!(
+            "the model's adapters are {}, its card says {}",
+            show(from_model.as_ref()),
+            show(card.model.adapter.as_ref())
+        );
     }
     Ok(())
 }
@@ -560,10 +558,7 @@ pub fn show(dir: &Path, selector: Option<&str>, json: bool) -> Result<()> {
         );
     }
     if let Some(a) = &card.model.adapter {
-        println!(
-            "  adapters    FFA-LoRA on the top {} layers, rank {}, alpha {}, A seed {}",
-            a.layers, a.rank, a.alpha, a.seed
-        );
+        println!("  adapters    {a}");
     }
     println!("  released    {}", rfc3339(card.released_ms));
     println!(
@@ -710,5 +705,41 @@ mod tests {
         assert!(err.to_string().ends_with("its card names none"), "{err}");
         let err = model_matches_card(&spec, &card("text-classifier", None)).expect_err("kind");
         assert_eq!(err.to_string(), "the model is of kind encoder-head, its card says text-classifier");
+    }
+
+    #[test]
+    fn a_card_must_name_the_adapters_the_model_runs() {
+        let e = maeum_models::encoder::known("all-minilm-l6-v2").expect("known");
+        let lora = maeum_models::lora::LoraConfig { layers: 1, rank: 4, alpha: 32.0, seed: 21 };
+        let spec = ModelSpec::EncoderLora {
+            encoder: e.clone(),
+            lora,
+            hidden: 4,
+            labels: LabelSet::new(vec!["calm".into(), "crisis".into()]).expect("labels"),
+        };
+        let encoder = CardEncoder {
+            name: e.name.clone(),
+            sha256: e.sha256.clone(),
+            tokenizer_sha256: e.tokenizer_sha256.clone(),
+            max_tokens: 128,
+            dim: 384,
+        };
+        let with = |adapter: Option<maeum_tlog::release::CardAdapter>| {
+            let mut c = card("encoder-lora", Some(encoder.clone()));
+            c.model.adapter = adapter;
+            c
+        };
+        let named = maeum_protocols::wire::release::card_adapter(&spec);
+        model_matches_card(&spec, &with(named.clone())).expect("matches");
+        // Another A (the seed) is another model: the card would mislead its readers.
+        let other = named.map(|a| maeum_tlog::release::CardAdapter { seed: 22, ..a });
+        let err = model_matches_card(&spec, &with(other)).expect_err("other seed");
+        assert_eq!(
+            err.to_string(),
+            "the model's adapters are FFA-LoRA on the top 1 layers, rank 4, alpha 32, A seed 21, its card says \
+             FFA-LoRA on the top 1 layers, rank 4, alpha 32, A seed 22"
+        );
+        let err = model_matches_card(&spec, &with(None)).expect_err("none");
+        assert!(err.to_string().ends_with("its card says none"), "{err}");
     }
 }

@@ -1,7 +1,19 @@
 //! Conversions for signed model releases (see [`maeum_tlog::release`]).
 
 use super::{Digest, ModelRef, WireError, invalid, pb};
-use maeum_tlog::release::{MAX_CARD_BYTES, Manifest};
+use maeum_tlog::release::{CardAdapter, MAX_CARD_BYTES, Manifest};
+
+/// What a model card says of `spec`'s adapters (`encoder-lora`), or `None`: the one
+/// mapping the coordinator writes into a card and a site checks a card against.
+pub fn card_adapter(spec: &maeum_models::model::ModelSpec) -> Option<CardAdapter> {
+    let maeum_models::model::ModelSpec::EncoderLora { lora, .. } = spec else { return None };
+    Some(CardAdapter {
+        layers: u32::try_from(lora.layers).unwrap_or(u32::MAX),
+        rank: u32::try_from(lora.rank).unwrap_or(u32::MAX),
+        alpha: lora.alpha,
+        seed: lora.seed,
+    })
+}
 
 /// A release as it travels: the signed manifest, its signature, the card's bytes and
 /// where the log records it. Parsing checks shapes only; [`maeum_tlog::release`] checks

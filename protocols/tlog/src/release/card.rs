@@ -80,6 +80,16 @@ pub struct CardAdapter {
     pub seed: u64,
 }
 
+impl std::fmt::Display for CardAdapter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "FFA-LoRA on the top {} layers, rank {}, alpha {}, A seed {}",
+            self.layers, self.rank, self.alpha, self.seed
+        )
+    }
+}
+
 /// A pretrained encoder by name and digests: sites run it only from files they hold
 /// with exactly these digests; it is not part of the released file.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
