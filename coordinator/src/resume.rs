@@ -19,6 +19,9 @@
 //! beyond what the coordinator holds in memory anyway (masked sums, sealed shares,
 //! revealed shares of the sum), are private to the coordinator's user, and are removed
 //! once the round is committed or the attempt fails.
+//!
+//! A start also logs the `round_committed` entry of a round whose commit a stop cut off
+//! between the job record and the log ([`log_cut_off_commits`]).
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -140,10 +143,6 @@ fn reply(field: &str, text: &str) -> Result<Reply> {
     stored::reply_from_bytes(&unhex(field, text)?).map_err(|e| anyhow::anyhow!("{field}: {e}"))
 }
 
-/// On start: restores a stored session of the current round of an active job into
-/// `c.round`, in the unmask stage. A stale one (its round committed, its job ended) is
-/// removed; one that cannot be restored is logged and removed (the round is then
-/// retried, and skipped if the sites already revealed it).
 /// Logs each committed round whose `round_committed` entry a stop cut off, on start and
 /// before the fleet port opens. The job's history and the audit log are two durable
 /// writes; a coordinator killed between them restarted with a round in its history that
@@ -181,6 +180,10 @@ pub fn log_cut_off_commits(c: &Coord) -> Result<usize> {
     Ok(appended)
 }
 
+/// On start: restores a stored session of the current round of an active job into
+/// `c.round`, in the unmask stage. A stale one (its round committed, its job ended) is
+/// removed; one that cannot be restored is logged and removed (the round is then
+/// retried, and skipped if the sites already revealed it).
 pub fn load(c: &Coord) {
     let path = dir(&c.home).join(SESSION);
     if !path.exists() {

@@ -375,8 +375,7 @@ async fn run_round(c: &Coord, id: &str, round: u32, spec: &ModelSpec) -> Result<
                              once per round); the round is skipped"
                                 .into(),
                         );
-                        let committed =
-                            tokio::task::block_in_place(|| commit_round_blocking(c, id, spec, &base, skipped, true))?;
+                        let committed = commit_round(c, id, spec, &base, skipped, true).await?;
                         return Ok(Some(committed));
                     }
                     warn!(round, attempt, reason = %why, "secure aggregation failed; retrying the round with a new session");
@@ -433,7 +432,7 @@ async fn run_round(c: &Coord, id: &str, round: u32, spec: &ModelSpec) -> Result<
             continue;
         }
         let commit_started = std::time::Instant::now();
-        let committed = commit_round(c, id, spec, &base, state).await?;
+        let committed = commit_round(c, id, spec, &base, state, false).await?;
         // Committed: the stored session is no longer needed (a restart before this
         // line finishes the same attempt again, and commits the same sum).
         crate::resume::clear(&c.home);
@@ -547,15 +546,18 @@ fn clear_uploads(c: &Coord) {
 /// Commits a round: loads the base model, steps it with the mean update, saves,
 /// records and checkpoints. All of that is blocking work (O(model) reads, an fsync per
 /// store write, a signature), so it runs with `block_in_place`: the runtime moves its
-/// other tasks off this worker meanwhile, and heartbeats keep being answered.
+/// other tasks off this worker meanwhile, and heartbeats keep being answered. A
+/// `skipped` round (its sum lost after the reveal) commits without an update, and its
+/// attempt is already counted as failed.
 async fn commit_round(
     c: &Coord,
     id: &str,
     spec: &ModelSpec,
     base: &VersionRecord,
     state: RoundState,
+    skipped: bool,
 ) -> Result<JobRecord> {
-    tokio::task::block_in_place(|| commit_round_blocking(c, id, spec, base, state, false))
+    tokio::task::block_in_place(|| commit_round_blocking(c, id, spec, base, state, skipped))
 }
 
 fn commit_round_blocking(

@@ -274,18 +274,13 @@ impl Federation {
 
     /// SIGTERM, as systemd or Kubernetes stop it; waits for the exit (at most `limit`).
     pub fn terminate_coordinator(&mut self, limit: std::time::Duration) -> Option<std::process::ExitStatus> {
-        let mut child = self.coordinator.take()?;
-        run_ok(Command::new("kill").args(["-TERM", &child.id().to_string()]));
-        let until = std::time::Instant::now() + limit;
-        while std::time::Instant::now() < until {
-            if let Ok(Some(status)) = child.try_wait() {
-                return Some(status);
-            }
-            std::thread::sleep(std::time::Duration::from_millis(100));
+        let pid = self.coordinator.as_ref()?.id();
+        run_ok(Command::new("kill").args(["-TERM", &pid.to_string()]));
+        let status = self.wait_coordinator_exit(limit);
+        if status.is_none() {
+            self.kill_coordinator();
         }
-        let _ = child.kill();
-        let _ = child.wait();
-        None
+        status
     }
 
     /// Waits (at most `limit`) for the coordinator to exit on its own (a fault-injection
