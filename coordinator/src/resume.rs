@@ -143,8 +143,9 @@ fn reply(field: &str, text: &str) -> Result<Reply> {
     stored::reply_from_bytes(&unhex(field, text)?).map_err(|e| anyhow::anyhow!("{field}: {e}"))
 }
 
-/// Logs each committed round whose `round_committed` entry a stop cut off, on start and
-/// before the fleet port opens. The job's history and the audit log are two durable
+/// Logs each committed round whose `round_committed` entry a stop or a failed write cut
+/// off: on start, before the fleet port opens, and before every round (a full disk
+/// between the two writes leaves the same gap without a restart). The job's history and the audit log are two durable
 /// writes; a coordinator killed between them restarted with a round in its history that
 /// no site could find in the log, and every site then refused the next round's base
 /// model (`base_model`) forever. The entry is appended now from the history (same

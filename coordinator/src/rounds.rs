@@ -241,6 +241,9 @@ async fn join(c: &Coord, id: &str) -> Result<bool> {
 
 async fn run_round(c: &Coord, id: &str, round: u32, spec: &ModelSpec) -> Result<Option<JobRecord>> {
     use crate::attack::{self, Attack};
+    // A commit whose log entry failed after the job record was written (a full disk
+    // between the two, not only a stop) is logged before any site is handed its model.
+    tokio::task::block_in_place(|| crate::resume::log_cut_off_commits(c))?;
     // Fault injection (`difference`): the site left out after an unmasked sum was
     // thrown away.
     let mut differenced: Option<String> = None;
