@@ -63,7 +63,8 @@ impl DpSgd {
     }
 }
 
-/// The dense head's shape: input width, hidden units, labels.
+/// The dense head's shape: input width, hidden units, labels. `hidden = 0` is the
+/// linear head: output.weight `[in, labels]` alone, no bias.
 #[derive(Debug, Clone, Copy)]
 struct Head {
     n_in: usize,
@@ -72,13 +73,28 @@ struct Head {
 }
 
 impl Head {
+    fn linear(&self) -> bool {
+        self.hidden == 0
+    }
+
+    /// Rows of output.weight: the hidden units, or the inputs of a linear head.
+    fn out_rows(&self) -> usize {
+        if self.linear() { self.n_in } else { self.hidden }
+    }
+
+    /// Output biases (none in a linear head).
+    fn out_bias(&self) -> usize {
+        if self.linear() { 0 } else { self.labels }
+    }
+
     fn len(&self) -> usize {
-        self.n_in * self.hidden + self.hidden + self.hidden * self.labels + self.labels
+        self.n_in * self.hidden + self.hidden + self.out_rows() * self.labels + self.out_bias()
     }
 }
 
 /// Offsets of the head's tensors inside `params[base..]` (Maeum's layout: hidden.weight
-/// `[in, hidden]`, hidden.bias, output.weight `[hidden, labels]`, output.bias).
+/// `[in, hidden]`, hidden.bias, output.weight `[hidden, labels]`, output.bias; a linear
+/// head has only output.weight `[in, labels]`, the other three are empty).
 struct HeadView<'a> {
     w1: &'a [f32],
     b1: &'a [f32],
@@ -90,14 +106,15 @@ impl<'a> HeadView<'a> {
     fn new(h: Head, p: &'a [f32]) -> Self {
         let (w1, rest) = p.split_at(h.n_in * h.hidden);
         let (b1, rest) = rest.split_at(h.hidden);
-        let (w2, b2) = rest.split_at(h.hidden * h.labels);
-        Self { w1, b1, w2, b2 }
+        let (w2, rest) = rest.split_at(h.out_rows() * h.labels);
+        Self { w1, b1, w2, b2: &rest[..h.out_bias()] }
     }
 }
 
 /// One example's gradient pieces (before clipping): the factors of the outer products.
 struct ExampleGrad {
-    /// Post-ReLU hidden activations (factor of output.weight's gradient).
+    /// Post-ReLU hidden activations, or the input of a linear head (factor of
+    /// output.weight's gradient).
     h: Vec<f32>,
     /// ∂loss/∂logits.
     dz: Vec<f32>,
@@ -116,8 +133,8 @@ fn head_grad(h: Head, v: &HeadView, x: &[f32], y: usize, want_dx: bool) -> Examp
             pre.iter_mut().zip(row).for_each(|(p, &w)| *p += xi * w);
         }
     }
-    let act: Vec<f32> = pre.iter().map(|&p| p.max(0.0)).collect();
-    let mut z = v.b2.to_vec();
+    let act: Vec<f32> = if h.linear() { x.to_vec() } else { pre.iter().map(|&p| p.max(0.0)).collect() };
+    let mut z = if h.linear() { vec![0.0; h.labels] } else { v.b2.to_vec() };
     for (j, &aj) in act.iter().enumerate() {
         if aj != 0.0 {
             let row = &v.w2[j * h.labels..(j + 1) * h.labels];
@@ -210,7 +227,7 @@ fn add_clipped<A: Acc>(
     let want_dx = doc.is_some() && !head_only;
     let g = head_grad(head, &v, x, y, want_dx);
     let (h2, dz2) = (sq(&g.h), sq(&g.dz));
-    let mut norm2 = h2 * dz2 + dz2;
+    let mut norm2 = h2 * dz2 + if head.linear() { 0.0 } else { dz2 };
     if !head_only {
         let (x2, dpre2) = (sq(x), sq(&g.dpre));
         norm2 += x2 * dpre2 + dpre2;
@@ -222,15 +239,15 @@ fn add_clipped<A: Acc>(
     let c = if norm > clip { (clip / norm) as f32 } else { 1.0 };
     let (w1_at, b1_at) = (base, base + head.n_in * head.hidden);
     let w2_at = b1_at + head.hidden;
-    let b2_at = w2_at + head.hidden * head.labels;
+    let b2_at = w2_at + head.out_rows() * head.labels;
     for (j, &hj) in g.h.iter().enumerate() {
         if hj != 0.0 {
             let row = &mut sum[w2_at + j * head.labels..w2_at + (j + 1) * head.labels];
             row.iter_mut().zip(&g.dz).for_each(|(s, &d)| s.add(c * hj * d));
         }
     }
-    sum[b2_at..b2_at + head.labels].iter_mut().zip(&g.dz).for_each(|(s, &d)| s.add(c * d));
-    if head_only {
+    sum[b2_at..b2_at + head.out_bias()].iter_mut().zip(&g.dz).for_each(|(s, &d)| s.add(c * d));
+    if head_only || head.linear() {
         return norm;
     }
     for (i, &xi) in x.iter().enumerate() {
@@ -582,6 +599,40 @@ mod tests {
             add_clipped(h, a.buckets * a.embed_dim, p.values(), Some(doc), &x, y, clip, false, &mut clipped);
             assert!((sq(&clipped).sqrt() - clip).abs() < 1e-5, "clipped norm {} vs C = {clip}", sq(&clipped).sqrt());
         }
+    }
+
+    #[test]
+    fn a_linear_head_has_no_bias_and_its_gradients_match_autodiff() {
+        let arch = MlpArch { n_in: 4, hidden: 0, n_labels: 3 };
+        let h = Head { n_in: 4, hidden: 0, labels: 3 };
+        let p = crate::nn::init_params::<crate::nn::Mlp>(&arch, 9);
+        assert_eq!(p.layout().tensors.len(), 1, "output.weight only");
+        assert_eq!((h.len(), p.values().len()), (12, 12));
+        let dev = Device::flex().autodiff();
+        let x = [0.5f32, -0.5, 0.5, 0.5];
+        let w = Tensor::<2>::from_data(TensorData::new(p.values().to_vec(), [4, 3]), &dev).set_require_grad(true);
+        let xt = Tensor::<2>::from_data(TensorData::new(x.to_vec(), [1, 4]), &dev);
+        let z = xt.matmul(w.clone());
+        // The network's own forward: the same probabilities as the closed form's logits.
+        let mut data = TabularData::default();
+        data.rows.push(x.to_vec());
+        data.labels.push(2);
+        let probs = crate::nn::predict_proba::<crate::nn::Mlp>(&arch, &p, &data).expect("predict");
+        let want_p = vec_of(burn::tensor::activation::softmax(z.clone(), 1));
+        for (a, b) in probs[0].iter().zip(&want_p) {
+            assert!((a - b).abs() < 1e-6, "network {a} vs x·W {b}");
+        }
+        let loss = log_softmax(z, 1).slice([0..1, 2..3]).sum().neg();
+        let want = vec_of(w.grad(&loss.backward()).expect("grad"));
+        let mut got = vec![0f32; 12];
+        let norm = add_clipped(h, 0, p.values(), None, &x, 2, 1e9, false, &mut got);
+        for (g, w) in got.iter().zip(&want) {
+            assert!((g - w).abs() < 1e-6, "closed form {g}, autodiff {w}");
+        }
+        assert!((norm - sq(&want).sqrt()).abs() < 1e-6);
+        let mut clipped = vec![0f32; 12];
+        add_clipped(h, 0, p.values(), None, &x, 2, norm / 4.0, false, &mut clipped);
+        assert!((sq(&clipped).sqrt() - norm / 4.0).abs() < 1e-6);
     }
 
     #[test]

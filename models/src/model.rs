@@ -41,7 +41,9 @@ pub enum ModelSpec {
         labels: LabelSet,
     },
     /// A frozen pretrained sentence encoder ([`crate::encoder`]) and a trained MLP head
-    /// on its vectors. Only the head is in the parameters (and in every update).
+    /// on its vectors, or with `hidden = 0` a linear head without bias (the choice for
+    /// differential privacy, `docs/models.md`). Only the head is in the parameters (and
+    /// in every update).
     EncoderHead {
         encoder: EncoderSpec,
         hidden: usize,
@@ -172,11 +174,8 @@ impl ModelSpec {
                     return Err(ModelError::Config("embed_dim and hidden must be positive".into()));
                 }
             }
-            ModelSpec::TabularMlp { hidden, .. }
-            | ModelSpec::EncoderHead { hidden, .. }
-            | ModelSpec::EncoderLora { hidden, .. }
-                if *hidden == 0 =>
-            {
+            // An encoder head may be linear (`hidden = 0`); the others need a hidden layer.
+            ModelSpec::TabularMlp { hidden, .. } | ModelSpec::EncoderLora { hidden, .. } if *hidden == 0 => {
                 return Err(ModelError::Config("hidden must be positive".into()));
             }
             ModelSpec::EncoderHead { encoder, .. } | ModelSpec::EncoderLora { encoder, .. } if encoder.dim == 0 => {

@@ -357,7 +357,9 @@ pub(crate) fn spec(name: &str, shape: &[usize]) -> TensorSpec {
 
 // ---------------------------------------------------------------- MLP
 
-/// Architecture of a one-hidden-layer MLP.
+/// Architecture of a one-hidden-layer MLP, or with `hidden = 0` a linear layer without
+/// bias (a linear probe: on unit-length sentence vectors a bias would take half of each
+/// example's clipping budget under differential privacy, `docs/models.md`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MlpArch {
@@ -367,15 +369,15 @@ pub struct MlpArch {
 }
 
 /// Inputs → ReLU hidden layer → label logits. The questionnaire model on standardised
-/// numeric columns, and the text classifier's head on embedding bags.
+/// numeric columns, the text classifier's head on embedding bags, and the encoder head
+/// on sentence vectors (there also linear: only `output_w`).
 #[derive(Module, Debug)]
 pub struct Mlp {
-    hidden_w: Param<Tensor<2>>,
-    hidden_b: Param<Tensor<1>>,
+    hidden_w: Option<Param<Tensor<2>>>,
+    hidden_b: Option<Param<Tensor<1>>>,
     output_w: Param<Tensor<2>>,
-    output_b: Param<Tensor<1>>,
+    output_b: Option<Param<Tensor<1>>>,
 }
-
 /// Dense input rows (for the questionnaire model: standardised with the scaler stored
 /// in the model spec).
 #[derive(Clone, Default)]
@@ -411,6 +413,9 @@ impl Network for Mlp {
     type Arch = MlpArch;
 
     fn layout_of(a: &MlpArch) -> Layout {
+        if a.hidden == 0 {
+            return Layout::new(vec![spec("output.weight", &[a.n_in, a.n_labels])]);
+        }
         Layout::new(vec![
             spec("hidden.weight", &[a.n_in, a.hidden]),
             spec("hidden.bias", &[a.hidden]),
@@ -422,11 +427,14 @@ impl Network for Mlp {
     fn zeros(a: &MlpArch, device: &Device) -> Self {
         let p2 = |s: [usize; 2]| Param::from_tensor(Tensor::zeros(s, device));
         let p1 = |n: usize| Param::from_tensor(Tensor::zeros([n], device));
+        if a.hidden == 0 {
+            return Self { hidden_w: None, hidden_b: None, output_w: p2([a.n_in, a.n_labels]), output_b: None };
+        }
         Self {
-            hidden_w: p2([a.n_in, a.hidden]),
-            hidden_b: p1(a.hidden),
+            hidden_w: Some(p2([a.n_in, a.hidden])),
+            hidden_b: Some(p1(a.hidden)),
             output_w: p2([a.hidden, a.n_labels]),
-            output_b: p1(a.n_labels),
+            output_b: Some(p1(a.n_labels)),
         }
     }
 
@@ -435,15 +443,22 @@ impl Network for Mlp {
     }
 
     fn n_labels(&self) -> usize {
-        self.output_b.dims()[0]
+        self.output_w.dims()[1]
     }
 
     fn logits(&self, x: &Tensor<2>) -> Tensor<2> {
-        let h = relu(x.clone().matmul(self.hidden_w.val()) + self.hidden_b.val().unsqueeze_dim(0));
-        h.matmul(self.output_w.val()) + self.output_b.val().unsqueeze_dim(0)
+        let h = match (&self.hidden_w, &self.hidden_b) {
+            (Some(w), Some(b)) => relu(x.clone().matmul(w.val()) + b.val().unsqueeze_dim(0)),
+            _ => x.clone(),
+        };
+        let z = h.matmul(self.output_w.val());
+        match &self.output_b {
+            Some(b) => z + b.val().unsqueeze_dim(0),
+            None => z,
+        }
     }
 
     fn output_only(self) -> Self {
-        Self { hidden_w: self.hidden_w.no_grad(), hidden_b: self.hidden_b.no_grad(), ..self }
+        Self { hidden_w: self.hidden_w.map(Param::no_grad), hidden_b: self.hidden_b.map(Param::no_grad), ..self }
     }
 }

@@ -598,11 +598,12 @@ impl JobSpec {
                 ));
             }
         }
-        if m.hidden == 0 {
-            return Err(Invalid::new("[model] hidden", "must be at least 1, got 0"));
+        // hidden = 0: a linear head on the sentence vectors (`encoder-head` only).
+        if m.hidden == 0 && m.kind == ModelKind::EncoderLora {
+            return Err(Invalid::new("[model] hidden", "must be at least 1 for kind \"encoder-lora\", got 0"));
         }
         let (e, h, l) = (encoder.dim as u128, m.hidden as u128, self.labels.len() as u128);
-        let mut params = e * h + h + h * l + l;
+        let mut params = if h == 0 { e * l } else { e * h + h + h * l + l };
         if m.kind == ModelKind::EncoderLora {
             let lora = m.lora(self.seed);
             lora.validate().map_err(|problem| Invalid::new("[model]", problem))?;
@@ -1011,6 +1012,19 @@ mod tests {
     }
 
     #[test]
+    fn an_encoder_head_with_hidden_0_is_a_linear_head_without_bias() {
+        let spec = JobSpec::from_toml(
+            "job.toml",
+            &job("[model]\nkind = \"encoder-head\"\nencoder = \"all-minilm-l6-v2\"\nhidden = 0\n"),
+        )
+        .expect("valid");
+        let init = spec.initial_params().expect("init");
+        let names: Vec<&str> = init.layout().tensors.iter().map(|t| t.name.as_str()).collect();
+        assert_eq!(names, ["output.weight"]);
+        assert_eq!(init.values().len(), 384 * spec.labels.len());
+    }
+
+    #[test]
     fn an_encoder_lora_job_draws_a_from_the_job_seed_and_sends_b_and_the_head() {
         let spec = JobSpec::from_toml(
             "job.toml",
@@ -1063,8 +1077,8 @@ mod tests {
                 "[model] encoder applies only to kinds \"encoder-head\" and \"encoder-lora\", not \"text-classifier\"",
             ),
             (
-                "[model]\nkind = \"encoder-head\"\nencoder = \"all-minilm-l6-v2\"\nhidden = 0\n",
-                "[model] hidden must be at least 1, got 0",
+                "[model]\nkind = \"encoder-lora\"\nencoder = \"all-minilm-l6-v2\"\nhidden = 0\n",
+                "[model] hidden must be at least 1 for kind \"encoder-lora\", got 0",
             ),
             (
                 "[model]\nkind = \"encoder-head\"\nencoder = \"all-minilm-l6-v2\"\nlora_rank = 4\n",
