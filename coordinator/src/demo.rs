@@ -96,6 +96,15 @@ pub struct DemoArgs {
     /// the head; much slower: see docs/benchmarks.md; implies --no-baselines).
     #[arg(long, default_value = "text-classifier", value_parser = ["text-classifier", "encoder-head", "encoder-lora"])]
     pub model: String,
+    /// The head's hidden-layer width (default 128). With `--model encoder-head`, 0 makes
+    /// the head linear: the one to use with `--privacy` (docs/jobs.md).
+    #[arg(long, value_name = "N")]
+    pub hidden: Option<usize>,
+    /// The server's learning rate (default 1 for FedAvg; 0.01 for the FedAdam of
+    /// `--privacy distributed`, tuned for 100 rounds: fewer rounds want more, see
+    /// docs/benchmarks.md).
+    #[arg(long, value_name = "LR")]
+    pub server_lr: Option<f64>,
     /// With `--model encoder-lora`: how many of the encoder's top layers carry adapters.
     #[arg(long, default_value_t = maeum_models::lora::LoraConfig::default().layers)]
     pub lora_layers: usize,
@@ -204,9 +213,10 @@ insecure_plaintext_aggregation_for_debugging = {plaintext}
         strategy = if a.privacy == "distributed" {
             // The server steps with the noisy gradient sum: Adam's scale-free step (tuned
             // with the fedsim bench, docs/benchmarks.md).
-            "kind = \"fedadam\"\nserver_learning_rate = 0.01"
+            format!("kind = \"fedadam\"\nserver_learning_rate = {:?}", a.server_lr.unwrap_or(0.01))
         } else {
-            "kind = \"fedavg\""
+            let lr = a.server_lr.map_or(String::new(), |lr| format!("\nserver_learning_rate = {lr:?}"));
+            format!("kind = \"fedavg\"{lr}")
         },
         seed = a.seed,
         epochs = a.local_epochs,
@@ -220,7 +230,7 @@ insecure_plaintext_aggregation_for_debugging = {plaintext}
             format!("kind = \"encoder-head\"\nencoder = \"{ENCODER}\"")
         } else {
             "kind = \"text-classifier\"".to_string()
-        },
+        } + &a.hidden.map_or(String::new(), |h| format!("\nhidden = {h}")),
         plaintext = a.insecure_plaintext_aggregation,
         privacy = match a.privacy.as_str() {
             "local" | "distributed" => format!(
