@@ -49,6 +49,21 @@ fn wait_installed(fed: &Federation, sites: &[&str]) {
     }
 }
 
+/// Runs `job` for 2 rounds needing 3 sites; checks it completed with 3 contributors
+/// in each round, and returns its status.
+fn run_two_rounds(fed: &Federation, name: &str, job: &str) -> serde_json::Value {
+    let id = fed.submit(name, 2, 3, job);
+    let status = fed.wait_job(&id, 6 * MIN);
+    assert_eq!(status["state"], "completed", "{status:#}\n{}", fed.log_text("coordinator"));
+    let history = status["history"].as_array().expect("history");
+    assert_eq!(history.len(), 2, "{status:#}");
+    for r in history {
+        assert_eq!(r["contributors"].as_array().map(Vec::len), Some(3), "{r:#}");
+        assert_eq!(r["secure_aggregation"], true, "{r:#}");
+    }
+    status
+}
+
 #[test]
 fn an_encoder_head_job_trains_under_secure_aggregation_and_every_site_predicts_offline() {
     let data_dir = tempfile::tempdir().expect("tempdir");
@@ -82,9 +97,8 @@ fn an_encoder_head_job_trains_under_secure_aggregation_and_every_site_predicts_o
     fed.wait_online(4);
     let job = "[model]\nkind = \"encoder-head\"\nencoder = \"all-minilm-l6-v2\"\nhidden = 32\n\
                [train]\nepochs = 5\nlearning_rate = 0.01\n";
-    let id = fed.submit("enc", 2, 3, job);
-    let status = fed.wait_job(&id, 6 * MIN);
-    assert_eq!(status["state"], "completed", "{status:#}\n{}", fed.log_text("coordinator"));
+    // Secure aggregation was on, 3 sites in each round.
+    let status = run_two_rounds(&fed, "enc", job);
 
     // site-4 said why, before round 1.
     let d = status["decisions"].as_array().and_then(|d| d.iter().find(|d| d["site"] == "site-4").cloned());
@@ -93,13 +107,8 @@ fn an_encoder_head_job_trains_under_secure_aggregation_and_every_site_predicts_o
     let reason = d["reason"].as_str().unwrap_or_default();
     assert!(reason.contains("encoder \"all-minilm-l6-v2\" is not installed at this site"), "{reason}");
 
-    // Secure aggregation was on, and the global model is the head alone: 384×32 + 32 +
-    // 32×27 + 27 parameters, about 53 kB of f32 per update.
-    let history = status["history"].as_array().expect("history");
-    assert_eq!(history.len(), 2, "{status:#}");
-    for r in history {
-        assert_eq!(r["contributors"].as_array().map(Vec::len), Some(3), "{r:#}");
-    }
+    // The global model is the head alone: 384×32 + 32 + 32×27 + 27 parameters, about
+    // 53 kB of f32 per update.
     let out = fed.cli(&["models", "promote", "v1", "--override-gate", "--reason", "e2e test on 270 posts"]);
     // Promoted whether or not a model trained on 40 posts a site passes the gates.
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
@@ -153,6 +162,56 @@ fn an_encoder_head_job_trains_under_secure_aggregation_and_every_site_predicts_o
     assert!(err.contains("tokenizer.json: SHA-256 is") && err.contains("not the encoder the model names"), "{err}");
 }
 
+/// A linear encoder head (`hidden = 0`, the head for differential privacy) trained with
+/// the distributed DP mode: one weight matrix travels, masked, each round; the card states
+/// the guarantee; every site installs the release and classifies offline with it.
+#[test]
+fn a_linear_encoder_head_trains_with_distributed_dp_and_every_site_predicts_with_it() {
+    let data_dir = tempfile::tempdir().expect("tempdir");
+    let data = subset(data_dir.path(), 10);
+    let mut fed = Federation::with_data(3, &data);
+    let shared = encoder_dir().parent().expect("encoders").display().to_string();
+    for s in ["site-1", "site-2", "site-3"] {
+        let toml = fed.site_home(s).join("site.toml");
+        let text = std::fs::read_to_string(&toml).expect("site.toml");
+        std::fs::write(&toml, text.replace("\n[encoders]\n", &format!("\n[encoders]\ndir = {shared:?}\n")))
+            .expect("site.toml");
+    }
+    fed.start_coordinator();
+    fed.start_sites(&["site-1", "site-2", "site-3"]);
+    fed.wait_online(3);
+    let job = "[model]\nkind = \"encoder-head\"\nencoder = \"all-minilm-l6-v2\"\nhidden = 0\n\
+               [strategy]\nkind = \"fedadam\"\nserver_learning_rate = 0.04\n\
+               [privacy]\nmode = \"distributed\"\nepsilon = 3.0\nsample_rate = 1.0\n";
+    let status = run_two_rounds(&fed, "lin", job);
+    for r in status["history"].as_array().expect("history") {
+        assert!(r["refused"].as_str().is_none_or(str::is_empty), "round refused: {r:#}");
+    }
+    let epsilon = status["privacy"]["plan"]["epsilon"].as_f64().expect("planned ε");
+    assert!(epsilon <= 3.0 && epsilon > 2.99, "{status:#}");
+
+    let out = fed.cli(&["models", "promote", "v1", "--override-gate", "--reason", "e2e test on 270 posts"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let shown = fed.cli_json(&["models", "show", "v1"]);
+    let card = &shown["card"]["model"];
+    // One 384 × 27 matrix: no hidden layer, no bias.
+    assert_eq!(
+        (card["kind"].as_str(), card["parameters"].as_u64()),
+        (Some("encoder-head"), Some(384 * 27)),
+        "{shown:#}"
+    );
+    assert_eq!(shown["card"]["privacy"]["mechanism"], "dp-sgd-distributed-skellam", "{shown:#}");
+
+    wait_installed(&fed, &["site-1", "site-2", "site-3"]);
+    fed.kill_coordinator();
+    for s in ["site-1", "site-2", "site-3"] {
+        let out = site(&fed, s, &["predict", "--text", "I cannot sleep and I feel hopeless every day", "--json"]);
+        assert!(out.status.success(), "{s}: {}", String::from_utf8_lossy(&out.stderr));
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+        assert!(fed.labels.iter().any(|l| v["label"] == l.as_str()), "{v:#}");
+    }
+}
+
 /// An `encoder-lora` job (FFA-LoRA on the top layer): what travels is the adapters' `B`
 /// and the head, never the encoder; the card names the encoder and the adapters; every
 /// site installs the release and classifies offline through its own encoder files.
@@ -171,15 +230,7 @@ fn an_encoder_lora_job_sends_only_the_adapters_and_head_and_every_site_predicts_
     fed.wait_online(3);
     let job = "seed = 21\n[model]\nkind = \"encoder-lora\"\nencoder = \"all-minilm-l6-v2\"\nhidden = 32\n\
                lora_layers = 1\nlora_rank = 4\n[train]\nepochs = 2\nlearning_rate = 0.01\n";
-    let id = fed.submit("lora", 2, 3, job);
-    let status = fed.wait_job(&id, 6 * MIN);
-    assert_eq!(status["state"], "completed", "{status:#}\n{}", fed.log_text("coordinator"));
-    let history = status["history"].as_array().expect("history");
-    assert_eq!(history.len(), 2, "{status:#}");
-    for r in history {
-        assert_eq!(r["contributors"].as_array().map(Vec::len), Some(3), "{r:#}");
-        assert_eq!(r["secure_aggregation"], true, "{r:#}");
-    }
+    run_two_rounds(&fed, "lora", job);
     let out = fed.cli(&["models", "promote", "v1", "--override-gate", "--reason", "e2e test on 162 posts"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let shown = fed.cli_json(&["models", "show", "v1"]);
