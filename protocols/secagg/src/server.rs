@@ -687,6 +687,13 @@ impl fmt::Debug for Seeds {
 }
 
 impl Seeds {
+    /// How many keystreams unmasking regenerates over the whole sum: one self mask per
+    /// survivor and one pair mask per (dropped party, surviving neighbour). Times the
+    /// sum's words, this is the floor of the unmasking's cost.
+    pub fn streams(&self) -> usize {
+        self.0.len()
+    }
+
     /// Removes the masks from `words`, the part of the sum that starts at word `start`,
     /// chunk by chunk (each stream seeks to `start`), on the calling thread. Parts may be
     /// unmasked in any order and on any threads; every word must be unmasked once.

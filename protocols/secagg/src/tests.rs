@@ -351,7 +351,10 @@ fn unmasking_in_parts_on_threads_gives_the_same_sum() {
     let mut sim = Sim::new(5, 3, 0, len, 4);
     let unmasking = sim.run_to_unmasking(&plan).unwrap();
     assert_eq!(unmasking.len(), 150_001);
+    let mut streams = 0;
     let parts = unmasking.outcome_with(|sum, seeds| {
+        // 4 survivors' self masks, and the dropped party's pair masks with each of them.
+        streams = seeds.streams();
         let (head, rest) = sum.split_at_mut(1);
         let (middle, tail) = rest.split_at_mut(65_537);
         std::thread::scope(|s| {
@@ -363,6 +366,7 @@ fn unmasking_in_parts_on_threads_gives_the_same_sum() {
     assert!(parts == whole);
     assert!(parts.sum == sim.plain_sum(&parts.survivors));
     assert_eq!(parts.dropped, vec![3]);
+    assert_eq!(streams, 4 + 4);
 }
 
 #[test]
