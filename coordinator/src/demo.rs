@@ -105,12 +105,13 @@ pub struct DemoArgs {
     /// docs/benchmarks.md).
     #[arg(long, value_name = "LR")]
     pub server_lr: Option<f64>,
-    /// With `--model encoder-lora`: how many of the encoder's top layers carry adapters.
-    #[arg(long, default_value_t = maeum_models::lora::LoraConfig::default().layers)]
-    pub lora_layers: usize,
-    /// With `--model encoder-lora`: the adapters' rank.
-    #[arg(long, default_value_t = maeum_models::lora::LoraConfig::default().rank)]
-    pub lora_rank: usize,
+    /// With `--model encoder-lora`: how many of the encoder's top layers carry adapters
+    /// (default 1).
+    #[arg(long, value_name = "N")]
+    pub lora_layers: Option<usize>,
+    /// With `--model encoder-lora`: the adapters' rank (default 8).
+    #[arg(long, value_name = "R")]
+    pub lora_rank: Option<usize>,
     /// With an encoder model: the folder holding the encoders (one sub-folder
     /// each), shared read-only by the demo's sites. Fetched by
     /// `scripts/fetch_encoder.py` when missing (run from the repository root).
@@ -222,9 +223,11 @@ insecure_plaintext_aggregation_for_debugging = {plaintext}
         epochs = a.local_epochs,
         lr = DEFAULT_SITE_LR,
         model = if a.model == "encoder-lora" {
+            let d = maeum_models::lora::LoraConfig::default();
             format!(
                 "kind = \"encoder-lora\"\nencoder = \"{ENCODER}\"\nlora_layers = {}\nlora_rank = {}",
-                a.lora_layers, a.lora_rank
+                a.lora_layers.unwrap_or(d.layers),
+                a.lora_rank.unwrap_or(d.rank)
             )
         } else if a.model == "encoder-head" {
             format!("kind = \"encoder-head\"\nencoder = \"{ENCODER}\"")
@@ -248,6 +251,9 @@ insecure_plaintext_aggregation_for_debugging = {plaintext}
 pub async fn run(a: DemoArgs) -> Result<()> {
     if a.sites == 0 || a.rounds == 0 {
         bail!("--sites and --rounds must be at least 1");
+    }
+    if (a.lora_layers.is_some() || a.lora_rank.is_some()) && a.model != "encoder-lora" {
+        bail!("--lora-layers and --lora-rank apply only to --model encoder-lora, not {}", a.model);
     }
     let started = Instant::now();
     // Resolve our own path first: a rebuild replaces the file, and /proc/self/exe then

@@ -279,15 +279,15 @@ pub struct TrainLocalArgs {
     /// (the encoder's top layers fine-tuned with FFA-LoRA adapters, and the head).
     #[arg(long, default_value = "text-classifier", value_parser = ["text-classifier", "encoder-head", "encoder-lora"])]
     pub model: String,
-    /// encoder-lora: how many of the encoder's top layers carry adapters.
-    #[arg(long, default_value_t = LoraConfig::default().layers)]
-    pub lora_layers: usize,
-    /// encoder-lora: the adapters' rank.
-    #[arg(long, default_value_t = LoraConfig::default().rank)]
-    pub lora_rank: usize,
-    /// encoder-lora: the adapters' scale is alpha / rank.
-    #[arg(long, default_value_t = LoraConfig::default().alpha)]
-    pub lora_alpha: f32,
+    /// encoder-lora: how many of the encoder's top layers carry adapters (default 1).
+    #[arg(long, value_name = "N")]
+    pub lora_layers: Option<usize>,
+    /// encoder-lora: the adapters' rank (default 8).
+    #[arg(long, value_name = "R")]
+    pub lora_rank: Option<usize>,
+    /// encoder-lora: the adapters' scale is alpha / rank (default 32).
+    #[arg(long, value_name = "ALPHA")]
+    pub lora_alpha: Option<f32>,
     /// encoder-head, encoder-lora: the pretrained encoder, by name.
     #[arg(long, default_value = "all-minilm-l6-v2")]
     pub encoder: String,
@@ -410,6 +410,10 @@ pub fn train_local(a: TrainLocalArgs) -> Result<()> {
     if !(a.test_fraction > 0.0 && a.test_fraction < 1.0) {
         bail!("--test-fraction must be in (0, 1), got {}", a.test_fraction);
     }
+    let lora_flags = a.lora_layers.is_some() || a.lora_rank.is_some() || a.lora_alpha.is_some();
+    if lora_flags && a.model != "encoder-lora" {
+        bail!("--lora-layers, --lora-rank and --lora-alpha apply only to --model encoder-lora, not {}", a.model);
+    }
     let Loaded { path, report, labels } = a.input.read(a.json)?;
     let config = TextClassifierConfig {
         features: FeatureConfig {
@@ -440,7 +444,13 @@ pub fn train_local(a: TrainLocalArgs) -> Result<()> {
             bail!("--encoder {:?} is not a known encoder (known: {})", a.encoder, maeum_models::encoder::known_names());
         };
         if a.model == "encoder-lora" {
-            let lora = LoraConfig { layers: a.lora_layers, rank: a.lora_rank, alpha: a.lora_alpha, seed: a.seed };
+            let d = LoraConfig::default();
+            let lora = LoraConfig {
+                layers: a.lora_layers.unwrap_or(d.layers),
+                rank: a.lora_rank.unwrap_or(d.rank),
+                alpha: a.lora_alpha.unwrap_or(d.alpha),
+                seed: a.seed,
+            };
             ModelSpec::EncoderLora { encoder, lora, hidden: a.hidden, labels: labels.clone() }
         } else {
             ModelSpec::EncoderHead { encoder, hidden: a.hidden, labels: labels.clone() }

@@ -26,6 +26,24 @@ fn train_local_on_the_real_corpus_meets_the_accuracy_bar() {
 }
 
 #[test]
+fn adapter_flags_with_another_model_are_refused_not_ignored() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for model in ["text-classifier", "encoder-head"] {
+        let out = Command::new(bin("maeum-site"))
+            .args(["train-local", "--model", model, "--lora-rank", "4", "--data"])
+            .arg(rmhd())
+            .arg("--out")
+            .arg(dir.path().join("model"))
+            .output()
+            .expect("spawn");
+        assert_eq!(out.status.code(), Some(1), "{model}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(&format!("apply only to --model encoder-lora, not {model}")), "{err}");
+        assert!(!dir.path().join("model").exists(), "nothing written");
+    }
+}
+
+#[test]
 fn bad_line_fails_with_file_and_line_then_skip_invalid_counts_it() {
     let dir = tempfile::tempdir().expect("tempdir");
     let data = dir.path().join("site.jsonl");
