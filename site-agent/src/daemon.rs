@@ -342,16 +342,6 @@ impl std::fmt::Display for CoordinatorSaid {
 
 impl std::error::Error for CoordinatorSaid {}
 
-/// What a failed work item tells the coordinator: the outermost message (this crate's
-/// own words) and, for an I/O error, its kind. The causes below it stay in the site's
-/// log: a library's message (a parser's, say) may quote the local file it read, and the
-/// coordinator (and, through the audit log, every site) must never see a record.
-fn failure_summary(e: &anyhow::Error) -> String {
-    let io = e.chain().find_map(|c| c.downcast_ref::<std::io::Error>()).map(|io| format!(": {}", io.kind()));
-    let text = format!("{e}{}", io.unwrap_or_default());
-    text.chars().take(400).collect()
-}
-
 pub(crate) fn describe(e: &RpcStatus) -> String {
     let mut causes = Vec::new();
     let mut source = std::error::Error::source(e);
@@ -780,7 +770,7 @@ async fn work_loop(agent: Arc<Agent>, mut client: Client, address: &str) {
                         || c.downcast_ref::<CoordinatorSaid>().is_some()
                 });
                 if let Some((job_id, round, attempt)) = task.filter(|_| own) {
-                    let detail = failure_summary(&e);
+                    let detail = crate::redact::failure_summary(&e);
                     let report =
                         pb::RefusalReport { job_id, round, attempt, rule: "local_failure".into(), detail, accused: 0 };
                     if let Err(e) = client.report_refusal(report).await {
@@ -796,17 +786,6 @@ async fn work_loop(agent: Arc<Agent>, mut client: Client, address: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn a_failure_report_keeps_the_outer_message_and_the_io_kind_only() {
-        let record = "I feel like ending it all tonight";
-        let parse = anyhow::anyhow!("invalid type: string {record:?}, expected a label");
-        let e = parse.context("reading train.jsonl line 4");
-        assert_eq!(failure_summary(&e), "reading train.jsonl line 4", "the cause that quotes the record stays home");
-        let full = anyhow::Error::new(std::io::Error::from(std::io::ErrorKind::StorageFull))
-            .context("writing the model download /srv/site/models/x.part");
-        assert_eq!(failure_summary(&full), "writing the model download /srv/site/models/x.part: no storage space");
-    }
 
     #[test]
     fn a_tls_error_in_the_status_message_itself_is_named() {

@@ -12,6 +12,7 @@ pub mod local;
 pub mod metrics;
 pub mod policy;
 pub mod predict;
+mod redact;
 pub mod releases;
 pub mod report;
 pub mod roster;
