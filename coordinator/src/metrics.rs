@@ -10,6 +10,8 @@ use prometheus_client::metrics::gauge::Gauge;
 
 /// Stage durations span a second to an hour.
 const STAGE_BUCKETS: [f64; 10] = [0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 180.0, 600.0, 1800.0];
+/// Heartbeat intervals: one a second plus the round trip when nothing stalls.
+const HEARTBEAT_BUCKETS: [f64; 8] = [1.1, 1.25, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0];
 
 /// Handles to every coordinator metric (cheap to clone).
 #[derive(Debug, Clone)]
@@ -27,6 +29,10 @@ pub struct CoordMetrics {
     pub bytes_sent: Counter,
     /// Sites whose heartbeat is recent.
     pub sites_online: Gauge,
+    /// Seconds between two heartbeats of one site as they arrive, by the stage the site
+    /// reports (`idle`, `training`, `uploading`, …). Sites send one a second: a longer
+    /// interval is a missed heartbeat, from a stalled site, network or coordinator.
+    pub heartbeat_interval: LabelledHistogram,
     /// Sites dropped from secure-aggregation sessions.
     pub secagg_dropouts: Counter,
     /// Refused peer input by kind: `revoked_site`, `cosignature`, `audit_root`.
@@ -60,6 +66,12 @@ impl CoordMetrics {
             bytes_received: ops.counter("received_bytes", "Update payload bytes received from sites"),
             bytes_sent: ops.counter("sent_bytes", "Model bytes sent to sites"),
             sites_online: ops.gauge("sites_online", "Sites with a recent heartbeat"),
+            heartbeat_interval: ops.histogram_vec(
+                "heartbeat_interval_seconds",
+                "Seconds between two heartbeats of one site (sites send one a second)",
+                "stage",
+                &HEARTBEAT_BUCKETS,
+            ),
             secagg_dropouts: ops.counter("secagg_dropouts", "Sites dropped from secure-aggregation sessions"),
             verification_failures: ops.counter_vec("verification_failures", "Refused peer input by kind", "kind"),
             errors: ops.counter_vec("errors", "gRPC calls that ended in an error, by status code", "code"),

@@ -57,6 +57,9 @@ impl Default for Settings {
 #[derive(Debug, Clone)]
 struct Live {
     last_seen: Instant,
+    /// When this site's last heartbeat arrived (not any call: long polls and uploads
+    /// also count as seen).
+    last_heartbeat: Option<Instant>,
     /// When `last_seen_ms` was last written to the store.
     persisted: Instant,
     status: pb::SiteStatus,
@@ -377,6 +380,15 @@ impl Coord {
         }
     }
 
+    /// Records a heartbeat of `site` and returns the time since its previous one (none
+    /// for the first since this coordinator started).
+    pub(crate) fn heartbeat_interval(&self, site: &str) -> Option<Duration> {
+        let now = Instant::now();
+        let mut live = lock(&self.live);
+        let entry = live.get_mut(site)?;
+        entry.last_heartbeat.replace(now).map(|prev| now - prev)
+    }
+
     /// The calling site, after revocation checks; records that it was seen.
     fn site<T>(&self, req: &Request<T>, status: Option<&pb::SiteStatus>) -> Result<String, Status> {
         let (id, peer) = self.identify(req)?;
@@ -385,6 +397,7 @@ impl Coord {
         let first = !live.contains_key(&id);
         let entry = live.entry(id.clone()).or_insert_with(|| Live {
             last_seen: now,
+            last_heartbeat: None,
             persisted: now,
             status: Default::default(),
         });

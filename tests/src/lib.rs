@@ -63,6 +63,23 @@ pub fn rmhd() -> PathBuf {
     path
 }
 
+/// The first `per_label` posts of every label of the corpus.
+pub fn corpus_subset(dir: &std::path::Path, per_label: usize) -> std::path::PathBuf {
+    use std::io::Write;
+    let mut seen = std::collections::HashMap::<String, usize>::new();
+    let path = dir.join("subset.jsonl");
+    let mut out = std::fs::File::create(&path).expect("subset");
+    for line in std::fs::read_to_string(rmhd()).expect("corpus").lines() {
+        let v: serde_json::Value = serde_json::from_str(line).expect("jsonl");
+        let n = seen.entry(v["label"].as_str().unwrap_or_default().to_string()).or_default();
+        if *n < per_label {
+            *n += 1;
+            writeln!(out, "{line}").expect("write");
+        }
+    }
+    path
+}
+
 /// The pretrained encoder all-MiniLM-L6-v2 (`data/encoders/all-minilm-l6-v2`), fetched
 /// and digest-checked by `scripts/fetch_encoder.py` on first use, as the corpus is.
 pub fn encoder_dir() -> PathBuf {
@@ -310,6 +327,11 @@ impl Federation {
         stderr
     }
 
+    /// The running coordinator's process id.
+    pub fn coordinator_pid(&self) -> Option<u32> {
+        self.coordinator.as_ref().map(std::process::Child::id)
+    }
+
     pub fn kill_coordinator(&mut self) {
         if let Some(mut c) = self.coordinator.take() {
             let _ = c.kill();
@@ -480,3 +502,42 @@ pub fn wait_log(fed: &Federation, name: &str, needle: &str, count: usize, timeou
 
 /// A small, fast text-classifier job section for tests.
 pub const SMALL_MODEL: &str = "[model]\nkind = \"text-classifier\"\nbuckets = 4096\nembed_dim = 16\nhidden = 32\n";
+
+/// The ops endpoints (health, readiness, OpenMetrics) of a running coordinator or site.
+pub mod ops {
+    use std::io::{Read, Write};
+    use std::net::TcpStream;
+    use std::time::Duration;
+
+    pub fn free_port() -> String {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("port");
+        l.local_addr().expect("addr").to_string()
+    }
+
+    /// GET over plain HTTP/1.0: (status, body).
+    pub fn get(addr: &str, path: &str) -> (u16, String) {
+        let mut s = TcpStream::connect(addr).unwrap_or_else(|e| panic!("{addr}: {e}"));
+        s.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+        write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").expect("write");
+        let mut text = String::new();
+        s.read_to_string(&mut text).expect("read");
+        let status = text.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+        let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+        (status, body)
+    }
+
+    /// The value of one series in OpenMetrics text (0 when absent).
+    pub fn value(text: &str, series: &str) -> f64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(series).and_then(|rest| rest.strip_prefix(' ')))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0.0)
+    }
+
+    pub fn scrape(addr: &str) -> String {
+        let (status, body) = get(addr, "/metrics");
+        assert_eq!(status, 200, "{body}");
+        assert!(body.trim_end().ends_with("# EOF"), "OpenMetrics text ends with # EOF");
+        body
+    }
+}

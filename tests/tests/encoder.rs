@@ -5,29 +5,12 @@
 //! from files it holds with the job's digests, caches its records' vectors owner-only,
 //! installs the signed release and classifies offline.
 
-use std::io::Write;
 use std::process::Command;
 use std::time::Duration;
 
-use maeum_e2e::{Federation, bin, encoder_dir, rmhd};
+use maeum_e2e::{Federation, bin, corpus_subset, encoder_dir};
 
 const MIN: Duration = Duration::from_secs(60);
-
-/// The first `per_label` posts of every label of the corpus.
-fn subset(dir: &std::path::Path, per_label: usize) -> std::path::PathBuf {
-    let mut seen = std::collections::HashMap::<String, usize>::new();
-    let path = dir.join("subset.jsonl");
-    let mut out = std::fs::File::create(&path).expect("subset");
-    for line in std::fs::read_to_string(rmhd()).expect("corpus").lines() {
-        let v: serde_json::Value = serde_json::from_str(line).expect("jsonl");
-        let n = seen.entry(v["label"].as_str().unwrap_or_default().to_string()).or_default();
-        if *n < per_label {
-            *n += 1;
-            writeln!(out, "{line}").expect("write");
-        }
-    }
-    path
-}
 
 fn site(fed: &Federation, id: &str, args: &[&str]) -> std::process::Output {
     Command::new(bin("maeum-site")).args(args).arg("--home").arg(fed.site_home(id)).output().expect("maeum-site")
@@ -67,7 +50,7 @@ fn run_two_rounds(fed: &Federation, name: &str, job: &str) -> serde_json::Value 
 #[test]
 fn an_encoder_head_job_trains_under_secure_aggregation_and_every_site_predicts_offline() {
     let data_dir = tempfile::tempdir().expect("tempdir");
-    let data = subset(data_dir.path(), 10);
+    let data = corpus_subset(data_dir.path(), 10);
     let mut fed = Federation::with_data(4, &data);
     // site-1 and site-2 install the encoder into their homes; site-3 points at a shared
     // read-only folder; site-4 holds none and must refuse the job.
@@ -168,7 +151,7 @@ fn an_encoder_head_job_trains_under_secure_aggregation_and_every_site_predicts_o
 #[test]
 fn a_linear_encoder_head_trains_with_distributed_dp_and_every_site_predicts_with_it() {
     let data_dir = tempfile::tempdir().expect("tempdir");
-    let data = subset(data_dir.path(), 10);
+    let data = corpus_subset(data_dir.path(), 10);
     let mut fed = Federation::with_data(3, &data);
     let shared = encoder_dir().parent().expect("encoders").display().to_string();
     for s in ["site-1", "site-2", "site-3"] {
@@ -218,7 +201,7 @@ fn a_linear_encoder_head_trains_with_distributed_dp_and_every_site_predicts_with
 #[test]
 fn an_encoder_lora_job_sends_only_the_adapters_and_head_and_every_site_predicts_offline() {
     let data_dir = tempfile::tempdir().expect("tempdir");
-    let data = subset(data_dir.path(), 6);
+    let data = corpus_subset(data_dir.path(), 6);
     let mut fed = Federation::with_data(3, &data);
     let sites = ["site-1", "site-2", "site-3"];
     for s in sites {

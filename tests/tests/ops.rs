@@ -2,46 +2,14 @@
 //! real job (Prometheus metrics whose round counters move, health and readiness), the
 //! doctors, a graceful stop on SIGTERM, and on-premises inference afterwards.
 
-use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::process::Command;
 use std::time::Duration;
 
+use maeum_e2e::ops::{free_port, get, scrape, value};
 use maeum_e2e::{Federation, SMALL_MODEL, bin};
 
 const MIN: Duration = Duration::from_secs(60);
-
-fn free_port() -> String {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("port");
-    l.local_addr().expect("addr").to_string()
-}
-
-/// GET over plain HTTP/1.0: (status, body).
-fn get(addr: &str, path: &str) -> (u16, String) {
-    let mut s = TcpStream::connect(addr).unwrap_or_else(|e| panic!("{addr}: {e}"));
-    s.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
-    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").expect("write");
-    let mut text = String::new();
-    s.read_to_string(&mut text).expect("read");
-    let status = text.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
-    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
-    (status, body)
-}
-
-/// The value of one series in OpenMetrics text (0 when absent).
-fn value(text: &str, series: &str) -> f64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(series).and_then(|rest| rest.strip_prefix(' ')))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0.0)
-}
-
-fn scrape(addr: &str) -> String {
-    let (status, body) = get(addr, "/metrics");
-    assert_eq!(status, 200, "{body}");
-    assert!(body.trim_end().ends_with("# EOF"), "OpenMetrics text ends with # EOF");
-    body
-}
 
 #[test]
 fn metrics_move_during_a_job_doctors_pass_and_sigterm_stops_cleanly() {
@@ -75,6 +43,13 @@ fn metrics_move_during_a_job_doctors_pass_and_sigterm_stops_cleanly() {
     assert_eq!(value(&text, "maeum_coordinator_stage_seconds_count{stage=\"train\"}"), 2.0, "{text}");
     assert_eq!(value(&text, "maeum_coordinator_stage_seconds_count{stage=\"evaluate\"}"), 1.0, "{text}");
     assert_eq!(value(&text, "maeum_coordinator_sites_online"), 2.0, "{text}");
+    // Heartbeat intervals are timed from each site's second heartbeat (one a second).
+    let idle = "maeum_coordinator_heartbeat_interval_seconds_count{stage=\"idle\"}";
+    let until = std::time::Instant::now() + Duration::from_secs(10);
+    while value(&scrape(&coord_ops), idle) < 2.0 {
+        assert!(std::time::Instant::now() < until, "no heartbeat intervals timed:\n{}", scrape(&coord_ops));
+        std::thread::sleep(Duration::from_millis(200));
+    }
     assert!(value(&text, "maeum_coordinator_received_bytes_total") > 0.0, "{text}");
     assert!(value(&text, "maeum_coordinator_sent_bytes_total") > 0.0, "{text}");
     assert!(value(&text, "maeum_coordinator_audit_entries") > 10.0, "{text}");

@@ -18,7 +18,25 @@ impl pb::fleet_server::Fleet for Fleet {
             // online (no daemon is behind this call).
             self.0.identify(&req)?;
         } else {
-            self.0.site(&req, Some(&status))?;
+            let site = self.0.site(&req, Some(&status))?;
+            if let Some(gap) = self.0.heartbeat_interval(&site) {
+                // The label's values are ours, not the site's words: a site cannot grow
+                // the coordinator's metric series.
+                const STAGES: [&str; 9] = [
+                    "idle",
+                    "waiting",
+                    "downloading",
+                    "embedding",
+                    "evaluating",
+                    "training",
+                    "uploading",
+                    "secagg",
+                    "stopped",
+                ];
+                let first = status.stage.split([' ', ':']).next().unwrap_or_default();
+                let stage = STAGES.iter().find(|s| **s == first).copied().unwrap_or("other");
+                self.0.metrics.heartbeat_interval.observe(stage, gap.as_secs_f64());
+            }
         }
         let audit_size = self.0.audit.latest().map_or(0, |c| c.checkpoint.size);
         self.0.metrics.sites_online.set(self.0.online_sites().len() as i64);
