@@ -36,6 +36,67 @@ impl Blobs {
         Ok(digest)
     }
 
+    /// Stores the file at `src` (on the same file system: `HOME`) by moving it, hashing
+    /// it as it is read in 1 MiB pieces: an O(model) blob is never held in memory.
+    /// Returns its digest and size. The file is fsynced before it takes its name.
+    pub fn put_file(&self, src: &Path) -> Result<(Digest, u64)> {
+        use std::io::Read;
+        let mut file = std::fs::File::open(src).with_context(|| format!("reading {}", src.display()))?;
+        let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+        let mut buf = vec![0u8; 1 << 20];
+        let mut size = 0u64;
+        loop {
+            let n = file.read(&mut buf).with_context(|| format!("reading {}", src.display()))?;
+            if n == 0 {
+                break;
+            }
+            ctx.update(&buf[..n]);
+            size += n as u64;
+        }
+        let digest = Digest::parse("digest", &hex(ctx.finish().as_ref()))?;
+        let path = self.path(&digest);
+        if path.is_file() {
+            std::fs::remove_file(src).with_context(|| format!("removing {}", src.display()))?;
+        } else {
+            file.sync_all().with_context(|| format!("syncing {}", src.display()))?;
+            if std::fs::rename(src, &path).is_err() {
+                // Another file system after all: copy, then make the copy durable.
+                let tmp = self.dir.join(format!(".copy-{}.tmp", digest.hex()));
+                std::fs::copy(src, &tmp).with_context(|| format!("copying {} into the store", src.display()))?;
+                std::fs::File::open(&tmp).and_then(|f| f.sync_all())?;
+                std::fs::rename(&tmp, &path).with_context(|| format!("naming {}", path.display()))?;
+                let _ = std::fs::remove_file(src);
+            }
+            std::fs::File::open(&self.dir)
+                .and_then(|d| d.sync_all())
+                .with_context(|| format!("syncing {}", self.dir.display()))?;
+        }
+        Ok((digest, size))
+    }
+
+    /// Stores `words` as little-endian bytes (an unmasked aggregate), written and hashed
+    /// piece by piece through a temporary file: no byte copy of the vector is made.
+    pub fn put_words(&self, words: &[u32]) -> Result<Digest> {
+        use std::io::Write;
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let tmp = self.dir.join(format!(".words-{}-{n}.tmp", std::process::id()));
+        let written = (|| -> Result<()> {
+            let mut out = std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(&tmp)?);
+            for chunk in words.chunks(1 << 16) {
+                let bytes: Vec<u8> = chunk.iter().flat_map(|w| w.to_le_bytes()).collect();
+                out.write_all(&bytes)?;
+            }
+            out.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+            Ok(())
+        })();
+        if let Err(e) = written {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e.context(format!("writing {}", tmp.display())));
+        }
+        Ok(self.put_file(&tmp)?.0)
+    }
+
     pub fn get(&self, digest: &Digest) -> Result<Vec<u8>> {
         let path = self.path(digest);
         let bytes = std::fs::read(&path).with_context(|| format!("reading blob {}", path.display()))?;
@@ -46,6 +107,10 @@ impl Blobs {
         );
         Ok(bytes)
     }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 #[cfg(test)]
@@ -64,5 +129,29 @@ mod tests {
         let e = b.get(&d).expect_err("corruption is detected");
         assert!(e.to_string().contains("corrupt"), "{e}");
         assert!(!b.contains(&Digest::of(b"other")));
+    }
+
+    #[test]
+    fn files_and_words_are_stored_by_content_without_a_copy_in_memory() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let b = Blobs::open(&dir.path().join("blobs")).expect("open");
+        let words: Vec<u32> = (0..200_000u32).map(|i| i.wrapping_mul(0x9e37_79b1)).collect();
+        let bytes: Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
+        let d = b.put_words(&words).expect("words");
+        assert_eq!(d, Digest::of(&bytes));
+        assert_eq!(b.get(&d).expect("get"), bytes);
+        let src = dir.path().join("model.tmp");
+        std::fs::write(&src, b"a model").expect("write");
+        assert_eq!(b.put_file(&src).expect("file"), (Digest::of(b"a model"), 7));
+        assert!(!src.exists(), "moved into the store");
+        std::fs::write(&src, b"a model").expect("write");
+        assert_eq!(b.put_file(&src).expect("again").0, Digest::of(b"a model"), "idempotent");
+        assert!(!src.exists());
+        let leftovers: Vec<_> = std::fs::read_dir(dir.path().join("blobs"))
+            .expect("dir")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with('.'))
+            .collect();
+        assert!(leftovers.is_empty(), "{leftovers:?}");
     }
 }

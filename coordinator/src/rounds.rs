@@ -130,14 +130,8 @@ fn save_model(c: &Coord, spec: &ModelSpec, params: &FlatParams, job: &str, round
     let tmp = c.home.uploads().join(format!(".model-{job}-{round}.safetensors"));
     let meta = [("maeum.job".to_string(), job.to_string()), ("maeum.round".to_string(), round.to_string())];
     spec.save(&tmp, params, meta.into_iter().collect()).context("writing the new model version")?;
-    let bytes = std::fs::read(&tmp).with_context(|| format!("reading {}", tmp.display()))?;
-    let _ = std::fs::remove_file(&tmp);
-    let digest = c.blobs.put(&bytes)?;
-    Ok(VersionRecord {
-        digest: digest.hex(),
-        size: bytes.len() as u64,
-        layout_digest: spec.layout().digest().to_string(),
-    })
+    let (digest, size) = c.blobs.put_file(&tmp)?;
+    Ok(VersionRecord { digest: digest.hex(), size, layout_digest: spec.layout().digest().to_string() })
 }
 
 pub(crate) fn model_ref(v: &VersionRecord) -> Result<ModelRef> {
@@ -568,10 +562,20 @@ fn commit_round_blocking(
     id: &str,
     spec: &ModelSpec,
     base: &VersionRecord,
-    state: RoundState,
+    mut state: RoundState,
     skipped: bool,
 ) -> Result<JobRecord> {
     let job = load(c, id)?;
+    // The mean update first, and the f64 sum dropped, before the base model is loaded:
+    // the commit never holds the sum, the mean and the model at once.
+    let mean: Option<Vec<f32>> = match &state.refused {
+        Some(_) => None,
+        None => {
+            anyhow::ensure!(state.total_weight > 0, "round {}: the aggregate weight is 0", state.round);
+            let w = state.total_weight as f64;
+            Some(std::mem::take(&mut state.sum).into_iter().map(|s| (s / w) as f32).collect())
+        }
+    };
     let (_, params, _) = ModelSpec::load(&c.blobs.path(&Digest::parse("digest", &base.digest)?))
         .context("loading the round's base model")?;
     let n = params.values().len();
@@ -582,13 +586,10 @@ fn commit_round_blocking(
         }
         None => ServerOptimizer::new(&job.spec.strategy, n),
     };
-    let aggregate_sha256 = match &state.aggregate {
-        Some(bytes) => c.blobs.put(bytes)?.hex(),
-        None => String::new(),
-    };
-    let (model, optimizer_state) = match &state.refused {
+    let aggregate_sha256 = state.aggregate.clone().unwrap_or_default();
+    let (model, optimizer_state) = match (&state.refused, mean) {
         // A refused aggregate changes nothing: the base model and optimiser state stay.
-        Some(why) => {
+        (Some(why), _) => {
             c.record(Event::RoundFailed {
                 job_id: id.to_string(),
                 round: state.round,
@@ -599,10 +600,8 @@ fn commit_round_blocking(
             let kept = job.history.last().map(|h| h.optimizer_state.clone()).unwrap_or_default();
             (base.clone(), kept)
         }
-        None => {
-            anyhow::ensure!(state.total_weight > 0, "round {}: the aggregate weight is 0", state.round);
-            let w = state.total_weight as f64;
-            let mean: Vec<f32> = state.sum.iter().map(|s| (s / w) as f32).collect();
+        (None, mean) => {
+            let mean = mean.context("no mean update for an accepted aggregate")?;
             let mut values = params.into_values();
             optimizer.apply(&mut values, &mean)?;
             let params = FlatParams::new(spec.layout(), values)?;

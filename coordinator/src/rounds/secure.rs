@@ -238,7 +238,16 @@ pub(super) async fn finish_secagg(c: &Coord, round: u32) -> Result<SecAggEnd> {
     c.notify();
     let Some(server) = server else { return Ok(SecAggEnd::Failed("session already finished".into())) };
     let started = std::time::Instant::now();
-    let outcome = tokio::task::spawn_blocking(move || crate::secagg::finish(server)).await?;
+    // The aggregate goes to the blob store as soon as it is unmasked, on this blocking
+    // thread and outside the round lock (an O(model) write).
+    let blobs = c.blobs.clone();
+    let (outcome, aggregate) = tokio::task::spawn_blocking(move || {
+        let outcome = crate::secagg::finish(server);
+        let aggregate = outcome.as_ref().ok().map(|o| blobs.put_words(&o.sum).map(|d| d.hex()));
+        (outcome, aggregate)
+    })
+    .await?;
+    let aggregate = aggregate.transpose().context("storing the unmasked aggregate")?;
     let mut guard = lock(&c.round);
     let Some(r) = guard.as_mut() else { return Ok(SecAggEnd::Aborted) };
     let Some(sa) = r.secagg.as_mut() else { return Ok(SecAggEnd::Aborted) };
@@ -265,10 +274,6 @@ pub(super) async fn finish_secagg(c: &Coord, round: u32) -> Result<SecAggEnd> {
     }
     let survivors = sa.names(&outcome.survivors);
     let dropped = sa.names(&outcome.dropped);
-    let mut bytes = Vec::with_capacity(outcome.sum.len() * 4);
-    for w in &outcome.sum {
-        bytes.extend_from_slice(&w.to_le_bytes());
-    }
     info!(
         round,
         survivors = survivors.len(),
@@ -285,7 +290,7 @@ pub(super) async fn finish_secagg(c: &Coord, round: u32) -> Result<SecAggEnd> {
     };
     c.metrics.secagg_dropouts.inc_by(dropped.len() as u64);
     r.secure_outcome(sum, total_weight, survivors, dropped, refused);
-    r.aggregate = Some(bytes);
+    r.aggregate = aggregate;
     // The cohort's evaluation of the model the round was handed, summed inside the
     // masked inputs: the coordinator never sees a site's counts.
     match r.secure_evaluation(&counts) {

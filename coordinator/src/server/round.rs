@@ -36,8 +36,9 @@ pub struct RoundState {
     /// The secure-aggregation session of a training stage (None: plaintext debugging
     /// job, or an evaluation stage).
     pub secagg: Option<SecAggRound>,
-    /// The unmasked u32 aggregate once secure aggregation finished (little-endian).
-    pub aggregate: Option<Vec<u8>>,
+    /// The digest of the unmasked u32 aggregate (little-endian) once secure aggregation
+    /// finished; the blob is already in the store.
+    pub aggregate: Option<String>,
     /// Fault injection only (`crate::attack`, `divergent`): every site but the named
     /// one is handed this model instead. Always `None` in a real coordinator.
     pub divergent: Option<(String, ModelRef)>,
