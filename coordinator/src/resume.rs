@@ -66,7 +66,8 @@ struct Saved {
 /// What the orchestrator copies out of the round under its lock.
 pub struct Snapshot {
     saved: Saved,
-    sum: Vec<u8>,
+    /// The masked sum's words; `sum.bin` holds them little-endian.
+    sum: Vec<u32>,
 }
 
 impl std::fmt::Debug for Snapshot {
@@ -75,7 +76,7 @@ impl std::fmt::Debug for Snapshot {
             .field("job", &self.saved.job_id)
             .field("round", &self.saved.round)
             .field("attempt", &self.saved.attempt)
-            .field("sum_bytes", &self.sum.len())
+            .field("sum_bytes", &(self.sum.len() * 4))
             .finish()
     }
 }
@@ -97,7 +98,7 @@ pub fn take(r: &RoundState) -> Result<Snapshot> {
         survivors: hex(&stored::reply_to_bytes(&Reply::Survivors(survivors))),
         proof: hex(&stored::reply_to_bytes(&Reply::Proof(proof))),
         server: hex(&server),
-        sum_sha256: Digest::of(&sum).hex(),
+        sum_sha256: words_sha256(&sum),
     };
     Ok(Snapshot { saved, sum })
 }
@@ -108,10 +109,46 @@ pub fn write(home: &Home, s: &Snapshot) -> Result<()> {
     let d = dir(home);
     let _ = std::fs::remove_file(d.join(SESSION));
     std::fs::create_dir_all(&d).with_context(|| format!("creating {}", d.display()))?;
-    crate::home::write_file(&d.join(SUM), &s.sum, true)?;
+    write_words(&d.join(SUM), &s.sum)?;
     crate::home::write_file(&d.join(UNMASKS), b"", true)?;
     let json = serde_json::to_vec_pretty(&s.saved).context("encoding the session")?;
     crate::home::write_file(&d.join(SESSION), &json, true)
+}
+
+/// The SHA-256 of `words` as little-endian bytes, hashed piece by piece.
+fn words_sha256(words: &[u32]) -> String {
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    for chunk in words.chunks(1 << 16) {
+        ctx.update(&chunk.iter().flat_map(|w| w.to_le_bytes()).collect::<Vec<u8>>());
+    }
+    maeum_tlog::hex(ctx.finish().as_ref())
+}
+
+/// Writes `words` little-endian to `path`, owner-only, atomically and durably, piece by
+/// piece: the masked sum is never copied into a byte buffer of its size.
+fn write_words(path: &std::path::Path, words: &[u32]) -> Result<()> {
+    let dir = path.parent().context("a file in a directory")?;
+    let tmp = path.with_extension("bin.tmp");
+    let written = (|| -> std::io::Result<()> {
+        let mut options = std::fs::OpenOptions::new();
+        options.write(true).create(true).truncate(true);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::OpenOptionsExt;
+            options.mode(0o600);
+        }
+        let mut out = std::io::BufWriter::with_capacity(1 << 20, options.open(&tmp)?);
+        for chunk in words.chunks(1 << 16) {
+            out.write_all(&chunk.iter().flat_map(|w| w.to_le_bytes()).collect::<Vec<u8>>())?;
+        }
+        out.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+        std::fs::rename(&tmp, path)?;
+        std::fs::File::open(dir)?.sync_all()
+    })();
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written.with_context(|| format!("writing {}", path.display()))
 }
 
 /// Appends one accepted revealed-shares message (blocking, fsynced).

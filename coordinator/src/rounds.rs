@@ -566,14 +566,18 @@ fn commit_round_blocking(
     skipped: bool,
 ) -> Result<JobRecord> {
     let job = load(c, id)?;
-    // The mean update first, and the f64 sum dropped, before the base model is loaded:
-    // the commit never holds the sum, the mean and the model at once.
+    // The mean update first, in the sum's own memory (a secure round's words) or with
+    // the f64 sum dropped (plaintext), before the base model is loaded: the commit never
+    // holds the sum, the mean and the model at once.
     let mean: Option<Vec<f32>> = match &state.refused {
         Some(_) => None,
         None => {
             anyhow::ensure!(state.total_weight > 0, "round {}: the aggregate weight is 0", state.round);
             let w = state.total_weight as f64;
-            Some(std::mem::take(&mut state.sum).into_iter().map(|s| (s / w) as f32).collect())
+            Some(match state.secure_sum.take() {
+                Some(sum) => sum.into_mean(w),
+                None => std::mem::take(&mut state.sum).into_iter().map(|s| (s / w) as f32).collect(),
+            })
         }
     };
     let (_, params, _) = ModelSpec::load(&c.blobs.path(&Digest::parse("digest", &base.digest)?))

@@ -148,7 +148,7 @@ impl SecAggRound {
     #[allow(clippy::type_complexity)]
     pub fn for_resume(
         &self,
-    ) -> Result<(KeyRoster, Option<GraphReveals>, SurvivorSet, SurvivorProof, Vec<u8>, Vec<u8>), SecAggError> {
+    ) -> Result<(KeyRoster, Option<GraphReveals>, SurvivorSet, SurvivorProof, Vec<u8>, Vec<u32>), SecAggError> {
         let missing = |what: &str| SecAggError::new(maeum_secagg::Check::Replay, format!("no {what} to save"));
         let server = self.server.as_ref().ok_or_else(|| missing("server"))?;
         Ok((
@@ -157,7 +157,8 @@ impl SecAggRound {
             self.survivors.clone().ok_or_else(|| missing("survivor set"))?,
             self.proof.clone().ok_or_else(|| missing("survivor proof"))?,
             server.snapshot()?,
-            server.masked_sum().iter().flat_map(|w| w.to_le_bytes()).collect(),
+            // One exact-size copy (written out of the lock, little-endian, piece by piece).
+            server.masked_sum().to_vec(),
         ))
     }
 
@@ -418,28 +419,34 @@ impl SecAggRound {
         Ok(())
     }
 
-    /// Decodes an outcome into Σ w·Δ (f64), Σ w and the summed evaluation counts. In a
-    /// `distributed` DP job, Σ w·Δ is the negated noisy sum of clipped gradients (a
-    /// descent direction; each site's weight is 1).
-    pub fn decode(&self, outcome: &Outcome) -> (Vec<f64>, u64, Vec<u32>) {
-        let n = outcome.sum.len().saturating_sub(1 + self.eval_words);
-        let mut sum = vec![0.0; n];
-        match &self.encoding {
-            Encoding::Distributed(m) => {
-                m.decode(&outcome.sum[..n], &mut sum);
-                sum.iter_mut().for_each(|v| *v = -*v);
-            }
-            Encoding::Quantised(q) => q.decode(&outcome.sum[..n], &mut sum),
-        }
-        let weight = u64::from(outcome.sum.get(n).copied().unwrap_or(0));
-        (sum, weight, outcome.sum.get(n + 1..).unwrap_or_default().to_vec())
+    /// Decodes an outcome into Σ w·Δ, Σ w and the summed evaluation counts, taking the
+    /// outcome's words: Σ w·Δ stays those words and their scale ([`Decoded`], 4 bytes a
+    /// parameter). In a `distributed` DP job, Σ w·Δ is the negated noisy sum of clipped
+    /// gradients (a descent direction; each site's weight is 1).
+    pub fn decode(&self, outcome: &mut Outcome) -> (Decoded, u64, Vec<u32>) {
+        let mut words = std::mem::take(&mut outcome.sum);
+        let n = words.len().saturating_sub(1 + self.eval_words);
+        let counts = words.get(n + 1..).unwrap_or_default().to_vec();
+        let weight = u64::from(words.get(n).copied().unwrap_or(0));
+        words.truncate(n);
+        words.shrink_to_fit();
+        let scale = match &self.encoding {
+            Encoding::Distributed(m) => -1.0 / m.scale(),
+            Encoding::Quantised(q) => q.step,
+        };
+        (Decoded { words, scale }, weight, counts)
     }
 
     /// Checks an unmasked aggregate against what `survivors` honest inputs can sum to:
     /// 1 ≤ Σw ≤ |U3|·max_weight, every coordinate |Σ w·Δ| ≤ Σw·clip, and with the
     /// job's `clip_norm` ‖Σ w·Δ‖₂ ≤ Σw·clip_norm, each plus the rounding slack (one
     /// quantisation step per input and coordinate).
-    pub fn check_bounds(&self, sum: &[f64], total_weight: u64, survivors: usize) -> Result<(), String> {
+    pub fn check_bounds<I>(&self, sum: I, total_weight: u64, survivors: usize) -> Result<(), String>
+    where
+        I: IntoIterator<Item = f64>,
+        I::IntoIter: Clone,
+    {
+        let sum = sum.into_iter();
         let q = match &self.encoding {
             Encoding::Quantised(q) => q,
             Encoding::Distributed(m) => return Self::check_distributed(m, sum, total_weight, survivors),
@@ -453,12 +460,13 @@ impl SecAggRound {
         }
         let bound = total_weight as f64 * f64::from(q.clip) + (survivors as f64 + 1.0) * q.step;
         // The reason goes to the audit log: it names the coordinate, never its value.
-        if let Some(i) = sum.iter().position(|v| !v.is_finite() || v.abs() > bound) {
+        if let Some(i) = sum.clone().position(|v| !v.is_finite() || v.abs() > bound) {
             return Err(format!("aggregate coordinate {i} is beyond Σw·clip ({bound:.4e} for Σw = {total_weight})"));
         }
         if self.clip_norm > 0.0 {
-            let norm = sum.iter().map(|v| v * v).sum::<f64>().sqrt();
-            let slack = (sum.len() as f64).sqrt() * (survivors as f64 + 1.0) * q.step;
+            let (squares, len) = sum.fold((0.0f64, 0usize), |(acc, n), v| (acc + v * v, n + 1));
+            let norm = squares.sqrt();
+            let slack = (len as f64).sqrt() * (survivors as f64 + 1.0) * q.step;
             let bound = total_weight as f64 * f64::from(self.clip_norm) + slack;
             if norm > bound {
                 return Err(format!(
@@ -473,14 +481,14 @@ impl SecAggRound {
     /// norm within the survivors' bounded clipped sums (C·B each), rounding and noise.
     fn check_distributed(
         m: &maeum_models::ddp::DistributedDp,
-        sum: &[f64],
+        sum: impl Iterator<Item = f64>,
         total_weight: u64,
         survivors: usize,
     ) -> Result<(), String> {
         if total_weight != survivors as u64 {
             return Err(format!("the aggregate weight {total_weight} is not 1 for each of {survivors} sites"));
         }
-        let norm = sum.iter().map(|v| v * v).sum::<f64>().sqrt();
+        let norm = sum.map(|v| v * v).sum::<f64>().sqrt();
         let bound = m.aggregate_bound(survivors);
         if !norm.is_finite() || norm > bound {
             return Err(format!(
@@ -528,6 +536,37 @@ pub fn finish(server: Server) -> Result<Outcome, SecAggError> {
     }))
 }
 
+/// An unmasked Σ w·Δ as the summed words and their scale: coordinate `i` is
+/// `(words[i] as i32) · scale`. Kept this way (4 bytes a parameter) from the unmasking
+/// to the commit, where [`Decoded::into_mean`] turns it into the mean update in place.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Decoded {
+    pub words: Vec<u32>,
+    pub scale: f64,
+}
+
+impl Decoded {
+    pub fn len(&self) -> usize {
+        self.words.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.words.is_empty()
+    }
+
+    /// The coordinates of Σ w·Δ.
+    pub fn values(&self) -> impl Iterator<Item = f64> + Clone + '_ {
+        let scale = self.scale;
+        self.words.iter().map(move |&w| f64::from(w as i32) * scale)
+    }
+
+    /// The mean update Σ w·Δ / Σ w in f32, in the words' own memory.
+    pub fn into_mean(self, total_weight: f64) -> Vec<f32> {
+        let scale = self.scale;
+        self.words.into_iter().map(|w| (f64::from(w as i32) * scale / total_weight) as f32).collect()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -569,27 +608,31 @@ mod tests {
         // Σk = γ·(3, −1.5), then the weight word (3 sites) and no evaluation words.
         let gamma = m.scale();
         let words = [((3.0 * gamma).round() as i32) as u32, ((-1.5 * gamma).round() as i32) as u32, 3];
-        let outcome = Outcome { sum: words.to_vec(), survivors: vec![1, 2, 3], dropped: Vec::new() };
-        let (sum, weight, counts) = r.decode(&outcome);
-        assert_eq!((weight, counts.len()), (3, 0));
+        let mut outcome = Outcome { sum: words.to_vec(), survivors: vec![1, 2, 3], dropped: Vec::new() };
+        let (decoded, weight, counts) = r.decode(&mut outcome);
+        assert_eq!((weight, counts.len(), decoded.len()), (3, 0, 2));
+        let sum: Vec<f64> = decoded.values().collect();
         assert!((sum[0] + 3.0).abs() < 1.0 / gamma && (sum[1] - 1.5).abs() < 1.0 / gamma, "negated: {sum:?}");
-        assert_eq!(r.check_bounds(&sum, 3, 3), Ok(()));
-        assert!(r.check_bounds(&sum, 4, 3).expect_err("weight").contains("not 1 for each of 3 sites"));
+        assert_eq!(r.check_bounds(decoded.values(), 3, 3), Ok(()));
+        assert!(r.check_bounds(decoded.values(), 4, 3).expect_err("weight").contains("not 1 for each of 3 sites"));
         let far = [m.aggregate_bound(3) + 1.0, 0.0];
-        assert!(r.check_bounds(&far, 3, 3).expect_err("norm").contains("bounded sums and noise"));
+        assert!(r.check_bounds(far, 3, 3).expect_err("norm").contains("bounded sums and noise"));
+        // The mean, in the words' memory: Σ w·Δ / Σ w.
+        let mean = decoded.clone().into_mean(3.0);
+        assert_eq!(mean, vec![(sum[0] / 3.0) as f32, (sum[1] / 3.0) as f32]);
     }
 
     #[test]
     fn aggregates_outside_what_honest_sites_can_sum_are_refused() {
         let r = round(0.0);
-        assert_eq!(r.check_bounds(&[10.0, -10.0], 20, 3), Ok(()));
-        assert!(r.check_bounds(&[1.0, 1.0], 0, 3).expect_err("Σw 0").contains("aggregate weight 0"));
-        assert!(r.check_bounds(&[1.0, 1.0], 301, 3).expect_err("Σw > 3·100").contains("outside 1..=300"));
-        assert!(r.check_bounds(&[21.0, 0.0], 20, 3).expect_err("coordinate").contains("coordinate 0"));
-        assert!(r.check_bounds(&[f64::NAN, 0.0], 20, 3).is_err());
+        assert_eq!(r.check_bounds([10.0, -10.0], 20, 3), Ok(()));
+        assert!(r.check_bounds([1.0, 1.0], 0, 3).expect_err("Σw 0").contains("aggregate weight 0"));
+        assert!(r.check_bounds([1.0, 1.0], 301, 3).expect_err("Σw > 3·100").contains("outside 1..=300"));
+        assert!(r.check_bounds([21.0, 0.0], 20, 3).expect_err("coordinate").contains("coordinate 0"));
+        assert!(r.check_bounds([f64::NAN, 0.0], 20, 3).is_err());
         // With an L2 bound of 1 per site, Σw = 20 allows a norm of 20.
         let r = round(1.0);
-        assert_eq!(r.check_bounds(&[12.0, 16.0], 20, 3), Ok(()));
-        assert!(r.check_bounds(&[15.0, 15.0], 20, 3).expect_err("norm 21.2").contains("L2 norm"));
+        assert_eq!(r.check_bounds([12.0, 16.0], 20, 3), Ok(()));
+        assert!(r.check_bounds([15.0, 15.0], 20, 3).expect_err("norm 21.2").contains("L2 norm"));
     }
 }

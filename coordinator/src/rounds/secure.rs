@@ -251,7 +251,7 @@ pub(super) async fn finish_secagg(c: &Coord, round: u32) -> Result<SecAggEnd> {
     let mut guard = lock(&c.round);
     let Some(r) = guard.as_mut() else { return Ok(SecAggEnd::Aborted) };
     let Some(sa) = r.secagg.as_mut() else { return Ok(SecAggEnd::Aborted) };
-    let outcome = match outcome {
+    let mut outcome = match outcome {
         Ok(o) => o,
         Err(e) => {
             let culprit = e.culprit.and_then(|i| sa.site.get(&i).cloned());
@@ -262,13 +262,13 @@ pub(super) async fn finish_secagg(c: &Coord, round: u32) -> Result<SecAggEnd> {
             return Ok(SecAggEnd::Failed(exclude(c, &job_id, culprit, why)?));
         }
     };
-    let (sum, total_weight, counts) = sa.decode(&outcome);
+    let (sum, total_weight, counts) = sa.decode(&mut outcome);
     // Honest sites clip and cap before masking; nothing but the sum can show whether
     // one did not. An aggregate outside what |U3| honest inputs can make is refused: no
     // site can scale the mean or wrap Σw. The round is committed without an update
     // rather than retried, because the sites revealed this round's sum once and will
     // not reveal another over other survivors (a retry would stall the job).
-    let refused = sa.check_bounds(&sum, total_weight, outcome.survivors.len()).err();
+    let refused = sa.check_bounds(sum.values(), total_weight, outcome.survivors.len()).err();
     if let Some(why) = &refused {
         warn!(round, reason = %why, "the unmasked aggregate breaks the job's bounds; the round is committed without an update");
     }

@@ -22,7 +22,10 @@ pub struct RoundState {
     pub done: BTreeSet<String>,
     pub dropped: BTreeSet<String>,
     pub num_params: u64,
+    /// A plaintext round's running Σ w·Δ (the folded updates).
     pub sum: Vec<f64>,
+    /// A secure round's unmasked Σ w·Δ, kept as words and their scale.
+    pub secure_sum: Option<crate::secagg::Decoded>,
     pub total_weight: u64,
     pub n_labels: usize,
     pub evaluation: Vec<Vec<u64>>,
@@ -82,6 +85,7 @@ impl RoundState {
             } else {
                 Vec::new()
             },
+            secure_sum: None,
             total_weight: 0,
             n_labels,
             evaluation: vec![vec![0; n_labels]; n_labels],
@@ -313,13 +317,13 @@ impl RoundState {
     /// (`Some`: the round commits without an update).
     pub fn secure_outcome(
         &mut self,
-        sum: Vec<f64>,
+        sum: crate::secagg::Decoded,
         total_weight: u64,
         survivors: Vec<String>,
         dropped: Vec<String>,
         refused: Option<String>,
     ) {
-        self.sum = sum;
+        self.secure_sum = Some(sum);
         self.total_weight = total_weight;
         self.done = survivors.into_iter().collect();
         self.dropped = dropped.into_iter().collect();
@@ -513,9 +517,11 @@ mod tests {
     fn a_secure_outcome_sets_the_sum_its_survivors_and_why_it_is_refused() {
         let mut r = RoundState::new(&job(""), 1, 1, Stage::Train, model(), 0);
         r.selected = ["a", "b", "c"].iter().map(|s| s.to_string()).collect();
-        assert!(r.sum.is_empty(), "a secure round keeps no f64 sum until it is unmasked");
-        r.secure_outcome(vec![1.0, 2.0], 2, vec!["a".into(), "b".into()], vec!["c".into()], Some("norm".into()));
-        assert_eq!((r.sum.as_slice(), r.total_weight, r.refused.as_deref()), (&[1.0, 2.0][..], 2, Some("norm")));
+        assert!(r.sum.is_empty() && r.secure_sum.is_none(), "a secure round keeps no sum until it is unmasked");
+        let sum = crate::secagg::Decoded { words: vec![2, 4], scale: 0.5 };
+        r.secure_outcome(sum.clone(), 2, vec!["a".into(), "b".into()], vec!["c".into()], Some("norm".into()));
+        assert_eq!((r.secure_sum.as_ref(), r.total_weight, r.refused.as_deref()), (Some(&sum), 2, Some("norm")));
+        assert!(r.sum.is_empty(), "the plaintext sum stays empty");
         assert!(r.waiting().is_empty());
         assert_eq!(r.done.len(), 2);
         // A survivor that restarts between the unmasking and the commit (its new agent
