@@ -53,7 +53,9 @@ impl Blobs {
             ctx.update(&buf[..n]);
             size += n as u64;
         }
-        let digest = Digest::parse("digest", &hex(ctx.finish().as_ref()))?;
+        let mut sha = [0u8; 32];
+        sha.copy_from_slice(ctx.finish().as_ref());
+        let digest = Digest(sha);
         let path = self.path(&digest);
         if path.is_file() {
             std::fs::remove_file(src).with_context(|| format!("removing {}", src.display()))?;
@@ -74,26 +76,15 @@ impl Blobs {
         Ok((digest, size))
     }
 
-    /// Stores `words` as little-endian bytes (an unmasked aggregate), written and hashed
-    /// piece by piece through a temporary file: no byte copy of the vector is made.
+    /// Stores `words` as little-endian bytes (an unmasked aggregate), written piece by
+    /// piece to a temporary file and moved in by [`Blobs::put_file`]: no byte copy of
+    /// the vector is made.
     pub fn put_words(&self, words: &[u32]) -> Result<Digest> {
-        use std::io::Write;
         static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let tmp = self.dir.join(format!(".words-{}-{n}.tmp", std::process::id()));
-        let written = (|| -> Result<()> {
-            let mut out = std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(&tmp)?);
-            for chunk in words.chunks(1 << 16) {
-                let bytes: Vec<u8> = chunk.iter().flat_map(|w| w.to_le_bytes()).collect();
-                out.write_all(&bytes)?;
-            }
-            out.into_inner().map_err(|e| e.into_error())?.sync_all()?;
-            Ok(())
-        })();
-        if let Err(e) = written {
-            let _ = std::fs::remove_file(&tmp);
-            return Err(e.context(format!("writing {}", tmp.display())));
-        }
+        maeum_models::write_file_with(&tmp, false, |w| write_words_le(w, words))
+            .with_context(|| format!("writing {}", tmp.display()))?;
         Ok(self.put_file(&tmp)?.0)
     }
 
@@ -109,8 +100,12 @@ impl Blobs {
     }
 }
 
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+/// Writes `words` little-endian, 64 Ki words at a time.
+pub fn write_words_le(out: &mut dyn std::io::Write, words: &[u32]) -> std::io::Result<()> {
+    for chunk in words.chunks(1 << 16) {
+        out.write_all(&chunk.iter().flat_map(|w| w.to_le_bytes()).collect::<Vec<u8>>())?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

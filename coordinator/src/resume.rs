@@ -109,7 +109,10 @@ pub fn write(home: &Home, s: &Snapshot) -> Result<()> {
     let d = dir(home);
     let _ = std::fs::remove_file(d.join(SESSION));
     std::fs::create_dir_all(&d).with_context(|| format!("creating {}", d.display()))?;
-    write_words(&d.join(SUM), &s.sum)?;
+    let path = d.join(SUM);
+    // Piece by piece: the masked sum is never copied into a byte buffer of its size.
+    maeum_models::write_file_with(&path, true, |w| crate::blobs::write_words_le(w, &s.sum))
+        .with_context(|| format!("writing {}", path.display()))?;
     crate::home::write_file(&d.join(UNMASKS), b"", true)?;
     let json = serde_json::to_vec_pretty(&s.saved).context("encoding the session")?;
     crate::home::write_file(&d.join(SESSION), &json, true)
@@ -122,33 +125,6 @@ fn words_sha256(words: &[u32]) -> String {
         ctx.update(&chunk.iter().flat_map(|w| w.to_le_bytes()).collect::<Vec<u8>>());
     }
     maeum_tlog::hex(ctx.finish().as_ref())
-}
-
-/// Writes `words` little-endian to `path`, owner-only, atomically and durably, piece by
-/// piece: the masked sum is never copied into a byte buffer of its size.
-fn write_words(path: &std::path::Path, words: &[u32]) -> Result<()> {
-    let dir = path.parent().context("a file in a directory")?;
-    let tmp = path.with_extension("bin.tmp");
-    let written = (|| -> std::io::Result<()> {
-        let mut options = std::fs::OpenOptions::new();
-        options.write(true).create(true).truncate(true);
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::OpenOptionsExt;
-            options.mode(0o600);
-        }
-        let mut out = std::io::BufWriter::with_capacity(1 << 20, options.open(&tmp)?);
-        for chunk in words.chunks(1 << 16) {
-            out.write_all(&chunk.iter().flat_map(|w| w.to_le_bytes()).collect::<Vec<u8>>())?;
-        }
-        out.into_inner().map_err(|e| e.into_error())?.sync_all()?;
-        std::fs::rename(&tmp, path)?;
-        std::fs::File::open(dir)?.sync_all()
-    })();
-    if written.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    written.with_context(|| format!("writing {}", path.display()))
 }
 
 /// Appends one accepted revealed-shares message (blocking, fsynced).

@@ -31,6 +31,16 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 /// [`write_atomic`]; with `private` (keys and other secrets) the file is created with
 /// mode 0600 on Unix, so the secret is never readable by others, not even briefly.
 pub fn write_file(path: &Path, bytes: &[u8], private: bool) -> std::io::Result<()> {
+    write_file_with(path, private, |f| f.write_all(bytes))
+}
+
+/// [`write_file`] with the contents written by `write` (buffered), for a file too large
+/// to build in memory first: atomic, fsynced, owner-only with `private`.
+pub fn write_file_with(
+    path: &Path,
+    private: bool,
+    write: impl FnOnce(&mut dyn Write) -> std::io::Result<()>,
+) -> std::io::Result<()> {
     let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let tmp = dir.join(format!(".{name}.tmp{}", std::process::id()));
@@ -44,9 +54,9 @@ pub fn write_file(path: &Path, bytes: &[u8], private: bool) -> std::io::Result<(
         }
         #[cfg(not(unix))]
         let _ = private;
-        let mut f = options.open(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
+        let mut out = std::io::BufWriter::with_capacity(1 << 20, options.open(&tmp)?);
+        write(&mut out)?;
+        out.into_inner().map_err(std::io::IntoInnerError::into_error)?.sync_all()?;
         std::fs::rename(&tmp, path)?;
         // Make the rename itself durable (a crash after this returns keeps the file).
         std::fs::File::open(dir)?.sync_all()

@@ -28,6 +28,18 @@ pub const CHUNK_SIZE: usize = 1 << 20;
 /// coordinator checks the certificate and answers, but does not count the site online.
 pub const PROBE_STAGE: &str = "doctor";
 
+/// The stages a site agent reports in `SiteStatus.stage`, by their first word (the rest
+/// of the text is detail: `secagg: share keys`, `waiting for the admin: job …`).
+pub const STAGES: [&str; 9] =
+    ["idle", "waiting", "downloading", "embedding", "evaluating", "training", "uploading", "secagg", "stopped"];
+
+/// The stage a `SiteStatus.stage` text names, as one of [`STAGES`] (or `other`): a
+/// bounded label for metrics, whatever a site sends.
+pub fn stage_label(stage: &str) -> &'static str {
+    let first = stage.split([' ', ':']).next().unwrap_or_default();
+    STAGES.iter().find(|s| **s == first).copied().unwrap_or("other")
+}
+
 /// Largest parameter vector a job may exchange (2^31 f32 = 8 GiB).
 pub const MAX_PARAMS: u64 = 1 << 31;
 
@@ -537,6 +549,21 @@ pub fn check_chunk(expected_offset: u64, total: u64, offset: u64, data: &[u8], s
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn a_site_stage_maps_onto_a_fixed_label() {
+        for (stage, label) in [
+            ("idle", "idle"),
+            ("secagg: share keys", "secagg"),
+            ("waiting for the admin: job j-1 (`maeum-site jobs show j-1`)", "waiting"),
+            ("embedding local records", "embedding"),
+            ("stopped: coordinator's audit log forked", "stopped"),
+            ("anything a site invents", "other"),
+            ("", "other"),
+        ] {
+            assert_eq!(stage_label(stage), label, "{stage:?}");
+        }
+    }
     use super::*;
 
     #[test]

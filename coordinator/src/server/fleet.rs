@@ -22,19 +22,7 @@ impl pb::fleet_server::Fleet for Fleet {
             if let Some(gap) = self.0.heartbeat_interval(&site) {
                 // The label's values are ours, not the site's words: a site cannot grow
                 // the coordinator's metric series.
-                const STAGES: [&str; 9] = [
-                    "idle",
-                    "waiting",
-                    "downloading",
-                    "embedding",
-                    "evaluating",
-                    "training",
-                    "uploading",
-                    "secagg",
-                    "stopped",
-                ];
-                let first = status.stage.split([' ', ':']).next().unwrap_or_default();
-                let stage = STAGES.iter().find(|s| **s == first).copied().unwrap_or("other");
+                let stage = wire::stage_label(&status.stage);
                 self.0.metrics.heartbeat_interval.observe(stage, gap.as_secs_f64());
             }
         }
