@@ -56,7 +56,7 @@ fn main() {
     let m = spec.evaluate(&params, &test).expect("evaluate").metrics();
     let nnz: usize = match &train {
         Prepared::Text(d) => d.docs.iter().map(|d| d.ids.len()).sum(),
-        Prepared::Tabular(_) | Prepared::Tokens(_) => 0,
+        Prepared::Tabular(_) | Prepared::Tokens(_) | Prepared::Labels(_) => 0,
     };
     let out = serde_json::json!({
         "bench": "text-classifier local training (rust, burn flex + sparse embedding bag)",

@@ -16,6 +16,7 @@ pub mod model;
 pub mod nn;
 pub mod params;
 pub mod split;
+pub mod standin;
 pub mod text;
 pub mod transformer;
 

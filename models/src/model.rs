@@ -14,6 +14,7 @@ use crate::features::{FeatureConfig, featurize};
 use crate::lora::{LoraArch, LoraConfig, LoraNet, TokenData};
 use crate::nn::{self, Mlp, MlpArch, TabularData, TrainConfig, TrainReport};
 use crate::params::{FlatParams, Layout, ParamsError};
+use crate::standin::StandInArch;
 use crate::text::{self, TextArch, TextData};
 
 /// Text-classifier hyper-parameters (architecture and featuriser).
@@ -58,6 +59,12 @@ pub enum ModelSpec {
         hidden: usize,
         labels: LabelSet,
     },
+    /// A flat vector of `params` values with synthetic training, the size of a large
+    /// model's adapters, for scale tests ([`crate::standin`]). Predicts the label prior.
+    AdapterStandIn {
+        params: usize,
+        labels: LabelSet,
+    },
     TabularMlp {
         columns: Vec<String>,
         /// Standardisation fitted on the training data: `(x − mean) / std`.
@@ -89,6 +96,7 @@ impl ModelSpec {
             ModelSpec::TextClassifier { .. } => "text-classifier",
             ModelSpec::EncoderHead { .. } => "encoder-head",
             ModelSpec::EncoderLora { .. } => "encoder-lora",
+            ModelSpec::AdapterStandIn { .. } => "adapter-stand-in",
             ModelSpec::TabularMlp { .. } => "tabular-mlp",
         }
     }
@@ -98,6 +106,7 @@ impl ModelSpec {
             ModelSpec::TextClassifier { labels, .. }
             | ModelSpec::EncoderHead { labels, .. }
             | ModelSpec::EncoderLora { labels, .. }
+            | ModelSpec::AdapterStandIn { labels, .. }
             | ModelSpec::TabularMlp { labels, .. } => labels,
         }
     }
@@ -107,6 +116,7 @@ impl ModelSpec {
             Arch::Text(a) => a.layout(),
             Arch::Tabular(a) => <Mlp as nn::Network>::layout_of(&a),
             Arch::Lora(l) => crate::lora::layout(&l.lora, l.dim, l.hidden, l.n_labels),
+            Arch::StandIn(a) => a.layout(),
         }
     }
 
@@ -124,6 +134,9 @@ impl ModelSpec {
             }
             ModelSpec::EncoderLora { encoder, lora, hidden, labels } => {
                 Arch::Lora(LoraShape { lora: lora.clone(), dim: encoder.dim, hidden: *hidden, n_labels: labels.len() })
+            }
+            ModelSpec::AdapterStandIn { params, labels } => {
+                Arch::StandIn(StandInArch { params: *params, n_labels: labels.len() })
             }
             ModelSpec::TabularMlp { columns, hidden, labels, .. } => {
                 Arch::Tabular(MlpArch { n_in: columns.len(), hidden: *hidden, n_labels: labels.len() })
@@ -157,6 +170,10 @@ impl ModelSpec {
                 let arch = LoraArch { frozen: d.frozen.clone(), lora: l.lora, hidden: l.hidden, n_labels: l.n_labels };
                 Ok(ArchData::Lora(arch, d))
             }
+            (Arch::StandIn(a), Prepared::Labels(d)) => Ok(ArchData::StandIn(a, d)),
+            (_, Prepared::Labels(_)) => {
+                Err(ModelError::WrongKind { expected: "adapter-stand-in", actual: self.kind() })
+            }
             (_, Prepared::Tokens(_)) => Err(ModelError::WrongKind { expected: "encoder-lora", actual: self.kind() }),
             (_, Prepared::Text(_)) => Err(ModelError::WrongKind { expected: "text-classifier", actual: self.kind() }),
             (_, Prepared::Tabular(_)) => {
@@ -182,12 +199,16 @@ impl ModelSpec {
                 return Err(ModelError::Config("the encoder's dim must be positive".into()));
             }
             ModelSpec::EncoderLora { lora, .. } => lora.validate().map_err(ModelError::Config)?,
-            ModelSpec::TabularMlp { .. } | ModelSpec::EncoderHead { .. } => {}
+            ModelSpec::AdapterStandIn { params: 0, .. } => {
+                return Err(ModelError::Config("the stand-in's params must be positive".into()));
+            }
+            ModelSpec::TabularMlp { .. } | ModelSpec::EncoderHead { .. } | ModelSpec::AdapterStandIn { .. } => {}
         }
         Ok(match self.arch() {
             Arch::Text(a) => a.init(seed),
             Arch::Tabular(a) => nn::init_params::<Mlp>(&a, seed),
             Arch::Lora(l) => crate::lora::init(&l.lora, l.dim, l.hidden, l.n_labels, seed),
+            Arch::StandIn(a) => a.init(seed),
         })
     }
 }
@@ -197,10 +218,15 @@ impl ModelSpec {
 const NO_DP_LORA: &str = "differential privacy is not available for encoder-lora models (per-example gradients \
                           through the adapted layers are not implemented); use encoder-head";
 
+/// The stand-in's update is its label frequencies, not a gradient.
+const NO_DP_STAND_IN: &str = "differential privacy is not available for the adapter stand-in (its update is not a \
+                              gradient); use encoder-head";
+
 enum Arch {
     Text(TextArch),
     Tabular(MlpArch),
     Lora(LoraShape),
+    StandIn(StandInArch),
 }
 
 /// What an `encoder-lora` spec says of its shape; the frozen layers come with the data.
@@ -215,6 +241,7 @@ enum ArchData<'a> {
     Text(TextArch, &'a TextData),
     Tabular(MlpArch, &'a TabularData),
     Lora(LoraArch, &'a TokenData),
+    StandIn(StandInArch, &'a [usize]),
 }
 
 /// A model's inputs, featurised for its kind.
@@ -224,6 +251,8 @@ pub enum Prepared {
     Tabular(TabularData),
     /// Hidden states below an `encoder-lora` model's adapted layers.
     Tokens(TokenData),
+    /// The adapter stand-in reads only the labels (one per input).
+    Labels(Vec<usize>),
 }
 
 impl Prepared {
@@ -232,6 +261,7 @@ impl Prepared {
             Prepared::Text(d) => d.docs.len(),
             Prepared::Tabular(d) => d.rows.len(),
             Prepared::Tokens(d) => d.states.len(),
+            Prepared::Labels(d) => d.len(),
         }
     }
 
@@ -256,6 +286,7 @@ impl Prepared {
                     a.states.extend_from_slice(&b.states);
                     a.labels.extend_from_slice(&b.labels);
                 }
+                (Prepared::Labels(a), Prepared::Labels(b)) => a.extend_from_slice(b),
                 _ => return None,
             }
         }
@@ -268,6 +299,7 @@ impl Prepared {
             Prepared::Text(d) => &d.labels,
             Prepared::Tabular(d) => &d.labels,
             Prepared::Tokens(d) => &d.labels,
+            Prepared::Labels(d) => d,
         }
     }
 }
@@ -311,6 +343,7 @@ impl ModelSpec {
             Prepared::Text(d) => d.labels = labels,
             Prepared::Tabular(d) => d.labels = labels,
             Prepared::Tokens(d) => d.labels = labels,
+            Prepared::Labels(d) => *d = labels,
         }
         Ok(prepared)
     }
@@ -377,8 +410,9 @@ impl ModelSpec {
                 let labels = vec![0; states.len()];
                 Ok(Prepared::Tokens(TokenData { states, labels, frozen }))
             }
+            ModelSpec::AdapterStandIn { .. } => Ok(Prepared::Labels(vec![0; texts.len()])),
             ModelSpec::TabularMlp { .. } => Err(ModelError::WrongKind {
-                expected: "text-classifier, encoder-head or encoder-lora",
+                expected: "text-classifier, encoder-head, encoder-lora or adapter-stand-in",
                 actual: self.kind(),
             }),
         }
@@ -440,6 +474,7 @@ impl ModelSpec {
             ArchData::Text(a, d) => text::train(&a, start, d, cfg, progress)?,
             ArchData::Tabular(a, d) => nn::train::<Mlp>(&a, start, d, cfg, progress)?,
             ArchData::Lora(a, d) => nn::train::<LoraNet>(&a, start, d, cfg, progress)?,
+            ArchData::StandIn(a, labels) => a.train(start, labels, cfg)?,
         })
     }
 
@@ -458,6 +493,7 @@ impl ModelSpec {
             ArchData::Text(a, d) => crate::dp::train_text(&a, start, d, cfg, dp, rng, progress),
             ArchData::Tabular(a, d) => crate::dp::train_tabular(&a, start, d, cfg, dp, rng, progress),
             ArchData::Lora(..) => Err(NO_DP_LORA.into()),
+            ArchData::StandIn(..) => Err(NO_DP_STAND_IN.into()),
         }
         .map_err(ModelError::Config)
     }
@@ -485,6 +521,7 @@ impl ModelSpec {
                 crate::dp::clipped_gradient_sum(crate::dp::ModelRef::Tabular(&a, d), start, dropout, q, clip, rng)
             }
             ArchData::Lora(..) => Err(NO_DP_LORA.into()),
+            ArchData::StandIn(..) => Err(NO_DP_STAND_IN.into()),
         }
         .map_err(ModelError::Config)?;
         let mut words = vec![0u32; sum.len()];
@@ -497,6 +534,7 @@ impl ModelSpec {
             ArchData::Text(a, d) => text::evaluate(&a, params, d)?,
             ArchData::Tabular(a, d) => nn::evaluate::<Mlp>(&a, params, d)?,
             ArchData::Lora(a, d) => nn::evaluate::<LoraNet>(&a, params, d)?,
+            ArchData::StandIn(a, labels) => a.evaluate(params, labels)?,
         })
     }
 
@@ -505,6 +543,7 @@ impl ModelSpec {
             ArchData::Text(a, d) => text::predict_proba(&a, params, d)?,
             ArchData::Tabular(a, d) => nn::predict_proba::<Mlp>(&a, params, d)?,
             ArchData::Lora(a, d) => nn::predict_proba::<LoraNet>(&a, params, d)?,
+            ArchData::StandIn(a, labels) => a.predict_proba(params, labels.len())?,
         })
     }
 
