@@ -84,6 +84,10 @@ pub enum ModelKind {
     /// A pretrained encoder whose top layers are fine-tuned with FFA-LoRA adapters
     /// (`[model] lora_layers`, `lora_rank`, `lora_alpha`), and an MLP head.
     EncoderLora,
+    /// A flat vector of `[model] params` values with synthetic training, the size of a
+    /// large model's adapters: for scale tests and benchmarks, never for care
+    /// (`docs/models.md#the-adapter-stand-in`).
+    AdapterStandIn,
     /// Recognised, but refused by validation: not yet supported for federated jobs.
     TabularMlp,
 }
@@ -94,6 +98,7 @@ impl ModelKind {
             ModelKind::TextClassifier => "text-classifier",
             ModelKind::EncoderHead => "encoder-head",
             ModelKind::EncoderLora => "encoder-lora",
+            ModelKind::AdapterStandIn => "adapter-stand-in",
             ModelKind::TabularMlp => "tabular-mlp",
         }
     }
@@ -129,6 +134,9 @@ pub struct ModelTable {
     /// `encoder-lora` only: the adapters' scale is `lora_alpha / lora_rank` (default 32).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub lora_alpha: Option<u32>,
+    /// `adapter-stand-in` only (and required there): the adapter vector's length.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub params: Option<u64>,
 }
 
 impl Default for ModelTable {
@@ -147,6 +155,7 @@ impl Default for ModelTable {
             lora_layers: None,
             lora_rank: None,
             lora_alpha: None,
+            params: None,
         }
     }
 }
@@ -530,6 +539,12 @@ impl JobSpec {
                 }
             }
         }
+        if m.kind != ModelKind::AdapterStandIn && m.params.is_some() {
+            return Err(Invalid::new(
+                "[model] params",
+                format!("applies only to kind \"adapter-stand-in\", not {:?}", m.kind.as_str()),
+            ));
+        }
         if matches!(m.kind, ModelKind::EncoderHead | ModelKind::EncoderLora) {
             return self.check_encoder_model();
         }
@@ -538,6 +553,9 @@ impl JobSpec {
                 "[model] encoder",
                 format!("applies only to kinds \"encoder-head\" and \"encoder-lora\", not {:?}", m.kind.as_str()),
             ));
+        }
+        if m.kind == ModelKind::AdapterStandIn {
+            return self.check_stand_in();
         }
         if m.kind != ModelKind::TextClassifier {
             return Err(Invalid::new(
@@ -631,6 +649,47 @@ impl JobSpec {
         Ok(())
     }
 
+    /// `adapter-stand-in`: `params` is required and nothing else of the `[model]` table
+    /// applies; its update is not a gradient, so there is no differential privacy.
+    fn check_stand_in(&self) -> Result<(), Invalid> {
+        let m = &self.model;
+        let d = ModelTable::default();
+        for (key, set) in [
+            ("buckets", m.buckets != d.buckets),
+            ("word_ngrams", m.word_ngrams != d.word_ngrams),
+            ("char_ngrams", m.char_ngrams != d.char_ngrams),
+            ("max_chars", m.max_chars != d.max_chars),
+            ("embed_dim", m.embed_dim != d.embed_dim),
+            ("hidden", m.hidden != d.hidden),
+        ] {
+            if set {
+                return Err(Invalid::new(
+                    format!("[model] {key}"),
+                    "does not apply to kind \"adapter-stand-in\" (it has only `params`)",
+                ));
+            }
+        }
+        let params =
+            m.params.ok_or_else(|| Invalid::new("[model] params", "is required for kind \"adapter-stand-in\""))?;
+        let total = u128::from(params) + self.labels.len() as u128;
+        if params == 0 || total > u128::from(MAX_PARAMS) {
+            return Err(Invalid::new(
+                "[model] params",
+                format!(
+                    "must be 1..={} (with one prior logit per label), got {params}",
+                    MAX_PARAMS - self.labels.len() as u64
+                ),
+            ));
+        }
+        if !self.privacy.is_off() {
+            return Err(Invalid::new(
+                "[privacy] mode",
+                "differential privacy is not available for kind \"adapter-stand-in\" (its update is not a gradient)",
+            ));
+        }
+        Ok(())
+    }
+
     /// The model this job trains (validates the job first).
     pub fn model_spec(&self) -> Result<ModelSpec, JobError> {
         self.validate()?;
@@ -648,6 +707,11 @@ impl JobSpec {
                 return Ok(ModelSpec::EncoderLora { encoder, lora: self.model.lora(self.seed), hidden, labels });
             }
             return Ok(ModelSpec::EncoderHead { encoder, hidden, labels });
+        }
+        if let (ModelKind::AdapterStandIn, Some(params)) = (self.model.kind, self.model.params) {
+            let params =
+                usize::try_from(params).map_err(|_| Invalid::new("[model] params", "too large for this machine"))?;
+            return Ok(ModelSpec::AdapterStandIn { params, labels });
         }
         let config = TextClassifierConfig {
             features: self.model.features(),
@@ -795,6 +859,7 @@ mod tests {
                 lora_layers: None,
                 lora_rank: None,
                 lora_alpha: None,
+                params: None,
             },
             train: TrainTable {
                 epochs: 1,
@@ -1047,6 +1112,35 @@ mod tests {
     }
 
     #[test]
+    fn an_adapter_stand_in_job_has_params_and_refuses_every_other_model_key() {
+        let spec = JobSpec::from_toml("job.toml", &job("[model]\nkind = \"adapter-stand-in\"\nparams = 1000\n"))
+            .expect("valid");
+        let model = spec.model_spec().expect("model");
+        let ModelSpec::AdapterStandIn { params, labels } = &model else { panic!("adapter-stand-in expected") };
+        assert_eq!(*params, 1000);
+        assert_eq!(spec.initial_params().expect("init").values().len(), 1000 + labels.len());
+        assert_eq!(JobSpec::from_json(&spec.to_json()).expect("json").model_spec().expect("model"), model);
+        assert!(!JobSpec::from_toml("job.toml", &job("")).expect("valid").to_json().contains("params"));
+        for (extra, key, says) in [
+            ("", "[model] params", "is required"),
+            ("params = 0\n", "[model] params", "must be 1..="),
+            ("params = 268435456\n", "[model] params", "must be 1..="),
+            ("params = 10\nhidden = 4\n", "[model] hidden", "does not apply"),
+            ("params = 10\nbuckets = 1024\n", "[model] buckets", "does not apply"),
+            ("params = 10\nencoder = \"all-minilm-l6-v2\"\n", "[model] encoder", "applies only"),
+        ] {
+            let text = job(&format!("[model]\nkind = \"adapter-stand-in\"\n{extra}"));
+            let err = JobSpec::from_toml("job.toml", &text).expect_err(extra).to_string();
+            assert!(err.contains(key) && err.contains(says), "{extra:?}: {err}");
+        }
+        let err = JobSpec::from_toml("job.toml", &job("[model]\nparams = 10\n")).expect_err("text").to_string();
+        assert!(err.contains("[model] params") && err.contains("adapter-stand-in"), "{err}");
+        let dp = "[model]\nkind = \"adapter-stand-in\"\nparams = 10\n[privacy]\nmode = \"local\"\nepsilon = 3.0\n";
+        let err = JobSpec::from_toml("job.toml", &job(dp)).expect_err("dp").to_string();
+        assert!(err.contains("[privacy] mode") && err.contains("adapter-stand-in"), "{err}");
+    }
+
+    #[test]
     fn validation_errors_name_the_key() {
         let cases: &[(&str, &str)] = &[
             ("name = \"\"\n", "name must be 1–63 characters of a-z, 0-9 and '-', not starting with '-', got \"\""),
@@ -1161,7 +1255,7 @@ mod tests {
             ("[train]\noptimizer = \"adamw\"\n", "job.toml:5:13: unknown variant `adamw`, expected `sgd` or `adam`"),
             (
                 "[model]\nkind = \"cnn\"\n",
-                "job.toml:5:8: unknown variant `cnn`, expected one of `text-classifier`, `encoder-head`, `encoder-lora`, `tabular-mlp`",
+                "job.toml:5:8: unknown variant `cnn`, expected one of `text-classifier`, `encoder-head`, `encoder-lora`, `adapter-stand-in`, `tabular-mlp`",
             ),
             ("rounds = \"5\"\n", "job.toml:3:10: invalid type: string \"5\", expected u32"),
             ("rounds = -1\n", "job.toml:3:10: invalid value: integer `-1`, expected u32"),

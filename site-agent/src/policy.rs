@@ -95,7 +95,8 @@ impl Default for Policy {
             min_cohort: 3,
             // The encoder kinds run only on an encoder the admin installed (`maeum-site
             // encoders add`), which is the opt-in; their update is the head (and the
-            // adapters' B), never the encoder.
+            // adapters' B), never the encoder. The adapter stand-in is for test fleets and
+            // is not here: its update is this site's label frequencies.
             allowed_models: vec!["text-classifier".into(), "encoder-head".into(), "encoder-lora".into()],
             max_params: 1 << 26,
             max_rounds: 1_000,
@@ -148,7 +149,7 @@ impl Policy {
         if usize::from(self.min_cohort) > maeum_secagg::params::MAX_PARTIES {
             return Err(format!("[policy] min_cohort must be at most 255, got {}", self.min_cohort));
         }
-        let known_models = ["text-classifier", "encoder-head", "encoder-lora", "tabular-mlp"];
+        let known_models = ["text-classifier", "encoder-head", "encoder-lora", "adapter-stand-in", "tabular-mlp"];
         if let Some(m) = self.allowed_models.iter().find(|m| !known_models.contains(&m.as_str())) {
             return Err(format!(
                 "[policy] allowed_models: unknown model kind {m:?} (known: {})",
@@ -380,6 +381,17 @@ mod tests {
         assert_eq!(p.check_job(&job("")).expect_err("strategy").rule, "allowed_strategies");
         let p = Policy { allowed_models: vec!["tabular-mlp".into()], ..Policy::default() };
         assert_eq!(p.check_job(&job("")).expect_err("model").rule, "allowed_models");
+    }
+
+    #[test]
+    fn a_default_site_refuses_the_adapter_stand_in_which_would_reveal_its_label_frequencies() {
+        let stand_in = job("[model]\nkind = \"adapter-stand-in\"\nparams = 1000\n");
+        let err = Policy::default().check_job(&stand_in).expect_err("not opted in");
+        assert_eq!(err.rule, "allowed_models");
+        assert!(err.why.contains("adapter-stand-in"), "{err}");
+        let test_fleet = Policy { allowed_models: vec!["adapter-stand-in".into()], ..Policy::default() };
+        test_fleet.validate().expect("a known kind");
+        assert_eq!(test_fleet.check_job(&stand_in), Ok(()));
     }
 
     #[test]

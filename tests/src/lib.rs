@@ -230,17 +230,27 @@ impl Federation {
         run_ok(Command::new(bin("maeum-site")).args(["enroll", "--home"]).arg(&home).arg(&bundle));
     }
 
-    /// Sets `[policy] key = value` (TOML) in a site's site.toml, before it starts.
+    /// Sets `[policy] key = value` (TOML) in a site's site.toml, before it starts. The
+    /// old value may span lines (an array written one item a line).
     pub fn set_policy(&self, id: &str, key: &str, value: &str) {
         let path = self.site_home(id).join("site.toml");
         let text = std::fs::read_to_string(&path).expect("site.toml");
         let prefix = format!("{key} = ");
         assert!(text.lines().any(|l| l.starts_with(&prefix)), "site.toml has no {key}:\n{text}");
-        let text: Vec<String> = text
-            .lines()
-            .map(|l| if l.starts_with(&prefix) { format!("{key} = {value}") } else { l.to_string() })
-            .collect();
-        std::fs::write(&path, text.join("\n") + "\n").expect("writing site.toml");
+        let mut out = Vec::new();
+        let mut lines = text.lines();
+        while let Some(l) = lines.next() {
+            if !l.starts_with(&prefix) {
+                out.push(l.to_string());
+                continue;
+            }
+            if l.trim_end().ends_with('[') {
+                // Skip the array's items through its closing bracket.
+                lines.by_ref().find(|item| item.trim() == "]");
+            }
+            out.push(format!("{key} = {value}"));
+        }
+        std::fs::write(&path, out.join("\n") + "\n").expect("writing site.toml");
     }
 
     fn log(&self, name: &str) -> std::fs::File {
