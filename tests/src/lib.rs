@@ -342,6 +342,11 @@ impl Federation {
         self.coordinator.as_ref().map(std::process::Child::id)
     }
 
+    /// A running site's process id.
+    pub fn site_pid(&self, id: &str) -> Option<u32> {
+        self.sites.get(id).map(std::process::Child::id)
+    }
+
     pub fn kill_coordinator(&mut self) {
         if let Some(mut c) = self.coordinator.take() {
             let _ = c.kill();
@@ -518,6 +523,14 @@ pub mod ops {
     use std::io::{Read, Write};
     use std::net::TcpStream;
     use std::time::Duration;
+
+    /// A live process's peak resident set (`VmHWM`), in bytes.
+    pub fn peak_rss(pid: u32) -> Option<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+        let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+        Some(kb * 1024)
+    }
 
     pub fn free_port() -> String {
         let l = std::net::TcpListener::bind("127.0.0.1:0").expect("port");
