@@ -17,6 +17,7 @@ pub mod nn;
 pub mod params;
 pub mod split;
 pub mod standin;
+pub mod stream;
 pub mod text;
 pub mod transformer;
 

@@ -559,10 +559,20 @@ impl ModelSpec {
         Ok(())
     }
 
-    /// Loads a model file written by [`ModelSpec::save`].
+    /// Loads a model file written by [`ModelSpec::save`], streamed: the parameters are
+    /// read straight into their vector, with no copy of the file in memory.
     pub fn load(path: &Path) -> Result<(ModelSpec, FlatParams, HashMap<String, String>), ModelError> {
-        let bytes = std::fs::read(path).map_err(|source| ParamsError::Io { path: path.to_owned(), error: source })?;
-        Self::from_bytes(&bytes, path)
+        let reader = crate::stream::Reader::open(path)?;
+        let spec = Self::of_metadata(reader.metadata(), path)?;
+        let (params, meta) = reader.read(&spec.layout())?;
+        Ok((spec, params, meta))
+    }
+
+    /// The spec a model file's header carries under `maeum.model`.
+    fn of_metadata(meta: &HashMap<String, String>, path: &Path) -> Result<ModelSpec, ModelError> {
+        let spec_err = |detail: String| ModelError::Spec { path: path.display().to_string(), detail };
+        let json = meta.get("maeum.model").ok_or_else(|| spec_err("no maeum.model entry in the header".into()))?;
+        serde_json::from_str(json).map_err(|e| spec_err(e.to_string()))
     }
 
     /// Reads a model file's bytes (`path` only names it in errors).
@@ -572,9 +582,7 @@ impl ModelSpec {
     ) -> Result<(ModelSpec, FlatParams, HashMap<String, String>), ModelError> {
         let spec_err = |detail: String| ModelError::Spec { path: path.display().to_string(), detail };
         let (_, meta) = safetensors::SafeTensors::read_metadata(bytes).map_err(|e| spec_err(e.to_string()))?;
-        let meta = meta.metadata().clone().unwrap_or_default();
-        let json = meta.get("maeum.model").ok_or_else(|| spec_err("no maeum.model entry in the header".into()))?;
-        let spec: ModelSpec = serde_json::from_str(json).map_err(|e| spec_err(e.to_string()))?;
+        let spec = Self::of_metadata(&meta.metadata().clone().unwrap_or_default(), path)?;
         let (params, meta) = FlatParams::from_safetensors(bytes, path, &spec.layout())?;
         Ok((spec, params, meta))
     }

@@ -153,35 +153,26 @@ impl FlatParams {
         })
     }
 
-    /// Serialises to safetensors bytes, with `metadata` stored in the header.
+    /// Serialises to safetensors bytes, with `metadata` stored in the header
+    /// ([`crate::stream::write`]: the same parameters and metadata give the same bytes).
     pub fn to_safetensors(&self, metadata: HashMap<String, String>) -> Result<Vec<u8>, String> {
-        let mut meta = metadata;
-        meta.insert("maeum.layout_digest".into(), self.layout.digest().to_string());
-        let bytes: Vec<(String, Vec<u8>, Vec<usize>)> = self
-            .tensors()
-            .map(|(t, s)| (t.name.clone(), s.iter().flat_map(|v| v.to_le_bytes()).collect(), t.shape.clone()))
-            .collect();
-        let views = bytes
-            .iter()
-            .map(|(n, b, shape)| TensorView::new(Dtype::F32, shape.clone(), b).map(|v| (n.clone(), v)))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| e.to_string())?;
-        let bytes = safetensors::serialize(views, Some(meta)).map_err(|e| e.to_string())?;
-        canonical_header(bytes)
+        let mut out = Vec::with_capacity(self.values.len() * 4 + 4096);
+        crate::stream::write(self, metadata, &mut out).map_err(|e| e.to_string())?;
+        Ok(out)
     }
 
-    /// Writes a safetensors file atomically (temp file, fsync, rename).
+    /// Writes a safetensors file atomically (temp file, fsync, rename), streamed from the
+    /// values: no copy of the file's bytes is held in memory.
     pub fn save_safetensors(&self, path: &Path, metadata: HashMap<String, String>) -> Result<(), ParamsError> {
-        let bytes =
-            self.to_safetensors(metadata).map_err(|detail| ParamsError::Format { path: path.to_owned(), detail })?;
-        crate::write_atomic(path, &bytes).map_err(|source| ParamsError::Io { path: path.to_owned(), error: source })
+        crate::write_file_with(path, false, |out| crate::stream::write(self, metadata, out))
+            .map_err(|source| ParamsError::Io { path: path.to_owned(), error: source })
     }
 
     /// Reads a safetensors file and checks every tensor of `layout` is there with the
-    /// right dtype and shape. Returns the vector and the file's metadata.
+    /// right dtype and shape, streamed into the vector ([`crate::stream::Reader`]).
+    /// Returns the vector and the file's metadata.
     pub fn load_safetensors(path: &Path, layout: &Layout) -> Result<(Self, HashMap<String, String>), ParamsError> {
-        let bytes = std::fs::read(path).map_err(|source| ParamsError::Io { path: path.to_owned(), error: source })?;
-        Self::from_safetensors(&bytes, path, layout)
+        crate::stream::Reader::open(path)?.read(layout)
     }
 
     pub fn from_safetensors(
@@ -219,29 +210,6 @@ pub(crate) fn f32_values(view: &TensorView<'_>, shape: &[usize]) -> Result<Vec<f
         return Err(format!("shape {:?}, expected {shape:?}", view.shape()));
     }
     Ok(view.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
-}
-
-/// Rewrites a safetensors header with its keys in sorted order, so the same
-/// parameters and metadata always give the same bytes, hence the same digest.
-/// `safetensors::serialize` keeps the metadata in a `HashMap`, whose order changes
-/// from run to run; the tensor offsets and the data are untouched.
-fn canonical_header(bytes: Vec<u8>) -> Result<Vec<u8>, String> {
-    use std::collections::BTreeMap;
-    let len = bytes.get(..8).map(|b| u64::from_le_bytes(b.try_into().unwrap_or_default()) as usize);
-    let end = len.and_then(|n| n.checked_add(8)).filter(|&e| e <= bytes.len()).ok_or("truncated header")?;
-    let mut header: BTreeMap<String, serde_json::Value> =
-        serde_json::from_slice(&bytes[8..end]).map_err(|e| e.to_string())?;
-    if let Some(meta) = header.remove("__metadata__") {
-        let sorted: BTreeMap<String, String> = serde_json::from_value(meta).map_err(|e| e.to_string())?;
-        header.insert("__metadata__".into(), serde_json::to_value(sorted).map_err(|e| e.to_string())?);
-    }
-    let mut json = serde_json::to_vec(&header).map_err(|e| e.to_string())?;
-    json.resize(json.len().next_multiple_of(8), b' ');
-    let mut out = Vec::with_capacity(8 + json.len() + bytes.len() - end);
-    out.extend_from_slice(&(json.len() as u64).to_le_bytes());
-    out.extend_from_slice(&json);
-    out.extend_from_slice(&bytes[end..]);
-    Ok(out)
 }
 
 #[cfg(test)]

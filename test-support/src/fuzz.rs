@@ -104,8 +104,21 @@ pub fn data(data: &[u8]) {
 
 /// A model file: safetensors with Maeum's spec in the header (a release's model, an
 /// export a site is handed).
+/// Both model readers: from bytes, and streamed from a file. Whatever the streamed
+/// reader accepts, the bytes reader accepts with the same spec, values and metadata.
 pub fn safetensors(data: &[u8]) {
-    let _ = maeum_models::model::ModelSpec::from_bytes(data, Path::new("fuzz.safetensors"));
+    let in_memory = maeum_models::model::ModelSpec::from_bytes(data, Path::new("fuzz.safetensors"));
+    let path = std::env::temp_dir().join(format!("maeum-fuzz-{}.safetensors", std::process::id()));
+    if std::fs::write(&path, data).is_err() {
+        return;
+    }
+    if let Ok(streamed) = maeum_models::model::ModelSpec::load(&path) {
+        match in_memory {
+            Ok(read) => assert!(read == streamed, "the two readers disagree"),
+            Err(e) => panic!("the streamed reader accepted what the bytes reader refuses: {e}"),
+        }
+    }
+    let _ = std::fs::remove_file(&path);
 }
 
 /// A stand-in identity for the SecAgg target: a "signature" is the party's index and
