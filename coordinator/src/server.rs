@@ -110,7 +110,21 @@ pub struct Coord {
     /// late unmask message for one of them is answered `Done` (its shares were not
     /// needed), not as a stale message.
     unmask_closed: Mutex<std::collections::VecDeque<(String, u32, u32)>>,
+    /// Downloads served, and uploaded updates folded, at once: at most [`MAX_TRANSFERS`].
+    pub(crate) download_slots: Arc<tokio::sync::Semaphore>,
+    pub(crate) fold_slots: Arc<tokio::sync::Semaphore>,
 }
+
+/// Model downloads that the coordinator serves at once, and uploaded updates it verifies
+/// and folds at once. Each holds a few MB of buffers (chunks read ahead, a fold's read
+/// buffers), so without a bound the coordinator's memory grows with the number of sites
+/// (12.6 MB a site at N = 50, `docs/benchmarks.md#a-fleet-of-stand-in-sites`); the other
+/// sites wait their turn. Two cores move bytes no faster with more at once.
+pub const MAX_TRANSFERS: usize = 8;
+
+/// A download whose site takes no chunk for this long is ended, and an upload that sends
+/// none for this long too, so that a stalled site holds no slot and no stream.
+pub const TRANSFER_STALL: Duration = Duration::from_secs(60);
 
 /// Records that `accuser` says `accused`'s share did not authenticate (SA-06); returns
 /// the accusers once two distinct sites have named `accused` (then it is excluded).
@@ -181,6 +195,8 @@ impl Coord {
             fatal: tokio::sync::Notify::new(),
             fork_evidence: Mutex::new(BTreeMap::new()),
             unmask_closed: Mutex::new(std::collections::VecDeque::new()),
+            download_slots: Arc::new(tokio::sync::Semaphore::new(MAX_TRANSFERS)),
+            fold_slots: Arc::new(tokio::sync::Semaphore::new(MAX_TRANSFERS)),
         };
         for (site, print) in coord.audit.site_certificates()?.replaced() {
             coord.revocations.revoke_certificate(site, print);

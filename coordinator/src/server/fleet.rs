@@ -109,9 +109,12 @@ impl pb::fleet_server::Fleet for Fleet {
         if tamper_blob {
             warn!(site = %site, "FAULT INJECTION: serving an altered copy of the current release's model");
         }
-        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        let slot = c.download_slots.clone().acquire_owned().await.map_err(|_| Status::unavailable("shutting down"))?;
+        let (tx, rx) = tokio::sync::mpsc::channel(2);
         let mut offset = r.offset;
+        let runtime = tokio::runtime::Handle::current();
         tokio::task::spawn_blocking(move || {
+            let _slot = slot;
             let send_err = |e: String| {
                 let _ = tx.blocking_send(Err(Status::internal(e)));
             };
@@ -141,8 +144,14 @@ impl pb::fleet_server::Fleet for Fleet {
                     let at = buf.len() - 1;
                     buf[at] ^= 0x01;
                 }
-                if tx.blocking_send(Ok(wire::chunk(offset, buf))).is_err() {
-                    return;
+                // A site that takes no chunk for TRANSFER_STALL gives its slot up.
+                match runtime.block_on(tx.send_timeout(Ok(wire::chunk(offset, buf)), TRANSFER_STALL)) {
+                    Ok(()) => {}
+                    Err(tokio::sync::mpsc::error::SendTimeoutError::Timeout(_)) => {
+                        warn!(site = %site, offset, "model download stalled: the site took no data for 60 s; ended");
+                        return;
+                    }
+                    Err(tokio::sync::mpsc::error::SendTimeoutError::Closed(_)) => return,
                 }
                 c.metrics.bytes_sent.inc_by(n as u64);
                 offset += n as u64;
@@ -166,7 +175,10 @@ impl pb::fleet_server::Fleet for Fleet {
         let site = c.site(&req, None)?;
         let mut stream = req.into_inner();
         let mut file: Option<(String, std::fs::File, u64, u64)> = None;
-        while let Some(chunk) = stream.message().await? {
+        let stalled = || Status::deadline_exceeded("the upload sent no data for 60 s; resume it");
+        while let Some(chunk) =
+            tokio::time::timeout(TRANSFER_STALL, stream.message()).await.map_err(|_| stalled())??
+        {
             if c.revocations.is_revoked(&site) {
                 return Err(Status::permission_denied(format!("certificate for site/{site} is revoked")));
             }
@@ -202,6 +214,10 @@ impl pb::fleet_server::Fleet for Fleet {
         drop(f);
         let complete = len == total;
         if complete {
+            // The stream itself is read as it comes (an unread stream would fill the
+            // connection's HTTP/2 window and stall the site's heartbeats); the folds wait
+            // for a slot.
+            let _slot = c.fold_slots.clone().acquire_owned().await.map_err(|_| Status::unavailable("shutting down"))?;
             let c2 = c.clone();
             let (site2, id2) = (site.clone(), id.clone());
             tokio::task::spawn_blocking(move || c2.fold(&site2, &id2))
