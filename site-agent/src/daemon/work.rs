@@ -28,6 +28,9 @@ pub(crate) async fn download(agent: &Agent, client: &mut Client, model: &ModelRe
     let part = dir.join(format!("{}.part", model.digest));
     agent.set(|s| s.stage = "downloading".into());
     let started = std::time::Instant::now();
+    // The digest is taken as the bytes arrive (one pass, not a second read of the whole
+    // file); a prefix already on disk, from an earlier run, is hashed from the file first.
+    let mut hashed: (Hasher, u64) = (Hasher::default(), 0);
     for _ in 0..5 {
         // Local write errors (a full disk) end the download, naming the file; only
         // the stream's errors are resumed.
@@ -37,6 +40,27 @@ pub(crate) async fn download(agent: &Agent, client: &mut Client, model: &ModelRe
         if offset > model.size {
             file.set_len(0).with_context(writing)?;
             offset = 0;
+        }
+        if hashed.1 != offset {
+            let to_hash = part.clone();
+            // O(model) reads: off the runtime's workers.
+            hashed = tokio::task::spawn_blocking(move || -> std::io::Result<(Hasher, u64)> {
+                let mut hasher = Hasher::default();
+                let mut f = std::fs::File::open(&to_hash)?.take(offset);
+                let mut buf = vec![0u8; CHUNK_SIZE];
+                let mut read = 0;
+                loop {
+                    let n = f.read(&mut buf)?;
+                    if n == 0 {
+                        break;
+                    }
+                    hasher.update(&buf[..n]);
+                    read += n as u64;
+                }
+                Ok((hasher, read))
+            })
+            .await?
+            .with_context(|| format!("reading the partial download {}", part.display()))?;
         }
         let mut write_failed: Option<std::io::Error> = None;
         if offset < model.size {
@@ -50,6 +74,8 @@ pub(crate) async fn download(agent: &Agent, client: &mut Client, model: &ModelRe
                         write_failed = Some(e);
                         break;
                     }
+                    hashed.0.update(&c.data);
+                    hashed.1 += c.data.len() as u64;
                     agent.metrics.bytes_received.inc_by(c.data.len() as u64);
                     offset += c.data.len() as u64;
                 }
@@ -65,22 +91,7 @@ pub(crate) async fn download(agent: &Agent, client: &mut Client, model: &ModelRe
                 continue;
             }
         }
-        // O(model) reads: off the runtime's workers.
-        let to_hash = part.clone();
-        let got = tokio::task::spawn_blocking(move || -> std::io::Result<Digest> {
-            let mut hasher = Hasher::default();
-            let mut f = std::fs::File::open(&to_hash)?;
-            let mut buf = vec![0u8; CHUNK_SIZE];
-            loop {
-                let n = f.read(&mut buf)?;
-                if n == 0 {
-                    break;
-                }
-                hasher.update(&buf[..n]);
-            }
-            Ok(hasher.finish())
-        })
-        .await??;
+        let got = std::mem::take(&mut hashed).0.finish();
         if got != model.digest {
             agent.metrics.verification_failures.inc("model_digest");
             let _ = std::fs::remove_file(&part);
@@ -352,14 +363,18 @@ pub(crate) async fn train_from(
         }
     }
     let cfg = job.train_config(t.round, t.attempt, site_salt(&agent.site_id));
-    let start = global.clone();
     let started = std::time::Instant::now();
-    let (local, report, weight) = match job.privacy_plan()? {
+    // The round's model goes through the blocking task and back: no copy of it is made
+    // (at 100M parameters a copy is 400 MB).
+    let (global, local, report, weight) = match job.privacy_plan()? {
         None => {
             agent.set(|s| s.stage = "training".into());
-            let (local, report) =
-                tokio::task::spawn_blocking(move || spec.train(&start, &data.train, &cfg, &mut ())).await??;
-            (local, report, agent.data.train.len() as u64)
+            let (global, (local, report)) = tokio::task::spawn_blocking(move || {
+                let trained = spec.train(&global, &data.train, &cfg, &mut ());
+                trained.map(|t| (global, t))
+            })
+            .await??;
+            (global, local, report, agent.data.train.len() as u64)
         }
         Some(plan) if plan.distributed().is_some() => {
             // Its round is one step whose words travel only masked (`distributed_words`).
@@ -371,16 +386,19 @@ pub(crate) async fn train_from(
             agent.set(|s| s.stage = "training (DP-SGD)".into());
             let mut rng = crate::ledger::noise_rng(&agent.home, &t.job_id, t.round, &base)?;
             let mechanism = plan.round_mechanism();
-            let (local, report) = tokio::task::spawn_blocking(move || {
-                spec.train_dp(&start, &data.train, &cfg, &mechanism, &mut rng, &mut ())
+            let (global, (local, report)) = tokio::task::spawn_blocking(move || {
+                let trained = spec.train_dp(&global, &data.train, &cfg, &mechanism, &mut rng, &mut ());
+                trained.map(|t| (global, t))
             })
             .await??;
-            (local, report, 1)
+            (global, local, report, 1)
         }
     };
     agent.metrics.stage("train", started.elapsed());
     info!(job = %t.job_id, round = t.round, steps = report.steps, seconds = started.elapsed().as_secs_f32(), "local training done");
-    let delta = local.values().iter().zip(global.values()).map(|(l, g)| l - g).collect();
+    // Δ = local − global in the trained vector's own memory.
+    let mut delta = local.into_values();
+    delta.iter_mut().zip(global.values()).for_each(|(l, g)| *l -= g);
     Ok((delta, weight))
 }
 
