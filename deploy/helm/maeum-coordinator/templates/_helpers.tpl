@@ -84,6 +84,9 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
   value: {{ .Values.logFormat | quote }}
 - name: MAEUM_LOG
   value: {{ .Values.logFilter | quote }}
+# Two glibc malloc arenas: freed transfer buffers do not stay resident.
+- name: MALLOC_ARENA_MAX
+  value: "2"
 {{- with .Values.extraEnv }}
 {{ toYaml . }}
 {{- end }}
