@@ -126,6 +126,13 @@ pub const MAX_TRANSFERS: usize = 8;
 /// none for this long too, so that a stalled site holds no slot and no stream.
 pub const TRANSFER_STALL: Duration = Duration::from_secs(60);
 
+/// [`TRANSFER_STALL`], or a test's shorter one (fault-injection builds only).
+fn transfer_stall() -> Duration {
+    crate::attack::test_env("MAEUM_COORDINATOR_TEST_TRANSFER_STALL_MS")
+        .and_then(|ms| ms.parse().ok())
+        .map_or(TRANSFER_STALL, Duration::from_millis)
+}
+
 /// Records that `accuser` says `accused`'s share did not authenticate (SA-06); returns
 /// the accusers once two distinct sites have named `accused` (then it is excluded).
 fn accuse(accusations: &mut BTreeMap<String, BTreeSet<String>>, accuser: &str, accused: &str) -> Option<Vec<String>> {

@@ -185,3 +185,81 @@ fn a_200_mb_model_moves_between_coordinator_and_sites() {
     assert!(size > 200_000_000, "model is only {size} bytes");
     assert_eq!(job["history"][0]["contributors"].as_array().map(Vec::len), Some(2));
 }
+
+/// A site that stops reading its download, or stops sending its upload, holds a
+/// transfer slot and a stream only until the stall limit (60 s; 1.5 s here through a
+/// fault-injection hook): the coordinator ends both, says so in its log, and the next
+/// download is served in full.
+#[test]
+fn a_stalled_download_and_a_stalled_upload_are_ended() {
+    let mut fed = Federation::new(3);
+    fed.start_coordinator_with(&[("MAEUM_COORDINATOR_TEST_TRANSFER_STALL_MS", "1500")]);
+    for s in ["site-1", "site-2"] {
+        fed.set_policy(s, "allow_plaintext", "true");
+        fed.set_policy(s, "allowed_models", "[\"adapter-stand-in\"]");
+        fed.start_site(s);
+    }
+    // 80 MB: more than the HTTP/2 windows, socket buffers and read-ahead hold, so a
+    // site that reads nothing blocks the coordinator's sender.
+    let job = "[model]\nkind = \"adapter-stand-in\"\nparams = 20000000\n\
+               [secure_aggregation]\ninsecure_plaintext_aggregation_for_debugging = true\n";
+    let id = fed.submit("stall", 1, 3, job);
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    rt.block_on(async {
+        let mut c = connect(&fed, "site-3").await;
+        let mut hb = c.clone();
+        let beat = tokio::spawn(async move {
+            loop {
+                let _ = hb.heartbeat(pb::SiteStatus::default()).await;
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        });
+        poll_until(&mut c, |w| matches!(w, Work::Offer { ref job_id, .. } if *job_id == id).then_some(())).await;
+        c.decide_job(pb::JobDecision { job_id: id.clone(), accept: true, reason: String::new() })
+            .await
+            .expect("decide");
+        let t = poll_until(&mut c, |w| match w {
+            Work::Train(t) => Some(t),
+            _ => None,
+        })
+        .await;
+        let request = || pb::DownloadRequest { digest: t.model.digest.hex(), offset: 0 };
+        let received = |mut s: tonic::Streaming<pb::Chunk>| async move {
+            let mut n = 0u64;
+            while let Ok(Some(chunk)) = s.message().await {
+                n += chunk.data.len() as u64;
+            }
+            n
+        };
+
+        // Reading nothing for 4 s: the coordinator gives up on this download.
+        let stalled = c.download(request()).await.expect("download").into_inner();
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        let got = received(stalled).await;
+        assert!(got < t.model.size, "a stalled download was served in full ({got} bytes)");
+        // The slot is free again: a download that reads is served in full.
+        let full = received(c.download(request()).await.expect("download").into_inner()).await;
+        assert_eq!(full, t.model.size);
+
+        // An upload that sends one chunk and then nothing, with its stream held open.
+        let n = 20_000_000 + fed.labels.len() as u64;
+        let h = t.upload_header(n, 10, Digest::of(b"never sent in full"), false);
+        let state = c.begin_upload(pb::UploadHeader::from(&h)).await.expect("begin").into_inner();
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        let first = wire::chunk(0, vec![0u8; 65536]);
+        tx.send(pb::UploadChunk { upload_id: state.upload_id, offset: 0, data: first.data, sha256: first.sha256 })
+            .await
+            .expect("first chunk");
+        let sending = c.upload(tokio_stream::wrappers::ReceiverStream::new(rx));
+        let e = tokio::time::timeout(Duration::from_secs(20), sending)
+            .await
+            .expect("the coordinator ends a stalled upload")
+            .expect_err("a stalled upload is refused");
+        assert_eq!(e.code(), Code::DeadlineExceeded, "{e:?}");
+        assert!(e.message().contains("sent no data"), "{}", e.message());
+        drop(tx);
+        beat.abort();
+    });
+    let log = fed.log_text("coordinator");
+    assert!(log.contains("model download stalled"), "{log}");
+}

@@ -112,7 +112,7 @@ impl pb::fleet_server::Fleet for Fleet {
         let slot = c.download_slots.clone().acquire_owned().await.map_err(|_| Status::unavailable("shutting down"))?;
         let (tx, rx) = tokio::sync::mpsc::channel(2);
         let mut offset = r.offset;
-        let runtime = tokio::runtime::Handle::current();
+        let (runtime, stall) = (tokio::runtime::Handle::current(), transfer_stall());
         tokio::task::spawn_blocking(move || {
             let _slot = slot;
             let send_err = |e: String| {
@@ -145,10 +145,10 @@ impl pb::fleet_server::Fleet for Fleet {
                     buf[at] ^= 0x01;
                 }
                 // A site that takes no chunk for TRANSFER_STALL gives its slot up.
-                match runtime.block_on(tx.send_timeout(Ok(wire::chunk(offset, buf)), TRANSFER_STALL)) {
+                match runtime.block_on(tx.send_timeout(Ok(wire::chunk(offset, buf)), stall)) {
                     Ok(()) => {}
                     Err(tokio::sync::mpsc::error::SendTimeoutError::Timeout(_)) => {
-                        warn!(site = %site, offset, "model download stalled: the site took no data for 60 s; ended");
+                        warn!(site = %site, offset, "model download stalled: the site took no data; ended");
                         return;
                     }
                     Err(tokio::sync::mpsc::error::SendTimeoutError::Closed(_)) => return,
@@ -175,9 +175,9 @@ impl pb::fleet_server::Fleet for Fleet {
         let site = c.site(&req, None)?;
         let mut stream = req.into_inner();
         let mut file: Option<(String, std::fs::File, u64, u64)> = None;
-        let stalled = || Status::deadline_exceeded("the upload sent no data for 60 s; resume it");
+        let stalled = || Status::deadline_exceeded("the upload sent no data for too long (60 s); resume it");
         while let Some(chunk) =
-            tokio::time::timeout(TRANSFER_STALL, stream.message()).await.map_err(|_| stalled())??
+            tokio::time::timeout(transfer_stall(), stream.message()).await.map_err(|_| stalled())??
         {
             if c.revocations.is_revoked(&site) {
                 return Err(Status::permission_denied(format!("certificate for site/{site} is revoked")));
