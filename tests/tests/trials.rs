@@ -325,3 +325,102 @@ fn trial_a_100m_parameter_adapter_stand_in_end_to_end() {
         );
     }
 }
+
+/// CPU seconds a live process has used (user + system).
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may hold spaces) start at state, field 3.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or_default();
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+/// Issue 20's fleet simulator: N real site daemons (processes, each with its own
+/// identity, key, home and mTLS connection) on an adapter stand-in of M parameters,
+/// whose training is one pass over the vector, so that the coordinator's side of a
+/// round is what is measured. Every pair masks up to 50 sites; beyond, SecAgg+ with 8
+/// neighbours. Set the size with `MAEUM_FLEET_N` (default 10), `MAEUM_FLEET_M` (default
+/// 10,000,000) and `MAEUM_FLEET_MODE` (`secagg`, the default, or `plain`):
+///
+/// ```sh
+/// MAEUM_TRIALS=1 MAEUM_FLEET_N=50 cargo test -p maeum-e2e --test trials trial_fleet -- --nocapture
+/// ```
+#[test]
+fn trial_fleet_of_stand_in_sites() {
+    if !enabled("trial_fleet_of_stand_in_sites") {
+        return;
+    }
+    let env = |k: &str, d: usize| std::env::var(k).ok().and_then(|v| v.parse().ok()).unwrap_or(d);
+    let (n, m) = (env("MAEUM_FLEET_N", 10), env("MAEUM_FLEET_M", 10_000_000));
+    let plain = std::env::var("MAEUM_FLEET_MODE").is_ok_and(|v| v == "plain");
+    let mut fed = Federation::new(n);
+    // N sites' masking shares 2 cores here, not one machine each: a site starved for
+    // seconds is not offline.
+    fed.heartbeat_timeout = 60;
+    let sites: Vec<String> = (1..=n).map(|i| format!("site-{i}")).collect();
+    for s in &sites {
+        fed.set_policy(s, "allowed_models", "[\"adapter-stand-in\"]");
+        fed.set_policy(s, "max_params", "268435456");
+        if plain {
+            fed.set_policy(s, "allow_plaintext", "true");
+        }
+    }
+    let ops = free_port();
+    // As the deploy files run it (deploy/systemd/maeum-coordinator.service).
+    fed.start_coordinator_with(&[("MAEUM_OPS_LISTEN", ops.as_str()), ("MALLOC_ARENA_MAX", "2")]);
+    fed.start_sites(&sites.iter().map(String::as_str).collect::<Vec<_>>());
+    fed.wait_online(n);
+    let aggregation = if plain {
+        "insecure_plaintext_aggregation_for_debugging = true\n".to_string()
+    } else if n > 50 {
+        "neighbours = 8\n".to_string()
+    } else {
+        String::new()
+    };
+    let job = format!(
+        "[model]\nkind = \"adapter-stand-in\"\nparams = {m}\n[train]\nlearning_rate = 0.5\n\
+         [secure_aggregation]\nclip = 4.0\n{aggregation}[deadlines]\njoin = 600\ntrain = 3600\nsecagg = 3600\nevaluate = 3600\n"
+    );
+    let pid = fed.coordinator_pid().expect("coordinator");
+    let cpu0 = cpu_seconds(pid);
+    let started = Instant::now();
+    let id = fed.submit("fleet", 2, n, &job);
+    let status = fed.wait_job(&id, Duration::from_secs(3 * 3600));
+    let wall = started.elapsed().as_secs_f64();
+    let cpu = cpu_seconds(pid) - cpu0;
+    assert_eq!(status["state"], "completed", "{status:#}\n{}", fed.log_text("coordinator"));
+    for r in status["history"].as_array().expect("history") {
+        assert_eq!(r["contributors"].as_array().map(Vec::len), Some(n), "a site dropped out: {r:#}");
+        assert_eq!(r["secure_aggregation"], !plain, "{r:#}");
+    }
+    let rss = peak_rss(pid).unwrap_or_default() as f64 / 1e6;
+    let site_rss: Vec<f64> =
+        sites.iter().filter_map(|s| fed.site_pid(s)).filter_map(peak_rss).map(|b| b as f64 / 1e6).collect();
+    let text = scrape(&ops);
+    let model_mb = (m + fed.labels.len()) as f64 * 4.0 / 1e6;
+    eprintln!(
+        "fleet N = {n}, M = {m} ({model_mb:.0} MB), {}: 2 rounds in {wall:.0} s; coordinator {cpu:.1} CPU-s, \
+         peak RSS {rss:.0} MB = 2 x model + {:.0} MB",
+        if plain {
+            "plaintext"
+        } else if n > 50 {
+            "SecAgg+ k = 8"
+        } else {
+            "SecAgg, every pair"
+        },
+        rss - 2.0 * model_mb
+    );
+    for line in text.lines().filter(|l| l.starts_with("maeum_coordinator_stage_seconds_sum")) {
+        eprintln!("{line}");
+    }
+    let sent = value(&text, "maeum_coordinator_sent_bytes_total");
+    let received = value(&text, "maeum_coordinator_received_bytes_total");
+    eprintln!(
+        "per site: {:.0} MB sent to it, {:.0} MB received from it; site peak RSS max {:.0} MB, mean {:.0} MB",
+        sent / n as f64 / 1e6,
+        received / n as f64 / 1e6,
+        site_rss.iter().copied().fold(0.0, f64::max),
+        site_rss.iter().sum::<f64>() / site_rss.len().max(1) as f64
+    );
+}
