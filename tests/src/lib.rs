@@ -152,6 +152,27 @@ pub struct Federation {
     _serial: std::sync::MutexGuard<'static, ()>,
 }
 
+/// A hand-driven site: `site`'s enrolled identity speaking the fleet protocol directly
+/// over mTLS, for tests that send what a well-behaved agent never would, or time the
+/// coordinator's side of a transfer alone.
+pub async fn site_client(
+    fed: &Federation,
+    site: &str,
+) -> maeum_protocols::wire::pb::fleet_client::FleetClient<tonic::transport::Channel> {
+    use maeum_pki::identity::{CertifiedKey, SecretPem};
+    let home = fed.site_home(site);
+    let read = |f: &str| std::fs::read_to_string(home.join(f)).expect(f);
+    let me = CertifiedKey { cert_pem: read("site.pem"), key: SecretPem::new(read("site.key")) };
+    let channel = tonic::transport::Endpoint::from_shared(format!("https://{}", fed.address))
+        .expect("uri")
+        .tls_config(maeum_pki::tls::client_tls(&read("ca.pem"), &me, "127.0.0.1"))
+        .expect("tls")
+        .connect()
+        .await
+        .expect("connect");
+    maeum_protocols::wire::pb::fleet_client::FleetClient::new(channel)
+}
+
 /// Federations in one test binary run one at a time: two cores cannot host several
 /// without starving heartbeats.
 static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());

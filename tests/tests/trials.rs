@@ -283,6 +283,51 @@ fn trial_a_100m_parameter_adapter_stand_in_end_to_end() {
     };
     let (raw_disk, raw_mem) = (raw(true), raw(false));
 
+    // One stream alone, the sites stopped: site-1's identity downloads the release's
+    // model through the coordinator's real server path (mTLS, HTTP/2, chunk digests),
+    // into a file with the site's checks (each chunk's digest, the whole file's, an
+    // fsync), and into nothing (the transport alone).
+    let digest = maeum_protocols::wire::Digest::of(&std::fs::read(&file).expect("model"));
+    let site_metrics: Vec<(String, u64)> = sites
+        .iter()
+        .zip(&site_ops)
+        .map(|(s, o)| (scrape(o), fed.site_pid(s).and_then(peak_rss).unwrap_or_default()))
+        .collect();
+    for s in sites {
+        fed.kill_site(s);
+    }
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let one_stream = |to_disk: bool| -> f64 {
+        use maeum_protocols::wire::{self, Hasher, pb};
+        use std::io::Write;
+        rt.block_on(async {
+            let mut c = maeum_e2e::site_client(&fed, "site-1").await;
+            let sink = fed.dir.path().join("one-stream");
+            let t = Instant::now();
+            let request = pb::DownloadRequest { digest: digest.hex(), offset: 0 };
+            let mut stream = c.download(request).await.expect("download").into_inner();
+            let mut out = to_disk.then(|| std::fs::File::create(&sink).expect("create"));
+            let (mut hasher, mut offset) = (Hasher::default(), 0u64);
+            while let Some(chunk) = stream.message().await.expect("chunk") {
+                if let Some(f) = out.as_mut() {
+                    wire::check_chunk(offset, bytes, chunk.offset, &chunk.data, &chunk.sha256).expect("chunk digest");
+                    f.write_all(&chunk.data).expect("write");
+                    hasher.update(&chunk.data);
+                }
+                offset += chunk.data.len() as u64;
+            }
+            if let Some(f) = out {
+                f.sync_data().expect("fsync");
+                assert_eq!(hasher.finish(), digest);
+            }
+            assert_eq!(offset, bytes);
+            let secs = t.elapsed().as_secs_f64();
+            let _ = std::fs::remove_file(&sink);
+            secs
+        })
+    };
+    let (alone_disk, alone_mem) = (one_stream(true), one_stream(false));
+
     let sum = |text: &str, series: &str| value(text, series);
     eprintln!("job {id}: {:.0} s for 2 rounds; model file {bytes} bytes", wall.as_secs_f64());
     eprintln!("coordinator peak RSS {:.0} MB", coordinator_rss as f64 / 1e6);
@@ -297,25 +342,33 @@ fn trial_a_100m_parameter_adapter_stand_in_end_to_end() {
         raw_mem,
         bytes as f64 / raw_mem / 1e6
     );
-    for (s, o) in sites.iter().zip(&site_ops) {
-        let text = scrape(o);
+    eprintln!(
+        "one download alone over mTLS: into a file with the site's checks {:.2} s ({:.0} MB/s, {:.2}× the raw file \
+         copy), transport alone {:.2} s ({:.0} MB/s, {:.2}× the raw memory copy)",
+        alone_disk,
+        bytes as f64 / alone_disk / 1e6,
+        raw_disk / alone_disk,
+        alone_mem,
+        bytes as f64 / alone_mem / 1e6,
+        raw_mem / alone_mem
+    );
+    for (s, (text, rss)) in sites.iter().zip(&site_metrics) {
         let (dn, dc) = (
-            sum(&text, "maeum_site_stage_seconds_sum{stage=\"download\"}"),
-            sum(&text, "maeum_site_stage_seconds_count{stage=\"download\"}"),
+            sum(text, "maeum_site_stage_seconds_sum{stage=\"download\"}"),
+            sum(text, "maeum_site_stage_seconds_count{stage=\"download\"}"),
         );
         let (un, uc) = (
-            sum(&text, "maeum_site_stage_seconds_sum{stage=\"upload\"}"),
-            sum(&text, "maeum_site_stage_seconds_count{stage=\"upload\"}"),
+            sum(text, "maeum_site_stage_seconds_sum{stage=\"upload\"}"),
+            sum(text, "maeum_site_stage_seconds_count{stage=\"upload\"}"),
         );
         let (tn, tc) = (
-            sum(&text, "maeum_site_stage_seconds_sum{stage=\"train\"}"),
-            sum(&text, "maeum_site_stage_seconds_count{stage=\"train\"}"),
+            sum(text, "maeum_site_stage_seconds_sum{stage=\"train\"}"),
+            sum(text, "maeum_site_stage_seconds_count{stage=\"train\"}"),
         );
-        let rss = fed.site_pid(s).and_then(peak_rss).unwrap_or_default();
         eprintln!(
             "{s}: peak RSS {:.0} MB; {dc} downloads {:.2} s each ({:.0} MB/s, {:.2}× the raw file copy); \
              {uc} uploads {:.2} s each ({:.0} MB/s); {tc} trainings {:.2} s each",
-            rss as f64 / 1e6,
+            *rss as f64 / 1e6,
             dn / dc,
             bytes as f64 * dc / dn / 1e6,
             raw_disk / (dn / dc),

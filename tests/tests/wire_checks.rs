@@ -5,28 +5,16 @@
 use std::time::Duration;
 
 use tonic::Code;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 use maeum_e2e::{Federation, SMALL_MODEL};
-use maeum_pki::identity::{CertifiedKey, SecretPem};
-use maeum_pki::tls;
 use maeum_protocols::job::JobSpec;
 use maeum_protocols::wire::{self, Digest, TrainTask, UploadHeader, Work, pb};
 
 type Client = pb::fleet_client::FleetClient<Channel>;
 
 async fn connect(fed: &Federation, site: &str) -> Client {
-    let home = fed.site_home(site);
-    let read = |f: &str| std::fs::read_to_string(home.join(f)).expect(f);
-    let me = CertifiedKey { cert_pem: read("site.pem"), key: SecretPem::new(read("site.key")) };
-    let channel = Endpoint::from_shared(format!("https://{}", fed.address))
-        .expect("uri")
-        .tls_config(tls::client_tls(&read("ca.pem"), &me, "127.0.0.1"))
-        .expect("tls")
-        .connect()
-        .await
-        .expect("connect");
-    pb::fleet_client::FleetClient::new(channel)
+    maeum_e2e::site_client(fed, site).await
 }
 
 /// Polls (heartbeating meanwhile) until `pick` accepts a work item.
