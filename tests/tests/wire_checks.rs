@@ -176,8 +176,8 @@ fn a_200_mb_model_moves_between_coordinator_and_sites() {
 
 /// A site that stops reading its download, or stops sending its upload, holds a
 /// transfer slot and a stream only until the stall limit (60 s; 1.5 s here through a
-/// fault-injection hook): the coordinator ends both, says so in its log, and the next
-/// download is served in full.
+/// fault-injection hook): the coordinator ends both and says so in its log; the
+/// download resumes from where it broke off and makes the model, digest and all.
 #[test]
 fn a_stalled_download_and_a_stalled_upload_are_ended() {
     let mut fed = Federation::new(3);
@@ -211,23 +211,27 @@ fn a_stalled_download_and_a_stalled_upload_are_ended() {
             _ => None,
         })
         .await;
-        let request = || pb::DownloadRequest { digest: t.model.digest.hex(), offset: 0 };
-        let received = |mut s: tonic::Streaming<pb::Chunk>| async move {
-            let mut n = 0u64;
+        let request = |offset| pb::DownloadRequest { digest: t.model.digest.hex(), offset };
+        let received = |mut s: tonic::Streaming<pb::Chunk>, mut bytes: Vec<u8>| async move {
             while let Ok(Some(chunk)) = s.message().await {
-                n += chunk.data.len() as u64;
+                wire::check_chunk(bytes.len() as u64, t.model.size, chunk.offset, &chunk.data, &chunk.sha256)
+                    .expect("a sound chunk");
+                bytes.extend_from_slice(&chunk.data);
             }
-            n
+            bytes
         };
 
         // Reading nothing for 4 s: the coordinator gives up on this download.
-        let stalled = c.download(request()).await.expect("download").into_inner();
+        let stalled = c.download(request(0)).await.expect("download").into_inner();
         tokio::time::sleep(Duration::from_secs(4)).await;
-        let got = received(stalled).await;
-        assert!(got < t.model.size, "a stalled download was served in full ({got} bytes)");
-        // The slot is free again: a download that reads is served in full.
-        let full = received(c.download(request()).await.expect("download").into_inner()).await;
-        assert_eq!(full, t.model.size);
+        let part = received(stalled, Vec::new()).await;
+        assert!((part.len() as u64) < t.model.size, "a stalled download was served in full ({} bytes)", part.len());
+        // The slot is free again, and the download resumes where it broke off: the
+        // pieces make the model, digest and all.
+        let at = part.len() as u64;
+        let whole = received(c.download(request(at)).await.expect("resume").into_inner(), part).await;
+        assert_eq!(whole.len() as u64, t.model.size);
+        assert_eq!(Digest::of(&whole), t.model.digest, "a resumed download is the model");
 
         // An upload that sends one chunk and then nothing, with its stream held open.
         let n = 20_000_000 + fed.labels.len() as u64;
