@@ -2,20 +2,52 @@
 //! before its digest is recorded anywhere.
 
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 use anyhow::{Context, Result};
 
-use maeum_protocols::wire::Digest;
+use maeum_protocols::wire::{CHUNK_SIZE, Digest};
+
+/// Blobs whose piece digests are kept ([`Blobs::piece_digests`]): a job's current model
+/// and a few before it.
+const PIECES_KEPT: usize = 8;
+
+/// Blobs' piece digests, newest last.
+type Pieces = Vec<(Digest, Arc<Vec<Digest>>)>;
 
 #[derive(Debug, Clone)]
 pub struct Blobs {
     dir: PathBuf,
+    pieces: Arc<Mutex<Pieces>>,
 }
 
 impl Blobs {
     pub fn open(dir: &Path) -> Result<Self> {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-        Ok(Self { dir: dir.to_owned() })
+        Ok(Self { dir: dir.to_owned(), pieces: Arc::default() })
+    }
+
+    /// The SHA-256 of each `CHUNK_SIZE` piece of a blob (the last may be shorter), which
+    /// every download chunk carries. Taken on a blob's first download, together with a
+    /// check of the whole blob against its name, and kept for the latest
+    /// [`PIECES_KEPT`] blobs: a model served to N sites is hashed once, not N times.
+    pub fn piece_digests(&self, digest: &Digest) -> Result<Arc<Vec<Digest>>> {
+        // Held while a first download hashes the blob: the others wait for its result.
+        let mut kept = self.pieces.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some((_, p)) = kept.iter().find(|(d, _)| d == digest) {
+            return Ok(p.clone());
+        }
+        let path = self.path(digest);
+        let mut file = std::fs::File::open(&path).with_context(|| format!("reading blob {}", path.display()))?;
+        let (whole, pieces, _) = hash_pieces(&mut file).with_context(|| format!("reading blob {}", path.display()))?;
+        anyhow::ensure!(whole == *digest, "blob {} is corrupt: its content does not match its name", path.display());
+        let pieces = Arc::new(pieces);
+        keep(&mut kept, *digest, pieces.clone());
+        Ok(pieces)
+    }
+
+    fn keep_pieces(&self, digest: Digest, pieces: Arc<Vec<Digest>>) {
+        keep(&mut self.pieces.lock().unwrap_or_else(std::sync::PoisonError::into_inner), digest, pieces);
     }
 
     pub fn path(&self, digest: &Digest) -> PathBuf {
@@ -40,22 +72,10 @@ impl Blobs {
     /// it as it is read in 1 MiB pieces: an O(model) blob is never held in memory.
     /// Returns its digest and size. The file is fsynced before it takes its name.
     pub fn put_file(&self, src: &Path) -> Result<(Digest, u64)> {
-        use std::io::Read;
         let mut file = std::fs::File::open(src).with_context(|| format!("reading {}", src.display()))?;
-        let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
-        let mut buf = vec![0u8; 1 << 20];
-        let mut size = 0u64;
-        loop {
-            let n = file.read(&mut buf).with_context(|| format!("reading {}", src.display()))?;
-            if n == 0 {
-                break;
-            }
-            ctx.update(&buf[..n]);
-            size += n as u64;
-        }
-        let mut sha = [0u8; 32];
-        sha.copy_from_slice(ctx.finish().as_ref());
-        let digest = Digest(sha);
+        let (digest, pieces, size) = hash_pieces(&mut file).with_context(|| format!("reading {}", src.display()))?;
+        // Its first download needs the piece digests: taken in the same read.
+        self.keep_pieces(digest, Arc::new(pieces));
         let path = self.path(&digest);
         if path.is_file() {
             std::fs::remove_file(src).with_context(|| format!("removing {}", src.display()))?;
@@ -100,6 +120,42 @@ impl Blobs {
     }
 }
 
+/// Keeps a blob's piece digests among the latest [`PIECES_KEPT`].
+fn keep(kept: &mut Pieces, digest: Digest, pieces: Arc<Vec<Digest>>) {
+    kept.retain(|(d, _)| *d != digest);
+    if kept.len() == PIECES_KEPT {
+        kept.remove(0);
+    }
+    kept.push((digest, pieces));
+}
+
+/// Reads `file` to its end in `CHUNK_SIZE` pieces: the whole file's SHA-256, each piece's,
+/// and the size.
+fn hash_pieces(file: &mut std::fs::File) -> std::io::Result<(Digest, Vec<Digest>, u64)> {
+    use std::io::Read;
+    let mut whole = ring::digest::Context::new(&ring::digest::SHA256);
+    let mut buf = vec![0u8; CHUNK_SIZE];
+    let (mut pieces, mut size) = (Vec::new(), 0u64);
+    loop {
+        let mut n = 0;
+        while n < buf.len() {
+            match file.read(&mut buf[n..])? {
+                0 => break,
+                k => n += k,
+            }
+        }
+        if n == 0 {
+            break;
+        }
+        whole.update(&buf[..n]);
+        pieces.push(Digest::of(&buf[..n]));
+        size += n as u64;
+    }
+    let mut sha = [0u8; 32];
+    sha.copy_from_slice(whole.finish().as_ref());
+    Ok((Digest(sha), pieces, size))
+}
+
 /// Writes `words` little-endian, 64 Ki words at a time.
 pub fn write_words_le(out: &mut dyn std::io::Write, words: &[u32]) -> std::io::Result<()> {
     for chunk in words.chunks(1 << 16) {
@@ -110,6 +166,22 @@ pub fn write_words_le(out: &mut dyn std::io::Write, words: &[u32]) -> std::io::R
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn piece_digests_are_each_chunks_and_a_corrupt_blob_is_named() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let b = super::Blobs::open(dir.path()).expect("open");
+        let bytes: Vec<u8> = (0..(2 * super::CHUNK_SIZE + 5)).map(|i| (i % 251) as u8).collect();
+        let d = b.put(&bytes).expect("put");
+        let pieces = b.piece_digests(&d).expect("pieces");
+        let want: Vec<_> = bytes.chunks(super::CHUNK_SIZE).map(super::Digest::of).collect();
+        assert_eq!(*pieces, want);
+        assert!(std::sync::Arc::ptr_eq(&pieces, &b.piece_digests(&d).expect("kept")), "hashed once");
+        let other = b.put(b"another blob").expect("put");
+        std::fs::write(b.path(&other), b"altered on disk").expect("alter");
+        let err = b.piece_digests(&other).expect_err("corrupt").to_string();
+        assert!(err.contains("is corrupt"), "{err}");
+    }
+
     use super::*;
 
     #[test]

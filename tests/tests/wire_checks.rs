@@ -226,8 +226,11 @@ fn a_stalled_download_and_a_stalled_upload_are_ended() {
         tokio::time::sleep(Duration::from_secs(4)).await;
         let part = received(stalled, Vec::new()).await;
         assert!((part.len() as u64) < t.model.size, "a stalled download was served in full ({} bytes)", part.len());
-        // The slot is free again, and the download resumes where it broke off: the
+        // The slot is free again, and the download resumes where it broke off, here a
+        // little before (off the 1 MiB piece boundary, as after a partial write): the
         // pieces make the model, digest and all.
+        let mut part = part;
+        part.truncate(part.len().saturating_sub(1000));
         let at = part.len() as u64;
         let whole = received(c.download(request(at)).await.expect("resume").into_inner(), part).await;
         assert_eq!(whole.len() as u64, t.model.size);

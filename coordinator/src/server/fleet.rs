@@ -118,6 +118,12 @@ impl pb::fleet_server::Fleet for Fleet {
             let send_err = |e: String| {
                 let _ = tx.blocking_send(Err(Status::internal(e)));
             };
+            // Pieces align to CHUNK_SIZE so their digests come from the blob's list (a
+            // resumed download's first piece runs to the next boundary, hashed here).
+            let pieces = match c.blobs.piece_digests(&digest) {
+                Ok(p) => p,
+                Err(e) => return send_err(format!("{e:#}")),
+            };
             let mut file = match std::fs::File::open(&path) {
                 Ok(f) => f,
                 Err(e) => return send_err(format!("opening model: {e}")),
@@ -130,7 +136,7 @@ impl pb::fleet_server::Fleet for Fleet {
                     let _ = tx.blocking_send(Err(Status::permission_denied("site revoked")));
                     return;
                 }
-                let mut buf = vec![0u8; CHUNK_SIZE];
+                let mut buf = vec![0u8; CHUNK_SIZE - (offset % CHUNK_SIZE as u64) as usize];
                 let n = match read_full(&mut file, &mut buf) {
                     Ok(n) => n,
                     Err(e) => return send_err(format!("reading model: {e}")),
@@ -144,8 +150,15 @@ impl pb::fleet_server::Fleet for Fleet {
                     let at = buf.len() - 1;
                     buf[at] ^= 0x01;
                 }
+                let aligned = (offset.is_multiple_of(CHUNK_SIZE as u64) && !tamper_blob)
+                    .then(|| pieces.get((offset / CHUNK_SIZE as u64) as usize))
+                    .flatten();
+                let chunk = match aligned {
+                    Some(d) => pb::Chunk { offset, data: buf, sha256: d.hex() },
+                    None => wire::chunk(offset, buf),
+                };
                 // A site that takes no chunk for TRANSFER_STALL gives its slot up.
-                match runtime.block_on(tx.send_timeout(Ok(wire::chunk(offset, buf)), stall)) {
+                match runtime.block_on(tx.send_timeout(Ok(chunk), stall)) {
                     Ok(()) => {}
                     Err(tokio::sync::mpsc::error::SendTimeoutError::Timeout(_)) => {
                         warn!(site = %site, offset, "model download stalled: the site took no data; ended");
