@@ -170,6 +170,20 @@ impl ModelTable {
         }
     }
 
+    /// The first key of the n-gram featuriser set to other than its default, if any.
+    fn featuriser_key_set(&self) -> Option<&'static str> {
+        let d = ModelTable::default();
+        [
+            ("buckets", self.buckets != d.buckets),
+            ("word_ngrams", self.word_ngrams != d.word_ngrams),
+            ("char_ngrams", self.char_ngrams != d.char_ngrams),
+            ("max_chars", self.max_chars != d.max_chars),
+            ("embed_dim", self.embed_dim != d.embed_dim),
+        ]
+        .into_iter()
+        .find_map(|(key, set)| set.then_some(key))
+    }
+
     /// The adapters of an `encoder-lora` model; `A` is drawn from the job's `seed`.
     fn lora(&self, seed: u64) -> LoraConfig {
         let d = LoraConfig::default();
@@ -601,20 +615,11 @@ impl JobSpec {
         };
         // The n-gram featuriser's keys mean nothing to an encoder model: refuse them
         // rather than ignore them.
-        let d = ModelTable::default();
-        for (key, set) in [
-            ("buckets", m.buckets != d.buckets),
-            ("word_ngrams", m.word_ngrams != d.word_ngrams),
-            ("char_ngrams", m.char_ngrams != d.char_ngrams),
-            ("max_chars", m.max_chars != d.max_chars),
-            ("embed_dim", m.embed_dim != d.embed_dim),
-        ] {
-            if set {
-                return Err(Invalid::new(
-                    format!("[model] {key}"),
-                    format!("applies only to kind \"text-classifier\", not {kind:?}"),
-                ));
-            }
+        if let Some(key) = m.featuriser_key_set() {
+            return Err(Invalid::new(
+                format!("[model] {key}"),
+                format!("applies only to kind \"text-classifier\", not {kind:?}"),
+            ));
         }
         // hidden = 0: a linear head on the sentence vectors (`encoder-head` only).
         if m.hidden == 0 && m.kind == ModelKind::EncoderLora {
@@ -653,21 +658,12 @@ impl JobSpec {
     /// applies; its update is not a gradient, so there is no differential privacy.
     fn check_stand_in(&self) -> Result<(), Invalid> {
         let m = &self.model;
-        let d = ModelTable::default();
-        for (key, set) in [
-            ("buckets", m.buckets != d.buckets),
-            ("word_ngrams", m.word_ngrams != d.word_ngrams),
-            ("char_ngrams", m.char_ngrams != d.char_ngrams),
-            ("max_chars", m.max_chars != d.max_chars),
-            ("embed_dim", m.embed_dim != d.embed_dim),
-            ("hidden", m.hidden != d.hidden),
-        ] {
-            if set {
-                return Err(Invalid::new(
-                    format!("[model] {key}"),
-                    "does not apply to kind \"adapter-stand-in\" (it has only `params`)",
-                ));
-            }
+        let hidden = (m.hidden != ModelTable::default().hidden).then_some("hidden");
+        if let Some(key) = m.featuriser_key_set().or(hidden) {
+            return Err(Invalid::new(
+                format!("[model] {key}"),
+                "does not apply to kind \"adapter-stand-in\" (it has only `params`)",
+            ));
         }
         let params =
             m.params.ok_or_else(|| Invalid::new("[model] params", "is required for kind \"adapter-stand-in\""))?;

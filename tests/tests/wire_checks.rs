@@ -17,6 +17,17 @@ async fn connect(fed: &Federation, site: &str) -> Client {
     maeum_e2e::site_client(fed, site).await
 }
 
+/// Heartbeats every 0.5 s until aborted, so the hand-driven site stays online.
+fn heartbeats(c: &Client) -> tokio::task::JoinHandle<()> {
+    let mut hb = c.clone();
+    tokio::spawn(async move {
+        loop {
+            let _ = hb.heartbeat(pb::SiteStatus::default()).await;
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    })
+}
+
 /// Polls (heartbeating meanwhile) until `pick` accepts a work item.
 async fn poll_until<T>(c: &mut Client, mut pick: impl FnMut(Work) -> Option<T>) -> T {
     let until = tokio::time::Instant::now() + Duration::from_secs(120);
@@ -82,13 +93,7 @@ fn updates_with_a_wrong_layout_a_replayed_round_or_a_corrupt_chunk_are_rejected(
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     rt.block_on(async {
         let mut c = connect(&fed, "site-3").await;
-        let mut hb = c.clone();
-        let beat = tokio::spawn(async move {
-            loop {
-                let _ = hb.heartbeat(pb::SiteStatus::default()).await;
-                tokio::time::sleep(Duration::from_millis(500)).await;
-            }
-        });
+        let beat = heartbeats(&c);
         let spec = poll_until(&mut c, |w| match w {
             Work::Offer { job_id, spec_json, .. } if job_id == id => Some(spec_json),
             _ => None,
@@ -195,13 +200,7 @@ fn a_stalled_download_and_a_stalled_upload_are_ended() {
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     rt.block_on(async {
         let mut c = connect(&fed, "site-3").await;
-        let mut hb = c.clone();
-        let beat = tokio::spawn(async move {
-            loop {
-                let _ = hb.heartbeat(pb::SiteStatus::default()).await;
-                tokio::time::sleep(Duration::from_millis(500)).await;
-            }
-        });
+        let beat = heartbeats(&c);
         poll_until(&mut c, |w| matches!(w, Work::Offer { ref job_id, .. } if *job_id == id).then_some(())).await;
         c.decide_job(pb::JobDecision { job_id: id.clone(), accept: true, reason: String::new() })
             .await
