@@ -113,6 +113,7 @@ pub struct Coord {
     /// Downloads served, and uploaded updates folded, at once: at most [`MAX_TRANSFERS`].
     pub(crate) download_slots: Arc<tokio::sync::Semaphore>,
     pub(crate) fold_slots: Arc<tokio::sync::Semaphore>,
+    pub(crate) downloads_open: Arc<fleet::DownloadsOpen>,
 }
 
 /// Model downloads that the coordinator serves at once, and uploaded updates it verifies
@@ -204,6 +205,7 @@ impl Coord {
             unmask_closed: Mutex::new(std::collections::VecDeque::new()),
             download_slots: Arc::new(tokio::sync::Semaphore::new(MAX_TRANSFERS)),
             fold_slots: Arc::new(tokio::sync::Semaphore::new(MAX_TRANSFERS)),
+            downloads_open: Arc::default(),
         };
         for (site, print) in coord.audit.site_certificates()?.replaced() {
             coord.revocations.revoke_certificate(site, print);

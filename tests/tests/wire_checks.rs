@@ -182,7 +182,8 @@ fn a_200_mb_model_moves_between_coordinator_and_sites() {
 /// A site that stops reading its download, or stops sending its upload, holds a
 /// transfer slot and a stream only until the stall limit (60 s; 1.5 s here through a
 /// fault-injection hook): the coordinator ends both and says so in its log; the
-/// download resumes from where it broke off and makes the model, digest and all.
+/// download resumes from where it broke off and makes the model, digest and all. One
+/// site may not hold more than 2 downloads open.
 #[test]
 fn a_stalled_download_and_a_stalled_upload_are_ended() {
     let mut fed = Federation::new(3);
@@ -222,6 +223,12 @@ fn a_stalled_download_and_a_stalled_upload_are_ended() {
 
         // Reading nothing for 4 s: the coordinator gives up on this download.
         let stalled = c.download(request(0)).await.expect("download").into_inner();
+        // Nor can one site hold the slots the fleet shares: a third open download is refused.
+        let second = c.download(request(0)).await.expect("a second download").into_inner();
+        let e = c.download(request(0)).await.expect_err("a third download");
+        assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+        assert!(e.message().contains("2 downloads open"), "{}", e.message());
+        drop(second);
         tokio::time::sleep(Duration::from_secs(4)).await;
         let part = received(stalled, Vec::new()).await;
         assert!((part.len() as u64) < t.model.size, "a stalled download was served in full ({} bytes)", part.len());

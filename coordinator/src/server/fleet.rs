@@ -9,6 +9,44 @@ pub struct Fleet(pub Arc<Coord>);
 
 type ChunkStream = Pin<Box<dyn Stream<Item = Result<pb::Chunk, Status>> + Send>>;
 
+/// Downloads a site may have open at once. An agent opens one; a site that opens more
+/// is refused, so that one site cannot hold the [`MAX_TRANSFERS`] slots the fleet shares.
+pub const DOWNLOADS_PER_SITE: u32 = 2;
+
+/// Each site's open downloads.
+#[derive(Debug, Default)]
+pub struct DownloadsOpen(Mutex<HashMap<String, u32>>);
+
+/// One open download; closing it (dropping) frees the site's count.
+#[derive(Debug)]
+pub struct OpenDownload(Arc<DownloadsOpen>, String);
+
+impl DownloadsOpen {
+    fn open(self: &Arc<Self>, site: &str) -> Result<OpenDownload, Status> {
+        let mut open = lock(&self.0);
+        let n = open.entry(site.to_string()).or_default();
+        if *n >= DOWNLOADS_PER_SITE {
+            return Err(Status::resource_exhausted(format!(
+                "this site already has {DOWNLOADS_PER_SITE} downloads open; finish one first"
+            )));
+        }
+        *n += 1;
+        Ok(OpenDownload(self.clone(), site.to_string()))
+    }
+}
+
+impl Drop for OpenDownload {
+    fn drop(&mut self) {
+        let mut open = lock(&(self.0).0);
+        if let Some(n) = open.get_mut(&self.1) {
+            *n -= 1;
+            if *n == 0 {
+                open.remove(&self.1);
+            }
+        }
+    }
+}
+
 #[tonic::async_trait]
 impl pb::fleet_server::Fleet for Fleet {
     async fn heartbeat(&self, req: Request<pb::SiteStatus>) -> Result<Response<pb::HeartbeatReply>, Status> {
@@ -109,12 +147,13 @@ impl pb::fleet_server::Fleet for Fleet {
         if tamper_blob {
             warn!(site = %site, "FAULT INJECTION: serving an altered copy of the current release's model");
         }
+        let mine = c.downloads_open.open(&site)?;
         let slot = c.download_slots.clone().acquire_owned().await.map_err(|_| Status::unavailable("shutting down"))?;
         let (tx, rx) = tokio::sync::mpsc::channel(2);
         let mut offset = r.offset;
         let (runtime, stall) = (tokio::runtime::Handle::current(), transfer_stall());
         tokio::task::spawn_blocking(move || {
-            let _slot = slot;
+            let _slot = (slot, mine);
             let send_err = |e: String| {
                 let _ = tx.blocking_send(Err(Status::internal(e)));
             };
