@@ -170,7 +170,7 @@ impl ModelSpec {
                 let arch = LoraArch { frozen: d.frozen.clone(), lora: l.lora, hidden: l.hidden, n_labels: l.n_labels };
                 Ok(ArchData::Lora(arch, d))
             }
-            (Arch::StandIn(a), Prepared::Labels(d)) => Ok(ArchData::StandIn(a, d)),
+            (Arch::StandIn(a), Prepared::Labels(d)) => Ok(ArchData::StandIn(a, &d.0)),
             (_, Prepared::Labels(_)) => {
                 Err(ModelError::WrongKind { expected: "adapter-stand-in", actual: self.kind() })
             }
@@ -252,7 +252,18 @@ pub enum Prepared {
     /// Hidden states below an `encoder-lora` model's adapted layers.
     Tokens(TokenData),
     /// The adapter stand-in reads only the labels (one per input).
-    Labels(Vec<usize>),
+    Labels(LabelData),
+}
+
+/// The label index of each input, for the adapter stand-in. Derived from local records,
+/// so `Debug` shows only the count.
+#[derive(Clone, Default)]
+pub struct LabelData(pub Vec<usize>);
+
+impl std::fmt::Debug for LabelData {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "LabelData {{ {} inputs }}", self.0.len())
+    }
 }
 
 impl Prepared {
@@ -261,7 +272,7 @@ impl Prepared {
             Prepared::Text(d) => d.docs.len(),
             Prepared::Tabular(d) => d.rows.len(),
             Prepared::Tokens(d) => d.states.len(),
-            Prepared::Labels(d) => d.len(),
+            Prepared::Labels(d) => d.0.len(),
         }
     }
 
@@ -286,7 +297,7 @@ impl Prepared {
                     a.states.extend_from_slice(&b.states);
                     a.labels.extend_from_slice(&b.labels);
                 }
-                (Prepared::Labels(a), Prepared::Labels(b)) => a.extend_from_slice(b),
+                (Prepared::Labels(a), Prepared::Labels(b)) => a.0.extend_from_slice(&b.0),
                 _ => return None,
             }
         }
@@ -299,7 +310,7 @@ impl Prepared {
             Prepared::Text(d) => &d.labels,
             Prepared::Tabular(d) => &d.labels,
             Prepared::Tokens(d) => &d.labels,
-            Prepared::Labels(d) => d,
+            Prepared::Labels(d) => &d.0,
         }
     }
 }
@@ -343,7 +354,7 @@ impl ModelSpec {
             Prepared::Text(d) => d.labels = labels,
             Prepared::Tabular(d) => d.labels = labels,
             Prepared::Tokens(d) => d.labels = labels,
-            Prepared::Labels(d) => *d = labels,
+            Prepared::Labels(d) => d.0 = labels,
         }
         Ok(prepared)
     }
@@ -410,7 +421,7 @@ impl ModelSpec {
                 let labels = vec![0; states.len()];
                 Ok(Prepared::Tokens(TokenData { states, labels, frozen }))
             }
-            ModelSpec::AdapterStandIn { .. } => Ok(Prepared::Labels(vec![0; texts.len()])),
+            ModelSpec::AdapterStandIn { .. } => Ok(Prepared::Labels(LabelData(vec![0; texts.len()]))),
             ModelSpec::TabularMlp { .. } => Err(ModelError::WrongKind {
                 expected: "text-classifier, encoder-head, encoder-lora or adapter-stand-in",
                 actual: self.kind(),
@@ -714,6 +725,12 @@ mod tests {
         let (emb, head) = arch.split(&p).expect("split");
         let net: Mlp = nn::from_flat(&arch.head(), &head, &burn::tensor::Device::flex()).expect("load");
         assert_eq!(arch.join(emb, &nn::to_flat(&net, &arch.head())), p);
+    }
+
+    #[test]
+    fn the_stand_ins_inputs_print_only_their_count() {
+        let shown = format!("{:?}", Prepared::Labels(LabelData(vec![7, 1, 7])));
+        assert!(shown.contains("3 inputs") && !shown.contains('7'), "{shown}");
     }
 
     #[test]
