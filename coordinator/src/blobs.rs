@@ -132,18 +132,11 @@ fn keep(kept: &mut Pieces, digest: Digest, pieces: Arc<Vec<Digest>>) {
 /// Reads `file` to its end in `CHUNK_SIZE` pieces: the whole file's SHA-256, each piece's,
 /// and the size.
 fn hash_pieces(file: &mut std::fs::File) -> std::io::Result<(Digest, Vec<Digest>, u64)> {
-    use std::io::Read;
     let mut whole = ring::digest::Context::new(&ring::digest::SHA256);
     let mut buf = vec![0u8; CHUNK_SIZE];
     let (mut pieces, mut size) = (Vec::new(), 0u64);
     loop {
-        let mut n = 0;
-        while n < buf.len() {
-            match file.read(&mut buf[n..])? {
-                0 => break,
-                k => n += k,
-            }
-        }
+        let n = read_full(file, &mut buf)?;
         if n == 0 {
             break;
         }
@@ -156,6 +149,19 @@ fn hash_pieces(file: &mut std::fs::File) -> std::io::Result<(Digest, Vec<Digest>
     Ok((Digest(sha), pieces, size))
 }
 
+/// Reads into `buf` until it is full or the file ends; returns the bytes read.
+pub(crate) fn read_full(file: &mut std::fs::File, buf: &mut [u8]) -> std::io::Result<usize> {
+    use std::io::Read;
+    let mut n = 0;
+    while n < buf.len() {
+        match file.read(&mut buf[n..])? {
+            0 => break,
+            k => n += k,
+        }
+    }
+    Ok(n)
+}
+
 /// Writes `words` little-endian, 64 Ki words at a time.
 pub fn write_words_le(out: &mut dyn std::io::Write, words: &[u32]) -> std::io::Result<()> {
     for chunk in words.chunks(1 << 16) {
@@ -166,14 +172,16 @@ pub fn write_words_le(out: &mut dyn std::io::Write, words: &[u32]) -> std::io::R
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
     #[test]
     fn piece_digests_are_each_chunks_and_a_corrupt_blob_is_named() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let b = super::Blobs::open(dir.path()).expect("open");
-        let bytes: Vec<u8> = (0..(2 * super::CHUNK_SIZE + 5)).map(|i| (i % 251) as u8).collect();
+        let b = Blobs::open(dir.path()).expect("open");
+        let bytes: Vec<u8> = (0..(2 * CHUNK_SIZE + 5)).map(|i| (i % 251) as u8).collect();
         let d = b.put(&bytes).expect("put");
         let pieces = b.piece_digests(&d).expect("pieces");
-        let want: Vec<_> = bytes.chunks(super::CHUNK_SIZE).map(super::Digest::of).collect();
+        let want: Vec<_> = bytes.chunks(CHUNK_SIZE).map(Digest::of).collect();
         assert_eq!(*pieces, want);
         assert!(std::sync::Arc::ptr_eq(&pieces, &b.piece_digests(&d).expect("kept")), "hashed once");
         let other = b.put(b"another blob").expect("put");
@@ -181,8 +189,6 @@ mod tests {
         let err = b.piece_digests(&other).expect_err("corrupt").to_string();
         assert!(err.contains("is corrupt"), "{err}");
     }
-
-    use super::*;
 
     #[test]
     fn blobs_are_named_by_content_and_checked_on_read() {

@@ -27,7 +27,7 @@ use maeum_protocols::wire::{
 use maeum_tlog::release::is_crisis_label;
 
 use crate::audit::AuditLog;
-use crate::blobs::Blobs;
+use crate::blobs::{Blobs, read_full};
 use crate::home::{Home, now_ms};
 use crate::secagg::SecAggRound;
 use crate::store::{Decision, JobRecord, JobState, SiteRecord, Store, VersionRecord};
@@ -780,17 +780,6 @@ impl Coord {
     fn unmask_was_closed(&self, job_id: &str, round: u32, attempt: u32) -> bool {
         lock(&self.unmask_closed).iter().any(|(j, r, a)| j == job_id && *r == round && *a == attempt)
     }
-}
-
-fn read_full(file: &mut std::fs::File, buf: &mut [u8]) -> std::io::Result<usize> {
-    let mut n = 0;
-    while n < buf.len() {
-        match file.read(&mut buf[n..])? {
-            0 => break,
-            k => n += k,
-        }
-    }
-    Ok(n)
 }
 
 #[cfg(test)]

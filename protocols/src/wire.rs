@@ -549,6 +549,7 @@ pub fn check_chunk(expected_offset: u64, total: u64, offset: u64, data: &[u8], s
 
 #[cfg(test)]
 mod tests {
+    use super::*;
 
     #[test]
     fn a_site_stage_maps_onto_a_fixed_label() {
@@ -564,7 +565,6 @@ mod tests {
             assert_eq!(stage_label(stage), label, "{stage:?}");
         }
     }
-    use super::*;
 
     #[test]
     fn digest_hex_round_trip_and_known_answer() {

@@ -161,7 +161,11 @@ impl pb::fleet_server::Fleet for Fleet {
             // resumed download's first piece runs to the next boundary, hashed here).
             let pieces = match c.blobs.piece_digests(&digest) {
                 Ok(p) => p,
-                Err(e) => return send_err(format!("{e:#}")),
+                Err(e) => {
+                    // The detail (a path on this host) stays in this log; the site hears why.
+                    error!(site = %site, error = %format!("{e:#}"), "reading a model blob to serve it");
+                    return send_err("the coordinator cannot read this model (see its log)".into());
+                }
             };
             let mut file = match std::fs::File::open(&path) {
                 Ok(f) => f,
