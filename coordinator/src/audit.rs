@@ -189,6 +189,13 @@ impl AuditLog {
         Ok(out)
     }
 
+    /// A site certificate kept by [`Self::remember_certificate`], by its fingerprint.
+    pub fn remembered_certificate(&self, fingerprint: &str) -> Result<Option<String>> {
+        let Some(bytes) = self.db.get(Tree::AuditSiteCerts, fingerprint.as_bytes())? else { return Ok(None) };
+        let cert: WitnessCert = serde_json::from_slice(&bytes).context("a kept site certificate")?;
+        Ok(Some(cert.cert_pem))
+    }
+
     /// Keeps `site`'s certificate (PEM) for the export, if not kept yet.
     pub fn remember_certificate(&self, site: &str, cert_pem: &str) -> Result<()> {
         let der = identity::pem_to_der(cert_pem)?.into_iter().next().context("no certificate in the PEM")?;

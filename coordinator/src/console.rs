@@ -91,6 +91,7 @@ struct Shared {
 /// it stops when `stop` completes.
 pub async fn serve(
     coord: Arc<Coord>,
+    server_cert: &Arc<tls::ServerCertificate>,
     listen: SocketAddr,
     tls: bool,
     stop: impl Future<Output = ()> + Send + 'static,
@@ -119,10 +120,9 @@ pub async fn serve(
         }
         Access::OperatorTls => {
             let home = &coord.home;
-            let mut config =
-                (*tls::server_config(&home.read("ca.pem")?, &home.identity("server")?, coord.revocations.clone())
-                    .context("the console's TLS configuration")?)
-                .clone();
+            let mut config = (*tls::server_config(&home.read("ca.pem")?, server_cert, coord.revocations.clone())
+                .context("the console's TLS configuration")?)
+            .clone();
             config.alpn_protocols = vec![b"http/1.1".to_vec()];
             let incoming = tls::incoming(listener, Arc::new(config), coord.revocations.clone());
             let listener = OperatorsOnly { incoming: Box::pin(incoming), addr };

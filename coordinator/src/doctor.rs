@@ -48,7 +48,9 @@ pub fn check(dir: &Path) -> Checks {
         90,
         "plan the move to a new consortium CA before it expires",
     );
-    let renew = "server certificates cannot be renewed in place yet (docs/guides/consortium-lead.md, Current limits)";
+    let renew = "a running `serve` renews server.pem itself within 30 days of expiry, with the CA key in HOME \
+                 (docs/protocols/certificates.md); for a wrong key or identity, restore server.pem and server.key \
+                 from your backup";
     if let Some(der) = c.certificate("server certificate", &home.path("server.pem"), now, 30, renew) {
         let key = home.read("server.key").map(identity::SecretPem::new);
         let names = expected.transpose().ok().flatten();

@@ -273,6 +273,17 @@ fn first_der(pem: &str, what: &str) -> Result<Vec<u8>> {
     Ok(der.first().with_context(|| format!("{what} holds no certificate"))?.to_vec())
 }
 
+/// `maeum-coordinator operator renew`: HOME/operator.pem reissued by the CA in HOME for
+/// its key, [`CERT_DAYS`] from now. Returns the operator's name and the new `notAfter`
+/// (Unix seconds).
+pub fn renew_operator(home: &Home) -> Result<(String, i64)> {
+    let current = home.identity("operator")?;
+    let renewed = home.ca()?.reissue(&current.cert_pem, &current.key, CERT_DAYS).context("renewing operator.pem")?;
+    write_file(&home.path("operator.pem"), renewed.as_bytes(), false)?;
+    let der = first_der(&renewed, "the renewed operator certificate")?;
+    Ok((home.operator_name()?, identity::not_after_unix(&der)?))
+}
+
 /// `maeum-coordinator sites approve` without `--replace`.
 pub fn approve(home: &Home, csr_pem: &str, expected: Option<&str>) -> Result<Bundle> {
     approve_with(home, csr_pem, expected, false).map(|(bundle, _)| bundle)

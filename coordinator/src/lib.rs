@@ -12,6 +12,7 @@
 pub mod attack;
 pub mod audit;
 pub mod blobs;
+pub mod certs;
 pub mod client;
 pub mod console;
 pub mod demo;
@@ -70,7 +71,9 @@ pub async fn serve(
     // sites resending revealed shares find their session.
     resume::log_cut_off_commits(&coord).context("logging rounds committed before a stop")?;
     resume::load(&coord);
-    let config = tls::server_config(&home.read("ca.pem")?, &home.identity("server")?, coord.revocations.clone())
+    let server_cert =
+        tls::ServerCertificate::new(&home.identity("server")?).context("HOME/server.pem and server.key")?;
+    let config = tls::server_config(&home.read("ca.pem")?, &server_cert, coord.revocations.clone())
         .context("building the TLS configuration")?;
     let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("listening on {listen}"))?;
     info!(%listen, consortium = %consortium.name, "coordinator listening");
@@ -88,9 +91,11 @@ pub async fn serve(
         maeum_runtime::ops::serve(addr, coord.metrics.ops.clone(), stopped()).await?;
     }
     if let Some(o) = console {
-        console::serve(coord.clone(), o.listen, o.tls, stopped()).await?;
+        console::serve(coord.clone(), &server_cert, o.listen, o.tls, stopped()).await?;
     }
     let orchestrator = tokio::spawn(rounds::orchestrate(coord.clone()));
+    // Renewed or replaced, the server certificate is served from the next handshake on.
+    let keeper = tokio::spawn(certs::keep_server_certificate(coord.clone(), server_cert));
     let stop_rounds = orchestrator.abort_handle();
     // `sites approve` works offline on HOME/sites; a key replaced there is revoked and
     // logged within a second, without a restart.
@@ -142,6 +147,7 @@ pub async fn serve(
     coord.metrics.ops.set_ready(false);
     orchestrator.abort();
     watcher.abort();
+    keeper.abort();
     let fatal = server::lock(&coord.fatal_why).clone();
     if let Some(why) = fatal {
         // A rolled-back log gets no new signature.

@@ -96,9 +96,27 @@ enum Command {
     /// Signed model releases: list, show, promote, roll back, export.
     #[command(subcommand)]
     Models(ModelsCommand),
+    /// The operator certificate of this home (`operator.pem`).
+    #[command(subcommand)]
+    Operator(OperatorCommand),
     /// Run a whole local federation: consortium, sites as separate processes over mTLS,
     /// a training job, and a comparison with centralized and local-only training.
     Demo(demo::DemoArgs),
+}
+
+#[derive(Debug, Subcommand)]
+enum OperatorCommand {
+    /// Renew HOME/operator.pem for its key, valid 397 days from now. Works offline with
+    /// the CA key in HOME; every CLI call reads the certificate afresh, so nothing
+    /// restarts. (Site and server certificates renew themselves: see
+    /// docs/protocols/certificates.md.)
+    Renew {
+        #[command(flatten)]
+        home: HomeArg,
+        /// Print one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -299,6 +317,14 @@ async fn run(cli: Cli) -> Result<()> {
             maeum_coordinator::serve(&home.home, listen, ops_listen, console, settings, stop).await?;
         }
         Command::Doctor { home, json } => maeum_coordinator::doctor::run(&home.home, json)?,
+        Command::Operator(OperatorCommand::Renew { home, json }) => {
+            let (name, not_after) = home::renew_operator(&home::Home::new(&home.home))?;
+            let days = (not_after - home::now_ms() / 1000) / 86_400;
+            if json {
+                return print_json(&serde_json::json!({ "operator": name, "not_after": not_after, "days_left": days }));
+            }
+            println!("renewed the operator certificate of {name}: valid for {days} more days (same key)");
+        }
         Command::Sites(SitesCommand::Approve { home, request, site_id, out, replace, json }) => {
             let csr = std::fs::read_to_string(&request).with_context(|| format!("reading {}", request.display()))?;
             let (bundle, approval) =

@@ -49,6 +49,10 @@ pub struct CoordMetrics {
     pub site_refusals: LabelledCounter,
     /// 1 while the state database cannot write for lack of space (the job is paused).
     pub disk_full: Gauge,
+    /// Certificates renewed without a restart, by kind: `server`, `site`.
+    pub certificates_renewed: LabelledCounter,
+    /// When the coordinator's TLS certificate in service expires, Unix seconds.
+    pub server_certificate_expiry: Gauge,
 }
 
 impl Default for CoordMetrics {
@@ -79,6 +83,15 @@ impl CoordMetrics {
             releases: ops.counter("releases", "Model releases signed and logged"),
             release_refusals: ops.counter("release_refusals", "Release installs refused by sites"),
             disk_full: ops.gauge("disk_full", "1 while the state database cannot write for lack of space"),
+            certificates_renewed: ops.counter_vec(
+                "certificates_renewed",
+                "Certificates renewed without a restart, by kind",
+                "kind",
+            ),
+            server_certificate_expiry: ops.gauge(
+                "server_certificate_expiry_seconds",
+                "When the coordinator's TLS certificate in service expires (Unix seconds)",
+            ),
             site_refusals: ops.counter_vec(
                 "site_refusals",
                 "Requests sites refused under their privacy policy",

@@ -277,7 +277,14 @@ impl Coord {
                     replaced.collect()
                 }
                 _ => {
-                    if !current.is_empty() {
+                    let renewal = current.iter().any(|old| {
+                        let old = self.audit.remembered_certificate(old).ok().flatten();
+                        let old = old.and_then(|pem| maeum_pki::identity::pem_to_der(&pem).ok()?.into_iter().next());
+                        old.is_some_and(|old| maeum_pki::identity::same_public_key(&old, &der).unwrap_or(false))
+                    });
+                    if renewal {
+                        info!(site, fingerprint = %fingerprint, "a renewed certificate of a site (same key) is logged");
+                    } else if !current.is_empty() {
                         warn!(
                             site,
                             "HOME/sites/{site}.pem holds a new certificate that was not approved with `sites \

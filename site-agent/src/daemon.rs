@@ -22,14 +22,13 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use rand::Rng;
 use tokio_stream::StreamExt;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tonic::{Code, Status as RpcStatus};
 use tracing::{debug, error, info, warn};
 
 use maeum_models::data::{self, Example, ReadOptions};
 use maeum_models::model::{ModelSpec, Prepared};
 use maeum_models::params::FlatParams;
-use maeum_pki::tls;
 use maeum_protocols::job::JobSpec;
 use maeum_protocols::wire::{
     self, CHUNK_SIZE, ConfusionCounts, Digest, EvaluateTask, Hasher, ModelRef, TrainTask, UploadHeader, Work, pb,
@@ -37,10 +36,14 @@ use maeum_protocols::wire::{
 
 use crate::enrol::{Home, SiteConfig, Status};
 
+mod connection;
 mod offers;
+mod renew;
 mod witnessing;
 mod work;
 
+pub use connection::connect;
+pub(crate) use connection::{CoordinatorSaid, describe, describe_at, is_refusal};
 pub(crate) use offers::*;
 pub(crate) use witnessing::*;
 pub use work::*;
@@ -144,9 +147,28 @@ pub(crate) struct Agent {
     pub(crate) metrics: crate::metrics::SiteMetrics,
     /// Random per process, sent with every status: the coordinator tells a restart by it.
     instance: String,
+    /// The connection every loop uses from its next call on (replaced when the site's
+    /// certificate is renewed, `renew`).
+    client: Mutex<Client>,
+    /// A certificate renewal is in flight; after a failed one, not before this time.
+    renewing: AtomicBool,
+    renew_after: Mutex<Option<std::time::Instant>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 impl Agent {
+    /// The connection to use for the next call.
+    pub(crate) fn client(&self) -> Client {
+        lock(&self.client).clone()
+    }
+
+    fn set_client(&self, client: Client) {
+        *lock(&self.client) = client;
+    }
+
     /// Appends to the journal that `maeum-site audit prove` checks against the log.
     pub(crate) fn note(&self, record: crate::witness::Record) {
         if let Err(e) = crate::witness::journal(&self.home, &record) {
@@ -326,92 +348,6 @@ impl Backoff {
     }
 }
 
-/// A status for humans, with the transport's cause chain (a TLS alert from the
-/// coordinator means it refused this site's certificate).
-/// An error the coordinator answered with (the text is [`describe`]'s): the work item
-/// ended on the coordinator's side (an aborted attempt, a stale message), not because
-/// this site failed, so it is not reported back as a failure.
-#[derive(Debug)]
-pub(crate) struct CoordinatorSaid(pub(crate) String);
-
-impl std::fmt::Display for CoordinatorSaid {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl std::error::Error for CoordinatorSaid {}
-
-pub(crate) fn describe(e: &RpcStatus) -> String {
-    let mut causes = Vec::new();
-    let mut source = std::error::Error::source(e);
-    while let Some(s) = source {
-        causes.push(s.to_string());
-        source = s.source();
-    }
-    let msg = e.message();
-    // hyper and tonic repeat a cause at several levels ("tcp connect error" three times).
-    causes.dedup();
-    causes.retain(|c| c != msg);
-    let chain = if causes.is_empty() { String::new() } else { format!(" ({})", causes.join(": ")) };
-    // Something answered on that port, but not with TLS: an HTTP server such as the
-    // coordinator's ops endpoint, or another service.
-    let not_tls = ["InvalidContentType", "corrupt message", "not a TLS", "InvalidMessage"];
-    // The cause may be the status message itself (tonic puts the TLS error there).
-    if causes.iter().chain(std::iter::once(&msg.to_string())).any(|c| not_tls.iter().any(|n| c.contains(n))) {
-        return format!(
-            "the peer does not speak TLS: this address is not the coordinator's site port (the ops port or \
-             another service?){chain}"
-        );
-    }
-    if causes.iter().any(|c| c.contains("fatal alert")) {
-        return format!(
-            "the coordinator refused this site's certificate (revoked, expired or from another consortium){chain}"
-        );
-    }
-    // TCP connected but the peer hung up in or right after the TLS handshake: that is how
-    // a coordinator refuses a certificate under TLS 1.3 (the reason is in its log).
-    let hung_up = ["close_notify", "connection reset", "connection closed"];
-    if causes.iter().any(|c| hung_up.iter().any(|h| c.contains(h))) {
-        return format!(
-            "the coordinator closed the connection{chain}; if this persists, this site's certificate may be \
-             revoked, expired or from another consortium (the coordinator's log names the reason)"
-        );
-    }
-    match e.code() {
-        Code::Unavailable => format!("coordinator unreachable: {msg}{chain}"),
-        Code::PermissionDenied => format!("coordinator refused this site: {msg}"),
-        _ => format!("{:?}: {msg}{chain}", e.code()),
-    }
-}
-
-/// [`describe`], naming the coordinator address from enrolment.json where the address
-/// itself may be what is wrong (nothing listening, or not the coordinator's site port).
-pub(crate) fn describe_at(e: &RpcStatus, address: &str) -> String {
-    let what = describe(e);
-    if what.starts_with("the peer does not speak TLS") || what.starts_with("coordinator unreachable") {
-        format!("{what}; coordinator address {address} (from enrolment.json)")
-    } else {
-        what
-    }
-}
-
-fn is_refusal(e: &RpcStatus) -> bool {
-    e.code() == Code::PermissionDenied || describe(e).starts_with("the coordinator refused")
-}
-
-pub async fn connect(home: &Home) -> Result<Client> {
-    let enrolment = home.enrolment()?;
-    let tls = tls::client_tls(&home.read("ca.pem")?, &home.identity()?, &enrolment.coordinator_name);
-    let channel = Endpoint::from_shared(format!("https://{}", enrolment.coordinator_address))?
-        .tls_config(tls)?
-        .connect_timeout(Duration::from_secs(5))
-        .http2_keep_alive_interval(Duration::from_secs(10))
-        .keep_alive_while_idle(true)
-        .connect_lazy();
-    Ok(pb::fleet_client::FleetClient::new(channel).max_decoding_message_size(4 * CHUNK_SIZE))
-}
-
 /// Runs the daemon until `shutdown` resolves; serves metrics and health on `ops_listen`.
 pub async fn run(
     dir: &Path,
@@ -476,6 +412,9 @@ pub async fn run(
         installing: AtomicBool::new(false),
         release_handled: Mutex::new(None),
         metrics: crate::metrics::SiteMetrics::new(),
+        client: Mutex::new(client),
+        renewing: AtomicBool::new(false),
+        renew_after: Mutex::new(None),
     });
     let (stop_ops, ops_stopped) = tokio::sync::oneshot::channel::<()>();
     if let Some(addr) = ops_listen {
@@ -488,9 +427,9 @@ pub async fn run(
     agent.witnessed.store(crate::witness::witnessed_size(&agent.home), Ordering::SeqCst);
     agent.set(|s| s.audit = audit_summary(&agent.home, agent.witnessed.load(Ordering::SeqCst)));
     agent.set(|s| s.stage = "idle".into());
-    let heartbeat = tokio::spawn(heartbeats(agent.clone(), client.clone()));
+    let heartbeat = tokio::spawn(heartbeats(agent.clone()));
     tokio::select! {
-        () = work_loop(agent.clone(), client, &address) => {},
+        () = work_loop(agent.clone(), &address) => {},
         () = shutdown => info!("shutting down"),
     }
     heartbeat.abort();
@@ -536,11 +475,12 @@ fn lock_home(home: &Home) -> Result<std::fs::File> {
     Ok(file)
 }
 
-async fn heartbeats(agent: Arc<Agent>, mut client: Client) {
+async fn heartbeats(agent: Arc<Agent>) {
     const EVERY: Duration = Duration::from_secs(1);
     let (mut pause, mut backoff) = (EVERY, Backoff(0));
     loop {
         tokio::time::sleep(pause).await;
+        let mut client = agent.client();
         match client.heartbeat(agent.wire_status()).await {
             Ok(reply) => {
                 (pause, backoff) = (EVERY, Backoff(0));
@@ -556,6 +496,9 @@ async fn heartbeats(agent: Arc<Agent>, mut client: Client) {
                 let rolled_back = announced > 0 && announced < witnessed && witnessed != u64::MAX;
                 if (announced > witnessed || rolled_back) && !agent.witnessing.swap(true, Ordering::SeqCst) {
                     tokio::spawn(witness(agent.clone(), client.clone()));
+                }
+                if reply.get_ref().renew_certificate {
+                    renew::maybe_renew(&agent, &client);
                 }
                 // A site that caught the coordinator forking installs nothing from it.
                 if let Some(cur) = reply.into_inner().current_release
@@ -588,7 +531,7 @@ async fn heartbeats(agent: Arc<Agent>, mut client: Client) {
 /// evaluation tasks (so it never answers secure aggregation), and abandons the item in
 /// progress when a fork is caught mid-way. Heartbeats go on, showing the stop. Once an
 /// admin runs `maeum-site audit clear`, the next iteration resumes: no restart.
-async fn work_loop(agent: Arc<Agent>, mut client: Client, address: &str) {
+async fn work_loop(agent: Arc<Agent>, address: &str) {
     let mut backoff = Backoff(0);
     // Work items that keep failing back off on their own: a successful poll between
     // two failures does not reset this (a site once retried a failing item three times
@@ -600,6 +543,7 @@ async fn work_loop(agent: Arc<Agent>, mut client: Client, address: &str) {
     // The round attempt whose task a halted site last reported refusing.
     let mut halt_reported: Option<(String, u32, u32)> = None;
     loop {
+        let mut client = agent.client();
         match (crate::witness::fork_evidence(&agent.home), &halted) {
             (Some(why), None) => {
                 error!(

@@ -40,7 +40,8 @@ pub async fn check(dir: &Path) -> Checks {
         return c;
     }
     c.certificate("CA certificate", &home.path("ca.pem"), now, 90, "ask the consortium lead about the CA's renewal");
-    let renew = "make a new request (`maeum-site init` in a new home) and have the lead approve it";
+    let renew = "a running daemon renews site.pem itself within 30 days of expiry (docs/protocols/certificates.md); \
+                 once it has expired, the lead approves request.csr.pem again and you `maeum-site enroll` the bundle";
     if let Some(der) = c.certificate("site certificate", &home.path("site.pem"), now, 30, renew) {
         let key = home.read("site.key").map(identity::SecretPem::new);
         match key.and_then(|k| Ok(identity::key_matches_cert(&k, &der)?)) {

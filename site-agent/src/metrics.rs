@@ -38,8 +38,10 @@ pub struct SiteMetrics {
     pub verification_failures: LabelledCounter,
     /// Releases verified and put in service.
     pub releases_installed: Counter,
-    /// Failures by kind: `connection`, `work_item`.
+    /// Failures by kind: `connection`, `work_item`, `certificate_renewal`.
     pub errors: LabelledCounter,
+    /// This site's certificate renewed without a restart.
+    pub certificate_renewals: Counter,
     /// Offers, sessions, survivor sets and unmask requests this site refused under its
     /// `[policy]`, by rule (`min_cohort`, `allow_plaintext`, `reveal_once`, …).
     pub policy_refusals: LabelledCounter,
@@ -70,6 +72,7 @@ impl SiteMetrics {
             ),
             errors: ops.counter_vec("errors", "Failures by kind", "kind"),
             releases_installed: ops.counter("releases_installed", "Releases verified and put in service"),
+            certificate_renewals: ops.counter("certificate_renewals", "Certificates renewed without a restart"),
             policy_refusals: ops.counter_vec("policy_refusals", "Requests refused under the site's policy", "rule"),
             ops,
         }

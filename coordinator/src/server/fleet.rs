@@ -67,7 +67,15 @@ impl pb::fleet_server::Fleet for Fleet {
         let audit_size = self.0.audit.latest().map_or(0, |c| c.checkpoint.size);
         self.0.metrics.sites_online.set(self.0.online_sites().len() as i64);
         let current_release = lock(&self.0.current_release).clone();
-        Ok(Response::new(pb::HeartbeatReply { server_time_ms: now_ms(), audit_size, current_release }))
+        // Judged on the certificate this connection presents: once the site dials again
+        // with its renewed one, the flag goes.
+        let renew_certificate = Coord::peer(&req).is_ok_and(|p| crate::certs::due(p.not_after));
+        Ok(Response::new(pb::HeartbeatReply {
+            server_time_ms: now_ms(),
+            audit_size,
+            current_release,
+            renew_certificate,
+        }))
     }
 
     async fn poll(&self, req: Request<pb::PollRequest>) -> Result<Response<pb::Work>, Status> {
@@ -565,6 +573,20 @@ impl pb::fleet_server::Fleet for Fleet {
         }
         c.notify();
         Ok(Response::new(pb::Ack {}))
+    }
+
+    async fn renew_certificate(
+        &self,
+        req: Request<pb::RenewCertificateRequest>,
+    ) -> Result<Response<pb::RenewCertificateReply>, Status> {
+        let (site, _) = self.0.identify(&req)?;
+        let (c, csr) = (self.0.clone(), req.into_inner().csr_pem);
+        let renewed = tokio::task::spawn_blocking(move || crate::certs::renew_site(&c, &site, &csr));
+        match renewed.await.map_err(|e| internal(e.into()))? {
+            Ok((cert_pem, renewed)) => Ok(Response::new(pb::RenewCertificateReply { cert_pem, renewed })),
+            Err(crate::certs::RenewError::Refused(why)) => Err(Status::permission_denied(why)),
+            Err(crate::certs::RenewError::Failed(e)) => Err(internal(e)),
+        }
     }
 
     async fn report_privacy(&self, req: Request<pb::PrivacyCharge>) -> Result<Response<pb::Ack>, Status> {

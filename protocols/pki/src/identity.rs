@@ -320,7 +320,7 @@ pub struct CertifiedKey {
 pub struct Ca {
     cert_pem: String,
     key: SecretPem,
-    issuer: Issuer<'static, KeyPair>,
+    pub(crate) issuer: Issuer<'static, KeyPair>,
 }
 
 impl Ca {
@@ -553,7 +553,7 @@ pub fn pem_to_der(pem: &str) -> Result<Vec<CertificateDer<'static>>, IdentityErr
     Ok(certs)
 }
 
-fn parse_cert(der: &[u8]) -> Result<x509_parser::certificate::X509Certificate<'_>, IdentityError> {
+pub(crate) fn parse_cert(der: &[u8]) -> Result<x509_parser::certificate::X509Certificate<'_>, IdentityError> {
     x509_parser::parse_x509_certificate(der)
         .map(|(_, cert)| cert)
         .map_err(|e| IdentityError::Parse { what: "DER certificate", reason: e.to_string() })
@@ -564,13 +564,13 @@ fn generate_key() -> Result<KeyPair, IdentityError> {
         .map_err(|cause| IdentityError::Generate { what: "generating an ECDSA P-256 key", cause })
 }
 
-fn uri_san(peer: &PeerId) -> Result<SanType, IdentityError> {
+pub(crate) fn uri_san(peer: &PeerId) -> Result<SanType, IdentityError> {
     let uri =
         peer.uri().try_into().map_err(|cause| IdentityError::Generate { what: "encoding the identity URI", cause })?;
     Ok(SanType::URI(uri))
 }
 
-fn host_san(host: &str) -> Result<SanType, IdentityError> {
+pub(crate) fn host_san(host: &str) -> Result<SanType, IdentityError> {
     let invalid = || IdentityError::InvalidHost { host: host.to_owned() };
     if let Ok(ip) = host.parse::<IpAddr>() {
         return Ok(SanType::IpAddress(ip));
@@ -584,7 +584,7 @@ fn host_san(host: &str) -> Result<SanType, IdentityError> {
 
 /// Parameters shared by every leaf certificate: CN and URI SAN from `peer`, a random
 /// serial, digitalSignature and one extended key usage, authority key identifier.
-fn leaf_params(
+pub(crate) fn leaf_params(
     peer: &PeerId,
     extra_sans: Vec<SanType>,
     usage: ExtendedKeyUsagePurpose,

@@ -4,8 +4,11 @@
 //!
 //! - `identity`: CA, site requests, identities in SAN URIs, certificate checks. Pure:
 //!   rcgen, ring, x509-parser and rustls' PEM/DER types; no IO but the caller's bytes.
+//! - `renewal`: new certificates for keys that already hold one (site renewal requests,
+//!   the coordinator's reissued server certificate). Pure, like `identity`.
 //! - `tls` (feature `tls`): server and client mTLS configurations, revocation, and the
-//!   tokio accept loop for tonic — the only part that depends on tokio and tonic.
+//!   tokio accept loop for tonic, and the server certificate that can be replaced while
+//!   serving — the only part that depends on tokio and tonic.
 //!
 //! The sans-IO crates (maeum-tlog and through it maeum-auditor) use this crate without
 //! `tls`, so they never link tokio or tonic; the daemons turn it on. `identity` must
@@ -14,5 +17,6 @@
 #![forbid(unsafe_code)]
 
 pub mod identity;
+pub mod renewal;
 #[cfg(feature = "tls")]
 pub mod tls;

@@ -32,8 +32,7 @@ use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use rustls::client::danger::HandshakeSignatureValid;
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
+use rustls::pki_types::{CertificateDer, UnixTime};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::server::{VerifierBuilderError, WebPkiClientVerifier};
 use rustls::{DigitallySignedStruct, DistinguishedName, OtherError, RootCertStore, SignatureScheme};
@@ -48,6 +47,9 @@ use tonic::transport::server::Connected;
 use tonic::transport::{Certificate, ClientTlsConfig, Identity};
 
 use crate::identity::{CertifiedKey, IdentityError, PeerId, Role, fingerprint, not_after_unix, pem_to_der};
+
+mod server_cert;
+pub use server_cert::ServerCertificate;
 
 /// How long a client may take to complete its TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -313,10 +315,11 @@ impl ClientCertVerifier for IdentityVerifier {
 /// verified by rustls' WebPkiClientVerifier against the consortium CA, wrapped in a
 /// verifier that additionally refuses (a) certificates without a `maeum://` identity and
 /// (b) revoked site ids, with an error that names the reason ("certificate for site/x
-/// is revoked").
+/// is revoked"). The server's own certificate comes from `server` at each handshake, so
+/// [`ServerCertificate::replace`] renews it without a restart.
 pub fn server_config(
     ca_pem: &str,
-    server: &CertifiedKey,
+    server: &Arc<ServerCertificate>,
     revocations: Revocations,
 ) -> Result<Arc<rustls::ServerConfig>, TlsError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
@@ -327,15 +330,11 @@ pub fn server_config(
     let webpki = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
         .build()
         .map_err(TlsError::Verifier)?;
-    let chain =
-        pem_to_der(&server.cert_pem).map_err(|cause| TlsError::Certificate { what: "server certificate", cause })?;
-    let key = PrivateKeyDer::from_pem_slice(server.key.expose().as_bytes()).map_err(|_| TlsError::BadKey)?;
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(TlsError::Config)?
         .with_client_cert_verifier(Arc::new(IdentityVerifier { webpki, revocations }))
-        .with_single_cert(chain, key)
-        .map_err(TlsError::Config)?;
+        .with_cert_resolver(server.clone());
     config.alpn_protocols = vec![b"h2".to_vec()];
     Ok(Arc::new(config))
 }
@@ -547,7 +546,9 @@ mod tests {
     use super::*;
     use crate::identity::{Ca, SecretPem, site_request};
     use rcgen::{CertificateParams, ExtendedKeyUsagePurpose, Issuer, KeyPair};
+    use rustls::pki_types::PrivateKeyDer;
     use rustls::pki_types::ServerName;
+    use rustls::pki_types::pem::PemObject;
     use std::pin::pin;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio_rustls::TlsConnector;
@@ -559,6 +560,7 @@ mod tests {
     struct Pki {
         ca: Ca,
         server: CertifiedKey,
+        cert: Arc<ServerCertificate>,
     }
 
     impl Pki {
@@ -566,7 +568,8 @@ mod tests {
             let ca = Ca::generate("test", DAYS).unwrap();
             let hosts = ["localhost".to_owned(), "127.0.0.1".to_owned()];
             let server = ca.issue_server("test", &hosts, DAYS).unwrap();
-            Pki { ca, server }
+            let cert = ServerCertificate::new(&server).unwrap();
+            Pki { ca, server, cert }
         }
 
         fn site(&self, id: &str) -> CertifiedKey {
@@ -580,7 +583,7 @@ mod tests {
             &self,
             revocations: &Revocations,
         ) -> (SocketAddr, impl Stream<Item = io::Result<PeerStream>> + use<>) {
-            let config = server_config(self.ca.cert_pem(), &self.server, revocations.clone()).unwrap();
+            let config = server_config(self.ca.cert_pem(), &self.cert, revocations.clone()).unwrap();
             let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
             let addr = listener.local_addr().unwrap();
             (addr, incoming(listener, config, revocations.clone()))
@@ -660,6 +663,33 @@ mod tests {
         assert_eq!(info.not_after, not_after_unix(&der).unwrap());
         assert_eq!(info.remote.ip(), addr.ip());
         assert_eq!(live_connections(&revocations), 1);
+    }
+
+    #[tokio::test]
+    async fn a_replaced_server_certificate_serves_the_next_handshake_and_open_connections_stay() {
+        let pki = Pki::new();
+        let (addr, conns) = pki.serve(&Revocations::default()).await;
+        let mut conns = pin!(conns);
+        let site = pki.site("a");
+        let presented = |c: &ClientStream<TcpStream>| fingerprint(&c.get_ref().1.peer_certificates().unwrap()[0]);
+        let (mut before, mut before_server) = established(&pki, addr, &mut conns, &site).await;
+        assert_eq!(presented(&before), pki.cert.fingerprint());
+        let old = pki.cert.fingerprint();
+        let renewed = pki.ca.reissue(&pki.server.cert_pem, &pki.server.key, 2).unwrap();
+        pki.cert.replace(&CertifiedKey { cert_pem: renewed.clone(), key: pki.server.key.clone() }).unwrap();
+        assert_ne!(pki.cert.fingerprint(), old);
+        assert_eq!(pki.cert.cert_pem(), renewed);
+        let (after, _after_server) = established(&pki, addr, &mut conns, &site).await;
+        assert_eq!(presented(&after), pki.cert.fingerprint());
+        // The connection made before the swap still carries data.
+        before.write_all(b"?").await.unwrap();
+        let mut byte = [0u8];
+        before_server.read_exact(&mut byte).await.unwrap();
+        // A key that does not belong to the certificate is refused; the one in service stays.
+        let stranger = Pki::new().server;
+        let mismatched = CertifiedKey { cert_pem: renewed, key: stranger.key };
+        assert!(pki.cert.replace(&mismatched).is_err());
+        assert_eq!(presented(&established(&pki, addr, &mut conns, &site).await.0), pki.cert.fingerprint());
     }
 
     #[tokio::test]

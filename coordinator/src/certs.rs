@@ -1,0 +1,153 @@
+//! Certificates renewed while everything runs (`docs/protocols/certificates.md`).
+//!
+//! - **Sites.** A heartbeat tells a site when the certificate it presents expires within
+//!   [`RENEW_DAYS`]; the site asks `RenewCertificate` with a request for the key it
+//!   already has. The coordinator signs it only for the calling site's own identity and
+//!   key, as `sites approve` would for the same request: a new key stays a lead's
+//!   decision (`sites approve --replace`). The new certificate is logged
+//!   (`site_approved`) before the site gets it, so other sites find it in the log when
+//!   they check a secure-aggregation roster.
+//! - **The coordinator.** [`keep_server_certificate`] looks at `HOME/server.pem` every
+//!   hour: a certificate put there by an operator is served from the next handshake on,
+//!   and one that expires within [`RENEW_DAYS`] is reissued by the consortium CA for
+//!   the same key and host names. Neither needs a restart.
+
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use tracing::{info, warn};
+
+use maeum_pki::identity::{self, CertifiedKey};
+use maeum_pki::tls::ServerCertificate;
+
+use crate::home::{self, Approval, CERT_DAYS, Home, RENEW_DAYS, now_ms};
+use crate::server::Coord;
+
+/// How often the coordinator looks at its own certificate.
+pub const CHECK_EVERY: Duration = Duration::from_secs(3600);
+
+/// Whether a certificate whose `notAfter` is `not_after_s` (Unix seconds) is due for
+/// renewal now.
+pub fn due(not_after_s: i64) -> bool {
+    not_after_s - now_ms() / 1000 < RENEW_DAYS * 86_400
+}
+
+/// One renewal at a time: a site's two calls, or a call and `sites approve`'s watcher,
+/// must not both sign.
+static RENEWING: Mutex<()> = Mutex::new(());
+
+/// Why [`renew_site`] did not renew.
+#[derive(Debug)]
+pub enum RenewError {
+    /// The request is not one the coordinator signs for this caller (another site,
+    /// another key, no approved record); the reason is for the site.
+    Refused(String),
+    /// Something at the coordinator failed (its log has the detail).
+    Failed(anyhow::Error),
+}
+
+impl From<anyhow::Error> for RenewError {
+    fn from(e: anyhow::Error) -> Self {
+        RenewError::Failed(e)
+    }
+}
+
+/// Largest certificate request `RenewCertificate` reads (a P-256 request is < 1 KiB).
+pub const MAX_REQUEST: usize = 16 * 1024;
+
+/// `RenewCertificate` for `site` (the caller's verified identity): signs `csr_pem` when
+/// it names `site` with the key of the site's approved certificate and that certificate
+/// is due; otherwise returns the approved certificate as it is. Logs a new certificate
+/// (`site_approved`) before returning it. Blocking (files, the state database).
+pub fn renew_site(coord: &Coord, site: &str, csr_pem: &str) -> Result<(String, bool), RenewError> {
+    if csr_pem.len() > MAX_REQUEST {
+        return Err(RenewError::Refused(format!("the certificate request is over {MAX_REQUEST} bytes")));
+    }
+    let _one = RENEWING.lock().unwrap_or_else(PoisonError::into_inner);
+    let record = coord.home.sites().join(format!("{site}.pem"));
+    let Ok(approved) = std::fs::read_to_string(&record) else {
+        // A site with a valid certificate but no record was approved by another home or
+        // had its record removed: a person must look, not this call.
+        return Err(RenewError::Refused(format!(
+            "site {site} has no approved certificate at the coordinator; the lead must approve its request again"
+        )));
+    };
+    let approved = identity::pem_to_der(&approved).ok().and_then(|d| d.into_iter().next());
+    let approved = approved.with_context(|| format!("{} holds no certificate", record.display()))?;
+    // The request must name the caller and carry the approved key; checked on a
+    // throwaway signature before anything is written.
+    let probe = coord.home.ca()?.sign_site_request(csr_pem, Some(site), 1);
+    let probe = probe.map_err(|e| RenewError::Refused(e.to_string()))?.1;
+    let probe = identity::pem_to_der(&probe).ok().and_then(|d| d.into_iter().next()).context("a probe certificate")?;
+    if !identity::same_public_key(&approved, &probe).map_err(anyhow::Error::from)? {
+        return Err(RenewError::Refused(format!(
+            "the request carries another key than site {site}'s approved certificate; renewal keeps the key, \
+             and a new key needs the lead (`sites approve --replace`)"
+        )));
+    }
+    let (bundle, approval) = home::approve_with(&coord.home, csr_pem, Some(site), false)?;
+    let renewed = match approval {
+        Approval::Renewed => true,
+        Approval::AlreadyApproved => false,
+        Approval::New | Approval::Replaced { .. } => {
+            return Err(anyhow::anyhow!("renewing site {site} approved a new site or key").into());
+        }
+    };
+    if renewed {
+        let der = identity::pem_to_der(&bundle.cert_pem).map_err(anyhow::Error::from)?;
+        let der = der.into_iter().next().context("the renewed certificate")?;
+        info!(
+            site,
+            fingerprint = %identity::fingerprint(&der),
+            not_after = identity::not_after_unix(&der).map_err(anyhow::Error::from)?,
+            "renewed a site's certificate (same key)"
+        );
+        coord.metrics.certificates_renewed.inc("site");
+        coord.sync_approvals().context("logging the renewed certificate")?;
+        // Signed now, so that sites can prove the new certificate in a session roster.
+        coord.audit.checkpoint().context("signing a checkpoint after the renewal")?;
+        coord.notify();
+    }
+    Ok((bundle.cert_pem, renewed))
+}
+
+/// Serves what `HOME/server.pem` holds and renews it when due, at start and every
+/// [`CHECK_EVERY`] (a test's shorter period in fault-injection builds). Never returns.
+pub async fn keep_server_certificate(coord: Arc<Coord>, cert: Arc<ServerCertificate>) {
+    let every = crate::attack::test_env("MAEUM_COORDINATOR_TEST_CERT_CHECK_MS")
+        .and_then(|ms| ms.parse().ok())
+        .map_or(CHECK_EVERY, Duration::from_millis);
+    loop {
+        let (c, s) = (coord.clone(), cert.clone());
+        match tokio::task::spawn_blocking(move || check_server(&c.home, &s, &c.metrics)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => warn!(error = %format!("{e:#}"), "checking the coordinator's TLS certificate"),
+            Err(e) => warn!(error = %e, "checking the coordinator's TLS certificate"),
+        }
+        coord.metrics.server_certificate_expiry.set(cert.not_after());
+        tokio::time::sleep(every).await;
+    }
+}
+
+/// One look at `HOME/server.pem`: serve a changed one, renew a due one.
+pub fn check_server(home: &Home, cert: &ServerCertificate, metrics: &crate::metrics::CoordMetrics) -> Result<()> {
+    let _one = RENEWING.lock().unwrap_or_else(PoisonError::into_inner);
+    let on_disk = home.identity("server")?;
+    if on_disk.cert_pem != cert.cert_pem() {
+        cert.replace(&on_disk).context("HOME/server.pem changed, and cannot be served (the old one stays)")?;
+        info!(fingerprint = %cert.fingerprint(), not_after = cert.not_after(), "serving the new HOME/server.pem");
+    }
+    if !due(cert.not_after()) {
+        return Ok(());
+    }
+    let renewed = home.ca()?.reissue(&on_disk.cert_pem, &on_disk.key, CERT_DAYS)?;
+    let next = CertifiedKey { cert_pem: renewed, key: on_disk.key };
+    let old = cert.fingerprint();
+    // Served only once it is on disk: a restart then finds the same certificate.
+    home::write_file(&home.path("server.pem"), next.cert_pem.as_bytes(), false)?;
+    cert.replace(&next)?;
+    metrics.certificates_renewed.inc("server");
+    info!(old = %old, fingerprint = %cert.fingerprint(), not_after = cert.not_after(), "renewed the coordinator's TLS certificate (same key)");
+    Ok(())
+}

@@ -1,0 +1,143 @@
+//! The site's certificate, renewed while the daemon runs
+//! (`docs/protocols/certificates.md`).
+//!
+//! When a heartbeat says the certificate this site presents is due, the daemon asks the
+//! coordinator for a new one with a request for the key it already has (`site.key`
+//! never changes and never leaves). It checks what comes back as it checks an enrolment
+//! bundle, and more: issued by the consortium CA, valid now, naming this site, for this
+//! key, and lasting longer than the one it replaces. Only then is `site.pem` replaced
+//! (atomically), and the daemon dials again, so every later call presents the new
+//! certificate. Nothing restarts. A coordinator that answers anything else gets nothing
+//! from this site but a warning in its log, and the next attempt waits.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use tracing::{info, warn};
+
+use maeum_pki::identity::{self, CertifiedKey, PeerId};
+use maeum_pki::renewal::renewal_request;
+use maeum_protocols::wire::pb;
+
+use super::{Agent, Client, connect, describe};
+
+/// After a failed attempt, the next waits this long (the old certificate is good for
+/// weeks still; a coordinator that cannot sign now is asked again later).
+pub(crate) const RETRY_AFTER: Duration = Duration::from_secs(600);
+
+/// Starts a renewal unless one runs or a failed one is waiting out [`RETRY_AFTER`].
+pub(crate) fn maybe_renew(agent: &Arc<Agent>, client: &Client) {
+    let waiting = super::lock(&agent.renew_after).is_some_and(|t| Instant::now() < t);
+    if waiting || agent.renewing.swap(true, Ordering::SeqCst) {
+        return;
+    }
+    let (agent, client) = (agent.clone(), client.clone());
+    tokio::spawn(async move {
+        match renew(&agent, client).await {
+            Ok(()) => *super::lock(&agent.renew_after) = None,
+            Err(e) => {
+                warn!(
+                    error = %format!("{e:#}"),
+                    retry_in_s = RETRY_AFTER.as_secs(),
+                    "renewing this site's certificate failed; the current one stays in use"
+                );
+                agent.metrics.errors.inc("certificate_renewal");
+                *super::lock(&agent.renew_after) = Some(Instant::now() + RETRY_AFTER);
+            }
+        }
+        agent.renewing.store(false, Ordering::SeqCst);
+    });
+}
+
+async fn renew(agent: &Agent, mut client: Client) -> Result<()> {
+    let home = &agent.home;
+    let current = home.identity()?;
+    let csr_pem = renewal_request(&agent.site_id, &current.key).context("making the renewal request")?;
+    let reply = client
+        .renew_certificate(pb::RenewCertificateRequest { csr_pem })
+        .await
+        .map_err(|e| anyhow::anyhow!("the coordinator answered: {}", describe(&e)))?
+        .into_inner();
+    let Some(new_der) = accept(&home.read("ca.pem")?, &agent.site_id, &current, &reply.cert_pem)? else {
+        // Not due by the coordinator's clock: nothing to do until it says so again.
+        info!("the coordinator holds no newer certificate for this site yet");
+        return Ok(());
+    };
+    let new_until = identity::not_after_unix(&new_der)?;
+    let path = home.path("site.pem");
+    maeum_models::write_file(&path, reply.cert_pem.as_bytes(), false)
+        .with_context(|| format!("writing {}", path.display()))?;
+    // Dial again: calls from here on present the new certificate, and the connection
+    // with the old one closes once its calls in flight are done.
+    agent.set_client(connect(home).await?);
+    info!(
+        fingerprint = %identity::fingerprint(&new_der),
+        days_left = (new_until - crate::now_ms() / 1000) / 86_400,
+        "renewed this site's certificate (same key); site.pem replaced, no restart"
+    );
+    agent.metrics.certificate_renewals.inc();
+    Ok(())
+}
+
+/// Checks the certificate the coordinator sent (`new_pem`) against the one in use:
+/// `None` when it is the same, its DER when it may replace it.
+fn accept(ca_pem: &str, site_id: &str, current: &CertifiedKey, new_pem: &str) -> Result<Option<Vec<u8>>> {
+    let now_der = first_der(&current.cert_pem).context("site.pem")?;
+    let new_der = first_der(new_pem).context("the coordinator's answer")?;
+    if new_der == now_der {
+        return Ok(None);
+    }
+    identity::verify_peer_cert(ca_pem, &new_der, &PeerId::site(site_id)?).context("the certificate it sent")?;
+    if !identity::key_matches_cert(&current.key, &new_der)? {
+        bail!("the certificate it sent is not for this site's key");
+    }
+    let (now_until, new_until) = (identity::not_after_unix(&now_der)?, identity::not_after_unix(&new_der)?);
+    if new_until <= now_until {
+        bail!("the certificate it sent expires no later than the one in use ({new_until} <= {now_until})");
+    }
+    Ok(Some(new_der))
+}
+
+fn first_der(pem: &str) -> Result<Vec<u8>> {
+    Ok(identity::pem_to_der(pem)?.into_iter().next().context("no certificate in the PEM")?.to_vec())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // tests fail loudly by design
+mod tests {
+    use super::*;
+    use maeum_pki::identity::{Ca, site_request};
+
+    #[test]
+    fn a_site_takes_only_a_longer_certificate_for_its_own_key_and_identity_from_its_ca() {
+        let ca = Ca::generate("heart", 3650).unwrap();
+        let (key, csr) = site_request("a").unwrap();
+        let (_, short) = ca.sign_site_request(&csr, Some("a"), 20).unwrap();
+        let current = CertifiedKey { cert_pem: short.clone(), key: key.clone() };
+        let renew = renewal_request("a", &key).unwrap();
+        let (_, long) = ca.sign_site_request(&renew, Some("a"), 397).unwrap();
+        assert!(accept(ca.cert_pem(), "a", &current, &long).unwrap().is_some());
+        assert!(accept(ca.cert_pem(), "a", &current, &short).unwrap().is_none());
+        let refused = |pem: &str, why: &str| {
+            let e = format!("{:#}", accept(ca.cert_pem(), "a", &current, pem).unwrap_err());
+            assert!(e.contains(why), "{e}");
+        };
+        // Shorter than the one in use.
+        let (_, shorter) = ca.sign_site_request(&renew, Some("a"), 10).unwrap();
+        refused(&shorter, "expires no later");
+        // Another key (the coordinator's choice, not this site's).
+        let (_, other_csr) = site_request("a").unwrap();
+        let (_, other_key) = ca.sign_site_request(&other_csr, Some("a"), 397).unwrap();
+        refused(&other_key, "not for this site's key");
+        // Another site's identity for this key.
+        let (_, b) = ca.sign_site_request(&renewal_request("b", &key).unwrap(), Some("b"), 397).unwrap();
+        refused(&b, "names site/b");
+        // Another CA.
+        let stranger = Ca::generate("heart", 3650).unwrap();
+        let (_, foreign) = stranger.sign_site_request(&renew, Some("a"), 397).unwrap();
+        refused(&foreign, "not valid under the consortium CA");
+        refused("junk", "the coordinator's answer");
+    }
+}
