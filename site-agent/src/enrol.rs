@@ -9,7 +9,8 @@
 //! HOME/site.pem, ca.pem     the site certificate and the consortium CA
 //! HOME/status.json          written by the daemon: connection, stage, job, round
 //! HOME/jobs/ID.json         specs of jobs this site accepted
-//! HOME/models/DIGEST.safetensors  verified model versions (DIGEST.part while downloading)
+//! HOME/models/DIGEST.safetensors  verified model versions (DIGEST.part while downloading);
+//!                                  old round models pruned (`daemon::prune_models`)
 //! HOME/work/JOB-rR-aA.update     an update waiting to be uploaded, with its header in .json
 //! HOME/audit/                     the witnessed audit checkpoint, the journal, and any
 //!                                 fork evidence, which stops all work (`witness`)

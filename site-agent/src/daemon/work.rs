@@ -105,6 +105,70 @@ pub(crate) async fn download(agent: &Agent, client: &mut Client, model: &ModelRe
     bail!("model download kept failing")
 }
 
+/// Round models a site keeps in HOME/models besides the one in use and the installed
+/// releases' (a retried attempt or a late evaluation may want the one before).
+pub(crate) const KEEP_ROUND_MODELS: usize = 2;
+
+/// Removes from HOME/models the round models a long job leaves behind (a 100M-parameter
+/// model is 400 MB a round): everything but `in_use`, the models of installed releases
+/// (offline inference and rollback need them) and the [`KEEP_ROUND_MODELS`] newest
+/// others. Partial downloads of other models go too. Skipped while a release install is
+/// in flight (its blob is not yet named by a release file). Returns files and bytes.
+pub(crate) fn prune_models(agent: &Agent, in_use: &Digest) -> Result<(usize, u64)> {
+    if agent.installing.load(Ordering::SeqCst) {
+        return Ok((0, 0));
+    }
+    let releases = crate::releases::installed(&agent.home)?;
+    let mut keep: std::collections::HashSet<String> =
+        releases.iter().map(|r| r.manifest.model_sha256.clone()).collect();
+    keep.insert(in_use.hex());
+    let (files, bytes) = prune_dir(&agent.home.path("models"), &keep, KEEP_ROUND_MODELS)?;
+    if files > 0 {
+        debug!(files, bytes, "removed round models no longer needed");
+    }
+    Ok((files, bytes))
+}
+
+/// [`prune_models`] on a directory: removes DIGEST.safetensors and DIGEST.part files
+/// whose digest is not in `keep`, but the `newest` most recent whole models.
+fn prune_dir(dir: &Path, keep: &std::collections::HashSet<String>, newest: usize) -> Result<(usize, u64)> {
+    let mut rounds = Vec::new();
+    for e in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))?.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let (digest, partial) = match (name.strip_suffix(".safetensors"), name.strip_suffix(".part")) {
+            (Some(d), _) => (d.to_owned(), false),
+            (None, Some(d)) => (d.to_owned(), true),
+            _ => continue,
+        };
+        if keep.contains(&digest) {
+            continue;
+        }
+        let meta = e.metadata().with_context(|| format!("reading {}", e.path().display()))?;
+        rounds.push((partial, meta.modified().ok(), meta.len(), e.path()));
+    }
+    // Whole models newest first; the first KEEP_ROUND_MODELS of them stay.
+    rounds.sort_by(|a, b| a.0.cmp(&b.0).then(b.1.cmp(&a.1)));
+    let (mut files, mut bytes) = (0, 0);
+    for (i, (partial, _, len, path)) in rounds.into_iter().enumerate() {
+        if !partial && i < newest {
+            continue;
+        }
+        std::fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
+        (files, bytes) = (files + 1, bytes + len);
+    }
+    Ok((files, bytes))
+}
+
+/// Downloads the round's model and makes room: [`prune_models`] (whose failure is only
+/// logged; the round goes on).
+async fn download_pruning(agent: &Agent, client: &mut Client, model: &ModelRef) -> Result<PathBuf> {
+    let path = download(agent, client, model).await?;
+    if let Err(e) = prune_models(agent, &model.digest) {
+        warn!(error = %format!("{e:#}"), "removing old round models failed; they stay on disk");
+    }
+    Ok(path)
+}
+
 /// [`load_model`] on a blocking thread (an O(model) read and parse).
 pub(super) async fn load_model_off(path: PathBuf, job: &JobSpec, model: &ModelRef) -> Result<(ModelSpec, FlatParams)> {
     let (job, model) = (job.clone(), model.clone());
@@ -220,7 +284,7 @@ pub(super) async fn evaluate(agent: &Agent, client: &mut Client, t: EvaluateTask
         s.round = t.round;
     });
     let job = agent.job(&t.job_id)?;
-    let path = download(agent, client, &t.model).await?;
+    let path = download_pruning(agent, client, &t.model).await?;
     let (spec, params) = load_model_off(path, &job, &t.model).await?;
     agent.note_model(&t.job_id, t.round, &t.model);
     let data = agent.prepared(&t.job_id, &spec).await?;
@@ -315,7 +379,7 @@ pub(crate) async fn round_model(
     t: &TrainTask,
     job: &JobSpec,
 ) -> Result<RoundModel> {
-    let path = download(agent, client, &t.model).await?;
+    let path = download_pruning(agent, client, &t.model).await?;
     let (spec, params) = load_model_off(path, job, &t.model).await?;
     agent.note_model(&t.job_id, t.round, &t.model);
     let data = agent.prepared(&t.job_id, &spec).await?;
@@ -538,4 +602,39 @@ pub async fn upload(client: &mut Client, header: &UploadHeader, path: &Path) -> 
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     Err(last_err.unwrap_or_else(|| anyhow::anyhow!("upload failed")))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // tests fail loudly by design
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pruning_keeps_releases_the_model_in_use_and_the_newest_rounds() {
+        let dir = tempfile::tempdir().unwrap();
+        let write = |name: &str, age_s: u64| {
+            let path = dir.path().join(name);
+            std::fs::write(&path, name.as_bytes()).unwrap();
+            let when = std::time::SystemTime::now() - Duration::from_secs(age_s);
+            std::fs::File::options().write(true).open(&path).unwrap().set_modified(when).unwrap();
+        };
+        for (i, name) in ["r1", "r2", "r3", "r4", "r5"].iter().enumerate() {
+            write(&format!("{name}.safetensors"), 100 - 10 * i as u64);
+        }
+        write("release.safetensors", 1000);
+        write("r0.part", 500);
+        write("r5.part", 1);
+        write("notes.txt", 1);
+        let keep: std::collections::HashSet<String> = ["release".to_owned(), "r5".to_owned()].into();
+        let (files, _) = prune_dir(dir.path(), &keep, 2).unwrap();
+        let mut left: Vec<String> =
+            std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into()).collect();
+        left.sort();
+        // r5 is in use (its partial download too), r4 and r3 are the newest others.
+        assert_eq!(
+            left,
+            ["notes.txt", "r3.safetensors", "r4.safetensors", "r5.part", "r5.safetensors", "release.safetensors"]
+        );
+        assert_eq!(files, 3, "r1, r2 and r0.part");
+    }
 }
