@@ -126,6 +126,13 @@ fn reload_active(c: &Coord, id: &str) -> Result<Option<JobRecord>> {
     Ok(j.state.is_active().then_some(j))
 }
 
+/// [`reload_active`] without the rounds (for loops that tick: the cost stays flat as a
+/// job grows). Read-only.
+pub(crate) fn active_head(c: &Coord, id: &str) -> Result<Option<JobRecord>> {
+    let j = c.store.job_head(id)?.with_context(|| format!("job {id} vanished"))?;
+    Ok(j.state.is_active().then_some(j))
+}
+
 fn save_model(c: &Coord, spec: &ModelSpec, params: &FlatParams, job: &str, round: u32) -> Result<VersionRecord> {
     let tmp = c.home.uploads().join(format!(".model-{job}-{round}.safetensors"));
     let meta = [("maeum.job".to_string(), job.to_string()), ("maeum.round".to_string(), round.to_string())];
@@ -219,7 +226,7 @@ async fn drive(c: &Arc<Coord>, id: &str) -> Result<()> {
 async fn join(c: &Coord, id: &str) -> Result<bool> {
     let started = tokio::time::Instant::now();
     loop {
-        let Some(job) = reload_active(c, id)? else { return Ok(false) };
+        let Some(job) = active_head(c, id)? else { return Ok(false) };
         let accepted = job.accepted().count();
         let online = c.online_sites();
         let undecided = online.iter().filter(|s| !job.decisions.contains_key(*s)).count();
@@ -452,7 +459,7 @@ fn resumed_attempt(c: &Coord, id: &str, round: u32, evaluate_only: bool) -> Opti
 /// Returns false if the job was aborted.
 async fn wait_stage(c: &Coord, id: &str, round: u32, deadline_ms: i64) -> Result<bool> {
     loop {
-        if reload_active(c, id)?.is_none() {
+        if active_head(c, id)?.is_none() {
             return Ok(false);
         }
         let (waiting, done, total, stage) = {
@@ -514,7 +521,7 @@ async fn pause_before_retry(c: &Coord, id: &str, what: String, failures: u32) ->
     set_activity(c, format!("{what}; retrying in {} s", pause.as_secs()));
     let until = tokio::time::Instant::now() + pause;
     while tokio::time::Instant::now() < until {
-        if reload_active(c, id)?.is_none() {
+        if active_head(c, id)?.is_none() {
             return Ok(());
         }
         tokio::time::sleep(TICK.min(until - tokio::time::Instant::now())).await;

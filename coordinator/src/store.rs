@@ -111,7 +111,16 @@ pub struct JobRecord {
     pub initial: Option<VersionRecord>,
     pub initial_evaluation: Option<Vec<Vec<u64>>>,
     pub decisions: BTreeMap<String, Decision>,
+    /// Completed rounds, oldest first. Stored apart from the record (tree `job_rounds`,
+    /// one value a round): writing a job rewrites only the rounds that changed, where
+    /// the whole history once went to disk at every change (the soak run's database and
+    /// the coordinator's memory grew with it, `tests/tests/soak.rs`). A record written
+    /// before holds its history inline and is read as before.
+    #[serde(skip)]
     pub history: Vec<RoundRecord>,
+    /// Read by [`Store::job_head`], without `history`: [`Store::put_job`] refuses it.
+    #[serde(skip)]
+    head_only: bool,
     /// Round attempts started so far, across restarts: an update names its attempt, so
     /// one computed before a crash can never be folded into a later attempt.
     pub attempts_started: u32,
@@ -176,6 +185,7 @@ impl JobRecord {
             initial_evaluation: None,
             decisions: BTreeMap::new(),
             history: Vec::new(),
+            head_only: false,
             attempts_started: 0,
             error: String::new(),
             excluded: BTreeMap::new(),
@@ -241,6 +251,16 @@ fn decode<T: for<'de> Deserialize<'de>>(what: &str, key: &str, bytes: &[u8]) -> 
     serde_json::from_slice(bytes).with_context(|| format!("decoding stored {what} {key}"))
 }
 
+/// The key of a job's round in `job_rounds`: the id, a zero byte, the round
+/// big-endian (so a job's rounds sort in order and apart from any other job's).
+fn round_key(id: &str, round: u32) -> Vec<u8> {
+    let mut key = Vec::with_capacity(id.len() + 5);
+    key.extend_from_slice(id.as_bytes());
+    key.push(0);
+    key.extend_from_slice(&round.to_be_bytes());
+    key
+}
+
 fn encode<T: Serialize>(v: &T) -> Vec<u8> {
     // INVARIANT: plain data always serialises.
     serde_json::to_vec(v).expect("a record serialises")
@@ -276,19 +296,77 @@ impl Store {
     }
 
     pub fn job(&self, id: &str) -> Result<Option<JobRecord>> {
-        self.db.get(Tree::Jobs, id.as_bytes())?.map(|v| decode("job", id, &v)).transpose()
+        self.db.get(Tree::Jobs, id.as_bytes())?.map(|v| self.with_history(id, &v)).transpose()
+    }
+
+    /// Job `id` without its rounds (`history` empty), for the checks that run every
+    /// poll and every tick (is it active, who decided), whose cost would otherwise grow
+    /// with the rounds done. Read-only: [`Store::put_job`] refuses it.
+    pub fn job_head(&self, id: &str) -> Result<Option<JobRecord>> {
+        let head = self.db.get(Tree::Jobs, id.as_bytes())?.map(|v| decode::<JobRecord>("job", id, &v)).transpose()?;
+        Ok(head.map(|j| JobRecord { head_only: true, ..j }))
     }
 
     pub fn jobs(&self) -> Result<Vec<JobRecord>> {
-        let mut jobs: Vec<JobRecord> =
-            self.db.values(Tree::Jobs)?.iter().map(|v| decode("job", "record", v)).collect::<Result<_>>()?;
+        let mut jobs = Vec::new();
+        self.db.scan(Tree::Jobs, None, None, false, &mut |k, v| {
+            jobs.push(self.with_history(&String::from_utf8_lossy(k), v)?);
+            Ok(true)
+        })?;
         jobs.sort_by_key(|j| (j.submitted_ms, j.id.clone()));
         Ok(jobs)
     }
 
-    /// Commits a job record durably.
+    /// A stored job record with its rounds: inline in a record written before rounds
+    /// had their own tree, from `job_rounds` otherwise.
+    fn with_history(&self, id: &str, bytes: &[u8]) -> Result<JobRecord> {
+        #[derive(Deserialize)]
+        struct Inline {
+            #[serde(default)]
+            history: Vec<RoundRecord>,
+        }
+        let mut job: JobRecord = decode("job", id, bytes)?;
+        job.history = decode::<Inline>("job", id, bytes)?.history;
+        if job.history.is_empty() {
+            let mut rounds = Vec::new();
+            self.stored_rounds(id, &mut |_, v| {
+                rounds.push(decode("round of job", id, v)?);
+                Ok(true)
+            })?;
+            job.history = rounds;
+        }
+        Ok(job)
+    }
+
+    /// Visits the stored rounds of job `id`, in round order.
+    fn stored_rounds(&self, id: &str, f: crate::storage::Visit<'_>) -> Result<()> {
+        let (from, to) = (round_key(id, 0), round_key(id, u32::MAX));
+        self.db.scan(Tree::JobRounds, Some(&from), None, false, &mut |k, v| {
+            if k > to.as_slice() {
+                return Ok(false);
+            }
+            f(k, v)
+        })
+    }
+
+    /// Commits a job record durably, with the rounds that changed since the stored
+    /// copy (new, altered or gone), in one batch.
     pub fn put_job(&self, j: &JobRecord) -> Result<()> {
-        self.db.commit(vec![Write::put(Tree::Jobs, &j.id, encode(j))])
+        anyhow::ensure!(!j.head_only, "job {} was read without its rounds and cannot be written back", j.id);
+        let mut stored = BTreeMap::new();
+        self.stored_rounds(&j.id, &mut |k, v| {
+            stored.insert(k.to_vec(), v.to_vec());
+            Ok(true)
+        })?;
+        let mut writes = vec![Write::put(Tree::Jobs, &j.id, encode(j))];
+        for r in &j.history {
+            let (key, value) = (round_key(&j.id, r.round), encode(r));
+            if stored.remove(&key).as_ref() != Some(&value) {
+                writes.push(Write::put(Tree::JobRounds, key, value));
+            }
+        }
+        writes.extend(stored.into_keys().map(|key| Write { tree: Tree::JobRounds, key, value: None }));
+        self.db.commit(writes)
     }
 
     /// Reads, modifies and durably writes one job record, atomically with respect to
@@ -371,6 +449,47 @@ mod tests {
         assert_eq!(s.job("t-1").expect("job").map(|j| j.state), Some(JobState::Pending));
         assert!(s.site("a").expect("site").is_some_and(|r| r.revoked));
         assert_eq!(s.next("job").expect("next"), 3, "counters never repeat");
+    }
+
+    fn round(n: u32) -> RoundRecord {
+        serde_json::from_value(serde_json::json!({
+            "round": n, "model": {"digest": format!("m{n}"), "size": 8, "layout_digest": "l"},
+            "optimizer_state": "", "contributors": ["a", "b"], "dropped": [], "total_weight": 9,
+            "completed_ms": 5, "attempts": 1, "evaluation": null, "evaluated_by": [],
+        }))
+        .expect("round record")
+    }
+
+    #[test]
+    fn rounds_are_stored_apart_from_the_job_and_an_inline_history_still_reads() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let s = Store::open(&dir.path().join("state"), Engine::Sled).expect("open");
+        let mut j = job("t-1");
+        j.history = (1..=3).map(round).collect();
+        s.put_job(&j).expect("put");
+        s.put_job(&job("t-10")).expect("another job, whose id extends this one's");
+        let head = s.db().get(Tree::Jobs, b"t-1").expect("get").expect("stored");
+        assert!(!String::from_utf8_lossy(&head).contains("\"history\""), "the record holds no rounds");
+        assert_eq!(s.db().len(Tree::JobRounds).expect("len"), 3);
+        let read = |s: &Store| s.job("t-1").expect("job").expect("t-1").history;
+        assert_eq!(read(&s).iter().map(|r| r.model.digest.clone()).collect::<Vec<_>>(), ["m1", "m2", "m3"]);
+        // A changed round is rewritten, a round gone is removed.
+        j.history[1].evaluated_by = vec!["a".into()];
+        j.history.truncate(2);
+        s.put_job(&j).expect("put");
+        assert_eq!(s.db().len(Tree::JobRounds).expect("len"), 2);
+        assert_eq!(read(&s)[1].evaluated_by, ["a"]);
+        assert!(s.job("t-10").expect("job").expect("t-10").history.is_empty());
+        let head = s.job_head("t-1").expect("head").expect("t-1");
+        assert!(head.history.is_empty() && head.state == JobState::Pending);
+        assert!(s.put_job(&head).is_err(), "a head never overwrites the rounds");
+        assert_eq!(s.db().len(Tree::JobRounds).expect("len"), 2);
+        assert_eq!(s.jobs().expect("jobs").iter().map(|j| j.history.len()).collect::<Vec<_>>(), [2, 0]);
+        // A record written before rounds had their own tree keeps its inline history.
+        let mut legacy = serde_json::to_value(job("t-2")).expect("json");
+        legacy["history"] = serde_json::to_value(vec![round(1)]).expect("json");
+        s.db().commit(vec![Write::put(Tree::Jobs, "t-2", serde_json::to_vec(&legacy).expect("bytes"))]).expect("put");
+        assert_eq!(s.job("t-2").expect("job").expect("t-2").history.len(), 1);
     }
 
     #[test]

@@ -93,7 +93,7 @@ pub(super) async fn drive_secagg(c: &Coord, id: &str, round: u32) -> Result<SecA
         }
     }
     loop {
-        if reload_active(c, id)?.is_none() {
+        if active_head(c, id)?.is_none() {
             return Ok(SecAggEnd::Aborted);
         }
         let (close, status, unmask) = {

@@ -12,6 +12,11 @@ use super::{Backend, Tree, Visit, Write};
 
 /// sled 0.34: one sled tree per [`Tree`], a multi-tree transaction per commit, then
 /// `flush` (sled otherwise persists in the background).
+/// sled's page cache. Its default is 1 GiB, which a long-lived coordinator's database
+/// (years of audit log) would fill, against a memory goal of 2 x the model + a
+/// constant; reads beyond it come from the OS page cache.
+pub const SLED_CACHE_BYTES: u64 = 64 << 20;
+
 #[derive(Debug)]
 pub struct SledBackend {
     db: sled::Db,
@@ -25,7 +30,7 @@ impl SledBackend {
         // (its flusher thread lets go of the file a moment after the drop): wait for it.
         let mut tries = 0;
         let db = loop {
-            match sled::open(dir) {
+            match sled::Config::new().path(dir).cache_capacity(SLED_CACHE_BYTES).open() {
                 Err(sled::Error::Io(e)) if e.kind() == std::io::ErrorKind::WouldBlock && tries < 100 => {
                     tries += 1;
                     std::thread::sleep(std::time::Duration::from_millis(20));

@@ -43,10 +43,13 @@ pub enum Tree {
     AuditSiteCerts,
     Releases,
     Promotions,
+    /// A job's completed rounds, one value each (`store::JobRecord::history`), keyed
+    /// `JOB_ID \0 ROUND` (round big-endian).
+    JobRounds,
 }
 
 impl Tree {
-    pub const ALL: [Tree; 9] = [
+    pub const ALL: [Tree; 10] = [
         Tree::Meta,
         Tree::Sites,
         Tree::Jobs,
@@ -56,6 +59,7 @@ impl Tree {
         Tree::AuditSiteCerts,
         Tree::Releases,
         Tree::Promotions,
+        Tree::JobRounds,
     ];
 
     pub fn name(self) -> &'static str {
@@ -69,6 +73,7 @@ impl Tree {
             Tree::AuditSiteCerts => "audit_site_certs",
             Tree::Releases => "releases",
             Tree::Promotions => "promotions",
+            Tree::JobRounds => "job_rounds",
         }
     }
 
