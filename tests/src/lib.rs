@@ -274,6 +274,17 @@ impl Federation {
         std::fs::write(&path, out.join("\n") + "\n").expect("writing site.toml");
     }
 
+    /// Makes `id` dial the coordinator at `addr` (an emulated link, [`link::Link`])
+    /// instead of its real address, before it starts. The TLS name stays the
+    /// coordinator's.
+    pub fn route_site(&self, id: &str, addr: &str) {
+        let path = self.site_home(id).join("enrolment.json");
+        let mut v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&path).expect("enrolment.json")).expect("json");
+        v["coordinator_address"] = serde_json::Value::String(addr.to_string());
+        std::fs::write(&path, serde_json::to_vec_pretty(&v).expect("json")).expect("writing enrolment.json");
+    }
+
     fn log(&self, name: &str) -> std::fs::File {
         std::fs::File::options()
             .create(true)
@@ -540,6 +551,8 @@ pub fn wait_log(fed: &Federation, name: &str, needle: &str, count: usize, timeou
 pub const SMALL_MODEL: &str = "[model]\nkind = \"text-classifier\"\nbuckets = 4096\nembed_dim = 16\nhidden = 32\n";
 
 /// The ops endpoints (health, readiness, OpenMetrics) of a running coordinator or site.
+pub mod link;
+
 pub mod ops {
     use std::io::{Read, Write};
     use std::net::TcpStream;

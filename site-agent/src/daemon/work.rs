@@ -562,46 +562,89 @@ pub(super) fn stored_header(json: &str) -> Option<UploadHeader> {
     UploadHeader::try_from(pb).ok()
 }
 
-/// Uploads an update file, resuming from what the coordinator already holds.
+/// How long an upload keeps trying while it makes no progress: a WAN link can be down
+/// for minutes. The coordinator ends it sooner when the update is no longer wanted (a
+/// round that moved on answers with an error that is not retried).
+pub(crate) const UPLOAD_PATIENCE: Duration = Duration::from_secs(600);
+
+/// Failures an upload rides out: the link or the coordinator went away mid-call.
+fn transient(e: &RpcStatus) -> bool {
+    matches!(e.code(), Code::Unavailable | Code::Unknown | Code::Cancelled | Code::DataLoss | Code::DeadlineExceeded)
+}
+
+/// Uploads an update file, resuming from what the coordinator already holds. A broken
+/// link is retried with backoff (0.5 s doubling to 10 s) for as long as an attempt
+/// makes progress, and for [`UPLOAD_PATIENCE`] without any; the coordinator's
+/// `confirmed` count means no byte is sent, or counted, twice.
 pub async fn upload(client: &mut Client, header: &UploadHeader, path: &Path) -> Result<()> {
-    let mut last_err = None;
-    for _ in 0..5 {
-        let state = client.begin_upload(pb::UploadHeader::from(header)).await?.into_inner();
-        let mut offset = state.confirmed;
-        let mut file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
-        file.seek(SeekFrom::Start(offset))?;
-        let total = header.payload_len();
-        let upload_id = state.upload_id.clone();
-        let (tx, rx) = tokio::sync::mpsc::channel::<pb::UploadChunk>(4);
-        let reader = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
-            while offset < total {
-                let n = (total - offset).min(CHUNK_SIZE as u64) as usize;
-                let mut buf = vec![0u8; n];
-                file.read_exact(&mut buf)?;
-                let c = wire::chunk(offset, buf);
-                let msg =
-                    pb::UploadChunk { upload_id: upload_id.clone(), offset: c.offset, data: c.data, sha256: c.sha256 };
-                if tx.blocking_send(msg).is_err() {
-                    break;
+    let (mut backoff, mut best, mut progress_at) = (Duration::from_millis(500), 0u64, std::time::Instant::now());
+    loop {
+        let why = match upload_once(client, header, path).await {
+            Ok(Ok(())) => return Ok(()),
+            Ok(Err((confirmed, why))) => {
+                if confirmed > best {
+                    (best, progress_at, backoff) = (confirmed, std::time::Instant::now(), Duration::from_millis(500));
                 }
-                offset += n as u64;
+                why
             }
-            Ok(())
-        });
-        let result = client.upload(tokio_stream::wrappers::ReceiverStream::new(rx)).await;
-        reader.await??;
-        match result {
-            Ok(s) if s.get_ref().complete => return Ok(()),
-            Ok(s) => last_err = Some(anyhow::anyhow!("upload stopped at {} of {total} bytes", s.get_ref().confirmed)),
-            Err(e) if matches!(e.code(), Code::Unavailable | Code::Unknown | Code::Cancelled | Code::DataLoss) => {
-                warn!(error = %describe(&e), "upload interrupted; resuming");
-                last_err = Some(e.into());
-            }
-            Err(e) => return Err(e.into()),
+            Err(e) => return Err(e),
+        };
+        if progress_at.elapsed() > UPLOAD_PATIENCE {
+            return Err(why.context(format!("no upload progress for {} s", UPLOAD_PATIENCE.as_secs())));
         }
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        warn!(error = %format!("{why:#}"), confirmed = best, retry_in_ms = backoff.as_millis() as u64, "upload interrupted; resuming");
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(10));
     }
-    Err(last_err.unwrap_or_else(|| anyhow::anyhow!("upload failed")))
+}
+
+/// One attempt: `Ok(Ok(()))` when the coordinator holds the whole update,
+/// `Ok(Err((confirmed, why)))` when it broke off in a way worth retrying (`confirmed`:
+/// the bytes the coordinator held when last heard, 0 if unknown), `Err` otherwise.
+async fn upload_once(
+    client: &mut Client,
+    header: &UploadHeader,
+    path: &Path,
+) -> Result<std::result::Result<(), (u64, anyhow::Error)>> {
+    let state = match client.begin_upload(pb::UploadHeader::from(header)).await {
+        Ok(s) => s.into_inner(),
+        Err(e) if transient(&e) => return Ok(Err((0, anyhow::anyhow!("{}", describe(&e))))),
+        Err(e) => return Err(e.into()),
+    };
+    let mut offset = state.confirmed;
+    let started_at = offset;
+    let mut file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    file.seek(SeekFrom::Start(offset))?;
+    let total = header.payload_len();
+    let upload_id = state.upload_id.clone();
+    let (tx, rx) = tokio::sync::mpsc::channel::<pb::UploadChunk>(4);
+    let reader = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+        while offset < total {
+            let n = (total - offset).min(CHUNK_SIZE as u64) as usize;
+            let mut buf = vec![0u8; n];
+            file.read_exact(&mut buf)?;
+            let c = wire::chunk(offset, buf);
+            let msg =
+                pb::UploadChunk { upload_id: upload_id.clone(), offset: c.offset, data: c.data, sha256: c.sha256 };
+            if tx.blocking_send(msg).is_err() {
+                break;
+            }
+            offset += n as u64;
+        }
+        Ok(())
+    });
+    let result = client.upload(tokio_stream::wrappers::ReceiverStream::new(rx)).await;
+    reader.await??;
+    Ok(match result {
+        Ok(s) if s.get_ref().complete => Ok(()),
+        Ok(s) => {
+            let confirmed = s.get_ref().confirmed;
+            Err((confirmed, anyhow::anyhow!("upload stopped at {confirmed} of {total} bytes")))
+        }
+        // The coordinator held at least what it confirmed when this attempt began.
+        Err(e) if transient(&e) => Err((started_at, anyhow::anyhow!("{}", describe(&e)))),
+        Err(e) => return Err(e.into()),
+    })
 }
 
 #[cfg(test)]
