@@ -108,6 +108,21 @@ impl Blobs {
         Ok(self.put_file(&tmp)?.0)
     }
 
+    /// Removes a blob; returns its size, or `None` when there was none.
+    pub fn remove(&self, digest: &Digest) -> Result<Option<u64>> {
+        let path = self.path(digest);
+        let size = match std::fs::metadata(&path) {
+            Ok(m) => m.len(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+        };
+        match std::fs::remove_file(&path) {
+            Ok(()) => Ok(Some(size)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e).with_context(|| format!("removing {}", path.display())),
+        }
+    }
+
     pub fn get(&self, digest: &Digest) -> Result<Vec<u8>> {
         let path = self.path(digest);
         let bytes = std::fs::read(&path).with_context(|| format!("reading blob {}", path.display()))?;

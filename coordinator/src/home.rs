@@ -52,6 +52,33 @@ pub struct Consortium {
     /// How releases set the crisis flag's threshold (read when a job releases a model).
     #[serde(default)]
     pub crisis_flag: CrisisFlagSettings,
+    /// Which round blobs are kept (read after every committed round).
+    #[serde(default)]
+    pub retention: Retention,
+}
+
+/// `retention` in `consortium.json`: what `crate::retention` keeps of finished rounds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Retention {
+    /// A job's latest rounds whose model, aggregate and optimiser state stay in
+    /// HOME/blobs (older ones are removed unless a release or a kept round names them);
+    /// 0 keeps every round.
+    #[serde(default = "default_round_blobs")]
+    pub round_blobs: u32,
+}
+
+/// The default `retention.round_blobs`.
+pub const DEFAULT_ROUND_BLOBS: u32 = 10;
+
+fn default_round_blobs() -> u32 {
+    DEFAULT_ROUND_BLOBS
+}
+
+impl Default for Retention {
+    fn default() -> Self {
+        Self { round_blobs: DEFAULT_ROUND_BLOBS }
+    }
 }
 
 /// `crisis_flag` in `consortium.json`.
@@ -203,6 +230,7 @@ pub fn init(dir: &Path, name: &str, address: &str, store: crate::storage::Engine
         created_ms: now_ms(),
         release_gates: ReleaseGates::default(),
         crisis_flag: CrisisFlagSettings::default(),
+        retention: Retention::default(),
     };
     write_file(&home.path("consortium.json"), serde_json::to_string_pretty(&consortium)?.as_bytes(), false)?;
     // The state database and its seal exist from the start, in the chosen engine.

@@ -22,6 +22,7 @@ pub mod metrics;
 pub mod models;
 pub mod registry;
 pub mod resume;
+pub mod retention;
 pub mod rounds;
 pub mod secagg;
 pub mod server;

@@ -686,6 +686,9 @@ fn commit_round_blocking(
     c.audit.checkpoint()?;
     info!(round = state.round, contributors = state.done.len(), dropped = state.dropped.len(), "round committed");
     c.notify();
+    if let Err(e) = crate::retention::sweep(c, &job) {
+        warn!(error = %format!("{e:#}"), "removing old round blobs failed; they stay");
+    }
     Ok(job)
 }
 

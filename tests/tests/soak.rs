@@ -6,6 +6,8 @@
 //! round at the coordinator; a bounded few at a site).
 //!
 //! Gated (a few minutes): `MAEUM_SOAK=1`; `MAEUM_SOAK_ROUNDS` sets the rounds (200).
+//! In every CI run: the coordinator keeps the blobs of a job's latest rounds only
+//! (`retention.round_blobs`), and what a release or a kept round names.
 //!
 //! ```sh
 //! MAEUM_SOAK=1 cargo test -p maeum-e2e --test soak -- --nocapture
@@ -227,4 +229,44 @@ fn soak_rounds_with_site_churn_keep_memory_descriptors_and_disk_flat() {
         "uploads/ is empty after the job: {:?}",
         std::fs::read_dir(home.join("uploads")).map(|d| d.flatten().map(|e| e.file_name()).collect::<Vec<_>>())
     );
+}
+
+/// Every CI run: with `retention.round_blobs = 2`, a 6-round job leaves the blobs of
+/// rounds 5 and 6 (model and aggregate), the initial model and the released one; the
+/// older rounds' blobs are gone, their digests still in the history, and the release
+/// still exports.
+#[test]
+fn the_coordinator_keeps_the_blobs_of_a_jobs_latest_rounds_only() {
+    let mut fed = Federation::new(3);
+    let sites = ["site-1", "site-2", "site-3"];
+    for s in sites {
+        fed.set_policy(s, "allowed_models", "[\"adapter-stand-in\"]");
+    }
+    let path = fed.coordinator_home().join("consortium.json");
+    let mut consortium: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).expect("consortium.json")).expect("json");
+    consortium["retention"] = serde_json::json!({ "round_blobs": 2 });
+    std::fs::write(&path, serde_json::to_vec_pretty(&consortium).expect("json")).expect("consortium.json");
+    fed.start_coordinator();
+    fed.start_sites(&sites);
+    fed.wait_online(3);
+    let job = "[model]\nkind = \"adapter-stand-in\"\nparams = 4096\n[train]\nlearning_rate = 0.5\n\
+               [secure_aggregation]\nclip = 4.0\n";
+    let id = fed.submit("retention", 6, 3, job);
+    let status = fed.wait_job(&id, Duration::from_secs(180));
+    assert_eq!(status["state"], "completed", "{status:#}\n{}", fed.log_text("coordinator"));
+    let blobs = fed.coordinator_home().join("blobs");
+    let held = |digest: &serde_json::Value| blobs.join(digest.as_str().expect("a digest")).is_file();
+    let history = status["history"].as_array().expect("history");
+    assert_eq!(history.len(), 6);
+    for r in history {
+        let kept = r["round"].as_u64() >= Some(5);
+        assert_eq!(held(&r["model"]), kept, "round {} model: {r:#}", r["round"]);
+        assert_eq!(held(&r["aggregate_sha256"]), kept, "round {} aggregate: {r:#}", r["round"]);
+    }
+    let out = fed.dir.path().join("export");
+    let export = fed.cli(&["models", "export", "1", "--out", out.to_str().expect("utf-8")]);
+    assert!(export.status.success(), "{}", String::from_utf8_lossy(&export.stderr));
+    let log = fed.log_text("coordinator");
+    assert!(log.contains("removed the blobs of rounds outside the retention window"), "{log}");
 }
