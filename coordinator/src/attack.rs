@@ -21,6 +21,9 @@
 //! - `graph-seed:SITE` — in a SecAgg+ session, grind the neighbour graph for SITE:
 //!   after seeing every nonce, relay to SITE a substitute nonce for another party,
 //!   chosen so that SITE's neighbours are the parties the coordinator prefers.
+//! - `forge-release` — a compromised serving host without the release key: promote a
+//!   release that waits for it anyway, with a "release signature" made by the signing
+//!   key it does hold.
 //!
 //! Each attack also turns off the coordinator's own check that would stop it, so the
 //! test sees what the sites do about it. The existing test hooks (a forked audit view,
@@ -36,6 +39,7 @@ pub enum Attack {
     UnloggedOffer,
     Sybil(String),
     GraphSeed(String),
+    ForgeRelease,
 }
 
 #[cfg(feature = "fault-injection")]
@@ -50,6 +54,7 @@ fn parse(spec: &str) -> Option<Attack> {
         "graph-seed" if !site.is_empty() => Some(Attack::GraphSeed(site)),
         "tamper-offer" => Some(Attack::TamperOffer),
         "unlogged-offer" => Some(Attack::UnloggedOffer),
+        "forge-release" => Some(Attack::ForgeRelease),
         _ => None,
     }
 }

@@ -78,6 +78,21 @@ pub fn check(dir: &Path) -> Checks {
         }
     });
     c.require("signing key", signing, "restore signing.key and signing.pub from your backup (sites trust this key)");
+    match (home.release_public(), home.release_key()) {
+        (Ok(None), _) => c.ok("release key", "none (a consortium from before release keys: one signature a release)"),
+        (Ok(Some(public)), Ok(Some(k))) if hex(k.public_key().as_ref()) == public => c.warn(
+            "release key",
+            format!("release.key {}… is on this host: a compromised host could sign releases", &public[..16]),
+            "move release.key to another machine and sign releases there (`models sign`; docs/protocols/releases.md)",
+        ),
+        (Ok(Some(_)), Ok(Some(_))) => {
+            c.fail("release key", "release.pub does not hold release.key's public key", "restore both from your backup")
+        }
+        (Ok(Some(public)), Ok(None)) => {
+            c.ok("release key", format!("{}… kept off this host; releases wait for `models sign`", &public[..16]));
+        }
+        (Err(e), _) | (_, Err(e)) => c.fail("release key", format!("{e:#}"), "restore release.pub from your backup"),
+    }
     c.writable("state", &home.state());
     if let Some(signing) = signing_key_bytes(&home) {
         state(&mut c, &home, consortium_name(&home).as_deref(), &signing);

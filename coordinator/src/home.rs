@@ -168,6 +168,30 @@ impl Home {
         })
     }
 
+    /// HOME/release.key, or `None` when the lead keeps it elsewhere (releases then wait
+    /// for `models sign`).
+    pub fn release_key(&self) -> Result<Option<ring::signature::Ed25519KeyPair>> {
+        let p = self.path("release.key");
+        match std::fs::read(&p) {
+            Ok(bytes) => Ok(Some(
+                ring::signature::Ed25519KeyPair::from_pkcs8(&bytes)
+                    .map_err(|_| anyhow::anyhow!("{} is not an Ed25519 PKCS#8 key", p.display()))?,
+            )),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e).with_context(|| format!("reading {}", p.display())),
+        }
+    }
+
+    /// HOME/release.pub (hex), or `None` for a consortium created before release keys:
+    /// its releases carry the signing key's signature only.
+    pub fn release_public(&self) -> Result<Option<String>> {
+        match std::fs::read_to_string(self.path("release.pub")) {
+            Ok(text) => Ok(Some(text.trim().to_string())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e).context("reading release.pub"),
+        }
+    }
+
     pub fn signing_key(&self) -> Result<ring::signature::Ed25519KeyPair> {
         let p = self.path("signing.key");
         let der = std::fs::read(&p).with_context(|| format!("reading {}", p.display()))?;
@@ -224,6 +248,18 @@ pub fn init(dir: &Path, name: &str, address: &str, store: crate::storage::Engine
     write_file(&home.path("operator.key"), operator.key.expose().as_bytes(), true)?;
     write_file(&home.path("signing.key"), pkcs8.as_ref(), true)?;
     write_file(&home.path("signing.pub"), format!("{public}\n").as_bytes(), false)?;
+    // The release key: a second, separate signature on every release, which a lead can
+    // take off the serving host (`models sign` then signs where it is).
+    let release = ring::signature::Ed25519KeyPair::generate_pkcs8(&rng)
+        .map_err(|_| anyhow::anyhow!("generating the Ed25519 release key"))?;
+    let release_public = ring::signature::Ed25519KeyPair::from_pkcs8(release.as_ref())
+        .map_err(|_| anyhow::anyhow!("loading the new Ed25519 release key"))?;
+    write_file(&home.path("release.key"), release.as_ref(), true)?;
+    write_file(
+        &home.path("release.pub"),
+        format!("{}\n", hex(release_public.public_key().as_ref())).as_bytes(),
+        false,
+    )?;
     let consortium = Consortium {
         name: name.into(),
         address: address.into(),
@@ -381,6 +417,7 @@ pub fn approve_with(home: &Home, csr_pem: &str, expected: Option<&str>, replace:
         ca_pem: ca.cert_pem().to_string(),
         cert_pem,
         signing_public_key: home.read("signing.pub")?.trim().to_string(),
+        release_public_key: home.release_public()?.unwrap_or_default(),
     };
     Ok((bundle, approval))
 }

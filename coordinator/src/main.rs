@@ -181,6 +181,22 @@ enum AuditCommand {
 
 #[derive(Debug, Subcommand)]
 enum ModelsCommand {
+    /// Sign a release with the consortium's release key, where the key is (the lead's
+    /// workstation, not the serving host): only the signature is sent, and checked
+    /// against HOME/release.pub. A consortium with a release key promotes only signed
+    /// releases; sites enrolled with it install nothing without the signature.
+    Sign {
+        #[command(flatten)]
+        home: HomeArg,
+        /// The release: 3, v3, or 8+ hex digits of its model digest.
+        version: String,
+        /// The release key (Ed25519 PKCS#8, `release.key` from `init`).
+        #[arg(long, value_name = "FILE")]
+        key: PathBuf,
+        /// Print one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
     /// List releases: version, model, origin, federated metrics, site installs; `*`
     /// marks the current one.
     List {
@@ -462,6 +478,9 @@ async fn run(cli: Cli) -> Result<()> {
             models::promote(&home.home, &version, reason.as_deref().filter(|_| override_gate), json).await?;
         }
         Command::Models(ModelsCommand::Rollback { home, json }) => models::rollback(&home.home, json).await?,
+        Command::Models(ModelsCommand::Sign { home, version, key, json }) => {
+            models::sign(&home.home, &version, &key, json).await?;
+        }
         Command::Models(ModelsCommand::Export { home, version, out, layout, json }) => {
             models::export(&home.home, &version, &out, layout, json).await?;
         }

@@ -337,6 +337,41 @@ pub async fn promote(home: &Path, version: &str, override_reason: Option<&str>, 
     Ok(())
 }
 
+/// `models sign VERSION --key FILE`: signs a release with the release key in FILE (run
+/// where the key is; only the signature goes to the coordinator, which checks it under
+/// HOME/release.pub). The manifest is built from what the coordinator serves sites,
+/// and its card digest is checked against the card before anything is signed.
+pub async fn sign(home: &Path, version: &str, key: &Path, json: bool) -> Result<()> {
+    let pkcs8 = std::fs::read(key).with_context(|| format!("reading {}", key.display()))?;
+    let pair = ring::signature::Ed25519KeyPair::from_pkcs8(&pkcs8)
+        .map_err(|_| anyhow::anyhow!("{} is not an Ed25519 PKCS#8 key (a release.key)", key.display()))?;
+    let mut client = connect(home).await?;
+    let info = client.get_release_info(pb::ReleaseSelector { version: version.into() }).await?.into_inner();
+    let msg = ReleaseMsg::from_pb(info.release.context("the coordinator sent no release")?)?;
+    let card = check_card(&msg.manifest, &msg.card).context("the release's card does not match its manifest")?;
+    let signature = msg.manifest.sign(&pair);
+    let req = pb::SignReleaseRequest { version: version.into(), release_signature: signature };
+    let signed = client.sign_release(req).await?.into_inner();
+    let v = view(&signed, false)?;
+    if json {
+        println!("{}", serde_json::to_string(&v)?);
+    } else {
+        let m = &msg.manifest;
+        println!(
+            "signed release v{} (job {} round {}, model {}…, card {}…) with the release key {}…; promote it with \
+             `maeum-coordinator models promote {}`",
+            m.version,
+            card.job.id,
+            card.round,
+            &m.model_sha256[..16],
+            &m.card_sha256[..16],
+            &maeum_tlog::hex(ring::signature::KeyPair::public_key(&pair).as_ref())[..16],
+            m.version
+        );
+    }
+    Ok(())
+}
+
 /// `models rollback`.
 pub async fn rollback(home: &Path, json: bool) -> Result<()> {
     let info = connect(home).await?.rollback_release(pb::RollbackRequest {}).await?;
@@ -809,6 +844,7 @@ mod tests {
                 card_sha256: "99".repeat(32),
             },
             signature: vec![0; 64],
+            release_signature: Vec::new(),
             card: Vec::new(),
             audit_seq: 41,
         }

@@ -48,8 +48,12 @@ pub struct ReleaseRecord {
     /// The card's exact bytes (UTF-8 JSON): what `card_sha256` names.
     pub card: String,
     pub card_sha256: String,
-    /// Ed25519 signature of the manifest, hex.
+    /// Ed25519 signature of the manifest by the signing key (the log's), hex.
     pub signature: String,
+    /// Ed25519 signature of the manifest by the release key, hex; empty while it waits
+    /// for `models sign` (the key is not on this host) or in a consortium without one.
+    #[serde(default)]
+    pub release_signature: String,
     /// The `model_release` entry's seq.
     pub audit_seq: u64,
     pub released_ms: i64,
@@ -73,6 +77,7 @@ impl ReleaseRecord {
         Ok(ReleaseMsg {
             manifest: self.manifest(consortium),
             signature: unhex(&self.signature).context("stored release signature")?,
+            release_signature: unhex(&self.release_signature).context("stored release-key signature")?,
             card: self.card.clone().into_bytes(),
             audit_seq: self.audit_seq,
         })
@@ -422,12 +427,21 @@ pub fn release(c: &Coord, job: &JobRecord, round: u32) -> Result<ReleaseRecord> 
         card: String::from_utf8(bytes).context("the card is UTF-8 JSON")?,
         card_sha256: card_sha256.clone(),
         signature: String::new(),
+        release_signature: String::new(),
         audit_seq: 0,
         released_ms: card.released_ms,
         installs: BTreeMap::new(),
     };
     let manifest = release.manifest(&consortium);
     release.signature = hex(&manifest.sign(&c.home.signing_key()?));
+    match c.home.release_key()? {
+        Some(key) => release.release_signature = hex(&manifest.sign(&key)),
+        None => tracing::info!(
+            version,
+            "release v{version} waits for the release key's signature: `maeum-coordinator models sign {version} --key FILE` \
+             where the key is"
+        ),
+    }
     // Logged first: a crash before the store logs the release twice, never not at all.
     release.audit_seq = c.record_seq(Event::ModelRelease {
         job_id: job.id.clone(),
@@ -458,7 +472,22 @@ pub fn promote(
 ) -> Result<(ReleaseRecord, PromotionRecord)> {
     let reg = &c.registry;
     let _g = reg.guard();
-    let r = reg.find(selector)?;
+    let mut r = reg.find(selector)?;
+    if c.home.release_public()?.is_some() && r.release_signature.is_empty() {
+        if crate::attack::current() == Some(crate::attack::Attack::ForgeRelease) {
+            // The attack: what a host without the release key can make.
+            let consortium = c.home.consortium()?.name;
+            r.release_signature = hex(&r.manifest(&consortium).sign(&c.home.signing_key()?));
+            reg.put(&r)?;
+        } else {
+            c.record(Event::OperatorCommand {
+                operator: operator.into(),
+                command: format!("models promote v{}", r.version),
+                result: "refused: not signed with the release key".into(),
+            })?;
+            return Err(Unsigned { version: r.version }.into());
+        }
+    }
     let failures = gate_failures(c, &r)?;
     let mut overrides = Vec::new();
     if !failures.is_empty() {
@@ -504,6 +533,70 @@ pub fn promote(
     Ok((r, p))
 }
 
+/// A promotion refused: the release waits for the release key's signature.
+#[derive(Debug)]
+pub struct Unsigned {
+    pub version: u32,
+}
+
+impl std::fmt::Display for Unsigned {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "release v{v} is not signed with the consortium's release key, which is not on this host: run \
+             `maeum-coordinator models sign {v} --key FILE` where the key is, then promote it",
+            v = self.version
+        )
+    }
+}
+
+impl std::error::Error for Unsigned {}
+
+/// A release-key signature `sign_release` refused (the reason is for the operator).
+#[derive(Debug)]
+pub struct SignatureRefused(pub String);
+
+impl std::fmt::Display for SignatureRefused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for SignatureRefused {}
+
+/// `models sign`: stores the release key's `signature` on release `selector` once it
+/// verifies under HOME/release.pub (logged as an operator command). The key itself
+/// never reaches the coordinator.
+pub fn sign_release(c: &Coord, selector: &str, signature: &[u8], operator: &str) -> Result<ReleaseRecord> {
+    let reg = &c.registry;
+    let _g = reg.guard();
+    let mut r = reg.find(selector)?;
+    let public = c.home.release_public()?.ok_or_else(|| {
+        SignatureRefused(
+            "this consortium has no release key (HOME/release.pub); its releases need no second signature".into(),
+        )
+    })?;
+    let key = maeum_tlog::unhex32(&public).context("HOME/release.pub")?;
+    let consortium = c.home.consortium()?.name;
+    if let Err(e) = r.manifest(&consortium).verify(&key, signature) {
+        return Err(SignatureRefused(format!(
+            "the signature on release v{} does not verify under the consortium's release key {}… ({e}); sign with \
+             the key whose public half is HOME/release.pub",
+            r.version,
+            &public[..16.min(public.len())]
+        ))
+        .into());
+    }
+    r.release_signature = hex(signature);
+    reg.put(&r)?;
+    c.record(Event::OperatorCommand {
+        operator: operator.into(),
+        command: format!("models sign v{}", r.version),
+        result: "signed with the release key".into(),
+    })?;
+    Ok(r)
+}
+
 /// Makes the release that was current before the current one current again (logged).
 pub fn rollback(c: &Coord, operator: &str) -> Result<(ReleaseRecord, PromotionRecord)> {
     let reg = &c.registry;
@@ -537,6 +630,7 @@ mod tests {
             card: "{}".into(),
             card_sha256: "11".repeat(32),
             signature: "22".repeat(64),
+            release_signature: String::new(),
             audit_seq: 3,
             released_ms: 0,
             installs: BTreeMap::new(),

@@ -98,6 +98,11 @@ pub struct Enrolment {
     pub coordinator_address: String,
     pub coordinator_name: String,
     pub signing_public_key: String,
+    /// The consortium's release key (hex): every release installed must carry its
+    /// signature. Empty for a bundle from before the key existed (then releases are
+    /// checked under `signing_public_key` alone).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub release_public_key: String,
     pub enrolled_ms: i64,
 }
 
@@ -283,6 +288,7 @@ pub fn enroll(dir: &Path, bundle_path: &Path) -> Result<Enrolment> {
         coordinator_address: b.coordinator_address,
         coordinator_name: b.coordinator_name,
         signing_public_key: b.signing_public_key,
+        release_public_key: b.release_public_key,
         enrolled_ms: crate::now_ms(),
     };
     write(&home.path("site.pem"), b.cert_pem.as_bytes(), false)?;

@@ -54,8 +54,11 @@ pub const EVALUATIONS: &str = "evaluations.jsonl";
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Installed {
     pub manifest: Manifest,
-    /// Ed25519 signature, hex.
+    /// Ed25519 signature by the signing key, hex.
     pub signature: String,
+    /// Ed25519 signature by the release key, hex (empty: none; installs from before it).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub release_signature: String,
     /// The card's exact bytes (UTF-8 JSON).
     pub card: String,
     pub installed_ms: i64,
@@ -189,15 +192,38 @@ fn signing_key(home: &Home) -> Result<[u8; 32]> {
     unhex32(&home.enrolment()?.signing_public_key).context("enrolment.json: signing_public_key")
 }
 
-/// The checks that need no network, on a release's parts: signature, card, blob (the
+/// Both signatures on a release: the signing key's, and the release key's when this
+/// site's enrolment names one (a serving host without the release key cannot make it).
+fn verify_signatures(home: &Home, m: &Manifest, signature: &[u8], release_signature: &[u8]) -> Result<()> {
+    m.verify(&signing_key(home)?, signature)?;
+    let public = home.enrolment()?.release_public_key;
+    if public.is_empty() {
+        return Ok(());
+    }
+    let key = unhex32(&public).context("enrolment.json: release_public_key")?;
+    if release_signature.is_empty() {
+        bail!("the release is not signed with the consortium's release key, which this site's enrolment requires");
+    }
+    m.verify(&key, release_signature).map_err(|e| {
+        anyhow!("the release-key signature does not verify under the consortium's release key {}…: {e}", &public[..16])
+    })
+}
+
+/// The checks that need no network, on a release's parts: signatures, card, blob (the
 /// file at `blob`), and that the model loads with the signed layout and the card's
 /// labels. `Err` is a refusal reason.
-fn check_parts(home: &Home, m: &Manifest, signature: &[u8], card: &[u8], blob: &Path) -> Result<ModelCard> {
+fn check_parts(
+    home: &Home,
+    m: &Manifest,
+    (signature, release_signature): (&[u8], &[u8]),
+    card: &[u8],
+    blob: &Path,
+) -> Result<ModelCard> {
     let enrolment = home.enrolment()?;
     if m.consortium != enrolment.consortium {
         bail!("the release is of consortium {:?}, this site is enrolled in {:?}", m.consortium, enrolment.consortium);
     }
-    m.verify(&signing_key(home)?, signature)?;
+    verify_signatures(home, m, signature, release_signature)?;
     let card = check_card(m, card)?;
     m.check_blob(&hash_file(blob)?.0)?;
     let (spec, _, _) = ModelSpec::load(blob).with_context(|| format!("loading {}", blob.display()))?;
@@ -243,7 +269,9 @@ fn model_matches_card(spec: &ModelSpec, card: &ModelCard) -> Result<()> {
 /// proof against a checkpoint this site witnessed (in HOME/audit/witnessed.jsonl).
 pub fn verify_installed(home: &Home, r: &Installed) -> Result<ModelCard> {
     let sig = unhex(&r.signature).context("stored signature")?;
-    let card = check_parts(home, &r.manifest, &sig, r.card.as_bytes(), &model_path(home, &r.manifest.model_sha256))?;
+    let release_sig = unhex(&r.release_signature).context("stored release-key signature")?;
+    let blob = model_path(home, &r.manifest.model_sha256);
+    let card = check_parts(home, &r.manifest, (&sig, &release_sig), r.card.as_bytes(), &blob)?;
     let entry = Entry::decode(r.log_entry.as_bytes()).context("stored log entry")?;
     if entry.seq != r.log_seq || !is_release_entry(&entry.event, &r.manifest) {
         bail!("the stored log entry is not this release's model_release entry");
@@ -376,7 +404,7 @@ async fn install(agent: &Arc<Agent>, client: &mut Client, cur: &pb::ReleaseRef) 
             m.consortium, enrolment.consortium
         )));
     }
-    m.verify(&signing_key(home).map_err(Failure::Transient)?, &msg.signature).map_err(refused)?;
+    verify_signatures(home, m, &msg.signature, &msg.release_signature).map_err(|e| refused(format!("{e:#}")))?;
     check_card(m, &msg.card).map_err(refused)?;
     // The blob: a copy already here is re-hashed, never trusted for its name.
     let path = model_path(home, &m.model_sha256);
@@ -391,7 +419,8 @@ async fn install(agent: &Arc<Agent>, client: &mut Client, cur: &pb::ReleaseRef) 
             None => Failure::Transient(e),
         });
     }
-    check_parts(home, m, &msg.signature, &msg.card, &path).map_err(|e| refused(format!("{e:#}")))?;
+    let signatures = (&msg.signature[..], &msg.release_signature[..]);
+    check_parts(home, m, signatures, &msg.card, &path).map_err(|e| refused(format!("{e:#}")))?;
     // The log: a model_release entry naming both digests, proven against a checkpoint
     // this site witnessed (witness a newer one first if the release is newer).
     let (entry, proof, size, root) = prove_release(agent, client, m, msg.audit_seq).await?;
@@ -400,6 +429,7 @@ async fn install(agent: &Arc<Agent>, client: &mut Client, cur: &pb::ReleaseRef) 
     let record = Installed {
         manifest: m.clone(),
         signature: hex(&msg.signature),
+        release_signature: hex(&msg.release_signature),
         card: String::from_utf8(msg.card.clone()).map_err(|_| refused("the model card is not UTF-8"))?,
         installed_ms: crate::now_ms(),
         log_entry: String::from_utf8(entry.encode()).map_err(|_| refused("the log entry is not UTF-8"))?,

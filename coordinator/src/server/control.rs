@@ -365,13 +365,42 @@ impl pb::control_server::Control for Control {
         })
         .await
         .map_err(|e| internal(e.into()))?
-        .map_err(|e| match e.downcast_ref::<crate::registry::GatesFailed>() {
-            Some(g) => Status::failed_precondition(g.to_string()),
-            None => internal(e),
+        .map_err(|e| {
+            match (e.downcast_ref::<crate::registry::GatesFailed>(), e.downcast_ref::<crate::registry::Unsigned>()) {
+                (Some(g), _) => Status::failed_precondition(g.to_string()),
+                (_, Some(u)) => Status::failed_precondition(u.to_string()),
+                _ => internal(e),
+            }
         })?;
         c.refresh_current_release().map_err(internal)?;
         info!(version = r.version, operator = %p.operator, promotion = p.id, "release promoted; sites install it next");
         Ok(Response::new(c.release_info(&r, r.version)?))
+    }
+
+    async fn sign_release(&self, req: Request<pb::SignReleaseRequest>) -> Result<Response<pb::ReleaseInfo>, Status> {
+        let c = self.0.clone();
+        let operator = c.operator(&req)?;
+        let r = req.into_inner();
+        if r.release_signature.len() != 64 {
+            return Err(Status::invalid_argument(format!(
+                "release_signature: expected 64 bytes, got {}",
+                r.release_signature.len()
+            )));
+        }
+        c.registry.find(&r.version).map_err(|e| Status::not_found(format!("{e:#}")))?;
+        let c2 = c.clone();
+        let signed = tokio::task::spawn_blocking(move || {
+            crate::registry::sign_release(&c2, &r.version, &r.release_signature, &operator)
+        })
+        .await
+        .map_err(|e| internal(e.into()))?
+        .map_err(|e| match e.downcast_ref::<crate::registry::SignatureRefused>() {
+            Some(why) => Status::invalid_argument(why.to_string()),
+            None => internal(e),
+        })?;
+        info!(version = signed.version, "release signed with the release key; it can be promoted");
+        let current = c.registry.current().map_err(internal)?.map_or(0, |(r, _)| r.version);
+        Ok(Response::new(c.release_info(&signed, current)?))
     }
 
     async fn rollback_release(&self, req: Request<pb::RollbackRequest>) -> Result<Response<pb::ReleaseInfo>, Status> {

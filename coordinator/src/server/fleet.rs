@@ -781,6 +781,10 @@ fn tamper_release(msg: &mut wire::release::ReleaseMsg, mode: &str, home: &Home) 
             msg.card = card.encode();
             msg.manifest.card_sha256 = Digest::of(&msg.card).hex();
             msg.signature = msg.manifest.sign(&home.signing_key()?);
+            // A host holding both keys: only the log can catch this one.
+            if let Some(key) = home.release_key()? {
+                msg.release_signature = msg.manifest.sign(&key);
+            }
         }
         other => anyhow::bail!("unknown tamper mode {other:?}"),
     }

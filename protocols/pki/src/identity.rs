@@ -538,8 +538,14 @@ pub struct Bundle {
     pub coordinator_name: String,
     pub ca_pem: String,
     pub cert_pem: String,
-    /// Ed25519 key (hex) that signs releases and audit checkpoints.
+    /// Ed25519 key (hex) that signs audit checkpoints (and, as a second signature,
+    /// releases).
     pub signing_public_key: String,
+    /// Ed25519 key (hex) that must sign every release this site installs, kept apart
+    /// from the serving host (`docs/protocols/releases.md`); empty in bundles of
+    /// consortiums created before it existed.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub release_public_key: String,
 }
 
 /// Every certificate in a PEM document, in order; an error if there is none.

@@ -22,6 +22,8 @@ pub fn card_adapter(spec: &maeum_models::model::ModelSpec) -> Option<CardAdapter
 pub struct ReleaseMsg {
     pub manifest: Manifest,
     pub signature: Vec<u8>,
+    /// By the release key (empty: none); see `pb::Release.release_signature`.
+    pub release_signature: Vec<u8>,
     pub card: Vec<u8>,
     pub audit_seq: u64,
 }
@@ -50,6 +52,7 @@ impl ReleaseMsg {
             signature: self.signature.clone(),
             card: self.card.clone(),
             audit_seq: self.audit_seq,
+            release_signature: self.release_signature.clone(),
         }
     }
 
@@ -64,6 +67,12 @@ impl ReleaseMsg {
         let card_sha256 = Digest::parse("release.card_sha256", &r.card_sha256)?;
         if r.signature.len() != 64 {
             return Err(invalid("release.signature", format!("expected 64 bytes, got {}", r.signature.len())));
+        }
+        if !matches!(r.release_signature.len(), 0 | 64) {
+            return Err(invalid(
+                "release.release_signature",
+                format!("expected 0 or 64 bytes, got {}", r.release_signature.len()),
+            ));
         }
         if r.card.is_empty() || r.card.len() > MAX_CARD_BYTES {
             return Err(invalid("release.card", format!("{} bytes; expected 1 to {MAX_CARD_BYTES}", r.card.len())));
@@ -81,6 +90,7 @@ impl ReleaseMsg {
                 card_sha256: card_sha256.hex(),
             },
             signature: r.signature,
+            release_signature: r.release_signature,
             card: r.card,
             audit_seq: r.audit_seq,
         })
@@ -102,6 +112,7 @@ mod tests {
                 card_sha256: "ef".repeat(32),
             },
             signature: vec![1; 64],
+            release_signature: vec![2; 64],
             card: b"{}".to_vec(),
             audit_seq: 9,
         }
