@@ -95,4 +95,32 @@ fn a_host_without_the_release_key_cannot_get_a_release_installed() {
     for s in SITES {
         wait(&format!("{s} installs v1"), MIN, || current_at(&fed, s) == 1);
     }
+
+    // An auditor checks the exported release against the log and the release key.
+    let (out_dir, log) = (fed.dir.path().join("export"), fed.dir.path().join("audit.json"));
+    let export = fed.cli(&["models", "export", "1", "--out", out_dir.to_str().expect("utf-8")]);
+    assert!(export.status.success(), "{}", String::from_utf8_lossy(&export.stderr));
+    let audit = fed.cli(&["audit", "export", "--out", log.to_str().expect("utf-8")]);
+    assert!(audit.status.success(), "{}", String::from_utf8_lossy(&audit.stderr));
+    let auditor = |key: &str| {
+        std::process::Command::new(bin("maeum-audit"))
+            .arg("release")
+            .arg(&out_dir)
+            .arg("--log")
+            .arg(&log)
+            .args(["--release-key", key])
+            .output()
+            .expect("maeum-audit runs")
+    };
+    let ok = auditor(release_pub.trim());
+    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+    assert!(
+        String::from_utf8_lossy(&ok.stdout).contains(release_pub.trim()),
+        "{}",
+        String::from_utf8_lossy(&ok.stdout)
+    );
+    let other_pub = std::fs::read_to_string(other.join("release.pub")).expect("release.pub");
+    let wrong = auditor(other_pub.trim());
+    assert_eq!(wrong.status.code(), Some(1), "{}", String::from_utf8_lossy(&wrong.stderr));
+    assert!(String::from_utf8_lossy(&wrong.stderr).contains("REL-4b"), "{}", String::from_utf8_lossy(&wrong.stderr));
 }

@@ -108,6 +108,10 @@ enum Command {
         /// The log key you trust (as for `verify`): the release must be signed by it.
         #[arg(long)]
         trust: Option<String>,
+        /// The consortium's release key you trust (hex, `release_public_key` in the
+        /// sites' enrolment bundles): the release must carry its signature.
+        #[arg(long, value_name = "HEX")]
+        release_key: Option<String>,
         /// Print the result as JSON.
         #[arg(long)]
         json: bool,
@@ -294,10 +298,25 @@ fn run(command: Command) -> Result<(), Failure> {
             println!("{}", String::from_utf8_lossy(&cp.encode()));
             Ok(())
         }
-        Command::Release { release, log, trust, json } => {
+        Command::Release { release, log, trust, release_key, json } => {
             let trust = trust_key(trust.as_deref())?;
             let v = verified(&log, trust.as_ref())?;
             let (audit, _) = check_release(&release, &v)?;
+            if let Some(want) = release_key.map(|k| k.trim().to_ascii_lowercase()) {
+                match &audit.release_public_key {
+                    Some(got) if *got == want => {}
+                    Some(got) => {
+                        return Err(Failure::Check(format!(
+                            "REL-4b: the release is signed by release key {got}, not {want}"
+                        )));
+                    }
+                    None => {
+                        return Err(Failure::Check(format!(
+                            "REL-4b: the release carries no signature by release key {want}"
+                        )));
+                    }
+                }
+            }
             if json {
                 print_json(&audit)?;
             } else {
@@ -433,6 +452,11 @@ fn print_release(a: &ReleaseAudit, log: &Path, pinned: bool) {
     println!("OK: release v{} of consortium {} verifies against {}", a.version, a.consortium, log.display());
     let trusted = if pinned { "matches --trust" } else { "not pinned: pass --trust" };
     println!("  signature   Ed25519 by the log key {} ({trusted})", a.signing_public_key);
+    if let Some(k) = &a.release_public_key {
+        println!(
+            "  release key Ed25519 by the release key {k} (compare with the sites' bundles, or pass --release-key)"
+        );
+    }
     println!("  model       {} ({} bytes, layout {})", a.model_sha256, a.model_size, short(&a.layout_digest));
     println!(
         "  card        {} (job {} \"{}\", round {} of {})",

@@ -286,6 +286,15 @@ pub struct ReleaseFile {
     pub signing_public_key: String,
     /// The `model_release` entry of this release.
     pub audit_log_entry: LogEntryRef,
+    /// The release key's signature over the same bytes, hex (absent: a consortium
+    /// without a release key).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub release_signature_ed25519: String,
+    /// The consortium's release key (`release.pub`), hex, when the release carries its
+    /// signature. Compare it with the key in the sites' enrolment bundles
+    /// (`maeum-audit release --release-key`).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub release_public_key: String,
 }
 
 impl ReleaseFile {
@@ -301,7 +310,18 @@ impl ReleaseFile {
             signature_ed25519: hex(signature),
             signing_public_key: hex(signing_public_key),
             audit_log_entry: LogEntryRef { seq: audit_seq, kind: "model_release".into() },
+            release_signature_ed25519: String::new(),
+            release_public_key: String::new(),
         }
+    }
+
+    /// With the release key's signature and public key (both empty: none).
+    pub fn with_release_key(mut self, signature: &[u8], public_key: &str) -> ReleaseFile {
+        if !signature.is_empty() {
+            self.release_signature_ed25519 = hex(signature);
+            self.release_public_key = public_key.to_owned();
+        }
+        self
     }
 
     /// Pretty JSON (people read it).
@@ -402,6 +422,9 @@ pub struct ReleaseAudit {
     pub card_sha256: String,
     /// The key the signature verified under (the log's key).
     pub signing_public_key: String,
+    /// The release key the second signature verified under (`None`: the release carries
+    /// none).
+    pub release_public_key: Option<String>,
     pub job_id: String,
     pub job_name: String,
     pub round: u32,
@@ -515,6 +538,26 @@ pub fn audit_release(
             file.signing_public_key
         )));
     }
+    let release_public_key = match (file.release_signature_ed25519.is_empty(), file.release_public_key.is_empty()) {
+        (true, true) => None,
+        (false, false) => {
+            let key = crate::unhex32(&file.release_public_key)
+                .map_err(|_| ReleaseError::Malformed("release_public_key is not 32 bytes of hex".into()))?;
+            let sig = unhex(&file.release_signature_ed25519)
+                .map_err(|_| ReleaseError::Malformed("release_signature_ed25519 is not hex".into()))?;
+            m.verify(&key, &sig).map_err(|e| {
+                ReleaseError::Malformed(format!(
+                    "the release-key signature does not verify under the key it names: {e}"
+                ))
+            })?;
+            Some(file.release_public_key.clone())
+        }
+        _ => {
+            return Err(ReleaseError::Malformed(
+                "it names a release key without a release signature, or the other way round".into(),
+            ));
+        }
+    };
     let card = check_card(m, card_bytes)?;
     m.check_blob(&model.sha256)?;
     let (layout, labels) = model.loaded.clone().map_err(ReleaseError::Layout)?;
@@ -604,6 +647,7 @@ pub fn audit_release(
         layout_digest: m.layout_digest.clone(),
         card_sha256: m.card_sha256.clone(),
         signing_public_key: log_key,
+        release_public_key,
         job_id: card.job.id.clone(),
         job_name: card.job.name.clone(),
         round: card.round,
