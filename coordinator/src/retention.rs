@@ -33,7 +33,7 @@ pub fn sweep(c: &Coord, job: &JobRecord) -> Result<(usize, u64)> {
     };
     let mut keep: HashSet<String> = kept.iter().flat_map(digests).collect();
     keep.extend(c.registry.releases()?.into_iter().map(|r| r.model.digest));
-    keep.extend(c.store.jobs()?.into_iter().filter_map(|j| j.initial.map(|v| v.digest)));
+    keep.extend(c.store.job_heads()?.into_iter().filter_map(|j| j.initial.map(|v| v.digest)));
     let (mut files, mut bytes) = (0, 0);
     for digest in old.iter().flat_map(digests).filter(|d| !d.is_empty() && !keep.contains(d)) {
         let Ok(digest) = Digest::parse("blob", &digest) else { continue };

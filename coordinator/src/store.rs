@@ -307,6 +307,18 @@ impl Store {
         Ok(head.map(|j| JobRecord { head_only: true, ..j }))
     }
 
+    /// Every job without its rounds ([`Store::job_head`]), in submission order.
+    pub fn job_heads(&self) -> Result<Vec<JobRecord>> {
+        let mut jobs = Vec::new();
+        self.db.scan(Tree::Jobs, None, None, false, &mut |k, v| {
+            let head: JobRecord = decode("job", &String::from_utf8_lossy(k), v)?;
+            jobs.push(JobRecord { head_only: true, ..head });
+            Ok(true)
+        })?;
+        jobs.sort_by_key(|j| (j.submitted_ms, j.id.clone()));
+        Ok(jobs)
+    }
+
     pub fn jobs(&self) -> Result<Vec<JobRecord>> {
         let mut jobs = Vec::new();
         self.db.scan(Tree::Jobs, None, None, false, &mut |k, v| {
@@ -485,6 +497,7 @@ mod tests {
         assert!(s.put_job(&head).is_err(), "a head never overwrites the rounds");
         assert_eq!(s.db().len(Tree::JobRounds).expect("len"), 2);
         assert_eq!(s.jobs().expect("jobs").iter().map(|j| j.history.len()).collect::<Vec<_>>(), [2, 0]);
+        assert!(s.job_heads().expect("heads").iter().all(|j| j.history.is_empty() && j.head_only));
         // A record written before rounds had their own tree keeps its inline history.
         let mut legacy = serde_json::to_value(job("t-2")).expect("json");
         legacy["history"] = serde_json::to_value(vec![round(1)]).expect("json");
