@@ -56,6 +56,9 @@ pub struct ReleaseView {
     pub gate_failures: Vec<String>,
     /// Gates a lead overrode to promote it, with the reasons.
     pub gate_overrides: Vec<OverrideView>,
+    /// Whether it carries the release key's signature (`models sign`; sites pinned to
+    /// the key install nothing without it).
+    pub release_key_signed: bool,
     pub card: Option<ModelCard>,
 }
 
@@ -123,6 +126,7 @@ fn view(info: &pb::ReleaseInfo, with_card: bool) -> Result<ReleaseView> {
         crisis_recall: eval.and_then(crisis_recall),
         gate_failures: info.gate_failures.clone(),
         gate_overrides: info.gate_overrides.iter().map(OverrideView::from).collect(),
+        release_key_signed: !r.release_signature.is_empty(),
         installs: info
             .installs
             .iter()
@@ -183,7 +187,7 @@ fn releases_table(views: &[ReleaseView]) -> comfy_table::Table {
         let refused = v.installs.iter().filter(|i| !i.installed).count();
         t.add_row(vec![
             if v.current { "*" } else { "" }.to_string(),
-            format!("v{}", v.version),
+            format!("v{}{}", v.version, if v.release_key_signed { "" } else { " (unsigned)" }),
             v.model_sha256[..12.min(v.model_sha256.len())].to_string(),
             v.job_id.clone(),
             v.round.to_string(),
@@ -215,6 +219,14 @@ pub async fn show(home: &Path, version: &str, json: bool) -> Result<()> {
     println!("  card       {}", v.card_sha256);
     println!("  from       job {} round {}", v.job_id, v.round);
     println!("  released   {}   audit-log entry #{} (model_release)", v.released, v.audit_seq);
+    match (v.release_key_signed, Home::new(home).release_public()?) {
+        (true, _) => println!("  signed     by the log key and the release key"),
+        (false, Some(_)) => println!(
+            "  signed     by the log key only: it waits for the release key (`maeum-coordinator models sign {}`)",
+            v.version
+        ),
+        (false, None) => println!("  signed     by the log key (this consortium has no release key)"),
+    }
     if let Some(card) = &v.card {
         if let Some(p) = card.parent_version {
             println!("  parent     v{p}");
@@ -779,6 +791,7 @@ mod tests {
             crisis_recall: Some(0.25),
             gate_failures: Vec::new(),
             gate_overrides: Vec::new(),
+            release_key_signed: version != 12,
             installs: vec![InstallView {
                 site: "s".into(),
                 installed: !refused,

@@ -473,7 +473,17 @@ pub fn promote(
     let reg = &c.registry;
     let _g = reg.guard();
     let mut r = reg.find(selector)?;
-    if c.home.release_public()?.is_some() && r.release_signature.is_empty() {
+    // A stored signature that does not verify (a tampered or forged record) counts as
+    // none: the coordinator promotes only what the release key signed.
+    let signed = match c.home.release_public()? {
+        None => true,
+        Some(public) => {
+            let key = maeum_tlog::unhex32(&public).context("HOME/release.pub")?;
+            let sig = unhex(&r.release_signature).unwrap_or_default();
+            !sig.is_empty() && r.manifest(&c.home.consortium()?.name).verify(&key, &sig).is_ok()
+        }
+    };
+    if !signed {
         if crate::attack::current() == Some(crate::attack::Attack::ForgeRelease) {
             // The attack: what a host without the release key can make.
             let consortium = c.home.consortium()?.name;

@@ -55,6 +55,9 @@ fn a_host_without_the_release_key_cannot_get_a_release_installed() {
     assert_eq!(fed.wait_job(&id, 3 * MIN)["state"], "completed");
     let shown = fed.cli_json(&["models", "show", "v1"]);
     assert_eq!(shown["version"], 1, "{shown:#}");
+    assert_eq!(shown["release_key_signed"], false, "{shown:#}");
+    let text = String::from_utf8_lossy(&fed.cli(&["models", "show", "v1"]).stdout).into_owned();
+    assert!(text.contains("waits for the release key (`maeum-coordinator models sign 1`)"), "{text}");
     let reason = ["--override-gate", "--reason", "e2e: a one-round model"];
     let out = fed.cli(&[&["models", "promote", "v1"][..], &reason[..]].concat());
     let err = String::from_utf8_lossy(&out.stderr);
@@ -76,6 +79,9 @@ fn a_host_without_the_release_key_cannot_get_a_release_installed() {
     // The lead signs where the key is; promoted again, every site installs it.
     assert!(fed.terminate_coordinator(MIN).is_some(), "the coordinator stops");
     fed.start_coordinator();
+    // The forged signature the compromised host stored does not count.
+    let out = fed.cli(&[&["models", "promote", "v1"][..], &reason[..]].concat());
+    assert!(!out.status.success(), "a forged release signature passed the coordinator's own check");
     let out = fed.cli(&["models", "sign", "1", "--key", offline.to_str().expect("utf-8")]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(String::from_utf8_lossy(&out.stdout).contains("signed release v1"));
@@ -90,6 +96,7 @@ fn a_host_without_the_release_key_cannot_get_a_release_installed() {
     let out = fed.cli(&["models", "sign", "1", "--key", stranger.to_str().expect("utf-8")]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("does not verify under the consortium's release key"), "{err}");
+    assert_eq!(fed.cli_json(&["models", "show", "v1"])["release_key_signed"], true);
     let v = fed.cli_json(&[&["models", "promote", "v1"][..], &reason[..]].concat());
     assert_eq!(v["current"], true, "{v:#}");
     for s in SITES {
