@@ -82,6 +82,7 @@ fn metrics_move_during_a_job_doctors_pass_and_sigterm_stops_cleanly() {
         r["checks"].as_array().and_then(|c| c.iter().find(|x| x["name"] == name)).map(|x| x["level"].clone())
     };
     assert_eq!(level(&report, "coordinator"), Some("ok".into()), "{report:#}");
+    assert_eq!(level(&report, "release key"), Some("ok".into()), "the bundle pinned it: {report:#}");
     let toml = fed.site_home("site-2").join("site.toml");
     let text = std::fs::read_to_string(&toml).expect("site.toml");
     std::fs::write(&toml, text.replace("train.jsonl", "missing.jsonl")).expect("write");
