@@ -1,15 +1,15 @@
 //! Certificates renewed while everything runs (`docs/protocols/certificates.md`).
 //!
 //! - **Sites.** A heartbeat tells a site when the certificate it presents expires within
-//!   [`RENEW_DAYS`]; the site asks `RenewCertificate` with a request for the key it
+//!   `home::RENEW_DAYS`; the site asks `RenewCertificate` with a request for the key it
 //!   already has. The coordinator signs it only for the calling site's own identity and
-//!   key, as `sites approve` would for the same request: a new key stays a lead's
+//!   key, with `sites approve`'s own rules (`home::approve_with`): a new key stays a lead's
 //!   decision (`sites approve --replace`). The new certificate is logged
 //!   (`site_approved`) before the site gets it, so other sites find it in the log when
 //!   they check a secure-aggregation roster.
 //! - **The coordinator.** [`keep_server_certificate`] looks at `HOME/server.pem` every
 //!   hour: a certificate put there by an operator is served from the next handshake on,
-//!   and one that expires within [`RENEW_DAYS`] is reissued by the consortium CA for
+//!   and one that expires within `home::RENEW_DAYS` is reissued by the consortium CA for
 //!   the same key and host names. Neither needs a restart.
 
 use std::sync::{Arc, Mutex, PoisonError};
@@ -21,17 +21,11 @@ use tracing::{info, warn};
 use maeum_pki::identity::{self, CertifiedKey};
 use maeum_pki::tls::ServerCertificate;
 
-use crate::home::{self, Approval, CERT_DAYS, Home, RENEW_DAYS, now_ms};
+use crate::home::{self, Approval, CERT_DAYS, Home, due};
 use crate::server::Coord;
 
 /// How often the coordinator looks at its own certificate.
 pub const CHECK_EVERY: Duration = Duration::from_secs(3600);
-
-/// Whether a certificate whose `notAfter` is `not_after_s` (Unix seconds) is due for
-/// renewal now.
-pub fn due(not_after_s: i64) -> bool {
-    not_after_s - now_ms() / 1000 < RENEW_DAYS * 86_400
-}
 
 /// One renewal at a time: a site's two calls, or a call and `sites approve`'s watcher,
 /// must not both sign.
@@ -66,27 +60,32 @@ pub fn renew_site(coord: &Coord, site: &str, csr_pem: &str) -> Result<(String, b
     }
     let _one = RENEWING.lock().unwrap_or_else(PoisonError::into_inner);
     let record = coord.home.sites().join(format!("{site}.pem"));
-    let Ok(approved) = std::fs::read_to_string(&record) else {
+    if !record.exists() {
         // A site with a valid certificate but no record was approved by another home or
         // had its record removed: a person must look, not this call.
         return Err(RenewError::Refused(format!(
             "site {site} has no approved certificate at the coordinator; the lead must approve its request again"
         )));
-    };
-    let approved = identity::pem_to_der(&approved).ok().and_then(|d| d.into_iter().next());
-    let approved = approved.with_context(|| format!("{} holds no certificate", record.display()))?;
-    // The request must name the caller and carry the approved key; checked on a
-    // throwaway signature before anything is written.
-    let probe = coord.home.ca()?.sign_site_request(csr_pem, Some(site), 1);
-    let probe = probe.map_err(|e| RenewError::Refused(e.to_string()))?.1;
-    let probe = identity::pem_to_der(&probe).ok().and_then(|d| d.into_iter().next()).context("a probe certificate")?;
-    if !identity::same_public_key(&approved, &probe).map_err(anyhow::Error::from)? {
-        return Err(RenewError::Refused(format!(
-            "the request carries another key than site {site}'s approved certificate; renewal keeps the key, \
-             and a new key needs the lead (`sites approve --replace`)"
-        )));
     }
-    let (bundle, approval) = home::approve_with(&coord.home, csr_pem, Some(site), false)?;
+    // Signed only for the caller's own identity and approved key; `approve_with` writes
+    // nothing for a request it refuses.
+    let (bundle, approval) = match home::approve_with(&coord.home, csr_pem, Some(site), false) {
+        Ok(approved) => approved,
+        Err(e) if e.downcast_ref::<home::OtherKey>().is_some() => {
+            return Err(RenewError::Refused(format!(
+                "the request carries another key than site {site}'s approved certificate; renewal keeps the key, \
+                 and a new key needs the lead (`sites approve --replace`)"
+            )));
+        }
+        Err(e) => match e.downcast_ref::<identity::IdentityError>() {
+            Some(
+                refused @ (identity::IdentityError::RequestRefused { .. } | identity::IdentityError::WrongSite { .. }),
+            ) => {
+                return Err(RenewError::Refused(refused.to_string()));
+            }
+            _ => return Err(e.into()),
+        },
+    };
     let renewed = match approval {
         Approval::Renewed => true,
         Approval::AlreadyApproved => false,
@@ -95,8 +94,7 @@ pub fn renew_site(coord: &Coord, site: &str, csr_pem: &str) -> Result<(String, b
         }
     };
     if renewed {
-        let der = identity::pem_to_der(&bundle.cert_pem).map_err(anyhow::Error::from)?;
-        let der = der.into_iter().next().context("the renewed certificate")?;
+        let der = identity::leaf_der(&bundle.cert_pem).map_err(anyhow::Error::from)?;
         info!(
             site,
             fingerprint = %identity::fingerprint(&der),

@@ -192,6 +192,14 @@ impl Home {
         }
     }
 
+    /// HOME/release.pub as hex and as the key releases are checked under (`None`: a
+    /// consortium from before release keys).
+    pub fn release_verify_key(&self) -> Result<Option<(String, [u8; 32])>> {
+        let Some(public) = self.release_public()? else { return Ok(None) };
+        let key = maeum_tlog::unhex32(&public).context("HOME/release.pub is not 32 bytes of hex")?;
+        Ok(Some((public, key)))
+    }
+
     pub fn signing_key(&self) -> Result<ring::signature::Ed25519KeyPair> {
         let p = self.path("signing.key");
         let der = std::fs::read(&p).with_context(|| format!("reading {}", p.display()))?;
@@ -213,6 +221,7 @@ pub struct InitReport {
     pub address: String,
     pub ca_fingerprint: String,
     pub signing_public_key: String,
+    pub release_public_key: String,
 }
 
 /// `maeum-coordinator init`: a new consortium in an empty (or missing) directory.
@@ -233,12 +242,10 @@ pub fn init(dir: &Path, name: &str, address: &str, store: crate::storage::Engine
         .issue_server(name, &[host_of(address).to_string()], CERT_DAYS)
         .context("issuing the coordinator's TLS certificate")?;
     let operator = ca.issue_operator("lead", CERT_DAYS).context("issuing the operator certificate")?;
-    let rng = ring::rand::SystemRandom::new();
-    let pkcs8 = ring::signature::Ed25519KeyPair::generate_pkcs8(&rng)
-        .map_err(|_| anyhow::anyhow!("generating the Ed25519 signing key"))?;
-    let pair = ring::signature::Ed25519KeyPair::from_pkcs8(pkcs8.as_ref())
-        .map_err(|_| anyhow::anyhow!("loading the new Ed25519 signing key"))?;
-    let public = hex(pair.public_key().as_ref());
+    let (pkcs8, public) = new_ed25519("signing")?;
+    // The release key: a second, separate signature on every release, which a lead can
+    // take off the serving host (`models sign` then signs where it is).
+    let (release, release_public) = new_ed25519("release")?;
 
     write_file(&home.path("ca.pem"), ca.cert_pem().as_bytes(), false)?;
     write_file(&home.path("ca.key"), ca.key().expose().as_bytes(), true)?;
@@ -248,18 +255,8 @@ pub fn init(dir: &Path, name: &str, address: &str, store: crate::storage::Engine
     write_file(&home.path("operator.key"), operator.key.expose().as_bytes(), true)?;
     write_file(&home.path("signing.key"), pkcs8.as_ref(), true)?;
     write_file(&home.path("signing.pub"), format!("{public}\n").as_bytes(), false)?;
-    // The release key: a second, separate signature on every release, which a lead can
-    // take off the serving host (`models sign` then signs where it is).
-    let release = ring::signature::Ed25519KeyPair::generate_pkcs8(&rng)
-        .map_err(|_| anyhow::anyhow!("generating the Ed25519 release key"))?;
-    let release_public = ring::signature::Ed25519KeyPair::from_pkcs8(release.as_ref())
-        .map_err(|_| anyhow::anyhow!("loading the new Ed25519 release key"))?;
     write_file(&home.path("release.key"), release.as_ref(), true)?;
-    write_file(
-        &home.path("release.pub"),
-        format!("{}\n", hex(release_public.public_key().as_ref())).as_bytes(),
-        false,
-    )?;
+    write_file(&home.path("release.pub"), format!("{release_public}\n").as_bytes(), false)?;
     let consortium = Consortium {
         name: name.into(),
         address: address.into(),
@@ -278,7 +275,18 @@ pub fn init(dir: &Path, name: &str, address: &str, store: crate::storage::Engine
         address: address.into(),
         ca_fingerprint: identity::fingerprint(ca_der.first().map_or(&[][..], |c| c.as_ref())),
         signing_public_key: public,
+        release_public_key: release_public,
     })
+}
+
+/// A new Ed25519 key: its PKCS#8 document and its public key in hex.
+fn new_ed25519(what: &str) -> Result<(ring::pkcs8::Document, String)> {
+    let pkcs8 = ring::signature::Ed25519KeyPair::generate_pkcs8(&ring::rand::SystemRandom::new())
+        .map_err(|_| anyhow::anyhow!("generating the Ed25519 {what} key"))?;
+    let pair = ring::signature::Ed25519KeyPair::from_pkcs8(pkcs8.as_ref())
+        .map_err(|_| anyhow::anyhow!("loading the new Ed25519 {what} key"))?;
+    let public = hex(pair.public_key().as_ref());
+    Ok((pkcs8, public))
 }
 
 /// What `sites approve` did.
@@ -333,8 +341,30 @@ impl Home {
 }
 
 fn first_der(pem: &str, what: &str) -> Result<Vec<u8>> {
-    let der = identity::pem_to_der(pem).with_context(|| what.to_string())?;
-    Ok(der.first().with_context(|| format!("{what} holds no certificate"))?.to_vec())
+    identity::leaf_der(pem).with_context(|| what.to_string())
+}
+
+/// Whether a certificate whose `notAfter` is `not_after_s` (Unix seconds) is due for
+/// renewal: it expires within [`RENEW_DAYS`]. The one rule for `sites approve`,
+/// `RenewCertificate`, the heartbeat's `renew_certificate` and the coordinator's own
+/// certificate.
+pub fn due(not_after_s: i64) -> bool {
+    not_after_s - now_ms() / 1000 < RENEW_DAYS * 86_400
+}
+
+/// A request for an approved site id that carries another key than its certificate
+/// (`sites approve` without `--replace`, or a `RenewCertificate`): refused.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "site {site} is already approved with another key (certificate {fingerprint}…, {record}), and this request \
+     carries a different key. If the site really has a new key (a reinstalled host, a lost or compromised key), \
+     rerun with --replace: the old certificate is revoked and the change is logged as site_key_replaced. Otherwise \
+     check where this request came from"
+)]
+pub struct OtherKey {
+    pub site: String,
+    pub fingerprint: String,
+    pub record: String,
 }
 
 /// `maeum-coordinator operator renew`: HOME/operator.pem reissued by the CA in HOME for
@@ -376,19 +406,19 @@ pub fn approve_with(home: &Home, csr_pem: &str, expected: Option<&str>, replace:
             let old = first_der(&old_pem, &record.display().to_string())?;
             let new = first_der(&new_pem, "the new certificate")?;
             let old_fingerprint = identity::fingerprint(&old);
-            let days_left = (identity::not_after_unix(&old)? - now_ms() / 1000) / 86_400;
             if identity::same_public_key(&old, &new)? {
-                if days_left < RENEW_DAYS { (new_pem, Approval::Renewed) } else { (old_pem, Approval::AlreadyApproved) }
+                if due(identity::not_after_unix(&old)?) {
+                    (new_pem, Approval::Renewed)
+                } else {
+                    (old_pem, Approval::AlreadyApproved)
+                }
             } else if !replace {
-                bail!(
-                    "site {} is already approved with another key (certificate {}…, {}), and this request \
-                     carries a different key. If the site really has a new key (a reinstalled host, a lost or \
-                     compromised key), rerun with --replace: the old certificate is revoked and the change \
-                     is logged as site_key_replaced. Otherwise check where this request came from",
-                    peer.name,
-                    &old_fingerprint[..16],
-                    record.display()
-                );
+                return Err(OtherKey {
+                    site: peer.name,
+                    fingerprint: old_fingerprint[..16].to_string(),
+                    record: record.display().to_string(),
+                }
+                .into());
             } else {
                 let archive = home.replaced_sites();
                 std::fs::create_dir_all(&archive).with_context(|| format!("creating {}", archive.display()))?;

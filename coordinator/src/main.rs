@@ -35,7 +35,8 @@ struct HomeArg {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Create a consortium: CA, the coordinator's TLS identity, the Ed25519 signing key
-    /// and an operator certificate, in a new home directory.
+    /// (the audit log's), the Ed25519 release key and an operator certificate, in a new
+    /// home directory.
     Init {
         #[command(flatten)]
         home: HomeArg,
@@ -324,6 +325,10 @@ async fn run(cli: Cli) -> Result<()> {
             println!("  address           {}", r.address);
             println!("  CA fingerprint    {}", r.ca_fingerprint);
             println!("  signing key       {}", r.signing_public_key);
+            println!(
+                "  release key       {} (move HOME/release.key off this host in production)",
+                r.release_public_key
+            );
             println!("next: `maeum-coordinator serve --home {}`", r.home.display());
         }
         Command::Serve { home, listen, heartbeat_timeout, ops_listen, console, console_tls } => {

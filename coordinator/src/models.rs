@@ -425,10 +425,11 @@ pub async fn export(home: &Path, version: &str, out: &Path, layout: ExportLayout
     let key_hex = Home::new(home).read("signing.pub")?;
     let key = unhex32(key_hex.trim()).context("HOME/signing.pub")?;
     r.manifest.verify(&key, &r.signature).context("checking the release before export")?;
-    let release_key = Home::new(home).release_public()?.unwrap_or_default();
+    let release_key = Home::new(home).release_verify_key()?;
     if !r.release_signature.is_empty() {
-        let public = unhex32(&release_key).context("HOME/release.pub (the release carries a release-key signature)")?;
-        r.manifest.verify(&public, &r.release_signature).context("checking the release-key signature before export")?;
+        let (_, public) =
+            release_key.as_ref().context("the release carries a release-key signature, but HOME has no release.pub")?;
+        r.manifest.verify(public, &r.release_signature).context("checking the release-key signature before export")?;
     }
     let card = check_card(&r.manifest, &r.card).context("checking the release before export")?;
     r.manifest.check_blob(&Digest::of(&blob).0).context("checking the release before export")?;
@@ -455,7 +456,7 @@ pub async fn export(home: &Path, version: &str, out: &Path, layout: ExportLayout
         (
             path(format!("release-v{n}.json")),
             ReleaseFile::new(r.manifest.clone(), &r.signature, &key, r.audit_seq)
-                .with_release_key(&r.release_signature, &release_key)
+                .with_release_key(&r.release_signature, release_key.as_ref().map_or("", |(hex, _)| hex.as_str()))
                 .encode(),
         ),
         (path(format!("curve-v{n}.svg")), curve_svg(&card).into_bytes()),

@@ -475,10 +475,9 @@ pub fn promote(
     let mut r = reg.find(selector)?;
     // A stored signature that does not verify (a tampered or forged record) counts as
     // none: the coordinator promotes only what the release key signed.
-    let signed = match c.home.release_public()? {
+    let signed = match c.home.release_verify_key()? {
         None => true,
-        Some(public) => {
-            let key = maeum_tlog::unhex32(&public).context("HOME/release.pub")?;
+        Some((_, key)) => {
             let sig = unhex(&r.release_signature).unwrap_or_default();
             !sig.is_empty() && r.manifest(&c.home.consortium()?.name).verify(&key, &sig).is_ok()
         }
@@ -544,35 +543,19 @@ pub fn promote(
 }
 
 /// A promotion refused: the release waits for the release key's signature.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "release v{version} is not signed with the consortium's release key, which is not on this host: run \
+     `maeum-coordinator models sign {version} --key FILE` where the key is, then promote it"
+)]
 pub struct Unsigned {
     pub version: u32,
 }
 
-impl std::fmt::Display for Unsigned {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "release v{v} is not signed with the consortium's release key, which is not on this host: run \
-             `maeum-coordinator models sign {v} --key FILE` where the key is, then promote it",
-            v = self.version
-        )
-    }
-}
-
-impl std::error::Error for Unsigned {}
-
 /// A release-key signature `sign_release` refused (the reason is for the operator).
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
 pub struct SignatureRefused(pub String);
-
-impl std::fmt::Display for SignatureRefused {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl std::error::Error for SignatureRefused {}
 
 /// `models sign`: stores the release key's `signature` on release `selector` once it
 /// verifies under HOME/release.pub (logged as an operator command). The key itself
@@ -581,12 +564,11 @@ pub fn sign_release(c: &Coord, selector: &str, signature: &[u8], operator: &str)
     let reg = &c.registry;
     let _g = reg.guard();
     let mut r = reg.find(selector)?;
-    let public = c.home.release_public()?.ok_or_else(|| {
+    let (public, key) = c.home.release_verify_key()?.ok_or_else(|| {
         SignatureRefused(
             "this consortium has no release key (HOME/release.pub); its releases need no second signature".into(),
         )
     })?;
-    let key = maeum_tlog::unhex32(&public).context("HOME/release.pub")?;
     let consortium = c.home.consortium()?.name;
     if let Err(e) = r.manifest(&consortium).verify(&key, signature) {
         return Err(SignatureRefused(format!(

@@ -279,7 +279,7 @@ impl Coord {
                 _ => {
                     let renewal = current.iter().any(|old| {
                         let old = self.audit.remembered_certificate(old).ok().flatten();
-                        let old = old.and_then(|pem| maeum_pki::identity::pem_to_der(&pem).ok()?.into_iter().next());
+                        let old = old.and_then(|pem| maeum_pki::identity::leaf_der(&pem).ok());
                         old.is_some_and(|old| maeum_pki::identity::same_public_key(&old, &der).unwrap_or(false))
                     });
                     if renewal {

@@ -69,7 +69,7 @@ impl pb::fleet_server::Fleet for Fleet {
         let current_release = lock(&self.0.current_release).clone();
         // Judged on the certificate this connection presents: once the site dials again
         // with its renewed one, the flag goes.
-        let renew_certificate = Coord::peer(&req).is_ok_and(|p| crate::certs::due(p.not_after));
+        let renew_certificate = Coord::peer(&req).is_ok_and(|p| crate::home::due(p.not_after));
         Ok(Response::new(pb::HeartbeatReply {
             server_time_ms: now_ms(),
             audit_size,

@@ -548,6 +548,13 @@ pub struct Bundle {
     pub release_public_key: String,
 }
 
+/// The first (leaf) certificate of a PEM document, DER; an error if there is none.
+pub fn leaf_der(pem: &str) -> Result<Vec<u8>, IdentityError> {
+    let leaf = pem_to_der(pem)?.into_iter().next();
+    leaf.map(|c| c.to_vec())
+        .ok_or(IdentityError::Parse { what: "certificate PEM", reason: "no CERTIFICATE block found".into() })
+}
+
 /// Every certificate in a PEM document, in order; an error if there is none.
 pub fn pem_to_der(pem: &str) -> Result<Vec<CertificateDer<'static>>, IdentityError> {
     let certs = CertificateDer::pem_slice_iter(pem.as_bytes())

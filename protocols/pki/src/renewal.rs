@@ -61,8 +61,7 @@ impl Ca {
     /// `cert_pem`, the certificate it replaces. Refuses a site's certificate (a site asks
     /// with its own request, [`renewal_request`]) and a key that is not `cert_pem`'s.
     pub fn reissue(&self, cert_pem: &str, key: &SecretPem, validity_days: u32) -> Result<String, IdentityError> {
-        let der = identity::pem_to_der(cert_pem)?;
-        let der = der.first().ok_or(IdentityError::Parse { what: "certificate", reason: "empty PEM".into() })?;
+        let der = &identity::leaf_der(cert_pem)?;
         let peer = PeerId::from_cert_der(der)?;
         let (sans, usage) = match peer.role {
             Role::Coordinator => {

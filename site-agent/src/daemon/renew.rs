@@ -61,9 +61,9 @@ async fn renew(agent: &Agent, mut client: Client) -> Result<()> {
         .map_err(|e| anyhow::anyhow!("the coordinator answered: {}", describe(&e)))?
         .into_inner();
     let Some(new_der) = accept(&home.read("ca.pem")?, &agent.site_id, &current, &reply.cert_pem)? else {
-        // Not due by the coordinator's clock: nothing to do until it says so again.
-        info!("the coordinator holds no newer certificate for this site yet");
-        return Ok(());
+        // Not due by the coordinator's clock after all: a heartbeat that keeps saying
+        // otherwise is asked again only after RETRY_AFTER, not every second.
+        bail!("the coordinator asked for a renewal but holds no newer certificate for this site");
     };
     let new_until = identity::not_after_unix(&new_der)?;
     let path = home.path("site.pem");
@@ -84,8 +84,8 @@ async fn renew(agent: &Agent, mut client: Client) -> Result<()> {
 /// Checks the certificate the coordinator sent (`new_pem`) against the one in use:
 /// `None` when it is the same, its DER when it may replace it.
 fn accept(ca_pem: &str, site_id: &str, current: &CertifiedKey, new_pem: &str) -> Result<Option<Vec<u8>>> {
-    let now_der = first_der(&current.cert_pem).context("site.pem")?;
-    let new_der = first_der(new_pem).context("the coordinator's answer")?;
+    let now_der = identity::leaf_der(&current.cert_pem).context("site.pem")?;
+    let new_der = identity::leaf_der(new_pem).context("the coordinator's answer")?;
     if new_der == now_der {
         return Ok(None);
     }
@@ -98,10 +98,6 @@ fn accept(ca_pem: &str, site_id: &str, current: &CertifiedKey, new_pem: &str) ->
         bail!("the certificate it sent expires no later than the one in use ({new_until} <= {now_until})");
     }
     Ok(Some(new_der))
-}
-
-fn first_der(pem: &str) -> Result<Vec<u8>> {
-    Ok(identity::pem_to_der(pem)?.into_iter().next().context("no certificate in the PEM")?.to_vec())
 }
 
 #[cfg(test)]
