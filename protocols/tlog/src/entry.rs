@@ -263,6 +263,20 @@ pub enum Event {
         /// `ok` or the error shown to the operator.
         result: String,
     },
+    /// The consortium's release key was rotated (`release-key rotate`): the handover,
+    /// signed by the old and the new key (`maeum_tlog::handover`).
+    ReleaseKeyRotated {
+        /// Who rotated it (the operator certificate's name).
+        operator: String,
+        /// The release key handing over (hex).
+        old_key: String,
+        /// The release key taking over (hex).
+        new_key: String,
+        /// The old key's signature over the handover statement (hex).
+        old_signature: String,
+        /// The new key's signature over the same statement (hex).
+        new_signature: String,
+    },
     /// A job reached a final state.
     JobFinished {
         /// The job id.
@@ -302,13 +316,14 @@ impl Event {
             Event::ReleaseGateOverridden { .. } => "release_gate_overridden",
             Event::ReleaseInstall { .. } => "release_install",
             Event::OperatorCommand { .. } => "operator_command",
+            Event::ReleaseKeyRotated { .. } => "release_key_rotated",
             Event::JobFinished { .. } => "job_finished",
             Event::Checkpoint { .. } => "checkpoint",
         }
     }
 
     /// Every `kind` tag, for command-line filters.
-    pub const KINDS: [&'static str; 20] = [
+    pub const KINDS: [&'static str; 21] = [
         "consortium_init",
         "site_approved",
         "site_revoked",
@@ -327,6 +342,7 @@ impl Event {
         "release_gate_overridden",
         "release_install",
         "operator_command",
+        "release_key_rotated",
         "job_finished",
         "checkpoint",
     ];

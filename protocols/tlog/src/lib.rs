@@ -14,6 +14,8 @@
 //! - [`export`]: the export file and [`export::verify`], which checks everything.
 //! - [`release`]: the signed release manifest, the model card, and the checks a site
 //!   (and the auditor) run on a release.
+//! - [`handover`]: a rotation of the release key, signed by the old and the new key,
+//!   and the walk from a pinned key along a chain of them.
 //!
 //! Nothing here does IO, reads a clock or draws randomness of its own: ECDSA signing
 //! takes the caller's random source, and certificate validity is judged at times taken
@@ -30,6 +32,7 @@
 pub mod checkpoint;
 pub mod entry;
 pub mod export;
+pub mod handover;
 pub mod log;
 pub mod merkle;
 pub mod release;

@@ -1,0 +1,264 @@
+//! Release-key rotation: a **handover** from the consortium's release key to a new one,
+//! signed by both, and the walk a site (or an auditor) makes from the key it pinned at
+//! enrolment along a chain of handovers (`docs/protocols/releases.md#rotating-the-release-key`).
+//!
+//! A handover's statement is [`HANDOVER_DOMAIN`] then `consortium`, the old key and the
+//! new key (hex), one per line. The old key's signature says the key the sites trust
+//! hands over; the new key's signature proves that someone holds the new key (a typo'd
+//! or unheld key would leave the consortium unable to release). A serving host without
+//! the old release key cannot make one, so it cannot move a site's pin to a key it
+//! holds. The walk is strict: from the pinned key it takes the one link whose old key is
+//! the current one, verifies it, and moves on; two links from one key (a fork) or a
+//! link back to a key already walked (a cycle) stop it with an error.
+
+use ring::signature::{ED25519, Ed25519KeyPair, KeyPair, UnparsedPublicKey};
+use serde::{Deserialize, Serialize};
+
+use crate::{hex, unhex, unhex32};
+
+/// Domain separation: a handover signature can never pass for a release or a
+/// checkpoint signature (their prefixes differ).
+pub const HANDOVER_DOMAIN: &[u8] = b"maeum/release-key-handover/v1\n";
+
+/// One rotation of the release key, as stored at the coordinator
+/// (`HOME/release-keys.json`), served to sites with every release, kept by each site
+/// that followed it, and logged (`release_key_rotated`). Keys and signatures are hex.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeyHandover {
+    /// The release key handing over (Ed25519 public key).
+    pub old_key: String,
+    /// The release key taking over.
+    pub new_key: String,
+    /// The old key's signature over [`KeyHandover::statement`].
+    pub old_signature: String,
+    /// The new key's signature over the same statement.
+    pub new_signature: String,
+}
+
+/// Why a handover or a walk was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum HandoverError {
+    /// A field is not the right length of hex.
+    #[error("malformed release-key handover: {0}")]
+    Malformed(String),
+    /// The old key's signature does not verify: not made by the key sites trust.
+    #[error("the release-key handover {old}… → {new}… is not signed by the release key it hands over from")]
+    OldSignature {
+        /// The old key (16 hex digits).
+        old: String,
+        /// The new key (16 hex digits).
+        new: String,
+    },
+    /// The new key's signature does not verify: nobody proved they hold it.
+    #[error("the release-key handover {old}… → {new}… is not signed by the key it hands over to")]
+    NewSignature {
+        /// The old key (16 hex digits).
+        old: String,
+        /// The new key (16 hex digits).
+        new: String,
+    },
+    /// A handover to the key it comes from.
+    #[error("the release-key handover {0}… hands over to itself")]
+    SameKey(String),
+    /// Two handovers from one key.
+    #[error("two release-key handovers leave the key {0}… (a fork): refusing both")]
+    Fork(String),
+    /// A handover back to a key already walked.
+    #[error("the release-key handovers lead back to the key {0}… (a cycle)")]
+    Cycle(String),
+}
+
+fn short(key: &[u8; 32]) -> String {
+    hex(&key[..8])
+}
+
+impl KeyHandover {
+    /// The bytes both keys sign.
+    pub fn statement(consortium: &str, old: &[u8; 32], new: &[u8; 32]) -> Vec<u8> {
+        let mut out = HANDOVER_DOMAIN.to_vec();
+        out.extend_from_slice(format!("{consortium}\n{}\n{}\n", hex(old), hex(new)).as_bytes());
+        out
+    }
+
+    /// A handover from `old` to `new`, signed by both (where the old key is).
+    pub fn make(consortium: &str, old: &Ed25519KeyPair, new: &Ed25519KeyPair) -> KeyHandover {
+        let key = |k: &Ed25519KeyPair| -> [u8; 32] {
+            // INVARIANT: an Ed25519 public key is 32 bytes.
+            k.public_key().as_ref().try_into().expect("32-byte Ed25519 public key")
+        };
+        let (o, n) = (key(old), key(new));
+        let statement = Self::statement(consortium, &o, &n);
+        KeyHandover {
+            old_key: hex(&o),
+            new_key: hex(&n),
+            old_signature: hex(old.sign(&statement).as_ref()),
+            new_signature: hex(new.sign(&statement).as_ref()),
+        }
+    }
+
+    /// The old and new keys, parsed.
+    pub fn keys(&self) -> Result<([u8; 32], [u8; 32]), HandoverError> {
+        let key = |what: &str, h: &str| {
+            unhex32(h).map_err(|_| HandoverError::Malformed(format!("{what} is not 32 bytes of hex")))
+        };
+        Ok((key("old_key", &self.old_key)?, key("new_key", &self.new_key)?))
+    }
+
+    /// Checks both signatures for `consortium`; returns the old and new keys.
+    pub fn verify(&self, consortium: &str) -> Result<([u8; 32], [u8; 32]), HandoverError> {
+        let (old, new) = self.keys()?;
+        if old == new {
+            return Err(HandoverError::SameKey(short(&old)));
+        }
+        let statement = Self::statement(consortium, &old, &new);
+        let signature = |what: &str, h: &str| -> Result<Vec<u8>, HandoverError> {
+            let sig = unhex(h).map_err(|_| HandoverError::Malformed(format!("{what} is not hex")))?;
+            if sig.len() != 64 {
+                return Err(HandoverError::Malformed(format!("{what}: expected 64 bytes, got {}", sig.len())));
+            }
+            Ok(sig)
+        };
+        let (old_sig, new_sig) =
+            (signature("old_signature", &self.old_signature)?, signature("new_signature", &self.new_signature)?);
+        let (o, n) = (short(&old), short(&new));
+        UnparsedPublicKey::new(&ED25519, &old)
+            .verify(&statement, &old_sig)
+            .map_err(|_| HandoverError::OldSignature { old: o.clone(), new: n.clone() })?;
+        UnparsedPublicKey::new(&ED25519, &new)
+            .verify(&statement, &new_sig)
+            .map_err(|_| HandoverError::NewSignature { old: o, new: n })?;
+        Ok((old, new))
+    }
+}
+
+/// Walks `chain` from `pinned`: returns the links taken, in order (empty: `pinned` is
+/// still the release key, or the chain does not reach it). Links that do not start at
+/// a key on the walk are ignored (a chain may begin before a site's enrolment); every
+/// link taken is verified, and a fork or a cycle on the walk is an error.
+pub fn walk(consortium: &str, pinned: &[u8; 32], chain: &[KeyHandover]) -> Result<Vec<KeyHandover>, HandoverError> {
+    let parsed: Vec<([u8; 32], &KeyHandover)> =
+        chain.iter().map(|h| Ok((h.keys()?.0, h))).collect::<Result<_, HandoverError>>()?;
+    let mut current = *pinned;
+    let mut seen = vec![current];
+    let mut taken = Vec::new();
+    loop {
+        let mut from_here = parsed.iter().filter(|(old, _)| *old == current);
+        let Some((_, link)) = from_here.next() else { return Ok(taken) };
+        if from_here.any(|(_, other)| other.new_key != link.new_key) {
+            return Err(HandoverError::Fork(short(&current)));
+        }
+        let (_, new) = link.verify(consortium)?;
+        if seen.contains(&new) {
+            return Err(HandoverError::Cycle(short(&new)));
+        }
+        seen.push(new);
+        taken.push((*link).clone());
+        current = new;
+    }
+}
+
+/// The rotations an audit log records (`release_key_rotated` entries), in log order.
+pub fn logged(entries: &[crate::Entry]) -> Vec<KeyHandover> {
+    entries
+        .iter()
+        .filter_map(|e| match &e.event {
+            crate::Event::ReleaseKeyRotated { old_key, new_key, old_signature, new_signature, .. } => {
+                Some(KeyHandover {
+                    old_key: old_key.clone(),
+                    new_key: new_key.clone(),
+                    old_signature: old_signature.clone(),
+                    new_signature: new_signature.clone(),
+                })
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+/// The keys reached from `pinned` along `chain`, `pinned` first.
+pub fn reached(consortium: &str, pinned: &[u8; 32], chain: &[KeyHandover]) -> Result<Vec<[u8; 32]>, HandoverError> {
+    let mut keys = vec![*pinned];
+    for h in walk(consortium, pinned, chain)? {
+        keys.push(h.keys()?.1);
+    }
+    Ok(keys)
+}
+
+#[cfg(test)]
+mod tests {
+    use ring::rand::SystemRandom;
+
+    use super::*;
+
+    fn key() -> Ed25519KeyPair {
+        let pkcs8 = Ed25519KeyPair::generate_pkcs8(&SystemRandom::new()).expect("keygen");
+        Ed25519KeyPair::from_pkcs8(pkcs8.as_ref()).expect("parse")
+    }
+
+    fn public(k: &Ed25519KeyPair) -> [u8; 32] {
+        k.public_key().as_ref().try_into().expect("32 bytes")
+    }
+
+    #[test]
+    fn a_handover_verifies_and_any_change_is_refused() {
+        let (a, b) = (key(), key());
+        let h = KeyHandover::make("c", &a, &b);
+        assert_eq!(h.verify("c"), Ok((public(&a), public(&b))));
+        // Another consortium's statement differs.
+        assert!(matches!(h.verify("d"), Err(HandoverError::OldSignature { .. })));
+        // Swapping in another new key breaks the old key's signature.
+        let mut forged = h.clone();
+        forged.new_key = hex(&public(&key()));
+        assert!(matches!(forged.verify("c"), Err(HandoverError::OldSignature { .. })));
+        // Signed by the new key only: the old key's signature is what counts.
+        let mallory = key();
+        let mut by_mallory = KeyHandover::make("c", &mallory, &b);
+        by_mallory.old_key = h.old_key.clone();
+        assert!(matches!(by_mallory.verify("c"), Err(HandoverError::OldSignature { .. })));
+        // A new key nobody proved to hold.
+        let mut unheld = h.clone();
+        unheld.new_signature = h.old_signature.clone();
+        assert!(matches!(unheld.verify("c"), Err(HandoverError::NewSignature { .. })));
+        let mut short_sig = h.clone();
+        short_sig.old_signature.truncate(10);
+        assert!(matches!(short_sig.verify("c"), Err(HandoverError::Malformed(_))));
+        let to_itself = KeyHandover::make("c", &a, &a);
+        assert!(matches!(to_itself.verify("c"), Err(HandoverError::SameKey(_))));
+    }
+
+    #[test]
+    fn a_walk_follows_the_chain_from_the_pinned_key_only() {
+        let (a, b, c, d) = (key(), key(), key(), key());
+        let chain =
+            vec![KeyHandover::make("x", &a, &b), KeyHandover::make("x", &b, &c), KeyHandover::make("x", &c, &d)];
+        let walked = walk("x", &public(&a), &chain).expect("walk from a");
+        assert_eq!(walked.len(), 3);
+        assert_eq!(walked.last().map(|h| h.new_key.clone()), Some(hex(&public(&d))));
+        // A site enrolled after the first rotation starts at b.
+        assert_eq!(walk("x", &public(&b), &chain).expect("walk from b").len(), 2);
+        // Order in the list does not matter; the pinned key at the end walks nothing.
+        let reversed: Vec<_> = chain.iter().rev().cloned().collect();
+        assert_eq!(walk("x", &public(&a), &reversed).expect("reversed").len(), 3);
+        assert!(walk("x", &public(&d), &chain).expect("at the end").is_empty());
+        // A key the chain never names walks nothing (the release then fails REL-4b).
+        assert!(walk("x", &public(&key()), &chain).expect("stranger").is_empty());
+    }
+
+    #[test]
+    fn a_walk_refuses_forks_cycles_and_a_bad_link_on_its_way() {
+        let (a, b, c) = (key(), key(), key());
+        let fork = vec![KeyHandover::make("x", &a, &b), KeyHandover::make("x", &a, &c)];
+        assert!(matches!(walk("x", &public(&a), &fork), Err(HandoverError::Fork(_))));
+        let cycle = vec![KeyHandover::make("x", &a, &b), KeyHandover::make("x", &b, &a)];
+        assert!(matches!(walk("x", &public(&a), &cycle), Err(HandoverError::Cycle(_))));
+        let mut bad = vec![KeyHandover::make("x", &a, &b), KeyHandover::make("x", &b, &c)];
+        bad[1].new_signature = bad[1].old_signature.clone();
+        assert!(matches!(walk("x", &public(&a), &bad), Err(HandoverError::NewSignature { .. })));
+        // A bad link off the walk is not looked at; one that names no key is malformed.
+        assert_eq!(walk("x", &public(&c), &bad).expect("off the walk").len(), 0);
+        bad[0].old_key = "zz".into();
+        assert!(matches!(walk("x", &public(&a), &bad), Err(HandoverError::Malformed(_))));
+    }
+}
