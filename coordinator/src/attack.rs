@@ -24,6 +24,9 @@
 //! - `forge-release` — a compromised serving host without the release key: promote a
 //!   release that waits for it anyway, with a "release signature" made by the signing
 //!   key it does hold.
+//! - `forge-handover` — the same host serves every release with a release-key handover
+//!   of its own making (from the pinned key to a key it holds, "signed" by the signing
+//!   key) and signs the release with its key.
 //!
 //! Each attack also turns off the coordinator's own check that would stop it, so the
 //! test sees what the sites do about it. The existing test hooks (a forked audit view,
@@ -40,6 +43,7 @@ pub enum Attack {
     Sybil(String),
     GraphSeed(String),
     ForgeRelease,
+    ForgeHandover,
 }
 
 #[cfg(feature = "fault-injection")]
@@ -55,6 +59,7 @@ fn parse(spec: &str) -> Option<Attack> {
         "tamper-offer" => Some(Attack::TamperOffer),
         "unlogged-offer" => Some(Attack::UnloggedOffer),
         "forge-release" => Some(Attack::ForgeRelease),
+        "forge-handover" => Some(Attack::ForgeHandover),
         _ => None,
     }
 }

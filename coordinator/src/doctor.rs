@@ -78,20 +78,43 @@ pub fn check(dir: &Path) -> Checks {
         }
     });
     c.require("signing key", signing, "restore signing.key and signing.pub from your backup (sites trust this key)");
-    match (home.release_public(), home.release_key()) {
+    match (home.release_keys(), home.release_key_file()) {
         (Ok(None), _) => c.ok("release key", "none (a consortium from before release keys: one signature a release)"),
-        (Ok(Some(public)), Ok(Some(k))) if hex(k.public_key().as_ref()) == public => c.warn(
+        (Ok(Some(keys)), Ok(Some(k))) if k.public_key().as_ref() == keys.current => c.warn(
             "release key",
-            format!("release.key {}… is on this host: a compromised host could sign releases", &public[..16]),
+            format!(
+                "release.key {}… is on this host: a compromised host could sign releases",
+                &hex(&keys.current)[..16]
+            ),
             "move release.key to another machine and sign releases there (`models sign`; docs/protocols/releases.md)",
         ),
-        (Ok(Some(_)), Ok(Some(_))) => {
-            c.fail("release key", "release.pub does not hold release.key's public key", "restore both from your backup")
+        (Ok(Some(keys)), Ok(Some(k))) if keys.all().iter().any(|old| k.public_key().as_ref() == old) => c.warn(
+            "release key",
+            format!(
+                "release.key is a retired release key ({} rotation(s)); the current one is {}…",
+                keys.chain.len(),
+                &hex(&keys.current)[..16]
+            ),
+            "delete the retired HOME/release.key, or put the current key there for the coordinator to sign releases",
+        ),
+        (Ok(Some(_)), Ok(Some(_))) => c.fail(
+            "release key",
+            "release.key is none of the consortium's release keys (release.pub, release-keys.json)",
+            "restore them from your backup",
+        ),
+        (Ok(Some(keys)), Ok(None)) => {
+            let rotated = match keys.chain.len() {
+                0 => String::new(),
+                n => format!(", after {n} rotation(s)"),
+            };
+            c.ok(
+                "release key",
+                format!("{}… kept off this host{rotated}; releases wait for `models sign`", &hex(&keys.current)[..16]),
+            );
         }
-        (Ok(Some(public)), Ok(None)) => {
-            c.ok("release key", format!("{}… kept off this host; releases wait for `models sign`", &public[..16]));
+        (Err(e), _) | (_, Err(e)) => {
+            c.fail("release key", format!("{e:#}"), "restore release.pub and release-keys.json from your backup")
         }
-        (Err(e), _) | (_, Err(e)) => c.fail("release key", format!("{e:#}"), "restore release.pub from your backup"),
     }
     c.writable("state", &home.state());
     if let Some(signing) = signing_key_bytes(&home) {

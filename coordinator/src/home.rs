@@ -7,6 +7,9 @@
 //! HOME/operator.pem, .key  the operator CLI's identity
 //! HOME/signing.key         Ed25519 PKCS#8: signs releases and audit checkpoints
 //! HOME/signing.pub         its public key (hex), also in every enrolment bundle
+//! HOME/release.key         Ed25519 PKCS#8: the release key (best kept elsewhere)
+//! HOME/release.pub         the first release key (hex); HOME/release-keys.json, its
+//!                          rotations (crate::release_key); bundles carry the current
 //! HOME/sites/ID.pem        the certificate of each approved site (its current key)
 //! HOME/sites/replaced/ID.FINGERPRINT.pem  certificates replaced by `sites approve
 //!                          --replace` (revoked; kept for the audit export)
@@ -168,36 +171,44 @@ impl Home {
         })
     }
 
-    /// HOME/release.key, or `None` when the lead keeps it elsewhere (releases then wait
-    /// for `models sign`).
-    pub fn release_key(&self) -> Result<Option<ring::signature::Ed25519KeyPair>> {
+    /// HOME/release.key as it is (it may be a retired key after a rotation).
+    pub fn release_key_file(&self) -> Result<Option<ring::signature::Ed25519KeyPair>> {
         let p = self.path("release.key");
         match std::fs::read(&p) {
-            Ok(bytes) => Ok(Some(
-                ring::signature::Ed25519KeyPair::from_pkcs8(&bytes)
-                    .map_err(|_| anyhow::anyhow!("{} is not an Ed25519 PKCS#8 key", p.display()))?,
-            )),
+            Ok(_) => crate::release_key::read_key(&p).map(Some),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(e).with_context(|| format!("reading {}", p.display())),
         }
     }
 
-    /// HOME/release.pub (hex), or `None` for a consortium created before release keys:
-    /// its releases carry the signing key's signature only.
-    pub fn release_public(&self) -> Result<Option<String>> {
-        match std::fs::read_to_string(self.path("release.pub")) {
-            Ok(text) => Ok(Some(text.trim().to_string())),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(e).context("reading release.pub"),
+    /// HOME/release.key when it is the current release key, or `None` when the lead
+    /// keeps it elsewhere (releases then wait for `models sign`). A retired key left in
+    /// HOME after a rotation counts as none (logged): it would sign what no site takes.
+    pub fn release_key(&self) -> Result<Option<ring::signature::Ed25519KeyPair>> {
+        let (Some(key), Some((_, current))) = (self.release_key_file()?, self.release_verify_key()?) else {
+            return Ok(None);
+        };
+        if key.public_key().as_ref() != current {
+            tracing::warn!(
+                "HOME/release.key is not the current release key (it was rotated); releases wait for \
+                 `maeum-coordinator models sign N --key FILE`"
+            );
+            return Ok(None);
         }
+        Ok(Some(key))
     }
 
-    /// HOME/release.pub as hex and as the key releases are checked under (`None`: a
-    /// consortium from before release keys).
+    /// The current release key (hex; see [`crate::release_key`]), or `None` for a
+    /// consortium created before release keys: its releases carry the signing key's
+    /// signature only.
+    pub fn release_public(&self) -> Result<Option<String>> {
+        Ok(self.release_keys()?.map(|k| hex(&k.current)))
+    }
+
+    /// The current release key as hex and as the key releases are checked under
+    /// (`None`: a consortium from before release keys).
     pub fn release_verify_key(&self) -> Result<Option<(String, [u8; 32])>> {
-        let Some(public) = self.release_public()? else { return Ok(None) };
-        let key = maeum_tlog::unhex32(&public).context("HOME/release.pub is not 32 bytes of hex")?;
-        Ok(Some((public, key)))
+        Ok(self.release_keys()?.map(|k| (hex(&k.current), k.current)))
     }
 
     pub fn signing_key(&self) -> Result<ring::signature::Ed25519KeyPair> {

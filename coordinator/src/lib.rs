@@ -21,6 +21,7 @@ pub mod home;
 pub mod metrics;
 pub mod models;
 pub mod registry;
+pub mod release_key;
 pub mod resume;
 pub mod retention;
 pub mod rounds;

@@ -97,6 +97,9 @@ enum Command {
     /// Signed model releases: list, show, promote, roll back, export.
     #[command(subcommand)]
     Models(ModelsCommand),
+    /// The consortium's release key: show it, rotate it (where the key is).
+    #[command(subcommand)]
+    ReleaseKey(ReleaseKeyCommand),
     /// The operator certificate of this home (`operator.pem`).
     #[command(subcommand)]
     Operator(OperatorCommand),
@@ -177,6 +180,35 @@ enum AuditCommand {
         /// container with `kubectl exec … --out - > audit.json`).
         #[arg(long, value_name = "FILE")]
         out: PathBuf,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ReleaseKeyCommand {
+    /// Hand the release key over to a new one, where the old key is: both keys sign
+    /// the handover, the coordinator logs it (release_key_rotated), sites follow it with
+    /// the next release they install, and the current release is signed again with
+    /// the new key. NEW is made (mode 0600) unless it exists.
+    Rotate {
+        #[command(flatten)]
+        home: HomeArg,
+        /// The current release key (Ed25519 PKCS#8).
+        #[arg(long, value_name = "OLD")]
+        key: PathBuf,
+        /// Where the new release key goes (or is, for a retried rotation).
+        #[arg(long, value_name = "NEW")]
+        new_key: PathBuf,
+        /// Print one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
+    /// The current release key, the first one and every rotation (from HOME, offline).
+    Show {
+        #[command(flatten)]
+        home: HomeArg,
+        /// Print one JSON object.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -488,6 +520,12 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Command::Models(ModelsCommand::Export { home, version, out, layout, json }) => {
             models::export(&home.home, &version, &out, layout, json).await?;
+        }
+        Command::ReleaseKey(ReleaseKeyCommand::Rotate { home, key, new_key, json }) => {
+            maeum_coordinator::release_key::rotate_cli(&home.home, &key, &new_key, json).await?;
+        }
+        Command::ReleaseKey(ReleaseKeyCommand::Show { home, json }) => {
+            maeum_coordinator::release_key::show(&home.home, json)?;
         }
         Command::Demo(a) => demo::run(a).await?,
     }

@@ -34,6 +34,8 @@ use maeum_tlog::{rfc3339, unhex32};
 
 use crate::client::connect;
 use crate::home::{Home, write_file};
+use maeum_protocols::wire::pb::control_client::ControlClient;
+use tonic::transport::Channel;
 
 /// A release as the CLI shows it.
 #[derive(Debug, Serialize)]
@@ -126,7 +128,7 @@ fn view(info: &pb::ReleaseInfo, with_card: bool) -> Result<ReleaseView> {
         crisis_recall: eval.and_then(crisis_recall),
         gate_failures: info.gate_failures.clone(),
         gate_overrides: info.gate_overrides.iter().map(OverrideView::from).collect(),
-        release_key_signed: !r.release_signature.is_empty(),
+        release_key_signed: info.release_key_signed,
         installs: info
             .installs
             .iter()
@@ -354,16 +356,9 @@ pub async fn promote(home: &Path, version: &str, override_reason: Option<&str>, 
 /// HOME/release.pub). The manifest is built from what the coordinator serves sites,
 /// and its card digest is checked against the card before anything is signed.
 pub async fn sign(home: &Path, version: &str, key: &Path, json: bool) -> Result<()> {
-    let pkcs8 = std::fs::read(key).with_context(|| format!("reading {}", key.display()))?;
-    let pair = ring::signature::Ed25519KeyPair::from_pkcs8(&pkcs8)
-        .map_err(|_| anyhow::anyhow!("{} is not an Ed25519 PKCS#8 key (a release.key)", key.display()))?;
+    let pair = crate::release_key::read_key(key)?;
     let mut client = connect(home).await?;
-    let info = client.get_release_info(pb::ReleaseSelector { version: version.into() }).await?.into_inner();
-    let msg = ReleaseMsg::from_pb(info.release.context("the coordinator sent no release")?)?;
-    let card = check_card(&msg.manifest, &msg.card).context("the release's card does not match its manifest")?;
-    let signature = msg.manifest.sign(&pair);
-    let req = pb::SignReleaseRequest { version: version.into(), release_signature: signature };
-    let signed = client.sign_release(req).await?.into_inner();
+    let (msg, card, signed) = sign_with(&mut client, version, &pair).await?;
     let v = view(&signed, false)?;
     if json {
         println!("{}", serde_json::to_string(&v)?);
@@ -382,6 +377,22 @@ pub async fn sign(home: &Path, version: &str, key: &Path, json: bool) -> Result<
         );
     }
     Ok(())
+}
+
+/// Signs release `version` with `pair` (its card checked against the manifest first)
+/// and sends only the signature (`Control.SignRelease`).
+pub async fn sign_with(
+    client: &mut ControlClient<Channel>,
+    version: &str,
+    pair: &ring::signature::Ed25519KeyPair,
+) -> Result<(ReleaseMsg, ModelCard, pb::ReleaseInfo)> {
+    let info = client.get_release_info(pb::ReleaseSelector { version: version.into() }).await?.into_inner();
+    let msg = ReleaseMsg::from_pb(info.release.context("the coordinator sent no release")?)?;
+    let card = check_card(&msg.manifest, &msg.card).context("the release's card does not match its manifest")?;
+    let signature = msg.manifest.sign(pair);
+    let req = pb::SignReleaseRequest { version: version.into(), release_signature: signature };
+    let signed = client.sign_release(req).await?.into_inner();
+    Ok((msg, card, signed))
 }
 
 /// `models rollback`.
@@ -425,12 +436,10 @@ pub async fn export(home: &Path, version: &str, out: &Path, layout: ExportLayout
     let key_hex = Home::new(home).read("signing.pub")?;
     let key = unhex32(key_hex.trim()).context("HOME/signing.pub")?;
     r.manifest.verify(&key, &r.signature).context("checking the release before export")?;
-    let release_key = Home::new(home).release_verify_key()?;
-    if !r.release_signature.is_empty() {
-        let (_, public) =
-            release_key.as_ref().context("the release carries a release-key signature, but HOME has no release.pub")?;
-        r.manifest.verify(public, &r.release_signature).context("checking the release-key signature before export")?;
-    }
+    let release_key = match r.release_signature.is_empty() {
+        true => None,
+        false => Some(crate::release_key::signer(&Home::new(home), &r).context("checking the release before export")?),
+    };
     let card = check_card(&r.manifest, &r.card).context("checking the release before export")?;
     r.manifest.check_blob(&Digest::of(&blob).0).context("checking the release before export")?;
 
@@ -456,7 +465,7 @@ pub async fn export(home: &Path, version: &str, out: &Path, layout: ExportLayout
         (
             path(format!("release-v{n}.json")),
             ReleaseFile::new(r.manifest.clone(), &r.signature, &key, r.audit_seq)
-                .with_release_key(&r.release_signature, release_key.as_ref().map_or("", |(hex, _)| hex.as_str()))
+                .with_release_key(&r.release_signature, release_key.as_deref().unwrap_or(""))
                 .encode(),
         ),
         (path(format!("curve-v{n}.svg")), curve_svg(&card).into_bytes()),
@@ -868,6 +877,7 @@ mod tests {
             release_signature: Vec::new(),
             card: Vec::new(),
             audit_seq: 41,
+            handovers: Vec::new(),
         }
     }
 

@@ -80,6 +80,7 @@ impl ReleaseRecord {
             release_signature: unhex(&self.release_signature).context("stored release-key signature")?,
             card: self.card.clone().into_bytes(),
             audit_seq: self.audit_seq,
+            handovers: Vec::new(),
         })
     }
 }
@@ -163,7 +164,7 @@ impl Registry {
         Ok(Registry { db: db.clone(), write: std::sync::Mutex::new(()) })
     }
 
-    fn guard(&self) -> std::sync::MutexGuard<'_, ()> {
+    pub(crate) fn guard(&self) -> std::sync::MutexGuard<'_, ()> {
         self.write.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 

@@ -39,18 +39,21 @@ pub async fn check(dir: &Path) -> Checks {
     {
         return c;
     }
-    match home.enrolment().map(|e| e.release_public_key) {
-        Ok(key) if key.is_empty() => c.warn(
+    match crate::release_keys::pinned(&home) {
+        Ok(None) => c.warn(
             "release key",
             "not pinned (a bundle from before release keys): releases are checked under the log key only, which the \
              coordinator's host holds",
             "run `maeum-site enroll` with a new bundle from the lead (`sites approve`, same request) to pin the \
              consortium's release key (docs/protocols/releases.md#two-keys)",
         ),
-        Ok(key) => {
-            c.ok("release key", format!("pinned {}… (releases must carry its signature)", &key[..16.min(key.len())]))
+        Ok(Some(p)) => c.ok(
+            "release key",
+            format!("pinned {} (releases must carry its signature)", crate::release_keys::describe(&p)),
+        ),
+        Err(e) => {
+            c.fail("release key", format!("{e:#}"), "restore enrolment.json and release-keys.json from your backup")
         }
-        Err(e) => c.fail("release key", format!("{e:#}"), "restore enrolment.json from your backup"),
     }
     c.certificate("CA certificate", &home.path("ca.pem"), now, 90, "ask the consortium lead about the CA's renewal");
     let renew = "a running daemon renews site.pem itself within 30 days of expiry (docs/protocols/certificates.md); \

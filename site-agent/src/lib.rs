@@ -13,6 +13,7 @@ pub mod metrics;
 pub mod policy;
 pub mod predict;
 mod redact;
+pub mod release_keys;
 pub mod releases;
 pub mod report;
 pub mod roster;

@@ -194,19 +194,25 @@ fn signing_key(home: &Home) -> Result<[u8; 32]> {
 
 /// Both signatures on a release: the signing key's, and the release key's when this
 /// site's enrolment names one (a serving host without the release key cannot make it).
-fn verify_signatures(home: &Home, m: &Manifest, signature: &[u8], release_signature: &[u8]) -> Result<()> {
+/// `release_keys`: the keys the release signature may be under (`None`: no release
+/// key pinned): the current one for a new release, any this site trusted for one
+/// installed before a rotation.
+fn verify_signatures(
+    home: &Home,
+    m: &Manifest,
+    (signature, release_signature): (&[u8], &[u8]),
+    release_keys: Option<&[[u8; 32]]>,
+) -> Result<()> {
     m.verify(&signing_key(home)?, signature)?;
-    let public = home.enrolment()?.release_public_key;
-    if public.is_empty() {
-        return Ok(());
-    }
-    let key = unhex32(&public).context("enrolment.json: release_public_key")?;
+    let Some(keys) = release_keys else { return Ok(()) };
     if release_signature.is_empty() {
         bail!("the release is not signed with the consortium's release key, which this site's enrolment requires");
     }
-    m.verify(&key, release_signature).map_err(|e| {
-        anyhow!("the release-key signature does not verify under the consortium's release key {}…: {e}", &public[..16])
-    })
+    if keys.iter().any(|k| m.verify(k, release_signature).is_ok()) {
+        return Ok(());
+    }
+    let shown = keys.last().map_or(String::new(), |k| hex(&k[..8]));
+    bail!("the release-key signature does not verify under the consortium's release key {shown}…")
 }
 
 /// The checks that need no network, on a release's parts: signatures, card, blob (the
@@ -215,7 +221,8 @@ fn verify_signatures(home: &Home, m: &Manifest, signature: &[u8], release_signat
 fn check_parts(
     home: &Home,
     m: &Manifest,
-    (signature, release_signature): (&[u8], &[u8]),
+    signatures: (&[u8], &[u8]),
+    release_keys: Option<&[[u8; 32]]>,
     card: &[u8],
     blob: &Path,
 ) -> Result<ModelCard> {
@@ -223,7 +230,7 @@ fn check_parts(
     if m.consortium != enrolment.consortium {
         bail!("the release is of consortium {:?}, this site is enrolled in {:?}", m.consortium, enrolment.consortium);
     }
-    verify_signatures(home, m, signature, release_signature)?;
+    verify_signatures(home, m, signatures, release_keys)?;
     let card = check_card(m, card)?;
     m.check_blob(&hash_file(blob)?.0)?;
     let (spec, _, _) = ModelSpec::load(blob).with_context(|| format!("loading {}", blob.display()))?;
@@ -271,7 +278,8 @@ pub fn verify_installed(home: &Home, r: &Installed) -> Result<ModelCard> {
     let sig = unhex(&r.signature).context("stored signature")?;
     let release_sig = unhex(&r.release_signature).context("stored release-key signature")?;
     let blob = model_path(home, &r.manifest.model_sha256);
-    let card = check_parts(home, &r.manifest, (&sig, &release_sig), r.card.as_bytes(), &blob)?;
+    let trusted = crate::release_keys::pinned(home)?.map(|p| p.all);
+    let card = check_parts(home, &r.manifest, (&sig, &release_sig), trusted.as_deref(), r.card.as_bytes(), &blob)?;
     let entry = Entry::decode(r.log_entry.as_bytes()).context("stored log entry")?;
     if entry.seq != r.log_seq || !is_release_entry(&entry.event, &r.manifest) {
         bail!("the stored log entry is not this release's model_release entry");
@@ -404,7 +412,13 @@ async fn install(agent: &Arc<Agent>, client: &mut Client, cur: &pb::ReleaseRef) 
             m.consortium, enrolment.consortium
         )));
     }
-    verify_signatures(home, m, &msg.signature, &msg.release_signature).map_err(|e| refused(format!("{e:#}")))?;
+    // The release key: follow the rotations served with the release, then check under
+    // the key they end at.
+    let current = crate::release_keys::follow(home, &msg.handovers, m.version)
+        .map_err(|e| refused(format!("refusing the release-key handovers: {e:#}")))?;
+    let current = current.map(|k| [k]);
+    let signatures = (&msg.signature[..], &msg.release_signature[..]);
+    verify_signatures(home, m, signatures, current.as_ref().map(|k| &k[..])).map_err(|e| refused(format!("{e:#}")))?;
     check_card(m, &msg.card).map_err(refused)?;
     // The blob: a copy already here is re-hashed, never trusted for its name.
     let path = model_path(home, &m.model_sha256);
@@ -419,8 +433,8 @@ async fn install(agent: &Arc<Agent>, client: &mut Client, cur: &pb::ReleaseRef) 
             None => Failure::Transient(e),
         });
     }
-    let signatures = (&msg.signature[..], &msg.release_signature[..]);
-    check_parts(home, m, signatures, &msg.card, &path).map_err(|e| refused(format!("{e:#}")))?;
+    check_parts(home, m, signatures, current.as_ref().map(|k| &k[..]), &msg.card, &path)
+        .map_err(|e| refused(format!("{e:#}")))?;
     // The log: a model_release entry naming both digests, proven against a checkpoint
     // this site witnessed (witness a newer one first if the release is newer).
     let (entry, proof, size, root) = prove_release(agent, client, m, msg.audit_seq).await?;

@@ -109,16 +109,7 @@ fn a_host_without_the_release_key_cannot_get_a_release_installed() {
     assert!(export.status.success(), "{}", String::from_utf8_lossy(&export.stderr));
     let audit = fed.cli(&["audit", "export", "--out", log.to_str().expect("utf-8")]);
     assert!(audit.status.success(), "{}", String::from_utf8_lossy(&audit.stderr));
-    let auditor = |key: &str| {
-        std::process::Command::new(bin("maeum-audit"))
-            .arg("release")
-            .arg(&out_dir)
-            .arg("--log")
-            .arg(&log)
-            .args(["--release-key", key])
-            .output()
-            .expect("maeum-audit runs")
-    };
+    let auditor = |key: &str| audit_release(&out_dir, &log, key);
     let ok = auditor(release_pub.trim());
     assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
     assert!(
@@ -130,4 +121,118 @@ fn a_host_without_the_release_key_cannot_get_a_release_installed() {
     let wrong = auditor(other_pub.trim());
     assert_eq!(wrong.status.code(), Some(1), "{}", String::from_utf8_lossy(&wrong.stderr));
     assert!(String::from_utf8_lossy(&wrong.stderr).contains("REL-4b"), "{}", String::from_utf8_lossy(&wrong.stderr));
+}
+
+/// `maeum-audit release DIR --log LOG --release-key KEY`.
+fn audit_release(dir: &std::path::Path, log: &std::path::Path, key: &str) -> std::process::Output {
+    std::process::Command::new(bin("maeum-audit"))
+        .arg("release")
+        .arg(dir)
+        .arg("--log")
+        .arg(log)
+        .args(["--release-key", key])
+        .output()
+        .expect("maeum-audit runs")
+}
+
+fn site_cmd(fed: &Federation, site: &str, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(bin("maeum-site"))
+        .args(args)
+        .arg("--home")
+        .arg(fed.site_home(site))
+        .output()
+        .expect("maeum-site")
+}
+
+/// Rotation (`docs/protocols/releases.md#rotating-the-release-key`): the lead hands the
+/// release key over twice; a compromised host cannot hand it over to a key of its own;
+/// every site walks both real handovers, installs the next release, and still verifies
+/// the release it installed under the first key; an auditor holding only the first key
+/// follows the log's rotations to the release's key.
+#[test]
+fn the_release_key_rotates_and_every_site_follows_the_handover() {
+    let mut fed = Federation::new(SITES.len());
+    let home = fed.coordinator_home();
+    let first = std::fs::read_to_string(home.join("release.pub")).expect("release.pub").trim().to_string();
+    fed.start_coordinator();
+    fed.start_sites(&SITES);
+    fed.wait_online(SITES.len());
+    let job = format!("{SMALL_MODEL}[train]\nepochs = 1\n");
+    let reason = ["--override-gate", "--reason", "e2e: a one-round model"];
+    let id = fed.submit("before", 1, 3, &job);
+    assert_eq!(fed.wait_job(&id, 3 * MIN)["state"], "completed");
+    fed.cli_json(&[&["models", "promote", "v1"][..], &reason[..]].concat());
+    for s in SITES {
+        wait(&format!("{s} installs v1"), MIN, || current_at(&fed, s) == 1);
+    }
+
+    // Two rotations, made where the key is; the current release is signed again each time.
+    let keys = fed.dir.path().join("lead-workstation");
+    std::fs::create_dir_all(&keys).expect("mkdir");
+    let (k0, k1, k2) = (home.join("release.key"), keys.join("k1.key"), keys.join("k2.key"));
+    let path = |p: &std::path::Path| p.to_str().expect("utf-8").to_string();
+    let r1 = fed.cli_json(&["release-key", "rotate", "--key", &path(&k0), "--new-key", &path(&k1)]);
+    assert_eq!((r1["rotations"].as_u64(), r1["resigned"].as_u64()), (Some(1), Some(1)), "{r1:#}");
+    // A handover from a key that is no longer current is refused.
+    let stale = fed.cli(&["release-key", "rotate", "--key", &path(&k0), "--new-key", &path(&keys.join("x.key"))]);
+    let err = String::from_utf8_lossy(&stale.stderr);
+    assert!(!stale.status.success() && err.contains("but the consortium's release key is"), "{err}");
+    let r2 = fed.cli_json(&["release-key", "rotate", "--key", &path(&k1), "--new-key", &path(&k2)]);
+    assert_eq!(r2["rotations"].as_u64(), Some(2), "{r2:#}");
+    let shown = fed.cli_json(&["release-key", "show"]);
+    assert_eq!((shown["first"].as_str(), shown["rotations"].as_array().map(Vec::len)), (Some(first.as_str()), Some(2)));
+    assert!(shown["private_key"].as_str().unwrap_or_default().contains("retired"), "{shown:#}");
+    assert_eq!(fed.cli_json(&["models", "show", "v1"])["release_key_signed"], true);
+
+    // A new release waits for the new key (the key in HOME is retired) and is signed with it.
+    let id = fed.submit("after", 1, 3, &job);
+    assert_eq!(fed.wait_job(&id, 3 * MIN)["state"], "completed");
+    assert_eq!(fed.cli_json(&["models", "show", "v2"])["release_key_signed"], false);
+    let out = fed.cli(&["models", "sign", "2", "--key", &path(&k2)]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    // The compromised host serves a handover to a key of its own: every site refuses.
+    assert!(fed.terminate_coordinator(MIN).is_some(), "the coordinator stops");
+    fed.start_coordinator_with(&[("MAEUM_COORDINATOR_ATTACK", "forge-handover")]);
+    fed.cli_json(&[&["models", "promote", "v2"][..], &reason[..]].concat());
+    for s in SITES {
+        wait(&format!("{s} refuses the forged handover"), MIN, || events(&fed, s).contains("handover"));
+        let log = events(&fed, s);
+        assert!(log.contains("is not signed by the release key it hands over from"), "{s}: {log}");
+        assert_eq!(current_at(&fed, s), 1, "{s} keeps v1 in service");
+        assert!(!fed.site_home(s).join("release-keys.json").exists(), "{s} moved its pin on a forged chain");
+    }
+
+    // The honest coordinator again: promoted once more, every site follows both rotations.
+    assert!(fed.terminate_coordinator(MIN).is_some(), "the coordinator stops");
+    fed.start_coordinator();
+    fed.cli_json(&[&["models", "promote", "v2"][..], &reason[..]].concat());
+    for s in SITES {
+        wait(&format!("{s} installs v2"), MIN, || current_at(&fed, s) == 2);
+        let followed: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(fed.site_home(s).join("release-keys.json")).expect("release-keys.json"),
+        )
+        .expect("json");
+        assert_eq!(followed.as_array().map(Vec::len), Some(2), "{s}: {followed:#}");
+        let doctor = String::from_utf8_lossy(&site_cmd(&fed, s, &["doctor"]).stdout).into_owned();
+        assert!(doctor.contains("by 2 rotations this site followed"), "{s}: {doctor}");
+        // v1, installed under the first key, still verifies offline.
+        let verify = site_cmd(&fed, s, &["models", "verify"]);
+        assert!(verify.status.success(), "{s}: {}", String::from_utf8_lossy(&verify.stderr));
+    }
+
+    // The auditor knows only the first key; the log's rotations lead to the release's.
+    let (out_dir, log) = (fed.dir.path().join("export"), fed.dir.path().join("audit.json"));
+    assert!(fed.cli(&["models", "export", "2", "--out", &path(&out_dir)]).status.success());
+    assert!(fed.cli(&["audit", "export", "--out", &path(&log)]).status.success());
+    let auditor = |key: &str| audit_release(&out_dir, &log, key);
+    let ok = auditor(&first);
+    let text = String::from_utf8_lossy(&ok.stdout);
+    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+    assert!(text.contains("2 logged rotation(s) from --release-key"), "{text}");
+    let log_text = std::fs::read_to_string(&log).expect("audit.json");
+    assert_eq!(log_text.matches("release_key_rotated").count(), 2, "both rotations are logged");
+    let stranger = "ab".repeat(32);
+    let wrong = auditor(&stranger);
+    assert_eq!(wrong.status.code(), Some(1), "{}", String::from_utf8_lossy(&wrong.stderr));
 }

@@ -81,8 +81,15 @@ impl Coord {
 
     fn release_info(&self, r: &crate::registry::ReleaseRecord, current: u32) -> Result<pb::ReleaseInfo, Status> {
         let consortium = self.home.consortium().map_err(internal)?.name;
+        let mut msg = r.message(&consortium).map_err(internal)?;
+        msg.handovers = self.home.release_handovers().map_err(internal)?;
+        let release_key_signed = match self.home.release_verify_key().map_err(internal)? {
+            Some((_, key)) => msg.manifest.verify(&key, &msg.release_signature).is_ok(),
+            None => false,
+        };
         Ok(pb::ReleaseInfo {
-            release: Some(r.message(&consortium).map_err(internal)?.to_pb()),
+            release_key_signed,
+            release: Some(msg.to_pb()),
             current: r.version == current,
             job_id: r.job_id.clone(),
             round: r.round,
@@ -401,6 +408,26 @@ impl pb::control_server::Control for Control {
         info!(version = signed.version, "release signed with the release key; it can be promoted");
         let current = c.registry.current().map_err(internal)?.map_or(0, |(r, _)| r.version);
         Ok(Response::new(c.release_info(&signed, current)?))
+    }
+
+    async fn rotate_release_key(&self, req: Request<pb::KeyHandover>) -> Result<Response<pb::ReleaseKeyInfo>, Status> {
+        let c = self.0.clone();
+        let operator = c.operator(&req)?;
+        let h = crate::release_key::from_request(req.into_inner()).map_err(Status::from)?;
+        let c2 = c.clone();
+        let keys = tokio::task::spawn_blocking(move || crate::release_key::rotate(&c2, &h, &operator))
+            .await
+            .map_err(|e| internal(e.into()))?
+            .map_err(|e| match e.downcast_ref::<crate::release_key::RotationRefused>() {
+                Some(why) => Status::invalid_argument(why.to_string()),
+                None => internal(e),
+            })?;
+        info!(
+            rotations = keys.chain.len(),
+            key = %&maeum_tlog::hex(&keys.current)[..16],
+            "the release key was rotated; sites follow with the next release"
+        );
+        Ok(Response::new(keys.to_pb()))
     }
 
     async fn rollback_release(&self, req: Request<pb::RollbackRequest>) -> Result<Response<pb::ReleaseInfo>, Status> {

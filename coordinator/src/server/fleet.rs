@@ -515,6 +515,10 @@ impl pb::fleet_server::Fleet for Fleet {
             .ok_or_else(|| Status::not_found(format!("no release v{version}")))?;
         let consortium = c.home.consortium().map_err(internal)?.name;
         let mut msg = r.message(&consortium).map_err(internal)?;
+        msg.handovers = c.home.release_handovers().map_err(internal)?;
+        if crate::attack::current() == Some(crate::attack::Attack::ForgeHandover) {
+            forge_handover(&mut msg, &c.home).map_err(internal)?;
+        }
         let mode = test_tamper();
         if !mode.is_empty() && mode != "blob" {
             warn!(site = %site, mode = %mode, version, "FAULT INJECTION: serving a tampered release");
@@ -766,6 +770,30 @@ fn test_tamper() -> String {
         return String::new();
     };
     std::fs::read_to_string(path).map(|s| s.trim().to_string()).unwrap_or_default()
+}
+
+/// The `forge-handover` attack: a compromised serving host (the signing key, not the
+/// release key) hands sites over to a release key of its own and signs the release
+/// with it. The old key's signature is the best it can make: by the signing key.
+fn forge_handover(msg: &mut wire::release::ReleaseMsg, home: &Home) -> anyhow::Result<()> {
+    use ring::signature::KeyPair as _;
+    let Some((_, current)) = home.release_verify_key()? else { return Ok(()) };
+    let pkcs8 = ring::signature::Ed25519KeyPair::generate_pkcs8(&ring::rand::SystemRandom::new())
+        .map_err(|_| anyhow::anyhow!("keygen"))?;
+    let mine = ring::signature::Ed25519KeyPair::from_pkcs8(pkcs8.as_ref()).map_err(|_| anyhow::anyhow!("keygen"))?;
+    let signing = home.signing_key()?;
+    let new: [u8; 32] = mine.public_key().as_ref().try_into()?;
+    let statement = maeum_tlog::handover::KeyHandover::statement(&msg.manifest.consortium, &current, &new);
+    let h = maeum_tlog::handover::KeyHandover {
+        old_key: maeum_tlog::hex(&current),
+        new_key: maeum_tlog::hex(&new),
+        old_signature: maeum_tlog::hex(signing.sign(&statement).as_ref()),
+        new_signature: maeum_tlog::hex(mine.sign(&statement).as_ref()),
+    };
+    warn!(version = msg.manifest.version, "ATTACK: serving a forged release-key handover");
+    msg.handovers.push(h);
+    msg.release_signature = msg.manifest.sign(&mine);
+    Ok(())
 }
 
 fn tamper_release(msg: &mut wire::release::ReleaseMsg, mode: &str, home: &Home) -> anyhow::Result<()> {

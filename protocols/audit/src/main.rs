@@ -302,13 +302,28 @@ fn run(command: Command) -> Result<(), Failure> {
             let trust = trust_key(trust.as_deref())?;
             let v = verified(&log, trust.as_ref())?;
             let (audit, _) = check_release(&release, &v)?;
+            let mut rotations = 0;
             if let Some(want) = release_key.map(|k| k.trim().to_ascii_lowercase()) {
                 match &audit.release_public_key {
                     Some(got) if *got == want => {}
                     Some(got) => {
-                        return Err(Failure::Check(format!(
-                            "REL-4b: the release is signed by release key {got}, not {want}"
-                        )));
+                        // The key may have been rotated: walk the log's rotations from the
+                        // key the auditor trusts.
+                        let pinned = maeum_tlog::unhex32(&want)
+                            .map_err(|_| Failure::Run(anyhow::anyhow!("--release-key is not 32 bytes of hex")))?;
+                        let chain = maeum_tlog::handover::logged(&v.export.entries);
+                        let keys = maeum_tlog::handover::reached(&audit.consortium, &pinned, &chain)
+                            .map_err(|e| Failure::Check(format!("REL-4b: the log's release-key rotations: {e}")))?;
+                        match keys.iter().position(|k| maeum_tlog::hex(k) == *got) {
+                            Some(n) => rotations = n,
+                            None => {
+                                return Err(Failure::Check(format!(
+                                    "REL-4b: the release is signed by release key {got}, not {want} nor a key the log \
+                                     shows it handed over to ({} rotation(s) from it)",
+                                    keys.len() - 1
+                                )));
+                            }
+                        }
                     }
                     None => {
                         return Err(Failure::Check(format!(
@@ -321,6 +336,9 @@ fn run(command: Command) -> Result<(), Failure> {
                 print_json(&audit)?;
             } else {
                 print_release(&audit, &log, trust.is_some());
+                if rotations > 0 {
+                    println!("  rotations   the release key is {rotations} logged rotation(s) from --release-key");
+                }
             }
             Ok(())
         }
@@ -626,6 +644,9 @@ fn line(entry: &Entry) -> String {
         }
         Event::OperatorCommand { operator, command, result } => {
             format!("operator={operator} command={command:?} result={result:?}")
+        }
+        Event::ReleaseKeyRotated { operator, old_key, new_key, .. } => {
+            format!("operator={operator} from={} to={}", short(old_key), short(new_key))
         }
         Event::JobFinished { job_id, state } => format!("job={job_id} state={state}"),
         Event::Checkpoint { size, root } => format!("size={size} root={}", short(root)),

@@ -1,7 +1,12 @@
 //! Conversions for signed model releases (see [`maeum_tlog::release`]).
 
 use super::{Digest, ModelRef, WireError, invalid, pb};
+use maeum_tlog::handover::KeyHandover;
 use maeum_tlog::release::{CardAdapter, MAX_CARD_BYTES, Manifest};
+use maeum_tlog::{hex, unhex};
+
+/// At most this many rotations of the release key travel with a release.
+pub const MAX_HANDOVERS: usize = 256;
 
 /// What a model card says of `spec`'s adapters (`encoder-lora`), or `None`: the one
 /// mapping the coordinator writes into a card and a site checks a card against.
@@ -26,6 +31,49 @@ pub struct ReleaseMsg {
     pub release_signature: Vec<u8>,
     pub card: Vec<u8>,
     pub audit_seq: u64,
+    /// Every rotation of the release key, oldest first (see `pb::Release`).
+    pub handovers: Vec<KeyHandover>,
+}
+
+/// A handover on the wire (bytes) from its stored form (hex). The stored form comes
+/// from the coordinator's own file and log, so a field that is not hex is its error.
+pub fn handover_to_pb(h: &KeyHandover) -> pb::KeyHandover {
+    let bytes = |s: &str| unhex(s).unwrap_or_default();
+    pb::KeyHandover {
+        old_key: bytes(&h.old_key),
+        new_key: bytes(&h.new_key),
+        old_signature: bytes(&h.old_signature),
+        new_signature: bytes(&h.new_signature),
+    }
+}
+
+/// A handover from the wire, its lengths checked (its signatures are not: see
+/// [`maeum_tlog::handover`]).
+pub fn handover_from_pb(field: &'static str, h: pb::KeyHandover) -> Result<KeyHandover, WireError> {
+    for (what, len, want) in [
+        ("old_key", h.old_key.len(), 32),
+        ("new_key", h.new_key.len(), 32),
+        ("old_signature", h.old_signature.len(), 64),
+        ("new_signature", h.new_signature.len(), 64),
+    ] {
+        if len != want {
+            return Err(invalid(field, format!("{what}: expected {want} bytes, got {len}")));
+        }
+    }
+    Ok(KeyHandover {
+        old_key: hex(&h.old_key),
+        new_key: hex(&h.new_key),
+        old_signature: hex(&h.old_signature),
+        new_signature: hex(&h.new_signature),
+    })
+}
+
+/// A list of handovers from the wire, at most [`MAX_HANDOVERS`].
+pub fn handovers_from_pb(field: &'static str, list: Vec<pb::KeyHandover>) -> Result<Vec<KeyHandover>, WireError> {
+    if list.len() > MAX_HANDOVERS {
+        return Err(invalid(field, format!("{} handovers; at most {MAX_HANDOVERS}", list.len())));
+    }
+    list.into_iter().map(|h| handover_from_pb(field, h)).collect()
 }
 
 impl ReleaseMsg {
@@ -53,6 +101,7 @@ impl ReleaseMsg {
             card: self.card.clone(),
             audit_seq: self.audit_seq,
             release_signature: self.release_signature.clone(),
+            release_key_handovers: self.handovers.iter().map(handover_to_pb).collect(),
         }
     }
 
@@ -93,6 +142,7 @@ impl ReleaseMsg {
             release_signature: r.release_signature,
             card: r.card,
             audit_seq: r.audit_seq,
+            handovers: handovers_from_pb("release.release_key_handovers", r.release_key_handovers)?,
         })
     }
 }
@@ -115,12 +165,25 @@ mod tests {
             release_signature: vec![2; 64],
             card: b"{}".to_vec(),
             audit_seq: 9,
+            handovers: vec![KeyHandover {
+                old_key: "01".repeat(32),
+                new_key: "02".repeat(32),
+                old_signature: "03".repeat(64),
+                new_signature: "04".repeat(64),
+            }],
         }
     }
 
     #[test]
     fn a_release_round_trips_and_malformed_ones_are_refused() {
         assert_eq!(ReleaseMsg::from_pb(msg().to_pb()), Ok(msg()));
+        let mut p = msg().to_pb();
+        p.release_key_handovers[0].new_signature.pop();
+        let err = ReleaseMsg::from_pb(p).expect_err("refused").to_string();
+        assert!(err.contains("release.release_key_handovers") && err.contains("new_signature"), "{err}");
+        let mut p = msg().to_pb();
+        p.release_key_handovers = vec![p.release_key_handovers[0].clone(); MAX_HANDOVERS + 1];
+        assert!(ReleaseMsg::from_pb(p).is_err());
         let mut p = msg().to_pb();
         p.signature.pop();
         assert!(ReleaseMsg::from_pb(p).expect_err("refused").to_string().contains("release.signature"));
