@@ -177,6 +177,15 @@ pub(crate) fn read_full(file: &mut std::fs::File, buf: &mut [u8]) -> std::io::Re
     Ok(n)
 }
 
+/// Reads up to `n` bytes (fewer only at the end of the file) into a new buffer that is
+/// never zeroed first: the kernel writes the bytes straight into fresh memory.
+pub(crate) fn read_chunk(file: &mut std::fs::File, n: usize) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    let mut buf = Vec::with_capacity(n);
+    file.take(n as u64).read_to_end(&mut buf)?;
+    Ok(buf)
+}
+
 /// Writes `words` little-endian, 64 Ki words at a time.
 pub fn write_words_le(out: &mut dyn std::io::Write, words: &[u32]) -> std::io::Result<()> {
     for chunk in words.chunks(1 << 16) {

@@ -23,6 +23,9 @@ pub async fn connect(home: &Path) -> Result<ControlClient<Channel>> {
     let channel = Endpoint::from_shared(format!("https://{}", consortium.address))?
         .tls_config(tls)?
         .connect_timeout(Duration::from_secs(5))
+        .initial_stream_window_size(maeum_protocols::wire::H2_SITE_STREAM_WINDOW)
+        .initial_connection_window_size(maeum_protocols::wire::H2_SITE_CONNECTION_WINDOW)
+        .max_frame_size(maeum_protocols::wire::H2_MAX_FRAME)
         .connect()
         .await
         .with_context(|| format!("connecting to the coordinator at {}", consortium.address))?;

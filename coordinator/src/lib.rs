@@ -140,6 +140,9 @@ pub async fn serve(
     });
     let result = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(20)))
+        .max_frame_size(maeum_protocols::wire::H2_MAX_FRAME)
+        .initial_stream_window_size(maeum_protocols::wire::H2_COORDINATOR_STREAM_WINDOW)
+        .initial_connection_window_size(maeum_protocols::wire::H2_COORDINATOR_CONNECTION_WINDOW)
         .layer(count_status)
         .add_service(pb::fleet_server::FleetServer::new(server::Fleet(coord.clone())))
         .add_service(pb::control_server::ControlServer::new(server::Control(coord.clone())))

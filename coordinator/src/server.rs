@@ -27,7 +27,7 @@ use maeum_protocols::wire::{
 use maeum_tlog::release::is_crisis_label;
 
 use crate::audit::AuditLog;
-use crate::blobs::{Blobs, read_full};
+use crate::blobs::{Blobs, read_chunk, read_full};
 use crate::home::{Home, now_ms};
 use crate::secagg::SecAggRound;
 use crate::store::{Decision, JobRecord, JobState, SiteRecord, Store, VersionRecord};

@@ -24,6 +24,21 @@ pub mod pb {
 /// moves as a stream of chunks.
 pub const CHUNK_SIZE: usize = 1 << 20;
 
+/// The HTTP/2 frame size a receiver of chunks allows (SETTINGS_MAX_FRAME_SIZE): a chunk
+/// crosses in two frames, not 64 of the default 16 KiB, each of which costs the sender
+/// a wake-up and a flush (docs/benchmarks.md "Transfer throughput").
+pub const H2_MAX_FRAME: u32 = 1 << 20;
+/// A site's HTTP/2 receive window per stream: eight chunks in flight on a download.
+pub const H2_SITE_STREAM_WINDOW: u32 = 8 << 20;
+/// A site's receive window for its one connection.
+pub const H2_SITE_CONNECTION_WINDOW: u32 = 16 << 20;
+/// The coordinator's receive window per stream (uploads): two chunks in flight. Kept
+/// small: it bounds what N sites uploading at once may leave unread in its memory
+/// (N × [`H2_COORDINATOR_CONNECTION_WINDOW`] at worst).
+pub const H2_COORDINATOR_STREAM_WINDOW: u32 = 2 << 20;
+/// The coordinator's receive window per connection (one a site).
+pub const H2_COORDINATOR_CONNECTION_WINDOW: u32 = 4 << 20;
+
 /// The `SiteStatus.stage` of a connectivity probe (`maeum-site doctor`): the
 /// coordinator checks the certificate and answers, but does not count the site online.
 pub const PROBE_STAGE: &str = "doctor";
@@ -523,7 +538,7 @@ impl From<&UploadHeader> for pb::UploadHeader {
 /// Builds a chunk message for `data` at `offset`.
 pub fn chunk(offset: u64, data: Vec<u8>) -> pb::Chunk {
     let sha256 = Digest::of(&data).hex();
-    pb::Chunk { offset, data, sha256 }
+    pb::Chunk { offset, data: data.into(), sha256 }
 }
 
 /// Checks a received chunk: it starts where the previous one ended, fits in `total`

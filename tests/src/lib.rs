@@ -167,6 +167,9 @@ pub async fn site_client(
         .expect("uri")
         .tls_config(maeum_pki::tls::client_tls(&read("ca.pem"), &me, "127.0.0.1"))
         .expect("tls")
+        .initial_stream_window_size(maeum_protocols::wire::H2_SITE_STREAM_WINDOW)
+        .initial_connection_window_size(maeum_protocols::wire::H2_SITE_CONNECTION_WINDOW)
+        .max_frame_size(maeum_protocols::wire::H2_MAX_FRAME)
         .connect()
         .await
         .expect("connect");

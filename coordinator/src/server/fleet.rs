@@ -157,7 +157,7 @@ impl pb::fleet_server::Fleet for Fleet {
         }
         let mine = c.downloads_open.open(&site)?;
         let slot = c.download_slots.clone().acquire_owned().await.map_err(|_| Status::unavailable("shutting down"))?;
-        let (tx, rx) = tokio::sync::mpsc::channel(2);
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
         let mut offset = r.offset;
         let (runtime, stall) = (tokio::runtime::Handle::current(), transfer_stall());
         tokio::task::spawn_blocking(move || {
@@ -187,15 +187,14 @@ impl pb::fleet_server::Fleet for Fleet {
                     let _ = tx.blocking_send(Err(Status::permission_denied("site revoked")));
                     return;
                 }
-                let mut buf = vec![0u8; CHUNK_SIZE - (offset % CHUNK_SIZE as u64) as usize];
-                let n = match read_full(&mut file, &mut buf) {
-                    Ok(n) => n,
+                let mut buf = match read_chunk(&mut file, CHUNK_SIZE - (offset % CHUNK_SIZE as u64) as usize) {
+                    Ok(buf) => buf,
                     Err(e) => return send_err(format!("reading model: {e}")),
                 };
+                let n = buf.len();
                 if n == 0 {
                     return;
                 }
-                buf.truncate(n);
                 if tamper_blob && offset == 0 {
                     // Past the safetensors header: the file still parses, the digest differs.
                     let at = buf.len() - 1;
@@ -205,7 +204,7 @@ impl pb::fleet_server::Fleet for Fleet {
                     .then(|| pieces.get((offset / CHUNK_SIZE as u64) as usize))
                     .flatten();
                 let chunk = match aligned {
-                    Some(d) => pb::Chunk { offset, data: buf, sha256: d.hex() },
+                    Some(d) => pb::Chunk { offset, data: buf.into(), sha256: d.hex() },
                     None => wire::chunk(offset, buf),
                 };
                 // A site that takes no chunk for TRANSFER_STALL gives its slot up.

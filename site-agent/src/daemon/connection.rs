@@ -8,8 +8,7 @@ use tonic::transport::Endpoint;
 use tonic::{Code, Status as RpcStatus};
 
 use maeum_pki::tls;
-use maeum_protocols::wire::CHUNK_SIZE;
-use maeum_protocols::wire::pb;
+use maeum_protocols::wire::{self, CHUNK_SIZE, pb};
 
 use super::Client;
 use crate::enrol::Home;
@@ -96,6 +95,9 @@ pub async fn connect(home: &Home) -> Result<Client> {
         .connect_timeout(Duration::from_secs(5))
         .http2_keep_alive_interval(Duration::from_secs(10))
         .keep_alive_while_idle(true)
+        .initial_stream_window_size(wire::H2_SITE_STREAM_WINDOW)
+        .initial_connection_window_size(wire::H2_SITE_CONNECTION_WINDOW)
+        .max_frame_size(wire::H2_MAX_FRAME)
         .connect_lazy();
     Ok(pb::fleet_client::FleetClient::new(channel).max_decoding_message_size(4 * CHUNK_SIZE))
 }
