@@ -24,7 +24,7 @@ use serde::Serialize;
 
 use maeum_protocols::wire::pb;
 use maeum_protocols::wire::release::{handover_from_pb, handover_to_pb, handovers_from_pb};
-use maeum_tlog::handover::{self, KeyHandover};
+use maeum_tlog::handover::{self, KeyHandover, Role};
 use maeum_tlog::{Event, hex, unhex32};
 
 use crate::home::{Home, write_file};
@@ -83,7 +83,7 @@ impl Home {
             Err(e) => return Err(e).with_context(|| format!("reading {}", p.display())),
         };
         let consortium = self.consortium()?.name;
-        let chain = handover::walk(&consortium, &first, &self.release_handovers()?)
+        let chain = handover::walk(Role::Release, &consortium, &first, &self.release_handovers()?)
             .with_context(|| format!("HOME/{CHAIN_FILE}"))?;
         let current = match chain.last() {
             Some(h) => h.keys()?.1,
@@ -105,7 +105,7 @@ pub fn rotate(c: &Coord, h: &KeyHandover, operator: &str) -> Result<ReleaseKeys>
         return Ok(keys);
     }
     let consortium = c.home.consortium()?.name;
-    let (old, new) = h.verify(&consortium).map_err(|e| RotationRefused(e.to_string()))?;
+    let (old, new) = h.verify(Role::Release, &consortium).map_err(|e| RotationRefused(e.to_string()))?;
     if old != keys.current {
         return Err(RotationRefused(format!(
             "the handover is from the key {}…, but the consortium's release key is {}…; sign it with the current \
@@ -139,7 +139,7 @@ pub fn signer(home: &Home, r: &maeum_protocols::wire::release::ReleaseMsg) -> Re
     let mut chain = keys.chain.clone();
     chain.extend(r.handovers.iter().cloned());
     let consortium = home.consortium()?.name;
-    let walked = handover::walk(&consortium, &keys.first, &chain)?;
+    let walked = handover::walk(Role::Release, &consortium, &keys.first, &chain)?;
     let all = std::iter::once(keys.first).chain(walked.iter().filter_map(|h| h.keys().ok().map(|(_, new)| new)));
     for key in all {
         if r.manifest.verify(&key, &r.release_signature).is_ok() {
@@ -181,7 +181,7 @@ pub async fn rotate_cli(home: &Path, old_path: &Path, new_path: &Path, json: boo
     }
     let new = read_key(new_path)?;
     let consortium = Home::new(home).consortium()?.name;
-    let h = KeyHandover::make(&consortium, &old, &new);
+    let h = KeyHandover::make(Role::Release, &consortium, &old, &new);
     let mut client = crate::client::connect(home).await?;
     let info = client.rotate_release_key(handover_to_pb(&h)).await?.into_inner();
     let chain = handovers_from_pb("release_key_info.handovers", info.handovers)?;

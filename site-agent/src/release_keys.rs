@@ -22,7 +22,7 @@ use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 use tracing::info;
 
-use maeum_tlog::handover::{self, KeyHandover};
+use maeum_tlog::handover::{self, KeyHandover, Role};
 use maeum_tlog::{hex, unhex32};
 
 use crate::enrol::Home;
@@ -70,8 +70,8 @@ pub fn pinned(home: &Home) -> Result<Option<Pinned>> {
     let enrolled = unhex32(&enrolment.release_public_key).context("enrolment.json: release_public_key")?;
     let kept = stored(home)?;
     let links: Vec<KeyHandover> = kept.iter().map(|f| f.handover.clone()).collect();
-    let walked =
-        handover::walk(&enrolment.consortium, &enrolled, &links).with_context(|| format!("HOME/{CHAIN_FILE}"))?;
+    let walked = handover::walk(Role::Release, &enrolment.consortium, &enrolled, &links)
+        .with_context(|| format!("HOME/{CHAIN_FILE}"))?;
     let current = match walked.last() {
         Some(h) => h.keys()?.1,
         None => enrolled,
@@ -91,7 +91,7 @@ pub fn pinned(home: &Home) -> Result<Option<Pinned>> {
 pub fn follow(home: &Home, chain: &[KeyHandover], version: u32) -> Result<Option<[u8; 32]>> {
     let Some(pinned) = pinned(home)? else { return Ok(None) };
     let consortium = home.enrolment()?.consortium;
-    let taken = handover::walk(&consortium, &pinned.current, chain)?;
+    let taken = handover::walk(Role::Release, &consortium, &pinned.current, chain)?;
     if taken.is_empty() {
         return Ok(Some(pinned.current));
     }

@@ -782,7 +782,12 @@ fn forge_handover(msg: &mut wire::release::ReleaseMsg, home: &Home) -> anyhow::R
     let mine = ring::signature::Ed25519KeyPair::from_pkcs8(pkcs8.as_ref()).map_err(|_| anyhow::anyhow!("keygen"))?;
     let signing = home.signing_key()?;
     let new: [u8; 32] = mine.public_key().as_ref().try_into()?;
-    let statement = maeum_tlog::handover::KeyHandover::statement(&msg.manifest.consortium, &current, &new);
+    let statement = maeum_tlog::handover::KeyHandover::statement(
+        maeum_tlog::handover::Role::Release,
+        &msg.manifest.consortium,
+        &current,
+        &new,
+    );
     let h = maeum_tlog::handover::KeyHandover {
         old_key: maeum_tlog::hex(&current),
         new_key: maeum_tlog::hex(&new),

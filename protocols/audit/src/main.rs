@@ -311,9 +311,15 @@ fn run(command: Command) -> Result<(), Failure> {
                         // key the auditor trusts.
                         let pinned = maeum_tlog::unhex32(&want)
                             .map_err(|_| Failure::Run(anyhow::anyhow!("--release-key is not 32 bytes of hex")))?;
-                        let chain = maeum_tlog::handover::logged(&v.export.entries);
-                        let keys = maeum_tlog::handover::reached(&audit.consortium, &pinned, &chain)
-                            .map_err(|e| Failure::Check(format!("REL-4b: the log's release-key rotations: {e}")))?;
+                        let chain =
+                            maeum_tlog::handover::logged(maeum_tlog::handover::Role::Release, &v.export.entries);
+                        let keys = maeum_tlog::handover::reached(
+                            maeum_tlog::handover::Role::Release,
+                            &audit.consortium,
+                            &pinned,
+                            &chain,
+                        )
+                        .map_err(|e| Failure::Check(format!("REL-4b: the log's release-key rotations: {e}")))?;
                         match keys.iter().position(|k| maeum_tlog::hex(k) == *got) {
                             Some(n) => rotations = n,
                             None => {
@@ -645,7 +651,8 @@ fn line(entry: &Entry) -> String {
         Event::OperatorCommand { operator, command, result } => {
             format!("operator={operator} command={command:?} result={result:?}")
         }
-        Event::ReleaseKeyRotated { operator, old_key, new_key, .. } => {
+        Event::ReleaseKeyRotated { operator, old_key, new_key, .. }
+        | Event::LogKeyRotated { operator, old_key, new_key, .. } => {
             format!("operator={operator} from={} to={}", short(old_key), short(new_key))
         }
         Event::JobFinished { job_id, state } => format!("job={job_id} state={state}"),

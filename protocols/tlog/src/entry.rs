@@ -277,6 +277,21 @@ pub enum Event {
         /// The new key's signature over the same statement (hex).
         new_signature: String,
     },
+    /// The log's signing key was rotated (`signing-key rotate`, applied when the
+    /// coordinator starts): checkpoints of a size beyond this entry's seq are signed by
+    /// the new key (`maeum_tlog::handover`, role `Log`).
+    LogKeyRotated {
+        /// Who asked for it (the operator on the coordinator's host).
+        operator: String,
+        /// The log key handing over (hex).
+        old_key: String,
+        /// The log key taking over (hex).
+        new_key: String,
+        /// The old key's signature over the handover statement (hex).
+        old_signature: String,
+        /// The new key's signature over the same statement (hex).
+        new_signature: String,
+    },
     /// A job reached a final state.
     JobFinished {
         /// The job id.
@@ -317,13 +332,14 @@ impl Event {
             Event::ReleaseInstall { .. } => "release_install",
             Event::OperatorCommand { .. } => "operator_command",
             Event::ReleaseKeyRotated { .. } => "release_key_rotated",
+            Event::LogKeyRotated { .. } => "log_key_rotated",
             Event::JobFinished { .. } => "job_finished",
             Event::Checkpoint { .. } => "checkpoint",
         }
     }
 
     /// Every `kind` tag, for command-line filters.
-    pub const KINDS: [&'static str; 21] = [
+    pub const KINDS: [&'static str; 22] = [
         "consortium_init",
         "site_approved",
         "site_revoked",
@@ -343,6 +359,7 @@ impl Event {
         "release_install",
         "operator_command",
         "release_key_rotated",
+        "log_key_rotated",
         "job_finished",
         "checkpoint",
     ];

@@ -183,10 +183,50 @@ pub struct Verified {
     pub export: Export,
     /// Its tree.
     pub tree: MerkleTree,
-    /// Its log key.
+    /// Its first log key (the init entry's).
     pub log_key: [u8; 32],
+    /// Every log key with the seq of the entry that rotated to it (0 for the first):
+    /// a checkpoint of size `n` is signed by the last key whose seq is below `n`.
+    pub log_keys: Vec<(u64, [u8; 32])>,
     /// The summary.
     pub report: Report,
+}
+
+/// The log keys of `entries` from `first` on, each with the seq of the entry that
+/// rotated to it (AUD-22): a `log_key_rotated` entry must hand over from the key in
+/// effect, signed by both keys; the same rotation logged again (a crash between logging
+/// and applying it) is skipped.
+pub fn log_keys(consortium: &str, first: [u8; 32], entries: &[Entry]) -> Result<Vec<(u64, [u8; 32])>, AuditError> {
+    let mut keys = vec![(0, first)];
+    for e in entries {
+        let Some(h) = crate::handover::in_entry(crate::handover::Role::Log, e) else { continue };
+        let rotation = |reason: String| AuditError::KeyRotation { seq: e.seq, reason };
+        let (old, new) = h.verify(crate::handover::Role::Log, consortium).map_err(|err| rotation(err.to_string()))?;
+        // INVARIANT: `keys` starts with the first key and only grows.
+        let current = keys.last().map_or(first, |(_, k)| *k);
+        if old == current {
+            keys.push((e.seq, new));
+        } else if new != current {
+            return Err(rotation(format!(
+                "it hands over from {}…, but the log key in effect is {}…",
+                &h.old_key[..16],
+                &hex(&current)[..16]
+            )));
+        }
+    }
+    Ok(keys)
+}
+
+/// The key that signs a checkpoint of `size` entries (see [`log_keys`]).
+pub fn key_for(keys: &[(u64, [u8; 32])], size: u64) -> [u8; 32] {
+    keys.iter().rev().find(|(seq, _)| *seq < size).or(keys.first()).map_or([0; 32], |(_, k)| *k)
+}
+
+impl Verified {
+    /// The key that signs this log's checkpoints of `size` entries.
+    pub fn log_key_for(&self, size: u64) -> [u8; 32] {
+        key_for(&self.log_keys, size)
+    }
 }
 
 /// Decodes and verifies an export. Returns the summary, or the first failed check:
@@ -199,7 +239,8 @@ pub struct Verified {
 ///    `ca_fingerprint` (AUD-06);
 /// 5. checkpoints have strictly increasing sizes within the log (AUD-07); each root is
 ///    the root of the first `size` entries (AUD-08); each signature verifies under the
-///    log key (AUD-09); each extends the previous one by a consistency proof computed
+///    log key in effect at its size (AUD-09; the log key rotates by `log_key_rotated`
+///    entries, each a handover signed by the old and the new key, AUD-22); each extends the previous one by a consistency proof computed
 ///    from the entries (AUD-10); the last covers every entry (AUD-11);
 /// 6. entry `size` of every checkpoint but the last records that checkpoint, and every
 ///    checkpoint record names a checkpoint in the export (AUD-12);
@@ -264,6 +305,11 @@ pub fn verify_full(bytes: &[u8], trust: Option<&[u8; 32]>) -> Result<Verified, A
         });
     }
 
+    // The log key's rotations (AUD-22): checkpoints beyond a rotation's entry are
+    // signed by its new key.
+    let log_keys = log_keys(consortium, log_key, entries)?;
+    let key_for = |size: u64| key_for(&log_keys, size);
+
     // The tree and the checkpoints.
     let leaves: Vec<Hash> = entries.iter().map(Entry::leaf_hash).collect();
     let tree = MerkleTree::from_leaves(&leaves);
@@ -293,7 +339,7 @@ pub fn verify_full(bytes: &[u8], trust: Option<&[u8; 32]>) -> Result<Verified, A
                 computed: hex(&computed),
             });
         }
-        cp.verify(&log_key).map_err(|_| AuditError::LogSignature { index, size })?;
+        cp.verify(&key_for(size)).map_err(|_| AuditError::LogSignature { index, size })?;
         if let Some(prev) = previous {
             let proof = tree.consistency_proof(prev.size, size).map_err(|e| order(e.to_string()))?;
             verify_consistency(prev.size, size, &prev.root, &cp.checkpoint.root, &proof)
@@ -407,7 +453,7 @@ pub fn verify_full(bytes: &[u8], trust: Option<&[u8; 32]>) -> Result<Verified, A
         last_time_ms: entries.last().map_or(first.time_ms, |e| e.time_ms),
         root: hex(&tree.root()),
     };
-    Ok(Verified { export, tree, log_key, report })
+    Ok(Verified { export, tree, log_key, log_keys, report })
 }
 
 /// One change of a site certificate: (seq, valid from here on, by `site_approved`).
@@ -690,7 +736,7 @@ pub fn check_extends(old: &CheckpointFile, new: &Verified) -> Result<Consistency
         });
     }
     let (old_cp, _) = old.checkpoint.to_signed(&old.origin)?;
-    old_cp.verify(&new.log_key)?;
+    old_cp.verify(&new.log_key_for(old_cp.checkpoint.size))?;
     let old_cp = old_cp.checkpoint;
     let new_size = new.tree.size();
     if old_cp.size > new_size {
@@ -826,6 +872,50 @@ pub(crate) mod tests {
         fx.append(Event::JobFinished { job_id: "j-1".into(), state: "completed".into() });
         fx.checkpoint(1);
         fx
+    }
+
+    /// `small()` with a rotation of the log key and a checkpoint by the new key; the
+    /// retired key is returned.
+    fn rotated(from: Option<&Ed25519KeyPair>) -> (Fixture, Ed25519KeyPair, [u8; 32]) {
+        use crate::handover::{KeyHandover, Role};
+        let mut fx = small();
+        let first = log_public_key(&fx.key);
+        let new = log_key_pair(Ed25519KeyPair::generate_pkcs8(&SystemRandom::new()).unwrap().as_ref()).unwrap();
+        let h = KeyHandover::make(Role::Log, "heart", from.unwrap_or(&fx.key), &new);
+        fx.append(Event::LogKeyRotated {
+            operator: "lead".into(),
+            old_key: h.old_key,
+            new_key: h.new_key,
+            old_signature: h.old_signature,
+            new_signature: h.new_signature,
+        });
+        let old = std::mem::replace(&mut fx.key, new);
+        fx.checkpoint(0);
+        (fx, old, first)
+    }
+
+    #[test]
+    fn a_rotated_log_key_signs_the_checkpoints_after_its_entry_and_no_other_key_does() {
+        let (fx, old, first) = rotated(None);
+        let mut export = fx.export();
+        export.log_public_key = hex(&first);
+        let v = verify_full(&export.encode(), Some(&first)).expect("verifies from the first key");
+        assert_eq!(v.log_keys.iter().map(|(_, k)| *k).collect::<Vec<_>>(), vec![first, log_public_key(&fx.key)]);
+        assert_eq!(v.log_key_for(2), first);
+        assert_eq!(v.log_key_for(v.tree.size()), log_public_key(&fx.key));
+        // The last checkpoint signed by the retired key instead: AUD-09.
+        let last = export.checkpoints.len() - 1;
+        let (cp, _) = export.checkpoints[last].to_signed("maeum/heart").unwrap();
+        export.checkpoints[last] = ExportedCheckpoint::new(&cp.checkpoint.sign(&old), &[]);
+        let e = verify(&export.encode(), None).unwrap_err().to_string();
+        assert!(e.starts_with("AUD-09"), "{e}");
+        // A rotation signed by a key that is not the log's: AUD-22.
+        let stranger = log_key_pair(Ed25519KeyPair::generate_pkcs8(&SystemRandom::new()).unwrap().as_ref()).unwrap();
+        let (fx, _, first) = rotated(Some(&stranger));
+        let mut export = fx.export();
+        export.log_public_key = hex(&first);
+        let e = verify(&export.encode(), None).unwrap_err().to_string();
+        assert!(e.starts_with("AUD-22") && e.contains("but the log key in effect is"), "{e}");
     }
 
     fn check(change: impl FnOnce(&mut Export), expected: &str) {

@@ -17,8 +17,37 @@ use serde::{Deserialize, Serialize};
 use crate::{hex, unhex, unhex32};
 
 /// Domain separation: a handover signature can never pass for a release or a
-/// checkpoint signature (their prefixes differ).
+/// checkpoint signature, nor one key's handover for the other's (their prefixes differ).
 pub const HANDOVER_DOMAIN: &[u8] = b"maeum/release-key-handover/v1\n";
+/// The log signing key's handovers (`docs/protocols/audit-log.md#rotating-the-log-key`).
+pub const LOG_HANDOVER_DOMAIN: &[u8] = b"maeum/log-key-handover/v1\n";
+
+/// Which of the consortium's Ed25519 keys a handover moves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// The release key (a release's second signature).
+    Release,
+    /// The log's signing key (checkpoints and a release's first signature).
+    Log,
+}
+
+impl Role {
+    /// The statement's prefix.
+    pub fn domain(self) -> &'static [u8] {
+        match self {
+            Role::Release => HANDOVER_DOMAIN,
+            Role::Log => LOG_HANDOVER_DOMAIN,
+        }
+    }
+
+    /// The key's name in messages: `release` or `log`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Role::Release => "release",
+            Role::Log => "log",
+        }
+    }
+}
 
 /// One rotation of the release key, as stored at the coordinator
 /// (`HOME/release-keys.json`), served to sites with every release, kept by each site
@@ -44,29 +73,33 @@ pub enum HandoverError {
     #[error("malformed release-key handover: {0}")]
     Malformed(String),
     /// The old key's signature does not verify: not made by the key sites trust.
-    #[error("the release-key handover {old}… → {new}… is not signed by the release key it hands over from")]
+    #[error("the {what}-key handover {old}… → {new}… is not signed by the {what} key it hands over from")]
     OldSignature {
+        /// Which key (`release`, `log`).
+        what: &'static str,
         /// The old key (16 hex digits).
         old: String,
         /// The new key (16 hex digits).
         new: String,
     },
     /// The new key's signature does not verify: nobody proved they hold it.
-    #[error("the release-key handover {old}… → {new}… is not signed by the key it hands over to")]
+    #[error("the {what}-key handover {old}… → {new}… is not signed by the key it hands over to")]
     NewSignature {
+        /// Which key (`release`, `log`).
+        what: &'static str,
         /// The old key (16 hex digits).
         old: String,
         /// The new key (16 hex digits).
         new: String,
     },
     /// A handover to the key it comes from.
-    #[error("the release-key handover {0}… hands over to itself")]
+    #[error("a key handover from {0}… hands over to itself")]
     SameKey(String),
     /// Two handovers from one key.
-    #[error("two release-key handovers leave the key {0}… (a fork): refusing both")]
+    #[error("two key handovers leave the key {0}… (a fork): refusing both")]
     Fork(String),
     /// A handover back to a key already walked.
-    #[error("the release-key handovers lead back to the key {0}… (a cycle)")]
+    #[error("the key handovers lead back to the key {0}… (a cycle)")]
     Cycle(String),
 }
 
@@ -76,20 +109,20 @@ fn short(key: &[u8; 32]) -> String {
 
 impl KeyHandover {
     /// The bytes both keys sign.
-    pub fn statement(consortium: &str, old: &[u8; 32], new: &[u8; 32]) -> Vec<u8> {
-        let mut out = HANDOVER_DOMAIN.to_vec();
+    pub fn statement(role: Role, consortium: &str, old: &[u8; 32], new: &[u8; 32]) -> Vec<u8> {
+        let mut out = role.domain().to_vec();
         out.extend_from_slice(format!("{consortium}\n{}\n{}\n", hex(old), hex(new)).as_bytes());
         out
     }
 
     /// A handover from `old` to `new`, signed by both (where the old key is).
-    pub fn make(consortium: &str, old: &Ed25519KeyPair, new: &Ed25519KeyPair) -> KeyHandover {
+    pub fn make(role: Role, consortium: &str, old: &Ed25519KeyPair, new: &Ed25519KeyPair) -> KeyHandover {
         let key = |k: &Ed25519KeyPair| -> [u8; 32] {
             // INVARIANT: an Ed25519 public key is 32 bytes.
             k.public_key().as_ref().try_into().expect("32-byte Ed25519 public key")
         };
         let (o, n) = (key(old), key(new));
-        let statement = Self::statement(consortium, &o, &n);
+        let statement = Self::statement(role, consortium, &o, &n);
         KeyHandover {
             old_key: hex(&o),
             new_key: hex(&n),
@@ -107,12 +140,12 @@ impl KeyHandover {
     }
 
     /// Checks both signatures for `consortium`; returns the old and new keys.
-    pub fn verify(&self, consortium: &str) -> Result<([u8; 32], [u8; 32]), HandoverError> {
+    pub fn verify(&self, role: Role, consortium: &str) -> Result<([u8; 32], [u8; 32]), HandoverError> {
         let (old, new) = self.keys()?;
         if old == new {
             return Err(HandoverError::SameKey(short(&old)));
         }
-        let statement = Self::statement(consortium, &old, &new);
+        let statement = Self::statement(role, consortium, &old, &new);
         let signature = |what: &str, h: &str| -> Result<Vec<u8>, HandoverError> {
             let sig = unhex(h).map_err(|_| HandoverError::Malformed(format!("{what} is not hex")))?;
             if sig.len() != 64 {
@@ -125,10 +158,10 @@ impl KeyHandover {
         let (o, n) = (short(&old), short(&new));
         UnparsedPublicKey::new(&ED25519, &old)
             .verify(&statement, &old_sig)
-            .map_err(|_| HandoverError::OldSignature { old: o.clone(), new: n.clone() })?;
+            .map_err(|_| HandoverError::OldSignature { what: role.name(), old: o.clone(), new: n.clone() })?;
         UnparsedPublicKey::new(&ED25519, &new)
             .verify(&statement, &new_sig)
-            .map_err(|_| HandoverError::NewSignature { old: o, new: n })?;
+            .map_err(|_| HandoverError::NewSignature { what: role.name(), old: o, new: n })?;
         Ok((old, new))
     }
 }
@@ -137,7 +170,12 @@ impl KeyHandover {
 /// still the release key, or the chain does not reach it). Links that do not start at
 /// a key on the walk are ignored (a chain may begin before a site's enrolment); every
 /// link taken is verified, and a fork or a cycle on the walk is an error.
-pub fn walk(consortium: &str, pinned: &[u8; 32], chain: &[KeyHandover]) -> Result<Vec<KeyHandover>, HandoverError> {
+pub fn walk(
+    role: Role,
+    consortium: &str,
+    pinned: &[u8; 32],
+    chain: &[KeyHandover],
+) -> Result<Vec<KeyHandover>, HandoverError> {
     let parsed: Vec<([u8; 32], &KeyHandover)> =
         chain.iter().map(|h| Ok((h.keys()?.0, h))).collect::<Result<_, HandoverError>>()?;
     let mut current = *pinned;
@@ -149,7 +187,7 @@ pub fn walk(consortium: &str, pinned: &[u8; 32], chain: &[KeyHandover]) -> Resul
         if from_here.any(|(_, other)| other.new_key != link.new_key) {
             return Err(HandoverError::Fork(short(&current)));
         }
-        let (_, new) = link.verify(consortium)?;
+        let (_, new) = link.verify(role, consortium)?;
         if seen.contains(&new) {
             return Err(HandoverError::Cycle(short(&new)));
         }
@@ -159,28 +197,38 @@ pub fn walk(consortium: &str, pinned: &[u8; 32], chain: &[KeyHandover]) -> Resul
     }
 }
 
-/// The rotations an audit log records (`release_key_rotated` entries), in log order.
-pub fn logged(entries: &[crate::Entry]) -> Vec<KeyHandover> {
-    entries
-        .iter()
-        .filter_map(|e| match &e.event {
-            crate::Event::ReleaseKeyRotated { old_key, new_key, old_signature, new_signature, .. } => {
-                Some(KeyHandover {
-                    old_key: old_key.clone(),
-                    new_key: new_key.clone(),
-                    old_signature: old_signature.clone(),
-                    new_signature: new_signature.clone(),
-                })
-            }
-            _ => None,
-        })
-        .collect()
+/// The handover an entry records, if it records one of `role`'s
+/// (`release_key_rotated`, `log_key_rotated`).
+pub fn in_entry(role: Role, e: &crate::Entry) -> Option<KeyHandover> {
+    let (old_key, new_key, old_signature, new_signature) = match (&e.event, role) {
+        (crate::Event::ReleaseKeyRotated { old_key, new_key, old_signature, new_signature, .. }, Role::Release)
+        | (crate::Event::LogKeyRotated { old_key, new_key, old_signature, new_signature, .. }, Role::Log) => {
+            (old_key, new_key, old_signature, new_signature)
+        }
+        _ => return None,
+    };
+    Some(KeyHandover {
+        old_key: old_key.clone(),
+        new_key: new_key.clone(),
+        old_signature: old_signature.clone(),
+        new_signature: new_signature.clone(),
+    })
+}
+
+/// The rotations of `role`'s key an audit log records, in log order.
+pub fn logged(role: Role, entries: &[crate::Entry]) -> Vec<KeyHandover> {
+    entries.iter().filter_map(|e| in_entry(role, e)).collect()
 }
 
 /// The keys reached from `pinned` along `chain`, `pinned` first.
-pub fn reached(consortium: &str, pinned: &[u8; 32], chain: &[KeyHandover]) -> Result<Vec<[u8; 32]>, HandoverError> {
+pub fn reached(
+    role: Role,
+    consortium: &str,
+    pinned: &[u8; 32],
+    chain: &[KeyHandover],
+) -> Result<Vec<[u8; 32]>, HandoverError> {
     let mut keys = vec![*pinned];
-    for h in walk(consortium, pinned, chain)? {
+    for h in walk(role, consortium, pinned, chain)? {
         keys.push(h.keys()?.1);
     }
     Ok(keys)
@@ -204,61 +252,70 @@ mod tests {
     #[test]
     fn a_handover_verifies_and_any_change_is_refused() {
         let (a, b) = (key(), key());
-        let h = KeyHandover::make("c", &a, &b);
-        assert_eq!(h.verify("c"), Ok((public(&a), public(&b))));
+        let h = KeyHandover::make(Role::Release, "c", &a, &b);
+        assert_eq!(h.verify(Role::Release, "c"), Ok((public(&a), public(&b))));
         // Another consortium's statement differs.
-        assert!(matches!(h.verify("d"), Err(HandoverError::OldSignature { .. })));
+        assert!(matches!(h.verify(Role::Release, "d"), Err(HandoverError::OldSignature { .. })));
         // Swapping in another new key breaks the old key's signature.
         let mut forged = h.clone();
         forged.new_key = hex(&public(&key()));
-        assert!(matches!(forged.verify("c"), Err(HandoverError::OldSignature { .. })));
+        assert!(matches!(forged.verify(Role::Release, "c"), Err(HandoverError::OldSignature { .. })));
         // Signed by the new key only: the old key's signature is what counts.
         let mallory = key();
-        let mut by_mallory = KeyHandover::make("c", &mallory, &b);
+        let mut by_mallory = KeyHandover::make(Role::Release, "c", &mallory, &b);
         by_mallory.old_key = h.old_key.clone();
-        assert!(matches!(by_mallory.verify("c"), Err(HandoverError::OldSignature { .. })));
+        assert!(matches!(by_mallory.verify(Role::Release, "c"), Err(HandoverError::OldSignature { .. })));
         // A new key nobody proved to hold.
         let mut unheld = h.clone();
         unheld.new_signature = h.old_signature.clone();
-        assert!(matches!(unheld.verify("c"), Err(HandoverError::NewSignature { .. })));
+        assert!(matches!(unheld.verify(Role::Release, "c"), Err(HandoverError::NewSignature { .. })));
         let mut short_sig = h.clone();
         short_sig.old_signature.truncate(10);
-        assert!(matches!(short_sig.verify("c"), Err(HandoverError::Malformed(_))));
-        let to_itself = KeyHandover::make("c", &a, &a);
-        assert!(matches!(to_itself.verify("c"), Err(HandoverError::SameKey(_))));
+        assert!(matches!(short_sig.verify(Role::Release, "c"), Err(HandoverError::Malformed(_))));
+        // A log-key handover is no release-key handover, and the other way round.
+        let log = KeyHandover::make(Role::Log, "c", &a, &b);
+        assert_eq!(log.verify(Role::Log, "c"), Ok((public(&a), public(&b))));
+        assert!(matches!(log.verify(Role::Release, "c"), Err(HandoverError::OldSignature { what: "release", .. })));
+        assert!(matches!(h.verify(Role::Log, "c"), Err(HandoverError::OldSignature { what: "log", .. })));
+        let to_itself = KeyHandover::make(Role::Release, "c", &a, &a);
+        assert!(matches!(to_itself.verify(Role::Release, "c"), Err(HandoverError::SameKey(_))));
     }
 
     #[test]
     fn a_walk_follows_the_chain_from_the_pinned_key_only() {
         let (a, b, c, d) = (key(), key(), key(), key());
-        let chain =
-            vec![KeyHandover::make("x", &a, &b), KeyHandover::make("x", &b, &c), KeyHandover::make("x", &c, &d)];
-        let walked = walk("x", &public(&a), &chain).expect("walk from a");
+        let chain = vec![
+            KeyHandover::make(Role::Release, "x", &a, &b),
+            KeyHandover::make(Role::Release, "x", &b, &c),
+            KeyHandover::make(Role::Release, "x", &c, &d),
+        ];
+        let walked = walk(Role::Release, "x", &public(&a), &chain).expect("walk from a");
         assert_eq!(walked.len(), 3);
         assert_eq!(walked.last().map(|h| h.new_key.clone()), Some(hex(&public(&d))));
         // A site enrolled after the first rotation starts at b.
-        assert_eq!(walk("x", &public(&b), &chain).expect("walk from b").len(), 2);
+        assert_eq!(walk(Role::Release, "x", &public(&b), &chain).expect("walk from b").len(), 2);
         // Order in the list does not matter; the pinned key at the end walks nothing.
         let reversed: Vec<_> = chain.iter().rev().cloned().collect();
-        assert_eq!(walk("x", &public(&a), &reversed).expect("reversed").len(), 3);
-        assert!(walk("x", &public(&d), &chain).expect("at the end").is_empty());
+        assert_eq!(walk(Role::Release, "x", &public(&a), &reversed).expect("reversed").len(), 3);
+        assert!(walk(Role::Release, "x", &public(&d), &chain).expect("at the end").is_empty());
         // A key the chain never names walks nothing (the release then fails REL-4b).
-        assert!(walk("x", &public(&key()), &chain).expect("stranger").is_empty());
+        assert!(walk(Role::Release, "x", &public(&key()), &chain).expect("stranger").is_empty());
     }
 
     #[test]
     fn a_walk_refuses_forks_cycles_and_a_bad_link_on_its_way() {
         let (a, b, c) = (key(), key(), key());
-        let fork = vec![KeyHandover::make("x", &a, &b), KeyHandover::make("x", &a, &c)];
-        assert!(matches!(walk("x", &public(&a), &fork), Err(HandoverError::Fork(_))));
-        let cycle = vec![KeyHandover::make("x", &a, &b), KeyHandover::make("x", &b, &a)];
-        assert!(matches!(walk("x", &public(&a), &cycle), Err(HandoverError::Cycle(_))));
-        let mut bad = vec![KeyHandover::make("x", &a, &b), KeyHandover::make("x", &b, &c)];
+        let fork = vec![KeyHandover::make(Role::Release, "x", &a, &b), KeyHandover::make(Role::Release, "x", &a, &c)];
+        assert!(matches!(walk(Role::Release, "x", &public(&a), &fork), Err(HandoverError::Fork(_))));
+        let cycle = vec![KeyHandover::make(Role::Release, "x", &a, &b), KeyHandover::make(Role::Release, "x", &b, &a)];
+        assert!(matches!(walk(Role::Release, "x", &public(&a), &cycle), Err(HandoverError::Cycle(_))));
+        let mut bad =
+            vec![KeyHandover::make(Role::Release, "x", &a, &b), KeyHandover::make(Role::Release, "x", &b, &c)];
         bad[1].new_signature = bad[1].old_signature.clone();
-        assert!(matches!(walk("x", &public(&a), &bad), Err(HandoverError::NewSignature { .. })));
+        assert!(matches!(walk(Role::Release, "x", &public(&a), &bad), Err(HandoverError::NewSignature { .. })));
         // A bad link off the walk is not looked at; one that names no key is malformed.
-        assert_eq!(walk("x", &public(&c), &bad).expect("off the walk").len(), 0);
+        assert_eq!(walk(Role::Release, "x", &public(&c), &bad).expect("off the walk").len(), 0);
         bad[0].old_key = "zz".into();
-        assert!(matches!(walk("x", &public(&a), &bad), Err(HandoverError::Malformed(_))));
+        assert!(matches!(walk(Role::Release, "x", &public(&a), &bad), Err(HandoverError::Malformed(_))));
     }
 }

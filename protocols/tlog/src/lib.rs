@@ -217,6 +217,15 @@ pub enum AuditError {
         /// Which key.
         what: &'static str,
     },
+    /// AUD-22: a rotation of the log key that does not hold: its handover does not
+    /// verify, or it does not hand over from the key in effect.
+    #[error("AUD-22 entry {seq}: the log key's rotation: {reason}")]
+    KeyRotation {
+        /// The `log_key_rotated` entry.
+        seq: u64,
+        /// What is wrong.
+        reason: String,
+    },
     /// AUD-21: the random number generator failed while signing.
     #[error("AUD-21 random number generator failed while {what}")]
     Random {

@@ -524,14 +524,18 @@ pub fn audit_release(
 ) -> Result<ReleaseAudit, ReleaseError> {
     let m = &file.manifest;
     let signature = file.signature()?;
-    let log_key = hex(&log.log_key);
     if m.consortium != log.report.consortium {
         return Err(ReleaseError::Consortium {
             release: m.consortium.clone(),
             expected: log.report.consortium.clone(),
         });
     }
-    m.verify(&log.log_key, &signature)?;
+    // Signed by one of the log's keys (the one in effect when it was made; a rotated
+    // log key stays good for the releases it signed), and the file names that key.
+    let Some(log_key) = log.log_keys.iter().map(|(_, k)| *k).find(|k| m.verify(k, &signature).is_ok()) else {
+        return Err(ReleaseError::Signature);
+    };
+    let log_key = hex(&log_key);
     if file.signing_public_key != log_key {
         return Err(ReleaseError::Malformed(format!(
             "it names signing key {}, but the signature is by the log's key {log_key}",
