@@ -37,6 +37,9 @@ use maeum_tlog::{Entry, Event, Hash, Log, SignedCheckpoint, hex};
 pub struct AuditLog {
     db: Db,
     key: ring::signature::Ed25519KeyPair,
+    /// The log keys before `key`, oldest first (`crate::signing_key`): the first is the
+    /// one the init entry names and the export carries.
+    retired: Vec<[u8; 32]>,
     /// Serialises appends and checkpoints; holds the in-memory tree.
     log: Mutex<Log>,
 }
@@ -53,9 +56,10 @@ fn seq_key(n: u64) -> [u8; 8] {
 
 impl AuditLog {
     /// Opens (or creates) the log named `origin` in `db`, signing with the Ed25519
-    /// PKCS#8 key `signing_key_pkcs8` (the home's `signing.key`). Reloads the leaves,
-    /// checks they are numbered 0..n and that the latest checkpoint matches them.
-    pub fn open(db: &Db, origin: String, signing_key_pkcs8: &[u8]) -> Result<AuditLog> {
+    /// PKCS#8 key `signing_key_pkcs8` (the home's `signing.key`; `retired`: the log keys
+    /// before it, oldest first). Reloads the leaves, checks they are numbered 0..n and
+    /// that the latest checkpoint matches them and is signed by one of the keys.
+    pub fn open(db: &Db, origin: String, signing_key_pkcs8: &[u8], retired: &[[u8; 32]]) -> Result<AuditLog> {
         let key = log_key_pair(signing_key_pkcs8).context("loading the audit log signing key")?;
         let mut hashes: Vec<Hash> = Vec::with_capacity(db.len(Tree::AuditLeaves)? as usize);
         db.scan(Tree::AuditLeaves, None, None, false, &mut |k, v| {
@@ -78,9 +82,11 @@ impl AuditLog {
                 Some(stored.to_signed(&origin)?.0)
             }
         };
-        if let Some(cp) = &latest {
-            cp.verify(&checkpoint::log_public_key(&key))
-                .context("the latest stored checkpoint is not signed by this signing key")?;
+        if let Some(cp) = &latest
+            && cp.verify(&checkpoint::log_public_key(&key)).is_err()
+            && !retired.iter().any(|k| cp.verify(k).is_ok())
+        {
+            bail!("the latest stored checkpoint is not signed by this signing key (nor by one it replaced)");
         }
         let log = Log::restore(origin, &hashes, latest).context("reloading the audit log")?;
         if let Some(w) = db.witnessed() {
@@ -106,7 +112,7 @@ impl AuditLog {
                 );
             }
         }
-        Ok(AuditLog { db: db.clone(), key, log: Mutex::new(log) })
+        Ok(AuditLog { db: db.clone(), key, retired: retired.to_vec(), log: Mutex::new(log) })
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Log> {
@@ -118,9 +124,24 @@ impl AuditLog {
         hex(&checkpoint::log_public_key(&self.key))
     }
 
-    /// Whether `signed` carries this log's signature.
+    /// The key the init entry names (the first log key; an export carries it).
+    pub fn first_key(&self) -> String {
+        self.retired.first().map_or_else(|| self.public_key(), |k| hex(k))
+    }
+
+    /// Signs with `pkcs8` from now on (a rotation of the log key, logged by the caller
+    /// first); the current key joins the retired ones.
+    pub fn rotate(&mut self, pkcs8: &[u8]) -> Result<()> {
+        let key = log_key_pair(pkcs8).context("loading the new log signing key")?;
+        self.retired.push(checkpoint::log_public_key(&self.key));
+        self.key = key;
+        Ok(())
+    }
+
+    /// Whether `signed` carries this log's signature (by its key or one it replaced).
     pub fn signed_by_this_log(&self, signed: &SignedCheckpoint) -> bool {
         signed.verify(&checkpoint::log_public_key(&self.key)).is_ok()
+            || self.retired.iter().any(|k| signed.verify(k).is_ok())
     }
 
     /// The log's origin.
@@ -396,7 +417,7 @@ impl AuditLog {
         let export = Export {
             format: EXPORT_FORMAT.into(),
             origin: log.origin().to_owned(),
-            log_public_key: self.public_key(),
+            log_public_key: self.first_key(),
             ca_cert_pem: canonical(ca_pem).context("the CA certificate")?.0,
             witnesses: certs,
             entries,
@@ -435,7 +456,7 @@ mod tests {
 
     fn open(s: &Setup) -> (Db, AuditLog) {
         let db = Db::open(&s.dir.path().join("state"), Engine::Sled).expect("db");
-        let log = AuditLog::open(&db, "maeum/heart".into(), &s.pkcs8).expect("open");
+        let log = AuditLog::open(&db, "maeum/heart".into(), &s.pkcs8, &[]).expect("open");
         (db, log)
     }
 
@@ -488,7 +509,8 @@ mod tests {
             AuditLog::open(
                 &Db::open(&tempfile::tempdir().expect("dir").path().join("state"), Engine::Sled).expect("db"),
                 "x".into(),
-                b"no"
+                b"no",
+                &[]
             )
             .is_err()
         );
@@ -513,25 +535,25 @@ mod tests {
         let other = tempfile::tempdir().expect("tempdir");
         let db = Db::open(&other.path().join("state"), Engine::Sled).expect("db");
         {
-            let log = AuditLog::open(&db, "maeum/heart".into(), &s.pkcs8).expect("open");
+            let log = AuditLog::open(&db, "maeum/heart".into(), &s.pkcs8, &[]).expect("open");
             init(&s, &log);
             log.append(now(), finished(0)).expect("append");
         }
         db.witness(witnessed.clone()).expect("witness");
-        let e = AuditLog::open(&db, "maeum/heart".into(), &s.pkcs8).expect_err("shorter");
+        let e = AuditLog::open(&db, "maeum/heart".into(), &s.pkcs8, &[]).expect_err("shorter");
         assert!(format!("{e:#}").contains("has 2 entries but site a cosigned a checkpoint of 5 entries"), "{e:#}");
         // Long enough, but another history: the root at the cosigned size differs.
         let third = tempfile::tempdir().expect("tempdir");
         let db = Db::open(&third.path().join("state"), Engine::Redb).expect("db");
         {
-            let log = AuditLog::open(&db, "maeum/heart".into(), &s.pkcs8).expect("open");
+            let log = AuditLog::open(&db, "maeum/heart".into(), &s.pkcs8, &[]).expect("open");
             init(&s, &log);
             for n in 10..16 {
                 log.append(now(), finished(n)).expect("append");
             }
         }
         db.witness(witnessed).expect("witness");
-        let e = AuditLog::open(&db, "maeum/heart".into(), &s.pkcs8).expect_err("rewritten");
+        let e = AuditLog::open(&db, "maeum/heart".into(), &s.pkcs8, &[]).expect_err("rewritten");
         assert!(
             format!("{e:#}").contains("inconsistent with the checkpoint of 5 entries that site a cosigned"),
             "{e:#}"
@@ -548,7 +570,7 @@ mod tests {
         }
         let db = Db::open(&s.dir.path().join("state"), Engine::Sled).expect("db");
         let other = ring::signature::Ed25519KeyPair::generate_pkcs8(&SystemRandom::new()).expect("key");
-        let e = AuditLog::open(&db, "maeum/heart".into(), other.as_ref()).expect_err("other key");
+        let e = AuditLog::open(&db, "maeum/heart".into(), other.as_ref(), &[]).expect_err("other key");
         assert!(format!("{e:#}").contains("not signed by this signing key"), "{e:#}");
     }
 

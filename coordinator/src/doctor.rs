@@ -78,6 +78,13 @@ pub fn check(dir: &Path) -> Checks {
         }
     });
     c.require("signing key", signing, "restore signing.key and signing.pub from your backup (sites trust this key)");
+    if home.path(crate::signing_key::PENDING).exists() {
+        c.warn(
+            "signing key",
+            "a rotation is waiting (signing.handover.json, signing.next.key)",
+            "restart `maeum-coordinator serve` to apply it (docs/protocols/audit-log.md#rotating-the-log-key)",
+        );
+    }
     match (home.release_keys(), home.release_key_file()) {
         (Ok(None), _) => c.ok("release key", "none (a consortium from before release keys: one signature a release)"),
         (Ok(Some(keys)), Ok(Some(k))) if k.public_key().as_ref() == keys.current => c.warn(
@@ -180,7 +187,8 @@ fn state(c: &mut Checks, home: &Home, consortium: Option<&str>, signing: &[u8]) 
                 ),
             );
             let Some(name) = consortium else { return };
-            match crate::audit::AuditLog::open(store.db(), format!("maeum/{name}"), signing) {
+            let retired = home.retired_log_keys().unwrap_or_default();
+            match crate::audit::AuditLog::open(store.db(), format!("maeum/{name}"), signing, &retired) {
                 Ok(log) => {
                     let w = store.db().witnessed().map_or("no checkpoint cosigned yet".to_owned(), |w| {
                         format!("consistent with the checkpoint of {} entries that site {} cosigned", w.size, w.site)

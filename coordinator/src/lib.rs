@@ -27,6 +27,7 @@ pub mod retention;
 pub mod rounds;
 pub mod secagg;
 pub mod server;
+pub mod signing_key;
 pub mod storage;
 pub mod store;
 pub mod strategy;

@@ -100,6 +100,9 @@ enum Command {
     /// The consortium's release key: show it, rotate it (where the key is).
     #[command(subcommand)]
     ReleaseKey(ReleaseKeyCommand),
+    /// The log's signing key (signing.key): show it, rotate it.
+    #[command(subcommand)]
+    SigningKey(SigningKeyCommand),
     /// The operator certificate of this home (`operator.pem`).
     #[command(subcommand)]
     Operator(OperatorCommand),
@@ -180,6 +183,29 @@ enum AuditCommand {
         /// container with `kubectl exec … --out - > audit.json`).
         #[arg(long, value_name = "FILE")]
         out: PathBuf,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum SigningKeyCommand {
+    /// Make a new log signing key beside the current one and a handover signed by both
+    /// (HOME/signing.next.key, HOME/signing.handover.json). The coordinator applies it
+    /// when it next starts: it logs log_key_rotated and signs with the new key from
+    /// then on; sites follow the handover. Safe to run while the coordinator serves.
+    Rotate {
+        #[command(flatten)]
+        home: HomeArg,
+        /// Print one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
+    /// The signing key in use, every rotation and one waiting to be applied (offline).
+    Show {
+        #[command(flatten)]
+        home: HomeArg,
+        /// Print one JSON object.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -523,6 +549,12 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Command::ReleaseKey(ReleaseKeyCommand::Rotate { home, key, new_key, json }) => {
             maeum_coordinator::release_key::rotate_cli(&home.home, &key, &new_key, json).await?;
+        }
+        Command::SigningKey(SigningKeyCommand::Rotate { home, json }) => {
+            maeum_coordinator::signing_key::rotate_cli(&home.home, json)?;
+        }
+        Command::SigningKey(SigningKeyCommand::Show { home, json }) => {
+            maeum_coordinator::signing_key::show(&home.home, json)?;
         }
         Command::ReleaseKey(ReleaseKeyCommand::Show { home, json }) => {
             maeum_coordinator::release_key::show(&home.home, json)?;

@@ -878,6 +878,7 @@ mod tests {
             card: Vec::new(),
             audit_seq: 41,
             handovers: Vec::new(),
+            log_handovers: Vec::new(),
         }
     }
 

@@ -81,6 +81,7 @@ impl ReleaseRecord {
             card: self.card.clone().into_bytes(),
             audit_seq: self.audit_seq,
             handovers: Vec::new(),
+            log_handovers: Vec::new(),
         })
     }
 }

@@ -73,6 +73,9 @@ pub struct Coord {
     pub blobs: Blobs,
     /// The transparency log (`docs/protocols/audit-log.md`).
     pub audit: AuditLog,
+    /// Every rotation of the log key (`crate::signing_key`), served with checkpoints
+    /// and releases; fixed at start, where rotations are applied.
+    pub log_handovers: Vec<maeum_tlog::handover::KeyHandover>,
     /// Signed model releases (`crate::registry`).
     pub registry: crate::registry::Registry,
     /// The current release as heartbeats announce it (kept in step with the registry).
@@ -162,7 +165,7 @@ impl Coord {
         let revoked = store.sites()?.into_iter().filter(|s| s.revoked).map(|s| s.id);
         let consortium = home.consortium()?.name;
         let key = std::fs::read(home.path("signing.key")).context("reading signing.key")?;
-        let audit = AuditLog::open(store.db(), format!("maeum/{consortium}"), &key)?;
+        let mut audit = AuditLog::open(store.db(), format!("maeum/{consortium}"), &key, &home.retired_log_keys()?)?;
         if audit.size() == 0 {
             let ca = maeum_pki::identity::pem_to_der(&home.read("ca.pem")?)?.remove(0);
             audit.append(
@@ -174,6 +177,8 @@ impl Coord {
                 },
             )?;
         }
+        crate::signing_key::apply_pending(&home, &mut audit)?;
+        let log_handovers = crate::signing_key::chain_for_sites(&home, &maeum_tlog::unhex32(&audit.first_key())?)?;
         let registry = crate::registry::Registry::open(store.db())?;
         let current_release = registry.current()?.map(|(r, promotion)| pb::ReleaseRef {
             version: r.version,
@@ -181,6 +186,7 @@ impl Coord {
             promotion,
         });
         let coord = Self {
+            log_handovers,
             registry,
             current_release: Mutex::new(current_release),
             metrics: crate::metrics::CoordMetrics::new(),

@@ -67,7 +67,7 @@ fn counter(store: &Store) -> Result<u64> {
 /// Opens the state as `serve` does (store, then audit log) and reads its progress.
 fn open(state: &Path, engine: Engine, key: &[u8]) -> Result<(Store, AuditLog, Progress)> {
     let store = Store::open(state, engine)?;
-    let log = AuditLog::open(store.db(), ORIGIN.into(), key)?;
+    let log = AuditLog::open(store.db(), ORIGIN.into(), key, &[])?;
     let attempts = store.job(JOB)?.map_or(0, |j| j.attempts_started);
     let progress = Progress { attempts, entries: log.size(), counter: counter(&store)? };
     Ok((store, log, progress))

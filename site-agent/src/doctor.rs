@@ -10,7 +10,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 
 use maeum_pki::identity::{self, PeerId};
 use maeum_protocols::wire::pb;
@@ -39,7 +39,7 @@ pub async fn check(dir: &Path) -> Checks {
     {
         return c;
     }
-    match crate::release_keys::pinned(&home) {
+    match crate::keys::pinned(&home, maeum_tlog::handover::Role::Release) {
         Ok(None) => c.warn(
             "release key",
             "not pinned (a bundle from before release keys): releases are checked under the log key only, which the \
@@ -47,14 +47,17 @@ pub async fn check(dir: &Path) -> Checks {
             "run `maeum-site enroll` with a new bundle from the lead (`sites approve`, same request) to pin the \
              consortium's release key (docs/protocols/releases.md#two-keys)",
         ),
-        Ok(Some(p)) => c.ok(
-            "release key",
-            format!("pinned {} (releases must carry its signature)", crate::release_keys::describe(&p)),
-        ),
+        Ok(Some(p)) => {
+            c.ok("release key", format!("pinned {} (releases must carry its signature)", crate::keys::describe(&p)))
+        }
         Err(e) => {
             c.fail("release key", format!("{e:#}"), "restore enrolment.json and release-keys.json from your backup")
         }
     }
+    let log_key = crate::keys::pinned(&home, maeum_tlog::handover::Role::Log)
+        .and_then(|p| p.context("enrolment.json names no signing key"))
+        .map(|p| format!("pinned {} (checkpoints and releases must carry its signature)", crate::keys::describe(&p)));
+    c.require("log key", log_key, "restore enrolment.json and signing-keys.json from your backup");
     c.certificate("CA certificate", &home.path("ca.pem"), now, 90, "ask the consortium lead about the CA's renewal");
     let renew = "a running daemon renews site.pem itself within 30 days of expiry (docs/protocols/certificates.md); \
                  once it has expired, the lead approves request.csr.pem again and you `maeum-site enroll` the bundle";

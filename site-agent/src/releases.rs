@@ -37,6 +37,7 @@ use tracing::{info, warn};
 use maeum_models::model::ModelSpec;
 use maeum_protocols::wire::release::ReleaseMsg;
 use maeum_protocols::wire::{Digest, Hasher, pb};
+use maeum_tlog::handover::Role;
 use maeum_tlog::merkle::verify_inclusion;
 use maeum_tlog::release::{Manifest, ModelCard, ReleaseError, Selector, check_card, is_release_entry};
 use maeum_tlog::{Entry, hex, rfc3339, unhex, unhex32};
@@ -188,23 +189,45 @@ pub fn hash_file(path: &Path) -> Result<Digest> {
     Hasher::file(path).with_context(|| format!("reading {}", path.display()))
 }
 
-fn signing_key(home: &Home) -> Result<[u8; 32]> {
-    unhex32(&home.enrolment()?.signing_public_key).context("enrolment.json: signing_public_key")
+/// The keys a release's two signatures may be under.
+struct Keys {
+    /// The log keys this site trusts (the enrolment's and every rotation it followed:
+    /// a release stays signed by the log key of its time).
+    log: Vec<[u8; 32]>,
+    /// The release keys (`None`: no release key pinned): the current one for a new
+    /// release, any this site trusted for one installed before a rotation.
+    release: Option<Vec<[u8; 32]>>,
+}
+
+impl Keys {
+    /// Every key this site has trusted (for releases it installed).
+    fn trusted(home: &Home) -> Result<Keys> {
+        let log = crate::keys::pinned(home, Role::Log)?.context("enrolment.json names no signing key")?.all;
+        Ok(Keys { log, release: crate::keys::pinned(home, Role::Release)?.map(|p| p.all) })
+    }
+
+    /// For a new release: follows the rotations served with it, then any log key this
+    /// site trusts and the current release key.
+    fn following(home: &Home, msg: &ReleaseMsg) -> Result<Keys> {
+        let with = format!("release v{}", msg.manifest.version);
+        let log = crate::keys::follow(home, Role::Log, &msg.log_handovers, &with)
+            .context("refusing the log-key handovers")?
+            .context("enrolment.json names no signing key")?
+            .all;
+        let release = crate::keys::follow(home, Role::Release, &msg.handovers, &with)
+            .context("refusing the release-key handovers")?
+            .map(|p| vec![p.current]);
+        Ok(Keys { log, release })
+    }
 }
 
 /// Both signatures on a release: the signing key's, and the release key's when this
 /// site's enrolment names one (a serving host without the release key cannot make it).
-/// `release_keys`: the keys the release signature may be under (`None`: no release
-/// key pinned): the current one for a new release, any this site trusted for one
-/// installed before a rotation.
-fn verify_signatures(
-    home: &Home,
-    m: &Manifest,
-    (signature, release_signature): (&[u8], &[u8]),
-    release_keys: Option<&[[u8; 32]]>,
-) -> Result<()> {
-    m.verify(&signing_key(home)?, signature)?;
-    let Some(keys) = release_keys else { return Ok(()) };
+fn verify_signatures(m: &Manifest, (signature, release_signature): (&[u8], &[u8]), keys: &Keys) -> Result<()> {
+    if !keys.log.iter().any(|k| m.verify(k, signature).is_ok()) {
+        return Err(ReleaseError::Signature.into());
+    }
+    let Some(keys) = &keys.release else { return Ok(()) };
     if release_signature.is_empty() {
         bail!("the release is not signed with the consortium's release key, which this site's enrolment requires");
     }
@@ -222,7 +245,7 @@ fn check_parts(
     home: &Home,
     m: &Manifest,
     signatures: (&[u8], &[u8]),
-    release_keys: Option<&[[u8; 32]]>,
+    keys: &Keys,
     card: &[u8],
     blob: &Path,
 ) -> Result<ModelCard> {
@@ -230,7 +253,7 @@ fn check_parts(
     if m.consortium != enrolment.consortium {
         bail!("the release is of consortium {:?}, this site is enrolled in {:?}", m.consortium, enrolment.consortium);
     }
-    verify_signatures(home, m, signatures, release_keys)?;
+    verify_signatures(m, signatures, keys)?;
     let card = check_card(m, card)?;
     m.check_blob(&hash_file(blob)?.0)?;
     let (spec, _, _) = ModelSpec::load(blob).with_context(|| format!("loading {}", blob.display()))?;
@@ -278,8 +301,7 @@ pub fn verify_installed(home: &Home, r: &Installed) -> Result<ModelCard> {
     let sig = unhex(&r.signature).context("stored signature")?;
     let release_sig = unhex(&r.release_signature).context("stored release-key signature")?;
     let blob = model_path(home, &r.manifest.model_sha256);
-    let trusted = crate::release_keys::pinned(home)?.map(|p| p.all);
-    let card = check_parts(home, &r.manifest, (&sig, &release_sig), trusted.as_deref(), r.card.as_bytes(), &blob)?;
+    let card = check_parts(home, &r.manifest, (&sig, &release_sig), &Keys::trusted(home)?, r.card.as_bytes(), &blob)?;
     let entry = Entry::decode(r.log_entry.as_bytes()).context("stored log entry")?;
     if entry.seq != r.log_seq || !is_release_entry(&entry.event, &r.manifest) {
         bail!("the stored log entry is not this release's model_release entry");
@@ -412,13 +434,11 @@ async fn install(agent: &Arc<Agent>, client: &mut Client, cur: &pb::ReleaseRef) 
             m.consortium, enrolment.consortium
         )));
     }
-    // The release key: follow the rotations served with the release, then check under
-    // the key they end at.
-    let current = crate::release_keys::follow(home, &msg.handovers, m.version)
-        .map_err(|e| refused(format!("refusing the release-key handovers: {e:#}")))?;
-    let current = current.map(|k| [k]);
+    // The keys: follow the rotations served with the release, then check under the
+    // release key they end at.
+    let keys = Keys::following(home, &msg).map_err(|e| refused(format!("{e:#}")))?;
     let signatures = (&msg.signature[..], &msg.release_signature[..]);
-    verify_signatures(home, m, signatures, current.as_ref().map(|k| &k[..])).map_err(|e| refused(format!("{e:#}")))?;
+    verify_signatures(m, signatures, &keys).map_err(|e| refused(format!("{e:#}")))?;
     check_card(m, &msg.card).map_err(refused)?;
     // The blob: a copy already here is re-hashed, never trusted for its name.
     let path = model_path(home, &m.model_sha256);
@@ -433,8 +453,7 @@ async fn install(agent: &Arc<Agent>, client: &mut Client, cur: &pb::ReleaseRef) 
             None => Failure::Transient(e),
         });
     }
-    check_parts(home, m, signatures, current.as_ref().map(|k| &k[..]), &msg.card, &path)
-        .map_err(|e| refused(format!("{e:#}")))?;
+    check_parts(home, m, signatures, &keys, &msg.card, &path).map_err(|e| refused(format!("{e:#}")))?;
     // The log: a model_release entry naming both digests, proven against a checkpoint
     // this site witnessed (witness a newer one first if the release is newer).
     let (entry, proof, size, root) = prove_release(agent, client, m, msg.audit_seq).await?;

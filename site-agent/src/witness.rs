@@ -41,6 +41,7 @@ use maeum_protocols::wire::audit::{CheckpointReply, ProvenEntry};
 use maeum_protocols::wire::pb;
 use maeum_tlog::checkpoint::{single_cert, verify_cosignature, witness_key};
 use maeum_tlog::export::{CHECKPOINT_FORMAT, CheckpointFile, ExportedCheckpoint};
+use maeum_tlog::handover::Role;
 use maeum_tlog::merkle::verify_inclusion;
 use maeum_tlog::{AuditError, Cosignature, Event, SignedCheckpoint, Witness, hex, rfc3339, unhex32};
 
@@ -111,23 +112,33 @@ pub(crate) fn read_journal(home: &Home) -> Result<Vec<Record>> {
         .collect()
 }
 
-/// The log's identity as this site learnt it at enrolment.
+/// The log's identity as this site learnt it at enrolment: its origin and the key
+/// that signs its checkpoints now (the enrolment's, or where the rotations this site
+/// followed lead: `crate::keys`).
 pub(crate) fn log_identity(home: &Home) -> Result<(String, [u8; 32])> {
-    let e = home.enrolment()?;
-    let key = unhex32(&e.signing_public_key).context("enrolment.json: signing_public_key")?;
-    Ok((format!("maeum/{}", e.consortium), key))
+    let (origin, keys) = log_keys(home)?;
+    Ok((origin, keys.current))
 }
 
-/// The latest witnessed checkpoint, checked again under the enrolment's log key.
+/// The log's origin and every log key this site trusts.
+pub(crate) fn log_keys(home: &Home) -> Result<(String, crate::keys::Pinned)> {
+    let e = home.enrolment()?;
+    let keys = crate::keys::pinned(home, Role::Log)?.context("enrolment.json: no signing_public_key")?;
+    Ok((format!("maeum/{}", e.consortium), keys))
+}
+
+/// The latest witnessed checkpoint, checked again under the log key it names, which
+/// must be one this site trusts.
 pub fn witnessed(home: &Home) -> Result<Option<CheckpointFile>> {
     let path = home.path(CHECKPOINT);
     let Ok(bytes) = std::fs::read(&path) else { return Ok(None) };
     let file = CheckpointFile::decode(&bytes).with_context(|| format!("reading {}", path.display()))?;
-    let (origin, key) = log_identity(home)?;
-    if file.origin != origin || file.log_public_key != hex(&key) {
+    let (origin, keys) = log_keys(home)?;
+    let key = keys.all.iter().find(|k| hex(&k[..]) == file.log_public_key);
+    let (true, Some(key)) = (file.origin == origin, key) else {
         bail!("{} is of log {} (key {}), not this consortium's", path.display(), file.origin, file.log_public_key);
-    }
-    file.checkpoint.to_signed(&origin)?.0.verify(&key).with_context(|| format!("{}", path.display()))?;
+    };
+    file.checkpoint.to_signed(&origin)?.0.verify(key).with_context(|| format!("{}", path.display()))?;
     Ok(Some(file))
 }
 
@@ -340,11 +351,13 @@ pub async fn witness_once(home: &Home, client: &mut Client) -> Result<Witnessed>
     if let Some(why) = fork_evidence(home) {
         bail!("not witnessing: {why} (see {})", home.path(EVIDENCE).display());
     }
-    let (origin, key) = log_identity(home)?;
+    let (origin, _) = log_keys(home)?;
     let previous = witnessed(home)?;
     let known = previous.as_ref().map_or(0, |f| f.checkpoint.size);
     let prev_signed = previous.as_ref().map(|f| f.checkpoint.to_signed(&origin)).transpose()?.map(|(s, _)| s);
-    let mut witness = Witness::new(origin.clone(), key, prev_signed.clone())?;
+    // The stored checkpoint was checked under the key it names (`witnessed`).
+    let prev_key = previous.as_ref().map(|f| unhex32(&f.log_public_key)).transpose()?;
+    let mut witness = Witness::new(origin.clone(), prev_key.unwrap_or_default(), prev_signed.clone())?;
     let reply = client
         .audit_checkpoint(pb::AuditCheckpointRequest {
             known_size: known,
@@ -357,6 +370,14 @@ pub async fn witness_once(home: &Home, client: &mut Client) -> Result<Witnessed>
         .into_inner();
     let reply = CheckpointReply::from_pb(&origin, reply).context("the coordinator's checkpoint reply")?;
     let new = &reply.latest.signed;
+    // The log key: follow the rotations served with the checkpoint, then check it under
+    // the key they end at (older stored checkpoints stay under the key of their time).
+    let with = format!("checkpoint of {} entries", new.checkpoint.size);
+    let keys = crate::keys::follow(home, Role::Log, &reply.handovers, &with)
+        .context("refusing the log-key handovers")?
+        .context("enrolment.json: no signing_public_key")?;
+    let key = keys.current;
+    witness.set_log_key(key);
     let token = match witness.observe(new, &reply.consistency) {
         Ok(t) => t,
         Err(e) => {
@@ -381,7 +402,12 @@ pub async fn witness_once(home: &Home, client: &mut Client) -> Result<Witnessed>
     let site_id = home.site_id()?;
     let mut also_by = Vec::new();
     for head in &reply.since {
-        head.signed.verify(&key).context("a stored checkpoint the coordinator returned")?;
+        if !keys.all.iter().any(|k| head.signed.verify(k).is_ok()) {
+            bail!(
+                "a stored checkpoint the coordinator returned (size {}) is not signed by the log",
+                head.signed.checkpoint.size
+            );
+        }
         if let Some(seen) = mine.get(&head.signed.checkpoint.size)
             && seen.checkpoint.root != head.signed.checkpoint.root
         {

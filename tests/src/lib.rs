@@ -555,6 +555,7 @@ pub const SMALL_MODEL: &str = "[model]\nkind = \"text-classifier\"\nbuckets = 40
 
 /// The ops endpoints (health, readiness, OpenMetrics) of a running coordinator or site.
 pub mod link;
+pub mod releases;
 
 pub mod ops {
     use std::io::{Read, Write};

@@ -7,32 +7,16 @@
 //! gets nothing installed: every site refuses. Signed where the key is (`models sign`),
 //! the release is promoted and installed everywhere.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use maeum_e2e::releases::{current_at, release_everywhere, site_cli as site_cmd, wait};
 use maeum_e2e::{Federation, SMALL_MODEL, bin};
 
 const MIN: Duration = Duration::from_secs(60);
 const SITES: [&str; 3] = ["site-1", "site-2", "site-3"];
 
-fn current_at(fed: &Federation, site: &str) -> serde_json::Value {
-    let out = std::process::Command::new(bin("maeum-site"))
-        .args(["models", "list", "--json", "--home"])
-        .arg(fed.site_home(site))
-        .output()
-        .expect("maeum-site models list");
-    serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap_or_default()["current"].clone()
-}
-
 fn events(fed: &Federation, site: &str) -> String {
     std::fs::read_to_string(fed.site_home(site).join("releases/events.jsonl")).unwrap_or_default()
-}
-
-fn wait(what: &str, limit: Duration, mut done: impl FnMut() -> bool) {
-    let until = Instant::now() + limit;
-    while !done() {
-        assert!(Instant::now() < until, "{what} within {limit:?}");
-        std::thread::sleep(Duration::from_millis(250));
-    }
 }
 
 #[test]
@@ -135,15 +119,6 @@ fn audit_release(dir: &std::path::Path, log: &std::path::Path, key: &str) -> std
         .expect("maeum-audit runs")
 }
 
-fn site_cmd(fed: &Federation, site: &str, args: &[&str]) -> std::process::Output {
-    std::process::Command::new(bin("maeum-site"))
-        .args(args)
-        .arg("--home")
-        .arg(fed.site_home(site))
-        .output()
-        .expect("maeum-site")
-}
-
 /// Rotation (`docs/protocols/releases.md#rotating-the-release-key`): the lead hands the
 /// release key over twice; a compromised host cannot hand it over to a key of its own;
 /// every site walks both real handovers, installs the next release, and still verifies
@@ -157,14 +132,8 @@ fn the_release_key_rotates_and_every_site_follows_the_handover() {
     fed.start_coordinator();
     fed.start_sites(&SITES);
     fed.wait_online(SITES.len());
-    let job = format!("{SMALL_MODEL}[train]\nepochs = 1\n");
-    let reason = ["--override-gate", "--reason", "e2e: a one-round model"];
-    let id = fed.submit("before", 1, 3, &job);
-    assert_eq!(fed.wait_job(&id, 3 * MIN)["state"], "completed");
-    fed.cli_json(&[&["models", "promote", "v1"][..], &reason[..]].concat());
-    for s in SITES {
-        wait(&format!("{s} installs v1"), MIN, || current_at(&fed, s) == 1);
-    }
+    release_everywhere(&fed, "before", 1, &SITES);
+    let (job, reason) = (maeum_e2e::releases::one_round_job(), maeum_e2e::releases::OVERRIDE);
 
     // Two rotations, made where the key is; the current release is signed again each time.
     let keys = fed.dir.path().join("lead-workstation");

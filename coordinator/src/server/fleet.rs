@@ -515,6 +515,7 @@ impl pb::fleet_server::Fleet for Fleet {
         let consortium = c.home.consortium().map_err(internal)?.name;
         let mut msg = r.message(&consortium).map_err(internal)?;
         msg.handovers = c.home.release_handovers().map_err(internal)?;
+        msg.log_handovers = c.log_handovers.clone();
         if crate::attack::current() == Some(crate::attack::Attack::ForgeHandover) {
             forge_handover(&mut msg, &c.home).map_err(internal)?;
         }
@@ -720,9 +721,13 @@ impl Coord {
                 "a site witnessed a larger checkpoint than this log's latest: the log was rolled back"
             );
             let latest = wire::audit::TreeHead { signed: latest, cosignatures: Vec::new() };
-            return Ok(
-                wire::audit::CheckpointReply { latest, consistency: Vec::new(), since: Vec::new() }.to_pb(&origin)
-            );
+            return Ok(wire::audit::CheckpointReply {
+                latest,
+                consistency: Vec::new(),
+                since: Vec::new(),
+                handovers: self.log_handovers.clone(),
+            }
+            .to_pb(&origin));
         }
         let certs = |cosignatures: Vec<maeum_tlog::Cosignature>| {
             cosignatures
@@ -754,7 +759,8 @@ impl Coord {
             (latest, proof)
         };
         let latest = wire::audit::TreeHead { signed, cosignatures: Vec::new() };
-        Ok(wire::audit::CheckpointReply { latest, consistency, since }.to_pb(&origin))
+        Ok(wire::audit::CheckpointReply { latest, consistency, since, handovers: self.log_handovers.clone() }
+            .to_pb(&origin))
     }
 }
 

@@ -33,6 +33,8 @@ pub struct CheckpointReply {
     pub latest: TreeHead,
     pub consistency: Vec<Hash>,
     pub since: Vec<TreeHead>,
+    /// Every rotation of the log key, oldest first.
+    pub handovers: Vec<maeum_tlog::handover::KeyHandover>,
 }
 
 /// One entry with its inclusion proof.
@@ -112,6 +114,7 @@ impl CheckpointReply {
             latest: Some(self.latest.to_pb()),
             consistency: self.consistency.iter().map(|h| h.to_vec()).collect(),
             since: self.since.iter().map(TreeHead::to_pb).collect(),
+            log_key_handovers: self.handovers.iter().map(super::release::handover_to_pb).collect(),
         }
     }
 
@@ -128,6 +131,7 @@ impl CheckpointReply {
             latest: TreeHead::from_pb(origin, r.latest.ok_or(WireError::Missing { field: "checkpoint.latest" })?)?,
             consistency: hashes("checkpoint.consistency", &r.consistency)?,
             since: r.since.into_iter().map(|h| TreeHead::from_pb(origin, h)).collect::<Result<_, _>>()?,
+            handovers: super::release::handovers_from_pb("checkpoint.log_key_handovers", r.log_key_handovers)?,
         })
     }
 }
@@ -183,7 +187,12 @@ mod tests {
 
     #[test]
     fn checkpoint_reply_round_trips_and_bad_shapes_name_the_field() {
-        let reply = CheckpointReply { latest: head(), consistency: vec![[5; 32]; 3], since: vec![head()] };
+        let reply = CheckpointReply {
+            latest: head(),
+            consistency: vec![[5; 32]; 3],
+            since: vec![head()],
+            handovers: Vec::new(),
+        };
         let back = CheckpointReply::from_pb("maeum/heart", reply.to_pb("maeum/heart")).unwrap();
         assert_eq!(back, reply);
         let e = CheckpointReply::from_pb("maeum/other", reply.to_pb("maeum/heart")).unwrap_err();

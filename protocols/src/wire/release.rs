@@ -33,6 +33,8 @@ pub struct ReleaseMsg {
     pub audit_seq: u64,
     /// Every rotation of the release key, oldest first (see `pb::Release`).
     pub handovers: Vec<KeyHandover>,
+    /// Every rotation of the log key, oldest first.
+    pub log_handovers: Vec<KeyHandover>,
 }
 
 /// A handover on the wire (bytes) from its stored form (hex). The stored form comes
@@ -102,6 +104,7 @@ impl ReleaseMsg {
             audit_seq: self.audit_seq,
             release_signature: self.release_signature.clone(),
             release_key_handovers: self.handovers.iter().map(handover_to_pb).collect(),
+            log_key_handovers: self.log_handovers.iter().map(handover_to_pb).collect(),
         }
     }
 
@@ -143,6 +146,7 @@ impl ReleaseMsg {
             card: r.card,
             audit_seq: r.audit_seq,
             handovers: handovers_from_pb("release.release_key_handovers", r.release_key_handovers)?,
+            log_handovers: handovers_from_pb("release.log_key_handovers", r.log_key_handovers)?,
         })
     }
 }
@@ -171,6 +175,7 @@ mod tests {
                 old_signature: "03".repeat(64),
                 new_signature: "04".repeat(64),
             }],
+            log_handovers: Vec::new(),
         }
     }
 

@@ -617,7 +617,8 @@ impl Verified {
         Ok(InclusionProof {
             format: INCLUSION_FORMAT.into(),
             origin: self.export.origin.clone(),
-            log_public_key: self.export.log_public_key.clone(),
+            // The key that signed this checkpoint (the log key rotates: AUD-22).
+            log_public_key: hex(&self.log_key_for(checkpoint.size)),
             entry: self.export.entries[seq as usize].clone(),
             leaf_index: seq,
             tree_size: checkpoint.size,
@@ -700,7 +701,7 @@ impl CheckpointFile {
         Some(CheckpointFile {
             format: CHECKPOINT_FORMAT.into(),
             origin: verified.export.origin.clone(),
-            log_public_key: verified.export.log_public_key.clone(),
+            log_public_key: hex(&verified.log_key_for(verified.export.checkpoints.last()?.size)),
             checkpoint: verified.export.checkpoints.last()?.clone(),
         })
     }
@@ -729,14 +730,16 @@ pub fn check_extends(old: &CheckpointFile, new: &Verified) -> Result<Consistency
     if old.origin != new.export.origin {
         return Err(AuditError::Origin { expected: old.origin.clone(), found: new.export.origin.clone() });
     }
-    if old.log_public_key != new.export.log_public_key {
+    let (old_cp, _) = old.checkpoint.to_signed(&old.origin)?;
+    // The key in effect at OLD's size in NEW's log (the log key rotates: AUD-22).
+    let key = new.log_key_for(old_cp.checkpoint.size);
+    if old.log_public_key != hex(&key) {
         return Err(AuditError::LogKey {
-            found: new.export.log_public_key.clone(),
-            reason: format!("differs from the old log's key {}", old.log_public_key),
+            found: old.log_public_key.clone(),
+            reason: format!("is not the key that signs the log's checkpoints of that size, {}", hex(&key)),
         });
     }
-    let (old_cp, _) = old.checkpoint.to_signed(&old.origin)?;
-    old_cp.verify(&new.log_key_for(old_cp.checkpoint.size))?;
+    old_cp.verify(&key)?;
     let old_cp = old_cp.checkpoint;
     let new_size = new.tree.size();
     if old_cp.size > new_size {

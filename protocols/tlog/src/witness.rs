@@ -54,6 +54,13 @@ impl Witness {
         Ok(Witness { latest, ..witness })
     }
 
+    /// Checks new checkpoints under `log_key` from now on: the log key rotated, and the
+    /// caller verified the handover (`crate::handover::walk`). The latest checkpoint
+    /// stays, signed by the key of its time.
+    pub fn set_log_key(&mut self, log_key: [u8; 32]) {
+        self.log_key = log_key;
+    }
+
     /// The latest checkpoint verified (to persist and to compare with others).
     pub fn latest(&self) -> Option<&SignedCheckpoint> {
         self.latest.as_ref()

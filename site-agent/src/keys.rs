@@ -1,0 +1,141 @@
+//! The consortium keys this site trusts and their rotations: the release key
+//! (`docs/protocols/releases.md#rotating-the-release-key`) and the log's signing key
+//! (`docs/protocols/audit-log.md#rotating-the-log-key`).
+//!
+//! ```text
+//! HOME/enrolment.json        release_public_key, signing_public_key: the keys pinned
+//!                            at enrolment
+//! HOME/release-keys.json     every rotation of the release key this site followed,
+//! HOME/signing-keys.json     and of the log key, oldest first: the handover (signed by
+//!                            the old and the new key), when, and what brought it
+//! ```
+//!
+//! Every release comes with the consortium's chains of handovers, and every checkpoint
+//! with the log key's. Before checking a signature the site walks the chain from its
+//! current key
+//! ([`maeum_tlog::handover::walk`]: each link verified under both keys, forks and
+//! cycles refused), records each link it takes here and in its log, and checks a new
+//! release under the key the walk ends at. A coordinator without the release key
+//! cannot make a link, so it cannot move the pin to a key it holds; it can withhold
+//! the chain, and then the site refuses what the new key signed (denial of service, as
+//! withholding releases is). Releases installed and checkpoints witnessed before a
+//! rotation stay verifiable offline (`predict`, `models verify`): they are checked
+//! under any key this site has trusted.
+
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+use tracing::info;
+
+use maeum_tlog::handover::{self, KeyHandover, Role};
+use maeum_tlog::{hex, unhex32};
+
+use crate::enrol::Home;
+
+/// The rotations of `role`'s key this site followed (a file in HOME).
+pub fn chain_file(role: Role) -> &'static str {
+    match role {
+        Role::Release => "release-keys.json",
+        Role::Log => "signing-keys.json",
+    }
+}
+
+/// A rotation this site followed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Followed {
+    pub handover: KeyHandover,
+    pub followed_ms: i64,
+    /// What brought it (`release v2`, `checkpoint of 40 entries`).
+    pub with: String,
+}
+
+/// The keys of one role this site trusts, or none (an enrolment from before release
+/// keys).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pinned {
+    /// The key a new release must be signed with.
+    pub current: [u8; 32],
+    /// The key from enrolment.
+    pub enrolled: [u8; 32],
+    /// Every key this site trusted, for releases installed under an earlier one.
+    pub all: Vec<[u8; 32]>,
+    /// The rotations followed from the enrolment's key.
+    pub followed: Vec<Followed>,
+}
+
+fn stored(home: &Home, role: Role) -> Result<Vec<Followed>> {
+    let p = home.path(chain_file(role));
+    match std::fs::read(&p) {
+        Ok(bytes) => serde_json::from_slice(&bytes).with_context(|| format!("parsing {}", p.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
+        Err(e) => Err(e).with_context(|| format!("reading {}", p.display())),
+    }
+}
+
+/// The `role` keys this site trusts now (`None`: its enrolment names no release key).
+pub fn pinned(home: &Home, role: Role) -> Result<Option<Pinned>> {
+    let enrolment = home.enrolment()?;
+    let (field, key) = match role {
+        Role::Release => ("release_public_key", &enrolment.release_public_key),
+        Role::Log => ("signing_public_key", &enrolment.signing_public_key),
+    };
+    if key.is_empty() {
+        return Ok(None);
+    }
+    let enrolled = unhex32(key).with_context(|| format!("enrolment.json: {field}"))?;
+    let kept = stored(home, role)?;
+    let links: Vec<KeyHandover> = kept.iter().map(|f| f.handover.clone()).collect();
+    let walked = handover::walk(role, &enrolment.consortium, &enrolled, &links)
+        .with_context(|| format!("HOME/{}", chain_file(role)))?;
+    let current = match walked.last() {
+        Some(h) => h.keys()?.1,
+        None => enrolled,
+    };
+    let mut all = vec![enrolled];
+    for h in &links {
+        let (old, new) = h.keys()?;
+        all.extend([old, new].into_iter().filter(|k| !all.contains(k)).collect::<Vec<_>>());
+    }
+    let followed = kept.into_iter().filter(|f| walked.contains(&f.handover)).collect();
+    Ok(Some(Pinned { current, enrolled, all, followed }))
+}
+
+/// Walks `chain` (served with `with`: a release, a checkpoint) from this site's current
+/// `role` key and keeps every link taken; returns the keys trusted now (the current
+/// one is what new signatures must be by). `Err` refuses what came with it: a link on
+/// the walk does not verify, or the chain forks or cycles.
+pub fn follow(home: &Home, role: Role, chain: &[KeyHandover], with: &str) -> Result<Option<Pinned>> {
+    let Some(now) = pinned(home, role)? else { return Ok(None) };
+    let consortium = home.enrolment()?.consortium;
+    let taken = handover::walk(role, &consortium, &now.current, chain)?;
+    if taken.is_empty() {
+        return Ok(Some(now));
+    }
+    let mut kept = stored(home, role)?;
+    for h in &taken {
+        info!(
+            from = %&h.old_key[..16],
+            to = %&h.new_key[..16],
+            with,
+            "followed a rotation of the consortium's {} key (handover signed by the old and the new key)",
+            role.name()
+        );
+        kept.push(Followed { handover: h.clone(), followed_ms: crate::now_ms(), with: with.to_string() });
+    }
+    let p = home.path(chain_file(role));
+    maeum_models::write_file(&p, &serde_json::to_vec_pretty(&kept)?, false)
+        .with_context(|| format!("writing {}", p.display()))?;
+    pinned(home, role)
+}
+
+/// For `doctor` and `status`: the current key, and how it was reached.
+pub fn describe(p: &Pinned) -> String {
+    match p.followed.len() {
+        0 => format!("{}… (from enrolment)", &hex(&p.current)[..16]),
+        n => format!(
+            "{}… (from enrolment's {}… by {n} rotation{} this site followed)",
+            &hex(&p.current)[..16],
+            &hex(&p.enrolled)[..16],
+            if n == 1 { "" } else { "s" }
+        ),
+    }
+}

@@ -1,0 +1,84 @@
+//! Rotation of the log's signing key (issue 20, `docs/protocols/audit-log.md#rotating-the-log-key`):
+//! real processes, mTLS, the real corpus.
+//!
+//! The lead rotates the key while the coordinator serves; the next start applies it
+//! (logged as `log_key_rotated`). Every site walks the handover with the next
+//! checkpoint it witnesses, installs a release signed by the new key, and still
+//! verifies the release it installed under the old one; an auditor who pins only the
+//! first key verifies the whole log, and a site's witnessed checkpoint against it.
+
+use std::time::Duration;
+
+use maeum_e2e::releases::{OVERRIDE, current_at, one_round_job, release_everywhere, site_cli as site_cmd, wait};
+use maeum_e2e::{Federation, bin};
+
+const MIN: Duration = Duration::from_secs(60);
+const SITES: [&str; 3] = ["site-1", "site-2", "site-3"];
+
+fn witnessed_key(fed: &Federation, site: &str) -> String {
+    let text = std::fs::read_to_string(fed.site_home(site).join("audit/checkpoint.json")).unwrap_or_default();
+    serde_json::from_str::<serde_json::Value>(&text).unwrap_or_default()["log_public_key"].as_str().unwrap_or("").into()
+}
+
+#[test]
+fn the_log_signing_key_rotates_and_every_site_and_auditor_follows() {
+    let mut fed = Federation::new(SITES.len());
+    let home = fed.coordinator_home();
+    let first = std::fs::read_to_string(home.join("signing.pub")).expect("signing.pub").trim().to_string();
+    fed.start_coordinator();
+    fed.start_sites(&SITES);
+    fed.wait_online(SITES.len());
+    release_everywhere(&fed, "before", 1, &SITES);
+
+    // Made while the coordinator serves; a second one waits for the first.
+    let r = fed.cli_json(&["signing-key", "rotate"]);
+    let new_key = r["new_key"].as_str().expect("new_key").to_string();
+    assert_eq!((r["old_key"].as_str(), r["applied"].as_bool()), (Some(first.as_str()), Some(false)), "{r:#}");
+    let again = fed.cli(&["signing-key", "rotate"]);
+    assert!(!again.status.success() && String::from_utf8_lossy(&again.stderr).contains("already waiting"));
+    assert_eq!(std::fs::read_to_string(home.join("signing.pub")).expect("signing.pub").trim(), first);
+
+    // Applied at the next start.
+    assert!(fed.terminate_coordinator(MIN).is_some(), "the coordinator stops");
+    fed.start_coordinator();
+    assert_eq!(std::fs::read_to_string(home.join("signing.pub")).expect("signing.pub").trim(), new_key);
+    let shown = fed.cli_json(&["signing-key", "show"]);
+    assert_eq!(shown["rotations"].as_array().map(Vec::len), Some(1), "{shown:#}");
+    assert!(shown["waiting"].is_null(), "{shown:#}");
+    for s in SITES {
+        wait(&format!("{s} witnesses a checkpoint by the new key"), MIN, || witnessed_key(&fed, s) == new_key);
+        let followed = std::fs::read_to_string(fed.site_home(s).join("signing-keys.json")).expect("signing-keys.json");
+        assert!(followed.contains(&new_key) && followed.contains("checkpoint of"), "{s}: {followed}");
+    }
+
+    // A release signed by the new log key installs everywhere; v1 still verifies.
+    let id = fed.submit("after", 1, 3, &one_round_job());
+    assert_eq!(fed.wait_job(&id, 3 * MIN)["state"], "completed");
+    fed.cli_json(&[&["models", "promote", "v2"][..], &OVERRIDE[..]].concat());
+    for s in SITES {
+        wait(&format!("{s} installs v2"), MIN, || current_at(&fed, s) == 2);
+        let verify = site_cmd(&fed, s, &["models", "verify"]);
+        assert!(verify.status.success(), "{s}: {}", String::from_utf8_lossy(&verify.stderr));
+        let doctor = String::from_utf8_lossy(&site_cmd(&fed, s, &["doctor"]).stdout).into_owned();
+        let line = doctor.lines().find(|l| l.contains("log key")).unwrap_or_default();
+        assert!(line.contains(&new_key[..16]) && line.contains("by 1 rotation this site followed"), "{s}: {doctor}");
+    }
+
+    // The auditor pins the first key: the whole log verifies, the rotation is in it, and
+    // a site's witnessed checkpoint (by the new key) is consistent with it.
+    let log = fed.dir.path().join("audit.json");
+    let out = fed.cli(&["audit", "export", "--out", log.to_str().expect("utf-8")]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = std::fs::read_to_string(&log).expect("audit.json");
+    assert_eq!(text.matches("\"log_key_rotated\"").count(), 1, "the rotation is logged once");
+    let audit =
+        |args: &[&str]| std::process::Command::new(bin("maeum-audit")).args(args).output().expect("maeum-audit");
+    let ok = audit(&["verify", log.to_str().expect("utf-8"), "--trust", &first]);
+    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+    let cp = fed.site_home("site-1").join("audit/checkpoint.json");
+    let ok = audit(&["consistency", cp.to_str().expect("utf-8"), log.to_str().expect("utf-8")]);
+    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+    // The new key is not the log's first key: pinning it alone fails (AUD-05).
+    let wrong = audit(&["verify", log.to_str().expect("utf-8"), "--trust", &new_key]);
+    assert!(!wrong.status.success() && String::from_utf8_lossy(&wrong.stderr).contains("AUD-05"));
+}
