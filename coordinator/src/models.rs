@@ -433,9 +433,13 @@ pub async fn export(home: &Path, version: &str, out: &Path, layout: ExportLayout
     while let Some(piece) = stream.message().await? {
         blob.extend_from_slice(&piece.data);
     }
-    let key_hex = Home::new(home).read("signing.pub")?;
-    let key = unhex32(key_hex.trim()).context("HOME/signing.pub")?;
-    r.manifest.verify(&key, &r.signature).context("checking the release before export")?;
+    // Signed by the log key of its day: the one in use or one it replaced.
+    let current = unhex32(Home::new(home).read("signing.pub")?.trim()).context("HOME/signing.pub")?;
+    let retired = Home::new(home).retired_log_keys()?;
+    let key = std::iter::once(current)
+        .chain(retired)
+        .find(|k| r.manifest.verify(k, &r.signature).is_ok())
+        .context("checking the release before export: its signature verifies under none of the log's keys")?;
     let release_key = match r.release_signature.is_empty() {
         true => None,
         false => Some(crate::release_key::signer(&Home::new(home), &r).context("checking the release before export")?),

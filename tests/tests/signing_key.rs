@@ -78,6 +78,15 @@ fn the_log_signing_key_rotates_and_every_site_and_auditor_follows() {
     let cp = fed.site_home("site-1").join("audit/checkpoint.json");
     let ok = audit(&["consistency", cp.to_str().expect("utf-8"), log.to_str().expect("utf-8")]);
     assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+    // Both releases export and pass the auditor: v1 under the first key, v2 the new.
+    for v in ["1", "2"] {
+        let dir = fed.dir.path().join(format!("export-v{v}"));
+        let out = fed.cli(&["models", "export", v, "--out", dir.to_str().expect("utf-8")]);
+        assert!(out.status.success(), "v{v}: {}", String::from_utf8_lossy(&out.stderr));
+        let ok =
+            audit(&["release", dir.to_str().expect("utf-8"), "--log", log.to_str().expect("utf-8"), "--trust", &first]);
+        assert!(ok.status.success(), "v{v}: {}", String::from_utf8_lossy(&ok.stderr));
+    }
     // The new key is not the log's first key: pinning it alone fails (AUD-05).
     let wrong = audit(&["verify", log.to_str().expect("utf-8"), "--trust", &new_key]);
     assert!(!wrong.status.success() && String::from_utf8_lossy(&wrong.stderr).contains("AUD-05"));
