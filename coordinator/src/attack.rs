@@ -27,6 +27,9 @@
 //! - `forge-handover` — the same host serves every release with a release-key handover
 //!   of its own making (from the pinned key to a key it holds, "signed" by the signing
 //!   key) and signs the release with its key.
+//! - `unlogged-log-rotation` — the host, which holds the log key, hands every site over
+//!   to a log key of its own with a valid handover, and signs the latest checkpoint
+//!   with it, without logging the rotation.
 //!
 //! Each attack also turns off the coordinator's own check that would stop it, so the
 //! test sees what the sites do about it. The existing test hooks (a forked audit view,
@@ -44,6 +47,7 @@ pub enum Attack {
     GraphSeed(String),
     ForgeRelease,
     ForgeHandover,
+    UnloggedLogRotation,
 }
 
 #[cfg(feature = "fault-injection")]
@@ -60,6 +64,7 @@ fn parse(spec: &str) -> Option<Attack> {
         "unlogged-offer" => Some(Attack::UnloggedOffer),
         "forge-release" => Some(Attack::ForgeRelease),
         "forge-handover" => Some(Attack::ForgeHandover),
+        "unlogged-log-rotation" => Some(Attack::UnloggedLogRotation),
         _ => None,
     }
 }

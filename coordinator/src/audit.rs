@@ -310,9 +310,8 @@ impl AuditLog {
         models: &[String],
         jobs: &[String],
         sites: &[String],
-        size: u64,
-        after: u64,
-        limit: usize,
+        (size, after, limit): (u64, u64, usize),
+        key_rotations: bool,
     ) -> Result<(Vec<ProvenEntry>, Option<u64>)> {
         if size == 0 || size > self.size() {
             bail!("no tree of size {size} (the log has {} entries)", self.size());
@@ -321,12 +320,13 @@ impl AuditLog {
         let mut more = None;
         self.db.scan(Tree::AuditEntries, Some(&seq_key(after)), Some(&seq_key(size)), false, &mut |_, bytes| {
             let entry = Entry::decode(bytes)?;
-            let wanted = entry.event.involves_site(site)
+            let rotation = matches!(entry.event, Event::LogKeyRotated { .. } | Event::ReleaseKeyRotated { .. });
+            let wanted = if key_rotations { rotation } else { entry.event.involves_site(site)
                 || entry.event.model().is_some_and(|m| models.iter().any(|x| x == m))
                 || matches!(&entry.event, Event::JobSubmitted { job_id, .. } if jobs.contains(job_id))
                 || matches!(&entry.event,
                     Event::SiteApproved { site: s, .. } | Event::SiteKeyReplaced { site: s, .. } | Event::SiteRevoked { site: s, .. }
-                    if sites.contains(s));
+                    if sites.contains(s)) };
             if !wanted {
                 return Ok(true);
             }

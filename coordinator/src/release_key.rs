@@ -128,6 +128,8 @@ pub fn rotate(c: &Coord, h: &KeyHandover, operator: &str) -> Result<ReleaseKeys>
     let mut stored = c.home.release_handovers()?;
     stored.push(h.clone());
     write_file(&c.home.path(CHAIN_FILE), &serde_json::to_vec_pretty(&stored)?, false)?;
+    // A checkpoint over the rotation: sites follow it only once they can prove it.
+    c.audit.checkpoint()?;
     c.home.release_keys()?.context("the release keys vanished")
 }
 

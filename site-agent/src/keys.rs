@@ -12,12 +12,14 @@
 //!
 //! Every release comes with the consortium's chains of handovers, and every checkpoint
 //! with the log key's. Before checking a signature the site walks the chain from its
-//! current key
-//! ([`maeum_tlog::handover::walk`]: each link verified under both keys, forks and
-//! cycles refused), records each link it takes here and in its log, and checks a new
-//! release under the key the walk ends at. A coordinator without the release key
-//! cannot make a link, so it cannot move the pin to a key it holds; it can withhold
-//! the chain, and then the site refuses what the new key signed (denial of service, as
+//! current key ([`walk`]; [`maeum_tlog::handover::walk`]: each link verified under both
+//! keys, forks and cycles refused) and checks what came with it under the key the walk
+//! ends at. It keeps a link ([`keep`]: here and in its log) only once the coordinator
+//! has proved the rotation's entry (`log_key_rotated`, `release_key_rotated`) in a
+//! checkpoint this site verified ([`Walk::check_logged`]): a rotation every auditor can
+//! see. A coordinator without the old key cannot make a link; one that holds it (the
+//! log key lives on its host) still cannot hand a site over unseen. It can withhold the
+//! chain, and then the site refuses what the new key signed (denial of service, as
 //! withholding releases is). Releases installed and checkpoints witnessed before a
 //! rotation stay verifiable offline (`predict`, `models verify`): they are checked
 //! under any key this site has trusted.
@@ -99,32 +101,80 @@ pub fn pinned(home: &Home, role: Role) -> Result<Option<Pinned>> {
     Ok(Some(Pinned { current, enrolled, all, followed }))
 }
 
-/// Walks `chain` (served with `with`: a release, a checkpoint) from this site's current
-/// `role` key and keeps every link taken; returns the keys trusted now (the current
-/// one is what new signatures must be by). `Err` refuses what came with it: a link on
-/// the walk does not verify, or the chain forks or cycles.
-pub fn follow(home: &Home, role: Role, chain: &[KeyHandover], with: &str) -> Result<Option<Pinned>> {
-    let Some(now) = pinned(home, role)? else { return Ok(None) };
-    let consortium = home.enrolment()?.consortium;
-    let taken = handover::walk(role, &consortium, &now.current, chain)?;
-    if taken.is_empty() {
-        return Ok(Some(now));
+/// A walk along a served chain from this site's pin, not yet kept.
+#[derive(Debug, Clone)]
+pub struct Walk {
+    pub role: Role,
+    pub pinned: Pinned,
+    /// The links taken, in order (empty: the pin is still current).
+    pub taken: Vec<KeyHandover>,
+}
+
+impl Walk {
+    /// The key new signatures must be by.
+    pub fn current(&self) -> [u8; 32] {
+        self.taken.last().and_then(|h| h.keys().ok()).map_or(self.pinned.current, |(_, new)| new)
     }
-    let mut kept = stored(home, role)?;
-    for h in &taken {
+
+    /// Every key trusted once this walk is kept.
+    pub fn all(&self) -> Vec<[u8; 32]> {
+        let mut all = self.pinned.all.clone();
+        all.extend(self.taken.iter().filter_map(|h| h.keys().ok()).map(|(_, new)| new));
+        all
+    }
+
+    /// Every link taken is a rotation the log records: `logged` are the rotation
+    /// entries the coordinator proved against a checkpoint this site verified.
+    /// Otherwise the coordinator showed this site a rotation its log does not hold.
+    pub fn check_logged(&self, logged: &[maeum_tlog::Entry]) -> Result<()> {
+        for h in &self.taken {
+            if !logged.iter().any(|e| handover::in_entry(self.role, e).as_ref() == Some(h)) {
+                anyhow::bail!(
+                    "the coordinator hands this site over from the {} key {}… to {}… with a rotation its audit log \
+                     does not record: refusing it",
+                    self.role.name(),
+                    &h.old_key[..16],
+                    &h.new_key[..16]
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Walks `chain` from this site's current `role` key (`None`: no such key pinned).
+/// `Err` refuses what came with it: a link on the walk does not verify, or the chain
+/// forks or cycles.
+pub fn walk(home: &Home, role: Role, chain: &[KeyHandover]) -> Result<Option<Walk>> {
+    let Some(pinned) = pinned(home, role)? else { return Ok(None) };
+    let consortium = home.enrolment()?.consortium;
+    let taken = handover::walk(role, &consortium, &pinned.current, chain)?;
+    Ok(Some(Walk { role, pinned, taken }))
+}
+
+/// Keeps the links `walk` took (HOME/…-keys.json and the log); `with` says what
+/// brought them (a release, a checkpoint).
+pub fn keep(home: &Home, walk: &Walk, with: &str) -> Result<()> {
+    if walk.taken.is_empty() {
+        return Ok(());
+    }
+    let mut kept = stored(home, walk.role)?;
+    for h in &walk.taken {
+        if kept.iter().any(|f| f.handover == *h) {
+            continue;
+        }
         info!(
             from = %&h.old_key[..16],
             to = %&h.new_key[..16],
             with,
-            "followed a rotation of the consortium's {} key (handover signed by the old and the new key)",
-            role.name()
+            "followed a rotation of the consortium's {} key (handover signed by the old and the new key, in the audit log)",
+            walk.role.name()
         );
         kept.push(Followed { handover: h.clone(), followed_ms: crate::now_ms(), with: with.to_string() });
     }
-    let p = home.path(chain_file(role));
+    let p = home.path(chain_file(walk.role));
     maeum_models::write_file(&p, &serde_json::to_vec_pretty(&kept)?, false)
-        .with_context(|| format!("writing {}", p.display()))?;
-    pinned(home, role)
+        .with_context(|| format!("writing {}", p.display()))
 }
 
 /// For `doctor` and `status`: the current key, and how it was reached.

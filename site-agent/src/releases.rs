@@ -206,18 +206,17 @@ impl Keys {
         Ok(Keys { log, release: crate::keys::pinned(home, Role::Release)?.map(|p| p.all) })
     }
 
-    /// For a new release: follows the rotations served with it, then any log key this
-    /// site trusts and the current release key.
-    fn following(home: &Home, msg: &ReleaseMsg) -> Result<Keys> {
-        let with = format!("release v{}", msg.manifest.version);
-        let log = crate::keys::follow(home, Role::Log, &msg.log_handovers, &with)
+    /// For a new release: walks the rotations served with it (kept once the log is
+    /// shown to hold them, [`keep_rotations`]); then any log key this site trusts and
+    /// the current release key.
+    fn following(home: &Home, msg: &ReleaseMsg) -> Result<(Keys, Vec<crate::keys::Walk>)> {
+        let log = crate::keys::walk(home, Role::Log, &msg.log_handovers)
             .context("refusing the log-key handovers")?
-            .context("enrolment.json names no signing key")?
-            .all;
-        let release = crate::keys::follow(home, Role::Release, &msg.handovers, &with)
-            .context("refusing the release-key handovers")?
-            .map(|p| vec![p.current]);
-        Ok(Keys { log, release })
+            .context("enrolment.json names no signing key")?;
+        let release =
+            crate::keys::walk(home, Role::Release, &msg.handovers).context("refusing the release-key handovers")?;
+        let keys = Keys { log: log.all(), release: release.as_ref().map(|w| vec![w.current()]) };
+        Ok((keys, std::iter::once(log).chain(release).collect()))
     }
 }
 
@@ -436,7 +435,7 @@ async fn install(agent: &Arc<Agent>, client: &mut Client, cur: &pb::ReleaseRef) 
     }
     // The keys: follow the rotations served with the release, then check under the
     // release key they end at.
-    let keys = Keys::following(home, &msg).map_err(|e| refused(format!("{e:#}")))?;
+    let (keys, walks) = Keys::following(home, &msg).map_err(|e| refused(format!("{e:#}")))?;
     let signatures = (&msg.signature[..], &msg.release_signature[..]);
     verify_signatures(m, signatures, &keys).map_err(|e| refused(format!("{e:#}")))?;
     check_card(m, &msg.card).map_err(refused)?;
@@ -459,6 +458,7 @@ async fn install(agent: &Arc<Agent>, client: &mut Client, cur: &pb::ReleaseRef) 
     let (entry, proof, size, root) = prove_release(agent, client, m, msg.audit_seq).await?;
     // Proving witnesses the log, which is where a fork is caught.
     not_halted(home)?;
+    keep_rotations(home, client, &walks, (size, &root), m.version).await?;
     let record = Installed {
         manifest: m.clone(),
         signature: hex(&msg.signature),
@@ -517,6 +517,29 @@ async fn prove_release(
         }
     }
     Err(Failure::Transient(anyhow!("this site has not witnessed a checkpoint of the audit log yet")))
+}
+
+/// Keeps the rotations the release's chains led through, once the checkpoint `at` this
+/// site witnessed proves each one's entry. Until then the install waits (the
+/// coordinator may not have signed a checkpoint over the rotation yet); a rotation
+/// the log never records is never followed.
+async fn keep_rotations(
+    home: &Home,
+    client: &mut Client,
+    walks: &[crate::keys::Walk],
+    (size, root): (u64, &maeum_tlog::merkle::Hash),
+    version: u32,
+) -> Result<(), Failure> {
+    let pending: Vec<&crate::keys::Walk> = walks.iter().filter(|w| !w.taken.is_empty()).collect();
+    if pending.is_empty() {
+        return Ok(());
+    }
+    let logged = crate::witness::logged_rotations(client, size, root).await.map_err(Failure::Transient)?;
+    for w in pending {
+        w.check_logged(&logged).map_err(Failure::Transient)?;
+        crate::keys::keep(home, w, &format!("release v{version}")).map_err(Failure::Transient)?;
+    }
+    Ok(())
 }
 
 fn make_current(home: &Home, cur: &pb::ReleaseRef) -> Result<()> {

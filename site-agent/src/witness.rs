@@ -372,11 +372,10 @@ pub async fn witness_once(home: &Home, client: &mut Client) -> Result<Witnessed>
     let new = &reply.latest.signed;
     // The log key: follow the rotations served with the checkpoint, then check it under
     // the key they end at (older stored checkpoints stay under the key of their time).
-    let with = format!("checkpoint of {} entries", new.checkpoint.size);
-    let keys = crate::keys::follow(home, Role::Log, &reply.handovers, &with)
+    let walk = crate::keys::walk(home, Role::Log, &reply.handovers)
         .context("refusing the log-key handovers")?
         .context("enrolment.json: no signing_public_key")?;
-    let key = keys.current;
+    let (key, trusted) = (walk.current(), walk.all());
     witness.set_log_key(key);
     let token = match witness.observe(new, &reply.consistency) {
         Ok(t) => t,
@@ -402,7 +401,7 @@ pub async fn witness_once(home: &Home, client: &mut Client) -> Result<Witnessed>
     let site_id = home.site_id()?;
     let mut also_by = Vec::new();
     for head in &reply.since {
-        if !keys.all.iter().any(|k| head.signed.verify(k).is_ok()) {
+        if !trusted.iter().any(|k| head.signed.verify(k).is_ok()) {
             bail!(
                 "a stored checkpoint the coordinator returned (size {}) is not signed by the log",
                 head.signed.checkpoint.size
@@ -438,6 +437,13 @@ pub async fn witness_once(home: &Home, client: &mut Client) -> Result<Witnessed>
                 }
             }
         }
+    }
+    // A rotation of the log key is followed only once the checkpoint just verified
+    // proves its log_key_rotated entry: no site is handed over unseen.
+    if !walk.taken.is_empty() {
+        let logged = logged_rotations(client, new.checkpoint.size, &new.checkpoint.root).await?;
+        walk.check_logged(&logged)?;
+        crate::keys::keep(home, &walk, &format!("checkpoint of {} entries", new.checkpoint.size))?;
     }
     // Stored before signing: after a crash this site never signs another root of a
     // size it has witnessed.
@@ -524,6 +530,19 @@ pub struct Wanted {
     pub jobs: Vec<String>,
     /// The approval, key-replacement and revocation entries of these sites.
     pub sites: Vec<String>,
+    /// Only the rotations of the consortium's keys, nothing else.
+    pub key_rotations: bool,
+}
+
+/// The rotations of the consortium's keys in the log up to the checkpoint `(size,
+/// root)` this site verified, each proven against it.
+pub async fn logged_rotations(
+    client: &mut Client,
+    size: u64,
+    root: &maeum_tlog::merkle::Hash,
+) -> Result<Vec<maeum_tlog::Entry>> {
+    let wanted = Wanted { key_rotations: true, ..Wanted::default() };
+    Ok(fetch_proven_with(client, size, root, wanted, 0).await?.into_iter().map(|p| p.entry).collect())
 }
 
 /// [`fetch_proven`], asking for everything `wanted` names, from position `after` on.
@@ -534,7 +553,7 @@ pub async fn fetch_proven_with(
     wanted: Wanted,
     after: u64,
 ) -> Result<Vec<ProvenEntry>> {
-    let Wanted { models, jobs, sites } = wanted;
+    let Wanted { models, jobs, sites, key_rotations } = wanted;
     let mut entries = Vec::new();
     let mut after = after;
     loop {
@@ -545,6 +564,7 @@ pub async fn fetch_proven_with(
                 after,
                 jobs: jobs.clone(),
                 sites: sites.clone(),
+                key_rotations,
             })
             .await
             .map_err(|e| {

@@ -91,3 +91,32 @@ fn the_log_signing_key_rotates_and_every_site_and_auditor_follows() {
     let wrong = audit(&["verify", log.to_str().expect("utf-8"), "--trust", &new_key]);
     assert!(!wrong.status.success() && String::from_utf8_lossy(&wrong.stderr).contains("AUD-05"));
 }
+
+/// The serving host holds the log key, so it can sign a valid handover to a key of its
+/// own. What it cannot do is hand sites over unseen: a site follows a rotation only
+/// once a checkpoint it verified proves the `log_key_rotated` entry
+/// (`unlogged-log-rotation` plays the host that shows the rotation without logging it).
+#[test]
+fn a_coordinator_cannot_hand_sites_over_to_a_log_key_it_does_not_log() {
+    let sites = ["site-1", "site-2"];
+    let mut fed = Federation::new(sites.len());
+    let first = std::fs::read_to_string(fed.coordinator_home().join("signing.pub")).expect("signing.pub");
+    let first = first.trim().to_string();
+    // The sites witness the honest log first.
+    fed.start_coordinator();
+    fed.start_sites(&sites);
+    fed.wait_online(sites.len());
+    for s in sites {
+        wait(&format!("{s} witnesses the log"), MIN, || witnessed_key(&fed, s) == first);
+    }
+    assert!(fed.terminate_coordinator(MIN).is_some(), "the coordinator stops");
+    fed.start_coordinator_with(&[("MAEUM_COORDINATOR_ATTACK", "unlogged-log-rotation")]);
+    // New entries, so the next checkpoint is larger than what the sites hold.
+    fed.submit("grow-the-log", 1, sites.len(), &one_round_job());
+    let refusal = "with a rotation its audit log does not record";
+    for s in sites {
+        wait(&format!("{s} refuses the unlogged rotation"), 2 * MIN, || fed.log_text(s).contains(refusal));
+        assert!(!fed.site_home(s).join("signing-keys.json").exists(), "{s} followed an unlogged rotation");
+        assert_eq!(witnessed_key(&fed, s), first, "{s} stored a checkpoint by the host's own key");
+    }
+}

@@ -489,8 +489,8 @@ impl pb::fleet_server::Fleet for Fleet {
             return Err(Status::invalid_argument("sites: at most 255 site ids"));
         }
         let reply = tokio::task::spawn_blocking(move || -> anyhow::Result<pb::AuditProveReply> {
-            let (entries, next) =
-                c.audit.prove_for(&site, &r.models, &r.jobs, &r.sites, r.size, r.after, wire::audit::MAX_PROVEN)?;
+            let window = (r.size, r.after, wire::audit::MAX_PROVEN);
+            let (entries, next) = c.audit.prove_for(&site, &r.models, &r.jobs, &r.sites, window, r.key_rotations)?;
             Ok(pb::AuditProveReply {
                 entries: entries.iter().map(wire::audit::ProvenEntry::to_pb).collect(),
                 more: next.is_some(),
@@ -758,9 +758,13 @@ impl Coord {
                 if known == 0 { Vec::new() } else { self.audit.consistency_proof(known, size).map_err(internal)? };
             (latest, proof)
         };
+        let (signed, handovers) = if crate::attack::current() == Some(crate::attack::Attack::UnloggedLogRotation) {
+            unlogged_log_rotation(&self.home, signed, self.log_handovers.clone()).map_err(internal)?
+        } else {
+            (signed, self.log_handovers.clone())
+        };
         let latest = wire::audit::TreeHead { signed, cosignatures: Vec::new() };
-        Ok(wire::audit::CheckpointReply { latest, consistency, since, handovers: self.log_handovers.clone() }
-            .to_pb(&origin))
+        Ok(wire::audit::CheckpointReply { latest, consistency, since, handovers }.to_pb(&origin))
     }
 }
 
@@ -775,6 +779,28 @@ fn test_tamper() -> String {
         return String::new();
     };
     std::fs::read_to_string(path).map(|s| s.trim().to_string()).unwrap_or_default()
+}
+
+/// The `unlogged-log-rotation` attack: the serving host holds the log key, so it can
+/// sign a real handover to a key of its own; it shows sites that rotation, and the
+/// latest checkpoint signed with its key, without logging the rotation.
+fn unlogged_log_rotation(
+    home: &Home,
+    latest: maeum_tlog::SignedCheckpoint,
+    mut chain: Vec<maeum_tlog::handover::KeyHandover>,
+) -> anyhow::Result<(maeum_tlog::SignedCheckpoint, Vec<maeum_tlog::handover::KeyHandover>)> {
+    let pkcs8 = ring::signature::Ed25519KeyPair::generate_pkcs8(&ring::rand::SystemRandom::new())
+        .map_err(|_| anyhow::anyhow!("keygen"))?;
+    let mine = ring::signature::Ed25519KeyPair::from_pkcs8(pkcs8.as_ref()).map_err(|_| anyhow::anyhow!("keygen"))?;
+    let consortium = home.consortium()?.name;
+    chain.push(maeum_tlog::handover::KeyHandover::make(
+        maeum_tlog::handover::Role::Log,
+        &consortium,
+        &home.signing_key()?,
+        &mine,
+    ));
+    warn!(size = latest.checkpoint.size, "ATTACK: showing a rotation of the log key that the log does not record");
+    Ok((latest.checkpoint.sign(&mine), chain))
 }
 
 /// The `forge-handover` attack: a compromised serving host (the signing key, not the
