@@ -75,6 +75,8 @@ fn the_log_signing_key_rotates_and_every_site_and_auditor_follows() {
         |args: &[&str]| std::process::Command::new(bin("maeum-audit")).args(args).output().expect("maeum-audit");
     let ok = audit(&["verify", log.to_str().expect("utf-8"), "--trust", &first]);
     assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+    let said = String::from_utf8_lossy(&ok.stdout).into_owned();
+    assert!(said.contains("rotated 1 time(s)") && said.contains(&new_key), "{said}");
     let cp = fed.site_home("site-1").join("audit/checkpoint.json");
     let ok = audit(&["consistency", cp.to_str().expect("utf-8"), log.to_str().expect("utf-8")]);
     assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));

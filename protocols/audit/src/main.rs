@@ -231,6 +231,13 @@ fn run(command: Command) -> Result<(), Failure> {
                 println!("  log         {} (consortium {})", r.origin, r.consortium);
                 let trusted = if trust.is_some() { "matches --trust" } else { "not pinned: pass --trust" };
                 println!("  log key     {} ({trusted})", r.log_public_key);
+                if r.log_key_rotations > 0 {
+                    println!(
+                        "  rotations   the log key was rotated {} time(s) (log_key_rotated, AUD-22); the latest \
+                         checkpoint is signed by {}",
+                        r.log_key_rotations, r.current_log_key
+                    );
+                }
                 println!("  entries     {} ({} .. {})", r.entries, rfc3339(r.first_time_ms), rfc3339(r.last_time_ms));
                 println!("  root        {}", r.root);
                 println!("  checkpoints {}, {} cosignatures", r.checkpoints, r.cosignatures);

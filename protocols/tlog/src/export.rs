@@ -174,6 +174,10 @@ pub struct Report {
     pub last_time_ms: i64,
     /// Root of the whole log (hex), signed by the latest checkpoint.
     pub root: String,
+    /// Rotations of the log key (`log_key_rotated` entries applied).
+    pub log_key_rotations: usize,
+    /// The key that signs the latest checkpoint (hex; the first key if never rotated).
+    pub current_log_key: String,
 }
 
 /// A verified export, for commands that go on to use it (`prove`, `consistency`).
@@ -452,6 +456,8 @@ pub fn verify_full(bytes: &[u8], trust: Option<&[u8; 32]>) -> Result<Verified, A
         first_time_ms: first.time_ms,
         last_time_ms: entries.last().map_or(first.time_ms, |e| e.time_ms),
         root: hex(&tree.root()),
+        log_key_rotations: log_keys.len() - 1,
+        current_log_key: hex(&key_for(n)),
     };
     Ok(Verified { export, tree, log_key, log_keys, report })
 }
@@ -905,6 +911,8 @@ pub(crate) mod tests {
         let v = verify_full(&export.encode(), Some(&first)).expect("verifies from the first key");
         assert_eq!(v.log_keys.iter().map(|(_, k)| *k).collect::<Vec<_>>(), vec![first, log_public_key(&fx.key)]);
         assert_eq!(v.log_key_for(2), first);
+        assert_eq!(v.report.log_key_rotations, 1);
+        assert_eq!(v.report.current_log_key, hex(&log_public_key(&fx.key)));
         assert_eq!(v.log_key_for(v.tree.size()), log_public_key(&fx.key));
         // The last checkpoint signed by the retired key instead: AUD-09.
         let last = export.checkpoints.len() - 1;
