@@ -108,6 +108,9 @@ pub struct Walk {
     pub pinned: Pinned,
     /// The links taken, in order (empty: the pin is still current).
     pub taken: Vec<KeyHandover>,
+    /// The links that led to the enrolment's key, newest first: for a site enrolled
+    /// after a rotation, the keys that signed what came before (not yet kept ones).
+    pub before: Vec<KeyHandover>,
 }
 
 impl Walk {
@@ -120,14 +123,20 @@ impl Walk {
     pub fn all(&self) -> Vec<[u8; 32]> {
         let mut all = self.pinned.all.clone();
         all.extend(self.taken.iter().filter_map(|h| h.keys().ok()).map(|(_, new)| new));
+        all.extend(self.before.iter().filter_map(|h| h.keys().ok()).map(|(old, _)| old));
         all
+    }
+
+    /// Whether there is anything to keep.
+    pub fn is_empty(&self) -> bool {
+        self.taken.is_empty() && self.before.is_empty()
     }
 
     /// Every link taken is a rotation the log records: `logged` are the rotation
     /// entries the coordinator proved against a checkpoint this site verified.
     /// Otherwise the coordinator showed this site a rotation its log does not hold.
     pub fn check_logged(&self, logged: &[maeum_tlog::Entry]) -> Result<()> {
-        for h in &self.taken {
+        for h in self.taken.iter().chain(&self.before) {
             if !logged.iter().any(|e| handover::in_entry(self.role, e).as_ref() == Some(h)) {
                 anyhow::bail!(
                     "the coordinator hands this site over from the {} key {}… to {}… with a rotation its audit log \
@@ -149,16 +158,32 @@ pub fn walk(home: &Home, role: Role, chain: &[KeyHandover]) -> Result<Option<Wal
     let Some(pinned) = pinned(home, role)? else { return Ok(None) };
     let consortium = home.enrolment()?.consortium;
     let taken = handover::walk(role, &consortium, &pinned.current, chain)?;
-    Ok(Some(Walk { role, pinned, taken }))
+    let kept = stored(home, role)?;
+    let before = handover::predecessors(role, &consortium, &pinned.enrolled, chain)?
+        .into_iter()
+        .filter(|h| !kept.iter().any(|f| f.handover == *h))
+        .collect();
+    Ok(Some(Walk { role, pinned, taken, before }))
 }
 
 /// Keeps the links `walk` took (HOME/…-keys.json and the log); `with` says what
 /// brought them (a release, a checkpoint).
 pub fn keep(home: &Home, walk: &Walk, with: &str) -> Result<()> {
-    if walk.taken.is_empty() {
+    if walk.is_empty() {
         return Ok(());
     }
     let mut kept = stored(home, walk.role)?;
+    for h in &walk.before {
+        if !kept.iter().any(|f| f.handover == *h) {
+            info!(
+                key = %&h.old_key[..16],
+                with,
+                "learnt an earlier {} key of the consortium (it handed over to the key this site enrolled with)",
+                walk.role.name()
+            );
+            kept.push(Followed { handover: h.clone(), followed_ms: crate::now_ms(), with: with.to_string() });
+        }
+    }
     for h in &walk.taken {
         if kept.iter().any(|f| f.handover == *h) {
             continue;
@@ -180,6 +205,11 @@ pub fn keep(home: &Home, walk: &Walk, with: &str) -> Result<()> {
 /// For `doctor` and `status`: the current key, and how it was reached.
 pub fn describe(p: &Pinned) -> String {
     match p.followed.len() {
+        0 if p.all.len() > 1 => format!(
+            "{}… (from enrolment; {} earlier key(s) known, for what they signed)",
+            &hex(&p.current)[..16],
+            p.all.len() - 1
+        ),
         0 => format!("{}… (from enrolment)", &hex(&p.current)[..16]),
         n => format!(
             "{}… (from enrolment's {}… by {n} rotation{} this site followed)",

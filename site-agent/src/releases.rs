@@ -530,7 +530,7 @@ async fn keep_rotations(
     (size, root): (u64, &maeum_tlog::merkle::Hash),
     version: u32,
 ) -> Result<(), Failure> {
-    let pending: Vec<&crate::keys::Walk> = walks.iter().filter(|w| !w.taken.is_empty()).collect();
+    let pending: Vec<&crate::keys::Walk> = walks.iter().filter(|w| !w.is_empty()).collect();
     if pending.is_empty() {
         return Ok(());
     }

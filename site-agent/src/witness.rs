@@ -440,7 +440,7 @@ pub async fn witness_once(home: &Home, client: &mut Client) -> Result<Witnessed>
     }
     // A rotation of the log key is followed only once the checkpoint just verified
     // proves its log_key_rotated entry: no site is handed over unseen.
-    if !walk.taken.is_empty() {
+    if !walk.is_empty() {
         let logged = logged_rotations(client, new.checkpoint.size, &new.checkpoint.root).await?;
         walk.check_logged(&logged)?;
         crate::keys::keep(home, &walk, &format!("checkpoint of {} entries", new.checkpoint.size))?;

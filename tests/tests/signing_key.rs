@@ -51,17 +51,29 @@ fn the_log_signing_key_rotates_and_every_site_and_auditor_follows() {
         assert!(followed.contains(&new_key) && followed.contains("checkpoint of"), "{s}: {followed}");
     }
 
+    // A site enrolled after the rotation pins the new key, learns the key before it from
+    // the chain (logged), and installs v1, which the old key signed.
+    fed.enrol("site-4", &fed.dir.path().join("data/site-1"));
+    let enrolment = std::fs::read_to_string(fed.site_home("site-4").join("enrolment.json")).expect("enrolment");
+    assert!(enrolment.contains(&new_key), "{enrolment}");
+    fed.start_sites(&["site-4"]);
+    wait("site-4 installs v1", MIN, || current_at(&fed, "site-4") == 1);
+    wait("site-4 witnesses the log", MIN, || witnessed_key(&fed, "site-4") == new_key);
+    let learnt = std::fs::read_to_string(fed.site_home("site-4").join("signing-keys.json")).expect("signing-keys");
+    assert!(learnt.contains(&first), "site-4 learnt the first key: {learnt}");
+
     // A release signed by the new log key installs everywhere; v1 still verifies.
     let id = fed.submit("after", 1, 3, &one_round_job());
     assert_eq!(fed.wait_job(&id, 3 * MIN)["state"], "completed");
     fed.cli_json(&[&["models", "promote", "v2"][..], &OVERRIDE[..]].concat());
-    for s in SITES {
+    for s in SITES.iter().copied().chain(["site-4"]) {
         wait(&format!("{s} installs v2"), MIN, || current_at(&fed, s) == 2);
         let verify = site_cmd(&fed, s, &["models", "verify"]);
         assert!(verify.status.success(), "{s}: {}", String::from_utf8_lossy(&verify.stderr));
         let doctor = String::from_utf8_lossy(&site_cmd(&fed, s, &["doctor"]).stdout).into_owned();
         let line = doctor.lines().find(|l| l.contains("log key")).unwrap_or_default();
-        assert!(line.contains(&new_key[..16]) && line.contains("by 1 rotation this site followed"), "{s}: {doctor}");
+        let how = if s == "site-4" { "1 earlier key(s) known" } else { "by 1 rotation this site followed" };
+        assert!(line.contains(&new_key[..16]) && line.contains(how), "{s}: {doctor}");
     }
 
     // The auditor pins the first key: the whole log verifies, the rotation is in it, and

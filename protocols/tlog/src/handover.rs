@@ -197,6 +197,38 @@ pub fn walk(
     }
 }
 
+/// Walks `chain` backwards from `pinned`: the links that hand over *to* the current key,
+/// each verified, newest first. A site enrolled after a rotation learns from them the
+/// keys that signed what came before it (older checkpoints, older releases): each
+/// was handed over from by a key it trusts. A fork (two links to one key) or a cycle
+/// is an error.
+pub fn predecessors(
+    role: Role,
+    consortium: &str,
+    pinned: &[u8; 32],
+    chain: &[KeyHandover],
+) -> Result<Vec<KeyHandover>, HandoverError> {
+    let parsed: Vec<([u8; 32], &KeyHandover)> =
+        chain.iter().map(|h| Ok((h.keys()?.1, h))).collect::<Result<_, HandoverError>>()?;
+    let mut current = *pinned;
+    let mut seen = vec![current];
+    let mut taken = Vec::new();
+    loop {
+        let mut to_here = parsed.iter().filter(|(new, _)| *new == current);
+        let Some((_, link)) = to_here.next() else { return Ok(taken) };
+        if to_here.any(|(_, other)| other.old_key != link.old_key) {
+            return Err(HandoverError::Fork(short(&current)));
+        }
+        let (old, _) = link.verify(role, consortium)?;
+        if seen.contains(&old) {
+            return Err(HandoverError::Cycle(short(&old)));
+        }
+        seen.push(old);
+        taken.push((*link).clone());
+        current = old;
+    }
+}
+
 /// The handover an entry records, if it records one of `role`'s
 /// (`release_key_rotated`, `log_key_rotated`).
 pub fn in_entry(role: Role, e: &crate::Entry) -> Option<KeyHandover> {
@@ -300,6 +332,24 @@ mod tests {
         assert!(walk(Role::Release, "x", &public(&d), &chain).expect("at the end").is_empty());
         // A key the chain never names walks nothing (the release then fails REL-4b).
         assert!(walk(Role::Release, "x", &public(&key()), &chain).expect("stranger").is_empty());
+    }
+
+    #[test]
+    fn a_key_enrolled_after_rotations_learns_the_keys_before_it() {
+        let (a, b, c) = (key(), key(), key());
+        let chain = vec![KeyHandover::make(Role::Log, "x", &a, &b), KeyHandover::make(Role::Log, "x", &b, &c)];
+        let before = predecessors(Role::Log, "x", &public(&c), &chain).expect("back from c");
+        assert_eq!(
+            before.iter().map(|h| h.old_key.clone()).collect::<Vec<_>>(),
+            vec![hex(&public(&b)), hex(&public(&a))]
+        );
+        assert!(predecessors(Role::Log, "x", &public(&a), &chain).expect("nothing before a").is_empty());
+        // A forged link to the pinned key is refused, not learnt.
+        let mut forged = chain.clone();
+        forged[1].old_signature = forged[0].old_signature.clone();
+        assert!(matches!(predecessors(Role::Log, "x", &public(&c), &forged), Err(HandoverError::OldSignature { .. })));
+        let fork = vec![KeyHandover::make(Role::Log, "x", &a, &c), KeyHandover::make(Role::Log, "x", &b, &c)];
+        assert!(matches!(predecessors(Role::Log, "x", &public(&c), &fork), Err(HandoverError::Fork(_))));
     }
 
     #[test]
