@@ -186,27 +186,25 @@ enum AuditCommand {
     },
 }
 
+/// HOME and `--json`, for the commands that take nothing else.
+#[derive(Debug, clap::Args)]
+struct HomeJson {
+    #[command(flatten)]
+    home: HomeArg,
+    /// Print one JSON object.
+    #[arg(long)]
+    json: bool,
+}
+
 #[derive(Debug, Subcommand)]
 enum SigningKeyCommand {
     /// Make a new log signing key beside the current one and a handover signed by both
     /// (HOME/signing.next.key, HOME/signing.handover.json). The coordinator applies it
     /// when it next starts: it logs log_key_rotated and signs with the new key from
     /// then on; sites follow the handover. Safe to run while the coordinator serves.
-    Rotate {
-        #[command(flatten)]
-        home: HomeArg,
-        /// Print one JSON object.
-        #[arg(long)]
-        json: bool,
-    },
+    Rotate(HomeJson),
     /// The signing key in use, every rotation and one waiting to be applied (offline).
-    Show {
-        #[command(flatten)]
-        home: HomeArg,
-        /// Print one JSON object.
-        #[arg(long)]
-        json: bool,
-    },
+    Show(HomeJson),
 }
 
 #[derive(Debug, Subcommand)]
@@ -229,13 +227,7 @@ enum ReleaseKeyCommand {
         json: bool,
     },
     /// The current release key, the first one and every rotation (from HOME, offline).
-    Show {
-        #[command(flatten)]
-        home: HomeArg,
-        /// Print one JSON object.
-        #[arg(long)]
-        json: bool,
-    },
+    Show(HomeJson),
 }
 
 #[derive(Debug, Subcommand)]
@@ -550,13 +542,13 @@ async fn run(cli: Cli) -> Result<()> {
         Command::ReleaseKey(ReleaseKeyCommand::Rotate { home, key, new_key, json }) => {
             maeum_coordinator::release_key::rotate_cli(&home.home, &key, &new_key, json).await?;
         }
-        Command::SigningKey(SigningKeyCommand::Rotate { home, json }) => {
+        Command::SigningKey(SigningKeyCommand::Rotate(HomeJson { home, json })) => {
             maeum_coordinator::signing_key::rotate_cli(&home.home, json)?;
         }
-        Command::SigningKey(SigningKeyCommand::Show { home, json }) => {
+        Command::SigningKey(SigningKeyCommand::Show(HomeJson { home, json })) => {
             maeum_coordinator::signing_key::show(&home.home, json)?;
         }
-        Command::ReleaseKey(ReleaseKeyCommand::Show { home, json }) => {
+        Command::ReleaseKey(ReleaseKeyCommand::Show(HomeJson { home, json })) => {
             maeum_coordinator::release_key::show(&home.home, json)?;
         }
         Command::Demo(a) => demo::run(a).await?,

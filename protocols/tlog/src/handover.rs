@@ -176,25 +176,7 @@ pub fn walk(
     pinned: &[u8; 32],
     chain: &[KeyHandover],
 ) -> Result<Vec<KeyHandover>, HandoverError> {
-    let parsed: Vec<([u8; 32], &KeyHandover)> =
-        chain.iter().map(|h| Ok((h.keys()?.0, h))).collect::<Result<_, HandoverError>>()?;
-    let mut current = *pinned;
-    let mut seen = vec![current];
-    let mut taken = Vec::new();
-    loop {
-        let mut from_here = parsed.iter().filter(|(old, _)| *old == current);
-        let Some((_, link)) = from_here.next() else { return Ok(taken) };
-        if from_here.any(|(_, other)| other.new_key != link.new_key) {
-            return Err(HandoverError::Fork(short(&current)));
-        }
-        let (_, new) = link.verify(role, consortium)?;
-        if seen.contains(&new) {
-            return Err(HandoverError::Cycle(short(&new)));
-        }
-        seen.push(new);
-        taken.push((*link).clone());
-        current = new;
-    }
+    follow(role, consortium, pinned, chain, Direction::Forward)
 }
 
 /// Walks `chain` backwards from `pinned`: the links that hand over *to* the current key,
@@ -208,24 +190,51 @@ pub fn predecessors(
     pinned: &[u8; 32],
     chain: &[KeyHandover],
 ) -> Result<Vec<KeyHandover>, HandoverError> {
-    let parsed: Vec<([u8; 32], &KeyHandover)> =
-        chain.iter().map(|h| Ok((h.keys()?.1, h))).collect::<Result<_, HandoverError>>()?;
+    follow(role, consortium, pinned, chain, Direction::Backward)
+}
+
+/// Which way [`follow`] goes: from a link's old key to its new one, or back.
+#[derive(Debug, Clone, Copy)]
+enum Direction {
+    Forward,
+    Backward,
+}
+
+/// The one walk behind [`walk`] and [`predecessors`]: from `pinned`, the single link
+/// leaving the current key in `direction`, verified, then on from its other key.
+fn follow(
+    role: Role,
+    consortium: &str,
+    pinned: &[u8; 32],
+    chain: &[KeyHandover],
+    direction: Direction,
+) -> Result<Vec<KeyHandover>, HandoverError> {
+    let edges: Vec<([u8; 32], [u8; 32], &KeyHandover)> = chain
+        .iter()
+        .map(|h| {
+            let (old, new) = h.keys()?;
+            Ok(match direction {
+                Direction::Forward => (old, new, h),
+                Direction::Backward => (new, old, h),
+            })
+        })
+        .collect::<Result<_, HandoverError>>()?;
     let mut current = *pinned;
     let mut seen = vec![current];
     let mut taken = Vec::new();
     loop {
-        let mut to_here = parsed.iter().filter(|(new, _)| *new == current);
-        let Some((_, link)) = to_here.next() else { return Ok(taken) };
-        if to_here.any(|(_, other)| other.old_key != link.old_key) {
+        let mut here = edges.iter().filter(|(from, _, _)| *from == current);
+        let Some((_, to, link)) = here.next() else { return Ok(taken) };
+        if here.any(|(_, other, _)| other != to) {
             return Err(HandoverError::Fork(short(&current)));
         }
-        let (old, _) = link.verify(role, consortium)?;
-        if seen.contains(&old) {
-            return Err(HandoverError::Cycle(short(&old)));
+        link.verify(role, consortium)?;
+        if seen.contains(to) {
+            return Err(HandoverError::Cycle(short(to)));
         }
-        seen.push(old);
+        seen.push(*to);
         taken.push((*link).clone());
-        current = old;
+        current = *to;
     }
 }
 
