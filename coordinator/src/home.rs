@@ -171,14 +171,24 @@ impl Home {
         })
     }
 
+    /// A chain of key handovers kept in HOME (`release-keys.json`,
+    /// `signing-keys.json`), oldest first; empty while the key was never rotated.
+    pub fn handovers(&self, file: &str) -> Result<Vec<maeum_tlog::handover::KeyHandover>> {
+        let p = self.path(file);
+        match std::fs::read(&p) {
+            Ok(bytes) => serde_json::from_slice(&bytes).with_context(|| format!("parsing {}", p.display())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
+            Err(e) => Err(e).with_context(|| format!("reading {}", p.display())),
+        }
+    }
+
     /// HOME/release.key as it is (it may be a retired key after a rotation).
     pub fn release_key_file(&self) -> Result<Option<ring::signature::Ed25519KeyPair>> {
         let p = self.path("release.key");
-        match std::fs::read(&p) {
-            Ok(_) => crate::release_key::read_key(&p).map(Some),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(e).with_context(|| format!("reading {}", p.display())),
+        if !p.exists() {
+            return Ok(None);
         }
+        crate::release_key::read_key(&p).map(Some)
     }
 
     /// HOME/release.key when it is the current release key, or `None` when the lead
@@ -290,14 +300,20 @@ pub fn init(dir: &Path, name: &str, address: &str, store: crate::storage::Engine
     })
 }
 
-/// A new Ed25519 key: its PKCS#8 document and its public key in hex.
-fn new_ed25519(what: &str) -> Result<(ring::pkcs8::Document, String)> {
+/// A new Ed25519 key (`what` names it in errors): its PKCS#8 document, to write to a
+/// file, and the key pair.
+pub fn generate_ed25519(what: &str) -> Result<(ring::pkcs8::Document, ring::signature::Ed25519KeyPair)> {
     let pkcs8 = ring::signature::Ed25519KeyPair::generate_pkcs8(&ring::rand::SystemRandom::new())
         .map_err(|_| anyhow::anyhow!("generating the Ed25519 {what} key"))?;
     let pair = ring::signature::Ed25519KeyPair::from_pkcs8(pkcs8.as_ref())
         .map_err(|_| anyhow::anyhow!("loading the new Ed25519 {what} key"))?;
-    let public = hex(pair.public_key().as_ref());
-    Ok((pkcs8, public))
+    Ok((pkcs8, pair))
+}
+
+/// A new Ed25519 key: its PKCS#8 document and its public key in hex.
+fn new_ed25519(what: &str) -> Result<(ring::pkcs8::Document, String)> {
+    let (pkcs8, pair) = generate_ed25519(what)?;
+    Ok((pkcs8, hex(pair.public_key().as_ref())))
 }
 
 /// What `sites approve` did.

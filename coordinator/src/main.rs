@@ -234,7 +234,7 @@ enum ReleaseKeyCommand {
 enum ModelsCommand {
     /// Sign a release with the consortium's release key, where the key is (the lead's
     /// workstation, not the serving host): only the signature is sent, and checked
-    /// against HOME/release.pub. A consortium with a release key promotes only signed
+    /// against the current release key (`release-key show`). A consortium with a release key promotes only signed
     /// releases; sites enrolled with it install nothing without the signature.
     Sign {
         #[command(flatten)]

@@ -353,7 +353,7 @@ pub async fn promote(home: &Path, version: &str, override_reason: Option<&str>, 
 
 /// `models sign VERSION --key FILE`: signs a release with the release key in FILE (run
 /// where the key is; only the signature goes to the coordinator, which checks it under
-/// HOME/release.pub). The manifest is built from what the coordinator serves sites,
+/// the current release key). The manifest is built from what the coordinator serves sites,
 /// and its card digest is checked against the card before anything is signed.
 pub async fn sign(home: &Path, version: &str, key: &Path, json: bool) -> Result<()> {
     let pair = crate::release_key::read_key(key)?;

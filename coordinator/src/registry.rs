@@ -477,13 +477,7 @@ pub fn promote(
     let mut r = reg.find(selector)?;
     // A stored signature that does not verify (a tampered or forged record) counts as
     // none: the coordinator promotes only what the release key signed.
-    let signed = match c.home.release_verify_key()? {
-        None => true,
-        Some((_, key)) => {
-            let sig = unhex(&r.release_signature).unwrap_or_default();
-            !sig.is_empty() && r.manifest(&c.home.consortium()?.name).verify(&key, &sig).is_ok()
-        }
-    };
+    let signed = release_key_signed(&c.home, &r)?.unwrap_or(true);
     if !signed {
         if crate::attack::current() == Some(crate::attack::Attack::ForgeRelease) {
             // The attack: what a host without the release key can make.
@@ -544,6 +538,15 @@ pub fn promote(
     Ok((r, p))
 }
 
+/// Whether `r`'s stored release-key signature verifies under the consortium's current
+/// release key (`None`: the consortium has none). A signature that does not verify (a
+/// tampered or forged record, or one by a rotated-out key) counts as none.
+pub fn release_key_signed(home: &crate::home::Home, r: &ReleaseRecord) -> Result<Option<bool>> {
+    let Some((_, key)) = home.release_verify_key()? else { return Ok(None) };
+    let sig = unhex(&r.release_signature).unwrap_or_default();
+    Ok(Some(!sig.is_empty() && r.manifest(&home.consortium()?.name).verify(&key, &sig).is_ok()))
+}
+
 /// A promotion refused: the release waits for the release key's signature.
 #[derive(Debug, thiserror::Error)]
 #[error(
@@ -560,7 +563,8 @@ pub struct Unsigned {
 pub struct SignatureRefused(pub String);
 
 /// `models sign`: stores the release key's `signature` on release `selector` once it
-/// verifies under HOME/release.pub (logged as an operator command). The key itself
+/// verifies under the current release key (`crate::release_key`; logged as an operator
+/// command). The key itself
 /// never reaches the coordinator.
 pub fn sign_release(c: &Coord, selector: &str, signature: &[u8], operator: &str) -> Result<ReleaseRecord> {
     let reg = &c.registry;
@@ -575,7 +579,7 @@ pub fn sign_release(c: &Coord, selector: &str, signature: &[u8], operator: &str)
     if let Err(e) = r.manifest(&consortium).verify(&key, signature) {
         return Err(SignatureRefused(format!(
             "the signature on release v{} does not verify under the consortium's release key {}… ({e}); sign with \
-             the key whose public half is HOME/release.pub",
+             the current release key (`maeum-coordinator release-key show`)",
             r.version,
             &public[..16.min(public.len())]
         ))

@@ -66,12 +66,7 @@ pub struct RotationRefused(pub String);
 impl Home {
     /// HOME/release-keys.json as stored (empty: never rotated).
     pub fn release_handovers(&self) -> Result<Vec<KeyHandover>> {
-        let p = self.path(CHAIN_FILE);
-        match std::fs::read(&p) {
-            Ok(bytes) => serde_json::from_slice(&bytes).with_context(|| format!("parsing {}", p.display())),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
-            Err(e) => Err(e).with_context(|| format!("reading {}", p.display())),
-        }
+        self.handovers(CHAIN_FILE)
     }
 
     /// The release keys, or `None` for a consortium created before release keys.
@@ -140,10 +135,7 @@ pub fn signer(home: &Home, r: &maeum_protocols::wire::release::ReleaseMsg) -> Re
         home.release_keys()?.context("the release carries a release-key signature, but HOME has no release.pub")?;
     let mut chain = keys.chain.clone();
     chain.extend(r.handovers.iter().cloned());
-    let consortium = home.consortium()?.name;
-    let walked = handover::walk(Role::Release, &consortium, &keys.first, &chain)?;
-    let all = std::iter::once(keys.first).chain(walked.iter().filter_map(|h| h.keys().ok().map(|(_, new)| new)));
-    for key in all {
+    for key in handover::reached(Role::Release, &home.consortium()?.name, &keys.first, &chain)? {
         if r.manifest.verify(&key, &r.release_signature).is_ok() {
             return Ok(hex(&key));
         }
@@ -177,8 +169,7 @@ pub async fn rotate_cli(home: &Path, old_path: &Path, new_path: &Path, json: boo
     }
     let old = read_key(old_path)?;
     if !new_path.exists() {
-        let pkcs8 = Ed25519KeyPair::generate_pkcs8(&ring::rand::SystemRandom::new())
-            .map_err(|_| anyhow::anyhow!("generating the new release key"))?;
+        let (pkcs8, _) = crate::home::generate_ed25519("new release")?;
         write_file(new_path, pkcs8.as_ref(), true)?;
     }
     let new = read_key(new_path)?;

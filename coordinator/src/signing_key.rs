@@ -49,12 +49,7 @@ struct Pending {
 impl Home {
     /// HOME/signing-keys.json (empty: never rotated).
     pub fn log_handovers(&self) -> Result<Vec<KeyHandover>> {
-        let p = self.path(CHAIN_FILE);
-        match std::fs::read(&p) {
-            Ok(bytes) => serde_json::from_slice(&bytes).with_context(|| format!("parsing {}", p.display())),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
-            Err(e) => Err(e).with_context(|| format!("reading {}", p.display())),
-        }
+        self.handovers(CHAIN_FILE)
     }
 
     /// The log keys the current one replaced, oldest first.
@@ -74,9 +69,7 @@ pub fn rotate_cli(home: &Path, json: bool) -> Result<()> {
         );
     }
     let old = home.signing_key()?;
-    let pkcs8 = Ed25519KeyPair::generate_pkcs8(&ring::rand::SystemRandom::new())
-        .map_err(|_| anyhow::anyhow!("generating the new signing key"))?;
-    let new = Ed25519KeyPair::from_pkcs8(pkcs8.as_ref()).map_err(|_| anyhow::anyhow!("the new signing key"))?;
+    let (pkcs8, new) = crate::home::generate_ed25519("new signing")?;
     let h = KeyHandover::make(Role::Log, &home.consortium()?.name, &old, &new);
     let operator = std::env::var("USER").map_or_else(|_| "local".to_string(), |u| format!("local:{u}"));
     write_file(&home.path(NEXT_KEY), pkcs8.as_ref(), true)?;

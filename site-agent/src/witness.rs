@@ -112,19 +112,15 @@ pub(crate) fn read_journal(home: &Home) -> Result<Vec<Record>> {
         .collect()
 }
 
-/// The log's identity as this site learnt it at enrolment: its origin and the key
-/// that signs its checkpoints now (the enrolment's, or where the rotations this site
-/// followed lead: `crate::keys`).
-pub(crate) fn log_identity(home: &Home) -> Result<(String, [u8; 32])> {
-    let (origin, keys) = log_keys(home)?;
-    Ok((origin, keys.current))
+/// The log's origin (`maeum/CONSORTIUM`), from the enrolment.
+pub(crate) fn log_origin(home: &Home) -> Result<String> {
+    Ok(format!("maeum/{}", home.enrolment()?.consortium))
 }
 
 /// The log's origin and every log key this site trusts.
 pub(crate) fn log_keys(home: &Home) -> Result<(String, crate::keys::Pinned)> {
-    let e = home.enrolment()?;
     let keys = crate::keys::pinned(home, Role::Log)?.context("enrolment.json: no signing_public_key")?;
-    Ok((format!("maeum/{}", e.consortium), keys))
+    Ok((log_origin(home)?, keys))
 }
 
 /// The latest witnessed checkpoint, checked again under the log key it names, which
@@ -351,7 +347,7 @@ pub async fn witness_once(home: &Home, client: &mut Client) -> Result<Witnessed>
     if let Some(why) = fork_evidence(home) {
         bail!("not witnessing: {why} (see {})", home.path(EVIDENCE).display());
     }
-    let (origin, _) = log_keys(home)?;
+    let origin = log_origin(home)?;
     let previous = witnessed(home)?;
     let known = previous.as_ref().map_or(0, |f| f.checkpoint.size);
     let prev_signed = previous.as_ref().map(|f| f.checkpoint.to_signed(&origin)).transpose()?.map(|(s, _)| s);
@@ -601,7 +597,7 @@ pub async fn fetch_proven_with(
 /// the checkpoint it witnessed, verifies every proof, and matches them with the journal.
 pub async fn prove(home: &Home) -> Result<ProveReport> {
     let file = witnessed(home)?.context("this site has not witnessed a checkpoint yet (run the daemon first)")?;
-    let (origin, _) = log_identity(home)?;
+    let origin = log_origin(home)?;
     let (signed, _) = file.checkpoint.to_signed(&origin)?;
     let (size, root) = (signed.checkpoint.size, signed.checkpoint.root);
     let site = home.site_id()?;

@@ -83,10 +83,7 @@ impl Coord {
         let consortium = self.home.consortium().map_err(internal)?.name;
         let mut msg = r.message(&consortium).map_err(internal)?;
         msg.handovers = self.home.release_handovers().map_err(internal)?;
-        let release_key_signed = match self.home.release_verify_key().map_err(internal)? {
-            Some((_, key)) => msg.manifest.verify(&key, &msg.release_signature).is_ok(),
-            None => false,
-        };
+        let release_key_signed = crate::registry::release_key_signed(&self.home, r).map_err(internal)?.unwrap_or(false);
         Ok(pb::ReleaseInfo {
             release_key_signed,
             release: Some(msg.to_pb()),

@@ -789,9 +789,7 @@ fn unlogged_log_rotation(
     latest: maeum_tlog::SignedCheckpoint,
     mut chain: Vec<maeum_tlog::handover::KeyHandover>,
 ) -> anyhow::Result<(maeum_tlog::SignedCheckpoint, Vec<maeum_tlog::handover::KeyHandover>)> {
-    let pkcs8 = ring::signature::Ed25519KeyPair::generate_pkcs8(&ring::rand::SystemRandom::new())
-        .map_err(|_| anyhow::anyhow!("keygen"))?;
-    let mine = ring::signature::Ed25519KeyPair::from_pkcs8(pkcs8.as_ref()).map_err(|_| anyhow::anyhow!("keygen"))?;
+    let (_, mine) = crate::home::generate_ed25519("attacker's")?;
     let consortium = home.consortium()?.name;
     chain.push(maeum_tlog::handover::KeyHandover::make(
         maeum_tlog::handover::Role::Log,
@@ -809,9 +807,7 @@ fn unlogged_log_rotation(
 fn forge_handover(msg: &mut wire::release::ReleaseMsg, home: &Home) -> anyhow::Result<()> {
     use ring::signature::KeyPair as _;
     let Some((_, current)) = home.release_verify_key()? else { return Ok(()) };
-    let pkcs8 = ring::signature::Ed25519KeyPair::generate_pkcs8(&ring::rand::SystemRandom::new())
-        .map_err(|_| anyhow::anyhow!("keygen"))?;
-    let mine = ring::signature::Ed25519KeyPair::from_pkcs8(pkcs8.as_ref()).map_err(|_| anyhow::anyhow!("keygen"))?;
+    let (_, mine) = crate::home::generate_ed25519("attacker's")?;
     let signing = home.signing_key()?;
     let new: [u8; 32] = mine.public_key().as_ref().try_into()?;
     let statement = maeum_tlog::handover::KeyHandover::statement(

@@ -290,9 +290,9 @@ pub struct ReleaseFile {
     /// without a release key).
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub release_signature_ed25519: String,
-    /// The consortium's release key (`release.pub`), hex, when the release carries its
-    /// signature. Compare it with the key in the sites' enrolment bundles
-    /// (`maeum-audit release --release-key`).
+    /// The release key (hex) whose signature the release carries, when it carries one.
+    /// Compare it with the key in the sites' enrolment bundles, or let `maeum-audit
+    /// release --release-key` walk the log's rotations to it.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub release_public_key: String,
 }

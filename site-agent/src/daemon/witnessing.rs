@@ -43,7 +43,7 @@ pub(crate) async fn prove_witnessed(
     after: u64,
     found: impl Fn(&Proven) -> bool,
 ) -> Result<Option<Proven>> {
-    let (origin, _) = crate::witness::log_identity(&agent.home)?;
+    let origin = crate::witness::log_origin(&agent.home)?;
     let mut last = None;
     for attempt in 0..2 {
         if attempt == 1 {
