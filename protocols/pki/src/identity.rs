@@ -27,8 +27,10 @@ use rcgen::{
     Issuer, KeyPair, KeyUsagePurpose, PKCS_ECDSA_P256_SHA256, PublicKeyData, SanType, SerialNumber,
 };
 use ring::rand::{SecureRandom, SystemRandom};
+/// The DER certificate type of every function here (rustls' own).
+pub use rustls::pki_types::CertificateDer;
+use rustls::pki_types::ServerName;
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, ServerName};
 use x509_parser::extensions::GeneralName;
 
 /// The scheme of identity URIs in certificates.
@@ -329,10 +331,16 @@ impl Ca {
     /// and cRLSign.
     pub fn generate(consortium: &str, validity_days: u32) -> Result<Ca, IdentityError> {
         validate_name(consortium)?;
+        Ca::generate_named(&format!("Maeum {consortium} CA"), validity_days)
+    }
+
+    /// [`Ca::generate`] with the common name `cn` (a rollover's successor names its
+    /// generation, so that no two of the consortium's CAs share a subject).
+    pub(crate) fn generate_named(cn: &str, validity_days: u32) -> Result<Ca, IdentityError> {
         let key = generate_key()?;
         let mut params = CertificateParams::default();
         params.distinguished_name = rcgen::DistinguishedName::new();
-        params.distinguished_name.push(DnType::CommonName, format!("Maeum {consortium} CA"));
+        params.distinguished_name.push(DnType::CommonName, cn);
         params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
         params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
         set_validity(&mut params, validity_days)?;

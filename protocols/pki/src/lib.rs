@@ -6,6 +6,8 @@
 //!   rcgen, ring, x509-parser and rustls' PEM/DER types; no IO but the caller's bytes.
 //! - `renewal`: new certificates for keys that already hold one (site renewal requests,
 //!   the coordinator's reissued server certificate). Pure, like `identity`.
+//! - `rollover`: a CA's successor and the handover signed by both CA keys that sites and
+//!   auditors follow. Pure, like `identity`.
 //! - `tls` (feature `tls`): server and client mTLS configurations, revocation, and the
 //!   tokio accept loop for tonic, and the server certificate that can be replaced while
 //!   serving — the only part that depends on tokio and tonic.
@@ -18,5 +20,6 @@
 
 pub mod identity;
 pub mod renewal;
+pub mod rollover;
 #[cfg(feature = "tls")]
 pub mod tls;
