@@ -30,6 +30,8 @@
 //! - `unlogged-log-rotation` — the host, which holds the log key, hands every site over
 //!   to a log key of its own with a valid handover, and signs the latest checkpoint
 //!   with it, without logging the rotation.
+//! - `unlogged-ca-rotation` — the host, which holds the CA key, shows every site a
+//!   rollover of the CA to one of its own with a valid handover, without logging it.
 //!
 //! Each attack also turns off the coordinator's own check that would stop it, so the
 //! test sees what the sites do about it. The existing test hooks (a forked audit view,
@@ -48,6 +50,7 @@ pub enum Attack {
     ForgeRelease,
     ForgeHandover,
     UnloggedLogRotation,
+    UnloggedCaRotation,
 }
 
 #[cfg(feature = "fault-injection")]
@@ -65,6 +68,7 @@ fn parse(spec: &str) -> Option<Attack> {
         "forge-release" => Some(Attack::ForgeRelease),
         "forge-handover" => Some(Attack::ForgeHandover),
         "unlogged-log-rotation" => Some(Attack::UnloggedLogRotation),
+        "unlogged-ca-rotation" => Some(Attack::UnloggedCaRotation),
         _ => None,
     }
 }

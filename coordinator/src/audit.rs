@@ -247,7 +247,7 @@ impl AuditLog {
     }
 
     /// Records `site`'s cosignature on the checkpoint of `size`, after checking it: the
-    /// site's certificate `cert_pem` must chain to `ca_pem`, name the site, be valid at
+    /// site's certificate `cert_pem` must chain to a CA in `ca_pem`, name the site, be valid at
     /// the time of the checkpoint's last entry, be the site's certificate at that point of
     /// the log (not replaced before it, see `SiteCertificates::check`), and the signature
     /// must verify: the export's AUD-14, checked before anything is stored. A second
@@ -261,12 +261,12 @@ impl AuditLog {
         let mut cp: ExportedCheckpoint = serde_json::from_slice(&stored).context("decoding a checkpoint")?;
         let (signed, _) = cp.to_signed(guard.origin())?;
         let at = self.entry(size - 1)?.time_ms;
-        let ca = identity::pem_to_der(ca_pem)?.remove(0);
+        let cas = identity::pem_to_der(ca_pem)?;
         let cert = identity::pem_to_der(cert_pem)?.remove(0);
         self.site_certificates()?
             .check(site, &identity::fingerprint(&cert), size)
             .map_err(|e| anyhow!("cosignature of site {site} on checkpoint {size}: {e}"))?;
-        let bits = witness_key(&ca, &cert, site, at).map_err(|e| anyhow!("cosignature of site {site}: {e}"))?;
+        let bits = witness_key(&cas, &cert, site, at).map_err(|e| anyhow!("cosignature of site {site}: {e}"))?;
         verify_cosignature(&signed.checkpoint, &bits, signature)
             .map_err(|e| anyhow!("cosignature of site {site} on checkpoint {size}: {e}"))?;
         cp.cosignatures.retain(|c| c.site != site);
@@ -320,7 +320,10 @@ impl AuditLog {
         let mut more = None;
         self.db.scan(Tree::AuditEntries, Some(&seq_key(after)), Some(&seq_key(size)), false, &mut |_, bytes| {
             let entry = Entry::decode(bytes)?;
-            let rotation = matches!(entry.event, Event::LogKeyRotated { .. } | Event::ReleaseKeyRotated { .. });
+            let rotation = matches!(
+                entry.event,
+                Event::LogKeyRotated { .. } | Event::ReleaseKeyRotated { .. } | Event::CaRotated { .. }
+            );
             let wanted = if key_rotations { rotation } else { entry.event.involves_site(site)
                 || entry.event.model().is_some_and(|m| models.iter().any(|x| x == m))
                 || matches!(&entry.event, Event::JobSubmitted { job_id, .. } if jobs.contains(job_id))

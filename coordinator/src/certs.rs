@@ -10,7 +10,9 @@
 //! - **The coordinator.** [`keep_server_certificate`] looks at `HOME/server.pem` every
 //!   hour: a certificate put there by an operator is served from the next handshake on,
 //!   and one that expires within `home::RENEW_DAYS` is reissued by the consortium CA for
-//!   the same key and host names. Neither needs a restart.
+//!   the same key and host names. Neither needs a restart. After a CA rollover
+//!   (`crate::ca_rollover`) it is reissued by the new CA once every approved site holds
+//!   a certificate of it.
 
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
@@ -118,7 +120,7 @@ pub async fn keep_server_certificate(coord: Arc<Coord>, cert: Arc<ServerCertific
         .map_or(CHECK_EVERY, Duration::from_millis);
     loop {
         let (c, s) = (coord.clone(), cert.clone());
-        match tokio::task::spawn_blocking(move || check_server(&c.home, &s, &c.metrics)).await {
+        match tokio::task::spawn_blocking(move || check_server(&c.home, &s, &c.metrics, &c.revocations)).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => warn!(error = %format!("{e:#}"), "checking the coordinator's TLS certificate"),
             Err(e) => warn!(error = %e, "checking the coordinator's TLS certificate"),
@@ -128,16 +130,34 @@ pub async fn keep_server_certificate(coord: Arc<Coord>, cert: Arc<ServerCertific
     }
 }
 
-/// One look at `HOME/server.pem`: serve a changed one, renew a due one.
-pub fn check_server(home: &Home, cert: &ServerCertificate, metrics: &crate::metrics::CoordMetrics) -> Result<()> {
+/// One look at `HOME/server.pem`: serve a changed one, renew a due one, and after a CA
+/// rollover reissue it from the new CA once every approved site holds a certificate of
+/// that CA (each such site trusts it: it checked its renewed certificate with it).
+pub fn check_server(
+    home: &Home,
+    cert: &ServerCertificate,
+    metrics: &crate::metrics::CoordMetrics,
+    revocations: &maeum_pki::tls::Revocations,
+) -> Result<()> {
     let _one = RENEWING.lock().unwrap_or_else(PoisonError::into_inner);
     let on_disk = home.identity("server")?;
     if on_disk.cert_pem != cert.cert_pem() {
         cert.replace(&on_disk).context("HOME/server.pem changed, and cannot be served (the old one stays)")?;
         info!(fingerprint = %cert.fingerprint(), not_after = cert.not_after(), "serving the new HOME/server.pem");
     }
-    if !due(cert.not_after()) {
+    let ca = home.ca_der()?;
+    let moved = !maeum_pki::rollover::issued_by(&identity::leaf_der(&on_disk.cert_pem)?, &ca) && {
+        let (moved, total) = crate::ca_rollover::sites_moved(home, &|site| revocations.is_revoked(site))?;
+        if moved < total {
+            info!(moved, total, "serving the certificate of the retired CA until every site holds one of the new CA");
+        }
+        moved == total
+    };
+    if !due(cert.not_after()) && !moved {
         return Ok(());
+    }
+    if moved {
+        info!("every approved site holds a certificate of the new CA: reissuing the coordinator's from it");
     }
     let renewed = home.ca()?.reissue(&on_disk.cert_pem, &on_disk.key, CERT_DAYS)?;
     let next = CertifiedKey { cert_pem: renewed, key: on_disk.key };

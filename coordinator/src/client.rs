@@ -19,7 +19,7 @@ use crate::home::Home;
 pub async fn connect(home: &Path) -> Result<ControlClient<Channel>> {
     let home = Home::new(home);
     let consortium = home.consortium()?;
-    let tls = tls::client_tls(&home.read("ca.pem")?, &home.identity("operator")?, consortium.host());
+    let tls = tls::client_tls(&home.trusted_cas_pem()?, &home.identity("operator")?, consortium.host());
     let channel = Endpoint::from_shared(format!("https://{}", consortium.address))?
         .tls_config(tls)?
         .connect_timeout(Duration::from_secs(5))

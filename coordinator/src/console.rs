@@ -120,7 +120,7 @@ pub async fn serve(
         }
         Access::OperatorTls => {
             let home = &coord.home;
-            let mut config = (*tls::server_config(&home.read("ca.pem")?, server_cert, coord.revocations.clone())
+            let mut config = (*tls::server_config(&home.trusted_cas_pem()?, server_cert, coord.revocations.clone())
                 .context("the console's TLS configuration")?)
             .clone();
             config.alpn_protocols = vec![b"http/1.1".to_vec()];

@@ -48,6 +48,36 @@ pub fn check(dir: &Path) -> Checks {
         90,
         "plan the move to a new consortium CA before it expires",
     );
+    if home.path(crate::ca_rollover::PENDING).exists() {
+        c.warn(
+            "CA rollover",
+            "a rollover of the CA is waiting (ca.handover.json, ca.next.pem, ca.next.key)",
+            "restart `maeum-coordinator serve` to apply it (docs/protocols/certificates.md#rolling-over-the-ca)",
+        );
+    }
+    match (home.ca_handovers(), crate::ca_rollover::sites_moved(&home, &|_| false)) {
+        (Ok(chain), _) if chain.is_empty() => {}
+        (Ok(chain), Ok((moved, total))) if moved == total => c.ok(
+            "CA rollover",
+            format!(
+                "rolled over {} time(s); all {total} approved site(s) hold a certificate of the current CA",
+                chain.len()
+            ),
+        ),
+        (Ok(chain), Ok((moved, total))) => c.warn(
+            "CA rollover",
+            format!(
+                "rolled over {} time(s); {moved} of {total} site record(s) in HOME/sites (revoked ones included) hold \
+                 a certificate of the current CA; server.pem stays one of the retired CA until every unrevoked site does",
+                chain.len()
+            ),
+            "sites renew onto the new CA at their next heartbeat; a site that stays offline keeps the others waiting \
+             (`sites revoke` one that left; docs/protocols/certificates.md#rolling-over-the-ca)",
+        ),
+        (Err(e), _) | (_, Err(e)) => {
+            c.fail("CA rollover", format!("{e:#}"), "restore HOME/ca-handovers.json from your backup")
+        }
+    }
     let renew = "a running `serve` renews server.pem itself within 30 days of expiry, with the CA key in HOME \
                  (docs/protocols/certificates.md); for a wrong key or identity, restore server.pem and server.key \
                  from your backup";
@@ -204,7 +234,7 @@ fn state(c: &mut Checks, home: &Home, consortium: Option<&str>, signing: &[u8]) 
 /// Each approved site's certificate: days left, or what is wrong with it.
 fn sites(home: &Home, now: i64) -> Result<Vec<(String, Result<i64, String>)>> {
     let Ok(dir) = std::fs::read_dir(home.sites()) else { return Ok(Vec::new()) };
-    let ca = home.read("ca.pem")?;
+    let ca = home.trusted_cas_pem()?;
     let mut out = Vec::new();
     for e in dir {
         let e = e.context("reading HOME/sites")?;

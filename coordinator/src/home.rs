@@ -172,12 +172,18 @@ impl Home {
     }
 
     /// A chain of key handovers kept in HOME (`release-keys.json`,
-    /// `signing-keys.json`), oldest first; empty while the key was never rotated.
-    pub fn handovers(&self, file: &str) -> Result<Vec<maeum_tlog::handover::KeyHandover>> {
+    /// `signing-keys.json`, `ca-handovers.json`), oldest first; empty while the key was
+    /// never rotated.
+    pub fn handovers<T: serde::de::DeserializeOwned>(&self, file: &str) -> Result<Vec<T>> {
+        Ok(self.json_file(file)?.unwrap_or_default())
+    }
+
+    /// A JSON file in HOME, or `None` when there is none.
+    pub fn json_file<T: serde::de::DeserializeOwned>(&self, file: &str) -> Result<Option<T>> {
         let p = self.path(file);
         match std::fs::read(&p) {
-            Ok(bytes) => serde_json::from_slice(&bytes).with_context(|| format!("parsing {}", p.display())),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
+            Ok(bytes) => serde_json::from_slice(&bytes).map(Some).with_context(|| format!("parsing {}", p.display())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(e).with_context(|| format!("reading {}", p.display())),
         }
     }
@@ -230,6 +236,32 @@ impl Home {
 }
 
 /// Writes `bytes` atomically; private material gets mode 0600.
+/// A handover made offline (`signing-key rotate`, `ca rotate`) and applied when
+/// `serve` next starts: `HOME/signing.handover.json`, `HOME/ca.handover.json`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Pending<H> {
+    /// Who made it (the user on the coordinator's host).
+    pub operator: String,
+    pub handover: H,
+}
+
+impl<H: Serialize + serde::de::DeserializeOwned> Pending<H> {
+    /// Refuses a second one while `file` waits (`what`: "a rotation of the signing key").
+    pub fn none_waiting(home: &Home, file: &str, what: &str) -> Result<()> {
+        if home.path(file).exists() {
+            bail!("{what} is already waiting ({}); start the coordinator to apply it", home.path(file).display());
+        }
+        Ok(())
+    }
+
+    /// Stages `handover` in HOME/`file`, made by the local user.
+    pub fn stage(home: &Home, file: &str, handover: H) -> Result<()> {
+        let operator = std::env::var("USER").map_or_else(|_| "local".to_string(), |u| format!("local:{u}"));
+        write_file(&home.path(file), &serde_json::to_vec_pretty(&Pending { operator, handover })?, false)
+    }
+}
+
 pub fn write_file(path: &Path, bytes: &[u8], private: bool) -> Result<()> {
     maeum_models::write_file(path, bytes, private).with_context(|| format!("writing {}", path.display()))
 }
@@ -434,7 +466,8 @@ pub fn approve_with(home: &Home, csr_pem: &str, expected: Option<&str>, replace:
             let new = first_der(&new_pem, "the new certificate")?;
             let old_fingerprint = identity::fingerprint(&old);
             if identity::same_public_key(&old, &new)? {
-                if due(identity::not_after_unix(&old)?) {
+                // Due: expiring, or issued by a CA the consortium rolled over from.
+                if due(identity::not_after_unix(&old)?) || !maeum_pki::rollover::issued_by(&old, &ca.cert_der()?) {
                     (new_pem, Approval::Renewed)
                 } else {
                     (old_pem, Approval::AlreadyApproved)
@@ -471,7 +504,7 @@ pub fn approve_with(home: &Home, csr_pem: &str, expected: Option<&str>, replace:
         site_id: peer.name,
         coordinator_address: consortium.address.clone(),
         coordinator_name: consortium.host().to_string(),
-        ca_pem: ca.cert_pem().to_string(),
+        ca_pem: home.trusted_cas_pem()?,
         cert_pem,
         signing_public_key: home.read("signing.pub")?.trim().to_string(),
         release_public_key: home.release_public()?.unwrap_or_default(),

@@ -12,6 +12,7 @@
 pub mod attack;
 pub mod audit;
 pub mod blobs;
+pub mod ca_rollover;
 pub mod certs;
 pub mod client;
 pub mod console;
@@ -76,7 +77,7 @@ pub async fn serve(
     resume::load(&coord);
     let server_cert =
         tls::ServerCertificate::new(&home.identity("server")?).context("HOME/server.pem and server.key")?;
-    let config = tls::server_config(&home.read("ca.pem")?, &server_cert, coord.revocations.clone())
+    let config = tls::server_config(&home.trusted_cas_pem()?, &server_cert, coord.revocations.clone())
         .context("building the TLS configuration")?;
     let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("listening on {listen}"))?;
     info!(%listen, consortium = %consortium.name, "coordinator listening");

@@ -103,6 +103,9 @@ enum Command {
     /// The log's signing key (signing.key): show it, rotate it.
     #[command(subcommand)]
     SigningKey(SigningKeyCommand),
+    /// The consortium CA (ca.pem, ca.key): show it, roll it over to a successor.
+    #[command(subcommand)]
+    Ca(CaCommand),
     /// The operator certificate of this home (`operator.pem`).
     #[command(subcommand)]
     Operator(OperatorCommand),
@@ -204,6 +207,19 @@ enum SigningKeyCommand {
     /// then on; sites follow the handover. Safe to run while the coordinator serves.
     Rotate(HomeJson),
     /// The signing key in use, every rotation and one waiting to be applied (offline).
+    Show(HomeJson),
+}
+
+#[derive(Debug, Subcommand)]
+enum CaCommand {
+    /// Make a successor CA beside the current one and a handover signed by both CA
+    /// keys (HOME/ca.next.pem, ca.next.key, ca.handover.json). The coordinator applies
+    /// it when it next starts: it logs ca_rotated, trusts both CAs, issues from the new
+    /// one, and asks each site to renew onto it; sites trust the new CA once the log
+    /// proves the rollover. Safe to run while the coordinator serves.
+    Rotate(HomeJson),
+    /// The CA in use, every rollover, how many sites hold a certificate of the current
+    /// CA, and a rollover waiting to be applied (offline).
     Show(HomeJson),
 }
 
@@ -544,6 +560,12 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Command::SigningKey(SigningKeyCommand::Rotate(HomeJson { home, json })) => {
             maeum_coordinator::signing_key::rotate_cli(&home.home, json)?;
+        }
+        Command::Ca(CaCommand::Rotate(HomeJson { home, json })) => {
+            maeum_coordinator::ca_rollover::rotate_cli(&home.home, json)?;
+        }
+        Command::Ca(CaCommand::Show(HomeJson { home, json })) => {
+            maeum_coordinator::ca_rollover::show(&home.home, json)?;
         }
         Command::SigningKey(SigningKeyCommand::Show(HomeJson { home, json })) => {
             maeum_coordinator::signing_key::show(&home.home, json)?;

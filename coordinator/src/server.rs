@@ -76,6 +76,12 @@ pub struct Coord {
     /// Every rotation of the log key (`crate::signing_key`), served with checkpoints
     /// and releases; fixed at start, where rotations are applied.
     pub log_handovers: Vec<maeum_tlog::handover::KeyHandover>,
+    /// Every rollover of the consortium CA (`crate::ca_rollover`), served with
+    /// checkpoints; fixed at start, where rollovers are applied.
+    pub ca_handovers: Vec<maeum_pki::rollover::CaHandover>,
+    /// The CA issuing certificates now (DER): a site presenting a certificate of a
+    /// retired CA is asked to renew.
+    pub ca_der: Vec<u8>,
     /// Signed model releases (`crate::registry`).
     pub registry: crate::registry::Registry,
     /// The current release as heartbeats announce it (kept in step with the registry).
@@ -179,6 +185,9 @@ impl Coord {
         }
         crate::signing_key::apply_pending(&home, &mut audit)?;
         let log_handovers = crate::signing_key::chain_for_sites(&home, &maeum_tlog::unhex32(&audit.first_key())?)?;
+        crate::ca_rollover::apply_pending(&home, &mut audit)?;
+        let ca_handovers = crate::ca_rollover::chain_for_sites(&home)?;
+        let ca_der = home.ca_der()?;
         let registry = crate::registry::Registry::open(store.db())?;
         let current_release = registry.current()?.map(|(r, promotion)| pb::ReleaseRef {
             version: r.version,
@@ -187,6 +196,8 @@ impl Coord {
         });
         let coord = Self {
             log_handovers,
+            ca_handovers,
+            ca_der,
             registry,
             current_release: Mutex::new(current_release),
             metrics: crate::metrics::CoordMetrics::new(),

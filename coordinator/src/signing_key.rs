@@ -23,7 +23,6 @@ use std::path::Path;
 
 use anyhow::{Context, Result, bail};
 use ring::signature::{Ed25519KeyPair, KeyPair};
-use serde::{Deserialize, Serialize};
 
 use maeum_tlog::handover::{self, KeyHandover, Role};
 use maeum_tlog::{Event, hex, unhex32};
@@ -39,12 +38,7 @@ pub const NEXT_KEY: &str = "signing.next.key";
 pub const PENDING: &str = "signing.handover.json";
 
 /// A rotation waiting for the next start.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct Pending {
-    operator: String,
-    handover: KeyHandover,
-}
+type Pending = crate::home::Pending<KeyHandover>;
 
 impl Home {
     /// HOME/signing-keys.json (empty: never rotated).
@@ -62,19 +56,12 @@ impl Home {
 /// next start to apply.
 pub fn rotate_cli(home: &Path, json: bool) -> Result<()> {
     let home = Home::new(home);
-    if home.path(PENDING).exists() {
-        bail!(
-            "a rotation of the signing key is already waiting ({}); start the coordinator to apply it",
-            home.path(PENDING).display()
-        );
-    }
+    Pending::none_waiting(&home, PENDING, "a rotation of the signing key")?;
     let old = home.signing_key()?;
     let (pkcs8, new) = crate::home::generate_ed25519("new signing")?;
     let h = KeyHandover::make(Role::Log, &home.consortium()?.name, &old, &new);
-    let operator = std::env::var("USER").map_or_else(|_| "local".to_string(), |u| format!("local:{u}"));
     write_file(&home.path(NEXT_KEY), pkcs8.as_ref(), true)?;
-    let pending = Pending { operator, handover: h.clone() };
-    write_file(&home.path(PENDING), &serde_json::to_vec_pretty(&pending)?, false)?;
+    Pending::stage(&home, PENDING, h.clone())?;
     if json {
         println!("{}", serde_json::json!({ "old_key": h.old_key, "new_key": h.new_key, "applied": false }));
         return Ok(());
@@ -89,11 +76,7 @@ pub fn rotate_cli(home: &Path, json: bool) -> Result<()> {
 /// Returns the handover applied, if any.
 pub fn apply_pending(home: &Home, audit: &mut AuditLog) -> Result<Option<KeyHandover>> {
     let p = home.path(PENDING);
-    let pending: Pending = match std::fs::read(&p) {
-        Ok(bytes) => serde_json::from_slice(&bytes).with_context(|| format!("parsing {}", p.display()))?,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(e).with_context(|| format!("reading {}", p.display())),
-    };
+    let Some(pending) = home.json_file::<Pending>(PENDING)? else { return Ok(None) };
     let h = pending.handover;
     let (old, new) = h.verify(Role::Log, &home.consortium()?.name).with_context(|| format!("{}", p.display()))?;
     let current = unhex32(&audit.public_key())?;
@@ -148,7 +131,7 @@ pub fn show(home: &Path, json: bool) -> Result<()> {
     let home = Home::new(home);
     let current = home.read("signing.pub")?.trim().to_string();
     let chain = home.log_handovers()?;
-    let waiting = std::fs::read(home.path(PENDING)).ok().and_then(|b| serde_json::from_slice::<Pending>(&b).ok());
+    let waiting = home.json_file::<Pending>(PENDING).ok().flatten();
     if json {
         let v = serde_json::json!({
             "current": current,

@@ -59,6 +59,18 @@ pub async fn check(dir: &Path) -> Checks {
         .map(|p| format!("pinned {} (checkpoints and releases must carry its signature)", crate::keys::describe(&p)));
     c.require("log key", log_key, "restore enrolment.json and signing-keys.json from your backup");
     c.certificate("CA certificate", &home.path("ca.pem"), now, 90, "ask the consortium lead about the CA's renewal");
+    if let Ok(cas) = crate::keys::trusted_cas(&home)
+        && cas.len() > 1
+    {
+        let days = cas.last().and_then(|ca| identity::not_after_unix(ca).ok()).map_or(0, |t| (t - now) / 86_400);
+        c.ok(
+            "CA rollover",
+            format!(
+                "{} CAs trusted, oldest first (the check above is the oldest); the newest for {days} more days",
+                cas.len()
+            ),
+        );
+    }
     let renew = "a running daemon renews site.pem itself within 30 days of expiry (docs/protocols/certificates.md); \
                  once it has expired, the lead approves request.csr.pem again and you `maeum-site enroll` the bundle";
     if let Some(der) = c.certificate("site certificate", &home.path("site.pem"), now, 30, renew) {

@@ -1,6 +1,7 @@
 //! The consortium keys this site trusts and their rotations: the release key
-//! (`docs/protocols/releases.md#rotating-the-release-key`) and the log's signing key
-//! (`docs/protocols/audit-log.md#rotating-the-log-key`).
+//! (`docs/protocols/releases.md#rotating-the-release-key`), the log's signing key
+//! (`docs/protocols/audit-log.md#rotating-the-log-key`) and the consortium CA
+//! (`docs/protocols/certificates.md#rolling-over-the-ca`, [`follow_cas`]).
 //!
 //! ```text
 //! HOME/enrolment.json        release_public_key, signing_public_key: the keys pinned
@@ -8,6 +9,8 @@
 //! HOME/release-keys.json     every rotation of the release key this site followed,
 //! HOME/signing-keys.json     and of the log key, oldest first: the handover (signed by
 //!                            the old and the new key), when, and what brought it
+//! HOME/ca.pem                every CA this site trusts, oldest first
+//! HOME/ca-handovers.json     every CA rollover this site followed, the same way
 //! ```
 //!
 //! Every release comes with the consortium's chains of handovers, and every checkpoint
@@ -28,6 +31,8 @@ use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 use tracing::info;
 
+use maeum_pki::identity::{self, CertificateDer};
+use maeum_pki::rollover::{self, CaHandover};
 use maeum_tlog::handover::{self, KeyHandover, Role};
 use maeum_tlog::{hex, unhex32};
 
@@ -218,4 +223,82 @@ pub fn describe(p: &Pinned) -> String {
             if n == 1 { "" } else { "s" }
         ),
     }
+}
+
+/// Every CA rollover this site followed (a file in HOME).
+pub const CA_CHAIN: &str = "ca-handovers.json";
+
+/// A CA rollover this site followed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FollowedCa {
+    pub handover: CaHandover,
+    pub followed_ms: i64,
+    /// What brought it (`checkpoint of 40 entries`).
+    pub with: String,
+}
+
+/// The CAs this site trusts (HOME/ca.pem: the enrolment's, then each it followed).
+pub fn trusted_cas(home: &Home) -> Result<Vec<CertificateDer<'static>>> {
+    identity::pem_to_der(&home.read("ca.pem")?).context("HOME/ca.pem")
+}
+
+/// Follows the CA rollovers `served` with the checkpoint `(size, root)` this site just
+/// verified: walks them from the CAs it trusts (each handover verified under the old
+/// and the new CA key, `maeum_pki::rollover::follow`), and trusts a new CA only once
+/// the coordinator proves its `ca_rotated` entry against that checkpoint: a CA every
+/// auditor can see. Returns how many CAs it added. `Err`: a forged or unlogged
+/// rollover, refused; what this site trusts is unchanged.
+pub async fn follow_cas(
+    home: &Home,
+    client: &mut crate::daemon::Client,
+    served: &[CaHandover],
+    (size, root): (u64, &maeum_tlog::merkle::Hash),
+) -> Result<usize> {
+    let consortium = home.enrolment()?.consortium;
+    let taken = rollover::follow(&consortium, &trusted_cas(home)?, served).context("a CA handover")?;
+    if taken.is_empty() {
+        return Ok(0);
+    }
+    let logged = crate::witness::logged_rotations(client, size, root).await?;
+    let logged: Vec<CaHandover> = logged.iter().filter_map(handover::ca_in_entry).collect();
+    for (h, new) in &taken {
+        let same = |l: &CaHandover| {
+            l.old_ca == h.old_ca
+                && l.new_ca().ok().as_deref() == Some(identity::fingerprint(new).as_str())
+                && l.old_signature == h.old_signature
+                && l.new_signature == h.new_signature
+        };
+        if !logged.iter().any(same) {
+            anyhow::bail!(
+                "the coordinator shows this site a rollover of the CA from {}… to {}… that its audit log does not \
+                 record: refusing it (this site keeps trusting only the CAs it trusts now)",
+                &h.old_ca[..16],
+                &identity::fingerprint(new)[..16]
+            );
+        }
+    }
+    let mut pem = home.read("ca.pem")?;
+    let mut kept: Vec<FollowedCa> = match std::fs::read(home.path(CA_CHAIN)) {
+        Ok(bytes) => serde_json::from_slice(&bytes).with_context(|| format!("parsing HOME/{CA_CHAIN}"))?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+        Err(e) => return Err(e).with_context(|| format!("reading HOME/{CA_CHAIN}")),
+    };
+    let with = format!("checkpoint of {size} entries");
+    for (h, new) in &taken {
+        pem.push_str(&maeum_tlog::checkpoint::canonical_pem(new));
+        kept.push(FollowedCa { handover: h.clone(), followed_ms: crate::now_ms(), with: with.clone() });
+        info!(
+            from = %&h.old_ca[..16],
+            to = %&identity::fingerprint(new)[..16],
+            with,
+            "followed a rollover of the consortium CA (handover signed by both CA keys, in the audit log); the new CA \
+             is trusted beside the old one"
+        );
+    }
+    // The record first: a crash between the two leaves a CA followed but not yet
+    // trusted, which the next checkpoint completes.
+    maeum_models::write_file(&home.path(CA_CHAIN), &serde_json::to_vec_pretty(&kept)?, false)
+        .with_context(|| format!("writing HOME/{CA_CHAIN}"))?;
+    maeum_models::write_atomic(&home.path("ca.pem"), pem.as_bytes()).context("writing HOME/ca.pem")?;
+    Ok(taken.len())
 }

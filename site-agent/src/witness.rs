@@ -387,13 +387,14 @@ pub async fn witness_once(home: &Home, client: &mut Client) -> Result<Witnessed>
         }
     };
     if new.checkpoint.size == known {
+        follow_cas(home, client, &reply, new).await;
         return Ok(Witnessed::UpToDate { size: known });
     }
     // The views meet: every checkpoint the coordinator stored since `known` must be
     // signed by the log and agree with what this site witnessed at that size.
     let mine: BTreeMap<u64, &SignedCheckpoint> =
         prev_signed.iter().chain(std::iter::once(new)).map(|c| (c.checkpoint.size, c)).collect();
-    let ca = single_cert(&home.read("ca.pem")?).map_err(|e| anyhow!("ca.pem: {e}"))?;
+    let cas = crate::keys::trusted_cas(home)?;
     let site_id = home.site_id()?;
     let mut also_by = Vec::new();
     for head in &reply.since {
@@ -424,7 +425,7 @@ pub async fn witness_once(home: &Home, client: &mut Client) -> Result<Witnessed>
                 continue;
             }
             let valid = single_cert(cert_pem)
-                .and_then(|cert| witness_key(&ca, &cert, &c.site, crate::now_ms()))
+                .and_then(|cert| witness_key(&cas, &cert, &c.site, crate::now_ms()))
                 .and_then(|bits| verify_cosignature(&new.checkpoint, &bits, &c.signature));
             match valid {
                 Ok(()) => also_by.push(c.site.clone()),
@@ -441,6 +442,7 @@ pub async fn witness_once(home: &Home, client: &mut Client) -> Result<Witnessed>
         walk.check_logged(&logged)?;
         crate::keys::keep(home, &walk, &format!("checkpoint of {} entries", new.checkpoint.size))?;
     }
+    follow_cas(home, client, &reply, new).await;
     // Stored before signing: after a crash this site never signs another root of a
     // size it has witnessed.
     let identity = home.identity()?;
@@ -463,6 +465,14 @@ pub async fn witness_once(home: &Home, client: &mut Client) -> Result<Witnessed>
         .map_err(|e| anyhow!("sending the cosignature: {}", describe(&e)))?;
     info!(size = new.checkpoint.size, also_cosigned_by = also_by.len(), "audit checkpoint verified and cosigned");
     Ok(Witnessed::Cosigned { size: new.checkpoint.size, also_by })
+}
+
+/// [`crate::keys::follow_cas`] with the checkpoint `new` just verified (a refusal is logged).
+async fn follow_cas(home: &Home, client: &mut Client, reply: &CheckpointReply, new: &SignedCheckpoint) {
+    let (at, cas) = ((new.checkpoint.size, &new.checkpoint.root), &reply.ca_handovers);
+    if let Err(e) = crate::keys::follow_cas(home, client, cas, at).await {
+        warn!(error = %format!("{e:#}"), "refusing a rollover of the consortium CA");
+    }
 }
 
 /// One journal record checked against the log.

@@ -64,7 +64,7 @@ pub(crate) fn session_of(
     attempt: u32,
     binding: [u8; 32],
 ) -> Result<maeum_secagg::Session> {
-    let ca = c.home.read("ca.pem")?;
+    let ca = c.home.trusted_cas_pem()?;
     info.to_session(job_id, round, attempt, binding, |m| -> Result<Vec<u8>> {
         let peer = maeum_pki::identity::PeerId::site(&m.site_id)?;
         Ok(maeum_pki::identity::verify_peer_cert(&ca, &m.certificate_der, &peer)?)

@@ -300,7 +300,7 @@ impl pb::control_server::Control for Control {
                     }
                 }
             }
-            c.audit.export(&c.home.read("ca.pem")?, &witnesses)
+            c.audit.export(&c.home.first_ca_pem()?, &witnesses)
         })
         .await
         .map_err(|e| internal(e.into()))?

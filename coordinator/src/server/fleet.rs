@@ -69,7 +69,11 @@ impl pb::fleet_server::Fleet for Fleet {
         let current_release = lock(&self.0.current_release).clone();
         // Judged on the certificate this connection presents: once the site dials again
         // with its renewed one, the flag goes.
-        let renew_certificate = Coord::peer(&req).is_ok_and(|p| crate::home::due(p.not_after));
+        // Due: expiring, or issued by a CA the consortium rolled over from.
+        let renew_certificate = Coord::peer(&req).is_ok_and(|p| {
+            crate::home::due(p.not_after)
+                || (!self.0.ca_handovers.is_empty() && !maeum_pki::rollover::issued_by(&p.certificate, &self.0.ca_der))
+        });
         Ok(Response::new(pb::HeartbeatReply {
             server_time_ms: now_ms(),
             audit_size,
@@ -461,7 +465,7 @@ impl pb::fleet_server::Fleet for Fleet {
                 )));
             }
             c.audit
-                .add_cosignature(r.size, &site, &r.signature, &c.home.read("ca.pem").map_err(internal)?, &cert)
+                .add_cosignature(r.size, &site, &r.signature, &c.home.trusted_cas_pem().map_err(internal)?, &cert)
                 .map_err(|e| {
                     c.metrics.verification_failures.inc("cosignature");
                     Status::invalid_argument(format!("{e:#}"))
@@ -726,6 +730,7 @@ impl Coord {
                 consistency: Vec::new(),
                 since: Vec::new(),
                 handovers: self.log_handovers.clone(),
+                ca_handovers: self.ca_handovers.clone(),
             }
             .to_pb(&origin));
         }
@@ -763,8 +768,12 @@ impl Coord {
         } else {
             (signed, self.log_handovers.clone())
         };
+        let mut ca_handovers = self.ca_handovers.clone();
+        if crate::attack::current() == Some(crate::attack::Attack::UnloggedCaRotation) {
+            ca_handovers.push(unlogged_ca_rotation(&self.home).map_err(internal)?);
+        }
         let latest = wire::audit::TreeHead { signed, cosignatures: Vec::new() };
-        Ok(wire::audit::CheckpointReply { latest, consistency, since, handovers }.to_pb(&origin))
+        Ok(wire::audit::CheckpointReply { latest, consistency, since, handovers, ca_handovers }.to_pb(&origin))
     }
 }
 
@@ -799,6 +808,16 @@ fn unlogged_log_rotation(
     ));
     warn!(size = latest.checkpoint.size, "ATTACK: showing a rotation of the log key that the log does not record");
     Ok((latest.checkpoint.sign(&mine), chain))
+}
+
+/// The `unlogged-ca-rotation` attack: the serving host holds the CA key, so it can
+/// sign a real handover to a CA of its own; it shows sites that rollover without
+/// logging it (a CA the auditors would never see).
+fn unlogged_ca_rotation(home: &Home) -> anyhow::Result<maeum_pki::rollover::CaHandover> {
+    let consortium = home.consortium()?.name;
+    let mine = maeum_pki::identity::Ca::successor(&consortium, 99, 30)?;
+    warn!("ATTACK: showing a rollover of the CA that the log does not record");
+    Ok(maeum_pki::rollover::CaHandover::make(&consortium, &home.ca()?, &mine)?)
 }
 
 /// The `forge-handover` attack: a compromised serving host (the signing key, not the

@@ -238,6 +238,12 @@ fn run(command: Command) -> Result<(), Failure> {
                         r.log_key_rotations, r.current_log_key
                     );
                 }
+                if r.ca_rotations > 0 {
+                    println!(
+                        "  CA          rolled over {} time(s) (ca_rotated, AUD-23); the CA in effect is {}",
+                        r.ca_rotations, r.current_ca
+                    );
+                }
                 println!("  entries     {} ({} .. {})", r.entries, rfc3339(r.first_time_ms), rfc3339(r.last_time_ms));
                 println!("  root        {}", r.root);
                 println!("  checkpoints {}, {} cosignatures", r.checkpoints, r.cosignatures);
@@ -661,6 +667,9 @@ fn line(entry: &Entry) -> String {
         Event::ReleaseKeyRotated { operator, old_key, new_key, .. }
         | Event::LogKeyRotated { operator, old_key, new_key, .. } => {
             format!("operator={operator} from={} to={}", short(old_key), short(new_key))
+        }
+        Event::CaRotated { operator, old_ca, new_ca, .. } => {
+            format!("operator={operator} from={} to={}", short(old_ca), short(new_ca))
         }
         Event::JobFinished { job_id, state } => format!("job={job_id} state={state}"),
         Event::Checkpoint { size, root } => format!("size={size} root={}", short(root)),

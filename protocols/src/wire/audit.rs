@@ -3,7 +3,8 @@
 //! anything else is a [`WireError`] naming the field.
 
 use super::{WireError, invalid, pb};
-use maeum_tlog::{Checkpoint, Cosignature, Entry, Hash, SignedCheckpoint};
+use maeum_pki::rollover::CaHandover;
+use maeum_tlog::{Checkpoint, Cosignature, Entry, Hash, SignedCheckpoint, hex};
 
 /// Longest proof accepted (a tree of 2^64 leaves needs fewer).
 pub const MAX_PROOF: usize = 130;
@@ -35,6 +36,45 @@ pub struct CheckpointReply {
     pub since: Vec<TreeHead>,
     /// Every rotation of the log key, oldest first.
     pub handovers: Vec<maeum_tlog::handover::KeyHandover>,
+    /// Every rollover of the consortium CA, oldest first.
+    pub ca_handovers: Vec<CaHandover>,
+}
+
+/// Largest CA certificate a handover may carry (DER).
+pub const MAX_CA_DER: usize = 8 * 1024;
+
+/// A CA handover for the wire.
+pub fn ca_handover_to_pb(h: &CaHandover) -> pb::CaHandover {
+    let bytes = |s: &str| maeum_tlog::unhex(s).unwrap_or_default();
+    pb::CaHandover {
+        old_ca: bytes(&h.old_ca),
+        new_ca_der: h.new_ca_der().map(|d| d.to_vec()).unwrap_or_default(),
+        old_signature: bytes(&h.old_signature),
+        new_signature: bytes(&h.new_signature),
+    }
+}
+
+/// A CA handover from the wire, its sizes checked (its signatures are the site's to
+/// check: `maeum_pki::rollover::follow`).
+pub fn ca_handover_from_pb(h: pb::CaHandover) -> Result<CaHandover, WireError> {
+    let field = "checkpoint.ca_handovers";
+    if h.old_ca.len() != 32 {
+        return Err(invalid(field, format!("old_ca: expected 32 bytes, got {}", h.old_ca.len())));
+    }
+    if h.new_ca_der.is_empty() || h.new_ca_der.len() > MAX_CA_DER {
+        return Err(invalid(field, format!("new_ca_der: 1 to {MAX_CA_DER} bytes, got {}", h.new_ca_der.len())));
+    }
+    for (what, sig) in [("old_signature", &h.old_signature), ("new_signature", &h.new_signature)] {
+        if sig.is_empty() || sig.len() > 80 {
+            return Err(invalid(field, format!("{what}: 1 to 80 bytes, got {}", sig.len())));
+        }
+    }
+    Ok(CaHandover {
+        old_ca: hex(&h.old_ca),
+        new_ca_pem: maeum_tlog::checkpoint::canonical_pem(&h.new_ca_der),
+        old_signature: hex(&h.old_signature),
+        new_signature: hex(&h.new_signature),
+    })
 }
 
 /// One entry with its inclusion proof.
@@ -115,6 +155,7 @@ impl CheckpointReply {
             consistency: self.consistency.iter().map(|h| h.to_vec()).collect(),
             since: self.since.iter().map(TreeHead::to_pb).collect(),
             log_key_handovers: self.handovers.iter().map(super::release::handover_to_pb).collect(),
+            ca_handovers: self.ca_handovers.iter().map(ca_handover_to_pb).collect(),
         }
     }
 
@@ -132,6 +173,12 @@ impl CheckpointReply {
             consistency: hashes("checkpoint.consistency", &r.consistency)?,
             since: r.since.into_iter().map(|h| TreeHead::from_pb(origin, h)).collect::<Result<_, _>>()?,
             handovers: super::release::handovers_from_pb("checkpoint.log_key_handovers", r.log_key_handovers)?,
+            ca_handovers: {
+                if r.ca_handovers.len() > maeum_pki::rollover::MAX_HANDOVERS {
+                    return Err(invalid("checkpoint.ca_handovers", "too many handovers".to_string()));
+                }
+                r.ca_handovers.into_iter().map(ca_handover_from_pb).collect::<Result<_, _>>()?
+            },
         })
     }
 }
@@ -185,6 +232,15 @@ mod tests {
         }
     }
 
+    /// A real handover, with the new CA in the PEM spelling the wire gives back.
+    fn ca_handover() -> CaHandover {
+        use maeum_pki::identity::Ca;
+        let (old, new) = (Ca::generate("heart", 30).unwrap(), Ca::successor("heart", 2, 30).unwrap());
+        let mut h = CaHandover::make("heart", &old, &new).unwrap();
+        h.new_ca_pem = maeum_tlog::checkpoint::canonical_pem(&h.new_ca_der().unwrap());
+        h
+    }
+
     #[test]
     fn checkpoint_reply_round_trips_and_bad_shapes_name_the_field() {
         let reply = CheckpointReply {
@@ -192,9 +248,23 @@ mod tests {
             consistency: vec![[5; 32]; 3],
             since: vec![head()],
             handovers: Vec::new(),
+            ca_handovers: vec![ca_handover()],
         };
         let back = CheckpointReply::from_pb("maeum/heart", reply.to_pb("maeum/heart")).unwrap();
         assert_eq!(back, reply);
+        type Change = fn(&mut pb::CaHandover);
+        let changes: [(&str, Change); 4] = [
+            ("old_ca", |h| h.old_ca.truncate(31)),
+            ("new_ca_der", |h| h.new_ca_der = vec![0; MAX_CA_DER + 1]),
+            ("old_signature", |h| h.old_signature.clear()),
+            ("new_signature", |h| h.new_signature = vec![1; 81]),
+        ];
+        for (what, change) in changes {
+            let mut bad = reply.to_pb("maeum/heart");
+            change(&mut bad.ca_handovers[0]);
+            let e = CheckpointReply::from_pb("maeum/heart", bad).unwrap_err().to_string();
+            assert!(e.contains("checkpoint.ca_handovers") && e.contains(what), "{e}");
+        }
         let e = CheckpointReply::from_pb("maeum/other", reply.to_pb("maeum/heart")).unwrap_err();
         assert!(e.to_string().starts_with("checkpoint.origin"), "{e}");
         let mut bad = reply.to_pb("maeum/heart");

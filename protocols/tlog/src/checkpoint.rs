@@ -192,11 +192,12 @@ pub fn canonical_pem(der: &[u8]) -> String {
     out
 }
 
-/// Checks that `cert` is a client certificate issued by the CA `ca`, valid at
-/// `at_ms` (milliseconds since the Unix epoch, taken from the log), naming
-/// `maeum://site/<site>`. Returns its public key bits.
+/// Checks that `cert` is a client certificate issued by one of the consortium's CAs
+/// `cas` (more than one after a rollover), valid at `at_ms` (milliseconds since the
+/// Unix epoch, taken from the log), naming `maeum://site/<site>`. Returns its public
+/// key bits.
 pub fn witness_key(
-    ca: &CertificateDer<'_>,
+    cas: &[CertificateDer<'_>],
     cert: &CertificateDer<'_>,
     site: &str,
     at_ms: i64,
@@ -204,7 +205,9 @@ pub fn witness_key(
     use rustls::server::WebPkiClientVerifier;
     let expected = PeerId::site(site).map_err(|e| e.to_string())?;
     let mut roots = rustls::RootCertStore::empty();
-    roots.add(ca.clone().into_owned()).map_err(|e| format!("CA certificate: {e}"))?;
+    for ca in cas {
+        roots.add(ca.clone().into_owned()).map_err(|e| format!("CA certificate: {e}"))?;
+    }
     let verifier = WebPkiClientVerifier::builder_with_provider(
         std::sync::Arc::new(roots),
         std::sync::Arc::new(rustls::crypto::ring::default_provider()),
@@ -279,17 +282,17 @@ mod tests {
         let cp = Checkpoint { origin: "maeum/heart".into(), size: 3, root: [1; 32] };
         let sig = cosign(&cp, &key, &rng).unwrap();
         let now = now_ms();
-        let bits = witness_key(&ca_der, &cert_der, "a", now).unwrap();
+        let bits = witness_key(std::slice::from_ref(&ca_der), &cert_der, "a", now).unwrap();
         verify_cosignature(&cp, &bits, &sig).unwrap();
         let other = Checkpoint { size: 4, ..cp.clone() };
         assert!(verify_cosignature(&other, &bits, &sig).is_err());
-        let e = witness_key(&ca_der, &cert_der, "b", now).unwrap_err();
+        let e = witness_key(std::slice::from_ref(&ca_der), &cert_der, "b", now).unwrap_err();
         assert!(e.contains("names site/a"), "{e}");
-        let e = witness_key(&ca_der, &cert_der, "a", now + 40 * 86_400_000).unwrap_err();
+        let e = witness_key(std::slice::from_ref(&ca_der), &cert_der, "a", now + 40 * 86_400_000).unwrap_err();
         assert!(e.contains("not valid under the consortium CA"), "{e}");
         let other_ca = Ca::generate("heart", 30).unwrap();
         let other_der = single_cert(other_ca.cert_pem()).unwrap();
-        assert!(witness_key(&other_der, &cert_der, "a", now).is_err());
+        assert!(witness_key(&[other_der], &cert_der, "a", now).is_err());
     }
 
     #[test]

@@ -292,6 +292,24 @@ pub enum Event {
         /// The new key's signature over the same statement (hex).
         new_signature: String,
     },
+    /// The consortium CA rolled over to a successor (`ca rotate`, applied when the
+    /// coordinator starts): the handover signed by both CA keys
+    /// (`maeum_pki::rollover`). Certificates issued by the new CA are valid from here
+    /// on; those of the old CA stay valid until they expire.
+    CaRotated {
+        /// Who asked for it (the operator on the coordinator's host).
+        operator: String,
+        /// SHA-256 of the CA certificate handing over (hex).
+        old_ca: String,
+        /// SHA-256 of the new CA certificate (hex).
+        new_ca: String,
+        /// The new CA certificate (PEM): auditors check certificates it issued with it.
+        new_ca_pem: String,
+        /// The old CA key's signature over the handover statement (hex).
+        old_signature: String,
+        /// The new CA key's signature over the same statement (hex).
+        new_signature: String,
+    },
     /// A job reached a final state.
     JobFinished {
         /// The job id.
@@ -333,13 +351,14 @@ impl Event {
             Event::OperatorCommand { .. } => "operator_command",
             Event::ReleaseKeyRotated { .. } => "release_key_rotated",
             Event::LogKeyRotated { .. } => "log_key_rotated",
+            Event::CaRotated { .. } => "ca_rotated",
             Event::JobFinished { .. } => "job_finished",
             Event::Checkpoint { .. } => "checkpoint",
         }
     }
 
     /// Every `kind` tag, for command-line filters.
-    pub const KINDS: [&'static str; 22] = [
+    pub const KINDS: [&'static str; 23] = [
         "consortium_init",
         "site_approved",
         "site_revoked",
@@ -360,6 +379,7 @@ impl Event {
         "operator_command",
         "release_key_rotated",
         "log_key_rotated",
+        "ca_rotated",
         "job_finished",
         "checkpoint",
     ];

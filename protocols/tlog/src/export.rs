@@ -178,6 +178,11 @@ pub struct Report {
     pub log_key_rotations: usize,
     /// The key that signs the latest checkpoint (hex; the first key if never rotated).
     pub current_log_key: String,
+    /// Rollovers of the consortium CA (`ca_rotated` entries applied, AUD-23).
+    pub ca_rotations: usize,
+    /// SHA-256 of the CA in effect at the end of the log (the init entry's if never
+    /// rolled over).
+    pub current_ca: String,
 }
 
 /// A verified export, for commands that go on to use it (`prove`, `consistency`).
@@ -302,12 +307,17 @@ pub fn verify_full(bytes: &[u8], trust: Option<&[u8; 32]>) -> Result<Verified, A
 
     // The CA.
     let ca = checkpoint::single_cert(&export.ca_cert_pem).map_err(|reason| AuditError::Ca { reason })?;
+    let ca_first = ca.clone();
     let ca_print = identity::fingerprint(&ca);
     if &ca_print != ca_fingerprint {
         return Err(AuditError::Ca {
             reason: format!("fingerprint {ca_print} is not {ca_fingerprint} announced by entry 0"),
         });
     }
+
+    // The CA's rollovers (AUD-23): witness certificates may come from any CA the
+    // chain from the init entry's CA reaches.
+    let cas: Vec<_> = crate::handover::ca_chain(consortium, ca, entries)?.into_iter().map(|(_, c)| c).collect();
 
     // The log key's rotations (AUD-22): checkpoints beyond a rotation's entry are
     // signed by its new key.
@@ -399,7 +409,7 @@ pub fn verify_full(bytes: &[u8], trust: Option<&[u8; 32]>) -> Result<Verified, A
         let Some(at) = history.announced_at(&w.site, &print) else {
             return Err(bad(format!("fingerprint {print} is not announced by any site_approved entry for this site")));
         };
-        witness_key(&ca, &der, &w.site, at).map_err(bad)?;
+        witness_key(&cas, &der, &w.site, at).map_err(bad)?;
         certs.entry(w.site.as_str()).or_default().push((der, print));
     }
 
@@ -423,7 +433,7 @@ pub fn verify_full(bytes: &[u8], trust: Option<&[u8; 32]>) -> Result<Verified, A
             let ok = candidates.iter().any(|(der, print)| {
                 match history
                     .check(&cosig.site, print, size)
-                    .and_then(|()| witness_key(&ca, der, &cosig.site, at))
+                    .and_then(|()| witness_key(&cas, der, &cosig.site, at))
                     .and_then(|key| verify_cosignature(&cp.checkpoint, &key, &cosig.signature))
                 {
                     Ok(()) => true,
@@ -458,6 +468,8 @@ pub fn verify_full(bytes: &[u8], trust: Option<&[u8; 32]>) -> Result<Verified, A
         root: hex(&tree.root()),
         log_key_rotations: log_keys.len() - 1,
         current_log_key: hex(&key_for(n)),
+        ca_rotations: cas.len() - 1,
+        current_ca: identity::fingerprint(cas.last().unwrap_or(&ca_first)),
     };
     Ok(Verified { export, tree, log_key, log_keys, report })
 }
@@ -927,6 +939,50 @@ pub(crate) mod tests {
         export.log_public_key = hex(&first);
         let e = verify(&export.encode(), None).unwrap_err().to_string();
         assert!(e.starts_with("AUD-22") && e.contains("but the log key in effect is"), "{e}");
+    }
+
+    /// `small()`, then the CA rolls over (handover by `signer`, the CA in effect when
+    /// `None`), and site `c`, certified by the new CA, witnesses a checkpoint.
+    fn rolled_over(signer: Option<&Ca>) -> Fixture {
+        use maeum_pki::rollover::CaHandover;
+        let mut fx = small();
+        let new = Ca::successor("heart", 2, 30).unwrap();
+        let h = CaHandover::make("heart", signer.unwrap_or(&fx.ca), &new).unwrap();
+        fx.append(Event::CaRotated {
+            operator: "lead".into(),
+            old_ca: h.old_ca.clone(),
+            new_ca: h.new_ca().unwrap(),
+            new_ca_pem: h.new_ca_pem,
+            old_signature: h.old_signature,
+            new_signature: h.new_signature,
+        });
+        let first = std::mem::replace(&mut fx.ca, new);
+        fx.approve("c");
+        fx.ca = first;
+        let n = fx.sites.len();
+        fx.sites.swap(0, n - 1);
+        fx.witnesses.swap(0, n - 1);
+        fx.checkpoint(1);
+        fx.sites.swap(0, n - 1);
+        fx.witnesses.swap(0, n - 1);
+        fx
+    }
+
+    #[test]
+    fn witnesses_certified_by_a_rolled_over_ca_verify_and_a_forged_rollover_does_not() {
+        let fx = rolled_over(None);
+        let report = verify(&fx.export().encode(), None).expect("a rollover from the CA in effect verifies");
+        assert_eq!(report.ca_rotations, 1);
+        assert!(report.witnesses.contains(&"c".to_string()));
+        // Without the rollover entry, c's certificate chains to no CA the log knows.
+        let mut export = fx.export();
+        let at = export.entries.iter().position(|e| e.event.kind() == "ca_rotated").unwrap();
+        export.entries[at].event = Event::JobFinished { job_id: "x".into(), state: "y".into() };
+        assert!(verify(&export.encode(), None).is_err());
+        // A rollover signed by a CA that is not the consortium's: AUD-23.
+        let stranger = Ca::successor("heart", 7, 30).unwrap();
+        let e = verify(&rolled_over(Some(&stranger)).export().encode(), None).unwrap_err().to_string();
+        assert!(e.starts_with("AUD-23") && e.contains("but the CA in effect is"), "{e}");
     }
 
     fn check(change: impl FnOnce(&mut Export), expected: &str) {

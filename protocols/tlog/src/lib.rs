@@ -226,6 +226,15 @@ pub enum AuditError {
         /// What is wrong.
         reason: String,
     },
+    /// AUD-23: a rollover of the consortium CA that does not hold: its handover does
+    /// not verify, or it does not hand over from the CA in effect.
+    #[error("AUD-23 entry {seq}: the CA's rollover: {reason}")]
+    CaRotation {
+        /// The `ca_rotated` entry.
+        seq: u64,
+        /// What is wrong.
+        reason: String,
+    },
     /// AUD-21: the random number generator failed while signing.
     #[error("AUD-21 random number generator failed while {what}")]
     Random {

@@ -137,7 +137,7 @@ mod tests {
             let sig = token.cosign(&site_key, &rng).unwrap();
             let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64;
             let bits =
-                witness_key(&single_cert(ca.cert_pem()).unwrap(), &single_cert(&cert).unwrap(), "a", now).unwrap();
+                witness_key(&[single_cert(ca.cert_pem()).unwrap()], &single_cert(&cert).unwrap(), "a", now).unwrap();
             verify_cosignature(&cp.checkpoint, &bits, &sig).unwrap();
             // Seeing the same checkpoint again is fine.
             let _ = witness.observe(&cp, &[]).unwrap();
