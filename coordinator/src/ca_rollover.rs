@@ -130,7 +130,10 @@ pub fn apply_pending(home: &Home, audit: &mut AuditLog) -> Result<Option<CaHando
     let current = home.ca_der()?;
     let new_ca = h.new_ca()?;
     if identity::fingerprint(&current) == new_ca {
-        // Applied before a crash; only the clean-up was left.
+        // Applied before a crash, which came after ca.pem was swapped: finish the swap.
+        if home.path(NEXT_KEY).exists() {
+            std::fs::rename(home.path(NEXT_KEY), home.path("ca.key")).context("replacing ca.key")?;
+        }
         let _ = std::fs::remove_file(&p);
         return Ok(None);
     }
@@ -162,8 +165,10 @@ pub fn apply_pending(home: &Home, audit: &mut AuditLog) -> Result<Option<CaHando
         retired.push_str(&old_pem);
     }
     write_file(&home.path(RETIRED), retired.as_bytes(), false)?;
-    std::fs::rename(home.path(NEXT_KEY), home.path("ca.key")).context("replacing ca.key")?;
+    // The certificate first: a start after a crash between the two sees the new CA in
+    // ca.pem and finishes with the key (above).
     std::fs::rename(home.path(NEXT_CERT), home.path("ca.pem")).context("replacing ca.pem")?;
+    std::fs::rename(home.path(NEXT_KEY), home.path("ca.key")).context("replacing ca.key")?;
     std::fs::remove_file(&p).with_context(|| format!("removing {}", p.display()))?;
     tracing::info!(
         from = %short(&h.old_ca),
@@ -242,4 +247,75 @@ pub fn show(home: &Path, json: bool) -> Result<()> {
         println!("waiting      → {}… (applied at the next start)", short(&p.handover.new_ca().unwrap_or_default()));
     }
     Ok(())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // tests fail loudly by design
+mod tests {
+    use super::*;
+    use crate::storage::{Db, Engine};
+
+    fn setup() -> (tempfile::TempDir, Home, Db, AuditLog) {
+        let dir = tempfile::tempdir().unwrap();
+        crate::home::init(dir.path(), "heart", "127.0.0.1:7443", Engine::Sled).unwrap();
+        let home = Home::new(dir.path());
+        let db = Db::open(&home.state(), Engine::Sled).unwrap();
+        let key = std::fs::read(home.path("signing.key")).unwrap();
+        let log = AuditLog::open(&db, "maeum/heart".into(), &key, &[]).unwrap();
+        (dir, home, db, log)
+    }
+
+    fn rollovers(log: &AuditLog) -> usize {
+        (0..log.size()).filter(|&seq| log.entry(seq).unwrap().event.kind() == "ca_rotated").count()
+    }
+
+    #[test]
+    fn a_rollover_is_staged_applied_once_and_trusted_beside_the_old_ca() {
+        let (dir, home, _db, mut log) = setup();
+        let old = home.read("ca.pem").unwrap();
+        rotate_cli(dir.path(), true).unwrap();
+        let again = rotate_cli(dir.path(), true).unwrap_err().to_string();
+        assert!(again.contains("already waiting"), "{again}");
+        assert_eq!(home.read("ca.pem").unwrap(), old, "staging changes nothing served");
+
+        let h = apply_pending(&home, &mut log).unwrap().expect("applied");
+        assert_eq!(identity::fingerprint(&home.ca_der().unwrap()), h.new_ca().unwrap());
+        home.ca().expect("ca.pem and ca.key belong together");
+        let trusted = identity::pem_to_der(&home.trusted_cas_pem().unwrap()).unwrap();
+        assert_eq!(trusted.len(), 2);
+        assert_eq!(trusted[0].to_vec(), identity::leaf_der(&old).unwrap(), "oldest first");
+        assert_eq!(identity::leaf_der(&home.first_ca_pem().unwrap()).unwrap(), identity::leaf_der(&old).unwrap());
+        assert_eq!(chain_for_sites(&home).unwrap(), vec![h]);
+        assert_eq!(rollovers(&log), 1);
+        assert!(apply_pending(&home, &mut log).unwrap().is_none(), "nothing waits any more");
+        assert_eq!(rollovers(&log), 1);
+    }
+
+    #[test]
+    fn a_crash_between_the_two_renames_is_finished_at_the_next_start() {
+        let (dir, home, _db, mut log) = setup();
+        rotate_cli(dir.path(), true).unwrap();
+        // The first start logged and swapped ca.pem, then died before ca.key.
+        let h = apply_pending(&home, &mut log).unwrap().unwrap();
+        rotate_cli(dir.path(), true).unwrap();
+        let pending: Pending = home.json_file(PENDING).unwrap().unwrap();
+        assert_eq!(pending.handover.old_ca, h.new_ca().unwrap());
+        std::fs::rename(home.path(NEXT_CERT), home.path("ca.pem")).unwrap();
+        assert!(home.ca().is_err(), "ca.pem and ca.key disagree mid-swap");
+        assert!(apply_pending(&home, &mut log).unwrap().is_none());
+        home.ca().expect("the next start finished the swap");
+        assert!(!home.path(PENDING).exists() && !home.path(NEXT_KEY).exists());
+    }
+
+    #[test]
+    fn a_handover_from_another_ca_than_the_one_in_use_is_refused_and_nothing_is_logged() {
+        let (dir, home, _db, mut log) = setup();
+        rotate_cli(dir.path(), true).unwrap();
+        let size = log.size();
+        let other = Ca::generate("heart", 30).unwrap();
+        write_file(&home.path("ca.pem"), other.cert_pem().as_bytes(), false).unwrap();
+        let e = format!("{:#}", apply_pending(&home, &mut log).unwrap_err());
+        assert!(e.contains("hands over from"), "{e}");
+        assert_eq!(log.size(), size);
+    }
 }
