@@ -83,14 +83,14 @@ impl std::fmt::Debug for Snapshot {
 
 /// Takes what [`write`] stores, from the round whose consistency stage just closed.
 pub fn take(r: &RoundState) -> Result<Snapshot> {
-    let sa = r.secagg.as_ref().context("the round has no secure-aggregation session")?;
+    let sa = r.secagg().as_ref().context("the round has no secure-aggregation session")?;
     let (roster, reveals, survivors, proof, server, sum) = sa.for_resume().map_err(|e| anyhow::anyhow!("{e}"))?;
     let hex = maeum_tlog::hex;
     let saved = Saved {
-        job_id: r.job_id.clone(),
-        round: r.round,
-        attempt: r.attempt,
-        evaluate_only: r.evaluate_only,
+        job_id: r.job_id().to_string(),
+        round: r.round(),
+        attempt: r.attempt(),
+        evaluate_only: r.evaluate_only(),
         binding: hex(&sa.session.binding),
         session: hex(&stored::session_to_bytes(&sa.info)),
         roster: hex(&stored::reply_to_bytes(&Reply::Roster(roster))),
@@ -206,9 +206,9 @@ pub fn load(c: &Coord) {
     match restore(c) {
         Ok(Some(r)) => {
             info!(
-                job = %r.job_id,
-                round = r.round,
-                attempt = r.attempt,
+                job = %r.job_id(),
+                round = r.round(),
+                attempt = r.attempt(),
                 "restarted in the unmask stage of a revealed attempt; finishing that attempt"
             );
             *lock(&c.round) = Some(r);
@@ -299,13 +299,12 @@ fn restore(c: &Coord) -> Result<Option<RoundState>> {
     let model_ref = crate::rounds::model_ref(&model)?;
     let deadline_ms = now_ms() + job.spec.deadlines.train as i64 * 1000;
     let mut r = RoundState::new(&job, saved.round, saved.attempt, Stage::Train, model_ref, deadline_ms);
-    r.selected = sa.session.participants.iter().map(|p| p.site_id.clone()).collect();
     // As before the crash: U3's inputs are in the sum; whoever did not sign U3 is out.
-    r.done = sa.names(&u3).into_iter().collect();
-    r.dropped = r.selected.iter().filter(|s| !sa.names(&signers).contains(*s)).cloned().collect();
-    r.evaluate_only = saved.evaluate_only;
+    let done = sa.names(&u3).into_iter().collect();
+    let signed = sa.names(&signers);
+    let dropped = sa.session.participants.iter().map(|p| p.site_id.clone()).filter(|s| !signed.contains(s)).collect();
     sa.stage_deadline_ms = now_ms() + job.spec.deadlines.secagg as i64 * 1000;
     info!(round = saved.round, attempt = saved.attempt, stored_shares = fed, "secure-aggregation session restored");
-    r.secagg = Some(sa);
+    r.restore_session(sa, done, dropped, saved.evaluate_only);
     Ok(Some(r))
 }

@@ -312,14 +312,14 @@ async fn run_round(c: &Coord, id: &str, round: u32, spec: &ModelSpec) -> Result<
             let base = job.latest().cloned().context("job has no model")?;
             let deadline_ms = now_ms() + job.spec.deadlines.train as i64 * 1000;
             let mut state = RoundState::new(&job, round, attempt, Stage::Train, model_ref(&base)?, deadline_ms);
-            state.selected = selected.clone();
+            state.select(selected.clone());
             if let Some(Attack::Divergent(target)) = attack::current() {
                 // Every other site gets a model of its own: the base model halved.
                 let (_, params, _) = ModelSpec::load(&c.blobs.path(&Digest::parse("digest", &base.digest)?))?;
                 let halved: Vec<f32> = params.values().iter().map(|v| v * 0.5).collect();
                 let other = save_model(c, spec, &FlatParams::new(spec.layout(), halved)?, id, round)?;
                 warn!(round, target = %target, "FAULT INJECTION: handing every other site a different base model");
-                state.divergent = Some((target, model_ref(&other)?));
+                state.hand_divergent(target, model_ref(&other)?);
             }
             if secure {
                 let sa = new_session(c, &job, round, attempt, &selected, num_params, &model_ref(&base)?.digest)?;
@@ -331,7 +331,7 @@ async fn run_round(c: &Coord, id: &str, round: u32, spec: &ModelSpec) -> Result<
                     degree = sa.session.params.degree,
                     "round started with secure aggregation"
                 );
-                state.secagg = Some(sa);
+                state.attach_session(sa, false);
             } else {
                 warn!(
                     round,
@@ -353,7 +353,7 @@ async fn run_round(c: &Coord, id: &str, round: u32, spec: &ModelSpec) -> Result<
             (job, attempt, base, secure)
         };
         let min = job.spec.min_sites as usize;
-        let deadline_ms = lock(&c.round).as_ref().map_or(0, |r| r.deadline_ms);
+        let deadline_ms = lock(&c.round).as_ref().map_or(0, |r| r.deadline_ms());
         let train_started = std::time::Instant::now();
         let finished = if secure {
             match drive_secagg(c, id, round).await? {
@@ -374,10 +374,9 @@ async fn run_round(c: &Coord, id: &str, round: u32, spec: &ModelSpec) -> Result<
                         warn!(round, "sites already revealed a sum of this round that was lost; skipping the round");
                         let mut skipped =
                             RoundState::new(&job, round, attempt, Stage::Train, model_ref(&base)?, deadline_ms);
-                        skipped.refused = Some(
+                        skipped.refuse(
                             "sites had already revealed a sum of this round, which this coordinator lost (reveal \
-                             once per round); the round is skipped"
-                                .into(),
+                             once per round); the round is skipped",
                         );
                         let committed = commit_round(c, id, spec, &base, skipped, true).await?;
                         return Ok(Some(committed));
@@ -389,7 +388,7 @@ async fn run_round(c: &Coord, id: &str, round: u32, spec: &ModelSpec) -> Result<
                     continue;
                 }
                 SecAggEnd::Done => {
-                    let done = lock(&c.round).as_ref().map(|r| r.done.clone()).unwrap_or_default();
+                    let done = lock(&c.round).as_ref().map(|r| r.done().clone()).unwrap_or_default();
                     match attack::current() {
                         Some(Attack::Difference(target)) if differenced.is_none() && done.contains(&target) => {
                             *lock(&c.round) = None;
@@ -420,18 +419,18 @@ async fn run_round(c: &Coord, id: &str, round: u32, spec: &ModelSpec) -> Result<
         c.metrics.stage("train", train_started.elapsed());
         clear_uploads(c);
         account_attempt(c, id, &state)?;
-        if state.done.len() < min {
+        if state.done().len() < min {
             crate::resume::clear(&c.home);
             c.metrics.rounds.inc("failed");
             c.record(Event::RoundFailed {
                 job_id: id.to_string(),
                 round,
                 attempt,
-                reason: format!("only {} updates, min_sites is {min}", state.done.len()),
+                reason: format!("only {} updates, min_sites is {min}", state.done().len()),
             })?;
-            warn!(round, attempt, updates = state.done.len(), min, "too few updates; retrying the round");
+            warn!(round, attempt, updates = state.done().len(), min, "too few updates; retrying the round");
             failures += 1;
-            let what = format!("round {round}: only {} updates (< {min})", state.done.len());
+            let what = format!("round {round}: only {} updates (< {min})", state.done().len());
             pause_before_retry(c, id, what, failures).await?;
             continue;
         }
@@ -451,8 +450,10 @@ async fn run_round(c: &Coord, id: &str, round: u32, spec: &ModelSpec) -> Result<
 fn resumed_attempt(c: &Coord, id: &str, round: u32, evaluate_only: bool) -> Option<u32> {
     lock(&c.round)
         .as_ref()
-        .filter(|r| r.job_id == id && r.round == round && r.evaluate_only == evaluate_only && r.secagg.is_some())
-        .map(|r| r.attempt)
+        .filter(|r| {
+            r.job_id() == id && r.round() == round && r.evaluate_only() == evaluate_only && r.secagg().is_some()
+        })
+        .map(|r| r.attempt())
 }
 
 /// Waits until every selected site delivered or dropped, or the deadline passed.
@@ -471,8 +472,8 @@ async fn wait_stage(c: &Coord, id: &str, round: u32, deadline_ms: i64) -> Result
                     r.drop_for(&s, "went offline");
                 }
             }
-            let finished = if r.stage == Stage::Train { r.done.len() } else { r.evaluated.len() };
-            (r.waiting(), finished, r.selected.len(), r.stage)
+            let finished = if r.stage() == Stage::Train { r.done().len() } else { r.evaluated().len() };
+            (r.waiting(), finished, r.selected().len(), r.stage())
         };
         let what = if stage == Stage::Train { "updates" } else { "evaluations" };
         set_activity(c, format!("round {round}: {done}/{total} {what}"));
@@ -496,12 +497,12 @@ async fn wait_stage(c: &Coord, id: &str, round: u32, deadline_ms: i64) -> Result
 
 /// Books an ended training attempt in the job's strikes, and says who now sits out.
 fn account_attempt(c: &Coord, id: &str, state: &RoundState) -> Result<()> {
-    if state.selected.is_empty() {
+    if state.selected().is_empty() {
         return Ok(());
     }
     let now = now_ms();
     let (_, benched) =
-        c.store.update_job(id, |j| Ok(j.account_attempt(&state.selected, &state.done, &state.why_dropped, now)))?;
+        c.store.update_job(id, |j| Ok(j.account_attempt(state.selected(), state.done(), state.why_dropped(), now)))?;
     for (site, s) in benched {
         warn!(
             site = %site,
@@ -576,17 +577,7 @@ fn commit_round_blocking(
     // The mean update first, in the sum's own memory (a secure round's words) or with
     // the f64 sum dropped (plaintext), before the base model is loaded: the commit never
     // holds the sum, the mean and the model at once.
-    let mean: Option<Vec<f32>> = match &state.refused {
-        Some(_) => None,
-        None => {
-            anyhow::ensure!(state.total_weight > 0, "round {}: the aggregate weight is 0", state.round);
-            let w = state.total_weight as f64;
-            Some(match state.secure_sum.take() {
-                Some(sum) => sum.into_mean(w),
-                None => std::mem::take(&mut state.sum).into_iter().map(|s| (s / w) as f32).collect(),
-            })
-        }
-    };
+    let mean: Option<Vec<f32>> = state.take_mean()?;
     let (_, params, _) = ModelSpec::load(&c.blobs.path(&Digest::parse("digest", &base.digest)?))
         .context("loading the round's base model")?;
     let n = params.values().len();
@@ -597,14 +588,14 @@ fn commit_round_blocking(
         }
         None => ServerOptimizer::new(&job.spec.strategy, n),
     };
-    let aggregate_sha256 = state.aggregate.clone().unwrap_or_default();
-    let (model, optimizer_state) = match (&state.refused, mean) {
+    let aggregate_sha256 = state.aggregate().clone().unwrap_or_default();
+    let (model, optimizer_state) = match (&state.refused(), mean) {
         // A refused aggregate changes nothing: the base model and optimiser state stay.
         (Some(why), _) => {
             c.record(Event::RoundFailed {
                 job_id: id.to_string(),
-                round: state.round,
-                attempt: state.attempt,
+                round: state.round(),
+                attempt: state.attempt(),
                 reason: format!("aggregate refused, the round is committed without an update: {why}"),
             })?;
             c.metrics.rounds.inc("refused");
@@ -616,46 +607,46 @@ fn commit_round_blocking(
             let mut values = params.into_values();
             optimizer.apply(&mut values, &mean)?;
             let params = FlatParams::new(spec.layout(), values)?;
-            let model = save_model(c, spec, &params, id, state.round)?;
+            let model = save_model(c, spec, &params, id, state.round())?;
             let state_bytes = optimizer.state_bytes();
             (model, if state_bytes.is_empty() { String::new() } else { c.blobs.put(&state_bytes)?.hex() })
         }
     };
     // The evaluation collected in this round is of the base model (the previous version).
-    let evaluation = (!state.evaluated.is_empty()).then(|| state.evaluation.clone());
-    let crisis_histogram = evaluation.as_ref().and(state.crisis_histogram.clone());
+    let evaluation = (!state.evaluated().is_empty()).then(|| state.evaluation().clone());
+    let crisis_histogram = evaluation.as_ref().and(state.crisis_histogram().clone());
     let (job, ()) = c.store.update_job(id, |job| {
         anyhow::ensure!(
-            job.completed_rounds() + 1 == state.round,
+            job.completed_rounds() + 1 == state.round(),
             "round {} committed twice (history has {} rounds)",
-            state.round,
+            state.round(),
             job.completed_rounds()
         );
         match job.history.last_mut() {
             Some(prev) => {
                 prev.evaluation = evaluation;
-                prev.evaluated_by = state.evaluated.iter().cloned().collect();
+                prev.evaluated_by = state.evaluated().iter().cloned().collect();
                 prev.crisis_histogram = crisis_histogram;
             }
             None => job.initial_evaluation = evaluation,
         }
         let attempts = job.attempts_started - job.history.iter().map(|h| h.attempts).sum::<u32>();
         job.history.push(RoundRecord {
-            round: state.round,
+            round: state.round(),
             model,
             optimizer_state,
-            contributors: state.done.iter().cloned().collect(),
-            dropped: state.dropped.iter().cloned().collect(),
-            total_weight: state.total_weight,
+            contributors: state.done().iter().cloned().collect(),
+            dropped: state.dropped().iter().cloned().collect(),
+            total_weight: state.total_weight(),
             completed_ms: now_ms(),
             attempts,
             evaluation: None,
             evaluated_by: Vec::new(),
             crisis_histogram: None,
-            secure_aggregation: state.secagg.is_some(),
-            secagg_threshold: state.secagg.as_ref().map(|s| s.session.params.threshold).unwrap_or(0),
+            secure_aggregation: state.secagg().is_some(),
+            secagg_threshold: state.secagg().as_ref().map(|s| s.session.params.threshold).unwrap_or(0),
             aggregate_sha256: aggregate_sha256.clone(),
-            refused: state.refused.clone().unwrap_or_default(),
+            refused: state.refused().clone().unwrap_or_default(),
         });
         Ok(())
     })?;
@@ -666,11 +657,12 @@ fn commit_round_blocking(
         c.metrics.rounds.inc("committed");
     }
     // Fault injection: a stop between the history and the log (`resume::log_cut_off_commits`).
-    if crate::attack::test_env("MAEUM_COORDINATOR_TEST_EXIT_AFTER_COMMIT").is_some_and(|r| r == state.round.to_string())
+    if crate::attack::test_env("MAEUM_COORDINATOR_TEST_EXIT_AFTER_COMMIT")
+        .is_some_and(|r| r == state.round().to_string())
     {
         std::process::exit(137);
     }
-    for s in &state.done {
+    for s in state.done() {
         if let Some(mut rec) = c.store.site(s)? {
             rec.rounds_contributed += 1;
             c.store.put_site(&rec)?;
@@ -678,13 +670,13 @@ fn commit_round_blocking(
     }
     c.record(Event::RoundCommitted {
         job_id: id.to_string(),
-        round: state.round,
+        round: state.round(),
         aggregate_sha256,
         model: job.history.last().map(|h| h.model.digest.clone()).unwrap_or_default(),
-        contributors: state.done.iter().cloned().collect(),
+        contributors: state.done().iter().cloned().collect(),
     })?;
     c.audit.checkpoint()?;
-    info!(round = state.round, contributors = state.done.len(), dropped = state.dropped.len(), "round committed");
+    info!(round = state.round(), contributors = state.done().len(), dropped = state.dropped().len(), "round committed");
     c.notify();
     if let Err(e) = crate::retention::sweep(c, &job) {
         warn!(error = %format!("{e:#}"), "removing old round blobs failed; they stay");
@@ -731,25 +723,30 @@ async fn final_evaluation(c: &Coord, id: &str) -> Result<Option<JobRecord>> {
             let model = model_ref(&job.history[job.history.len() - 1].model)?;
             let stage = if secure { Stage::Train } else { Stage::Evaluate };
             let mut state = RoundState::new(&job, round, attempt, stage, model.clone(), deadline_ms);
-            state.selected = selected;
+            state.select(selected);
             if secure {
-                state.evaluate_only = true;
-                state.secagg = Some(new_session(c, &job, round, attempt, &state.selected, 0, &model.digest)?);
+                let session = new_session(c, &job, round, attempt, state.selected(), 0, &model.digest)?;
+                state.attach_session(session, true);
                 c.record(Event::RoundStarted {
                     job_id: id.to_string(),
                     round,
                     attempt,
-                    sites: state.selected.iter().cloned().collect(),
+                    sites: state.selected().iter().cloned().collect(),
                     secure_aggregation: true,
                 })?;
-                info!(round, attempt, sites = state.selected.len(), "final evaluation started with secure aggregation");
+                info!(
+                    round,
+                    attempt,
+                    sites = state.selected().len(),
+                    "final evaluation started with secure aggregation"
+                );
             }
             clear_uploads(c);
             *lock(&c.round) = Some(state);
             c.notify();
             (round, attempt, secure)
         };
-        let deadline_ms = lock(&c.round).as_ref().map_or(0, |r| r.deadline_ms);
+        let deadline_ms = lock(&c.round).as_ref().map_or(0, |r| r.deadline_ms());
         let started = std::time::Instant::now();
         let finished = if secure {
             match drive_secagg(c, id, round).await? {
@@ -783,14 +780,14 @@ async fn final_evaluation(c: &Coord, id: &str) -> Result<Option<JobRecord>> {
         clear_uploads(c);
         c.metrics.stage("evaluate", started.elapsed());
         let Some(state) = lock(&c.round).take() else { return Ok(None) };
-        if state.evaluated.is_empty() {
+        if state.evaluated().is_empty() {
             continue;
         }
         let (job, ()) = c.store.update_job(id, |job| {
             if let Some(last) = job.history.last_mut() {
-                last.evaluation = Some(state.evaluation);
-                last.evaluated_by = state.evaluated.into_iter().collect();
-                last.crisis_histogram = state.crisis_histogram;
+                last.evaluation = Some(state.evaluation().clone());
+                last.evaluated_by = state.evaluated().iter().cloned().collect();
+                last.crisis_histogram = state.crisis_histogram().clone();
             }
             Ok(())
         })?;

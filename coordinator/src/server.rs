@@ -143,14 +143,6 @@ fn transfer_stall() -> Duration {
         .map_or(TRANSFER_STALL, Duration::from_millis)
 }
 
-/// Records that `accuser` says `accused`'s share did not authenticate (SA-06); returns
-/// the accusers once two distinct sites have named `accused` (then it is excluded).
-fn accuse(accusations: &mut BTreeMap<String, BTreeSet<String>>, accuser: &str, accused: &str) -> Option<Vec<String>> {
-    let accusers = accusations.entry(accused.to_string()).or_default();
-    accusers.insert(accuser.to_string());
-    (accusers.len() >= 2).then(|| accusers.iter().cloned().collect())
-}
-
 /// Locks a mutex, recovering the data if a panicking thread poisoned it (the state is
 /// plain data and every writer leaves it consistent between statements).
 pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -421,7 +413,7 @@ impl Coord {
         info!(site = %id, "site restarted (a new agent instance)");
         let dropped = {
             let mut guard = lock(&self.round);
-            guard.as_mut().is_some_and(|r| r.secagg.is_some() && r.drop_for(id, "restarted mid-session"))
+            guard.as_mut().is_some_and(|r| r.secagg().is_some() && r.drop_for(id, "restarted mid-session"))
         };
         if dropped {
             warn!(site = %id, "site restarted mid-session; dropped from the round");
@@ -536,29 +528,29 @@ impl Coord {
         }
         let round = lock(&self.round);
         let Some(r) = round.as_ref() else { return Ok(None) };
-        if !r.selected.contains(site) || r.dropped.contains(site) {
+        if !r.selected().contains(site) || r.dropped().contains(site) {
             return Ok(None);
         }
-        Ok(match r.stage {
-            Stage::Train if !r.done.contains(site) => Some(Work::Train(TrainTask {
-                job_id: r.job_id.clone(),
-                round: r.round,
-                attempt: r.attempt,
-                model: match &r.divergent {
+        Ok(match r.stage() {
+            Stage::Train if !r.done().contains(site) => Some(Work::Train(TrainTask {
+                job_id: r.job_id().to_string(),
+                round: r.round(),
+                attempt: r.attempt(),
+                model: match &r.divergent() {
                     Some((target, other)) if target != site => other.clone(),
-                    _ => r.model.clone(),
+                    _ => r.model().clone(),
                 },
-                deadline_ms: r.deadline_ms,
-                evaluate_first: !r.evaluated.contains(site),
-                secagg: r.secagg.as_ref().map(|s| s.info.clone()),
-                evaluate_only: r.evaluate_only,
+                deadline_ms: r.deadline_ms(),
+                evaluate_first: !r.evaluated().contains(site),
+                secagg: r.secagg().as_ref().map(|s| s.info.clone()),
+                evaluate_only: r.evaluate_only(),
             })),
-            Stage::Evaluate if !r.evaluated.contains(site) => Some(Work::Evaluate(EvaluateTask {
-                job_id: r.job_id.clone(),
-                round: r.round,
-                attempt: r.attempt,
-                model: r.model.clone(),
-                deadline_ms: r.deadline_ms,
+            Stage::Evaluate if !r.evaluated().contains(site) => Some(Work::Evaluate(EvaluateTask {
+                job_id: r.job_id().to_string(),
+                round: r.round(),
+                attempt: r.attempt(),
+                model: r.model().clone(),
+                deadline_ms: r.deadline_ms(),
             })),
             _ => None,
         })
@@ -679,7 +671,7 @@ impl Coord {
 
 /// Whether `site`'s staged update for `h`'s attempt is still wanted by the round.
 fn still_wanted(r: &RoundState, site: &str, h: &UploadHeader) -> Result<(), Status> {
-    if r.done.contains(site) || r.dropped.contains(site) || h.round != r.round || h.attempt != r.attempt {
+    if r.done().contains(site) || r.dropped().contains(site) || h.round != r.round() || h.attempt != r.attempt() {
         return Err(Status::failed_precondition("the update is no longer wanted (site dropped or round over)"));
     }
     Ok(())
@@ -697,7 +689,7 @@ impl Coord {
         file: std::fs::File,
         h: &UploadHeader,
     ) -> Result<(), Status> {
-        let sa = r.secagg.as_mut().ok_or_else(|| Status::failed_precondition("this round has no session"))?;
+        let sa = r.session_mut().ok_or_else(|| Status::failed_precondition("this round has no session"))?;
         let mut reader = std::io::BufReader::with_capacity(CHUNK_SIZE, file);
         let mut bytes = vec![0u8; CHUNK_SIZE];
         let mut words: Vec<u32> = Vec::with_capacity(CHUNK_SIZE / 4);
@@ -748,7 +740,8 @@ impl Coord {
     pub fn accusation(&self, job_id: &str, round: u32, attempt: u32, site: &str, accused: u32) -> anyhow::Result<()> {
         let excluded = {
             let mut guard = lock(&self.round);
-            let Some(r) = guard.as_mut().filter(|r| r.job_id == job_id && r.round == round && r.attempt == attempt)
+            let Some(r) =
+                guard.as_mut().filter(|r| r.job_id() == job_id && r.round() == round && r.attempt() == attempt)
             else {
                 return Ok(());
             };
@@ -756,12 +749,12 @@ impl Coord {
             r.drop_site(site);
             let Some(name) = u16::try_from(accused)
                 .ok()
-                .and_then(|i| r.secagg.as_ref().and_then(|sa| sa.names(&[i]).pop()))
+                .and_then(|i| r.secagg().as_ref().and_then(|sa| sa.names(&[i]).pop()))
                 .filter(|n| n != site)
             else {
                 return Ok(());
             };
-            accuse(&mut r.accusations, site, &name).map(|accusers| (name, accusers))
+            r.accuse(site, &name).map(|accusers| (name, accusers))
         };
         if let Some((name, accusers)) = excluded {
             let why = format!(
@@ -803,19 +796,5 @@ impl Coord {
 
     fn unmask_was_closed(&self, job_id: &str, round: u32, attempt: u32) -> bool {
         lock(&self.unmask_closed).iter().any(|(j, r, a)| j == job_id && *r == round && *a == attempt)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn one_accusation_excludes_nobody_and_two_sites_exclude_the_accused() {
-        let mut a = BTreeMap::new();
-        assert_eq!(accuse(&mut a, "site-1", "site-5"), None, "one site alone cannot exclude anyone");
-        assert_eq!(accuse(&mut a, "site-1", "site-5"), None, "the same accuser twice is still one");
-        assert_eq!(accuse(&mut a, "site-2", "site-4"), None);
-        assert_eq!(accuse(&mut a, "site-3", "site-5"), Some(vec!["site-1".to_string(), "site-3".to_string()]));
     }
 }

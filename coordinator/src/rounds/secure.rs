@@ -88,7 +88,7 @@ pub(super) async fn drive_secagg(c: &Coord, id: &str, round: u32) -> Result<SecA
     let own_checks = crate::attack::current().is_none();
     {
         let mut guard = lock(&c.round);
-        if let Some(sa) = guard.as_mut().and_then(|r| r.secagg.as_mut()) {
+        if let Some(sa) = guard.as_mut().and_then(|r| r.session_mut()) {
             sa.stage_deadline_ms = now_ms() + stage_secs * 1000;
         }
     }
@@ -99,16 +99,16 @@ pub(super) async fn drive_secagg(c: &Coord, id: &str, round: u32) -> Result<SecA
         let (close, status, unmask) = {
             let mut guard = lock(&c.round);
             let Some(r) = guard.as_mut() else { return Ok(SecAggEnd::Aborted) };
-            let done = r.done.clone();
-            let train_deadline = r.deadline_ms;
-            let Some(sa) = r.secagg.as_ref() else { return Ok(SecAggEnd::Failed("no session".into())) };
+            let done = r.done().clone();
+            let train_deadline = r.deadline_ms();
+            let Some(sa) = r.secagg().as_ref() else { return Ok(SecAggEnd::Failed("no session".into())) };
             let expected = sa.expected(&done);
             let mut newly_dropped = Vec::new();
             for s in &expected {
                 // Just after a restart (a session resumed in the unmask stage) no site
                 // has heart-beaten yet: give them one heartbeat timeout.
                 let offline = !c.is_online(s) && c.started.elapsed() >= c.settings.heartbeat_timeout;
-                if !r.dropped.contains(s) && (offline || c.revocations.is_revoked(s)) {
+                if !r.dropped().contains(s) && (offline || c.revocations.is_revoked(s)) {
                     newly_dropped.push(s.clone());
                 }
             }
@@ -120,7 +120,7 @@ pub(super) async fn drive_secagg(c: &Coord, id: &str, round: u32) -> Result<SecA
                 r.drop_for(&s, format!("went offline in the {} stage", stage.name()));
             }
             let waiting: Vec<&String> =
-                expected.iter().filter(|s| !r.dropped.contains(*s) && !spoken.contains(*s)).collect();
+                expected.iter().filter(|s| !r.dropped().contains(*s) && !spoken.contains(*s)).collect();
             let late = now_ms() >= deadline;
             if late {
                 for s in &waiting {
@@ -150,7 +150,7 @@ pub(super) async fn drive_secagg(c: &Coord, id: &str, round: u32) -> Result<SecA
         }
         let closed = {
             let mut guard = lock(&c.round);
-            let Some(sa) = guard.as_mut().and_then(|r| r.secagg.as_mut()) else { return Ok(SecAggEnd::Aborted) };
+            let Some(sa) = guard.as_mut().and_then(|r| r.session_mut()) else { return Ok(SecAggEnd::Aborted) };
             let Some(from) = sa.stage() else { return Ok(SecAggEnd::Aborted) };
             match sa.close_stage(now_ms() + stage_secs * 1000) {
                 // A sum over fewer than min_sites is never unmasked: the attempt ends
@@ -180,7 +180,7 @@ pub(super) async fn drive_secagg(c: &Coord, id: &str, round: u32) -> Result<SecA
                     && let Err(e) = store_for_restart(c).await
                 {
                     let why = format!("could not store the session before the unmask stage: {e:#}");
-                    if let Some(sa) = lock(&c.round).as_mut().and_then(|r| r.secagg.as_mut()) {
+                    if let Some(sa) = lock(&c.round).as_mut().and_then(|r| r.session_mut()) {
                         sa.failed = Some(why.clone());
                     }
                     return Ok(SecAggEnd::Failed(why));
@@ -209,7 +209,7 @@ async fn store_for_restart(c: &Coord) -> Result<()> {
     tokio::task::spawn_blocking(move || crate::resume::write(&home, &snapshot))
         .await
         .context("storing the session")??;
-    if let Some(sa) = lock(&c.round).as_mut().and_then(|r| r.secagg.as_mut()) {
+    if let Some(sa) = lock(&c.round).as_mut().and_then(|r| r.session_mut()) {
         sa.unmask_durable = true;
     }
     c.notify();
@@ -231,8 +231,8 @@ pub(super) async fn finish_secagg(c: &Coord, round: u32) -> Result<SecAggEnd> {
     let server = {
         let mut guard = lock(&c.round);
         let Some(r) = guard.as_mut() else { return Ok(SecAggEnd::Aborted) };
-        c.note_unmask_closed(&r.job_id, r.round, r.attempt);
-        let Some(sa) = r.secagg.as_mut() else { return Ok(SecAggEnd::Aborted) };
+        c.note_unmask_closed(r.job_id(), r.round(), r.attempt());
+        let Some(sa) = r.session_mut() else { return Ok(SecAggEnd::Aborted) };
         sa.take_server()
     };
     c.notify();
@@ -250,14 +250,14 @@ pub(super) async fn finish_secagg(c: &Coord, round: u32) -> Result<SecAggEnd> {
     let aggregate = aggregate.transpose().context("storing the unmasked aggregate")?;
     let mut guard = lock(&c.round);
     let Some(r) = guard.as_mut() else { return Ok(SecAggEnd::Aborted) };
-    let Some(sa) = r.secagg.as_mut() else { return Ok(SecAggEnd::Aborted) };
+    let Some(sa) = r.session_mut() else { return Ok(SecAggEnd::Aborted) };
     let mut outcome = match outcome {
         Ok(o) => o,
         Err(e) => {
             let culprit = e.culprit.and_then(|i| sa.site.get(&i).cloned());
             let why = e.to_string();
             sa.failed = Some(why.clone());
-            let job_id = r.job_id.clone();
+            let job_id = r.job_id().to_string();
             drop(guard);
             return Ok(SecAggEnd::Failed(exclude(c, &job_id, culprit, why)?));
         }
@@ -282,23 +282,19 @@ pub(super) async fn finish_secagg(c: &Coord, round: u32) -> Result<SecAggEnd> {
         "secure aggregation finished"
     );
     let event = Event::RoundSecagg {
-        job_id: r.job_id.clone(),
-        round: r.round,
-        attempt: r.attempt,
+        job_id: r.job_id().to_string(),
+        round: r.round(),
+        attempt: r.attempt(),
         survivors: survivors.clone(),
         dropped: dropped.clone(),
     };
     c.metrics.secagg_dropouts.inc_by(dropped.len() as u64);
     r.secure_outcome(sum, total_weight, survivors, dropped, refused);
-    r.aggregate = aggregate;
+    r.set_aggregate(aggregate);
     // The cohort's evaluation of the model the round was handed, summed inside the
     // masked inputs: the coordinator never sees a site's counts.
-    match r.secure_evaluation(&counts) {
-        Ok(()) => r.evaluated = r.done.clone(),
-        Err(why) => {
-            warn!(round, reason = %why, "the summed evaluation counts are inconsistent; no evaluation recorded");
-            r.evaluated.clear();
-        }
+    if let Err(why) = r.secure_evaluation(&counts) {
+        warn!(round, reason = %why, "the summed evaluation counts are inconsistent; no evaluation recorded");
     }
     drop(guard);
     c.record(event)?;

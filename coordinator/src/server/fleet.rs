@@ -302,23 +302,24 @@ impl pb::fleet_server::Fleet for Fleet {
         let mut round = lock(&c.round);
         let state = round
             .as_mut()
-            .filter(|s| s.job_id == r.job_id && s.round == r.round && s.attempt == r.attempt)
+            .filter(|s| s.job_id() == r.job_id && s.round() == r.round && s.attempt() == r.attempt)
             .ok_or_else(|| Status::failed_precondition("stale evaluation: not for the round in progress"))?;
-        if digest != state.model.digest {
+        if digest != state.model().digest {
             return Err(Status::invalid_argument("evaluation of a model this round did not distribute"));
         }
-        if counts.n_labels as usize != state.n_labels {
+        if counts.n_labels as usize != state.n_labels() {
             return Err(Status::invalid_argument(format!(
                 "confusion over {} labels, the job has {}",
-                counts.n_labels, state.n_labels
+                counts.n_labels,
+                state.n_labels()
             )));
         }
         let rows = counts.rows();
         if let Some(h) = &r.crisis_histogram {
-            if state.crisis_classes.is_empty() {
+            if state.crisis_classes().is_empty() {
                 return Err(Status::invalid_argument("crisis_histogram: the job has no crisis class"));
             }
-            let crisis: u64 = state.crisis_classes.iter().filter_map(|&i| rows.get(i)).flatten().sum();
+            let crisis: u64 = state.crisis_classes().iter().filter_map(|&i| rows.get(i)).flatten().sum();
             let reported: u64 = h.crisis.iter().sum();
             if reported != crisis {
                 return Err(Status::invalid_argument(format!(
@@ -350,7 +351,10 @@ impl pb::fleet_server::Fleet for Fleet {
             let state = round
                 .as_mut()
                 .filter(|s| {
-                    s.job_id == r.job_id && s.round == r.round && s.attempt == r.attempt && s.stage == Stage::Train
+                    s.job_id() == r.job_id
+                        && s.round() == r.round
+                        && s.attempt() == r.attempt
+                        && s.stage() == Stage::Train
                 })
                 .ok_or_else(|| {
                     Status::failed_precondition(format!(
@@ -358,17 +362,16 @@ impl pb::fleet_server::Fleet for Fleet {
                         r.job_id, r.round, r.attempt
                     ))
                 })?;
-            if state.dropped.contains(&site) {
+            if state.dropped().contains(&site) {
                 return Err(Status::failed_precondition(format!("site/{site} was dropped from this round")));
             }
             f(state)
         };
         let mut fresh_unmask = false;
         with_session(&mut |state| {
-            let done = state.done.clone();
+            let done = state.done().clone();
             let sa = state
-                .secagg
-                .as_mut()
+                .session_mut()
                 .ok_or_else(|| Status::failed_precondition("this round does not use secure aggregation"))?;
             if sa.rejoined(&site, &r.message) {
                 warn!(
@@ -405,7 +408,7 @@ impl pb::fleet_server::Fleet for Fleet {
         loop {
             rx.borrow_and_update();
             let reply = with_session(&mut |state| {
-                let sa = state.secagg.as_mut().ok_or_else(|| Status::failed_precondition("no session"))?;
+                let sa = state.session_mut().ok_or_else(|| Status::failed_precondition("no session"))?;
                 sa.reply(&site, &r.message)
             })?;
             if let Some(reply) = reply {
@@ -570,9 +573,9 @@ impl pb::fleet_server::Fleet for Fleet {
         let left = {
             let mut guard = lock(&c.round);
             guard.as_mut().is_some_and(|st| {
-                st.job_id == job_id
-                    && st.round == r.round
-                    && st.attempt == r.attempt
+                st.job_id() == job_id
+                    && st.round() == r.round
+                    && st.attempt() == r.attempt
                     && st.drop_for(&site, format!("{rule}: {detail}"))
             })
         };

@@ -12,49 +12,49 @@ pub enum Stage {
 /// sites; updates are staged on disk while they arrive and folded when complete.
 #[derive(Debug)]
 pub struct RoundState {
-    pub job_id: String,
-    pub round: u32,
-    pub attempt: u32,
-    pub stage: Stage,
-    pub model: ModelRef,
-    pub deadline_ms: i64,
-    pub selected: BTreeSet<String>,
-    pub done: BTreeSet<String>,
-    pub dropped: BTreeSet<String>,
-    pub num_params: u64,
+    job_id: String,
+    round: u32,
+    attempt: u32,
+    stage: Stage,
+    model: ModelRef,
+    deadline_ms: i64,
+    selected: BTreeSet<String>,
+    done: BTreeSet<String>,
+    dropped: BTreeSet<String>,
+    num_params: u64,
     /// A plaintext round's running Σ w·Δ (the folded updates).
-    pub sum: Vec<f64>,
+    sum: Vec<f64>,
     /// A secure round's unmasked Σ w·Δ, kept as words and their scale.
-    pub secure_sum: Option<crate::secagg::Decoded>,
-    pub total_weight: u64,
-    pub n_labels: usize,
-    pub evaluation: Vec<Vec<u64>>,
-    pub evaluated: BTreeSet<String>,
+    secure_sum: Option<crate::secagg::Decoded>,
+    total_weight: u64,
+    n_labels: usize,
+    evaluation: Vec<Vec<u64>>,
+    evaluated: BTreeSet<String>,
     /// Indices of the job's crisis classes.
-    pub crisis_classes: Vec<usize>,
+    crisis_classes: Vec<usize>,
     /// The summed crisis histograms (`None` when the job has no crisis class, or once a
     /// site reported its evaluation without one: the sum would be partial).
-    pub crisis_histogram: Option<CrisisHistogram>,
+    crisis_histogram: Option<CrisisHistogram>,
     pub(super) uploads: HashMap<String, (String, UploadHeader)>,
     /// The secure-aggregation session of a training stage (None: plaintext debugging
     /// job, or an evaluation stage).
-    pub secagg: Option<SecAggRound>,
+    secagg: Option<SecAggRound>,
     /// The digest of the unmasked u32 aggregate (little-endian) once secure aggregation
     /// finished; the blob is already in the store.
-    pub aggregate: Option<String>,
+    aggregate: Option<String>,
     /// Fault injection only (`crate::attack`, `divergent`): every site but the named
     /// one is handed this model instead. Always `None` in a real coordinator.
-    pub divergent: Option<(String, ModelRef)>,
+    divergent: Option<(String, ModelRef)>,
     /// Why the unmasked aggregate was refused (outside what honest inputs can sum to):
     /// the round is then committed without an update.
-    pub refused: Option<String>,
+    refused: Option<String>,
     /// A secure job's final evaluation: a session whose inputs hold only the weight
     /// word and the evaluation counts (the sites do not train).
-    pub evaluate_only: bool,
+    evaluate_only: bool,
     /// SA-06 accusations of this attempt: accused site → the sites that accused it.
-    pub accusations: BTreeMap<String, BTreeSet<String>>,
+    accusations: BTreeMap<String, BTreeSet<String>>,
     /// Why each dropped site left this attempt, in words (for its strikes).
-    pub why_dropped: BTreeMap<String, String>,
+    why_dropped: BTreeMap<String, String>,
     /// Set by [`RoundState::secure_outcome`]: the survivors and the dropped are those
     /// the unmasking decided, and a later drop (a survivor restarting before the commit)
     /// changes neither.
@@ -109,6 +109,8 @@ impl RoundState {
     /// `Err` when they cannot come from honest sites (a crisis histogram that does not
     /// count the confusion matrix's examples).
     pub fn secure_evaluation(&mut self, counts: &[u32]) -> Result<(), String> {
+        // Nothing counts as evaluated unless the counts hold.
+        self.evaluated.clear();
         let l = self.n_labels;
         if counts.len() < l * l {
             return Err(format!("{} evaluation words, the job needs {}", counts.len(), l * l));
@@ -136,6 +138,7 @@ impl RoundState {
         };
         self.evaluation = rows;
         self.crisis_histogram = histogram;
+        self.evaluated = self.done.clone();
         Ok(())
     }
 
@@ -332,6 +335,158 @@ impl RoundState {
     }
 }
 
+/// What the orchestrator and the handlers read of the round; every change goes
+/// through the methods above and below, which keep its invariants (a site is done or
+/// dropped at most once, the sum is folded once per site, nothing changes after the
+/// secure outcome settled the survivors).
+impl RoundState {
+    pub fn job_id(&self) -> &str {
+        &self.job_id
+    }
+    pub fn round(&self) -> u32 {
+        self.round
+    }
+    pub fn attempt(&self) -> u32 {
+        self.attempt
+    }
+    pub fn stage(&self) -> Stage {
+        self.stage
+    }
+    pub fn model(&self) -> &ModelRef {
+        &self.model
+    }
+    pub fn deadline_ms(&self) -> i64 {
+        self.deadline_ms
+    }
+    pub fn selected(&self) -> &BTreeSet<String> {
+        &self.selected
+    }
+    pub fn done(&self) -> &BTreeSet<String> {
+        &self.done
+    }
+    pub fn dropped(&self) -> &BTreeSet<String> {
+        &self.dropped
+    }
+    pub fn num_params(&self) -> u64 {
+        self.num_params
+    }
+    pub fn total_weight(&self) -> u64 {
+        self.total_weight
+    }
+    pub fn n_labels(&self) -> usize {
+        self.n_labels
+    }
+    pub fn evaluation(&self) -> &Vec<Vec<u64>> {
+        &self.evaluation
+    }
+    pub fn evaluated(&self) -> &BTreeSet<String> {
+        &self.evaluated
+    }
+    pub fn crisis_classes(&self) -> &[usize] {
+        &self.crisis_classes
+    }
+    pub fn crisis_histogram(&self) -> &Option<CrisisHistogram> {
+        &self.crisis_histogram
+    }
+    pub fn secagg(&self) -> &Option<SecAggRound> {
+        &self.secagg
+    }
+    pub fn aggregate(&self) -> &Option<String> {
+        &self.aggregate
+    }
+    pub fn divergent(&self) -> &Option<(String, ModelRef)> {
+        &self.divergent
+    }
+    pub fn refused(&self) -> &Option<String> {
+        &self.refused
+    }
+    pub fn evaluate_only(&self) -> bool {
+        self.evaluate_only
+    }
+    pub fn accusations(&self) -> &BTreeMap<String, BTreeSet<String>> {
+        &self.accusations
+    }
+    pub fn why_dropped(&self) -> &BTreeMap<String, String> {
+        &self.why_dropped
+    }
+
+    /// The session, for the stage calls that drive it.
+    pub fn session_mut(&mut self) -> Option<&mut SecAggRound> {
+        self.secagg.as_mut()
+    }
+
+    /// The attempt's participants, chosen before anything was handed out.
+    pub fn select(&mut self, selected: BTreeSet<String>) {
+        debug_assert!(self.done.is_empty() && self.dropped.is_empty(), "select before the attempt starts");
+        self.selected = selected;
+    }
+
+    /// The attempt's secure-aggregation session (`evaluate_only`: the final
+    /// evaluation, whose inputs carry the weight and the counts only).
+    pub fn attach_session(&mut self, session: SecAggRound, evaluate_only: bool) {
+        self.secagg = Some(session);
+        self.evaluate_only = evaluate_only;
+    }
+
+    /// A session restored after a restart, with what it had decided: the inputs in
+    /// its sum (`done`) and who is out (`dropped`).
+    pub fn restore_session(
+        &mut self,
+        session: SecAggRound,
+        done: BTreeSet<String>,
+        dropped: BTreeSet<String>,
+        evaluate_only: bool,
+    ) {
+        self.selected = session.session.participants.iter().map(|p| p.site_id.clone()).collect();
+        self.done = done;
+        self.dropped = dropped;
+        self.attach_session(session, evaluate_only);
+    }
+
+    /// Fault injection only (`crate::attack`, `divergent`).
+    pub fn hand_divergent(&mut self, target: String, model: ModelRef) {
+        self.divergent = Some((target, model));
+    }
+
+    /// Commits this attempt without an update, for `why`.
+    pub fn refuse(&mut self, why: impl Into<String>) {
+        self.refused = Some(why.into());
+    }
+
+    /// The digest of the unmasked aggregate, once stored.
+    pub fn set_aggregate(&mut self, digest: Option<String>) {
+        self.aggregate = digest;
+    }
+
+    /// Records that `accuser` says `accused`'s share did not authenticate (SA-06);
+    /// returns the accusers once two distinct sites have named `accused` (then it is
+    /// excluded).
+    pub fn accuse(&mut self, accuser: &str, accused: &str) -> Option<Vec<String>> {
+        let accusers = self.accusations.entry(accused.to_string()).or_default();
+        accusers.insert(accuser.to_string());
+        (accusers.len() >= 2).then(|| accusers.iter().cloned().collect())
+    }
+
+    /// The mean update Σ w·Δ / Σ w, taken out of the round (`None`: refused). An
+    /// error when the aggregate weight is 0.
+    pub fn take_mean(&mut self) -> anyhow::Result<Option<Vec<f32>>> {
+        if self.refused.is_some() {
+            return Ok(None);
+        }
+        anyhow::ensure!(self.total_weight > 0, "round {}: the aggregate weight is 0", self.round);
+        let w = self.total_weight as f64;
+        Ok(Some(match self.secure_sum.take() {
+            Some(sum) => sum.into_mean(w),
+            None => std::mem::take(&mut self.sum).into_iter().map(|s| (s / w) as f32).collect(),
+        }))
+    }
+
+    /// The summed evaluation and crisis histogram, taken out of the round.
+    pub fn take_evaluation(&mut self) -> (Vec<Vec<u64>>, Option<CrisisHistogram>) {
+        (std::mem::take(&mut self.evaluation), self.crisis_histogram.take())
+    }
+}
+
 /// Why the round refused a site's message, without any transport in it: the handlers
 /// turn it into a gRPC status.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -458,6 +613,15 @@ mod tests {
         assert!(matches!(r.fold_plain("a", 1, &mut values), Err(Refused::Invalid(m)) if m.contains("value 3")));
         assert!(r.refused.is_some());
         precondition(r.fold_plain("z", 1, &mut ones(n, 1.0)), "not a participant");
+    }
+
+    #[test]
+    fn one_accusation_excludes_nobody_and_two_sites_exclude_the_accused() {
+        let mut r = round();
+        assert_eq!(r.accuse("site-1", "site-5"), None, "one site alone cannot exclude anyone");
+        assert_eq!(r.accuse("site-1", "site-5"), None, "the same accuser twice is still one");
+        assert_eq!(r.accuse("site-2", "site-4"), None);
+        assert_eq!(r.accuse("site-3", "site-5"), Some(vec!["site-1".to_string(), "site-3".to_string()]));
     }
 
     #[test]
