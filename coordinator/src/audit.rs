@@ -157,9 +157,16 @@ impl AuditLog {
     /// Appends `event` at `time_ms`, durably, and returns its seq. (If a checkpoint was
     /// signed since the last entry, its record is appended first.)
     pub fn append(&self, time_ms: i64, event: Event) -> Result<u64> {
+        self.append_with(time_ms, event, Vec::new())
+    }
+
+    /// [`AuditLog::append`], committing `with` (writes to other trees of the same
+    /// database: the state change this entry records) in the same durable write.
+    pub fn append_with(&self, time_ms: i64, event: Event, with: Vec<Write>) -> Result<u64> {
         let mut log = self.lock();
         let new = log.next_entries(time_ms, event);
-        let mut writes = Vec::with_capacity(2 * new.len());
+        let mut writes = with;
+        writes.reserve(2 * new.len());
         for entry in &new {
             writes.push(Write::put(Tree::AuditEntries, seq_key(entry.seq), entry.encode()));
             writes.push(Write::put(Tree::AuditLeaves, seq_key(entry.seq), entry.leaf_hash().to_vec()));

@@ -21,7 +21,7 @@
 //! once the round is committed or the attempt fails.
 //!
 //! A start also logs the `round_committed` entry of a round whose commit a stop cut off
-//! between the job record and the log ([`log_cut_off_commits`]).
+//! between the job record and the log by an earlier version ([`log_cut_off_commits`]).
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -156,13 +156,13 @@ fn reply(field: &str, text: &str) -> Result<Reply> {
     stored::reply_from_bytes(&unhex(field, text)?).map_err(|e| anyhow::anyhow!("{field}: {e}"))
 }
 
-/// Logs each committed round whose `round_committed` entry a stop or a failed write cut
-/// off: on start, before the fleet port opens, and before every round (a full disk
-/// between the two writes leaves the same gap without a restart). The job's history and the audit log are two durable
-/// writes; a coordinator killed between them restarted with a round in its history that
-/// no site could find in the log, and every site then refused the next round's base
-/// model (`base_model`) forever. The entry is appended now from the history (same
-/// aggregate, model and contributors; its time is the recovery's). Returns how many.
+/// Logs each committed round whose `round_committed` entry is missing: on start,
+/// before the fleet port opens. A round's record and its entry are one durable write
+/// now (`Store::update_job_logged`), so only a home written by an earlier version,
+/// where they were two writes and a stop between them left a round in the history that
+/// no site could find in the log (every site then refused the next round's base model
+/// forever), needs this. The entry is appended from the history (same aggregate, model
+/// and contributors; its time is the recovery's). Returns how many.
 pub fn log_cut_off_commits(c: &Coord) -> Result<usize> {
     let jobs = c.store.jobs()?;
     if jobs.iter().all(|j| j.history.is_empty()) {

@@ -168,25 +168,23 @@ async fn drive(c: &Arc<Coord>, id: &str) -> Result<()> {
         if !join(c, id).await? {
             return Ok(());
         }
-        // Logged before the state changes: a crash in between logs the start twice,
-        // never not at all.
-        let joined = load(c, id)?;
-        c.record(Event::JobStarted {
-            job_id: id.to_string(),
-            initial_model: joined.initial.as_ref().map(|v| v.digest.clone()).unwrap_or_default(),
-            sites: joined.accepted().cloned().collect(),
+        // The start and its `job_started` entry are one durable write.
+        let (started, (), seq) = c.store.update_job_logged(id, &c.audit, |j| {
+            if j.state != JobState::Pending {
+                return Ok(((), None));
+            }
+            j.state = JobState::Running;
+            let started = Event::JobStarted {
+                job_id: j.id.clone(),
+                initial_model: j.initial.as_ref().map(|v| v.digest.clone()).unwrap_or_default(),
+                sites: j.accepted().cloned().collect(),
+            };
+            Ok(((), Some(started)))
         })?;
+        c.logged(seq);
         // Signed now: sites prove round 1's base model against a checkpoint over it.
         c.audit.checkpoint()?;
-        job = c
-            .store
-            .update_job(id, |j| {
-                if j.state == JobState::Pending {
-                    j.state = JobState::Running;
-                }
-                Ok(())
-            })?
-            .0;
+        job = started;
         if !job.state.is_active() {
             return Ok(());
         }
@@ -242,9 +240,6 @@ async fn join(c: &Coord, id: &str) -> Result<bool> {
 
 async fn run_round(c: &Coord, id: &str, round: u32, spec: &ModelSpec) -> Result<Option<JobRecord>> {
     use crate::attack::{self, Attack};
-    // A commit whose log entry failed after the job record was written (a full disk
-    // between the two, not only a stop) is logged before any site is handed its model.
-    tokio::task::block_in_place(|| crate::resume::log_cut_off_commits(c))?;
     // Fault injection (`difference`): the site left out after an unmasked sum was
     // thrown away.
     let mut differenced: Option<String> = None;
@@ -615,7 +610,16 @@ fn commit_round_blocking(
     // The evaluation collected in this round is of the base model (the previous version).
     let evaluation = (!state.evaluated().is_empty()).then(|| state.evaluation().clone());
     let crisis_histogram = evaluation.as_ref().and(state.crisis_histogram().clone());
-    let (job, ()) = c.store.update_job(id, |job| {
+    // The round's record and its `round_committed` entry are one durable write: a stop
+    // can never leave a round in the history that no site finds in the log.
+    let committed = Event::RoundCommitted {
+        job_id: id.to_string(),
+        round: state.round(),
+        aggregate_sha256: aggregate_sha256.clone(),
+        model: model.digest.clone(),
+        contributors: state.done().iter().cloned().collect(),
+    };
+    let (job, (), seq) = c.store.update_job_logged(id, &c.audit, |job| {
         anyhow::ensure!(
             job.completed_rounds() + 1 == state.round(),
             "round {} committed twice (history has {} rounds)",
@@ -645,18 +649,20 @@ fn commit_round_blocking(
             crisis_histogram: None,
             secure_aggregation: state.secagg().is_some(),
             secagg_threshold: state.secagg().as_ref().map(|s| s.session.params.threshold).unwrap_or(0),
-            aggregate_sha256: aggregate_sha256.clone(),
+            aggregate_sha256,
             refused: state.refused().clone().unwrap_or_default(),
         });
-        Ok(())
+        Ok(((), Some(committed)))
     })?;
+    c.logged(seq);
     // Counted the moment the round is durable: a reader who sees the round in the job's
     // history (the control API) must never scrape a counter that lags it. A skipped
     // round's attempt was already counted as failed.
     if !skipped {
         c.metrics.rounds.inc("committed");
     }
-    // Fault injection: a stop between the history and the log (`resume::log_cut_off_commits`).
+    // Fault injection: a stop right after the commit (tests/tests/federation.rs: the
+    // log holds the round; before both were one write, a stop here lost the entry).
     if crate::attack::test_env("MAEUM_COORDINATOR_TEST_EXIT_AFTER_COMMIT")
         .is_some_and(|r| r == state.round().to_string())
     {
@@ -668,13 +674,6 @@ fn commit_round_blocking(
             c.store.put_site(&rec)?;
         }
     }
-    c.record(Event::RoundCommitted {
-        job_id: id.to_string(),
-        round: state.round(),
-        aggregate_sha256,
-        model: job.history.last().map(|h| h.model.digest.clone()).unwrap_or_default(),
-        contributors: state.done().iter().cloned().collect(),
-    })?;
     c.audit.checkpoint()?;
     info!(round = state.round(), contributors = state.done().len(), dropped = state.dropped().len(), "round committed");
     c.notify();

@@ -229,6 +229,13 @@ impl Coord {
         self.record_seq(event).map(|_| ())
     }
 
+    /// Counts an entry appended with a state change (`Store::update_job_logged`).
+    pub fn logged(&self, seq: Option<u64>) {
+        if let Some(seq) = seq {
+            self.metrics.audit_entries.set(i64::try_from(seq + 1).unwrap_or(i64::MAX));
+        }
+    }
+
     /// [`Coord::record`], returning the entry's seq.
     pub fn record_seq(&self, event: Event) -> anyhow::Result<u64> {
         let seq = self.audit.append(now_ms(), event)?;

@@ -364,6 +364,12 @@ impl Store {
     /// Commits a job record durably, with the rounds that changed since the stored
     /// copy (new, altered or gone), in one batch.
     pub fn put_job(&self, j: &JobRecord) -> Result<()> {
+        self.db.commit(self.job_writes(j)?)
+    }
+
+    /// What writing `j` changes: its record, its rounds that changed, rounds it no
+    /// longer holds removed.
+    fn job_writes(&self, j: &JobRecord) -> Result<Vec<Write>> {
         anyhow::ensure!(!j.head_only, "job {} was read without its rounds and cannot be written back", j.id);
         let mut stored = BTreeMap::new();
         self.stored_rounds(&j.id, &mut |k, v| {
@@ -378,7 +384,7 @@ impl Store {
             }
         }
         writes.extend(stored.into_keys().map(|key| Write { tree: Tree::JobRounds, key, value: None }));
-        self.db.commit(writes)
+        Ok(writes)
     }
 
     /// Reads, modifies and durably writes one job record, atomically with respect to
@@ -390,6 +396,44 @@ impl Store {
         let out = f(&mut job)?;
         self.put_job(&job)?;
         Ok((job, out))
+    }
+
+    /// [`Store::update_job`] whose change is logged in the same durable write: `f`
+    /// changes the job and returns the audit event that records the change (`None`:
+    /// nothing to log, a retried call), and the job's writes and the log's entry commit
+    /// together (`AuditLog::append_with`), so a stop can never leave one without the
+    /// other. Returns the job, `f`'s value and the entry's seq.
+    pub fn update_job_logged<T>(
+        &self,
+        id: &str,
+        audit: &crate::audit::AuditLog,
+        f: impl FnOnce(&mut JobRecord) -> Result<(T, Option<maeum_tlog::Event>)>,
+    ) -> Result<(JobRecord, T, Option<u64>)> {
+        let _guard = self.guard();
+        let mut job = self.job(id)?.with_context(|| format!("no job {id}"))?;
+        let (out, event) = f(&mut job)?;
+        let writes = self.job_writes(&job)?;
+        let seq = match event {
+            Some(event) => Some(audit.append_with(crate::home::now_ms(), event, writes)?),
+            None => {
+                self.db.commit(writes)?;
+                None
+            }
+        };
+        Ok((job, out, seq))
+    }
+
+    /// Stores a new job and logs `event` (its `job_submitted`) in one durable write.
+    /// Refuses an id that exists.
+    pub fn insert_job_logged(
+        &self,
+        job: &JobRecord,
+        audit: &crate::audit::AuditLog,
+        event: maeum_tlog::Event,
+    ) -> Result<u64> {
+        let _guard = self.guard();
+        anyhow::ensure!(self.db.get(Tree::Jobs, job.id.as_bytes())?.is_none(), "job {} exists already", job.id);
+        audit.append_with(crate::home::now_ms(), event, self.job_writes(job)?)
     }
 
     /// Next value of a named durable counter (job numbers).
@@ -445,6 +489,40 @@ mod tests {
         assert_eq!(bench_ms(40), 600_000, "at most ten minutes");
         j.account_attempt(&set(&["b", "c"]), &set(&["b", "c"]), &why, 60_000);
         assert!(j.strikes.is_empty(), "a delivered update clears the count");
+    }
+
+    #[test]
+    fn a_job_change_and_its_log_entry_are_one_write() {
+        use maeum_tlog::Event;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let s = Store::open(&dir.path().join("state"), Engine::Sled).expect("open");
+        let key = ring::signature::Ed25519KeyPair::generate_pkcs8(&ring::rand::SystemRandom::new()).expect("key");
+        let log = crate::audit::AuditLog::open(s.db(), "maeum/heart".into(), key.as_ref(), &[]).expect("log");
+        let submitted = |id: &str| Event::JobSubmitted {
+            job_id: id.into(),
+            name: "t".into(),
+            spec_sha256: "00".into(),
+            operator: "lead".into(),
+        };
+        assert_eq!(s.insert_job_logged(&job("t-1"), &log, submitted("t-1")).expect("insert"), 0);
+        assert!(s.job("t-1").expect("read").is_some());
+        let again = s.insert_job_logged(&job("t-1"), &log, submitted("t-1")).expect_err("an id that exists");
+        assert!(again.to_string().contains("exists already"), "{again}");
+        assert_eq!(log.size(), 1, "a refused insert logs nothing");
+        // A change with its entry, a retried one without.
+        let decided = |j: &mut JobRecord| {
+            let event = Event::JobFinished { job_id: j.id.clone(), state: "aborted".into() };
+            j.state = JobState::Aborted;
+            Ok(((), Some(event)))
+        };
+        let (j, (), seq) = s.update_job_logged("t-1", &log, decided).expect("update");
+        assert_eq!((j.state, seq), (JobState::Aborted, Some(1)));
+        let (_, (), seq) = s.update_job_logged("t-1", &log, |_| Ok(((), None))).expect("retry");
+        assert_eq!((seq, log.size()), (None, 2));
+        // A refused change writes neither.
+        let refused = s.update_job_logged("t-1", &log, |_| -> Result<((), Option<Event>)> { anyhow::bail!("no") });
+        assert!(refused.is_err());
+        assert_eq!((log.size(), s.job("t-1").expect("read").expect("job").state), (2, JobState::Aborted));
     }
 
     #[test]

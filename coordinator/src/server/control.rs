@@ -166,14 +166,16 @@ impl pb::control_server::Control for Control {
         let spec = JobSpec::from_toml(&source, &r.toml).map_err(|e| Status::invalid_argument(e.to_string()))?;
         let n = c.store.next("job").map_err(internal)?;
         let job = JobRecord::submitted(format!("{}-{n}", spec.name), spec, r.toml, now_ms());
-        c.store.put_job(&job).map_err(internal)?;
-        c.record(Event::JobSubmitted {
+        // The job and its `job_submitted` entry are one durable write: a site never
+        // finds a job the log does not hold.
+        let submitted = Event::JobSubmitted {
             job_id: job.id.clone(),
             name: job.spec.name.clone(),
             spec_sha256: job.spec_sha256.clone(),
             operator: operator.clone(),
-        })
-        .map_err(internal)?;
+        };
+        let seq = c.store.insert_job_logged(&job, &c.audit, submitted).map_err(internal)?;
+        c.logged(Some(seq));
         // Signed now: a site proves the job_submitted entry before it decides.
         c.audit.checkpoint().map_err(internal)?;
         info!(job = %job.id, operator, sha256 = %job.spec_sha256, "job submitted");

@@ -114,29 +114,29 @@ impl pb::fleet_server::Fleet for Fleet {
         if current.as_deref() != Some(d.job_id.as_str()) {
             return Err(Status::failed_precondition(format!("job {} is not offered now", d.job_id)));
         }
-        let decided = c
+        // The decision and its `job_decision` entry are one durable write.
+        let (_, decided, seq) = c
             .store
-            .update_job(&d.job_id, |job| {
+            .update_job_logged(&d.job_id, &c.audit, |job| {
                 anyhow::ensure!(job.state.is_active(), "job {} is {}", job.id, job.state.as_str());
                 if let Some(prev) = job.decisions.get(&site) {
                     // A retried call is fine; changing one's mind is not.
                     anyhow::ensure!(prev.accept == d.accept, "site/{site} already decided on job {}", job.id);
-                    return Ok(false);
+                    return Ok((false, None));
                 }
                 job.decisions
                     .insert(site.clone(), Decision { accept: d.accept, reason: reason.clone(), at_ms: now_ms() });
-                Ok(true)
+                let event = Event::JobDecision {
+                    job_id: job.id.clone(),
+                    site: site.clone(),
+                    accepted: d.accept,
+                    reason: reason.clone(),
+                };
+                Ok((true, Some(event)))
             })
-            .map_err(|e| Status::failed_precondition(format!("{e:#}")))?
-            .1;
+            .map_err(|e| Status::failed_precondition(format!("{e:#}")))?;
+        c.logged(seq);
         if decided {
-            c.record(Event::JobDecision {
-                job_id: d.job_id.clone(),
-                site: site.clone(),
-                accepted: d.accept,
-                reason: reason.clone(),
-            })
-            .map_err(internal)?;
             info!(job = %d.job_id, site, accept = d.accept, reason = %reason, "site decided on the job");
         }
         c.notify();
