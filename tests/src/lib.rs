@@ -191,8 +191,7 @@ impl Federation {
     pub fn with_data(n: usize, data: &Path) -> Self {
         let serial = SERIAL.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let dir = tempfile::tempdir().expect("tempdir");
-        let port = std::net::TcpListener::bind("127.0.0.1:0").expect("free port").local_addr().expect("addr").port();
-        let address = format!("127.0.0.1:{port}");
+        let address = ports::reserve();
         let mut fed = Self {
             dir,
             address: address.clone(),
@@ -555,6 +554,7 @@ pub const SMALL_MODEL: &str = "[model]\nkind = \"text-classifier\"\nbuckets = 40
 
 /// The ops endpoints (health, readiness, OpenMetrics) of a running coordinator or site.
 pub mod link;
+pub mod ports;
 pub mod releases;
 
 pub mod ops {
@@ -570,9 +570,9 @@ pub mod ops {
         Some(kb * 1024)
     }
 
+    /// A loopback address for an ops endpoint ([`crate::ports::reserve`]).
     pub fn free_port() -> String {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("port");
-        l.local_addr().expect("addr").to_string()
+        crate::ports::reserve()
     }
 
     /// GET over plain HTTP/1.0: (status, body).

@@ -171,7 +171,7 @@ fn a_forked_view_shown_to_one_site_is_caught_by_its_witness_which_stops_until_cl
     // The coordinator shows site-3 a log whose last entry differs from everyone else's,
     // at the same size, validly signed: a dishonest operator's forked view.
     fed.start_coordinator_with(&[("MAEUM_COORDINATOR_TEST_FORK_VIEW", "site-3")]);
-    let ops = std::net::TcpListener::bind("127.0.0.1:0").expect("port").local_addr().expect("addr").to_string();
+    let ops = maeum_e2e::ports::reserve();
     fed.start_site("site-1");
     fed.start_site("site-2");
     fed.start_site_with("site-3", &[("MAEUM_OPS_LISTEN", &ops)]);

@@ -230,8 +230,7 @@ impl Drop for Coordinator {
 }
 
 fn free_address() -> String {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("free port");
-    l.local_addr().expect("addr").to_string()
+    maeum_e2e::ports::reserve()
 }
 
 fn point_at(home: &Path, address: &str) {
