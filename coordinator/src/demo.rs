@@ -467,8 +467,8 @@ pub async fn run(a: DemoArgs) -> Result<()> {
         a.sites
     ));
     // The audit log's export, checked the way an auditor would: against the log key
-    // from signing.pub. The orchestrator appends `job_finished` just after the job
-    // completes, so wait for it (a few hundred milliseconds at most).
+    // from signing.pub. `job_finished` is written with the job's final state; the
+    // export is retried briefly in case the status was read a moment before.
     let trust = maeum_tlog::unhex32(std::fs::read_to_string(coord_home.join("signing.pub"))?.trim())
         .map_err(|e| anyhow::anyhow!("signing.pub: {e}"))?;
     let audit_path = work.join("audit.json");

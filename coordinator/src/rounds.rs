@@ -86,21 +86,15 @@ pub async fn orchestrate(c: Arc<Coord>) {
         if let Err(e) = result {
             warn!(job = %id, error = %format!("{e:#}"), "job failed");
             let error = format!("{e:#}");
-            let _ = c.store.update_job(&id, |j| {
-                if j.state.is_active() {
-                    j.state = JobState::Failed;
-                    j.error = error;
-                }
-                Ok(())
-            });
+            if let Err(e) = finish(&c, &id, JobState::Failed, error) {
+                warn!(job = %id, error = %format!("{e:#}"), "recording the job's failure");
+            }
             tokio::time::sleep(Duration::from_secs(1)).await;
         }
-        // The job's end goes to the audit log, with a checkpoint over everything so far.
-        let state = c.store.job(&id).ok().flatten().map(|j| j.state.as_str().to_string()).unwrap_or_default();
-        if let Err(e) =
-            c.record(Event::JobFinished { job_id: id.clone(), state }).and_then(|()| c.audit.checkpoint().map(|_| ()))
-        {
-            warn!(job = %id, error = %format!("{e:#}"), "writing the audit log");
+        // The job's end is in the log (`finish`, with the final state); a checkpoint
+        // over everything so far.
+        if let Err(e) = c.audit.checkpoint() {
+            warn!(job = %id, error = %format!("{e:#}"), "signing a checkpoint");
         }
         c.notify();
     }
@@ -208,15 +202,28 @@ async fn drive(c: &Arc<Coord>, id: &str) -> Result<()> {
         .context("releasing the final model")??;
     c.metrics.releases.inc();
     info!(job = %id, version = release.version, model = %release.model.digest, "final model released (signed and logged); `models promote` makes sites install it");
-    c.store.update_job(id, |j| {
-        if j.state.is_active() {
-            j.state = JobState::Completed;
-        }
-        Ok(())
-    })?;
+    finish(c, id, JobState::Completed, String::new())?;
     set_activity(c, "completed".into());
     info!(job = %id, "job completed");
     Ok(())
+}
+
+/// Ends an active job in `state` (`error`: why, for a failure) and logs its
+/// `job_finished` entry in the same durable write; a job that already ended is left as
+/// it is. The one way a job ends (`jobs abort` included).
+pub(crate) fn finish(c: &Coord, id: &str, state: JobState, error: String) -> Result<JobRecord> {
+    let (job, (), seq) = c.store.update_job_logged(id, &c.audit, |j| {
+        if !j.state.is_active() {
+            return Ok(((), None));
+        }
+        j.state = state;
+        if !error.is_empty() {
+            j.error = error;
+        }
+        Ok(((), Some(Event::JobFinished { job_id: j.id.clone(), state: state.as_str().to_string() })))
+    })?;
+    c.logged(seq);
+    Ok(job)
 }
 
 /// Offers the job until at least `min_sites` accepted and either every online site has

@@ -247,15 +247,12 @@ impl pb::control_server::Control for Control {
         if c.store.job(id).map_err(internal)?.is_none() {
             return Err(Status::not_found(format!("no job {id}")));
         }
-        let (job, ()) = c
-            .store
-            .update_job(id, |job| {
-                anyhow::ensure!(job.state.is_active(), "job {id} is already {}", job.state.as_str());
-                job.state = JobState::Aborted;
-                job.error = format!("aborted by operator/{operator}");
-                Ok(())
-            })
-            .map_err(|e| Status::failed_precondition(format!("{e:#}")))?;
+        if let Some(ended) = c.store.job(id).map_err(internal)?.filter(|j| !j.state.is_active()) {
+            return Err(Status::failed_precondition(format!("job {id} is already {}", ended.state.as_str())));
+        }
+        // Aborted and logged (`job_finished`) in one durable write.
+        let job = crate::rounds::finish(c, id, JobState::Aborted, format!("aborted by operator/{operator}"))
+            .map_err(internal)?;
         c.record(Event::OperatorCommand {
             operator: operator.clone(),
             command: format!("jobs abort {id}"),
