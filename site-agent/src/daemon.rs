@@ -512,6 +512,11 @@ async fn heartbeats(agent: Arc<Agent>) {
             Err(e) => {
                 agent.metrics.connected.set(0);
                 let why = describe(&e);
+                // A certificate that expired while this site was away: the coordinator
+                // serves such a connection its renewal only (within 90 days).
+                if renew::expired(&agent.home) {
+                    renew::maybe_renew(&agent, &client);
+                }
                 // A coordinator that is down costs nothing to ask every second; one that
                 // refuses this site (revoked, say) must not see a TLS handshake a second.
                 pause = if is_refusal(&e) || why.starts_with("the coordinator closed the connection") {

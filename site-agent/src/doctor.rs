@@ -71,8 +71,9 @@ pub async fn check(dir: &Path) -> Checks {
             ),
         );
     }
-    let renew = "a running daemon renews site.pem itself within 30 days of expiry (docs/protocols/certificates.md); \
-                 once it has expired, the lead approves request.csr.pem again and you `maeum-site enroll` the bundle";
+    let renew = "a running daemon renews site.pem itself within 30 days of expiry, and up to 90 days after it \
+                 (docs/protocols/certificates.md); later, the lead approves request.csr.pem again and you \
+                 `maeum-site enroll` the bundle";
     if let Some(der) = c.certificate("site certificate", &home.path("site.pem"), now, 30, renew) {
         let key = home.read("site.key").map(identity::SecretPem::new);
         match key.and_then(|k| Ok(identity::key_matches_cert(&k, &der)?)) {

@@ -178,3 +178,54 @@ fn sites_and_the_coordinator_renew_their_certificates_without_a_restart() {
         assert_eq!(roster[s]["approved_by"], "site_approved", "{roster:#}");
     }
 }
+
+/// `site`'s certificate for its own key, signed by the consortium CA, that expired
+/// `days_ago` days ago (what a site finds after months switched off).
+fn expired(fed: &Federation, site: &str, days_ago: u64) -> String {
+    let (home, site_home) = (fed.coordinator_home(), fed.site_home(site));
+    let ca_key = rcgen::KeyPair::from_pem(&read(&home.join("ca.key"))).expect("CA key");
+    let issuer = rcgen::Issuer::from_ca_cert_pem(&read(&home.join("ca.pem")), ca_key).expect("CA");
+    let key = SecretPem::new(read(&site_home.join("site.key")));
+    let csr = renewal_request(site, &key).expect("request");
+    let mut request = rcgen::CertificateSigningRequestParams::from_pem(&csr).expect("parse request");
+    let now = std::time::SystemTime::now();
+    request.params.not_after = (now - Duration::from_secs(days_ago * 86_400)).into();
+    request.params.not_before = (now - Duration::from_secs((days_ago + 300) * 86_400)).into();
+    request.params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+    request.params.use_authority_key_identifier_extension = true;
+    request.signed_by(&issuer).expect("sign").pem()
+}
+
+/// A site switched off past its certificate's expiry used to need the lead (a new
+/// approval and enrolment). Within 90 days of expiry its connection still opens, the
+/// coordinator serves it nothing but `RenewCertificate`, and the site renews itself
+/// when it comes back: no person involved, nothing else served on the expired one.
+#[test]
+fn a_site_back_after_its_certificate_expired_renews_itself_within_the_grace() {
+    let mut fed = Federation::new(SITES.len());
+    let old = expired(&fed, "site-1", 10);
+    std::fs::write(fed.site_home("site-1").join("site.pem"), &old).expect("site.pem");
+    std::fs::write(fed.coordinator_home().join("sites/site-1.pem"), &old).expect("the approval record");
+    assert!(days_left(&old) < 0);
+    fed.start_coordinator();
+    // On the expired certificate the coordinator serves the renewal and nothing else.
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let refused = rt.block_on(async {
+        let mut client = maeum_e2e::site_client(&fed, "site-1").await;
+        client.heartbeat(pb::SiteStatus::default()).await.expect_err("a heartbeat on an expired certificate")
+    });
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
+    assert!(refused.message().contains("may only renew it"), "{refused:?}");
+    fed.start_sites(&SITES);
+    fed.wait_online(SITES.len());
+    let renewed = read(&fed.site_home("site-1").join("site.pem"));
+    assert!(days_left(&renewed) > 300, "site-1 renewed itself: {} days left", days_left(&renewed));
+    assert_eq!(
+        identity::leaf_der(&renewed).ok(),
+        identity::leaf_der(&read(&fed.coordinator_home().join("sites/site-1.pem"))).ok()
+    );
+    let log = fed.log_text("site-1");
+    assert!(log.contains("renewed this site's certificate"), "{log}");
+    // Past the grace (unit test `an_expired_site_certificate_connects_within_the_grace_and_nothing_else_does`)
+    // the handshake itself is refused, and the lead approves the site again.
+}

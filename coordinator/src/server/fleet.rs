@@ -590,7 +590,8 @@ impl pb::fleet_server::Fleet for Fleet {
         &self,
         req: Request<pb::RenewCertificateRequest>,
     ) -> Result<Response<pb::RenewCertificateReply>, Status> {
-        let (site, _) = self.0.identify(&req)?;
+        // A certificate that expired within the grace may still renew itself.
+        let (site, _) = self.0.identify_expired(&req)?;
         let (c, csr) = (self.0.clone(), req.into_inner().csr_pem);
         let renewed = tokio::task::spawn_blocking(move || crate::certs::renew_site(&c, &site, &csr));
         match renewed.await.map_err(|e| internal(e.into()))? {

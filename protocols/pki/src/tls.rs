@@ -283,7 +283,15 @@ impl ClientCertVerifier for IdentityVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        let verified = self.webpki.verify_client_cert(end_entity, intermediates, now)?;
+        let verified = match self.webpki.verify_client_cert(end_entity, intermediates, now) {
+            Err(e) if is_expired(&e) => match expired_within_grace(end_entity, now) {
+                // Everything else checked as of the moment before it expired: the
+                // handlers then serve this connection nothing but its renewal.
+                Some(then) => self.webpki.verify_client_cert(end_entity, intermediates, then)?,
+                None => return Err(e),
+            },
+            other => other?,
+        };
         self.check_identity(end_entity).map_err(|e| rustls::Error::Other(OtherError(Arc::new(e))))?;
         Ok(verified)
     }
@@ -309,6 +317,33 @@ impl ClientCertVerifier for IdentityVerifier {
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.webpki.supported_verify_schemes()
     }
+}
+
+/// How long after its expiry a **site** certificate still opens a connection, on which
+/// the coordinator serves only its renewal (`docs/protocols/certificates.md`): a site
+/// offline past its renewal window renews itself when it returns instead of waiting for
+/// the lead. Operator and coordinator certificates get no grace.
+pub const EXPIRED_GRACE_DAYS: i64 = 90;
+
+fn is_expired(e: &rustls::Error) -> bool {
+    matches!(
+        e,
+        rustls::Error::InvalidCertificate(
+            rustls::CertificateError::Expired | rustls::CertificateError::ExpiredContext { .. }
+        )
+    )
+}
+
+/// For a site certificate that expired less than [`EXPIRED_GRACE_DAYS`] before `now`:
+/// the last moment it was valid.
+fn expired_within_grace(cert: &CertificateDer<'_>, now: UnixTime) -> Option<UnixTime> {
+    if PeerId::from_cert_der(cert).ok()?.role != Role::Site {
+        return None;
+    }
+    let not_after = u64::try_from(not_after_unix(cert).ok()?).ok()?;
+    let now_s = now.as_secs();
+    (now_s > not_after && now_s - not_after <= EXPIRED_GRACE_DAYS as u64 * 86_400)
+        .then(|| UnixTime::since_unix_epoch(Duration::from_secs(not_after)))
 }
 
 /// Server config: TLS 1.3/1.2 with ring, ALPN "h2", client certificate mandatory,
@@ -726,6 +761,39 @@ mod tests {
             key: SecretPem::new(key.serialize_pem()),
         };
         assert_refused(&pki, addr, &mut conns, &anonymous).await;
+    }
+
+    /// A certificate for `peer` that expired `days_ago` days ago (valid for a year before).
+    fn expired(pki: &Pki, peer: &PeerId, days_ago: u64) -> CertifiedKey {
+        let ca_key = KeyPair::from_pem(pki.ca.key().expose()).unwrap();
+        let issuer = Issuer::from_ca_cert_pem(pki.ca.cert_pem(), ca_key).unwrap();
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut params =
+            crate::identity::leaf_params(peer, Vec::new(), ExtendedKeyUsagePurpose::ClientAuth, DAYS).unwrap();
+        let now = std::time::SystemTime::now();
+        params.not_after = (now - Duration::from_secs(days_ago * 86_400)).into();
+        params.not_before = (now - Duration::from_secs((days_ago + 365) * 86_400)).into();
+        CertifiedKey {
+            cert_pem: params.signed_by(&key, &issuer).unwrap().pem(),
+            key: SecretPem::new(key.serialize_pem()),
+        }
+    }
+
+    #[tokio::test]
+    async fn an_expired_site_certificate_connects_within_the_grace_and_nothing_else_does() {
+        let pki = Pki::new();
+        let (addr, conns) = pki.serve(&Revocations::default()).await;
+        let mut conns = pin!(conns);
+        let site = PeerId::site("a").unwrap();
+        let recent = expired(&pki, &site, 10);
+        let (_client, server) = established(&pki, addr, &mut conns, &recent).await;
+        let now_s = i64::try_from(UnixTime::now().as_secs()).unwrap();
+        assert!(server.connect_info().not_after < now_s, "the handlers see that it expired");
+        assert_refused(&pki, addr, &mut conns, &expired(&pki, &site, EXPIRED_GRACE_DAYS as u64 + 1)).await;
+        let operator = PeerId::operator("lead").unwrap();
+        assert_refused(&pki, addr, &mut conns, &expired(&pki, &operator, 1)).await;
+        // Still from the consortium's CA only.
+        assert_refused(&pki, addr, &mut conns, &expired(&Pki::new(), &site, 10)).await;
     }
 
     #[tokio::test]

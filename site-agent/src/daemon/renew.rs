@@ -8,7 +8,10 @@
 //! key, and lasting longer than the one it replaces. Only then is `site.pem` replaced
 //! (atomically), and the daemon dials again, so every later call presents the new
 //! certificate. Nothing restarts. A coordinator that answers anything else gets nothing
-//! from this site but a warning in its log, and the next attempt waits.
+//! from this site but a warning in its log, and the next attempt waits. A certificate
+//! that expired while the site was away (at most `maeum_pki::tls::EXPIRED_GRACE_DAYS`)
+//! still opens a connection that may only renew it: the heartbeat fails, and the site
+//! renews at once ([`expired`]).
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -26,6 +29,15 @@ use super::{Agent, Client, connect, describe};
 /// After a failed attempt, the next waits this long (the old certificate is good for
 /// weeks still; a coordinator that cannot sign now is asked again later).
 pub(crate) const RETRY_AFTER: Duration = Duration::from_secs(600);
+
+/// Whether this site's certificate (HOME/site.pem) has expired.
+pub(crate) fn expired(home: &crate::enrol::Home) -> bool {
+    home.read("site.pem")
+        .ok()
+        .and_then(|pem| identity::leaf_der(&pem).ok())
+        .and_then(|der| identity::not_after_unix(&der).ok())
+        .is_some_and(|t| t < crate::now_ms() / 1000)
+}
 
 /// Starts a renewal unless one runs or a failed one is waiting out [`RETRY_AFTER`].
 pub(crate) fn maybe_renew(agent: &Arc<Agent>, client: &Client) {
