@@ -503,8 +503,9 @@ fn account_attempt(c: &Coord, id: &str, state: &RoundState) -> Result<()> {
         return Ok(());
     }
     let now = now_ms();
-    let (_, benched) =
-        c.store.update_job(id, |j| Ok(j.account_attempt(state.selected(), state.done(), state.why_dropped(), now)))?;
+    let (_, benched) = c
+        .store
+        .update_job_head(id, |j| Ok(j.account_attempt(state.selected(), state.done(), state.why_dropped(), now)))?;
     for (site, s) in benched {
         warn!(
             site = %site,
@@ -534,10 +535,11 @@ async fn pause_before_retry(c: &Coord, id: &str, what: String, failures: u32) ->
 
 /// Durably numbers a new attempt (of a round or of the final evaluation).
 fn start_attempt(c: &Coord, id: &str) -> Result<(JobRecord, u32)> {
-    c.store.update_job(id, |j| {
+    let (_, attempt) = c.store.update_job_head(id, |j| {
         j.attempts_started += 1;
         Ok(j.attempts_started)
-    })
+    })?;
+    Ok((load(c, id)?, attempt))
 }
 
 fn clear_uploads(c: &Coord) {

@@ -398,6 +398,29 @@ impl Store {
         Ok((job, out))
     }
 
+    /// [`Store::update_job`] for a change of the record alone (attempts, strikes,
+    /// exclusions), read and written without its rounds: the cost stays flat however
+    /// long the job's history grows. `f` may not touch the history.
+    pub fn update_job_head<T>(&self, id: &str, f: impl FnOnce(&mut JobRecord) -> Result<T>) -> Result<(JobRecord, T)> {
+        #[derive(Deserialize)]
+        struct Inline {
+            #[serde(default)]
+            history: Vec<serde::de::IgnoredAny>,
+        }
+        // A record from before rounds had their own tree holds them inline: written
+        // whole, it moves them there (`put_job`); a record written alone would drop them.
+        let raw = self.db.get(Tree::Jobs, id.as_bytes())?.with_context(|| format!("no job {id}"))?;
+        if !decode::<Inline>("job", id, &raw)?.history.is_empty() {
+            return self.update_job(id, f);
+        }
+        let _guard = self.guard();
+        let mut job = self.job_head(id)?.with_context(|| format!("no job {id}"))?;
+        let out = f(&mut job)?;
+        anyhow::ensure!(job.history.is_empty(), "job {id}: a change of the record alone added rounds");
+        self.db.commit(vec![Write::put(Tree::Jobs, &job.id, encode(&job))])?;
+        Ok((job, out))
+    }
+
     /// [`Store::update_job`] whose change is logged in the same durable write: `f`
     /// changes the job and returns the audit event that records the change (`None`:
     /// nothing to log, a retried call), and the job's writes and the log's entry commit
@@ -523,6 +546,41 @@ mod tests {
         let refused = s.update_job_logged("t-1", &log, |_| -> Result<((), Option<Event>)> { anyhow::bail!("no") });
         assert!(refused.is_err());
         assert_eq!((log.size(), s.job("t-1").expect("read").expect("job").state), (2, JobState::Aborted));
+    }
+
+    #[test]
+    fn a_change_of_the_record_alone_writes_no_round_and_keeps_them_all() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let s = Store::open(&dir.path().join("state"), Engine::Sled).expect("open");
+        let mut j = job("t-1");
+        j.history = (1..=3).map(round).collect();
+        s.put_job(&j).expect("put");
+        let (head, n) = s
+            .update_job_head("t-1", |j| {
+                j.attempts_started += 1;
+                Ok(j.attempts_started)
+            })
+            .expect("head update");
+        assert!(head.history.is_empty() && n == 1);
+        let back = s.job("t-1").expect("read").expect("t-1");
+        assert_eq!((back.attempts_started, back.history.len()), (1, 3), "the rounds stay");
+        let added = s.update_job_head("t-1", |j| {
+            j.history.push(round(4));
+            Ok(())
+        });
+        assert!(added.is_err(), "a head update may not add rounds");
+        assert_eq!(s.job("t-1").expect("read").expect("t-1").history.len(), 3);
+        // A record from before rounds had their own tree: written whole, rounds moved.
+        let mut legacy = serde_json::to_value(job("t-2")).expect("json");
+        legacy["history"] = serde_json::to_value(vec![round(1)]).expect("json");
+        s.db().commit(vec![Write::put(Tree::Jobs, "t-2", serde_json::to_vec(&legacy).expect("bytes"))]).expect("put");
+        s.update_job_head("t-2", |j| {
+            j.attempts_started = 7;
+            Ok(())
+        })
+        .expect("legacy head update");
+        let back = s.job("t-2").expect("read").expect("t-2");
+        assert_eq!((back.attempts_started, back.history.len()), (7, 1), "the inline round survives");
     }
 
     #[test]
