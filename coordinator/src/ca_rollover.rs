@@ -61,24 +61,30 @@ impl Home {
     /// lead published. Client certificates, session rosters and cosignatures are
     /// checked under these; new enrolment bundles carry them.
     pub fn trusted_cas_pem(&self) -> Result<String> {
-        let mut pem = match std::fs::read_to_string(self.path(RETIRED)) {
-            Ok(retired) => retired,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
-            Err(e) => return Err(e).with_context(|| format!("reading {}", self.path(RETIRED).display())),
-        };
+        let mut pem = self.retired_cas_pem()?;
         pem.push_str(&self.read("ca.pem")?);
         Ok(pem)
+    }
+
+    /// HOME/ca-retired.pem (empty: never rolled over). An unreadable file is an error,
+    /// never "none": a rollover rewrites it.
+    fn retired_cas_pem(&self) -> Result<String> {
+        match std::fs::read_to_string(self.path(RETIRED)) {
+            Ok(retired) => Ok(retired),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(String::new()),
+            Err(e) => Err(e).with_context(|| format!("reading {}", self.path(RETIRED).display())),
+        }
     }
 
     /// The consortium's first CA, PEM (the one `consortium_init` names; exports carry
     /// it).
     pub fn first_ca_pem(&self) -> Result<String> {
-        if let Ok(retired) = std::fs::read_to_string(self.path(RETIRED))
-            && let Some(first) = identity::pem_to_der(&retired).ok().and_then(|d| d.into_iter().next())
-        {
-            return Ok(maeum_tlog::checkpoint::canonical_pem(&first));
+        let retired = self.retired_cas_pem()?;
+        if retired.is_empty() {
+            return self.read("ca.pem");
         }
-        self.read("ca.pem")
+        let first = identity::pem_to_der(&retired).with_context(|| format!("HOME/{RETIRED}"))?.remove(0);
+        Ok(maeum_tlog::checkpoint::canonical_pem(&first))
     }
 
     /// The current CA certificate, DER.
@@ -159,7 +165,7 @@ pub fn apply_pending(home: &Home, audit: &mut AuditLog) -> Result<Option<CaHando
         chain.push(h.clone());
     }
     write_file(&home.path(CHAIN_FILE), &serde_json::to_vec_pretty(&chain)?, false)?;
-    let mut retired = std::fs::read_to_string(home.path(RETIRED)).unwrap_or_default();
+    let mut retired = home.retired_cas_pem()?;
     let old_pem = maeum_tlog::checkpoint::canonical_pem(&current);
     if !retired.contains(&old_pem) {
         retired.push_str(&old_pem);
@@ -178,15 +184,19 @@ pub fn apply_pending(home: &Home, audit: &mut AuditLog) -> Result<Option<CaHando
     Ok(Some(h))
 }
 
-/// The rollovers sites walk, checked from the first CA (a broken file is the
-/// coordinator's error, found before anything is served).
+/// The rollovers sites walk, checked from the first CA to the one in `ca.pem` (a broken
+/// or inconsistent file is the coordinator's error, found before anything is served).
 pub fn chain_for_sites(home: &Home) -> Result<Vec<CaHandover>> {
     let chain = home.ca_handovers()?;
     let first = identity::leaf_der(&home.first_ca_pem()?)?;
-    let taken = rollover::follow(&home.consortium()?.name, &[first.into()], &chain)
+    let taken = rollover::follow(&home.consortium()?.name, &[first.clone().into()], &chain)
         .with_context(|| format!("HOME/{CHAIN_FILE}"))?;
     if taken.len() != chain.len() {
         bail!("HOME/{CHAIN_FILE}: not every rollover follows from the first CA");
+    }
+    let end = taken.last().map_or(first, |(_, ca)| ca.to_vec());
+    if end != home.ca_der()? {
+        bail!("HOME/{CHAIN_FILE} and HOME/{RETIRED} do not lead to the CA in HOME/ca.pem");
     }
     Ok(chain)
 }

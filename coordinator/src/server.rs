@@ -240,7 +240,7 @@ impl Coord {
     /// [`Coord::record`], returning the entry's seq.
     pub fn record_seq(&self, event: Event) -> anyhow::Result<u64> {
         let seq = self.audit.append(now_ms(), event)?;
-        self.metrics.audit_entries.set(i64::try_from(seq + 1).unwrap_or(i64::MAX));
+        self.logged(Some(seq));
         Ok(seq)
     }
 

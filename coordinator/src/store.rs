@@ -266,6 +266,17 @@ fn encode<T: Serialize>(v: &T) -> Vec<u8> {
     serde_json::to_vec(v).expect("a record serialises")
 }
 
+/// The rounds a job record from before rounds had their own tree holds inline (empty for
+/// a record written since).
+fn inline_history(id: &str, bytes: &[u8]) -> Result<Vec<RoundRecord>> {
+    #[derive(Deserialize)]
+    struct Inline {
+        #[serde(default)]
+        history: Vec<RoundRecord>,
+    }
+    Ok(decode::<Inline>("job", id, bytes)?.history)
+}
+
 impl Store {
     /// The state database, for the audit log and the registry (each commit through it is
     /// atomic, durable and sealed; there is no raw engine handle).
@@ -332,13 +343,8 @@ impl Store {
     /// A stored job record with its rounds: inline in a record written before rounds
     /// had their own tree, from `job_rounds` otherwise.
     fn with_history(&self, id: &str, bytes: &[u8]) -> Result<JobRecord> {
-        #[derive(Deserialize)]
-        struct Inline {
-            #[serde(default)]
-            history: Vec<RoundRecord>,
-        }
         let mut job: JobRecord = decode("job", id, bytes)?;
-        job.history = decode::<Inline>("job", id, bytes)?.history;
+        job.history = inline_history(id, bytes)?;
         if job.history.is_empty() {
             let mut rounds = Vec::new();
             self.stored_rounds(id, &mut |_, v| {
@@ -392,6 +398,11 @@ impl Store {
     /// by a stale copy). `f` may refuse the change by returning an error.
     pub fn update_job<T>(&self, id: &str, f: impl FnOnce(&mut JobRecord) -> Result<T>) -> Result<(JobRecord, T)> {
         let _guard = self.guard();
+        self.update_job_locked(id, f)
+    }
+
+    /// [`Store::update_job`]'s body, under the caller's guard.
+    fn update_job_locked<T>(&self, id: &str, f: impl FnOnce(&mut JobRecord) -> Result<T>) -> Result<(JobRecord, T)> {
         let mut job = self.job(id)?.with_context(|| format!("no job {id}"))?;
         let out = f(&mut job)?;
         self.put_job(&job)?;
@@ -402,19 +413,14 @@ impl Store {
     /// exclusions), read and written without its rounds: the cost stays flat however
     /// long the job's history grows. `f` may not touch the history.
     pub fn update_job_head<T>(&self, id: &str, f: impl FnOnce(&mut JobRecord) -> Result<T>) -> Result<(JobRecord, T)> {
-        #[derive(Deserialize)]
-        struct Inline {
-            #[serde(default)]
-            history: Vec<serde::de::IgnoredAny>,
-        }
+        let _guard = self.guard();
+        let raw = self.db.get(Tree::Jobs, id.as_bytes())?.with_context(|| format!("no job {id}"))?;
         // A record from before rounds had their own tree holds them inline: written
         // whole, it moves them there (`put_job`); a record written alone would drop them.
-        let raw = self.db.get(Tree::Jobs, id.as_bytes())?.with_context(|| format!("no job {id}"))?;
-        if !decode::<Inline>("job", id, &raw)?.history.is_empty() {
-            return self.update_job(id, f);
+        if !inline_history(id, &raw)?.is_empty() {
+            return self.update_job_locked(id, f);
         }
-        let _guard = self.guard();
-        let mut job = self.job_head(id)?.with_context(|| format!("no job {id}"))?;
+        let mut job = JobRecord { head_only: true, ..decode::<JobRecord>("job", id, &raw)? };
         let out = f(&mut job)?;
         anyhow::ensure!(job.history.is_empty(), "job {id}: a change of the record alone added rounds");
         self.db.commit(vec![Write::put(Tree::Jobs, &job.id, encode(&job))])?;

@@ -260,7 +260,7 @@ pub async fn follow_cas(
         return Ok(0);
     }
     let logged = crate::witness::logged_rotations(client, size, root).await?;
-    let logged: Vec<CaHandover> = logged.iter().filter_map(handover::ca_in_entry).collect();
+    let logged: Vec<CaHandover> = logged.iter().filter_map(handover::ca_in_entry).map(|(h, _)| h).collect();
     for (h, new) in &taken {
         let same = |l: &CaHandover| {
             l.old_ca == h.old_ca

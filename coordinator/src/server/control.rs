@@ -244,11 +244,12 @@ impl pb::control_server::Control for Control {
         let c = &self.0;
         let operator = c.operator(&req)?;
         let id = &req.get_ref().job_id;
-        if c.store.job(id).map_err(internal)?.is_none() {
-            return Err(Status::not_found(format!("no job {id}")));
-        }
-        if let Some(ended) = c.store.job(id).map_err(internal)?.filter(|j| !j.state.is_active()) {
-            return Err(Status::failed_precondition(format!("job {id} is already {}", ended.state.as_str())));
+        match c.store.job_head(id).map_err(internal)? {
+            None => return Err(Status::not_found(format!("no job {id}"))),
+            Some(ended) if !ended.state.is_active() => {
+                return Err(Status::failed_precondition(format!("job {id} is already {}", ended.state.as_str())));
+            }
+            Some(_) => {}
         }
         // Aborted and logged (`job_finished`) in one durable write.
         let job = crate::rounds::finish(c, id, JobState::Aborted, format!("aborted by operator/{operator}"))

@@ -367,9 +367,6 @@ impl RoundState {
     pub fn dropped(&self) -> &BTreeSet<String> {
         &self.dropped
     }
-    pub fn num_params(&self) -> u64 {
-        self.num_params
-    }
     pub fn total_weight(&self) -> u64 {
         self.total_weight
     }
@@ -402,9 +399,6 @@ impl RoundState {
     }
     pub fn evaluate_only(&self) -> bool {
         self.evaluate_only
-    }
-    pub fn accusations(&self) -> &BTreeMap<String, BTreeSet<String>> {
-        &self.accusations
     }
     pub fn why_dropped(&self) -> &BTreeMap<String, String> {
         &self.why_dropped
@@ -479,11 +473,6 @@ impl RoundState {
             Some(sum) => sum.into_mean(w),
             None => std::mem::take(&mut self.sum).into_iter().map(|s| (s / w) as f32).collect(),
         }))
-    }
-
-    /// The summed evaluation and crisis histogram, taken out of the round.
-    pub fn take_evaluation(&mut self) -> (Vec<Vec<u64>>, Option<CrisisHistogram>) {
-        (std::mem::take(&mut self.evaluation), self.crisis_histogram.take())
     }
 }
 

@@ -317,7 +317,7 @@ pub fn verify_full(bytes: &[u8], trust: Option<&[u8; 32]>) -> Result<Verified, A
 
     // The CA's rollovers (AUD-23): witness certificates may come from any CA the
     // chain from the init entry's CA reaches.
-    let cas: Vec<_> = crate::handover::ca_chain(consortium, ca, entries)?.into_iter().map(|(_, c)| c).collect();
+    let cas = crate::handover::ca_chain(consortium, ca, entries)?;
 
     // The log key's rotations (AUD-22): checkpoints beyond a rotation's entry are
     // signed by its new key.

@@ -279,51 +279,52 @@ pub fn reached(
     Ok(keys)
 }
 
-/// The CA handover a `ca_rotated` entry records.
-pub fn ca_in_entry(e: &crate::Entry) -> Option<CaHandover> {
-    let crate::Event::CaRotated { old_ca, new_ca_pem, old_signature, new_signature, .. } = &e.event else {
+/// The CA handover a `ca_rotated` entry records, and the new CA's fingerprint the entry
+/// names.
+pub fn ca_in_entry(e: &crate::Entry) -> Option<(CaHandover, &str)> {
+    let crate::Event::CaRotated { old_ca, new_ca, new_ca_pem, old_signature, new_signature, .. } = &e.event else {
         return None;
     };
-    Some(CaHandover {
+    let h = CaHandover {
         old_ca: old_ca.clone(),
         new_ca_pem: new_ca_pem.clone(),
         old_signature: old_signature.clone(),
         new_signature: new_signature.clone(),
-    })
+    };
+    Some((h, new_ca))
 }
 
-/// The consortium's CAs from `first` (the init entry's CA) on, each with the seq of the
-/// entry that rolled over to it (AUD-23): a `ca_rotated` entry must name its new CA's
-/// fingerprint, verify under both CA keys and hand over from the CA in effect (the
-/// same rollover logged again, after a crash, is skipped).
+/// The consortium's CAs from `first` (the init entry's CA) on, oldest first (AUD-23):
+/// a `ca_rotated` entry must name its new CA's fingerprint, verify under both CA keys
+/// and hand over from the CA in effect (the same rollover logged again, after a crash,
+/// is skipped).
 pub fn ca_chain(
     consortium: &str,
     first: CertificateDer<'static>,
     entries: &[crate::Entry],
-) -> Result<Vec<(u64, CertificateDer<'static>)>, crate::AuditError> {
-    let mut current = first.clone();
-    let mut cas = vec![(0, first)];
+) -> Result<Vec<CertificateDer<'static>>, crate::AuditError> {
+    let mut cas = vec![first];
     for e in entries {
-        let Some(h) = ca_in_entry(e) else { continue };
+        let Some((h, named)) = ca_in_entry(e) else { continue };
         let bad = |reason: String| crate::AuditError::CaRotation { seq: e.seq, reason };
-        let crate::Event::CaRotated { new_ca, .. } = &e.event else { continue };
         let new_print = h.new_ca().map_err(|err| bad(err.to_string()))?;
-        if *new_ca != new_print {
-            return Err(bad(format!("it names the new CA {new_ca}, but its certificate is {new_print}")));
+        if named != new_print {
+            return Err(bad(format!("it names the new CA {named}, but its certificate is {new_print}")));
         }
-        if fingerprint(&current) == new_print {
+        // INVARIANT: `cas` starts with `first` and only grows.
+        let current = fingerprint(&cas[cas.len() - 1]);
+        if current == new_print {
             continue;
         }
-        if h.old_ca != fingerprint(&current) {
+        if h.old_ca != current {
             return Err(bad(format!(
                 "it hands over from CA {}…, but the CA in effect is {}…",
                 h.old_ca.get(..16).unwrap_or(&h.old_ca),
-                &fingerprint(&current)[..16]
+                &current[..16]
             )));
         }
-        let new = h.verify(consortium, &current).map_err(|err| bad(err.to_string()))?;
-        current = new.clone();
-        cas.push((e.seq, new));
+        let new = h.verify(consortium, &cas[cas.len() - 1]).map_err(|err| bad(err.to_string()))?;
+        cas.push(new);
     }
     Ok(cas)
 }

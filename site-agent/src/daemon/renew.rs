@@ -72,19 +72,14 @@ async fn renew(agent: &Agent, mut client: Client) -> Result<()> {
         .await
         .map_err(|e| anyhow::anyhow!("the coordinator answered: {}", describe(&e)))?
         .into_inner();
-    let mut ca_pem = home.read("ca.pem")?;
-    let trusted = |ca_pem: &str| {
-        let new = identity::leaf_der(&reply.cert_pem).unwrap_or_default();
-        identity::pem_to_der(ca_pem).is_ok_and(|cas| cas.iter().any(|ca| maeum_pki::rollover::issued_by(&new, ca)))
-    };
-    if !trusted(&ca_pem) {
+    let new = identity::leaf_der(&reply.cert_pem).unwrap_or_default();
+    if !crate::keys::trusted_cas(home)?.iter().any(|ca| maeum_pki::rollover::issued_by(&new, ca)) {
         // Issued by a CA this site does not trust (yet): the consortium may have rolled
         // its CA over. Witnessing the latest checkpoint follows a rollover the log
         // proves (`crate::keys::follow_cas`); anything else is refused below.
         super::witnessing::witness_now(agent, &client).await;
-        ca_pem = home.read("ca.pem")?;
     }
-    let Some(new_der) = accept(&ca_pem, &agent.site_id, &current, &reply.cert_pem)? else {
+    let Some(new_der) = accept(&home.read("ca.pem")?, &agent.site_id, &current, &reply.cert_pem)? else {
         // Not due by the coordinator's clock after all: a heartbeat that keeps saying
         // otherwise is asked again only after RETRY_AFTER, not every second.
         bail!("the coordinator asked for a renewal but holds no newer certificate for this site");
