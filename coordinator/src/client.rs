@@ -94,7 +94,17 @@ pub fn print_job(j: &pb::JobInfo) {
     if !rounds.is_empty() {
         println!("{rounds}");
     }
-    if let Some(c) = j.history.last().and_then(|r| r.evaluation.as_ref()) {
+    if let Some(first) = j.history.first().filter(|r| r.round > 1) {
+        println!(
+            "  rounds {}–{} of {} shown; `jobs status {} --before {}` shows earlier ones",
+            first.round,
+            j.history.last().map_or(first.round, |r| r.round),
+            j.completed_rounds,
+            j.job_id,
+            first.round
+        );
+    }
+    if let Some(c) = j.history.last().filter(|r| r.round == j.completed_rounds).and_then(|r| r.evaluation.as_ref()) {
         let parts: Vec<String> = recall(c, &j.labels)
             .into_iter()
             .map(|(l, r)| format!("{l} {}", r.as_f64().map_or("-".into(), |r| format!("{r:.2}"))))
@@ -123,7 +133,8 @@ fn rounds_table(j: &pb::JobInfo) -> Table {
         c.and_then(scores)
             .map_or(["pending".to_string(), "pending".to_string()], |(a, f)| [format!("{a:.4}"), format!("{f:.4}")])
     };
-    if let Some(c) = j.initial_evaluation.as_ref() {
+    // Round 0 (the initial model) heads the table when the rounds shown start at 1.
+    if let Some(c) = j.initial_evaluation.as_ref().filter(|_| j.history.first().is_none_or(|r| r.round == 1)) {
         let [a, f] = cells(Some(c));
         let mut row = vec!["0".to_string(), a, f, "-".into(), "(initial model)".into()];
         if plan.is_some() {

@@ -416,9 +416,11 @@ pub async fn run(a: DemoArgs) -> Result<()> {
             .unwrap_or_else(|_| ProgressStyle::default_bar())
             .progress_chars("=> "),
     );
-    let mut stream = control.watch_job(pb::JobRef { job_id: job.job_id.clone() }).await?.into_inner();
+    let watch = pb::JobRef { job_id: job.job_id.clone(), rounds_limit: a.rounds, rounds_before: 0 };
+    let mut stream = control.watch_job(watch).await?.into_inner();
     let mut last: Option<pb::JobInfo> = None;
-    let mut printed = 0usize;
+    // The last round whose evaluation was printed (rounds print in order, by number).
+    let mut printed = 0u32;
     let fed_started = Instant::now();
     loop {
         let next = tokio::time::timeout(Duration::from_secs(2), stream.next()).await;
@@ -430,23 +432,24 @@ pub async fn run(a: DemoArgs) -> Result<()> {
         };
         bar.set_position(u64::from(info.completed_rounds));
         bar.set_message(info.activity.clone());
-        while printed < info.history.len() {
-            let Some((acc, f1)) = info.history[printed].evaluation.as_ref().and_then(client::scores) else { break };
-            let crisis = info.history[printed].evaluation.as_ref().and_then(|e| crisis_recall(&labels, e));
-            let epsilon = client::privacy_plan(&info)
-                .map_or(String::new(), |p| format!("  ε {:.3}", p.epsilon_after(info.history[printed].round)));
+        let since = printed;
+        for r in info.history.iter().filter(|r| r.round > since) {
+            let Some((acc, f1)) = r.evaluation.as_ref().and_then(client::scores) else { break };
+            let crisis = r.evaluation.as_ref().and_then(|e| crisis_recall(&labels, e));
+            let epsilon =
+                client::privacy_plan(&info).map_or(String::new(), |p| format!("  ε {:.3}", p.epsilon_after(r.round)));
             let line = format!(
                 "round {:>2}: accuracy {acc:.4}  macro-F1 {f1:.4}  crisis recall {}{epsilon}  ({} sites)",
-                info.history[printed].round,
+                r.round,
                 crisis.map_or("-".into(), |r| format!("{r:.4}")),
-                info.history[printed].contributors.len()
+                r.contributors.len()
             );
             if bar.is_hidden() {
                 eprintln!("{line}")
             } else {
                 bar.println(line)
             }
-            printed += 1;
+            printed = r.round;
         }
         last = Some(info);
     }

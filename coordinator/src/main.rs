@@ -359,6 +359,13 @@ enum JobsCommand {
         /// Follow the job live until it ends.
         #[arg(long)]
         watch: bool,
+        /// Show the latest N rounds (at most 1000).
+        #[arg(long, value_name = "N", default_value_t = 100)]
+        last: u32,
+        /// Show only rounds before round R (page back through a long job: pass the first
+        /// round shown).
+        #[arg(long, value_name = "R")]
+        before: Option<u32>,
         /// Print JSON (with --watch: one object per change).
         #[arg(long)]
         json: bool,
@@ -495,17 +502,18 @@ async fn run(cli: Cli) -> Result<()> {
                 println!("{}", client::jobs_table(&jobs.jobs));
             }
         }
-        Command::Jobs(JobsCommand::Status { home, job_id, watch, json }) => {
+        Command::Jobs(JobsCommand::Status { home, job_id, watch, last, before, json }) => {
             let mut c = client::connect(&home.home).await?;
+            let job = pb::JobRef { job_id, rounds_limit: last.max(1), rounds_before: before.unwrap_or(0) };
             if !watch {
-                let j = c.get_job(pb::JobRef { job_id }).await?.into_inner();
+                let j = c.get_job(job).await?.into_inner();
                 if json {
                     return print_json(&client::job_json(&j));
                 }
                 client::print_job(&j);
                 return Ok(());
             }
-            let mut stream = c.watch_job(pb::JobRef { job_id }).await?.into_inner();
+            let mut stream = c.watch_job(job).await?.into_inner();
             while let Some(j) = stream.next().await {
                 let j = j?;
                 if json {
@@ -516,7 +524,11 @@ async fn run(cli: Cli) -> Result<()> {
             }
         }
         Command::Jobs(JobsCommand::Abort { home, job_id, json }) => {
-            let j = client::connect(&home.home).await?.abort_job(pb::JobRef { job_id }).await?.into_inner();
+            let j = client::connect(&home.home)
+                .await?
+                .abort_job(pb::JobRef { job_id, ..Default::default() })
+                .await?
+                .into_inner();
             if json {
                 return print_json(&client::job_json(&j));
             }

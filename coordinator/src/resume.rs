@@ -164,7 +164,7 @@ fn reply(field: &str, text: &str) -> Result<Reply> {
 /// forever), needs this. The entry is appended from the history (same aggregate, model
 /// and contributors; its time is the recovery's). Returns how many.
 pub fn log_cut_off_commits(c: &Coord) -> Result<usize> {
-    let jobs = c.store.jobs()?;
+    let jobs = c.store.jobs(crate::store::Rounds::All)?;
     if jobs.iter().all(|j| j.history.is_empty()) {
         return Ok(0);
     }
@@ -225,7 +225,7 @@ fn restore(c: &Coord) -> Result<Option<RoundState>> {
     let d = dir(&c.home);
     let text = std::fs::read(d.join(SESSION)).context("reading session.json")?;
     let saved: Saved = serde_json::from_slice(&text).context("session.json")?;
-    let Some(job) = c.store.job(&saved.job_id)? else { return Ok(None) };
+    let Some(job) = c.store.job(&saved.job_id, crate::store::Rounds::Latest(1))? else { return Ok(None) };
     if !job.state.is_active() {
         return Ok(None);
     }

@@ -4,7 +4,9 @@
 //! Each committed round stores its model and its unmasked aggregate (and a server
 //! optimiser's state): 2 × the model a round, 800 MB a round for a 100M-parameter
 //! adapter. After every committed round the coordinator removes those of the job's
-//! rounds older than its latest `round_blobs`, unless something still names them: a
+//! rounds older than its latest `round_blobs` (the `round_blobs` rounds before the
+//! window, read without the rest of the history: a blob whose removal failed is tried
+//! again at each of the next `round_blobs` commits), unless something still names them: a
 //! release (every released model stays, for export and for sites installing it), a
 //! kept round, or a job's initial model. The audit log, the job history and the model
 //! cards name every digest whatever is removed; what goes is the bytes. `0` keeps
@@ -17,13 +19,15 @@ use tracing::info;
 use maeum_protocols::wire::Digest;
 
 use crate::server::Coord;
-use crate::store::JobRecord;
+use crate::store::Rounds;
 
-/// Removes the blobs of `job`'s rounds outside the retention window (see the module
-/// documentation). Returns the blobs and bytes removed. Runs in the orchestrator after
-/// a round is committed, so no blob of this job is being made meanwhile.
-pub fn sweep(c: &Coord, job: &JobRecord) -> Result<(usize, u64)> {
+/// Removes the blobs of job `id`'s rounds that left the retention window (see the
+/// module documentation). Returns the blobs and bytes removed. Runs in the orchestrator
+/// after a round is committed, so no blob of this job is being made meanwhile.
+pub fn sweep(c: &Coord, id: &str) -> Result<(usize, u64)> {
     let keep_rounds = c.home.consortium()?.retention.round_blobs as usize;
+    let window = u32::try_from(keep_rounds.saturating_mul(2)).unwrap_or(u32::MAX);
+    let Some(job) = c.store.job(id, Rounds::Latest(window))? else { return Ok((0, 0)) };
     if keep_rounds == 0 || job.history.len() <= keep_rounds {
         return Ok((0, 0));
     }
@@ -33,7 +37,7 @@ pub fn sweep(c: &Coord, job: &JobRecord) -> Result<(usize, u64)> {
     };
     let mut keep: HashSet<String> = kept.iter().flat_map(digests).collect();
     keep.extend(c.registry.releases()?.into_iter().map(|r| r.model.digest));
-    keep.extend(c.store.job_heads()?.into_iter().filter_map(|j| j.initial.map(|v| v.digest)));
+    keep.extend(c.store.jobs(Rounds::Latest(0))?.into_iter().filter_map(|j| j.initial.map(|v| v.digest)));
     let (mut files, mut bytes) = (0, 0);
     for digest in old.iter().flat_map(digests).filter(|d| !d.is_empty() && !keep.contains(d)) {
         let Ok(digest) = Digest::parse("blob", &digest) else { continue };

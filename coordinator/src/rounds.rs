@@ -26,7 +26,7 @@ use crate::home::now_ms;
 use crate::secagg::SecAggRound;
 // The SecAgg core's own stage type (the round's `Stage` is train or evaluate).
 use crate::server::{Coord, RoundState, Stage, lock};
-use crate::store::{JobRecord, JobState, RoundRecord, VersionRecord};
+use crate::store::{JobRecord, JobState, RoundRecord, Rounds, VersionRecord};
 use crate::strategy::ServerOptimizer;
 use maeum_secagg::server::Stage as SaStage;
 
@@ -42,7 +42,7 @@ pub async fn orchestrate(c: Arc<Coord>) {
     // Consecutive pauses for a full disk: the wait before trying again doubles.
     let mut paused = 0u32;
     loop {
-        let next = match c.store.jobs() {
+        let next = match c.store.jobs(Rounds::Latest(0)) {
             Ok(jobs) => jobs.into_iter().find(|j| j.state.is_active()),
             Err(e) => {
                 warn!(error = %format!("{e:#}"), "reading jobs");
@@ -110,20 +110,21 @@ fn set_activity(c: &Coord, text: String) {
     }
 }
 
-fn load(c: &Coord, id: &str) -> Result<JobRecord> {
-    c.store.job(id)?.with_context(|| format!("job {id} vanished"))
+/// Job `id` with the rounds `rounds` asks for. Every path that runs each round or tick
+/// reads the latest round at most, so its cost stays flat however long the job grows.
+fn load(c: &Coord, id: &str, rounds: Rounds) -> Result<JobRecord> {
+    c.store.job(id, rounds)?.with_context(|| format!("job {id} vanished"))
 }
 
-/// `Ok(None)` when the job was aborted meanwhile.
+/// The job with its latest round; `Ok(None)` when it was aborted meanwhile.
 fn reload_active(c: &Coord, id: &str) -> Result<Option<JobRecord>> {
-    let j = load(c, id)?;
+    let j = load(c, id, Rounds::Latest(1))?;
     Ok(j.state.is_active().then_some(j))
 }
 
-/// [`reload_active`] without the rounds (for loops that tick: the cost stays flat as a
-/// job grows). Read-only.
+/// [`reload_active`] without the rounds (for loops that tick).
 pub(crate) fn active_head(c: &Coord, id: &str) -> Result<Option<JobRecord>> {
-    let j = c.store.job_head(id)?.with_context(|| format!("job {id} vanished"))?;
+    let j = load(c, id, Rounds::Latest(0))?;
     Ok(j.state.is_active().then_some(j))
 }
 
@@ -144,14 +145,14 @@ pub(crate) fn model_ref(v: &VersionRecord) -> Result<ModelRef> {
 }
 
 async fn drive(c: &Arc<Coord>, id: &str) -> Result<()> {
-    let mut job = load(c, id)?;
+    let mut job = load(c, id, Rounds::Latest(0))?;
     let spec = job.spec.model_spec()?;
     if job.initial.is_none() {
         let params = job.spec.initial_params()?;
         let initial = save_model(c, &spec, &params, id, 0)?;
         job = c
             .store
-            .update_job(id, |j| {
+            .update_job(id, Rounds::Latest(0), |j| {
                 j.initial = Some(initial);
                 Ok(())
             })?
@@ -163,7 +164,7 @@ async fn drive(c: &Arc<Coord>, id: &str) -> Result<()> {
             return Ok(());
         }
         // The start and its `job_started` entry are one durable write.
-        let (started, (), seq) = c.store.update_job_logged(id, &c.audit, |j| {
+        let (started, (), seq) = c.store.update_job_logged(id, Rounds::Latest(0), &c.audit, |j| {
             if j.state != JobState::Pending {
                 return Ok(((), None));
             }
@@ -195,7 +196,7 @@ async fn drive(c: &Arc<Coord>, id: &str) -> Result<()> {
     }
     // The final model becomes a signed, logged release (idempotent after a restart);
     // an operator promotes it to make sites install it.
-    let done = load(c, id)?;
+    let done = load(c, id, Rounds::All)?;
     let (c2, last) = (c.clone(), done.completed_rounds());
     let release = tokio::task::spawn_blocking(move || crate::registry::release(&c2, &done, last))
         .await
@@ -212,7 +213,7 @@ async fn drive(c: &Arc<Coord>, id: &str) -> Result<()> {
 /// `job_finished` entry in the same durable write; a job that already ended is left as
 /// it is. The one way a job ends (`jobs abort` included).
 pub(crate) fn finish(c: &Coord, id: &str, state: JobState, error: String) -> Result<JobRecord> {
-    let (job, (), seq) = c.store.update_job_logged(id, &c.audit, |j| {
+    let (job, (), seq) = c.store.update_job_logged(id, Rounds::Latest(0), &c.audit, |j| {
         if !j.state.is_active() {
             return Ok(((), None));
         }
@@ -503,9 +504,9 @@ fn account_attempt(c: &Coord, id: &str, state: &RoundState) -> Result<()> {
         return Ok(());
     }
     let now = now_ms();
-    let (_, benched) = c
-        .store
-        .update_job_head(id, |j| Ok(j.account_attempt(state.selected(), state.done(), state.why_dropped(), now)))?;
+    let (_, benched) = c.store.update_job(id, Rounds::Latest(0), |j| {
+        Ok(j.account_attempt(state.selected(), state.done(), state.why_dropped(), now))
+    })?;
     for (site, s) in benched {
         warn!(
             site = %site,
@@ -535,11 +536,10 @@ async fn pause_before_retry(c: &Coord, id: &str, what: String, failures: u32) ->
 
 /// Durably numbers a new attempt (of a round or of the final evaluation).
 fn start_attempt(c: &Coord, id: &str) -> Result<(JobRecord, u32)> {
-    let (_, attempt) = c.store.update_job_head(id, |j| {
+    c.store.update_job(id, Rounds::Latest(1), |j| {
         j.attempts_started += 1;
         Ok(j.attempts_started)
-    })?;
-    Ok((load(c, id)?, attempt))
+    })
 }
 
 fn clear_uploads(c: &Coord) {
@@ -577,7 +577,10 @@ fn commit_round_blocking(
     mut state: RoundState,
     skipped: bool,
 ) -> Result<JobRecord> {
-    let job = load(c, id)?;
+    let job = load(c, id, Rounds::Latest(1))?;
+    // A job whose latest round predates `attempts_through` needs every round once, to
+    // count the attempts the new round accounts for; later commits read one round.
+    let rounds = if job.attempts_since_commit().is_some() { Rounds::Latest(1) } else { Rounds::All };
     // The mean update first, in the sum's own memory (a secure round's words) or with
     // the f64 sum dropped (plaintext), before the base model is loaded: the commit never
     // holds the sum, the mean and the model at once.
@@ -628,7 +631,7 @@ fn commit_round_blocking(
         model: model.digest.clone(),
         contributors: state.done().iter().cloned().collect(),
     };
-    let (job, (), seq) = c.store.update_job_logged(id, &c.audit, |job| {
+    let (job, (), seq) = c.store.update_job_logged(id, rounds, &c.audit, |job| {
         anyhow::ensure!(
             job.completed_rounds() + 1 == state.round(),
             "round {} committed twice (history has {} rounds)",
@@ -643,7 +646,7 @@ fn commit_round_blocking(
             }
             None => job.initial_evaluation = evaluation,
         }
-        let attempts = job.attempts_started - job.history.iter().map(|h| h.attempts).sum::<u32>();
+        let attempts = job.attempts_since_commit().context("counting the round's attempts")?;
         job.history.push(RoundRecord {
             round: state.round(),
             model,
@@ -653,6 +656,7 @@ fn commit_round_blocking(
             total_weight: state.total_weight(),
             completed_ms: now_ms(),
             attempts,
+            attempts_through: Some(job.attempts_started),
             evaluation: None,
             evaluated_by: Vec::new(),
             crisis_histogram: None,
@@ -686,7 +690,7 @@ fn commit_round_blocking(
     c.audit.checkpoint()?;
     info!(round = state.round(), contributors = state.done().len(), dropped = state.dropped().len(), "round committed");
     c.notify();
-    if let Err(e) = crate::retention::sweep(c, &job) {
+    if let Err(e) = crate::retention::sweep(c, id) {
         warn!(error = %format!("{e:#}"), "removing old round blobs failed; they stay");
     }
     Ok(job)
@@ -791,7 +795,7 @@ async fn final_evaluation(c: &Coord, id: &str) -> Result<Option<JobRecord>> {
         if state.evaluated().is_empty() {
             continue;
         }
-        let (job, ()) = c.store.update_job(id, |job| {
+        let (job, ()) = c.store.update_job(id, Rounds::Latest(1), |job| {
             if let Some(last) = job.history.last_mut() {
                 last.evaluation = Some(state.evaluation().clone());
                 last.evaluated_by = state.evaluated().iter().cloned().collect();

@@ -30,7 +30,7 @@ use crate::audit::AuditLog;
 use crate::blobs::{Blobs, read_chunk, read_full};
 use crate::home::{Home, now_ms};
 use crate::secagg::SecAggRound;
-use crate::store::{Decision, JobRecord, JobState, SiteRecord, Store, VersionRecord};
+use crate::store::{Decision, JobRecord, JobState, Rounds, SiteRecord, Store, VersionRecord};
 use maeum_tlog::Event;
 
 mod control;
@@ -522,7 +522,7 @@ impl Coord {
     fn work_for(&self, site: &str) -> Result<Option<Work>, Status> {
         let current = lock(&self.current_job).clone();
         if let Some(job_id) = current {
-            let job = self.store.job_head(&job_id).map_err(internal)?;
+            let job = self.store.job(&job_id, Rounds::Latest(0)).map_err(internal)?;
             if let Some(job) = job.filter(|j| j.state.is_active() && !j.decisions.contains_key(site)) {
                 let mut spec_toml = job.toml.clone();
                 let mut spec_sha256 = Digest::parse("spec_sha256", &job.spec_sha256).map_err(Status::from)?;

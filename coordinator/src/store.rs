@@ -76,6 +76,11 @@ pub struct RoundRecord {
     pub total_weight: u64,
     pub completed_ms: i64,
     pub attempts: u32,
+    /// The job's `attempts_started` when this round was committed: the next round's
+    /// attempts are counted from it without reading every round before. `None` in a
+    /// round written before the field existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attempts_through: Option<u32>,
     /// Federated evaluation of this round's model: confusion rows (filled in later).
     pub evaluation: Option<Vec<Vec<u64>>>,
     pub evaluated_by: Vec<String>,
@@ -116,11 +121,16 @@ pub struct JobRecord {
     /// the whole history once went to disk at every change (the soak run's database and
     /// the coordinator's memory grew with it, `tests/tests/soak.rs`). A record written
     /// before holds its history inline and is read as before.
+    ///
+    /// A read may hold only the latest rounds ([`Rounds::Latest`]): `rounds_before`
+    /// says how many earlier ones it leaves out.
     #[serde(skip)]
     pub history: Vec<RoundRecord>,
-    /// Read by [`Store::job_head`], without `history`: [`Store::put_job`] refuses it.
+    /// How many of the job's earliest rounds this copy leaves out of `history` (0: a
+    /// full read). Written back, such a copy touches only the rounds it holds and any
+    /// after them.
     #[serde(skip)]
-    head_only: bool,
+    rounds_before: u32,
     /// Round attempts started so far, across restarts: an update names its attempt, so
     /// one computed before a crash can never be folded into a later attempt.
     pub attempts_started: u32,
@@ -185,7 +195,7 @@ impl JobRecord {
             initial_evaluation: None,
             decisions: BTreeMap::new(),
             history: Vec::new(),
-            head_only: false,
+            rounds_before: 0,
             attempts_started: 0,
             error: String::new(),
             excluded: BTreeMap::new(),
@@ -193,11 +203,34 @@ impl JobRecord {
         }
     }
 
+    /// Rounds committed (rounds are numbered 1, 2, … without gaps), whichever of them
+    /// this copy holds.
     pub fn completed_rounds(&self) -> u32 {
-        self.history.len() as u32
+        self.rounds_before + self.history.len() as u32
     }
+    /// How many of the earliest rounds this copy leaves out of `history`.
+    pub fn rounds_before(&self) -> u32 {
+        self.rounds_before
+    }
+    /// The latest model: the last round's, or the initial one before any round (`None`
+    /// in a copy read without its rounds, which cannot tell).
     pub fn latest(&self) -> Option<&VersionRecord> {
-        self.history.last().map(|r| &r.model).or(self.initial.as_ref())
+        match self.history.last() {
+            Some(r) => Some(&r.model),
+            None if self.rounds_before == 0 => self.initial.as_ref(),
+            None => None,
+        }
+    }
+    /// Round attempts started since the last commit, which the next committed round
+    /// accounts for; `None` when this copy cannot tell (its latest round predates
+    /// `attempts_through` and earlier rounds were left out: read them all).
+    pub fn attempts_since_commit(&self) -> Option<u32> {
+        let counted = match self.history.last() {
+            Some(RoundRecord { attempts_through: Some(n), .. }) => *n,
+            _ if self.rounds_before == 0 => self.history.iter().map(|h| h.attempts).sum(),
+            _ => return None,
+        };
+        Some(self.attempts_started.saturating_sub(counted))
     }
     pub fn accepted(&self) -> impl Iterator<Item = &String> {
         self.decisions.iter().filter(|(_, d)| d.accept).map(|(s, _)| s)
@@ -239,6 +272,16 @@ impl JobRecord {
     }
 }
 
+/// Which of a job's rounds a read holds in `history`: every one (a release's model
+/// card, startup), or the latest `n` (0: none), for the paths that run every round,
+/// tick or poll, whose cost then stays flat however long the job grows. A copy read
+/// with its earlier rounds left out can be written back: see [`Store::update_job`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rounds {
+    All,
+    Latest(u32),
+}
+
 #[derive(Debug, Clone)]
 pub struct Store {
     /// Serialises read-modify-write of job records and counters (orchestrator vs. RPC
@@ -259,6 +302,14 @@ fn round_key(id: &str, round: u32) -> Vec<u8> {
     key.push(0);
     key.extend_from_slice(&round.to_be_bytes());
     key
+}
+
+/// The round number in a `job_rounds` key of job `id`.
+fn round_of(id: &str, key: &[u8]) -> Result<u32> {
+    key.get(id.len() + 1..)
+        .and_then(|b| <[u8; 4]>::try_from(b).ok())
+        .map(u32::from_be_bytes)
+        .with_context(|| format!("a stored round key of job {id} is malformed"))
 }
 
 fn encode<T: Serialize>(v: &T) -> Vec<u8> {
@@ -306,65 +357,73 @@ impl Store {
         self.db.commit(vec![Write::put(Tree::Sites, &s.id, encode(s))])
     }
 
-    pub fn job(&self, id: &str) -> Result<Option<JobRecord>> {
-        self.db.get(Tree::Jobs, id.as_bytes())?.map(|v| self.with_history(id, &v)).transpose()
+    /// Job `id`, holding the rounds `rounds` asks for.
+    pub fn job(&self, id: &str, rounds: Rounds) -> Result<Option<JobRecord>> {
+        self.db.get(Tree::Jobs, id.as_bytes())?.map(|v| self.read_job(id, &v, rounds)).transpose()
     }
 
-    /// Job `id` without its rounds (`history` empty), for the checks that run every
-    /// poll and every tick (is it active, who decided), whose cost would otherwise grow
-    /// with the rounds done. Read-only: [`Store::put_job`] refuses it.
-    pub fn job_head(&self, id: &str) -> Result<Option<JobRecord>> {
-        let head = self.db.get(Tree::Jobs, id.as_bytes())?.map(|v| decode::<JobRecord>("job", id, &v)).transpose()?;
-        Ok(head.map(|j| JobRecord { head_only: true, ..j }))
-    }
-
-    /// Every job without its rounds ([`Store::job_head`]), in submission order.
-    pub fn job_heads(&self) -> Result<Vec<JobRecord>> {
-        let mut jobs = Vec::new();
+    /// Every job, holding the rounds `rounds` asks for, in submission order.
+    pub fn jobs(&self, rounds: Rounds) -> Result<Vec<JobRecord>> {
+        let mut stored = Vec::new();
         self.db.scan(Tree::Jobs, None, None, false, &mut |k, v| {
-            let head: JobRecord = decode("job", &String::from_utf8_lossy(k), v)?;
-            jobs.push(JobRecord { head_only: true, ..head });
+            stored.push((String::from_utf8_lossy(k).into_owned(), v.to_vec()));
             Ok(true)
         })?;
+        let mut jobs = stored.iter().map(|(id, v)| self.read_job(id, v, rounds)).collect::<Result<Vec<_>>>()?;
         jobs.sort_by_key(|j| (j.submitted_ms, j.id.clone()));
         Ok(jobs)
     }
 
-    pub fn jobs(&self) -> Result<Vec<JobRecord>> {
-        let mut jobs = Vec::new();
-        self.db.scan(Tree::Jobs, None, None, false, &mut |k, v| {
-            jobs.push(self.with_history(&String::from_utf8_lossy(k), v)?);
-            Ok(true)
-        })?;
-        jobs.sort_by_key(|j| (j.submitted_ms, j.id.clone()));
-        Ok(jobs)
-    }
-
-    /// A stored job record with its rounds: inline in a record written before rounds
-    /// had their own tree, from `job_rounds` otherwise.
-    fn with_history(&self, id: &str, bytes: &[u8]) -> Result<JobRecord> {
+    /// A stored job record with the rounds `rounds` asks for: from `job_rounds`, or
+    /// every round for a record written before rounds had their own tree (inline).
+    fn read_job(&self, id: &str, bytes: &[u8], rounds: Rounds) -> Result<JobRecord> {
         let mut job: JobRecord = decode("job", id, bytes)?;
         job.history = inline_history(id, bytes)?;
-        if job.history.is_empty() {
-            let mut rounds = Vec::new();
-            self.stored_rounds(id, &mut |_, v| {
-                rounds.push(decode("round of job", id, v)?);
-                Ok(true)
-            })?;
-            job.history = rounds;
+        if !job.history.is_empty() {
+            return Ok(job);
         }
+        let limit = match rounds {
+            Rounds::All => u32::MAX,
+            Rounds::Latest(n) => n,
+        };
+        let (last, held) = self.latest_rounds(id, u32::MAX, limit)?;
+        job.rounds_before = last.unwrap_or(0) - held.len() as u32;
+        job.history = held;
         Ok(job)
     }
 
-    /// Visits the stored rounds of job `id`, in round order.
-    fn stored_rounds(&self, id: &str, f: crate::storage::Visit<'_>) -> Result<()> {
-        let (from, to) = (round_key(id, 0), round_key(id, u32::MAX));
-        self.db.scan(Tree::JobRounds, Some(&from), None, false, &mut |k, v| {
-            if k > to.as_slice() {
+    /// Up to `limit` of job `id`'s stored rounds numbered below `before`, the latest
+    /// ones, oldest first; and the number of the latest such round (read even when
+    /// `limit` is 0). Visits only what it returns.
+    fn latest_rounds(&self, id: &str, before: u32, limit: u32) -> Result<(Option<u32>, Vec<RoundRecord>)> {
+        let (mut last, mut held) = (None, Vec::new());
+        let (from, to) = (round_key(id, 0), round_key(id, before));
+        self.db.scan(Tree::JobRounds, Some(&from), Some(&to), true, &mut |k, v| {
+            if last.is_none() {
+                last = Some(round_of(id, k)?);
+            }
+            if held.len() as u32 >= limit {
                 return Ok(false);
             }
-            f(k, v)
-        })
+            held.push(decode::<RoundRecord>("round of job", id, v)?);
+            Ok(true)
+        })?;
+        held.reverse();
+        Ok((last, held))
+    }
+
+    /// Job `id`'s rounds numbered below `before` (`u32::MAX`: every one), the latest
+    /// `limit` of them, oldest first: a page of a long history, read-only. `None`: no
+    /// such job.
+    pub fn job_rounds(&self, id: &str, before: u32, limit: u32) -> Result<Option<Vec<RoundRecord>>> {
+        let Some(bytes) = self.db.get(Tree::Jobs, id.as_bytes())? else { return Ok(None) };
+        let inline = inline_history(id, &bytes)?;
+        if !inline.is_empty() {
+            let below: Vec<RoundRecord> = inline.into_iter().filter(|r| r.round < before).collect();
+            let skip = below.len().saturating_sub(limit as usize);
+            return Ok(Some(below.into_iter().skip(skip).collect()));
+        }
+        Ok(Some(self.latest_rounds(id, before, limit)?.1))
     }
 
     /// Commits a job record durably, with the rounds that changed since the stored
@@ -373,15 +432,30 @@ impl Store {
         self.db.commit(self.job_writes(j)?)
     }
 
-    /// What writing `j` changes: its record, its rounds that changed, rounds it no
-    /// longer holds removed.
+    /// What writing `j` changes: its record, its rounds that changed, stored rounds
+    /// after those it leaves out that it no longer holds removed. The rounds it leaves
+    /// out (`rounds_before`) are neither read nor touched.
     fn job_writes(&self, j: &JobRecord) -> Result<Vec<Write>> {
-        anyhow::ensure!(!j.head_only, "job {} was read without its rounds and cannot be written back", j.id);
+        let first = j.rounds_before + 1;
+        for (r, expected) in j.history.iter().zip(first..) {
+            anyhow::ensure!(
+                r.round == expected,
+                "job {}: round {} stored where round {expected} belongs",
+                j.id,
+                r.round
+            );
+        }
         let mut stored = BTreeMap::new();
-        self.stored_rounds(&j.id, &mut |k, v| {
-            stored.insert(k.to_vec(), v.to_vec());
-            Ok(true)
-        })?;
+        self.db.scan(
+            Tree::JobRounds,
+            Some(&round_key(&j.id, first)),
+            Some(&round_key(&j.id, u32::MAX)),
+            false,
+            &mut |k, v| {
+                stored.insert(k.to_vec(), v.to_vec());
+                Ok(true)
+            },
+        )?;
         let mut writes = vec![Write::put(Tree::Jobs, &j.id, encode(j))];
         for r in &j.history {
             let (key, value) = (round_key(&j.id, r.round), encode(r));
@@ -393,37 +467,22 @@ impl Store {
         Ok(writes)
     }
 
-    /// Reads, modifies and durably writes one job record, atomically with respect to
-    /// every other `update_job` (so an abort or a site's decision is never overwritten
-    /// by a stale copy). `f` may refuse the change by returning an error.
-    pub fn update_job<T>(&self, id: &str, f: impl FnOnce(&mut JobRecord) -> Result<T>) -> Result<(JobRecord, T)> {
+    /// Reads job `id` with the rounds `rounds` asks for, modifies it and durably writes
+    /// it, atomically with respect to every other update (so an abort or a site's
+    /// decision is never overwritten by a stale copy). `f` may refuse the change by
+    /// returning an error. Ask for the fewest rounds `f` needs: a change of the record
+    /// alone (attempts, strikes, exclusions) reads none, and its cost stays flat
+    /// however long the history grows.
+    pub fn update_job<T>(
+        &self,
+        id: &str,
+        rounds: Rounds,
+        f: impl FnOnce(&mut JobRecord) -> Result<T>,
+    ) -> Result<(JobRecord, T)> {
         let _guard = self.guard();
-        self.update_job_locked(id, f)
-    }
-
-    /// [`Store::update_job`]'s body, under the caller's guard.
-    fn update_job_locked<T>(&self, id: &str, f: impl FnOnce(&mut JobRecord) -> Result<T>) -> Result<(JobRecord, T)> {
-        let mut job = self.job(id)?.with_context(|| format!("no job {id}"))?;
+        let mut job = self.job(id, rounds)?.with_context(|| format!("no job {id}"))?;
         let out = f(&mut job)?;
         self.put_job(&job)?;
-        Ok((job, out))
-    }
-
-    /// [`Store::update_job`] for a change of the record alone (attempts, strikes,
-    /// exclusions), read and written without its rounds: the cost stays flat however
-    /// long the job's history grows. `f` may not touch the history.
-    pub fn update_job_head<T>(&self, id: &str, f: impl FnOnce(&mut JobRecord) -> Result<T>) -> Result<(JobRecord, T)> {
-        let _guard = self.guard();
-        let raw = self.db.get(Tree::Jobs, id.as_bytes())?.with_context(|| format!("no job {id}"))?;
-        // A record from before rounds had their own tree holds them inline: written
-        // whole, it moves them there (`put_job`); a record written alone would drop them.
-        if !inline_history(id, &raw)?.is_empty() {
-            return self.update_job_locked(id, f);
-        }
-        let mut job = JobRecord { head_only: true, ..decode::<JobRecord>("job", id, &raw)? };
-        let out = f(&mut job)?;
-        anyhow::ensure!(job.history.is_empty(), "job {id}: a change of the record alone added rounds");
-        self.db.commit(vec![Write::put(Tree::Jobs, &job.id, encode(&job))])?;
         Ok((job, out))
     }
 
@@ -435,11 +494,12 @@ impl Store {
     pub fn update_job_logged<T>(
         &self,
         id: &str,
+        rounds: Rounds,
         audit: &crate::audit::AuditLog,
         f: impl FnOnce(&mut JobRecord) -> Result<(T, Option<maeum_tlog::Event>)>,
     ) -> Result<(JobRecord, T, Option<u64>)> {
         let _guard = self.guard();
-        let mut job = self.job(id)?.with_context(|| format!("no job {id}"))?;
+        let mut job = self.job(id, rounds)?.with_context(|| format!("no job {id}"))?;
         let (out, event) = f(&mut job)?;
         let writes = self.job_writes(&job)?;
         let seq = match event {
@@ -534,7 +594,7 @@ mod tests {
             operator: "lead".into(),
         };
         assert_eq!(s.insert_job_logged(&job("t-1"), &log, submitted("t-1")).expect("insert"), 0);
-        assert!(s.job("t-1").expect("read").is_some());
+        assert!(s.job("t-1", Rounds::All).expect("read").is_some());
         let again = s.insert_job_logged(&job("t-1"), &log, submitted("t-1")).expect_err("an id that exists");
         assert!(again.to_string().contains("exists already"), "{again}");
         assert_eq!(log.size(), 1, "a refused insert logs nothing");
@@ -544,14 +604,15 @@ mod tests {
             j.state = JobState::Aborted;
             Ok(((), Some(event)))
         };
-        let (j, (), seq) = s.update_job_logged("t-1", &log, decided).expect("update");
+        let (j, (), seq) = s.update_job_logged("t-1", Rounds::All, &log, decided).expect("update");
         assert_eq!((j.state, seq), (JobState::Aborted, Some(1)));
-        let (_, (), seq) = s.update_job_logged("t-1", &log, |_| Ok(((), None))).expect("retry");
+        let (_, (), seq) = s.update_job_logged("t-1", Rounds::All, &log, |_| Ok(((), None))).expect("retry");
         assert_eq!((seq, log.size()), (None, 2));
         // A refused change writes neither.
-        let refused = s.update_job_logged("t-1", &log, |_| -> Result<((), Option<Event>)> { anyhow::bail!("no") });
+        let refused =
+            s.update_job_logged("t-1", Rounds::All, &log, |_| -> Result<((), Option<Event>)> { anyhow::bail!("no") });
         assert!(refused.is_err());
-        assert_eq!((log.size(), s.job("t-1").expect("read").expect("job").state), (2, JobState::Aborted));
+        assert_eq!((log.size(), s.job("t-1", Rounds::All).expect("read").expect("job").state), (2, JobState::Aborted));
     }
 
     #[test]
@@ -562,31 +623,88 @@ mod tests {
         j.history = (1..=3).map(round).collect();
         s.put_job(&j).expect("put");
         let (head, n) = s
-            .update_job_head("t-1", |j| {
+            .update_job("t-1", Rounds::Latest(0), |j| {
                 j.attempts_started += 1;
                 Ok(j.attempts_started)
             })
             .expect("head update");
         assert!(head.history.is_empty() && n == 1);
-        let back = s.job("t-1").expect("read").expect("t-1");
+        assert_eq!((head.completed_rounds(), head.rounds_before()), (3, 3), "a head still counts its rounds");
+        assert!(head.latest().is_none(), "a head cannot tell the latest model");
+        let back = s.job("t-1", Rounds::All).expect("read").expect("t-1");
         assert_eq!((back.attempts_started, back.history.len()), (1, 3), "the rounds stay");
-        let added = s.update_job_head("t-1", |j| {
-            j.history.push(round(4));
+        let misplaced = s.update_job("t-1", Rounds::Latest(0), |j| {
+            j.history.push(round(2));
             Ok(())
         });
-        assert!(added.is_err(), "a head update may not add rounds");
-        assert_eq!(s.job("t-1").expect("read").expect("t-1").history.len(), 3);
-        // A record from before rounds had their own tree: written whole, rounds moved.
+        assert!(misplaced.is_err(), "a round goes only after the last one");
+        assert_eq!(s.job("t-1", Rounds::All).expect("read").expect("t-1").history.len(), 3);
+        // A record from before rounds had their own tree: read whole, written whole,
+        // its rounds moved to their tree.
         let mut legacy = serde_json::to_value(job("t-2")).expect("json");
         legacy["history"] = serde_json::to_value(vec![round(1)]).expect("json");
         s.db().commit(vec![Write::put(Tree::Jobs, "t-2", serde_json::to_vec(&legacy).expect("bytes"))]).expect("put");
-        s.update_job_head("t-2", |j| {
-            j.attempts_started = 7;
-            Ok(())
-        })
-        .expect("legacy head update");
-        let back = s.job("t-2").expect("read").expect("t-2");
-        assert_eq!((back.attempts_started, back.history.len()), (7, 1), "the inline round survives");
+        let (read, ()) = s
+            .update_job("t-2", Rounds::Latest(0), |j| {
+                j.attempts_started = 7;
+                Ok(())
+            })
+            .expect("legacy head update");
+        assert_eq!(read.history.len(), 1, "a legacy record is read whole");
+        let back = s.job("t-2", Rounds::Latest(0)).expect("read").expect("t-2");
+        assert_eq!((back.attempts_started, back.completed_rounds()), (7, 1), "the inline round survives");
+        assert_eq!(s.job_rounds("t-2", u32::MAX, 5).expect("page").map(|p| p.len()), Some(1));
+    }
+
+    #[test]
+    fn the_latest_rounds_read_write_and_page_without_the_rest() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let s = Store::open(&dir.path().join("state"), Engine::Sled).expect("open");
+        let mut j = job("t-1");
+        j.attempts_started = 12;
+        j.history = (1..=10).map(round).collect();
+        s.put_job(&j).expect("put");
+        s.put_job(&job("t-10")).expect("a job whose id extends this one's");
+        let digests = |h: &[RoundRecord]| h.iter().map(|r| r.model.digest.clone()).collect::<Vec<_>>();
+        let recent = s.job("t-1", Rounds::Latest(2)).expect("read").expect("t-1");
+        assert_eq!(digests(&recent.history), ["m9", "m10"]);
+        assert_eq!((recent.rounds_before(), recent.completed_rounds()), (8, 10));
+        assert_eq!(recent.latest().map(|v| v.digest.as_str()), Some("m10"));
+        // Rounds written before `attempts_through`: a partial copy cannot count the
+        // attempts since the last commit, a full one can (1 a round in `round`).
+        assert_eq!(recent.attempts_since_commit(), None);
+        assert_eq!(s.job("t-1", Rounds::All).expect("read").expect("t-1").attempts_since_commit(), Some(2));
+        // A commit on the latest round: round 9 changed, round 11 added, 1–8 untouched.
+        let (written, ()) = s
+            .update_job("t-1", Rounds::Latest(1), |j| {
+                j.history[0].evaluated_by = vec!["a".into()];
+                let mut r = round(11);
+                r.attempts_through = Some(j.attempts_started);
+                j.history.push(r);
+                Ok(())
+            })
+            .expect("commit");
+        assert_eq!(written.completed_rounds(), 11);
+        let all = s.job("t-1", Rounds::All).expect("read").expect("t-1");
+        assert_eq!(all.history.len(), 11);
+        assert_eq!(all.history[9].evaluated_by, ["a"]);
+        assert!(all.history[..9].iter().all(|r| r.evaluated_by.is_empty()), "earlier rounds untouched");
+        let latest = s.job("t-1", Rounds::Latest(1)).expect("read").expect("t-1");
+        assert_eq!(latest.attempts_since_commit(), Some(0), "counted from the latest round alone");
+        // Paging back: the latest 3 rounds before round 5, then past the first.
+        assert_eq!(digests(&s.job_rounds("t-1", 5, 3).expect("page").expect("t-1")), ["m2", "m3", "m4"]);
+        assert_eq!(digests(&s.job_rounds("t-1", 3, 100).expect("page").expect("t-1")), ["m1", "m2"]);
+        assert!(s.job_rounds("t-1", 1, 100).expect("page").expect("t-1").is_empty());
+        assert!(s.job_rounds("nope", 5, 3).expect("page").is_none());
+        assert_eq!(s.job("t-10", Rounds::Latest(5)).expect("read").expect("t-10").completed_rounds(), 0);
+        assert_eq!(
+            s.jobs(Rounds::Latest(1))
+                .expect("jobs")
+                .iter()
+                .map(|j| (j.completed_rounds(), j.history.len()))
+                .collect::<Vec<_>>(),
+            [(11, 1), (0, 0)]
+        );
     }
 
     #[test]
@@ -600,7 +718,7 @@ mod tests {
             assert_eq!(s.next("job").expect("next"), 2);
         }
         let s = Store::open(&dir.path().join("state"), Engine::Sled).expect("reopen");
-        assert_eq!(s.job("t-1").expect("job").map(|j| j.state), Some(JobState::Pending));
+        assert_eq!(s.job("t-1", Rounds::All).expect("job").map(|j| j.state), Some(JobState::Pending));
         assert!(s.site("a").expect("site").is_some_and(|r| r.revoked));
         assert_eq!(s.next("job").expect("next"), 3, "counters never repeat");
     }
@@ -625,7 +743,7 @@ mod tests {
         let head = s.db().get(Tree::Jobs, b"t-1").expect("get").expect("stored");
         assert!(!String::from_utf8_lossy(&head).contains("\"history\""), "the record holds no rounds");
         assert_eq!(s.db().len(Tree::JobRounds).expect("len"), 3);
-        let read = |s: &Store| s.job("t-1").expect("job").expect("t-1").history;
+        let read = |s: &Store| s.job("t-1", Rounds::All).expect("job").expect("t-1").history;
         assert_eq!(read(&s).iter().map(|r| r.model.digest.clone()).collect::<Vec<_>>(), ["m1", "m2", "m3"]);
         // A changed round is rewritten, a round gone is removed.
         j.history[1].evaluated_by = vec!["a".into()];
@@ -633,18 +751,17 @@ mod tests {
         s.put_job(&j).expect("put");
         assert_eq!(s.db().len(Tree::JobRounds).expect("len"), 2);
         assert_eq!(read(&s)[1].evaluated_by, ["a"]);
-        assert!(s.job("t-10").expect("job").expect("t-10").history.is_empty());
-        let head = s.job_head("t-1").expect("head").expect("t-1");
+        assert!(s.job("t-10", Rounds::All).expect("job").expect("t-10").history.is_empty());
+        let head = s.job("t-1", Rounds::Latest(0)).expect("head").expect("t-1");
         assert!(head.history.is_empty() && head.state == JobState::Pending);
-        assert!(s.put_job(&head).is_err(), "a head never overwrites the rounds");
-        assert_eq!(s.db().len(Tree::JobRounds).expect("len"), 2);
-        assert_eq!(s.jobs().expect("jobs").iter().map(|j| j.history.len()).collect::<Vec<_>>(), [2, 0]);
-        assert!(s.job_heads().expect("heads").iter().all(|j| j.history.is_empty() && j.head_only));
+        s.put_job(&head).expect("a head writes the record alone");
+        assert_eq!(s.db().len(Tree::JobRounds).expect("len"), 2, "a head never removes the rounds");
+        assert_eq!(s.jobs(Rounds::All).expect("jobs").iter().map(|j| j.history.len()).collect::<Vec<_>>(), [2, 0]);
         // A record written before rounds had their own tree keeps its inline history.
         let mut legacy = serde_json::to_value(job("t-2")).expect("json");
         legacy["history"] = serde_json::to_value(vec![round(1)]).expect("json");
         s.db().commit(vec![Write::put(Tree::Jobs, "t-2", serde_json::to_vec(&legacy).expect("bytes"))]).expect("put");
-        assert_eq!(s.job("t-2").expect("job").expect("t-2").history.len(), 1);
+        assert_eq!(s.job("t-2", Rounds::All).expect("job").expect("t-2").history.len(), 1);
     }
 
     #[test]
@@ -657,7 +774,7 @@ mod tests {
                 let s = s.clone();
                 std::thread::spawn(move || {
                     for _ in 0..25 {
-                        s.update_job("t-1", |j| {
+                        s.update_job("t-1", Rounds::All, |j| {
                             j.attempts_started += 1;
                             Ok(())
                         })
@@ -667,7 +784,7 @@ mod tests {
             })
             .collect();
         threads.into_iter().for_each(|t| t.join().expect("thread"));
-        assert_eq!(s.job("t-1").expect("job").map(|j| j.attempts_started), Some(200));
+        assert_eq!(s.job("t-1", Rounds::All).expect("job").map(|j| j.attempts_started), Some(200));
     }
 
     #[test]
@@ -675,12 +792,12 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let s = Store::open(&dir.path().join("state"), Engine::Sled).expect("open");
         s.put_job(&job("t-1")).expect("put");
-        let r: Result<(JobRecord, ())> = s.update_job("t-1", |j| {
+        let r: Result<(JobRecord, ())> = s.update_job("t-1", Rounds::All, |j| {
             j.state = JobState::Aborted;
             anyhow::bail!("no")
         });
         assert!(r.is_err());
-        assert_eq!(s.job("t-1").expect("job").map(|j| j.state), Some(JobState::Pending));
-        assert!(s.update_job("missing", |_| Ok(())).is_err(), "an unknown job is an error");
+        assert_eq!(s.job("t-1", Rounds::All).expect("job").map(|j| j.state), Some(JobState::Pending));
+        assert!(s.update_job("missing", Rounds::All, |_| Ok(())).is_err(), "an unknown job is an error");
     }
 }

@@ -26,7 +26,7 @@ use rand::{Rng, SeedableRng};
 
 use maeum_coordinator::audit::AuditLog;
 use maeum_coordinator::storage::{Engine, Tree};
-use maeum_coordinator::store::{JobRecord, JobState, Store};
+use maeum_coordinator::store::{JobRecord, JobState, Rounds, Store};
 use maeum_protocols::job::JobSpec;
 use maeum_tlog::Event;
 
@@ -68,7 +68,7 @@ fn counter(store: &Store) -> Result<u64> {
 fn open(state: &Path, engine: Engine, key: &[u8]) -> Result<(Store, AuditLog, Progress)> {
     let store = Store::open(state, engine)?;
     let log = AuditLog::open(store.db(), ORIGIN.into(), key, &[])?;
-    let attempts = store.job(JOB)?.map_or(0, |j| j.attempts_started);
+    let attempts = store.job(JOB, Rounds::All)?.map_or(0, |j| j.attempts_started);
     let progress = Progress { attempts, entries: log.size(), counter: counter(&store)? };
     Ok((store, log, progress))
 }
@@ -77,13 +77,13 @@ fn open(state: &Path, engine: Engine, key: &[u8]) -> Result<(Store, AuditLog, Pr
 fn child(engine: Engine, home: &Path) -> Result<()> {
     let key = std::fs::read(home.join("signing.key"))?;
     let (store, log, _) = open(&home.join("state"), engine, &key)?;
-    if store.job(JOB)?.is_none() {
+    if store.job(JOB, Rounds::All)?.is_none() {
         store.put_job(&new_job()?)?;
     }
     let mut out = std::io::stdout().lock();
     writeln!(out, "ready")?;
     loop {
-        let (job, ()) = store.update_job(JOB, |j| {
+        let (job, ()) = store.update_job(JOB, Rounds::All, |j| {
             j.attempts_started += 1;
             j.error = format!("attempt {} of a crash-loop trial {}", j.attempts_started, "x".repeat(200));
             Ok(())
@@ -227,7 +227,7 @@ fn flips(engine: Engine, trials: usize, bytes: usize, rng: &mut rand_chacha::Cha
         let (store, log, _) = open(&reference.join("state"), engine, key.as_ref())?;
         store.put_job(&new_job()?)?;
         for n in 0..60 {
-            store.update_job(JOB, |j| {
+            store.update_job(JOB, Rounds::All, |j| {
                 j.attempts_started += 1;
                 Ok(())
             })?;

@@ -41,6 +41,15 @@ fn enrolled_sites_complete_a_job_with_federated_evaluation() {
     let mut models: Vec<&str> = history.iter().filter_map(|r| r["model"].as_str()).collect();
     models.dedup();
     assert_eq!(models.len(), 3);
+    // A long history is paged: the latest rounds, then those before a round.
+    let numbers = |v: &serde_json::Value| rounds(v).iter().filter_map(|r| r["round"].as_u64()).collect::<Vec<_>>();
+    let latest = fed.cli_json(&["jobs", "status", &id, "--last", "2"]);
+    assert_eq!((numbers(&latest), &latest["completed_rounds"]), (vec![2, 3], &serde_json::json!(3)));
+    assert_eq!(numbers(&fed.cli_json(&["jobs", "status", &id, "--before", "3", "--last", "5"])), [1, 2]);
+    let text = String::from_utf8_lossy(&fed.cli(&["jobs", "status", &id, "--last", "1"]).stdout).into_owned();
+    assert!(text.contains("rounds 3–3 of 3 shown") && text.contains("--before 3"), "{text}");
+    let listed = fed.cli_json(&["jobs", "list"]);
+    assert_eq!(numbers(&listed[0]), [2, 3], "jobs list holds each job's latest two rounds");
 
     let sites = fed.cli_json(&["sites", "list"]);
     for s in sites.as_array().expect("sites") {

@@ -128,7 +128,7 @@ fn soak_rounds_with_site_churn_keep_memory_descriptors_and_disk_flat() {
             next_kill = Instant::now() + Duration::from_secs(2 + churn.next(8));
         }
         let status = fed.job(&id);
-        let done = status["history"].as_array().map_or(0, Vec::len) as u64;
+        let done = status["completed_rounds"].as_u64().unwrap_or(0);
         if samples.last().map_or(0, |s: &Sample| s.round) < done {
             let site = fed.site_pid(STEADY).expect("site-1 runs throughout");
             samples.push(Sample {
@@ -156,7 +156,7 @@ fn soak_rounds_with_site_churn_keep_memory_descriptors_and_disk_flat() {
 
     let model = (PARAMS + fed.labels.len()) as u64 * 4;
     let record = serde_json::to_vec(&status).map_or(0, |v| v.len());
-    eprintln!("the job's status (its record and history of {rounds} rounds): {record} bytes of JSON");
+    eprintln!("the job's status (its record and latest rounds of {rounds}): {record} bytes of JSON");
     eprintln!(
         "soak: {rounds} rounds in {wall:.0} s ({:.1} s a round), {kills} site kills; model {model} B",
         wall / rounds as f64

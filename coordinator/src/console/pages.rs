@@ -2,6 +2,11 @@
 //! and the audit log with its search, rendered from the coordinator's state.
 
 use super::*;
+use crate::store::Rounds;
+
+/// Rounds a job's page shows (its table and charts), the latest ones; `jobs status
+/// --before` pages further back.
+const ROUNDS_ON_PAGE: u32 = 200;
 
 pub(super) fn render(c: &Coord, path: &str, query: &str) -> Result<Option<View>> {
     let consortium = c.home.consortium()?.name;
@@ -11,7 +16,7 @@ pub(super) fn render(c: &Coord, path: &str, query: &str) -> Result<Option<View>>
     Ok(match parts.as_slice() {
         [] | [""] => Some(View::new("Overview", &sub, overview(c)?)),
         ["jobs"] => Some(View::new("Jobs", &sub, jobs(c)?)),
-        ["jobs", id] => match c.store.job(id)? {
+        ["jobs", id] => match c.store.job(id, Rounds::Latest(ROUNDS_ON_PAGE))? {
             Some(j) => Some(View::new(&format!("Job {}", j.spec.name), &format!("{sub} · job {}", j.id), job(c, &j)?)),
             None => None,
         },
@@ -45,7 +50,7 @@ pub(super) fn state_badge(state: &str) -> Markup {
 }
 
 pub(super) fn overview(c: &Coord) -> Result<Markup> {
-    let jobs = c.store.jobs()?;
+    let jobs = c.store.jobs(Rounds::Latest(2))?;
     let sites = c.site_infos()?;
     let online = sites.iter().filter(|s| s.online).count();
     let current = c.registry.current()?;
@@ -68,7 +73,7 @@ pub(super) fn overview(c: &Coord) -> Result<Markup> {
             }
         }
         @if let Some(id) = current_job {
-            @if let Some(j) = c.store.job(&id)? {
+            @if let Some(j) = c.store.job(&id, Rounds::Latest(ROUNDS_ON_PAGE))? {
                 h2 { "Now" }
                 p { "Job " a href=(format!("/jobs/{}", j.id)) { (j.spec.name) } " " (state_badge(j.state.as_str())) ": round "
                     (j.completed_rounds()) " of " (j.spec.rounds) " done. " (crate::server::lock(&c.activity).clone()) }
@@ -113,7 +118,10 @@ pub(super) fn last_evaluation(j: &JobRecord) -> Option<CardEvaluation> {
 }
 
 pub(super) fn round_evaluations(j: &JobRecord) -> Vec<(u32, Option<CardEvaluation>)> {
-    std::iter::once((0, j.initial_evaluation.as_ref().map(|e| evaluation_of(j, e, 0))))
+    // Round 0 (the initial model) only when the history shown starts at round 1.
+    let initial = (j.rounds_before() == 0).then(|| (0, j.initial_evaluation.as_ref().map(|e| evaluation_of(j, e, 0))));
+    initial
+        .into_iter()
         .chain(
             j.history
                 .iter()
@@ -186,7 +194,7 @@ pub(super) fn round_logs(entries: &[Entry], job_id: &str) -> BTreeMap<u32, Round
 }
 
 pub(super) fn jobs(c: &Coord) -> Result<Markup> {
-    Ok(jobs_table(&c.store.jobs()?))
+    Ok(jobs_table(&c.store.jobs(Rounds::Latest(2))?))
 }
 
 pub(super) fn job(c: &Coord, j: &JobRecord) -> Result<Markup> {
@@ -214,6 +222,10 @@ pub(super) fn job(c: &Coord, j: &JobRecord) -> Result<Markup> {
         }
         @if !j.error.is_empty() { p.alert { strong { "Error: " } (j.error) } }
         h2 { "Rounds" }
+        @if j.rounds_before() > 0 {
+            p.muted #rounds-shown { "The latest " (j.history.len()) " of " (j.completed_rounds()) " rounds; "
+                code { "maeum-coordinator jobs status " (j.id) " --before " (j.rounds_before() + 1) } " shows earlier ones." }
+        }
         div.charts { (metrics_chart(j).render()) (participation_chart(j).render()) }
         div.scroll { table #round-table {
             caption { "Each round: who took part, the secure-aggregation session, and how long its stages took (from the audit log's times)" }

@@ -80,7 +80,7 @@ pub(super) enum SecAggEnd {
 /// Drives the session of the round in progress through its stages. On `Done` the
 /// round state holds the unmasked sum, the total weight and the contributors.
 pub(super) async fn drive_secagg(c: &Coord, id: &str, round: u32) -> Result<SecAggEnd> {
-    let job = load(c, id)?;
+    let job = load(c, id, Rounds::Latest(0))?;
     let stage_secs = job.spec.deadlines.secagg as i64;
     let min_sites = job.spec.min_sites as usize;
     // An attacking coordinator (fault injection) skips its own checks: the sites must

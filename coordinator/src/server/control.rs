@@ -6,7 +6,33 @@ use super::*;
 #[derive(Debug, Clone)]
 pub struct Control(pub Arc<Coord>);
 
+/// Rounds in a `JobInfo` when the request names no limit, and the most it may name.
+pub const ROUNDS_SHOWN: u32 = 100;
+pub const ROUNDS_SHOWN_MAX: u32 = 1000;
+/// Rounds of each job in `ListJobs` (the latest evaluation is on the one before last).
+const ROUNDS_LISTED: u32 = 2;
+
 type JobStream = Pin<Box<dyn Stream<Item = Result<pb::JobInfo, Status>> + Send>>;
+
+/// One round as the control API shows it.
+fn round_info(h: &crate::store::RoundRecord) -> pb::RoundInfo {
+    let confusion = |rows: &Option<Vec<Vec<u64>>>| rows.as_ref().map(|r| (&ConfusionCounts::from_rows(r)).into());
+    pb::RoundInfo {
+        round: h.round,
+        model: Some(version_ref(&h.model)),
+        contributors: h.contributors.clone(),
+        dropped: h.dropped.clone(),
+        total_weight: h.total_weight,
+        completed_ms: h.completed_ms,
+        evaluation: confusion(&h.evaluation),
+        attempts: h.attempts,
+        secure_aggregation: h.secure_aggregation,
+        secagg_threshold: u32::from(h.secagg_threshold),
+        aggregate_sha256: h.aggregate_sha256.clone(),
+        evaluated_by: h.evaluated_by.clone(),
+        refused: h.refused.clone(),
+    }
+}
 
 impl Coord {
     pub fn job_info(&self, j: &JobRecord) -> pb::JobInfo {
@@ -28,25 +54,7 @@ impl Coord {
                 }
                 (true, a) => a,
             },
-            history: j
-                .history
-                .iter()
-                .map(|h| pb::RoundInfo {
-                    round: h.round,
-                    model: Some(version_ref(&h.model)),
-                    contributors: h.contributors.clone(),
-                    dropped: h.dropped.clone(),
-                    total_weight: h.total_weight,
-                    completed_ms: h.completed_ms,
-                    evaluation: confusion(&h.evaluation),
-                    attempts: h.attempts,
-                    secure_aggregation: h.secure_aggregation,
-                    secagg_threshold: u32::from(h.secagg_threshold),
-                    aggregate_sha256: h.aggregate_sha256.clone(),
-                    evaluated_by: h.evaluated_by.clone(),
-                    refused: h.refused.clone(),
-                })
-                .collect(),
+            history: j.history.iter().map(round_info).collect(),
             decisions: j
                 .decisions
                 .iter()
@@ -77,6 +85,20 @@ impl Coord {
                 .and_then(|p| serde_json::to_string(&p).ok())
                 .unwrap_or_default(),
         }
+    }
+
+    /// The job `r` names, with the page of its rounds `r` asks for (see `JobRef`).
+    fn job_view(&self, r: &pb::JobRef) -> Result<pb::JobInfo, Status> {
+        let id = &r.job_id;
+        let limit = if r.rounds_limit == 0 { ROUNDS_SHOWN } else { r.rounds_limit.min(ROUNDS_SHOWN_MAX) };
+        let not_found = || Status::not_found(format!("no job {id}"));
+        if r.rounds_before == 0 {
+            let job = self.store.job(id, Rounds::Latest(limit)).map_err(internal)?.ok_or_else(not_found)?;
+            return Ok(self.job_info(&job));
+        }
+        let head = self.store.job(id, Rounds::Latest(0)).map_err(internal)?.ok_or_else(not_found)?;
+        let page = self.store.job_rounds(id, r.rounds_before, limit).map_err(internal)?.ok_or_else(not_found)?;
+        Ok(pb::JobInfo { history: page.iter().map(round_info).collect(), ..self.job_info(&head) })
     }
 
     fn release_info(&self, r: &crate::registry::ReleaseRecord, current: u32) -> Result<pb::ReleaseInfo, Status> {
@@ -186,16 +208,14 @@ impl pb::control_server::Control for Control {
     async fn list_jobs(&self, req: Request<pb::ListJobsRequest>) -> Result<Response<pb::JobList>, Status> {
         let c = &self.0;
         c.operator(&req)?;
-        let jobs = c.store.jobs().map_err(internal)?;
+        let jobs = c.store.jobs(Rounds::Latest(ROUNDS_LISTED)).map_err(internal)?;
         Ok(Response::new(pb::JobList { jobs: jobs.iter().map(|j| c.job_info(j)).collect() }))
     }
 
     async fn get_job(&self, req: Request<pb::JobRef>) -> Result<Response<pb::JobInfo>, Status> {
         let c = &self.0;
         c.operator(&req)?;
-        let id = &req.get_ref().job_id;
-        let job = c.store.job(id).map_err(internal)?.ok_or_else(|| Status::not_found(format!("no job {id}")))?;
-        Ok(Response::new(c.job_info(&job)))
+        Ok(Response::new(c.job_view(req.get_ref())?))
     }
 
     type WatchJobStream = JobStream;
@@ -203,20 +223,18 @@ impl pb::control_server::Control for Control {
     async fn watch_job(&self, req: Request<pb::JobRef>) -> Result<Response<JobStream>, Status> {
         let c = self.0.clone();
         c.operator(&req)?;
-        let id = req.into_inner().job_id;
-        if c.store.job(&id).map_err(internal)?.is_none() {
-            return Err(Status::not_found(format!("no job {id}")));
-        }
+        let r = req.into_inner();
+        let first = c.job_view(&r)?;
         let (tx, rx) = tokio::sync::mpsc::channel(8);
         let mut changed = c.changed.subscribe();
         tokio::spawn(async move {
-            let mut last: Option<pb::JobInfo> = None;
+            let (mut last, mut next): (Option<pb::JobInfo>, Option<pb::JobInfo>) = (None, Some(first));
             loop {
-                let info = match c.store.job(&id) {
-                    Ok(Some(j)) => c.job_info(&j),
-                    Ok(None) => return,
+                let info = match next.take().map_or_else(|| c.job_view(&r), Ok) {
+                    Ok(info) => info,
+                    Err(e) if e.code() == tonic::Code::NotFound => return,
                     Err(e) => {
-                        let _ = tx.send(Err(internal(e))).await;
+                        let _ = tx.send(Err(e)).await;
                         return;
                     }
                 };
@@ -244,7 +262,7 @@ impl pb::control_server::Control for Control {
         let c = &self.0;
         let operator = c.operator(&req)?;
         let id = &req.get_ref().job_id;
-        match c.store.job_head(id).map_err(internal)? {
+        match c.store.job(id, Rounds::Latest(0)).map_err(internal)? {
             None => return Err(Status::not_found(format!("no job {id}"))),
             Some(ended) if !ended.state.is_active() => {
                 return Err(Status::failed_precondition(format!("job {id} is already {}", ended.state.as_str())));
@@ -252,8 +270,7 @@ impl pb::control_server::Control for Control {
             Some(_) => {}
         }
         // Aborted and logged (`job_finished`) in one durable write.
-        let job = crate::rounds::finish(c, id, JobState::Aborted, format!("aborted by operator/{operator}"))
-            .map_err(internal)?;
+        crate::rounds::finish(c, id, JobState::Aborted, format!("aborted by operator/{operator}")).map_err(internal)?;
         c.record(Event::OperatorCommand {
             operator: operator.clone(),
             command: format!("jobs abort {id}"),
@@ -262,7 +279,7 @@ impl pb::control_server::Control for Control {
         .map_err(internal)?;
         info!(job = %id, operator, "job aborted");
         c.notify();
-        Ok(Response::new(c.job_info(&job)))
+        Ok(Response::new(c.job_view(req.get_ref())?))
     }
 
     async fn list_sites(&self, req: Request<pb::ListSitesRequest>) -> Result<Response<pb::SiteList>, Status> {

@@ -46,7 +46,7 @@ impl Coord {
     pub fn exclude_site(&self, job_id: &str, site: &str, why: &str) -> anyhow::Result<bool> {
         let newly = self
             .store
-            .update_job_head(job_id, |j| {
+            .update_job(job_id, Rounds::Latest(0), |j| {
                 Ok(!j.excluded.contains_key(site) && {
                     j.excluded.insert(site.to_string(), why.to_string());
                     true

@@ -117,7 +117,7 @@ impl pb::fleet_server::Fleet for Fleet {
         // The decision and its `job_decision` entry are one durable write.
         let (_, decided, seq) = c
             .store
-            .update_job_logged(&d.job_id, &c.audit, |job| {
+            .update_job_logged(&d.job_id, Rounds::Latest(0), &c.audit, |job| {
                 anyhow::ensure!(job.state.is_active(), "job {} is {}", job.id, job.state.as_str());
                 if let Some(prev) = job.decisions.get(&site) {
                     // A retried call is fine; changing one's mind is not.
@@ -606,7 +606,7 @@ impl pb::fleet_server::Fleet for Fleet {
         let site = c.site(&req, None)?;
         let r = req.into_inner();
         let job_id = maeum_protocols::wire::job_id("privacy.job_id", r.job_id).map_err(Status::from)?;
-        if c.store.job(&job_id).map_err(internal)?.is_none() {
+        if c.store.job(&job_id, Rounds::Latest(0)).map_err(internal)?.is_none() {
             return Err(Status::not_found(format!("no job {job_id}")));
         }
         if maeum_protocols::job::PrivacyPlan::mode_of_mechanism(&r.mechanism).is_none() {
