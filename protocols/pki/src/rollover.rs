@@ -169,11 +169,17 @@ impl CaHandover {
     }
 }
 
-/// Walks `served` from the CAs in `trusted` (DER): repeatedly takes a handover from a
-/// trusted CA to one not yet trusted, verifies it, and trusts its CA. Returns the
-/// handovers taken with their new CAs, in order. Handovers from CAs that are not
-/// trusted, or to CAs already trusted, are passed over; one from a trusted CA that does
-/// not verify is an error (the coordinator showed a forged rollover).
+/// Walks `served` from the CA in effect, the last of `trusted` (DER, oldest first):
+/// takes the handover from it, verifies it under both CA keys, makes its CA the one in
+/// effect, and goes on. Returns the handovers taken with their new CAs, in order.
+///
+/// The walk is linear, as an auditor's (AUD-23): a handover from a CA that was already
+/// rolled over to another CA, two handovers from one CA to different CAs, or one back
+/// to a CA already trusted is a fork, and an error, as is one from the CA in effect
+/// that does not verify (the coordinator showed a forged rollover). A retired CA's key
+/// that leaked therefore cannot hand the consortium over to another CA. Handovers
+/// between CAs this site never trusted, or to one it trusts, change nothing and are
+/// passed over.
 pub fn follow(
     consortium: &str,
     trusted: &[CertificateDer<'_>],
@@ -183,24 +189,49 @@ pub fn follow(
         return Err(invalid(format!("{} handovers, more than {MAX_HANDOVERS}", served.len())));
     }
     let mut known: Vec<CertificateDer<'static>> = trusted.iter().map(|c| c.clone().into_owned()).collect();
+    let short = |print: &str| print.get(..16).unwrap_or(print).to_string();
     let mut taken = Vec::new();
     loop {
-        let mut progressed = false;
-        for h in served {
-            let Some(old) = known.iter().find(|c| fingerprint(c) == h.old_ca) else { continue };
+        let Some(tip) = known.last().cloned() else { return Err(invalid("no CA is trusted")) };
+        let tip_print = fingerprint(&tip);
+        let mut next: Option<(&CaHandover, String)> = None;
+        for h in served.iter().filter(|h| h.old_ca == tip_print) {
             let new_print = h.new_ca()?;
-            if known.iter().any(|c| fingerprint(c) == new_print) {
-                continue;
+            match &next {
+                Some((_, taken_print)) if *taken_print != new_print => {
+                    return Err(invalid(format!(
+                        "two rollovers from CA {}… to different CAs ({}… and {}…): a fork",
+                        short(&tip_print),
+                        short(taken_print),
+                        short(&new_print)
+                    )));
+                }
+                Some(_) => {}
+                None => next = Some((h, new_print)),
             }
-            let new = h.verify(consortium, old)?;
-            known.push(new.clone());
-            taken.push((h.clone(), new));
-            progressed = true;
         }
-        if !progressed {
-            return Ok(taken);
+        let Some((h, new_print)) = next else { break };
+        if known.iter().any(|c| fingerprint(c) == new_print) {
+            return Err(invalid(format!("a rollover from CA {}… back to a CA already trusted", short(&tip_print))));
+        }
+        let new = h.verify(consortium, &tip)?;
+        known.push(new.clone());
+        taken.push((h.clone(), new));
+    }
+    // Every trusted CA but the one in effect was rolled over: a handover from one of
+    // them to a CA not trusted is a fork.
+    let retired: Vec<String> = known[..known.len() - 1].iter().map(|c| fingerprint(c)).collect();
+    for h in served.iter().filter(|h| retired.contains(&h.old_ca)) {
+        let new_print = h.new_ca()?;
+        if !known.iter().any(|c| fingerprint(c) == new_print) {
+            return Err(invalid(format!(
+                "a rollover from CA {}…, which was already rolled over, to CA {}…: a fork",
+                short(&h.old_ca),
+                short(&new_print)
+            )));
         }
     }
+    Ok(taken)
 }
 
 #[cfg(test)]
@@ -271,7 +302,32 @@ mod tests {
         assert!(follow("heart", &[other], &[ab.clone(), bc.clone()]).unwrap().is_empty());
         let mut forged = bc.clone();
         forged.old_signature = ab.old_signature.clone();
-        assert!(follow("heart", &[a_der], &[ab, forged]).is_err());
+        assert!(follow("heart", std::slice::from_ref(&a_der), &[ab.clone(), forged]).is_err());
+        // The same rollover served twice is one.
+        assert_eq!(follow("heart", std::slice::from_ref(&a_der), &[ab.clone(), ab.clone()]).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn follow_refuses_a_fork_even_when_both_keys_signed_it() {
+        let (a, b, c) = (
+            Ca::generate("heart", 30).unwrap(),
+            Ca::successor("heart", 2, 30).unwrap(),
+            Ca::successor("heart", 3, 30).unwrap(),
+        );
+        let (a_der, b_der) = (a.cert_der().unwrap(), b.cert_der().unwrap());
+        let ab = CaHandover::make("heart", &a, &b).unwrap();
+        // a's key leaked after the rollover to b: a → c verifies, but a is retired.
+        let ac = CaHandover::make("heart", &a, &c).unwrap();
+        let both = [a_der.clone(), b_der.clone()];
+        let err = follow("heart", &both, &[ab.clone(), ac.clone()]).unwrap_err().to_string();
+        assert!(err.contains("already rolled over") && err.contains("fork"), "{err}");
+        // Two rollovers from the CA in effect: neither is taken.
+        let err = follow("heart", std::slice::from_ref(&a_der), &[ab.clone(), ac]).unwrap_err().to_string();
+        assert!(err.contains("two rollovers"), "{err}");
+        // Back to a CA already trusted.
+        let ba = CaHandover::make("heart", &b, &a).unwrap();
+        let err = follow("heart", &both, &[ab, ba]).unwrap_err().to_string();
+        assert!(err.contains("back to a CA already trusted"), "{err}");
     }
 
     #[test]
