@@ -146,6 +146,11 @@ pub(crate) fn model_ref(v: &VersionRecord) -> Result<ModelRef> {
 
 async fn drive(c: &Arc<Coord>, id: &str) -> Result<()> {
     let mut job = load(c, id, Rounds::Latest(0))?;
+    // Every entry so far under a signed checkpoint before the job goes on (again, after
+    // a pause or a restart): a full disk or a stop between a round's commit and its
+    // checkpoint would otherwise leave its `round_committed` entry where no site can
+    // prove it, and every site would refuse the next round's base model.
+    c.audit.checkpoint()?;
     let spec = job.spec.model_spec()?;
     if job.initial.is_none() {
         let params = job.spec.initial_params()?;
@@ -680,6 +685,14 @@ fn commit_round_blocking(
         .is_some_and(|r| r == state.round().to_string())
     {
         std::process::exit(137);
+    }
+    // Fault injection: the disk fills right after the commit, before its checkpoint
+    // (`MAEUM_COORDINATOR_TEST_DISK_FULL` names the flag file the storage checks).
+    if crate::attack::test_env("MAEUM_COORDINATOR_TEST_FULL_AFTER_COMMIT")
+        .is_some_and(|r| r == state.round().to_string())
+        && let Some(flag) = crate::attack::test_env("MAEUM_COORDINATOR_TEST_DISK_FULL")
+    {
+        std::fs::write(flag, "").context("filling the disk (test hook)")?;
     }
     for s in state.done() {
         if let Some(mut rec) = c.store.site(s)? {

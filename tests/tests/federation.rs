@@ -317,13 +317,18 @@ fn a_full_disk_pauses_the_job_which_resumes_when_space_returns() {
     let mut fed = Federation::new(3);
     let flag = fed.coordinator_home().with_extension("disk-full");
     let flag_text = flag.to_string_lossy().into_owned();
-    fed.start_coordinator_with(&[("MAEUM_COORDINATOR_TEST_DISK_FULL", &flag_text)]);
+    // The disk fills right after round 1's commit, before its checkpoint: the job goes
+    // on only if the round's entry gets a checkpoint once space returns (every site
+    // refused round 2's base model before).
+    fed.start_coordinator_with(&[
+        ("MAEUM_COORDINATOR_TEST_DISK_FULL", &flag_text),
+        ("MAEUM_COORDINATOR_TEST_FULL_AFTER_COMMIT", "1"),
+    ]);
     fed.start_sites(&["site-1", "site-2", "site-3"]);
     fed.wait_online(3);
     let id = fed.submit("full-disk", 3, 3, SMALL_MODEL);
-    fed.wait_for(&id, 2 * MIN, |j| j["completed_rounds"].as_u64().is_some_and(|n| n >= 1));
-    std::fs::write(&flag, "").expect("fill the disk");
-    let job = fed.wait_for(&id, MIN, |j| j["state"] == "paused");
+    let job = fed.wait_for(&id, 2 * MIN, |j| j["state"] == "paused");
+    assert_eq!(job["completed_rounds"], 1, "{job:#}");
     assert!(job["activity"].as_str().is_some_and(|a| a.contains("the disk is full")), "{job:#}");
     std::thread::sleep(Duration::from_secs(12));
     let job = fed.job(&id);
