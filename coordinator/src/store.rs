@@ -357,6 +357,19 @@ impl Store {
         self.db.commit(vec![Write::put(Tree::Sites, &s.id, encode(s))])
     }
 
+    /// The writes that count one more contributed round for each of `sites` (unknown ids
+    /// are passed over), for the commit of that round: counted with it, never apart.
+    pub fn contributed_writes<'a>(&self, sites: impl IntoIterator<Item = &'a String>) -> Result<Vec<Write>> {
+        let mut writes = Vec::new();
+        for id in sites {
+            if let Some(mut rec) = self.site(id)? {
+                rec.rounds_contributed += 1;
+                writes.push(Write::put(Tree::Sites, &rec.id, encode(&rec)));
+            }
+        }
+        Ok(writes)
+    }
+
     /// Job `id`, holding the rounds `rounds` asks for.
     pub fn job(&self, id: &str, rounds: Rounds) -> Result<Option<JobRecord>> {
         self.db.get(Tree::Jobs, id.as_bytes())?.map(|v| self.read_job(id, &v, rounds)).transpose()
@@ -387,7 +400,8 @@ impl Store {
             Rounds::Latest(n) => n,
         };
         let (last, held) = self.latest_rounds(id, u32::MAX, limit)?;
-        job.rounds_before = last.unwrap_or(0) - held.len() as u32;
+        // Rounds are numbered from 1 without gaps; saturating, should a stored one not be.
+        job.rounds_before = last.unwrap_or(0).saturating_sub(held.len() as u32);
         job.history = held;
         Ok(job)
     }
@@ -498,10 +512,24 @@ impl Store {
         audit: &crate::audit::AuditLog,
         f: impl FnOnce(&mut JobRecord) -> Result<(T, Option<maeum_tlog::Event>)>,
     ) -> Result<(JobRecord, T, Option<u64>)> {
+        self.update_job_logged_with(id, rounds, audit, Vec::new(), f)
+    }
+
+    /// [`Store::update_job_logged`] with `extra` writes in the same durable write (a
+    /// round's commit counts its contributors: [`Store::contributed_writes`]).
+    pub fn update_job_logged_with<T>(
+        &self,
+        id: &str,
+        rounds: Rounds,
+        audit: &crate::audit::AuditLog,
+        extra: Vec<Write>,
+        f: impl FnOnce(&mut JobRecord) -> Result<(T, Option<maeum_tlog::Event>)>,
+    ) -> Result<(JobRecord, T, Option<u64>)> {
         let _guard = self.guard();
         let mut job = self.job(id, rounds)?.with_context(|| format!("no job {id}"))?;
         let (out, event) = f(&mut job)?;
-        let writes = self.job_writes(&job)?;
+        let mut writes = self.job_writes(&job)?;
+        writes.extend(extra);
         let seq = match event {
             Some(event) => Some(audit.append_with(crate::home::now_ms(), event, writes)?),
             None => {

@@ -344,6 +344,10 @@ fn a_full_disk_pauses_the_job_which_resumes_when_space_returns() {
     let numbers: Vec<u64> = rounds(&job).iter().filter_map(|r| r["round"].as_u64()).collect();
     assert_eq!(numbers, [1, 2, 3]);
     assert!(fed.log_text("coordinator").contains("the job resumed after the disk filled up"));
+    // Each site's count of rounds went in with each round's commit: none lost.
+    for s in fed.cli_json(&["sites", "list"]).as_array().expect("sites") {
+        assert_eq!(s["rounds_contributed"], 3, "{s}");
+    }
     std::fs::write(&flag, "").expect("fill the disk again");
     let status = fed.terminate_coordinator(Duration::from_secs(30)).expect("stopped within 30 s");
     assert!(status.success(), "SIGTERM on a full disk: {status:?}\n{}", fed.log_text("coordinator"));

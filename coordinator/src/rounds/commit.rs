@@ -1,6 +1,6 @@
 //! Committing a round: the mean update applied to the base model by the job's server
-//! optimiser, the new version stored, and the round's record and its `round_committed`
-//! entry written as one durable write, then checkpointed.
+//! optimiser, the new version stored, and the round's record, its contributors' counts
+//! and its `round_committed` entry written as one durable write, then checkpointed.
 
 use super::*;
 
@@ -83,7 +83,10 @@ fn commit_round_blocking(
         model: model.digest.clone(),
         contributors: state.done().iter().cloned().collect(),
     };
-    let (job, (), seq) = c.store.update_job_logged(id, rounds, &c.audit, |job| {
+    // Each contributor's `rounds_contributed` goes in the same write: a full disk right
+    // after the commit can no longer lose the count.
+    let counted = c.store.contributed_writes(state.done())?;
+    let (job, (), seq) = c.store.update_job_logged_with(id, rounds, &c.audit, counted, |job| {
         anyhow::ensure!(
             job.completed_rounds() + 1 == state.round(),
             "round {} committed twice (history has {} rounds)",
@@ -140,12 +143,6 @@ fn commit_round_blocking(
         && let Some(flag) = crate::attack::test_env("MAEUM_COORDINATOR_TEST_DISK_FULL")
     {
         std::fs::write(flag, "").context("filling the disk (test hook)")?;
-    }
-    for s in state.done() {
-        if let Some(mut rec) = c.store.site(s)? {
-            rec.rounds_contributed += 1;
-            c.store.put_site(&rec)?;
-        }
     }
     c.audit.checkpoint()?;
     info!(round = state.round(), contributors = state.done().len(), dropped = state.dropped().len(), "round committed");
