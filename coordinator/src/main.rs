@@ -359,9 +359,9 @@ enum JobsCommand {
         /// Follow the job live until it ends.
         #[arg(long)]
         watch: bool,
-        /// Show the latest N rounds (at most 1000).
-        #[arg(long, value_name = "N", default_value_t = 100)]
-        last: u32,
+        /// Show the latest N rounds (the coordinator's default: 100; at most 1000).
+        #[arg(long, value_name = "N")]
+        last: Option<u32>,
         /// Show only rounds before round R (page back through a long job: pass the first
         /// round shown).
         #[arg(long, value_name = "R")]
@@ -504,7 +504,9 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Command::Jobs(JobsCommand::Status { home, job_id, watch, last, before, json }) => {
             let mut c = client::connect(&home.home).await?;
-            let job = pb::JobRef { job_id, rounds_limit: last.max(1), rounds_before: before.unwrap_or(0) };
+            // 0 asks for the coordinator's default.
+            let rounds_limit = last.map_or(0, |n| n.max(1));
+            let job = pb::JobRef { job_id, rounds_limit, rounds_before: before.unwrap_or(0) };
             if !watch {
                 let j = c.get_job(job).await?.into_inner();
                 if json {

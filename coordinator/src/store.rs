@@ -282,6 +282,13 @@ pub enum Rounds {
     Latest(u32),
 }
 
+impl Rounds {
+    /// What a list of jobs holds of each (`ListJobs`, the console's job tables): the
+    /// latest two rounds, so that the latest evaluation, recorded on the round before
+    /// the last, is among them.
+    pub const LISTED: Rounds = Rounds::Latest(2);
+}
+
 #[derive(Debug, Clone)]
 pub struct Store {
     /// Serialises read-modify-write of job records and counters (orchestrator vs. RPC
@@ -408,7 +415,7 @@ impl Store {
 
     /// Up to `limit` of job `id`'s stored rounds numbered below `before`, the latest
     /// ones, oldest first; and the number of the latest such round (read even when
-    /// `limit` is 0). Visits only what it returns.
+    /// `limit` is 0). A reverse scan that stops one round past what it returns.
     fn latest_rounds(&self, id: &str, before: u32, limit: u32) -> Result<(Option<u32>, Vec<RoundRecord>)> {
         let (mut last, mut held) = (None, Vec::new());
         let (from, to) = (round_key(id, 0), round_key(id, before));
@@ -643,13 +650,19 @@ mod tests {
         assert_eq!((log.size(), s.job("t-1", Rounds::All).expect("read").expect("job").state), (2, JobState::Aborted));
     }
 
-    #[test]
-    fn a_change_of_the_record_alone_writes_no_round_and_keeps_them_all() {
+    /// A store holding job `t-1` with rounds 1–3 (the job returned as written).
+    fn store_with_three_rounds() -> (tempfile::TempDir, Store, JobRecord) {
         let dir = tempfile::tempdir().expect("tempdir");
         let s = Store::open(&dir.path().join("state"), Engine::Sled).expect("open");
         let mut j = job("t-1");
         j.history = (1..=3).map(round).collect();
         s.put_job(&j).expect("put");
+        (dir, s, j)
+    }
+
+    #[test]
+    fn a_change_of_the_record_alone_writes_no_round_and_keeps_them_all() {
+        let (_dir, s, _) = store_with_three_rounds();
         let (head, n) = s
             .update_job("t-1", Rounds::Latest(0), |j| {
                 j.attempts_started += 1;
@@ -762,11 +775,7 @@ mod tests {
 
     #[test]
     fn rounds_are_stored_apart_from_the_job_and_an_inline_history_still_reads() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let s = Store::open(&dir.path().join("state"), Engine::Sled).expect("open");
-        let mut j = job("t-1");
-        j.history = (1..=3).map(round).collect();
-        s.put_job(&j).expect("put");
+        let (_dir, s, mut j) = store_with_three_rounds();
         s.put_job(&job("t-10")).expect("another job, whose id extends this one's");
         let head = s.db().get(Tree::Jobs, b"t-1").expect("get").expect("stored");
         assert!(!String::from_utf8_lossy(&head).contains("\"history\""), "the record holds no rounds");

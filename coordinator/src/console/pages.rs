@@ -50,7 +50,7 @@ pub(super) fn state_badge(state: &str) -> Markup {
 }
 
 pub(super) fn overview(c: &Coord) -> Result<Markup> {
-    let jobs = c.store.jobs(Rounds::Latest(2))?;
+    let jobs = c.store.jobs(Rounds::LISTED)?;
     let sites = c.site_infos()?;
     let online = sites.iter().filter(|s| s.online).count();
     let current = c.registry.current()?;
@@ -194,7 +194,7 @@ pub(super) fn round_logs(entries: &[Entry], job_id: &str) -> BTreeMap<u32, Round
 }
 
 pub(super) fn jobs(c: &Coord) -> Result<Markup> {
-    Ok(jobs_table(&c.store.jobs(Rounds::Latest(2))?))
+    Ok(jobs_table(&c.store.jobs(Rounds::LISTED)?))
 }
 
 pub(super) fn job(c: &Coord, j: &JobRecord) -> Result<Markup> {

@@ -7,16 +7,18 @@ use super::*;
 pub struct Control(pub Arc<Coord>);
 
 /// Rounds in a `JobInfo` when the request names no limit, and the most it may name.
-pub const ROUNDS_SHOWN: u32 = 100;
-pub const ROUNDS_SHOWN_MAX: u32 = 1000;
-/// Rounds of each job in `ListJobs` (the latest evaluation is on the one before last).
-const ROUNDS_LISTED: u32 = 2;
+const ROUNDS_SHOWN: u32 = 100;
+const ROUNDS_SHOWN_MAX: u32 = 1000;
 
 type JobStream = Pin<Box<dyn Stream<Item = Result<pb::JobInfo, Status>> + Send>>;
 
+/// Stored confusion rows as the control API shows them.
+fn confusion(rows: &Option<Vec<Vec<u64>>>) -> Option<pb::Confusion> {
+    rows.as_ref().map(|r| (&ConfusionCounts::from_rows(r)).into())
+}
+
 /// One round as the control API shows it.
 fn round_info(h: &crate::store::RoundRecord) -> pb::RoundInfo {
-    let confusion = |rows: &Option<Vec<Vec<u64>>>| rows.as_ref().map(|r| (&ConfusionCounts::from_rows(r)).into());
     pb::RoundInfo {
         round: h.round,
         model: Some(version_ref(&h.model)),
@@ -40,7 +42,6 @@ impl Coord {
         // A full disk pauses the job in progress: shown as such, not as running.
         let paused = current && j.state.is_active() && self.store.db().disk_full();
         let now = now_ms();
-        let confusion = |rows: &Option<Vec<Vec<u64>>>| rows.as_ref().map(|r| (&ConfusionCounts::from_rows(r)).into());
         pb::JobInfo {
             job_id: j.id.clone(),
             name: j.spec.name.clone(),
@@ -208,7 +209,7 @@ impl pb::control_server::Control for Control {
     async fn list_jobs(&self, req: Request<pb::ListJobsRequest>) -> Result<Response<pb::JobList>, Status> {
         let c = &self.0;
         c.operator(&req)?;
-        let jobs = c.store.jobs(Rounds::Latest(ROUNDS_LISTED)).map_err(internal)?;
+        let jobs = c.store.jobs(Rounds::LISTED).map_err(internal)?;
         Ok(Response::new(pb::JobList { jobs: jobs.iter().map(|j| c.job_info(j)).collect() }))
     }
 

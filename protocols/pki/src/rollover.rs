@@ -282,13 +282,18 @@ mod tests {
         assert!(h.verify("heart", &old_der).unwrap_err().to_string().contains("subject"));
     }
 
-    #[test]
-    fn follow_walks_a_chain_in_any_order_and_stops_at_a_forgery() {
-        let (a, b, c) = (
+    /// A CA and two successors of the consortium "heart".
+    fn three_generations() -> (Ca, Ca, Ca) {
+        (
             Ca::generate("heart", 30).unwrap(),
             Ca::successor("heart", 2, 30).unwrap(),
             Ca::successor("heart", 3, 30).unwrap(),
-        );
+        )
+    }
+
+    #[test]
+    fn follow_walks_a_chain_in_any_order_and_stops_at_a_forgery() {
+        let (a, b, c) = three_generations();
         let ab = CaHandover::make("heart", &a, &b).unwrap();
         let bc = CaHandover::make("heart", &b, &c).unwrap();
         let a_der = a.cert_der().unwrap();
@@ -309,11 +314,7 @@ mod tests {
 
     #[test]
     fn follow_refuses_a_fork_even_when_both_keys_signed_it() {
-        let (a, b, c) = (
-            Ca::generate("heart", 30).unwrap(),
-            Ca::successor("heart", 2, 30).unwrap(),
-            Ca::successor("heart", 3, 30).unwrap(),
-        );
+        let (a, b, c) = three_generations();
         let (a_der, b_der) = (a.cert_der().unwrap(), b.cert_der().unwrap());
         let ab = CaHandover::make("heart", &a, &b).unwrap();
         // a's key leaked after the rollover to b: a → c verifies, but a is retired.
