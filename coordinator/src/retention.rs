@@ -6,7 +6,8 @@
 //! adapter. After every committed round the coordinator removes those of the job's
 //! rounds older than its latest `round_blobs` (the `round_blobs` rounds before the
 //! window, read without the rest of the history: a blob whose removal failed is tried
-//! again at each of the next `round_blobs` commits), unless something still names them: a
+//! again at each of the next `round_blobs` commits; lowering `round_blobs` mid-job leaves
+//! the blobs of rounds already older than twice the new value), unless something still names them: a
 //! release (every released model stays, for export and for sites installing it), a
 //! kept round, or a job's initial model. The audit log, the job history and the model
 //! cards name every digest whatever is removed; what goes is the bytes. `0` keeps
