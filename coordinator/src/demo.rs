@@ -32,8 +32,12 @@ use report::*;
 /// Defaults chosen with `cargo bench -p maeum-models --bench fedsim` (docs/benchmarks.md).
 pub const DEFAULT_ROUNDS: u32 = 10;
 pub const DEFAULT_LOCAL_EPOCHS: usize = 2;
-/// The encoder of `--model encoder-head`.
-const ENCODER: &str = "all-minilm-l6-v2";
+
+/// How long the demo's sites take to embed the corpus with `encoder`, on two cores
+/// (docs/benchmarks.md).
+fn embed_time(encoder: &str) -> &'static str {
+    if encoder == "multilingual-e5-small" { "about 10 minutes" } else { "about 4 minutes" }
+}
 
 /// Site learning rate (Adam) for the demo's job.
 pub const DEFAULT_SITE_LR: f64 = 0.005;
@@ -112,6 +116,11 @@ pub struct DemoArgs {
     /// With `--model encoder-lora`: the adapters' rank (default 8).
     #[arg(long, value_name = "R")]
     pub lora_rank: Option<usize>,
+    /// With an encoder model: which pretrained encoder, `all-minilm-l6-v2` (English) or
+    /// `multilingual-e5-small` (about 100 languages, Korean among them; twice the
+    /// layers, so embedding takes twice as long).
+    #[arg(long, default_value = "all-minilm-l6-v2", value_parser = ["all-minilm-l6-v2", "multilingual-e5-small"])]
+    pub encoder: String,
     /// With an encoder model: the folder holding the encoders (one sub-folder
     /// each), shared read-only by the demo's sites. Fetched by
     /// `scripts/fetch_encoder.py` when missing (run from the repository root).
@@ -225,12 +234,13 @@ insecure_plaintext_aggregation_for_debugging = {plaintext}
         model = if a.model == "encoder-lora" {
             let d = maeum_models::lora::LoraConfig::default();
             format!(
-                "kind = \"encoder-lora\"\nencoder = \"{ENCODER}\"\nlora_layers = {}\nlora_rank = {}",
+                "kind = \"encoder-lora\"\nencoder = \"{}\"\nlora_layers = {}\nlora_rank = {}",
+                a.encoder,
                 a.lora_layers.unwrap_or(d.layers),
                 a.lora_rank.unwrap_or(d.rank)
             )
         } else if a.model == "encoder-head" {
-            format!("kind = \"encoder-head\"\nencoder = \"{ENCODER}\"")
+            format!("kind = \"encoder-head\"\nencoder = \"{}\"", a.encoder)
         } else {
             "kind = \"text-classifier\"".to_string()
         } + &a.hidden.map_or(String::new(), |h| format!("\nhidden = {h}")),
@@ -289,10 +299,11 @@ pub async fn run(a: DemoArgs) -> Result<()> {
     // The pretrained encoder, fetched (and digest-checked) like the corpus.
     let encoders = if a.model.starts_with("encoder-") {
         let dir = std::path::absolute(&a.encoders)?;
-        if !dir.join(ENCODER).join("model.safetensors").exists() {
-            say(format!("fetching the encoder {ENCODER} into {}", dir.display()));
+        let spec = maeum_models::encoder::known(&a.encoder).context("--encoder")?;
+        if !dir.join(&a.encoder).join(spec.format().weights()).exists() {
+            say(format!("fetching the encoder {} into {}", a.encoder, dir.display()));
             let mut fetch = Command::new("python3");
-            fetch.arg("scripts/fetch_encoder.py").arg("--out").arg(dir.join(ENCODER));
+            fetch.arg("scripts/fetch_encoder.py").args(["--encoder", &a.encoder, "--out"]).arg(dir.join(&a.encoder));
             fetch.stderr(Stdio::inherit());
             run_quiet(&mut fetch, "python3 scripts/fetch_encoder.py (run the demo from the repository root)")?;
         }
@@ -398,14 +409,18 @@ pub async fn run(a: DemoArgs) -> Result<()> {
 
     if a.model == "encoder-lora" {
         say(format!(
-            "each site first runs the lower layers of {ENCODER} over its own records (about 4 minutes for the whole \
-             corpus on two cores; `embedding records` lines in logs/site-*.log), then each round trains the \
-             adapted top layers: about 4 minutes a round per adapted layer and local epoch on two cores"
+            "each site first runs the lower layers of {} over its own records ({} for the whole corpus on two \
+             cores; `embedding records` lines in logs/site-*.log), then each round trains the adapted top \
+             layers: about 4 minutes a round per adapted layer and local epoch on two cores",
+            a.encoder,
+            embed_time(&a.encoder)
         ));
     } else if encoders.is_some() {
         say(format!(
-            "each site first embeds its own records with {ENCODER} (about 4 minutes for the whole corpus on two \
-             cores; `embedding records` lines in logs/site-*.log), then the rounds take seconds"
+            "each site first embeds its own records with {} ({} for the whole corpus on two cores; \
+             `embedding records` lines in logs/site-*.log), then the rounds take seconds",
+            a.encoder,
+            embed_time(&a.encoder)
         ));
     }
 
@@ -528,7 +543,7 @@ pub async fn run(a: DemoArgs) -> Result<()> {
     } else {
         say("training the baselines: centralized on the union of the sites' data, then each site alone".into());
         let (dir, sites2, labels2) = (split_dir.clone(), sites.clone(), labels.clone());
-        let model = encoders.clone().map(|dir| (dir, work.clone()));
+        let model = encoders.clone().map(|dir| (dir, work.clone(), a.encoder.clone()));
         let (c, l) = tokio::task::spawn_blocking(move || baselines(&dir, &sites2, labels2, model)).await??;
         (Some(c), Some(l))
     };

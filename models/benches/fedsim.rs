@@ -21,7 +21,7 @@
 //! --sites S (7) --alpha α (0.5) --seed (7) --optimizer adam|sgd (adam) --head-only --buckets (65536) --embed-dim (64)
 //! --hidden (128) --skip-baselines --data FILE
 //! --model text-classifier|encoder-head|encoder-lora (text-classifier): `encoder-head` embeds the posts
-//! with all-MiniLM-L6-v2 from data/encoders (scripts/fetch_encoder.py), cached in
+//! with `--encoder NAME` (all-minilm-l6-v2) from data/encoders (scripts/fetch_encoder.py), cached in
 //! data/cache/vectors, and trains only the head (`--hidden`). `encoder-lora` runs the
 //! encoder's lower layers once per post and trains FFA-LoRA adapters on the top
 //! `--lora-layers` (1) at `--lora-rank` (8), `--lora-alpha` (32), and the head.
@@ -168,15 +168,15 @@ fn main() {
     model.features.buckets = num("--buckets", f64::from(model.features.buckets)) as u32;
     model.embed_dim = num("--embed-dim", model.embed_dim as f64) as usize;
     model.hidden = num("--hidden", model.hidden as f64) as usize;
+    let encoder_name = flag("--encoder").unwrap_or_else(|| "all-minilm-l6-v2".into());
+    let encoder = maeum_models::encoder::known(&encoder_name).expect("--encoder: a known encoder");
     let spec = match flag("--model").as_deref().unwrap_or("text-classifier") {
         "text-classifier" => ModelSpec::TextClassifier { config: model, labels: labels.clone() },
-        "encoder-head" => ModelSpec::EncoderHead {
-            encoder: maeum_models::encoder::known("all-minilm-l6-v2").expect("known"),
-            hidden: model.hidden,
-            labels: labels.clone(),
-        },
+        "encoder-head" => {
+            ModelSpec::EncoderHead { encoder: encoder.clone(), hidden: model.hidden, labels: labels.clone() }
+        }
         "encoder-lora" => ModelSpec::EncoderLora {
-            encoder: maeum_models::encoder::known("all-minilm-l6-v2").expect("known"),
+            encoder: encoder.clone(),
             lora: maeum_models::lora::LoraConfig {
                 layers: num("--lora-layers", maeum_models::lora::LoraConfig::default().layers as f64) as usize,
                 rank: num("--lora-rank", maeum_models::lora::LoraConfig::default().rank as f64) as usize,

@@ -1,11 +1,11 @@
 //! Encoder forward throughput on the real corpus (posts/s at `max_tokens` = 128).
 //!
-//! `cargo build --workspace --examples && target/debug/examples/encoder_throughput [--posts 512] [--batch 32]`
+//! `cargo build --workspace --examples && target/debug/examples/encoder_throughput [--posts 512] [--encoder NAME]`
 //!
 //! (The dev profile builds every dependency and `maeum-models` at opt-level 3, so this
 //! measures optimised code without a separate release build of burn.) Uses the first
-//! `--posts` posts of `data/rmhd.jsonl` and the encoder fetched by
-//! `scripts/fetch_encoder.py`. Prints one JSON object: tokenisation and forward time,
+//! `--posts` posts of `data/rmhd.jsonl` and the encoder (`--encoder`, default
+//! all-minilm-l6-v2) fetched by `scripts/fetch_encoder.py --encoder NAME`. Prints one JSON object: tokenisation and forward time,
 //! posts/s, mean tokens per post. `scripts/torch_encoder_throughput.py` measures
 //! PyTorch on the same posts.
 
@@ -23,10 +23,11 @@ fn main() {
     let report = data::read_examples(&root.join("data/rmhd.jsonl"), &ReadOptions::default())
         .unwrap_or_else(|e| panic!("{e} (run `python3 scripts/fetch_rmhd.py` first)"));
     let texts: Vec<&str> = report.examples.iter().take(posts).map(|e| e.text.as_str()).collect();
-    let spec = encoder::known("all-minilm-l6-v2").expect("known");
+    let name = flag("--encoder").unwrap_or_else(|| "all-minilm-l6-v2".into());
+    let spec = encoder::known(&name).unwrap_or_else(|| panic!("--encoder: known are {}", encoder::known_names()));
     let t = Instant::now();
-    let enc = Encoder::load(&root.join("data/encoders/all-minilm-l6-v2"), &spec)
-        .unwrap_or_else(|e| panic!("{e} (run `python3 scripts/fetch_encoder.py` first)"));
+    let enc = Encoder::load(&root.join("data/encoders").join(&name), &spec)
+        .unwrap_or_else(|e| panic!("{e} (run `python3 scripts/fetch_encoder.py --encoder {name}` first)"));
     let load_s = t.elapsed().as_secs_f64();
     let t = Instant::now();
     let ids = enc.tokenize(&texts).expect("tokenize");
@@ -37,6 +38,7 @@ fn main() {
     let forward_s = t.elapsed().as_secs_f64();
     assert_eq!(v.len(), texts.len() * spec.dim);
     let line = serde_json::json!({
+        "encoder": name,
         "posts": texts.len(),
         "mean_tokens": tokens as f64 / texts.len() as f64,
         "threads": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),

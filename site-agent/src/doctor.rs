@@ -159,7 +159,8 @@ fn encoders(c: &mut Checks, home: &Home, p: &Policy) {
         Ok(l) => l,
         Err(e) => return c.fail("encoders", format!("{e:#}"), "fix HOME/site.toml [encoders] dir"),
     };
-    let fix = "reinstall it: `python3 scripts/fetch_encoder.py`, then `maeum-site encoders add DIR`";
+    let fix = "reinstall it: `python3 scripts/fetch_encoder.py --encoder NAME`, then \
+               `maeum-site encoders add DIR --name NAME`";
     let mut ok = Vec::new();
     for e in &list {
         match e.status.as_str() {

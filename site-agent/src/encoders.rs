@@ -12,9 +12,6 @@ use maeum_models::encoder::{self, Encoder, EncoderError, EncoderSpec, Encoders};
 
 use crate::enrol::Home;
 
-/// The files an encoder folder holds.
-const FILES: [&str; 3] = ["model.safetensors", "tokenizer.json", "config.json"];
-
 /// The folder the site's encoders are in: `[encoders] dir` of site.toml, else HOME/encoders.
 pub fn dir(home: &Home) -> Result<PathBuf> {
     if home.path("site.toml").exists()
@@ -41,7 +38,7 @@ pub fn missing(home: &Home, spec: &EncoderSpec) -> Option<String> {
     let Ok(dir) = dir(home).map(|d| d.join(&spec.name)) else {
         return Some("this site's [encoders] setting cannot be read".into());
     };
-    if !dir.join("model.safetensors").exists() {
+    if !dir.join(spec.format().weights()).exists() {
         return Some(format!("encoder {:?} is not installed at this site (`maeum-site encoders add DIR`)", spec.name));
     }
     match Encoder::verify(&dir, spec) {
@@ -67,7 +64,7 @@ pub fn add(home: &Home, from: &Path, name: &str) -> Result<PathBuf> {
         return Ok(target);
     }
     std::fs::create_dir_all(&target).with_context(|| format!("creating {}", target.display()))?;
-    for f in FILES {
+    for f in spec.format().files() {
         let bytes = std::fs::read(from.join(f)).with_context(|| format!("reading {}", from.join(f).display()))?;
         maeum_models::write_atomic(&target.join(f), &bytes)
             .with_context(|| format!("writing {}", target.join(f).display()))?;
@@ -93,7 +90,7 @@ pub fn list(home: &Home) -> Result<Vec<Installed>> {
     Ok(encoder::catalogue()
         .map(|spec| {
             let path = dir.join(&spec.name);
-            let status = if !path.join("model.safetensors").exists() {
+            let status = if !path.join(spec.format().weights()).exists() {
                 "not installed".to_string()
             } else {
                 match Encoder::verify(&path, &spec) {

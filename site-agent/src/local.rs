@@ -288,7 +288,8 @@ pub struct TrainLocalArgs {
     /// encoder-lora: the adapters' scale is alpha / rank (default 32).
     #[arg(long, value_name = "ALPHA")]
     pub lora_alpha: Option<f32>,
-    /// encoder-head, encoder-lora: the pretrained encoder, by name.
+    /// encoder-head, encoder-lora: the pretrained encoder, by name (all-minilm-l6-v2, or
+    /// multilingual-e5-small, which reads Korean).
     #[arg(long, default_value = "all-minilm-l6-v2")]
     pub encoder: String,
     /// encoder-head: the folder holding one sub-folder per encoder (where

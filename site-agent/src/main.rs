@@ -135,10 +135,11 @@ enum EncodersCommand {
         /// The site's home directory.
         #[arg(long, value_name = "DIR", env = "MAEUM_SITE_HOME")]
         home: PathBuf,
-        /// The folder with model.safetensors, tokenizer.json and config.json (e.g.
-        /// data/encoders/all-minilm-l6-v2 from scripts/fetch_encoder.py).
+        /// The folder with the encoder's files: model.safetensors, tokenizer.json and
+        /// config.json for all-minilm-l6-v2, model.q4.bin for multilingual-e5-small
+        /// (data/encoders/NAME from `scripts/fetch_encoder.py --encoder NAME`).
         dir: PathBuf,
-        /// The encoder's name.
+        /// The encoder's name: all-minilm-l6-v2 or multilingual-e5-small.
         #[arg(long, default_value = "all-minilm-l6-v2")]
         name: String,
     },

@@ -105,20 +105,20 @@ pub(super) fn tables(
     (rounds, comparison)
 }
 
-/// Centralized and local-only baselines. With `encoder` (the encoders folder and the
-/// work dir), the model is the encoder-head and the sentence vectors come from each
+/// Centralized and local-only baselines. With `encoder` (the encoders folder, the work
+/// dir and the encoder's name), the model is the encoder-head and the sentence vectors come from each
 /// site's own cache (the sites embedded their records during the job), so nothing is
 /// embedded twice.
 pub(super) fn baselines(
     dir: &Path,
     sites: &[String],
     labels: Vec<String>,
-    encoder: Option<(PathBuf, PathBuf)>,
+    encoder: Option<(PathBuf, PathBuf, String)>,
 ) -> Result<(Score, Vec<Score>)> {
     let labels = LabelSet::new(labels).map_err(anyhow::Error::msg)?;
     let spec = match &encoder {
-        Some(_) => ModelSpec::EncoderHead {
-            encoder: maeum_models::encoder::known(ENCODER).context("the demo's encoder is known")?,
+        Some((_, _, name)) => ModelSpec::EncoderHead {
+            encoder: maeum_models::encoder::known(name).context("the demo's encoder is known")?,
             hidden: maeum_protocols::job::ModelTable::default().hidden,
             labels,
         },
@@ -129,7 +129,7 @@ pub(super) fn baselines(
     for s in sites {
         let (train, test) = (read(&dir.join(s).join("train.jsonl"))?, read(&dir.join(s).join("test.jsonl"))?);
         // Each site's own cache (HOME/cache/vectors) holds exactly its records' vectors.
-        let mut encoders = encoder.as_ref().map(|(enc_dir, work)| {
+        let mut encoders = encoder.as_ref().map(|(enc_dir, work, _)| {
             maeum_models::encoder::Encoders::new(
                 enc_dir,
                 Some(work.join(s).join(maeum_models::encoder::SITE_VECTOR_CACHE)),
