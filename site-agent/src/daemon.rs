@@ -150,9 +150,8 @@ pub(crate) struct Agent {
     /// The connection every loop uses from its next call on (replaced when the site's
     /// certificate is renewed, `renew`).
     client: Mutex<Client>,
-    /// A certificate renewal is in flight; after a failed one, not before this time.
-    renewing: AtomicBool,
-    renew_after: Mutex<Option<std::time::Instant>>,
+    /// Certificate renewals and, after a CA rollover, probes of the coordinator's CA.
+    upkeep: renew::Upkeep,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -413,8 +412,7 @@ pub async fn run(
         release_handled: Mutex::new(None),
         metrics: crate::metrics::SiteMetrics::new(),
         client: Mutex::new(client),
-        renewing: AtomicBool::new(false),
-        renew_after: Mutex::new(None),
+        upkeep: renew::Upkeep::default(),
     });
     let (stop_ops, ops_stopped) = tokio::sync::oneshot::channel::<()>();
     if let Some(addr) = ops_listen {
@@ -500,6 +498,7 @@ async fn heartbeats(agent: Arc<Agent>) {
                 if reply.get_ref().renew_certificate {
                     renew::maybe_renew(&agent, &client);
                 }
+                renew::maybe_probe_ca(&agent);
                 // A site that caught the coordinator forking installs nothing from it.
                 if let Some(cur) = reply.into_inner().current_release
                     && crate::releases::wanted(&agent, &cur)

@@ -11,6 +11,8 @@
 //!                            the old and the new key), when, and what brought it
 //! HOME/ca.pem                every CA this site trusts, oldest first
 //! HOME/ca-handovers.json     every CA rollover this site followed, the same way
+//! HOME/coordinator-ca.txt    the newest CA the coordinator was seen serving a
+//!                            certificate of: its certificate is accepted from it on only
 //! ```
 //!
 //! Every release comes with the consortium's chains of handovers, and every checkpoint
@@ -242,6 +244,52 @@ pub fn trusted_cas(home: &Home) -> Result<Vec<CertificateDer<'static>>> {
     identity::pem_to_der(&home.read("ca.pem")?).context("HOME/ca.pem")
 }
 
+/// HOME/coordinator-ca.txt: the SHA-256 fingerprint of the newest CA whose certificate
+/// the coordinator was seen serving (absent: never rolled over, or not seen yet). The
+/// coordinator's own certificate is accepted from that CA and later ones only, so a
+/// retired CA's key cannot impersonate the coordinator once it has moved
+/// (`docs/protocols/certificates.md#rolling-over-the-ca`).
+pub const SERVER_CA: &str = "coordinator-ca.txt";
+
+/// The CAs the coordinator's certificate may come from: HOME/ca.pem from the CA in
+/// [`SERVER_CA`] on (all of it when the file is absent).
+pub fn server_cas(home: &Home) -> Result<Vec<CertificateDer<'static>>> {
+    let mut cas = trusted_cas(home)?;
+    let floor = match std::fs::read_to_string(home.path(SERVER_CA)) {
+        Ok(f) => f.trim().to_owned(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(cas),
+        Err(e) => return Err(e).with_context(|| format!("reading HOME/{SERVER_CA}")),
+    };
+    let Some(at) = cas.iter().position(|ca| identity::fingerprint(ca) == floor) else {
+        anyhow::bail!(
+            "HOME/{SERVER_CA} names a CA ({}…) that HOME/ca.pem does not hold; delete it to accept the \
+             coordinator's certificate from any CA this site trusts",
+            floor.chars().take(16).collect::<String>()
+        );
+    };
+    Ok(cas.split_off(at))
+}
+
+/// [`server_cas`] as PEM.
+pub fn server_cas_pem(home: &Home) -> Result<String> {
+    Ok(server_cas(home)?.iter().map(|ca| maeum_tlog::checkpoint::canonical_pem(ca)).collect())
+}
+
+/// The CA in effect (the last this site trusts) while the coordinator has not been seen
+/// serving a certificate of it: after a rollover, until the coordinator moves.
+pub fn server_ca_pending(home: &Home) -> Result<Option<CertificateDer<'static>>> {
+    let served = server_cas(home)?;
+    Ok(if served.len() > 1 { served.last().cloned() } else { None })
+}
+
+/// Records that the coordinator serves a certificate of `ca`, the CA in effect: from
+/// now on its certificate is accepted from `ca` only (and from later CAs).
+pub fn set_server_ca(home: &Home, ca: &CertificateDer<'_>) -> Result<()> {
+    let print = identity::fingerprint(ca);
+    maeum_models::write_atomic(&home.path(SERVER_CA), format!("{print}\n").as_bytes())
+        .with_context(|| format!("writing HOME/{SERVER_CA}"))
+}
+
 /// Follows the CA rollovers `served` with the checkpoint `(size, root)` this site just
 /// verified: walks them from the CAs it trusts (each handover verified under the old
 /// and the new CA key, `maeum_pki::rollover::follow`), and trusts a new CA only once
@@ -301,4 +349,39 @@ pub async fn follow_cas(
         .with_context(|| format!("writing HOME/{CA_CHAIN}"))?;
     maeum_models::write_atomic(&home.path("ca.pem"), pem.as_bytes()).context("writing HOME/ca.pem")?;
     Ok(taken.len())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use maeum_pki::identity::Ca;
+
+    #[test]
+    fn the_coordinator_s_certificate_is_accepted_from_the_newest_ca_it_was_seen_serving() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let home = Home::new(dir.path());
+        let (old, new) = (Ca::generate("c", 30).expect("ca"), Ca::generate("c", 30).expect("ca"));
+        let der = |ca: &Ca| identity::leaf_der(ca.cert_pem()).expect("der");
+        std::fs::write(home.path("ca.pem"), old.cert_pem()).expect("write");
+        assert_eq!(server_cas(&home).expect("cas").len(), 1);
+        assert!(server_ca_pending(&home).expect("pending").is_none(), "no rollover: nothing to ask");
+
+        // After a rollover: both until the coordinator is seen serving the new CA.
+        std::fs::write(home.path("ca.pem"), format!("{}{}", old.cert_pem(), new.cert_pem())).expect("write");
+        assert_eq!(server_cas(&home).expect("cas").len(), 2);
+        let pending = server_ca_pending(&home).expect("pending").expect("the new CA");
+        assert_eq!(pending.as_ref(), der(&new).as_slice());
+        set_server_ca(&home, &pending).expect("set");
+        let only = server_cas(&home).expect("cas");
+        assert_eq!(only.len(), 1);
+        assert_eq!(only[0].as_ref(), der(&new).as_slice());
+        assert!(server_ca_pending(&home).expect("pending").is_none());
+        assert_eq!(identity::pem_to_der(&server_cas_pem(&home).expect("pem")).expect("pem").len(), 1);
+        assert_eq!(trusted_cas(&home).expect("all").len(), 2, "ca.pem keeps every CA");
+
+        // A file naming a CA this site does not trust is an error that says what to do.
+        std::fs::write(home.path(SERVER_CA), "ab".repeat(32)).expect("write");
+        let err = format!("{:#}", server_cas(&home).expect_err("refused"));
+        assert!(err.contains("names a CA (abababababababab…) that HOME/ca.pem does not hold"), "{err}");
+    }
 }

@@ -6,7 +6,9 @@
 //! rollover, renews its certificate onto it without a restart, and the coordinator
 //! switches its own certificate once every site holds one of the new CA. A secure job
 //! then runs on certificates of the new CA only, a site enrolled after the rollover
-//! joins, and an auditor pinning nothing but the log verifies the whole chain.
+//! joins, and an auditor pinning nothing but the log verifies the whole chain. Once the
+//! coordinator has moved, each site accepts its certificate from the new CA only: the
+//! retired CA's key, played as leaked, cannot impersonate the coordinator.
 
 use std::time::Duration;
 
@@ -37,7 +39,12 @@ fn the_ca_rolls_over_and_every_site_follows_renews_and_keeps_working() {
     // The coordinator looks at its own certificate every second instead of every hour.
     let check = [("MAEUM_COORDINATOR_TEST_CERT_CHECK_MS", "1000")];
     fed.start_coordinator_with(&check);
-    fed.start_sites(&SITES);
+    // Sites ask which CA the coordinator's certificate comes from every half second
+    // instead of every minute (only between the rollover and the coordinator's move).
+    let probe = [("MAEUM_SITE_TEST_CA_PROBE_MS", "500")];
+    for s in SITES {
+        fed.start_site_with(s, &probe);
+    }
     fed.wait_online(SITES.len());
 
     // Made while the coordinator serves; a second one waits for the first.
@@ -48,7 +55,9 @@ fn the_ca_rolls_over_and_every_site_follows_renews_and_keeps_working() {
     assert!(!again.status.success() && String::from_utf8_lossy(&again.stderr).contains("already waiting"));
     assert_eq!(std::fs::read_to_string(home.join("ca.pem")).expect("ca.pem"), old_ca, "nothing applied yet");
 
-    // Applied at the next start: the new CA issues, both are trusted.
+    // Applied at the next start: the new CA issues, both are trusted. The retired CA's
+    // key is kept here to play its leak at the end.
+    let (retired_cert, retired_key) = (old_ca.clone(), std::fs::read_to_string(home.join("ca.key")).expect("ca.key"));
     assert!(fed.terminate_coordinator(MIN).is_some(), "the coordinator stops");
     fed.start_coordinator_with(&check);
     assert_ne!(std::fs::read_to_string(home.join("ca.pem")).expect("ca.pem"), old_ca);
@@ -69,6 +78,15 @@ fn the_ca_rolls_over_and_every_site_follows_renews_and_keeps_working() {
     wait("the coordinator serves a certificate of the new CA", MIN, || {
         by(&home.join("server.pem"), &home.join("ca.pem"))
     });
+    // Each site sees it (a handshake trusting only the new CA) and from then on accepts
+    // the coordinator's certificate from the new CA only.
+    for s in SITES {
+        let floor = fed.site_home(s).join("coordinator-ca.txt");
+        wait(&format!("{s} accepts the coordinator's certificate from the new CA only"), MIN, || {
+            std::fs::read_to_string(&floor).is_ok_and(|f| f.trim() == new_print)
+        });
+        assert_eq!(trusted(&fed.site_home(s).join("ca.pem")), 2, "{s} still holds both CAs (the log's chain)");
+    }
     let shown = fed.cli_json(&["ca", "show"]);
     assert_eq!((shown["sites_on_current_ca"].as_u64(), shown["sites"].as_u64()), (Some(3), Some(3)), "{shown:#}");
     let doctor = maeum_e2e::releases::site_cli(&fed, "site-1", &["doctor"]);
@@ -102,6 +120,78 @@ fn the_ca_rolls_over_and_every_site_follows_renews_and_keeps_working() {
     assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
     let said = String::from_utf8_lossy(&ok.stdout).into_owned();
     assert!(said.contains("rolled over 1 time(s)") && said.contains(&new_print), "{said}");
+
+    // The attacker holds the retired CA's key: it stands up a server with a certificate
+    // of that CA for the coordinator's name and address, in the coordinator's place.
+    assert!(fed.terminate_coordinator(MIN).is_some(), "the coordinator stops");
+    let (attempts, completed, valid) = impersonate(&fed, &retired_cert, &retired_key, Duration::from_secs(6));
+    assert!(valid, "the forged certificate verifies under the retired CA (a site still trusting it would accept it)");
+    assert!(attempts >= 3, "the sites kept dialling the coordinator's address ({attempts} connections)");
+    assert_eq!(completed, 0, "a site completed a handshake with the retired CA's certificate");
+}
+
+/// Serves a certificate issued by the retired CA (`cert`, `key`) for the coordinator's
+/// name at its address for `period`: the TCP connections the sites opened, the TLS
+/// handshakes they completed, and whether the forged certificate verifies under the
+/// retired CA (checked with the sites' own probe).
+fn impersonate(fed: &Federation, cert: &str, key: &str, period: Duration) -> (usize, usize, bool) {
+    use maeum_pki::identity::{Ca, SecretPem};
+    use maeum_pki::tls;
+    let enrolment: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(fed.site_home("site-1").join("enrolment.json")).expect("enrolment"))
+            .expect("enrolment json");
+    let field = |k: &str| enrolment[k].as_str().expect(k).to_string();
+    let (address, name, consortium) = (field("coordinator_address"), field("coordinator_name"), field("consortium"));
+    let retired = Ca::from_pem(cert, &SecretPem::new(key.to_owned())).expect("the retired CA");
+    let forged = retired.issue_server(&consortium, std::slice::from_ref(&name), 30).expect("forged certificate");
+    let trusted = std::fs::read_to_string(fed.coordinator_home().join("ca-retired.pem")).expect("retired")
+        + &std::fs::read_to_string(fed.coordinator_home().join("ca.pem")).expect("ca.pem");
+    let config = tls::server_config(
+        &trusted,
+        &tls::ServerCertificate::new(&forged).expect("server certificate"),
+        tls::Revocations::new(Vec::<String>::new()),
+    )
+    .expect("server config");
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
+    rt.block_on(async {
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let listener = tokio::net::TcpListener::bind(&address).await.expect("bind the coordinator's address");
+        let acceptor = tokio_rustls::TlsAcceptor::from(config);
+        let (attempts, completed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let serve = async {
+            loop {
+                let Ok((tcp, _)) = listener.accept().await else { continue };
+                attempts.fetch_add(1, Ordering::SeqCst);
+                let (acceptor, completed) = (acceptor.clone(), completed.clone());
+                tokio::spawn(async move {
+                    if acceptor.accept(tcp).await.is_ok() {
+                        completed.fetch_add(1, Ordering::SeqCst);
+                    }
+                });
+            }
+        };
+        let _ = tokio::time::timeout(period, serve).await;
+        // The sites' own probe, trusting the retired CA only, accepts the forgery.
+        let site = fed.site_home("site-1");
+        let me = maeum_pki::identity::CertifiedKey {
+            cert_pem: std::fs::read_to_string(site.join("site.pem")).expect("site.pem"),
+            key: SecretPem::new(std::fs::read_to_string(site.join("site.key")).expect("site.key")),
+        };
+        let (attempts, before) = (attempts.load(Ordering::SeqCst), completed.load(Ordering::SeqCst));
+        let served = async {
+            loop {
+                let Ok((tcp, _)) = listener.accept().await else { continue };
+                let _ = acceptor.accept(tcp).await;
+            }
+        };
+        let retired_der = maeum_pki::identity::CertificateDer::from(leaf_der(cert).expect("retired CA"));
+        let valid = tokio::select! {
+            v = tls::serves_certificate_of(&address, &name, &retired_der, &me) => v.expect("probe"),
+            () = served => unreachable!("the accept loop never ends"),
+        };
+        (attempts, before, valid)
+    })
 }
 
 /// The serving host holds the CA key, so it can sign a valid handover to a CA of its

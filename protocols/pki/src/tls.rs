@@ -48,7 +48,9 @@ use tonic::transport::{Certificate, ClientTlsConfig, Identity};
 
 use crate::identity::{CertifiedKey, IdentityError, PeerId, Role, fingerprint, not_after_unix, pem_to_der};
 
+mod probe;
 mod server_cert;
+pub use probe::serves_certificate_of;
 pub use server_cert::ServerCertificate;
 
 /// How long a client may take to complete its TLS handshake.
@@ -84,6 +86,10 @@ pub enum TlsError {
     /// A client certificate chains to the CA but carries no usable `maeum://` identity.
     #[error("client certificate has no usable identity: {0}")]
     NoIdentity(IdentityError),
+    /// Asking a server which CA its certificate comes from failed
+    /// ([`serves_certificate_of`]).
+    #[error("probing the coordinator's certificate: {0}")]
+    Probe(String),
     /// A client certificate belongs to a revoked site.
     #[error("certificate for {0} is revoked")]
     Revoked(PeerId),

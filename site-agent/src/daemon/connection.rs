@@ -89,7 +89,10 @@ pub(crate) fn is_refusal(e: &RpcStatus) -> bool {
 
 pub async fn connect(home: &Home) -> Result<Client> {
     let enrolment = home.enrolment()?;
-    let tls = tls::client_tls(&home.read("ca.pem")?, &home.identity()?, &enrolment.coordinator_name);
+    // After a CA rollover, the coordinator's certificate only from the newest CA it was
+    // seen serving (`crate::keys::SERVER_CA`).
+    let cas = crate::keys::server_cas_pem(home)?;
+    let tls = tls::client_tls(&cas, &home.identity()?, &enrolment.coordinator_name);
     let channel = Endpoint::from_shared(format!("https://{}", enrolment.coordinator_address))?
         .tls_config(tls)?
         .connect_timeout(Duration::from_secs(5))

@@ -12,19 +12,43 @@
 //! that expired while the site was away (at most `maeum_pki::tls::EXPIRED_GRACE_DAYS`)
 //! still opens a connection that may only renew it: the heartbeat fails, and the site
 //! renews at once ([`expired`]).
+//!
+//! After a CA rollover the site trusts the retired CAs beside the new one, so that the
+//! coordinator's certificate of a retired CA still verifies until the coordinator moves.
+//! While that lasts, the daemon asks (a handshake trusting the CA in effect only,
+//! [`maeum_pki::tls::serves_certificate_of`], at most every [`PROBE_EVERY`]) whether
+//! the coordinator serves a certificate of the new CA yet; once it does, the site
+//! records it (`crate::keys::SERVER_CA`) and dials again, accepting the coordinator's
+//! certificate from the new CA only. A retired CA's key, leaked, then cannot
+//! impersonate the coordinator to this site.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
-use maeum_pki::identity::{self, CertifiedKey, PeerId};
+use maeum_pki::identity::{self, CertificateDer, CertifiedKey, PeerId};
 use maeum_pki::renewal::renewal_request;
 use maeum_protocols::wire::pb;
 
 use super::{Agent, Client, connect, describe};
+
+/// The daemon's certificate upkeep.
+#[derive(Default)]
+pub(crate) struct Upkeep {
+    /// A renewal is in flight; after a failed one, not before this time.
+    renewing: AtomicBool,
+    renew_after: std::sync::Mutex<Option<Instant>>,
+    /// A probe of the coordinator's CA is in flight; the next not before this time.
+    probing: AtomicBool,
+    probe_after: std::sync::Mutex<Option<Instant>>,
+}
+
+/// How often a site whose coordinator still serves a retired CA's certificate asks again
+/// (a TLS handshake; only between a rollover and the coordinator's move to the new CA).
+pub(crate) const PROBE_EVERY: Duration = Duration::from_secs(60);
 
 /// After a failed attempt, the next waits this long (the old certificate is good for
 /// weeks still; a coordinator that cannot sign now is asked again later).
@@ -41,14 +65,15 @@ pub(crate) fn expired(home: &crate::enrol::Home) -> bool {
 
 /// Starts a renewal unless one runs or a failed one is waiting out [`RETRY_AFTER`].
 pub(crate) fn maybe_renew(agent: &Arc<Agent>, client: &Client) {
-    let waiting = super::lock(&agent.renew_after).is_some_and(|t| Instant::now() < t);
-    if waiting || agent.renewing.swap(true, Ordering::SeqCst) {
+    let up = &agent.upkeep;
+    let waiting = super::lock(&up.renew_after).is_some_and(|t| Instant::now() < t);
+    if waiting || up.renewing.swap(true, Ordering::SeqCst) {
         return;
     }
     let (agent, client) = (agent.clone(), client.clone());
     tokio::spawn(async move {
         match renew(&agent, client).await {
-            Ok(()) => *super::lock(&agent.renew_after) = None,
+            Ok(()) => *super::lock(&agent.upkeep.renew_after) = None,
             Err(e) => {
                 warn!(
                     error = %format!("{e:#}"),
@@ -56,11 +81,56 @@ pub(crate) fn maybe_renew(agent: &Arc<Agent>, client: &Client) {
                     "renewing this site's certificate failed; the current one stays in use"
                 );
                 agent.metrics.errors.inc("certificate_renewal");
-                *super::lock(&agent.renew_after) = Some(Instant::now() + RETRY_AFTER);
+                *super::lock(&agent.upkeep.renew_after) = Some(Instant::now() + RETRY_AFTER);
             }
         }
-        agent.renewing.store(false, Ordering::SeqCst);
+        agent.upkeep.renewing.store(false, Ordering::SeqCst);
     });
+}
+
+/// After a CA rollover, until the coordinator is seen serving a certificate of the new
+/// CA: asks it (one handshake) unless a probe runs or the last was under
+/// [`PROBE_EVERY`] ago.
+pub(crate) fn maybe_probe_ca(agent: &Arc<Agent>) {
+    let Ok(Some(ca)) = crate::keys::server_ca_pending(&agent.home) else { return };
+    let up = &agent.upkeep;
+    let waiting = super::lock(&up.probe_after).is_some_and(|t| Instant::now() < t);
+    if waiting || up.probing.swap(true, Ordering::SeqCst) {
+        return;
+    }
+    let agent = agent.clone();
+    tokio::spawn(async move {
+        if let Err(e) = probe_ca(&agent, &ca).await {
+            debug!(error = %format!("{e:#}"), "probing which CA the coordinator's certificate comes from failed");
+        }
+        let every = crate::secure::test_env("MAEUM_SITE_TEST_CA_PROBE_MS")
+            .and_then(|v| v.parse().ok())
+            .map_or(PROBE_EVERY, Duration::from_millis);
+        *super::lock(&agent.upkeep.probe_after) = Some(Instant::now() + every);
+        agent.upkeep.probing.store(false, Ordering::SeqCst);
+    });
+}
+
+async fn probe_ca(agent: &Agent, ca: &CertificateDer<'static>) -> Result<()> {
+    let home = &agent.home;
+    let enrolment = home.enrolment()?;
+    let me = home.identity()?;
+    if !maeum_pki::tls::serves_certificate_of(&enrolment.coordinator_address, &enrolment.coordinator_name, ca, &me)
+        .await?
+    {
+        debug!("the coordinator still serves a certificate of a retired CA");
+        return Ok(());
+    }
+    let retired = crate::keys::trusted_cas(home)?.len() - 1;
+    crate::keys::set_server_ca(home, ca)?;
+    agent.set_client(connect(home).await?);
+    info!(
+        ca = %&identity::fingerprint(ca)[..16],
+        retired,
+        "the coordinator serves a certificate of the CA in effect: its certificates of the retired CAs are no \
+         longer accepted from it"
+    );
+    Ok(())
 }
 
 async fn renew(agent: &Agent, mut client: Client) -> Result<()> {
