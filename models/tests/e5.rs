@@ -86,29 +86,12 @@ fn files_with_another_digest_are_refused() {
 /// characters.
 #[test]
 fn an_encoder_head_on_e5_learns_korean_crisis_messages() {
-    use maeum_models::data::{Example, LabelSet};
+    use maeum_models::data::LabelSet;
     use maeum_models::encoder::Encoders;
     use maeum_models::model::ModelSpec;
     use maeum_models::nn::TrainConfig;
 
-    let calm = [
-        "친구들과 공원에서 산책을 했어요",
-        "가족과 함께 저녁을 만들어 먹었어요",
-        "봄이 되니 정원이 정말 예뻐요",
-        "어젯밤 콘서트가 아주 즐거웠어요",
-    ];
-    let crisis = [
-        "더 이상 버틸 수가 없어서 다 끝내고 싶어요",
-        "모든 게 절망적이고 저는 혼자예요",
-        "제 삶을 끝내는 생각을 계속 해요",
-        "제가 사라져도 아무도 슬퍼하지 않을 거예요",
-    ];
-    let mut ex = Vec::new();
-    for round in 0..3 {
-        for (t, label) in calm.iter().map(|t| (t, "calm")).chain(crisis.iter().map(|t| (t, "crisis"))) {
-            ex.push(Example { text: format!("{t} {round}"), label: label.into() });
-        }
-    }
+    let ex = korean_examples();
     let spec = ModelSpec::EncoderHead {
         encoder: encoder::known(E5).expect("known"),
         hidden: 16,
@@ -125,4 +108,34 @@ fn an_encoder_head_on_e5_learns_korean_crisis_messages() {
     let probs =
         spec.prepare_unlabelled_in(&new, &mut encoders).and_then(|d| spec.predict_proba(&params, &d)).expect("predict");
     assert!(probs[0][1] > 0.5 && probs[1][0] > 0.5, "{probs:?}");
+}
+
+/// Korean calm and crisis messages written for these tests, three times over.
+fn korean_examples() -> Vec<maeum_models::data::Example> {
+    let calm = [
+        "친구들과 공원에서 산책을 했어요",
+        "가족과 함께 저녁을 만들어 먹었어요",
+        "봄이 되니 정원이 정말 예뻐요",
+        "어젯밤 콘서트가 아주 즐거웠어요",
+    ];
+    let crisis = [
+        "더 이상 버틸 수가 없어서 다 끝내고 싶어요",
+        "모든 게 절망적이고 저는 혼자예요",
+        "제 삶을 끝내는 생각을 계속 해요",
+        "제가 사라져도 아무도 슬퍼하지 않을 거예요",
+    ];
+    let mut ex = Vec::new();
+    for round in 0..3 {
+        for (t, label) in calm.iter().map(|t| (t, "calm")).chain(crisis.iter().map(|t| (t, "crisis"))) {
+            ex.push(maeum_models::data::Example { text: format!("{t} {round}"), label: label.into() });
+        }
+    }
+    ex
+}
+
+/// `encoder-lora` on e5's top layers: with zero adapters exactly the encoder-head, then
+/// it learns the Korean examples.
+#[test]
+fn an_encoder_lora_on_e5_is_the_head_then_learns() {
+    common::lora_is_the_head_then_learns(E5, &korean_examples(), "오늘 밤에 제 목숨을 끊고 싶어요");
 }

@@ -128,58 +128,9 @@ fn an_encoder_head_embeds_once_caches_the_vectors_and_learns() {
     assert!(probs[0][1] > 0.5, "{probs:?}");
 }
 
-/// `encoder-lora` runs the encoder's lower layers once per record and its top layers in
-/// the adapted network. With every `B` at zero it must compute exactly the frozen
-/// encoder's vector and the head on it: the same probabilities as an `encoder-head`
-/// with the same head. Then training moves the adapters and fits the examples.
+/// `encoder-lora` with zero adapters is the encoder-head, then it learns (see
+/// [`common::lora_is_the_head_then_learns`]).
 #[test]
 fn an_encoder_lora_with_zero_adapters_is_the_encoder_head_and_then_learns() {
-    use maeum_models::data::LabelSet;
-    use maeum_models::encoder::Encoders;
-    use maeum_models::lora::LoraConfig;
-    use maeum_models::model::{ModelSpec, Prepared};
-    use maeum_models::nn::TrainConfig;
-    use maeum_models::params::FlatParams;
-
-    let labels = LabelSet::new(vec!["calm".into(), "crisis".into()]).expect("labels");
-    let enc = encoder::known("all-minilm-l6-v2").expect("known");
-    let head = ModelSpec::EncoderHead { encoder: enc.clone(), hidden: 16, labels: labels.clone() };
-    let root = encoder_dir().parent().expect("encoders").to_owned();
-    let mut encoders = Encoders::new(&root, None);
-    let ex = examples();
-    let head_params = head.init(1).expect("init");
-    let head_data = head.prepare_text_in(&ex, &mut encoders, &mut |_, _| {}).expect("prepare");
-    let want = head.predict_proba(&head_params, &head_data).expect("predict");
-    for layers in [1, 2] {
-        let lora = LoraConfig { layers, rank: 4, alpha: 8.0, seed: 3 };
-        let spec = ModelSpec::EncoderLora { encoder: enc.clone(), lora, hidden: 16, labels: labels.clone() };
-        let data = spec.prepare_text_in(&ex, &mut encoders, &mut |_, _| {}).expect("prepare");
-        let Prepared::Tokens(tokens) = &data else { panic!("encoder-lora inputs are token states") };
-        assert_eq!(tokens.frozen.first, 6 - layers);
-        // The same head, and every B zero (as `init` makes them).
-        let start = spec.init(1).expect("init");
-        let mut values = start.values().to_vec();
-        let n = values.len();
-        values[n - head_params.values().len()..].copy_from_slice(head_params.values());
-        let zero_b = FlatParams::new(start.layout().clone(), values).expect("params");
-        let got = spec.predict_proba(&zero_b, &data).expect("predict");
-        for (g, w) in got.iter().zip(&want) {
-            for (x, y) in g.iter().zip(w) {
-                assert!((x - y).abs() < 1e-4, "layers {layers}: {g:?} vs {w:?}");
-            }
-        }
-        let cfg =
-            TrainConfig { learning_rate: 0.01, epochs: 15, batch_size: 4, dropout: 0.0, ..TrainConfig::default() };
-        let (params, _) = spec.train(&zero_b, &data, &cfg, &mut ()).expect("train");
-        let moved =
-            params.tensors().filter(|(t, _)| t.name.ends_with("lora_b")).any(|(_, v)| v.iter().any(|x| *x != 0.0));
-        assert!(moved, "the adapters learned nothing");
-        let acc = spec.evaluate(&params, &data).expect("eval").metrics().accuracy;
-        assert!(acc > 0.95, "layers {layers}: accuracy {acc}");
-        let probs = spec
-            .prepare_unlabelled_in(&["I want to end my life tonight".to_string()], &mut encoders)
-            .and_then(|d| spec.predict_proba(&params, &d))
-            .expect("predict");
-        assert!(probs[0][1] > 0.5, "{probs:?}");
-    }
+    common::lora_is_the_head_then_learns("all-minilm-l6-v2", &examples(), "I want to end my life tonight");
 }
