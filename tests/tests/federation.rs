@@ -149,7 +149,11 @@ fn a_revoked_site_is_cut_off_and_refused() {
     let before = refusals(&fed);
     std::thread::sleep(Duration::from_secs(20));
     let tries = refusals(&fed) - before;
-    assert!(tries <= 8, "site-2 handshook {tries} times in 20 s after its revocation");
+    // Without backoff the heartbeat loop alone handshakes 20 times here. With it, the
+    // heartbeat and work loops each back off with jitter (delays drawn from [cap/4, cap]),
+    // and the count in this window varies: 4–10 over eight runs on 2026-12-08 (a bound of
+    // 8 failed about one run in four, before and after that day's changes).
+    assert!(tries <= 12, "site-2 handshook {tries} times in 20 s after its revocation");
     // A revoked site stays revoked across a restart.
     fed.kill_coordinator();
     fed.start_coordinator();
